@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# The venv is (re)built only when pyproject.toml changes (the stamp file tracks it).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export BCC_HOME ?= $(CURDIR)/var
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test lint venv clean-var help
+
+help:
+	@echo "make demo   - set up .venv, then run the main job end to end on embedded defaults (SQLite, ./var)"
+	@echo "make test   - set up .venv, then run the test suite"
+	@echo "make lint   - ruff"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bcc demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check bcc_pipeline tests
+
+clean-var:
+	rm -rf var

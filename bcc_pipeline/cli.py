@@ -1,0 +1,355 @@
+"""``bcc``: the command line. Each command calls the same library functions the Airflow tasks call.
+
+Every reporting command takes ``--json`` (one JSON document on stdout); progress goes to stderr.
+Errors exit non-zero with a one-line message (``BCC_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import PROFILES, Settings, load_settings
+from .errors import BCCError
+
+__all__ = ["main"]
+
+log = logging.getLogger("bcc_pipeline.cli")
+
+
+def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], None] | str) -> None:
+    if getattr(args, "json", False):
+        json.dump(payload, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    elif callable(human):
+        human()
+    else:
+        print(human)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "epochs": getattr(args, "epochs", None),
+        "image_size": getattr(args, "image_size", None),
+        "base_weights": getattr(args, "base_weights", None),
+        "batch_size": getattr(args, "batch_size", None),
+        "seed": getattr(args, "seed", None),
+    }
+    return load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+
+
+def _progress(msg: str) -> None:
+    log.info(msg)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from .store import upgrade
+
+    s = _settings(args)
+    rev = upgrade(s.database_url)
+    _emit(args, {"database": _safe_url(s.database_url), "revision": rev},
+          f"database {_safe_url(s.database_url)} is at revision {rev}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from .store import current_revision
+
+    s = _settings(args)
+    rev = current_revision(s.database_url)
+    _emit(args, {"database": _safe_url(s.database_url), "revision": rev},
+          f"database {_safe_url(s.database_url)} is at revision {rev or '(none: run `bcc db upgrade`)'}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    data = s.as_dict()
+    data["database_url"] = _safe_url(s.database_url)
+
+    def human() -> None:
+        for k, v in data.items():
+            print(f"{k:22s} {v}  ({s.sources.get(k, 'default')})")
+
+    _emit(args, {"settings": data, "sources": dict(s.sources)}, human)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo_data import generate
+
+    s = _settings(args)
+    out = Path(args.out) if args.out else s.landing_dir
+    t0 = time.monotonic()
+    result = generate(out, benign=args.benign, malignant=args.malignant, size=args.size, seed=s.seed,
+                      groups=args.groups)
+    payload = {k: v for k, v in result.items() if k != "files"}
+    payload["n_files"] = len(result.get("files", []))
+    payload["seconds"] = round(time.monotonic() - t0, 1)
+    _emit(args, payload, f"wrote {payload['n_files']} synthetic H&E-like tiles "
+                         f"({result['benign']} benign, {result['malignant']} malignant) to {out}")
+    return 0
+
+
+def cmd_intake(args: argparse.Namespace) -> int:
+    from .pipelines import intake_step
+
+    s = _settings(args)
+    r = intake_step(s, progress=_progress)
+
+    def human() -> None:
+        print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
+              f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
+              f"{r['skipped']} still being written")
+        for rej in r["rejections"]:
+            print(f"  rejected {rej['path']}: {rej['reason']}")
+
+    _emit(args, r, human)
+    return 0
+
+
+def _print_train_summary(r: dict[str, Any], s: Settings) -> None:
+    ev, gate = r["evaluation"], r["gate"]
+    v = ev["validation"]
+    print(f"model version   {r['version']}  ({gate['decision']}; champion now {gate['champion']})")
+    print(f"gate            {gate['reason']}")
+    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {s.target_sensitivity})")
+    print(f"validation      accuracy {v['accuracy']:.4f}  sensitivity {v['sensitivity']:.4f}  "
+          f"specificity {v['specificity']:.4f}")
+    print(f"                precision {v['precision']:.4f}  F1 {v['f1']:.4f}  ROC AUC {v['roc_auc']:.4f}  "
+          f"log loss {v['log_loss']:.4f}  ECE {v['ece']:.4f}")
+    print(f"confusion       TP {v['tp']:.0f}  FP {v['fp']:.0f}  TN {v['tn']:.0f}  FN {v['fn']:.0f}  "
+          f"(n={v['n']:.0f}; {r['split']['n_train']} train images)")
+    print("plots           " + "\n                ".join(ev["plots"].values()))
+    print(f"took            {r['seconds']:.0f}s")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipelines import retrain
+
+    s = _settings(args)
+    from .store import require_schema
+
+    require_schema(s.database_url)
+    r = retrain(s, actor=args.actor, progress=_progress, skip_intake=args.skip_intake)
+    _emit(args, r, lambda: _print_train_summary(r, s))
+    return 0
+
+
+def _version_rows(s: Settings) -> list[dict[str, Any]]:
+    from .registry import list_versions, metrics_of
+    from .store import require_schema, session_scope
+
+    require_schema(s.database_url)
+    with session_scope(s.database_url) as session:
+        rows = []
+        for mv in list_versions(session):
+            m = metrics_of(session, mv.version, "validation")
+            rows.append({
+                "version": mv.version, "status": mv.status, "created_at": mv.created_at.isoformat(),
+                "profile": mv.profile, "image_size": mv.image_size, "base_weights": mv.base_weights,
+                "threshold": mv.threshold, "n_train": mv.n_train, "n_val": mv.n_val,
+                "manifest_hash": mv.manifest_hash, "artifact_path": mv.artifact_path,
+                "artifact_sha256": mv.artifact_sha256, "plots_dir": mv.plots_dir,
+                "code_version": mv.code_version, "validation": m,
+            })
+    return rows
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    rows = _version_rows(s)
+
+    def human() -> None:
+        if not rows:
+            print("no model versions yet; run `bcc train`")
+            return
+        print(f"{'version':26s} {'status':10s} {'profile':7s} {'px':>4s} {'acc':>6s} {'sens':>6s} {'spec':>6s} "
+              f"{'auc':>6s} {'thr':>6s}  created")
+        for r in rows:
+            m = r["validation"]
+
+            def f(k: str, m: dict = m) -> str:
+                return "   n/a" if m.get(k) is None else f"{m[k]:6.3f}"
+
+            print(f"{r['version']:26s} {r['status']:10s} {r['profile']:7s} {r['image_size']:4d} {f('accuracy')} "
+                  f"{f('sensitivity')} {f('specificity')} {f('roc_auc')} {r['threshold']:6.3f}  {r['created_at'][:19]}")
+
+    _emit(args, rows, human)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from .registry import default_actor, promote
+    from .store import require_schema, session_scope
+
+    s = _settings(args)
+    require_schema(s.database_url)
+    with session_scope(s.database_url) as session:
+        row = promote(session, args.version, actor=args.actor or default_actor(), reason=args.reason)
+        out = {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
+               "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+    _emit(args, out, f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .registry import default_actor, rollback
+    from .store import require_schema, session_scope
+
+    s = _settings(args)
+    require_schema(s.database_url)
+    with session_scope(s.database_url) as session:
+        row = rollback(session, actor=args.actor or default_actor(), reason=args.reason)
+        out = {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
+               "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+    _emit(args, out, f"rolled back: {out['to_version']} is the champion again ({out['from_version']} retired)")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from .model import build_classifier, count_params
+
+    s = _settings(args)
+    net = build_classifier(image_size=s.image_size, base_weights=s.base_weights)
+    info = {"architecture": "DenseNet201 -> GlobalAveragePooling2D -> Dropout(0.5) -> BatchNormalization "
+                            "-> Dense(2, softmax)",
+            "profile": s.profile, "base_weights": s.base_weights,
+            "input_shape": [s.image_size, s.image_size, 3], **count_params(net),
+            "layers": [layer.name for layer in net.layers]}
+    _emit(args, info, lambda: [print(f"{k:22s} {v}") for k, v in info.items()])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
+    from .demo_data import generate
+    from .pipelines import retrain
+    from .store import upgrade
+
+    # settle_seconds=0: the demo writes its own images (atomically), nobody else is writing
+    s = load_settings(profile=args.profile or "demo", overrides={"epochs": args.epochs, "settle_seconds": 0})
+    t0 = time.monotonic()
+    _progress(f"BCC_HOME={s.home}  database={_safe_url(s.database_url)}  profile={s.profile}")
+    upgrade(s.database_url)
+    has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
+    if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
+        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant)")
+        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed)
+    r = retrain(s, actor="bcc demo", progress=_progress)
+    r["wall_seconds"] = round(time.monotonic() - t0, 1)
+    _emit(args, r, lambda: _print_train_summary(r, s))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bcc", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, *, json_flag: bool = True,
+            profile: bool = False, training: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print one JSON document")
+        if profile or training:
+            sp.add_argument("--profile", choices=list(PROFILES), help="named settings profile (default: "
+                            "BCC_PROFILE or seed)")
+        if training:
+            sp.add_argument("--epochs", type=int, help="override the number of epochs")
+            sp.add_argument("--image-size", type=int, help="override the input size in pixels")
+            sp.add_argument("--base-weights", help="imagenet | none | PATH to a weights file")
+            sp.add_argument("--batch-size", type=int, help="override the batch size")
+            sp.add_argument("--seed", type=int, help="override the random seed")
+        return sp
+
+    db = sub.add_parser("db", help="project database schema")
+    dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = dbsub.add_parser("upgrade", help="apply migrations up to the newest schema")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_db_upgrade)
+    cur = dbsub.add_parser("current", help="show the schema revision")
+    cur.add_argument("--json", action="store_true")
+    cur.set_defaults(func=cmd_db_current)
+
+    add("config", cmd_config, "show the effective settings and where each came from", profile=True)
+
+    sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant)")
+    sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
+    sp.add_argument("--benign", type=int, default=112, help="number of benign tiles (112)")
+    sp.add_argument("--malignant", type=int, default=127, help="number of malignant tiles (127)")
+    sp.add_argument("--size", type=int, default=224, help="tile size in pixels (224)")
+    sp.add_argument("--groups", type=int, default=0, help="spread tiles over N patient folders per label")
+    sp.add_argument("--seed", type=int, help="random seed (default: BCC_SEED or 42)")
+
+    add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
+
+    sp = add("train", cmd_train, "intake, split, train, evaluate, gate and register a candidate", training=True)
+    sp.add_argument("--skip-intake", action="store_true", help="train on what is already in the store")
+    sp.add_argument("--actor", help="who asked (recorded in the promotion log)")
+
+    add("models", cmd_models, "list model versions with their validation metrics")
+
+    sp = add("promote", cmd_promote, "make a model version the champion by hand")
+    sp.add_argument("version")
+    sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
+    sp.add_argument("--actor", help="who (default: user@host)")
+
+    sp = add("rollback", cmd_rollback, "give the champion role back to the previous champion")
+    sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
+    sp.add_argument("--actor", help="who (default: user@host)")
+
+    sp = add("model-info", cmd_model_info, "build the model and print its architecture and parameter counts",
+             profile=True)
+    sp.add_argument("--image-size", type=int, help="override the input size in pixels")
+    sp.add_argument("--base-weights", help="imagenet | none | PATH")
+
+    sp = add("demo", cmd_demo, "embedded end-to-end demo: demo data → intake → train → evaluate → gate",
+             profile=True)
+    sp.add_argument("--epochs", type=int, help="override the number of epochs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "tensorflow", "h5py", "alembic", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except BCCError as exc:
+        print(f"bcc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bcc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for people, the traceback on request
+        if os.environ.get("BCC_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"bcc: unexpected error: {type(exc).__name__}: {msg} (set BCC_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

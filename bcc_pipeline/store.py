@@ -1,0 +1,340 @@
+"""The project database: SQLAlchemy 2 typed ORM, engines, sessions, upserts and migrations.
+
+The same code runs on SQLite (embedded default) and PostgreSQL (production). The schema is owned
+by the Alembic migrations in ``bcc_pipeline/migrations``; ``bcc db upgrade`` (:func:`upgrade`)
+brings any older database to the current head in place.
+
+Writes that a retried task could repeat go through :func:`upsert`, keyed by a natural key, so the
+second attempt changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .errors import StoreError
+
+__all__ = [
+    "Base",
+    "ImageRecord",
+    "Metric",
+    "ModelVersion",
+    "Prediction",
+    "Promotion",
+    "Rejection",
+    "ScoringRun",
+    "current_revision",
+    "get_engine",
+    "session_scope",
+    "upgrade",
+    "upsert",
+    "utcnow",
+]
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware UTC now (stored as UTC on both backends)."""
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class ImageRecord(Base):
+    """One row per distinct image content (sha256 of the file bytes)."""
+
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str | None] = mapped_column(String(16))  # None: unlabelled (scored only)
+    group_id: Mapped[str | None] = mapped_column(String(255))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    source_path: Mapped[str] = mapped_column(Text)  # first path it was seen under
+    stored_path: Mapped[str | None] = mapped_column(Text)  # content-addressed copy (labelled only)
+    excluded_reason: Mapped[str | None] = mapped_column(Text)  # e.g. seen under two labels
+    first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_images_label_first_seen", "label", "first_seen_at"),)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    artifact_path: Mapped[str] = mapped_column(Text)
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    base_weights: Mapped[str] = mapped_column(Text)
+    profile: Mapped[str] = mapped_column(String(32))
+    image_size: Mapped[int] = mapped_column(Integer)
+    preprocessing: Mapped[str] = mapped_column(String(64))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    manifest_hash: Mapped[str] = mapped_column(String(64))
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_val: Mapped[int] = mapped_column(Integer)
+    threshold: Mapped[float] = mapped_column(Float)
+    code_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    data_cutoff: Mapped[dt.datetime | None]  # newest images.first_seen_at it was trained on
+    plots_dir: Mapped[str | None] = mapped_column(Text)
+
+    # At most one champion, enforced by the database itself (a partial unique index).
+    __table_args__ = (
+        Index("uq_model_versions_one_champion", "status", unique=True,
+              sqlite_where=text("status = 'champion'"), postgresql_where=text("status = 'champion'")),
+    )
+
+
+class Metric(Base):
+    """(model_version, split, name) → value."""
+
+    __tablename__ = "metrics"
+
+    model_version: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.version", ondelete="CASCADE"), primary_key=True
+    )
+    split: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class Promotion(Base):
+    """Append-only decision log. A rollback is a new row, never an edit."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    from_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
+    to_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
+    candidate_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    decision: Mapped[str] = mapped_column(String(16))  # promoted | rejected | manual | rollback
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    decided_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ScoringRun(Base):
+    __tablename__ = "scoring_runs"
+
+    run_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    prob_malignant: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float] = mapped_column(Float)
+    source_path: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(255))
+    scored_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("image_sha256", "model_version"),
+        Index("ix_predictions_scored_at", "scored_at"),
+    )
+
+
+class Rejection(Base):
+    """Files refused at intake or scoring, with the reason; unique per (run, path)."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(255))
+    stage: Mapped[str] = mapped_column(String(16))  # intake | scoring
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    moved_to: Mapped[str | None] = mapped_column(Text)
+    rejected_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("run_id", "path"),)
+
+
+# --------------------------------------------------------------------------------------------
+_ENGINES: dict[str, Engine] = {}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (the UI) never block the writer
+    cur.execute("PRAGMA busy_timeout=30000")  # concurrent shards wait instead of failing
+    cur.close()
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process. SQLite folders are created on demand."""
+    engine = _ENGINES.get(url)
+    if engine is not None:
+        return engine
+    try:
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, pool_pre_ping=True, future=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StoreError(f"cannot use database URL {_safe(url)}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    _ENGINES[url] = engine
+    return engine
+
+
+def _safe(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "<unparseable url>"
+
+
+@contextmanager
+def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error; DB errors become StoreError."""
+    engine = get_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    session = Session(engine, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except SQLAlchemyError as exc:
+        session.rollback()
+        raise StoreError(f"database error on {_safe(str(engine.url))}: {str(exc).splitlines()[0]}") from exc
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def upsert(
+    session: Session,
+    model: type[Base],
+    rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    *,
+    key: Sequence[str],
+    update: Sequence[str] = (),
+) -> int:
+    """INSERT ... ON CONFLICT (key) DO UPDATE SET update (or DO NOTHING when ``update`` is empty).
+
+    Returns the number of rows sent. Works on SQLite and PostgreSQL with the same call.
+    """
+    rows = [dict(r) for r in rows]
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported backends
+        raise StoreError(f"upsert is not implemented for {dialect}")
+    table = model.__table__
+    # Chunk so that the bound-parameter count stays under SQLite's limit (32766).
+    per_row = max(1, len(rows[0]))
+    chunk = max(1, 30000 // per_row)
+    for start in range(0, len(rows), chunk):
+        stmt = insert(table).values(rows[start : start + chunk])
+        if update:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
+        session.execute(stmt)
+    return len(rows)
+
+
+# --------------------------------------------------------------------------------------------
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> str:
+    """Apply migrations up to ``revision``; returns the revision the database is at afterwards."""
+    from alembic import command
+
+    try:
+        engine = get_engine(url)
+        with engine.begin() as conn:
+            cfg = _alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot migrate {_safe(url)}: {str(exc).splitlines()[0]}") from exc
+    return current_revision(url) or ""
+
+
+def current_revision(url: str) -> str | None:
+    """The Alembic revision of the database, or None when it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    try:
+        with get_engine(url).connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read {_safe(url)}: {str(exc).splitlines()[0]}") from exc
+
+
+def require_schema(url: str) -> None:
+    """Raise a StoreError that says what to run when the database was never migrated."""
+    try:
+        tables = set(inspect(get_engine(url)).get_table_names())
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot connect to {_safe(url)}: {str(exc).splitlines()[0]}") from exc
+    if "model_versions" not in tables:
+        raise StoreError(f"database {_safe(url)} has no BCC schema yet; run `bcc db upgrade`")

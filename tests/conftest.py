@@ -1,0 +1,141 @@
+"""Shared fixtures: throwaway BCC homes, SQLite and PostgreSQL databases, tiny images.
+
+PostgreSQL: ``BCC_TEST_POSTGRES_URL`` (default ``postgresql+psycopg2://postgres@127.0.0.1:5432/test``)
+is the admin connection; each test that needs it gets its own freshly created database, dropped
+afterwards. When the server is absent those tests skip with the reason, unless
+``BCC_REQUIRE_POSTGRES=1`` (set by CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PG_ADMIN_URL = os.environ.get("BCC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("BCC_REQUIRE_POSTGRES", "") not in ("", "0", "false", "no")
+
+
+def _pg_admin_engine():
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+def _pg_available() -> str | None:
+    """None when PostgreSQL answers, else the reason it doesn't."""
+    try:
+        from sqlalchemy import text
+
+        eng = _pg_admin_engine()
+        with eng.connect() as c:
+            c.execute(text("select 1"))
+        eng.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    reason = _pg_available()
+    if reason:
+        if REQUIRE_PG:
+            pytest.fail(f"BCC_REQUIRE_POSTGRES is set but {reason}")
+        pytest.skip(reason)
+    return PG_ADMIN_URL
+
+
+def create_pg_database(prefix: str = "bcc_test") -> tuple[str, Callable[[], None]]:
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    eng = _pg_admin_engine()
+    with eng.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        from bcc_pipeline import store
+
+        engine = store._ENGINES.pop(url, None)
+        if engine is not None:
+            engine.dispose()
+        with eng.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        eng.dispose()
+
+    return url, drop
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    url, drop = create_pg_database()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'bcc-test.db'}"
+    yield url
+    from bcc_pipeline import store
+
+    engine = store._ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Both backends, one after the other."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_url")
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def migrated_url(db_url: str) -> str:
+    from bcc_pipeline.store import upgrade
+
+    upgrade(db_url)
+    return db_url
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    """Settings rooted in a fresh temporary BCC_HOME, with no BCC_* variables leaking in."""
+    from bcc_pipeline.config import load_settings
+
+    def _make(database_url: str | None = None, profile: str = "demo", **overrides):
+        home = tmp_path / "home"
+        env = {"BCC_HOME": str(home)}
+        if database_url:
+            env["BCC_DATABASE_URL"] = database_url
+        return load_settings(profile=profile, overrides=overrides, env=env)
+
+    return _make
+
+
+def write_png(path: Path, *, size: int = 48, seed: int = 0, mode: str = "RGB") -> Path:
+    """A small random-ish PNG that every decoder accepts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def png_writer() -> Callable[..., Path]:
+    return write_png

@@ -1,0 +1,180 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from bcc_pipeline import dataset
+from bcc_pipeline.errors import DatasetError
+from bcc_pipeline.store import ImageRecord, Rejection, session_scope, upgrade
+
+
+@pytest.fixture
+def home(make_settings, migrated_url):
+    s = make_settings(migrated_url, settle_seconds=0)
+    return s
+
+
+def test_intake_stores_once_reports_and_never_loses_files(home, png_writer, tmp_path):
+    land = home.landing_dir
+    png_writer(land / "benign" / "a.png", seed=1)
+    png_writer(land / "benign" / "patient_7" / "b.png", seed=2)
+    png_writer(land / "malignant" / "c.png", seed=3)
+    shutil.copy(land / "benign" / "a.png", land / "benign" / "a_copy.png")  # same content, same label
+    shutil.copy(land / "benign" / "patient_7" / "b.png", land / "malignant" / "b_as_malignant.png")  # conflict
+    (land / "malignant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (land / "malignant" / "notes.txt").write_text("not an image")
+    (land / "malignant" / ".DS_Store").write_bytes(b"\0")
+    outside = png_writer(tmp_path / "outside" / "secret.png", seed=9)
+    os.symlink(outside, land / "malignant" / "link.png")
+    (land / "unknown_label").mkdir()
+
+    r = dataset.intake(home, run_id="intake-test")
+    assert (r.accepted, r.duplicates, r.conflicts, r.rejected) == (3, 1, 1, 3)
+    assert r.ignored == 3  # notes.txt, .DS_Store, unknown_label/
+    reasons = {x["path"]: x["reason"] for x in r.rejections}
+    assert "symbolic link" in reasons["malignant/link.png"]
+    assert "already taken in as benign" in reasons["malignant/b_as_malignant.png"]
+    assert "malignant/broken.png" in reasons
+    # the link's target is untouched; the link itself went to quarantine
+    assert outside.read_bytes() and outside.exists()
+    q = home.quarantine_dir / "intake-test" / "landing" / "malignant"
+    assert (q / "link.png").is_symlink() and (q / "broken.png.reason.txt").read_text().strip()
+    # stored files are gone from landing; ignored ones stay
+    left = sorted(str(p.relative_to(land)) for p in land.rglob("*") if p.is_file())
+    assert left == ["malignant/.DS_Store", "malignant/notes.txt"]
+    with session_scope(home.database_url) as s:
+        rows = {r.source_path: r for r in s.scalars(select(ImageRecord))}
+        assert set(rows) == {"benign/a.png", "benign/patient_7/b.png", "malignant/c.png"}
+        assert rows["benign/patient_7/b.png"].group_id == "patient_7"
+        assert rows["benign/a.png"].group_id is None
+        assert "both benign and malignant" in rows["benign/patient_7/b.png"].excluded_reason
+        for row in rows.values():
+            assert os.path.isfile(row.stored_path) and row.sha256 in row.stored_path
+        assert len(s.scalars(select(Rejection)).all()) == 3
+
+    again = dataset.intake(home, run_id="intake-test-2")
+    assert (again.accepted, again.rejected, again.duplicates) == (0, 0, 0)
+
+
+def test_intake_skips_files_still_being_written(make_settings, migrated_url, png_writer):
+    s = make_settings(migrated_url, settle_seconds=3600)
+    png_writer(s.landing_dir / "benign" / "fresh.png")
+    r = dataset.intake(s)
+    assert (r.skipped, r.accepted) == (1, 0)
+    assert (s.landing_dir / "benign" / "fresh.png").exists()
+
+
+def test_intake_without_landing_is_a_no_op(home):
+    assert dataset.intake(home).accepted == 0
+
+
+def test_intake_needs_a_migrated_database(make_settings, sqlite_url, png_writer):
+    from bcc_pipeline.errors import StoreError
+    from bcc_pipeline.pipelines import intake_step
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    png_writer(s.landing_dir / "benign" / "x.png")
+    with pytest.raises(StoreError, match="bcc db upgrade"):
+        intake_step(s)
+    assert (s.landing_dir / "benign" / "x.png").exists()
+    upgrade(sqlite_url)
+    assert intake_step(s)["accepted"] == 1
+
+
+def _records(n_benign, n_malignant, groups=None):
+    out = []
+    for i in range(n_benign + n_malignant):
+        label = "benign" if i < n_benign else "malignant"
+        g = None if groups is None else f"{label}-p{i % groups}"
+        out.append({"sha256": f"{i:064x}", "label": label, "group_id": g, "path": f"/d/{i}.png"})
+    return out
+
+
+def test_split_is_stratified_80_20_and_seeded():
+    entries = dataset.make_split(_records(112, 127), seed=42)
+    val = [e for e in entries if e["split"] == "validation"]
+    assert sum(e["label"] == "benign" for e in val) == round(0.2 * 112)
+    assert sum(e["label"] == "malignant" for e in val) == round(0.2 * 127)
+    assert entries == dataset.make_split(_records(112, 127), seed=42)
+    assert entries != dataset.make_split(_records(112, 127), seed=7)
+
+
+def test_split_never_puts_a_group_on_both_sides():
+    entries = dataset.make_split(_records(60, 60, groups=9), seed=1)
+    sides: dict[str, set] = {}
+    for e in entries:
+        sides.setdefault(e["group_id"], set()).add(e["split"])
+    assert all(len(v) == 1 for v in sides.values())
+    val = sum(e["split"] == "validation" for e in entries)
+    assert 0.1 <= val / len(entries) <= 0.3
+
+
+def test_split_is_stable_when_new_data_arrives():
+    old = {e["sha256"]: e["split"] for e in dataset.make_split(_records(100, 100), seed=3)}
+    new = {e["sha256"]: e["split"] for e in dataset.make_split(_records(110, 110), seed=3)}
+    moved = sum(old[k] != new[k] for k in old if k in new)
+    assert moved <= 0.1 * len(old)
+
+
+@pytest.mark.parametrize("records,match", [
+    ([], "no labelled images"),
+    (_records(1, 10), "at least 2 benign"),
+    (_records(5, 5, groups=1), "one side"),
+])
+def test_split_errors(records, match):
+    with pytest.raises(DatasetError, match=match):
+        dataset.make_split(records)
+
+
+def test_manifest_hash_detects_edits(tmp_path):
+    entries = dataset.make_split(_records(10, 10))
+    m = dataset.write_manifest(entries, tmp_path, seed=42, val_fraction=0.2)
+    assert m.path.name == f"{m.hash}.json" and m.n_train + m.n_val == 20
+    assert dataset.write_manifest(entries, tmp_path, seed=42, val_fraction=0.2).hash == m.hash
+    doc = json.loads(m.path.read_text())
+    doc["entries"][0]["label"] = "malignant" if doc["entries"][0]["label"] == "benign" else "benign"
+    m.path.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match="does not match its own hash"):
+        dataset.load_manifest(m.path)
+    with pytest.raises(DatasetError, match="cannot read manifest"):
+        dataset.load_manifest(tmp_path / "missing.json")
+
+
+def test_prepare_split_uses_only_usable_images(home, png_writer):
+    for i in range(6):
+        png_writer(home.landing_dir / "benign" / f"b{i}.png", seed=i)
+        png_writer(home.landing_dir / "malignant" / f"m{i}.png", seed=100 + i)
+    dataset.intake(home)
+    m = dataset.prepare_split(home)
+    assert m.n_train + m.n_val == 12 and m.data_cutoff
+    paths, labels = dataset.manifest_arrays(m, "train")
+    assert len(paths) == m.n_train and set(labels) == {0, 1}
+
+
+def test_tf_dataset_shapes_labels_and_augmentation(tmp_path, png_writer):
+    paths = [str(png_writer(tmp_path / f"{i}.png", size=40, seed=i)) for i in range(5)]
+    ds = dataset.make_dataset(paths, [0, 1, 0, 1, 1], image_size=32, batch_size=2)
+    batches = list(ds)
+    assert [b[0].shape[0] for b in batches] == [2, 2, 1]
+    assert batches[0][0].shape[1:] == (32, 32, 3)
+    np.testing.assert_array_equal(batches[0][1].numpy(), [[1, 0], [0, 1]])
+    from bcc_pipeline.images import load_for_model
+
+    np.testing.assert_allclose(batches[0][0][0].numpy(), load_for_model(paths[0], 32)[0], atol=1e-6)
+    only_x = next(iter(dataset.make_dataset(paths, None, image_size=32, batch_size=5)))
+    assert only_x.shape == (5, 32, 32, 3)
+    aug = dataset.make_dataset(paths, [0] * 5, image_size=32, batch_size=5, training=True, seed=1)
+    x1 = next(iter(aug))[0].numpy()
+    assert x1.shape == (5, 32, 32, 3)
+    plain = np.stack([load_for_model(p, 32)[0] for p in paths])
+    assert not np.allclose(np.sort(x1.ravel()), np.sort(plain.ravel())) or not np.allclose(x1, plain)
+
+
+def test_tf_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError):
+        dataset.make_dataset([], None, image_size=32, batch_size=2)
+    with pytest.raises(ValueError, match="labels"):
+        dataset.make_dataset(["a.png"], [0, 1], image_size=32, batch_size=2)

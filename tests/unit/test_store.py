@@ -1,0 +1,89 @@
+import datetime as dt
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from bcc_pipeline import store
+from bcc_pipeline.errors import StoreError
+from bcc_pipeline.store import ImageRecord, ModelVersion, Prediction, session_scope, upsert
+
+
+def _mv(version: str, status: str = "candidate") -> ModelVersion:
+    return ModelVersion(version=version, status=status, artifact_path="/x/model.keras", artifact_sha256="0" * 64,
+                        base_weights="none", profile="demo", image_size=32, preprocessing="p",
+                        hyperparameters={"epochs": 1}, manifest_hash="m" * 64, n_train=1, n_val=1, threshold=0.5,
+                        code_version="test")
+
+
+def test_upgrade_creates_schema_and_is_repeatable(db_url):
+    assert store.current_revision(db_url) is None
+    with pytest.raises(StoreError, match="bcc db upgrade"):
+        store.require_schema(db_url)
+    rev = store.upgrade(db_url)
+    assert rev and store.upgrade(db_url) == rev
+    tables = set(inspect(store.get_engine(db_url)).get_table_names())
+    assert {"images", "model_versions", "metrics", "promotions", "scoring_runs", "predictions",
+            "rejections"} <= tables
+    store.require_schema(db_url)
+
+
+def test_schema_matches_orm(migrated_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with store.get_engine(migrated_url).connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), store.Base.metadata)
+    assert diff == []
+
+
+def test_upsert_is_idempotent(migrated_url):
+    with session_scope(migrated_url) as s:
+        s.add(_mv("v1"))
+    row = {"image_sha256": "a" * 64, "model_version": "v1", "prob_malignant": 0.7, "label": "malignant",
+           "threshold": 0.5, "source_path": "x.png", "run_id": "r1", "scored_at": store.utcnow()}
+    for _ in range(3):
+        with session_scope(migrated_url) as s:
+            upsert(s, Prediction, [row], key=("image_sha256", "model_version"))
+    with session_scope(migrated_url) as s:
+        assert s.scalar(select(func.count()).select_from(Prediction)) == 1
+    # with update columns the existing row takes the new values, still one row
+    with session_scope(migrated_url) as s:
+        upsert(s, Prediction, [dict(row, prob_malignant=0.9)], key=("image_sha256", "model_version"),
+               update=("prob_malignant",))
+    with session_scope(migrated_url) as s:
+        assert s.scalars(select(Prediction.prob_malignant)).all() == [0.9]
+        assert upsert(s, Prediction, [], key=("image_sha256", "model_version")) == 0
+
+
+def test_upsert_chunks_many_rows(migrated_url):
+    rows = [{"sha256": f"{i:064x}", "label": "benign", "group_id": None, "width": 1, "height": 1, "format": "PNG",
+             "source_path": f"{i}.png", "first_seen_at": store.utcnow()} for i in range(5000)]
+    with session_scope(migrated_url) as s:
+        assert upsert(s, ImageRecord, rows, key=("sha256",)) == 5000
+        assert s.scalar(select(func.count()).select_from(ImageRecord)) == 5000
+
+
+def test_database_allows_one_champion_only(migrated_url):
+    with session_scope(migrated_url) as s:
+        s.add_all([_mv("v1", "champion"), _mv("v2", "retired"), _mv("v3", "retired")])
+    with pytest.raises(StoreError, match="database error"):
+        with session_scope(migrated_url) as s:
+            s.get(ModelVersion, "v2").status = "champion"
+
+
+def test_datetimes_round_trip_as_utc(migrated_url):
+    t = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    with session_scope(migrated_url) as s:
+        m = _mv("v1")
+        m.created_at = t
+        s.add(m)
+    with session_scope(migrated_url) as s:
+        got = s.get(ModelVersion, "v1").created_at
+        assert got.replace(tzinfo=got.tzinfo or dt.UTC) == t
+
+
+def test_bad_url_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError):
+        store.upgrade("postgresql+psycopg2://nobody@127.0.0.1:1/nothing")
+    with pytest.raises(StoreError):
+        store.get_engine("notadialect://x")

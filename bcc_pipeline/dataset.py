@@ -31,6 +31,7 @@ from sqlalchemy import select
 from . import images
 from .config import Settings
 from .errors import DatasetError, ImageError
+from .files import quarantine_file
 from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,23 +74,6 @@ class IntakeReport:
 
 def _is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_NAMES or name.endswith(".reason.txt")
-
-
-def quarantine_file(src: Path, dest_root: Path, rel: Path, reason: str) -> Path:
-    """Move ``src`` (a file or a symlink itself, never its target) to ``dest_root/rel``.
-
-    A clashing name gets a numeric suffix. A ``<name>.reason.txt`` is written beside it. Returns
-    where the file went.
-    """
-    dest = dest_root / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = dest, 1
-    while candidate.exists() or candidate.is_symlink():
-        candidate = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
-        n += 1
-    os.replace(src, candidate)  # same filesystem under BCC_HOME; renames a link, not its target
-    candidate.with_name(candidate.name + ".reason.txt").write_text(reason.rstrip() + "\n", encoding="utf-8")
-    return candidate
 
 
 def _store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:

@@ -338,3 +338,38 @@ def require_schema(url: str) -> None:
         raise StoreError(f"cannot connect to {_safe(url)}: {str(exc).splitlines()[0]}") from exc
     if "model_versions" not in tables:
         raise StoreError(f"database {_safe(url)} has no BCC schema yet; run `bcc db upgrade`")
+
+
+# -- batch scoring (migration 0002) -----------------------------------------------------------
+class InboxFile(Base):
+    """The scoring ledger: one row per inbox file a scoring run took on, written in the same
+    transaction as the batch's predictions, and updated with ``moved_to`` once the file has moved.
+
+    ``status``: ``scored`` (this file's content got a new prediction), ``duplicate`` (the content
+    already had a prediction from the run's model version) or ``rejected`` (quarantined, see
+    ``reason``). ``path`` is relative to the inbox; ``path_key`` is the sha256 of its exact bytes (paths
+    may be long or not valid UTF-8). ``dest`` is where the file is to go, ``moved_to`` where it went;
+    ``move_error`` says why it could not be moved (it is then still in the inbox).
+    """
+
+    __tablename__ = "inbox_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(255))
+    shard: Mapped[int] = mapped_column(Integer, default=0)
+    path: Mapped[str] = mapped_column(Text)
+    path_key: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    dest: Mapped[str | None] = mapped_column(Text)
+    moved_to: Mapped[str | None] = mapped_column(Text)
+    move_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "path_key"),
+        Index("ix_inbox_files_path_key", "path_key"),
+        Index("ix_inbox_files_sha256", "sha256"),
+    )

@@ -139,3 +139,52 @@ def write_png(path: Path, *, size: int = 48, seed: int = 0, mode: str = "RGB") -
 @pytest.fixture
 def png_writer() -> Callable[..., Path]:
     return write_png
+
+
+# -- batch scoring (issue 3): a tiny champion, so scoring tests need no DenseNet ---------------------
+TINY_IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny Keras classifier (32 px: Conv2D → GAP → Dense(2, softmax)), saved once per session
+    with the real ``model.save_artifact``. Returns (path, sha256)."""
+    import keras
+
+    from bcc_pipeline.model import save_artifact
+
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="probs")(x)
+    net = keras.Model(inputs, outputs, name="tiny")
+    return save_artifact(net, tmp_path_factory.mktemp("tiny-model"), {"image_size": TINY_IMAGE_SIZE})
+
+
+@pytest.fixture
+def register_champion(tiny_model_artifact: tuple[Path, str]):
+    """``register_champion(settings, version=..., threshold=...)``: copy the tiny artifact into
+    ``settings.models_dir/<version>/`` and register it as the champion (any other champion is retired)."""
+    import shutil
+
+    from sqlalchemy import update
+
+    from bcc_pipeline.store import ModelVersion, session_scope, upgrade
+
+    def _register(settings, version: str = "v-tiny-1", threshold: float = 0.5) -> str:
+        upgrade(settings.database_url)
+        src, sha = tiny_model_artifact
+        dest = settings.models_dir / version / "model.keras"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        with session_scope(settings.database_url) as s:
+            s.execute(update(ModelVersion).where(ModelVersion.status == "champion").values(status="retired"))
+            s.flush()
+            s.add(ModelVersion(version=version, status="champion", artifact_path=str(dest), artifact_sha256=sha,
+                               base_weights="none", profile="demo", image_size=TINY_IMAGE_SIZE,
+                               preprocessing="densenet-torch-v1", hyperparameters={}, manifest_hash="0" * 64,
+                               n_train=0, n_val=0, threshold=threshold, code_version="test"))
+        return version
+
+    return _register

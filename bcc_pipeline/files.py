@@ -1,0 +1,189 @@
+"""Moving files out of ``inbox/`` and ``landing/`` without ever losing or overwriting one.
+
+The rules every move in the pipeline follows:
+
+* A symbolic link is moved as a link: the link itself is renamed (or re-created), its target is never
+  opened, read, moved or changed. Only ``os.lstat``/``os.readlink`` ever look at a link.
+* Nothing is overwritten. A taken destination name gets a suffix, ``name~1.png``, ``name~2.png``, ...
+* A move is idempotent. It hard-links the source to its destination (``link`` fails instead of replacing
+  an existing name) and then removes the source; a move interrupted between the two steps (even by
+  SIGKILL) is finished by the next attempt, which finds the destination is the same inode as the source.
+* When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied to
+  a temporary file beside the destination, flushed, linked into place and only then is the source removed.
+* A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
+  a half-made destination is removed again.
+
+Names are kept within the 255-byte limit of a file name: a clash suffix or a ``.reason.txt`` added to a
+very long name shortens its stem (with a short hash of the full name, so shortened names stay distinct).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "NAME_MAX",
+    "REASON_SUFFIX",
+    "display_path",
+    "fit_name",
+    "move_no_clobber",
+    "quarantine_file",
+    "reason_path",
+    "write_reason",
+]
+
+NAME_MAX = 255
+REASON_SUFFIX = ".reason.txt"
+_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as valid UTF-8 text for databases, JSON and logs.
+
+    File names on Linux are bytes; bytes that are not UTF-8 arrive in Python as lone surrogates, which
+    neither PostgreSQL nor SQLite accept. They are shown as ``\\xNN`` escapes instead.
+    """
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def fit_name(stem: str, tail: str = "") -> str:
+    """``stem + tail`` when it fits in :data:`NAME_MAX` bytes; otherwise the stem is shortened and
+    ``#<8 hex of the full stem>`` is added before ``tail``."""
+    raw, tail_b = os.fsencode(stem), os.fsencode(tail)
+    if len(raw) + len(tail_b) <= NAME_MAX:
+        return stem + tail
+    digest = "#" + hashlib.sha256(raw).hexdigest()[:8]
+    keep = max(1, NAME_MAX - len(tail_b) - len(digest))
+    cut = raw[:keep]
+    # do not end inside a multi-byte UTF-8 character
+    while cut and (cut[-1] & 0xC0) == 0x80:
+        cut = cut[:-1]
+    if cut and cut[-1] >= 0xC0:
+        cut = cut[:-1]
+    return os.fsdecode(cut or raw[:1]) + digest + tail
+
+
+def _candidates(dest: Path) -> Iterator[Path]:
+    name = dest.name
+    suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    yield dest.with_name(fit_name(stem, suffix))
+    n = 1
+    while True:
+        yield dest.with_name(fit_name(stem, f"~{n}{suffix}"))
+        n += 1
+
+
+def reason_path(path: Path) -> Path:
+    """Where the reason file of a quarantined ``path`` goes: ``<name>.reason.txt`` beside it."""
+    return path.with_name(fit_name(path.name, REASON_SUFFIX))
+
+
+def write_reason(path: Path, reason: str) -> Path:
+    """Write (atomically, replacing an older one) the reason file beside ``path``.
+
+    A quarantined *link* that happens to carry that name is never replaced: the reason then goes to
+    ``<name>.reason~N.txt``.
+    """
+    target = reason_path(path)
+    if os.path.islink(target):
+        target = next(c for c in _candidates(target) if not os.path.islink(c))
+    fd, tmp = tempfile.mkstemp(prefix=".reason.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
+            fh.write(reason.rstrip() + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _copy_across(src: Path, src_st: os.stat_result, candidate: Path) -> None:
+    """Put a copy of ``src`` (a link as a link) at ``candidate``; FileExistsError when it is taken."""
+    if stat.S_ISLNK(src_st.st_mode):
+        os.symlink(os.readlink(src), candidate)  # readlink never touches the target
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".move.", suffix=".tmp", dir=candidate.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            in_fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            with os.fdopen(in_fd, "rb") as inp:
+                while chunk := inp.read(1 << 20):
+                    out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.utime(tmp, ns=(src_st.st_atime_ns, src_st.st_mtime_ns))
+        os.link(tmp, candidate)  # no-clobber
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
+
+    Never overwrites and never follows a link. Returns where the file is now. Raises
+    ``FileNotFoundError`` when ``src`` is gone and ``OSError`` when it cannot be moved (it then stays
+    where it was).
+    """
+    src, dest = Path(src), Path(dest)
+    src_st = os.lstat(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for candidate in _candidates(dest):
+        try:
+            cst = os.lstat(candidate)
+        except FileNotFoundError:
+            cst = None
+        if cst is not None:
+            if _same_inode(cst, src_st):  # an earlier attempt linked it there and was interrupted
+                os.unlink(src)
+                return candidate
+            continue
+        try:
+            os.link(src, candidate, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                try:
+                    _copy_across(src, src_st, candidate)
+                except FileExistsError:
+                    continue
+            elif exc.errno in _LINK_UNSUPPORTED:
+                # no hard links here (or not allowed for this file): a checked rename
+                if os.path.lexists(candidate):
+                    continue
+                os.rename(src, candidate)
+                return candidate
+            else:
+                raise
+        try:
+            os.unlink(src)
+        except FileNotFoundError:
+            pass  # someone else finished the same move
+        except OSError:
+            os.unlink(candidate)  # leave things as they were: the file stays in the source folder
+            raise
+        return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def quarantine_file(src: Path, dest_root: Path, rel: Path, reason: str) -> Path:
+    """Move ``src`` (a file or a symlink itself, never its target) to ``dest_root/rel``.
+
+    A clashing name gets a numeric suffix (``name~1.png``). A ``<name>.reason.txt`` is written beside
+    it. Returns where the file went.
+    """
+    moved = move_no_clobber(src, Path(dest_root) / rel)
+    write_reason(moved, reason)
+    return moved

@@ -24,7 +24,8 @@ images of one patient share part of their latent score and their stain batch, li
 of one patient do, so a split that ignores patients is optimistic - as with real data.
 
 Everything is deterministic given the seed. Generation uses numpy and OpenCV only and takes
-a few milliseconds per 224 px tile.
+about 35 ms per 224 px tile, PNG writing included (the default 239 tiles in under 10 s on
+one core).
 """
 
 from __future__ import annotations
@@ -95,8 +96,15 @@ def _line_kernel(length: int, angle: float) -> np.ndarray:
     k = np.zeros((length, length), dtype=np.float32)
     c = (length - 1) / 2.0
     dx, dy = math.cos(angle) * c, math.sin(angle) * c
-    cv2.line(k, (round((c - dx) * 16), round((c - dy) * 16)), (round((c + dx) * 16), round((c + dy) * 16)),
-             1.0, 1, cv2.LINE_8, 4)
+    cv2.line(
+        k,
+        (round((c - dx) * 16), round((c - dy) * 16)),
+        (round((c + dx) * 16), round((c + dy) * 16)),
+        1.0,
+        1,
+        cv2.LINE_8,
+        4,
+    )
     return k / max(float(k.sum()), 1e-6)
 
 
@@ -106,8 +114,9 @@ def _stroma(rng: np.random.Generator, size: int, s: float) -> tuple[np.ndarray, 
     theta = rng.uniform(0, math.pi)
     fibres = np.zeros((size, size), dtype=np.float32)
     for angle, weight in ((theta, 1.0), (theta + rng.normal(0, 0.5), 0.6)):
-        layer = cv2.filter2D(_noise(rng, size, 0.9 * s), -1, _line_kernel(length, angle),
-                             borderType=cv2.BORDER_REFLECT)
+        layer = cv2.filter2D(
+            _noise(rng, size, 0.9 * s), -1, _line_kernel(length, angle), borderType=cv2.BORDER_REFLECT
+        )
         fibres += weight * layer
     fibres /= max(float(fibres.std()), 1e-6)
     slow = _noise(rng, size, 18 * s)
@@ -143,8 +152,9 @@ def _properties(z: float, rng: np.random.Generator, s: float) -> dict[str, float
     }
 
 
-def _nuclei(rng: np.random.Generator, size: int, s: float, p: dict[str, float],
-            gaps: np.ndarray) -> np.ndarray:
+def _nuclei(
+    rng: np.random.Generator, size: int, s: float, p: dict[str, float], gaps: np.ndarray
+) -> np.ndarray:
     """Haematoxylin concentration map of the nuclei."""
     r_med, pleo = p["radius"], p["pleomorphism"]
     aspect_sd = 0.12 + 0.5 * p["irregularity"]
@@ -203,38 +213,29 @@ def _nuclei(rng: np.random.Generator, size: int, s: float, p: dict[str, float],
     p_nucleolus = float(np.clip(0.6 * (p["irregularity"] - 0.08) / 0.25, 0.0, 0.8))
     has = rng.random(n) < p_nucleolus
     for (cx, cy), r, lv in zip(pts[has], radii[has], level[has], strict=True):
-        cv2.circle(hmap, (round(cx * 16), round(cy * 16)), max(1, round(0.22 * r * 16)),
-                   float(1.5 * lv), -1, cv2.LINE_8, 4)
+        cv2.circle(
+            hmap,
+            (round(cx * 16), round(cy * 16)),
+            max(1, round(0.22 * r * 16)),
+            float(1.5 * lv),
+            -1,
+            cv2.LINE_8,
+            4,
+        )
     # Soft edges.
     return cv2.GaussianBlur(hmap, (0, 0), sigmaX=0.45 * s + 0.25)
 
 
-def _stain(rng: np.random.Generator, scale: float = 1.0) -> dict[str, Any]:
-    """A random stain batch: stain vectors (hue) and gains. ``scale`` shrinks the jitter."""
-    h_vec = _H_VEC + rng.normal(0, 0.04 * scale, 3).astype(np.float32)
-    e_vec = _E_VEC + rng.normal(0, 0.05 * scale, 3).astype(np.float32)
-    return {
-        "h_vec": np.abs(h_vec) / np.linalg.norm(h_vec),
-        "e_vec": np.abs(e_vec) / np.linalg.norm(e_vec),
-        "h_gain": math.exp(rng.normal(0, 0.18 * scale)),
-        "e_gain": math.exp(rng.normal(0, 0.22 * scale)),
-        "brightness": math.exp(rng.normal(0, 0.06 * scale)),
-    }
+def _stain(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """A random stain batch as 9 offsets: H and E stain vector (hue) shifts, log gains, log brightness.
+
+    Offsets add up, so a patient's batch plus a smaller per-slide deviation is just a sum.
+    """
+    sd = np.array([0.04] * 3 + [0.05] * 3 + [0.18, 0.22, 0.06])
+    return rng.normal(0.0, 1.0, 9) * sd * scale
 
 
-def _mix_stains(batch: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """A patient's stain batch with a smaller per-slide deviation on top."""
-    out: dict[str, Any] = {}
-    for key in ("h_vec", "e_vec"):
-        v = batch[key] + (own[key] - _H_VEC / np.linalg.norm(_H_VEC) if key == "h_vec"
-                          else own[key] - _E_VEC / np.linalg.norm(_E_VEC))
-        out[key] = np.abs(v) / np.linalg.norm(v)
-    for key in ("h_gain", "e_gain", "brightness"):
-        out[key] = batch[key] * own[key]
-    return out
-
-
-def _render(z: float, rng: np.random.Generator, size: int, stain: dict[str, Any] | None) -> np.ndarray:
+def _render(z: float, rng: np.random.Generator, size: int, stain: np.ndarray | None) -> np.ndarray:
     s = size / 224.0
     props = _properties(z, rng, s)
     eosin, gaps = _stroma(rng, size, s)
@@ -245,10 +246,13 @@ def _render(z: float, rng: np.random.Generator, size: int, stain: dict[str, Any]
     eosin *= 1.0 - 0.4 * np.clip(haem / max(props["darkness"], 1e-3), 0.0, 1.0)
 
     # Nuisance (no label information): stain batch, hue, brightness, blur, noise, orientation.
-    own = _stain(rng, 0.5 if stain is not None else 1.0)
-    st = own if stain is None else _mix_stains(stain, own)
-    od = (st["h_gain"] * haem)[..., None] * st["h_vec"] + (st["e_gain"] * eosin)[..., None] * st["e_vec"]
-    rgb = (255.0 * st["brightness"]) * np.exp(-od)
+    st = _stain(rng) if stain is None else stain + _stain(rng, 0.5)
+    h_vec = np.abs(_H_VEC + st[0:3])
+    e_vec = np.abs(_E_VEC + st[3:6])
+    h_vec = (h_vec / np.linalg.norm(h_vec) * math.exp(st[6])).astype(np.float32)
+    e_vec = (e_vec / np.linalg.norm(e_vec) * math.exp(st[7])).astype(np.float32)
+    od = haem[..., None] * h_vec + eosin[..., None] * e_vec
+    rgb = (255.0 * math.exp(st[8])) * np.exp(-od)
     sigma = rng.uniform(0.0, 0.9) * s
     if sigma > 0.25:
         rgb = cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma)
@@ -261,12 +265,7 @@ def _render(z: float, rng: np.random.Generator, size: int, stain: dict[str, Any]
 
 
 def _check_size(size: Any) -> int:
-    if isinstance(size, bool):
-        raise ValueError(f"size must be an integer, got {size!r}")
-    try:
-        size = operator.index(size)
-    except TypeError:
-        raise ValueError(f"size must be an integer, got {size!r}") from None
+    size = _count("size", size)
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
     if size > _MAX_SIZE:
@@ -344,27 +343,16 @@ def _write_unique(folder: Path, stem: str, ext: str, data: bytes) -> Path:
 
 
 def _patients(counts: dict[str, int], groups: int) -> dict[str, list[int]]:
-    """How many patients each label gets: proportional to its image count, >= 1 if any."""
-    labels = [lab for lab in LABELS if counts[lab] > 0]
-    total = sum(counts[lab] for lab in labels)
-    if groups < len(labels):
-        raise ValueError(f"groups must be 0 or >= {len(labels)} (one patient per label), got {groups}")
-    if groups > total:
-        raise ValueError(f"groups ({groups}) cannot exceed the number of images ({total})")
-    alloc = {lab: max(1, min(counts[lab], round(groups * counts[lab] / total))) for lab in labels}
-    while sum(alloc.values()) != groups:  # fix rounding, respecting 1 <= patients <= images
-        diff = groups - sum(alloc.values())
-        if diff > 0:
-            lab = max((x for x in labels if alloc[x] < counts[x]), key=lambda x: counts[x] / alloc[x])
-            alloc[lab] += 1
-        else:
-            lab = max((x for x in labels if alloc[x] > 1), key=lambda x: alloc[x] / counts[x])
-            alloc[lab] -= 1
-    out: dict[str, list[int]] = {lab: [] for lab in LABELS}
+    """Patient ids per label: ``groups`` per label (fewer if a label has fewer images).
+
+    Ids are numbered across labels (benign first), so a patient id never holds two labels.
+    """
+    out: dict[str, list[int]] = {}
     next_id = 1
-    for lab in labels:
-        out[lab] = list(range(next_id, next_id + alloc[lab]))
-        next_id += alloc[lab]
+    for lab in LABELS:
+        k = min(groups, counts[lab])
+        out[lab] = list(range(next_id, next_id + k))
+        next_id += k
     return out
 
 
@@ -382,8 +370,8 @@ def generate(
     """Write a SYNTHETIC two-class H&E-like demo data set and return what was written.
 
     Layout: ``out_dir/benign/benign_0001_<6 hex>.png`` and ``out_dir/malignant/...``; with
-    ``groups > 0`` the images of each label are spread over patient folders
-    ``out_dir/<label>/patient_XX/`` (``groups`` patients in all, each with one label,
+    ``groups > 0`` the images of each label are spread over ``groups`` patient folders
+    ``out_dir/<label>/patient_XX/`` (fewer if the label has fewer images; each patient has one label,
     numbered across labels). The hex part is a content hash. Files are written atomically
     and an existing different file is never overwritten.
 
@@ -407,16 +395,15 @@ def generate(
     root = Path(out_dir)
     files: list[str] = []
     width = max(4, len(str(max(n.values(), default=0))))
-    pwidth = max(2, len(str(groups)))
+    pwidth = max(2, len(str(2 * groups)))
     for label_idx, label in enumerate(LABELS):
         count = n[label]
         mean = separation * label_idx
-        if patients is None:
-            owners = [None] * count
-        else:
+        owners: list[int | None] = [None] * count
+        if patients is not None and count > 0:
             blocks = np.array_split(np.arange(count), len(patients[label]))
             owners = [pid for pid, block in zip(patients[label], blocks, strict=True) for _ in block]
-        patient: dict[int, tuple[float, dict[str, Any]]] = {}
+        patient: dict[int, tuple[float, np.ndarray]] = {}
         for i in range(count):
             rng = np.random.default_rng([seed, label_idx, i])
             pid = owners[i]
@@ -430,13 +417,21 @@ def generate(
                     patient[pid] = (float(prng.standard_normal()), _stain(prng))
                 pz, stain = patient[pid]
                 # Same marginal N(mean, 1) as without groups; part of it shared by the patient.
-                z = mean + math.sqrt(_PATIENT_SHARE) * pz + math.sqrt(1 - _PATIENT_SHARE) * float(
-                    rng.standard_normal())
+                z = (
+                    mean
+                    + math.sqrt(_PATIENT_SHARE) * pz
+                    + math.sqrt(1 - _PATIENT_SHARE) * float(rng.standard_normal())
+                )
                 folder = root / label / f"patient_{pid:0{pwidth}d}"
             img = _render(z, rng, size, stain)
             data = _encode(img, ext)
             folder.mkdir(parents=True, exist_ok=True)
             stem = f"{label}_{i + 1:0{width}d}_{hashlib.sha256(data).hexdigest()[:6]}"
             files.append(str(_write_unique(folder, stem, ext, data)))
-    return {"out_dir": str(root), "benign": n["benign"], "malignant": n["malignant"],
-            "files": files, "seed": seed}
+    return {
+        "out_dir": str(root),
+        "benign": n["benign"],
+        "malignant": n["malignant"],
+        "files": files,
+        "seed": seed,
+    }

@@ -52,10 +52,13 @@ class TrainResult:
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
+    """Adam (fused: same update, far fewer graph ops), binary cross-entropy, accuracy."""
     import keras
 
+    from .fused_adam import FusedAdam
+
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=FusedAdam(learning_rate=learning_rate),
         loss="binary_crossentropy",
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )

@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 export BCC_HOME ?= $(CURDIR)/var
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint venv clean-var help
+.PHONY: demo demo-lib airflow test lint venv clean-var help
 
 help:
-	@echo "make demo   - set up .venv, then run the main job end to end on embedded defaults (SQLite, ./var)"
+	@echo "make demo    - set up .venv, then run the main job end to end through Airflow on embedded defaults (SQLite, ./var)"
+	@echo "make airflow - the Airflow UI (airflow standalone) with the project's DAGs, on ./var"
+	@echo "make demo-lib - the same job without Airflow (the bcc CLI only)"
 	@echo "make test   - set up .venv, then run the test suite"
 	@echo "make lint   - ruff"
 
@@ -24,7 +26,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	scripts/demo.sh
+
+demo-lib: $(STAMP)
 	$(BIN)/bcc demo
+
+airflow: $(STAMP)
+	scripts/airflow.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

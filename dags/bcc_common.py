@@ -1,0 +1,66 @@
+"""Airflow-side glue shared by the BCC DAG tasks: the settings (and database) for a task.
+
+Imported inside task bodies only (the dags folder is on ``sys.path`` when tasks run), and it imports
+nothing heavy itself; ``bcc_pipeline`` is imported inside the functions.
+
+Which database a task uses (the project database, never Airflow's metadata database):
+1. ``BCC_DATABASE_URL`` when it is set (it wins: one variable overrides everything, as in the CLI);
+2. otherwise the Airflow connection ``bcc_db`` (e.g. ``AIRFLOW_CONN_BCC_DB=postgresql://...``);
+3. otherwise the embedded default, SQLite at ``$BCC_HOME/bcc.db``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BCC_DB_CONN_ID = "bcc_db"
+
+
+def _url_from_connection(conn_id: str = BCC_DB_CONN_ID) -> str | None:
+    """SQLAlchemy URL from the Airflow connection, or None when there is no such connection."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    extra = dict(conn.extra_dejson or {})
+    if extra.get("sqlalchemy_url"):
+        return str(extra["sqlalchemy_url"])
+    from sqlalchemy.engine import URL
+
+    kind = (conn.conn_type or "").lower()
+    if kind in ("postgres", "postgresql"):
+        # get_uri() would give postgres://, which SQLAlchemy 2 refuses; build the URL instead
+        return URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
+                          host=conn.host or None, port=conn.port or None, database=conn.schema or None,
+                          query={k: str(v) for k, v in extra.items()}).render_as_string(hide_password=False)
+    if kind == "sqlite":
+        return f"sqlite:///{conn.host or conn.schema}"
+    raise ValueError(f"connection {conn_id!r} has type {conn.conn_type!r}; use postgres or sqlite "
+                     "(or put a full URL in its extra as sqlalchemy_url)")
+
+
+def database_url() -> str | None:
+    return os.environ.get("BCC_DATABASE_URL") or _url_from_connection()
+
+
+def settings(**overrides: Any):
+    """The frozen bcc_pipeline settings for this task: profile/env/overrides plus the database."""
+    from bcc_pipeline.config import load_settings
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    profile = overrides.pop("profile", None)
+    url = database_url()
+    if url:
+        overrides["database_url"] = url
+    return load_settings(profile=profile, overrides=overrides)
+
+
+def actor(context: dict[str, Any]) -> str:
+    return f"airflow:{context['dag'].dag_id}/{context['run_id']}"

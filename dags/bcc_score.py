@@ -1,0 +1,105 @@
+"""Nightly batch scoring of the inbox with the champion model (plus manual runs)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+DOC = """
+### BCC batch scoring
+
+Scores every image in `inbox/` (any nesting) with the current **champion** model. Each prediction
+is stored with the model version that made it (`predictions`, UNIQUE per image content and model
+version: a retried or cleared task adds nothing). Scored files move to `archive/<run>/`, rejected
+ones to `quarantine/<run>/` with a reason file beside each.
+
+`plan → score_shard (mapped, one per shard) → finalize`
+
+* **plan** lists the pending files once and splits them into `shards` disjoint shards; a retry of
+  this run reuses the same plan.
+* **score_shard** runs once per shard (dynamic task mapping): with the CeleryExecutor the shards
+  spread over the workers.
+* **finalize** writes the run's counts to `scoring_runs` and returns the summary.
+
+Query the results: `bcc predictions`, or the `latest_predictions` view in SQL.
+Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
+"""
+
+default_args = {
+    "owner": "bcc",
+    "retries": 2,  # a crashed or killed shard resumes from the ledger; nothing is scored twice
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+@dag(
+    dag_id="bcc_score",
+    schedule=os.environ.get("BCC_SCORE_SCHEDULE", "0 2 * * *"),
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args,
+    doc_md=DOC,
+    tags=["bcc", "scoring"],
+    params={
+        "inbox": Param(None, type=["null", "string"], title="Inbox folder",
+                       description="Leave empty for $BCC_HOME/inbox"),
+        "shards": Param(1, type="integer", minimum=1, maximum=64, title="Shards",
+                        description="Split the inbox into this many parallel scoring tasks"),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
+                            description="Inference batch size; empty for BCC_SCORE_BATCH_SIZE (32)"),
+    },
+)
+def bcc_score():
+    @task
+    def prepare_database() -> str:
+        import bcc_common
+        from bcc_pipeline.store import upgrade
+
+        return upgrade(bcc_common.settings().database_url)
+
+    @task
+    def plan(params: dict | None = None) -> dict:
+        import bcc_common
+        from bcc_pipeline.scoring import plan_shards
+
+        ctx = get_current_context()
+        return plan_shards(bcc_common.settings(), ctx["run_id"], params["shards"], inbox=params["inbox"])
+
+    @task
+    def shard_numbers(planned: dict) -> list[int]:
+        return list(range(planned["shards"]))
+
+    @task(map_index_template="shard {{ shard_label }}", execution_timeout=timedelta(hours=6))
+    def score_shard(shard: int, planned: dict, params: dict | None = None) -> dict:
+        import bcc_common
+        from bcc_pipeline.scoring import score_shard as run_shard
+
+        get_current_context()["shard_label"] = f"{shard + 1}/{planned['shards']}"
+
+        result = run_shard(bcc_common.settings(), planned["run_id"], shard, batch_size=params["batch_size"],
+                           progress=print)
+        result.pop("rejections", None)  # the full list is in the rejections table; keep XComs small
+        return result
+
+    @task(trigger_rule="all_done")
+    def finalize(planned: dict, shard_results: list) -> dict:
+        import bcc_common
+        from bcc_pipeline.scoring import finalize_run
+
+        summary = finalize_run(bcc_common.settings(), planned["run_id"])
+        summary["rejections"] = summary.get("rejections", [])[:20]
+        print(f"scoring run {planned['run_id']}: {summary}")
+        return summary
+
+    planned = plan()
+    prepare_database() >> planned
+    results = score_shard.partial(planned=planned).expand(shard=shard_numbers(planned))
+    finalize(planned, results)
+
+
+bcc_score()

@@ -1,0 +1,236 @@
+"""The Airflow 3 DAGs: integrity, parse lightness, and real `dag.test()` runs (via `airflow dags test`)
+on SQLite and on PostgreSQL (Airflow's metadata database and the project database, separately)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from .airflow_support import DAGS, REPO, airflow_env, dags_test, migrate, register_tiny_champion
+
+DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name != "bcc_common.py")
+HEAVY = ("tensorflow", "keras", "cv2", "sklearn", "pandas", "matplotlib")
+
+
+def _python(code: str, env_extra: dict[str, str], tmp_path: Path) -> str:
+    from .airflow_support import airflow_env as _env
+
+    env = _env(tmp_path / "af", metadata_url=None, bcc={})
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_dag_files_exist():
+    assert {p.name for p in DAG_FILES} == {"bcc_retrain.py", "bcc_score.py"}
+
+
+@pytest.mark.parametrize("dag_file", DAG_FILES + [DAGS / "bcc_common.py"], ids=lambda p: p.name)
+def test_parsing_a_dag_file_imports_no_heavy_module(dag_file, tmp_path):
+    code = (
+        "import importlib.util, json, sys\n"
+        f"sys.path.insert(0, {str(DAGS)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(dag_file)!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    assert json.loads(_python(code, {}, tmp_path)) == []
+
+
+def test_dagbag_integrity(tmp_path):
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        "out = {'errors': {k: str(v)[:500] for k, v in bag.import_errors.items()}, 'dags': {}}\n"
+        "for dag_id, d in bag.dags.items():\n"
+        "    out['dags'][dag_id] = {'tags': sorted(d.tags), 'max_active_runs': d.max_active_runs,\n"
+        "        'schedule': str(getattr(d.timetable, 'expression', None) or type(d.timetable).__name__), 'doc': bool(d.doc_md), 'catchup': d.catchup,\n"
+        "        'retries': {t.task_id: t.retries for t in d.tasks}, 'params': sorted(d.params.keys())}\n"
+        "print(json.dumps(out))\n"
+    )
+    out = json.loads(_python(code, {}, tmp_path))
+    assert out["errors"] == {}
+    assert set(out["dags"]) == {"bcc_retrain", "bcc_score"}
+    for dag_id, d in out["dags"].items():
+        assert "bcc" in d["tags"] and d["max_active_runs"] == 1 and d["doc"] and not d["catchup"], dag_id
+        assert d["schedule"] not in ("None", ""), dag_id
+        assert any(r > 0 for r in d["retries"].values()), dag_id
+    retrain, score = out["dags"]["bcc_retrain"], out["dags"]["bcc_score"]
+    assert retrain["schedule"] == "0 3 * * 0" and score["schedule"] == "0 2 * * *"
+    assert retrain["retries"]["train"] == 0 and retrain["retries"]["intake"] == 2
+    assert retrain["params"] == ["epochs", "force", "min_new_images", "profile"]
+    assert score["params"] == ["batch_size", "inbox", "shards"]
+
+
+def test_schedules_are_configurable(tmp_path):
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        "print(json.dumps({k: str(getattr(d.timetable, 'expression', None) or type(d.timetable).__name__) for k, d in bag.dags.items()}))\n"
+    )
+    out = json.loads(_python(code, {"BCC_RETRAIN_SCHEDULE": "0 5 * * 1", "BCC_SCORE_SCHEDULE": "30 1 * * *"},
+                             tmp_path))
+    assert out == {"bcc_retrain": "0 5 * * 1", "bcc_score": "30 1 * * *"}
+
+
+# -- full runs ---------------------------------------------------------------------------------
+def _bcc_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
+    env = {"BCC_HOME": str(home), "BCC_DATABASE_URL": database_url, "BCC_SETTLE_SECONDS": "0",
+           "BCC_IMAGE_SIZE": "32", "BCC_BASE_WEIGHTS": "none"}
+    env.update(extra)
+    return env
+
+
+def _landing(settings_home: Path, n: int = 20) -> None:
+    from bcc_pipeline.demo_data import generate
+
+    generate(settings_home / "landing", benign=n, malignant=n, size=64, seed=5)
+
+
+def _inbox(settings_home: Path, n: int = 6) -> int:
+    from bcc_pipeline.demo_data import generate
+
+    out = generate(settings_home / "inbox" / "batch1", benign=n, malignant=n, size=64, seed=11)
+    # flatten benign/ malignant/ names: the inbox is unlabelled, nesting is arbitrary
+    return len(out["files"])
+
+
+def _predictions(url: str) -> int:
+    from bcc_pipeline.store import Prediction, session_scope
+
+    with session_scope(url) as s:
+        return s.scalar(select(func.count()).select_from(Prediction))
+
+
+def _retrain_short_circuit_then_reject(env_factory, tmp_path: Path, bcc_url: str) -> None:
+    home = tmp_path / "bcc"
+    champion = register_tiny_champion(bcc_url, home / "models")
+    env = env_factory(_bcc_env(home, bcc_url, BCC_GATE_MIN_ACCURACY="1.0", BCC_GATE_MIN_SENSITIVITY="1.0"))
+    migrate(env)
+    _landing(home, n=4)  # 8 new images < min_new_images
+    states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 20})
+    assert states["__run__"] == "success"
+    assert states["intake"] == "success" and states["check_new_data"] == "success"
+    assert all(states[t] == "skipped" for t in ("split", "train", "evaluate", "gate", "publish_champion"))
+    assert "skipping training: 8 < min_new_images=20" in states["__log__"]
+
+    _landing(home, n=16)
+    states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 20})
+    assert states["__run__"] == "success", states["__log__"][-5000:]
+    assert [states[t] for t in ("split", "train", "evaluate", "gate")] == ["success"] * 4
+    assert states["publish_champion"] == "skipped"  # rejected: no Asset event, champion unchanged
+    from bcc_pipeline import registry
+    from bcc_pipeline.store import ModelVersion, session_scope
+
+    with session_scope(bcc_url) as s:
+        assert registry.get_champion(s).version == champion
+        rejected = s.scalars(select(ModelVersion).where(ModelVersion.status == "rejected")).all()
+        assert len(rejected) == 1
+    assert "was rejected" in states["__log__"] and f"the champion stays {champion}" in states["__log__"]
+
+
+def _retrain_promotes(env_factory, tmp_path: Path, bcc_url: str) -> None:
+    home = tmp_path / "bcc"
+    champion = register_tiny_champion(bcc_url, home / "models")
+    env = env_factory(_bcc_env(home, bcc_url, BCC_GATE_MIN_ACCURACY="0", BCC_GATE_MIN_SENSITIVITY="0",
+                               BCC_GATE_TOLERANCE="1.0"))
+    migrate(env)
+    _landing(home, n=10)
+    states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 0})
+    assert states["__run__"] == "success", states["__log__"][-5000:]
+    assert states["publish_champion"] == "success"
+    from bcc_pipeline import registry
+    from bcc_pipeline.store import Promotion, session_scope
+
+    with session_scope(bcc_url) as s:
+        new = registry.get_champion(s).version
+        assert new != champion
+        row = s.scalars(select(Promotion).where(Promotion.to_version == new)).one()
+        assert row.from_version == champion and row.actor.startswith("airflow:bcc_retrain/")
+        assert row.evidence["champion"] is not None  # the tiny champion was re-scored on the same images
+
+
+def _score_twice(env_factory, tmp_path: Path, bcc_url: str) -> None:
+    home = tmp_path / "bcc"
+    register_tiny_champion(bcc_url, home / "models")
+    env = env_factory(_bcc_env(home, bcc_url))
+    migrate(env)
+    n = _inbox(home)
+    states = dags_test(env, "bcc_score", {"shards": 2, "batch_size": 4})
+    assert states["__run__"] == "success", states["__log__"][-5000:]
+    assert states["score_shard[0]"] == "success" and states["score_shard[1]"] == "success"
+    assert _predictions(bcc_url) == n
+    archived = [p for p in (home / "archive").rglob("*.png")]
+    assert len(archived) == n and not [p for p in (home / "inbox").rglob("*.png")]
+    # a second run finds an empty inbox and adds nothing
+    states = dags_test(env, "bcc_score", {"shards": 2})
+    assert states["__run__"] == "success" and _predictions(bcc_url) == n
+
+
+@pytest.mark.slow
+def test_retrain_dag_sqlite_short_circuit_then_gate_rejection(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    af_db = f"sqlite:///{tmp_path / 'airflow.db'}"
+    _retrain_short_circuit_then_reject(
+        lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_retrain_dag_postgres_promotes(tmp_path, pg_url, pg_server):
+    from tests.conftest import create_pg_database
+
+    af_url, drop = create_pg_database("airflow_test")
+    try:
+        _retrain_promotes(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_url, bcc=bcc), tmp_path, pg_url)
+    finally:
+        drop()
+
+
+def test_score_dag_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    af_db = f"sqlite:///{tmp_path / 'airflow.db'}"
+    _score_twice(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url)
+
+
+@pytest.mark.postgres
+def test_score_dag_postgres(tmp_path, pg_url, pg_server):
+    from tests.conftest import create_pg_database
+
+    af_url, drop = create_pg_database("airflow_test")
+    try:
+        _score_twice(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_url, bcc=bcc), tmp_path, pg_url)
+    finally:
+        drop()
+
+
+def test_database_comes_from_the_bcc_db_connection(tmp_path):
+    """Without BCC_DATABASE_URL the tasks use the Airflow connection `bcc_db`."""
+    url = f"sqlite:///{tmp_path / 'from-conn.db'}"
+    code = (
+        f"import sys; sys.path.insert(0, {str(DAGS)!r})\n"
+        "import bcc_common\n"
+        "print(bcc_common.settings().database_url)\n"
+    )
+    got = _python(code, {"AIRFLOW_CONN_BCC_DB": json.dumps({"conn_type": "sqlite", "host": str(tmp_path / 'from-conn.db')}),
+                         "BCC_HOME": str(tmp_path)}, tmp_path)
+    assert got == url
+    pg = _python(code, {"AIRFLOW_CONN_BCC_DB": "postgresql://u:p%40ss@db.example:5433/bcc?sslmode=require",
+                        "BCC_HOME": str(tmp_path)}, tmp_path)
+    assert pg == "postgresql+psycopg2://u:p%40ss@db.example:5433/bcc?sslmode=require"
+    wins = _python(code, {"AIRFLOW_CONN_BCC_DB": "postgresql://u@h/bcc", "BCC_DATABASE_URL": url,
+                          "BCC_HOME": str(tmp_path)}, tmp_path)
+    assert wins == url
+    default = _python(code, {"BCC_HOME": str(tmp_path)}, tmp_path)
+    assert default == f"sqlite:///{tmp_path / 'bcc.db'}"
+
+
+assert REPO.is_dir()

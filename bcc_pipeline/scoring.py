@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -88,6 +89,11 @@ LOAD_WORKERS = max(1, min(4, os.cpu_count() or 2))
 """Threads that read, check, decode and preprocess (OpenCV and hashlib release the GIL)."""
 PREFETCH_BATCHES = 2
 """Batches in flight: the one the model scores and the one being decoded."""
+DECODE_BUDGET_BYTES = 512 << 20
+"""Memory the loading threads may hold at once for file bytes and decoding (estimated). An image bigger
+than the whole budget is still loaded, alone."""
+DECODE_BYTES_PER_PIXEL = 40
+"""Estimated peak decoding cost per pixel (the worst measured case, 16-bit RGBA PNG, is about 38)."""
 _PLAN_VERSION = 1
 _MAX_REASON = 2000
 
@@ -176,6 +182,19 @@ def _insert(conn: Connection, model: type, rows: Sequence[dict[str, Any]], key: 
         else:
             conn.execute(stmt)
     return out
+
+
+def _require_schema(url: str) -> None:
+    """The BCC schema, at least at the revision that brought batch scoring (0002)."""
+    from sqlalchemy import inspect
+
+    require_schema(url)
+    try:
+        tables = set(inspect(get_engine(url)).get_table_names())
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read the database schema: {str(exc).splitlines()[0]}") from exc
+    if "inbox_files" not in tables:
+        raise StoreError("the database schema predates batch scoring; run `bcc db upgrade`")
 
 
 def _aware(t: dt.datetime | None) -> dt.datetime | None:
@@ -296,7 +315,7 @@ def plan_shards(settings: Settings, run_id: str, shards: int,
         raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
     if not run_id or not str(run_id).strip():
         raise ConfigError("a scoring run needs a non-empty run id")
-    require_schema(settings.database_url)
+    _require_schema(settings.database_url)
     path = run_dir(settings, run_id) / "plan.json"
     if not path.exists():
         engine = get_engine(settings.database_url)
@@ -394,6 +413,36 @@ def _try_write_reason(path: Path, reason: str) -> None:
 
 
 # -- loading (worker threads) -----------------------------------------------------------------
+class _MemoryBudget:
+    """Bounds what the loading threads hold at once: a thread waits until its reservation fits, or until
+    nothing else is reserved (so one oversized image still goes through, alone). First come, first
+    served, so a big image is not starved by a stream of small ones."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._cv = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def acquire(self, amount: int) -> int:
+        amount = max(1, int(amount))
+        with self._cv:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving or (self.used and self.used + amount > self.capacity):
+                self._cv.wait()
+            self._serving += 1
+            self.used += amount
+            self._cv.notify_all()
+        return amount
+
+    def release(self, amount: int) -> None:
+        with self._cv:
+            self.used -= amount
+            self._cv.notify_all()
+
+
 @dataclass
 class _Item:
     rel: str                      # exact relative path (what the filesystem calls it)
@@ -414,7 +463,7 @@ def _reject(item: _Item, reason: str) -> _Item:
 
 
 def _load(item: _Item, abs_path: str, *, size: int, max_pixels: int, min_side: int, settle: float,
-          max_bytes: int, decode: bool) -> _Item:
+          max_bytes: int, budget: _MemoryBudget) -> _Item:
     """Read the file once (never through a link), hash, validate, decode and preprocess it."""
     try:
         st = os.lstat(abs_path)
@@ -436,58 +485,76 @@ def _load(item: _Item, abs_path: str, *, size: int, max_pixels: int, min_side: i
     if time.time() - st.st_mtime < settle:
         item.kind = "skipped"
         return item
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if st.st_size > max_bytes:
+        return _reject(item, f"file of {st.st_size} bytes is larger than any image within the pixel "
+                             f"limit can be ({max_bytes} bytes)")
+    return _read_and_decode(item, abs_path, size=size, max_pixels=max_pixels, min_side=min_side,
+                            max_bytes=max_bytes, budget=budget, held=[budget.acquire(st.st_size)])
+
+
+def _read_and_decode(item: _Item, abs_path: str, *, size: int, max_pixels: int, min_side: int, max_bytes: int,
+                     budget: _MemoryBudget, held: list[int]) -> _Item:
+    """The part of :func:`_load` that holds memory; ``held[0]`` is the budget reservation, released here."""
     try:
-        fd = os.open(abs_path, flags)
-    except FileNotFoundError:
-        item.kind = "missing"
-        return item
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat above
-            item.is_link = True
-            return _reject(item, "symbolic link: links are never followed")
-        return _reject(item, f"cannot read the file: {exc.strerror or exc}")
-    try:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
-            item.kind = "skipped"
+        flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(abs_path, flags)
+        except FileNotFoundError:
+            item.kind = "missing"
             return item
-        if before.st_size > max_bytes:
-            return _reject(item, f"file of {before.st_size} bytes is larger than any image within the pixel "
-                                 f"limit can be ({max_bytes} bytes)")
-        chunks, total = [], 0
-        while total <= max_bytes:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        after = os.fstat(fd)
-    except OSError as exc:
-        return _reject(item, f"cannot read the file: {exc.strerror or exc}")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+                item.is_link = True
+                return _reject(item, "symbolic link: links are never followed")
+            return _reject(item, f"cannot read the file: {exc.strerror or exc}")
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                item.kind = "skipped"
+                return item
+            chunks, total = [], 0
+            while total <= max_bytes:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            after = os.fstat(fd)
+        except OSError as exc:
+            return _reject(item, f"cannot read the file: {exc.strerror or exc}")
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        del chunks
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(data) != after.st_size:
+            item.kind = "skipped"  # changed while we read it: still being written
+            return item
+        if len(data) > max_bytes:
+            return _reject(item, f"file is larger than any image within the pixel limit can be ({max_bytes} bytes)")
+        item.sha = images.sha256_bytes(data)
+        try:
+            info = images.validate(data, path=item.path, max_pixels=max_pixels, min_side=min_side)
+            # decoding needs far more memory than the file: re-reserve (release first: no hold-and-wait)
+            budget.release(held[0])
+            held[0] = 0
+            held[0] = budget.acquire(len(data) + info.pixels * DECODE_BYTES_PER_PIXEL)
+            rgb = images.decode(data, path=item.path, max_pixels=max_pixels, min_side=min_side)
+            del data
+            item.x = images.preprocess(rgb, size)
+            del rgb
+            item.info = info
+        except ImageError as exc:
+            return _reject(item, exc.reason)
+        except MemoryError:
+            return _reject(item, "not enough memory to decode this image")
+        except Exception as exc:  # noqa: BLE001 - one hostile file must never stop the run
+            return _reject(item, f"cannot decode the image: {type(exc).__name__}: {exc}")
+        return item
     finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    del chunks
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(data) != after.st_size:
-        item.kind = "skipped"  # changed while we read it: still being written
-        return item
-    item.sha = images.sha256_bytes(data)
-    if not decode:
-        return item
-    try:
-        info = images.validate(data, path=item.path, max_pixels=max_pixels, min_side=min_side)
-        rgb = images.decode(data, path=item.path, max_pixels=max_pixels, min_side=min_side)
-        del data
-        item.x = images.preprocess(rgb, size)
-        item.info = info
-    except ImageError as exc:
-        return _reject(item, exc.reason)
-    except MemoryError:
-        return _reject(item, "not enough memory to decode this image")
-    except Exception as exc:  # noqa: BLE001 - one hostile file must never stop the run
-        return _reject(item, f"cannot decode the image: {type(exc).__name__}: {exc}")
-    return item
+        if held[0]:
+            budget.release(held[0])
+            held[0] = 0
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -497,12 +564,15 @@ class _Model:
     def __init__(self, mv: dict[str, Any]):
         self.mv = mv
         self._fn = None
+        self.load_seconds = 0.0
 
     def predict(self, x: Any) -> Any:
         import numpy as np
 
         if self._fn is None:
+            t0 = time.monotonic()
             self._fn = self._load()
+            self.load_seconds = time.monotonic() - t0
         out = np.asarray(self._fn(x))
         if out.ndim == 2 and out.shape[1] == 2:
             p = out[:, 1]
@@ -554,7 +624,9 @@ class _ShardScorer:
         self.model = _Model(self.mv)
         self.counts = collections.Counter()
         self.move_failures: list[dict[str, str]] = []
-        self.max_bytes = settings.max_pixels * 8 + (16 << 20)
+        self.skipped_paths: list[str] = []
+        self.max_bytes = settings.max_pixels * 8 + (16 << 20)  # 16-bit RGBA, uncompressed, plus metadata
+        self.budget = _MemoryBudget(DECODE_BUDGET_BYTES)
 
     # ledger look-ups ------------------------------------------------------------------------
     def _known(self, items: list[_Item]) -> None:
@@ -582,7 +654,7 @@ class _ShardScorer:
                 continue
             fut = pool.submit(_load, it, os.path.join(self.inbox, it.rel), size=self.mv["image_size"],
                               max_pixels=self.s.max_pixels, min_side=self.s.min_side,
-                              settle=self.s.settle_seconds, max_bytes=self.max_bytes, decode=True)
+                              settle=self.s.settle_seconds, max_bytes=self.max_bytes, budget=self.budget)
             out.append((it, fut))
         return out
 
@@ -618,7 +690,8 @@ class _ShardScorer:
                 "rejected": self.counts["rejected"], "skipped": self.counts["skipped"],
                 "missing": self.counts["missing"], "recovered": self.counts["recovered"],
                 "already_done": self.counts["already_done"], "not_claimed": self.counts["not_claimed"],
-                "move_failed": self.counts["move_failed"], "move_failures": self.move_failures}
+                "move_failed": self.counts["move_failed"], "move_failures": self.move_failures,
+                "skipped_paths": self.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3)}
 
     def _process(self, items: list[_Item]) -> None:
         import numpy as np
@@ -634,6 +707,7 @@ class _ShardScorer:
                 log.warning("%s left the inbox before it was scored", it.path)
             elif it.kind == "skipped":
                 self.counts["skipped"] += 1
+                self.skipped_paths.append(it.path)
             else:
                 fresh.append(it)
         if not fresh:
@@ -740,7 +814,7 @@ class _ShardScorer:
                 error = _clean(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
             if error and moved is None and not error.startswith("the file left"):
                 self.counts["move_failed"] += 1
-                self.move_failures.append({"path": it.path, "error": error})
+                self.move_failures.append({"path": it.path, "error": error, "run_id": run_id})
                 log.error("could not move %s (it stays in the inbox): %s", it.path, error)
             updates.append({"b_run": run_id, "b_key": it.key, "b_moved": moved, "b_err": error,
                             "b_now": utcnow()})
@@ -796,6 +870,7 @@ class _ShardScorer:
                     self.counts["already_done"] += 1
             else:
                 self.counts["skipped"] += 1  # new content at a path this run already handled: next run
+                self.skipped_paths.append(it.path)
             return True
         for r in others:  # an interrupted earlier run took the file on and never moved it
             if matches(r):
@@ -817,7 +892,7 @@ def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int 
     counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
     ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for :func:`finalize_run`.
     """
-    require_schema(settings.database_url)
+    _require_schema(settings.database_url)
     plan = _load_plan(settings, run_id)
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < plan["n_shards"]:
         raise ConfigError(f"scoring run {run_id!r} has shards 0..{plan['n_shards'] - 1}, not {shard!r}")
@@ -838,14 +913,18 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
     could not be moved (they are listed and still in the inbox); ``incomplete`` when a shard has not
     finished (run it, then finalize again).
     """
-    require_schema(settings.database_url)
+    _require_schema(settings.database_url)
     plan = _load_plan(settings, run_id)
     engine = get_engine(settings.database_url)
     _sweep_interrupted(settings, engine, exclude_run=None, only_run=run_id)
     t = InboxFile.__table__
-    with _tx(engine) as conn:
-        rows = conn.execute(select(t.c.path, t.c.status, t.c.reason, t.c.moved_to, t.c.move_error)
-                            .where(t.c.run_id == run_id).order_by(t.c.path)).all()
+    with _tx(engine) as conn:  # aggregates and short lists only: memory does not grow with the run
+        by_status = collections.Counter(dict(conn.execute(
+            select(t.c.status, func.count()).where(t.c.run_id == run_id).group_by(t.c.status)).all()))
+        rejections = [{"path": r.path, "reason": r.reason} for r in conn.execute(
+            select(t.c.path, t.c.reason).where(t.c.run_id == run_id, t.c.status == "rejected").order_by(t.c.path))]
+        unmoved = conn.execute(select(t.c.path, t.c.move_error).where(
+            t.c.run_id == run_id, t.c.moved_to.is_(None), t.c.move_error.is_not(None)).order_by(t.c.path)).all()
         run = conn.execute(select(ScoringRun.__table__).where(ScoringRun.__table__.c.run_id == run_id)).first()
     shard_docs = []
     for k in range(plan["n_shards"]):
@@ -854,18 +933,19 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
             shard_docs.append(json.loads(p.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             pass
-    by_status = collections.Counter(r.status for r in rows)
-    failures = [{"path": r.path, "error": r.move_error} for r in rows
-                if r.moved_to is None and r.move_error and not r.move_error.startswith("the file left")]
-    own = {r.path for r in rows}
+    failures = [{"path": r.path, "error": r.move_error} for r in unmoved
+                if not r.move_error.startswith("the file left")]
     for d in shard_docs:  # files of interrupted earlier runs this run tried to move, in vain
-        failures += [f for f in d.get("move_failures", []) if f["path"] not in own]
+        extra = [f for f in d.get("move_failures", []) if f.get("run_id", run_id) != run_id]
+        failures += extra
     started = _aware(run.started_at) if run is not None else None
     finished = utcnow()
     loop_start = min((d["loop_started"] for d in shard_docs), default=None)
     loop_end = max((d["loop_finished"] for d in shard_docs), default=None)
     processed = by_status["scored"] + by_status["duplicate"] + by_status["rejected"]
-    busy = (loop_end - loop_start) if loop_start is not None else 0.0
+    # scoring time: the shards' span, less the time it took to load the model (TensorFlow start-up)
+    load = max((d.get("model_load_seconds", 0.0) for d in shard_docs), default=0.0)
+    busy = (loop_end - loop_start - load) if loop_start is not None else 0.0
     if len(shard_docs) < plan["n_shards"]:
         status = "incomplete"
     elif failures:
@@ -883,14 +963,15 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
         "planned": plan["n_files"], "shards": plan["n_shards"], "shards_finished": len(shard_docs),
         "seconds": round((finished - started).total_seconds(), 3) if started else None,
         "images_per_second": round(processed / busy, 2) if busy > 0 else 0.0,
+        "model_load_seconds": round(load, 3),
         "started_at": started.isoformat() if started else None, "finished_at": finished.isoformat(),
         "inbox": plan["inbox"],
         "archive_dir": str(settings.archive_dir / _safe_dirname(run_id)),
         "quarantine_dir": str(settings.quarantine_dir / _safe_dirname(run_id)),
-        "rejections": [{"path": r.path, "reason": r.reason} for r in rows if r.status == "rejected"],
+        "rejections": rejections,
         "move_failures": failures,
         "ignored_paths": plan["ignored"],
-        "skipped_paths": plan["skipped"],
+        "skipped_paths": plan["skipped"] + [p for d in shard_docs for p in d.get("skipped_paths", [])],
     }
     counts = {k: summary[k] for k in ("scored", "duplicates", "rejected", "ignored", "skipped", "move_failed",
                                       "recovered", "missing", "planned", "seconds", "images_per_second")}
@@ -947,7 +1028,7 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
         raise ConfigError(f"label must be benign or malignant, got {label!r}")
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must not be negative, got {limit}")
-    require_schema(settings.database_url)
+    _require_schema(settings.database_url)
     if latest:
         v = table("latest_predictions", *(column(c) for c in (
             "image_sha256", "source_path", "model_version", "prob_malignant", "label", "threshold", "run_id",

@@ -475,3 +475,53 @@ def test_parse_since():
     assert scoring.parse_since("2026-11-26T03:00+01:00") == dt.datetime(2026, 11, 26, 2, tzinfo=dt.UTC)
     with pytest.raises(ConfigError):
         scoring.parse_since("soon")
+
+
+def test_memory_budget_bounds_and_is_fair():
+    budget = scoring._MemoryBudget(100)
+    log, lock = [], threading.Lock()
+
+    def work(amount):
+        got = budget.acquire(amount)
+        with lock:
+            log.append(budget.used)
+        threading.Event().wait(0.01)
+        budget.release(got)
+
+    threads = [threading.Thread(target=work, args=(a,)) for a in (30, 30, 250, 30, 30, 30, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert budget.used == 0 and len(log) == 7
+    assert all(u <= 100 for u in log if u != 250)  # only the oversized one may exceed, and then alone
+    assert 250 in log
+
+
+def test_odd_names_and_a_big_image(make_settings, sqlite_url, register_champion, png_writer):
+    s = _settings(make_settings, sqlite_url)
+    register_champion(s)
+    weird = os.fsdecode(b"not-utf8-\xff\xfe.png")
+    png_writer(s.inbox_dir / weird, seed=1)
+    png_writer(s.inbox_dir / "new\nline.png", seed=2)
+    png_writer(s.inbox_dir / "big.png", seed=3, size=2500)  # 6.25 Mpx: more than the decode budget's share
+    (s.inbox_dir / os.fsdecode(b"bad-\xff.jpg")).write_bytes(b"\xff\xd8\xff\xe0 cut")
+    r = scoring.score_inbox(s)
+    assert (r["scored"], r["rejected"]) == (3, 1) and r["status"] == "finished"
+    assert r["rejections"][0]["path"] == "bad-\\xff.jpg"
+    assert os.path.lexists(s.archive_dir / r["run_id"] / weird)
+    q = s.quarantine_dir / r["run_id"] / os.fsdecode(b"bad-\xff.jpg")
+    assert os.path.lexists(q) and files.reason_path(q).exists()
+    with session_scope(sqlite_url) as ses:
+        paths = set(ses.scalars(select(Prediction.source_path)))
+    assert paths == {"not-utf8-\\xff\\xfe.png", "new\nline.png", "big.png"}
+    assert _inbox_files(s.inbox_dir) == []
+
+
+def test_older_schema_says_to_upgrade(make_settings, sqlite_url, png_writer):
+    from bcc_pipeline.errors import StoreError
+
+    s = _settings(make_settings, sqlite_url)
+    store.upgrade(sqlite_url, "0001")
+    with pytest.raises(StoreError, match="bcc db upgrade"):
+        scoring.plan_shards(s, "r", 1)

@@ -170,7 +170,12 @@ def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -
         try:
             os.unlink(src)
         except FileNotFoundError:
-            pass  # someone else finished the same move
+            # Someone else moved the same file meanwhile (to another name): keep theirs, drop our
+            # extra link, and say the source is gone.
+            if os.lstat(candidate).st_nlink > 1:
+                os.unlink(candidate)
+                raise
+            return candidate
         except OSError:
             os.unlink(candidate)  # leave things as they were: the file stays in the source folder
             raise

@@ -17,7 +17,8 @@ Scoring a shard streams its files in batches. A bounded thread pool reads each f
 hashes it, validates the header (pixel limit, minimum side: a 40000×40000 PNG is refused before any
 decoder sees it), decodes and preprocesses it (:mod:`bcc_pipeline.images`, the one preprocessing contract)
 one batch ahead of the model, which sees whole batches through one compiled ``tf.function``. Memory is
-bounded by the batch size, the prefetch depth and the worker count, never by the inbox.
+bounded by the batch size, the prefetch depth and a decoding budget shared by the loading threads
+(:data:`DECODE_BUDGET_BYTES`; a bigger image is decoded alone), never by the inbox.
 
 Per batch, in ONE transaction: the ledger rows (``inbox_files``; ``INSERT .. ON CONFLICT DO NOTHING``
 claims each (run, path) once, so a shard started twice cannot score a file twice), the ``images`` rows,

@@ -265,7 +265,7 @@ def discover(settings: Settings, inbox: str | os.PathLike[str] | None = None) ->
                 if os.path.realpath(entry.path) in managed:
                     continue
                 if ext in images.IMAGE_EXTENSIONS:
-                    out["ignored"].append({"path": display_path(rel) + "/",
+                    out["ignored"].append({"path": display_path(rel),
                                            "reason": "a folder, not an image file (what it holds is scored)"})
                 subdirs.append((entry.path, rel))
             elif not stat.S_ISREG(mode):

@@ -34,8 +34,9 @@ demo-lib: $(STAMP)
 airflow: $(STAMP)
 	scripts/airflow.sh
 
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check bcc_pipeline tests

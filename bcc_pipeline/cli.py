@@ -221,6 +221,63 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Champion with its metrics and plots, the last scoring run, the newest predictions."""
+    from sqlalchemy import select
+
+    from .registry import get_champion, metrics_of
+    from .scoring import query_predictions
+    from .store import ScoringRun, require_schema, session_scope
+
+    s = _settings(args)
+    require_schema(s.database_url)
+    with session_scope(s.database_url) as session:
+        champ = get_champion(session)
+        champion = None if champ is None else {
+            "version": champ.version, "created_at": champ.created_at.isoformat(), "profile": champ.profile,
+            "image_size": champ.image_size, "threshold": champ.threshold, "n_train": champ.n_train,
+            "n_val": champ.n_val, "validation": metrics_of(session, champ.version, "validation"),
+            "plots": sorted(str(p) for p in Path(champ.plots_dir).glob("*.png")) if champ.plots_dir else [],
+        }
+        last = session.scalars(select(ScoringRun).order_by(ScoringRun.started_at.desc())).first()
+        run = None if last is None else {
+            "run_id": last.run_id, "model_version": last.model_version, "status": last.status,
+            "started_at": last.started_at.isoformat(),
+            "finished_at": last.finished_at.isoformat() if last.finished_at else None, "counts": last.counts}
+    rows = list(query_predictions(s, limit=args.rows, latest=True))
+    payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
+
+    def human() -> None:
+        if champion is None:
+            print("champion        none yet (run bcc_retrain or `bcc train`)")
+        else:
+            v = champion["validation"]
+
+            def f(k: str) -> str:
+                return "n/a" if v.get(k) is None else f"{v[k]:.4f}"
+
+            print(f"champion        {champion['version']}  ({champion['profile']} profile, "
+                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, "
+                  f"{champion['n_train']} train / {champion['n_val']} validation images)")
+            print(f"validation      accuracy {f('accuracy')}  sensitivity {f('sensitivity')}  "
+                  f"specificity {f('specificity')}  ROC AUC {f('roc_auc')}  F1 {f('f1')}")
+            print("plots           " + ("\n                ".join(champion["plots"]) or "none"))
+        if run is None:
+            print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
+        else:
+            c = run["counts"] or {}
+            print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}: "
+                  + ", ".join(f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")))
+        print(f"\nlatest predictions (newest first, {len(rows)} shown; `bcc predictions` for more):")
+        print(f"  {'label':9s} {'p(malig)':>8s}  {'model':24s} {'scored_at':19s}  source_path")
+        for r in rows:
+            print(f"  {r['label']:9s} {r['prob_malignant']:8.4f}  {r['model_version']:24s} "
+                  f"{str(r['scored_at'])[:19]:19s}  {r['source_path']}")
+
+    _emit(args, payload, human)
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from .model import build_classifier, count_params
 
@@ -375,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rollback", cmd_rollback, "give the champion role back to the previous champion")
     sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
     sp.add_argument("--actor", help="who (default: user@host)")
+
+    sp = add("status", cmd_status, "champion, its metrics and plots, the last scoring run, newest predictions")
+    sp.add_argument("--rows", type=int, default=10, help="how many of the newest predictions to show (10)")
 
     sp = add("model-info", cmd_model_info, "build the model and print its architecture and parameter counts",
              profile=True)

@@ -387,8 +387,15 @@ def _check_complete(info: ImageInfo, data: bytes, path: PathArg | None) -> None:
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """16-bit samples to 8-bit by rounding ``v / 257``."""
-    return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    """16-bit samples to 8-bit by rounding ``v / 257``.
+
+    Converted in slices of rows so the uint32 temporaries stay small: a whole near-limit 16-bit image
+    would otherwise need several times its own size in scratch memory."""
+    out = np.empty(arr.shape, dtype=np.uint8)
+    step = max(1, (4 << 20) // max(1, arr[0].size if arr.ndim > 1 else 1))  # ~4 Mi samples per slice
+    for i in range(0, arr.shape[0], step):
+        out[i:i + step] = (arr[i:i + step].astype(np.uint32) + 128) // 257
+    return out
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -62,6 +62,7 @@ def bcc_retrain():
     @task
     def prepare_database() -> str:
         import bcc_common
+
         from bcc_pipeline.store import upgrade
 
         return upgrade(bcc_common.settings().database_url)
@@ -69,6 +70,7 @@ def bcc_retrain():
     @task
     def intake() -> dict:
         import bcc_common
+
         from bcc_pipeline.pipelines import intake_step
 
         ctx = get_current_context()
@@ -80,6 +82,7 @@ def bcc_retrain():
     @task.short_circuit
     def check_new_data(intake_report: dict, params: dict | None = None) -> bool:
         import bcc_common
+
         from bcc_pipeline.pipelines import count_new_images
 
         info = count_new_images(bcc_common.settings())
@@ -97,6 +100,7 @@ def bcc_retrain():
     @task
     def split(params: dict | None = None) -> dict:
         import bcc_common
+
         from bcc_pipeline.pipelines import split_step
 
         return split_step(bcc_common.settings(profile=params["profile"]))
@@ -104,6 +108,7 @@ def bcc_retrain():
     @task(retries=0, execution_timeout=timedelta(hours=12))  # a failed fit is not fixed by retrying
     def train(split_info: dict, params: dict | None = None) -> dict:
         import bcc_common
+
         from bcc_pipeline.pipelines import train_step
 
         s = bcc_common.settings(profile=params["profile"], epochs=params["epochs"])
@@ -112,6 +117,7 @@ def bcc_retrain():
     @task
     def evaluate(trained: dict, params: dict | None = None) -> dict:
         import bcc_common
+
         from bcc_pipeline.pipelines import evaluate_step
 
         result = evaluate_step(bcc_common.settings(profile=params["profile"]), trained["version"], progress=print)
@@ -121,6 +127,7 @@ def bcc_retrain():
     @task
     def gate(evaluated: dict, params: dict | None = None) -> dict:
         import bcc_common
+
         from bcc_pipeline.pipelines import gate_step
 
         ctx = get_current_context()

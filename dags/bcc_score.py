@@ -58,6 +58,7 @@ def bcc_score():
     @task
     def prepare_database() -> str:
         import bcc_common
+
         from bcc_pipeline.store import upgrade
 
         return upgrade(bcc_common.settings().database_url)
@@ -65,6 +66,7 @@ def bcc_score():
     @task
     def plan(params: dict | None = None) -> dict:
         import bcc_common
+
         from bcc_pipeline.scoring import plan_shards
 
         ctx = get_current_context()
@@ -77,6 +79,7 @@ def bcc_score():
     @task(map_index_template="shard {{ shard_label }}", execution_timeout=timedelta(hours=6))
     def score_shard(shard: int, planned: dict, params: dict | None = None) -> dict:
         import bcc_common
+
         from bcc_pipeline.scoring import score_shard as run_shard
 
         get_current_context()["shard_label"] = f"{shard + 1}/{planned['shards']}"
@@ -89,6 +92,7 @@ def bcc_score():
     @task(trigger_rule="all_done")
     def finalize(planned: dict, shard_results: list) -> dict:
         import bcc_common
+
         from bcc_pipeline.scoring import finalize_run
 
         summary = finalize_run(bcc_common.settings(), planned["run_id"])

@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "image_size": 96,
         "batch_size": 16,
-        "epochs": 6,
+        "epochs": 5,
         "learning_rate": 1e-4,
         "base_weights": "none",
     },
@@ -132,7 +132,7 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "base_weights": ("BCC_BASE_WEIGHTS", str, "`imagenet` (Keras cache), `none` (random init) or a path to a weights file."),
     "image_size": ("BCC_IMAGE_SIZE", int, "Square input size in pixels (seed 224, demo 96)."),
     "batch_size": ("BCC_BATCH_SIZE", int, "Training batch size (16)."),
-    "epochs": ("BCC_EPOCHS", int, "Training epochs (seed 7, demo 6)."),
+    "epochs": ("BCC_EPOCHS", int, "Training epochs (seed 7, demo 5)."),
     "learning_rate": ("BCC_LEARNING_RATE", float, "Adam learning rate (1e-4)."),
     "seed": ("BCC_SEED", int, "Seed for the split, weight init and augmentation (42)."),
     "val_fraction": ("BCC_VAL_FRACTION", float, "Validation share of the group-aware stratified split (0.2)."),

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import uuid
 from collections import defaultdict
@@ -67,6 +68,7 @@ class IntakeReport:
     skipped: int = 0
     rejections: list[dict[str, str]] = field(default_factory=list)
     ignored_paths: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)  # could not be handled; still in landing
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,8 +141,13 @@ def intake(settings: Settings, *, run_id: str | None = None,
                 continue
             for path in _walk(label_dir):
                 rel = path.relative_to(landing)
-                _intake_one(settings, session, path, rel, label, report, quarantine_root, now_ts)
-                session.commit()  # one file at a time: a crash loses no more than the current file
+                try:
+                    _intake_one(settings, session, path, rel, label, report, quarantine_root, now_ts)
+                    session.commit()  # one file at a time: a crash loses no more than the current file
+                except OSError as exc:  # e.g. a quarantine move refused: report it, keep the file, go on
+                    session.rollback()
+                    report.failed.append({"path": str(rel), "error": f"{type(exc).__name__}: {exc}"})
+                    log.error("could not take in %s (left in landing): %s", rel, exc)
                 if progress and (report.accepted + report.duplicates) % 50 == 0 and report.accepted:
                     progress(f"intake: {report.accepted} accepted, {report.duplicates} duplicates so far")
     log.info("intake %s: %d accepted, %d duplicates, %d conflicts, %d rejected, %d ignored, %d skipped",
@@ -176,8 +183,17 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
         report.ignored_paths.append(str(rel))
         return
     try:
-        if now_ts - path.stat().st_mtime < settings.settle_seconds:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end: never open it
+            report.ignored += 1
+            report.ignored_paths.append(str(rel))
+            return
+        if now_ts - st.st_mtime < settings.settle_seconds:
             report.skipped += 1  # still being written; next run takes it
+            return
+        if st.st_size > settings.max_pixels * 8 + (16 << 20):  # no image within the pixel limit is this big
+            _reject(settings, session, path, rel, f"file of {st.st_size} bytes is larger than any image within "
+                    f"the pixel limit ({settings.max_pixels}) can be", None, report, quarantine_root)
             return
         data = path.read_bytes()
     except OSError as exc:

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from . import __version__
 from .config import Settings
-from .errors import ArtifactError
+from .errors import ArtifactError, DatasetError
 from .store import ImageRecord, ModelVersion, require_schema, session_scope
 
 __all__ = [
@@ -142,6 +142,22 @@ def _read_meta(model_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"cannot read {model_dir / 'metadata.json'}: {exc}") from exc
 
 
+def _training_hashes(model_dir: Path) -> set[str]:
+    """sha256 of the images a registered model was trained on (empty when unknown)."""
+    from .dataset import load_manifest
+
+    try:
+        manifest = load_manifest(_read_meta(model_dir)["manifest_path"])
+    except (ArtifactError, KeyError, DatasetError):
+        return set()
+    return {e["sha256"] for e in manifest.split("train")}
+
+
+def _validation_probs(model_dir: Path) -> dict[str, float]:
+    rows = json.loads((model_dir / "validation_predictions.json").read_text())
+    return {r["sha256"]: float(r["prob_malignant"]) for r in rows}
+
+
 def evaluate_step(settings: Settings, version: str, *, progress: Progress | None = None) -> dict[str, Any]:
     """Choose the operating threshold on validation, compute metrics and plots, register the candidate."""
     import numpy as np
@@ -170,7 +186,8 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         [{"sha256": e["sha256"], "label": e["label"], "prob_malignant": float(p)}
          for e, p in zip(manifest.split("validation"), np.asarray(val_probs), strict=True)], indent=0))
     meta.update(threshold=threshold, metrics=results)
-    (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    # atomically: metadata.json holds the artifact's checksum, the only proof the model is intact
+    model._atomic_write_text(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
     cutoff = dt.datetime.fromisoformat(meta["data_cutoff"]) if meta.get("data_cutoff") else None
     with session_scope(settings.database_url) as s:
@@ -214,20 +231,32 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None,
         decided = s.scalars(select(Promotion).where(
             Promotion.candidate_version == version, Promotion.decision.in_(("promoted", "rejected")))).first()
         if decided is not None:
+            current = registry.get_champion(s)
             return {"version": version, "decision": decided.decision, "reason": decided.reason,
-                    "champion": (registry.get_champion(s) or cand).version}
+                    "champion": current.version if current else None}
         cand_metrics = registry.metrics_of(s, version, "validation")
         champ = registry.get_champion(s)
         champ_info = None if champ is None else (champ.version, champ.artifact_path, champ.artifact_sha256,
                                                   champ.image_size, champ.threshold)
         manifest_path = _read_meta(Path(cand.artifact_path).parent)["manifest_path"]
+        cand_artifact, cand_thr = cand.artifact_path, cand.threshold
 
     champ_metrics = None
     if champ_info is not None:
         cv, cpath, csha, csize, cthr = champ_info
-        progress(f"scoring champion {cv} on {version}'s validation images")
         manifest = dataset.load_manifest(manifest_path)
         paths, labels = dataset.manifest_arrays(manifest, "validation")
+        # The same images for both, none of which the champion was trained on: when the split moved a
+        # group from the champion's training side to this validation side, leave it out of the duel.
+        seen = _training_hashes(Path(cpath).parent)
+        keep = [i for i, e in enumerate(manifest.split("validation")) if e["sha256"] not in seen]
+        progress(f"scoring champion {cv} on {version}'s validation images ({len(keep)} of {len(paths)}; "
+                 f"{len(paths) - len(keep)} were in the champion's training data)")
+        if len(keep) < len(paths) and len({labels[i] for i in keep}) == 2:
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+            cand_probs = _validation_probs(Path(cand_artifact).parent)
+            cand_metrics = evaluation.compute_metrics(
+                labels, [cand_probs[manifest.split("validation")[i]["sha256"]] for i in keep], threshold=cand_thr)
         net = model.load_artifact(cpath, csha)
         champ_metrics = evaluation.compute_metrics(labels, _predict(settings, net, paths, csize), threshold=cthr)
     decision = registry.evaluate_gate(

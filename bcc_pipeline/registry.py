@@ -148,7 +148,7 @@ def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None
 def _log(session: Session, *, candidate: str, from_v: str | None, to_v: str | None, decision: str,
          reason: str, actor: str, evidence: dict[str, Any]) -> Promotion:
     row = Promotion(candidate_version=candidate, from_version=from_v, to_version=to_v, decision=decision,
-                    reason=reason, actor=actor, evidence=evidence, decided_at=utcnow())
+                    reason=reason, actor=actor[:128], evidence=evidence, decided_at=utcnow())  # column width
     session.add(row)
     session.flush()
     return row

@@ -208,10 +208,14 @@ def _aware(t: dt.datetime | None) -> dt.datetime | None:
 def _inbox_root(settings: Settings, inbox: str | os.PathLike[str] | None) -> Path:
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(inbox)))) if inbox else settings.inbox_dir
     real = os.path.realpath(root)
-    for managed in (settings.archive_dir, settings.quarantine_dir, settings.home / "runs"):
+    # Folders the pipeline owns: scoring one of them would move training data, models or earlier
+    # results into archive/. (The home itself is fine only as a parent: discover() skips these.)
+    for managed in (settings.archive_dir, settings.quarantine_dir, settings.home / "runs", settings.models_dir,
+                    settings.dataset_dir, settings.landing_dir, settings.reports_dir, settings.home / "airflow"):
         m = os.path.realpath(managed)
         if real == m or real.startswith(m + os.sep):
-            raise ConfigError(f"the inbox {root} lies inside {managed}, which scoring writes to; choose another")
+            raise ConfigError(f"the inbox {root} lies inside {managed}, which the pipeline manages; "
+                              "choose another folder")
     return root
 
 
@@ -990,8 +994,13 @@ def score_inbox(settings: Settings, *, inbox: str | os.PathLike[str] | None = No
     Passing the ``run_id`` of an interrupted run finishes that run (its plan is reused).
     """
     run_id = run_id or new_run_id()
-    plan_shards(settings, run_id, 1, inbox=inbox)
-    score_shard(settings, run_id, 0, batch_size=batch_size, progress=progress)
+    try:
+        shards = int(_load_plan(settings, run_id)["n_shards"])  # finishing an earlier (maybe sharded) run
+    except ConfigError:  # no plan yet: a new run
+        shards = 1
+    plan_shards(settings, run_id, shards, inbox=inbox)
+    for shard in range(shards):
+        score_shard(settings, run_id, shard, batch_size=batch_size, progress=progress)
     return finalize_run(settings, run_id)
 
 

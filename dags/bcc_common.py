@@ -18,6 +18,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 BCC_DB_CONN_ID = "bcc_db"
+LIBPQ_OPTIONS = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
+                           "options", "target_session_attrs", "keepalives", "keepalives_idle"})
+XCOM_LIST_LIMIT = 20
 
 
 def _url_from_connection(conn_id: str = BCC_DB_CONN_ID) -> str | None:
@@ -32,6 +35,11 @@ def _url_from_connection(conn_id: str = BCC_DB_CONN_ID) -> str | None:
     extra = dict(conn.extra_dejson or {})
     if extra.get("sqlalchemy_url"):
         return str(extra["sqlalchemy_url"])
+    # URL query parameters: `sqlalchemy_query` (as Airflow's own hooks read it), else the libpq
+    # options people put in extras; anything else in extra (UI fields...) stays out of the URL.
+    query = extra.get("sqlalchemy_query")
+    if not isinstance(query, dict):
+        query = {k: v for k, v in extra.items() if k in LIBPQ_OPTIONS}
     from sqlalchemy.engine import URL
 
     kind = (conn.conn_type or "").lower()
@@ -39,7 +47,7 @@ def _url_from_connection(conn_id: str = BCC_DB_CONN_ID) -> str | None:
         # get_uri() would give postgres://, which SQLAlchemy 2 refuses; build the URL instead
         return URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
                           host=conn.host or None, port=conn.port or None, database=conn.schema or None,
-                          query={k: str(v) for k, v in extra.items()}).render_as_string(hide_password=False)
+                          query={k: str(v) for k, v in query.items()}).render_as_string(hide_password=False)
     if kind == "sqlite":
         return f"sqlite:///{conn.host or conn.schema}"
     raise ValueError(f"connection {conn_id!r} has type {conn.conn_type!r}; use postgres or sqlite "
@@ -64,3 +72,16 @@ def settings(**overrides: Any):
 
 def actor(context: dict[str, Any]) -> str:
     return f"airflow:{context['dag'].dag_id}/{context['run_id']}"
+
+
+def small(result: dict[str, Any]) -> dict[str, Any]:
+    """Keep an XCom small: long lists are cut to their first entries (the full lists are in the
+    database: rejections, inbox_files) and their lengths kept."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, list) and len(value) > XCOM_LIST_LIMIT:
+            out[key] = value[:XCOM_LIST_LIMIT]
+            out[f"{key}_total"] = len(value)
+        else:
+            out[key] = value
+    return out

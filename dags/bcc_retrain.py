@@ -49,8 +49,9 @@ default_args = {
     doc_md=DOC,
     tags=["bcc", "training"],
     params={
-        "profile": Param("seed", type="string", enum=["seed", "demo"], title="Profile",
-                         description="seed: the original recipe (224 px, 7 epochs, ImageNet); demo: small and offline"),
+        "profile": Param(None, type=["null", "string"], enum=[None, "seed", "demo"], title="Profile",
+                         description="Empty: BCC_PROFILE (default seed). seed: the original recipe (224 px, "
+                                     "7 epochs, ImageNet weights); demo: small and offline"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=100, title="Epochs",
                         description="Leave empty for the profile's value"),
         "min_new_images": Param(20, type="integer", minimum=0, title="Minimum new images",

@@ -66,11 +66,16 @@ def bcc_score():
     @task
     def plan(params: dict | None = None) -> dict:
         import bcc_common
+        from airflow.sdk.exceptions import AirflowSkipException
 
+        from bcc_pipeline.errors import NoChampionError
         from bcc_pipeline.scoring import plan_shards
 
         ctx = get_current_context()
-        return plan_shards(bcc_common.settings(), ctx["run_id"], params["shards"], inbox=params["inbox"])
+        try:
+            return plan_shards(bcc_common.settings(), ctx["run_id"], params["shards"], inbox=params["inbox"])
+        except NoChampionError as exc:  # nothing to score with yet: not a failure, nothing to retry
+            raise AirflowSkipException(f"{exc}; run bcc_retrain first") from exc
 
     @task
     def shard_numbers(planned: dict) -> list[int]:
@@ -79,26 +84,35 @@ def bcc_score():
     @task(map_index_template="shard {{ shard_label }}", execution_timeout=timedelta(hours=6))
     def score_shard(shard: int, planned: dict, params: dict | None = None) -> dict:
         import bcc_common
+        from airflow.sdk.exceptions import AirflowFailException
 
+        from bcc_pipeline.errors import ArtifactError
         from bcc_pipeline.scoring import score_shard as run_shard
 
         get_current_context()["shard_label"] = f"{shard + 1}/{planned['shards']}"
 
-        result = run_shard(bcc_common.settings(), planned["run_id"], shard, batch_size=params["batch_size"],
-                           progress=print)
-        result.pop("rejections", None)  # the full list is in the rejections table; keep XComs small
-        return result
+        try:
+            result = run_shard(bcc_common.settings(), planned["run_id"], shard, batch_size=params["batch_size"],
+                               progress=print)
+        except ArtifactError as exc:  # a missing or tampered model file does not heal on retry
+            raise AirflowFailException(str(exc)) from exc
+        return bcc_common.small(result)
 
-    @task(trigger_rule="all_done")
+    # none_skipped: runs after a failed shard too (to record the counts), not when plan was skipped
+    @task(trigger_rule="none_skipped")
     def finalize(planned: dict, shard_results: list) -> dict:
         import bcc_common
+        from airflow.sdk.exceptions import AirflowFailException
 
         from bcc_pipeline.scoring import finalize_run
 
         summary = finalize_run(bcc_common.settings(), planned["run_id"])
-        summary["rejections"] = summary.get("rejections", [])[:20]
         print(f"scoring run {planned['run_id']}: {summary}")
-        return summary
+        if summary["status"] == "incomplete":  # the counts are recorded, but the run must not look green
+            raise AirflowFailException(
+                f"{summary['shards_finished']} of {summary['shards']} shards finished; the files of the failed "
+                "shard(s) are still in the inbox. Clear the failed shard task to resume.")
+        return bcc_common.small(summary)
 
     planned = plan()
     prepare_database() >> planned

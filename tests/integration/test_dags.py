@@ -195,6 +195,35 @@ def test_retrain_dag_postgres_promotes(tmp_path, pg_url, pg_server):
         drop()
 
 
+def test_score_dag_fails_when_a_shard_fails_and_loses_nothing(tmp_path):
+    """A tampered champion artifact fails every shard; finalize records the counts and fails the run
+    (a green run would hide it), and every inbox file is still there."""
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    home = tmp_path / "bcc"
+    register_tiny_champion(url, home / "models")
+    with open(home / "models" / "vtiny-champion" / "model.keras", "ab") as fh:
+        fh.write(b"tampered")
+    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    migrate(env)
+    n = _inbox(home, n=2)
+    states = dags_test(env, "bcc_score", {"shards": 2})
+    assert states["__run__"] == "failed"
+    assert states["score_shard[0]"] == "failed" and states["finalize"] == "failed"
+    assert "shards finished" in states["__log__"] and "sha256" in states["__log__"]
+    assert _predictions(url) == 0 and len(list((home / "inbox").rglob("*.png"))) == n
+
+
+def test_score_dag_without_champion_skips(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    home = tmp_path / "bcc"
+    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    migrate(env)
+    states = dags_test(env, "bcc_score", {"shards": 1})
+    assert states["__run__"] == "success"
+    assert states["plan"] == "skipped" and states["finalize"] == "skipped"
+    assert "run bcc_retrain first" in states["__log__"]
+
+
 def test_score_dag_sqlite(tmp_path):
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     af_db = f"sqlite:///{tmp_path / 'airflow.db'}"

@@ -30,18 +30,25 @@ from bcc_pipeline.store import InboxFile, Prediction, ScoringRun, session_scope
 
 N_VALID, N_DUP, N_BAD = 100, 6, 4
 
+# Runs the real CLI with one scorer method wrapped: on its ``block_at``-th call the wrapper writes a
+# marker file and then blocks, so the test's SIGKILL lands exactly there (no timing guesswork).
 SLOWED = """
-import sys, time
+import os, sys, time
 from bcc_pipeline import scoring
-where = sys.argv[1]
+where, block_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cls = scoring._ShardScorer
 real = getattr(cls, where)
+calls = [0]
 def slow(self, *a, **kw):
-    time.sleep(0.15)
+    calls[0] += 1
+    if calls[0] == block_at:
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(3600)
     return real(self, *a, **kw)
 setattr(cls, where, slow)
 from bcc_pipeline.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -57,23 +64,25 @@ def _n_predictions(url: str) -> int:
         return s.scalar(select(func.count()).select_from(Prediction)) or 0
 
 
-def _kill_mid_run(env: dict[str, str], url: str, where: str, *args: str, after: int) -> None:
-    """Start a slowed `bcc score`, SIGKILL it once ``after`` more predictions than now are committed."""
-    start = _n_predictions(url)
-    proc = subprocess.Popen([sys.executable, "-c", SLOWED, where, "score", "--json", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _kill_mid_run(env: dict[str, str], url: str, where: str, *args: str, block_at: int) -> None:
+    """Start `bcc score` with ``where`` blocking on its ``block_at``-th call, and SIGKILL it there."""
+    marker = Path(env["BCC_HOME"]) / f".blocked-{where}"
+    marker.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", SLOWED, where, str(block_at), str(marker), "score", "--json",
+                             *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
-        while _n_predictions(url) < start + after:
+        while not marker.exists():
             assert proc.poll() is None, f"scoring ended before the kill: {proc.stderr.read()[-2000:]!r}"
-            assert time.monotonic() < deadline, "no predictions appeared"
-            time.sleep(0.02)
+            assert time.monotonic() < deadline, f"{where} was never called {block_at} times"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=60)
         proc.stderr.close()
+        marker.unlink(missing_ok=True)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -148,7 +157,7 @@ def test_sigkill_mid_run_then_rerun(db_url, make_settings, register_champion, pn
     env = _env(settings.home, db_url)
 
     # killed between a batch's commit and its file moves: the hardest moment
-    _kill_mid_run(env, db_url, "_move_all", after=12)
+    _kill_mid_run(env, db_url, "_move_all", block_at=3)  # the 3rd batch is committed, its files not moved
     with session_scope(db_url) as s:
         killed = s.scalars(select(ScoringRun)).one()
         unmoved = s.scalar(select(func.count()).select_from(InboxFile).where(InboxFile.moved_to.is_(None)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
@@ -134,6 +133,24 @@ def _bcc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def _bcc_peak_rss(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `bcc` and return its result with the peak RSS in bytes of that very process (os.wait4),
+    not the maximum over every child this test process ever had."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err_file:
+        p = subprocess.Popen([*BCC, *args], env=env, stdout=subprocess.PIPE, stderr=err_file)
+        out = p.stdout.read()  # stderr goes to a file, so this cannot deadlock on a full pipe
+        p.stdout.close()
+        _pid, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err_file.seek(0)
+        err = err_file.read()
+    proc = subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode(errors="replace"))
+    assert proc.returncode == 0, f"bcc {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc, usage.ru_maxrss * 1024
+
+
 def _counts(url: str) -> dict[str, int]:
     with session_scope(url) as s:
         return {m.__tablename__: s.scalar(select(func.count()).select_from(m)) or 0
@@ -151,8 +168,7 @@ def test_hostile_inbox(db_url, make_settings, register_champion, tmp_path):
     shas = {rel: sha256_file(inbox / rel) for rel in built["valid"]}
     env = _env(settings.home, db_url)
 
-    proc = _bcc(env, "score", "--json")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    proc, peak = _bcc_peak_rss(env, "score", "--json")
     assert peak < 2 * GIB, f"peak RSS {peak / GIB:.2f} GiB"
     r = json.loads(proc.stdout)
     run = r["run_id"]

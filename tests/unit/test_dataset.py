@@ -178,3 +178,22 @@ def test_tf_dataset_errors(tmp_path):
         dataset.make_dataset([], None, image_size=32, batch_size=2)
     with pytest.raises(ValueError, match="labels"):
         dataset.make_dataset(["a.png"], [0, 1], image_size=32, batch_size=2)
+
+
+def test_intake_never_opens_special_files(home, png_writer):
+    png_writer(home.landing_dir / "benign" / "ok.png")
+    os.mkfifo(home.landing_dir / "benign" / "pipe.png")  # reading it would block forever
+    r = dataset.intake(home)
+    assert (r.accepted, r.ignored) == (1, 1) and "benign/pipe.png" in r.ignored_paths
+    assert (home.landing_dir / "benign" / "pipe.png").exists()
+
+
+def test_intake_reports_a_file_it_cannot_move_and_goes_on(home, png_writer):
+    png_writer(home.landing_dir / "benign" / "a.png", seed=1)
+    (home.landing_dir / "benign" / "bad.png").write_bytes(b"not an image at all")
+    png_writer(home.landing_dir / "benign" / "c.png", seed=2)
+    home.quarantine_dir.parent.mkdir(parents=True, exist_ok=True)
+    home.quarantine_dir.write_text("a file where the quarantine folder should be")  # the move must fail
+    r = dataset.intake(home)
+    assert r.accepted == 2 and [f["path"] for f in r.failed] == ["benign/bad.png"]
+    assert (home.landing_dir / "benign" / "bad.png").exists()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make airflow`: the Airflow UI (airflow standalone: api-server, scheduler, dag-processor, triggerer)
-# with the project's dags/ and plugins/, on embedded defaults under ./var.
+# with the project's dags/ (and plugins/, once there is one), on embedded defaults under ./var.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 PORT="${AIRFLOW_PORT:-8080}"

@@ -193,6 +193,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decision(row: Any) -> dict[str, Any]:
+    """A promotions row as the promote/rollback commands report it."""
+    return {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
+            "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from .registry import default_actor, promote
     from .store import require_schema, session_scope
@@ -201,8 +207,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     require_schema(s.database_url)
     with session_scope(s.database_url) as session:
         row = promote(session, args.version, actor=args.actor or default_actor(), reason=args.reason)
-        out = {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
-               "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+        out = _decision(row)
     _emit(args, out, f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'})")
     return 0
 
@@ -215,8 +220,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     require_schema(s.database_url)
     with session_scope(s.database_url) as session:
         row = rollback(session, actor=args.actor or default_actor(), reason=args.reason)
-        out = {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
-               "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+        out = _decision(row)
     _emit(args, out, f"rolled back: {out['to_version']} is the champion again ({out['from_version']} retired)")
     return 0
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ from sqlalchemy import select
 from . import images
 from .config import Settings
 from .errors import DatasetError, ImageError
-from .files import quarantine_file
+from .files import atomic_write, quarantine_file
 from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,17 +83,7 @@ def _store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
     if dest.is_file() and dest.stat().st_size == len(data):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return atomic_write(dest, data)
 
 
 def _walk(root: Path):
@@ -326,10 +315,7 @@ def write_manifest(entries: Sequence[dict[str, Any]], out_dir: Path, *, seed: in
     doc = {"hash": digest, "seed": seed, "val_fraction": val_fraction, "created_at": created,
            "data_cutoff": cutoff, "counts": _counts(entries), "entries": list(entries)}
     if not path.exists():
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc, indent=1))
     return load_manifest(path)
 
 

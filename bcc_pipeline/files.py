@@ -85,6 +85,25 @@ def reason_path(path: Path) -> Path:
     return path.with_name(fit_name(path.name, REASON_SUFFIX))
 
 
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
+    then ``os.replace``. A crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_reason(path: Path, reason: str) -> Path:
     """Write (atomically, replacing an older one) the reason file beside ``path``.
 
@@ -94,15 +113,7 @@ def write_reason(path: Path, reason: str) -> Path:
     target = reason_path(path)
     if os.path.islink(target):
         target = next(c for c in _candidates(target) if not os.path.islink(c))
-    fd, tmp = tempfile.mkstemp(prefix=".reason.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
-            fh.write(reason.rstrip() + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, reason.rstrip() + "\n", fsync=False)
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:

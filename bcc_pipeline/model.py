@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ArtifactError, ChecksumMismatchError, ConfigError, WeightsUnavailableError
+from .files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -145,19 +146,6 @@ def sha256_path(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata: dict[str, Any]) -> tuple[Path, str]:
     """Save ``model.keras`` and ``metadata.json`` into ``out_dir`` atomically.
 
@@ -180,7 +168,7 @@ def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata:
         Path(tmp).unlink(missing_ok=True)
         raise
     meta = dict(metadata, artifact="model.keras", artifact_sha256=digest)
-    _atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(out / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return final, digest
 
 

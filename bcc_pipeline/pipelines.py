@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from . import __version__
 from .config import Settings
 from .errors import ArtifactError, DatasetError
+from .files import atomic_write
 from .store import ImageRecord, ModelVersion, require_schema, session_scope
 
 __all__ = [
@@ -187,7 +188,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
          for e, p in zip(manifest.split("validation"), np.asarray(val_probs), strict=True)], indent=0))
     meta.update(threshold=threshold, metrics=results)
     # atomically: metadata.json holds the artifact's checksum, the only proof the model is intact
-    model._atomic_write_text(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
     cutoff = dt.datetime.fromisoformat(meta["data_cutoff"]) if meta.get("data_cutoff") else None
     with session_scope(settings.database_url) as s:

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from . import images
 from .config import Settings
 from .errors import DatasetError, ImageError
-from .files import atomic_write, quarantine_file
+from .files import SYSTEM_NAMES, atomic_write, quarantine_file
 from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +53,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LABELS = ("benign", "malignant")
-IGNORED_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 
 
 @dataclass
@@ -74,7 +73,7 @@ class IntakeReport:
 
 
 def _is_ignored_name(name: str) -> bool:
-    return name.startswith(".") or name.lower() in IGNORED_NAMES or name.endswith(".reason.txt")
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(".reason.txt")
 
 
 def _store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:

@@ -43,6 +43,11 @@ REASON_SUFFIX = ".reason.txt"
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
+SYSTEM_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
+"""Names (lower case) of files operating systems leave behind; intake and scoring ignore them like
+hidden files and leave them where they are."""
+
+
 def display_path(path: str | os.PathLike[str]) -> str:
     """``path`` as valid UTF-8 text for databases, JSON and logs.
 

@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import images
 from .config import Settings
 from .errors import ArtifactError, ConfigError, ImageError, NoChampionError, StoreError
-from .files import display_path, move_no_clobber, reason_path, write_reason
+from .files import SYSTEM_NAMES, display_path, move_no_clobber, reason_path, write_reason
 from .store import (
     ImageRecord,
     InboxFile,
@@ -84,8 +84,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
-SYSTEM_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
-"""Names (lower case) of files operating systems leave behind; ignored like hidden files."""
 LOAD_WORKERS = max(1, min(4, os.cpu_count() or 2))
 """Threads that read, check, decode and preprocess (OpenCV and hashlib release the GIL)."""
 PREFETCH_BATCHES = 2

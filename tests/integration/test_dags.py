@@ -82,6 +82,16 @@ def test_schedules_are_configurable(tmp_path):
 
 
 # -- full runs ---------------------------------------------------------------------------------
+@pytest.fixture
+def airflow_pg_url(pg_server):
+    """Airflow's own metadata database on PostgreSQL, separate from the project database."""
+    from tests.conftest import create_pg_database
+
+    url, drop = create_pg_database("airflow_test")
+    yield url
+    drop()
+
+
 def _bcc_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
     env = {"BCC_HOME": str(home), "BCC_DATABASE_URL": database_url, "BCC_SETTLE_SECONDS": "0",
            "BCC_IMAGE_SIZE": "32", "BCC_BASE_WEIGHTS": "none"}
@@ -185,14 +195,9 @@ def test_retrain_dag_sqlite_short_circuit_then_gate_rejection(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_retrain_dag_postgres_promotes(tmp_path, pg_url, pg_server):
-    from tests.conftest import create_pg_database
-
-    af_url, drop = create_pg_database("airflow_test")
-    try:
-        _retrain_promotes(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_url, bcc=bcc), tmp_path, pg_url)
-    finally:
-        drop()
+def test_retrain_dag_postgres_promotes(tmp_path, pg_url, airflow_pg_url):
+    _retrain_promotes(lambda bcc: airflow_env(tmp_path / "af", metadata_url=airflow_pg_url, bcc=bcc), tmp_path,
+                      pg_url)
 
 
 def test_score_dag_fails_when_a_shard_fails_and_loses_nothing(tmp_path):
@@ -231,14 +236,8 @@ def test_score_dag_sqlite(tmp_path):
 
 
 @pytest.mark.postgres
-def test_score_dag_postgres(tmp_path, pg_url, pg_server):
-    from tests.conftest import create_pg_database
-
-    af_url, drop = create_pg_database("airflow_test")
-    try:
-        _score_twice(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_url, bcc=bcc), tmp_path, pg_url)
-    finally:
-        drop()
+def test_score_dag_postgres(tmp_path, pg_url, airflow_pg_url):
+    _score_twice(lambda bcc: airflow_env(tmp_path / "af", metadata_url=airflow_pg_url, bcc=bcc), tmp_path, pg_url)
 
 
 def test_database_comes_from_the_bcc_db_connection(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import PROFILES, Settings, load_settings
 from .errors import BCCError
+from .inference import BACKENDS
 
 __all__ = ["main"]
 
@@ -322,12 +323,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .store import require_schema
 
     s = load_settings(overrides={"score_batch_size": args.score_batch_size,
-                                 "settle_seconds": args.settle_seconds})
+                                 "settle_seconds": args.settle_seconds, "inference": args.inference})
     require_schema(s.database_url)
     r = score_inbox(s, inbox=args.inbox, run_id=args.run_id, progress=_progress)
 
     def human() -> None:
-        print(f"scoring run {r['run_id']} with {r['model_version']}: {r['scored']} scored, "
+        print(f"scoring run {r['run_id']} with {r['model_version']} ({r['inference']}): {r['scored']} scored, "
               f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)")
         for rej in r["rejections"]:
@@ -452,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--settle-seconds", type=float,
                     help="leave files modified more recently than this for the next run (BCC_SETTLE_SECONDS)")
     sp.add_argument("--run-id", help="run id (default: a new one); the id of an interrupted run finishes it")
+    sp.add_argument("--inference", choices=BACKENDS,
+                    help="inference back-end (default: BCC_INFERENCE or openvino-bf16; see the README's Benchmarks)")
 
     sp = add("predictions", cmd_predictions, "list stored predictions, newest first")
     sp.add_argument("--format", choices=("table", "csv", "json"), default="table",

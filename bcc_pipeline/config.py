@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .inference import BACKENDS, DEFAULT_BACKEND
 
 __all__ = ["PROFILES", "Settings", "load_settings", "ENV_VARS"]
 
@@ -72,6 +73,7 @@ class Settings:
     # scoring
     score_batch_size: int = 32
     settle_seconds: float = 2.0
+    inference: str = DEFAULT_BACKEND
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -145,11 +147,13 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "min_side": ("BCC_MIN_SIDE", int, "Refuse images whose shorter side is below this (32)."),
     "score_batch_size": ("BCC_SCORE_BATCH_SIZE", int, "Inference batch size for scoring (32)."),
     "settle_seconds": ("BCC_SETTLE_SECONDS", float, "Inbox files modified more recently than this are left for the next run (2)."),
+    "inference": ("BCC_INFERENCE", str, "Scoring back-end: `openvino-bf16` (default), `openvino`, `keras`, `xla`, `keras-bf16`, `onnxruntime` (see Benchmarks)."),
 }
 
 _CHOICES = {
     "profile": tuple(PROFILES),
     "bn_recalibration": ("auto", "on", "off"),
+    "inference": BACKENDS,
 }
 
 

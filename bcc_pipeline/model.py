@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 __all__ = [
+    "verify_artifact",
     "CLASS_NAMES",
     "IMAGENET_WEIGHTS_FILE",
     "IMAGENET_WEIGHTS_URL",
@@ -172,11 +173,11 @@ def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata:
     return final, digest
 
 
-def load_artifact(path: str | os.PathLike[str], expected_sha256: str | None = None) -> keras.Model:
-    """Load a saved model after checking its sha256.
+def verify_artifact(path: str | os.PathLike[str], expected_sha256: str | None = None) -> Path:
+    """Check a saved model's sha256 against ``expected_sha256`` (default: ``metadata.json`` beside it).
 
-    ``expected_sha256`` defaults to the value in ``metadata.json`` beside the file; a mismatch (or a
-    missing checksum) raises instead of loading a model nobody can vouch for.
+    Raises :class:`ChecksumMismatchError` on a mismatch and :class:`ArtifactError` when the file or its
+    recorded checksum is missing; returns the path.
     """
     path = Path(path)
     if not path.is_file():
@@ -193,6 +194,16 @@ def load_artifact(path: str | os.PathLike[str], expected_sha256: str | None = No
             f"model artifact {path} has sha256 {actual[:12]}…, expected {expected_sha256[:12]}…; "
             "the file was changed or corrupted after it was registered; refusing to load it"
         )
+    return path
+
+
+def load_artifact(path: str | os.PathLike[str], expected_sha256: str | None = None) -> keras.Model:
+    """Load a saved model after checking its sha256.
+
+    ``expected_sha256`` defaults to the value in ``metadata.json`` beside the file; a mismatch (or a
+    missing checksum) raises instead of loading a model nobody can vouch for.
+    """
+    path = verify_artifact(path, expected_sha256)
     import keras
 
     try:

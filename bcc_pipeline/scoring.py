@@ -59,6 +59,7 @@ from . import images
 from .config import Settings
 from .errors import ArtifactError, ConfigError, ImageError, NoChampionError, StoreError
 from .files import SYSTEM_NAMES, display_path, move_no_clobber, reason_path, write_reason
+from .inference import BACKENDS, load_predictor
 from .store import (
     ImageRecord,
     InboxFile,
@@ -67,6 +68,7 @@ from .store import (
     Rejection,
     ScoringRun,
     get_engine,
+    insert_rows,
     require_schema,
     utcnow,
 )
@@ -165,22 +167,7 @@ def _tx(engine: Engine):
 def _insert(conn: Connection, model: type, rows: Sequence[dict[str, Any]], key: Sequence[str],
             returning: Any = None) -> list[Any]:
     """INSERT ... ON CONFLICT (key) DO NOTHING [RETURNING col]; returns the returned values."""
-    if not rows:
-        return []
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    out: list[Any] = []
-    per = max(1, 20000 // max(1, len(rows[0])))
-    for start in range(0, len(rows), per):
-        stmt = insert(model.__table__).values(list(rows[start : start + per]))
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
-        if returning is not None:
-            out.extend(conn.execute(stmt.returning(returning)).scalars().all())
-        else:
-            conn.execute(stmt)
-    return out
+    return insert_rows(conn, model, rows, key=key, returning=returning)
 
 
 def _require_schema(url: str) -> None:
@@ -302,18 +289,23 @@ def _load_plan(settings: Settings, run_id: str) -> dict[str, Any]:
 def _plan_result(plan: dict[str, Any], path: Path) -> dict[str, Any]:
     return {"run_id": plan["run_id"], "shards": plan["n_shards"], "n_files": plan["n_files"],
             "plan_path": str(path), "model_version": plan["model_version"], "inbox": plan["inbox"],
+            "inference": plan.get("inference", "keras"),
             "ignored": len(plan["ignored"]), "skipped": len(plan["skipped"])}
 
 
 def plan_shards(settings: Settings, run_id: str, shards: int,
-                inbox: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                inbox: str | os.PathLike[str] | None = None, inference: str | None = None) -> dict[str, Any]:
     """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
 
     Writes ``runs/<run>/plan.json`` atomically and the ``scoring_runs`` row. When the plan of ``run_id``
     already exists it is returned unchanged (a retried planning task changes nothing). Raises
     :class:`NoChampionError` when there is no champion. Returns ``{run_id, shards, n_files, plan_path,
-    model_version, inbox, ignored, skipped}``.
+    model_version, inbox, inference, ignored, skipped}``. ``inference`` (default ``settings.inference``)
+    is the back-end every shard of the run will use (:mod:`bcc_pipeline.inference`).
     """
+    inference = inference or settings.inference
+    if inference not in BACKENDS:
+        raise ConfigError(f"unknown inference back-end {inference!r}; choose one of {', '.join(BACKENDS)}")
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
     if not run_id or not str(run_id).strip():
@@ -332,7 +324,7 @@ def plan_shards(settings: Settings, run_id: str, shards: int,
         files = sorted(found["pending"] + found["links"])
         plan = {
             "plan_version": _PLAN_VERSION, "run_id": run_id, "inbox": found["inbox"],
-            "model_version": champ.version, "n_shards": shards, "n_files": len(files),
+            "model_version": champ.version, "inference": inference, "n_shards": shards, "n_files": len(files),
             "created_at": utcnow().isoformat(), "settle_seconds": settings.settle_seconds,
             "shards": [files[k::shards] for k in range(shards)],
             "ignored": found["ignored"], "skipped": found["skipped"],
@@ -562,10 +554,12 @@ def _read_and_decode(item: _Item, abs_path: str, *, size: int, max_pixels: int, 
 
 # -- the model --------------------------------------------------------------------------------
 class _Model:
-    """The pinned model version, loaded on first use (checksum verified), one compiled function."""
+    """The pinned model version, loaded on first use (checksum verified) for the run's inference back-end."""
 
-    def __init__(self, mv: dict[str, Any]):
+    def __init__(self, mv: dict[str, Any], backend: str):
         self.mv = mv
+        self.backend = backend
+        self.precision: str | None = None
         self._fn = None
         self.load_seconds = 0.0
 
@@ -573,10 +567,13 @@ class _Model:
         import numpy as np
 
         if self._fn is None:
-            t0 = time.monotonic()
-            self._fn = self._load()
-            self.load_seconds = time.monotonic() - t0
-        out = np.asarray(self._fn(x))
+            self._fn = load_predictor(self.mv["artifact_path"], self.mv["artifact_sha256"],
+                                      image_size=int(self.mv["image_size"]), backend=self.backend,
+                                      version=self.mv["version"])
+            self.load_seconds, self.precision = self._fn.load_seconds, self._fn.precision
+            log.info("scoring with model %s (%dpx, threshold %.4f), %s inference (%s)", self.mv["version"],
+                     int(self.mv["image_size"]), self.mv["threshold"], self.backend, self.precision)
+        out = self._fn(x)
         if out.ndim == 2 and out.shape[1] == 2:
             p = out[:, 1]
         elif out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
@@ -586,26 +583,6 @@ class _Model:
         if p.shape[0] != x.shape[0] or not np.all(np.isfinite(p)):
             raise ArtifactError(f"model {self.mv['version']} returned non-finite or missing probabilities")
         return np.clip(p.astype("float64"), 0.0, 1.0)
-
-    def _load(self):
-        import tensorflow as tf
-
-        from . import model as model_lib
-
-        net = model_lib.load_artifact(self.mv["artifact_path"], self.mv["artifact_sha256"])
-        size = int(self.mv["image_size"])
-        shape = tuple(net.input_shape[1:]) if getattr(net, "input_shape", None) else None
-        if shape is not None and shape != (size, size, 3):
-            raise ArtifactError(f"model {self.mv['version']} takes input {shape}, but its registry row says "
-                                f"image_size {size}")
-        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-
-        @tf.function(input_signature=[spec])
-        def infer(x):
-            return net(x, training=False)
-
-        log.info("loaded model %s (%dpx, threshold %.4f)", self.mv["version"], size, self.mv["threshold"])
-        return lambda arr: infer(tf.convert_to_tensor(arr)).numpy()
 
 
 # -- scoring one shard ------------------------------------------------------------------------
@@ -624,8 +601,9 @@ class _ShardScorer:
                              "in the registry")
         self.mv = {"version": row.version, "image_size": int(row.image_size), "threshold": float(row.threshold),
                    "artifact_path": row.artifact_path, "artifact_sha256": row.artifact_sha256}
-        self.model = _Model(self.mv)
+        self.model = _Model(self.mv, plan.get("inference", "keras"))
         self.counts = collections.Counter()
+        self.first_batch_done: float | None = None  # wall time after the first batch (start-up excluded)
         self.move_failures: list[dict[str, str]] = []
         self.skipped_paths: list[str] = []
         self.max_bytes = settings.max_pixels * 8 + (16 << 20)  # 16-bit RGBA, uncompressed, plus metadata
@@ -678,6 +656,8 @@ class _ShardScorer:
                 items = [fut.result() if fut is not None else it for it, fut in batch]
                 del batch
                 self._process(items)
+                if self.first_batch_done is None:
+                    self.first_batch_done = time.time()
                 done_files += len(items)
                 del items
                 if done_files % (self.batch_size * 10) < self.batch_size or done_files == len(rels):
@@ -694,7 +674,9 @@ class _ShardScorer:
                 "missing": self.counts["missing"], "recovered": self.counts["recovered"],
                 "already_done": self.counts["already_done"], "not_claimed": self.counts["not_claimed"],
                 "move_failed": self.counts["move_failed"], "move_failures": self.move_failures,
-                "skipped_paths": self.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3)}
+                "skipped_paths": self.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3),
+                "inference": self.model.backend, "precision": self.model.precision,
+                "first_batch_done": self.first_batch_done}
 
     def _process(self, items: list[_Item]) -> None:
         import numpy as np
@@ -957,6 +939,8 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
         status = "finished"
     summary: dict[str, Any] = {
         "run_id": run_id, "model_version": plan["model_version"], "status": status,
+        "inference": plan.get("inference", "keras"),
+        "precision": next((d["precision"] for d in shard_docs if d.get("precision")), None),
         "scored": by_status["scored"], "duplicates": by_status["duplicate"], "rejected": by_status["rejected"],
         "ignored": len(plan["ignored"]),
         "skipped": len(plan["skipped"]) + sum(d.get("skipped", 0) for d in shard_docs),

@@ -11,6 +11,8 @@ second attempt changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +34,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -49,6 +51,7 @@ __all__ = [
     "ScoringRun",
     "current_revision",
     "get_engine",
+    "insert_rows",
     "session_scope",
     "upgrade",
     "upsert",
@@ -269,29 +272,122 @@ def upsert(
     Returns the number of rows sent. Works on SQLite and PostgreSQL with the same call.
     """
     rows = [dict(r) for r in rows]
+    insert_rows(session.connection(), model, rows, key=key, update=update)
+    return len(rows)
+
+
+PAGE_ROWS = 1000  # rows per INSERT statement on the bulk paths
+
+
+def insert_rows(conn: Connection, model: type[Base], rows: Sequence[Mapping[str, Any]], *, key: Sequence[str],
+                update: Sequence[str] = (), returning: Any = None) -> list[Any]:
+    """Bulk ``INSERT .. ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET update``) [``RETURNING col``].
+
+    All rows must have the same keys. Returns the ``returning`` column's values of the rows actually
+    written (conflicting rows return nothing under DO NOTHING). PostgreSQL through psycopg2 sends pages
+    of :data:`PAGE_ROWS` rows per statement (``execute_values``: one round trip a page, about 4× the
+    rows per second of SQLAlchemy's executemany there); SQLite uses SQLAlchemy's executemany.
+    """
+    rows = [dict(r) for r in rows]
     if not rows:
-        return 0
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
+        return []
+    table = model.__table__
+    dialect = conn.dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg2" and _plain_columns(table, rows[0]):
+        return _pg_execute_values(conn, table, rows, key, update, returning)
+    if dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
+    elif dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - only the two supported backends
-        raise StoreError(f"upsert is not implemented for {dialect}")
-    table = model.__table__
-    # Chunk so that the bound-parameter count stays under SQLite's limit (32766).
-    per_row = max(1, len(rows[0]))
-    chunk = max(1, 30000 // per_row)
-    for start in range(0, len(rows), chunk):
-        stmt = insert(table).values(rows[start : start + chunk])
-        if update:
-            stmt = stmt.on_conflict_do_update(
-                index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
-            )
+        raise StoreError(f"bulk insert is not implemented for {dialect.name}")
+    stmt = insert(table)
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in update})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
+    out: list[Any] = []
+    for start in range(0, len(rows), PAGE_ROWS):
+        page = rows[start : start + PAGE_ROWS]
+        if returning is not None:
+            out.extend(conn.execute(stmt.returning(returning), page).scalars().all())
         else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
-        session.execute(stmt)
-    return len(rows)
+            conn.execute(stmt, page)
+    return out
+
+
+def _plain_columns(table: Any, row: Mapping[str, Any]) -> bool:
+    """True when raw DB-API parameters are enough: no Python-side default would be skipped."""
+    for col in table.columns:
+        if col.name not in row and col.default is not None and not col.primary_key:
+            return False
+    return all(c in table.c for c in row)
+
+
+COPY_MIN_ROWS = 256  # from this many rows on, PostgreSQL gets them by COPY into a staging table
+
+
+def _csv_text(v: Any) -> str:
+    return "" if v is None else '"' + str(v).replace('"', '""') + '"'
+
+
+def _csv_plain(v: Any) -> str:  # numbers and timestamps: nothing to quote
+    return "" if v is None else (v.isoformat() if isinstance(v, dt.datetime | dt.date) else str(v))
+
+
+def _csv_json(v: Any) -> str:
+    return "" if v is None else _csv_text(json.dumps(v))
+
+
+def _csv_bool(v: Any) -> str:
+    return "" if v is None else ("true" if v else "false")
+
+
+def _csv_formatter(coltype: Any) -> Any:
+    """How one column's values are written in PostgreSQL's CSV COPY format (unquoted empty is NULL)."""
+    from sqlalchemy.sql import sqltypes
+
+    if isinstance(coltype, sqltypes.JSON):
+        return _csv_json
+    if isinstance(coltype, sqltypes.Boolean):
+        return _csv_bool
+    if isinstance(coltype, sqltypes.Integer | sqltypes.Float | sqltypes.Numeric | sqltypes.DateTime | sqltypes.Date):
+        return _csv_plain
+    return _csv_text
+
+
+def _pg_execute_values(conn: Connection, table: Any, rows: list[dict[str, Any]], key: Sequence[str],
+                       update: Sequence[str], returning: Any) -> list[Any]:
+    """PostgreSQL (psycopg2): COPY into a temporary staging table, then one INSERT .. SELECT .. ON CONFLICT,
+    for big batches (about 2× ``execute_values``); ``execute_values`` pages for small ones."""
+    from psycopg2.extras import Json, execute_values
+    from sqlalchemy.sql import sqltypes
+
+    cols = list(rows[0])
+    q = conn.dialect.identifier_preparer.quote
+    col_list = ", ".join(q(c) for c in cols)
+    action = ("DO UPDATE SET " + ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in update)) if update else "DO NOTHING"
+    tail = (f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
+            + (f" RETURNING {q(returning.name)}" if returning is not None else ""))
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        if len(rows) >= COPY_MIN_ROWS:
+            stage = q(f"_bcc_stage_{table.name}")
+            cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {q(table.name)} INCLUDING DEFAULTS) "
+                        "ON COMMIT DELETE ROWS")
+            cur.execute(f"DELETE FROM {stage}")  # emptied at commit; this is for a second call in one transaction
+            fmts = [(c, _csv_formatter(table.c[c].type)) for c in cols]
+            data = io.StringIO("\n".join([",".join([f(r[c]) for c, f in fmts]) for r in rows]) + "\n")
+            cur.copy_expert(f"COPY {stage} ({col_list}) FROM STDIN WITH (FORMAT csv)", data)
+            cur.execute(f"INSERT INTO {q(table.name)} ({col_list}) SELECT {col_list} FROM {stage} {tail}")
+            return [r[0] for r in cur.fetchall()] if returning is not None else []
+        json_cols = {c for c in cols if isinstance(table.c[c].type, sqltypes.JSON)}
+        sql = f"INSERT INTO {q(table.name)} ({col_list}) VALUES %s {tail}"
+        args = [tuple(Json(r[c]) if c in json_cols and r[c] is not None else r[c] for c in cols) for r in rows]
+        got = execute_values(cur, sql, args, page_size=PAGE_ROWS, fetch=returning is not None)
+        return [r[0] for r in got] if returning is not None else []
+    finally:
+        cur.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,43 @@ def test_upsert_chunks_many_rows(migrated_url):
         assert s.scalar(select(func.count()).select_from(ImageRecord)) == 5000
 
 
+@pytest.mark.parametrize("count", [3, 700])  # 700: PostgreSQL takes the COPY path (store.COPY_MIN_ROWS)
+def test_insert_rows_round_trips_awkward_values_and_returns_what_it_wrote(migrated_url, count):
+    """Bulk inserts keep NULL apart from '', keep quotes, commas, newlines, backslashes and unicode,
+    JSON and timezone-aware datetimes; RETURNING lists only rows actually written; a second call in the
+    same transaction sees none of the first one's staging rows."""
+    from bcc_pipeline.store import ScoringRun, get_engine, insert_rows
+
+    assert 3 < store.COPY_MIN_ROWS <= 700  # the two params exercise both PostgreSQL paths
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+    awkward = ['', 'a,b', 'say "hi"', 'two\nlines', 'back\\slash \\N', 'ünïcødé ✓', '\\N', ' ']
+    rows = [{"run_id": f"r{i:04d}", "model_version": "v1", "started_at": when, "finished_at": None,
+             "status": awkward[i % len(awkward)], "counts": {"n": i, "s": awkward[i % len(awkward)], "x": None}}
+            for i in range(count)]
+    engine = get_engine(migrated_url)
+    with session_scope(migrated_url) as s:
+        s.add(_mv("v1"))
+    rt = ScoringRun.__table__
+    with engine.begin() as conn:
+        first = insert_rows(conn, ScoringRun, rows[: count // 2 + 1], key=("run_id",), returning=rt.c.run_id)
+        second = insert_rows(conn, ScoringRun, rows, key=("run_id",), returning=rt.c.run_id)
+    assert sorted(first) == [r["run_id"] for r in rows[: count // 2 + 1]]
+    assert sorted(second) == [r["run_id"] for r in rows[count // 2 + 1:]]
+    with engine.begin() as conn:
+        assert insert_rows(conn, ScoringRun, rows, key=("run_id",), returning=rt.c.run_id) == []
+        got = {r.run_id: r for r in conn.execute(select(rt))}
+    assert len(got) == count
+    for r in rows:
+        g = got[r["run_id"]]
+        assert g.status == r["status"] and g.counts == r["counts"] and g.finished_at is None
+        assert g.started_at.replace(tzinfo=g.started_at.tzinfo or dt.UTC) == when
+    # DO UPDATE: the existing rows take the new values
+    with engine.begin() as conn:
+        insert_rows(conn, ScoringRun, [dict(r, status="finished") for r in rows], key=("run_id",),
+                    update=("status",))
+        assert set(conn.execute(select(rt.c.status)).scalars()) == {"finished"}
+
+
 def test_database_allows_one_champion_only(migrated_url):
     with session_scope(migrated_url) as s:
         s.add_all([_mv("v1", "champion"), _mv("v2", "retired"), _mv("v3", "retired")])

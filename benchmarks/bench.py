@@ -1,0 +1,681 @@
+"""BCC pipeline benchmarks: every figure is a ratio measured within one process or one run.
+
+    make bench                       # full run (about 15 minutes on 2 cores)
+    BENCH_QUICK=1 make bench         # smaller inputs, fewer repeats (under 5 minutes)
+    .venv/bin/python benchmarks/bench.py --only scoring options   # some sections only
+
+Sections (each in a fresh child process, one after another, so they do not share CPU or memory):
+
+``scoring``   DenseNet201 at 224×224, batch 32, the default inference back-end. ``scoring_vs_forward``:
+              the real scoring path (PNG/JPEG files → validated, decoded, preprocessed → model → rows
+              committed → files archived), steady state (after the first batch, which carries the model's
+              start-up), divided by the same back-end's forward pass on in-memory tensors of the same
+              images. ``scoring_vs_naive``: the scoring path against the seed's way, ``model.predict`` on one
+              image at a time (fp32 Keras, OpenCV decode).
+``options``   Each inference back-end (``bcc_pipeline.inference``) on the same images: throughput relative
+              to fp32 Keras, label agreement at the model's threshold, max |Δprob|.
+``training``  Seconds per epoch of ``model.fit`` fed by the real training pipeline (``dataset.make_dataset``:
+              decode, cache, shuffle, augment, batch) divided by ``model.fit`` on in-memory tensors.
+``rss``       Peak RSS of ``bcc score`` on 5,000 small images against 500 (fresh processes).
+``store``     Upserting 100,000 prediction rows into PostgreSQL and SQLite.
+``scaling``   Scoring throughput with 1, 2 and 4 shards run as concurrent processes.
+
+The DenseNet201 has random convolution weights (nothing is downloaded here), the same compute as the real
+one; its head is fitted to the synthetic H&E tiles' features so that its probabilities spread over [0, 1]
+and label agreement between back-ends means something. Results: ``benchmarks/results/latest.json`` and a
+markdown table on stdout (``--readme README.md`` also puts it into the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0", "false", "no")
+SIZE = 224
+BATCH = 32
+SECTIONS = ("scoring", "options", "training", "rss", "store", "scaling")
+
+# How much work each section does: (quick, full)
+N = {
+    "score_files": (288, 640),       # scoring path, files in the inbox
+    "naive_files": (48, 96),         # seed-style per-image predict
+    "fwd_batches": (6, 12),          # forward-pass batches per measurement
+    "option_images": (192, 384),     # images every back-end scores (agreement + throughput)
+    "train_images": (48, 96),        # images per training epoch
+    "train_epochs": (2, 3),          # measured epochs per input kind
+    "train_size": (96, 224),         # training input size
+    "scale_files": (256, 640),       # scaling: files per shard count
+    "store_rows": (100_000, 100_000),
+    "rss_sizes": ((500, 5000), (500, 5000)),
+}
+
+
+def n(key: str) -> Any:
+    return N[key][0 if QUICK else 1]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def quiet_tf() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("bcc_pipeline").setLevel(logging.WARNING)
+
+
+# -- shared set-up: the benchmark model and images -----------------------------------------------
+def tile_bank(count: int, size: int, seed: int = 5) -> tuple[Any, Any]:
+    """``count`` synthetic H&E tiles (uint8) and their labels, half benign, half malignant."""
+    import numpy as np
+
+    from bcc_pipeline.demo_data import DEFAULT_SEPARATION, render_tile
+
+    rng = np.random.default_rng(seed)
+    labels = np.array([i % 2 for i in range(count)])
+    tiles = np.stack([render_tile(DEFAULT_SEPARATION * y, rng, size=size) for y in labels])
+    return tiles, labels
+
+
+def preprocess_all(tiles: Any, size: int) -> Any:
+    import numpy as np
+
+    from bcc_pipeline.images import preprocess
+
+    return np.stack([preprocess(t, size) for t in tiles])
+
+
+def write_files(folder: Path, tiles: Any, count: int, *, start: int = 0) -> list[Path]:
+    """``count`` distinct image files (even: PNG, odd: JPEG) cycling through ``tiles``; each file's
+    content differs (one pixel carries its number) so the scorer sees no duplicates."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start, start + count):
+        rgb = tiles[i % len(tiles)].copy()
+        rgb[0, 0] = (i & 255, (i >> 8) & 255, (i >> 16) & 255)
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        path = folder / f"patient_{i % 20:02d}" / f"img_{i:06d}.{'png' if i % 2 == 0 else 'jpg'}"
+        path.parent.mkdir(exist_ok=True)
+        ok = cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 92] if i % 2 else [])
+        assert ok, path
+        out.append(path)
+    old = time.time() - 120
+    for p in out:
+        os.utime(p, (old, old))
+    return out
+
+
+def prepare_model(work: Path) -> dict[str, Any]:
+    """DenseNet201 (random base) with a head fitted on the tiles' features; saved as a real artifact."""
+    import keras
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from bcc_pipeline.model import build_classifier, save_artifact
+
+    t0 = time.monotonic()
+    net = build_classifier(image_size=SIZE, base_weights="none", seed=11)
+    tiles, labels = tile_bank(96, SIZE, seed=21)
+    x = preprocess_all(tiles, SIZE)
+    feats = keras.Model(net.input, net.get_layer("gap").output).predict(x, batch_size=BATCH, verbose=0)
+    mean, var = feats.mean(axis=0), feats.var(axis=0) + 1e-6
+    bn = net.get_layer("bn")
+    gamma, beta, _mm, _mv = bn.get_weights()
+    bn.set_weights([np.ones_like(gamma), np.zeros_like(beta), mean, var - bn.epsilon])
+    z = (feats - mean) / np.sqrt(var)
+    clf = LogisticRegression(C=0.002, max_iter=2000).fit(z, labels)
+    w, b = clf.coef_[0].astype("float32"), np.float32(clf.intercept_[0])
+    net.get_layer("probs").set_weights([np.stack([-w / 2, w / 2], axis=1), np.array([-b / 2, b / 2], "float32")])
+    path, sha = save_artifact(net, work / "model", {"image_size": SIZE, "note": "benchmark model"})
+    p = net.predict(x, batch_size=BATCH, verbose=0)[:, 1]
+    info = {"artifact": str(path), "sha256": sha, "image_size": SIZE, "seconds": round(time.monotonic() - t0, 1),
+            "fit_accuracy": float(((p >= 0.5) == labels).mean()),
+            "prob_quantiles": [round(float(q), 3) for q in np.quantile(p, [0.05, 0.25, 0.5, 0.75, 0.95])]}
+    # convert once for the default back-end here, so that every home copied from this folder has the cache
+    from bcc_pipeline.inference import DEFAULT_BACKEND, load_predictor
+
+    info["default_backend_load_seconds"] = round(
+        load_predictor(path, sha, image_size=SIZE, backend=DEFAULT_BACKEND).load_seconds, 1)
+    (work / "model" / "bench.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | None = None):
+    """A fresh BCC_HOME with the benchmark model registered as champion; returns its Settings."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import ModelVersion, session_scope, upgrade
+
+    home = work / name
+    env = {"BCC_HOME": str(home), "BCC_SETTLE_SECONDS": "0"}
+    if database_url:
+        env["BCC_DATABASE_URL"] = database_url
+    s = load_settings(env=env)
+    upgrade(s.database_url)
+    dest = s.models_dir / "v-bench"
+    shutil.copytree(Path(model["artifact"]).parent, dest)  # with compiled/ conversions, if any
+    with session_scope(s.database_url) as ses:
+        ses.add(ModelVersion(version="v-bench", status="champion", artifact_path=str(dest / "model.keras"),
+                             artifact_sha256=model["sha256"], base_weights="none", profile="bench",
+                             image_size=model["image_size"], preprocessing="densenet-torch-v1",
+                             hyperparameters={}, manifest_hash="0" * 64, n_train=0, n_val=0, threshold=0.5,
+                             code_version="bench"))
+    return s
+
+
+def load_model_info(work: Path) -> dict[str, Any]:
+    return json.loads((work / "model" / "bench.json").read_text())
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+# -- sections ---------------------------------------------------------------------------------
+def section_scoring(work: Path) -> dict[str, Any]:
+    import cv2
+    import numpy as np
+
+    from bcc_pipeline import images
+    from bcc_pipeline.inference import DEFAULT_BACKEND, load_predictor
+    from bcc_pipeline.model import load_artifact
+    from bcc_pipeline.scoring import run_dir, score_inbox
+
+    model = load_model_info(work)
+    s = make_home(work, "home-scoring", model)
+    tiles, _ = tile_bank(64, SIZE, seed=31)
+    files = write_files(s.inbox_dir, tiles, n("score_files"))
+    log(f"scoring: {len(files)} files written")
+
+    # the forward pass: the same back-end and batch size on the same images, already in memory
+    pred = load_predictor(s.models_dir / "v-bench" / "model.keras", model["sha256"], image_size=SIZE,
+                          backend=DEFAULT_BACKEND)
+    batches = []
+    for i in range(n("fwd_batches")):
+        chunk = files[i * BATCH:(i + 1) * BATCH]
+        batches.append(np.stack([images.load_for_model(p, SIZE)[0] for p in chunk]))
+
+    def forward() -> float:
+        pred(batches[0])  # warm
+        t0 = time.perf_counter()
+        for b in batches:
+            pred(b)
+        return rate(sum(len(b) for b in batches), time.perf_counter() - t0)
+
+    fwd_before = forward()
+    log(f"scoring: forward {fwd_before:.1f} img/s ({DEFAULT_BACKEND})")
+
+    summary = score_inbox(s, batch_size=BATCH)
+    assert summary["scored"] == len(files) and summary["status"] == "finished", summary
+    shard = json.loads((run_dir(s, summary["run_id"]) / "shard-0.json").read_text())
+    steady = rate(len(files) - BATCH, shard["loop_finished"] - shard["first_batch_done"])
+    whole = rate(len(files), shard["loop_finished"] - shard["loop_started"])
+    log(f"scoring: scoring path {steady:.1f} img/s steady, {whole:.1f} img/s with start-up")
+    fwd_after = forward()
+    log(f"scoring: forward again {fwd_after:.1f} img/s")
+    forward_rate = max(fwd_before, fwd_after)  # the stricter comparison
+
+    # the seed's way: one image at a time through model.predict (fp32 Keras), OpenCV decode
+    archived = sorted(p for p in (s.archive_dir).rglob("img_*") if p.is_file())[: n("naive_files") + 2]
+    net = load_artifact(s.models_dir / "v-bench" / "model.keras", model["sha256"])
+
+    def seed_style(path: Path) -> float:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        x = images.preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), SIZE)
+        return float(net.predict(x[None], verbose=0)[0, 1])
+
+    for p in archived[:2]:
+        seed_style(p)
+    t0 = time.perf_counter()
+    for p in archived[2:]:
+        seed_style(p)
+    naive = rate(len(archived) - 2, time.perf_counter() - t0)
+    log(f"scoring: seed-style per-image predict {naive:.1f} img/s")
+    return {
+        "backend": DEFAULT_BACKEND, "precision": summary.get("precision"), "image_size": SIZE, "batch_size": BATCH,
+        "files": len(files), "formats": "half PNG, half JPEG (quality 92), 224×224",
+        "forward_images_per_s": [round(fwd_before, 2), round(fwd_after, 2)],
+        "scoring_images_per_s_steady": round(steady, 2), "scoring_images_per_s_with_startup": round(whole, 2),
+        "model_load_seconds": shard["model_load_seconds"], "naive_images_per_s": round(naive, 2),
+        "naive_files": len(archived) - 2,
+        "figures": {"scoring_vs_forward": steady / forward_rate, "scoring_vs_naive": steady / naive},
+    }
+
+
+def section_options(work: Path) -> dict[str, Any]:
+    import importlib.util
+
+    import numpy as np
+
+    from bcc_pipeline.inference import BACKENDS, DEFAULT_BACKEND, load_predictor
+
+    model = load_model_info(work)
+    tiles, _ = tile_bank(n("option_images"), SIZE, seed=41)
+    x = preprocess_all(tiles, SIZE)
+    batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
+    art = Path(model["artifact"])
+    threshold = 0.5
+
+    def run(backend: str) -> dict[str, Any]:
+        pred = load_predictor(art, model["sha256"], image_size=SIZE, backend=backend)
+        pred(batches[0])  # warm (traces / compiles)
+        t0 = time.perf_counter()
+        out = np.concatenate([pred(b) for b in batches])[:, 1].astype("float64")
+        secs = time.perf_counter() - t0
+        return {"probs": out, "images_per_s": rate(len(x), secs), "load_seconds": pred.load_seconds,
+                "converted": pred.converted, "precision": pred.precision}
+
+    rows: dict[str, Any] = {}
+    ref = run("keras")
+    for backend in BACKENDS:
+        if backend == "keras":
+            continue
+        if backend == "onnxruntime" and not (importlib.util.find_spec("onnxruntime")
+                                             and importlib.util.find_spec("tf2onnx")):
+            rows[backend] = {"skipped": "onnxruntime/tf2onnx not installed (pip install -e '.[onnx]')"}
+            continue
+        try:
+            r = run(backend)
+        except Exception as exc:  # noqa: BLE001 - one back-end failing is a result, not a crash
+            rows[backend] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        rows[backend] = r
+        log(f"options: {backend} {r['images_per_s']:.1f} img/s ({r['precision']})")
+    ref2 = run("keras")  # again at the end: the machine's drift over the section
+    keras_rate = statistics.mean([ref["images_per_s"], ref2["images_per_s"]])
+    log(f"options: keras {ref['images_per_s']:.1f} / {ref2['images_per_s']:.1f} img/s")
+    table = {"keras": {"images_per_s": round(keras_rate, 2), "speedup": 1.0, "agreement": 1.0,
+                       "max_abs_dprob": float(np.abs(ref2["probs"] - ref["probs"]).max()), "precision": "f32",
+                       "load_seconds": round(ref["load_seconds"], 1)}}
+    for backend, r in rows.items():
+        if "skipped" in r:
+            table[backend] = r
+            continue
+        agree = float(((r["probs"] >= threshold) == (ref["probs"] >= threshold)).mean())
+        table[backend] = {"images_per_s": round(r["images_per_s"], 2), "speedup": r["images_per_s"] / keras_rate,
+                          "agreement": agree, "max_abs_dprob": float(np.abs(r["probs"] - ref["probs"]).max()),
+                          "precision": r["precision"], "load_seconds": round(r["load_seconds"], 1),
+                          "converted": r["converted"]}
+    eligible = [(b, t["speedup"]) for b, t in table.items()
+                if "speedup" in t and t["agreement"] >= 0.995 and t["speedup"] >= 1.2]
+    best = max(eligible, key=lambda e: e[1])[0] if eligible else "keras"
+    near = float(((ref["probs"] > 0.4) & (ref["probs"] < 0.6)).mean())
+    return {"images": len(x), "threshold": threshold, "batch_size": BATCH, "image_size": SIZE,
+            "share_of_images_with_p_in_0.4_0.6": near, "backends": table, "fastest_eligible": best,
+            "default": DEFAULT_BACKEND, "default_is_fastest_eligible": best == DEFAULT_BACKEND}
+
+
+def section_training(work: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from bcc_pipeline.dataset import make_dataset
+    from bcc_pipeline.model import build_classifier
+    from bcc_pipeline.training import compile_model
+
+    size, count, epochs, batch = n("train_size"), n("train_images"), n("train_epochs"), 16
+    tiles, labels = tile_bank(count, size, seed=51)
+    files = write_files(work / "train-images", tiles, count)
+    y = np.eye(2, dtype="float32")[labels]
+    x = preprocess_all(tiles, size)
+    net = build_classifier(image_size=size, base_weights="none", seed=3)
+    compile_model(net, 1e-4)
+    ds = make_dataset([str(p) for p in files], labels.tolist(), image_size=size, batch_size=batch, training=True)
+    t0 = time.monotonic()
+    net.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)  # traces
+    trace = time.monotonic() - t0
+    log(f"training: first fit step (graph tracing) {trace:.0f}s at {size}px")
+
+    def epoch(kind: str) -> float:
+        t = time.perf_counter()
+        if kind == "memory":
+            net.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
+        else:
+            net.fit(ds, epochs=1, verbose=0)
+        return time.perf_counter() - t
+
+    mem, pipe = [], []
+    for e in range(epochs):
+        mem.append(epoch("memory"))
+        pipe.append(epoch("pipeline"))  # the first one decodes every file; later ones read the cache
+        log(f"training: epoch {e + 1}: in-memory {mem[-1]:.1f}s, pipeline {pipe[-1]:.1f}s")
+    return {"image_size": size, "images": count, "batch_size": batch, "epochs": epochs,
+            "trace_seconds": round(trace, 1), "memory_epoch_seconds": [round(v, 2) for v in mem],
+            "pipeline_epoch_seconds": [round(v, 2) for v in pipe],
+            "first_epoch_ratio": pipe[0] / mem[0],
+            "figures": {"training_pipeline_overhead": statistics.mean(pipe) / statistics.mean(mem)}}
+
+
+def section_rss(work: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(HERE))
+    import rss_flatness
+
+    rss_flatness.save_tiny_model(work)
+    out = []
+    for count in n("rss_sizes"):
+        env = rss_flatness.make_home(work, count, 64)
+        peak, summary = rss_flatness.score(env)
+        assert summary["scored"] == count, summary
+        out.append({"images": count, "peak_rss_mib": round(peak / 2**20, 1),
+                    "images_per_second": summary["images_per_second"], "inference": summary.get("inference")})
+        log(f"rss: {count} images, peak {out[-1]['peak_rss_mib']} MiB")
+    return {"runs": out, "figures": {"rss_ratio_5000_vs_500": out[-1]["peak_rss_mib"] / out[0]["peak_rss_mib"]}}
+
+
+def _pg_database() -> tuple[str | None, Any, str | None]:
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = os.environ.get("BCC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    name = f"bcc_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        eng = create_engine(admin, isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        return None, None, f"PostgreSQL unavailable at {admin}: {type(exc).__name__}"
+
+    def drop() -> None:
+        from bcc_pipeline import store
+
+        url = make_url(admin).set(database=name).render_as_string(hide_password=False)
+        engine = store._ENGINES.pop(url, None)
+        if engine is not None:
+            engine.dispose()
+        with eng.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        eng.dispose()
+
+    return make_url(admin).set(database=name).render_as_string(hide_password=False), drop, None
+
+
+def section_store(work: Path) -> dict[str, Any]:
+    """Prediction rows through ``store.insert_rows`` with RETURNING: the call the scorer makes per batch."""
+    import hashlib
+
+    from sqlalchemy import func, select
+
+    from bcc_pipeline.store import (
+        ModelVersion,
+        Prediction,
+        get_engine,
+        insert_rows,
+        session_scope,
+        upgrade,
+        utcnow,
+    )
+
+    total = n("store_rows")
+    now = utcnow()
+
+    def make(i: int, salt: bytes = b"") -> dict[str, Any]:
+        return {"image_sha256": hashlib.sha256(salt + i.to_bytes(8, "little")).hexdigest(),
+                "model_version": "v-bench", "prob_malignant": (i % 1000) / 1000,
+                "label": "malignant" if i % 2 else "benign", "threshold": 0.5,
+                "source_path": f"patient_{i % 50:02d}/img_{i:07d}.png", "run_id": "bench", "scored_at": now}
+
+    rows = [make(i) for i in range(total)]
+    fresh = [make(i, b"fresh") for i in range(20_000)]
+    key = ("image_sha256", "model_version")
+    sha_col = Prediction.__table__.c.image_sha256
+
+    def measure(url: str) -> dict[str, Any]:
+        upgrade(url)
+        with session_scope(url) as ses:
+            ses.add(ModelVersion(version="v-bench", status="champion", artifact_path="-", artifact_sha256="0" * 64,
+                                 base_weights="none", profile="bench", image_size=SIZE,
+                                 preprocessing="densenet-torch-v1", hyperparameters={}, manifest_hash="0" * 64,
+                                 n_train=0, n_val=0, threshold=0.5, code_version="bench"))
+        engine = get_engine(url)
+        res: dict[str, Any] = {}
+        for label, part, per_tx, expect in (("bulk_1000_per_tx", rows, 1000, total),
+                                            ("rerun_all_conflicts", rows, 1000, 0),
+                                            ("per_scoring_batch_32_per_tx", fresh, BATCH, len(fresh))):
+            written = 0
+            t0 = time.perf_counter()
+            for i in range(0, len(part), per_tx):
+                with engine.begin() as conn:
+                    written += len(insert_rows(conn, Prediction, part[i:i + per_tx], key=key, returning=sha_col))
+            res[label] = round(rate(len(part), time.perf_counter() - t0))
+            assert written == expect, (label, written, expect)
+        with engine.connect() as conn:
+            count = conn.execute(select(func.count()).select_from(Prediction)).scalar_one()
+        assert count == total + len(fresh), count
+        return res
+
+    out: dict[str, Any] = {"rows": total, "call": "store.insert_rows(..., returning=image_sha256), one "
+                                                  "transaction per 1000 rows (and per 32: a scoring batch)"}
+    out["sqlite"] = measure(f"sqlite:///{work / 'store.db'}")
+    log(f"store: sqlite {out['sqlite']}")
+    url, drop, why = _pg_database()
+    figures = {}
+    if url is None:
+        out["postgresql"] = {"skipped": why}
+    else:
+        try:
+            out["postgresql"] = measure(url)
+        finally:
+            drop()
+        log(f"store: postgresql {out['postgresql']}")
+        figures["store_rows_per_s_postgresql"] = out["postgresql"]["bulk_1000_per_tx"]
+    figures["store_rows_per_s_sqlite"] = out["sqlite"]["bulk_1000_per_tx"]
+    out["figures"] = figures
+    return out
+
+
+def section_scaling(work: Path) -> dict[str, Any]:
+    from bcc_pipeline.scoring import finalize_run, plan_shards
+
+    model = load_model_info(work)
+    tiles, _ = tile_bank(64, SIZE, seed=61)
+    out = []
+    for shards in (1, 2, 4):
+        s = make_home(work, f"home-scale-{shards}", model)
+        write_files(s.inbox_dir, tiles, n("scale_files"))
+        run_id = f"bench-{shards}"
+        plan_shards(s, run_id, shards)
+        code = ("import sys; from bcc_pipeline.config import load_settings; "
+                "from bcc_pipeline.scoring import score_shard; "
+                f"score_shard(load_settings(), sys.argv[1], int(sys.argv[2]), batch_size={BATCH})")
+        env = dict(os.environ, BCC_HOME=str(s.home), BCC_SETTLE_SECONDS="0", TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("BCC_DATABASE_URL", None)
+        t0 = time.monotonic()
+        procs = [subprocess.Popen([sys.executable, "-c", code, run_id, str(k)], env=env, stderr=subprocess.DEVNULL)
+                 for k in range(shards)]
+        codes = [p.wait() for p in procs]
+        wall = time.monotonic() - t0
+        if any(codes):
+            raise SystemExit(f"scaling: a shard process failed: {codes}")
+        summary = finalize_run(s, run_id)
+        assert summary["scored"] == n("scale_files"), summary
+        out.append({"shards": shards, "images_per_s": summary["images_per_second"],
+                    "wall_seconds_with_startup": round(wall, 1)})
+        log(f"scaling: {shards} shard(s) {summary['images_per_second']} img/s, {wall:.0f}s with start-up")
+    base = out[0]["images_per_s"]
+    for r in out:
+        r["relative_to_1"] = round(r["images_per_s"] / base, 3)
+    return {"files": n("scale_files"), "runs": out,
+            "figures": {"scaling_4_vs_1_shards": out[-1]["images_per_s"] / base}}
+
+
+def run_section(name: str, work: Path) -> dict[str, Any]:
+    quiet_tf()
+    if name in ("scoring", "options", "scaling") and not (work / "model" / "bench.json").exists():
+        log("preparing the benchmark model (DenseNet201 224px, head fitted on synthetic tiles)")
+        prepare_model(work)
+    return globals()[f"section_{name}"](work)
+
+
+# -- the orchestrator -------------------------------------------------------------------------
+TARGETS = {
+    "scoring_vs_forward": (">=", 0.90),
+    "scoring_vs_naive": (">=", 3.0),
+    "training_pipeline_overhead": ("<=", 1.10),
+    "rss_ratio_5000_vs_500": ("<=", 1.2),
+    "store_rows_per_s_postgresql": (">=", 20_000),
+    "store_rows_per_s_sqlite": (None, None),
+    "scaling_4_vs_1_shards": (None, None),
+}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count(),
+                            "platform": platform.platform()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        info["memory_gib"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("tensorflow", "keras", "openvino", "onnxruntime"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def judge(figures: dict[str, float]) -> dict[str, Any]:
+    out = {}
+    for name, value in figures.items():
+        op, target = TARGETS.get(name, (None, None))
+        ok = None if op is None else (value >= target if op == ">=" else value <= target)
+        out[name] = {"value": round(value, 3), "target": None if op is None else f"{op} {target:g}", "ok": ok}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"Run {result['finished_at'][:16].replace('T', ' ')} UTC, {'quick' if result['quick'] else 'full'}, "
+             f"on {m.get('cpu', '?')} ({m.get('cores')} cores, {m.get('memory_gib', '?')} GiB), "
+             f"TensorFlow {m.get('tensorflow')}, OpenVINO {m.get('openvino')}.", "",
+             "| figure | value | target | met |", "|---|---:|---|---|"]
+    for name, f in result["figures"].items():
+        met = "—" if f["ok"] is None else ("yes" if f["ok"] else "**no**")
+        value = f"{f['value']:,.0f}" if f["value"] >= 1000 else f"{f['value']:.3f}"
+        lines.append(f"| `{name}` | {value} | {f['target'] or ''} | {met} |")
+    opts = result["sections"].get("options")
+    if opts and "backends" in opts:
+        lines += ["", f"Inference back-ends, DenseNet201 {opts['image_size']}px, batch {opts['batch_size']}, "
+                      f"{opts['images']} images, against fp32 Keras:", "",
+                  "| back-end | precision | images/s | speedup | label agreement | max abs Δprob |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for b, t in opts["backends"].items():
+            if "skipped" in t:
+                lines.append(f"| `{b}` | — | — | — | — | skipped: {t['skipped']} |")
+                continue
+            mark = " (default)" if b == opts["default"] else ""
+            lines.append(f"| `{b}`{mark} | {t['precision']} | {t['images_per_s']:.1f} | {t['speedup']:.2f}× | "
+                         f"{t['agreement'] * 100:.1f} % | {t['max_abs_dprob']:.4f} |")
+    sc = result["sections"].get("scoring")
+    if sc and "forward_images_per_s" in sc:
+        lines += ["", f"Scoring ({sc['backend']}, {sc['files']} files): forward pass "
+                      f"{max(sc['forward_images_per_s']):.1f} images/s, scoring path "
+                      f"{sc['scoring_images_per_s_steady']:.1f} images/s steady "
+                      f"({sc['scoring_images_per_s_with_startup']:.1f} with model start-up), "
+                      f"seed-style per-image `predict` {sc['naive_images_per_s']:.1f} images/s."]
+    scl = result["sections"].get("scaling")
+    if scl and "runs" in scl:
+        lines += ["", "Shards run concurrently: " + ", ".join(
+            f"{r['shards']} → {r['images_per_s']:.1f} images/s" for r in scl["runs"]) + "."]
+    failed = {k: v for k, v in result["sections"].items() if "error" in v}
+    for k, v in failed.items():
+        lines.append(f"\nSection `{k}` failed: {v['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: Path, table: str) -> None:
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    text = path.read_text(encoding="utf-8")
+    if begin not in text or end not in text:
+        log(f"{path} has no {begin} … {end} markers; not updated")
+        return
+    head, rest = text.split(begin, 1)
+    _old, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{table}{end}{tail}", encoding="utf-8")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    ap.add_argument("--readme", help="put the markdown table into this README between the bench markers")
+    ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--section", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.keep) if args.keep else None
+
+    if args.section:  # child process: one section
+        res = run_section(args.section, Path(args.result).parent)
+        Path(args.result).write_text(json.dumps(res, indent=1, default=float))
+        return 0
+
+    started = time.monotonic()
+    work = work or Path(tempfile.mkdtemp(prefix="bcc-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sections: dict[str, Any] = {}
+    try:
+        for name in args.only or SECTIONS:
+            log(f"== {name}")
+            t0 = time.monotonic()
+            res_file = work / f"{name}.json"
+            proc = subprocess.run([sys.executable, __file__, "--section", name, "--result", str(res_file)],
+                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1"))
+            if proc.returncode == 0 and res_file.exists():
+                sections[name] = json.loads(res_file.read_text())
+            else:
+                sections[name] = {"error": f"section exited with code {proc.returncode} (see the log above)"}
+            sections[name]["section_seconds"] = round(time.monotonic() - t0, 1)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    figures: dict[str, float] = {}
+    for res in sections.values():
+        figures.update(res.get("figures", {}))
+    result = {"quick": QUICK, "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "seconds": round(time.monotonic() - started, 1), "machine": machine(),
+              "figures": judge(figures), "sections": sections}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    os.replace(tmp, out)
+    table = markdown(result)
+    print(table)
+    print(f"(written to {out}; {result['seconds']:.0f}s)")
+    if args.readme:
+        update_readme(Path(args.readme), table)
+    missed = [k for k, f in result["figures"].items() if f["ok"] is False]
+    if missed:
+        print("targets missed: " + ", ".join(missed))
+    return 1 if any("error" in v for v in sections.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Inference back-ends (bcc_pipeline.inference) on a small real Keras model with a nested sub-model,
+BatchNorm and a softmax head, like the DenseNet201 classifier: every back-end loads the artifact,
+agrees with fp32 Keras, caches its conversion, and refuses a tampered artifact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bcc_pipeline.errors import ArtifactError, ConfigError
+from bcc_pipeline.inference import BACKENDS, DEFAULT_BACKEND, load_predictor
+
+SIZE = 32
+
+
+def _nested_classifier():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inner_in = keras.Input((SIZE, SIZE, 3))
+    y = keras.layers.Conv2D(8, 3, padding="same")(inner_in)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU()(y)
+    inner = keras.Model(inner_in, y, name="base")
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = inner(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name="nested")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from bcc_pipeline.model import save_artifact
+
+    net = _nested_classifier()
+    x = np.random.default_rng(0).normal(size=(16, SIZE, SIZE, 3)).astype("float32")
+    ref = net.predict(x, verbose=0)
+    path, sha = save_artifact(net, tmp_path_factory.mktemp("nested"), {"image_size": SIZE})
+    return path, sha, x, ref
+
+
+def _copy(artifact, tmp_path: Path) -> tuple[Path, str]:
+    path, sha, _x, _ref = artifact
+    dest = tmp_path / "v1" / "model.keras"
+    dest.parent.mkdir(parents=True)
+    shutil.copyfile(path, dest)
+    return dest, sha
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_agrees_with_fp32_keras(artifact, tmp_path, backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+        pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
+    path, sha = _copy(artifact, tmp_path)
+    _p, _s, x, ref = artifact
+    pred = load_predictor(path, sha, image_size=SIZE, backend=backend, version="v1")
+    out = pred(x)
+    assert out.shape == (16, 2) and out.dtype == np.float32
+    assert np.allclose(out.sum(axis=1), 1.0, atol=1e-2)
+    tolerance = 2e-2 if "bf16" in backend else 1e-5
+    assert np.abs(out - ref).max() <= tolerance, (backend, np.abs(out - ref).max())
+    assert pred.backend == backend and pred.precision in ("f32", "bf16", "f16")
+    if backend == "keras-bf16":
+        assert pred.precision == "bf16"
+
+
+def test_default_backend_is_a_known_one():
+    assert DEFAULT_BACKEND in BACKENDS
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_conversion_is_cached_beside_the_artifact_and_rebuilt_when_damaged(artifact, tmp_path, backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+        pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
+    path, sha = _copy(artifact, tmp_path)
+    _p, _s, x, ref = artifact
+    first = load_predictor(path, sha, image_size=SIZE, backend=backend)
+    assert first.converted
+    [cache] = (path.parent / "compiled").iterdir()
+    meta = json.loads((cache / "source.json").read_text())
+    assert meta["artifact_sha256"] == sha
+    second = load_predictor(path, sha, image_size=SIZE, backend=backend)
+    assert not second.converted
+    assert np.abs(second(x) - ref).max() <= 1e-5
+    # a damaged cache file is noticed by its checksum and the conversion is redone
+    victim = next(p for p in cache.iterdir() if p.suffix in (".bin", ".onnx"))
+    with open(victim, "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 16)
+    third = load_predictor(path, sha, image_size=SIZE, backend=backend)
+    assert third.converted
+    assert np.abs(third(x) - ref).max() <= 1e-5
+    assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name]  # no leftovers
+
+
+def test_unwritable_cache_converts_in_memory(artifact, tmp_path):
+    path, sha = _copy(artifact, tmp_path)
+    _p, _s, x, ref = artifact
+    (path.parent / "compiled").write_text("not a folder")  # the cache folder cannot be made
+    pred = load_predictor(path, sha, image_size=SIZE, backend="openvino")
+    assert pred.converted and np.abs(pred(x) - ref).max() <= 1e-5
+    assert (path.parent / "compiled").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("backend", ["keras", "openvino"])
+def test_tampered_artifact_is_refused(artifact, tmp_path, backend):
+    path, sha = _copy(artifact, tmp_path)
+    load_predictor(path, sha, image_size=SIZE, backend=backend)  # a cache now exists for openvino
+    with open(path, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(ArtifactError, match="changed or corrupted"):
+        load_predictor(path, sha, image_size=SIZE, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["keras", "openvino"])
+def test_wrong_image_size_is_refused(artifact, tmp_path, backend):
+    path, sha = _copy(artifact, tmp_path)
+    with pytest.raises(ArtifactError, match="image_size 64"):
+        load_predictor(path, sha, image_size=64, backend=backend, version="v1")
+
+
+def test_unknown_backend_is_a_config_error(artifact, tmp_path):
+    path, sha = _copy(artifact, tmp_path)
+    with pytest.raises(ConfigError, match="unknown inference back-end 'tpu'"):
+        load_predictor(path, sha, image_size=SIZE, backend="tpu")

@@ -104,6 +104,19 @@ _CHUNK: Final[int] = 1 << 20
 _TORCH_MEAN: Final[np.ndarray] = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _TORCH_STD: Final[np.ndarray] = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+
+def _normalisation_table() -> np.ndarray:
+    """``((v / 255) - mean) / std`` in float32 for every uint8 value ``v`` and channel: a (1, 256, 3) table.
+    Looking values up (``cv2.LUT``) gives bit-for-bit the arithmetic's result, about twice as fast."""
+    v = np.repeat(np.arange(256, dtype=np.float32)[:, None], 3, axis=1)
+    v /= np.float32(255.0)
+    v -= _TORCH_MEAN
+    v /= _TORCH_STD
+    return np.ascontiguousarray(v.reshape(1, 256, 3))
+
+
+_NORMALISE_LUT: Final[np.ndarray] = _normalisation_table()
+
 _PNG_SIGNATURE: Final[bytes] = b"\x89PNG\r\n\x1a\n"
 _BMP_HEADER_SIZES: Final[frozenset[int]] = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 
@@ -563,11 +576,7 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     else:
         interpolation = cv2.INTER_AREA if height >= size and width >= size else cv2.INTER_LINEAR
         resized = cv2.resize(np.ascontiguousarray(rgb), (size, size), interpolation=interpolation)
-    x = resized.astype(np.float32)
-    x /= 255.0
-    x -= _TORCH_MEAN
-    x /= _TORCH_STD
-    return x
+    return cv2.LUT(np.ascontiguousarray(resized), _NORMALISE_LUT)
 
 
 def load_for_model(

@@ -90,6 +90,9 @@ LOAD_WORKERS = max(1, min(4, os.cpu_count() or 2))
 """Threads that read, check, decode and preprocess (OpenCV and hashlib release the GIL)."""
 PREFETCH_BATCHES = 2
 """Batches in flight: the one the model scores and the one being decoded."""
+LOADER_NICE = 10
+"""Loading threads run this much nicer than the process (Linux): with the inference back-end busy on every
+core, they take their few percent of CPU without stalling its threads (measured in benchmarks/)."""
 DECODE_BUDGET_BYTES = 512 << 20
 """Memory the loading threads may hold at once for file bytes and decoding (estimated). An image bigger
 than the whole budget is still loaded, alone."""
@@ -552,6 +555,15 @@ def _read_and_decode(item: _Item, abs_path: str, *, size: int, max_pixels: int, 
             held[0] = 0
 
 
+def _lower_thread_priority() -> None:
+    """Loading threads yield the CPU to inference, which sets the pace: on Linux the nice value is per
+    thread, so this lowers only the calling (loading) thread by :data:`LOADER_NICE`."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICE))
+    except (AttributeError, OSError):  # not Linux / not permitted: run at normal priority
+        pass
+
+
 # -- the model --------------------------------------------------------------------------------
 class _Model:
     """The pinned model version, loaded on first use (checksum verified) for the run's inference back-end."""
@@ -645,7 +657,8 @@ class _ShardScorer:
         batches = [list(rels[i : i + self.batch_size]) for i in range(0, len(rels), self.batch_size)]
         pending: collections.deque = collections.deque()
         done_files = 0
-        pool = cf.ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="bcc-load")
+        pool = cf.ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="bcc-load",
+                                     initializer=_lower_thread_priority)
         try:
             nxt = 0
             for _ in range(len(batches)):

@@ -8,13 +8,14 @@ STAMP  := $(VENV)/.installed
 export BCC_HOME ?= $(CURDIR)/var
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo demo-lib airflow test lint venv clean-var help
+.PHONY: demo demo-lib airflow test bench lint venv clean-var help
 
 help:
 	@echo "make demo    - set up .venv, then run the main job end to end through Airflow on embedded defaults (SQLite, ./var)"
 	@echo "make airflow - the Airflow UI (airflow standalone) with the project's DAGs, on ./var"
 	@echo "make demo-lib - the same job without Airflow (the bcc CLI only)"
 	@echo "make test   - set up .venv, then run the test suite"
+	@echo "make bench  - benchmarks (BENCH_QUICK=1 for the 5-minute version); results in benchmarks/results/"
 	@echo "make lint   - ruff"
 
 venv: $(STAMP)
@@ -38,8 +39,16 @@ PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench.py --readme README.md
+
 lint: $(STAMP)
-	$(BIN)/ruff check bcc_pipeline tests
+	$(BIN)/ruff check bcc_pipeline tests benchmarks
 
 clean-var:
 	rm -rf var

@@ -415,7 +415,11 @@ def make_dataset(paths: Sequence[str], labels: Sequence[int] | None, *, image_si
             ds = ds.map(lambda x, t: (aug(x, training=True), t), num_parallel_calls=tf.data.AUTOTUNE)
         else:
             ds = ds.map(lambda x: aug(x, training=True), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # each pipeline op on one thread: the pipeline needs a few percent of the CPU, and ops that fan out over
+    # every core stall the training step's own threads (measured in benchmarks/: training_pipeline_overhead)
+    options.threading.max_intra_op_parallelism = 1
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def manifest_arrays(manifest: Manifest, split: str) -> tuple[list[str], list[int]]:

@@ -59,6 +59,7 @@ class Predictor:
     fn: Callable[[Any], Any]
     load_seconds: float
     converted: bool = False  # True when this load converted the model (no usable cache)
+    model: Any = None  # the Keras model, for the Keras back-ends
 
     def __call__(self, x: Any) -> Any:
         import numpy as np
@@ -247,7 +248,7 @@ def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_
         raise ConfigError(f"unknown inference back-end {backend!r}; choose one of {', '.join(BACKENDS)}")
     path = Path(artifact_path)
     t0 = time.monotonic()
-    converted = False
+    converted, net = False, None
     if backend in ("keras", "xla", "keras-bf16"):
         net = _load_keras(path, sha256)
         _check_input(tuple(net.input_shape[1:]), image_size, version)
@@ -262,4 +263,5 @@ def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_
     seconds = time.monotonic() - t0
     log.info("model %s ready for %s inference (%s) in %.1fs%s", version, backend, precision, seconds,
              " (converted)" if converted else "")
-    return Predictor(backend=backend, precision=precision, fn=fn, load_seconds=seconds, converted=converted)
+    return Predictor(backend=backend, precision=precision, fn=fn, load_seconds=seconds, converted=converted,
+                     model=net)

@@ -16,7 +16,8 @@ symbolic links are rejected (moved to quarantine as links; the target is never r
 Scoring a shard streams its files in batches. A bounded thread pool reads each file once (``O_NOFOLLOW``),
 hashes it, validates the header (pixel limit, minimum side: a 40000×40000 PNG is refused before any
 decoder sees it), decodes and preprocesses it (:mod:`bcc_pipeline.images`, the one preprocessing contract)
-one batch ahead of the model, which sees whole batches through one compiled ``tf.function``. Memory is
+one batch ahead of the model, which sees whole batches through one compiled inference back-end
+(:mod:`bcc_pipeline.inference`, chosen by ``BCC_INFERENCE`` and pinned in the run's plan). Memory is
 bounded by the batch size, the prefetch depth and a decoding budget shared by the loading threads
 (:data:`DECODE_BUDGET_BYTES`; a bigger image is decoded alone), never by the inbox.
 
@@ -974,7 +975,8 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
         "skipped_paths": plan["skipped"] + [p for d in shard_docs for p in d.get("skipped_paths", [])],
     }
     counts = {k: summary[k] for k in ("scored", "duplicates", "rejected", "ignored", "skipped", "move_failed",
-                                      "recovered", "missing", "planned", "seconds", "images_per_second")}
+                                      "recovered", "missing", "planned", "seconds", "images_per_second",
+                                      "inference", "precision")}
     rt = ScoringRun.__table__
     with _tx(engine) as conn:
         conn.execute(update(rt).where(rt.c.run_id == run_id).values(

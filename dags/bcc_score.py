@@ -52,6 +52,10 @@ default_args = {
                         description="Split the inbox into this many parallel scoring tasks"),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
                             description="Inference batch size; empty for BCC_SCORE_BATCH_SIZE (32)"),
+        # the choices of bcc_pipeline.inference.BACKENDS (this file may not import it at parse time)
+        "inference": Param(None, type=["null", "string"], title="Inference back-end",
+                           enum=[None, "openvino-bf16", "openvino", "keras", "xla", "keras-bf16", "onnxruntime"],
+                           description="Empty for BCC_INFERENCE (openvino-bf16); pinned for the whole run"),
     },
 )
 def bcc_score():
@@ -73,7 +77,8 @@ def bcc_score():
 
         ctx = get_current_context()
         try:
-            return plan_shards(bcc_common.settings(), ctx["run_id"], params["shards"], inbox=params["inbox"])
+            return plan_shards(bcc_common.settings(), ctx["run_id"], params["shards"], inbox=params["inbox"],
+                               inference=params.get("inference"))
         except NoChampionError as exc:  # nothing to score with yet: not a failure, nothing to retry
             raise AirflowSkipException(f"{exc}; run bcc_retrain first") from exc
 

@@ -52,7 +52,8 @@ def test_dagbag_integrity(tmp_path):
         "for dag_id, d in bag.dags.items():\n"
         "    out['dags'][dag_id] = {'tags': sorted(d.tags), 'max_active_runs': d.max_active_runs,\n"
         "        'schedule': str(getattr(d.timetable, 'expression', None) or type(d.timetable).__name__), 'doc': bool(d.doc_md), 'catchup': d.catchup,\n"
-        "        'retries': {t.task_id: t.retries for t in d.tasks}, 'params': sorted(d.params.keys())}\n"
+        "        'retries': {t.task_id: t.retries for t in d.tasks}, 'params': sorted(d.params.keys()),\n"
+        "        'inference': (d.params.get_param('inference').schema.get('enum') if 'inference' in d.params else None)}\n"
         "print(json.dumps(out))\n"
     )
     out = json.loads(_python(code, {}, tmp_path))
@@ -66,7 +67,10 @@ def test_dagbag_integrity(tmp_path):
     assert retrain["schedule"] == "0 3 * * 0" and score["schedule"] == "0 2 * * *"
     assert retrain["retries"]["train"] == 0 and retrain["retries"]["intake"] == 2
     assert retrain["params"] == ["epochs", "force", "min_new_images", "profile"]
-    assert score["params"] == ["batch_size", "inbox", "shards"]
+    assert score["params"] == ["batch_size", "inbox", "inference", "shards"]
+    from bcc_pipeline.inference import BACKENDS
+
+    assert score["inference"][0] is None and sorted(score["inference"][1:]) == sorted(BACKENDS)
 
 
 def test_schedules_are_configurable(tmp_path):

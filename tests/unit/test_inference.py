@@ -45,6 +45,12 @@ def artifact(tmp_path_factory):
     return path, sha, x, ref
 
 
+def _needs(backend: str) -> None:
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+        pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
+
+
 def _copy(artifact, tmp_path: Path) -> tuple[Path, str]:
     path, sha, _x, _ref = artifact
     dest = tmp_path / "v1" / "model.keras"
@@ -55,9 +61,7 @@ def _copy(artifact, tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_agrees_with_fp32_keras(artifact, tmp_path, backend):
-    if backend == "onnxruntime":
-        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-        pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
+    _needs(backend)
     path, sha = _copy(artifact, tmp_path)
     _p, _s, x, ref = artifact
     pred = load_predictor(path, sha, image_size=SIZE, backend=backend, version="v1")
@@ -77,9 +81,7 @@ def test_default_backend_is_a_known_one():
 
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
 def test_conversion_is_cached_beside_the_artifact_and_rebuilt_when_damaged(artifact, tmp_path, backend):
-    if backend == "onnxruntime":
-        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-        pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
+    _needs(backend)
     path, sha = _copy(artifact, tmp_path)
     _p, _s, x, ref = artifact
     first = load_predictor(path, sha, image_size=SIZE, backend=backend)

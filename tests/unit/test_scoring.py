@@ -266,6 +266,45 @@ def test_champion_is_pinned_for_the_whole_run(make_settings, sqlite_url, registe
         assert set(ses.scalars(select(Prediction.model_version))) == {v1}
 
 
+def test_inference_backend_is_pinned_in_the_plan(make_settings, sqlite_url, register_champion, png_writer):
+    """The plan records the back-end; every shard uses it even when the settings say otherwise later, and
+    the probabilities agree with the fp32 Keras run of the same files."""
+    s = _settings(make_settings, sqlite_url, inference="keras")
+    register_champion(s)
+    paths = _fill(s.inbox_dir, png_writer, 6)
+    copies = s.home / "copies"
+    for p in paths:
+        dest = copies / p.relative_to(s.inbox_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
+    plan = scoring.plan_shards(s, "run-keras", 2)
+    assert plan["inference"] == "keras"
+    other = _settings(make_settings, sqlite_url, inference="openvino")  # the settings change meanwhile
+    for k in range(2):
+        assert scoring.score_shard(other, "run-keras", k)["inference"] == "keras"
+    summary = scoring.finalize_run(other, "run-keras")
+    assert summary["inference"] == "keras" and summary["precision"] == "f32" and summary["scored"] == 6
+    with session_scope(sqlite_url) as ses:
+        keras_probs = dict(ses.execute(select(Prediction.source_path, Prediction.prob_malignant)).all())
+    # the same images under a second model version, scored with OpenVINO fp32
+    v2 = register_champion(s, "v-openvino")
+    shutil.copytree(copies, s.inbox_dir, dirs_exist_ok=True)
+    r = scoring.score_inbox(other, run_id="run-openvino")
+    assert r["inference"] == "openvino" and r["scored"] == 6
+    with session_scope(sqlite_url) as ses:
+        ov_probs = dict(ses.execute(select(Prediction.source_path, Prediction.prob_malignant)
+                                    .where(Prediction.model_version == v2)).all())
+    assert keras_probs.keys() == ov_probs.keys()
+    assert max(abs(keras_probs[k] - ov_probs[k]) for k in keras_probs) < 1e-5
+    with pytest.raises(ConfigError, match="unknown inference back-end"):
+        scoring.plan_shards(s, "run-bad", 1, inference="tpu")
+
+
+def test_unknown_inference_setting_is_refused(make_settings):
+    with pytest.raises(ConfigError, match="BCC_INFERENCE='gpu'"):
+        make_settings(inference="gpu")
+
+
 def test_plan_is_reused_and_shards_are_disjoint(make_settings, sqlite_url, register_champion, png_writer):
     s = _settings(make_settings, sqlite_url)
     register_champion(s)
@@ -424,8 +463,9 @@ def test_cli_score_and_predictions(make_settings, migrated_url, register_champio
     monkeypatch.setenv("BCC_HOME", str(s.home))
     monkeypatch.setenv("BCC_DATABASE_URL", migrated_url)
     monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
-    assert main(["score", "--json", "--batch-size", "2"]) == 0
+    assert main(["score", "--json", "--batch-size", "2", "--inference", "xla"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["inference"] == "xla" and summary["precision"] == "f32"
     for k in ("scored", "duplicates", "rejected", "ignored", "skipped"):
         assert isinstance(summary[k], int)
     assert summary["scored"] == 5 and summary["model_version"] == version and summary["run_id"]

@@ -271,7 +271,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
         else:
             c = run["counts"] or {}
-            print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}: "
+            how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
+            print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
                   + ", ".join(f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")))
         print(f"\nlatest predictions (newest first, {len(rows)} shown; `bcc predictions` for more):")
         print(f"  {'label':9s} {'p(malig)':>8s}  {'model':24s} {'scored_at':19s}  source_path")

@@ -136,6 +136,8 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
         files = {n: model_lib.sha256_path(tmp / n) for n in names}
         (tmp / "source.json").write_text(json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n",
                                          encoding="utf-8")
+        if _cached(folder, sha, names):  # another process (a parallel shard) published it meanwhile: use that
+            return folder
         if folder.exists():  # a stale or damaged cache: move it aside, then replace it
             stale = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
             os.rename(folder, stale)

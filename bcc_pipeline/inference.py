@@ -21,7 +21,7 @@ What each costs and how far its probabilities stray from ``keras`` is measured b
 Converting a Keras model for OpenVINO or ONNX Runtime takes tens of seconds, so the converted model is
 kept beside the artifact (``<artifact dir>/compiled/<format>-<artifact sha>/``) with the checksums of its
 files; the next run loads it in about a second. A cache whose checksums do not match is rebuilt; a
-read-only models folder means converting in memory every time, with a warning.
+read-only models folder means converting (into a temporary folder) every time, with a warning.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,34 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_keras(artifact_path: Path, sha: str) -> Any:
-    return model_lib.load_artifact(artifact_path, sha)
+@contextmanager
+def _converted(artifact_path: Path, sha: str, fmt: str, names: tuple[str, ...], image_size: int, version: str,
+               write: Callable[[Any, Path], None]) -> Iterator[tuple[Path, bool]]:
+    """Yield ``(folder holding the converted files names, converted now?)`` for artifact ``sha``.
+
+    A good cache is used after the artifact's checksum is verified; otherwise the Keras model is loaded
+    (checksum verified), ``write(net, folder)`` converts it into the cache, or into a temporary folder
+    removed afterwards when the cache cannot be written.
+    """
+    folder = _cache_dir(artifact_path, fmt, sha)
+    if _cached(folder, sha, names):
+        model_lib.verify_artifact(artifact_path, sha)
+        yield folder, False
+        return
+    net = model_lib.load_artifact(artifact_path, sha)
+    _check_input(tuple(net.input_shape[1:]), image_size, version)
+    where = _publish(folder, sha, names, lambda d: write(net, d))
+    if where is not None:
+        net = None  # free the Keras model before the caller compiles the converted one
+        yield where, True
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"bcc-{fmt}-"))
+    try:
+        write(net, tmp)
+        net = None  # free the Keras model before the caller compiles the converted one
+        yield tmp, True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, bf16: bool) -> tuple[Callable, str, bool]:
@@ -162,37 +189,25 @@ def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, bf16
     except ImportError as exc:  # pragma: no cover - openvino is a dependency
         raise ConfigError(f"BCC_INFERENCE=openvino needs the openvino package ({exc})") from exc
 
-    names = ("model.xml", "model.bin")
-    folder = _cache_dir(artifact_path, "openvino", sha)
-    converted = False
-    if not _cached(folder, sha, names):
-        net = _load_keras(artifact_path, sha)  # verifies the artifact's checksum
-        _check_input(tuple(net.input_shape[1:]), image_size, version)
+    def write(net: Any, folder: Path) -> None:
         with warnings.catch_warnings():  # Keras notes the traced input's name; harmless
             warnings.simplefilter("ignore", UserWarning)
             ov_model = ov.convert_model(net, input=[(-1, image_size, image_size, 3)])
-        del net
-        converted = True
-        where = _publish(folder, sha, names,
-                         lambda d: ov.save_model(ov_model, str(d / "model.xml"), compress_to_fp16=False))
-        if where is None:
-            compiled_from: Any = ov_model
-        else:
-            compiled_from = str(where / "model.xml")
-    else:
-        model_lib.verify_artifact(artifact_path, sha)
-        compiled_from = str(folder / "model.xml")
+        ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=False)
+
     core = ov.Core()
-    model = core.read_model(compiled_from) if isinstance(compiled_from, str) else compiled_from
-    shape = model.inputs[0].get_partial_shape()
-    _check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-    try:
-        compiled = core.compile_model(model, "CPU", config)
-    except RuntimeError:  # a processor without bf16: OpenVINO's own choice (fp32)
-        if not bf16:
-            raise
-        compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    with _converted(artifact_path, sha, "openvino", ("model.xml", "model.bin"), image_size, version,
+                    write) as (folder, converted):
+        model = core.read_model(str(folder / "model.xml"))
+        shape = model.inputs[0].get_partial_shape()
+        _check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+        try:
+            compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError:  # a processor without bf16: OpenVINO's own choice (fp32)
+            if not bf16:
+                raise
+            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     raw = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     precision = next((short for long_, short in (("bfloat16", "bf16"), ("float16", "f16"), ("float32", "f32"))
                       if long_ in raw), raw)
@@ -211,28 +226,15 @@ def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str) -
         raise ConfigError("BCC_INFERENCE=onnxruntime needs the onnx extra: pip install -e '.[onnx]'") from exc
     import numpy as np
 
-    names = ("model.onnx",)
-    folder = _cache_dir(artifact_path, "onnx", sha)
-    converted = False
-    if not _cached(folder, sha, names):
+    def write(net: Any, folder: Path) -> None:
         try:
             import tf2onnx  # noqa: F401 - Keras' ONNX export uses it
         except ImportError as exc:
             raise ConfigError("BCC_INFERENCE=onnxruntime needs the onnx extra: pip install -e '.[onnx]'") from exc
-        net = _load_keras(artifact_path, sha)
-        _check_input(tuple(net.input_shape[1:]), image_size, version)
         net(np.zeros((1, image_size, image_size, 3), "float32"))  # export needs a built, called model
-        tmpdir = Path(tempfile.mkdtemp(prefix="bcc-onnx-"))
-        try:
-            net.export(str(tmpdir / "model.onnx"), format="onnx", verbose=False)
-            converted = True
-            where = _publish(folder, sha, names, lambda d: shutil.copyfile(tmpdir / "model.onnx", d / "model.onnx"))
-            source = str((where or tmpdir) / "model.onnx")
-            session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    else:
-        model_lib.verify_artifact(artifact_path, sha)
+        net.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+
+    with _converted(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write) as (folder, converted):
         session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     dims = tuple(inp.shape[1:])
@@ -252,7 +254,7 @@ def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_
     t0 = time.monotonic()
     converted, net = False, None
     if backend in ("keras", "xla", "keras-bf16"):
-        net = _load_keras(path, sha256)
+        net = model_lib.load_artifact(path, sha256)
         _check_input(tuple(net.input_shape[1:]), image_size, version)
         precision = "f32"
         if backend == "keras-bf16":

@@ -230,8 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Champion with its metrics and plots, the last scoring run, the newest predictions."""
     from sqlalchemy import select
 
+    from .predictions import query_predictions
     from .registry import get_champion, metrics_of
-    from .scoring import query_predictions
     from .store import ScoringRun, require_schema, session_scope
 
     s = _settings(args)
@@ -348,7 +348,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_predictions(args: argparse.Namespace) -> int:
     import csv
 
-    from .scoring import PREDICTION_FIELDS, parse_since, query_predictions
+    from .predictions import PREDICTION_FIELDS, parse_since, query_predictions
 
     s = load_settings()
     fmt = "json" if args.json else args.format

@@ -103,8 +103,16 @@ class Settings:
         return self.home / "models"
 
     @property
-    def reports_dir(self) -> Path:
-        return self.home / "reports"
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def managed_dirs(self) -> tuple[Path, ...]:
+        """The folders the pipeline owns (and ``airflow/``, the embedded Airflow home). Nothing in them is
+        ever scored, and an inbox may not lie inside one: scoring it would move training data, models or
+        earlier results into ``archive/``. The one list; discovery and the inbox check both use it."""
+        return (self.archive_dir, self.quarantine_dir, self.runs_dir, self.models_dir, self.dataset_dir,
+                self.landing_dir, self.home / "airflow")
 
     @property
     def from_scratch(self) -> bool:

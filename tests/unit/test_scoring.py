@@ -508,15 +508,6 @@ def test_cli_score_without_champion_exits_non_zero(make_settings, sqlite_url, mo
     assert "no champion" in err and len(err.strip().splitlines()) == 1
 
 
-def test_parse_since():
-    now = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
-    assert scoring.parse_since("2h", now) == now - dt.timedelta(hours=2)
-    assert scoring.parse_since("2026-11-26") == dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
-    assert scoring.parse_since("2026-11-26T03:00+01:00") == dt.datetime(2026, 11, 26, 2, tzinfo=dt.UTC)
-    with pytest.raises(ConfigError):
-        scoring.parse_since("soon")
-
-
 def test_memory_budget_bounds_and_is_fair():
     budget = scoring._MemoryBudget(100)
     log, lock = [], threading.Lock()

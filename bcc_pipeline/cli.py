@@ -19,6 +19,7 @@ from typing import Any
 from .config import PROFILES, Settings, load_settings
 from .errors import BCCError
 from .inference import BACKENDS
+from .store import safe_url
 
 __all__ = ["main"]
 
@@ -56,8 +57,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     rev = upgrade(s.database_url)
-    _emit(args, {"database": _safe_url(s.database_url), "revision": rev},
-          f"database {_safe_url(s.database_url)} is at revision {rev}")
+    _emit(args, {"database": safe_url(s.database_url), "revision": rev},
+          f"database {safe_url(s.database_url)} is at revision {rev}")
     return 0
 
 
@@ -66,21 +67,15 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     rev = current_revision(s.database_url)
-    _emit(args, {"database": _safe_url(s.database_url), "revision": rev},
-          f"database {_safe_url(s.database_url)} is at revision {rev or '(none: run `bcc db upgrade`)'}")
+    _emit(args, {"database": safe_url(s.database_url), "revision": rev},
+          f"database {safe_url(s.database_url)} is at revision {rev or '(none: run `bcc db upgrade`)'}")
     return 0
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     s = _settings(args)
     data = s.as_dict()
-    data["database_url"] = _safe_url(s.database_url)
+    data["database_url"] = safe_url(s.database_url)
 
     def human() -> None:
         for k, v in data.items():
@@ -307,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # settle_seconds=0: the demo writes its own images (atomically), nobody else is writing
     s = load_settings(profile=args.profile or "demo", overrides={"epochs": args.epochs, "settle_seconds": 0})
     t0 = time.monotonic()
-    _progress(f"BCC_HOME={s.home}  database={_safe_url(s.database_url)}  profile={s.profile}")
+    _progress(f"BCC_HOME={s.home}  database={safe_url(s.database_url)}  profile={s.profile}")
     upgrade(s.database_url)
     has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
     if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):

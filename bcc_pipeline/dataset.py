@@ -31,7 +31,7 @@ from sqlalchemy import select
 from . import images
 from .config import Settings
 from .errors import DatasetError, ImageError
-from .files import SYSTEM_NAMES, atomic_write, quarantine_file
+from .files import SYSTEM_NAMES, atomic_write, quarantine_file, safe_dirname
 from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,7 +108,7 @@ def intake(settings: Settings, *, run_id: str | None = None,
     run_id = run_id or f"intake-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     report = IntakeReport(run_id=run_id)
     landing = settings.landing_dir
-    quarantine_root = settings.quarantine_dir / _safe_dirname(run_id) / "landing"
+    quarantine_root = settings.quarantine_dir / safe_dirname(run_id) / "landing"
     now_ts = dt.datetime.now().timestamp()
     if not landing.is_dir():
         log.info("no landing folder at %s; nothing to take in", landing)
@@ -144,10 +144,6 @@ def intake(settings: Settings, *, run_id: str | None = None,
     return report
 
 
-def _safe_dirname(run_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in run_id)
-
-
 def _reject(settings: Settings, session, path: Path, rel: Path, reason: str, sha: str | None,
             report: IntakeReport, quarantine_root: Path) -> None:
     moved = quarantine_file(path, quarantine_root, rel, reason)
@@ -179,7 +175,7 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
         if now_ts - st.st_mtime < settings.settle_seconds:
             report.skipped += 1  # still being written; next run takes it
             return
-        if st.st_size > settings.max_pixels * 8 + (16 << 20):  # no image within the pixel limit is this big
+        if st.st_size > images.max_file_bytes(settings.max_pixels):
             _reject(settings, session, path, rel, f"file of {st.st_size} bytes is larger than any image within "
                     f"the pixel limit ({settings.max_pixels}) can be", None, report, quarantine_root)
             return

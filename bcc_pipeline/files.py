@@ -30,11 +30,15 @@ from pathlib import Path
 __all__ = [
     "NAME_MAX",
     "REASON_SUFFIX",
+    "SYSTEM_NAMES",
+    "atomic_write",
     "display_path",
     "fit_name",
     "move_no_clobber",
     "quarantine_file",
     "reason_path",
+    "safe_dirname",
+    "sha256_file",
     "write_reason",
 ]
 
@@ -90,10 +94,17 @@ def reason_path(path: Path) -> Path:
     return path.with_name(fit_name(path.name, REASON_SUFFIX))
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, exclusive: bool = False,
+                 fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
-    then ``os.replace``. A crash leaves the old file or the new one, never half of one."""
+    then ``os.replace``. A crash leaves the old file or the new one, never half of one.
+
+    ``exclusive``: never replace an existing file; the temporary file is hard-linked into place, and
+    ``FileExistsError`` is raised when ``path`` is already there (whoever wrote first wins).
+    The parent folder is created when missing.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
@@ -102,11 +113,32 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            os.link(tmp, path)  # fails instead of replacing
+        else:
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def safe_dirname(name: str) -> str:
+    """A single, harmless folder name for a run id (or any text): ASCII letters, digits and ``-_.+``;
+    anything else becomes ``_``. A name that had to be changed (or is empty, ``.`` or ``..``) gets a
+    short hash of the original, so different ids stay different folders."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.+") else "_" for c in name)[:120]
+    if safe != name or safe in ("", ".", ".."):
+        safe = f"{safe}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return safe
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks. ``OSError`` propagates."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_reason(path: Path, reason: str) -> Path:

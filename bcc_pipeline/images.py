@@ -72,6 +72,7 @@ from .errors import (
     TruncatedImageError,
     UnsupportedImageError,
 )
+from .files import sha256_file  # re-exported: one definition, in files
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -85,6 +86,7 @@ __all__ = [
     "preprocess",
     "probe",
     "sha256_bytes",
+    "max_file_bytes",
     "sha256_file",
     "validate",
 ]
@@ -100,7 +102,6 @@ PREPROCESSING_ID: Final[str] = "densenet-torch-v1"
 DEFAULT_MAX_PIXELS: Final[int] = 50_000_000
 DEFAULT_MIN_SIDE: Final[int] = 32
 
-_CHUNK: Final[int] = 1 << 20
 _TORCH_MEAN: Final[np.ndarray] = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _TORCH_STD: Final[np.ndarray] = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -157,13 +158,10 @@ class ImageInfo:
 # ----------------------------------------------------------------------------------------------- hashing
 
 
-def sha256_file(path: PathArg) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks. ``OSError`` propagates."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image within ``max_pixels`` can be: 16-bit RGBA, uncompressed, plus 16 MiB of
+    metadata. Intake and scoring refuse bigger files before reading them."""
+    return max_pixels * 8 + (16 << 20)
 
 
 def sha256_bytes(data: bytes) -> str:

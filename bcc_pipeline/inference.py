@@ -42,6 +42,7 @@ from typing import Any
 
 from . import model as model_lib
 from .errors import ArtifactError, ConfigError
+from .files import sha256_file
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "Predictor", "load_predictor"]
 
@@ -116,7 +117,7 @@ def _cached(folder: Path, sha: str, names: tuple[str, ...]) -> bool:
         meta = json.loads((folder / "source.json").read_text(encoding="utf-8"))
         if meta.get("artifact_sha256") != sha:
             return False
-        return all(model_lib.sha256_path(folder / n) == meta["files"][n] for n in names)
+        return all(sha256_file(folder / n) == meta["files"][n] for n in names)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -134,7 +135,7 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
         return None
     try:
         write(tmp)
-        files = {n: model_lib.sha256_path(tmp / n) for n in names}
+        files = {n: sha256_file(tmp / n) for n in names}
         (tmp / "source.json").write_text(json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n",
                                          encoding="utf-8")
         if _cached(folder, sha, names):  # another process (a parallel shard) published it meanwhile: use that

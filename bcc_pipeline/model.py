@@ -18,7 +18,6 @@ that says where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ArtifactError, ChecksumMismatchError, ConfigError, WeightsUnavailableError
-from .files import atomic_write
+from .files import atomic_write, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -43,7 +42,6 @@ __all__ = [
     "load_artifact",
     "resolve_base_weights",
     "save_artifact",
-    "sha256_path",
 ]
 
 CLASS_NAMES = ("benign", "malignant")
@@ -139,14 +137,6 @@ def count_params(model: keras.Model) -> dict[str, int]:
 
 
 # -- artifacts --------------------------------------------------------------------------------
-def sha256_path(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata: dict[str, Any]) -> tuple[Path, str]:
     """Save ``model.keras`` and ``metadata.json`` into ``out_dir`` atomically.
 
@@ -163,7 +153,7 @@ def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata:
         model.save(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        digest = sha256_path(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -188,7 +178,7 @@ def verify_artifact(path: str | os.PathLike[str], expected_sha256: str | None = 
             expected_sha256 = json.loads(meta_path.read_text())["artifact_sha256"]
         except (OSError, ValueError, KeyError) as exc:
             raise ArtifactError(f"no recorded checksum for {path} (metadata.json unreadable): {exc}") from exc
-    actual = sha256_path(path)
+    actual = sha256_file(path)
     if actual != expected_sha256:
         raise ChecksumMismatchError(
             f"model artifact {path} has sha256 {actual[:12]}…, expected {expected_sha256[:12]}…; "

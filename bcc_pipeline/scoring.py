@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 import uuid
@@ -59,7 +58,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import images
 from .config import Settings
 from .errors import ArtifactError, ConfigError, ImageError, NoChampionError, StoreError
-from .files import SYSTEM_NAMES, display_path, move_no_clobber, reason_path, write_reason
+from .files import (
+    SYSTEM_NAMES,
+    atomic_write,
+    display_path,
+    move_no_clobber,
+    reason_path,
+    safe_dirname,
+    write_reason,
+)
 from .inference import BACKENDS, load_predictor
 from .store import (
     ImageRecord,
@@ -110,17 +117,9 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"score-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _safe_dirname(run_id: str) -> str:
-    """A folder name for a run id; ids that had to be changed get a short hash so they stay distinct."""
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.+") else "_" for c in run_id)[:120]
-    if safe != run_id or safe in ("", ".", ".."):
-        safe = f"{safe}-{hashlib.sha256(run_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
-    return safe
-
-
 def run_dir(settings: Settings, run_id: str) -> Path:
     """``$BCC_HOME/runs/<run>/``: the plan and the shard summaries of a scoring run."""
-    return settings.runs_dir / _safe_dirname(run_id)
+    return settings.runs_dir / safe_dirname(run_id)
 
 
 def _path_key(rel: str) -> str:
@@ -132,25 +131,13 @@ def _clean(text: str) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 1] + "…"
 
 
-def _atomic_write_json(path: Path, doc: Any, *, exclusive: bool = False) -> bool:
-    """Write JSON atomically. ``exclusive``: never replace an existing file (returns False if one is there)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_json(path: Path, doc: Any, *, exclusive: bool = False) -> bool:
+    """Write JSON atomically; with ``exclusive`` an existing file is kept (and False returned)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, json.dumps(doc, indent=1), exclusive=exclusive)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _tx(engine: Engine):
@@ -175,16 +162,8 @@ def _insert(conn: Connection, model: type, rows: Sequence[dict[str, Any]], key: 
 
 
 def _require_schema(url: str) -> None:
-    """The BCC schema, at least at the revision that brought batch scoring (0002)."""
-    from sqlalchemy import inspect
-
-    require_schema(url)
-    try:
-        tables = set(inspect(get_engine(url)).get_table_names())
-    except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read the database schema: {str(exc).splitlines()[0]}") from exc
-    if "inbox_files" not in tables:
-        raise StoreError("the database schema predates batch scoring; run `bcc db upgrade`")
+    """The BCC schema, at least at the revision that brought batch scoring."""
+    require_schema(url, tables=("inbox_files",))
 
 
 def _aware(t: dt.datetime | None) -> dt.datetime | None:
@@ -330,7 +309,7 @@ def plan_shards(settings: Settings, run_id: str, shards: int,
             "shards": [files[k::shards] for k in range(shards)],
             "ignored": found["ignored"], "skipped": found["skipped"],
         }
-        if _atomic_write_json(path, plan, exclusive=True):
+        if _write_json(path, plan, exclusive=True):
             log.info("planned scoring run %s: %d files in %d shard(s), model %s, %d ignored, %d skipped",
                      run_id, len(files), shards, champ.version, len(found["ignored"]), len(found["skipped"]))
     plan = _load_plan(settings, run_id)  # whoever wrote it first wins; everyone uses that one
@@ -352,7 +331,7 @@ def plan_shards(settings: Settings, run_id: str, shards: int,
 # -- destinations and moves -------------------------------------------------------------------
 def _dest(settings: Settings, run_id: str, status: str, rel: str) -> Path:
     root = settings.quarantine_dir if status == "rejected" else settings.archive_dir
-    return root / _safe_dirname(run_id) / rel
+    return root / safe_dirname(run_id) / rel
 
 
 def _exact_rel(path: str, path_key: str) -> str | None:
@@ -616,7 +595,7 @@ class _ShardScorer:
         self.first_batch_done: float | None = None  # wall time after the first batch (start-up excluded)
         self.move_failures: list[dict[str, str]] = []
         self.skipped_paths: list[str] = []
-        self.max_bytes = settings.max_pixels * 8 + (16 << 20)  # 16-bit RGBA, uncompressed, plus metadata
+        self.max_bytes = images.max_file_bytes(settings.max_pixels)
         self.budget = _MemoryBudget(DECODE_BUDGET_BYTES)
 
     # ledger look-ups ------------------------------------------------------------------------
@@ -897,7 +876,7 @@ def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int 
         raise ConfigError(f"the scoring batch size must be positive, got {size}")
     scorer = _ShardScorer(settings, plan, shard, size, progress)
     result = scorer.run(plan["shards"][shard])
-    _atomic_write_json(run_dir(settings, run_id) / f"shard-{shard}.json", result)
+    _write_json(run_dir(settings, run_id) / f"shard-{shard}.json", result)
     return result
 
 
@@ -964,8 +943,8 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
         "model_load_seconds": round(load, 3),
         "started_at": started.isoformat() if started else None, "finished_at": finished.isoformat(),
         "inbox": plan["inbox"],
-        "archive_dir": str(settings.archive_dir / _safe_dirname(run_id)),
-        "quarantine_dir": str(settings.quarantine_dir / _safe_dirname(run_id)),
+        "archive_dir": str(settings.archive_dir / safe_dirname(run_id)),
+        "quarantine_dir": str(settings.quarantine_dir / safe_dirname(run_id)),
         "rejections": rejections,
         "move_failures": failures,
         "ignored_paths": plan["ignored"],

@@ -50,8 +50,11 @@ __all__ = [
     "Rejection",
     "ScoringRun",
     "current_revision",
+    "dispose_engine",
     "get_engine",
     "insert_rows",
+    "require_schema",
+    "safe_url",
     "session_scope",
     "upgrade",
     "upsert",
@@ -225,14 +228,23 @@ def get_engine(url: str) -> Engine:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, pool_pre_ping=True, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use database URL {_safe(url)}: {exc}") from exc
+        raise StoreError(f"cannot use database URL {safe_url(url)}: {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     _ENGINES[url] = engine
     return engine
 
 
-def _safe(url: str) -> str:
+def dispose_engine(url: str) -> None:
+    """Close this process's pooled connections to ``url`` and forget the engine (tests dropping a
+    database, a worker that forked)."""
+    engine = _ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def safe_url(url: str) -> str:
+    """``url`` for messages and ``bcc config``: the password masked."""
     try:
         from sqlalchemy.engine import make_url
 
@@ -251,7 +263,7 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         session.commit()
     except SQLAlchemyError as exc:
         session.rollback()
-        raise StoreError(f"database error on {_safe(str(engine.url))}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"database error on {safe_url(str(engine.url))}: {str(exc).splitlines()[0]}") from exc
     except BaseException:
         session.rollback()
         raise
@@ -411,7 +423,7 @@ def upgrade(url: str, revision: str = "head") -> str:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot migrate {_safe(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot migrate {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
     return current_revision(url) or ""
 
 
@@ -423,17 +435,22 @@ def current_revision(url: str) -> str | None:
         with get_engine(url).connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {_safe(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot read {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
 
 
-def require_schema(url: str) -> None:
-    """Raise a StoreError that says what to run when the database was never migrated."""
+def require_schema(url: str, tables: Sequence[str] = ()) -> None:
+    """Raise a StoreError that says what to run when the database was never migrated, or when it
+    predates one of ``tables`` (a schema older than the code that needs it)."""
     try:
-        tables = set(inspect(get_engine(url)).get_table_names())
+        present = set(inspect(get_engine(url)).get_table_names())
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot connect to {_safe(url)}: {str(exc).splitlines()[0]}") from exc
-    if "model_versions" not in tables:
-        raise StoreError(f"database {_safe(url)} has no BCC schema yet; run `bcc db upgrade`")
+        raise StoreError(f"cannot connect to {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+    if "model_versions" not in present:
+        raise StoreError(f"database {safe_url(url)} has no BCC schema yet; run `bcc db upgrade`")
+    missing = [t for t in tables if t not in present]
+    if missing:
+        raise StoreError(f"database {safe_url(url)} predates the table(s) {', '.join(missing)}; "
+                         "run `bcc db upgrade`")
 
 
 # -- batch scoring (migration 0002) -----------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 
 from bcc_pipeline import model
 from bcc_pipeline.errors import ArtifactError, ChecksumMismatchError, ConfigError, WeightsUnavailableError
+from bcc_pipeline.files import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_missing_weights_file(tmp_path):
 
 def test_artifact_round_trip_and_checksum(tmp_path, small_model):
     path, digest = model.save_artifact(small_model, tmp_path / "v1", {"version": "v1"})
-    assert path.name == "model.keras" and digest == model.sha256_path(path)
+    assert path.name == "model.keras" and digest == sha256_file(path)
     meta = json.loads((tmp_path / "v1" / "metadata.json").read_text())
     assert meta["artifact_sha256"] == digest and meta["version"] == "v1"
     assert not [p for p in os.listdir(tmp_path / "v1") if p.startswith(".")]  # no temp files left

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from . import images
-from .config import Settings
+from .config import DEFAULTS, Settings
 from .errors import DatasetError, ImageError
 from .files import SYSTEM_NAMES, atomic_write, quarantine_file, safe_dirname
 from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
@@ -249,7 +249,8 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def make_split(records: Sequence[dict[str, Any]], *, seed: int = 42, val_fraction: float = 0.2) -> list[dict[str, Any]]:
+def make_split(records: Sequence[dict[str, Any]], *, seed: int = DEFAULTS["seed"],
+               val_fraction: float = DEFAULTS["val_fraction"]) -> list[dict[str, Any]]:
     """Assign each record (``sha256``, ``label``, ``group_id``) to ``train`` or ``validation``.
 
     Groups are ranked by a seeded hash (stable when new groups arrive, unlike a shuffle) and taken
@@ -368,8 +369,8 @@ CACHE_BUDGET_BYTES = 2 * 1024**3
 
 
 def make_dataset(paths: Sequence[str], labels: Sequence[int] | None, *, image_size: int, batch_size: int,
-                 training: bool = False, seed: int = 42, max_pixels: int = 50_000_000,
-                 min_side: int = 32, cache: bool | None = None) -> tf.data.Dataset:
+                 training: bool = False, seed: int = DEFAULTS["seed"], max_pixels: int = DEFAULTS["max_pixels"],
+                 min_side: int = DEFAULTS["min_side"], cache: bool | None = None) -> tf.data.Dataset:
     """A tf.data pipeline over image files: decode + ``images.preprocess`` in parallel, batch, prefetch.
 
     ``labels`` (0 benign, 1 malignant) become one-hot targets; with ``labels=None`` the dataset yields

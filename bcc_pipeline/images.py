@@ -64,6 +64,7 @@ from PIL import (
     TiffImagePlugin,
 )
 
+from .config import DEFAULTS
 from .errors import (
     ImageError,
     ImageTooLargeError,
@@ -99,8 +100,8 @@ IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
 PREPROCESSING_ID: Final[str] = "densenet-torch-v1"
 """Names the pixel contract of :func:`decode` + :func:`preprocess`; recorded in model artifacts."""
 
-DEFAULT_MAX_PIXELS: Final[int] = 50_000_000
-DEFAULT_MIN_SIDE: Final[int] = 32
+DEFAULT_MAX_PIXELS: Final[int] = DEFAULTS["max_pixels"]
+DEFAULT_MIN_SIDE: Final[int] = DEFAULTS["min_side"]
 
 _TORCH_MEAN: Final[np.ndarray] = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _TORCH_STD: Final[np.ndarray] = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -93,7 +93,7 @@ def resolve_base_weights(base_weights: str) -> str | None:
     return str(path.resolve())
 
 
-def build_classifier(*, image_size: int = 224, base_weights: str = "imagenet", seed: int | None = None) -> keras.Model:
+def build_classifier(*, image_size: int, base_weights: str, seed: int | None = None) -> keras.Model:
     """Build the seed's DenseNet201 classifier (see the module docstring for the layers).
 
     Args:

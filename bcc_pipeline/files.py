@@ -33,7 +33,7 @@ import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -124,11 +124,14 @@ def reason_path(path: Path) -> Path:
     return path.with_name(fit_name(path.name, REASON_SUFFIX))
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, exclusive: bool = False,
-                 fsync: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Path], object], *,
+                 exclusive: bool = False, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
     then ``os.replace``. A crash leaves the old file or the new one, never half of one.
 
+    ``data``: bytes, text (UTF-8), or a function that writes the file at the path it is given, for
+    libraries that only write to a path (Keras' ``Model.save``, matplotlib's ``savefig``); that
+    temporary path ends in ``path``'s suffix.
     ``exclusive``: never replace an existing file; the temporary file is hard-linked (or, without hard
     links, renamed with :func:`rename_no_replace`) into place, and ``FileExistsError`` is raised when
     ``path`` is already there (whoever wrote first wins).
@@ -136,14 +139,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, exclusive: 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    suffix = f".tmp{path.suffix}" if callable(data) else ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
+        if callable(data):
+            os.close(fd)
+            data(Path(tmp))
             if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+        else:
+            raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                if fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
         if exclusive:
             _publish(Path(tmp), path)  # fails instead of replacing
         else:

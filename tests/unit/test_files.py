@@ -125,3 +125,26 @@ def test_atomic_write_exclusive_without_hard_links(tmp_path: Path, monkeypatch: 
         files.atomic_write(target, "[1]", exclusive=True)
     assert target.read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+def test_atomic_write_with_a_writer_function(tmp_path: Path) -> None:
+    target = tmp_path / "model.keras"
+    target.write_bytes(b"old")
+    seen: list[Path] = []
+
+    def write(tmp: Path) -> None:
+        seen.append(tmp)
+        tmp.write_bytes(b"new")
+
+    assert files.atomic_write(target, write) == target
+    assert target.read_bytes() == b"new"
+    assert seen[0].parent == tmp_path and seen[0].suffix == ".keras" and not seen[0].exists()
+
+    def fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        files.atomic_write(target, fail)
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]

@@ -31,16 +31,17 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 __all__ = [
-    "verify_artifact",
     "CLASS_NAMES",
     "IMAGENET_WEIGHTS_FILE",
     "IMAGENET_WEIGHTS_URL",
+    "MIN_IMAGE_SIZE",
     "build_classifier",
     "count_params",
     "keras_cache_dir",
     "load_artifact",
     "resolve_base_weights",
     "save_artifact",
+    "verify_artifact",
 ]
 
 CLASS_NAMES = ("benign", "malignant")

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -485,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BCCError as exc:
+        if os.environ.get("BCC_DEBUG"):
+            traceback.print_exc()
         print(f"bcc: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -89,7 +89,7 @@ def test_schedules_are_configurable(tmp_path):
 @pytest.fixture
 def airflow_pg_url(pg_server):
     """Airflow's own metadata database on PostgreSQL, separate from the project database."""
-    from tests.conftest import create_pg_database
+    from tests.support import create_pg_database
 
     url, drop = create_pg_database("airflow_test")
     yield url

@@ -65,22 +65,30 @@ def test_should_retrain_rejects_a_bad_minimum(bad, sqlite_url, make_settings):
 
 
 # -- the gate's duel images -----------------------------------------------------------------------
-def _duel_setup(settings, tmp_path: Path, register_champion, write_png, *, champion_trained_on: list[str]) -> dict:
-    """Images b1..b4 (benign) and m1..m4 (malignant); the candidate validates on b1, b2, m1, m2; the
-    tiny champion's manifest says it was trained on ``champion_trained_on``."""
-    names = [f"b{i}" for i in range(1, 5)] + [f"m{i}" for i in range(1, 5)]
-    files = {n: write_png(tmp_path / "img" / f"{n}.png", size=48, seed=i) for i, n in enumerate(names)}
+NAMES = [f"b{i}" for i in range(1, 5)] + [f"m{i}" for i in range(1, 5)]  # benign b1..b4, malignant m1..m4
+
+
+def _dataset(tmp_path: Path, write_png):
+    """Eight real PNGs and ``manifest(validation_names, folder)`` writing a manifest of them."""
+    files = {n: write_png(tmp_path / "img" / f"{n}.png", size=48, seed=i) for i, n in enumerate(NAMES)}
     sha = {n: sha256_file(p) for n, p in files.items()}
 
     def manifest(validation: set[str], folder: str):
         entries = [{"sha256": sha[n], "label": "benign" if n[0] == "b" else "malignant", "group_id": n,
                     "path": str(files[n]), "split": "validation" if n in validation else "train"}
-                   for n in names]
+                   for n in NAMES]
         return write_manifest(sorted(entries, key=lambda e: e["sha256"]), tmp_path / folder, seed=0,
                               val_fraction=0.5)
 
+    return sha, manifest
+
+
+def _duel_setup(settings, tmp_path: Path, register_champion, write_png, *, champion_trained_on: list[str]) -> dict:
+    """The candidate validates on b1, b2, m1, m2; the tiny champion's manifest says it was trained on
+    ``champion_trained_on``."""
+    sha, manifest = _dataset(tmp_path, write_png)
     cand_manifest = manifest({"b1", "b2", "m1", "m2"}, "cand-manifests")
-    champ_manifest = manifest(set(names) - set(champion_trained_on), "champ-manifests")
+    champ_manifest = manifest(set(NAMES) - set(champion_trained_on), "champ-manifests")
     champion = register_champion(settings, version="v-champ")
     (settings.models_dir / champion / "metadata.json").write_text(
         json.dumps({"manifest_path": str(champ_manifest.path)}))
@@ -144,3 +152,39 @@ def test_gate_leaves_out_images_the_champion_trained_on(sqlite_url, make_setting
     assert evidence["candidate"]["n"] == 3.0 and evidence["champion"]["n"] == 3.0
     assert evidence["candidate"]["accuracy"] == 1.0
     assert not [m for m in messages if "falling back" in m]
+
+
+# -- evaluate_step's files ---------------------------------------------------------------------------
+def test_evaluate_step_replaces_validation_predictions_atomically(sqlite_url, make_settings, tmp_path,
+                                                                  tiny_model_artifact, png_writer):
+    """The gate reads validation_predictions.json back; a reader of the previous file (a retried
+    evaluation's) keeps reading it whole, because the new file replaces it rather than overwriting it."""
+    import shutil
+
+    settings = make_settings(sqlite_url)
+    upgrade(sqlite_url)
+    sha, manifest = _dataset(tmp_path, png_writer)
+    m = manifest({"b1", "b2", "m1", "m2"}, "manifests")
+    src, artifact_sha = tiny_model_artifact
+    model_dir = settings.models_dir / "v-eval"
+    model_dir.mkdir(parents=True)
+    shutil.copyfile(src, model_dir / "model.keras")
+    meta = {"version": "v-eval", "artifact_sha256": artifact_sha, "manifest_path": str(m.path),
+            "manifest_hash": m.hash, "image_size": 32, "preprocessing": "densenet-torch-v1",
+            "hyperparameters": {"base_weights": "none", "profile": "demo"}, "n_train": 4, "n_val": 4,
+            "code_version": "test", "data_cutoff": None}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    (model_dir / "history.json").write_text(json.dumps({"loss": [0.7, 0.6], "val_loss": [0.7, 0.65]}))
+    previous = json.dumps([{"sha256": "old", "label": "benign", "prob_malignant": 0.5}] * 200)
+    (model_dir / "validation_predictions.json").write_text(previous)
+
+    with open(model_dir / "validation_predictions.json") as reader:
+        out = pipelines.evaluate_step(settings, "v-eval", progress=lambda _: None)
+        assert reader.read() == previous
+    rows = json.loads((model_dir / "validation_predictions.json").read_text())
+    assert sorted(r["sha256"] for r in rows) == sorted(sha[n] for n in ("b1", "b2", "m1", "m2"))
+    assert all(0.0 <= r["prob_malignant"] <= 1.0 for r in rows)
+    assert json.loads((model_dir / "metadata.json").read_text())["threshold"] == out["threshold"]
+    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+    with session_scope(sqlite_url) as s:
+        assert registry.get_version(s, "v-eval").status == "candidate"

@@ -41,6 +41,8 @@ from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss, roc_au
 from .files import atomic_write
 
 __all__ = [
+    "DEFAULT_THRESHOLD",
+    "LOG_LOSS_EPS",
     "METRIC_NAMES",
     "choose_threshold",
     "compute_metrics",

@@ -24,6 +24,7 @@ from PIL import (
     TiffImagePlugin,
 )
 
+from ..config import DEFAULTS
 from ..errors import (
     ImageError,
     ImageTooLargeError,
@@ -51,8 +52,8 @@ IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
 """File extensions (lower case, with the dot) that are considered image files."""
 
 # The size limits every reader of images applies unless told otherwise (the settings pass their own).
-DEFAULT_MAX_PIXELS: Final[int] = 50_000_000
-DEFAULT_MIN_SIDE: Final[int] = 32
+DEFAULT_MAX_PIXELS: Final[int] = DEFAULTS["max_pixels"]
+DEFAULT_MIN_SIDE: Final[int] = DEFAULTS["min_side"]
 
 _PNG_SIGNATURE: Final[bytes] = b"\x89PNG\r\n\x1a\n"
 _BMP_HEADER_SIZES: Final[frozenset[int]] = frozenset({12, 16, 40, 52, 56, 64, 108, 124})

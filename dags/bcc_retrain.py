@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime, timedelta
 
-import bcc_common  # the dags folder is on sys.path when Airflow parses this file (see bcc_common)
 from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # Airflow's bundle parsing adds it; a bare DagBag or `dags list --local` does not
+    sys.path.append(_HERE)
+
+import bcc_common  # noqa: E402 - the shared glue beside this file (light: airflow.sdk and the stdlib)
 
 # Emitted when a candidate is promoted; its extra carries the new version and headline metrics.
 CHAMPION_MODEL = Asset(name="bcc_champion_model", uri="bcc://models/champion")

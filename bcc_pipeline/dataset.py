@@ -326,7 +326,8 @@ def write_manifest(entries: Sequence[dict[str, Any]], out_dir: Path, *, seed: in
 def _counts(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
     for e in entries:
-        out[e["split"]][e["label"]] = out[e["split"]].get(e["label"], 0) + 1
+        role = out.setdefault(e["split"], {})
+        role[e["label"]] = role.get(e["label"], 0) + 1
     return out
 
 

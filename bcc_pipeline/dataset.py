@@ -32,7 +32,7 @@ from . import images
 from .config import Settings
 from .errors import DatasetError, ImageError
 from .files import SYSTEM_NAMES, atomic_write, quarantine_file, safe_dirname
-from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
+from .store import ImageRecord, Rejection, insert_rows, session_scope, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -147,7 +147,7 @@ def intake(settings: Settings, *, run_id: str | None = None,
 def _reject(settings: Settings, session, path: Path, rel: Path, reason: str, sha: str | None,
             report: IntakeReport, quarantine_root: Path) -> None:
     moved = quarantine_file(path, quarantine_root, rel, reason)
-    upsert(session, Rejection, [{
+    insert_rows(session, Rejection, [{
         "run_id": report.run_id, "stage": "intake", "path": str(rel), "sha256": sha,
         "reason": reason, "moved_to": str(moved), "rejected_at": utcnow(),
     }], key=("run_id", "path"))

@@ -96,10 +96,12 @@ class _ShardScorer:
                     self.progress(f"scoring {self.run_id} shard {self.shard}: {done}/{len(rels)} files "
                                   f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
                                   f"{self.counts['rejected']} rejected)")
-        t1 = time.time()
+        return self._result(len(rels), t0, time.time(), first_batch_done)
+
+    def _result(self, n_files: int, t0: float, t1: float, first_batch_done: float | None) -> dict[str, Any]:
         c = self.counts
         return {"run_id": self.run_id, "shard": self.shard, "model_version": self.mv["version"],
-                "n_files": len(rels), "loop_started": t0, "loop_finished": t1, "seconds": round(t1 - t0, 3),
+                "n_files": n_files, "loop_started": t0, "loop_finished": t1, "seconds": round(t1 - t0, 3),
                 "scored": c["scored"], "duplicates": c["duplicates"], "rejected": c["rejected"],
                 "skipped": c["skipped"], "missing": c["missing"], "recovered": c["recovered"],
                 "already_done": c["already_done"], "not_claimed": c["not_claimed"],

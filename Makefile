@@ -48,7 +48,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py --readme README.md
 
 lint: $(STAMP)
-	$(BIN)/ruff check bcc_pipeline tests benchmarks
+	$(BIN)/ruff check bcc_pipeline tests benchmarks dags $(wildcard plugins)
 
 clean-var:
 	rm -rf var

@@ -12,13 +12,13 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, Settings, load_settings
+from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError
-from .inference import BACKENDS
 from .store import safe_url
 
 __all__ = ["main"]
@@ -73,15 +73,19 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
     s = _settings(args)
     data = s.as_dict()
     data["database_url"] = safe_url(s.database_url)
 
     def human() -> None:
         for k, v in data.items():
-            print(f"{k:22s} {v}  ({s.sources.get(k, 'default')})")
+            print(f"{k:22s} {v}  ({s.sources.get(k, 'default')}, {SETTINGS[k].env})")
 
-    _emit(args, {"settings": data, "sources": dict(s.sources)}, human)
+    _emit(args, {"settings": data, "sources": dict(s.sources),
+                 "env": {k: spec.env for k, spec in SETTINGS.items()}}, human)
     return 0
 
 
@@ -407,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--json", action="store_true")
     cur.set_defaults(func=cmd_db_current)
 
-    add("config", cmd_config, "show the effective settings and where each came from", profile=True)
+    sp = add("config", cmd_config, "show the effective settings and where each came from", profile=True)
+    sp.add_argument("--markdown", action="store_true", help="print the README's table of all settings")
 
     sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant)")
     sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
@@ -415,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--malignant", type=int, default=127, help="number of malignant tiles (127)")
     sp.add_argument("--size", type=int, default=224, help="tile size in pixels (224)")
     sp.add_argument("--groups", type=int, default=0, help="spread tiles over N patient folders per label")
-    sp.add_argument("--seed", type=int, help="random seed (default: BCC_SEED or 42)")
+    sp.add_argument("--seed", type=int, help=f"random seed (default: BCC_SEED or {DEFAULTS['seed']})")
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
 
@@ -445,12 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("score", cmd_score, "score every image in the inbox with the champion (batch scoring)")
     sp.add_argument("--inbox", help="folder to score (default: $BCC_HOME/inbox)")
     sp.add_argument("--batch-size", dest="score_batch_size", type=int,
-                    help="inference batch size (default: BCC_SCORE_BATCH_SIZE or 32)")
+                    help=f"inference batch size (default: BCC_SCORE_BATCH_SIZE or {DEFAULTS['score_batch_size']})")
     sp.add_argument("--settle-seconds", type=float,
                     help="leave files modified more recently than this for the next run (BCC_SETTLE_SECONDS)")
     sp.add_argument("--run-id", help="run id (default: a new one); the id of an interrupted run finishes it")
     sp.add_argument("--inference", choices=BACKENDS,
-                    help="inference back-end (default: BCC_INFERENCE or openvino-bf16; see the README's Benchmarks)")
+                    help=f"inference back-end (default: BCC_INFERENCE or {DEFAULTS['inference']}; see the README's "
+                    "Benchmarks)")
 
     sp = add("predictions", cmd_predictions, "list stored predictions, newest first")
     sp.add_argument("--format", choices=("table", "csv", "json"), default="table",
@@ -480,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BCCError as exc:
+        if os.environ.get("BCC_DEBUG"):
+            traceback.print_exc()
         print(f"bcc: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

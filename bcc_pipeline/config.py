@@ -1,79 +1,156 @@
 """One frozen settings object, built from a profile, ``BCC_*`` environment variables and overrides.
 
-Precedence, lowest to highest: the profile's values → ``BCC_*`` environment variables → explicit
-overrides (the CLI's flags). Nothing happens at import time; call :func:`load_settings`.
+Precedence, lowest to highest: the declared default → the profile's values → ``BCC_*`` environment
+variables → explicit overrides (the CLI's flags). Nothing happens at import time; call :func:`load_settings`.
+
+Every setting is declared once, as a field of :class:`Settings` made by :func:`setting`: its name, type,
+environment variable, default, allowed values or bounds, and a one-line doc. :data:`SETTINGS`,
+:data:`ENV_VARS`, :data:`DEFAULTS`, the validation, ``bcc config`` and the README's configuration table
+(``python -m bcc_pipeline.config --readme README.md``) are all derived from those fields.
 
 Profiles:
 
 ``seed``
     The recipe of the original project exactly: DenseNet201 with ImageNet weights, 224×224 input,
     Adam(1e-4), binary cross-entropy, batch 16, 7 epochs, ReduceLROnPlateau, best checkpoint kept.
-    The production default.
+    The production default; its values are the declared defaults of the recipe settings.
 ``demo``
     The same architecture and callbacks with a smaller input, fewer epochs and no pretrained
     weights, so the whole demo finishes in minutes on a 2-core CPU without a network.
+
+This module imports nothing heavy (the CLI, the DAG files and :mod:`bcc_pipeline.images` import it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import sys
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .inference import BACKENDS, DEFAULT_BACKEND
 
-__all__ = ["PROFILES", "Settings", "load_settings", "ENV_VARS"]
+__all__ = ["BACKENDS", "DEFAULTS", "DEFAULT_BACKEND", "ENV_VARS", "PROFILES", "SETTINGS", "Setting", "Settings",
+           "load_settings", "markdown_table", "update_readme"]
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "seed": {
-        "image_size": 224,
-        "batch_size": 16,
-        "epochs": 7,
-        "learning_rate": 1e-4,
-        "base_weights": "imagenet",
-    },
-    "demo": {
-        "image_size": 96,
-        "batch_size": 16,
-        "epochs": 5,
-        "learning_rate": 1e-4,
-        "base_weights": "none",
-    },
+#: Inference back-ends :func:`bcc_pipeline.inference.load_predictor` knows (described there).
+BACKENDS = ("keras", "xla", "keras-bf16", "openvino", "openvino-bf16", "onnxruntime")
+#: The fastest back-end that agreed on at least 99.5 % of the labels in ``make bench``.
+DEFAULT_BACKEND = "openvino-bf16"
+
+#: What each profile changes in the recipe settings; ``seed`` is the declared defaults themselves.
+_PROFILE_CHANGES: dict[str, dict[str, Any]] = {
+    "seed": {},
+    "demo": {"image_size": 96, "epochs": 5, "base_weights": "none"},
 }
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything configurable. Paths are absolute."""
+class Setting:
+    """The declaration of one setting (``name`` and ``type`` come from its :class:`Settings` field)."""
 
-    profile: str = "seed"
-    home: Path = Path("var").resolve()
-    database_url: str = ""
+    env: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive: bool = False  # the bounds themselves are refused
+    why: str = ""  # appended to the error message
+    shown: str = ""  # the default as the README shows it, when the value itself says too little
+    recipe: bool = False  # set by every profile
+    recorded: bool = False  # recorded with every model version (Settings.training_params)
+    name: str = ""
+    type: type = object
+
+    @property
+    def rule(self) -> str:
+        """What a valid value is, in words ("" when any value of the type is)."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and hi is not None:
+            return f"{'strictly ' if self.exclusive else ''}between {lo:g} and {hi:g}"
+        if lo is not None:
+            if self.type is int and lo == 1 and not self.exclusive:
+                return "a positive integer"
+            return f"greater than {lo:g}" if self.exclusive else f"at least {lo:g}"
+        if hi is not None:
+            return f"less than {hi:g}" if self.exclusive else f"at most {hi:g}"
+        if self.type is str and str(self.default).strip():  # a blank default means "derived"
+            return "non-blank"
+        return ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not valid for this setting, or ``None`` when it is."""
+        lo, hi = self.minimum, self.maximum
+        if self.choices:
+            bad = value not in self.choices
+        elif lo is not None or hi is not None:
+            bad = ((lo is not None and (value <= lo if self.exclusive else value < lo))
+                   or (hi is not None and (value >= hi if self.exclusive else value > hi)))
+        else:
+            bad = self.rule == "non-blank" and not str(value).strip()
+        if not bad:
+            return None
+        return f"must be {self.rule}" + (f" ({self.why})" if self.why else "")
+
+
+def setting(env: str, default: Any, doc: str, **rules: Any) -> Any:
+    """A :class:`Settings` field declaring one setting; ``rules`` are :class:`Setting`'s other fields."""
+    return field(default=default, metadata={"setting": Setting(env, default, doc, **rules)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, each field declared once. Paths are absolute (:func:`load_settings`)."""
+
+    profile: str = setting("BCC_PROFILE", "seed", "Named profile: `seed` (the original recipe) or `demo` (small, "
+                           "from scratch).", choices=tuple(_PROFILE_CHANGES), recorded=True)
+    home: Path = setting("BCC_HOME", Path("var"), "Root of the working folders (landing, dataset, inbox, "
+                         "archive, ...).", shown="./var")
+    database_url: str = setting("BCC_DATABASE_URL", "", "SQLAlchemy URL of the project database.",
+                                shown="sqlite:///$BCC_HOME/bcc.db")
     # model / training
-    base_weights: str = "imagenet"  # "imagenet" | "none" | a path to a .h5/.weights.h5 file
-    image_size: int = 224
-    batch_size: int = 16
-    epochs: int = 7
-    learning_rate: float = 1e-4
-    seed: int = 42
-    val_fraction: float = 0.2
-    bn_recalibration: str = "auto"  # auto (from-scratch runs only) | on | off
+    base_weights: str = setting("BCC_BASE_WEIGHTS", "imagenet", "`imagenet` (Keras cache), `none` (random "
+                                "init) or a path to a weights file.",
+                                why="use imagenet, none or a path to a weights file", recipe=True, recorded=True)
+    image_size: int = setting("BCC_IMAGE_SIZE", 224, "Square input size in pixels.", minimum=32,
+                              why="DenseNet201 downsamples 32×", recipe=True, recorded=True)
+    batch_size: int = setting("BCC_BATCH_SIZE", 16, "Training batch size.", minimum=1, recipe=True, recorded=True)
+    epochs: int = setting("BCC_EPOCHS", 7, "Training epochs.", minimum=1, recipe=True, recorded=True)
+    learning_rate: float = setting("BCC_LEARNING_RATE", 1e-4, "Adam learning rate.", minimum=0, exclusive=True,
+                                   recipe=True, recorded=True)
+    seed: int = setting("BCC_SEED", 42, "Seed for the split, weight init and augmentation.", recorded=True)
+    val_fraction: float = setting("BCC_VAL_FRACTION", 0.2, "Validation share of the group-aware stratified "
+                                  "split.", minimum=0, maximum=1, exclusive=True, recorded=True)
+    bn_recalibration: str = setting("BCC_BN_RECALIBRATION", "auto", "Re-estimate BatchNorm statistics after "
+                                    "training (`auto`: from-scratch runs only).",
+                                    choices=("auto", "on", "off"), recorded=True)
     # evaluation and quality gate
-    target_sensitivity: float = 0.95
-    gate_min_accuracy: float = 0.80
-    gate_min_sensitivity: float = 0.90
-    gate_tolerance: float = 0.02
+    target_sensitivity: float = setting("BCC_TARGET_SENSITIVITY", 0.95, "Malignant sensitivity the operating "
+                                        "threshold must reach on validation.", minimum=0, maximum=1,
+                                        recorded=True)
+    gate_min_accuracy: float = setting("BCC_GATE_MIN_ACCURACY", 0.80, "Quality gate: absolute accuracy floor.",
+                                       minimum=0, maximum=1)
+    gate_min_sensitivity: float = setting("BCC_GATE_MIN_SENSITIVITY", 0.90, "Quality gate: absolute "
+                                          "sensitivity floor.", minimum=0, maximum=1)
+    gate_tolerance: float = setting("BCC_GATE_TOLERANCE", 0.02, "Quality gate: how much worse than the "
+                                    "champion a candidate may be.", minimum=0)
     # images
-    max_pixels: int = 50_000_000
-    min_side: int = 32
+    max_pixels: int = setting("BCC_MAX_PIXELS", 50_000_000, "Refuse images with more pixels than this "
+                              "(decompression-bomb guard).", minimum=1)
+    min_side: int = setting("BCC_MIN_SIDE", 32, "Refuse images whose shorter side is below this.", minimum=1)
     # scoring
-    score_batch_size: int = 32
-    settle_seconds: float = 2.0
-    inference: str = DEFAULT_BACKEND
+    score_batch_size: int = setting("BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1)
+    settle_seconds: float = setting("BCC_SETTLE_SECONDS", 2.0, "Inbox files modified more recently than this "
+                                    "are left for the next run.", minimum=0)
+    inference: str = setting("BCC_INFERENCE", DEFAULT_BACKEND, "Scoring back-end (see Benchmarks).",
+                             choices=BACKENDS)
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -119,53 +196,36 @@ class Settings:
         return self.base_weights == "none"
 
     def as_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name == "sources":
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else value
-        return out
+        """Every setting by name; paths as strings."""
+        values = {name: getattr(self, name) for name in SETTINGS}
+        return {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
 
     def training_params(self) -> dict[str, Any]:
         """The hyperparameters recorded with every model version."""
-        keys = ("profile", "base_weights", "image_size", "batch_size", "epochs", "learning_rate",
-                "seed", "val_fraction", "bn_recalibration", "target_sensitivity")
-        return {k: getattr(self, k) for k in keys}
+        return {name: getattr(self, name) for name, spec in SETTINGS.items() if spec.recorded}
 
 
-# name -> (environment variable, type, documentation). The README's table is generated from this.
-ENV_VARS: dict[str, tuple[str, type, str]] = {
-    "profile": ("BCC_PROFILE", str, "Named profile: `seed` (the original recipe, default) or `demo`."),
-    "home": ("BCC_HOME", Path, "Root of the working folders (landing, dataset, inbox, archive, ...). Default `./var`."),
-    "database_url": ("BCC_DATABASE_URL", str, "SQLAlchemy URL of the project database. Default `sqlite:///$BCC_HOME/bcc.db`."),
-    "base_weights": ("BCC_BASE_WEIGHTS", str, "`imagenet` (Keras cache), `none` (random init) or a path to a weights file."),
-    "image_size": ("BCC_IMAGE_SIZE", int, "Square input size in pixels (seed 224, demo 96)."),
-    "batch_size": ("BCC_BATCH_SIZE", int, "Training batch size (16)."),
-    "epochs": ("BCC_EPOCHS", int, "Training epochs (seed 7, demo 5)."),
-    "learning_rate": ("BCC_LEARNING_RATE", float, "Adam learning rate (1e-4)."),
-    "seed": ("BCC_SEED", int, "Seed for the split, weight init and augmentation (42)."),
-    "val_fraction": ("BCC_VAL_FRACTION", float, "Validation share of the group-aware stratified split (0.2)."),
-    "bn_recalibration": ("BCC_BN_RECALIBRATION", str, "Re-estimate BatchNorm statistics: `auto` (from-scratch runs), `on`, `off`."),
-    "target_sensitivity": ("BCC_TARGET_SENSITIVITY", float, "Malignant sensitivity the operating threshold must reach on validation (0.95)."),
-    "gate_min_accuracy": ("BCC_GATE_MIN_ACCURACY", float, "Quality gate: absolute accuracy floor (0.80)."),
-    "gate_min_sensitivity": ("BCC_GATE_MIN_SENSITIVITY", float, "Quality gate: absolute sensitivity floor (0.90)."),
-    "gate_tolerance": ("BCC_GATE_TOLERANCE", float, "Quality gate: how much worse than the champion a candidate may be (0.02)."),
-    "max_pixels": ("BCC_MAX_PIXELS", int, "Refuse images with more pixels than this (decompression-bomb guard, 50,000,000)."),
-    "min_side": ("BCC_MIN_SIDE", int, "Refuse images whose shorter side is below this (32)."),
-    "score_batch_size": ("BCC_SCORE_BATCH_SIZE", int, "Inference batch size for scoring (32)."),
-    "settle_seconds": ("BCC_SETTLE_SECONDS", float, "Inbox files modified more recently than this are left for the next run (2)."),
-    "inference": ("BCC_INFERENCE", str, "Scoring back-end: `openvino-bf16` (default), `openvino`, `keras`, `xla`, `keras-bf16`, `onnxruntime` (see Benchmarks)."),
-}
+def _declared() -> dict[str, Setting]:
+    types = typing.get_type_hints(Settings)
+    return {f.name: dataclasses.replace(f.metadata["setting"], name=f.name, type=types[f.name])
+            for f in dataclasses.fields(Settings) if "setting" in f.metadata}
 
-_CHOICES = {
-    "profile": tuple(PROFILES),
-    "bn_recalibration": ("auto", "on", "off"),
-    "inference": BACKENDS,
+
+#: Every setting's declaration, by name, in declaration order.
+SETTINGS: Mapping[str, Setting] = _declared()
+#: name -> declared default (the ``seed`` profile's values).
+DEFAULTS: Mapping[str, Any] = {name: spec.default for name, spec in SETTINGS.items()}
+#: name -> (environment variable, type, one-line doc).
+ENV_VARS: dict[str, tuple[str, type, str]] = {n: (s.env, s.type, s.doc) for n, s in SETTINGS.items()}
+#: profile name -> the value of every recipe setting under that profile.
+PROFILES: dict[str, dict[str, Any]] = {
+    profile: {**{n: s.default for n, s in SETTINGS.items() if s.recipe}, **changes}
+    for profile, changes in _PROFILE_CHANGES.items()
 }
 
 
-def _convert(name: str, raw: Any, typ: type, origin: str) -> Any:
+def _convert(name: str, raw: Any, origin: str) -> Any:
+    typ = SETTINGS[name].type
     if typ is Path:
         return Path(os.path.expanduser(str(raw))).resolve()
     if isinstance(raw, typ) and not (typ is int and isinstance(raw, bool)):
@@ -177,32 +237,16 @@ def _convert(name: str, raw: Any, typ: type, origin: str) -> Any:
             return float(raw)
         return typ(raw)
     except (TypeError, ValueError) as exc:
-        var = ENV_VARS[name][0]
-        where = f"environment variable {var}" if origin == "env" else f"setting {name!r}"
+        where = f"environment variable {SETTINGS[name].env}" if origin == "env" else f"setting {name!r}"
         raise ConfigError(f"{where} must be {typ.__name__}, got {raw!r}") from exc
 
 
 def _check(s: Settings) -> None:
-    def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"{ENV_VARS[name][0]}={getattr(s, name)!r}: {why}")
-
-    for name, choices in _CHOICES.items():
-        if getattr(s, name) not in choices:
-            raise bad(name, f"must be one of {', '.join(choices)}")
-    if s.image_size < 32:
-        raise bad("image_size", "must be at least 32 (DenseNet201 downsamples 32×)")
-    for name in ("batch_size", "epochs", "score_batch_size", "max_pixels", "min_side"):
-        if getattr(s, name) < 1:
-            raise bad(name, "must be a positive integer")
-    if not 0.0 < s.val_fraction < 1.0:
-        raise bad("val_fraction", "must be between 0 and 1")
-    for name in ("target_sensitivity", "gate_min_accuracy", "gate_min_sensitivity"):
-        if not 0.0 <= getattr(s, name) <= 1.0:
-            raise bad(name, "must be between 0 and 1")
-    if s.gate_tolerance < 0 or s.learning_rate <= 0 or s.settle_seconds < 0:
-        raise ConfigError("gate tolerance, learning rate and settle seconds must be positive")
-    if s.base_weights not in ("imagenet", "none") and not s.base_weights.strip():
-        raise bad("base_weights", "use imagenet, none or a path to a weights file")
+    for name, spec in SETTINGS.items():
+        value = getattr(s, name)
+        why = spec.problem(value)
+        if why:
+            raise ConfigError(f"{spec.env}={value!r}: {why}")
 
 
 def load_settings(
@@ -210,42 +254,99 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build the settings: profile values, then ``BCC_*`` variables, then ``overrides``.
+    """Build the settings: declared defaults, profile values, then ``BCC_*`` variables, then ``overrides``.
 
     ``profile`` (or ``overrides["profile"]``) beats ``BCC_PROFILE``. ``None`` values in
     ``overrides`` are ignored, so CLI flags that were not given fall through.
     """
     env = os.environ if env is None else env
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = set(overrides) - set(ENV_VARS)
+    unknown = set(overrides) - set(SETTINGS)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
 
+    profile_var = SETTINGS["profile"].env
     explicit = overrides.pop("profile", None) or profile
-    chosen = explicit or env.get("BCC_PROFILE") or "seed"
+    chosen = explicit or env.get(profile_var) or DEFAULTS["profile"]
     if chosen not in PROFILES:
         raise ConfigError(f"unknown profile {chosen!r}; choose one of {', '.join(PROFILES)}")
 
     values: dict[str, Any] = {"profile": chosen}
     sources: dict[str, str] = {
-        "profile": "override" if explicit else ("env" if env.get("BCC_PROFILE") else "default")
+        "profile": "override" if explicit else ("env" if env.get(profile_var) else "default")
     }
     for name, value in PROFILES[chosen].items():
         values[name], sources[name] = value, "profile"
-    for name, (var, typ, _doc) in ENV_VARS.items():
-        if name == "profile":
-            continue
-        raw = env.get(var)
-        if raw is not None and raw != "":
-            values[name], sources[name] = _convert(name, raw, typ, "env"), "env"
+    for name, spec in SETTINGS.items():
+        raw = env.get(spec.env)
+        if name != "profile" and raw is not None and raw != "":
+            values[name], sources[name] = _convert(name, raw, "env"), "env"
     for name, raw in overrides.items():
-        values[name], sources[name] = _convert(name, raw, ENV_VARS[name][1], "override"), "override"
+        values[name], sources[name] = _convert(name, raw, "override"), "override"
 
-    home = values.get("home") or Path("var").resolve()
-    values["home"] = _convert("home", home, Path, "default")
+    values["home"] = _convert("home", values.get("home") or DEFAULTS["home"], "default")
     if not values.get("database_url"):
         values["database_url"] = f"sqlite:///{values['home'] / 'bcc.db'}"
         sources.setdefault("database_url", "default")
     settings = Settings(**values, sources=sources)
     _check(settings)
     return settings
+
+
+# -- the README's configuration table -----------------------------------------------------------
+README_BEGIN, README_END = "<!-- config:begin -->", "<!-- config:end -->"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:_}" if isinstance(value, int) else f"{value:g}"
+
+
+def markdown_table() -> str:
+    """The README's configuration table, one row per declared setting."""
+    rows = ["| variable | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for name, spec in SETTINGS.items():
+        default = f"`{spec.shown or _shown(spec.default)}`"
+        for profile, values in PROFILES.items():
+            if name in values and values[name] != spec.default:
+                default += f" ({profile}: `{_shown(values[name])}`)"
+        if spec.choices:
+            allowed = ", ".join(f"`{c}`" for c in spec.choices)
+        else:
+            allowed = spec.rule + (f" ({spec.why})" if spec.rule and spec.why else "")
+        typ = "path" if spec.type is Path else spec.type.__name__
+        rows.append(f"| `{spec.env}` | {typ} | {default} | {allowed} | {spec.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def update_readme(path: Path | str) -> bool:
+    """Put :func:`markdown_table` between the config markers of ``path``; ``True`` when the file changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise ConfigError(f"{path} has no {README_BEGIN} … {README_END} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _old, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{markdown_table()}{README_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bcc_pipeline.config [--readme README.md]``: print the table, or write it into a README."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bcc_pipeline.config", description=main.__doc__)
+    ap.add_argument("--readme", help="write the table between the config markers of this file")
+    args = ap.parse_args(argv)
+    if args.readme:
+        print(f"{args.readme}: {'updated' if update_readme(args.readme) else 'already up to date'}")
+    else:
+        sys.stdout.write(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -29,30 +29,35 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from . import images
-from .config import Settings
+from .config import DEFAULTS, Settings
 from .errors import DatasetError, ImageError
-from .files import SYSTEM_NAMES, atomic_write, quarantine_file, safe_dirname
+from .files import REASON_SUFFIX, SYSTEM_NAMES, atomic_write, quarantine_file, safe_dirname
+from .model import CLASS_NAMES
 from .store import ImageRecord, Rejection, insert_rows, session_scope, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
 
 __all__ = [
+    "CACHE_BUDGET_BYTES",
     "LABELS",
+    "PROGRESS_EVERY",
     "IntakeReport",
     "Manifest",
+    "augmentation",
     "intake",
     "load_manifest",
     "make_dataset",
     "make_split",
+    "manifest_arrays",
     "prepare_split",
-    "quarantine_file",
     "write_manifest",
 ]
 
 log = logging.getLogger(__name__)
 
-LABELS = ("benign", "malignant")
+LABELS = CLASS_NAMES  # the model's class order: label index i is output column i
+PROGRESS_EVERY = 50  # intake reports progress each time this many more files are stored
 
 
 @dataclass
@@ -73,7 +78,7 @@ class IntakeReport:
 
 
 def _is_ignored_name(name: str) -> bool:
-    return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(".reason.txt")
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(REASON_SUFFIX)
 
 
 def _store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
@@ -122,6 +127,7 @@ def intake(settings: Settings, *, run_id: str | None = None,
             report.ignored_paths.append(str(entry.relative_to(landing)))
             log.warning("ignoring %s: landing/ holds only the folders %s", entry, ", ".join(LABELS))
 
+    last_progress = 0
     with session_scope(settings.database_url) as session:
         for label in LABELS:
             label_dir = landing / label
@@ -136,7 +142,9 @@ def intake(settings: Settings, *, run_id: str | None = None,
                     session.rollback()
                     report.failed.append({"path": str(rel), "error": f"{type(exc).__name__}: {exc}"})
                     log.error("could not take in %s (left in landing): %s", rel, exc)
-                if progress and (report.accepted + report.duplicates) % 50 == 0 and report.accepted:
+                done = report.accepted + report.duplicates
+                if progress and report.accepted and done % PROGRESS_EVERY == 0 and done != last_progress:
+                    last_progress = done  # once per count: rejected and ignored files do not repeat it
                     progress(f"intake: {report.accepted} accepted, {report.duplicates} duplicates so far")
     log.info("intake %s: %d accepted, %d duplicates, %d conflicts, %d rejected, %d ignored, %d skipped",
              run_id, report.accepted, report.duplicates, report.conflicts, report.rejected,
@@ -144,7 +152,7 @@ def intake(settings: Settings, *, run_id: str | None = None,
     return report
 
 
-def _reject(settings: Settings, session, path: Path, rel: Path, reason: str, sha: str | None,
+def _reject(session, path: Path, rel: Path, reason: str, sha: str | None,
             report: IntakeReport, quarantine_root: Path) -> None:
     moved = quarantine_file(path, quarantine_root, rel, reason)
     insert_rows(session, Rejection, [{
@@ -159,7 +167,7 @@ def _reject(settings: Settings, session, path: Path, rel: Path, reason: str, sha
 def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, report: IntakeReport,
                 quarantine_root: Path, now_ts: float) -> None:
     if path.is_symlink():
-        _reject(settings, session, path, rel, "symbolic link: links are never followed", None, report,
+        _reject(session, path, rel, "symbolic link: links are never followed", None, report,
                 quarantine_root)
         return
     if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
@@ -176,12 +184,12 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
             report.skipped += 1  # still being written; next run takes it
             return
         if st.st_size > images.max_file_bytes(settings.max_pixels):
-            _reject(settings, session, path, rel, f"file of {st.st_size} bytes is larger than any image within "
+            _reject(session, path, rel, f"file of {st.st_size} bytes is larger than any image within "
                     f"the pixel limit ({settings.max_pixels}) can be", None, report, quarantine_root)
             return
         data = path.read_bytes()
     except OSError as exc:
-        _reject(settings, session, path, rel, f"unreadable file: {exc.strerror or exc}", None, report,
+        _reject(session, path, rel, f"unreadable file: {exc.strerror or exc}", None, report,
                 quarantine_root)
         return
     sha = images.sha256_bytes(data)
@@ -189,7 +197,7 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
         info = images.validate(data, path=rel, max_pixels=settings.max_pixels, min_side=settings.min_side)
         images.decode(data, path=rel, max_pixels=settings.max_pixels, min_side=settings.min_side)
     except ImageError as exc:
-        _reject(settings, session, path, rel, exc.reason, sha, report, quarantine_root)
+        _reject(session, path, rel, exc.reason, sha, report, quarantine_root)
         return
 
     parts = rel.parts  # (label, [group, ...], name)
@@ -201,7 +209,7 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
         if existing.excluded_reason is None:
             existing.excluded_reason = f"content seen as both {existing.label} and {label} ({rel})"
         report.conflicts += 1
-        _reject(settings, session, path, rel, reason, sha, report, quarantine_root)
+        _reject(session, path, rel, reason, sha, report, quarantine_root)
         return
     if existing is not None and existing.label == label:
         report.duplicates += 1
@@ -249,7 +257,8 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def make_split(records: Sequence[dict[str, Any]], *, seed: int = 42, val_fraction: float = 0.2) -> list[dict[str, Any]]:
+def make_split(records: Sequence[dict[str, Any]], *, seed: int = DEFAULTS["seed"],
+               val_fraction: float = DEFAULTS["val_fraction"]) -> list[dict[str, Any]]:
     """Assign each record (``sha256``, ``label``, ``group_id``) to ``train`` or ``validation``.
 
     Groups are ranked by a seeded hash (stable when new groups arrive, unlike a shuffle) and taken
@@ -368,8 +377,8 @@ CACHE_BUDGET_BYTES = 2 * 1024**3
 
 
 def make_dataset(paths: Sequence[str], labels: Sequence[int] | None, *, image_size: int, batch_size: int,
-                 training: bool = False, seed: int = 42, max_pixels: int = 50_000_000,
-                 min_side: int = 32, cache: bool | None = None) -> tf.data.Dataset:
+                 training: bool = False, seed: int = DEFAULTS["seed"], max_pixels: int = DEFAULTS["max_pixels"],
+                 min_side: int = DEFAULTS["min_side"], cache: bool | None = None) -> tf.data.Dataset:
     """A tf.data pipeline over image files: decode + ``images.preprocess`` in parallel, batch, prefetch.
 
     ``labels`` (0 benign, 1 malignant) become one-hot targets; with ``labels=None`` the dataset yields

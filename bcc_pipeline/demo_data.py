@@ -34,12 +34,14 @@ import hashlib
 import math
 import operator
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from .files import atomic_write
+from .model import CLASS_NAMES
 
 __all__ = [
     "DEFAULT_SEPARATION",
@@ -49,7 +51,7 @@ __all__ = [
     "render_tile",
 ]
 
-LABELS: tuple[str, str] = ("benign", "malignant")
+LABELS = CLASS_NAMES  # one label tuple, the model's class order
 
 #: Distance between the class means of the latent malignancy score, in units of its
 #: within-class standard deviation. Bayes accuracy for balanced classes is Phi(d / 2):
@@ -319,26 +321,14 @@ def _write_unique(folder: Path, stem: str, ext: str, data: bytes) -> Path:
     """
     for attempt in range(1000):
         path = folder / (f"{stem}{ext}" if attempt == 0 else f"{stem}_{attempt}{ext}")
-        if path.exists():
+        try:
+            return atomic_write(path, data, exclusive=True, fsync=False)
+        except FileExistsError:
             try:
                 if path.is_file() and path.read_bytes() == data:
                     return path
             except OSError:
                 pass
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            if path.exists():  # appeared meanwhile: do not clobber it
-                os.unlink(tmp)
-                continue
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
     raise FileExistsError(f"no free file name for {stem}{ext} in {folder}")  # pragma: no cover
 
 

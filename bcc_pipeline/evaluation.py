@@ -13,9 +13,13 @@ A sample is *predicted* malignant when ``prob_malignant >= threshold``.
 :func:`compute_metrics` returns a flat ``dict[str, float]`` (keys :data:`METRIC_NAMES`, in that
 order) suitable for storing next to a model version, and the ``plot_*`` functions write PNG
 reports. Plots use :class:`matplotlib.figure.Figure` directly (never ``pyplot``), so they need no
-display, touch no global state and are safe to call from several threads. Every file is written
-atomically: rendered to a temporary file in the destination folder, then moved into place with
-:func:`os.replace`, so a reader never sees a half-written PNG.
+display, touch no global state and are safe to call from several threads. Every figure is rendered
+in memory and written with :func:`bcc_pipeline.files.atomic_write`, so a reader never sees a
+half-written PNG.
+
+The standard metrics come from :mod:`sklearn.metrics`; what is written here is what is ours: the
+input checks, the operating-threshold rule, the calibration error with its documented bins, the
+undefined-metric conventions (``nan`` where scikit-learn would raise or warn) and the plots.
 
 Bad input (empty, length mismatch, labels outside ``{0, 1}``, probabilities outside ``[0, 1]`` or
 not finite, bad parameters) raises :class:`ValueError` with a one-line message.
@@ -23,17 +27,22 @@ not finite, bad parameters) raises :class:`ValueError` with a one-line message.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss, roc_auc_score, roc_curve
+
+from .files import atomic_write
 
 __all__ = [
+    "DEFAULT_THRESHOLD",
+    "LOG_LOSS_EPS",
     "METRIC_NAMES",
     "choose_threshold",
     "compute_metrics",
@@ -45,22 +54,9 @@ __all__ = [
 
 #: The keys of :func:`compute_metrics`'s result, in the order they are returned.
 METRIC_NAMES: tuple[str, ...] = (
-    "accuracy",
-    "precision",
-    "recall",
-    "sensitivity",
-    "specificity",
-    "f1",
-    "roc_auc",
-    "log_loss",
-    "ece",
-    "brier",
-    "threshold",
-    "n",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
+    *("accuracy", "precision", "recall", "sensitivity", "specificity", "f1"),  # at the threshold
+    *("roc_auc", "log_loss", "ece", "brier"),  # threshold-free
+    *("threshold", "n", "tp", "fp", "tn", "fn"),  # the inputs and the counts
 )
 
 #: Probabilities are clipped to ``[LOG_LOSS_EPS, 1 - LOG_LOSS_EPS]`` before taking logs.
@@ -74,11 +70,6 @@ _DPI = 100
 
 ArrayLike = Sequence[float] | np.ndarray
 PathLike = str | os.PathLike[str]
-
-
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
 
 
 def _as_1d(values: Any, name: str) -> np.ndarray:
@@ -132,25 +123,13 @@ def _check_unit(value: Any, name: str, *, low_open: bool = False) -> float:
 
 
 def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
-    pred = p >= threshold
-    pos = y == 1
-    tp = int(np.count_nonzero(pred & pos))
-    fp = int(np.count_nonzero(pred & ~pos))
-    tn = int(np.count_nonzero(~pred & ~pos))
-    fn = int(np.count_nonzero(~pred & pos))
+    """``(tp, fp, tn, fn)`` with prediction = ``p >= threshold``."""
+    tn, fp, fn, tp = confusion_matrix(y, p >= threshold, labels=[False, True]).ravel().tolist()
     return tp, fp, tn, fn
 
 
-# --------------------------------------------------------------------------------------------
-# threshold and metrics
-# --------------------------------------------------------------------------------------------
-
-
 def choose_threshold(
-    y_true: ArrayLike,
-    prob_malignant: ArrayLike,
-    *,
-    target_sensitivity: float = 0.95,
+    y_true: ArrayLike, prob_malignant: ArrayLike, *, target_sensitivity: float = 0.95
 ) -> float:
     """Return the highest threshold whose sensitivity on this data is at least the target.
 
@@ -182,7 +161,10 @@ def choose_threshold(
 
 
 def _ece(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
-    # bin k holds probabilities in [k / n_bins, (k + 1) / n_bins); 1.0 goes to the last bin
+    # Written here rather than on sklearn.calibration.calibration_curve: that returns the mean of each
+    # non-empty bin but not its size, which the ECE weights by, and it puts a probability lying on a
+    # bin edge into the lower bin, whereas the bins documented here are [k / n_bins, (k + 1) / n_bins).
+    # 1.0 goes to the last bin.
     idx = np.minimum(np.floor(p * n_bins).astype(np.int64), n_bins - 1)
     counts = np.bincount(idx, minlength=n_bins)
     sum_p = np.bincount(idx, weights=p, minlength=n_bins)
@@ -192,39 +174,8 @@ def _ece(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
     return float(np.sum(counts[used] * gaps) / y.shape[0])
 
 
-def _roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half).
-
-    Same value as ``sklearn.metrics.roc_auc_score`` without importing scikit-learn.
-    Both classes must be present.
-    """
-    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
-    # average 1-based rank of each distinct value
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    ranks = avg_rank[inverse]
-    n_pos = int(np.count_nonzero(y == 1))
-    n_neg = y.shape[0] - n_pos
-    u = float(ranks[y == 1].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
-
-
-def _roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) at every distinct probability used as threshold, from (0, 0) to (1, 1)."""
-    values, inverse = np.unique(p, return_inverse=True)
-    pos = np.bincount(inverse, weights=(y == 1).astype(np.float64), minlength=values.size)
-    neg = np.bincount(inverse, weights=(y == 0).astype(np.float64), minlength=values.size)
-    # thresholds from the highest value down: counts of samples with p >= value
-    tp = np.concatenate(([0.0], np.cumsum(pos[::-1])))
-    fp = np.concatenate(([0.0], np.cumsum(neg[::-1])))
-    return fp / fp[-1], tp / tp[-1]
-
-
 def compute_metrics(
-    y_true: ArrayLike,
-    prob_malignant: ArrayLike,
-    *,
-    threshold: float = 0.5,
-    n_bins: int = 10,
+    y_true: ArrayLike, prob_malignant: ArrayLike, *, threshold: float = 0.5, n_bins: int = 10
 ) -> dict[str, float]:
     """Classification and calibration metrics at ``threshold``; every value is a plain float.
 
@@ -256,13 +207,15 @@ def compute_metrics(
     n_pos, n_neg = tp + fn, tn + fp
     nan = float("nan")
 
+    # The ratios stay ours: scikit-learn warns and returns 0 where a rate is undefined, and this
+    # module reports those as nan (a recall of 0 on data without malignant samples would mislead).
     recall = tp / n_pos if n_pos else nan
-    if n_pos and n_neg:
-        roc_auc = _roc_auc(y, p)
-    else:
-        roc_auc = nan
-    pc = np.clip(p, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
-    log_loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log1p(-pc)))
+    # roc_auc_score raises on one class: the area is undefined there, so nan
+    roc_auc = float(roc_auc_score(y, p)) if n_pos and n_neg else nan
+    # labels=[0, 1]: defined on one class too; our clipping, so the value does not depend on the
+    # floating-point epsilon scikit-learn clips with
+    loss = float(log_loss(y, np.clip(p, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS), labels=[0, 1]))
+    counts = {"threshold": thr, "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
     values: dict[str, float] = {
         "accuracy": (tp + tn) / n,
@@ -272,22 +225,12 @@ def compute_metrics(
         "specificity": tn / n_neg if n_neg else nan,
         "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0,
         "roc_auc": roc_auc,
-        "log_loss": log_loss,
+        "log_loss": loss,
         "ece": _ece(y, p, int(n_bins)),
-        "brier": float(np.mean((p - y) ** 2)),
-        "threshold": thr,
-        "n": n,
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
+        "brier": float(brier_score_loss(y, p, pos_label=1)),
+        **counts,
     }
     return {name: float(values[name]) for name in METRIC_NAMES}
-
-
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
 
 
 def _png_path(path: PathLike) -> Path:
@@ -297,21 +240,12 @@ def _png_path(path: PathLike) -> Path:
     return target
 
 
-def _save_atomically(fig: Any, path: Path) -> Path:
-    """Render ``fig`` as PNG to a temp file next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+def _save_png(fig: Any, path: Path) -> Path:
+    """Render ``fig`` as PNG in memory, then write it all or nothing (readable by all, as plots are)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    atomic_write(path, buffer.getvalue())
+    os.chmod(path, 0o644)
     return path
 
 
@@ -361,10 +295,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path: PathLike)
     fig = _new_figure()
     ax_loss, ax_acc = fig.subplots(2, 1, sharex=True)
     fig.suptitle("Training curves")
-    panels = (
-        (ax_loss, "Loss", (loss, val_loss)),
-        (ax_acc, "Accuracy", (acc, val_acc)),
-    )
+    panels = ((ax_loss, "Loss", (loss, val_loss)), (ax_acc, "Accuracy", (acc, val_acc)))
     for ax, label, (train, val) in panels:
         drawn = False
         for series, name, style in ((train, "training", "-o"), (val, "validation", "--s")):
@@ -379,15 +310,8 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path: PathLike)
         if drawn:
             ax.legend(loc="best", fontsize="small")
         else:
-            ax.text(
-                0.5,
-                0.5,
-                f"no {label.lower()} recorded",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="gray",
-            )
+            empty = f"no {label.lower()} recorded"
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="gray")
     if val_loss is not None and np.isfinite(val_loss[1]).any():
         best = int(np.nanargmin(val_loss[1])) + 1
         for ax in (ax_loss, ax_acc):
@@ -395,7 +319,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path: PathLike)
         ax_loss.set_title(f"best val_loss at epoch {best}", fontsize="small")
     ax_acc.set_xlabel("Epoch")
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save_atomically(fig, target)
+    return _save_png(fig, target)
 
 
 def plot_confusion_matrix(
@@ -417,8 +341,7 @@ def plot_confusion_matrix(
         raise ValueError(f"labels must be two class names (class 0, class 1), got {labels!r}")
     names = [str(label) for label in labels]
     y, p = _validate(y_true, prob_malignant)
-    tp, fp, tn, fn = _confusion(y, p, thr)
-    cm = np.array([[tn, fp], [fn, tp]])
+    cm = confusion_matrix(y, p >= thr, labels=[False, True])  # rows: true class, columns: predicted
     row_totals = cm.sum(axis=1, keepdims=True)
 
     fig = _new_figure()
@@ -431,30 +354,18 @@ def plot_confusion_matrix(
         for j in range(2):
             count = int(cm[i, j])
             share = f"\n{count / row_totals[i, 0]:.1%}" if row_totals[i, 0] else ""
-            dark = count > 0.5 * cm.max()
-            ax.text(
-                j,
-                i,
-                f"{count}{share}",
-                ha="center",
-                va="center",
-                fontsize=13,
-                color="white" if dark else "black",
-            )
+            color = "white" if count > 0.5 * cm.max() else "black"
+            ax.text(j, i, f"{count}{share}", ha="center", va="center", fontsize=13, color=color)
     ax.set_xticks([0, 1], labels=names)
     ax.set_yticks([0, 1], labels=names)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(f"Confusion matrix (threshold = {thr:.3g}, n = {y.shape[0]})")
-    return _save_atomically(fig, target)
+    return _save_png(fig, target)
 
 
 def plot_roc(
-    y_true: ArrayLike,
-    prob_malignant: ArrayLike,
-    path: PathLike,
-    *,
-    threshold: float | None = None,
+    y_true: ArrayLike, prob_malignant: ArrayLike, path: PathLike, *, threshold: float | None = None
 ) -> Path:
     """Plot the ROC curve (AUC in the legend) to a PNG, marking the operating point if given.
 
@@ -468,8 +379,8 @@ def plot_roc(
     if n_pos == 0 or n_pos == y.shape[0]:
         raise ValueError("cannot plot a ROC curve: y_true must contain both classes")
 
-    fpr, tpr = _roc_points(y, p)
-    auc = _roc_auc(y, p)
+    fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)  # every distinct probability as a threshold
+    auc = float(roc_auc_score(y, p))
 
     fig = _new_figure()
     ax = fig.subplots()
@@ -478,15 +389,8 @@ def plot_roc(
     if thr is not None:
         tp, fp, tn, fn = _confusion(y, p, thr)
         sens, fpr_t = tp / (tp + fn), fp / (fp + tn)
-        ax.plot(
-            [fpr_t],
-            [sens],
-            marker="o",
-            markersize=8,
-            color="crimson",
-            linestyle="none",
-            label=f"threshold {thr:.3g}: sens {sens:.2f}, spec {1 - fpr_t:.2f}",
-        )
+        point = f"threshold {thr:.3g}: sens {sens:.2f}, spec {1 - fpr_t:.2f}"
+        ax.plot([fpr_t], [sens], "o", markersize=8, color="crimson", label=point)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("False positive rate (1 - specificity)")
@@ -494,7 +398,7 @@ def plot_roc(
     ax.set_title(f"ROC curve (n = {y.shape[0]}, malignant = {n_pos})")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    return _save_atomically(fig, target)
+    return _save_png(fig, target)
 
 
 def plot_all(

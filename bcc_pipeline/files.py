@@ -5,11 +5,19 @@ The rules every move in the pipeline follows:
 * A symbolic link is moved as a link: the link itself is renamed (or re-created), its target is never
   opened, read, moved or changed. Only ``os.lstat``/``os.readlink`` ever look at a link.
 * Nothing is overwritten. A taken destination name gets a suffix, ``name~1.png``, ``name~2.png``, ...
+  Every step that gives a file its final name refuses to replace one that is there, whenever it
+  appeared: a hard link, ``renameat2(RENAME_NOREPLACE)``, ``symlink`` or an ``O_EXCL`` create. No
+  step checks for the name first and then renames.
 * A move is idempotent. It hard-links the source to its destination (``link`` fails instead of replacing
   an existing name) and then removes the source; a move interrupted between the two steps (even by
   SIGKILL) is finished by the next attempt, which finds the destination is the same inode as the source.
+* Where hard links are unavailable (a filesystem without them, or not allowed for this file) the move
+  is one ``renameat2(..., RENAME_NOREPLACE)`` (Linux; atomic, fails when the name is taken). Where that
+  is unavailable too, the bytes are copied into a new file created with ``O_EXCL``, flushed, and only
+  then is the source removed; an interruption there leaves both copies, never none.
 * When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied to
-  a temporary file beside the destination, flushed, linked into place and only then is the source removed.
+  a temporary file beside the destination, flushed, linked (or renamed without replacing) into place and
+  only then is the source removed.
 * A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
   a half-made destination is removed again.
 
@@ -19,12 +27,13 @@ very long name shortens its stem (with a short hash of the full name, so shorten
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -37,6 +46,8 @@ __all__ = [
     "move_no_clobber",
     "quarantine_file",
     "reason_path",
+    "rename_no_replace",
+    "renameat2",
     "safe_dirname",
     "sha256_file",
     "write_reason",
@@ -45,6 +56,25 @@ __all__ = [
 NAME_MAX = 255
 REASON_SUFFIX = ".reason.txt"
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+# renameat2 errors that mean "this filesystem or kernel cannot do RENAME_NOREPLACE", not "this rename failed"
+_NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not glibc >= 2.28 / not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+renameat2 = _load_renameat2()
+"""The C library's ``renameat2``, or ``None`` where there is none (then :func:`rename_no_replace` copies
+with ``O_EXCL``). Tests set it to ``None`` to exercise that fallback."""
 
 
 SYSTEM_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
@@ -94,27 +124,39 @@ def reason_path(path: Path) -> Path:
     return path.with_name(fit_name(path.name, REASON_SUFFIX))
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, exclusive: bool = False,
-                 fsync: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Path], object], *,
+                 exclusive: bool = False, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
     then ``os.replace``. A crash leaves the old file or the new one, never half of one.
 
-    ``exclusive``: never replace an existing file; the temporary file is hard-linked into place, and
-    ``FileExistsError`` is raised when ``path`` is already there (whoever wrote first wins).
+    ``data``: bytes, text (UTF-8), or a function that writes the file at the path it is given, for
+    libraries that only write to a path (Keras' ``Model.save``, matplotlib's ``savefig``); that
+    temporary path ends in ``path``'s suffix.
+    ``exclusive``: never replace an existing file; the temporary file is hard-linked (or, without hard
+    links, renamed with :func:`rename_no_replace`) into place, and ``FileExistsError`` is raised when
+    ``path`` is already there (whoever wrote first wins).
     The parent folder is created when missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    suffix = f".tmp{path.suffix}" if callable(data) else ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
+        if callable(data):
+            os.close(fd)
+            data(Path(tmp))
             if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+        else:
+            raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                if fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
         if exclusive:
-            os.link(tmp, path)  # fails instead of replacing
+            _publish(Path(tmp), path)  # fails instead of replacing
         else:
             os.replace(tmp, path)
     finally:
@@ -153,6 +195,62 @@ def write_reason(path: Path, reason: str) -> Path:
     return atomic_write(target, reason.rstrip() + "\n", fsync=False)
 
 
+def _copy_no_replace(src: Path, dst: Path) -> None:
+    """Copy ``src`` (a link as a link) to a new ``dst``: ``FileExistsError`` when ``dst`` exists. The copy
+    is flushed to disk before this returns; a failed copy is removed again."""
+    src_st = os.lstat(src)
+    if stat.S_ISLNK(src_st.st_mode):
+        os.symlink(os.readlink(src), dst)  # fails when dst exists; readlink never touches the target
+        return
+    nofollow, cloexec = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
+    in_fd = os.open(src, os.O_RDONLY | nofollow | cloexec)
+    with os.fdopen(in_fd, "rb") as inp:
+        out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec,
+                         stat.S_IMODE(src_st.st_mode))
+        try:
+            with os.fdopen(out_fd, "wb") as out:
+                while chunk := inp.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.utime(dst, ns=(src_st.st_atime_ns, src_st.st_mtime_ns))
+        except BaseException:
+            os.unlink(dst)
+            raise
+
+
+def rename_no_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` (a file, or a symlink itself) to ``dst`` unless ``dst`` exists: then
+    ``FileExistsError``, and both stay as they are.
+
+    One ``renameat2(..., RENAME_NOREPLACE)`` call where the C library and the filesystem support it (the
+    check and the rename are one atomic step in the kernel). Elsewhere the bytes are copied into a new
+    ``dst`` created with ``O_EXCL`` and flushed, and then ``src`` is removed.
+    """
+    src, dst = Path(src), Path(dst)
+    fn = renameat2
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _NOREPLACE_UNSUPPORTED:
+            raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
+    _copy_no_replace(src, dst)
+    os.unlink(src)
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Give the complete file ``tmp`` the name ``dest`` without replacing anything (``FileExistsError``
+    when taken): a hard link (``tmp`` is then the caller's to remove), or without hard links a
+    :func:`rename_no_replace`."""
+    try:
+        os.link(tmp, dest)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno not in _LINK_UNSUPPORTED:
+            raise
+        rename_no_replace(tmp, dest)
+
+
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -172,7 +270,7 @@ def _copy_across(src: Path, src_st: os.stat_result, candidate: Path) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.utime(tmp, ns=(src_st.st_atime_ns, src_st.st_mtime_ns))
-        os.link(tmp, candidate)  # no-clobber
+        _publish(Path(tmp), candidate)  # no-clobber
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -208,10 +306,11 @@ def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -
                 except FileExistsError:
                     continue
             elif exc.errno in _LINK_UNSUPPORTED:
-                # no hard links here (or not allowed for this file): a checked rename
-                if os.path.lexists(candidate):
+                # no hard links here (or not allowed for this file): a rename that refuses a taken name
+                try:
+                    rename_no_replace(src, candidate)
+                except FileExistsError:
                     continue
-                os.rename(src, candidate)
                 return candidate
             else:
                 raise

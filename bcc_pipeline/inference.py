@@ -41,15 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from . import model as model_lib
+from .config import BACKENDS, DEFAULT_BACKEND  # re-exported: declared with the settings
 from .errors import ArtifactError, ConfigError
 from .files import sha256_file
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "Predictor", "load_predictor"]
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("keras", "xla", "keras-bf16", "openvino", "openvino-bf16", "onnxruntime")
-DEFAULT_BACKEND = "openvino-bf16"
 
 
 @dataclass

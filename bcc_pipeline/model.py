@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,16 +31,17 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 __all__ = [
-    "verify_artifact",
     "CLASS_NAMES",
     "IMAGENET_WEIGHTS_FILE",
     "IMAGENET_WEIGHTS_URL",
+    "MIN_IMAGE_SIZE",
     "build_classifier",
     "count_params",
     "keras_cache_dir",
     "load_artifact",
     "resolve_base_weights",
     "save_artifact",
+    "verify_artifact",
 ]
 
 CLASS_NAMES = ("benign", "malignant")
@@ -93,7 +93,7 @@ def resolve_base_weights(base_weights: str) -> str | None:
     return str(path.resolve())
 
 
-def build_classifier(*, image_size: int = 224, base_weights: str = "imagenet", seed: int | None = None) -> keras.Model:
+def build_classifier(*, image_size: int, base_weights: str, seed: int | None = None) -> keras.Model:
     """Build the seed's DenseNet201 classifier (see the module docstring for the layers).
 
     Args:
@@ -145,19 +145,14 @@ def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata:
     written into ``metadata.json`` (as ``artifact_sha256``).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / "model.keras"
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".keras", dir=out)
-    os.close(fd)
-    try:
+    digest = ""
+
+    def write(tmp: Path) -> None:
+        nonlocal digest
         model.save(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         digest = sha256_file(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    final = atomic_write(out / "model.keras", write)
     meta = dict(metadata, artifact="model.keras", artifact_sha256=digest)
     atomic_write(out / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return final, digest

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from . import __version__
+from . import __version__, registry
 from .config import Settings
 from .errors import ArtifactError, DatasetError
 from .files import atomic_write
@@ -33,6 +33,7 @@ __all__ = [
     "gate_step",
     "intake_step",
     "retrain",
+    "should_retrain",
     "split_step",
     "train_step",
 ]
@@ -62,7 +63,7 @@ def count_new_images(settings: Settings) -> dict[str, Any]:
     """Usable labelled images that arrived after the champion's training data cut-off."""
     require_schema(settings.database_url)
     with session_scope(settings.database_url) as s:
-        champ = s.scalars(select(ModelVersion).where(ModelVersion.status == "champion")).first()
+        champ = registry.get_champion(s)
         q = select(func.count()).select_from(ImageRecord).where(
             ImageRecord.label.is_not(None), ImageRecord.excluded_reason.is_(None))
         total = s.scalar(q) or 0
@@ -71,6 +72,23 @@ def count_new_images(settings: Settings) -> dict[str, Any]:
         new = s.scalar(q) or 0
     return {"new_images": int(new), "total_images": int(total),
             "champion": champ.version if champ else None}
+
+
+def should_retrain(settings: Settings, min_new: int, force: bool = False) -> tuple[bool, str]:
+    """Whether a retraining run should train, and why: yes when ``force`` is set or when at least
+    ``min_new`` usable labelled images arrived after the champion's data cut-off (every image counts
+    while there is no champion)."""
+    if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
+        raise ValueError(f"min_new must be an integer >= 0, got {min_new!r}")
+    info = count_new_images(settings)
+    new, champion = info["new_images"], info["champion"] or "none yet"
+    seen = (f"{new} new labelled images since the champion's data (total {info['total_images']}, "
+            f"champion {champion})")
+    if force:
+        return True, f"training (forced): {seen}"
+    if new < min_new:
+        return False, f"skipping training: {new} < min_new_images={min_new}; {seen}"
+    return True, f"training: {new} >= min_new_images={min_new}; {seen}"
 
 
 def split_step(settings: Settings) -> dict[str, Any]:
@@ -91,10 +109,9 @@ def train_step(settings: Settings, manifest_path: str, *, version: str | None = 
     """
     from . import dataset, model, training
     from .images import PREPROCESSING_ID
-    from .registry import new_version_id
 
     progress = progress or log.info
-    version = version or new_version_id()
+    version = version or registry.new_version_id()
     manifest = dataset.load_manifest(manifest_path)
     train_paths, train_labels = dataset.manifest_arrays(manifest, "train")
     val_paths, val_labels = dataset.manifest_arrays(manifest, "validation")
@@ -163,7 +180,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     """Choose the operating threshold on validation, compute metrics and plots, register the candidate."""
     import numpy as np
 
-    from . import dataset, evaluation, model, registry
+    from . import dataset, evaluation, model
 
     progress = progress or log.info
     model_dir = settings.models_dir / version
@@ -183,7 +200,8 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     history = json.loads((model_dir / "history.json").read_text())
     plots = evaluation.plot_all(history=history, y_true=val_labels, prob_malignant=val_probs,
                                 threshold=threshold, out_dir=model_dir / "plots")
-    (model_dir / "validation_predictions.json").write_text(json.dumps(
+    # atomically: the gate reads these back to compare candidate and champion on the same images
+    atomic_write(model_dir / "validation_predictions.json", json.dumps(
         [{"sha256": e["sha256"], "label": e["label"], "prob_malignant": float(p)}
          for e, p in zip(manifest.split("validation"), np.asarray(val_probs), strict=True)], indent=0))
     meta.update(threshold=threshold, metrics=results)
@@ -218,19 +236,41 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     return {"version": version, "threshold": threshold, "validation": v, "plots": plots}
 
 
+def _duel_images(manifest: Any, champion_dir: Path) -> tuple[list[int], dict[str, Any]]:
+    """The candidate's validation images (indexes into the manifest's validation side) to compare
+    the champion on, and a description of that choice for the gate's evidence.
+
+    Images the champion was trained on are left out (the split may move a group from the champion's
+    training side to this validation side). When leaving them out would leave a single class (or
+    none), no fair comparison on unseen images exists: then every validation image is used, and
+    ``fallback`` says so, with how many of them the champion had seen."""
+    entries = manifest.split("validation")
+    seen = _training_hashes(champion_dir)
+    keep = [i for i, e in enumerate(entries) if e["sha256"] not in seen]
+    n_seen = len(entries) - len(keep)
+    info: dict[str, Any] = {"validation_images": len(entries), "champion_trained_on": n_seen, "fallback": None}
+    classes = {entries[i]["label"] for i in keep}
+    if n_seen and len(classes) < 2:
+        left = f"only {sorted(classes)[0]}" if classes else "no"
+        info["fallback"] = (f"compared on all {len(entries)} validation images, {n_seen} of which the champion "
+                            f"was trained on: without them {left} images would remain, and a comparison "
+                            "needs both classes")
+        keep = list(range(len(entries)))
+    info["images"] = len(keep)
+    return keep, info
+
+
 def gate_step(settings: Settings, version: str, *, actor: str | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """Compare the candidate with the champion on the candidate's validation images, then promote or
     reject it. Idempotent: a decided candidate returns its recorded decision."""
-    from . import dataset, evaluation, model, registry
-    from .store import Promotion
+    from . import dataset, evaluation, model
 
     progress = progress or log.info
     actor = actor or registry.default_actor()
     with session_scope(settings.database_url) as s:
         cand = registry.get_version(s, version)
-        decided = s.scalars(select(Promotion).where(
-            Promotion.candidate_version == version, Promotion.decision.in_(("promoted", "rejected")))).first()
+        decided = registry.decision_for(s, version)
         if decided is not None:
             current = registry.get_champion(s)
             return {"version": version, "decision": decided.decision, "reason": decided.reason,
@@ -242,18 +282,17 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None,
         manifest_path = _read_meta(Path(cand.artifact_path).parent)["manifest_path"]
         cand_artifact, cand_thr = cand.artifact_path, cand.threshold
 
-    champ_metrics = None
+    champ_metrics, comparison = None, None
     if champ_info is not None:
         cv, cpath, csha, csize, cthr = champ_info
         manifest = dataset.load_manifest(manifest_path)
         paths, labels = dataset.manifest_arrays(manifest, "validation")
-        # The same images for both, none of which the champion was trained on: when the split moved a
-        # group from the champion's training side to this validation side, leave it out of the duel.
-        seen = _training_hashes(Path(cpath).parent)
-        keep = [i for i, e in enumerate(manifest.split("validation")) if e["sha256"] not in seen]
+        keep, comparison = _duel_images(manifest, Path(cpath).parent)
         progress(f"scoring champion {cv} on {version}'s validation images ({len(keep)} of {len(paths)}; "
-                 f"{len(paths) - len(keep)} were in the champion's training data)")
-        if len(keep) < len(paths) and len({labels[i] for i in keep}) == 2:
+                 f"{comparison['champion_trained_on']} were in the champion's training data)"
+                 + (f"; falling back: {comparison['fallback']}" if comparison["fallback"] else ""))
+        if len(keep) < len(paths):
+            # the candidate's metrics on the same subset, from its recorded validation predictions
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
             cand_probs = _validation_probs(Path(cand_artifact).parent)
             cand_metrics = evaluation.compute_metrics(
@@ -263,7 +302,7 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None,
     decision = registry.evaluate_gate(
         cand_metrics, champ_metrics, min_accuracy=settings.gate_min_accuracy,
         min_sensitivity=settings.gate_min_sensitivity, tolerance=settings.gate_tolerance,
-        champion_version=champ_info[0] if champ_info else None)
+        champion_version=champ_info[0] if champ_info else None, comparison=comparison)
     with session_scope(settings.database_url) as s:
         row = registry.record_gate_decision(s, version, decision, actor=actor)
         champion = registry.get_champion(s)

@@ -30,6 +30,7 @@ from .store import Metric, ModelVersion, Promotion, insert_rows, utcnow
 __all__ = [
     "GATE_COMPARED",
     "GateDecision",
+    "decision_for",
     "default_actor",
     "evaluate_gate",
     "get_champion",
@@ -71,6 +72,16 @@ def get_champion(session: Session) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.status == "champion")).first()
 
 
+def decision_for(session: Session, version: str) -> Promotion | None:
+    """The gate's recorded decision on ``version`` (its ``promoted`` or ``rejected`` row), or None
+    while it is undecided. Manual promotions and rollbacks are not gate decisions."""
+    return session.scalars(
+        select(Promotion).where(Promotion.candidate_version == version,
+                                Promotion.decision.in_(("promoted", "rejected")))
+        .order_by(Promotion.id)
+    ).first()
+
+
 def list_versions(session: Session) -> list[ModelVersion]:
     # Newest first: what people look for after a retrain.
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())))
@@ -98,6 +109,10 @@ class GateDecision:
     champion: dict[str, float] | None = None
     champion_version: str | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: The images the champion was compared on: ``images`` (how many), ``champion_trained_on`` (how
+    #: many of the candidate's validation images the champion had trained on), ``fallback`` (None, or
+    #: why images the champion trained on are nevertheless in the comparison). Empty without a champion.
+    comparison: dict[str, Any] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -108,9 +123,11 @@ class GateDecision:
 
 
 def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None, *, min_accuracy: float,
-                  min_sensitivity: float, tolerance: float, champion_version: str | None = None) -> GateDecision:
+                  min_sensitivity: float, tolerance: float, champion_version: str | None = None,
+                  comparison: dict[str, Any] | None = None) -> GateDecision:
     """Decide on ``candidate`` metrics against floors and (optionally) the champion's metrics on the
-    same images. Pure function: no database, no side effects."""
+    same images, described by ``comparison`` (kept in the decision; its ``fallback``, when set, is
+    one of the reasons). Pure function: no database, no side effects."""
     reasons: list[str] = []
     failed = False
 
@@ -138,11 +155,14 @@ def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None
                                f"by more than {tolerance:.4f}")
             else:
                 reasons.append(f"{name} {c:.4f} vs champion {ch:.4f} (tolerance {tolerance:.4f})")
+        if comparison and comparison.get("fallback"):
+            reasons.append(str(comparison["fallback"]))
     return GateDecision(passed=not failed, reasons=reasons, candidate=dict(candidate),
                         champion=None if champion is None else dict(champion),
                         champion_version=champion_version,
                         thresholds={"min_accuracy": min_accuracy, "min_sensitivity": min_sensitivity,
-                                    "tolerance": tolerance})
+                                    "tolerance": tolerance},
+                        comparison=dict(comparison or {}))
 
 
 def _log(session: Session, *, candidate: str, from_v: str | None, to_v: str | None, decision: str,
@@ -173,11 +193,7 @@ def record_gate_decision(session: Session, version: str, decision: GateDecision,
     changes, so a retried task cannot promote twice or flip a decision.
     """
     mv = get_version(session, version)
-    done = session.scalars(
-        select(Promotion).where(Promotion.candidate_version == version,
-                                Promotion.decision.in_(("promoted", "rejected")))
-        .order_by(Promotion.id)
-    ).first()
+    done = decision_for(session, version)
     if done is not None:
         return done
     if mv.status != "candidate":

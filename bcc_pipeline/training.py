@@ -18,7 +18,8 @@ images: one forward pass in training mode (batch statistics), with no weight upd
 and the moving averages replaced by the plain mean of the batch statistics over the pass. With
 ``bn_recalibration=auto`` it runs after every epoch of a from-scratch run, *before* validation, so
 the validation loss that drives ``ReduceLROnPlateau`` and the best-checkpoint choice is measured on
-a model in a usable inference state.
+a model in a usable inference state. Each checkpoint is saved after that epoch's recalibration, so
+restoring the best epoch at the end restores its recalibrated statistics too; no further pass runs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -174,8 +177,8 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
     """Compile and train ``model``; on return it holds the best epoch's weights.
 
     ``recalibration_ds`` (un-augmented training images) switches on BatchNorm recalibration after
-    every epoch and once more at the end. ``workdir`` receives ``best.weights.h5`` and
-    ``history.json``.
+    every epoch, before validation; the restored best checkpoint carries that epoch's recalibrated
+    statistics. ``workdir`` receives ``best.weights.h5`` and ``history.json`` (written atomically).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -193,7 +196,7 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
     model.load_weights(str(checkpoint))  # the best epoch, BatchNorm statistics included
     val_losses = history.get("val_loss", [])
     best = int(min(range(len(val_losses)), key=lambda i: val_losses[i])) if val_losses else len(val_losses) - 1
-    (workdir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    atomic_write(workdir / "history.json", json.dumps(history, indent=1) + "\n")
     result = TrainResult(history=history, best_epoch=best + 1,
                          best_val_loss=float(val_losses[best]) if val_losses else math.nan,
                          seconds=time.monotonic() - t0, recalibrated=recalibration_ds is not None)

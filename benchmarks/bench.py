@@ -45,6 +45,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # tests.support: the test suite's helpers (champion registration, databases)
+    sys.path.insert(0, str(ROOT))
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0", "false", "no")
 SIZE = 224
 BATCH = 32
@@ -167,7 +169,7 @@ def prepare_model(work: Path) -> dict[str, Any]:
 def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | None = None):
     """A fresh BCC_HOME with the benchmark model registered as champion; returns its Settings."""
     from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import ModelVersion, session_scope, upgrade
+    from tests.support import install_artifact, register_version
 
     home = work / name
     shutil.rmtree(home, ignore_errors=True)  # a kept work folder from an earlier run
@@ -175,15 +177,10 @@ def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | 
     if database_url:
         env["BCC_DATABASE_URL"] = database_url
     s = load_settings(env=env)
-    upgrade(s.database_url)
-    dest = s.models_dir / "v-bench"
-    shutil.copytree(Path(model["artifact"]).parent, dest)  # with compiled/ conversions, if any
-    with session_scope(s.database_url) as ses:
-        ses.add(ModelVersion(version="v-bench", status="champion", artifact_path=str(dest / "model.keras"),
-                             artifact_sha256=model["sha256"], base_weights="none", profile="bench",
-                             image_size=model["image_size"], preprocessing="densenet-torch-v1",
-                             hyperparameters={}, manifest_hash="0" * 64, n_train=0, n_val=0, threshold=0.5,
-                             code_version="bench"))
+    # the whole model folder, with compiled/ conversions, if any
+    dest = install_artifact(Path(model["artifact"]).parent, s.models_dir, "v-bench")
+    register_version(s, "v-bench", artifact=(dest, model["sha256"]), image_size=model["image_size"],
+                     profile="bench", code_version="bench")
     return s
 
 
@@ -418,32 +415,16 @@ def section_rss(work: Path) -> dict[str, Any]:
 
 
 def _pg_database() -> tuple[str | None, Any, str | None]:
-    import uuid
+    """(url, drop, None) of a fresh PostgreSQL database, or (None, None, why) when there is no server."""
+    from tests.support import create_pg_database
 
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = os.environ.get("BCC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-    name = f"bcc_bench_{uuid.uuid4().hex[:8]}"
     try:
-        eng = create_engine(admin, isolation_level="AUTOCOMMIT")
-        with eng.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
+        url, drop = create_pg_database("bcc_bench")
     except Exception as exc:  # noqa: BLE001
-        return None, None, f"PostgreSQL unavailable at {admin}: {type(exc).__name__}"
+        from tests.support import PG_ADMIN_URL
 
-    def drop() -> None:
-        from bcc_pipeline import store
-
-        url = make_url(admin).set(database=name).render_as_string(hide_password=False)
-        engine = store._ENGINES.pop(url, None)
-        if engine is not None:
-            engine.dispose()
-        with eng.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        eng.dispose()
-
-    return make_url(admin).set(database=name).render_as_string(hide_password=False), drop, None
+        return None, None, f"PostgreSQL unavailable at {PG_ADMIN_URL}: {type(exc).__name__}"
+    return url, drop, None
 
 
 def section_store(work: Path) -> dict[str, Any]:
@@ -452,15 +433,8 @@ def section_store(work: Path) -> dict[str, Any]:
 
     from sqlalchemy import func, select
 
-    from bcc_pipeline.store import (
-        ModelVersion,
-        Prediction,
-        get_engine,
-        insert_rows,
-        session_scope,
-        upgrade,
-        utcnow,
-    )
+    from bcc_pipeline.store import Prediction, get_engine, insert_rows, upgrade, utcnow
+    from tests.support import register_version
 
     total = n("store_rows")
     now = utcnow()
@@ -478,11 +452,7 @@ def section_store(work: Path) -> dict[str, Any]:
 
     def measure(url: str) -> dict[str, Any]:
         upgrade(url)
-        with session_scope(url) as ses:
-            ses.add(ModelVersion(version="v-bench", status="champion", artifact_path="-", artifact_sha256="0" * 64,
-                                 base_weights="none", profile="bench", image_size=SIZE,
-                                 preprocessing="densenet-torch-v1", hyperparameters={}, manifest_hash="0" * 64,
-                                 n_train=0, n_val=0, threshold=0.5, code_version="bench"))
+        register_version(url, "v-bench", image_size=SIZE, profile="bench", code_version="bench")
         engine = get_engine(url)
         res: dict[str, Any] = {}
         for label, part, per_tx, expect in (("bulk_1000_per_tx", rows, 1000, total),

@@ -2,7 +2,7 @@
 
 Each size runs in a fresh `bcc score --json` process (SQLite, a fresh BCC_HOME, a tiny 32 px champion, the
 default batch size); its peak RSS is the kernel's ``ru_maxrss`` for that one child (``os.wait4``). The
-requirement (issue 3): the 5,000-image peak may be at most 1.2× the 500-image peak.
+requirement: the 5,000-image peak may be at most 1.2× the 500-image peak.
 
     .venv/bin/python benchmarks/rss_flatness.py [--sizes 500 5000] [--image-size 64] [--keep DIR]
 """
@@ -19,29 +19,25 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tests.support: the test suite's tiny model and champion registration
+    sys.path.insert(0, str(ROOT))
+
 
 def make_home(root: Path, n: int, image_px: int) -> dict[str, str]:
     import cv2
     import numpy as np
 
     from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import ModelVersion, session_scope, upgrade
+    from tests.support import install_artifact, register_version
 
     home = root / f"home-{n}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
     env.update({"BCC_HOME": str(home), "BCC_SETTLE_SECONDS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"})
     s = load_settings(env=env)
-    upgrade(s.database_url)
-    src = root / "tiny" / "model.keras"
-    dest = s.models_dir / "v-bench" / "model.keras"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    dest = install_artifact(root / "tiny" / "model.keras", s.models_dir, "v-bench")
     sha = (root / "tiny" / "sha256").read_text().strip()
-    with session_scope(s.database_url) as ses:
-        ses.add(ModelVersion(version="v-bench", status="champion", artifact_path=str(dest), artifact_sha256=sha,
-                             base_weights="none", profile="demo", image_size=32, preprocessing="densenet-torch-v1",
-                             hyperparameters={}, manifest_hash="0" * 64, n_train=0, n_val=0, threshold=0.5,
-                             code_version="bench"))
+    register_version(s, "v-bench", artifact=(dest, sha), image_size=32, profile="demo", code_version="bench")
     rng = np.random.default_rng(n)
     for i in range(n):
         d = s.inbox_dir / f"patient_{i % 50:02d}"
@@ -54,18 +50,17 @@ def make_home(root: Path, n: int, image_px: int) -> dict[str, str]:
 
 
 def save_tiny_model(root: Path) -> None:
-    """The same kind of tiny champion the tests use (the engine does not care about the architecture)."""
+    """The tiny champion the tests use (the engine does not care about the architecture), saved in a
+    child process so that this one never loads TensorFlow."""
     code = f"""
-import keras, pathlib
-from bcc_pipeline.model import save_artifact
-keras.utils.set_random_seed(7)
-i = keras.Input((32, 32, 3)); x = keras.layers.Conv2D(4, 3, activation="relu")(i)
-x = keras.layers.GlobalAveragePooling2D()(x); o = keras.layers.Dense(2, activation="softmax")(x)
-p, sha = save_artifact(keras.Model(i, o), {str(root / 'tiny')!r}, {{"image_size": 32}})
+import pathlib
+from tests.support import save_tiny_artifact
+p, sha = save_tiny_artifact({str(root / 'tiny')!r}, 32)
 pathlib.Path({str(root / 'tiny' / 'sha256')!r}).write_text(sha)
 """
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-                   stderr=subprocess.DEVNULL)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, stderr=subprocess.DEVNULL)
 
 
 def score(env: dict[str, str]) -> tuple[int, dict]:

@@ -1,7 +1,13 @@
-"""Airflow-side glue shared by the BCC DAG tasks: the settings (and database) for a task.
+"""Airflow-side glue shared by the BCC DAGs: default args, the ``prepare_database`` task, and the
+settings (and database) for a task.
 
-Imported inside task bodies only (the dags folder is on ``sys.path`` when tasks run), and it imports
-nothing heavy itself; ``bcc_pipeline`` is imported inside the functions.
+The DAG files import this module at parse time. That is safe because Airflow puts the bundle's
+folder on ``sys.path`` wherever it parses a DAG file for real: ``BundleDagBag`` appends it, and the
+DAG processor, the task runner and the ``airflow dags`` commands that name a bundle (``dags test``,
+``dags reserialize``, ``list-import-errors --bundle-name``) all parse through it
+(``airflow/dag_processing/dagbag.py``). Only a bare ``DagBag()`` (``list-import-errors --local``
+without ``--bundle-name``) does not. This module imports nothing heavy: ``bcc_pipeline`` is imported
+inside the functions, at run time.
 
 Which database a task uses (the project database, never Airflow's metadata database):
 1. ``BCC_DATABASE_URL`` when it is set (it wins: one variable overrides everything, as in the CLI);
@@ -13,9 +19,26 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
+from airflow.sdk import task
+
 log = logging.getLogger(__name__)
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "bcc",
+    # Database and filesystem hiccups. A retried scoring shard resumes from the ledger (nothing is
+    # scored twice); training opts out (a failed fit is not fixed by running it again).
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+#: The DAG params that are settings; the others (shards, inbox, force, ...) are task arguments.
+SETTING_PARAMS = ("profile", "epochs")
 
 BCC_DB_CONN_ID = "bcc_db"
 LIBPQ_OPTIONS = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
@@ -68,6 +91,21 @@ def settings(**overrides: Any):
     if url:
         overrides["database_url"] = url
     return load_settings(profile=profile, overrides=overrides)
+
+
+def settings_for(params: Mapping[str, Any] | None = None, **overrides: Any):
+    """The settings for a task of a run with these DAG ``params`` (empty ones fall through to
+    ``BCC_*`` and the profile), plus ``overrides``."""
+    chosen = {k: (params or {}).get(k) for k in SETTING_PARAMS}
+    return settings(**{**chosen, **overrides})
+
+
+@task
+def prepare_database() -> str:
+    """Bring the project database to the current schema (idempotent); returns its revision."""
+    from bcc_pipeline.store import upgrade
+
+    return upgrade(settings().database_url)
 
 
 def actor(context: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
+import bcc_common  # the dags folder is on sys.path when Airflow parses this file (see bcc_common)
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 # Emitted when a candidate is promoted; its extra carries the new version and headline metrics.
@@ -30,22 +31,13 @@ the same validation images.
 Schedule: `BCC_RETRAIN_SCHEDULE` (cron, default `0 3 * * 0`, Sundays 03:00 UTC).
 """
 
-default_args = {
-    "owner": "bcc",
-    "retries": 2,  # database and filesystem hiccups; training itself does not retry (see train)
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-
-
 @dag(
     dag_id="bcc_retrain",
     schedule=os.environ.get("BCC_RETRAIN_SCHEDULE", "0 3 * * 0"),
     start_date=datetime(2025, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args=default_args,
+    default_args=bcc_common.DEFAULT_ARGS,
     doc_md=DOC,
     tags=["bcc", "training"],
     params={
@@ -61,79 +53,44 @@ default_args = {
 )
 def bcc_retrain():
     @task
-    def prepare_database() -> str:
-        import bcc_common
-
-        from bcc_pipeline.store import upgrade
-
-        return upgrade(bcc_common.settings().database_url)
-
-    @task
-    def intake() -> dict:
-        import bcc_common
-
+    def intake(params: dict | None = None) -> dict:
         from bcc_pipeline.pipelines import intake_step
 
-        ctx = get_current_context()
-        report = intake_step(bcc_common.settings(), run_id=ctx["run_id"])
-        report["rejections"] = report["rejections"][:20]  # the full list is in the rejections table
-        report.pop("ignored_paths", None)
-        return report
+        run_id = get_current_context()["run_id"]
+        return bcc_common.small(intake_step(bcc_common.settings_for(params), run_id=run_id))
 
     @task.short_circuit
     def check_new_data(intake_report: dict, params: dict | None = None) -> bool:
-        import bcc_common
+        from bcc_pipeline.pipelines import should_retrain
 
-        from bcc_pipeline.pipelines import count_new_images
-
-        info = count_new_images(bcc_common.settings())
-        wanted = params["min_new_images"]
-        print(f"new labelled images since the champion's data: {info['new_images']} "
-              f"(total {info['total_images']}, champion {info['champion']}, minimum {wanted}, "
-              f"force {params['force']}); this run's intake accepted {intake_report['accepted']}")
-        if params["force"]:
-            return True
-        if info["new_images"] < wanted:
-            print(f"skipping training: {info['new_images']} < min_new_images={wanted}")
-            return False
-        return True
+        go, reason = should_retrain(bcc_common.settings_for(params), params["min_new_images"], params["force"])
+        print(f"{reason}; this run's intake accepted {intake_report['accepted']}")
+        return go
 
     @task
     def split(params: dict | None = None) -> dict:
-        import bcc_common
-
         from bcc_pipeline.pipelines import split_step
 
-        return split_step(bcc_common.settings(profile=params["profile"]))
+        return split_step(bcc_common.settings_for(params))
 
     @task(retries=0, execution_timeout=timedelta(hours=12))  # a failed fit is not fixed by retrying
     def train(split_info: dict, params: dict | None = None) -> dict:
-        import bcc_common
-
         from bcc_pipeline.pipelines import train_step
 
-        s = bcc_common.settings(profile=params["profile"], epochs=params["epochs"])
-        return train_step(s, split_info["manifest_path"], progress=print)
+        return train_step(bcc_common.settings_for(params), split_info["manifest_path"], progress=print)
 
     @task
     def evaluate(trained: dict, params: dict | None = None) -> dict:
-        import bcc_common
-
         from bcc_pipeline.pipelines import evaluate_step
 
-        result = evaluate_step(bcc_common.settings(profile=params["profile"]), trained["version"], progress=print)
-        return {"version": result["version"], "threshold": result["threshold"],
-                "validation": result["validation"], "plots": result["plots"]}
+        return evaluate_step(bcc_common.settings_for(params), trained["version"], progress=print)
 
     @task
     def gate(evaluated: dict, params: dict | None = None) -> dict:
-        import bcc_common
-
         from bcc_pipeline.pipelines import gate_step
 
-        ctx = get_current_context()
-        return gate_step(bcc_common.settings(profile=params["profile"]), evaluated["version"],
-                         actor=bcc_common.actor(ctx), progress=print)
+        return gate_step(bcc_common.settings_for(params), evaluated["version"],
+                         actor=bcc_common.actor(get_current_context()), progress=print)
 
     @task(outlets=[CHAMPION_MODEL])
     def publish_champion(decision: dict, evaluated: dict) -> str:
@@ -151,7 +108,7 @@ def bcc_retrain():
         print(f"new champion {decision['version']}: {decision['reason']}")
         return decision["version"]
 
-    db = prepare_database()
+    db = bcc_common.prepare_database()
     report = intake()
     db >> report
     go = check_new_data(report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
+import bcc_common  # the dags folder is on sys.path when Airflow parses this file (see bcc_common)
 from airflow.sdk import Param, dag, get_current_context, task
 
 DOC = """
@@ -27,22 +28,13 @@ Query the results: `bcc predictions`, or the `latest_predictions` view in SQL.
 Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
 """
 
-default_args = {
-    "owner": "bcc",
-    "retries": 2,  # a crashed or killed shard resumes from the ledger; nothing is scored twice
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-
-
 @dag(
     dag_id="bcc_score",
     schedule=os.environ.get("BCC_SCORE_SCHEDULE", "0 2 * * *"),
     start_date=datetime(2025, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args=default_args,
+    default_args=bcc_common.DEFAULT_ARGS,
     doc_md=DOC,
     tags=["bcc", "scoring"],
     params={
@@ -60,16 +52,7 @@ default_args = {
 )
 def bcc_score():
     @task
-    def prepare_database() -> str:
-        import bcc_common
-
-        from bcc_pipeline.store import upgrade
-
-        return upgrade(bcc_common.settings().database_url)
-
-    @task
     def plan(params: dict | None = None) -> dict:
-        import bcc_common
         from airflow.sdk.exceptions import AirflowSkipException
 
         from bcc_pipeline.errors import NoChampionError
@@ -77,7 +60,7 @@ def bcc_score():
 
         ctx = get_current_context()
         try:
-            return plan_shards(bcc_common.settings(), ctx["run_id"], params["shards"], inbox=params["inbox"],
+            return plan_shards(bcc_common.settings_for(params), ctx["run_id"], params["shards"], inbox=params["inbox"],
                                inference=params.get("inference"))
         except NoChampionError as exc:  # nothing to score with yet: not a failure, nothing to retry
             raise AirflowSkipException(f"{exc}; run bcc_retrain first") from exc
@@ -88,7 +71,6 @@ def bcc_score():
 
     @task(map_index_template="shard {{ shard_label }}", execution_timeout=timedelta(hours=6))
     def score_shard(shard: int, planned: dict, params: dict | None = None) -> dict:
-        import bcc_common
         from airflow.sdk.exceptions import AirflowFailException
 
         from bcc_pipeline.errors import ArtifactError
@@ -97,7 +79,7 @@ def bcc_score():
         get_current_context()["shard_label"] = f"{shard + 1}/{planned['shards']}"
 
         try:
-            result = run_shard(bcc_common.settings(), planned["run_id"], shard, batch_size=params["batch_size"],
+            result = run_shard(bcc_common.settings_for(params), planned["run_id"], shard, batch_size=params["batch_size"],
                                progress=print)
         except ArtifactError as exc:  # a missing or tampered model file does not heal on retry
             raise AirflowFailException(str(exc)) from exc
@@ -105,13 +87,12 @@ def bcc_score():
 
     # none_skipped: runs after a failed shard too (to record the counts), not when plan was skipped
     @task(trigger_rule="none_skipped")
-    def finalize(planned: dict, shard_results: list) -> dict:
-        import bcc_common
+    def finalize(planned: dict, shard_results: list, params: dict | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
         from bcc_pipeline.scoring import finalize_run
 
-        summary = finalize_run(bcc_common.settings(), planned["run_id"])
+        summary = finalize_run(bcc_common.settings_for(params), planned["run_id"])
         print(f"scoring run {planned['run_id']}: {summary}")
         if summary["status"] == "incomplete":  # the counts are recorded, but the run must not look green
             raise AirflowFailException(
@@ -120,7 +101,7 @@ def bcc_score():
         return bcc_common.small(summary)
 
     planned = plan()
-    prepare_database() >> planned
+    bcc_common.prepare_database() >> planned
     results = score_shard.partial(planned=planned).expand(shard=shard_numbers(planned))
     finalize(planned, results)
 

@@ -15,10 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..config import Settings
+from ..config import BACKENDS, Settings
 from ..errors import ConfigError, StoreError
 from ..files import atomic_write, safe_dirname
-from ..inference import BACKENDS
 from ..store import get_engine, utcnow
 from . import ledger
 from .inbox import InboxArg, discover

@@ -72,21 +72,11 @@ def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any] | None = No
 
 def register_tiny_champion(database_url: str, models_dir: Path, *, version: str = "vtiny-champion",
                            image_size: int = 32, threshold: float = 0.5) -> str:
-    """The tiny classifier of tests/conftest.py saved as a checksummed artifact and registered as
-    champion (with validation metrics, so the gate has something to compare)."""
-    from bcc_pipeline import model as model_mod
-    from bcc_pipeline import registry
-    from bcc_pipeline.store import ModelVersion, session_scope, upgrade
-    from tests.conftest import build_tiny_classifier
+    """The tiny classifier of tests/support.py saved as a checksummed artifact under
+    ``models_dir/<version>/`` and registered as champion (with validation metrics, so the gate has
+    something to compare)."""
+    from tests.support import register_version, save_tiny_artifact
 
-    net = build_tiny_classifier(image_size)
-    path, digest = model_mod.save_artifact(net, models_dir / version, {"version": version, "image_size": image_size})
-    upgrade(database_url)
-    with session_scope(database_url) as s:
-        s.add(ModelVersion(version=version, status="champion", artifact_path=str(path), artifact_sha256=digest,
-                           base_weights="none", profile="test", image_size=image_size,
-                           preprocessing="densenet-torch-v1", hyperparameters={}, manifest_hash="0" * 64,
-                           n_train=0, n_val=0, threshold=threshold, code_version="test"))
-        s.flush()
-        registry.save_metrics(s, version, "validation", {"accuracy": 0.5, "sensitivity": 0.5, "roc_auc": 0.5})
-    return version
+    artifact = save_tiny_artifact(models_dir / version, image_size, {"version": version})
+    return register_version(database_url, version, artifact=artifact, threshold=threshold, image_size=image_size,
+                            metrics={"accuracy": 0.5, "sensitivity": 0.5, "roc_auc": 0.5})

@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from .airflow_support import DAGS, REPO, airflow_env, dags_test, migrate, register_tiny_champion
+from .airflow_support import DAGS, REPO, airflow, airflow_env, dags_test, migrate, register_tiny_champion
 
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name != "bcc_common.py")
 HEAVY = ("tensorflow", "keras", "cv2", "sklearn", "pandas", "matplotlib")
+# The DAG folder parsed the way Airflow's DAG processor, task runner and `airflow dags test` parse it:
+# BundleDagBag puts the bundle folder on sys.path, so the DAG files can import bcc_common.
+BUNDLE_BAG = ("from airflow.dag_processing.dagbag import BundleDagBag\n"
+              f"bag = BundleDagBag(dag_folder={str(DAGS)!r}, bundle_path={str(DAGS)!r}, bundle_name='dags-folder')")
 
 
 def _python(code: str, env_extra: dict[str, str], tmp_path: Path) -> str:
@@ -46,14 +50,14 @@ def test_parsing_a_dag_file_imports_no_heavy_module(dag_file, tmp_path):
 def test_dagbag_integrity(tmp_path):
     code = (
         "import json\n"
-        "from airflow.dag_processing.dagbag import DagBag\n"
-        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        f"{BUNDLE_BAG}\n"
         "out = {'errors': {k: str(v)[:500] for k, v in bag.import_errors.items()}, 'dags': {}}\n"
         "for dag_id, d in bag.dags.items():\n"
         "    out['dags'][dag_id] = {'tags': sorted(d.tags), 'max_active_runs': d.max_active_runs,\n"
         "        'schedule': str(getattr(d.timetable, 'expression', None) or type(d.timetable).__name__), 'doc': bool(d.doc_md), 'catchup': d.catchup,\n"
         "        'retries': {t.task_id: t.retries for t in d.tasks}, 'params': sorted(d.params.keys()),\n"
-        "        'inference': (d.params.get_param('inference').schema.get('enum') if 'inference' in d.params else None)}\n"
+        "        'inference': (d.params.get_param('inference').schema.get('enum') if 'inference' in d.params else None),\n"
+        "        'profile': (d.params.get_param('profile').schema.get('enum') if 'profile' in d.params else None)}\n"
         "print(json.dumps(out))\n"
     )
     out = json.loads(_python(code, {}, tmp_path))
@@ -71,13 +75,15 @@ def test_dagbag_integrity(tmp_path):
     from bcc_pipeline.inference import BACKENDS
 
     assert score["inference"][0] is None and sorted(score["inference"][1:]) == sorted(BACKENDS)
+    from bcc_pipeline.config import PROFILES
+
+    assert retrain["profile"][0] is None and sorted(retrain["profile"][1:]) == sorted(PROFILES)
 
 
 def test_schedules_are_configurable(tmp_path):
     code = (
         "import json\n"
-        "from airflow.dag_processing.dagbag import DagBag\n"
-        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        f"{BUNDLE_BAG}\n"
         "print(json.dumps({k: str(getattr(d.timetable, 'expression', None) or type(d.timetable).__name__) for k, d in bag.dags.items()}))\n"
     )
     out = json.loads(_python(code, {"BCC_RETRAIN_SCHEDULE": "0 5 * * 1", "BCC_SCORE_SCHEDULE": "30 1 * * *"},
@@ -85,11 +91,29 @@ def test_schedules_are_configurable(tmp_path):
     assert out == {"bcc_retrain": "0 5 * * 1", "bcc_score": "30 1 * * *"}
 
 
+def test_airflow_records_no_import_errors(tmp_path):
+    """The DAG files import bcc_common at parse time. Parsed by Airflow itself (`dags reserialize`
+    parses the bundle as the DAG processor does and records import errors in the metadata database,
+    which the UI and `list-import-errors` show), and by the local check of the bundle, they load."""
+    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
+                      bcc={"BCC_HOME": str(tmp_path / "bcc")})
+    migrate(env)
+    airflow(env, "dags", "reserialize")
+
+    def listing(*args: str) -> list:  # the JSON line of `-o json` (warnings may precede it)
+        out = airflow(env, "dags", *args, "-o", "json").stdout  # exits 1 when it lists import errors
+        return json.loads([line for line in out.splitlines() if line.startswith("[")][-1])
+
+    assert listing("list-import-errors") == []
+    assert listing("list-import-errors", "--local", "--bundle-name", "dags-folder") == []
+    assert {d["dag_id"] for d in listing("list")} == {"bcc_retrain", "bcc_score"}
+
+
 # -- full runs ---------------------------------------------------------------------------------
 @pytest.fixture
 def airflow_pg_url(pg_server):
     """Airflow's own metadata database on PostgreSQL, separate from the project database."""
-    from tests.conftest import create_pg_database
+    from tests.support import create_pg_database
 
     url, drop = create_pg_database("airflow_test")
     yield url
@@ -124,7 +148,8 @@ def _predictions(url: str) -> int:
         return s.scalar(select(func.count()).select_from(Prediction))
 
 
-def _retrain_short_circuit_then_reject(env_factory, tmp_path: Path, bcc_url: str) -> None:
+def _retrain_short_circuit(env_factory, tmp_path: Path, bcc_url: str) -> tuple[dict[str, str], str]:
+    """A run with too few new images skips training (and stays green). Returns (env, champion)."""
     home = tmp_path / "bcc"
     champion = register_tiny_champion(bcc_url, home / "models")
     env = env_factory(_bcc_env(home, bcc_url, BCC_GATE_MIN_ACCURACY="1.0", BCC_GATE_MIN_SENSITIVITY="1.0"))
@@ -135,6 +160,12 @@ def _retrain_short_circuit_then_reject(env_factory, tmp_path: Path, bcc_url: str
     assert states["intake"] == "success" and states["check_new_data"] == "success"
     assert all(states[t] == "skipped" for t in ("split", "train", "evaluate", "gate", "publish_champion"))
     assert "skipping training: 8 < min_new_images=20" in states["__log__"]
+    return env, champion
+
+
+def _retrain_short_circuit_then_reject(env_factory, tmp_path: Path, bcc_url: str) -> None:
+    home = tmp_path / "bcc"
+    env, champion = _retrain_short_circuit(env_factory, tmp_path, bcc_url)
 
     _landing(home, n=16)
     states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 20})
@@ -187,6 +218,13 @@ def _score_twice(env_factory, tmp_path: Path, bcc_url: str) -> None:
     # a second run finds an empty inbox and adds nothing
     states = dags_test(env, "bcc_score", {"shards": 2})
     assert states["__run__"] == "success" and _predictions(bcc_url) == n
+
+
+def test_retrain_dag_skips_training_without_enough_new_images(tmp_path):
+    """prepare_database → intake → check_new_data (should_retrain) on the tiny champion: no training."""
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    af_db = f"sqlite:///{tmp_path / 'airflow.db'}"
+    _retrain_short_circuit(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url)
 
 
 @pytest.mark.slow

@@ -197,3 +197,18 @@ def test_intake_reports_a_file_it_cannot_move_and_goes_on(home, png_writer):
     r = dataset.intake(home)
     assert r.accepted == 2 and [f["path"] for f in r.failed] == ["benign/bad.png"]
     assert (home.landing_dir / "benign" / "bad.png").exists()
+
+
+def test_intake_progress_line_appears_once_per_step(home, png_writer):
+    """Files that are not stored (rejected, ignored) leave the count where it is; the line for that count
+    is not repeated for each of them."""
+    land = home.landing_dir
+    for i in range(dataset.PROGRESS_EVERY):
+        png_writer(land / "benign" / f"a_{i:03d}.png", seed=100 + i)
+    for i in range(4):  # sorted after the good ones: processed while the count stands on a multiple
+        (land / "benign" / f"z_{i}.png").write_bytes(b"not an image at all")
+        (land / "benign" / f"z_{i}.txt").write_text("notes")
+    lines: list[str] = []
+    r = dataset.intake(home, run_id="intake-progress", progress=lines.append)
+    assert (r.accepted, r.rejected, r.ignored) == (dataset.PROGRESS_EVERY, 4, 4)
+    assert lines == [f"intake: {dataset.PROGRESS_EVERY} accepted, 0 duplicates so far"]

@@ -99,3 +99,19 @@ def test_promote_errors(migrated_url):
             registry.promote(s, "v1", actor="a", reason="  ")
         with pytest.raises(RegistryError, match="needs a --reason"):
             registry.rollback(s, actor="a", reason="")
+
+
+def test_decision_for_is_the_gate_decision_only(migrated_url):
+    with session_scope(migrated_url) as s:
+        _add(s, "v1")
+        _add(s, "v2")
+        assert registry.decision_for(s, "v1") is None
+        registry.promote(s, "v1", actor="alice", reason="by hand")  # a manual promotion is not the gate's
+        assert registry.decision_for(s, "v1") is None
+        d = registry.evaluate_gate(GOOD, dict(GOOD), champion_version="v1", **FLOORS,
+                                   comparison={"images": 4, "fallback": "compared on all 4 validation images"})
+        row = registry.record_gate_decision(s, "v2", d, actor="test")
+        assert registry.decision_for(s, "v2").id == row.id and row.decision == "promoted"
+        assert row.evidence["comparison"]["images"] == 4
+        assert "compared on all 4 validation images" in row.reason
+        assert registry.decision_for(s, "nope") is None

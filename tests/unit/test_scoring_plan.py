@@ -14,8 +14,7 @@ from sqlalchemy import select
 from bcc_pipeline import scoring, store
 from bcc_pipeline.errors import ConfigError, NoChampionError
 from bcc_pipeline.store import Prediction, session_scope
-
-from .scoring_support import fill_inbox, scoring_settings
+from tests.support import fill_inbox, scoring_settings
 
 
 def test_no_champion_is_a_clear_error(make_settings, sqlite_url, png_writer):

@@ -13,8 +13,7 @@ from sqlalchemy import func, select, text
 
 from bcc_pipeline import scoring, store
 from bcc_pipeline.store import ImageRecord, InboxFile, Prediction, Rejection, ScoringRun, session_scope
-
-from .scoring_support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
+from tests.support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
 
 
 def test_importing_scoring_does_not_import_tensorflow():

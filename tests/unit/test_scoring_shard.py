@@ -12,8 +12,7 @@ from sqlalchemy import select
 
 from bcc_pipeline import files, scoring
 from bcc_pipeline.store import InboxFile, Prediction, session_scope
-
-from .scoring_support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
+from tests.support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
 
 
 def test_the_model_only_sees_batches(make_settings, sqlite_url, register_champion, png_writer):

@@ -6,13 +6,12 @@ from sqlalchemy import func, inspect, select
 from bcc_pipeline import store
 from bcc_pipeline.errors import StoreError
 from bcc_pipeline.store import ImageRecord, ModelVersion, Prediction, insert_rows, session_scope
+from tests.support import model_version_row
 
 
 def _mv(version: str, status: str = "candidate") -> ModelVersion:
-    return ModelVersion(version=version, status=status, artifact_path="/x/model.keras", artifact_sha256="0" * 64,
-                        base_weights="none", profile="demo", image_size=32, preprocessing="p",
-                        hyperparameters={"epochs": 1}, manifest_hash="m" * 64, n_train=1, n_val=1, threshold=0.5,
-                        code_version="test")
+    return model_version_row(version, status, artifact_path="/x/model.keras", profile="demo", preprocessing="p",
+                             hyperparameters={"epochs": 1}, manifest_hash="m" * 64, n_train=1, n_val=1)
 
 
 def test_upgrade_creates_schema_and_is_repeatable(db_url):

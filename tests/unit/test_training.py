@@ -84,6 +84,26 @@ def test_fit_keeps_best_checkpoint_logs_progress_and_saves_history(tmp_path):
     assert ((probs >= 0.5) == y[64:]).mean() >= 0.9  # learnable data, usable inference mode
 
 
+def test_fit_replaces_history_json_atomically(tmp_path):
+    """A reader of the previous history.json (a retried task's, say) keeps reading it whole: the new
+    file replaces it instead of being written into it."""
+    import tensorflow as tf
+
+    from bcc_pipeline.training import fit
+
+    previous = json.dumps({"loss": [9.0] * 500}) + "\n"
+    (tmp_path / "history.json").write_text(previous)
+    x, y = _data(32)
+    onehot = np.eye(2, dtype="float32")[y]
+    ds = tf.data.Dataset.from_tensor_slices((x, onehot)).batch(16)
+    with open(tmp_path / "history.json") as reader:
+        result = fit(_tiny_bn_model(), ds, ds, epochs=1, learning_rate=1e-2, workdir=tmp_path,
+                     progress=lambda _: None)
+        assert reader.read() == previous
+    assert json.loads((tmp_path / "history.json").read_text()) == result.history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5", "history.json"]
+
+
 def test_fit_rejects_zero_epochs(tmp_path):
     from bcc_pipeline.training import fit
 

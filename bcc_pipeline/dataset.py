@@ -33,7 +33,7 @@ from .config import DEFAULTS, Settings
 from .errors import DatasetError, ImageError
 from .files import REASON_SUFFIX, SYSTEM_NAMES, atomic_write, quarantine_file, safe_dirname
 from .model import CLASS_NAMES
-from .store import ImageRecord, Rejection, session_scope, upsert, utcnow
+from .store import ImageRecord, Rejection, insert_rows, session_scope, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -155,7 +155,7 @@ def intake(settings: Settings, *, run_id: str | None = None,
 def _reject(session, path: Path, rel: Path, reason: str, sha: str | None,
             report: IntakeReport, quarantine_root: Path) -> None:
     moved = quarantine_file(path, quarantine_root, rel, reason)
-    upsert(session, Rejection, [{
+    insert_rows(session, Rejection, [{
         "run_id": report.run_id, "stage": "intake", "path": str(rel), "sha256": sha,
         "reason": reason, "moved_to": str(moved), "rejected_at": utcnow(),
     }], key=("run_id", "path"))

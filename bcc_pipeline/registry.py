@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .errors import NoChampionError, RegistryError
-from .store import Metric, ModelVersion, Promotion, upsert, utcnow
+from .store import Metric, ModelVersion, Promotion, insert_rows, utcnow
 
 __all__ = [
     "GATE_COMPARED",
@@ -91,7 +91,7 @@ def save_metrics(session: Session, version: str, split: str, metrics: dict[str, 
     rows = [{"model_version": version, "split": split, "name": k,
              "value": None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)}
             for k, v in metrics.items()]
-    upsert(session, Metric, rows, key=("model_version", "split", "name"), update=("value",))
+    insert_rows(session, Metric, rows, key=("model_version", "split", "name"), update=("value",))
 
 
 def metrics_of(session: Session, version: str, split: str = "validation") -> dict[str, float | None]:

@@ -1,11 +1,11 @@
-"""The project database: SQLAlchemy 2 typed ORM, engines, sessions, upserts and migrations.
+"""The project database: SQLAlchemy 2 typed ORM, engines, sessions, keyed inserts and migrations.
 
 The same code runs on SQLite (embedded default) and PostgreSQL (production). The schema is owned
 by the Alembic migrations in ``bcc_pipeline/migrations``; ``bcc db upgrade`` (:func:`upgrade`)
 brings any older database to the current head in place.
 
-Writes that a retried task could repeat go through :func:`upsert`, keyed by a natural key, so the
-second attempt changes nothing.
+Writes that a retried task could repeat go through :func:`insert_rows` (``INSERT .. ON CONFLICT (key)
+DO NOTHING`` or ``DO UPDATE``), keyed by a natural key, so the second attempt changes nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ __all__ = [
     "safe_url",
     "session_scope",
     "upgrade",
-    "upsert",
     "utcnow",
 ]
 
@@ -271,42 +270,34 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         session.close()
 
 
-def upsert(
-    session: Session,
-    model: type[Base],
-    rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]],
-    *,
-    key: Sequence[str],
-    update: Sequence[str] = (),
-) -> int:
-    """INSERT ... ON CONFLICT (key) DO UPDATE SET update (or DO NOTHING when ``update`` is empty).
-
-    Returns the number of rows sent. Works on SQLite and PostgreSQL with the same call.
-    """
-    rows = [dict(r) for r in rows]
-    insert_rows(session.connection(), model, rows, key=key, update=update)
-    return len(rows)
-
-
 PAGE_ROWS = 1000  # rows per INSERT statement on the bulk paths
 
 
-def insert_rows(conn: Connection, model: type[Base], rows: Sequence[Mapping[str, Any]], *, key: Sequence[str],
-                update: Sequence[str] = (), returning: Any = None) -> list[Any]:
-    """Bulk ``INSERT .. ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET update``) [``RETURNING col``].
+def insert_rows(target: Session | Connection, model: type[Base],
+                rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]], *, key: Sequence[str],
+                update: Sequence[str] = (), returning: Any = None) -> list[Any] | int:
+    """``INSERT .. ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET update``) [``RETURNING returning``].
 
-    All rows must have the same keys. Returns the ``returning`` column's values of the rows actually
-    written (conflicting rows return nothing under DO NOTHING). PostgreSQL through psycopg2 sends pages
-    of :data:`PAGE_ROWS` rows per statement (``execute_values``: one round trip a page, about 4× the
-    rows per second of SQLAlchemy's executemany there); SQLite uses SQLAlchemy's executemany.
+    The one way the project writes rows that a retried task could write again: keyed by a natural key, a
+    second attempt changes nothing (or, with ``update``, sets those columns to the new values). ``target``
+    is a :class:`Session` (the rows join its transaction) or a :class:`Connection`. All rows must have the
+    same keys. Returns the ``returning`` column's values of the rows actually written (conflicting rows
+    return nothing under DO NOTHING) when ``returning`` is given, else the number of rows sent.
+
+    The same call works on SQLite and PostgreSQL. PostgreSQL through psycopg2 gets big batches by ``COPY``
+    into a staging table and small ones in pages of :data:`PAGE_ROWS` rows per statement
+    (``execute_values``: one round trip a page, about 4× the rows per second of SQLAlchemy's executemany
+    there); SQLite uses SQLAlchemy's executemany.
     """
     rows = [dict(r) for r in rows]
+    conn = target.connection() if isinstance(target, Session) else target
     if not rows:
-        return []
+        return [] if returning is not None else 0
     table = model.__table__
     dialect = conn.dialect
     if dialect.name == "postgresql" and dialect.driver == "psycopg2" and _plain_columns(table, rows[0]):
-        return _pg_execute_values(conn, table, rows, key, update, returning)
+        written = _pg_execute_values(conn, table, rows, key, update, returning)
+        return written if returning is not None else len(rows)
     if dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif dialect.name == "sqlite":
@@ -325,7 +316,7 @@ def insert_rows(conn: Connection, model: type[Base], rows: Sequence[Mapping[str,
             out.extend(conn.execute(stmt.returning(returning), page).scalars().all())
         else:
             conn.execute(stmt, page)
-    return out
+    return out if returning is not None else len(rows)
 
 
 def _plain_columns(table: Any, row: Mapping[str, Any]) -> bool:

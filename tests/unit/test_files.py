@@ -148,3 +148,69 @@ def test_atomic_write_with_a_writer_function(tmp_path: Path) -> None:
         files.atomic_write(target, fail)
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+# -- moves, reason files and names (what scoring relies on) -----------------------------------
+def test_move_no_clobber_suffixes_and_never_overwrites(tmp_path):
+    src_dir, dest_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    (dest_dir / "a").mkdir(parents=True)
+    (dest_dir / "a" / "x.png").write_bytes(b"old")
+    (src_dir / "x.png").write_bytes(b"new")
+    moved = files.move_no_clobber(src_dir / "x.png", dest_dir / "a" / "x.png")
+    assert moved.name == "x~1.png" and moved.read_bytes() == b"new"
+    assert (dest_dir / "a" / "x.png").read_bytes() == b"old" and not (src_dir / "x.png").exists()
+
+
+def test_move_finishes_an_interrupted_move(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
+    src.write_bytes(b"data")
+    os.link(src, dest)  # the first half of a move, then "SIGKILL"
+    assert files.move_no_clobber(src, dest) == dest
+    assert not src.exists() and dest.read_bytes() == b"data"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
+
+
+def test_move_moves_a_symlink_as_a_link_and_never_touches_its_target(tmp_path):
+    target = tmp_path / "secret.txt"
+    target.write_text("do not touch")
+    before = os.stat(target)
+    (tmp_path / "in").mkdir()
+    link = tmp_path / "in" / "evil.png"
+    link.symlink_to(target)
+    moved = files.quarantine_file(link, tmp_path / "q", Path("evil.png"), "symbolic link")
+    assert moved.is_symlink() and os.readlink(moved) == str(target)
+    assert not os.path.lexists(link)
+    after = os.stat(target)
+    assert target.read_text() == "do not touch"
+    assert (after.st_mtime_ns, after.st_ino, after.st_mode) == (before.st_mtime_ns, before.st_ino, before.st_mode)
+    assert (tmp_path / "q" / "evil.png.reason.txt").read_text().strip() == "symbolic link"
+
+
+def test_long_names_stay_within_the_name_limit(tmp_path):
+    name = "é" * 120 + ".png"  # 244 bytes: the reason file needs a shorter stem
+    assert len(os.fsencode(name)) == 244
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(b"x")
+    moved = files.quarantine_file(tmp_path / "in" / name, tmp_path / "q", Path(name), "why")
+    assert moved.name == name
+    reasons = [p for p in (tmp_path / "q").iterdir() if p.name.endswith(".reason.txt")]
+    assert len(reasons) == 1 and len(os.fsencode(reasons[0].name)) <= 255
+    assert files.reason_path(moved) == reasons[0]
+    assert len(os.fsencode(files.fit_name("a" * 300, "~12.png"))) == 255
+
+
+def test_reason_file_never_replaces_a_quarantined_link(tmp_path):
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / "x.png.reason.txt").symlink_to("/etc/hostname")
+    (q / "x.png").write_bytes(b"x")
+    written = files.write_reason(q / "x.png", "why")
+    assert (q / "x.png.reason.txt").is_symlink() and written.read_text() == "why\n"
+
+
+def test_display_path_escapes_invalid_utf8():
+    raw = os.fsdecode(b"bad\xffname.png")
+    assert files.display_path(raw) == "bad\\xffname.png"

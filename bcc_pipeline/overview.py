@@ -38,6 +38,7 @@ from .store import (
 __all__ = [
     "PLOT_NAMES",
     "archived_image",
+    "archived_images",
     "champion_summary",
     "inbox_status",
     "model_versions",
@@ -220,16 +221,27 @@ def archived_image(settings: Settings, sha256: str) -> Path | None:
     ``BCC_HOME/archive``; None otherwise. Anything but 64 lowercase hex digits raises ConfigError."""
     if not _SHA256.fullmatch(sha256 or ""):
         raise ConfigError("an image is named by the sha256 of its content (64 lowercase hex digits)")
+    return archived_images(settings, [sha256]).get(sha256)
+
+
+def archived_images(settings: Settings, sha256s: list[str]) -> dict[str, Path]:
+    """:func:`archived_image` for many hashes at once (one query): ``{sha256: path}`` for those still
+    archived. Hashes that are not 64 lowercase hex digits are left out."""
+    wanted = sorted({h for h in sha256s if _SHA256.fullmatch(h or "")})
+    if not wanted:
+        return {}
     t = InboxFile.__table__.c
     require_schema(settings.database_url, tables=("inbox_files",))
-    places = _read(settings, "the scoring ledger", lambda conn: conn.execute(
-        select(t.moved_to).where(t.sha256 == sha256, t.status.in_(("scored", "duplicate")), t.moved_to.is_not(None))
-        .order_by(t.id.desc()).limit(20)).scalars().all())
-    for place in places:
-        found = _contained(Path(place), settings.archive_dir, settings.home)
-        if found is not None:
-            return found
-    return None
+    rows = _read(settings, "the scoring ledger", lambda conn: conn.execute(
+        select(t.sha256, t.moved_to).where(t.sha256.in_(wanted), t.status.in_(("scored", "duplicate")),
+                                           t.moved_to.is_not(None)).order_by(t.id.desc())).all())
+    found: dict[str, Path] = {}
+    for sha, place in rows:
+        if sha not in found:
+            path = _contained(Path(place), settings.archive_dir, settings.home)
+            if path is not None:
+                found[sha] = path
+    return found
 
 
 def _contained(candidate: Path, *roots: Path) -> Path | None:

@@ -90,3 +90,30 @@ def register_tiny_champion(database_url: str, models_dir: Path, *, version: str 
         s.flush()
         registry.save_metrics(s, version, "validation", {"accuracy": 0.5, "sensitivity": 0.5, "roc_auc": 0.5})
     return version
+
+
+def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int = 60, seed: int = 0) -> dict[str, Any]:
+    """Validation and holdout metrics plus the three plots for ``version``, written by the real
+    evaluation functions on a synthetic labelled set (what a retrain records), so the pages have a
+    model with quality to show. Returns the validation metrics."""
+    import numpy as np
+    from sqlalchemy import update
+
+    from bcc_pipeline import evaluation, registry
+    from bcc_pipeline.store import ModelVersion, session_scope
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    with session_scope(database_url) as s:
+        for split in ("validation", "holdout"):
+            y = np.arange(n) % 2
+            p = np.clip(0.5 + (y - 0.5) * 0.6 + rng.normal(0, 0.2, n), 0.001, 0.999)
+            metrics = evaluation.compute_metrics(y, p, threshold=0.5)
+            registry.save_metrics(s, version, split, metrics)
+            if split == "validation":
+                out = metrics
+                history = {"loss": [0.69, 0.52, 0.41, 0.35], "val_loss": [0.68, 0.55, 0.47, 0.44],
+                           "accuracy": [0.55, 0.74, 0.82, 0.86], "val_accuracy": [0.56, 0.71, 0.79, 0.81]}
+                evaluation.plot_all(history=history, y_true=y, prob_malignant=p, threshold=0.5, out_dir=plots_dir)
+        s.execute(update(ModelVersion).where(ModelVersion.version == version).values(plots_dir=str(plots_dir)))
+    return out

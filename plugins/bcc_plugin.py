@@ -39,6 +39,7 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
+from jinja2 import Undefined
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bcc_pipeline.config import Settings, load_settings
@@ -65,8 +66,9 @@ URL_PREFIX = "/bcc"
 PAGE_SIZES = (25, 50, 100, 250)
 THUMBNAIL_PX = 112
 MASKED_QUERY_KEYS = ("path",)  # may name a patient or a case: never in the access log
-SHOWN_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "log_loss", "ece",
-                 "tp", "fp", "tn", "fn", "n")
+SHOWN_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "log_loss", "brier", "ece",
+                 "tp", "fp", "tn", "fn", "n")  # the models page's order; other metrics follow by name
+COUNT_METRICS = ("tp", "fp", "tn", "fn", "n")
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".bmp": "image/bmp", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
@@ -326,11 +328,14 @@ def api_inbox(s: SettingsDep) -> dict[str, Any]:
 
 # -- template helpers -------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or isinstance(value, Undefined) or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
-        return f"{value:.0f}"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _metric(value: Any, name: str) -> str:
+    """A metric for people: counts as whole numbers, rates and losses with three decimals."""
+    return _fmt(value, 0 if name in COUNT_METRICS else 3)
 
 
 def _when(iso: str | None) -> str:
@@ -338,6 +343,7 @@ def _when(iso: str | None) -> str:
 
 
 templates.env.filters["fmt"] = _fmt
+templates.env.filters["metric"] = _metric
 templates.env.filters["when"] = _when
 templates.env.filters["basename"] = lambda p: os.path.basename(str(p))
 

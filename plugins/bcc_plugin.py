@@ -348,8 +348,22 @@ templates.env.filters["when"] = _when
 templates.env.filters["basename"] = lambda p: os.path.basename(str(p))
 
 
+class BarePrefix:
+    """``/bcc`` without the slash would reach the Airflow UI's catch-all page instead of this app: it is
+    answered as ``/bcc/`` (login required, like every route here). A root middleware of the api-server."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == URL_PREFIX:
+            scope = dict(scope, path=URL_PREFIX + "/", raw_path=(URL_PREFIX + "/").encode())
+        await self.app(scope, receive, send)
+
+
 class BCCPlugin(AirflowPlugin):
     name = "bcc"
     fastapi_apps = [{"app": bcc_app, "url_prefix": URL_PREFIX, "name": "BCC pages"}]
+    fastapi_root_middlewares = [{"middleware": BarePrefix, "args": [], "kwargs": {}, "name": "BCC bare prefix"}]
     external_views = [{"name": "BCC", "href": f"{URL_PREFIX}/predictions", "destination": "nav",
                        "url_route": "bcc"}]

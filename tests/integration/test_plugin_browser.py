@@ -28,6 +28,7 @@ from .airflow_support import (
     register_tiny_champion,
     rest,
 )
+from .test_plugin_routes import FILES, PAGES
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -146,9 +147,14 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
     try:
         services.start("api-server", ["api-server", "--port", str(port)], env)
         services.wait_for(lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 240, "the api-server")
-        # the plugin is loaded and its routes are behind login
-        assert rest("GET", f"{base}/bcc/api/predictions")[0] == 401
+        # the plugin is loaded and every route of it is behind login (what `curl` without a token gets)
         token = jwt_token(base, "admin", "test-pass")
+        status, rows = rest("GET", f"{base}/bcc/api/predictions?limit=1", token)
+        assert status == 200 and rows
+        for route in PAGES + FILES:
+            url = base + route.format(sha=rows[0]["sha256"], version=facts["v2"])
+            assert rest("GET", url)[0] == 401, url
+        assert rest("GET", f"{base}/bcc")[0] == 401  # not the Airflow UI's catch-all page
         status, plugins = rest("GET", f"{base}/api/v2/plugins", token)
         assert status == 200 and any(p["name"] == "bcc" and p["external_views"] for p in plugins["plugins"])
         status, api_models = rest("GET", f"{base}/bcc/api/models", token)

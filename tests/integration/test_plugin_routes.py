@@ -85,6 +85,12 @@ def site(plugin, make_settings, migrated_url, register_champion, png_writer, mon
             "versions": (old, new)}
 
 
+def test_the_route_lists_cover_every_route(plugin):
+    listed = {u.removeprefix("/bcc").replace("{sha}", "{sha256}").replace("roc.png", "{name}")
+              for u in PAGES + FILES}
+    assert {r.path for r in plugin.bcc_app.routes} == listed
+
+
 def _rows(site, query: str = "") -> list[dict]:
     r = site["client"].get(f"/bcc/api/predictions{query}", headers=site["auth"])
     assert r.status_code == 200, r.text
@@ -274,3 +280,16 @@ def test_path_filter_is_masked_for_the_access_log(site):
     r = TestClient(app).get("/bcc/api/predictions?path=patient_4711&label=benign", headers=site["auth"])
     assert r.status_code == 200
     assert seen and b"patient_4711" not in seen[-1] and b"label=benign" in seen[-1]
+
+
+def test_file_names_are_escaped_in_the_pages(site):
+    """A file name is data, never markup: a hostile one shows as text."""
+    from bcc_pipeline.store import Prediction, session_scope
+
+    hostile = 'ward_x/<img src=x onerror="alert(1)">.png'
+    with session_scope(site["settings"].database_url) as db:
+        db.add(Prediction(image_sha256="c" * 64, model_version=site["versions"][1], prob_malignant=0.9,
+                          label="malignant", threshold=0.5, source_path=hostile, run_id="<b>run</b>"))
+    html = site["client"].get("/bcc/predictions?path=ward_x", headers=site["auth"]).text
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;.png" in html
+    assert "<img src=x" not in html and "<b>run</b>" not in html

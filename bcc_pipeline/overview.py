@@ -13,7 +13,6 @@ folder and inside ``BCC_HOME``, or the answer is ``None``.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
 from .errors import ConfigError, StoreError
+from .predictions import iso_utc
 from .store import (
     InboxFile,
     Metric,
@@ -54,12 +54,6 @@ PLOT_NAMES = ("training_curves.png", "confusion_matrix.png", "roc.png")
 
 _PLOT_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}\.png")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    if t is None:
-        return None
-    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
 
 
 def _read(settings: Settings, what: str, fn: Any) -> Any:
@@ -98,7 +92,7 @@ def model_versions(settings: Settings, *, champion_first: bool = False) -> list[
         for r in conn.execute(select(m.model_version, m.split, m.name, m.value)):
             metrics.setdefault(r.model_version, {}).setdefault(r.split, {})[r.name] = r.value
         return [{
-            "version": v.version, "status": v.status, "created_at": _iso(v.created_at),
+            "version": v.version, "status": v.status, "created_at": iso_utc(v.created_at),
             "profile": v.profile, "image_size": v.image_size, "base_weights": v.base_weights,
             "threshold": v.threshold, "n_train": v.n_train, "n_val": v.n_val,
             "manifest_hash": v.manifest_hash, "artifact_path": v.artifact_path,
@@ -127,7 +121,7 @@ def promotion_log(settings: Settings, *, limit: int | None = None) -> list[dict[
 
     def q(conn: Any) -> list[dict[str, Any]]:
         stmt = select(Promotion.__table__).order_by(p.decided_at.desc(), p.id.desc()).limit(limit)
-        return [{"decided_at": _iso(r.decided_at), "decision": r.decision, "candidate_version": r.candidate_version,
+        return [{"decided_at": iso_utc(r.decided_at), "decision": r.decision, "candidate_version": r.candidate_version,
                  "from_version": r.from_version, "to_version": r.to_version, "actor": r.actor, "reason": r.reason,
                  "evidence": r.evidence} for r in conn.execute(stmt)]
 
@@ -154,7 +148,7 @@ def scoring_runs(settings: Settings, *, limit: int | None = None) -> list[dict[s
     def q(conn: Any) -> list[dict[str, Any]]:
         stmt = select(ScoringRun.__table__).order_by(r.started_at.desc(), r.run_id.desc()).limit(limit)
         return [{"run_id": x.run_id, "model_version": x.model_version, "status": x.status,
-                 "started_at": _iso(x.started_at), "finished_at": _iso(x.finished_at), "counts": x.counts or {}}
+                 "started_at": iso_utc(x.started_at), "finished_at": iso_utc(x.finished_at), "counts": x.counts or {}}
                 for x in conn.execute(stmt)]
 
     return _read(settings, "scoring runs", q)
@@ -177,11 +171,8 @@ def rejection_summary(settings: Settings, *, run_id: str | None = None, examples
             if run_id is not None:
                 ex = ex.where(t.run_id == run_id)
             paths = conn.execute(ex.order_by(t.rejected_at.desc(), t.id.desc()).limit(examples)).scalars().all()
-            last = g.last_at
-            if isinstance(last, str):  # max() over a SQLite datetime column comes back as text
-                last = dt.datetime.fromisoformat(last)
             out.append({"stage": g.stage, "reason": g.reason, "count": int(g.n), "runs": int(g.runs),
-                        "last_at": _iso(last), "examples": list(paths)})
+                        "last_at": iso_utc(g.last_at), "examples": list(paths)})
         return out
 
     return _read(settings, "rejections", q)
@@ -196,7 +187,7 @@ def quarantine_entries(settings: Settings, *, limit: int = 500) -> list[dict[str
         stmt = (select(t.run_id, t.stage, t.path, t.reason, t.moved_to, t.rejected_at)
                 .where(t.moved_to.is_not(None)).order_by(t.rejected_at.desc(), t.id.desc()).limit(limit))
         return [{"run_id": r.run_id, "stage": r.stage, "path": r.path, "reason": r.reason, "moved_to": r.moved_to,
-                 "rejected_at": _iso(r.rejected_at), "present": os.path.lexists(r.moved_to)}
+                 "rejected_at": iso_utc(r.rejected_at), "present": os.path.lexists(r.moved_to)}
                 for r in conn.execute(stmt)]
 
     return _read(settings, "the quarantine", q)

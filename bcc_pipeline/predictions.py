@@ -17,13 +17,17 @@ from .config import Settings
 from .errors import ConfigError, StoreError
 from .store import ModelVersion, Prediction, get_engine, require_schema, utcnow
 
-__all__ = ["PREDICTION_FIELDS", "SORT_KEYS", "count_predictions", "parse_since", "query_predictions"]
+__all__ = ["PREDICTION_FIELDS", "SORT_KEYS", "count_predictions", "iso_utc", "parse_since", "query_predictions"]
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
+def iso_utc(t: dt.datetime | str | None) -> str | None:
+    """A stored time as ISO 8601 text with its UTC offset (SQLite hands back naive UTC datetimes, and
+    text from views and aggregates)."""
     if t is None:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    if isinstance(t, str):
+        t = dt.datetime.fromisoformat(t)
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
 
 
 PREDICTION_FIELDS = ("sha256", "source_path", "model_version", "prob_malignant", "label", "threshold",
@@ -126,10 +130,7 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
                 result = conn.execution_options(stream_results=True, yield_per=1000).execute(q)
                 for r in result:
                     d = dict(r._mapping)
-                    when = d["scored_at"]
-                    if isinstance(when, str):  # a view column on SQLite comes back as text
-                        when = dt.datetime.fromisoformat(when)
-                    d["scored_at"] = _aware(when).isoformat() if when is not None else None
+                    d["scored_at"] = iso_utc(d["scored_at"])
                     d["prob_malignant"] = float(d["prob_malignant"])
                     d["threshold"] = float(d["threshold"])
                     yield d

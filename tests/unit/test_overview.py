@@ -160,6 +160,19 @@ def test_no_champion_and_empty_database(migrated_url, make_settings):
     assert predictions.count_predictions(s) == 0
 
 
+def test_an_unmigrated_database_says_what_to_run(sqlite_url, make_settings):
+    from bcc_pipeline.errors import StoreError
+
+    s = make_settings(sqlite_url)
+    for call in (overview.model_versions, overview.champion_summary, overview.promotion_log, overview.scoring_runs,
+                 overview.rejection_summary, overview.quarantine_entries, predictions.count_predictions,
+                 lambda s: overview.plot_file(s, "v1", "roc.png"), lambda s: overview.archived_image(s, "0" * 64),
+                 lambda s: overview.archived_images(s, ["0" * 64]), overview.inbox_status):
+        with pytest.raises(StoreError, match="bcc db upgrade"):
+            call(s)
+    assert overview.archived_images(s, ["not-a-hash"]) == {}  # nothing to look up: no database needed
+
+
 def test_plot_and_archived_image_never_leave_home(seeded, tmp_path, png_writer):
     s, shas = seeded
     assert overview.plot_file(s, "v2", "roc.png") == (s.models_dir / "v2" / "plots" / "roc.png").resolve()

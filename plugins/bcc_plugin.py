@@ -98,7 +98,10 @@ def _wants_page(request: Request) -> bool:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code in (401, 403) and _wants_page(request):
         # A browser without a (valid) session: to the Airflow login page, and back here afterwards.
-        return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
+        # ``next`` is relative: the login page only follows a same-origin target, and a Host header
+        # cannot point it elsewhere.
+        back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(get_auth_manager().get_url_login(next_url=back), status_code=303)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 

@@ -9,10 +9,12 @@ points Airflow at a throwaway home and database first (and leaves them set for t
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +25,7 @@ from .airflow_support import REPO, evaluate_version
 
 if "airflow" not in sys.modules:
     _home = tempfile.mkdtemp(prefix="bcc-plugin-airflow-")
+    atexit.register(shutil.rmtree, _home, True)
     os.environ.update({"AIRFLOW_HOME": _home, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_home}/airflow.db",
                        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                        "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-route-test-secret-not-for-production"})

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +77,151 @@ def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any] | None = No
 
 
 def register_tiny_champion(database_url: str, models_dir: Path, *, version: str = "vtiny-champion",
-                           image_size: int = 32, threshold: float = 0.5) -> str:
+                           image_size: int = 32, threshold: float = 0.5, status: str = "champion") -> str:
     """The tiny classifier of tests/support.py saved as a checksummed artifact under
-    ``models_dir/<version>/`` and registered as champion (with validation metrics, so the gate has
-    something to compare)."""
+    ``models_dir/<version>/`` and registered as champion, or with another ``status`` such as candidate
+    (with validation metrics, so the gate has something to compare)."""
     from tests.support import register_version, save_tiny_artifact
 
     artifact = save_tiny_artifact(models_dir / version, image_size, {"version": version})
-    return register_version(database_url, version, artifact=artifact, threshold=threshold, image_size=image_size,
+    return register_version(database_url, version, artifact=artifact, threshold=threshold, image_size=image_size, status=status,
                             metrics={"accuracy": 0.5, "sensitivity": 0.5, "roc_auc": 0.5})
+
+
+# -- Airflow services as real processes on loopback ---------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(method: str, url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
+    """One REST call: (status, JSON body); status 0 when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, {"raw": raw.decode(errors="replace")}
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, {}
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+class Services:
+    """Long-running `airflow ...` processes, each in its own process group with its log in a file.
+    `wait_for` fails with every log's tail when a service dies or the wait times out; `stop_all`
+    (call it in a `finally`) ends every group, SIGKILL after a grace period."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.expected_dead: set[str] = set()
+
+    def start(self, name: str, args: list[str], env: Mapping[str, str]) -> subprocess.Popen:
+        self.logs[name] = self.log_dir / f"{name}.log"
+        with open(self.logs[name], "w") as log:
+            self.procs[name] = subprocess.Popen([AIRFLOW, *args], env=dict(env), stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        return self.procs[name]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the whole process group of one service (the worker, its pool and its tasks), as
+        when its machine dies, and reap it."""
+        self.expected_dead.add(name)
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def all_logs(self, n: int = 4000) -> str:
+        return "\n".join(f"--- {name} ---\n{tail(path, n)}" for name, path in self.logs.items())
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 2) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = predicate()
+            if result:
+                return result
+            for name, p in self.procs.items():
+                if name not in self.expected_dead and p.poll() is not None:
+                    raise AssertionError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
+                                         + self.all_logs())
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + self.all_logs())
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():  # the group too: a pool child or a task may outlive its leader
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def jwt_token(base: str, username: str, password: str) -> str:
+    status, body = rest("POST", f"{base}/auth/token", body={"username": username, "password": password})
+    assert status in (200, 201), (status, body)
+    return body["access_token"]
+
+
+def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int = 60, seed: int = 0,
+                     noise: float = 0.2) -> dict[str, Any]:
+    """Validation and holdout metrics plus the three plots for ``version``, written by the real
+    evaluation functions on a synthetic labelled set (what a retrain records; more ``noise``, a worse
+    model), so the pages have a model with quality to show. Returns the validation metrics."""
+    import numpy as np
+    from sqlalchemy import update
+
+    from bcc_pipeline import evaluation, registry
+    from bcc_pipeline.store import ModelVersion, session_scope
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    with session_scope(database_url) as s:
+        threshold = s.get(ModelVersion, version).threshold
+        for split in ("validation", "holdout"):
+            y = np.arange(n) % 2
+            p = np.clip(threshold + (y - 0.5) * 0.6 + rng.normal(0, noise, n), 0.001, 0.999)
+            metrics = evaluation.compute_metrics(y, p, threshold=threshold)
+            registry.save_metrics(s, version, split, metrics)
+            if split == "validation":
+                out = metrics
+                history = {"loss": [0.69, 0.52, 0.41, 0.35], "val_loss": [0.68, 0.55, 0.47, 0.44],
+                           "accuracy": [0.55, 0.74, 0.82, 0.86], "val_accuracy": [0.56, 0.71, 0.79, 0.81]}
+                evaluation.plot_all(history=history, y_true=y, prob_malignant=p, threshold=threshold,
+                                    out_dir=plots_dir)
+        s.execute(update(ModelVersion).where(ModelVersion.version == version).values(plots_dir=str(plots_dir)))
+    return out

@@ -14,7 +14,8 @@
 #    `celery` extra keeps celery below 5.7 as well;
 #  - asyncpg: Airflow 3 opens an async engine (postgresql+asyncpg) on a PostgreSQL metadata
 #    database, and every airflow command fails without it.
-# This package's other dependencies are bounded by pyproject.toml.
+# This package's other dependencies are bounded by pyproject.toml. The last step imports the
+# executor, the async driver and this package, so a broken resolution fails the build, not a task.
 FROM apache/airflow:3.3.2-python3.11
 
 # "" for the CPU build; "and-cuda" adds TensorFlow's CUDA libraries (the GPU worker's image)
@@ -37,8 +38,7 @@ RUN pip install --no-cache-dir \
          && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" \
               "tensorflow[${TENSORFLOW_EXTRA}]==${tf_version}"; \
        fi \
-    && pip check \
-    && python -c "import airflow.providers.celery.executors.celery_executor, asyncpg, bcc_pipeline"
+    && python -c "import airflow.providers.celery.executors.celery_executor, asyncpg, cv2, bcc_pipeline.cli"
 
 # The DAGs are part of the image, so every scheduler, dag-processor and worker runs the same code.
 COPY --chown=airflow:root dags/ /opt/airflow/dags/

@@ -12,8 +12,10 @@ is scored exactly once.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,21 +240,31 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, p
         run2 = trigger("kill", batch_size=1)
         victim, survivor = WORKERS
 
-        def victim_shard() -> dict | None:
-            running = [t for t in _shard_tis(base, token, run2)
-                       if t["state"] == "running" and t["hostname"] == victim]
-            # prefer the moment the shard has committed part of its files: the retry must resume
-            started = [t for t in running if _shard_rows(bcc_url, run2, t["map_index"]) > 0]
-            return (started or running or [None])[0]
+        def kill_mid_shard() -> tuple[int, int, int] | None:
+            """SIGKILL the victim once a shard it runs has committed some of its files, not all."""
+            for ti in _shard_tis(base, token, run2):
+                if ti["state"] != "running" or ti["hostname"] != victim:
+                    continue
+                shard = ti["map_index"]
+                size = len(json.loads((home / "runs" / run2 / "plan.json").read_text())["shards"][shard])
+                watch_until = time.monotonic() + 30
+                while time.monotonic() < watch_until:
+                    done = _shard_rows(bcc_url, run2, shard)
+                    if 0 < done < size:
+                        services.kill(victim)
+                        return shard, done, size
+                    if done >= size:
+                        break  # finished between two looks; the victim takes another shard
+                    time.sleep(0.05)
+            return None
 
-        killed = services.wait_for(victim_shard, 240, f"a shard of {run2} running on {victim}", interval=0.3)
-        services.kill(victim)
-        done_before_kill = _shard_rows(bcc_url, run2, killed["map_index"])
-        print(f"killed {victim} in shard {killed['map_index']} after {done_before_kill} of its files")
+        shard, done, size = services.wait_for(kill_mid_shard, 240, f"{victim} part-way through a shard of {run2}",
+                                              interval=0.3)
+        print(f"killed {victim} in shard {shard} after {done} of its {size} files")
         assert services.wait_for(lambda: run_state(base, token, DAG, run2), 360, f"run {run2}") == "success", \
             services.all_logs()
         shards = {t["map_index"]: t for t in _shard_tis(base, token, run2)}
-        retried = shards[killed["map_index"]]
+        retried = shards[shard]
         assert retried["state"] == "success" and retried["try_number"] >= 2, retried
         assert retried["hostname"] == survivor, retried
         _assert_scored_once(bcc_url, home, inboxes["kill"], run2, shas["kill"])

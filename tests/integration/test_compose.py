@@ -140,3 +140,21 @@ def test_native_test_runs_the_compose_settings_on_loopback():
         compose_env_on_loopback(variables, {k: v for k, v in hosts.items() if "redis" not in k}, paths)
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
         compose_env_on_loopback({k: v for k, v in variables.items() if k != "POSTGRES_PASSWORD"}, hosts, paths)
+
+
+def test_dockerfile_builds_on_the_official_image_with_the_pinned_celery():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    text = (REPO / "Dockerfile").read_text()
+    assert "\nFROM apache/airflow:3.3.2-python3.11\n" in text
+    args = dict(line.removeprefix("ARG ").split("=", 1) for line in text.splitlines() if line.startswith("ARG "))
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {r.name: r for r in map(Requirement, extras["celery"])}
+    assert str(pins["apache-airflow-providers-celery"].specifier) == f"=={args['CELERY_PROVIDER_VERSION']}"
+    assert pins["celery"].specifier.contains(args["CELERY_VERSION"])
+    assert not pins["celery"].specifier.contains("5.7.0")  # 5.7.0 breaks the executor
+    assert "bcc-pipeline[onnx,celery]" in extras["dev"]
+    assert '"apache-airflow==${AIRFLOW_VERSION}"' in text  # pip may not move Airflow off the image's version
+    assert 'asyncpg==${ASYNCPG_VERSION}' in text and "COPY --chown=airflow:root dags/ /opt/airflow/dags/" in text

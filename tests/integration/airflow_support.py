@@ -155,16 +155,33 @@ class Services:
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         return self.procs[name]
 
+    def session(self, name: str) -> list[int]:
+        """Every process the service started, in whatever process group: each service leads its own
+        session, which its children keep (Airflow puts each task process in a group of its own)."""
+        leader = self.procs[name].pid
+        pids = []
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            try:
+                if os.getsid(pid) == leader:
+                    pids.append(pid)
+            except OSError:
+                pass
+        return pids
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to every process of the service (SIGSTOP/SIGCONT freeze and thaw it whole)."""
+        for pid in self.session(name):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def kill(self, name: str) -> None:
-        """SIGKILL the whole process group of one service (the worker, its pool and its tasks), as
+        """SIGKILL every process of one service (a worker, its pool and the tasks they run), as
         when its machine dies, and reap it."""
         self.expected_dead.add(name)
-        proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(timeout=30)
 
     def all_logs(self, n: int = 4000) -> str:
         return "\n".join(f"--- {name} ---\n{tail(path, n)}" for name, path in self.logs.items())
@@ -194,11 +211,8 @@ class Services:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for p in self.procs.values():  # the group too: a pool child or a task may outlive its leader
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for name, p in self.procs.items():  # and anything left in its session (task processes)
+            self.signal(name, signal.SIGKILL)
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:

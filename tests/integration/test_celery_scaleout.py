@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 from .airflow_support import (
     Services,
@@ -240,26 +241,36 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, p
         run2 = trigger("kill", batch_size=1)
         victim, survivor = WORKERS
 
+        meta = create_engine(meta_url)
+
         def kill_mid_shard() -> tuple[int, int, int] | None:
-            """SIGKILL the victim once a shard it runs has committed some of its files, not all."""
-            for ti in _shard_tis(base, token, run2):
-                if ti["state"] != "running" or ti["hostname"] != victim:
-                    continue
-                shard = ti["map_index"]
+            """SIGKILL the victim once a shard it runs has committed some of its files, not all. A shard
+            takes about two seconds here, so the victim is frozen (SIGSTOP) as soon as it runs one,
+            and let go in short steps (SIGCONT) until part of the shard is committed."""
+            with meta.connect() as c:  # the metadata DB: quicker to see a shard start than the REST API
+                running = c.execute(text(
+                    "SELECT map_index FROM task_instance WHERE dag_id = :d AND run_id = :r AND task_id = "
+                    "'score_shard' AND state = 'running' AND hostname = :h"), {"d": DAG, "r": run2, "h": victim},
+                ).scalars().all()
+            for shard in running:
+                services.signal(victim, signal.SIGSTOP)
                 size = len(json.loads((home / "runs" / run2 / "plan.json").read_text())["shards"][shard])
-                watch_until = time.monotonic() + 30
-                while time.monotonic() < watch_until:
+                for _ in range(2000):
                     done = _shard_rows(bcc_url, run2, shard)
                     if 0 < done < size:
                         services.kill(victim)
                         return shard, done, size
+                    services.signal(victim, signal.SIGCONT)
                     if done >= size:
-                        break  # finished between two looks; the victim takes another shard
-                    time.sleep(0.05)
+                        break  # finished before it could be caught; the victim takes another shard
+                    time.sleep(0.02)
+                    services.signal(victim, signal.SIGSTOP)
+                services.signal(victim, signal.SIGCONT)
             return None
 
         shard, done, size = services.wait_for(kill_mid_shard, 240, f"{victim} part-way through a shard of {run2}",
-                                              interval=0.3)
+                                              interval=0.1)
+        meta.dispose()
         print(f"killed {victim} in shard {shard} after {done} of its {size} files")
         assert services.wait_for(lambda: run_state(base, token, DAG, run2), 360, f"run {run2}") == "success", \
             services.all_logs()

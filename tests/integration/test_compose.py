@@ -83,6 +83,9 @@ def test_stack_topology_healthchecks_and_dependencies():
         assert "container_name" not in services[worker] and "ports" not in services[worker]  # --scale works
         assert services[worker]["command"].startswith("celery worker")
     init = " ".join(services["airflow-init"]["command"])
+    script = interpolate(services["airflow-init"]["command"][1], {})
+    syntax = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr  # the init script is valid bash after compose's interpolation
     assert "airflow db migrate" in init and "bcc db upgrade" in init
     assert "simple_auth_manager_passwords.json" in init
     for folder in BCC_HOME_FOLDERS:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import NullPool
 
 from .airflow_support import (
     Services,
@@ -180,7 +181,7 @@ def _shard_tis(base: str, token: str, run_id: str) -> list[dict]:
     return [t for t in task_instances(base, token, DAG, run_id) if t["task_id"] == "score_shard"]
 
 
-def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, pg_databases, redis_db):
+def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, redis_db, pg_databases):
     from bcc_pipeline.demo_data import generate
     from bcc_pipeline.files import sha256_file
 
@@ -241,7 +242,7 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, p
         run2 = trigger("kill", batch_size=1)
         victim, survivor = WORKERS
 
-        meta = create_engine(meta_url)
+        meta = create_engine(meta_url, poolclass=NullPool)  # no connection stays open
 
         def kill_mid_shard() -> tuple[int, int, int] | None:
             """SIGKILL the victim once a shard it runs has committed some of its files, not all. A shard
@@ -270,7 +271,6 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, p
 
         shard, done, size = services.wait_for(kill_mid_shard, 240, f"{victim} part-way through a shard of {run2}",
                                               interval=0.1)
-        meta.dispose()
         print(f"killed {victim} in shard {shard} after {done} of its {size} files")
         assert services.wait_for(lambda: run_state(base, token, DAG, run2), 360, f"run {run2}") == "success", \
             services.all_logs()
@@ -281,7 +281,8 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, p
         _assert_scored_once(bcc_url, home, inboxes["kill"], run2, shas["kill"])
         assert _predictions(bcc_url, [run1, run2]) == (4 * IMAGES_PER_CLASS, 4 * IMAGES_PER_CLASS)
     except BaseException:
-        for log in sorted((af_home / "logs").rglob("*.log"))[-6:]:
+        print(services.all_logs(8000))
+        for log in sorted((af_home / "logs").rglob("attempt=*.log"), key=lambda p: p.stat().st_mtime)[-6:]:
             print(f"--- task log {log.relative_to(af_home)} ---\n{tail(log, 3000)}")
         raise
     finally:

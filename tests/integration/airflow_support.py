@@ -1,11 +1,14 @@
 """Helpers for the Airflow tests: an isolated AIRFLOW_HOME per test, the real `airflow` CLI in
-subprocesses (Airflow reads its configuration once per process, so each test gets its own), and a
-tiny registered champion so scoring DAG runs need no DenseNet training."""
+subprocesses (Airflow reads its configuration once per process, so each test gets its own), a tiny
+registered champion so scoring DAG runs need no DenseNet training, long-running Airflow services
+on loopback driven through the REST API, and the Airflow settings of docker-compose.yaml made to
+run on loopback."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
+COMPOSE_FILE = REPO / "docker-compose.yaml"
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 
@@ -141,16 +145,33 @@ class Services:
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         return self.procs[name]
 
+    def session(self, name: str) -> list[int]:
+        """Every process the service started, in whatever process group: each service leads its own
+        session, which its children keep (Airflow puts each task process in a group of its own)."""
+        leader = self.procs[name].pid
+        pids = []
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            try:
+                if os.getsid(pid) == leader:
+                    pids.append(pid)
+            except OSError:
+                pass
+        return pids
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to every process of the service (SIGSTOP/SIGCONT freeze and thaw it whole)."""
+        for pid in self.session(name):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def kill(self, name: str) -> None:
-        """SIGKILL the whole process group of one service (the worker, its pool and its tasks), as
+        """SIGKILL every process of one service (a worker, its pool and the tasks they run), as
         when its machine dies, and reap it."""
         self.expected_dead.add(name)
-        proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(timeout=30)
 
     def all_logs(self, n: int = 4000) -> str:
         return "\n".join(f"--- {name} ---\n{tail(path, n)}" for name, path in self.logs.items())
@@ -180,11 +201,8 @@ class Services:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for p in self.procs.values():  # the group too: a pool child or a task may outlive its leader
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for name, p in self.procs.items():  # and anything left in its session (task processes)
+            self.signal(name, signal.SIGKILL)
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -195,6 +213,77 @@ def jwt_token(base: str, username: str, password: str) -> str:
     status, body = rest("POST", f"{base}/auth/token", body={"username": username, "password": password})
     assert status in (200, 201), (status, body)
     return body["access_token"]
+
+
+def run_state(base: str, token: str, dag_id: str, run_id: str) -> str | None:
+    """The run's state once it is finished (success/failed), else None."""
+    status, run = rest("GET", f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}", token)
+    return run.get("state") if status == 200 and run.get("state") in ("success", "failed") else None
+
+
+def task_instances(base: str, token: str, dag_id: str, run_id: str) -> list[dict]:
+    status, body = rest("GET", f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100", token)
+    assert status == 200, (status, body)
+    return body["task_instances"]
+
+
+def worker_hostname_from_env() -> str:
+    """`[core] hostname_callable` for several Celery workers on one machine: each worker process
+    gets its own BCC_TEST_WORKER_HOSTNAME, so task instances record which worker ran them (in the
+    compose stack every worker is its own container, and the default FQDN already tells them apart)."""
+    return os.environ["BCC_TEST_WORKER_HOSTNAME"]
+
+
+# -- docker-compose.yaml's Airflow settings, run on loopback ----------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def interpolate(value: str, variables: Mapping[str, str]) -> str:
+    """Compose's variable syntax: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}
+    and $$ for a literal $."""
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        val = variables.get(name)
+        if op in (":-", ":?") and not val:
+            val = None
+        if val is None:
+            if op and op.endswith("?"):
+                raise KeyError(f"{name} is required: {arg}")
+            return arg if op else ""
+        return val
+
+    return _VAR.sub(one, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def compose_common_env(compose: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The settings block every Airflow service of docker-compose.yaml shares (x-airflow-common)."""
+    compose = compose or load_compose()
+    return {k: str(v) for k, v in compose["x-airflow-common"]["environment"].items()}
+
+
+def compose_env_on_loopback(variables: Mapping[str, str], hosts: Mapping[str, str],
+                            paths: Mapping[str, str]) -> dict[str, str]:
+    """docker-compose.yaml's shared Airflow/BCC settings with the `.env` variables filled in, its
+    service names (``hosts``: e.g. ``"@postgres:5432/" -> "@127.0.0.1:5432/"``) and container paths
+    (``paths``) swapped for this machine's. Every substitution must apply, and no service name or
+    container path may be left over, so a change to the compose file either carries over to the
+    native test or makes it fail."""
+    env = {k: interpolate(v, variables) for k, v in compose_common_env().items()}
+    for old, new in {**hosts, **paths}.items():
+        if not any(old in v for v in env.values()):
+            raise AssertionError(f"{old!r} no longer appears in docker-compose.yaml's x-airflow-common settings")
+        env = {k: v.replace(old, new) for k, v in env.items()}
+    leftovers = {k: v for k, v in env.items() if "/opt/" in v or re.search(r"@(postgres|redis)[:/]|//(redis|airflow-[a-z-]+)[:/]", v)}
+    if leftovers:
+        raise AssertionError(f"container names or paths left in the settings for loopback: {leftovers}")
+    return env
 
 
 def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int = 60, seed: int = 0,

@@ -31,6 +31,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ __all__ = [
     "display_path",
     "fit_name",
     "move_no_clobber",
+    "path_from_display",
     "quarantine_file",
     "reason_path",
     "rename_no_replace",
@@ -82,13 +84,64 @@ SYSTEM_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"
 hidden files and leave them where they are."""
 
 
-def display_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as valid UTF-8 text for databases, JSON and logs.
+# What display_path escapes: the backslash itself, bytes that are not UTF-8 (lone surrogates after
+# surrogateescape), C0/C1 control characters and the Unicode line/paragraph separators.
+_NEEDS_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPE = re.compile(r"\\(?:(\\)|([nrt])|x([0-9a-fA-F]{2}))")
 
-    File names on Linux are bytes; bytes that are not UTF-8 arrive in Python as lone surrogates, which
-    neither PostgreSQL nor SQLite accept. They are shown as ``\\xNN`` escapes instead.
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    # a byte that was not UTF-8 (surrogateescape); any other lone surrogate (text that is no file name)
+    # shows its surrogatepass bytes
+    raw = bytes([ord(ch) - 0xDC00]) if "\udc80" <= ch <= "\udcff" else ch.encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{b:02x}" for b in raw)
+
+
+def display_path(path: str | bytes | os.PathLike[str]) -> str:
+    """``path`` (or any text) as one line of valid UTF-8 for databases, JSON and logs; reversible by
+    :func:`path_from_display`, so two different names never display the same.
+
+    File names on Linux are bytes. A valid UTF-8 name without backslashes or control characters is shown
+    unchanged. Otherwise the backslash is shown as ``\\\\``, newline, carriage return and tab as ``\\n``,
+    ``\\r``, ``\\t``, and every byte that is not UTF-8 as ``\\xNN``, as are the bytes of any other
+    control character (C0, DEL, C1) and of the line and paragraph separators U+2028/U+2029.
     """
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+    text = os.fsdecode(os.fspath(path))  # bytes that are not UTF-8 become lone surrogates here
+    if not _NEEDS_ESCAPE.search(text):
+        return text
+    return _NEEDS_ESCAPE.sub(_escape, text)
+
+
+def path_from_display(text: str) -> str:
+    """The exact path that :func:`display_path` showed as ``text`` (bytes that are not UTF-8 come back as
+    Python's surrogate escapes; ``os.fsencode`` gives the original bytes). ``ValueError`` when ``text``
+    is not a display form (a lone backslash, an unknown escape)."""
+    out = bytearray()
+    pos = 0
+    for m in _UNESCAPE.finditer(text):
+        out += _literal(text[pos:m.start()])
+        if m.group(1):
+            out += b"\\"
+        elif m.group(2):
+            out += {"n": b"\n", "r": b"\r", "t": b"\t"}[m.group(2)]
+        else:
+            out.append(int(m.group(3), 16))
+        pos = m.end()
+    out += _literal(text[pos:])
+    return os.fsdecode(bytes(out))
+
+
+def _literal(part: str) -> bytes:
+    if "\\" in part:
+        raise ValueError(f"not a displayed path: a backslash that starts no escape in {part!r}")
+    try:
+        return part.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not a displayed path: {exc}") from exc
 
 
 def fit_name(stem: str, tail: str = "") -> str:

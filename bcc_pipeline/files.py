@@ -45,6 +45,7 @@ __all__ = [
     "display_path",
     "fit_name",
     "move_no_clobber",
+    "one_line",
     "path_from_display",
     "quarantine_file",
     "reason_path",
@@ -114,6 +115,16 @@ def display_path(path: str | bytes | os.PathLike[str]) -> str:
     if not _NEEDS_ESCAPE.search(text):
         return text
     return _NEEDS_ESCAPE.sub(_escape, text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` (a reason, an error) for one log line or a database field: control characters, line
+    separators and bytes that are not UTF-8 are escaped as :func:`display_path` does; backslashes are
+    kept, so paths inside it stay as they were shown. For messages only; paths use :func:`display_path`."""
+    return _CONTROL.sub(_escape, str(text))
 
 
 def path_from_display(text: str) -> str:

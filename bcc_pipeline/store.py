@@ -190,7 +190,8 @@ class Prediction(Base):
 
 
 class Rejection(Base):
-    """Files refused at intake or scoring, with the reason; unique per (run, path)."""
+    """Files refused at intake or scoring, with the reason; unique per (run, path). ``path`` is shown as
+    :func:`bcc_pipeline.files.display_path` shows it (reversible, so each file has its own row)."""
 
     __tablename__ = "rejections"
 
@@ -202,6 +203,10 @@ class Rejection(Base):
     reason: Mapped[str] = mapped_column(Text)
     moved_to: Mapped[str | None] = mapped_column(Text)
     rejected_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # intake (migration 0003): where the file is to go, committed with the row before it moves;
+    # ``moved_to`` is set once it has. ``move_error``: why it has not (yet) moved.
+    dest: Mapped[str | None] = mapped_column(Text)
+    move_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (UniqueConstraint("run_id", "path"),)
 

@@ -195,6 +195,13 @@ class Settings:
     def from_scratch(self) -> bool:
         return self.base_weights == "none"
 
+    def __repr__(self) -> str:  # the database URL's credentials never reach a log or a traceback
+        from .store import safe_url
+
+        shown = {n: safe_url(v) if n == "database_url" else v for n, v in
+                 ((n, getattr(self, n)) for n in SETTINGS)}
+        return f"Settings({', '.join(f'{n}={v!r}' for n, v in shown.items())})"
+
     def as_dict(self) -> dict[str, Any]:
         """Every setting by name; paths as strings."""
         values = {name: getattr(self, name) for name in SETTINGS}

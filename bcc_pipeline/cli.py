@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError
+from .files import apply_umask
 from .store import safe_url
 
 __all__ = ["main"]
@@ -44,7 +45,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "batch_size": getattr(args, "batch_size", None),
         "seed": getattr(args, "seed", None),
     }
-    return load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    settings = load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    apply_umask(settings.umask)  # the permission policy, for everything this command creates
+    return settings
 
 
 def _progress(msg: str) -> None:

@@ -41,7 +41,10 @@ __all__ = [
     "NAME_MAX",
     "REASON_SUFFIX",
     "SYSTEM_NAMES",
+    "apply_umask",
     "atomic_write",
+    "created_mode",
+    "current_umask",
     "display_path",
     "fit_name",
     "move_no_clobber",
@@ -188,6 +191,38 @@ def reason_path(path: Path) -> Path:
     return path.with_name(fit_name(path.name, REASON_SUFFIX))
 
 
+def apply_umask(umask: int) -> int:
+    """Make ``umask`` (``Settings.umask``, ``BCC_UMASK``) this process's umask; returns the previous one.
+
+    The permission policy: everything BCC creates (the SQLite database and its WAL files, model artifacts,
+    the dataset store, the converted-model cache, quarantine and archive folders) gets the mode a plain
+    ``open``/``mkdir`` gets under this umask, so with the default ``027`` files are ``0640`` and folders
+    ``0750``: readable by the group (scoring and training may run as different users of one group), not by
+    others (the database holds patient folder names). The entry points apply it once: the CLI and the DAG
+    tasks (through their settings)."""
+    return os.umask(umask)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def created_mode(directory: bool = False) -> int:
+    """The mode a new file (or folder) gets under the current umask; for files made by ``mkstemp`` or
+    ``mkdtemp`` (always ``0600``/``0700``), which are given it before they are published."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Path], object], *,
                  exclusive: bool = False, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
@@ -209,11 +244,13 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Pat
         if callable(data):
             os.close(fd)
             data(Path(tmp))
+            os.chmod(tmp, created_mode())  # mkstemp's 0600 (or the writer's own) becomes the umask's mode
             if fsync:
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
         else:
             raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
+            os.fchmod(fd, created_mode())  # mkstemp's 0600 becomes the mode the umask gives
             with os.fdopen(fd, "wb") as fh:
                 fh.write(raw)
                 if fsync:

@@ -166,3 +166,30 @@ def test_a_folder_intake_cannot_list_is_reported_and_the_run_goes_on(home, png_w
     assert r.accepted == 1
     assert len(r.failed) == 1 and "cannot list this folder" in r.failed[0]["error"]
     assert r.failed[0]["path"].startswith("benign/" + "d" * 250)
+
+
+def test_migration_0003_down_and_up_and_an_old_schema_is_named(make_settings, migrated_url, png_writer):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from bcc_pipeline import store
+    from bcc_pipeline.errors import StoreError
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(ROOT / "bcc_pipeline" / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", migrated_url.replace("%", "%%"))
+    with store.get_engine(migrated_url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+    store.dispose_engine(migrated_url)
+    cols = {c["name"] for c in inspect(store.get_engine(migrated_url)).get_columns("rejections")}
+    assert "dest" not in cols and "move_error" not in cols
+    s = make_settings(migrated_url, settle_seconds=0)
+    png_writer(s.landing_dir / "benign" / "a.png")
+    with pytest.raises(StoreError, match="bcc db upgrade"):
+        intake(s)
+    assert (s.landing_dir / "benign" / "a.png").exists()
+    assert store.upgrade(migrated_url) == "0003"
+    store.dispose_engine(migrated_url)
+    assert intake(s).accepted == 1

@@ -70,7 +70,7 @@ def test_migration_0002_up_down_up(db_url):
     eng.dispose()
     insp = inspect(store.get_engine(db_url))
     assert "inbox_files" not in insp.get_table_names() and "latest_predictions" not in insp.get_view_names()
-    assert store.upgrade(db_url) == "0002"
+    assert store.upgrade(db_url, "0002") == "0002"
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -545,7 +545,7 @@ def test_odd_names_and_a_big_image(make_settings, sqlite_url, register_champion,
     assert os.path.lexists(q) and files.reason_path(q).exists()
     with session_scope(sqlite_url) as ses:
         paths = set(ses.scalars(select(Prediction.source_path)))
-    assert paths == {"not-utf8-\\xff\\xfe.png", "new\nline.png", "big.png"}
+    assert paths == {"not-utf8-\\xff\\xfe.png", "new\\nline.png", "big.png"}  # files.display_path
     assert _inbox_files(s.inbox_dir) == []
 
 

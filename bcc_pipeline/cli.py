@@ -118,8 +118,12 @@ def cmd_intake(args: argparse.Namespace) -> int:
         print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
               f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written")
+        if r["recovered"]:
+            print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
+        for f in r["failed"]:
+            print(f"  left in landing {f['path']}: {f['error']}")
 
     _emit(args, r, human)
     return 0

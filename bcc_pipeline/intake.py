@@ -20,6 +20,7 @@ Paths in the report, the database and the log are shown in the one reversible fo
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import stat
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 50  # intake reports progress each time this many more files are stored
 _SWEEP_LIMIT = 10_000  # interrupted moves finished per run (the rest next run)
+_GROUP_MAX = 255  # images.group_id is VARCHAR(255)
 
 
 @dataclass
@@ -301,6 +303,15 @@ def _reject(session, rel: Path, reason: str, sha: str | None, report: IntakeRepo
     return _Then(dest=dest, reason=reason)
 
 
+def _group_id(folder: str) -> str:
+    """The group id of a patient/slide folder: its displayed name, cut to the column's 255 characters
+    with a hash of the whole name when longer (an escaped name is up to four times its bytes)."""
+    shown = display_path(folder)
+    if len(shown) <= _GROUP_MAX:
+        return shown
+    return f"{shown[:_GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
+
+
 def _ignore(report: IntakeReport, rel: Path) -> None:
     report.ignored += 1
     report.ignored_paths.append(display_path(rel))
@@ -337,7 +348,7 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
 
     shown = display_path(rel)
     parts = rel.parts  # (label, [group, ...], name)
-    group = display_path(parts[1]) if len(parts) > 2 else None
+    group = _group_id(parts[1]) if len(parts) > 2 else None
     existing = session.get(ImageRecord, sha)
     if existing is not None and existing.label not in (None, label):
         reason = (f"the same image content was already taken in as {existing.label} "

@@ -193,3 +193,14 @@ def test_migration_0003_down_and_up_and_an_old_schema_is_named(make_settings, mi
     assert store.upgrade(migrated_url) == "0003"
     store.dispose_engine(migrated_url)
     assert intake(s).accepted == 1
+
+
+def test_a_group_folder_whose_displayed_name_is_long_still_fits(home, png_writer):
+    """255 bytes that are not UTF-8 display as 1020 characters; the group id column holds 255."""
+    for name, seed in ((b"\xff" * 255, 1), (b"\xfe" * 255, 2)):
+        png_writer(Path(os.fsdecode(_bytes_path(home.landing_dir / "benign" / os.fsdecode(name), b"a.png"))), seed=seed)
+    r = intake(home, run_id="groups")
+    assert r.accepted == 2 and r.failed == []
+    with session_scope(home.database_url) as s:
+        groups = s.scalars(select(ImageRecord.group_id)).all()
+    assert len(set(groups)) == 2 and all(len(g) <= 255 for g in groups)

@@ -152,7 +152,7 @@ def intake(settings: Settings, *, run_id: str | None = None, progress: Callable[
     quarantine_root = settings.quarantine_dir / safe_dirname(run_id) / "landing"
     now_ts = time.time()
     if not landing.is_dir():
-        log.info("no landing folder at %s; nothing to take in", landing)
+        log.info("no landing folder at %s; nothing to take in", display_path(landing))
         return report
     _require_columns(settings.database_url)
 
@@ -195,7 +195,7 @@ def intake(settings: Settings, *, run_id: str | None = None, progress: Callable[
                     last_progress = done  # once per count: rejected and ignored files do not repeat it
                     progress(f"intake: {report.accepted} accepted, {report.duplicates} duplicates so far")
     log.info("intake %s: %d accepted, %d duplicates, %d conflicts, %d rejected, %d ignored, %d skipped, "
-             "%d earlier moves finished, %d failed", run_id, report.accepted, report.duplicates,
+             "%d earlier moves finished, %d failed", one_line(run_id), report.accepted, report.duplicates,
              report.conflicts, report.rejected, report.ignored, report.skipped, report.recovered,
              len(report.failed))
     return report

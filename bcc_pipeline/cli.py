@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError
+from .files import apply_umask
 from .store import safe_url
 
 __all__ = ["main"]
@@ -44,7 +45,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "batch_size": getattr(args, "batch_size", None),
         "seed": getattr(args, "seed", None),
     }
-    return load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    settings = load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    apply_umask(settings.umask)  # the permission policy, for everything this command creates
+    return settings
 
 
 def _progress(msg: str) -> None:
@@ -115,8 +118,12 @@ def cmd_intake(args: argparse.Namespace) -> int:
         print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
               f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written")
+        if r["recovered"]:
+            print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
+        for f in r["failed"]:
+            print(f"  left in landing {f['path']}: {f['error']}")
 
     _emit(args, r, human)
     return 0

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli_data import add_data_commands
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError
 from .store import safe_url
@@ -86,22 +87,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     _emit(args, {"settings": data, "sources": dict(s.sources),
                  "env": {k: spec.env for k, spec in SETTINGS.items()}}, human)
-    return 0
-
-
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .demo_data import generate
-
-    s = _settings(args)
-    out = Path(args.out) if args.out else s.landing_dir
-    t0 = time.monotonic()
-    result = generate(out, benign=args.benign, malignant=args.malignant, size=args.size, seed=s.seed,
-                      groups=args.groups)
-    payload = {k: v for k, v in result.items() if k != "files"}
-    payload["n_files"] = len(result.get("files", []))
-    payload["seconds"] = round(time.monotonic() - t0, 1)
-    _emit(args, payload, f"wrote {payload['n_files']} synthetic H&E-like tiles "
-                         f"({result['benign']} benign, {result['malignant']} malignant) to {out}")
     return 0
 
 
@@ -414,13 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("config", cmd_config, "show the effective settings and where each came from", profile=True)
     sp.add_argument("--markdown", action="store_true", help="print the README's table of all settings")
 
-    sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant)")
-    sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
-    sp.add_argument("--benign", type=int, default=112, help="number of benign tiles (112)")
-    sp.add_argument("--malignant", type=int, default=127, help="number of malignant tiles (127)")
-    sp.add_argument("--size", type=int, default=224, help="tile size in pixels (224)")
-    sp.add_argument("--groups", type=int, default=0, help="spread tiles over N patient folders per label")
-    sp.add_argument("--seed", type=int, help=f"random seed (default: BCC_SEED or {DEFAULTS['seed']})")
+    add_data_commands(sub, add)
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
 

@@ -132,7 +132,7 @@ class Settings:
                                           "(everything but the holdout) set aside, by patient group and "
                                           "stratified, for the threshold and the probability calibration; "
                                           "the validation share applies to the rest.", minimum=0,
-                                          maximum=0.5, recorded=True)
+                                          maximum=0.5)
     holdout_fraction: float = setting("BCC_HOLDOUT_FRACTION", 0.2, "Share of the labelled store frozen as the "
                                       "holdout (by patient group, stratified) when the first split finds none; "
                                       "0: no automatic holdout.", minimum=0, maximum=0.5)

@@ -106,6 +106,9 @@ def split_step(settings: Settings) -> dict[str, Any]:
     counts["holdout"] = dict(h.doc["counts"]["holdout"]) if h else {}
     role_hashes = {role: m.role_hash(role) for role in ROLES if role != "holdout"}
     role_hashes["holdout"] = h.role_hash("holdout") if h else None
+    log.info("split: %d train / %d validation / %d calibration images (development %s); holdout %d images "
+             "(frozen %s)%s", m.n_train, m.n_val, m.n("calibration"), m.hash[:12], h.n("holdout") if h else 0,
+             h.hash[:12] if h else "none", "" if r.grouped else "; no patient groups")
     for w in r.warnings:
         log.warning("split: %s", w)
     return {"manifest_path": str(m.path), "manifest_hash": m.hash,

@@ -284,7 +284,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
-    from .demo_data import generate
+    from .demo_data import generate, patients_for
     from .pipelines import retrain
     from .store import upgrade
 
@@ -295,8 +295,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     upgrade(s.database_url)
     has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
     if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
-        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant)")
-        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed)
+        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)")
+        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed, groups=patients_for(127))
     r = retrain(s, actor="bcc demo", progress=_progress)
     r["wall_seconds"] = round(time.monotonic() - t0, 1)
     _emit(args, r, lambda: _print_train_summary(r, s))

@@ -231,12 +231,13 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         old = _load(last)
         seq = (last.seq if last else 0) + 1
         in_holdout = {e["sha256"] for e in old.entries} if old else set()
-        reserved = in_holdout | {x["sha256"] for x in (old.excluded if old else [])}
+        kept_out = {x["sha256"] for x in (old.excluded if old else [])}
+        reserved = in_holdout | kept_out
         dev = _with_phash(s, [r for r in _usable(s) if r["sha256"] not in reserved])
         dev_groups = {r["group_id"] for r in dev if r["group_id"]}
         excluded, candidates, already, seen = [], [], 0, set()
         for r in found:
-            if r["sha256"] in in_holdout or r["sha256"] in seen:
+            if r["sha256"] in reserved or r["sha256"] in seen:  # in the holdout, or kept out before
                 already += 1
                 continue
             seen.add(r["sha256"])
@@ -257,7 +258,8 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         added = [r for r in candidates if r["sha256"] not in out]
         if not added:
             why = "; ".join(f"{x['source']}: {x['reason']}" for x in excluded[:5]) or "no new image"
-            raise DatasetError(f"no image from {folder} was added to the holdout ({already} already in it, "
+            raise DatasetError(f"no image from {folder} was added to the holdout ({already} already in it "
+                               f"or kept out before, "
                                f"{len(excluded)} kept out, {len(refused)} refused): {why}")
         new_entries = []
         for r in added:

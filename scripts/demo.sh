@@ -17,8 +17,8 @@ retrain() {  # $1: a name for the log file
   local logf="$BCC_HOME/demo-retrain-$1.log"
   airflow dags test bcc_retrain -c '{"profile": "demo", "force": true, "min_new_images": 0}' > "$logf" 2>&1 \
     || { grep -E "epoch|ERROR|Error|error" "$logf" | tail -40; echo "demo: bcc_retrain failed (log: $logf)" >&2; exit 1; }
-  grep -E "$SHOWN" "$logf" | grep -vE "Marking task|Task instance|dependencies|Running task|Filling up" \
-    | sed -E 's/^.*(INFO|WARNING|print|stdout)[^a-zA-Z]*( - )?//; s/^[^a-z]*(split: |training v|epoch )/\1/' \
+  grep -E "$SHOWN" "$logf" | grep -vE "Returned value was|DAG TEST|Skipping task|Marking task|Task instance|dependencies|Running task" \
+    | sed -E 's/^.*\[(info|warning|error) *\] //; s/^.* (INFO|WARNING|ERROR) - //; s/ +\[[A-Za-z_.]+\]( loc=.*)?$//' \
     | awk '!seen[$0]++' | head -60 || true
   grep -q "state=success" "$logf" || { echo "demo: bcc_retrain did not succeed (log: $logf)" >&2; exit 1; }
 }

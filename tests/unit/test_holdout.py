@@ -250,3 +250,20 @@ def test_demo_data_writes_patient_folders_and_a_separate_holdout(tmp_path, monke
     digests = lambda root: {p.read_bytes() for p in root.rglob("*.png")}  # noqa: E731
     assert not digests(dev) & digests(hold)
     assert sorted(len(list((hold / lab).rglob("*.png"))) for lab in ("benign", "malignant")) == [10, 10]
+
+
+def test_bcc_holdout_commands(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["holdout", "show"]) == 0
+    assert "no holdout yet" in capsys.readouterr().out
+    folder = tmp_path / "in"
+    _land(home, benign=6, malignant=6, groups=2, out=folder)
+    assert cli.main(["holdout", "extend", "--from", str(folder), "--reason", "cohort B", "--actor", "dr. c"]) == 0
+    assert "holdout extend" in capsys.readouterr().out
+    assert cli.main(["holdout", "show", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n"] == 12 and info["counts"] == {"benign": 6, "malignant": 6} and len(info["groups"]) == 4
+    assert [(e["action"], e["actor"], e["reason"]) for e in info["history"]] == [("extend", "dr. c", "cohort B")]
+    assert cli.main(["holdout", "freeze", "--reason", "again"]) == 1
+    assert "already frozen" in capsys.readouterr().err

@@ -370,13 +370,19 @@ def _development_entries(records: list[dict[str, Any]], settings: Settings) -> l
                   key=lambda e: e["sha256"])
 
 
+def _utc(when: dt.datetime) -> str:
+    """A stored time as UTC text (SQLite hands back naive datetimes; they were stored as UTC)."""
+    aware = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    return aware.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def describe_holdout(settings: Settings) -> dict[str, Any]:
     """The holdout for people: hash, counts per label and per group, exclusions and the change log."""
     with session_scope(settings.database_url) as s:
         last = _latest(s)
         holdout = _load(last)
         history = [{"seq": e.seq, "action": e.action, "actor": e.actor, "reason": e.reason,
-                    "at": e.created_at.isoformat() if isinstance(e.created_at, dt.datetime) else e.created_at,
+                    "at": _utc(e.created_at),
                     "old_hash": e.old_hash, "new_hash": e.new_hash, "n_before": e.n_before, "n_after": e.n_after,
                     "n_excluded": e.n_excluded, "counts": e.counts}
                    for e in s.scalars(select(HoldoutEvent).order_by(HoldoutEvent.seq))]

@@ -45,7 +45,7 @@ DEFAULT_BACKEND = "openvino-bf16"
 #: What each profile changes in the recipe settings; ``seed`` is the declared defaults themselves.
 _PROFILE_CHANGES: dict[str, dict[str, Any]] = {
     "seed": {},
-    "demo": {"image_size": 64, "epochs": 8, "base_weights": "none"},
+    "demo": {"image_size": 64, "epochs": 6, "base_weights": "none"},
 }
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_SEPARATION",
     "HOLDOUT_SEED_OFFSET",
     "LABELS",
+    "MIN_PATIENTS",
     "TILES_PER_PATIENT",
     "bayes_accuracy",
     "generate",
@@ -79,6 +80,9 @@ _PATIENT_SHARE = 0.5  # share of the latent-score variance common to one patient
 #: Tiles per synthetic patient that ``bcc demo-data`` aims at: several, so that a split by image would
 #: put tiles of one patient on both sides and only the group path keeps them together.
 TILES_PER_PATIENT = 5
+#: Fewest patients per label ``bcc demo-data`` spreads a label over (holdout, calibration, validation and
+#: training each take whole patients: 10 leaves each role one or more).
+MIN_PATIENTS = 10
 #: Added to the seed for a holdout set, so that its tiles and patients are new draws.
 HOLDOUT_SEED_OFFSET = 100_003
 
@@ -441,5 +445,7 @@ def generate(
 
 
 def patients_for(count: int) -> int:
-    """Patient folders per label for ``count`` tiles of a label: about :data:`TILES_PER_PATIENT` each."""
-    return max(1, math.ceil(count / TILES_PER_PATIENT))
+    """Patient folders per label for ``count`` tiles of a label: about :data:`TILES_PER_PATIENT` each, but
+    at least :data:`MIN_PATIENTS` (fewer only when there are fewer tiles), so that each data role can
+    get whole patients of each label even from a small set."""
+    return max(1, min(count, MIN_PATIENTS), math.ceil(count / TILES_PER_PATIENT))

@@ -236,20 +236,30 @@ def test_migration_upgrades_a_database_that_holds_data(db_url, tmp_path):
 def test_demo_data_writes_patient_folders_and_a_separate_holdout(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BCC_HOME", str(tmp_path / "home"))
     dev, hold = tmp_path / "dev", tmp_path / "hold"
-    assert cli.main(["demo-data", "--out", str(dev), "--benign", "12", "--malignant", "13", "--size", "48",
+    assert cli.main(["demo-data", "--out", str(dev), "--benign", "60", "--malignant", "61", "--size", "40",
                      "--holdout-out", str(hold), "--holdout", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["n_files"] == 25 and out["holdout"]["n_files"] == 20
+    assert out["n_files"] == 121 and out["holdout"]["n_files"] == 20
     dev_patients = {p.parent.name for p in dev.rglob("*.png")}
     hold_patients = {p.parent.name for p in hold.rglob("*.png")}
     assert all(p.startswith("patient_") for p in dev_patients | hold_patients)
-    assert len(dev_patients) == out["patients"] == 6  # about 5 tiles per patient: 3 + 3
+    assert len(dev_patients) == out["patients"] == 2 * 13  # about 5 tiles per patient, 13 per label
     assert not dev_patients & hold_patients  # other patients
     per = [len(list(d.glob("*.png"))) for d in dev.glob("*/patient_*")]
-    assert min(per) >= 4 and sum(per) == 25
+    assert min(per) >= 4 and sum(per) == 121
     digests = lambda root: {p.read_bytes() for p in root.rglob("*.png")}  # noqa: E731
     assert not digests(dev) & digests(hold)
     assert sorted(len(list((hold / lab).rglob("*.png"))) for lab in ("benign", "malignant")) == [10, 10]
+    assert len(hold_patients) == 20  # a small set is still spread over 10 patients per label
+
+
+def test_small_demo_data_splits_into_all_four_roles(home, monkeypatch, capsys):
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["demo-data", "--benign", "12", "--malignant", "12", "--size", "40"]) == 0
+    dataset.intake(home)
+    split = split_step(home)
+    assert split["grouped"] and min(split["n_train"], split["n_val"], split["n_calibration"], split["n_holdout"]) >= 2
 
 
 def test_bcc_holdout_commands(home, tmp_path, monkeypatch, capsys):

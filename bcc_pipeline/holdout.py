@@ -48,7 +48,7 @@ from .manifests import (
 )
 from .model import CLASS_NAMES
 from .neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates, perceptual_hash
-from .store import HoldoutEvent, ImageRecord, session_scope, utcnow
+from .store import HoldoutEvent, ImageRecord, ModelVersion, session_scope, utcnow
 
 __all__ = [
     "AUTO_FREEZE_REASON",
@@ -323,6 +323,7 @@ def split_roles(settings: Settings) -> RoleSplit:
     reserved = {e["sha256"] for e in hold_entries} | {x["sha256"] for x in (holdout.excluded if holdout else [])}
     hold_groups = {e["group_id"] for e in hold_entries if not e["group_id"].startswith("sha:")}
     with session_scope(settings.database_url) as s:
+        warnings += _champion_overlap(s, settings, {e["sha256"] for e in hold_entries})
         records = _usable(s)
         cutoff = max((r["first_seen_at"] for r in records), default=None)
         dev = [r for r in records if r["sha256"] not in reserved]
@@ -354,6 +355,21 @@ def split_roles(settings: Settings) -> RoleSplit:
                               excluded=dev_excluded)
     return RoleSplit(development=manifest, holdout=holdout, grouped=grouped, warnings=warnings,
                      near_duplicates=near, holdout_frozen_now=frozen_now)
+
+
+def _champion_overlap(session: Session, settings: Settings, holdout: set[str]) -> list[str]:
+    """A warning when the champion was developed on holdout images (a manifest from before the holdout,
+    e.g. after an upgrade from an older release): the comparison on the holdout then favours it."""
+    champ = session.scalars(select(ModelVersion).where(ModelVersion.status == "champion")).first()
+    if champ is None or not holdout:
+        return []
+    try:
+        seen = {e["sha256"] for e in load_manifest(settings.dataset_dir / "manifests" / f"{champ.manifest_hash}.json").entries}
+    except DatasetError:
+        return []
+    n = len(seen & holdout)
+    return [f"the champion {champ.version} was developed on {n} of the {len(holdout)} holdout images (its data "
+            "predates the holdout): comparisons on the holdout favour it"] if n else []
 
 
 def _development_entries(records: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:

@@ -277,3 +277,21 @@ def test_bcc_holdout_commands(home, tmp_path, monkeypatch, capsys):
     assert [(e["action"], e["actor"], e["reason"]) for e in info["history"]] == [("extend", "dr. c", "cohort B")]
     assert cli.main(["holdout", "freeze", "--reason", "again"]) == 1
     assert "already frozen" in capsys.readouterr().err
+
+
+def test_a_champion_developed_on_holdout_images_is_named(home):
+    """After an upgrade the holdout is chosen from images an older champion was trained on: said so."""
+    from tests.support import model_version_row
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    with session_scope(home.database_url) as s:
+        records = [{"sha256": r.sha256, "label": r.label, "group_id": r.group_id, "path": r.stored_path}
+                   for r in s.scalars(select(ImageRecord))]
+    old = dataset.write_manifest(dataset.make_split(records), home.dataset_dir / "manifests", seed=1,
+                                 val_fraction=0.2)
+    with session_scope(home.database_url) as s:
+        s.add(model_version_row("v-old", "champion", manifest_hash=old.hash))
+    split = split_step(home)
+    assert any(f"the champion v-old was developed on {split['n_holdout']} of the {split['n_holdout']} holdout"
+               in w for w in split["warnings"])

@@ -14,9 +14,9 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from .cli_data import add_data_commands
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError
 from .files import apply_umask
@@ -89,22 +89,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     _emit(args, {"settings": data, "sources": dict(s.sources),
                  "env": {k: spec.env for k, spec in SETTINGS.items()}}, human)
-    return 0
-
-
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .demo_data import generate
-
-    s = _settings(args)
-    out = Path(args.out) if args.out else s.landing_dir
-    t0 = time.monotonic()
-    result = generate(out, benign=args.benign, malignant=args.malignant, size=args.size, seed=s.seed,
-                      groups=args.groups)
-    payload = {k: v for k, v in result.items() if k != "files"}
-    payload["n_files"] = len(result.get("files", []))
-    payload["seconds"] = round(time.monotonic() - t0, 1)
-    _emit(args, payload, f"wrote {payload['n_files']} synthetic H&E-like tiles "
-                         f"({result['benign']} benign, {result['malignant']} malignant) to {out}")
     return 0
 
 
@@ -278,7 +262,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
-    from .demo_data import generate
+    from .demo_data import generate, patients_for
     from .pipelines import retrain
     from .store import upgrade
 
@@ -289,8 +273,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     upgrade(s.database_url)
     has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
     if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
-        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant)")
-        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed)
+        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)")
+        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed, groups=patients_for(127))
     r = retrain(s, actor="bcc demo", progress=_progress)
     r["wall_seconds"] = round(time.monotonic() - t0, 1)
     _emit(args, r, lambda: _print_train_summary(r, s))
@@ -393,13 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("config", cmd_config, "show the effective settings and where each came from", profile=True)
     sp.add_argument("--markdown", action="store_true", help="print the README's table of all settings")
 
-    sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant)")
-    sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
-    sp.add_argument("--benign", type=int, default=112, help="number of benign tiles (112)")
-    sp.add_argument("--malignant", type=int, default=127, help="number of malignant tiles (127)")
-    sp.add_argument("--size", type=int, default=224, help="tile size in pixels (224)")
-    sp.add_argument("--groups", type=int, default=0, help="spread tiles over N patient folders per label")
-    sp.add_argument("--seed", type=int, help=f"random seed (default: BCC_SEED or {DEFAULTS['seed']})")
+    add_data_commands(sub, add)
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
 

@@ -45,7 +45,7 @@ DEFAULT_BACKEND = "openvino-bf16"
 #: What each profile changes in the recipe settings; ``seed`` is the declared defaults themselves.
 _PROFILE_CHANGES: dict[str, dict[str, Any]] = {
     "seed": {},
-    "demo": {"image_size": 96, "epochs": 5, "base_weights": "none"},
+    "demo": {"image_size": 64, "epochs": 6, "base_weights": "none"},
 }
 
 
@@ -131,6 +131,14 @@ class Settings:
     seed: int = setting("BCC_SEED", 42, "Seed for the split, weight init and augmentation.", recorded=True)
     val_fraction: float = setting("BCC_VAL_FRACTION", 0.2, "Validation share of the group-aware stratified "
                                   "split.", minimum=0, maximum=1, exclusive=True, recorded=True)
+    calibration_fraction: float = setting("BCC_CALIBRATION_FRACTION", 0.2, "Share of the development data "
+                                          "(everything but the holdout) set aside, by patient group and "
+                                          "stratified, for the threshold and the probability calibration; "
+                                          "the validation share applies to the rest.", minimum=0,
+                                          maximum=0.5)
+    holdout_fraction: float = setting("BCC_HOLDOUT_FRACTION", 0.2, "Share of the labelled store frozen as the "
+                                      "holdout (by patient group, stratified) when the first split finds none; "
+                                      "0: no automatic holdout.", minimum=0, maximum=0.5)
     bn_recalibration: str = setting("BCC_BN_RECALIBRATION", "auto", "Re-estimate BatchNorm statistics after "
                                     "training (`auto`: from-scratch runs only).",
                                     choices=("auto", "on", "off"), recorded=True)

@@ -2,33 +2,24 @@
 
 Intake itself lives in :mod:`bcc_pipeline.intake` (re-exported here: ``dataset.intake``).
 
-The split is seeded, group-aware and stratified: a group (or, without groups, a single image) never
-sits on both sides, and each label gets its share of the validation set. It is written as a manifest
-(JSON) whose hash identifies the data every model version was trained on.
+The data roles (train, validation, calibration, holdout) and their manifests are in
+:mod:`bcc_pipeline.manifests`; the frozen holdout, near-duplicates and the development split beside it
+in :mod:`bcc_pipeline.holdout`. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import logging
-import os
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import select
+from typing import TYPE_CHECKING
 
 from . import images
 from .config import DEFAULTS, Settings
 from .errors import DatasetError
-from .files import atomic_write
+from .holdout import current_holdout, extend_holdout, freeze_holdout, split_roles
 from .intake import PROGRESS_EVERY, IntakeReport, intake  # re-exported: dataset.intake is the old home
+from .manifests import Manifest, load_manifest, make_split, manifest_arrays, write_manifest
 from .model import CLASS_NAMES
-from .store import ImageRecord, session_scope
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -40,6 +31,9 @@ __all__ = [
     "IntakeReport",
     "Manifest",
     "augmentation",
+    "current_holdout",
+    "extend_holdout",
+    "freeze_holdout",
     "intake",
     "load_manifest",
     "make_dataset",
@@ -54,132 +48,12 @@ log = logging.getLogger(__name__)
 LABELS = CLASS_NAMES  # the model's class order: label index i is output column i
 
 
-# -- split and manifest -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Manifest:
-    path: Path
-    hash: str
-    entries: list[dict[str, Any]]
-    created_at: str
-    data_cutoff: str | None
-
-    def split(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e["split"] == name]
-
-    @property
-    def n_train(self) -> int:
-        return len(self.split("train"))
-
-    @property
-    def n_val(self) -> int:
-        return len(self.split("validation"))
-
-
-def _rank(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
-
-def make_split(records: Sequence[dict[str, Any]], *, seed: int = DEFAULTS["seed"],
-               val_fraction: float = DEFAULTS["val_fraction"]) -> list[dict[str, Any]]:
-    """Assign each record (``sha256``, ``label``, ``group_id``) to ``train`` or ``validation``.
-
-    Groups are ranked by a seeded hash (stable when new groups arrive, unlike a shuffle) and taken
-    into validation greedily while that brings every label closer to its target count
-    ``round(val_fraction * n_label)``. A group never straddles the split.
-    """
-    if not records:
-        raise DatasetError("no labelled images to split; put images in landing/benign and landing/malignant and run intake")
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[r.get("group_id") or f"sha:{r['sha256']}"].append(r)
-    totals: dict[str, int] = defaultdict(int)
-    for r in records:
-        totals[r["label"]] += 1
-    for label in LABELS:
-        if totals[label] < 2:
-            raise DatasetError(
-                f"need at least 2 {label} images for a train/validation split, have {totals[label]}")
-    target = {lab: max(1, round(val_fraction * n)) for lab, n in totals.items()}
-    val_count: dict[str, int] = defaultdict(int)
-    val_groups: set[str] = set()
-    for g in sorted(groups, key=lambda g: _rank(seed, g)):
-        counts: dict[str, int] = defaultdict(int)
-        for r in groups[g]:
-            counts[r["label"]] += 1
-        before = sum(abs(target[lab] - val_count[lab]) for lab in target)
-        after = sum(abs(target[lab] - val_count[lab] - counts.get(lab, 0)) for lab in target)
-        if after < before:
-            val_groups.add(g)
-            for lab, c in counts.items():
-                val_count[lab] += c
-    out = []
-    for g, members in groups.items():
-        for r in members:
-            out.append({"sha256": r["sha256"], "label": r["label"], "group_id": g,
-                        "path": r.get("path"), "split": "validation" if g in val_groups else "train"})
-    for label in LABELS:
-        sides = {e["split"] for e in out if e["label"] == label}
-        if sides != {"train", "validation"}:
-            raise DatasetError(f"the split left no {label} images on one side; add more {label} groups")
-    out.sort(key=lambda e: e["sha256"])
-    return out
-
-
-def _manifest_hash(entries: Sequence[dict[str, Any]]) -> str:
-    canonical = [{k: e[k] for k in ("sha256", "label", "group_id", "split")} for e in entries]
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_manifest(entries: Sequence[dict[str, Any]], out_dir: Path, *, seed: int, val_fraction: float,
-                   data_cutoff: dt.datetime | None = None) -> Manifest:
-    """Write ``out_dir/<hash>.json``; the same data and split always give the same file."""
-    digest = _manifest_hash(entries)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{digest}.json"
-    created = dt.datetime.now(dt.UTC).isoformat()
-    cutoff = data_cutoff.isoformat() if data_cutoff else None
-    doc = {"hash": digest, "seed": seed, "val_fraction": val_fraction, "created_at": created,
-           "data_cutoff": cutoff, "counts": _counts(entries), "entries": list(entries)}
-    if not path.exists():
-        atomic_write(path, json.dumps(doc, indent=1))
-    return load_manifest(path)
-
-
-def _counts(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
-    for e in entries:
-        role = out.setdefault(e["split"], {})
-        role[e["label"]] = role.get(e["label"], 0) + 1
-    return out
-
-
-def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read manifest {path}: {exc}") from exc
-    if _manifest_hash(doc["entries"]) != doc["hash"]:
-        raise DatasetError(f"manifest {path} does not match its own hash; it was edited after it was written")
-    return Manifest(path=path, hash=doc["hash"], entries=doc["entries"], created_at=doc["created_at"],
-                    data_cutoff=doc.get("data_cutoff"))
-
-
+# -- split and manifest: the roles live in manifests, the holdout in holdout -------------------
 def prepare_split(settings: Settings) -> Manifest:
-    """Split every usable labelled image in the store and write the manifest."""
-    with session_scope(settings.database_url) as session:
-        rows = session.execute(
-            select(ImageRecord.sha256, ImageRecord.label, ImageRecord.group_id, ImageRecord.stored_path,
-                   ImageRecord.first_seen_at)
-            .where(ImageRecord.label.is_not(None), ImageRecord.excluded_reason.is_(None),
-                   ImageRecord.stored_path.is_not(None))
-        ).all()
-    records = [{"sha256": r.sha256, "label": r.label, "group_id": r.group_id, "path": r.stored_path}
-               for r in rows]
-    cutoff = max((r.first_seen_at for r in rows), default=None)
-    entries = make_split(records, seed=settings.seed, val_fraction=settings.val_fraction)
-    return write_manifest(entries, settings.dataset_dir / "manifests", seed=settings.seed,
-                          val_fraction=settings.val_fraction, data_cutoff=cutoff)
+    """Split every usable labelled image outside the holdout into train/validation/calibration and
+    write the development manifest (freezing a holdout first when there is none yet, see
+    :func:`bcc_pipeline.holdout.split_roles`)."""
+    return split_roles(settings).development
 
 
 # -- tf.data ----------------------------------------------------------------------------------
@@ -248,12 +122,3 @@ def make_dataset(paths: Sequence[str], labels: Sequence[int] | None, *, image_si
     # every core stall the training step's own threads (measured in benchmarks/: training_pipeline_overhead)
     options.threading.max_intra_op_parallelism = 1
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def manifest_arrays(manifest: Manifest, split: str) -> tuple[list[str], list[int]]:
-    """Stored paths and 0/1 labels of one side of the split."""
-    entries = manifest.split(split)
-    missing = [e["path"] for e in entries if not e.get("path") or not Path(e["path"]).is_file()]
-    if missing:
-        raise DatasetError(f"{len(missing)} stored images of the manifest are missing, e.g. {missing[0]}")
-    return [e["path"] for e in entries], [LABELS.index(e["label"]) for e in entries]

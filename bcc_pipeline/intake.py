@@ -50,6 +50,7 @@ from .files import (
     write_reason,
 )
 from .model import CLASS_NAMES
+from .neardup import perceptual_hash
 from .store import ImageRecord, Rejection, get_engine, insert_rows, session_scope, utcnow
 
 __all__ = ["PROGRESS_EVERY", "IntakeReport", "intake"]
@@ -342,7 +343,7 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
     sha = images.sha256_bytes(data)
     try:
         info = images.validate(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
-        images.decode(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
+        rgb = images.decode(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
     except ImageError as exc:
         return _reject(session, rel, exc.reason, sha, report, quarantine_root)
 
@@ -366,9 +367,10 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
         session.add(ImageRecord(
             sha256=sha, label=label, group_id=group, width=info.width, height=info.height,
             format=info.format, source_path=shown, stored_path=str(stored), first_seen_at=utcnow(),
+            phash=perceptual_hash(rgb),
         ))
     else:  # known from scoring (unlabelled); now it has a label
         existing.label, existing.group_id, existing.stored_path = label, group, str(stored)
-        existing.first_seen_at = utcnow()
+        existing.first_seen_at, existing.phash = utcnow(), perceptual_hash(rgb)
     report.accepted += 1
     return _Then()

@@ -92,13 +92,31 @@ def should_retrain(settings: Settings, min_new: int, force: bool = False) -> tup
 
 
 def split_step(settings: Settings) -> dict[str, Any]:
-    from .dataset import prepare_split
+    """Make the development manifest (train/validation/calibration) beside the frozen holdout, freezing
+    one first when there is none. Returns paths, hashes and counts of all four roles, whether patient
+    groups were used, the warnings a reader of the results must see, and the near-duplicates kept out."""
+    from .holdout import split_roles
+    from .manifests import ROLES
 
-    require_schema(settings.database_url)
-    m = prepare_split(settings)
-    counts = json.loads(m.path.read_text())["counts"]
-    return {"manifest_path": str(m.path), "manifest_hash": m.hash, "n_train": m.n_train, "n_val": m.n_val,
-            "counts": counts}
+    require_schema(settings.database_url, tables=("holdout_events",))
+    r = split_roles(settings)
+    m, h = r.development, r.holdout
+    counts = {role: dict(v) for role, v in m.doc["counts"].items()}
+    counts.setdefault("calibration", {})
+    counts["holdout"] = dict(h.doc["counts"]["holdout"]) if h else {}
+    role_hashes = {role: m.role_hash(role) for role in ROLES if role != "holdout"}
+    role_hashes["holdout"] = h.role_hash("holdout") if h else None
+    log.info("split: %d train / %d validation / %d calibration images (development %s); holdout %d images "
+             "(frozen %s)%s", m.n_train, m.n_val, m.n("calibration"), m.hash[:12], h.n("holdout") if h else 0,
+             h.hash[:12] if h else "none", "" if r.grouped else "; no patient groups")
+    for w in r.warnings:
+        log.warning("split: %s", w)
+    return {"manifest_path": str(m.path), "manifest_hash": m.hash,
+            "holdout_path": str(h.path) if h else None, "holdout_hash": h.hash if h else None,
+            "n_train": m.n_train, "n_val": m.n_val, "n_calibration": m.n("calibration"),
+            "n_holdout": h.n("holdout") if h else 0, "counts": counts, "role_hashes": role_hashes,
+            "grouped": r.grouped, "warnings": list(r.warnings), "near_duplicates": r.near_duplicates,
+            "holdout_frozen_now": r.holdout_frozen_now}
 
 
 def train_step(settings: Settings, manifest_path: str, *, version: str | None = None,

@@ -42,6 +42,7 @@ from .errors import StoreError
 
 __all__ = [
     "Base",
+    "HoldoutEvent",
     "ImageRecord",
     "Metric",
     "ModelVersion",
@@ -96,6 +97,7 @@ class ImageRecord(Base):
     source_path: Mapped[str] = mapped_column(Text)  # first path it was seen under
     stored_path: Mapped[str | None] = mapped_column(Text)  # content-addressed copy (labelled only)
     excluded_reason: Mapped[str | None] = mapped_column(Text)  # e.g. seen under two labels
+    phash: Mapped[str | None] = mapped_column(String(16))  # 64-bit perceptual hash, hex (bcc_pipeline.neardup)
     first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_images_label_first_seen", "label", "first_seen_at"),)
@@ -523,3 +525,26 @@ class InboxFile(Base):
         Index("ix_inbox_files_path_key", "path_key"),
         Index("ix_inbox_files_sha256", "sha256"),
     )
+
+
+# -- the frozen holdout (migration 0004) ------------------------------------------------------
+class HoldoutEvent(Base):
+    """Append-only log of every change of the frozen holdout: who, when, why, the manifest hash
+    before and after, and the counts. ``seq`` is unique, so two concurrent changes cannot both
+    extend the same state: the history stays one line. The newest row names the current holdout."""
+
+    __tablename__ = "holdout_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    action: Mapped[str] = mapped_column(String(16))  # freeze | extend
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    old_hash: Mapped[str | None] = mapped_column(String(64))
+    new_hash: Mapped[str] = mapped_column(String(64))
+    manifest_path: Mapped[str] = mapped_column(Text)
+    n_before: Mapped[int] = mapped_column(Integer)
+    n_after: Mapped[int] = mapped_column(Integer)
+    n_excluded: Mapped[int] = mapped_column(Integer)  # images kept out by this change, reasons in the manifest
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per label after the change
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -240,3 +240,38 @@ def test_gate_with_approval_waits_for_a_person(sqlite_url, make_settings, tmp_pa
     assert _evidence(sqlite_url)["approval"]["actor"] == "dr.grey"
     card = (settings.models_dir / "v-cand" / "model_card.md").read_text()
     assert f"Human approval: {'approved' if approved else 'rejected'} by `dr.grey`: checked" in card
+
+
+def test_cli_prints_holdout_intervals_temperature_hashes_and_the_card(sqlite_url, make_settings, tmp_path,
+                                                                     tiny_model_artifact, png_writer, monkeypatch,
+                                                                     capsys):
+    from bcc_pipeline import cli
+
+    settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0)
+    out = _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer)
+    pipelines.gate_step(settings, "v-cand", actor="test", progress=lambda _: None)
+    monkeypatch.setenv("BCC_HOME", str(settings.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+
+    assert cli.main(["models", "--json"]) == 0
+    rows = {r["version"]: r for r in json.loads(capsys.readouterr().out)}
+    cand = rows["v-cand"]
+    assert cand["temperature"] == out["temperature"] and cand["status"] == "champion"
+    assert set(cand["manifest_hashes"]) == {"train", "validation", "calibration", "holdout"}
+    assert cand["intervals"]["sensitivity"]["n"] == 6 and cand["intervals"]["roc_auc"]["k"] is None
+
+    assert cli.main(["models"]) == 0
+    table = capsys.readouterr().out
+    s = cand["intervals"]["sensitivity"]
+    assert f"{s['value']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}] {s['k']}/6" in table
+
+    assert cli.main(["status", "--rows", "0"]) == 0
+    status = capsys.readouterr().out
+    assert "champion        v-cand" in status and f"temperature {out['temperature']:.3f}" in status
+    assert f"sensitivity {s['value']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}], {s['k']}/6 (holdout)" in status
+
+    assert cli.main(["model-card", "v-cand"]) == 0
+    card = capsys.readouterr().out
+    assert card.startswith("# Model card: v-cand") and "**promoted**" in card and "Candidate − champion" in card
+    assert cli.main(["model-card", "v-nope"]) == 1
+    assert "unknown model version" in capsys.readouterr().err

@@ -56,6 +56,24 @@ Schedule: `BCC_RETRAIN_SCHEDULE` (cron, default `0 3 * * 0`, Sundays 03:00 UTC).
 
 #: How long a candidate waits for a person before the approval task takes its default, Reject.
 APPROVAL_TIMEOUT = timedelta(days=7)
+#: The XCom key under which the approval task keeps the answer (who, when, what, the comment).
+ANSWER_KEY = "answer"
+
+
+class RecordedApprovalOperator(ApprovalOperator):
+    """Airflow's ApprovalOperator that also keeps the answer in an XCom, before it acts on it.
+
+    On Reject the ApprovalOperator skips its downstream tasks by raising, so it returns no value;
+    the XCom written here lets ``record_decision`` log a rejection (with the approver and the
+    comment) as well as an approval."""
+
+    def execute_complete(self, context, event):
+        if "error" not in event:
+            context["ti"].xcom_push(key=ANSWER_KEY, value={
+                "chosen_options": list(event["chosen_options"]), "params_input": dict(event.get("params_input") or {}),
+                "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))})
+        return super().execute_complete(context=context, event=event)
+
 
 @dag(
     dag_id="bcc_retrain",
@@ -139,7 +157,7 @@ def bcc_retrain():
         print(f"{decision['version']} {'awaits a person' if waiting else 'needs no approval'}: {decision['decision']}")
         return waiting
 
-    approve = ApprovalOperator(
+    approve = RecordedApprovalOperator(
         task_id="approve",
         subject="Promote BCC candidate {{ ti.xcom_pull(task_ids='gate')['version'] }} to champion?",
         body="{{ ti.xcom_pull(task_ids='gate')['markdown'] }}",
@@ -160,7 +178,7 @@ def bcc_retrain():
 
         if decision["decision"] != "awaiting_approval":
             return {k: v for k, v in decision.items() if k != "markdown"}
-        answer = get_current_context()["ti"].xcom_pull(task_ids="approve")
+        answer = get_current_context()["ti"].xcom_pull(task_ids="approve", key=ANSWER_KEY)
         if not answer or not answer.get("chosen_options"):
             raise AirflowFailException(f"no answer from the approval task: {decision['version']} still awaits "
                                        "approval (answer it with bcc_pipeline.registry.record_approval)")

@@ -36,7 +36,9 @@ def holdout_lines(intervals: dict[str, Any], calibration: dict[str, Any] | None 
         lines.append(f"calibration: temperature {calibration['temperature']:.3f} (fitted on "
                      f"{calibration.get('n_calibration', '?')} calibration images); on {calibration.get('holdout_n')} "
                      f"holdout images ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}, "
-                     f"Brier {calibration['brier_before']:.3f} -> {calibration['brier_after']:.3f} (before -> after)")
+                     f"Brier {calibration['brier_before']:.3f} -> {calibration['brier_after']:.3f} (before -> after)"
+                     + ("; the temperature reached the edge of its search range: the calibration split says "
+                        "little about this model" if calibration.get("at_search_bound") else ""))
     return lines
 
 

@@ -274,8 +274,9 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     operating_point = {**choice, "chosen_on": "calibration", "calibrated": True,
                        "holdout_sensitivity": intervals["sensitivity"].as_dict(),
                        "holdout_specificity": intervals["specificity"].as_dict()}
+    at_bound = min(abs(temperature - b) for b in stats.TEMPERATURE_BOUNDS) < 1e-3
     calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": "calibration",
-                   "n_calibration": len(cal_labels), "holdout_n": len(hold_labels),
+                   "at_search_bound": at_bound, "n_calibration": len(cal_labels), "holdout_n": len(hold_labels),
                    **{f"{m}_{w}": results["holdout"][m + ("_uncalibrated" if w == "before" else "")]
                       for m in ("ece", "brier") for w in ("before", "after")}}
     meta.update(threshold=threshold, temperature=temperature, operating_point=operating_point,

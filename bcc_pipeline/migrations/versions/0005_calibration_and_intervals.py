@@ -37,6 +37,7 @@ def downgrade() -> None:
     with op.batch_alter_table('metrics', schema=None) as batch_op:
         for name in ('method', 'k', 'n', 'upper', 'lower'):
             batch_op.drop_column(name)
-    with op.batch_alter_table('model_versions', schema=None) as batch_op:
-        for name in ('lineage', 'operating_point', 'temperature'):
-            batch_op.drop_column(name)
+    # Not in batch mode: on SQLite a batch rebuilds the table, which the latest_predictions view
+    # (migration 0002) forbids; plain DROP COLUMN works on SQLite >= 3.35 and PostgreSQL alike.
+    for name in ('lineage', 'operating_point', 'temperature'):
+        op.drop_column('model_versions', name)

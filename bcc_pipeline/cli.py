@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError
+from .files import apply_umask
 from .store import safe_url
 
 __all__ = ["main"]
@@ -44,7 +45,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "batch_size": getattr(args, "batch_size", None),
         "seed": getattr(args, "seed", None),
     }
-    return load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    settings = load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    apply_umask(settings.umask)  # the permission policy, for everything this command creates
+    return settings
 
 
 def _progress(msg: str) -> None:
@@ -115,8 +118,12 @@ def cmd_intake(args: argparse.Namespace) -> int:
         print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
               f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written")
+        if r["recovered"]:
+            print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
+        for f in r["failed"]:
+            print(f"  left in landing {f['path']}: {f['error']}")
 
     _emit(args, r, human)
     return 0
@@ -156,25 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _version_rows(s: Settings) -> list[dict[str, Any]]:
-    from .registry import intervals_of, list_versions, metrics_of
-    from .store import require_schema, session_scope
+    from .overview import model_versions
 
-    require_schema(s.database_url)
-    with session_scope(s.database_url) as session:
-        rows = []
-        for mv in list_versions(session):
-            rows.append({
-                "version": mv.version, "status": mv.status, "created_at": mv.created_at.isoformat(),
-                "profile": mv.profile, "image_size": mv.image_size, "base_weights": mv.base_weights,
-                "threshold": mv.threshold, "temperature": mv.temperature, "operating_point": mv.operating_point,
-                "n_train": mv.n_train, "n_val": mv.n_val, "manifest_hash": mv.manifest_hash,
-                "manifest_hashes": (mv.lineage or {}).get("manifests", {}), "artifact_path": mv.artifact_path,
-                "artifact_sha256": mv.artifact_sha256, "plots_dir": mv.plots_dir, "code_version": mv.code_version,
-                "holdout": metrics_of(session, mv.version, "holdout"),
-                "intervals": intervals_of(session, mv.version, "holdout"),
-                "validation": metrics_of(session, mv.version, "validation"), "lineage": mv.lineage,
-            })
-    return rows
+    return [{k: v for k, v in row.items() if k not in ("metrics", "plots")} for row in model_versions(s)]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -253,31 +244,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Champion with its metrics and plots, the last scoring run, the newest predictions."""
-    from sqlalchemy import select
-
     from .model_card import holdout_lines
+    from .overview import champion_summary, scoring_runs
     from .predictions import query_predictions
-    from .registry import get_champion, intervals_of, metrics_of
-    from .store import ScoringRun, require_schema, session_scope
 
     s = _settings(args)
-    require_schema(s.database_url)
-    with session_scope(s.database_url) as session:
-        champ = get_champion(session)
-        champion = None if champ is None else {
-            "version": champ.version, "created_at": champ.created_at.isoformat(), "profile": champ.profile,
-            "image_size": champ.image_size, "threshold": champ.threshold, "n_train": champ.n_train,
-            "n_val": champ.n_val, "temperature": champ.temperature,
-            "holdout": metrics_of(session, champ.version, "holdout"),
-            "intervals": intervals_of(session, champ.version, "holdout"),
-            "manifest_hashes": (champ.lineage or {}).get("manifests", {}),
-            "plots": sorted(str(p) for p in Path(champ.plots_dir).glob("*.png")) if champ.plots_dir else [],
-        }
-        last = session.scalars(select(ScoringRun).order_by(ScoringRun.started_at.desc())).first()
-        run = None if last is None else {
-            "run_id": last.run_id, "model_version": last.model_version, "status": last.status,
-            "started_at": last.started_at.isoformat(),
-            "finished_at": last.finished_at.isoformat() if last.finished_at else None, "counts": last.counts}
+    champion = champion_summary(s)
+    runs = scoring_runs(s, limit=1)
+    run = runs[0] if runs else None
     rows = list(query_predictions(s, limit=args.rows, latest=True))
     payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
 

@@ -47,7 +47,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .errors import NoChampionError, RegistryError
-from .store import Metric, ModelVersion, Promotion, upsert, utcnow
+from .store import Metric, ModelVersion, Promotion, insert_rows, utcnow
 
 __all__ = [
     "AWAITING",
@@ -136,7 +136,7 @@ def save_metrics(session: Session, version: str, split: str, metrics: dict[str, 
         rows.append({"model_version": version, "split": split, "name": k, "value": _num(v),
                      "lower": _num(d.get("lower")), "upper": _num(d.get("upper")), "n": d.get("n"),
                      "k": d.get("k"), "method": d.get("method")})
-    upsert(session, Metric, rows, key=("model_version", "split", "name"),
+    insert_rows(session, Metric, rows, key=("model_version", "split", "name"),
            update=("value", "lower", "upper", "n", "k", "method"))
 
 

@@ -1,11 +1,11 @@
-"""The project database: SQLAlchemy 2 typed ORM, engines, sessions, upserts and migrations.
+"""The project database: SQLAlchemy 2 typed ORM, engines, sessions, keyed inserts and migrations.
 
 The same code runs on SQLite (embedded default) and PostgreSQL (production). The schema is owned
 by the Alembic migrations in ``bcc_pipeline/migrations``; ``bcc db upgrade`` (:func:`upgrade`)
 brings any older database to the current head in place.
 
-Writes that a retried task could repeat go through :func:`upsert`, keyed by a natural key, so the
-second attempt changes nothing.
+Writes that a retried task could repeat go through :func:`insert_rows` (``INSERT .. ON CONFLICT (key)
+DO NOTHING`` or ``DO UPDATE``), keyed by a natural key, so the second attempt changes nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ __all__ = [
     "safe_url",
     "session_scope",
     "upgrade",
-    "upsert",
     "utcnow",
 ]
 
@@ -205,7 +204,8 @@ class Prediction(Base):
 
 
 class Rejection(Base):
-    """Files refused at intake or scoring, with the reason; unique per (run, path)."""
+    """Files refused at intake or scoring, with the reason; unique per (run, path). ``path`` is shown as
+    :func:`bcc_pipeline.files.display_path` shows it (reversible, so each file has its own row)."""
 
     __tablename__ = "rejections"
 
@@ -217,6 +217,10 @@ class Rejection(Base):
     reason: Mapped[str] = mapped_column(Text)
     moved_to: Mapped[str | None] = mapped_column(Text)
     rejected_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # intake (migration 0003): where the file is to go, committed with the row before it moves;
+    # ``moved_to`` is set once it has. ``move_error``: why it has not (yet) moved.
+    dest: Mapped[str | None] = mapped_column(Text)
+    move_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (UniqueConstraint("run_id", "path"),)
 
@@ -243,7 +247,7 @@ def get_engine(url: str) -> Engine:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, pool_pre_ping=True, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use database URL {safe_url(url)}: {exc}") from exc
+        raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     _ENGINES[url] = engine
@@ -258,14 +262,55 @@ def dispose_engine(url: str) -> None:
         engine.dispose()
 
 
-def safe_url(url: str) -> str:
-    """``url`` for messages and ``bcc config``: the password masked."""
+_MASK = "***"
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a URL query parameter carries a credential (``password``, ``sslpassword``, tokens...)."""
+    k = key.lower()
+    return any(w in k for w in ("password", "secret", "token")) or k in ("pass", "passwd", "pwd")
+
+
+def safe_url(url: Any) -> str:
+    """``url`` (text or a SQLAlchemy URL) for messages and ``bcc config``: the password and every
+    credential query parameter (``?password=``, ``?sslpassword=``, ...) masked as ``***``. Every message
+    that shows a database URL goes through this."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        query = {k: (_MASK if _secret_key(k) else v) for k, v in u.query.items()}
+        return u.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
     except Exception:  # noqa: BLE001 - only for messages
         return "<unparseable url>"
+
+
+def _secrets(url: Any) -> list[str]:
+    """The credential values inside ``url`` (longest first), to be masked wherever they appear."""
+    try:
+        from urllib.parse import quote_plus
+
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+    except Exception:  # noqa: BLE001
+        return []
+    values = [u.password] if u.password else []
+    for k, v in u.query.items():
+        if _secret_key(k):
+            values.extend([v] if isinstance(v, str) else list(v))
+    values = [str(v) for v in values if v]
+    values += [quote_plus(v) for v in values]
+    return sorted(set(values), key=len, reverse=True)
+
+
+def _error_line(exc: BaseException, url: Any) -> str:
+    """The first line of a driver's error, with any credential of ``url`` in it masked."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    for secret in _secrets(url):
+        line = line.replace(secret, _MASK)
+    return line
 
 
 @contextmanager
@@ -278,7 +323,7 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         session.commit()
     except SQLAlchemyError as exc:
         session.rollback()
-        raise StoreError(f"database error on {safe_url(str(engine.url))}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"database error on {safe_url(engine.url)}: {_error_line(exc, engine.url)}") from exc
     except BaseException:
         session.rollback()
         raise
@@ -286,42 +331,34 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         session.close()
 
 
-def upsert(
-    session: Session,
-    model: type[Base],
-    rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]],
-    *,
-    key: Sequence[str],
-    update: Sequence[str] = (),
-) -> int:
-    """INSERT ... ON CONFLICT (key) DO UPDATE SET update (or DO NOTHING when ``update`` is empty).
-
-    Returns the number of rows sent. Works on SQLite and PostgreSQL with the same call.
-    """
-    rows = [dict(r) for r in rows]
-    insert_rows(session.connection(), model, rows, key=key, update=update)
-    return len(rows)
-
-
 PAGE_ROWS = 1000  # rows per INSERT statement on the bulk paths
 
 
-def insert_rows(conn: Connection, model: type[Base], rows: Sequence[Mapping[str, Any]], *, key: Sequence[str],
-                update: Sequence[str] = (), returning: Any = None) -> list[Any]:
-    """Bulk ``INSERT .. ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET update``) [``RETURNING col``].
+def insert_rows(target: Session | Connection, model: type[Base],
+                rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]], *, key: Sequence[str],
+                update: Sequence[str] = (), returning: Any = None) -> list[Any] | int:
+    """``INSERT .. ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET update``) [``RETURNING returning``].
 
-    All rows must have the same keys. Returns the ``returning`` column's values of the rows actually
-    written (conflicting rows return nothing under DO NOTHING). PostgreSQL through psycopg2 sends pages
-    of :data:`PAGE_ROWS` rows per statement (``execute_values``: one round trip a page, about 4× the
-    rows per second of SQLAlchemy's executemany there); SQLite uses SQLAlchemy's executemany.
+    The one way the project writes rows that a retried task could write again: keyed by a natural key, a
+    second attempt changes nothing (or, with ``update``, sets those columns to the new values). ``target``
+    is a :class:`Session` (the rows join its transaction) or a :class:`Connection`. All rows must have the
+    same keys. Returns the ``returning`` column's values of the rows actually written (conflicting rows
+    return nothing under DO NOTHING) when ``returning`` is given, else the number of rows sent.
+
+    The same call works on SQLite and PostgreSQL. PostgreSQL through psycopg2 gets big batches by ``COPY``
+    into a staging table and small ones in pages of :data:`PAGE_ROWS` rows per statement
+    (``execute_values``: one round trip a page, about 4× the rows per second of SQLAlchemy's executemany
+    there); SQLite uses SQLAlchemy's executemany.
     """
     rows = [dict(r) for r in rows]
+    conn = target.connection() if isinstance(target, Session) else target
     if not rows:
-        return []
+        return [] if returning is not None else 0
     table = model.__table__
     dialect = conn.dialect
     if dialect.name == "postgresql" and dialect.driver == "psycopg2" and _plain_columns(table, rows[0]):
-        return _pg_execute_values(conn, table, rows, key, update, returning)
+        written = _pg_execute_values(conn, table, rows, key, update, returning)
+        return written if returning is not None else len(rows)
     if dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif dialect.name == "sqlite":
@@ -340,7 +377,7 @@ def insert_rows(conn: Connection, model: type[Base], rows: Sequence[Mapping[str,
             out.extend(conn.execute(stmt.returning(returning), page).scalars().all())
         else:
             conn.execute(stmt, page)
-    return out
+    return out if returning is not None else len(rows)
 
 
 def _plain_columns(table: Any, row: Mapping[str, Any]) -> bool:
@@ -438,7 +475,7 @@ def upgrade(url: str, revision: str = "head") -> str:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot migrate {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot migrate {safe_url(url)}: {_error_line(exc, url)}") from exc
     return current_revision(url) or ""
 
 
@@ -450,7 +487,7 @@ def current_revision(url: str) -> str | None:
         with get_engine(url).connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot read {safe_url(url)}: {_error_line(exc, url)}") from exc
 
 
 def require_schema(url: str, tables: Sequence[str] = ()) -> None:
@@ -459,7 +496,7 @@ def require_schema(url: str, tables: Sequence[str] = ()) -> None:
     try:
         present = set(inspect(get_engine(url)).get_table_names())
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot connect to {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot connect to {safe_url(url)}: {_error_line(exc, url)}") from exc
     if "model_versions" not in present:
         raise StoreError(f"database {safe_url(url)} has no BCC schema yet; run `bcc db upgrade`")
     missing = [t for t in tables if t not in present]

@@ -7,6 +7,8 @@
 * :func:`model_version_row`: the one place a ``ModelVersion`` row with test defaults is built.
 * :func:`create_pg_database`: a freshly created PostgreSQL database and the function that drops it.
 * :func:`write_png`: a small PNG every decoder accepts.
+* Scoring: :func:`scoring_settings` (no settle time), :func:`fill_inbox`, :func:`count_rows`,
+  :func:`inbox_files`, :func:`archived`, and :class:`Crash`, which stands in for SIGKILL.
 
 Heavy libraries (keras, numpy, Pillow, SQLAlchemy) are imported inside the functions, so importing
 this module costs nothing.
@@ -24,14 +26,20 @@ from typing import Any
 __all__ = [
     "PG_ADMIN_URL",
     "TINY_IMAGE_SIZE",
+    "Crash",
+    "archived",
     "build_tiny_classifier",
+    "count_rows",
     "create_pg_database",
+    "fill_inbox",
+    "inbox_files",
     "install_artifact",
     "model_version_row",
     "pg_admin_engine",
     "pg_unavailable_reason",
     "register_version",
     "save_tiny_artifact",
+    "scoring_settings",
     "write_png",
 ]
 
@@ -189,3 +197,42 @@ def write_png(path: Path, *, size: int = 48, seed: int = 0, mode: str = "RGB") -
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).convert(mode).save(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def scoring_settings(make_settings: Callable[..., Any], url: str | None, **overrides: Any) -> Any:
+    """Settings from the ``make_settings`` fixture with no settle time (files just written are scored)."""
+    return make_settings(url, settle_seconds=0, **overrides)
+
+
+def fill_inbox(inbox: Path, png_writer: Callable[..., Path], n: int, *, prefix: str = "img",
+               seed0: int = 0) -> list[Path]:
+    """``n`` distinct 40×40 PNGs in ``inbox/patient_<i % 3>/``."""
+    out = []
+    for i in range(n):
+        out.append(png_writer(inbox / f"patient_{i % 3}" / f"{prefix}{i:03d}.png", seed=seed0 + i, size=40))
+    return out
+
+
+def count_rows(url: str, model: type) -> int:
+    from sqlalchemy import func, select
+
+    from bcc_pipeline.store import session_scope
+
+    with session_scope(url) as s:
+        return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+def inbox_files(inbox: Path) -> list[str]:
+    """What is left in the inbox (files and links), relative paths, sorted."""
+    return sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def archived(settings: Any) -> list[Path]:
+    return [p for p in settings.archive_dir.rglob("*") if p.is_file()]
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (not even except Exception handlers)."""

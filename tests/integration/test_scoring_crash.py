@@ -1,14 +1,15 @@
 """Crash safety and concurrency of batch scoring with real processes, on SQLite and PostgreSQL.
 
-* A real `bcc score` process is SIGKILLed mid-run, between a batch's commit and its file moves, then
+* A real scoring process is SIGKILLed mid-run, between a batch's commit and its file moves, then
   `bcc score` is run again, and every invariant is checked: each valid content has exactly one
   prediction, every file is in archive/ or quarantine/ (ignored ones stay in the inbox), nothing is
   duplicated or lost, the counts add up. (Other crash points, and rerunning the same run id, are tested
-  in-process in tests/unit/test_scoring.py.)
+  in-process in tests/unit/test_scoring_moves.py.)
 * Shards run concurrently in separate processes never score a file twice.
 
-The killed processes run the real CLI (`bcc_pipeline.cli.main(["score", ...])`) with a short sleep
-injected at one point, so that the kill lands where the test wants it rather than after the run ended.
+The killed process runs what `bcc score` runs (``score_inbox`` with the settings from the environment)
+with the ``on_batch_committed`` hook blocking at one batch, so that the kill lands where the test wants
+it rather than after the run ended.
 """
 
 from __future__ import annotations
@@ -30,25 +31,22 @@ from bcc_pipeline.store import InboxFile, Prediction, ScoringRun, session_scope
 
 N_VALID, N_DUP, N_BAD = 100, 6, 4
 
-# Runs the real CLI with one scorer method wrapped: on its ``block_at``-th call the wrapper writes a
-# marker file and then blocks, so the test's SIGKILL lands exactly there (no timing guesswork).
-SLOWED = """
-import os, sys, time
-from bcc_pipeline import scoring
-where, block_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-cls = scoring._ShardScorer
-real = getattr(cls, where)
+# Scores the inbox as `bcc score` does, with the on_batch_committed hook: after the ``block_at``-th
+# batch is committed (its files not moved yet) it writes a marker file and then blocks, so the test's
+# SIGKILL lands exactly there (no timing guesswork).
+BLOCKED = """
+import json, os, sys, time
+from bcc_pipeline.config import load_settings
+from bcc_pipeline.scoring import Hooks, score_inbox
+block_at, marker = int(sys.argv[1]), sys.argv[2]
 calls = [0]
-def slow(self, *a, **kw):
+def block(paths):
     calls[0] += 1
     if calls[0] == block_at:
         with open(marker, "w") as fh:
             fh.write(str(os.getpid()))
         time.sleep(3600)
-    return real(self, *a, **kw)
-setattr(cls, where, slow)
-from bcc_pipeline.cli import main
-sys.exit(main(sys.argv[4:]))
+print(json.dumps(score_inbox(load_settings(), hooks=Hooks(on_batch_committed=block))))
 """
 
 
@@ -64,17 +62,17 @@ def _n_predictions(url: str) -> int:
         return s.scalar(select(func.count()).select_from(Prediction)) or 0
 
 
-def _kill_mid_run(env: dict[str, str], url: str, where: str, *args: str, block_at: int) -> None:
-    """Start `bcc score` with ``where`` blocking on its ``block_at``-th call, and SIGKILL it there."""
-    marker = Path(env["BCC_HOME"]) / f".blocked-{where}"
+def _kill_after_commit(env: dict[str, str], block_at: int) -> None:
+    """Start scoring, blocking after its ``block_at``-th batch is committed, and SIGKILL it there."""
+    marker = Path(env["BCC_HOME"]) / ".blocked-after-commit"
     marker.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", SLOWED, where, str(block_at), str(marker), "score", "--json",
-                             *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED, str(block_at), str(marker)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
         while not marker.exists():
             assert proc.poll() is None, f"scoring ended before the kill: {proc.stderr.read()[-2000:]!r}"
-            assert time.monotonic() < deadline, f"{where} was never called {block_at} times"
+            assert time.monotonic() < deadline, f"fewer than {block_at} batches were committed"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -157,7 +155,7 @@ def test_sigkill_mid_run_then_rerun(db_url, make_settings, register_champion, pn
     env = _env(settings.home, db_url)
 
     # killed between a batch's commit and its file moves: the hardest moment
-    _kill_mid_run(env, db_url, "_move_all", block_at=3)  # the 3rd batch is committed, its files not moved
+    _kill_after_commit(env, block_at=3)  # the 3rd batch is committed, its files not moved
     with session_scope(db_url) as s:
         killed = s.scalars(select(ScoringRun)).one()
         unmoved = s.scalar(select(func.count()).select_from(InboxFile).where(InboxFile.moved_to.is_(None)))
@@ -194,7 +192,7 @@ def test_concurrent_shards_in_separate_processes(db_url, make_settings, register
     plan = plan_shards(settings, "sharded", 2)
     assert plan["n_files"] == len(built["shas"]) + len(built["bad"])
     # (the same shard started twice at once, an Airflow retry while the first attempt still runs, is
-    # tested with threads in tests/unit/test_scoring.py: the ledger's claims keep them apart)
+    # tested with threads in tests/unit/test_scoring_shard.py: the ledger's claims keep them apart)
     procs = [subprocess.Popen([sys.executable, "-c", SHARD, "sharded", str(k)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]

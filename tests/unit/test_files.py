@@ -148,3 +148,119 @@ def test_atomic_write_with_a_writer_function(tmp_path: Path) -> None:
         files.atomic_write(target, fail)
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+# -- moves, reason files and names (what scoring relies on) -----------------------------------
+def test_move_no_clobber_suffixes_and_never_overwrites(tmp_path):
+    src_dir, dest_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    (dest_dir / "a").mkdir(parents=True)
+    (dest_dir / "a" / "x.png").write_bytes(b"old")
+    (src_dir / "x.png").write_bytes(b"new")
+    moved = files.move_no_clobber(src_dir / "x.png", dest_dir / "a" / "x.png")
+    assert moved.name == "x~1.png" and moved.read_bytes() == b"new"
+    assert (dest_dir / "a" / "x.png").read_bytes() == b"old" and not (src_dir / "x.png").exists()
+
+
+def test_move_finishes_an_interrupted_move(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
+    src.write_bytes(b"data")
+    os.link(src, dest)  # the first half of a move, then "SIGKILL"
+    assert files.move_no_clobber(src, dest) == dest
+    assert not src.exists() and dest.read_bytes() == b"data"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
+
+
+def test_move_moves_a_symlink_as_a_link_and_never_touches_its_target(tmp_path):
+    target = tmp_path / "secret.txt"
+    target.write_text("do not touch")
+    before = os.stat(target)
+    (tmp_path / "in").mkdir()
+    link = tmp_path / "in" / "evil.png"
+    link.symlink_to(target)
+    moved = files.quarantine_file(link, tmp_path / "q", Path("evil.png"), "symbolic link")
+    assert moved.is_symlink() and os.readlink(moved) == str(target)
+    assert not os.path.lexists(link)
+    after = os.stat(target)
+    assert target.read_text() == "do not touch"
+    assert (after.st_mtime_ns, after.st_ino, after.st_mode) == (before.st_mtime_ns, before.st_ino, before.st_mode)
+    assert (tmp_path / "q" / "evil.png.reason.txt").read_text().strip() == "symbolic link"
+
+
+def test_long_names_stay_within_the_name_limit(tmp_path):
+    name = "é" * 120 + ".png"  # 244 bytes: the reason file needs a shorter stem
+    assert len(os.fsencode(name)) == 244
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(b"x")
+    moved = files.quarantine_file(tmp_path / "in" / name, tmp_path / "q", Path(name), "why")
+    assert moved.name == name
+    reasons = [p for p in (tmp_path / "q").iterdir() if p.name.endswith(".reason.txt")]
+    assert len(reasons) == 1 and len(os.fsencode(reasons[0].name)) <= 255
+    assert files.reason_path(moved) == reasons[0]
+    assert len(os.fsencode(files.fit_name("a" * 300, "~12.png"))) == 255
+
+
+def test_reason_file_never_replaces_a_quarantined_link(tmp_path):
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / "x.png.reason.txt").symlink_to("/etc/hostname")
+    (q / "x.png").write_bytes(b"x")
+    written = files.write_reason(q / "x.png", "why")
+    assert (q / "x.png.reason.txt").is_symlink() and written.read_text() == "why\n"
+
+
+def test_display_path_escapes_invalid_utf8():
+    raw = os.fsdecode(b"bad\xffname.png")
+    assert files.display_path(raw) == "bad\\xffname.png"
+
+
+# -- the one display form of a path ---------------------------------------------------------------
+_HOSTILE_NAMES = [
+    b"plain.png", "caf\u00e9/\u00fcber.png".encode(), b"bad\xffname.png", b"bad\\xffname.png", b"a\\b", b"a\\\\b",
+    b"\\", b"\\x", b"\\xzz", b"new\nline.png", b"cr\rtab\t.png", b"\x00nul", b"\x1b[31mred", b"del\x7f",
+    "c1\u0085nel".encode(), "sep\u2028\u2029".encode(), b"\xed\xa0\x80surrogate", b"\xc3", b"\xc3(", b"\xf4\x90\x80\x80",
+    b"\xe2\x82", "\U0001f600.png".encode(), b"\\n", b"\\\n", b"\\u00e9", b"%ff", b"",
+]
+
+
+def _random_names(n: int, seed: int = 12) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    alphabet = [b"\\", b"x", b"f", b"F", b"0", b"n", b"a", b"/", b".", b"\n", b"\x00", b"\xff", b"\xc3", b"\xa9",
+                b"\xe2\x80\xa8", b"\xed\xa0\x80", "\u00e9".encode(), b"\x85", b"\xc2\x85"]
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(alphabet) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                 for _ in range(rng.randrange(1, 12))]
+        out.append(b"".join(parts))
+    return out
+
+
+def test_display_path_round_trips_every_byte_string_and_never_collides() -> None:
+    names = sorted(set(_HOSTILE_NAMES + _random_names(3000)))
+    shown = {}
+    for raw in names:
+        text = files.display_path(raw)
+        text.encode("utf-8")  # valid UTF-8: databases and JSON accept it
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text), text
+        assert os.fsencode(files.path_from_display(text)) == raw
+        assert files.display_path(os.fsdecode(raw)) == text  # str (surrogateescape) and bytes agree
+        assert shown.setdefault(text, raw) == raw, f"{raw!r} and {shown[text]!r} display the same"
+
+
+def test_display_path_keeps_ordinary_names_and_escapes_the_ambiguous_ones() -> None:
+    assert files.display_path("benign/patient 7/caf\u00e9 (1).png") == "benign/patient 7/caf\u00e9 (1).png"
+    assert files.display_path(Path("a/b.png")) == "a/b.png"
+    assert files.display_path(b"bad\xffname.png") == "bad\\xffname.png"
+    assert files.display_path(b"bad\\xffname.png") == "bad\\\\xffname.png"
+    assert files.display_path(b"one\ntwo") == "one\\ntwo"
+    assert files.display_path(b"\x1b[0m") == "\\x1b[0m"
+
+
+@pytest.mark.parametrize("text", ["a\\", "a\\q", "\\x4", "\\u00e9", "lone\udcff"])
+def test_path_from_display_refuses_what_no_path_displays_as(text: str) -> None:
+    with pytest.raises(ValueError, match="not a displayed path"):
+        files.path_from_display(text)

@@ -5,7 +5,7 @@ from sqlalchemy import func, inspect, select
 
 from bcc_pipeline import store
 from bcc_pipeline.errors import StoreError
-from bcc_pipeline.store import ImageRecord, ModelVersion, Prediction, session_scope, upsert
+from bcc_pipeline.store import ImageRecord, ModelVersion, Prediction, insert_rows, session_scope
 from tests.support import model_version_row
 
 
@@ -35,30 +35,30 @@ def test_schema_matches_orm(migrated_url):
     assert diff == []
 
 
-def test_upsert_is_idempotent(migrated_url):
+def test_insert_rows_with_a_session_is_idempotent(migrated_url):
     with session_scope(migrated_url) as s:
         s.add(_mv("v1"))
     row = {"image_sha256": "a" * 64, "model_version": "v1", "prob_malignant": 0.7, "label": "malignant",
            "threshold": 0.5, "source_path": "x.png", "run_id": "r1", "scored_at": store.utcnow()}
     for _ in range(3):
         with session_scope(migrated_url) as s:
-            upsert(s, Prediction, [row], key=("image_sha256", "model_version"))
+            insert_rows(s, Prediction, [row], key=("image_sha256", "model_version"))
     with session_scope(migrated_url) as s:
         assert s.scalar(select(func.count()).select_from(Prediction)) == 1
     # with update columns the existing row takes the new values, still one row
     with session_scope(migrated_url) as s:
-        upsert(s, Prediction, [dict(row, prob_malignant=0.9)], key=("image_sha256", "model_version"),
+        insert_rows(s, Prediction, [dict(row, prob_malignant=0.9)], key=("image_sha256", "model_version"),
                update=("prob_malignant",))
     with session_scope(migrated_url) as s:
         assert s.scalars(select(Prediction.prob_malignant)).all() == [0.9]
-        assert upsert(s, Prediction, [], key=("image_sha256", "model_version")) == 0
+        assert insert_rows(s, Prediction, [], key=("image_sha256", "model_version")) == 0
 
 
-def test_upsert_chunks_many_rows(migrated_url):
+def test_insert_rows_chunks_many_rows(migrated_url):
     rows = [{"sha256": f"{i:064x}", "label": "benign", "group_id": None, "width": 1, "height": 1, "format": "PNG",
              "source_path": f"{i}.png", "first_seen_at": store.utcnow()} for i in range(5000)]
     with session_scope(migrated_url) as s:
-        assert upsert(s, ImageRecord, rows, key=("sha256",)) == 5000
+        assert insert_rows(s, ImageRecord, rows, key=("sha256",)) == 5000
         assert s.scalar(select(func.count()).select_from(ImageRecord)) == 5000
 
 
@@ -67,7 +67,7 @@ def test_insert_rows_round_trips_awkward_values_and_returns_what_it_wrote(migrat
     """Bulk inserts keep NULL apart from '', keep quotes, commas, newlines, backslashes and unicode,
     JSON and timezone-aware datetimes; RETURNING lists only rows actually written; a second call in the
     same transaction sees none of the first one's staging rows."""
-    from bcc_pipeline.store import ScoringRun, get_engine, insert_rows
+    from bcc_pipeline.store import ScoringRun, get_engine
 
     assert 3 < store.COPY_MIN_ROWS <= 700  # the two params exercise both PostgreSQL paths
     when = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
@@ -123,3 +123,39 @@ def test_bad_url_is_a_store_error(tmp_path):
         store.upgrade("postgresql+psycopg2://nobody@127.0.0.1:1/nothing")
     with pytest.raises(StoreError):
         store.get_engine("notadialect://x")
+
+
+# -- credentials never shown ------------------------------------------------------------------------
+_SECRET_URL = ("postgresql+psycopg2://bcc:hunter2pw@127.0.0.1:1/bcc"
+               "?password=querysecret&sslpassword=sslsecret&sslmode=disable&connect_timeout=2")
+
+
+def test_safe_url_masks_every_credential_form() -> None:
+    from bcc_pipeline.store import safe_url
+
+    shown = safe_url(_SECRET_URL)
+    for secret in ("hunter2pw", "querysecret", "sslsecret"):
+        assert secret not in shown
+    assert "sslmode=disable" in shown and "bcc:***@127.0.0.1:1/bcc" in shown
+    assert "PASSWORD=***" in safe_url("postgresql://h/db?PASSWORD=upper")
+    assert safe_url("not a url at all") == "<unparseable url>"
+
+
+def test_a_failing_connection_never_shows_the_password() -> None:
+    from bcc_pipeline.errors import StoreError
+    from bcc_pipeline.store import dispose_engine, require_schema
+
+    try:
+        with pytest.raises(StoreError) as info:
+            require_schema(_SECRET_URL)
+    finally:
+        dispose_engine(_SECRET_URL)
+    text = str(info.value)
+    assert "cannot connect to" in text
+    for secret in ("hunter2pw", "querysecret", "sslsecret"):
+        assert secret not in text
+
+
+def test_settings_repr_masks_the_database_url(make_settings) -> None:
+    s = make_settings(_SECRET_URL)
+    assert "querysecret" not in repr(s) and "hunter2pw" not in repr(s) and "sslsecret" not in repr(s)

@@ -1,0 +1,272 @@
+"""Every SQL statement of batch scoring, and nothing else.
+
+The ledger (``inbox_files``) has one row per inbox file a run took on. A batch is committed in ONE
+transaction (:func:`commit_batch`): the ledger rows (``INSERT .. ON CONFLICT DO NOTHING`` claims each
+(run, path) once, so a shard started twice cannot score a file twice), the ``images`` rows, the
+predictions (``UNIQUE(image_sha256, model_version)``, insert-or-nothing: a content already predicted by
+this model is a *duplicate*) and the ``rejections``. Only after the commit do the files move; then
+:func:`record_moves` writes where each went (``moved_to``) or why it could not (``move_error``).
+Database errors become :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from .. import store
+from ..errors import NoChampionError, StoreError
+from ..files import display_path
+from ..registry import get_champion
+from ..store import (
+    ImageRecord,
+    InboxFile,
+    ModelVersion,
+    Prediction,
+    Rejection,
+    ScoringRun,
+    insert_rows,
+    utcnow,
+)
+from .loader import Item
+
+__all__ = [
+    "champion_version",
+    "close_run",
+    "commit_batch",
+    "known_rows",
+    "mark_moved",
+    "mark_vanished",
+    "model_version",
+    "open_run",
+    "predicted",
+    "record_moves",
+    "record_swept",
+    "require_schema",
+    "run_tallies",
+    "transaction",
+    "unmoved_rows",
+    "vanished",
+]
+
+LEDGER = InboxFile.__table__
+VANISHED = "the file left the inbox before it was moved"
+"""``move_error`` of a file that left the inbox on its own: reported as missing, not as a failed move."""
+
+
+def vanished(move_error: str) -> bool:
+    """True for the ``move_error`` of a file that left the inbox on its own (any wording of it)."""
+    return move_error.startswith("the file left")
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()`` whose database errors become :class:`StoreError`."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error while scoring: {str(exc).splitlines()[0]}") from exc
+
+
+def require_schema(url: str) -> None:
+    """The BCC schema, at least at the revision that brought batch scoring."""
+    store.require_schema(url, tables=("inbox_files",))
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def champion_version(engine: Engine) -> str:
+    """The version of the current champion; :class:`NoChampionError` when there is none."""
+    with store.session_scope(engine) as session:
+        champion = get_champion(session)
+        version = champion.version if champion is not None else None
+    if version is None:
+        raise NoChampionError("there is no champion model to score with; train one (`bcc train`) or choose one "
+                              "(`bcc promote VERSION --reason ...`)")
+    return version
+
+
+def model_version(engine: Engine, version: str, run_id: str) -> dict[str, Any]:
+    """What scoring needs of the pinned model version: version, image_size, threshold, temperature (None
+    when the version was not calibrated), artifact path and sha."""
+    with transaction(engine) as conn:
+        row = conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
+    if row is None:
+        raise StoreError(f"model version {version} of scoring run {run_id} is not in the registry")
+    return {"version": row.version, "image_size": int(row.image_size), "threshold": float(row.threshold),
+            "temperature": None if row.temperature is None else float(row.temperature),
+            "artifact_path": row.artifact_path, "artifact_sha256": row.artifact_sha256}
+
+
+def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
+    """The ``scoring_runs`` row of a planned run (kept as it is when it exists already)."""
+    with transaction(engine) as conn:
+        insert_rows(conn, ScoringRun, [{
+            "run_id": run_id, "model_version": version, "started_at": utcnow(),
+            "finished_at": None, "status": "running", "counts": {"planned": n_files},
+        }], key=("run_id",))
+
+
+def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
+    """Aggregates and short lists of a run's ledger (memory does not grow with the run): ``by_status``,
+    ``rejections`` [{path, reason}], ``unmoved`` rows (path, move_error) and ``started_at``."""
+    rt = ScoringRun.__table__
+    t = LEDGER
+    with transaction(engine) as conn:
+        by_status = collections.Counter(dict(conn.execute(
+            select(t.c.status, func.count()).where(t.c.run_id == run_id).group_by(t.c.status)).all()))
+        rejections = [{"path": r.path, "reason": r.reason} for r in conn.execute(
+            select(t.c.path, t.c.reason).where(t.c.run_id == run_id, t.c.status == "rejected").order_by(t.c.path))]
+        unmoved = conn.execute(select(t.c.path, t.c.move_error).where(
+            t.c.run_id == run_id, t.c.moved_to.is_(None), t.c.move_error.is_not(None)).order_by(t.c.path)).all()
+        run = conn.execute(select(rt).where(rt.c.run_id == run_id)).first()
+    return {"by_status": by_status, "rejections": rejections, "unmoved": unmoved,
+            "started_at": run.started_at if run is not None else None}
+
+
+def close_run(engine: Engine, run_id: str, status: str, counts: dict[str, Any],
+              finished_at: dt.datetime | None) -> None:
+    rt = ScoringRun.__table__
+    with transaction(engine) as conn:
+        conn.execute(update(rt).where(rt.c.run_id == run_id).values(
+            status=status, counts=counts, finished_at=finished_at))
+
+
+# -- a shard's batches --------------------------------------------------------------------------
+def known_rows(engine: Engine, run_id: str, keys: Sequence[str]) -> dict[str, list[Any]]:
+    """The ledger rows that matter for these path keys, newest first: this run's rows, and other runs'
+    rows not yet moved."""
+    t = LEDGER
+    with transaction(engine) as conn:
+        rows = conn.execute(select(t).where(t.c.path_key.in_(list(keys))).where(
+            (t.c.run_id == run_id) | t.c.moved_to.is_(None)).order_by(t.c.id.desc())).all()
+    by_key: dict[str, list[Any]] = collections.defaultdict(list)
+    for r in rows:
+        by_key[r.path_key].append(r)
+    return by_key
+
+
+def predicted(engine: Engine, version: str, shas: Sequence[str]) -> set[str]:
+    """Which of these contents already have a prediction from ``version``."""
+    if not shas:
+        return set()
+    t = Prediction.__table__
+    with transaction(engine) as conn:
+        return set(conn.execute(select(t.c.image_sha256).where(
+            t.c.model_version == version, t.c.image_sha256.in_(list(shas)))).scalars())
+
+
+def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fresh: Sequence[Item],
+                 probs: dict[str, float], dest: dict[str, str]) -> tuple[list[Item], set[str]]:
+    """Claim, record and predict one batch in ONE transaction.
+
+    ``fresh``: the batch's files with no ledger row yet (loaded ``ok`` or ``rejected``); ``probs`` the
+    model's probability per new content; ``dest[key]`` where each file is to go. Returns the items this
+    call claimed (another attempt of the same shard may have claimed the rest) and the path keys whose
+    content got a new prediction (the other ``ok`` ones are duplicates).
+    """
+    now = utcnow()
+    ledger = []
+    for it in sorted(fresh, key=lambda i: i.key):  # one lock order in every process
+        status = "rejected" if it.kind == "rejected" else "duplicate"
+        ledger.append({"run_id": run_id, "shard": shard, "path": it.path, "path_key": it.key,
+                       "sha256": it.sha, "status": status, "reason": it.reason, "dest": dest[it.key],
+                       "moved_to": None, "move_error": None, "created_at": now, "updated_at": now})
+    lt = LEDGER
+    with transaction(engine) as conn:
+        claimed = set(insert_rows(conn, InboxFile, ledger, key=("run_id", "path_key"), returning=lt.c.path_key))
+        mine = [it for it in fresh if it.key in claimed]
+        ok = [it for it in mine if it.kind == "ok"]
+        img_rows, seen = [], set()
+        for it in sorted(ok, key=lambda i: i.sha):
+            if it.sha in seen:
+                continue
+            seen.add(it.sha)
+            img_rows.append({"sha256": it.sha, "label": None, "group_id": None, "width": it.info.width,
+                             "height": it.info.height, "format": it.info.format, "source_path": it.path,
+                             "stored_path": None, "excluded_reason": None, "first_seen_at": now})
+        insert_rows(conn, ImageRecord, img_rows, key=("sha256",))
+        owner: dict[str, Item] = {}
+        for it in ok:
+            if it.sha in probs and it.sha not in owner:
+                owner[it.sha] = it
+        thr = mv["threshold"]
+        pred_rows = [{"image_sha256": sha, "model_version": mv["version"], "prob_malignant": probs[sha],
+                      "label": "malignant" if probs[sha] >= thr else "benign", "threshold": thr,
+                      "source_path": it.path, "run_id": run_id, "scored_at": now}
+                     for sha, it in sorted(owner.items())]
+        new = set(insert_rows(conn, Prediction, pred_rows, key=("image_sha256", "model_version"),
+                              returning=Prediction.__table__.c.image_sha256))
+        scored_keys = [owner[sha].key for sha in sorted(new)]
+        if scored_keys:
+            conn.execute(update(lt).where(lt.c.run_id == run_id, lt.c.path_key.in_(scored_keys))
+                         .values(status="scored"))
+        rej_rows = [{"run_id": run_id, "stage": "scoring", "path": it.path, "sha256": it.sha,
+                     "reason": it.reason, "moved_to": None, "rejected_at": now}
+                    for it in sorted(mine, key=lambda i: i.path) if it.kind == "rejected"]
+        insert_rows(conn, Rejection, rej_rows, key=("run_id", "path"))
+    return mine, set(scored_keys)
+
+
+# -- moves --------------------------------------------------------------------------------------
+def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
+    """Write where each file went. ``outcomes``: {run_id, key, path, rejected, moved_to, error}; a rejected
+    file that moved also gets ``moved_to`` on its ``rejections`` row."""
+    if not outcomes:
+        return
+    lt, rt = LEDGER, Rejection.__table__
+    now = utcnow()
+    updates = [{"b_run": o["run_id"], "b_key": o["key"], "b_moved": o["moved_to"], "b_err": o["error"],
+                "b_now": now} for o in outcomes]
+    rej_updates = [{"b_run": o["run_id"], "b_path": o["path"], "b_moved": o["moved_to"]}
+                   for o in outcomes if o["rejected"] and o["moved_to"]]
+    with transaction(engine) as conn:
+        conn.execute(update(lt).where(lt.c.run_id == bindparam("b_run"), lt.c.path_key == bindparam("b_key"))
+                     .values(moved_to=bindparam("b_moved"), move_error=bindparam("b_err"),
+                             updated_at=bindparam("b_now")),
+                     updates)
+        if rej_updates:
+            conn.execute(update(rt).where(rt.c.run_id == bindparam("b_run"), rt.c.path == bindparam("b_path"))
+                         .values(moved_to=bindparam("b_moved")), rej_updates)
+
+
+def mark_moved(engine: Engine, row_id: int, moved_to: str) -> None:
+    """A ledger row whose file an earlier attempt moved without recording it."""
+    with transaction(engine) as conn:
+        conn.execute(update(LEDGER).where(LEDGER.c.id == row_id).values(
+            moved_to=display_path(moved_to), move_error=None, updated_at=utcnow()))
+
+
+def mark_vanished(engine: Engine, row_id: int) -> None:
+    """A ledger row whose file left the inbox before it was moved."""
+    with transaction(engine) as conn:
+        conn.execute(update(LEDGER).where(LEDGER.c.id == row_id).values(move_error=VANISHED, updated_at=utcnow()))
+
+
+def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000) -> list[Any]:
+    """Ledger rows with no ``moved_to`` (id, run_id, path, path_key, status, reason)."""
+    t = LEDGER
+    q = select(t.c.id, t.c.run_id, t.c.path, t.c.path_key, t.c.status, t.c.reason).where(t.c.moved_to.is_(None))
+    if only_run is not None:
+        q = q.where(t.c.run_id == only_run)
+    with transaction(engine) as conn:
+        return list(conn.execute(q.limit(limit)).all())
+
+
+def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:
+    """``moved_to`` for rows (id, where the file is) whose move an interrupted run finished."""
+    if not found:
+        return
+    now = utcnow()
+    t = LEDGER
+    with transaction(engine) as conn:
+        conn.execute(update(t).where(t.c.id == bindparam("b_id"), t.c.moved_to.is_(None)).values(
+            moved_to=bindparam("b_moved"), move_error=bindparam("b_err"), updated_at=bindparam("b_now")),
+            [{"b_id": i, "b_moved": moved, "b_err": None, "b_now": now} for i, moved in found])

@@ -1,0 +1,165 @@
+"""Moving scored files out of the inbox, recording where they went, and finishing interrupted runs.
+
+Files move only after their batch is committed: to ``archive/<run>/<rel>`` or ``quarantine/<run>/<rel>``
+with ``<name>.reason.txt`` (:func:`bcc_pipeline.files.move_no_clobber`: nothing is ever overwritten, an
+interrupted move is finished by the next attempt); then the ledger gets ``moved_to``. A run killed
+anywhere is finished by the next one: a rerun of the same run id moves what its ledger says is done and
+scores the rest; a new run finds an interrupted run's unmoved ledger row for a file and moves it where
+that run meant it to go (*recovered*); :func:`sweep_interrupted` records moves that were done but never
+written down.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from ..config import Settings
+from ..files import display_path, move_no_clobber, path_from_display, reason_path, write_reason
+from . import ledger
+from .inbox import destination, path_key
+from .loader import Item, clean_reason
+
+__all__ = ["MoveFile", "Mover", "Tally", "sweep_interrupted"]
+
+log = logging.getLogger(__name__)
+MoveFile = Callable[[str, Path], Path]
+"""How a file is moved: ``(source, destination) -> where it went`` (:func:`files.move_no_clobber`)."""
+
+
+@dataclass
+class Tally:
+    """What a shard did: counts by outcome, the files it could not move, the files it left for later."""
+
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    move_failures: list[dict[str, str]] = field(default_factory=list)
+    skipped_paths: list[str] = field(default_factory=list)
+
+
+def _try_write_reason(path: Path, reason: str) -> None:
+    try:
+        write_reason(path, reason)
+    except OSError as exc:
+        log.warning("could not write the reason file beside %s: %s", path, exc)
+
+
+class Mover:
+    """Moves the files of one run's shard and records the moves in the ledger."""
+
+    def __init__(self, settings: Settings, engine: Engine, run_id: str, inbox: str, tally: Tally,
+                 move_file: MoveFile = move_no_clobber):
+        self.s, self.engine, self.run_id, self.inbox, self.tally = settings, engine, run_id, inbox, tally
+        self.move_file = move_file
+
+    def move(self, moves: Iterable[tuple[Item, str, str, str | None]]) -> None:
+        """Move each (item, status, run id, reason) to that run's archive/quarantine folder and record it."""
+        outcomes = []
+        for it, status, run_id, reason in moves:
+            dest = destination(self.s, run_id, status, it.rel)
+            moved, error = None, None
+            try:
+                if status == "rejected":
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                moved_path = self.move_file(os.path.join(self.inbox, it.rel), dest)
+                if status == "rejected":
+                    _try_write_reason(moved_path, reason or "rejected")
+                moved = display_path(moved_path)
+            except FileNotFoundError:
+                if os.path.lexists(dest):  # someone else (a recovering run) finished this very move
+                    moved = display_path(dest)
+                else:
+                    error = ledger.VANISHED
+                    self.tally.counts["missing"] += 1
+            except OSError as exc:
+                error = clean_reason(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
+                self.tally.counts["move_failed"] += 1
+                self.tally.move_failures.append({"path": it.path, "error": error, "run_id": run_id})
+                log.error("could not move %s (it stays in the inbox): %s", it.path, error)
+            outcomes.append({"run_id": run_id, "key": it.key, "path": it.path, "rejected": status == "rejected",
+                             "moved_to": moved, "error": error})
+        ledger.record_moves(self.engine, outcomes)
+
+    def _mark_moved(self, row: Any, dest: Path) -> None:
+        if row.status == "rejected" and not os.path.lexists(reason_path(dest)):
+            _try_write_reason(dest, row.reason or "rejected")
+        ledger.mark_moved(self.engine, row.id, str(dest))
+
+    def resolve_known(self, it: Item) -> bool:
+        """A file with ledger rows already: finish what an interrupted attempt started. True when
+        handled (nothing more to do for this file in this run)."""
+        own = [r for r in it.rows if r.run_id == self.run_id]
+        others = [r for r in it.rows if r.run_id != self.run_id and r.moved_to is None]
+        counts = self.tally.counts
+
+        def matches(r: Any) -> bool:
+            if it.kind == "missing" or it.kind == "skipped":
+                return False
+            if r.sha256 is not None:
+                return r.sha256 == it.sha
+            return r.status == "rejected" and (it.is_link or it.kind == "rejected")
+
+        for r in own:  # this run took the file on, and did not record the move
+            if matches(r):
+                self.move([(it, r.status, r.run_id, r.reason)])
+                counts["already_done"] += 1
+                return True
+            dest = destination(self.s, r.run_id, r.status, it.rel)
+            if os.path.lexists(dest):
+                self._mark_moved(r, dest)
+            if it.kind == "missing":
+                if not os.path.lexists(dest):
+                    ledger.mark_vanished(self.engine, r.id)
+                    counts["missing"] += 1
+                else:
+                    counts["already_done"] += 1
+            else:
+                counts["skipped"] += 1  # new content at a path this run already handled: next run
+                self.tally.skipped_paths.append(it.path)
+            return True
+        for r in others:  # an interrupted earlier run took the file on and never moved it
+            if matches(r):
+                self.move([(it, r.status, r.run_id, r.reason)])
+                counts["recovered"] += 1
+                log.info("recovered %s for interrupted run %s", it.path, r.run_id)
+                return True
+            dest = destination(self.s, r.run_id, r.status, it.rel)
+            if os.path.lexists(dest):
+                self._mark_moved(r, dest)
+        return False
+
+
+def sweep_interrupted(settings: Settings, engine: Engine, inbox_of: Callable[[str], str | None],
+                      only_run: str | None = None) -> int:
+    """Ledger rows whose file reached its destination but whose ``moved_to`` was never written (the
+    process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
+    run was planned for (None: unknown, its rows are left alone). Returns how many rows were fixed."""
+    inboxes: dict[str, str | None] = {}
+    fixed = []
+    for r in ledger.unmoved_rows(engine, only_run):
+        try:
+            rel = path_from_display(r.path)  # the ledger shows paths in the reversible display form
+        except ValueError:
+            continue
+        if path_key(rel) != r.path_key:
+            continue
+        if r.run_id not in inboxes:
+            inboxes[r.run_id] = inbox_of(r.run_id)
+        inbox = inboxes[r.run_id]
+        if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
+            continue
+        dest = destination(settings, r.run_id, r.status, rel)
+        if os.path.lexists(dest):
+            if r.status == "rejected" and not os.path.lexists(reason_path(dest)):
+                _try_write_reason(dest, r.reason or "rejected")
+            fixed.append((r.id, str(dest)))
+    ledger.record_swept(engine, fixed)
+    if fixed:
+        log.info("recorded %d file move(s) that interrupted runs had finished", len(fixed))
+    return len(fixed)

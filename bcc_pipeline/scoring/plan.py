@@ -1,0 +1,133 @@
+"""Scoring runs and their plans: run ids, ``runs/<run>/``, the plan every shard of a run follows.
+
+A plan (``runs/<run>/plan.json``, written once, atomically, whoever is first wins) pins what a run does:
+the inbox, the model version (the champion when it was planned), the inference back-end, and the files,
+split into disjoint shards. Each finished shard leaves its counts in ``runs/<run>/shard-<k>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..config import BACKENDS, Settings
+from ..errors import ConfigError, StoreError
+from ..files import atomic_write, safe_dirname
+from ..store import get_engine, utcnow
+from . import ledger
+from .inbox import InboxArg, discover
+from .moves import sweep_interrupted
+
+__all__ = ["load_plan", "new_run_id", "plan_shards", "read_shard_results", "run_dir", "write_shard_result"]
+
+log = logging.getLogger(__name__)
+PLAN_VERSION = 1
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """``score-20261126T020000-3fa2c1``: sortable by time, unique enough for concurrent runs."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"score-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def run_dir(settings: Settings, run_id: str) -> Path:
+    """``$BCC_HOME/runs/<run>/``: the plan and the shard summaries of a scoring run."""
+    return settings.runs_dir / safe_dirname(run_id)
+
+
+def load_plan(settings: Settings, run_id: str) -> dict[str, Any]:
+    """The plan of ``run_id``; a :class:`ConfigError` when the run was never planned."""
+    path = run_dir(settings, run_id) / "plan.json"
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"scoring run {run_id!r} has no plan ({path}); plan it first") from exc
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read the plan of scoring run {run_id!r} ({path}): {exc}") from exc
+    if plan.get("run_id") != run_id:
+        raise StoreError(f"{path} belongs to run {plan.get('run_id')!r}, not {run_id!r}")
+    return plan
+
+
+def plan_inbox(settings: Settings, run_id: str) -> str | None:
+    """The inbox ``run_id`` was planned for, or None when its plan cannot be read."""
+    try:
+        return load_plan(settings, run_id)["inbox"]
+    except (ConfigError, StoreError):
+        return None
+
+
+def write_shard_result(settings: Settings, run_id: str, shard: int, result: dict[str, Any]) -> None:
+    atomic_write(run_dir(settings, run_id) / f"shard-{shard}.json", json.dumps(result, indent=1))
+
+
+def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results of the shards of ``plan`` that finished (a shard still running has none)."""
+    docs = []
+    for k in range(plan["n_shards"]):
+        p = run_dir(settings, plan["run_id"]) / f"shard-{k}.json"
+        try:
+            docs.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+    return docs
+
+
+def _plan_result(plan: dict[str, Any], path: Path) -> dict[str, Any]:
+    return {"run_id": plan["run_id"], "shards": plan["n_shards"], "n_files": plan["n_files"],
+            "plan_path": str(path), "model_version": plan["model_version"], "inbox": plan["inbox"],
+            "inference": plan.get("inference", "keras"),
+            "ignored": len(plan["ignored"]), "skipped": len(plan["skipped"])}
+
+
+def plan_shards(settings: Settings, run_id: str, shards: int, inbox: InboxArg = None,
+                inference: str | None = None) -> dict[str, Any]:
+    """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
+
+    Writes ``runs/<run>/plan.json`` atomically and the ``scoring_runs`` row. When the plan of ``run_id``
+    already exists it is returned unchanged (a retried planning task changes nothing). Raises
+    :class:`NoChampionError` when there is no champion. Returns ``{run_id, shards, n_files, plan_path,
+    model_version, inbox, inference, ignored, skipped}``. ``inference`` (default ``settings.inference``)
+    is the back-end every shard of the run will use (:mod:`bcc_pipeline.inference`).
+    """
+    inference = inference or settings.inference
+    if inference not in BACKENDS:
+        raise ConfigError(f"unknown inference back-end {inference!r}; choose one of {', '.join(BACKENDS)}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
+    if not run_id or not str(run_id).strip():
+        raise ConfigError("a scoring run needs a non-empty run id")
+    ledger.require_schema(settings.database_url)
+    engine = get_engine(settings.database_url)
+    path = run_dir(settings, run_id) / "plan.json"
+    if not path.exists():
+        champion = ledger.champion_version(engine)
+        found = discover(settings, inbox)
+        files = sorted(found["pending"] + found["links"])
+        plan = {
+            "plan_version": PLAN_VERSION, "run_id": run_id, "inbox": found["inbox"],
+            "model_version": champion, "inference": inference, "n_shards": shards, "n_files": len(files),
+            "created_at": utcnow().isoformat(), "settle_seconds": settings.settle_seconds,
+            "shards": [files[k::shards] for k in range(shards)],
+            "ignored": found["ignored"], "skipped": found["skipped"],
+        }
+        try:
+            atomic_write(path, json.dumps(plan, indent=1), exclusive=True)
+            log.info("planned scoring run %s: %d files in %d shard(s), model %s, %d ignored, %d skipped",
+                     run_id, len(files), shards, champion, len(found["ignored"]), len(found["skipped"]))
+        except FileExistsError:
+            pass
+    plan = load_plan(settings, run_id)  # whoever wrote it first wins; everyone uses that one
+    if plan["n_shards"] != shards:
+        raise ConfigError(f"scoring run {run_id!r} is already planned with {plan['n_shards']} shard(s), "
+                          f"not {shards}")
+    if inbox is not None and os.path.abspath(os.fspath(inbox)) != plan["inbox"]:
+        log.warning("scoring run %s was planned for the inbox %s; using that one", run_id, plan["inbox"])
+    ledger.open_run(engine, run_id, plan["model_version"], plan["n_files"])
+    sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run))
+    return _plan_result(plan, path)

@@ -1,0 +1,106 @@
+"""A whole scoring run: :func:`finalize_run` counts it from the ledger, :func:`score_inbox` plans, scores
+and finalizes with one shard in one process (what ``bcc score`` runs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..files import safe_dirname
+from ..store import get_engine, utcnow
+from . import ledger
+from .inbox import InboxArg
+from .moves import sweep_interrupted
+from .plan import load_plan, new_run_id, plan_inbox, plan_shards, read_shard_results
+from .shard import Hooks, Progress, score_shard
+
+__all__ = ["finalize_run", "score_inbox"]
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    if t is None:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
+    """Count the run from its ledger, close its ``scoring_runs`` row and return the summary.
+
+    Safe to call again (the counts are recomputed). Status: ``finished``; ``move_failed`` when some files
+    could not be moved (they are listed and still in the inbox); ``incomplete`` when a shard has not
+    finished (run it, then finalize again).
+    """
+    ledger.require_schema(settings.database_url)
+    plan = load_plan(settings, run_id)
+    engine = get_engine(settings.database_url)
+    sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run), only_run=run_id)
+    tallies = ledger.run_tallies(engine, run_id)
+    by_status = tallies["by_status"]
+    shard_docs = read_shard_results(settings, plan)
+    failures = [{"path": r.path, "error": r.move_error} for r in tallies["unmoved"]
+                if not ledger.vanished(r.move_error)]
+    for d in shard_docs:  # files of interrupted earlier runs this run tried to move, in vain
+        failures += [f for f in d.get("move_failures", []) if f.get("run_id", run_id) != run_id]
+    started = _aware(tallies["started_at"])
+    finished = utcnow()
+    loop_start = min((d["loop_started"] for d in shard_docs), default=None)
+    loop_end = max((d["loop_finished"] for d in shard_docs), default=None)
+    processed = by_status["scored"] + by_status["duplicate"] + by_status["rejected"]
+    # scoring time: the shards' span, less the time it took to load the model (TensorFlow start-up)
+    load = max((d.get("model_load_seconds", 0.0) for d in shard_docs), default=0.0)
+    busy = (loop_end - loop_start - load) if loop_start is not None else 0.0
+    if len(shard_docs) < plan["n_shards"]:
+        status = "incomplete"
+    elif failures:
+        status = "move_failed"
+    else:
+        status = "finished"
+    summary: dict[str, Any] = {
+        "run_id": run_id, "model_version": plan["model_version"], "status": status,
+        "inference": plan.get("inference", "keras"),
+        "precision": next((d["precision"] for d in shard_docs if d.get("precision")), None),
+        "scored": by_status["scored"], "duplicates": by_status["duplicate"], "rejected": by_status["rejected"],
+        "ignored": len(plan["ignored"]),
+        "skipped": len(plan["skipped"]) + sum(d.get("skipped", 0) for d in shard_docs),
+        "move_failed": len(failures),
+        "recovered": sum(d.get("recovered", 0) for d in shard_docs),
+        "missing": sum(d.get("missing", 0) for d in shard_docs),
+        "planned": plan["n_files"], "shards": plan["n_shards"], "shards_finished": len(shard_docs),
+        "seconds": round((finished - started).total_seconds(), 3) if started else None,
+        "images_per_second": round(processed / busy, 2) if busy > 0 else 0.0,
+        "model_load_seconds": round(load, 3),
+        "started_at": started.isoformat() if started else None, "finished_at": finished.isoformat(),
+        "inbox": plan["inbox"],
+        "archive_dir": str(settings.archive_dir / safe_dirname(run_id)),
+        "quarantine_dir": str(settings.quarantine_dir / safe_dirname(run_id)),
+        "rejections": tallies["rejections"],
+        "move_failures": failures,
+        "ignored_paths": plan["ignored"],
+        "skipped_paths": plan["skipped"] + [p for d in shard_docs for p in d.get("skipped_paths", [])],
+    }
+    counts = {k: summary[k] for k in ("scored", "duplicates", "rejected", "ignored", "skipped", "move_failed",
+                                      "recovered", "missing", "planned", "seconds", "images_per_second",
+                                      "inference", "precision")}
+    ledger.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished)
+    return summary
+
+
+def score_inbox(settings: Settings, *, inbox: InboxArg = None, run_id: str | None = None,
+                batch_size: int | None = None, progress: Progress | None = None,
+                hooks: Hooks | None = None) -> dict[str, Any]:
+    """Plan with one shard, score it, finalize: the whole nightly job in one process (``bcc score``).
+
+    Passing the ``run_id`` of an interrupted run finishes that run (its plan is reused). ``hooks``: see
+    :class:`Hooks`.
+    """
+    run_id = run_id or new_run_id()
+    try:
+        shards = int(load_plan(settings, run_id)["n_shards"])  # finishing an earlier (maybe sharded) run
+    except ConfigError:  # no plan yet: a new run
+        shards = 1
+    plan_shards(settings, run_id, shards, inbox=inbox)
+    for shard in range(shards):
+        score_shard(settings, run_id, shard, batch_size=batch_size, progress=progress, hooks=hooks)
+    return finalize_run(settings, run_id)

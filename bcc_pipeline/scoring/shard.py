@@ -1,0 +1,173 @@
+"""Scoring one shard of a planned run: load a batch → dedupe → predict → commit → move, until done.
+
+Each step has its own module: :mod:`.loader` reads and decodes (threads, one batch ahead), :mod:`.ledger`
+holds every SQL statement (one transaction per batch), :mod:`.predictor` is the pinned model, and
+:mod:`.moves` moves the committed files and finishes what interrupted attempts left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..files import display_path, move_no_clobber
+from ..store import get_engine
+from . import ledger
+from .inbox import destination
+from .loader import Item, Loader
+from .moves import MoveFile, Mover, Tally
+from .plan import load_plan, write_shard_result
+from .predictor import PinnedModel
+
+__all__ = ["Hooks", "Progress", "score_shard"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Named points where a caller can watch or interrupt a shard (tests use them to crash it on purpose).
+
+    ``on_batch_committed(paths)``: after a batch's transaction committed, before its files move.
+    ``on_model_batch(n)``: right before the model scores a batch of ``n`` images.
+    ``move_file(src, dest)``: moves one file (default :func:`bcc_pipeline.files.move_no_clobber`).
+    """
+
+    on_batch_committed: Callable[[list[str]], None] | None = None
+    on_model_batch: Callable[[int], None] | None = None
+    move_file: MoveFile = move_no_clobber
+
+
+def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int | None = None,
+                progress: Progress | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+    """Score shard ``shard`` of the planned run ``run_id`` with the run's pinned model version.
+
+    Safe to retry and to run twice at once: the ledger claims each file once. Returns the shard's
+    counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
+    ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``.
+    """
+    ledger.require_schema(settings.database_url)
+    plan = load_plan(settings, run_id)
+    if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < plan["n_shards"]:
+        raise ConfigError(f"scoring run {run_id!r} has shards 0..{plan['n_shards'] - 1}, not {shard!r}")
+    size = batch_size or settings.score_batch_size
+    if size < 1:
+        raise ConfigError(f"the scoring batch size must be positive, got {size}")
+    scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
+    result = scorer.run(plan["shards"][shard], size)
+    write_shard_result(settings, run_id, shard, result)
+    return result
+
+
+class _ShardScorer:
+    def __init__(self, settings: Settings, plan: dict[str, Any], shard: int, progress: Progress, hooks: Hooks):
+        self.s, self.shard, self.progress, self.hooks = settings, shard, progress, hooks
+        self.run_id: str = plan["run_id"]
+        self.inbox: str = plan["inbox"]
+        self.engine = get_engine(settings.database_url)
+        self.mv = ledger.model_version(self.engine, plan["model_version"], self.run_id)
+        self.model = PinnedModel(self.mv, plan.get("inference", "keras"))
+        self.tally = Tally()
+        self.counts = self.tally.counts
+        self.mover = Mover(settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file)
+
+    def run(self, rels: Sequence[str], batch_size: int) -> dict[str, Any]:
+        t0, first_batch_done, done = time.time(), None, 0
+        with Loader(self.inbox, image_size=self.mv["image_size"], max_pixels=self.s.max_pixels,
+                    min_side=self.s.min_side, settle=self.s.settle_seconds, prepare=self._attach_ledger) as loader:
+            for items in loader.batches(rels, batch_size):       # 1. load a batch (read one batch ahead)
+                fresh = self._dedupe(items)                          # 2. settle what the ledger already knows
+                if fresh:
+                    probs = self._predict(fresh)                     # 3. predict the contents new to this model
+                    mine = self._commit(fresh, probs)                # 4. commit the batch in one transaction
+                    if self.hooks.on_batch_committed is not None:
+                        self.hooks.on_batch_committed([it.path for it in mine])
+                    self.mover.move([(it, "rejected" if it.kind == "rejected" else "scored", self.run_id,
+                                      it.reason) for it in mine])    # 5. move the files, record where
+                first_batch_done = first_batch_done or time.time()
+                done += len(items)
+                if done % (batch_size * 10) < batch_size or done == len(rels):
+                    self.progress(f"scoring {self.run_id} shard {self.shard}: {done}/{len(rels)} files "
+                                  f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
+                                  f"{self.counts['rejected']} rejected)")
+        return self._result(len(rels), t0, time.time(), first_batch_done)
+
+    def _result(self, n_files: int, t0: float, t1: float, first_batch_done: float | None) -> dict[str, Any]:
+        c = self.counts
+        return {"run_id": self.run_id, "shard": self.shard, "model_version": self.mv["version"],
+                "n_files": n_files, "loop_started": t0, "loop_finished": t1, "seconds": round(t1 - t0, 3),
+                "scored": c["scored"], "duplicates": c["duplicates"], "rejected": c["rejected"],
+                "skipped": c["skipped"], "missing": c["missing"], "recovered": c["recovered"],
+                "already_done": c["already_done"], "not_claimed": c["not_claimed"],
+                "move_failed": c["move_failed"], "move_failures": self.tally.move_failures,
+                "skipped_paths": self.tally.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3),
+                "inference": self.model.backend, "precision": self.model.precision,
+                "first_batch_done": first_batch_done}
+
+    def _attach_ledger(self, items: list[Item]) -> None:
+        """Each item gets the ledger rows that matter; one this run already moved is ``done``."""
+        known = ledger.known_rows(self.engine, self.run_id, [it.key for it in items])
+        for it in items:
+            it.rows = known.get(it.key, [])
+            if any(r.run_id == self.run_id and r.moved_to is not None for r in it.rows):
+                it.kind = "done"
+
+    def _dedupe(self, items: list[Item]) -> list[Item]:
+        """Settle what is already known (done, interrupted, missing, still being written); the rest is fresh."""
+        fresh = []
+        for it in items:
+            if it.kind == "done":
+                self.counts["already_done"] += 1
+            elif it.rows and self.mover.resolve_known(it):
+                pass
+            elif it.kind == "missing":
+                self.counts["missing"] += 1
+                log.warning("%s left the inbox before it was scored", it.path)
+            elif it.kind == "skipped":
+                self.counts["skipped"] += 1
+                self.tally.skipped_paths.append(it.path)
+            else:
+                fresh.append(it)
+        return fresh
+
+    def _predict(self, fresh: list[Item]) -> dict[str, float]:
+        """P(malignant) of each content in ``fresh`` this model has not predicted yet, in one model batch."""
+        import numpy as np
+
+        ok = [it for it in fresh if it.kind == "ok"]
+        known = ledger.predicted(self.engine, self.mv["version"], sorted({it.sha for it in ok}))
+        first: dict[str, Item] = {}
+        for it in ok:
+            if it.sha not in known and it.sha not in first:
+                first[it.sha] = it
+        probs: dict[str, float] = {}
+        if first:
+            x = np.stack([it.x for it in first.values()])
+            if self.hooks.on_model_batch is not None:
+                self.hooks.on_model_batch(int(x.shape[0]))
+            probs = dict(zip(first, (float(v) for v in self.model.predict(x)), strict=True))
+            del x
+        for it in ok:
+            it.x = None  # the pixels are no longer needed
+        return probs
+
+    def _commit(self, fresh: list[Item], probs: dict[str, float]) -> list[Item]:
+        """Claim, record and predict the batch in one transaction; returns the items this shard claimed."""
+        dest = {it.key: display_path(destination(self.s, self.run_id, it.kind, it.rel)) for it in fresh}
+        mine, scored = ledger.commit_batch(self.engine, self.run_id, self.shard, self.mv, fresh, probs, dest)
+        self.counts["not_claimed"] += len(fresh) - len(mine)
+        for it in mine:
+            if it.kind == "rejected":
+                self.counts["rejected"] += 1
+                log.warning("rejected %s: %s", it.path, it.reason)
+            elif it.key in scored:
+                self.counts["scored"] += 1
+            else:
+                self.counts["duplicates"] += 1
+        return mine

@@ -1,0 +1,132 @@
+"""A whole scoring run (bcc_pipeline.scoring.run and the package surface): ``score_inbox`` end to end and
+again, ``bcc score`` and ``bcc predictions``. In-process, with a tiny champion model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+
+from sqlalchemy import func, select, text
+
+from bcc_pipeline import scoring, store
+from bcc_pipeline.store import ImageRecord, InboxFile, Prediction, Rejection, ScoringRun, session_scope
+from tests.support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
+
+
+def test_importing_scoring_does_not_import_tensorflow():
+    code = ("import sys, bcc_pipeline.scoring, bcc_pipeline.files, bcc_pipeline.cli; "
+            "bad = [m for m in ('tensorflow', 'keras', 'airflow') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_score_inbox_end_to_end_and_rerun_adds_nothing(make_settings, migrated_url, register_champion,
+                                                       png_writer):
+    s = scoring_settings(make_settings, migrated_url)
+    version = register_champion(s, threshold=0.5)
+    imgs = fill_inbox(s.inbox_dir, png_writer, 9)
+    shutil.copyfile(imgs[0], s.inbox_dir / "same content.png")  # duplicate content under another name
+    (s.inbox_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (s.inbox_dir / "readme.md").write_text("left alone")
+
+    r = scoring.score_inbox(s, batch_size=4)
+    assert (r["scored"], r["duplicates"], r["rejected"], r["ignored"], r["skipped"]) == (9, 1, 1, 1, 0)
+    assert r["status"] == "finished" and r["model_version"] == version and r["move_failed"] == 0
+    assert r["rejections"] == [{"path": "broken.png", "reason": r["rejections"][0]["reason"]}]
+    assert "truncated or corrupt" in r["rejections"][0]["reason"]
+    assert inbox_files(s.inbox_dir) == ["readme.md"]
+    run = r["run_id"]
+    arch = s.archive_dir / run
+    assert sorted(str(p.relative_to(arch)) for p in archived(s)) == sorted(
+        [str(p.relative_to(s.inbox_dir)) for p in imgs] + ["same content.png"])
+    q = s.quarantine_dir / run
+    assert (q / "broken.png").exists() and "truncated" in (q / "broken.png.reason.txt").read_text()
+
+    with session_scope(migrated_url) as ses:
+        preds = ses.scalars(select(Prediction)).all()
+        assert len(preds) == 9 and {p.model_version for p in preds} == {version}
+        for p in preds:
+            assert p.label == ("malignant" if p.prob_malignant >= 0.5 else "benign") and p.threshold == 0.5
+            assert p.run_id == run and p.source_path.startswith("patient_")
+        ledger = {f.path: f for f in ses.scalars(select(InboxFile))}
+        assert ledger["same content.png"].status == "duplicate"
+        assert ledger["same content.png"].sha256 == ledger["patient_0/img000.png"].sha256
+        assert all(f.moved_to for f in ledger.values())
+        assert ses.scalar(select(func.count()).select_from(ImageRecord).where(ImageRecord.label.is_(None))) == 9
+        rej = ses.scalars(select(Rejection)).one()
+        assert (rej.stage, rej.path, rej.run_id) == ("scoring", "broken.png", run) and rej.moved_to
+        row = ses.get(ScoringRun, run)
+        assert row.status == "finished" and row.finished_at and row.counts["scored"] == 9
+        assert row.model_version == version
+        view = ses.execute(text("SELECT image_sha256, model_status, champion_version FROM latest_predictions")).all()
+        assert len(view) == 9 and {(v.model_status, v.champion_version) for v in view} == {("champion", version)}
+
+    # the same files again (e.g. restored from the archive): nothing new, all duplicates
+    for p in archived(s):
+        dest = s.inbox_dir / "again" / p.relative_to(arch)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
+    r2 = scoring.score_inbox(s, batch_size=4)
+    assert (r2["scored"], r2["duplicates"], r2["rejected"]) == (0, 10, 0)
+    assert count_rows(migrated_url, Prediction) == 9
+    # and a rerun of a finished run id changes nothing at all
+    r3 = scoring.score_inbox(s, run_id=run)
+    assert (r3["scored"], r3["duplicates"], r3["rejected"]) == (9, 1, 1) and count_rows(migrated_url, Prediction) == 9
+
+
+def test_cli_score_and_predictions(make_settings, migrated_url, register_champion, png_writer, monkeypatch,
+                                   capsys):
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, migrated_url)
+    version = register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 5)
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["score", "--json", "--batch-size", "2", "--inference", "xla"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["inference"] == "xla" and summary["precision"] == "f32"
+    for k in ("scored", "duplicates", "rejected", "ignored", "skipped"):
+        assert isinstance(summary[k], int)
+    assert summary["scored"] == 5 and summary["model_version"] == version and summary["run_id"]
+    assert isinstance(summary["images_per_second"], float) and summary["rejections"] == []
+
+    assert main(["predictions", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5
+    for row in rows:
+        assert {"sha256", "source_path", "model_version", "prob_malignant", "label", "scored_at"} <= set(row)
+        assert dt.datetime.fromisoformat(row["scored_at"]).tzinfo is not None
+    malignant = sum(r["label"] == "malignant" for r in rows)
+    assert main(["predictions", "--json", "--label", "malignant"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == malignant
+    assert main(["predictions", "--format", "json", "--since", "1h", "--limit", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert main(["predictions", "--format", "json", "--since", "2999-01-01"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["predictions", "--format", "json", "--model-version", "nope"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["predictions", "--format", "json", "--latest"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 5
+    assert main(["predictions", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sha256,source_path,model_version,prob_malignant,label") and len(lines) == 6
+    assert main(["predictions"]) == 0
+    assert "patient_" in capsys.readouterr().out
+    assert main(["predictions", "--since", "yesterday-ish"]) == 1
+
+
+def test_cli_score_without_champion_exits_non_zero(make_settings, sqlite_url, monkeypatch, capsys):
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, sqlite_url)
+    store.upgrade(sqlite_url)
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    assert main(["score", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "no champion" in err and len(err.strip().splitlines()) == 1

@@ -183,7 +183,7 @@ def train_step(settings: Settings, manifest_path: str, *, version: str | None = 
     result = training.fit(net, train_ds, val_ds, epochs=settings.epochs, learning_rate=settings.learning_rate,
                           workdir=out, recalibration_ds=recal_ds, steps_per_epoch=steps, progress=progress)
     hashes = {role: _role_hash(manifest, role) for role in DEVELOPMENT_ROLES}
-    hashes["holdout"] = holdout.hash if holdout is not None else None
+    hashes["holdout"] = _role_hash(holdout, "holdout")
     meta = {
         "version": version, "architecture": "DenseNet201+GAP+Dropout(0.5)+BN+Dense(2,softmax)",
         "class_names": list(model.CLASS_NAMES), "preprocessing": PREPROCESSING_ID,
@@ -283,7 +283,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
                 calibration=calibration, metrics=results, bootstrap_seed=seed,
                 holdout_intervals={k: v.as_dict() for k, v in intervals.items()})
     meta["lineage"] = {**meta.get("lineage", {}), "manifests": {
-        **meta.get("lineage", {}).get("manifests", {}), "holdout": holdout.hash}}
+        **meta.get("lineage", {}).get("manifests", {}), "holdout": _role_hash(holdout, "holdout")}}
     # atomically: metadata.json holds the artifact's checksum, the only proof the model is intact
     atomic_write(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 

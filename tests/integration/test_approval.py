@@ -9,16 +9,21 @@ published and the approver is in `promotions`. Reject (a second candidate): the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .airflow_support import AIRFLOW, airflow_env, migrate
-from .test_airflow_services import _free_port, _request, _wait
+from .airflow_support import (
+    Services,
+    airflow_env,
+    free_port,
+    jwt_token,
+    migrate,
+    rest,
+    run_state,
+    task_instances,
+)
 
 DAG = "bcc_retrain"
 
@@ -67,7 +72,7 @@ def _setup(home: Path) -> None:
 
 @pytest.mark.slow
 def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path):
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     home = tmp_path / "bcc"
     bcc_url = f"sqlite:///{tmp_path / 'bcc.db'}"
@@ -94,63 +99,51 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
     migrate(env)
     _setup(home)
 
-    procs: dict[str, subprocess.Popen] = {}
-    logs: dict[str, Path] = {}
+    services = Services(tmp_path)
     try:
-        for name, args in (("api-server", ["api-server", "--port", str(port)]),
-                           ("scheduler", ["scheduler"]), ("dag-processor", ["dag-processor"])):
-            logs[name] = tmp_path / f"{name}.log"
-            procs[name] = subprocess.Popen([AIRFLOW, *args], env=env, stdout=open(logs[name], "w"),
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: _request("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server",
-              procs, logs)
-        status, tok = _request("POST", f"{base}/auth/token", body={"username": "admin", "password": "test-pass"})
-        assert status in (200, 201), tok
-        token = tok["access_token"]
-        _wait(lambda: _request("GET", f"{base}/api/v2/dags/{DAG}", token)[0] == 200, 180,
-              f"the dag-processor to parse {DAG}", procs, logs)
-        assert _request("PATCH", f"{base}/api/v2/dags/{DAG}", token, {"is_paused": False})[0] == 200
+        services.start("api-server", ["api-server", "--port", str(port)], env)
+        services.start("scheduler", ["scheduler"], env)
+        services.start("dag-processor", ["dag-processor"], env)
+        services.wait_for(lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server")
+        token = jwt_token(base, "admin", "test-pass")
+        services.wait_for(lambda: rest("GET", f"{base}/api/v2/dags/{DAG}", token)[0] == 200, 300,
+                          f"the dag-processor to parse {DAG}")
+        assert rest("PATCH", f"{base}/api/v2/dags/{DAG}", token, {"is_paused": False})[0] == 200
+
+        def log_of(run_id: str, task_id: str) -> str:
+            """A task's log through the REST API, one line per event (errors with their details)."""
+            _, body = rest("GET", f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1"
+                           "?full_content=true", token)
+            return "\n".join(f"{c.get('event')} {c.get('error_detail') or ''}" for c in body.get("content", [])
+                             if isinstance(c, dict))
 
         def run(run_id: str, candidate: str, answer: str, comment: str) -> dict:
+            from bcc_pipeline import registry
+            from bcc_pipeline.store import session_scope
+
             conf = {"candidate": candidate, "require_approval": True, "force": True, "min_new_images": 0}
-            status, body = _request("POST", f"{base}/api/v2/dags/{DAG}/dagRuns", token,
-                                    {"logical_date": None, "dag_run_id": run_id, "conf": conf})
+            status, body = rest("POST", f"{base}/api/v2/dags/{DAG}/dagRuns", token,
+                                {"logical_date": None, "dag_run_id": run_id, "conf": conf})
             assert status == 200, body
             hitl = f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails"
 
             def waiting() -> dict | None:
-                st, detail = _request("GET", hitl, token)
+                st, detail = rest("GET", hitl, token)
                 return detail if st == 200 and not detail.get("response_received") else None
 
-            detail = _wait(waiting, 300, f"{run_id} to reach the approval task", procs, logs)
+            detail = services.wait_for(waiting, 600, f"{run_id} to reach the approval task")
             assert candidate in detail["subject"] and detail["options"] == ["Approve", "Reject"]
             assert "sensitivity" in detail["body"] and "(holdout)" in detail["body"]
             assert "model_card.md" in detail["body"] and "reliability.png" in detail["body"]
-            from bcc_pipeline import registry
-            from bcc_pipeline.store import session_scope
-
             with session_scope(bcc_url) as s:  # the gate did not promote by itself
                 assert registry.decision_for(s, candidate).decision == registry.AWAITING
-            st, resp = _request("PATCH", hitl, token, {"chosen_options": [answer], "params_input": {"comment": comment}})
+            st, resp = rest("PATCH", hitl, token, {"chosen_options": [answer], "params_input": {"comment": comment}})
             assert st == 200 and resp["responded_by"]["name"] == "admin", resp
-
-            def finished() -> str | None:
-                st, r = _request("GET", f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}", token)
-                return r.get("state") if st == 200 and r.get("state") in ("success", "failed") else None
-
-            state = _wait(finished, 300, f"run {run_id}", procs, logs)
-            st, tis = _request("GET", f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances", token)
-            states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
+            state = services.wait_for(lambda: run_state(base, token, DAG, run_id), 600, f"run {run_id}")
+            states = {t["task_id"]: t["state"] for t in task_instances(base, token, DAG, run_id)}
             failed = [t for t, st in states.items() if st == "failed"]
-            assert state == "success", f"{states}\n" + "\n".join(_log(run_id, t) for t in failed)
+            assert state == "success", f"{states}\n" + "\n".join(log_of(run_id, t) for t in failed)
             return states
-
-        def _log(run_id: str, task_id: str) -> str:
-            """A task's log through the REST API, one line per event (errors with their details)."""
-            _, body = _request("GET", f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1"
-                               "?full_content=true", token)
-            return "\n".join(f"{c.get('event')} {c.get('error_detail') or ''}" for c in body.get("content", [])
-                             if isinstance(c, dict))
 
         from bcc_pipeline import registry
         from bcc_pipeline.store import session_scope
@@ -173,17 +166,8 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
             assert row.decision == "rejected" and row.actor == "airflow-user:admin"
             assert row.evidence["approval"] == {**row.evidence["approval"], "approved": False, "comment": "not this week"}
             assert row.evidence["differences"]["roc_auc"]["n"] == 16  # compared with v-approve on the same holdout
-        assert "model_card.md" in str(next((home / "models" / "v-reject").glob("model_card.md")))
+        card = (home / "models" / "v-reject" / "model_card.md").read_text()
+        assert "Human approval: rejected by `airflow-user:admin`: not this week" in card
     finally:
-        for p in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        services.stop_all()
         shutil.rmtree(home / "testdata", ignore_errors=True)

@@ -114,18 +114,23 @@ def cmd_intake(args: argparse.Namespace) -> int:
 
 
 def _print_train_summary(r: dict[str, Any], s: Settings) -> None:
+    from .model_card import holdout_lines
+
     ev, gate = r["evaluation"], r["gate"]
-    v = ev["validation"]
+    v, op = ev["holdout"], ev["operating_point"]
     print(f"model version   {r['version']}  ({gate['decision']}; champion now {gate['champion']})")
-    print(f"gate            {gate['reason']}")
-    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {s.target_sensitivity})")
-    print(f"validation      accuracy {v['accuracy']:.4f}  sensitivity {v['sensitivity']:.4f}  "
-          f"specificity {v['specificity']:.4f}")
-    print(f"                precision {v['precision']:.4f}  F1 {v['f1']:.4f}  ROC AUC {v['roc_auc']:.4f}  "
-          f"log loss {v['log_loss']:.4f}  ECE {v['ece']:.4f}")
+    print(f"gate            {gate['rule']}")
+    print(f"                {gate['reason']}")
+    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {op['target']} on {op['n']} calibration "
+          f"images, midway between {op['between']})")
+    print(f"calibration     temperature {ev['temperature']:.3f}")
+    print("holdout         " + "\n                ".join(holdout_lines(ev["intervals"], ev["calibration"])))
     print(f"confusion       TP {v['tp']:.0f}  FP {v['fp']:.0f}  TN {v['tn']:.0f}  FN {v['fn']:.0f}  "
-          f"(n={v['n']:.0f}; {r['split']['n_train']} train images)")
+          f"(holdout n={v['n']:.0f}; {r['split']['n_train']} train images)")
+    for warning in r["split"].get("warnings", []):
+        print(f"warning         {warning}")
     print("plots           " + "\n                ".join(ev["plots"].values()))
+    print(f"model card      {s.models_dir / r['version'] / 'model_card.md'}")
     print(f"took            {r['seconds']:.0f}s")
 
 
@@ -155,18 +160,37 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not rows:
             print("no model versions yet; run `bcc train`")
             return
-        print(f"{'version':26s} {'status':10s} {'profile':7s} {'px':>4s} {'acc':>6s} {'sens':>6s} {'spec':>6s} "
-              f"{'auc':>6s} {'thr':>6s}  created")
+        print("holdout metrics with 95% intervals (exact for proportions, bootstrap for AUC); T = temperature")
+        print(f"{'version':26s} {'status':10s} {'px':>4s} {'sensitivity':>24s} {'specificity':>24s} "
+              f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  holdout")
         for r in rows:
-            m = r["validation"]
+            iv = r["intervals"]
 
-            def f(k: str, m: dict = m) -> str:
-                return "   n/a" if m.get(k) is None else f"{m[k]:6.3f}"
+            def f(k: str, iv: dict = iv) -> str:
+                d = iv.get(k)
+                if not d or d.get("value") is None:
+                    return "n/a"
+                lo, hi = (("n/a" if d.get(b) is None else f"{d[b]:.2f}") for b in ("lower", "upper"))
+                count = f" {d['k']}/{d['n']}" if d.get("k") is not None else ""
+                return f"{d['value']:.2f} [{lo}, {hi}]{count}"
 
-            print(f"{r['version']:26s} {r['status']:10s} {r['profile']:7s} {r['image_size']:4d} {f('accuracy')} "
-                  f"{f('sensitivity')} {f('specificity')} {f('roc_auc')} {r['threshold']:6.3f}  {r['created_at'][:19]}")
+            temp = "n/a" if r["temperature"] is None else f"{r['temperature']:6.3f}"
+            hold = (r["manifest_hashes"] or {}).get("holdout") or "n/a"
+            print(f"{r['version']:26s} {r['status']:10s} {r['image_size']:4d} {f('sensitivity'):>24s} "
+                  f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]}")
 
     _emit(args, rows, human)
+    return 0
+
+
+def cmd_model_card(args: argparse.Namespace) -> int:
+    from .model_card import render
+    from .store import require_schema
+
+    s = _settings(args)
+    require_schema(s.database_url)
+    card = render(s, args.version)
+    _emit(args, {"version": args.version, "markdown": card}, lambda: sys.stdout.write(card))
     return 0
 
 
@@ -204,6 +228,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Champion with its metrics and plots, the last scoring run, the newest predictions."""
+    from .model_card import holdout_lines
     from .overview import champion_summary, scoring_runs
     from .predictions import query_predictions
 
@@ -218,16 +243,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if champion is None:
             print("champion        none yet (run bcc_retrain or `bcc train`)")
         else:
-            v = champion["validation"]
-
-            def f(k: str) -> str:
-                return "n/a" if v.get(k) is None else f"{v[k]:.4f}"
-
+            temp = "uncalibrated" if champion["temperature"] is None else f"temperature {champion['temperature']:.3f}"
             print(f"champion        {champion['version']}  ({champion['profile']} profile, "
-                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, "
+                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, {temp}, "
                   f"{champion['n_train']} train / {champion['n_val']} validation images)")
-            print(f"validation      accuracy {f('accuracy')}  sensitivity {f('sensitivity')}  "
-                  f"specificity {f('specificity')}  ROC AUC {f('roc_auc')}  F1 {f('f1')}")
+            lines = holdout_lines(champion["intervals"]) or ["no holdout metrics recorded"]
+            print("holdout         " + "\n                ".join(lines))
             print("plots           " + ("\n                ".join(champion["plots"]) or "none"))
         if run is None:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
@@ -385,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip-intake", action="store_true", help="train on what is already in the store")
     sp.add_argument("--actor", help="who asked (recorded in the promotion log)")
 
-    add("models", cmd_models, "list model versions with their validation metrics")
+    add("models", cmd_models, "list model versions with their holdout metrics, intervals and calibration")
+
+    sp = add("model-card", cmd_model_card, "print the model card of a version (markdown)")
+    sp.add_argument("version")
 
     sp = add("promote", cmd_promote, "make a model version the champion by hand")
     sp.add_argument("version")

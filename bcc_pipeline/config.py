@@ -150,8 +150,12 @@ class Settings:
                                        minimum=0, maximum=1)
     gate_min_sensitivity: float = setting("BCC_GATE_MIN_SENSITIVITY", 0.90, "Quality gate: absolute "
                                           "sensitivity floor.", minimum=0, maximum=1)
-    gate_tolerance: float = setting("BCC_GATE_TOLERANCE", 0.02, "Quality gate: how much worse than the "
-                                    "champion a candidate may be.", minimum=0)
+    gate_margin: float = setting("BCC_GATE_MARGIN", 0.05, "Quality gate: non-inferiority margin; promote only "
+                                 "when the lower 95% bound of candidate - champion on the holdout (sensitivity, "
+                                 "ROC AUC) is above -margin.", minimum=0, maximum=1, exclusive=True)
+    require_approval: bool = setting("BCC_REQUIRE_APPROVAL", False, "A passing candidate waits for a person's "
+                                     "approval (Airflow approval task or `registry.record_approval`) before it "
+                                     "becomes champion. Recommended in production.")
     # images
     max_pixels: int = setting("BCC_MAX_PIXELS", 50_000_000, "Refuse images with more pixels than this "
                               "(decompression-bomb guard).", minimum=1)
@@ -258,6 +262,14 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         return Path(os.path.expanduser(str(raw))).resolve()
     if isinstance(raw, typ) and not (typ is int and isinstance(raw, bool)):
         return raw
+    if typ is bool:
+        word = str(raw).strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        where = f"environment variable {SETTINGS[name].env}" if origin == "env" else f"setting {name!r}"
+        raise ConfigError(f"{where} must be a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
     try:
         if typ is int and SETTINGS[name].octal:
             text = str(raw).strip().lower()
@@ -330,7 +342,9 @@ README_BEGIN, README_END = "<!-- config:begin -->", "<!-- config:end -->"
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if not isinstance(value, int | float):
         return str(value)
     return f"{value:_}" if isinstance(value, int) else f"{value:g}"
 

@@ -49,7 +49,7 @@ __all__ = [
     "scoring_runs",
 ]
 
-PLOT_NAMES = ("training_curves.png", "confusion_matrix.png", "roc.png")
+PLOT_NAMES = ("training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png")
 """The plots evaluation writes into a model version's ``plots_dir``, in the order they are shown."""
 
 _PLOT_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}\.png")
@@ -78,8 +78,11 @@ def _plots(plots_dir: str | None) -> list[str]:
 def model_versions(settings: Settings, *, champion_first: bool = False) -> list[dict[str, Any]]:
     """Every model version, newest first (or the champion first, then newest first).
 
-    Each row: the version's registry fields, ``validation`` (its validation metrics), ``metrics``
-    (``{split: {name: value}}`` for every split evaluated) and ``plots`` (file names in ``plots_dir``).
+    Each row: the version's registry fields (with ``temperature``, ``operating_point``, ``lineage`` and
+    ``manifest_hashes``, the four role manifest hashes), ``validation`` and ``holdout`` (its metrics there),
+    ``intervals`` (``{name: {value, lower, upper, n, k, method}}`` of the holdout metrics that carry a 95 %
+    interval), ``metrics`` (``{split: {name: value}}`` for every split evaluated) and ``plots`` (file names
+    in ``plots_dir``).
     """
     mv, m = ModelVersion.__table__.c, Metric.__table__.c
 
@@ -89,15 +92,23 @@ def model_versions(settings: Settings, *, champion_first: bool = False) -> list[
             order.insert(0, (mv.status == "champion").desc())
         versions = conn.execute(select(ModelVersion.__table__).order_by(*order)).all()
         metrics: dict[str, dict[str, dict[str, float | None]]] = {}
-        for r in conn.execute(select(m.model_version, m.split, m.name, m.value)):
+        intervals: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in conn.execute(select(m.model_version, m.split, m.name, m.value, m.lower, m.upper, m.n, m.k,
+                                     m.method)):
             metrics.setdefault(r.model_version, {}).setdefault(r.split, {})[r.name] = r.value
+            if r.split == "holdout" and r.method is not None:
+                intervals.setdefault(r.model_version, {})[r.name] = {
+                    "value": r.value, "lower": r.lower, "upper": r.upper, "n": r.n, "k": r.k, "method": r.method}
         return [{
             "version": v.version, "status": v.status, "created_at": iso_utc(v.created_at),
             "profile": v.profile, "image_size": v.image_size, "base_weights": v.base_weights,
             "threshold": v.threshold, "n_train": v.n_train, "n_val": v.n_val,
             "manifest_hash": v.manifest_hash, "artifact_path": v.artifact_path,
             "artifact_sha256": v.artifact_sha256, "plots_dir": v.plots_dir,
-            "code_version": v.code_version, "validation": metrics.get(v.version, {}).get("validation", {}),
+            "code_version": v.code_version, "temperature": v.temperature, "operating_point": v.operating_point,
+            "manifest_hashes": (v.lineage or {}).get("manifests", {}), "lineage": v.lineage,
+            "validation": metrics.get(v.version, {}).get("validation", {}),
+            "holdout": metrics.get(v.version, {}).get("holdout", {}), "intervals": intervals.get(v.version, {}),
             "metrics": metrics.get(v.version, {}), "plots": _plots(v.plots_dir),
         } for v in versions]
 
@@ -105,13 +116,15 @@ def model_versions(settings: Settings, *, champion_first: bool = False) -> list[
 
 
 def champion_summary(settings: Settings) -> dict[str, Any] | None:
-    """The champion with its validation metrics and the paths of its plots, or None."""
+    """The champion with its validation and holdout metrics, holdout intervals, temperature, manifest
+    hashes and the paths of its plots, or None."""
     for v in model_versions(settings, champion_first=True):
         if v["status"] != "champion":
             return None
         plots = sorted(str(p) for p in Path(v["plots_dir"]).glob("*.png")) if v["plots_dir"] else []
-        return {k: v[k] for k in ("version", "created_at", "profile", "image_size", "threshold", "n_train",
-                                  "n_val", "validation")} | {"plots": plots}
+        return {k: v[k] for k in ("version", "created_at", "profile", "image_size", "threshold", "temperature",
+                                  "n_train", "n_val", "validation", "holdout", "intervals",
+                                  "manifest_hashes")} | {"plots": plots}
     return None
 
 

@@ -123,6 +123,14 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     data_cutoff: Mapped[dt.datetime | None]  # newest images.first_seen_at it was trained on
     plots_dir: Mapped[str | None] = mapped_column(Text)
+    # sigmoid(logit(p) / temperature) is the calibrated probability; None: uncalibrated (older versions)
+    temperature: Mapped[float | None] = mapped_column(Float)
+    # how the threshold was chosen: target, role, n, the two observed probabilities it lies between,
+    # and the sensitivity it reaches on the holdout with its interval
+    operating_point: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # package versions, git commit and dirty flag, CPU features, base-weights sha256, the four role
+    # manifest hashes
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     # At most one champion, enforced by the database itself (a partial unique index).
     __table_args__ = (
@@ -142,6 +150,12 @@ class Metric(Base):
     split: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[float | None] = mapped_column(Float)
+    # the 95 % interval of value, the cases it rests on (k of n for proportions) and how it was computed
+    lower: Mapped[float | None] = mapped_column(Float)
+    upper: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int | None] = mapped_column(Integer)
+    k: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(64))
 
 
 class Promotion(Base):
@@ -153,7 +167,8 @@ class Promotion(Base):
     from_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     to_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     candidate_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
-    decision: Mapped[str] = mapped_column(String(16))  # promoted | rejected | manual | rollback
+    # promoted | rejected | insufficient_evidence | awaiting_approval | manual | rollback
+    decision: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(128))
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -38,7 +38,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 #: The DAG params that are settings; the others (shards, inbox, force, ...) are task arguments.
-SETTING_PARAMS = ("profile", "epochs")
+SETTING_PARAMS = ("profile", "epochs", "require_approval")
 
 BCC_DB_CONN_ID = "bcc_db"
 LIBPQ_OPTIONS = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",

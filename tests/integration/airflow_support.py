@@ -288,13 +288,13 @@ def compose_env_on_loopback(variables: Mapping[str, str], hosts: Mapping[str, st
 
 def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int = 60, seed: int = 0,
                      noise: float = 0.2) -> dict[str, Any]:
-    """Validation and holdout metrics plus the three plots for ``version``, written by the real
+    """Validation and holdout metrics (the holdout's with 95% intervals) plus the plots for ``version``, written by the real
     evaluation functions on a synthetic labelled set (what a retrain records; more ``noise``, a worse
     model), so the pages have a model with quality to show. Returns the validation metrics."""
     import numpy as np
     from sqlalchemy import update
 
-    from bcc_pipeline import evaluation, registry
+    from bcc_pipeline import evaluation, registry, stats
     from bcc_pipeline.store import ModelVersion, session_scope
 
     rng = np.random.default_rng(seed)
@@ -305,7 +305,8 @@ def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int
             y = np.arange(n) % 2
             p = np.clip(threshold + (y - 0.5) * 0.6 + rng.normal(0, noise, n), 0.001, 0.999)
             metrics = evaluation.compute_metrics(y, p, threshold=threshold)
-            registry.save_metrics(s, version, split, metrics)
+            intervals = stats.metric_intervals(y, p, threshold, seed=seed) if split == "holdout" else None
+            registry.save_metrics(s, version, split, metrics, intervals)
             if split == "validation":
                 out = metrics
                 history = {"loss": [0.69, 0.52, 0.41, 0.35], "val_loss": [0.68, 0.55, 0.47, 0.44],

@@ -63,11 +63,19 @@ def _scored_home(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
     v2 = register_tiny_champion(s.database_url, s.models_dir, version="v20261127-080000-d4e5f6", threshold=0.465,
                                 status="candidate")
     metrics = evaluate_version(s.database_url, v2, s.models_dir / v2 / "plots", seed=4, noise=0.22)
+    import numpy as np
+
+    from bcc_pipeline import stats
+
+    # the two tiny versions give the same calls on a synthetic holdout: clearly non-inferior
+    y = np.arange(60) % 2
+    p = np.clip(0.465 + (y - 0.5) * 0.6, 0.0, 1.0)
+    diffs = stats.paired_differences(y, p, 0.465, p, 0.465, seed=s.seed)
     with session_scope(s.database_url) as db:
         champ = registry.metrics_of(db, v1)
         decision = registry.evaluate_gate(metrics, champ, min_accuracy=s.gate_min_accuracy,
-                                          min_sensitivity=s.gate_min_sensitivity, tolerance=s.gate_tolerance,
-                                          champion_version=v1)
+                                          min_sensitivity=s.gate_min_sensitivity, margin=s.gate_margin,
+                                          differences=diffs, champion_version=v1)
         registry.record_gate_decision(db, v2, decision, actor="bcc_retrain")
         assert db.get(ModelVersion, v2).status == "champion", decision.summary
     generate(s.inbox_dir / PATIENT_FOLDER, benign=3, malignant=3, size=64, seed=4)
@@ -206,14 +214,14 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         assert status == 200 and len(got) == len(want) == 6
         assert got == [{k: str(v) for k, v in row.items()} for row in want]
 
-        # the models page: champion first, its metrics and its three plots, loaded
+        # the models page: champion first, its metrics and its four plots (reliability too), loaded
         driver.find_element(By.LINK_TEXT, "Models").click()
         wait.until(ec.presence_of_element_located((By.ID, f"v-{facts['v2']}")))
         sections = driver.find_elements(By.CSS_SELECTOR, "section.card")
         assert sections[0].get_attribute("id") == f"v-{facts['v2']}" and "champion" in sections[0].text
         assert "holdout" in sections[0].text and "roc auc" in sections[0].text.lower()
         plots = f"#v-{facts['v2']} .plots img"
-        wait.until(lambda d: len(_loaded(d, plots)) == 3 and all(w > 100 for w in _loaded(d, plots)))
+        wait.until(lambda d: len(_loaded(d, plots)) == 4 and all(w > 100 for w in _loaded(d, plots)))
         assert "passed the quality gate" in driver.page_source
         _shot(driver, shots, "04-models")
 

@@ -151,6 +151,7 @@ def test_pages_render_for_a_viewer_and_through_the_cookie(site):
         img = c.get(f"/bcc/models/{new}/plots/{name}", headers=auth)
         assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert "holdout" in html and "validation" in html
+    assert "Frozen holdout, 95% intervals: sensitivity <strong>" in html  # the champion's headline
     runs = c.get("/bcc/runs", headers=auth).text
     assert "broken.png" in runs and runs.count("badge finished") + runs.count("badge success") >= 2
     assert c.get("/bcc/", headers=auth, follow_redirects=False).headers["location"] == "/bcc/predictions"

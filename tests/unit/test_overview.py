@@ -227,7 +227,8 @@ def test_cli_status_and_models_read_through_the_library(seeded, monkeypatch, cap
     assert [r["version"] for r in rows] == ["v3", "v2", "v1"]
     assert list(rows[1]) == ["version", "status", "created_at", "profile", "image_size", "base_weights", "threshold",
                              "n_train", "n_val", "manifest_hash", "artifact_path", "artifact_sha256", "plots_dir",
-                             "code_version", "validation"]
+                             "code_version", "temperature", "operating_point", "manifest_hashes", "lineage",
+                             "validation", "holdout", "intervals"]
     assert rows[1]["validation"] == {"accuracy": 0.9, "roc_auc": 0.95}
     assert main(["status", "--json", "--rows", "3"]) == 0
     st = json.loads(capsys.readouterr().out)
@@ -238,4 +239,4 @@ def test_cli_status_and_models_read_through_the_library(seeded, monkeypatch, cap
     out = capsys.readouterr().out
     assert "champion        v2" in out and "last scoring    run-b (success) with v2" in out
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.splitlines()[2].startswith("v2 ")
+    assert capsys.readouterr().out.splitlines()[3].startswith("v2 ")  # after the legend and the header

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from . import __version__, registry
 from .config import Settings
@@ -61,17 +61,27 @@ def intake_step(settings: Settings, *, run_id: str | None = None, progress: Prog
 
 
 def count_new_images(settings: Settings) -> dict[str, Any]:
-    """Usable labelled images that arrived after the champion's training data cut-off."""
+    """Usable labelled development images (not in the frozen holdout) that arrived after the champion's
+    training data cut-off: extending the holdout is not new training data."""
+    from .dataset import current_holdout
+
     require_schema(settings.database_url)
+    holdout = current_holdout(settings)
+    held = {e["sha256"] for e in holdout.split("holdout")} if holdout is not None else set()
     with session_scope(settings.database_url) as s:
         champ = registry.get_champion(s)
-        q = select(func.count()).select_from(ImageRecord).where(
+        q = select(ImageRecord.sha256, ImageRecord.first_seen_at).where(
             ImageRecord.label.is_not(None), ImageRecord.excluded_reason.is_(None))
-        total = s.scalar(q) or 0
-        if champ is not None and champ.data_cutoff is not None:
-            q = q.where(ImageRecord.first_seen_at > champ.data_cutoff)
-        new = s.scalar(q) or 0
-    return {"new_images": int(new), "total_images": int(total),
+        rows = [r for r in s.execute(q) if r.sha256 not in held]
+        cutoff = champ.data_cutoff if champ is not None else None
+        if cutoff is not None and cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=dt.UTC)  # SQLite gives naive UTC back
+
+        def after(t: dt.datetime) -> bool:
+            return cutoff is None or (t if t.tzinfo else t.replace(tzinfo=dt.UTC)) > cutoff
+
+        new = sum(1 for r in rows if after(r.first_seen_at))
+    return {"new_images": int(new), "total_images": len(rows),
             "champion": champ.version if champ else None}
 
 
@@ -121,36 +131,12 @@ def split_step(settings: Settings) -> dict[str, Any]:
 
 
 # -- the development manifest and the frozen holdout: the one place that knows how they are found ----------
-DEVELOPMENT_ROLES = ("train", "validation", "calibration")
-ROLES = (*DEVELOPMENT_ROLES, "holdout")
-
-
-def _role_hash(manifest: Any, role: str) -> str | None:
-    """The manifest hash of one role (``Manifest.role_hash`` where the dataset module has it)."""
-    if manifest is None:
-        return None
-    if hasattr(manifest, "role_hash"):
-        return manifest.role_hash(role)
-    import hashlib
-
-    keys = sorted(f"{e['sha256']}:{e['label']}:{e.get('group_id')}" for e in manifest.split(role))
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest() if keys else None
-
-
-def _current_holdout(settings: Settings) -> Any:
-    """The frozen holdout manifest (``dataset.current_holdout``), or None when there is none."""
-    from . import dataset
-
-    current = getattr(dataset, "current_holdout", None)
-    return current(settings) if current is not None else None
-
-
 def _holdout_for(settings: Settings, meta: dict[str, Any]) -> Any:
     """The holdout a version is measured on: the one recorded when it was trained, else the current one."""
     from . import dataset
 
     path = meta.get("holdout_path")
-    holdout = dataset.load_manifest(path) if path else _current_holdout(settings)
+    holdout = dataset.load_manifest(path) if path else dataset.current_holdout(settings)
     if holdout is None or not holdout.split("holdout"):
         raise DatasetError("there is no frozen holdout to measure this version on; freeze one first "
                            "(`bcc holdout freeze`)")
@@ -179,7 +165,7 @@ def train_step(settings: Settings, manifest_path: str, *, version: str | None = 
     progress = progress or log.info
     version = version or registry.new_version_id()
     manifest = dataset.load_manifest(manifest_path)
-    holdout = dataset.load_manifest(holdout_path) if holdout_path else _current_holdout(settings)
+    holdout = dataset.load_manifest(holdout_path) if holdout_path else dataset.current_holdout(settings)
     train_paths, train_labels = dataset.manifest_arrays(manifest, "train")
     val_paths, val_labels = dataset.manifest_arrays(manifest, "validation")
     out = settings.models_dir / version
@@ -200,8 +186,8 @@ def train_step(settings: Settings, manifest_path: str, *, version: str | None = 
     steps = -(-len(train_paths) // settings.batch_size)
     result = training.fit(net, train_ds, val_ds, epochs=settings.epochs, learning_rate=settings.learning_rate,
                           workdir=out, recalibration_ds=recal_ds, steps_per_epoch=steps, progress=progress)
-    hashes = {role: _role_hash(manifest, role) for role in DEVELOPMENT_ROLES}
-    hashes["holdout"] = _role_hash(holdout, "holdout")
+    hashes = {role: manifest.role_hash(role) for role in ("train", "validation", "calibration")}
+    hashes["holdout"] = holdout.role_hash("holdout") if holdout is not None else None
     meta = {
         "version": version, "architecture": "DenseNet201+GAP+Dropout(0.5)+BN+Dense(2,softmax)",
         "class_names": list(model.CLASS_NAMES), "preprocessing": PREPROCESSING_ID,
@@ -301,7 +287,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
                 calibration=calibration, metrics=results, bootstrap_seed=seed,
                 holdout_intervals={k: v.as_dict() for k, v in intervals.items()})
     meta["lineage"] = {**meta.get("lineage", {}), "manifests": {
-        **meta.get("lineage", {}).get("manifests", {}), "holdout": _role_hash(holdout, "holdout")}}
+        **meta.get("lineage", {}).get("manifests", {}), "holdout": holdout.role_hash("holdout")}}
     # atomically: metadata.json holds the artifact's checksum, the only proof the model is intact
     atomic_write(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -295,3 +295,18 @@ def test_a_champion_developed_on_holdout_images_is_named(home):
     split = split_step(home)
     assert any(f"the champion v-old was developed on {split['n_holdout']} of the {split['n_holdout']} holdout"
                in w for w in split["warnings"])
+
+
+def test_extending_the_holdout_is_not_new_training_data(home, tmp_path):
+    """The retrain-or-skip rule counts development images only: a bigger holdout triggers no retrain."""
+    from bcc_pipeline.pipelines import count_new_images
+
+    _land(home, benign=20, malignant=20, groups=5)
+    dataset.intake(home)
+    dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    before = count_new_images(home)
+    assert before["total_images"] < 40  # the frozen holdout is not development data
+    extra = tmp_path / "more-holdout"
+    _land(home, benign=6, malignant=6, groups=2, seed=9, first_patient=40, out=extra)
+    dataset.extend_holdout(home, extra, actor="dr. b", reason="new cohort")
+    assert count_new_images(home) == before

@@ -2,14 +2,14 @@
 lower/upper/n/k/method, promotions.decision widened for insufficient_evidence and awaiting_approval
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-28 17:30:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0005'
-down_revision = '0003'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 

@@ -56,7 +56,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from .store import upgrade
 
     s = _settings(args)
-    rev = upgrade(s.database_url)
+    rev = upgrade(s.database_url, home=s.home)
     _emit(args, {"database": safe_url(s.database_url), "revision": rev},
           f"database {safe_url(s.database_url)} is at revision {rev}")
     return 0
@@ -231,10 +231,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .predictions import query_predictions
     from .registry import get_champion, metrics_of
-    from .store import ScoringRun, require_schema, session_scope
+    from .scoring import mark_abandoned
+    from .store import ScoringRun, get_engine, require_schema, session_scope
 
     s = _settings(args)
     require_schema(s.database_url)
+    mark_abandoned(get_engine(s.database_url))  # a `running` run whose process is gone says so
     with session_scope(s.database_url) as session:
         champ = get_champion(session)
         champion = None if champ is None else {
@@ -247,7 +249,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         run = None if last is None else {
             "run_id": last.run_id, "model_version": last.model_version, "status": last.status,
             "started_at": last.started_at.isoformat(),
-            "finished_at": last.finished_at.isoformat() if last.finished_at else None, "counts": last.counts}
+            "finished_at": last.finished_at.isoformat() if last.finished_at else None, "counts": last.counts,
+            "error": last.error}
     rows = list(query_predictions(s, limit=args.rows, latest=True))
     payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
 
@@ -338,6 +341,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"archive: {r['archive_dir']}\nquarantine: {r['quarantine_dir']}")
 
     _emit(args, r, human)
+    if r["persistent_move_failures"]:
+        paths = ", ".join(f["path"] for f in r["persistent_move_failures"][:10])
+        print(f"bcc: error: {len(r['persistent_move_failures'])} file(s) could not be moved in more than one run "
+              f"and are still in the inbox: {paths}", file=sys.stderr)
+        return 1
     if r["move_failed"]:
         print(f"bcc: warning: {r['move_failed']} file(s) could not be moved and are still in the inbox "
               "(listed under move_failures); the next run tries again", file=sys.stderr)

@@ -56,15 +56,13 @@ def test_crash_then_rerun_same_run_id(make_settings, sqlite_url, register_champi
     fill_inbox(s.inbox_dir, png_writer, 10)
     n = {"moves": 0}
 
-    def crash_mid_move(src, dest):
+    def crash_mid_move(src, where):
         n["moves"] += 1
         if n["moves"] == 6:  # linked into the archive, but the inbox copy is not removed yet
-            os.link(src, dest)
             raise Crash
-        return files.move_no_clobber(src, dest)
 
     with pytest.raises(Crash):
-        scoring.score_inbox(s, run_id="again", batch_size=4, hooks=scoring.Hooks(move_file=crash_mid_move))
+        scoring.score_inbox(s, run_id="again", batch_size=4, hooks=scoring.Hooks(on_move_linked=crash_mid_move))
     r = scoring.score_inbox(s, run_id="again", batch_size=4)
     assert (r["scored"], r["duplicates"], r["status"]) == (10, 0, "finished")
     assert inbox_files(s.inbox_dir) == [] and len(archived(s)) == 10  # no "~1" copies
@@ -75,10 +73,10 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
     s = scoring_settings(make_settings, sqlite_url)
     register_champion(s)
     fill_inbox(s.inbox_dir, png_writer, 3)
-    def refuse(src, dest):
+    def refuse(src, dest, **options):
         if str(src).endswith("img001.png"):
             raise PermissionError(13, "Permission denied")
-        return files.move_no_clobber(src, dest)
+        return files.move_no_clobber(src, dest, **options)
 
     r = scoring.score_inbox(s, hooks=scoring.Hooks(move_file=refuse))
     assert r["status"] == "move_failed" and r["move_failed"] == 1 and r["scored"] == 3

@@ -214,3 +214,83 @@ def test_reason_file_never_replaces_a_quarantined_link(tmp_path):
 def test_display_path_escapes_invalid_utf8():
     raw = os.fsdecode(b"bad\xffname.png")
     assert files.display_path(raw) == "bad\\xffname.png"
+
+
+# -- a source that is no longer the file that was read ------------------------------------------
+def test_move_refuses_a_source_that_changed_since_it_was_read(tmp_path):
+    (tmp_path / "in").mkdir()
+    src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
+    src.write_bytes(b"read and scored")
+    read = files.identity(os.stat(src))
+    (tmp_path / "in" / "new").write_bytes(b"swapped in later")
+    os.replace(tmp_path / "in" / "new", src)
+    with pytest.raises(files.SourceChangedError):
+        files.move_no_clobber(src, dest, expect=read)
+    assert src.read_bytes() == b"swapped in later" and not dest.exists()
+    # the same file, rewritten in place (same inode): also not what was read
+    read = files.identity(os.stat(src))
+    src.write_bytes(b"rewritten!")
+    with pytest.raises(files.SourceChangedError):
+        files.move_no_clobber(src, dest, expect=read)
+    assert not dest.exists()
+    assert files.move_no_clobber(src, dest, expect=files.identity(os.stat(src))) == dest
+
+
+# -- moves across filesystems -------------------------------------------------------------------
+@pytest.fixture
+def other_fs(tmp_path: Path):
+    """A folder on another filesystem than ``tmp_path``: /dev/shm where it is a separate tmpfs."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm: no second filesystem to move across")
+    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test folder: no second filesystem")
+    folder = Path(tempfile.mkdtemp(prefix="bcc-test-", dir=shm))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_move_across_filesystems_keeps_mode_and_times(tmp_path, other_fs):
+    src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
+    src.write_bytes(b"pixels" * 1000)
+    os.chmod(src, 0o640)
+    os.utime(src, ns=(1_700_000_000_123_456_789, 1_600_000_000_987_654_321))
+    assert files.move_no_clobber(src, dest, expect=files.identity(os.stat(src))) == dest
+    st = os.stat(dest)
+    assert (oct(st.st_mode & 0o7777), st.st_mtime_ns) == (oct(0o640), 1_600_000_000_987_654_321)
+    assert not src.exists() and dest.read_bytes() == b"pixels" * 1000
+    assert os.listdir(dest.parent) == ["x.png"]  # no temporary file left
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path, other_fs):
+    src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
+    src.write_bytes(b"only once")
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):  # the copy is in place, the source not removed yet
+        files.move_no_clobber(src, dest, before_unlink=kill)
+    assert src.exists() and dest.read_bytes() == b"only once"
+    assert files.move_no_clobber(src, dest) == dest  # the next attempt finishes it
+    assert not src.exists() and os.listdir(dest.parent) == ["x.png"]  # no x~1.png, no temporary file
+
+    # killed right after the source was removed: the next look (the source is gone) only tidies up
+    src.write_bytes(b"second")
+    dest2 = tmp_path / "archive" / "y.png"
+
+    def remove_then_kill(source, where):
+        os.unlink(source)
+        raise Killed
+
+    with pytest.raises(Killed):
+        files.move_no_clobber(src, dest2, before_unlink=remove_then_kill)
+    assert files.finish_move(dest2) == dest2
+    assert sorted(os.listdir(dest2.parent)) == ["x.png", "y.png"] and dest2.read_bytes() == b"second"

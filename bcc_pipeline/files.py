@@ -35,6 +35,7 @@ very long name shortens its stem (with a short hash of the full name, so shorten
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -268,11 +269,10 @@ def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 Identity = tuple[int, int, int, int]
-"""What a file was when it was read: (st_dev, st_ino, st_size, st_mtime_ns)."""
+"""What a file was when it was read: (st_dev, st_ino, st_size, st_mtime_ns); :func:`identity` of a stat."""
 
 
 def identity(st: os.stat_result) -> Identity:
-    """The :data:`Identity` of a stat result."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -287,16 +287,12 @@ def _expect(st: os.stat_result, expect: Identity | None, src: Path) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _copy_marker(dest: Path) -> Path:
@@ -306,31 +302,23 @@ def _copy_marker(dest: Path) -> Path:
     return dest.with_name(f".bcc-move-{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]}.tmp")
 
 
-def _published_copy(dest: Path, marker: Path) -> Path | None:
-    """Where the copy under ``marker`` was published (a name of ``dest``'s that is the same file), or None."""
-    mst = os.lstat(marker)
-    if mst.st_nlink < 2:
-        return None
-    for candidate in _candidates(dest):
-        try:
-            cst = os.lstat(candidate)
-        except FileNotFoundError:
-            return None
-        if _same_inode(cst, mst):
-            return candidate
-    return None  # pragma: no cover - _candidates never ends
-
-
 def _leftover_copy(dest: Path, src_st: os.stat_result | None) -> Path | None:
-    """What an interrupted cross-filesystem move to ``dest`` left. Returns the published copy when that
-    move got that far and the copy has the source's size and mtime (its marker is then kept until the
-    caller has removed the source); an unfinished copy's marker is removed."""
+    """What an interrupted cross-filesystem move to ``dest`` left. Returns the published copy (a name of
+    ``dest``'s linked to the marker) when that move got that far and the copy has the source's size and
+    mtime (the marker is then kept until the caller has removed the source); else the marker is removed."""
     marker = _copy_marker(dest)
     try:
-        published = _published_copy(dest, marker)
         mst = os.lstat(marker)
     except FileNotFoundError:
         return None
+    published = None
+    for candidate in _candidates(dest) if mst.st_nlink > 1 else ():
+        try:
+            if _same_inode(os.lstat(candidate), mst):
+                published = candidate
+                break
+        except FileNotFoundError:
+            break
     same = src_st is None or (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
     if published is None or not same:
         os.unlink(marker)
@@ -339,15 +327,11 @@ def _leftover_copy(dest: Path, src_st: os.stat_result | None) -> Path | None:
 
 
 def finish_move(dest: str | os.PathLike[str]) -> Path | None:
-    """After the source is gone: finish what an interrupted move across filesystems to ``dest`` left.
-    Returns where the copy was published (its temporary name removed), or None (an unfinished copy is
-    removed)."""
+    """After the source is gone: tidy what an interrupted move across filesystems to ``dest`` left. Returns
+    where its copy was published (or None); the temporary name is removed either way."""
     dest = Path(dest)
-    if not dest.parent.is_dir():
-        return None
-    published = _leftover_copy(dest, None)
-    if published is not None:
-        _copy_marker(dest).unlink(missing_ok=True)
+    published = _leftover_copy(dest, None) if dest.parent.is_dir() else None
+    _copy_marker(dest).unlink(missing_ok=True)
     return published
 
 
@@ -362,7 +346,10 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
         with os.fdopen(in_fd, "rb") as inp:
             before = os.fstat(inp.fileno())
             _expect(before, expect, src)
-            out_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, 0o600)
+            try:
+                out_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, 0o600)
+            except FileExistsError:  # not "the destination is taken": another move to it is under way
+                raise OSError(errno.EBUSY, "another move to this destination is under way", str(marker)) from None
             with os.fdopen(out_fd, "wb") as out:
                 while chunk := inp.read(1 << 20):
                     out.write(chunk)
@@ -406,17 +393,15 @@ def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str], *
     where it was).
 
     ``expect``: the :data:`Identity` the source had when the caller read it. A source that is no longer
-    that file raises :class:`SourceChangedError` and is left where it is; checked right before the move,
-    and again on the moved file itself (a hard link is compared with ``expect`` and undone when it
-    differs). ``before_unlink(src, where)`` is called once the file is at ``where`` and before the source
-    is removed (a named point where tests interrupt a move).
+    that file raises :class:`SourceChangedError` and stays; checked right before the move, and on the hard
+    link itself (undone when it differs). ``before_unlink(src, where)`` runs once the file is at ``where``,
+    before the source is removed (a named point where tests interrupt a move).
     """
     src, dest = Path(src), Path(dest)
     try:
         src_st = os.lstat(src)
     except FileNotFoundError:
-        published = finish_move(dest)
-        if published is None:
+        if (published := finish_move(dest)) is None:
             raise
         return published
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,8 @@ def bcc_score():
 
         from bcc_pipeline.scoring import finalize_run
 
+        if planned is None:  # planning failed (a refused inbox, ...): nothing to count, nothing to retry
+            raise AirflowFailException("the run was not planned (see the plan task); nothing to finalize")
         summary = finalize_run(bcc_common.settings_for(params), planned["run_id"])
         print(f"scoring run {planned['run_id']}: {summary}")
         if summary["status"] == "incomplete":  # the counts are recorded, but the run must not look green
@@ -107,7 +109,8 @@ def bcc_score():
                 f"{summary['shards_finished']} of {summary['shards']} shards finished; the files of the failed "
                 "shard(s) are still in the inbox. Clear the failed shard task to resume.")
         if summary["status"] == "failed":
-            raise AirflowFailException(f"scoring run {planned['run_id']} failed: {summary['error']}")
+            raise AirflowFailException(f"scoring run {planned['run_id']} failed ({summary['shards_finished']} of "
+                                       f"{summary['shards']} shards finished): {summary['error']}")
         stuck = summary["persistent_move_failures"]
         if stuck:  # the files stay in the inbox run after run: somebody has to look
             raise AirflowFailException(f"{len(stuck)} file(s) could not be moved in more than one run and are still "

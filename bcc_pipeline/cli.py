@@ -7,6 +7,7 @@ Errors exit non-zero with a one-line message (``BCC_DEBUG=1`` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
-from .errors import BCCError
+from .errors import BCCError, StoreError
+from .files import apply_umask
 from .store import safe_url
 
 __all__ = ["main"]
@@ -44,7 +46,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "batch_size": getattr(args, "batch_size", None),
         "seed": getattr(args, "seed", None),
     }
-    return load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    settings = load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    apply_umask(settings.umask)  # the permission policy, for everything this command creates
+    return settings
 
 
 def _progress(msg: str) -> None:
@@ -115,8 +119,12 @@ def cmd_intake(args: argparse.Namespace) -> int:
         print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
               f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written")
+        if r["recovered"]:
+            print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
+        for f in r["failed"]:
+            print(f"  left in landing {f['path']}: {f['error']}")
 
     _emit(args, r, human)
     return 0
@@ -151,23 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _version_rows(s: Settings) -> list[dict[str, Any]]:
-    from .registry import list_versions, metrics_of
-    from .store import require_schema, session_scope
+    from .overview import model_versions
 
-    require_schema(s.database_url)
-    with session_scope(s.database_url) as session:
-        rows = []
-        for mv in list_versions(session):
-            m = metrics_of(session, mv.version, "validation")
-            rows.append({
-                "version": mv.version, "status": mv.status, "created_at": mv.created_at.isoformat(),
-                "profile": mv.profile, "image_size": mv.image_size, "base_weights": mv.base_weights,
-                "threshold": mv.threshold, "n_train": mv.n_train, "n_val": mv.n_val,
-                "manifest_hash": mv.manifest_hash, "artifact_path": mv.artifact_path,
-                "artifact_sha256": mv.artifact_sha256, "plots_dir": mv.plots_dir,
-                "code_version": mv.code_version, "validation": m,
-            })
-    return rows
+    return [{k: v for k, v in row.items() if k not in ("metrics", "plots")} for row in model_versions(s)]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -227,30 +221,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Champion with its metrics and plots, the last scoring run, the newest predictions."""
-    from sqlalchemy import select
-
+    from .overview import champion_summary, scoring_runs
     from .predictions import query_predictions
-    from .registry import get_champion, metrics_of
     from .scoring import mark_abandoned
-    from .store import ScoringRun, get_engine, require_schema, session_scope
+    from .store import get_engine
 
     s = _settings(args)
-    require_schema(s.database_url)
-    mark_abandoned(get_engine(s.database_url))  # a `running` run whose process is gone says so
-    with session_scope(s.database_url) as session:
-        champ = get_champion(session)
-        champion = None if champ is None else {
-            "version": champ.version, "created_at": champ.created_at.isoformat(), "profile": champ.profile,
-            "image_size": champ.image_size, "threshold": champ.threshold, "n_train": champ.n_train,
-            "n_val": champ.n_val, "validation": metrics_of(session, champ.version, "validation"),
-            "plots": sorted(str(p) for p in Path(champ.plots_dir).glob("*.png")) if champ.plots_dir else [],
-        }
-        last = session.scalars(select(ScoringRun).order_by(ScoringRun.started_at.desc())).first()
-        run = None if last is None else {
-            "run_id": last.run_id, "model_version": last.model_version, "status": last.status,
-            "started_at": last.started_at.isoformat(),
-            "finished_at": last.finished_at.isoformat() if last.finished_at else None, "counts": last.counts,
-            "error": last.error}
+    with contextlib.suppress(StoreError):  # a `running` run whose process is gone says so (schema permitting)
+        mark_abandoned(get_engine(s.database_url))
+    champion = champion_summary(s)
+    runs = scoring_runs(s, limit=1)
+    run = runs[0] if runs else None
     rows = list(query_predictions(s, limit=args.rows, latest=True))
     payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
 

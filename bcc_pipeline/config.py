@@ -67,6 +67,7 @@ class Setting:
     shown: str = ""  # the default as the README shows it, when the value itself says too little
     recipe: bool = False  # set by every profile
     recorded: bool = False  # recorded with every model version (Settings.training_params)
+    octal: bool = False  # an int written in octal (a umask): parsed, validated and shown in base 8
     name: str = ""
     type: type = object
 
@@ -76,6 +77,8 @@ class Setting:
         if self.choices:
             return f"one of {', '.join(self.choices)}"
         lo, hi = self.minimum, self.maximum
+        if self.octal and lo is not None and hi is not None:
+            return f"octal, from {int(lo):03o} to {int(hi):03o}"
         if lo is not None and hi is not None:
             return f"{'strictly ' if self.exclusive else ''}between {lo:g} and {hi:g}"
         if lo is not None:
@@ -148,6 +151,11 @@ class Settings:
     max_pixels: int = setting("BCC_MAX_PIXELS", 50_000_000, "Refuse images with more pixels than this "
                               "(decompression-bomb guard).", minimum=1)
     min_side: int = setting("BCC_MIN_SIDE", 32, "Refuse images whose shorter side is below this.", minimum=1)
+    # files
+    umask: int = setting("BCC_UMASK", 0o027, "Permission bits taken away from every file and folder BCC creates "
+                         "(the database, models, the dataset store, the converted-model cache): by default they "
+                         "are group-readable and not world-readable.", minimum=0, maximum=0o077, octal=True,
+                         why="the owner always keeps read and write")
     # scoring
     score_batch_size: int = setting("BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1)
     settle_seconds: float = setting("BCC_SETTLE_SECONDS", 2.0, "Inbox files modified more recently than this "
@@ -213,14 +221,26 @@ class Settings:
     def from_scratch(self) -> bool:
         return self.base_weights == "none"
 
+    def __repr__(self) -> str:  # the database URL's credentials never reach a log or a traceback
+        from .store import safe_url
+
+        shown = {n: safe_url(v) if n == "database_url" else v for n, v in
+                 ((n, getattr(self, n)) for n in SETTINGS)}
+        return f"Settings({', '.join(f'{n}={v!r}' for n, v in shown.items())})"
+
     def as_dict(self) -> dict[str, Any]:
-        """Every setting by name; paths as strings."""
-        values = {name: getattr(self, name) for name in SETTINGS}
-        return {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
+        """Every setting by name; paths as strings, octal settings as octal text (``"027"``)."""
+        return {name: _shown_value(spec, getattr(self, name)) for name, spec in SETTINGS.items()}
 
     def training_params(self) -> dict[str, Any]:
         """The hyperparameters recorded with every model version."""
         return {name: getattr(self, name) for name, spec in SETTINGS.items() if spec.recorded}
+
+
+def _shown_value(spec: Setting, value: Any) -> Any:
+    if spec.octal:
+        return f"{value:03o}"
+    return str(value) if isinstance(value, Path) else value
 
 
 def _declared() -> dict[str, Setting]:
@@ -249,6 +269,9 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
     if isinstance(raw, typ) and not (typ is int and isinstance(raw, bool)):
         return raw
     try:
+        if typ is int and SETTINGS[name].octal:
+            text = str(raw).strip().lower()
+            return int(text.removeprefix("0o") or "x", 8)
         if typ is int:
             return int(str(raw).replace("_", ""))
         if typ is float:
@@ -256,7 +279,8 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         return typ(raw)
     except (TypeError, ValueError) as exc:
         where = f"environment variable {SETTINGS[name].env}" if origin == "env" else f"setting {name!r}"
-        raise ConfigError(f"{where} must be {typ.__name__}, got {raw!r}") from exc
+        kind = "an octal number such as 027" if SETTINGS[name].octal else typ.__name__
+        raise ConfigError(f"{where} must be {kind}, got {raw!r}") from exc
 
 
 def _check(s: Settings) -> None:
@@ -264,7 +288,7 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         why = spec.problem(value)
         if why:
-            raise ConfigError(f"{spec.env}={value!r}: {why}")
+            raise ConfigError(f"{spec.env}={_shown_value(spec, value)!r}: {why}")
 
 
 def load_settings(
@@ -325,7 +349,7 @@ def markdown_table() -> str:
     """The README's configuration table, one row per declared setting."""
     rows = ["| variable | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for name, spec in SETTINGS.items():
-        default = f"`{spec.shown or _shown(spec.default)}`"
+        default = f"`{spec.shown or (f'{spec.default:03o}' if spec.octal else _shown(spec.default))}`"
         for profile, values in PROFILES.items():
             if name in values and values[name] != spec.default:
                 default += f" ({profile}: `{_shown(values[name])}`)"

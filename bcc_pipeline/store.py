@@ -197,7 +197,8 @@ class Prediction(Base):
 
 
 class Rejection(Base):
-    """Files refused at intake or scoring, with the reason; unique per (run, path)."""
+    """Files refused at intake or scoring, with the reason; unique per (run, path). ``path`` is shown as
+    :func:`bcc_pipeline.files.display_path` shows it (reversible, so each file has its own row)."""
 
     __tablename__ = "rejections"
 
@@ -209,6 +210,10 @@ class Rejection(Base):
     reason: Mapped[str] = mapped_column(Text)
     moved_to: Mapped[str | None] = mapped_column(Text)
     rejected_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # intake (migration 0003): where the file is to go, committed with the row before it moves;
+    # ``moved_to`` is set once it has. ``move_error``: why it has not (yet) moved.
+    dest: Mapped[str | None] = mapped_column(Text)
+    move_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (UniqueConstraint("run_id", "path"),)
 
@@ -235,7 +240,7 @@ def get_engine(url: str) -> Engine:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, pool_pre_ping=True, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use database URL {safe_url(url)}: {exc}") from exc
+        raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     _ENGINES[url] = engine
@@ -250,14 +255,55 @@ def dispose_engine(url: str) -> None:
         engine.dispose()
 
 
-def safe_url(url: str) -> str:
-    """``url`` for messages and ``bcc config``: the password masked."""
+_MASK = "***"
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a URL query parameter carries a credential (``password``, ``sslpassword``, tokens...)."""
+    k = key.lower()
+    return any(w in k for w in ("password", "secret", "token")) or k in ("pass", "passwd", "pwd")
+
+
+def safe_url(url: Any) -> str:
+    """``url`` (text or a SQLAlchemy URL) for messages and ``bcc config``: the password and every
+    credential query parameter (``?password=``, ``?sslpassword=``, ...) masked as ``***``. Every message
+    that shows a database URL goes through this."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        query = {k: (_MASK if _secret_key(k) else v) for k, v in u.query.items()}
+        return u.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
     except Exception:  # noqa: BLE001 - only for messages
         return "<unparseable url>"
+
+
+def _secrets(url: Any) -> list[str]:
+    """The credential values inside ``url`` (longest first), to be masked wherever they appear."""
+    try:
+        from urllib.parse import quote_plus
+
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+    except Exception:  # noqa: BLE001
+        return []
+    values = [u.password] if u.password else []
+    for k, v in u.query.items():
+        if _secret_key(k):
+            values.extend([v] if isinstance(v, str) else list(v))
+    values = [str(v) for v in values if v]
+    values += [quote_plus(v) for v in values]
+    return sorted(set(values), key=len, reverse=True)
+
+
+def _error_line(exc: BaseException, url: Any) -> str:
+    """The first line of a driver's error, with any credential of ``url`` in it masked."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    for secret in _secrets(url):
+        line = line.replace(secret, _MASK)
+    return line
 
 
 @contextmanager
@@ -270,7 +316,7 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         session.commit()
     except SQLAlchemyError as exc:
         session.rollback()
-        raise StoreError(f"database error on {safe_url(str(engine.url))}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"database error on {safe_url(engine.url)}: {_error_line(exc, engine.url)}") from exc
     except BaseException:
         session.rollback()
         raise
@@ -430,7 +476,7 @@ def upgrade(url: str, revision: str = "head", home: str | os.PathLike[str] | Non
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot migrate {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot migrate {safe_url(url)}: {_error_line(exc, url)}") from exc
     return current_revision(url) or ""
 
 
@@ -442,7 +488,7 @@ def current_revision(url: str) -> str | None:
         with get_engine(url).connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot read {safe_url(url)}: {_error_line(exc, url)}") from exc
 
 
 def require_schema(url: str, tables: Sequence[str] = ()) -> None:
@@ -451,7 +497,7 @@ def require_schema(url: str, tables: Sequence[str] = ()) -> None:
     try:
         present = set(inspect(get_engine(url)).get_table_names())
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot connect to {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot connect to {safe_url(url)}: {_error_line(exc, url)}") from exc
     if "model_versions" not in present:
         raise StoreError(f"database {safe_url(url)} has no BCC schema yet; run `bcc db upgrade`")
     missing = [t for t in tables if t not in present]

@@ -24,7 +24,8 @@ from typing import Any
 
 from .. import images
 from ..errors import ImageError
-from ..files import Identity, display_path, identity
+from ..files import display_path
+from ..moving import Identity, identity
 from .inbox import path_key, settled
 
 __all__ = [

@@ -1,14 +1,14 @@
 """Moving scored files out of the inbox, recording where they went, and finishing interrupted runs.
 
 Files move only after their batch is committed: to ``archive/<run>/<rel>`` or ``quarantine/<run>/<rel>``
-with ``<name>.reason.txt`` (:func:`bcc_pipeline.files.move_no_clobber`: nothing is ever overwritten, an
+with ``<name>.reason.txt`` (:func:`bcc_pipeline.moving.move_no_clobber`: nothing is ever overwritten, an
 interrupted move is finished by the next attempt); then the ledger gets ``moved_to``. A run killed
 anywhere is finished by the next one: a rerun of the same run id moves what its ledger says is done and
 scores the rest; a new run finds an interrupted run's unmoved ledger row for a file and moves it where
 that run meant it to go (*recovered*, counted only when that move succeeds); :func:`sweep_interrupted`
 records moves that were done but never written down.
 
-A file is moved only while it is still the file that was read (:data:`bcc_pipeline.files.Identity`,
+A file is moved only while it is still the file that was read (:data:`bcc_pipeline.moving.Identity`,
 taken from the descriptor that was hashed): a path that holds other content by then is left in the inbox
 and counted as *changed* (the next run scores what is there); no content without a prediction is ever
 archived under another's. A file that cannot be moved stays in the inbox and is tried again by later
@@ -28,7 +28,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from ..config import Settings
-from ..files import SourceChangedError, display_path, finish_move, move_no_clobber, reason_path, write_reason
+from ..files import display_path, path_from_display, reason_path, write_reason
+from ..moving import SourceChangedError, finish_move, move_no_clobber
 from . import ledger
 from .inbox import destination, path_key
 from .loader import Item, clean_reason
@@ -38,7 +39,7 @@ __all__ = ["MAX_MOVE_ATTEMPTS", "MOVE_ERROR_CHARS", "MoveFile", "Mover", "Tally"
 log = logging.getLogger(__name__)
 MoveFile = Callable[..., Path]
 """How a file is moved: ``(source, destination, *, expect, before_unlink) -> where it went``
-(:func:`files.move_no_clobber`, whose keyword arguments it takes)."""
+(:func:`moving.move_no_clobber`, whose keyword arguments it takes)."""
 MAX_MOVE_ATTEMPTS = 3
 """Failed attempts (over all runs) after which a file that cannot be archived goes to quarantine."""
 MOVE_ERROR_CHARS = 16000
@@ -183,14 +184,18 @@ def sweep_interrupted(settings: Settings, engine: Engine, inbox_of: Callable[[st
     inboxes: dict[str, str | None] = {}
     fixed = []
     for r in ledger.unmoved_rows(engine, only_run):
-        if path_key(r.path) != r.path_key:  # the text is an escaped invalid name, not the real path
+        try:
+            rel = path_from_display(r.path)  # the ledger shows paths in the reversible display form
+        except ValueError:
+            continue
+        if path_key(rel) != r.path_key:
             continue
         if r.run_id not in inboxes:
             inboxes[r.run_id] = inbox_of(r.run_id)
         inbox = inboxes[r.run_id]
-        if inbox is None or os.path.lexists(os.path.join(inbox, r.path)):
+        if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
             continue
-        dest = destination(settings, r.run_id, r.status, r.path)
+        dest = destination(settings, r.run_id, r.status, rel)
         finish_move(dest)  # a move across filesystems killed after removing the source leaves its temporary name
         if os.path.lexists(dest):
             if r.status == "rejected" and not os.path.lexists(reason_path(dest)):

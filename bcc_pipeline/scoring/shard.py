@@ -17,7 +17,8 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ArtifactError, BCCError, ConfigError
-from ..files import display_path, move_no_clobber
+from ..files import display_path
+from ..moving import move_no_clobber
 from ..store import get_engine
 from . import ledger
 from .inbox import destination
@@ -41,7 +42,7 @@ class Hooks:
     ``on_move_linked(src, where)``: in the middle of a move, once the file is at ``where`` (hard link or
     published copy) and before the inbox name is removed.
     ``move_file(src, dest, *, expect, before_unlink)``: moves one file (default
-    :func:`bcc_pipeline.files.move_no_clobber`, whose keyword arguments it gets).
+    :func:`bcc_pipeline.moving.move_no_clobber`, whose keyword arguments it gets).
     """
 
     on_batch_committed: Callable[[list[str]], None] | None = None

@@ -139,7 +139,7 @@ def test_every_bound_is_enforced_with_the_variable_named(name):
     above = spec.maximum if spec.exclusive else spec.maximum + 1 if spec.maximum is not None else None
     for bad in (v for v in (below, above) if v is not None):
         with pytest.raises(ConfigError, match=rf"^{spec.env}=.*: must be {spec.rule}") as err:
-            load_settings(env={spec.env: str(spec.type(bad))})
+            load_settings(env={spec.env: f"{int(bad):o}" if spec.octal else str(spec.type(bad))})
         assert "\n" not in str(err.value)
 
 

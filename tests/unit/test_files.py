@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bcc_pipeline import files
+from bcc_pipeline import files, moving
 
 
 @pytest.fixture(params=["renameat2", "exclusive-copy"])
@@ -90,7 +90,7 @@ def test_move_without_hard_links_never_overwrites_a_file_created_meanwhile(
 
         monkeypatch.setattr(files, "renameat2", renameat2_after_appearing)
 
-    moved = files.move_no_clobber(src, dest)
+    moved = moving.move_no_clobber(src, dest)
 
     assert calls and appeared, "the test did not exercise the moment it is about"
     assert dest.read_bytes() == b"already archived"
@@ -110,7 +110,7 @@ def test_move_without_hard_links_suffixes_and_keeps_everything(
         src = tmp_path / f"in{i}" / "x.png"
         src.parent.mkdir()
         src.write_bytes(f"new{i}".encode())
-        assert files.move_no_clobber(src, out / "x.png") == out / f"x~{i + 1}.png"
+        assert moving.move_no_clobber(src, out / "x.png") == out / f"x~{i + 1}.png"
         assert not src.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {
         "x.png": b"first", "x~1.png": b"new0", "x~2.png": b"new1", "x~3.png": b"new2"}
@@ -157,7 +157,7 @@ def test_move_no_clobber_suffixes_and_never_overwrites(tmp_path):
     (dest_dir / "a").mkdir(parents=True)
     (dest_dir / "a" / "x.png").write_bytes(b"old")
     (src_dir / "x.png").write_bytes(b"new")
-    moved = files.move_no_clobber(src_dir / "x.png", dest_dir / "a" / "x.png")
+    moved = moving.move_no_clobber(src_dir / "x.png", dest_dir / "a" / "x.png")
     assert moved.name == "x~1.png" and moved.read_bytes() == b"new"
     assert (dest_dir / "a" / "x.png").read_bytes() == b"old" and not (src_dir / "x.png").exists()
 
@@ -168,7 +168,7 @@ def test_move_finishes_an_interrupted_move(tmp_path):
     src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
     src.write_bytes(b"data")
     os.link(src, dest)  # the first half of a move, then "SIGKILL"
-    assert files.move_no_clobber(src, dest) == dest
+    assert moving.move_no_clobber(src, dest) == dest
     assert not src.exists() and dest.read_bytes() == b"data"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
 
@@ -180,7 +180,7 @@ def test_move_moves_a_symlink_as_a_link_and_never_touches_its_target(tmp_path):
     (tmp_path / "in").mkdir()
     link = tmp_path / "in" / "evil.png"
     link.symlink_to(target)
-    moved = files.quarantine_file(link, tmp_path / "q", Path("evil.png"), "symbolic link")
+    moved = moving.quarantine_file(link, tmp_path / "q", Path("evil.png"), "symbolic link")
     assert moved.is_symlink() and os.readlink(moved) == str(target)
     assert not os.path.lexists(link)
     after = os.stat(target)
@@ -194,7 +194,7 @@ def test_long_names_stay_within_the_name_limit(tmp_path):
     assert len(os.fsencode(name)) == 244
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / name).write_bytes(b"x")
-    moved = files.quarantine_file(tmp_path / "in" / name, tmp_path / "q", Path(name), "why")
+    moved = moving.quarantine_file(tmp_path / "in" / name, tmp_path / "q", Path(name), "why")
     assert moved.name == name
     reasons = [p for p in (tmp_path / "q").iterdir() if p.name.endswith(".reason.txt")]
     assert len(reasons) == 1 and len(os.fsencode(reasons[0].name)) <= 255
@@ -221,19 +221,19 @@ def test_move_refuses_a_source_that_changed_since_it_was_read(tmp_path):
     (tmp_path / "in").mkdir()
     src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
     src.write_bytes(b"read and scored")
-    read = files.identity(os.stat(src))
+    read = moving.identity(os.stat(src))
     (tmp_path / "in" / "new").write_bytes(b"swapped in later")
     os.replace(tmp_path / "in" / "new", src)
-    with pytest.raises(files.SourceChangedError):
-        files.move_no_clobber(src, dest, expect=read)
+    with pytest.raises(moving.SourceChangedError):
+        moving.move_no_clobber(src, dest, expect=read)
     assert src.read_bytes() == b"swapped in later" and not dest.exists()
     # the same file, rewritten in place (same inode): also not what was read
-    read = files.identity(os.stat(src))
+    read = moving.identity(os.stat(src))
     src.write_bytes(b"rewritten!")
-    with pytest.raises(files.SourceChangedError):
-        files.move_no_clobber(src, dest, expect=read)
+    with pytest.raises(moving.SourceChangedError):
+        moving.move_no_clobber(src, dest, expect=read)
     assert not dest.exists()
-    assert files.move_no_clobber(src, dest, expect=files.identity(os.stat(src))) == dest
+    assert moving.move_no_clobber(src, dest, expect=moving.identity(os.stat(src))) == dest
 
 
 # -- moves across filesystems -------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_move_across_filesystems_keeps_mode_and_times(tmp_path, other_fs):
     src.write_bytes(b"pixels" * 1000)
     os.chmod(src, 0o640)
     os.utime(src, ns=(1_700_000_000_123_456_789, 1_600_000_000_987_654_321))
-    assert files.move_no_clobber(src, dest, expect=files.identity(os.stat(src))) == dest
+    assert moving.move_no_clobber(src, dest, expect=moving.identity(os.stat(src))) == dest
     st = os.stat(dest)
     assert (oct(st.st_mode & 0o7777), st.st_mtime_ns) == (oct(0o640), 1_600_000_000_987_654_321)
     assert not src.exists() and dest.read_bytes() == b"pixels" * 1000
@@ -277,9 +277,9 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
         raise Killed
 
     with pytest.raises(Killed):  # the copy is in place, the source not removed yet
-        files.move_no_clobber(src, dest, before_unlink=kill)
+        moving.move_no_clobber(src, dest, before_unlink=kill)
     assert src.exists() and dest.read_bytes() == b"only once"
-    assert files.move_no_clobber(src, dest) == dest  # the next attempt finishes it
+    assert moving.move_no_clobber(src, dest) == dest  # the next attempt finishes it
     assert not src.exists() and os.listdir(dest.parent) == ["x.png"]  # no x~1.png, no temporary file
 
     # killed right after the source was removed: the next look (the source is gone) only tidies up
@@ -291,6 +291,56 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
         raise Killed
 
     with pytest.raises(Killed):
-        files.move_no_clobber(src, dest2, before_unlink=remove_then_kill)
-    assert files.finish_move(dest2) == dest2
+        moving.move_no_clobber(src, dest2, before_unlink=remove_then_kill)
+    assert moving.finish_move(dest2) == dest2
     assert sorted(os.listdir(dest2.parent)) == ["x.png", "y.png"] and dest2.read_bytes() == b"second"
+
+
+# -- the one display form of a path ---------------------------------------------------------------
+_HOSTILE_NAMES = [
+    b"plain.png", "caf\u00e9/\u00fcber.png".encode(), b"bad\xffname.png", b"bad\\xffname.png", b"a\\b", b"a\\\\b",
+    b"\\", b"\\x", b"\\xzz", b"new\nline.png", b"cr\rtab\t.png", b"\x00nul", b"\x1b[31mred", b"del\x7f",
+    "c1\u0085nel".encode(), "sep\u2028\u2029".encode(), b"\xed\xa0\x80surrogate", b"\xc3", b"\xc3(", b"\xf4\x90\x80\x80",
+    b"\xe2\x82", "\U0001f600.png".encode(), b"\\n", b"\\\n", b"\\u00e9", b"%ff", b"",
+]
+
+
+def _random_names(n: int, seed: int = 12) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    alphabet = [b"\\", b"x", b"f", b"F", b"0", b"n", b"a", b"/", b".", b"\n", b"\x00", b"\xff", b"\xc3", b"\xa9",
+                b"\xe2\x80\xa8", b"\xed\xa0\x80", "\u00e9".encode(), b"\x85", b"\xc2\x85"]
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(alphabet) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                 for _ in range(rng.randrange(1, 12))]
+        out.append(b"".join(parts))
+    return out
+
+
+def test_display_path_round_trips_every_byte_string_and_never_collides() -> None:
+    names = sorted(set(_HOSTILE_NAMES + _random_names(3000)))
+    shown = {}
+    for raw in names:
+        text = files.display_path(raw)
+        text.encode("utf-8")  # valid UTF-8: databases and JSON accept it
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text), text
+        assert os.fsencode(files.path_from_display(text)) == raw
+        assert files.display_path(os.fsdecode(raw)) == text  # str (surrogateescape) and bytes agree
+        assert shown.setdefault(text, raw) == raw, f"{raw!r} and {shown[text]!r} display the same"
+
+
+def test_display_path_keeps_ordinary_names_and_escapes_the_ambiguous_ones() -> None:
+    assert files.display_path("benign/patient 7/caf\u00e9 (1).png") == "benign/patient 7/caf\u00e9 (1).png"
+    assert files.display_path(Path("a/b.png")) == "a/b.png"
+    assert files.display_path(b"bad\xffname.png") == "bad\\xffname.png"
+    assert files.display_path(b"bad\\xffname.png") == "bad\\\\xffname.png"
+    assert files.display_path(b"one\ntwo") == "one\\ntwo"
+    assert files.display_path(b"\x1b[0m") == "\\x1b[0m"
+
+
+@pytest.mark.parametrize("text", ["a\\", "a\\q", "\\x4", "\\u00e9", "lone\udcff"])
+def test_path_from_display_refuses_what_no_path_displays_as(text: str) -> None:
+    with pytest.raises(ValueError, match="not a displayed path"):
+        files.path_from_display(text)

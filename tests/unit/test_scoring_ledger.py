@@ -14,7 +14,7 @@ from bcc_pipeline.store import Prediction, Rejection, session_scope
 
 
 def test_migration_0002_up_down_up(db_url):
-    head = store.upgrade(db_url)
+    store.upgrade(db_url)
     eng = store.get_engine(db_url)
     from sqlalchemy import inspect
 
@@ -30,7 +30,7 @@ def test_migration_0002_up_down_up(db_url):
     eng.dispose()
     insp = inspect(store.get_engine(db_url))
     assert "inbox_files" not in insp.get_table_names() and "latest_predictions" not in insp.get_view_names()
-    assert store.upgrade(db_url) == head
+    assert store.upgrade(db_url, "0002") == "0002"
 
 
 def _item(rel: str, sha: str, kind: str = "ok", reason: str | None = None) -> Item:

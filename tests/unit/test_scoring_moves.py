@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bcc_pipeline import files, scoring
+from bcc_pipeline import files, moving, scoring
 from bcc_pipeline.images import sha256_file
 from bcc_pipeline.store import InboxFile, Prediction, session_scope
 from tests.support import Crash, archived, count_rows, fill_inbox, inbox_files, scoring_settings
@@ -79,7 +79,7 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
     def refuse(src, dest, **options):
         if str(src).endswith("img001.png"):
             raise PermissionError(13, "Permission denied")
-        return files.move_no_clobber(src, dest, **options)
+        return moving.move_no_clobber(src, dest, **options)
 
     r = scoring.score_inbox(s, hooks=scoring.Hooks(move_file=refuse))
     assert r["status"] == "move_failed" and r["move_failed"] == 1 and r["scored"] == 3
@@ -139,7 +139,7 @@ def test_a_file_that_keeps_failing_to_move_turns_red_then_goes_to_quarantine(mak
     def broken_archive(src, dest, **options):  # the archive refuses this one file, run after run
         if str(src).endswith("img001.png") and s.archive_dir in Path(dest).parents:
             raise OSError(errno.EIO, "Input/output error", str(dest))
-        return files.move_no_clobber(src, dest, **options)
+        return moving.move_no_clobber(src, dest, **options)
 
     hooks = scoring.Hooks(move_file=broken_archive)
     first = scoring.score_inbox(s, hooks=hooks)

@@ -1,14 +1,14 @@
 """scoring run liveness (host, pid, heartbeat, error) and move attempts per ledger row
 
 Revision ID: 0006
-Revises: 0002
+Revises: 0003
 Create Date: 2026-11-28 17:00:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0006'
-down_revision = '0002'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 

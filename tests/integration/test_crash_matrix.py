@@ -10,7 +10,10 @@ scoring runs again. For every file, afterwards:
 
 The kill points are the hooks of :class:`bcc_pipeline.scoring.Hooks`: before the model scores a batch,
 after a batch's commit before its files move, and in the middle of a move (the file at its destination,
-the inbox name not removed yet). Intake's kill points are not in this matrix (scoring only).
+the inbox name not removed yet); and intake's one named point, ``on_committed`` (a file's outcome
+committed, the file not yet removed or quarantined), with ``landing/`` on either filesystem: afterwards
+every landing file is exactly one ``images`` row or one ``rejections`` row, one stored or quarantined
+copy, and nothing is left in ``landing/``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from sqlalchemy import select
 
 from bcc_pipeline import scoring
 from bcc_pipeline.images import sha256_file
-from bcc_pipeline.store import InboxFile, Prediction, Rejection, ScoringRun, session_scope
+from bcc_pipeline.intake import intake
+from bcc_pipeline.store import ImageRecord, InboxFile, Prediction, Rejection, ScoringRun, session_scope
 from tests.integration.test_scoring_crash import HOOK_POINTS, kill_at, scoring_env
 
 N_VALID, N_BAD = 7, 2
@@ -103,6 +107,69 @@ def test_kill_at_every_point_then_rerun(hook, where, make_settings, sqlite_url, 
         summary = scoring.score_inbox(settings, inbox=inbox, batch_size=4)  # run again, as a person would
         assert summary["status"] == "finished" and summary["move_failed"] == 0
         _check(settings, sqlite_url, inbox, shas, extra)
+    finally:
+        for folder in extra:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# Intake with its on_committed hook blocking at the ``block_at``-th call (same arguments as the scoring
+# script of test_scoring_crash, so its kill_at drives both).
+INTAKE_BLOCKED = """
+import os, sys, time
+from bcc_pipeline.config import load_settings
+from bcc_pipeline.intake import intake
+hook, block_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calls = [0]
+def block(*args):
+    calls[0] += 1
+    if calls[0] == block_at:
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(3600)
+intake(load_settings(), run_id="killed", **{hook: block})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["same-filesystem", "other-filesystem"])
+@pytest.mark.parametrize("block_at", [1, 2, 3])
+def test_intake_killed_after_a_commit_then_rerun(block_at, where, make_settings, sqlite_url, png_writer, tmp_path):
+    from bcc_pipeline.store import upgrade
+
+    settings = make_settings(sqlite_url, settle_seconds=0)
+    upgrade(sqlite_url, home=settings.home)
+    extra: list[Path] = []
+    land = settings.landing_dir
+    if where == "other-filesystem":
+        extra.append(_second_filesystem(tmp_path))
+        land.parent.mkdir(parents=True, exist_ok=True)
+        land.symlink_to(extra[0], target_is_directory=True)
+    try:
+        png_writer(land / "benign" / "a.png", seed=1)
+        png_writer(land / "benign" / "b.png", seed=2)
+        shutil.copyfile(land / "benign" / "b.png", land / "benign" / "b_again.png")  # a duplicate
+        png_writer(land / "malignant" / "c.png", seed=3)
+        shutil.copyfile(land / "benign" / "a.png", land / "malignant" / "conflict.png")  # both labels
+        (land / "malignant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+        contents = {sha256_file(p) for p in land.rglob("*.png") if p.name != "broken.png"}
+        env = scoring_env(settings.home, sqlite_url, BCC_PROFILE="demo")
+        kill_at(env, "on_committed", block_at, script=INTAKE_BLOCKED)
+        report = intake(settings, run_id="rerun")
+        assert report.failed == []
+        assert [p for p in land.rglob("*") if p.is_file() or p.is_symlink()] == []  # nothing left in landing
+        with session_scope(sqlite_url) as s:
+            images = Counter(s.scalars(select(ImageRecord.sha256)))
+            rejections = Counter(s.scalars(select(Rejection.path)))
+            unmoved = s.scalars(select(Rejection).where(Rejection.moved_to.is_(None))).all()
+        assert images == Counter(contents)  # one row per content
+        assert rejections == Counter(["malignant/broken.png", "malignant/conflict.png"]) and not unmoved
+        stored = [p for p in settings.dataset_dir.rglob("*") if p.is_file() and "manifests" not in p.parts]
+        assert Counter(sha256_file(p) for p in stored) == Counter(contents)  # one stored copy per content
+        quarantined = sorted(p.name for p in settings.quarantine_dir.rglob("*")
+                             if p.is_file() and not p.name.endswith(".reason.txt"))
+        assert quarantined == ["broken.png", "conflict.png"]  # one copy each, no ~1
+        for folder in [settings.home, *extra]:
+            assert not [p for p in folder.rglob(".bcc-move-*")], "a move's temporary file was left"
     finally:
         for folder in extra:
             shutil.rmtree(folder, ignore_errors=True)

@@ -70,11 +70,12 @@ def _n_predictions(url: str) -> int:
         return s.scalar(select(func.count()).select_from(Prediction)) or 0
 
 
-def kill_at(env: dict[str, str], hook: str, block_at: int, inbox: Path | None = None) -> None:
-    """Start scoring, block it at the ``block_at``-th call of ``hook`` and SIGKILL it there."""
+def kill_at(env: dict[str, str], hook: str, block_at: int, inbox: Path | None = None, script: str = BLOCKED) -> None:
+    """Start scoring (or another ``script`` that takes the same arguments), block it at the ``block_at``-th
+    call of ``hook`` and SIGKILL it there."""
     marker = Path(env["BCC_HOME"]) / f".blocked-{hook}"
     marker.unlink(missing_ok=True)
-    args = [sys.executable, "-c", BLOCKED, hook, str(block_at), str(marker)] + ([str(inbox)] if inbox else [])
+    args = [sys.executable, "-c", script, hook, str(block_at), str(marker)] + ([str(inbox)] if inbox else [])
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:

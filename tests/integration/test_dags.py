@@ -280,6 +280,24 @@ def test_score_dag_refuses_an_inbox_outside_the_allowed_roots(tmp_path):
     assert (system / "icon.png").exists() and _predictions(url) == 0
 
 
+def test_score_dag_turns_red_when_a_move_keeps_failing(tmp_path):
+    """Files that cannot be archived: the first run reports them (green, ``move_failed``); when the next
+    run cannot move them either, its finalize fails and names them. They stay in the inbox."""
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    home = tmp_path / "bcc"
+    register_tiny_champion(url, home / "models")
+    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    migrate(env)
+    n = _inbox(home, n=1)
+    (home / "archive").write_text("a file where the archive folder should be")
+    first = dags_test(env, "bcc_score", {"shards": 1})
+    assert first["__run__"] == "success" and _predictions(url) == n
+    second = dags_test(env, "bcc_score", {"shards": 1})
+    assert second["__run__"] == "failed" and second["finalize"] == "failed"
+    assert "could not be moved in more than one run" in second["__log__"] and "batch1/" in second["__log__"]
+    assert len(list((home / "inbox").rglob("*.png"))) == n
+
+
 def test_score_dag_without_champion_skips(tmp_path):
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     home = tmp_path / "bcc"

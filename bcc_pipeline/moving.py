@@ -25,7 +25,9 @@ The rules every move in the pipeline follows:
   kill between that rename and removing the source leaves both copies.)
 * A caller that read the file can pass its identity (device, inode, size, mtime): a source that is no
   longer that file is not moved (:class:`SourceChangedError`), and a hard link that turns out to be of
-  another file is undone.
+  another file is undone. A source name that holds another file by the time the source is to be removed
+  is left alone (the moved copy is what was read). The one window left is between that last ``lstat``
+  and the ``unlink`` right after it.
 * A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
   a half-made destination is removed again.
 """

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
 from .errors import BCCError, StoreError
-from .files import apply_umask
+from .files import apply_umask, one_line
 from .store import safe_url
 
 __all__ = ["main"]
@@ -257,6 +257,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
             print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
                   + ", ".join(f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")))
+            if run.get("error"):
+                print(f"                {one_line(run['error'])}")
         print(f"\nlatest predictions (newest first, {len(rows)} shown; `bcc predictions` for more):")
         print(f"  {'label':9s} {'p(malig)':>8s}  {'model':24s} {'scored_at':19s}  source_path")
         for r in rows:

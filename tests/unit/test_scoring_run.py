@@ -174,8 +174,9 @@ def test_a_running_run_whose_process_is_gone_becomes_abandoned(make_settings, sq
                                status="running", counts={}, host=host, pid=pid))
     monkeypatch.setenv("BCC_HOME", str(s.home))
     monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
-    assert main(["status", "--json"]) == 0
-    capsys.readouterr()
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "last scoring" in out
     with session_scope(sqlite_url) as ses:
         runs = {r.run_id: r for r in ses.scalars(select(ScoringRun))}
         assert runs["killed"].status == "abandoned" and runs["killed"].finished_at is not None

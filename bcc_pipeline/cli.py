@@ -7,6 +7,7 @@ Errors exit non-zero with a one-line message (``BCC_DEBUG=1`` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,8 +19,8 @@ from typing import Any
 
 from .cli_data import add_data_commands
 from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
-from .errors import BCCError
-from .files import apply_umask
+from .errors import BCCError, StoreError
+from .files import apply_umask, one_line
 from .store import safe_url
 
 __all__ = ["main"]
@@ -59,7 +60,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from .store import upgrade
 
     s = _settings(args)
-    rev = upgrade(s.database_url)
+    rev = upgrade(s.database_url, home=s.home)
     _emit(args, {"database": safe_url(s.database_url), "revision": rev},
           f"database {safe_url(s.database_url)} is at revision {rev}")
     return 0
@@ -231,8 +232,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .model_card import holdout_lines
     from .overview import champion_summary, scoring_runs
     from .predictions import query_predictions
+    from .scoring import mark_abandoned
+    from .store import get_engine
 
     s = _settings(args)
+    with contextlib.suppress(StoreError):  # a `running` run whose process is gone says so (schema permitting)
+        mark_abandoned(get_engine(s.database_url))
     champion = champion_summary(s)
     runs = scoring_runs(s, limit=1)
     run = runs[0] if runs else None
@@ -257,6 +262,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
             print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
                   + ", ".join(f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")))
+            if run.get("error"):
+                print(f"                {one_line(run['error'])}")
         print(f"\nlatest predictions (newest first, {len(rows)} shown; `bcc predictions` for more):")
         print(f"  {'label':9s} {'p(malig)':>8s}  {'model':24s} {'scored_at':19s}  source_path")
         for r in rows:
@@ -322,6 +329,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"archive: {r['archive_dir']}\nquarantine: {r['quarantine_dir']}")
 
     _emit(args, r, human)
+    if r["persistent_move_failures"]:
+        paths = ", ".join(f["path"] for f in r["persistent_move_failures"][:10])
+        print(f"bcc: error: {len(r['persistent_move_failures'])} file(s) could not be moved in more than one run "
+              f"and are still in the inbox: {paths}", file=sys.stderr)
+        return 1
     if r["move_failed"]:
         print(f"bcc: warning: {r['move_failed']} file(s) could not be moved and are still in the inbox "
               "(listed under move_failures); the next run tries again", file=sys.stderr)

@@ -34,13 +34,16 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["BACKENDS", "DEFAULTS", "DEFAULT_BACKEND", "ENV_VARS", "PROFILES", "SETTINGS", "Setting", "Settings",
-           "load_settings", "markdown_table", "update_readme"]
+__all__ = ["BACKENDS", "DEFAULTS", "DEFAULT_BACKEND", "ENV_VARS", "HOME_MARKER", "PROFILES", "SETTINGS", "Setting",
+           "Settings", "load_settings", "markdown_table", "update_readme"]
 
 #: Inference back-ends :func:`bcc_pipeline.inference.load_predictor` knows (described there).
 BACKENDS = ("keras", "xla", "keras-bf16", "openvino", "openvino-bf16", "onnxruntime")
 #: The fastest back-end that agreed on at least 99.5 % of the labels in ``make bench``.
 DEFAULT_BACKEND = "openvino-bf16"
+
+#: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
+HOME_MARKER = ".bcc-home"
 
 #: What each profile changes in the recipe settings; ``seed`` is the declared defaults themselves.
 _PROFILE_CHANGES: dict[str, dict[str, Any]] = {
@@ -169,6 +172,9 @@ class Settings:
     score_batch_size: int = setting("BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1)
     settle_seconds: float = setting("BCC_SETTLE_SECONDS", 2.0, "Inbox files modified more recently than this "
                                     "are left for the next run.", minimum=0)
+    inbox_roots: str = setting("BCC_INBOX_ROOTS", "", "Folders (separated by `os.pathsep`, `:` on Linux) an inbox "
+                               "must lie in; `bcc score --inbox` and the DAG's `inbox` refuse any other.",
+                               shown="$BCC_HOME/inbox")
     inference: str = setting("BCC_INFERENCE", DEFAULT_BACKEND, "Scoring back-end (see Benchmarks).",
                              choices=BACKENDS)
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"
@@ -210,6 +216,18 @@ class Settings:
         earlier results into ``archive/``. The one list; discovery and the inbox check both use it."""
         return (self.archive_dir, self.quarantine_dir, self.runs_dir, self.models_dir, self.dataset_dir,
                 self.landing_dir, self.home / "airflow")
+
+    @property
+    def allowed_inbox_roots(self) -> tuple[Path, ...]:
+        """The folders an inbox must lie in (``inbox_roots``; by default only ``$BCC_HOME/inbox``)."""
+        roots = [r for r in self.inbox_roots.split(os.pathsep) if r.strip()]
+        return tuple(Path(os.path.expanduser(r)).resolve() for r in roots) or (self.inbox_dir,)
+
+    @property
+    def home_marker(self) -> Path:
+        """``$BCC_HOME/.bcc-home``, written by ``bcc db upgrade``: it makes a BCC home recognisable, so
+        that no deployment ever scores (moves) another one's folders."""
+        return self.home / HOME_MARKER
 
     @property
     def from_scratch(self) -> bool:

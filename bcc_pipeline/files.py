@@ -1,25 +1,6 @@
-"""Moving files out of ``inbox/`` and ``landing/`` without ever losing or overwriting one.
-
-The rules every move in the pipeline follows:
-
-* A symbolic link is moved as a link: the link itself is renamed (or re-created), its target is never
-  opened, read, moved or changed. Only ``os.lstat``/``os.readlink`` ever look at a link.
-* Nothing is overwritten. A taken destination name gets a suffix, ``name~1.png``, ``name~2.png``, ...
-  Every step that gives a file its final name refuses to replace one that is there, whenever it
-  appeared: a hard link, ``renameat2(RENAME_NOREPLACE)``, ``symlink`` or an ``O_EXCL`` create. No
-  step checks for the name first and then renames.
-* A move is idempotent. It hard-links the source to its destination (``link`` fails instead of replacing
-  an existing name) and then removes the source; a move interrupted between the two steps (even by
-  SIGKILL) is finished by the next attempt, which finds the destination is the same inode as the source.
-* Where hard links are unavailable (a filesystem without them, or not allowed for this file) the move
-  is one ``renameat2(..., RENAME_NOREPLACE)`` (Linux; atomic, fails when the name is taken). Where that
-  is unavailable too, the bytes are copied into a new file created with ``O_EXCL``, flushed, and only
-  then is the source removed; an interruption there leaves both copies, never none.
-* When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied to
-  a temporary file beside the destination, flushed, linked (or renamed without replacing) into place and
-  only then is the source removed.
-* A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
-  a half-made destination is removed again.
+"""File primitives the pipeline shares: display form of paths, names within the 255-byte limit, atomic
+writes, umask, reason files, and renames that never replace a file (``rename_no_replace``). The move
+itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
 
 Names are kept within the 255-byte limit of a file name: a clash suffix or a ``.reason.txt`` added to a
 very long name shortens its stem (with a short hash of the full name, so shortened names stay distinct).
@@ -47,10 +28,8 @@ __all__ = [
     "current_umask",
     "display_path",
     "fit_name",
-    "move_no_clobber",
     "one_line",
     "path_from_display",
-    "quarantine_file",
     "reason_path",
     "rename_no_replace",
     "renameat2",
@@ -350,93 +329,3 @@ def _publish(tmp: Path, dest: Path) -> None:
         if isinstance(exc, FileExistsError) or exc.errno not in _LINK_UNSUPPORTED:
             raise
         rename_no_replace(tmp, dest)
-
-
-def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _copy_across(src: Path, src_st: os.stat_result, candidate: Path) -> None:
-    """Put a copy of ``src`` (a link as a link) at ``candidate``; FileExistsError when it is taken."""
-    if stat.S_ISLNK(src_st.st_mode):
-        os.symlink(os.readlink(src), candidate)  # readlink never touches the target
-        return
-    fd, tmp = tempfile.mkstemp(prefix=".move.", suffix=".tmp", dir=candidate.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            in_fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-            with os.fdopen(in_fd, "rb") as inp:
-                while chunk := inp.read(1 << 20):
-                    out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.utime(tmp, ns=(src_st.st_atime_ns, src_st.st_mtime_ns))
-        _publish(Path(tmp), candidate)  # no-clobber
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
-
-    Never overwrites and never follows a link. Returns where the file is now. Raises
-    ``FileNotFoundError`` when ``src`` is gone and ``OSError`` when it cannot be moved (it then stays
-    where it was).
-    """
-    src, dest = Path(src), Path(dest)
-    src_st = os.lstat(src)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for candidate in _candidates(dest):
-        try:
-            cst = os.lstat(candidate)
-        except FileNotFoundError:
-            cst = None
-        if cst is not None:
-            if _same_inode(cst, src_st):  # an earlier attempt linked it there and was interrupted
-                os.unlink(src)
-                return candidate
-            continue
-        try:
-            os.link(src, candidate, follow_symlinks=False)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                try:
-                    _copy_across(src, src_st, candidate)
-                except FileExistsError:
-                    continue
-            elif exc.errno in _LINK_UNSUPPORTED:
-                # no hard links here (or not allowed for this file): a rename that refuses a taken name
-                try:
-                    rename_no_replace(src, candidate)
-                except FileExistsError:
-                    continue
-                return candidate
-            else:
-                raise
-        try:
-            os.unlink(src)
-        except FileNotFoundError:
-            # Someone else moved the same file meanwhile (to another name): keep theirs, drop our
-            # extra link, and say the source is gone.
-            if os.lstat(candidate).st_nlink > 1:
-                os.unlink(candidate)
-                raise
-            return candidate
-        except OSError:
-            os.unlink(candidate)  # leave things as they were: the file stays in the source folder
-            raise
-        return candidate
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def quarantine_file(src: Path, dest_root: Path, rel: Path, reason: str) -> Path:
-    """Move ``src`` (a file or a symlink itself, never its target) to ``dest_root/rel``.
-
-    A clashing name gets a numeric suffix (``name~1.png``). A ``<name>.reason.txt`` is written beside
-    it. Returns where the file went.
-    """
-    moved = move_no_clobber(src, Path(dest_root) / rel)
-    write_reason(moved, reason)
-    return moved

@@ -41,7 +41,6 @@ from .files import (
     SYSTEM_NAMES,
     atomic_write,
     display_path,
-    move_no_clobber,
     one_line,
     path_from_display,
     reason_path,
@@ -50,6 +49,7 @@ from .files import (
     write_reason,
 )
 from .model import CLASS_NAMES
+from .moving import move_no_clobber
 from .neardup import perceptual_hash
 from .store import ImageRecord, Rejection, get_engine, insert_rows, session_scope, utcnow
 

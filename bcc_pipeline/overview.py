@@ -161,7 +161,8 @@ def scoring_runs(settings: Settings, *, limit: int | None = None) -> list[dict[s
     def q(conn: Any) -> list[dict[str, Any]]:
         stmt = select(ScoringRun.__table__).order_by(r.started_at.desc(), r.run_id.desc()).limit(limit)
         return [{"run_id": x.run_id, "model_version": x.model_version, "status": x.status,
-                 "started_at": iso_utc(x.started_at), "finished_at": iso_utc(x.finished_at), "counts": x.counts or {}}
+                 "started_at": iso_utc(x.started_at), "finished_at": iso_utc(x.finished_at), "counts": x.counts or {},
+                 "error": x.error}
                 for x in conn.execute(stmt)]
 
     return _read(settings, "scoring runs", q)

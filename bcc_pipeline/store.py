@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .config import HOME_MARKER
 from .errors import StoreError
+from .files import atomic_write
 
 __all__ = [
     "Base",
@@ -184,6 +187,11 @@ class ScoringRun(Base):
     finished_at: Mapped[dt.datetime | None]
     status: Mapped[str] = mapped_column(String(16), default="running")
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # liveness: which process runs it, and when it last got on (a dead process's run becomes "abandoned")
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[dt.datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)  # why a failed run failed
 
 
 class Prediction(Base):
@@ -466,9 +474,17 @@ def _alembic_config(url: str) -> Any:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> str:
-    """Apply migrations up to ``revision``; returns the revision the database is at afterwards."""
+def upgrade(url: str, revision: str = "head", home: str | os.PathLike[str] | None = None) -> str:
+    """Apply migrations up to ``revision``; returns the revision the database is at afterwards.
+
+    ``home``: the BCC home this database belongs to; its marker file (``config.HOME_MARKER``) is written
+    when missing, so that no deployment ever takes that folder for an inbox."""
     from alembic import command
+
+    if home is not None:
+        marker = Path(home) / HOME_MARKER
+        if not marker.exists():
+            atomic_write(marker, "This folder is a BCC home; it is never scored as an inbox.\n")
 
     try:
         engine = get_engine(url)
@@ -532,6 +548,7 @@ class InboxFile(Base):
     dest: Mapped[str | None] = mapped_column(Text)
     moved_to: Mapped[str | None] = mapped_column(Text)
     move_error: Mapped[str | None] = mapped_column(Text)
+    move_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # failed moves so far
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 

@@ -108,7 +108,8 @@ def prepare_database() -> str:
     """Bring the project database to the current schema (idempotent); returns its revision."""
     from bcc_pipeline.store import upgrade
 
-    return upgrade(settings().database_url)
+    s = settings()
+    return upgrade(s.database_url, home=s.home)  # also marks the home (never scored as an inbox)
 
 
 def actor(context: dict[str, Any]) -> str:

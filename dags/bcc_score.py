@@ -59,10 +59,10 @@ Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
 def bcc_score():
     @task
     def plan(params: dict | None = None) -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from bcc_pipeline.errors import NoChampionError
-        from bcc_pipeline.scoring import plan_shards
+        from bcc_pipeline.scoring import InboxRefused, plan_shards
 
         ctx = get_current_context()
         try:
@@ -70,6 +70,8 @@ def bcc_score():
                                inference=params.get("inference"))
         except NoChampionError as exc:  # nothing to score with yet: not a failure, nothing to retry
             raise AirflowSkipException(f"{exc}; run bcc_retrain first") from exc
+        except InboxRefused as exc:  # a folder that may not be scored stays refused: no retry
+            raise AirflowFailException(str(exc)) from exc
 
     @task
     def shard_numbers(planned: dict) -> list[int]:
@@ -98,12 +100,21 @@ def bcc_score():
 
         from bcc_pipeline.scoring import finalize_run
 
+        if planned is None:  # planning failed (a refused inbox, ...): nothing to count, nothing to retry
+            raise AirflowFailException("the run was not planned (see the plan task); nothing to finalize")
         summary = finalize_run(bcc_common.settings_for(params), planned["run_id"])
         print(f"scoring run {planned['run_id']}: {summary}")
         if summary["status"] == "incomplete":  # the counts are recorded, but the run must not look green
             raise AirflowFailException(
                 f"{summary['shards_finished']} of {summary['shards']} shards finished; the files of the failed "
                 "shard(s) are still in the inbox. Clear the failed shard task to resume.")
+        if summary["status"] == "failed":
+            raise AirflowFailException(f"scoring run {planned['run_id']} failed ({summary['shards_finished']} of "
+                                       f"{summary['shards']} shards finished): {summary['error']}")
+        stuck = summary["persistent_move_failures"]
+        if stuck:  # the files stay in the inbox run after run: somebody has to look
+            raise AirflowFailException(f"{len(stuck)} file(s) could not be moved in more than one run and are still "
+                                       "in the inbox: " + "; ".join(f"{f['path']} ({f['error']})" for f in stuck[:20]))
         return bcc_common.small(summary)
 
     planned = plan()

@@ -32,8 +32,10 @@ read live in :mod:`bcc_pipeline.predictions`.
 
 from __future__ import annotations
 
-from .inbox import discover
+from .inbox import InboxRefused, discover
+from .ledger import mark_abandoned
 from .loader import DECODE_BUDGET_BYTES, DECODE_BYTES_PER_PIXEL, LOAD_WORKERS, LOADER_NICE, PREFETCH_BATCHES
+from .moves import MAX_MOVE_ATTEMPTS
 from .plan import new_run_id, plan_shards, run_dir
 from .run import finalize_run, score_inbox
 from .shard import Hooks, score_shard
@@ -44,9 +46,12 @@ __all__ = [
     "LOADER_NICE",
     "LOAD_WORKERS",
     "PREFETCH_BATCHES",
+    "MAX_MOVE_ATTEMPTS",
     "Hooks",
+    "InboxRefused",
     "discover",
     "finalize_run",
+    "mark_abandoned",
     "new_run_id",
     "plan_shards",
     "run_dir",

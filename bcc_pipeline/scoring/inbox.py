@@ -5,8 +5,14 @@ extensions, folders (even one named ``x.png``) and special files are *ignored* a
 files modified within ``settle_seconds`` are *skipped* (still being written; the next run takes them);
 symbolic links are listed apart, to be rejected (moved to quarantine as links, the target never touched).
 
-The folders the pipeline manages (:attr:`Settings.managed_dirs`, the one list) are never scored: an inbox
-may not lie inside one, and an inbox that contains one (``--inbox $BCC_HOME``) skips it.
+Which folders may be scored at all (:func:`inbox_root`): only folders in the allowed roots
+(``BCC_INBOX_ROOTS``, by default ``$BCC_HOME/inbox``), and never one that is a BCC home (recognised by
+the ``.bcc-home`` marker ``bcc db upgrade`` writes), lies inside a folder a home manages
+(:attr:`Settings.managed_dirs`), or contains a home or a managed folder: such an inbox is refused
+(:class:`InboxRefused`) before anything is listed or moved.
+
+A file whose modification time lies further in the future than the settle time (a clock that is wrong
+somewhere) counts as settled, with a warning: it would otherwise be skipped forever.
 """
 
 from __future__ import annotations
@@ -20,14 +26,34 @@ from pathlib import Path
 from typing import Any
 
 from .. import images
-from ..config import Settings
+from ..config import HOME_MARKER, Settings
 from ..errors import ConfigError
 from ..files import REASON_SUFFIX, SYSTEM_NAMES, display_path, safe_dirname
 
-__all__ = ["destination", "discover", "inbox_root", "path_key"]
+__all__ = ["PATH_MAX", "InboxRefused", "destination", "discover", "inbox_root", "path_key", "settled"]
 
 log = logging.getLogger(__name__)
 InboxArg = str | os.PathLike[str] | None
+PATH_MAX = 4096
+"""The longest path (bytes, with its final NUL) the kernel takes in one call (Linux)."""
+PATH_ROOM = 64
+"""Bytes a destination keeps free below :data:`PATH_MAX` for a clash suffix and ``.reason.txt``."""
+
+
+class InboxRefused(ConfigError):
+    """A folder that may not be scored (outside the allowed roots, a BCC home, or a folder one manages)."""
+
+
+def settled(shown: str, mtime: float, now: float, settle: float) -> bool:
+    """Whether a file last modified at ``mtime`` is done being written. A modification time more than
+    ``settle`` seconds in the future (clock skew between hosts) counts as settled, with a warning."""
+    age = now - mtime
+    if age >= settle:
+        return True
+    if age < -settle:
+        log.warning("%s was modified %.0f s in the future (clock skew?); scoring it anyway", shown, -age)
+        return True
+    return False
 
 
 def path_key(rel: str) -> str:
@@ -36,22 +62,60 @@ def path_key(rel: str) -> str:
 
 
 def destination(settings: Settings, run_id: str, status: str, rel: str) -> Path:
-    """Where a file a run took on goes: ``quarantine/<run>/<rel>`` when rejected, else ``archive/<run>/<rel>``."""
-    root = settings.quarantine_dir if status == "rejected" else settings.archive_dir
-    return root / safe_dirname(run_id) / rel
+    """Where a file a run took on goes: ``quarantine/<run>/<rel>`` when rejected, else ``archive/<run>/<rel>``.
+    A path that would not fit in :data:`PATH_MAX` becomes ``<root>/<run>/#<hash of rel's folder>/<name>``."""
+    root = (settings.quarantine_dir if status == "rejected" else settings.archive_dir) / safe_dirname(run_id)
+    dest = root / rel
+    if len(os.fsencode(dest)) < PATH_MAX - PATH_ROOM:
+        return dest
+    # too long a path under archive/<run>/: the folders collapse into one hashed name, the file keeps its own
+    folder, name = os.path.split(rel)
+    return root / f"#{hashlib.sha256(os.fsencode(folder)).hexdigest()[:16]}" / name
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _refusal(settings: Settings, real: str) -> str | None:
+    """Why the folder ``real`` (a resolved path) may not be scored, or None."""
+    home = os.path.realpath(settings.home)
+    managed = [os.path.realpath(m) for m in settings.managed_dirs]
+    for m, shown in zip(managed, settings.managed_dirs, strict=True):
+        if _inside(real, m):
+            return f"it lies inside {shown}, which the pipeline manages"
+    managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
+    folder = real
+    while True:  # a BCC home, or a folder some home manages (this one or another deployment's)
+        if os.path.lexists(os.path.join(folder, HOME_MARKER)):
+            if folder == real:
+                return "it is a BCC home"
+            first = os.path.relpath(real, folder).split(os.sep)[0]
+            if first in managed_names:
+                return f"it lies inside {os.path.join(folder, first)}, a folder of the BCC home {folder}"
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    for m in [home, *managed]:
+        if _inside(m, real):
+            return f"it contains {m}, {'the BCC home' if m == home else 'a folder the pipeline manages'}"
+    roots = [os.path.realpath(r) for r in settings.allowed_inbox_roots]
+    if not any(_inside(real, r) for r in roots):
+        return (f"it is not inside an allowed inbox root ({os.pathsep.join(roots)}); "
+                "set BCC_INBOX_ROOTS to allow it")
+    return None
 
 
 def inbox_root(settings: Settings, inbox: InboxArg = None) -> Path:
-    """The inbox folder (``inbox`` or ``settings.inbox_dir``); a :class:`ConfigError` when it lies inside a
-    folder the pipeline manages: scoring it would move training data, models or earlier results into
-    ``archive/``. (The home itself is fine only as a parent: :func:`discover` skips the managed folders.)"""
+    """The inbox folder (``inbox`` or ``settings.inbox_dir``); :class:`InboxRefused` (one line) when it
+    may not be scored: outside :attr:`Settings.allowed_inbox_roots`, a BCC home, inside a folder a home
+    manages, or containing a home or a managed folder. Scoring such a folder would move files that are
+    not ours (training data, models, another deployment's store, system images) into ``archive/``."""
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(inbox)))) if inbox else settings.inbox_dir
-    real = os.path.realpath(root)
-    for managed in settings.managed_dirs:
-        m = os.path.realpath(managed)
-        if real == m or real.startswith(m + os.sep):
-            raise ConfigError(f"the inbox {root} lies inside {managed}, which the pipeline manages; "
-                              "choose another folder")
+    problem = _refusal(settings, os.path.realpath(root))
+    if problem:
+        raise InboxRefused(f"refusing to score the inbox {display_path(root)}: {problem}")
     return root
 
 
@@ -102,6 +166,9 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:
                     continue
+                if os.path.lexists(os.path.join(entry.path, HOME_MARKER)):  # another deployment: never touched
+                    raise InboxRefused(f"refusing to score the inbox {display_path(root)}: it contains the BCC "
+                                       f"home {display_path(entry.path)}")
                 if ext in images.IMAGE_EXTENSIONS:
                     out["ignored"].append({"path": display_path(rel),
                                            "reason": "a folder, not an image file (what it holds is scored)"})
@@ -111,7 +178,7 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
                                        "reason": "not a regular file (pipe, socket or device)"})
             elif ext not in images.IMAGE_EXTENSIONS or name.endswith(REASON_SUFFIX):
                 out["ignored"].append({"path": display_path(rel), "reason": "not an image file extension"})
-            elif now - st.st_mtime < settings.settle_seconds:
+            elif not settled(display_path(rel), st.st_mtime, now, settings.settle_seconds):
                 out["skipped"].append(display_path(rel))
             else:
                 out["pending"].append(rel)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -38,10 +40,17 @@ from ..store import (
 from .loader import Item
 
 __all__ = [
+    "CHANGED",
+    "HEARTBEAT_STALE_SECONDS",
+    "VANISHED",
     "champion_version",
+    "changed",
     "close_run",
     "commit_batch",
+    "fail_run",
+    "heartbeat",
     "known_rows",
+    "mark_abandoned",
     "mark_moved",
     "mark_vanished",
     "model_version",
@@ -61,9 +70,21 @@ VANISHED = "the file left the inbox before it was moved"
 """``move_error`` of a file that left the inbox on its own: reported as missing, not as a failed move."""
 
 
+CHANGED = "the file changed after it was read; it stays in the inbox for the next run"
+"""``move_error`` of a file whose path held other content by the time it was to move (it was not moved;
+the next run scores what is there)."""
+HEARTBEAT_STALE_SECONDS = 3600
+"""A ``running`` scoring run whose heartbeat (renewed per batch) is older than this is ``abandoned``."""
+
+
 def vanished(move_error: str) -> bool:
     """True for the ``move_error`` of a file that left the inbox on its own (any wording of it)."""
     return move_error.startswith("the file left")
+
+
+def changed(move_error: str) -> bool:
+    """True for the ``move_error`` of a file that changed between reading and moving."""
+    return move_error.startswith("the file changed")
 
 
 @contextmanager
@@ -106,12 +127,73 @@ def model_version(engine: Engine, version: str, run_id: str) -> dict[str, Any]:
 
 
 def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
-    """The ``scoring_runs`` row of a planned run (kept as it is when it exists already)."""
+    """The ``scoring_runs`` row of a planned run (kept as it is when it exists already). Runs of dead
+    processes are marked ``abandoned`` first (:func:`mark_abandoned`)."""
+    mark_abandoned(engine)
     with transaction(engine) as conn:
         insert_rows(conn, ScoringRun, [{
-            "run_id": run_id, "model_version": version, "started_at": utcnow(),
+            "run_id": run_id, "model_version": version, "started_at": utcnow(), "heartbeat_at": utcnow(),
             "finished_at": None, "status": "running", "counts": {"planned": n_files},
         }], key=("run_id",))
+
+
+def heartbeat(engine: Engine, run_id: str, *, alive: bool = True) -> None:
+    """This process works on ``run_id`` (``alive``: its host and PID are recorded, the run is ``running``
+    again if it was not), or stopped working on it (``alive=False``: no process holds it now)."""
+    rt = ScoringRun.__table__
+    values: dict[str, Any] = {"heartbeat_at": utcnow(), "host": socket.gethostname() if alive else None,
+                              "pid": os.getpid() if alive else None}
+    if alive:
+        values.update(status="running", finished_at=None)
+    with transaction(engine) as conn:
+        conn.execute(update(rt).where(rt.c.run_id == run_id).values(**values))
+
+
+def fail_run(engine: Engine, run_id: str, error: str) -> None:
+    """Record that ``run_id`` failed (status ``failed``, the error, ``finished_at``). Never raises: it is
+    called while another error is on its way up (a database that is down cannot record anything)."""
+    rt = ScoringRun.__table__
+    try:
+        with transaction(engine) as conn:
+            conn.execute(update(rt).where(rt.c.run_id == run_id).values(
+                status="failed", error=error, finished_at=utcnow(), host=None, pid=None))
+    except StoreError as exc:
+        import logging
+
+        logging.getLogger(__name__).error("could not record that scoring run %s failed: %s", run_id, exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS) -> list[str]:
+    """``running`` runs whose process is gone become ``abandoned`` (with ``finished_at``): the process
+    recorded on this host is no longer alive, or the heartbeat is older than ``stale_after`` seconds.
+    Returns their run ids. (Rerunning an abandoned run's id finishes it.)"""
+    rt = ScoringRun.__table__
+    here, now = socket.gethostname(), utcnow()
+    with transaction(engine) as conn:
+        rows = conn.execute(select(rt.c.run_id, rt.c.host, rt.c.pid, rt.c.heartbeat_at, rt.c.started_at)
+                            .where(rt.c.status == "running")).all()
+        gone = {}
+        for r in rows:
+            beat = r.heartbeat_at or r.started_at
+            beat = beat if beat is None or beat.tzinfo else beat.replace(tzinfo=dt.UTC)
+            if r.host == here and r.pid and not _pid_alive(int(r.pid)):
+                gone[r.run_id] = f"its process ({r.host}, PID {r.pid}) is gone"
+            elif beat is not None and (now - beat).total_seconds() > stale_after:
+                gone[r.run_id] = f"no sign of life since {beat.isoformat()}"
+        for run_id, why in gone.items():
+            conn.execute(update(rt).where(rt.c.run_id == run_id, rt.c.status == "running").values(
+                status="abandoned", finished_at=now, error=f"abandoned: {why}"))
+    return sorted(gone)
 
 
 def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
@@ -124,19 +206,20 @@ def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
             select(t.c.status, func.count()).where(t.c.run_id == run_id).group_by(t.c.status)).all()))
         rejections = [{"path": r.path, "reason": r.reason} for r in conn.execute(
             select(t.c.path, t.c.reason).where(t.c.run_id == run_id, t.c.status == "rejected").order_by(t.c.path))]
-        unmoved = conn.execute(select(t.c.path, t.c.move_error).where(
+        unmoved = conn.execute(select(t.c.path, t.c.move_error, t.c.move_attempts).where(
             t.c.run_id == run_id, t.c.moved_to.is_(None), t.c.move_error.is_not(None)).order_by(t.c.path)).all()
         run = conn.execute(select(rt).where(rt.c.run_id == run_id)).first()
     return {"by_status": by_status, "rejections": rejections, "unmoved": unmoved,
-            "started_at": run.started_at if run is not None else None}
+            "started_at": run.started_at if run is not None else None,
+            "error": run.error if run is not None else None, "status": run.status if run is not None else None}
 
 
 def close_run(engine: Engine, run_id: str, status: str, counts: dict[str, Any],
-              finished_at: dt.datetime | None) -> None:
+              finished_at: dt.datetime | None, error: str | None = None) -> None:
     rt = ScoringRun.__table__
     with transaction(engine) as conn:
         conn.execute(update(rt).where(rt.c.run_id == run_id).values(
-            status=status, counts=counts, finished_at=finished_at))
+            status=status, counts=counts, finished_at=finished_at, error=error))
 
 
 # -- a shard's batches --------------------------------------------------------------------------
@@ -217,20 +300,22 @@ def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fr
 
 # -- moves --------------------------------------------------------------------------------------
 def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
-    """Write where each file went. ``outcomes``: {run_id, key, path, rejected, moved_to, error}; a rejected
-    file that moved also gets ``moved_to`` on its ``rejections`` row."""
+    """Write where each file went. ``outcomes``: {run_id, key, path, rejected, moved_to, error, failed}; a
+    rejected file that moved also gets ``moved_to`` on its ``rejections`` row; a failed move (``failed``)
+    adds one to the row's ``move_attempts``."""
     if not outcomes:
         return
     lt, rt = LEDGER, Rejection.__table__
     now = utcnow()
     updates = [{"b_run": o["run_id"], "b_key": o["key"], "b_moved": o["moved_to"], "b_err": o["error"],
-                "b_now": now} for o in outcomes]
+                "b_now": now, "b_fail": 1 if o.get("failed") else 0} for o in outcomes]
     rej_updates = [{"b_run": o["run_id"], "b_path": o["path"], "b_moved": o["moved_to"]}
                    for o in outcomes if o["rejected"] and o["moved_to"]]
     with transaction(engine) as conn:
         conn.execute(update(lt).where(lt.c.run_id == bindparam("b_run"), lt.c.path_key == bindparam("b_key"))
                      .values(moved_to=bindparam("b_moved"), move_error=bindparam("b_err"),
-                             updated_at=bindparam("b_now")),
+                             updated_at=bindparam("b_now"),
+                             move_attempts=lt.c.move_attempts + bindparam("b_fail")),
                      updates)
         if rej_updates:
             conn.execute(update(rt).where(rt.c.run_id == bindparam("b_run"), rt.c.path == bindparam("b_path"))

@@ -25,7 +25,8 @@ from typing import Any
 from .. import images
 from ..errors import ImageError
 from ..files import display_path
-from .inbox import path_key
+from ..moving import Identity, identity
+from .inbox import path_key, settled
 
 __all__ = [
     "DECODE_BUDGET_BYTES",
@@ -56,10 +57,10 @@ MAX_REASON = 2000
 """Characters of a reason or error message kept in the database."""
 
 
-def clean_reason(text: str) -> str:
-    """``text`` as storable UTF-8 without NUL, at most :data:`MAX_REASON` characters."""
+def clean_reason(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` as storable UTF-8 without NUL, at most ``limit`` characters."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class MemoryBudget:
@@ -103,6 +104,7 @@ class Item:
     sha: str | None = None
     reason: str | None = None
     is_link: bool = False
+    ident: Identity | None = None  # what the file was when read (from the descriptor that was hashed)
     x: Any = None                 # preprocessed float32 (S, S, 3)
     info: images.ImageInfo | None = None
     rows: list[Any] = field(default_factory=list)  # ledger rows already there for this path
@@ -127,6 +129,7 @@ def load_file(item: Item, abs_path: str, *, size: int, max_pixels: int, min_side
         return item
     except OSError as exc:
         return _reject(item, f"cannot inspect the file: {exc.strerror or exc}")
+    item.ident = identity(st)
     if stat.S_ISLNK(st.st_mode):
         item.is_link = True
         try:
@@ -137,7 +140,7 @@ def load_file(item: Item, abs_path: str, *, size: int, max_pixels: int, min_side
     if not stat.S_ISREG(st.st_mode):
         item.kind = "skipped"  # it was a regular file when the run was planned
         return item
-    if time.time() - st.st_mtime < settle:
+    if not settled(item.path, st.st_mtime, time.time(), settle):
         item.kind = "skipped"
         return item
     if st.st_size > max_bytes:
@@ -185,6 +188,7 @@ def _read_and_decode(item: Item, abs_path: str, *, size: int, max_pixels: int, m
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(data) != after.st_size:
             item.kind = "skipped"  # changed while we read it: still being written
             return item
+        item.ident = identity(after)  # the very file these bytes came from
         if len(data) > max_bytes:
             return _reject(item, f"file is larger than any image within the pixel limit can be ({max_bytes} bytes)")
         item.sha = images.sha256_bytes(data)

@@ -1,12 +1,18 @@
 """Moving scored files out of the inbox, recording where they went, and finishing interrupted runs.
 
 Files move only after their batch is committed: to ``archive/<run>/<rel>`` or ``quarantine/<run>/<rel>``
-with ``<name>.reason.txt`` (:func:`bcc_pipeline.files.move_no_clobber`: nothing is ever overwritten, an
+with ``<name>.reason.txt`` (:func:`bcc_pipeline.moving.move_no_clobber`: nothing is ever overwritten, an
 interrupted move is finished by the next attempt); then the ledger gets ``moved_to``. A run killed
 anywhere is finished by the next one: a rerun of the same run id moves what its ledger says is done and
 scores the rest; a new run finds an interrupted run's unmoved ledger row for a file and moves it where
-that run meant it to go (*recovered*); :func:`sweep_interrupted` records moves that were done but never
-written down.
+that run meant it to go (*recovered*, counted only when that move succeeds); :func:`sweep_interrupted`
+records moves that were done but never written down.
+
+A file is moved only while it is still the file that was read (:data:`bcc_pipeline.moving.Identity`,
+taken from the descriptor that was hashed): a path that holds other content by then is left in the inbox
+and counted as *changed* (the next run scores what is there); no content without a prediction is ever
+archived under another's. A file that cannot be moved stays in the inbox and is tried again by later
+runs; after :data:`MAX_MOVE_ATTEMPTS` failed attempts it goes to quarantine with the reason instead.
 """
 
 from __future__ import annotations
@@ -22,16 +28,24 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from ..config import Settings
-from ..files import display_path, move_no_clobber, path_from_display, reason_path, write_reason
+from ..files import display_path, path_from_display, reason_path, write_reason
+from ..moving import SourceChangedError, finish_move, move_no_clobber
 from . import ledger
 from .inbox import destination, path_key
 from .loader import Item, clean_reason
 
-__all__ = ["MoveFile", "Mover", "Tally", "sweep_interrupted"]
+__all__ = ["MAX_MOVE_ATTEMPTS", "MOVE_ERROR_CHARS", "MoveFile", "Mover", "Tally", "sweep_interrupted"]
 
 log = logging.getLogger(__name__)
-MoveFile = Callable[[str, Path], Path]
-"""How a file is moved: ``(source, destination) -> where it went`` (:func:`files.move_no_clobber`)."""
+MoveFile = Callable[..., Path]
+"""How a file is moved: ``(source, destination, *, expect, before_unlink) -> where it went``
+(:func:`moving.move_no_clobber`, whose keyword arguments it takes)."""
+MAX_MOVE_ATTEMPTS = 3
+"""Failed attempts (over all runs) after which a file that cannot be archived goes to quarantine."""
+MOVE_ERROR_CHARS = 16000
+"""Characters of a move error kept (the whole OS error with both paths, even near PATH_MAX)."""
+Move = tuple[Item, str, str, "str | None", int]
+"""(item, status, run id, reason, failed attempts so far) of one file to move."""
 
 
 @dataclass
@@ -54,37 +68,64 @@ class Mover:
     """Moves the files of one run's shard and records the moves in the ledger."""
 
     def __init__(self, settings: Settings, engine: Engine, run_id: str, inbox: str, tally: Tally,
-                 move_file: MoveFile = move_no_clobber):
+                 move_file: MoveFile = move_no_clobber, before_unlink: Callable[[Path, Path], None] | None = None):
         self.s, self.engine, self.run_id, self.inbox, self.tally = settings, engine, run_id, inbox, tally
-        self.move_file = move_file
+        self.move_file, self.before_unlink = move_file, before_unlink
 
-    def move(self, moves: Iterable[tuple[Item, str, str, str | None]]) -> None:
-        """Move each (item, status, run id, reason) to that run's archive/quarantine folder and record it."""
+    def _move_one(self, it: Item, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return self.move_file(os.path.join(self.inbox, it.rel), dest, expect=it.ident,
+                              before_unlink=self.before_unlink)
+
+    def move(self, moves: Iterable[Move]) -> list[dict[str, Any]]:
+        """Move each (item, status, run id, reason, attempts) to that run's archive/quarantine folder and
+        record it; returns the outcomes ({..., moved_to, error, failed})."""
         outcomes = []
-        for it, status, run_id, reason in moves:
+        counts = self.tally.counts
+        for it, status, run_id, reason, attempts in moves:
             dest = destination(self.s, run_id, status, it.rel)
-            moved, error = None, None
+            moved, error, failed = None, None, False
             try:
-                if status == "rejected":
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                moved_path = self.move_file(os.path.join(self.inbox, it.rel), dest)
+                moved_path = self._move_one(it, dest)
                 if status == "rejected":
                     _try_write_reason(moved_path, reason or "rejected")
                 moved = display_path(moved_path)
+            except SourceChangedError:
+                error = ledger.CHANGED
+                counts["changed"] += 1
+                log.warning("%s changed after it was read: not moved, the next run scores it", it.path)
             except FileNotFoundError:
                 if os.path.lexists(dest):  # someone else (a recovering run) finished this very move
                     moved = display_path(dest)
                 else:
                     error = ledger.VANISHED
-                    self.tally.counts["missing"] += 1
+                    counts["missing"] += 1
             except OSError as exc:
-                error = clean_reason(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
-                self.tally.counts["move_failed"] += 1
-                self.tally.move_failures.append({"path": it.path, "error": error, "run_id": run_id})
-                log.error("could not move %s (it stays in the inbox): %s", it.path, error)
+                error = clean_reason(f"cannot move to {display_path(dest)}: {exc}", MOVE_ERROR_CHARS)
+                moved, error, failed = self._after_failure(it, status, run_id, error, attempts + 1)
             outcomes.append({"run_id": run_id, "key": it.key, "path": it.path, "rejected": status == "rejected",
-                             "moved_to": moved, "error": error})
+                             "moved_to": moved, "error": error, "failed": failed})
         ledger.record_moves(self.engine, outcomes)
+        return outcomes
+
+    def _after_failure(self, it: Item, status: str, run_id: str, error: str,
+                       attempts: int) -> tuple[str | None, str, bool]:
+        """A failed move: after :data:`MAX_MOVE_ATTEMPTS` attempts, quarantine the file with the reason;
+        otherwise (or when that fails too) it stays in the inbox and is reported."""
+        if status != "rejected" and attempts >= MAX_MOVE_ATTEMPTS:
+            why = f"could not be moved to the archive in {attempts} attempts: {error}"
+            try:
+                moved_path = self._move_one(it, destination(self.s, run_id, "rejected", it.rel))
+                _try_write_reason(moved_path, why)
+                self.tally.counts["quarantined_unmovable"] += 1
+                log.error("quarantined %s: %s", it.path, why)
+                return display_path(moved_path), clean_reason(f"quarantined: {why}", MOVE_ERROR_CHARS), True
+            except OSError as exc:
+                error = clean_reason(f"{error}; and cannot quarantine it either: {exc}", MOVE_ERROR_CHARS)
+        self.tally.counts["move_failed"] += 1
+        self.tally.move_failures.append({"path": it.path, "error": error, "run_id": run_id, "attempts": attempts})
+        log.error("could not move %s (it stays in the inbox; attempt %d): %s", it.path, attempts, error)
+        return None, error, True
 
     def _mark_moved(self, row: Any, dest: Path) -> None:
         if row.status == "rejected" and not os.path.lexists(reason_path(dest)):
@@ -107,8 +148,8 @@ class Mover:
 
         for r in own:  # this run took the file on, and did not record the move
             if matches(r):
-                self.move([(it, r.status, r.run_id, r.reason)])
-                counts["already_done"] += 1
+                if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)])[0]["moved_to"]:
+                    counts["already_done"] += 1
                 return True
             dest = destination(self.s, r.run_id, r.status, it.rel)
             if os.path.lexists(dest):
@@ -125,9 +166,9 @@ class Mover:
             return True
         for r in others:  # an interrupted earlier run took the file on and never moved it
             if matches(r):
-                self.move([(it, r.status, r.run_id, r.reason)])
-                counts["recovered"] += 1
-                log.info("recovered %s for interrupted run %s", it.path, r.run_id)
+                if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)])[0]["moved_to"]:
+                    counts["recovered"] += 1
+                    log.info("recovered %s for interrupted run %s", it.path, r.run_id)
                 return True
             dest = destination(self.s, r.run_id, r.status, it.rel)
             if os.path.lexists(dest):
@@ -155,6 +196,7 @@ def sweep_interrupted(settings: Settings, engine: Engine, inbox_of: Callable[[st
         if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
             continue
         dest = destination(settings, r.run_id, r.status, rel)
+        finish_move(dest)  # a move across filesystems killed after removing the source leaves its temporary name
         if os.path.lexists(dest):
             if r.status == "rejected" and not os.path.lexists(reason_path(dest)):
                 _try_write_reason(dest, r.reason or "rejected")

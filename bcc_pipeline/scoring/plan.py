@@ -63,7 +63,11 @@ def plan_inbox(settings: Settings, run_id: str) -> str | None:
 
 
 def write_shard_result(settings: Settings, run_id: str, shard: int, result: dict[str, Any]) -> None:
-    atomic_write(run_dir(settings, run_id) / f"shard-{shard}.json", json.dumps(result, indent=1))
+    path = run_dir(settings, run_id) / f"shard-{shard}.json"
+    try:
+        atomic_write(path, json.dumps(result, indent=1))
+    except OSError as exc:  # say which file (a full disk raises without a file name)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:

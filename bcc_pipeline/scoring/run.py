@@ -14,7 +14,7 @@ from . import ledger
 from .inbox import InboxArg
 from .moves import sweep_interrupted
 from .plan import load_plan, new_run_id, plan_inbox, plan_shards, read_shard_results
-from .shard import Hooks, Progress, score_shard
+from .shard import Hooks, Progress, describe_failure, score_shard
 
 __all__ = ["finalize_run", "score_inbox"]
 
@@ -30,17 +30,28 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
 
     Safe to call again (the counts are recomputed). Status: ``finished``; ``move_failed`` when some files
     could not be moved (they are listed and still in the inbox); ``incomplete`` when a shard has not
-    finished (run it, then finalize again).
+    finished (run it, then finalize again); ``failed`` when a shard failed (the run's ``error`` says why).
+    ``persistent_move_failures`` lists the files whose move failed in more than one run: the caller
+    decides (the DAG turns red, ``bcc score`` exits non-zero). ``changed`` counts files that held other
+    content by the time they were to move (left in the inbox for the next run).
     """
     ledger.require_schema(settings.database_url)
     plan = load_plan(settings, run_id)
     engine = get_engine(settings.database_url)
+    try:
+        return _finalize(settings, engine, plan, run_id)
+    except Exception as exc:
+        ledger.fail_run(engine, run_id, describe_failure(exc))
+        raise
+
+
+def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str) -> dict[str, Any]:
     sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run), only_run=run_id)
     tallies = ledger.run_tallies(engine, run_id)
     by_status = tallies["by_status"]
     shard_docs = read_shard_results(settings, plan)
-    failures = [{"path": r.path, "error": r.move_error} for r in tallies["unmoved"]
-                if not ledger.vanished(r.move_error)]
+    failures = [{"path": r.path, "error": r.move_error, "attempts": r.move_attempts} for r in tallies["unmoved"]
+                if not ledger.vanished(r.move_error) and not ledger.changed(r.move_error)]
     for d in shard_docs:  # files of interrupted earlier runs this run tried to move, in vain
         failures += [f for f in d.get("move_failures", []) if f.get("run_id", run_id) != run_id]
     started = _aware(tallies["started_at"])
@@ -51,8 +62,9 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
     # scoring time: the shards' span, less the time it took to load the model (TensorFlow start-up)
     load = max((d.get("model_load_seconds", 0.0) for d in shard_docs), default=0.0)
     busy = (loop_end - loop_start - load) if loop_start is not None else 0.0
+    error = None
     if len(shard_docs) < plan["n_shards"]:
-        status = "incomplete"
+        status, error = ("failed", tallies["error"]) if tallies["status"] == "failed" else ("incomplete", None)
     elif failures:
         status = "move_failed"
     else:
@@ -65,6 +77,9 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
         "ignored": len(plan["ignored"]),
         "skipped": len(plan["skipped"]) + sum(d.get("skipped", 0) for d in shard_docs),
         "move_failed": len(failures),
+        "persistent_move_failures": [f for f in failures if (f.get("attempts") or 1) >= 2],
+        "changed": sum(d.get("changed", 0) for d in shard_docs),
+        "quarantined_unmovable": sum(d.get("quarantined_unmovable", 0) for d in shard_docs),
         "recovered": sum(d.get("recovered", 0) for d in shard_docs),
         "missing": sum(d.get("missing", 0) for d in shard_docs),
         "planned": plan["n_files"], "shards": plan["n_shards"], "shards_finished": len(shard_docs),
@@ -77,13 +92,14 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
         "quarantine_dir": str(settings.quarantine_dir / safe_dirname(run_id)),
         "rejections": tallies["rejections"],
         "move_failures": failures,
+        "error": error,
         "ignored_paths": plan["ignored"],
         "skipped_paths": plan["skipped"] + [p for d in shard_docs for p in d.get("skipped_paths", [])],
     }
     counts = {k: summary[k] for k in ("scored", "duplicates", "rejected", "ignored", "skipped", "move_failed",
-                                      "recovered", "missing", "planned", "seconds", "images_per_second",
-                                      "inference", "precision")}
-    ledger.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished)
+                                      "recovered", "missing", "changed", "quarantined_unmovable", "planned",
+                                      "seconds", "images_per_second", "inference", "precision")}
+    ledger.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished, error)
     return summary
 
 

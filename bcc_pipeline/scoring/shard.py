@@ -7,15 +7,18 @@ holds every SQL statement (one transaction per batch), :mod:`.predictor` is the 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..errors import ConfigError
-from ..files import display_path, move_no_clobber
+from ..errors import ArtifactError, BCCError, ConfigError
+from ..files import display_path
+from ..moving import move_no_clobber
 from ..store import get_engine
 from . import ledger
 from .inbox import destination
@@ -24,7 +27,7 @@ from .moves import MoveFile, Mover, Tally
 from .plan import load_plan, write_shard_result
 from .predictor import PinnedModel
 
-__all__ = ["Hooks", "Progress", "score_shard"]
+__all__ = ["Hooks", "Progress", "describe_failure", "score_shard"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -36,12 +39,28 @@ class Hooks:
 
     ``on_batch_committed(paths)``: after a batch's transaction committed, before its files move.
     ``on_model_batch(n)``: right before the model scores a batch of ``n`` images.
-    ``move_file(src, dest)``: moves one file (default :func:`bcc_pipeline.files.move_no_clobber`).
+    ``on_move_linked(src, where)``: in the middle of a move, once the file is at ``where`` (hard link or
+    published copy) and before the inbox name is removed.
+    ``move_file(src, dest, *, expect, before_unlink)``: moves one file (default
+    :func:`bcc_pipeline.moving.move_no_clobber`, whose keyword arguments it gets).
     """
 
     on_batch_committed: Callable[[list[str]], None] | None = None
     on_model_batch: Callable[[int], None] | None = None
+    on_move_linked: Callable[[Path, Path], None] | None = None
     move_file: MoveFile = move_no_clobber
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line that says what failed and where (the ``error`` of a failed run)."""
+    if isinstance(exc, OSError):
+        where = display_path(exc.filename) if exc.filename is not None else "(file unknown)"
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on device writing {where}"
+        return f"{exc.strerror or exc}: {where}"
+    if isinstance(exc, BCCError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int | None = None,
@@ -59,9 +78,16 @@ def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int 
     size = batch_size or settings.score_batch_size
     if size < 1:
         raise ConfigError(f"the scoring batch size must be positive, got {size}")
-    scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
-    result = scorer.run(plan["shards"][shard], size)
-    write_shard_result(settings, run_id, shard, result)
+    engine = get_engine(settings.database_url)
+    ledger.heartbeat(engine, run_id)
+    try:
+        scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
+        result = scorer.run(plan["shards"][shard], size)
+        write_shard_result(settings, run_id, shard, result)
+    except Exception as exc:
+        ledger.fail_run(engine, run_id, describe_failure(exc))
+        raise
+    ledger.heartbeat(engine, run_id, alive=False)  # no process holds the run until the next shard or finalize
     return result
 
 
@@ -75,7 +101,8 @@ class _ShardScorer:
         self.model = PinnedModel(self.mv, plan.get("inference", "keras"))
         self.tally = Tally()
         self.counts = self.tally.counts
-        self.mover = Mover(settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file)
+        self.mover = Mover(settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file,
+                           hooks.on_move_linked)
 
     def run(self, rels: Sequence[str], batch_size: int) -> dict[str, Any]:
         t0, first_batch_done, done = time.time(), None, 0
@@ -89,7 +116,8 @@ class _ShardScorer:
                     if self.hooks.on_batch_committed is not None:
                         self.hooks.on_batch_committed([it.path for it in mine])
                     self.mover.move([(it, "rejected" if it.kind == "rejected" else "scored", self.run_id,
-                                      it.reason) for it in mine])    # 5. move the files, record where
+                                      it.reason, 0) for it in mine])  # 5. move the files, record where
+                ledger.heartbeat(self.engine, self.run_id)
                 first_batch_done = first_batch_done or time.time()
                 done += len(items)
                 if done % (batch_size * 10) < batch_size or done == len(rels):
@@ -106,6 +134,7 @@ class _ShardScorer:
                 "skipped": c["skipped"], "missing": c["missing"], "recovered": c["recovered"],
                 "already_done": c["already_done"], "not_claimed": c["not_claimed"],
                 "move_failed": c["move_failed"], "move_failures": self.tally.move_failures,
+                "changed": c["changed"], "quarantined_unmovable": c["quarantined_unmovable"],
                 "skipped_paths": self.tally.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3),
                 "inference": self.model.backend, "precision": self.model.precision,
                 "first_batch_done": first_batch_done}
@@ -151,11 +180,23 @@ class _ShardScorer:
             x = np.stack([it.x for it in first.values()])
             if self.hooks.on_model_batch is not None:
                 self.hooks.on_model_batch(int(x.shape[0]))
-            probs = dict(zip(first, (float(v) for v in self.model.predict(x)), strict=True))
+            probs = dict(zip(first, (float(v) for v in self._model_predict(x)), strict=True))
             del x
         for it in ok:
             it.x = None  # the pixels are no longer needed
         return probs
+
+    def _model_predict(self, x: Any) -> Any:
+        """The pinned model's probabilities; a failure of the model itself (a back-end's RuntimeError, a
+        damaged converted model) becomes an :class:`ArtifactError` that says which model, where."""
+        try:
+            return self.model.predict(x)
+        except (BCCError, MemoryError):
+            raise
+        except Exception as exc:
+            mv = self.mv
+            raise ArtifactError(f"model {mv['version']} ({self.model.backend} inference, {mv['artifact_path']}) "
+                                f"could not be loaded or run: {type(exc).__name__}: {exc}") from exc
 
     def _commit(self, fresh: list[Item], probs: dict[str, float]) -> list[Item]:
         """Claim, record and predict the batch in one transaction; returns the items this shard claimed."""

@@ -125,6 +125,8 @@ def _stack_env(tmp_path: Path, meta_url: str, bcc_url: str, redis_url: str, port
     env = airflow_env(af_home, metadata_url=None, bcc={})
     env.update(stack)
     env.update(TEST_ONLY)
+    # the manual runs score drops/<key> beside the inbox: allowed inbox roots (not a compose setting)
+    env["BCC_INBOX_ROOTS"] = os.pathsep.join(str(tmp_path / "bcc" / f) for f in ("inbox", "drops"))
     env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"] = str(free_port())
     return env
 

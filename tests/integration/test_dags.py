@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from tests.support import write_png
+
 from .airflow_support import DAGS, REPO, airflow, airflow_env, dags_test, migrate, register_tiny_champion
 
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name != "bcc_common.py")
@@ -259,6 +261,42 @@ def test_score_dag_fails_when_a_shard_fails_and_loses_nothing(tmp_path):
     assert states["score_shard[0]"] == "failed" and states["finalize"] == "failed"
     assert "shards finished" in states["__log__"] and "sha256" in states["__log__"]
     assert _predictions(url) == 0 and len(list((home / "inbox").rglob("*.png"))) == n
+
+
+def test_score_dag_refuses_an_inbox_outside_the_allowed_roots(tmp_path):
+    """The DAG's ``inbox`` Param pointed at a folder outside BCC_INBOX_ROOTS: plan fails at once (no retry),
+    with one line that says why, and nothing there is touched."""
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    home = tmp_path / "bcc"
+    register_tiny_champion(url, home / "models")
+    system = tmp_path / "usr" / "share"
+    system.mkdir(parents=True)
+    write_png(system / "icon.png")
+    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    migrate(env)
+    states = dags_test(env, "bcc_score", {"shards": 1, "inbox": str(tmp_path / "usr")})
+    assert states["__run__"] == "failed" and states["plan"] == "failed" and states["finalize"] == "failed"
+    assert "refusing to score the inbox" in states["__log__"] and "BCC_INBOX_ROOTS" in states["__log__"]
+    assert "up_for_retry" not in states["__log__"]  # neither plan nor finalize is retried
+    assert (system / "icon.png").exists() and _predictions(url) == 0
+
+
+def test_score_dag_turns_red_when_a_move_keeps_failing(tmp_path):
+    """Files that cannot be archived: the first run reports them (green, ``move_failed``); when the next
+    run cannot move them either, its finalize fails and names them. They stay in the inbox."""
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    home = tmp_path / "bcc"
+    register_tiny_champion(url, home / "models")
+    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    migrate(env)
+    n = _inbox(home, n=1)
+    (home / "archive").write_text("a file where the archive folder should be")
+    first = dags_test(env, "bcc_score", {"shards": 1})
+    assert first["__run__"] == "success" and _predictions(url) == n
+    second = dags_test(env, "bcc_score", {"shards": 1})
+    assert second["__run__"] == "failed" and second["finalize"] == "failed"
+    assert "could not be moved in more than one run" in second["__log__"] and "batch1/" in second["__log__"]
+    assert len(list((home / "inbox").rglob("*.png"))) == n
 
 
 def test_score_dag_without_champion_skips(tmp_path):

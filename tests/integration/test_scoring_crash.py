@@ -31,30 +31,38 @@ from bcc_pipeline.store import InboxFile, Prediction, ScoringRun, session_scope
 
 N_VALID, N_DUP, N_BAD = 100, 6, 4
 
-# Scores the inbox as `bcc score` does, with the on_batch_committed hook: after the ``block_at``-th
-# batch is committed (its files not moved yet) it writes a marker file and then blocks, so the test's
-# SIGKILL lands exactly there (no timing guesswork).
+# Scores the inbox as `bcc score` does, with one hook of scoring.Hooks blocking: at the ``block_at``-th
+# call of that hook it writes a marker file and then blocks, so the test's SIGKILL lands exactly there (no
+# timing guesswork). Hooks: on_model_batch (before the model scores a batch), on_batch_committed (a batch
+# committed, its files not moved yet), on_move_linked (in the middle of a move: the file is at its
+# destination, the inbox name not removed yet). An optional fourth argument is the inbox.
 BLOCKED = """
 import json, os, sys, time
 from bcc_pipeline.config import load_settings
 from bcc_pipeline.scoring import Hooks, score_inbox
-block_at, marker = int(sys.argv[1]), sys.argv[2]
+hook, block_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+inbox = sys.argv[4] if len(sys.argv) > 4 else None
 calls = [0]
-def block(paths):
+def block(*args):
     calls[0] += 1
     if calls[0] == block_at:
         with open(marker, "w") as fh:
             fh.write(str(os.getpid()))
         time.sleep(3600)
-print(json.dumps(score_inbox(load_settings(), hooks=Hooks(on_batch_committed=block))))
+print(json.dumps(score_inbox(load_settings(), inbox=inbox, hooks=Hooks(**{hook: block}))))
 """
+HOOK_POINTS = ("on_model_batch", "on_batch_committed", "on_move_linked")
 
 
-def _env(home: Path, url: str) -> dict[str, str]:
+def scoring_env(home: Path, url: str, **extra: str) -> dict[str, str]:
+    """The environment of a scoring subprocess: this home and database, no settle time, batches of 4."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
     env.update({"BCC_HOME": str(home), "BCC_DATABASE_URL": url, "BCC_SETTLE_SECONDS": "0",
-                "TF_CPP_MIN_LOG_LEVEL": "3", "BCC_SCORE_BATCH_SIZE": "4"})
+                "TF_CPP_MIN_LOG_LEVEL": "3", "BCC_SCORE_BATCH_SIZE": "4", **extra})
     return env
+
+
+_env = scoring_env
 
 
 def _n_predictions(url: str) -> int:
@@ -62,17 +70,18 @@ def _n_predictions(url: str) -> int:
         return s.scalar(select(func.count()).select_from(Prediction)) or 0
 
 
-def _kill_after_commit(env: dict[str, str], block_at: int) -> None:
-    """Start scoring, blocking after its ``block_at``-th batch is committed, and SIGKILL it there."""
-    marker = Path(env["BCC_HOME"]) / ".blocked-after-commit"
+def kill_at(env: dict[str, str], hook: str, block_at: int, inbox: Path | None = None, script: str = BLOCKED) -> None:
+    """Start scoring (or another ``script`` that takes the same arguments), block it at the ``block_at``-th
+    call of ``hook`` and SIGKILL it there."""
+    marker = Path(env["BCC_HOME"]) / f".blocked-{hook}"
     marker.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKED, str(block_at), str(marker)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [sys.executable, "-c", script, hook, str(block_at), str(marker)] + ([str(inbox)] if inbox else [])
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
         while not marker.exists():
             assert proc.poll() is None, f"scoring ended before the kill: {proc.stderr.read()[-2000:]!r}"
-            assert time.monotonic() < deadline, f"fewer than {block_at} batches were committed"
+            assert time.monotonic() < deadline, f"{hook} was called fewer than {block_at} times"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -82,6 +91,11 @@ def _kill_after_commit(env: dict[str, str], block_at: int) -> None:
         proc.stderr.close()
         marker.unlink(missing_ok=True)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _kill_after_commit(env: dict[str, str], block_at: int) -> None:
+    """Start scoring, blocking after its ``block_at``-th batch is committed, and SIGKILL it there."""
+    kill_at(env, "on_batch_committed", block_at)
 
 
 def _build(settings, png_writer) -> dict[str, object]:

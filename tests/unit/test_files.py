@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bcc_pipeline import files
+from bcc_pipeline import files, moving
 
 
 @pytest.fixture(params=["renameat2", "exclusive-copy"])
@@ -90,7 +90,7 @@ def test_move_without_hard_links_never_overwrites_a_file_created_meanwhile(
 
         monkeypatch.setattr(files, "renameat2", renameat2_after_appearing)
 
-    moved = files.move_no_clobber(src, dest)
+    moved = moving.move_no_clobber(src, dest)
 
     assert calls and appeared, "the test did not exercise the moment it is about"
     assert dest.read_bytes() == b"already archived"
@@ -110,7 +110,7 @@ def test_move_without_hard_links_suffixes_and_keeps_everything(
         src = tmp_path / f"in{i}" / "x.png"
         src.parent.mkdir()
         src.write_bytes(f"new{i}".encode())
-        assert files.move_no_clobber(src, out / "x.png") == out / f"x~{i + 1}.png"
+        assert moving.move_no_clobber(src, out / "x.png") == out / f"x~{i + 1}.png"
         assert not src.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {
         "x.png": b"first", "x~1.png": b"new0", "x~2.png": b"new1", "x~3.png": b"new2"}
@@ -157,7 +157,7 @@ def test_move_no_clobber_suffixes_and_never_overwrites(tmp_path):
     (dest_dir / "a").mkdir(parents=True)
     (dest_dir / "a" / "x.png").write_bytes(b"old")
     (src_dir / "x.png").write_bytes(b"new")
-    moved = files.move_no_clobber(src_dir / "x.png", dest_dir / "a" / "x.png")
+    moved = moving.move_no_clobber(src_dir / "x.png", dest_dir / "a" / "x.png")
     assert moved.name == "x~1.png" and moved.read_bytes() == b"new"
     assert (dest_dir / "a" / "x.png").read_bytes() == b"old" and not (src_dir / "x.png").exists()
 
@@ -168,7 +168,7 @@ def test_move_finishes_an_interrupted_move(tmp_path):
     src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
     src.write_bytes(b"data")
     os.link(src, dest)  # the first half of a move, then "SIGKILL"
-    assert files.move_no_clobber(src, dest) == dest
+    assert moving.move_no_clobber(src, dest) == dest
     assert not src.exists() and dest.read_bytes() == b"data"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
 
@@ -180,7 +180,7 @@ def test_move_moves_a_symlink_as_a_link_and_never_touches_its_target(tmp_path):
     (tmp_path / "in").mkdir()
     link = tmp_path / "in" / "evil.png"
     link.symlink_to(target)
-    moved = files.quarantine_file(link, tmp_path / "q", Path("evil.png"), "symbolic link")
+    moved = moving.quarantine_file(link, tmp_path / "q", Path("evil.png"), "symbolic link")
     assert moved.is_symlink() and os.readlink(moved) == str(target)
     assert not os.path.lexists(link)
     after = os.stat(target)
@@ -194,7 +194,7 @@ def test_long_names_stay_within_the_name_limit(tmp_path):
     assert len(os.fsencode(name)) == 244
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / name).write_bytes(b"x")
-    moved = files.quarantine_file(tmp_path / "in" / name, tmp_path / "q", Path(name), "why")
+    moved = moving.quarantine_file(tmp_path / "in" / name, tmp_path / "q", Path(name), "why")
     assert moved.name == name
     reasons = [p for p in (tmp_path / "q").iterdir() if p.name.endswith(".reason.txt")]
     assert len(reasons) == 1 and len(os.fsencode(reasons[0].name)) <= 255
@@ -214,6 +214,86 @@ def test_reason_file_never_replaces_a_quarantined_link(tmp_path):
 def test_display_path_escapes_invalid_utf8():
     raw = os.fsdecode(b"bad\xffname.png")
     assert files.display_path(raw) == "bad\\xffname.png"
+
+
+# -- a source that is no longer the file that was read ------------------------------------------
+def test_move_refuses_a_source_that_changed_since_it_was_read(tmp_path):
+    (tmp_path / "in").mkdir()
+    src, dest = tmp_path / "in" / "x.png", tmp_path / "out" / "x.png"
+    src.write_bytes(b"read and scored")
+    read = moving.identity(os.stat(src))
+    (tmp_path / "in" / "new").write_bytes(b"swapped in later")
+    os.replace(tmp_path / "in" / "new", src)
+    with pytest.raises(moving.SourceChangedError):
+        moving.move_no_clobber(src, dest, expect=read)
+    assert src.read_bytes() == b"swapped in later" and not dest.exists()
+    # the same file, rewritten in place (same inode): also not what was read
+    read = moving.identity(os.stat(src))
+    src.write_bytes(b"rewritten!")
+    with pytest.raises(moving.SourceChangedError):
+        moving.move_no_clobber(src, dest, expect=read)
+    assert not dest.exists()
+    assert moving.move_no_clobber(src, dest, expect=moving.identity(os.stat(src))) == dest
+
+
+# -- moves across filesystems -------------------------------------------------------------------
+@pytest.fixture
+def other_fs(tmp_path: Path):
+    """A folder on another filesystem than ``tmp_path``: /dev/shm where it is a separate tmpfs."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm: no second filesystem to move across")
+    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test folder: no second filesystem")
+    folder = Path(tempfile.mkdtemp(prefix="bcc-test-", dir=shm))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_move_across_filesystems_keeps_mode_and_times(tmp_path, other_fs):
+    src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
+    src.write_bytes(b"pixels" * 1000)
+    os.chmod(src, 0o640)
+    os.utime(src, ns=(1_700_000_000_123_456_789, 1_600_000_000_987_654_321))
+    assert moving.move_no_clobber(src, dest, expect=moving.identity(os.stat(src))) == dest
+    st = os.stat(dest)
+    assert (oct(st.st_mode & 0o7777), st.st_mtime_ns) == (oct(0o640), 1_600_000_000_987_654_321)
+    assert not src.exists() and dest.read_bytes() == b"pixels" * 1000
+    assert os.listdir(dest.parent) == ["x.png"]  # no temporary file left
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path, other_fs):
+    src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
+    src.write_bytes(b"only once")
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):  # the copy is in place, the source not removed yet
+        moving.move_no_clobber(src, dest, before_unlink=kill)
+    assert src.exists() and dest.read_bytes() == b"only once"
+    assert moving.move_no_clobber(src, dest) == dest  # the next attempt finishes it
+    assert not src.exists() and os.listdir(dest.parent) == ["x.png"]  # no x~1.png, no temporary file
+
+    # killed right after the source was removed: the next look (the source is gone) only tidies up
+    src.write_bytes(b"second")
+    dest2 = tmp_path / "archive" / "y.png"
+
+    def remove_then_kill(source, where):
+        os.unlink(source)
+        raise Killed
+
+    with pytest.raises(Killed):
+        moving.move_no_clobber(src, dest2, before_unlink=remove_then_kill)
+    assert moving.finish_move(dest2) == dest2
+    assert sorted(os.listdir(dest2.parent)) == ["x.png", "y.png"] and dest2.read_bytes() == b"second"
 
 
 # -- the one display form of a path ---------------------------------------------------------------

@@ -4,6 +4,7 @@ or skipped, and that no folder the pipeline manages is ever scored."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -42,19 +43,93 @@ def test_inbox_inside_archive_is_refused(make_settings):
         scoring.discover(s, s.archive_dir / "x")
 
 
-def test_inbox_at_home_skips_every_managed_folder(make_settings, png_writer):
-    """``bcc score --inbox $BCC_HOME``: what lies in the home is scored, what lies in a managed folder
-    (archive, quarantine, runs, models, dataset, landing and the embedded Airflow home) is not."""
-    s = make_settings(None, settle_seconds=0)
+def test_inbox_at_home_or_in_a_managed_folder_is_refused(make_settings, png_writer, tmp_path):
+    """``bcc score --inbox $BCC_HOME`` would move the dataset, the models and earlier results: refused (even
+    with every folder allowed), as is every folder inside one the pipeline manages (archive, quarantine,
+    runs, models, dataset, landing and the embedded Airflow home)."""
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(tmp_path))
     assert s.home / "airflow" in s.managed_dirs
+    png_writer(s.dataset_dir / "benign" / "a.png")
+    with pytest.raises(scoring.InboxRefused, match="contains .*the BCC home"):
+        scoring.discover(s, s.home)
+    with pytest.raises(scoring.InboxRefused, match="contains"):
+        scoring.discover(s, tmp_path)
     for managed in s.managed_dirs:
-        png_writer(managed / "sub" / "inside.png")
-    png_writer(s.inbox_dir / "x.png")
-    png_writer(s.home / "top.png")
-    found = scoring.discover(s, s.home)
-    assert found["pending"] == ["inbox/x.png", "top.png"]
-    assert found["links"] == [] and found["skipped"] == []
-    assert not [i for i in found["ignored"] if "inside" in i["path"]]
-    for managed in s.managed_dirs:  # and none of them may be the inbox itself
         with pytest.raises(ConfigError, match="manages"):
             scoring.discover(s, managed / "sub")
+    assert (s.dataset_dir / "benign" / "a.png").exists()
+
+
+def test_only_folders_in_the_allowed_roots_are_scored(make_settings, png_writer, tmp_path):
+    s = make_settings(None, settle_seconds=0)
+    usr = tmp_path / "usr"  # a system folder full of images
+    png_writer(usr / "share" / "icons" / "a.png")
+    with pytest.raises(scoring.InboxRefused, match="not inside an allowed inbox root") as refused:
+        scoring.discover(s, usr)
+    assert "\n" not in str(refused.value) and "BCC_INBOX_ROOTS" in str(refused.value)
+    with pytest.raises(scoring.InboxRefused):
+        scoring.discover(s, s.inbox_dir / ".." / ".." / "usr")  # no way out through ..
+    png_writer(s.inbox_dir / "ward_1" / "b.png")
+    assert scoring.discover(s, s.inbox_dir / "ward_1")["pending"] == ["b.png"]  # a subfolder of the root
+    wider = make_settings(None, settle_seconds=0, inbox_roots=f"{usr}{os.pathsep}{s.inbox_dir}")
+    assert scoring.discover(wider, usr)["pending"] == ["share/icons/a.png"]
+    assert scoring.discover(wider)["pending"] == ["ward_1/b.png"]
+
+
+def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path):
+    """Another deployment's home (marked by ``bcc db upgrade``) is refused as an inbox, inside an allowed
+    root, below one, and as one of its managed folders; nothing of it is touched."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    other = load_settings(env={"BCC_HOME": str(shared / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    assert other.home_marker.is_file()
+    png_writer(other.dataset_dir / "benign" / "a.png")
+    png_writer(other.inbox_dir / "b.png")
+    before = sorted(p for p in other.home.rglob("*"))
+    with pytest.raises(scoring.InboxRefused, match="is a BCC home"):
+        scoring.discover(s, other.home)
+    with pytest.raises(scoring.InboxRefused, match="contains the BCC home"):
+        scoring.discover(s, shared)
+    with pytest.raises(scoring.InboxRefused, match="a folder of the BCC home"):
+        scoring.discover(s, other.dataset_dir / "benign")
+    assert sorted(p for p in other.home.rglob("*")) == before
+
+
+def test_a_modification_time_in_the_future_is_settled_with_a_warning(make_settings, png_writer, caplog):
+    """A clock that is wrong somewhere must not leave a file in the inbox forever."""
+    from bcc_pipeline.images import max_file_bytes
+    from bcc_pipeline.scoring.loader import Item, MemoryBudget, load_file
+
+    s = make_settings(None, settle_seconds=0)
+    future = png_writer(s.inbox_dir / "future.png")
+    t = time.time() + 3600
+    os.utime(future, (t, t))
+    with caplog.at_level("WARNING"):
+        assert scoring.discover(s)["pending"] == ["future.png"]
+    assert "clock" in caplog.text
+    item = load_file(Item.of("future.png"), str(future), size=32, max_pixels=s.max_pixels, min_side=s.min_side,
+                     settle=0, max_bytes=max_file_bytes(s.max_pixels), budget=MemoryBudget(1 << 30))
+    assert item.kind == "ok"
+    # within the settle time of now (either side) a file is still being written; beyond it, settled
+    patient = make_settings(None, settle_seconds=60)
+    soon = png_writer(s.inbox_dir / "soon.png")
+    os.utime(soon, (time.time() + 30, time.time() + 30))
+    found = scoring.discover(patient)
+    assert found["pending"] == ["future.png"] and found["skipped"] == ["soon.png"]
+
+
+def test_a_destination_too_long_for_path_max_is_shortened(make_settings):
+    from bcc_pipeline.scoring.inbox import PATH_MAX, destination
+
+    s = make_settings(None)
+    short = destination(s, "run-1", "scored", "a/b.png")
+    assert short == s.archive_dir / "run-1" / "a" / "b.png"
+    rel = "/".join(["d" * 250] * 16) + "/x.png"
+    long_a, long_b = destination(s, "run-1", "scored", rel), destination(s, "run-1", "scored", "e" + rel)
+    assert len(os.fsencode(long_a)) < PATH_MAX - 32 and long_a.name == "x.png" and long_a != long_b
+    assert long_a.parent.parent == s.archive_dir / "run-1" and long_a.parent.name.startswith("#")
+    assert destination(s, "run-1", "rejected", rel).parent.parent == s.quarantine_dir / "run-1"

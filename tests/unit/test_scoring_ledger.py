@@ -76,3 +76,24 @@ def test_a_batch_is_claimed_once_and_a_known_content_is_a_duplicate(make_setting
     assert tallies["rejections"] == [{"path": "bad.png", "reason": "why"}] and tallies["unmoved"] == []
     with session_scope(migrated_url) as ses:
         assert ses.scalars(select(Rejection.moved_to)).all() == ["/dest/bad.png"]
+
+
+def test_migration_0006_down_and_up(db_url):
+    """The liveness columns of scoring_runs and the move attempts of the ledger come and go with 0006."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    store.upgrade(db_url)
+    with store.get_engine(db_url).begin() as conn:
+        cfg = store._alembic_config(db_url)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    store.dispose_engine(db_url)
+    insp = inspect(store.get_engine(db_url))
+    assert not {"host", "pid", "heartbeat_at", "error"} & {c["name"] for c in insp.get_columns("scoring_runs")}
+    assert "move_attempts" not in {c["name"] for c in insp.get_columns("inbox_files")}
+    assert store.upgrade(db_url, "0006") == "0006"
+    store.dispose_engine(db_url)
+    insp = inspect(store.get_engine(db_url))
+    assert {"host", "pid", "heartbeat_at", "error"} <= {c["name"] for c in insp.get_columns("scoring_runs")}
+    assert "move_attempts" in {c["name"] for c in insp.get_columns("inbox_files")}

@@ -5,12 +5,15 @@ finished by the next run. The interruptions go through the scoring hooks
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from bcc_pipeline import files, scoring
+from bcc_pipeline import files, moving, scoring
+from bcc_pipeline.images import sha256_file
 from bcc_pipeline.store import InboxFile, Prediction, session_scope
 from tests.support import Crash, archived, count_rows, fill_inbox, inbox_files, scoring_settings
 
@@ -56,15 +59,13 @@ def test_crash_then_rerun_same_run_id(make_settings, sqlite_url, register_champi
     fill_inbox(s.inbox_dir, png_writer, 10)
     n = {"moves": 0}
 
-    def crash_mid_move(src, dest):
+    def crash_mid_move(src, where):
         n["moves"] += 1
         if n["moves"] == 6:  # linked into the archive, but the inbox copy is not removed yet
-            os.link(src, dest)
             raise Crash
-        return files.move_no_clobber(src, dest)
 
     with pytest.raises(Crash):
-        scoring.score_inbox(s, run_id="again", batch_size=4, hooks=scoring.Hooks(move_file=crash_mid_move))
+        scoring.score_inbox(s, run_id="again", batch_size=4, hooks=scoring.Hooks(on_move_linked=crash_mid_move))
     r = scoring.score_inbox(s, run_id="again", batch_size=4)
     assert (r["scored"], r["duplicates"], r["status"]) == (10, 0, "finished")
     assert inbox_files(s.inbox_dir) == [] and len(archived(s)) == 10  # no "~1" copies
@@ -75,10 +76,10 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
     s = scoring_settings(make_settings, sqlite_url)
     register_champion(s)
     fill_inbox(s.inbox_dir, png_writer, 3)
-    def refuse(src, dest):
+    def refuse(src, dest, **options):
         if str(src).endswith("img001.png"):
             raise PermissionError(13, "Permission denied")
-        return files.move_no_clobber(src, dest)
+        return moving.move_no_clobber(src, dest, **options)
 
     r = scoring.score_inbox(s, hooks=scoring.Hooks(move_file=refuse))
     assert r["status"] == "move_failed" and r["move_failed"] == 1 and r["scored"] == 3
@@ -89,3 +90,102 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
     assert r2["recovered"] == 1 and r2["scored"] == 0 and inbox_files(s.inbox_dir) == []
     assert (s.archive_dir / r["run_id"] / "patient_1" / "img001.png").exists()
     assert scoring.finalize_run(s, r["run_id"])["status"] == "finished"
+
+
+# -- a file that changes between reading and moving ------------------------------------------
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_file_swapped_after_scoring_is_left_for_the_next_run(make_settings, sqlite_url, register_champion,
+                                                            png_writer, tmp_path, how):
+    """A scanner's ``cp new && mv new old`` (replaced) or a rewrite in place, after the batch is committed
+    and before its files move: the new content is never archived under the old one's prediction."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 3)
+    target = s.inbox_dir / "patient_1" / "img001.png"
+    new_bytes = png_writer(tmp_path / "new.png", seed=999, size=40).read_bytes()
+
+    def swap(paths):
+        if "patient_1/img001.png" in paths:
+            if how == "replaced":
+                (target.parent / "tmp.part").write_bytes(new_bytes)
+                os.replace(target.parent / "tmp.part", target)
+            else:
+                target.write_bytes(new_bytes)
+
+    r = scoring.score_inbox(s, hooks=scoring.Hooks(on_batch_committed=swap))
+    assert (r["scored"], r["changed"], r["move_failed"], r["status"]) == (3, 1, 0, "finished")
+    assert inbox_files(s.inbox_dir) == ["patient_1/img001.png"]
+    assert not (s.archive_dir / r["run_id"] / "patient_1" / "img001.png").exists()
+    with session_scope(sqlite_url) as ses:
+        row = ses.scalars(select(InboxFile).where(InboxFile.path == "patient_1/img001.png")).one()
+        assert row.moved_to is None and row.move_error.startswith("the file changed")
+    r2 = scoring.score_inbox(s)  # the next run scores what is there now
+    assert (r2["scored"], r2["recovered"], r2["changed"], r2["status"]) == (1, 0, 0, "finished")
+    assert inbox_files(s.inbox_dir) == []
+    moved = s.archive_dir / r2["run_id"] / "patient_1" / "img001.png"
+    assert moved.read_bytes() == new_bytes
+    with session_scope(sqlite_url) as ses:
+        pred = ses.scalars(select(Prediction).where(Prediction.run_id == r2["run_id"])).one()
+        assert pred.image_sha256 == sha256_file(moved)
+
+
+# -- files that cannot be moved ---------------------------------------------------------------
+def test_a_file_that_keeps_failing_to_move_turns_red_then_goes_to_quarantine(make_settings, sqlite_url,
+                                                                            register_champion, png_writer):
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 3)
+
+    def broken_archive(src, dest, **options):  # the archive refuses this one file, run after run
+        if str(src).endswith("img001.png") and s.archive_dir in Path(dest).parents:
+            raise OSError(errno.EIO, "Input/output error", str(dest))
+        return moving.move_no_clobber(src, dest, **options)
+
+    hooks = scoring.Hooks(move_file=broken_archive)
+    first = scoring.score_inbox(s, hooks=hooks)
+    assert (first["move_failed"], first["persistent_move_failures"], first["status"]) == (1, [], "move_failed")
+    error = first["move_failures"][0]["error"]  # the whole OS error, with the destination
+    assert "[Errno 5] Input/output error" in error and error.endswith(str(first["archive_dir"]) +
+                                                                    "/patient_1/img001.png'")
+    second = scoring.score_inbox(s, hooks=hooks)
+    assert second["recovered"] == 0 and second["move_failed"] == 1  # recovered counts only real moves
+    assert [f["path"] for f in second["persistent_move_failures"]] == ["patient_1/img001.png"]
+    assert inbox_files(s.inbox_dir) == ["patient_1/img001.png"]
+    assert scoring.MAX_MOVE_ATTEMPTS == 3
+    third = scoring.score_inbox(s, hooks=hooks)  # the third failed attempt: quarantine, with the reason
+    assert (third["quarantined_unmovable"], third["move_failed"], third["status"]) == (1, 0, "finished")
+    assert inbox_files(s.inbox_dir) == []
+    q = s.quarantine_dir / first["run_id"] / "patient_1" / "img001.png"
+    assert q.is_file() and "could not be moved to the archive in 3 attempts" in files.reason_path(q).read_text()
+    assert count_rows(sqlite_url, Prediction) == 3
+
+
+def test_a_path_too_long_under_the_archive_is_moved_under_a_hashed_folder(make_settings, sqlite_url,
+                                                                         register_champion, png_writer, tmp_path):
+    """Folders nested so deep that ``inbox/<rel>`` fits in PATH_MAX but ``archive/<run>/<rel>`` does not."""
+    inbox = tmp_path / "in"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(inbox))
+    register_champion(s)
+    png = png_writer(tmp_path / "x.png").read_bytes()
+    room = 4080 - len(os.fsencode(inbox)) - len("/x.png")  # inbox/<rel> is 4080 bytes long
+    folders = ["d" * 200] * (room // 201) + (["e" * (room % 201 - 1)] if room % 201 > 1 else [])
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY)
+    try:
+        for name in folders:  # each path a call sees stays short: relative to the folder above
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        out = os.open("x.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, png)
+        os.close(out)
+    finally:
+        os.close(fd)
+    rel = "/".join(folders) + "/x.png"
+    assert len(os.fsencode(inbox / rel)) < 4096 < len(os.fsencode(s.archive_dir / "score-20260101T000000-abcdef" / rel))
+    r = scoring.score_inbox(s, inbox=inbox)
+    assert (r["scored"], r["move_failed"], r["status"]) == (1, 0, "finished")
+    (moved,) = archived(s)
+    assert moved.name == "x.png" and moved.parent.name.startswith("#") and moved.read_bytes() == png
+    assert not os.path.lexists(inbox / rel)

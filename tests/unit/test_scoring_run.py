@@ -130,3 +130,60 @@ def test_cli_score_without_champion_exits_non_zero(make_settings, sqlite_url, mo
     assert main(["score", "--json"]) == 1
     err = capsys.readouterr().err
     assert "no champion" in err and len(err.strip().splitlines()) == 1
+
+
+# -- failed and abandoned runs ----------------------------------------------------------------
+def test_a_run_that_cannot_load_its_model_is_recorded_as_failed(make_settings, sqlite_url, register_champion,
+                                                                png_writer):
+    import pytest
+
+    from bcc_pipeline.errors import ArtifactError
+
+    s = scoring_settings(make_settings, sqlite_url)
+    version = register_champion(s)
+    (s.models_dir / version / "model.keras").write_bytes(b"not a model any more")
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    with pytest.raises(ArtifactError) as failed:
+        scoring.score_inbox(s, run_id="broken-model")
+    with session_scope(sqlite_url) as ses:
+        run = ses.get(ScoringRun, "broken-model")
+        assert run.status == "failed" and run.finished_at is not None
+        assert run.error == str(failed.value) and version in run.error
+    assert len(inbox_files(s.inbox_dir)) == 2  # nothing moved, nothing scored
+    assert scoring.finalize_run(s, "broken-model")["status"] == "failed"
+
+
+def test_a_running_run_whose_process_is_gone_becomes_abandoned(make_settings, sqlite_url, register_champion,
+                                                               monkeypatch, capsys):
+    import os
+    import socket
+
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, sqlite_url)
+    version = register_champion(s)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    now = store.utcnow()
+    here = socket.gethostname()
+    with session_scope(sqlite_url) as ses:
+        for run_id, host, pid, beat in [("killed", here, int(dead.stdout), now),
+                                        ("silent", "elsewhere", 4242, now - dt.timedelta(hours=2)),
+                                        ("alive", here, os.getpid(), now)]:
+            ses.add(ScoringRun(run_id=run_id, model_version=version, started_at=beat, heartbeat_at=beat,
+                               status="running", counts={}, host=host, pid=pid))
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "last scoring" in out
+    with session_scope(sqlite_url) as ses:
+        runs = {r.run_id: r for r in ses.scalars(select(ScoringRun))}
+        assert runs["killed"].status == "abandoned" and runs["killed"].finished_at is not None
+        assert "PID" in runs["killed"].error
+        assert runs["silent"].status == "abandoned" and runs["alive"].status == "running"
+        ses.add(ScoringRun(run_id="killed-2", model_version=version, started_at=now, heartbeat_at=now,
+                           status="running", counts={}, host=here, pid=int(dead.stdout)))
+    scoring.score_inbox(s)  # the next run notices too
+    with session_scope(sqlite_url) as ses:
+        assert ses.get(ScoringRun, "killed-2").status == "abandoned"

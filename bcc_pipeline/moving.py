@@ -1,0 +1,268 @@
+"""Moving files out of ``inbox/`` and ``landing/`` without ever losing or overwriting one.
+
+The rules every move in the pipeline follows:
+
+* A symbolic link is moved as a link: the link itself is renamed (or re-created), its target is never
+  opened, read, moved or changed. Only ``os.lstat``/``os.readlink`` ever look at a link.
+* Nothing is overwritten. A taken destination name gets a suffix, ``name~1.png``, ``name~2.png``, ...
+  Every step that gives a file its final name refuses to replace one that is there, whenever it
+  appeared: a hard link, ``renameat2(RENAME_NOREPLACE)``, ``symlink`` or an ``O_EXCL`` create. No
+  step checks for the name first and then renames.
+* A move is idempotent. It hard-links the source to its destination (``link`` fails instead of replacing
+  an existing name) and then removes the source; a move interrupted between the two steps (even by
+  SIGKILL) is finished by the next attempt, which finds the destination is the same inode as the source.
+* Where hard links are unavailable (a filesystem without them, or not allowed for this file) the move
+  is one ``renameat2(..., RENAME_NOREPLACE)`` (Linux; atomic, fails when the name is taken). Where that
+  is unavailable too, the bytes are copied into a new file created with ``O_EXCL``, flushed, and only
+  then is the source removed; an interruption there leaves both copies, never none.
+* When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied
+  to a hidden temporary file beside the destination (``.bcc-move-<hash>.tmp``, a name fixed by the
+  destination), with the source's mode and times, flushed, and hard-linked into place without
+  replacing anything; only then is the source removed, and then the temporary name. A move killed at any
+  point leaves at most one visible copy: the next attempt finds the temporary file, and either finishes
+  that move (it was published: only the source is left to remove) or throws the unfinished copy away
+  and starts again. (On a destination without hard links the copy is renamed into place instead, and a
+  kill between that rename and removing the source leaves both copies.)
+* A caller that read the file can pass its identity (device, inode, size, mtime): a source that is no
+  longer that file is not moved (:class:`SourceChangedError`), and a hard link that turns out to be of
+  another file is undone. A source name that holds another file by the time the source is to be removed
+  is left alone (the moved copy is what was read). The one window left is between that last ``lstat``
+  and the ``unlink`` right after it.
+* A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
+  a half-made destination is removed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from .files import _LINK_UNSUPPORTED, _candidates, _publish, rename_no_replace, write_reason
+
+__all__ = ["Identity", "SourceChangedError", "finish_move", "identity", "move_no_clobber", "quarantine_file"]
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+Identity = tuple[int, int, int, int]
+"""What a file was when it was read: (st_dev, st_ino, st_size, st_mtime_ns); :func:`identity` of a stat."""
+
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class SourceChangedError(OSError):
+    """The file at the source path is no longer the one the caller read (replaced, or rewritten in
+    place): nothing was moved, the path keeps what it holds now."""
+
+
+def _expect(st: os.stat_result, expect: Identity | None, src: Path) -> None:
+    if expect is not None and identity(st) != tuple(expect):
+        raise SourceChangedError(errno.ESTALE, "the file changed after it was read", os.fspath(src))
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _copy_marker(dest: Path) -> Path:
+    """The temporary name a cross-filesystem copy to ``dest`` is written under (hidden, beside ``dest``).
+    It stays linked to the published copy until the source is removed, so an interrupted move is
+    recognised and finished by the next attempt instead of copied a second time."""
+    return dest.with_name(f".bcc-move-{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]}.tmp")
+
+
+def _leftover_copy(dest: Path, src_st: os.stat_result | None) -> Path | None:
+    """What an interrupted cross-filesystem move to ``dest`` left. Returns the published copy (a name of
+    ``dest``'s linked to the marker) when that move got that far and the copy has the source's size and
+    mtime (the marker is then kept until the caller has removed the source); else the marker is removed."""
+    marker = _copy_marker(dest)
+    try:
+        mst = os.lstat(marker)
+    except FileNotFoundError:
+        return None
+    published = None
+    for candidate in _candidates(dest) if mst.st_nlink > 1 else ():
+        try:
+            if _same_inode(os.lstat(candidate), mst):
+                published = candidate
+                break
+        except FileNotFoundError:
+            break
+    same = src_st is None or (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
+    if published is None or not same:
+        os.unlink(marker)
+        return None
+    return published
+
+
+def finish_move(dest: str | os.PathLike[str]) -> Path | None:
+    """After the source is gone: tidy what an interrupted move across filesystems to ``dest`` left. Returns
+    where its copy was published (or None); the temporary name is removed either way."""
+    dest = Path(dest)
+    published = _leftover_copy(dest, None) if dest.parent.is_dir() else None
+    _copy_marker(dest).unlink(missing_ok=True)
+    return published
+
+
+def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity | None) -> Path:
+    """Copy ``src`` to ``marker`` (a new file: the source's bytes, mode and times, flushed), then give it the
+    name ``candidate`` without replacing anything (FileExistsError when taken). ``marker`` stays linked
+    to the copy (the caller removes it after the source); a failed copy is removed."""
+    nofollow, cloexec = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
+    in_fd = os.open(src, os.O_RDONLY | nofollow | cloexec)
+    published = False
+    try:
+        with os.fdopen(in_fd, "rb") as inp:
+            before = os.fstat(inp.fileno())
+            _expect(before, expect, src)
+            try:
+                out_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, 0o600)
+            except FileExistsError:  # not "the destination is taken": another move to it is under way
+                raise OSError(errno.EBUSY, "another move to this destination is under way", str(marker)) from None
+            with os.fdopen(out_fd, "wb") as out:
+                while chunk := inp.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
+                os.utime(out.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
+                os.fsync(out.fileno())
+            _expect(os.fstat(inp.fileno()), identity(before), src)  # not rewritten while copied
+        _publish(marker, candidate)  # no-clobber; FileExistsError when taken
+        published = True
+        _fsync_dir(candidate.parent)
+    finally:
+        if not published:
+            marker.unlink(missing_ok=True)
+    return marker
+
+
+def _remove_source(src: Path, where: Path, expect: Identity | None, *, shared_inode: bool) -> None:
+    """Remove ``src`` after its content reached ``where``. With ``expect``: a source path that now holds
+    another file is left alone (that file was never read: it stays for the next run); a source rewritten
+    in place after the hard link (one inode, ``shared_inode``) undoes the move (SourceChangedError)."""
+    if expect is not None:
+        st = os.lstat(src)
+        if (st.st_dev, st.st_ino) != tuple(expect)[:2]:
+            return
+        if identity(st) != tuple(expect):
+            if shared_inode:
+                os.unlink(where)
+                raise SourceChangedError(errno.ESTALE, "the file changed while it was moved", os.fspath(src))
+            return  # the copy holds what was read; the new content stays at the source
+    os.unlink(src)
+
+
+def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str], *,
+                    expect: Identity | None = None,
+                    before_unlink: Callable[[Path, Path], None] | None = None) -> Path:
+    """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
+
+    Never overwrites and never follows a link. Returns where the file is now. Raises
+    ``FileNotFoundError`` when ``src`` is gone and ``OSError`` when it cannot be moved (it then stays
+    where it was).
+
+    ``expect``: the :data:`Identity` the source had when the caller read it. A source that is no longer
+    that file raises :class:`SourceChangedError` and stays; checked right before the move, and on the hard
+    link itself (undone when it differs). ``before_unlink(src, where)`` runs once the file is at ``where``,
+    before the source is removed (a named point where tests interrupt a move).
+    """
+    src, dest = Path(src), Path(dest)
+    try:
+        src_st = os.lstat(src)
+    except FileNotFoundError:
+        if (published := finish_move(dest)) is None:
+            raise
+        return published
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    published = _leftover_copy(dest, src_st)
+    if published is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
+        _remove_source(src, published, expect, shared_inode=False)
+        _copy_marker(dest).unlink(missing_ok=True)
+        return published
+    _expect(src_st, expect, src)
+    for candidate in _candidates(dest):
+        try:
+            cst = os.lstat(candidate)
+        except FileNotFoundError:
+            cst = None
+        if cst is not None:
+            if _same_inode(cst, src_st):  # an earlier attempt linked it there and was interrupted
+                _remove_source(src, candidate, expect, shared_inode=True)
+                return candidate
+            continue
+        marker = None
+        try:
+            os.link(src, candidate, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                try:
+                    if stat.S_ISLNK(src_st.st_mode):
+                        os.symlink(os.readlink(src), candidate)  # readlink never touches the target
+                    else:
+                        marker = _copy_file_across(src, candidate, _copy_marker(dest), expect)
+                except FileExistsError:
+                    continue
+            elif exc.errno in _LINK_UNSUPPORTED:
+                # no hard links here (or not allowed for this file): a rename that refuses a taken name
+                try:
+                    rename_no_replace(src, candidate)
+                except FileExistsError:
+                    continue
+                if expect is not None and identity(os.lstat(candidate)) != tuple(expect):
+                    back = move_no_clobber(candidate, src)  # not what was read: put it back
+                    raise SourceChangedError(errno.ESTALE, "the file changed after it was read",
+                                             os.fspath(back)) from None
+                return candidate
+            else:
+                raise
+        else:
+            if expect is not None and identity(os.lstat(candidate)) != tuple(expect):
+                os.unlink(candidate)  # the name held another file by the time it was linked
+                raise SourceChangedError(errno.ESTALE, "the file changed after it was read", os.fspath(src))
+        if before_unlink is not None:
+            before_unlink(src, candidate)
+        try:
+            _remove_source(src, candidate, expect, shared_inode=marker is None)
+        except FileNotFoundError:
+            # Someone else moved the same file meanwhile (to another name): keep theirs, drop our
+            # extra link, and say the source is gone.
+            if marker is None and os.lstat(candidate).st_nlink > 1:
+                os.unlink(candidate)
+                raise
+        except SourceChangedError:
+            raise
+        except OSError:
+            os.unlink(candidate)  # leave things as they were: the file stays in the source folder
+            raise
+        finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+        return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def quarantine_file(src: Path, dest_root: Path, rel: Path, reason: str) -> Path:
+    """Move ``src`` (a file or a symlink itself, never its target) to ``dest_root/rel``.
+
+    A clashing name gets a numeric suffix (``name~1.png``). A ``<name>.reason.txt`` is written beside
+    it. Returns where the file went.
+    """
+    moved = move_no_clobber(src, Path(dest_root) / rel)
+    write_reason(moved, reason)
+    return moved

@@ -237,7 +237,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     the frozen holdout (intervals, calibration before/after, plots), register the candidate."""
     import numpy as np
 
-    from . import evaluation, model, model_card, stats
+    from . import evaluation, model, model_card, plots, stats
     from .dataset import load_manifest
 
     progress = progress or log.info
@@ -269,7 +269,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         results["holdout"][f"{name}_uncalibrated"] = before[name]
     intervals = stats.metric_intervals(hold_labels, hold_probs, threshold, seed=seed)
     history = json.loads((model_dir / "history.json").read_text())
-    plots = evaluation.plot_all(history=history, y_true=hold_labels, prob_malignant=hold_probs,
+    plot_paths = plots.plot_all(history=history, y_true=hold_labels, prob_malignant=hold_probs,
                                 threshold=threshold, out_dir=model_dir / "plots", uncalibrated=raw_hold)
     # atomically: the gate reads these back to compare candidate and champion on the same images
     atomic_write(model_dir / "holdout_predictions.json", json.dumps(
@@ -325,7 +325,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     model_card.write(settings, version)
     return {"version": version, "threshold": threshold, "temperature": temperature,
             "operating_point": operating_point, "calibration": calibration, "holdout": results["holdout"],
-            "intervals": shown, "validation": results["validation"], "plots": plots}
+            "intervals": shown, "validation": results["validation"], "plots": plot_paths}
 
 
 def _holdout_probs(model_dir: Path) -> dict[str, float]:

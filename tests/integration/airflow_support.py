@@ -294,7 +294,7 @@ def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int
     import numpy as np
     from sqlalchemy import update
 
-    from bcc_pipeline import evaluation, registry, stats
+    from bcc_pipeline import evaluation, plots, registry, stats
     from bcc_pipeline.store import ModelVersion, session_scope
 
     rng = np.random.default_rng(seed)
@@ -311,7 +311,7 @@ def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int
                 out = metrics
                 history = {"loss": [0.69, 0.52, 0.41, 0.35], "val_loss": [0.68, 0.55, 0.47, 0.44],
                            "accuracy": [0.55, 0.74, 0.82, 0.86], "val_accuracy": [0.56, 0.71, 0.79, 0.81]}
-                evaluation.plot_all(history=history, y_true=y, prob_malignant=p, threshold=threshold,
+                plots.plot_all(history=history, y_true=y, prob_malignant=p, threshold=threshold,
                                     out_dir=plots_dir)
         s.execute(update(ModelVersion).where(ModelVersion.version == version).values(plots_dir=str(plots_dir)))
     return out

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bcc_pipeline import evaluation as ev
+from bcc_pipeline import plots
 from bcc_pipeline.evaluation import (
     METRIC_NAMES,
     choose_threshold,
     compute_metrics,
+)
+from bcc_pipeline.plots import (
     plot_all,
     plot_confusion_matrix,
     plot_roc,
@@ -451,7 +453,7 @@ def test_failed_save_leaves_no_temp_file(tmp_path):
 
     target = tmp_path / "x.png"
     with pytest.raises(RuntimeError, match="render failed"):
-        ev._save_png(Boom(), target)
+        plots._save_png(Boom(), target)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -309,6 +309,10 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None,
         out = {"version": version, "decision": row.decision, "reason": row.reason,
                "champion": champion.version if champion else None}
     progress(f"gate: {version} {out['decision']}: {out['reason']}")
+    if out["decision"] == "promoted":  # prove each inference back-end on the new champion (never undoes this)
+        from .validation import validate_published
+
+        validate_published(settings, version, progress=progress)
     return out
 
 

@@ -27,7 +27,7 @@ def _aware(t: dt.datetime | None) -> dt.datetime | None:
 
 
 PREDICTION_FIELDS = ("sha256", "source_path", "model_version", "prob_malignant", "label", "threshold",
-                     "run_id", "scored_at", "model_status")
+                     "run_id", "scored_at", "model_status", "backend", "precision")
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -63,15 +63,15 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
     if latest:
         v = table("latest_predictions", *(column(c) for c in (
             "image_sha256", "source_path", "model_version", "prob_malignant", "label", "threshold", "run_id",
-            "scored_at", "model_status", "prediction_id")))
+            "scored_at", "model_status", "prediction_id", "backend", "precision")))
         c = v.c
         q = select(c.image_sha256.label("sha256"), c.source_path, c.model_version, c.prob_malignant, c.label,
-                   c.threshold, c.run_id, c.scored_at, c.model_status).order_by(
+                   c.threshold, c.run_id, c.scored_at, c.model_status, c.backend, c.precision).order_by(
             c.scored_at.desc(), c.prediction_id.desc())
     else:
         p, m = Prediction.__table__.c, ModelVersion.__table__.c
         q = (select(p.image_sha256.label("sha256"), p.source_path, p.model_version, p.prob_malignant, p.label,
-                    p.threshold, p.run_id, p.scored_at, m.status.label("model_status"))
+                    p.threshold, p.run_id, p.scored_at, m.status.label("model_status"), p.backend, p.precision)
              .join_from(Prediction.__table__, ModelVersion.__table__, p.model_version == m.version)
              .order_by(p.scored_at.desc(), p.id.desc()))
         c = p

@@ -163,7 +163,9 @@ def test_backends_are_declared_here_and_reexported_by_inference():
     from bcc_pipeline import inference
 
     assert inference.BACKENDS is config.BACKENDS and inference.DEFAULT_BACKEND == config.DEFAULT_BACKEND
-    assert DEFAULTS["inference"] == config.DEFAULT_BACKEND and SETTINGS["inference"].choices == config.BACKENDS
+    assert DEFAULTS["inference"] == config.DEFAULT_INFERENCE == "auto"
+    assert SETTINGS["inference"].choices == ("auto", *config.BACKENDS)
+    assert config.DEFAULT_BACKEND == config.REFERENCE_BACKEND == "keras"
 
 
 def test_importing_config_imports_nothing_heavy():

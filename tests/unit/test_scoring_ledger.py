@@ -30,7 +30,7 @@ def test_migration_0002_up_down_up(db_url):
     eng.dispose()
     insp = inspect(store.get_engine(db_url))
     assert "inbox_files" not in insp.get_table_names() and "latest_predictions" not in insp.get_view_names()
-    assert store.upgrade(db_url) == "0002"
+    assert store.upgrade(db_url, "0002") == "0002"
 
 
 def _item(rel: str, sha: str, kind: str = "ok", reason: str | None = None) -> Item:

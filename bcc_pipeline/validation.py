@@ -179,7 +179,7 @@ def load_for(settings: Settings, mv: dict[str, Any], backend: str) -> Any:
 
 def validate_backends(settings: Settings, version: str, backends: Sequence[str] | None = None, *,
                       reference_only: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Compare ``backends`` (default: all) with fp32 Keras on ``version``'s images and record the results.
+    """Compare ``backends`` (default: all; fp32 Keras itself always) with fp32 Keras on ``version``'s images and record the results.
 
     ``reference_only``: only the fixed reference set (what a worker of a new CPU class runs, in seconds).
     Returns ``{version, cpu, packages, images: {role: n}, results: [row], skipped: {backend: why}}``; each
@@ -188,7 +188,8 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
     import numpy as np
 
     progress = progress or log.info
-    wanted = list(BACKENDS if backends is None else dict.fromkeys(backends))
+    # the reference is always measured too: its speed is what "the fastest validated back-end" beats
+    wanted = list(BACKENDS if backends is None else dict.fromkeys([REFERENCE_BACKEND, *backends]))
     unknown = [b for b in wanted if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown inference back-end {unknown[0]!r}; choose one of {', '.join(BACKENDS)}")

@@ -150,7 +150,9 @@ def _probabilities(predictor: Any, x: Any, batch: int, version: str) -> tuple[An
 
     from .scoring.predictor import probability
 
-    probability(predictor(x[:batch]), version)  # warm-up (tracing, first-call allocations), not timed
+    for warm in {batch: x[:batch], len(x) % batch: x[len(x) - len(x) % batch :]}.values():
+        if len(warm):  # warm-up, not timed: tracing and compiling for each batch shape, first allocations
+            probability(predictor(warm), version)
     t0 = time.perf_counter()
     p = np.concatenate([probability(predictor(x[i : i + batch]), version) for i in range(0, len(x), batch)])
     seconds = time.perf_counter() - t0

@@ -246,3 +246,66 @@ def test_a_tampered_compiled_cache_is_never_used(make_settings, sqlite_url, regi
 def validation_files(url: str) -> dict:
     with session_scope(url) as ses:
         return dict(ses.scalars(select(CompiledModel)).one().files)
+
+
+def test_cli_validate_backends_models_and_predictions_show_the_backend(make_settings, sqlite_url, register_champion,
+                                                                       png_writer, monkeypatch, capsys):
+    from bcc_pipeline.cli import main
+    from bcc_pipeline.validation import champion_validations
+
+    s = scoring_settings(make_settings, sqlite_url)
+    version = register_champion(s)
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["validate-backends", version, "--backend", "openvino", "--backend", "keras-bf16"]) == 0
+    out = capsys.readouterr().out
+    assert f"{version} on {cpu_info()['cpu_class']}" in out and f"{REFERENCE_TILES} images" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert set(lines) == {"keras", "openvino", "keras-bf16"}
+    assert "flips m→b   0 b→m   0" in lines["openvino"] and "max|Δp|" in lines["keras-bf16"]
+    ok = {r["backend"] for r in validation_rows(sqlite_url, version) if r["validated"]} - {"keras"}
+    assert main(["models", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["backends_validated_here"] == (",".join(sorted(ok, key=["keras-bf16", "openvino"].index)) or "-")
+    rows, table = champion_validations(s)
+    assert {r["backend"] for r in rows} == {"keras", "openvino", "keras-bf16"} and "openvino" in table
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    assert main(["score", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert main(["predictions", "--format", "json"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 2 and {(p["backend"], p["precision"]) for p in preds} <= {
+        (r["inference"], r["precision"]), ("keras", "f32")}
+    assert main(["predictions", "--format", "csv", "--latest"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(",backend,precision")
+
+
+def test_int8_is_calibrated_on_development_images_and_validated_like_the_others(make_settings, sqlite_url,
+                                                                                register_champion, png_writer,
+                                                                                tmp_path):
+    pytest.importorskip("nncf", reason="the int8 extra is not installed")
+    from bcc_pipeline.dataset import write_manifest
+    from bcc_pipeline.files import sha256_file
+    from bcc_pipeline.validation import development_images
+
+    s = scoring_settings(make_settings, sqlite_url, backend_max_delta=1.0)
+    version = register_champion(s)
+    roles = ["train"] * 6 + ["validation"] * 3 + ["holdout"] * 4
+    files = [png_writer(tmp_path / "img" / f"{k}.png", size=40, seed=100 + k) for k in range(len(roles))]
+    entries = sorted(({"sha256": sha256_file(f), "label": "benign" if k % 2 else "malignant", "group_id": f"g{k}",
+                       "path": str(f), "split": role} for k, (f, role) in enumerate(zip(files, roles, strict=True))),
+                     key=lambda e: e["sha256"])
+    manifest = write_manifest(entries, tmp_path / "manifests", seed=0, val_fraction=0.3)
+    (s.models_dir / version / "metadata.json").write_text(json.dumps({"manifest_path": str(manifest.path)}))
+    mv = _mv(s, version)
+    assert development_images(s, mv).shape == (9, SIZE, SIZE, 3)  # train + validation, never the holdout
+    r = validate_backends(s, version, ["openvino-int8"])
+    # calibration is not in this manifest: the validation images stand in; the holdout is its own role
+    assert r["images"] == {"validation": 3, "holdout": 4, "reference": REFERENCE_TILES}
+    row = {x["backend"]: x for x in r["results"]}["openvino-int8"]
+    assert row["precision"] == "int8" and row["error"] is None and row["max_delta"] is not None
+    assert row["validated"] == (row["flips_malignant_to_benign"] + row["flips_benign_to_malignant"] == 0)
+    assert (s.models_dir / version / "compiled").is_dir()
+    with session_scope(sqlite_url) as ses:
+        assert ses.scalars(select(CompiledModel.format)).all() == ["openvino-int8"]

@@ -159,8 +159,8 @@ class Settings:
                              "validated for the champion on this CPU class, else fp32 `keras` (see Benchmarks).",
                              choices=INFERENCE_CHOICES)
     backend_max_delta: float = setting("BCC_BACKEND_MAX_DELTA", 0.01, "A back-end is validated for a model "
-                                       "version when it flips no label and its max |Δp| against fp32 Keras is "
-                                       "at most this.", minimum=0, maximum=1)
+                                       "version when it flips no label and its largest probability change "
+                                       "against fp32 Keras is at most this.", minimum=0, maximum=1)
     guard_band: float = setting("BCC_GUARD_BAND", 0.02, "Predictions this close to the threshold are re-scored "
                                 "with fp32 Keras before their label is stored (0: never).", minimum=0, maximum=1)
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"

@@ -44,7 +44,7 @@ from .errors import BCCError, ConfigError, DatasetError, StoreError
 from .store import ModelVersion, session_scope
 
 __all__ = ["REFERENCE_SEED", "REFERENCE_TILES", "champion_validations", "compare", "development_images",
-           "format_validations", "load_for", "reference_images", "resolve_backend", "shard_backend",
+           "format_validations", "load_for", "passes", "reference_images", "resolve_backend", "shard_backend",
            "validate_backends", "validate_published", "validated_summary", "validations_here"]
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,12 @@ def compare(ref: Any, p: Any, threshold: float) -> dict[str, Any]:
             "p99_delta": float(np.percentile(delta, 99)) if delta.size else 0.0}
 
 
+def passes(c: dict[str, Any], max_delta: float) -> bool:
+    """The validation rule on a :func:`compare` result: no label flipped and max |Δp| at most ``max_delta``."""
+    return (c["flips_malignant_to_benign"] == 0 and c["flips_benign_to_malignant"] == 0
+            and c["max_delta"] is not None and c["max_delta"] <= max_delta)
+
+
 def _probabilities(predictor: Any, x: Any, batch: int, version: str) -> tuple[Any, float]:
     """P(malignant) of every image in ``x`` and the images/s (after a warm-up batch)."""
     import numpy as np
@@ -180,10 +186,12 @@ def load_for(settings: Settings, mv: dict[str, Any], backend: str) -> Any:
 
 
 def validate_backends(settings: Settings, version: str, backends: Sequence[str] | None = None, *,
-                      reference_only: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+                      reference_only: bool = False, record: bool = True,
+                      progress: Progress | None = None) -> dict[str, Any]:
     """Compare ``backends`` (default: all; fp32 Keras itself always) with fp32 Keras on ``version``'s images and record the results.
 
-    ``reference_only``: only the fixed reference set (what a worker of a new CPU class runs, in seconds).
+    ``reference_only``: only the fixed reference set (what a worker of a new CPU class runs, in seconds);
+    ``record=False``: measure without writing ``backend_validations`` (the benchmark).
     Returns ``{version, cpu, packages, images: {role: n}, results: [row], skipped: {backend: why}}``; each
     row as stored in ``backend_validations`` (``validated`` says whether it passed the rule).
     """
@@ -229,10 +237,9 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
                 continue
             except (BCCError, RuntimeError, ValueError, MemoryError) as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            row["validated"] = (row["error"] is None and row["flips_malignant_to_benign"] == 0
-                                and row["flips_benign_to_malignant"] == 0
-                                and row["max_delta"] <= settings.backend_max_delta)
-        record_validation(settings.database_url, row)
+            row["validated"] = row["error"] is None and passes(row, settings.backend_max_delta)
+        if record:
+            record_validation(settings.database_url, row)
         results.append(row)
         progress("  " + _line(row))
     return {"version": version, "cpu": cpu, "packages": sw["packages"], "images": images, "results": results,

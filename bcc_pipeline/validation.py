@@ -150,7 +150,7 @@ def passes(c: dict[str, Any], max_delta: float) -> bool:
             and c["max_delta"] is not None and c["max_delta"] <= max_delta)
 
 
-def _probabilities(predictor: Any, x: Any, batch: int, version: str) -> tuple[Any, float]:
+def _probabilities(predictor: Any, x: Any, batch: int, mv: dict[str, Any]) -> tuple[Any, float]:
     """P(malignant) of every image in ``x`` and the images/s (after a warm-up batch)."""
     import numpy as np
 
@@ -158,9 +158,9 @@ def _probabilities(predictor: Any, x: Any, batch: int, version: str) -> tuple[An
 
     for warm in {batch: x[:batch], len(x) % batch: x[len(x) - len(x) % batch :]}.values():
         if len(warm):  # warm-up, not timed: tracing and compiling for each batch shape, first allocations
-            probability(predictor(warm), version)
+            probability(predictor(warm), mv)
     t0 = time.perf_counter()
-    p = np.concatenate([probability(predictor(x[i : i + batch]), version) for i in range(0, len(x), batch)])
+    p = np.concatenate([probability(predictor(x[i : i + batch]), mv) for i in range(0, len(x), batch)])
     seconds = time.perf_counter() - t0
     return p, round(len(x) / seconds, 2) if seconds > 0 else 0.0
 
@@ -212,7 +212,7 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
     progress(f"validating back-ends of {version} on {len(x)} images ({images}) against fp32 Keras, CPU class "
              f"{cpu['cpu_class']} ({cpu['model']})")
     ref_pred = load_for(settings, mv, REFERENCE_BACKEND)
-    ref, ref_speed = _probabilities(ref_pred, x, batch, version)
+    ref, ref_speed = _probabilities(ref_pred, x, batch, mv)
     del ref_pred
     base = {"model_version": version, "cpu_class": cpu["cpu_class"], "software": sw["software"],
             "n_images": int(len(x)), "images": images, "max_delta_allowed": settings.backend_max_delta,
@@ -228,7 +228,7 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
         else:
             try:
                 pred = load_for(settings, mv, backend)
-                p, speed = _probabilities(pred, x, batch, version)
+                p, speed = _probabilities(pred, x, batch, mv)
                 row.update(compare(ref, p, thr), precision=pred.precision, images_per_second=speed)
                 del pred
             except ConfigError as exc:  # not installed here, or no development images: not available

@@ -9,6 +9,7 @@ reference, loaded only when first needed) before its label is stored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from ..config import REFERENCE_BACKEND, Settings
@@ -20,11 +21,13 @@ __all__ = ["PinnedModel", "probability"]
 log = logging.getLogger(__name__)
 
 
-def probability(out: Any, version: str) -> Any:
-    """P(malignant) as float64 (N,) in [0, 1] from a model's raw output ``(N, 2)`` softmax or ``(N, 1)``:
-    the one place a model output becomes the probability that is stored and compared with the threshold."""
+def probability(out: Any, mv: Mapping[str, Any]) -> Any:
+    """P(malignant) as float64 (N,) in [0, 1] from model version ``mv``'s raw output ``(N, 2)`` softmax or
+    ``(N, 1)``: the one place a model output becomes the probability that is stored and compared with the
+    threshold (scoring, the guard band's fp32 re-scoring and back-end validation all call it)."""
     import numpy as np
 
+    version = mv["version"]
     if out.ndim == 2 and out.shape[1] == 2:
         p = out[:, 1]
     elif out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
@@ -82,7 +85,7 @@ class PinnedModel:
         import numpy as np
 
         version = self.mv["version"]
-        p = probability(self._ready()(x), version)
+        p = probability(self._ready()(x), self.mv)
         if p.shape[0] != x.shape[0]:
             raise ArtifactError(f"model {version} returned {p.shape[0]} probabilities for {x.shape[0]} images")
         near = np.abs(p - float(self.mv["threshold"])) <= self.guard_band
@@ -91,7 +94,7 @@ class PinnedModel:
         if near.any():  # too close to the threshold to trust reduced precision: the reference decides
             if self._ref is None:
                 self._ref = self._load(REFERENCE_BACKEND)
-            p[near] = probability(self._ref(x[near]), version)
+            p[near] = probability(self._ref(x[near]), self.mv)
             self.rescored_fp32 += int(near.sum())
         self.rescored = near
         return p

@@ -33,7 +33,7 @@ SIZE = TINY_IMAGE_SIZE
 
 def _probs(artifact, backend: str, x) -> np.ndarray:
     path, sha = artifact
-    return probability(load_predictor(path, sha, image_size=SIZE, backend=backend)(x), "t")
+    return probability(load_predictor(path, sha, image_size=SIZE, backend=backend)(x), {"version": "t"})
 
 
 def _mv(settings, version: str) -> dict:
@@ -235,7 +235,7 @@ def test_a_tampered_compiled_cache_is_never_used(make_settings, sqlite_url, regi
     (cache / "source.json").write_text(json.dumps(meta))
     again = load_for(s, mv, "openvino")
     assert again.converted  # rebuilt, not used
-    assert np.abs(probability(again(x), version) - ref).max() < 1e-5
+    assert np.abs(probability(again(x), mv) - ref).max() < 1e-5
     assert {n: sha256_file(cache / n) for n in recorded} == validation_files(sqlite_url)
     # a cache with no record in the database is not trusted either
     with session_scope(sqlite_url) as ses:

@@ -146,7 +146,7 @@ def test_every_bound_is_enforced_with_the_variable_named(name):
 @pytest.mark.parametrize("env,message", [
     ({"BCC_LEARNING_RATE": "0"}, "BCC_LEARNING_RATE=0.0: must be greater than 0"),
     ({"BCC_SETTLE_SECONDS": "-1"}, "BCC_SETTLE_SECONDS=-1.0: must be at least 0"),
-    ({"BCC_INFERENCE": "gpu"}, "BCC_INFERENCE='gpu': must be one of keras, xla, keras-bf16, openvino"),
+    ({"BCC_INFERENCE": "gpu"}, "BCC_INFERENCE='gpu': must be one of auto, keras, xla, keras-bf16, openvino"),
 ])
 def test_error_messages_name_the_variable(env, message):
     with pytest.raises(ConfigError) as err:

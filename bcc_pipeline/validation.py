@@ -188,7 +188,7 @@ def load_for(settings: Settings, mv: dict[str, Any], backend: str) -> Any:
 def validate_backends(settings: Settings, version: str, backends: Sequence[str] | None = None, *,
                       reference_only: bool = False, record: bool = True,
                       progress: Progress | None = None) -> dict[str, Any]:
-    """Compare ``backends`` (default: all; fp32 Keras itself always) with fp32 Keras on ``version``'s images and record the results.
+    """Compare ``backends`` (default: all) with fp32 Keras on ``version``'s images; record the results.
 
     ``reference_only``: only the fixed reference set (what a worker of a new CPU class runs, in seconds);
     ``record=False``: measure without writing ``backend_validations`` (the benchmark).
@@ -261,10 +261,14 @@ def validate_published(settings: Settings, version: str, progress: Progress | No
 
 # -- reading and choosing ----------------------------------------------------------------------
 def validations_here(settings: Settings, version: str) -> list[dict[str, Any]]:
-    """The validations of ``version`` recorded for this machine's CPU class and software."""
+    """The validations of ``version`` recorded for this machine's CPU class and software, ``validated``
+    judged by the rule with today's ``BCC_BACKEND_MAX_DELTA`` (a tightened limit applies at once)."""
     cpu, sw = cpu_info()["cpu_class"], software_info()["software"]
-    return [r for r in validation_rows(settings.database_url, version)
+    rows = [r for r in validation_rows(settings.database_url, version)
             if r["cpu_class"] == cpu and r["software"] == sw]
+    for r in rows:
+        r["validated"] = r["error"] is None and passes(r, settings.backend_max_delta)
+    return rows
 
 
 def _fastest(rows: list[dict[str, Any]]) -> str:

@@ -30,11 +30,13 @@ temporary folder) every time, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -137,10 +139,10 @@ def _expected(folder: Path, sha: str, fmt: str, ledger: CacheLedger | None) -> d
     return ledger.expected(sha, fmt) if ledger is not None else _source_json(folder, sha)
 
 
-def _read_verified(folder: Path, names: tuple[str, ...], expected: dict[str, str] | None) -> dict[str, bytes] | None:
-    """The bytes of ``names`` in ``folder`` when each matches its ``expected`` sha256, else None (logged).
-
-    The bytes checked are the bytes loaded: nothing is read from the folder again after the check."""
+def _read_verified(folder: Path, names: tuple[str, ...], expected: dict[str, str] | None, *,
+                   quiet: bool = False) -> dict[str, bytes] | None:
+    """The bytes of ``names`` in ``folder`` when each matches its ``expected`` sha256, else None (logged
+    unless ``quiet``). The bytes checked are the bytes loaded: nothing is read again after the check."""
     if not expected:
         return None
     blobs = {}
@@ -148,11 +150,13 @@ def _read_verified(folder: Path, names: tuple[str, ...], expected: dict[str, str
         try:
             data = (folder / name).read_bytes()
         except OSError as exc:
-            log.warning("converted model file %s cannot be read (%s)", folder / name, exc)
+            if not quiet:
+                log.warning("converted model file %s cannot be read (%s)", folder / name, exc)
             return None
         if hashlib.sha256(data).hexdigest() != expected.get(name):
-            log.warning("converted model file %s is damaged: its sha256 differs from the one recorded when "
-                        "it was published", folder / name)
+            if not quiet:
+                log.warning("converted model file %s is damaged: its sha256 differs from the one recorded "
+                            "when it was published", folder / name)
             return None
         blobs[name] = data
     return blobs
@@ -230,7 +234,8 @@ def _converted(artifact_path: Path, sha: str, fmt: str, names: tuple[str, ...], 
     net = model_lib.load_artifact(artifact_path, sha)
     _check_input(tuple(net.input_shape[1:]), image_size, version)
     where = _publish(folder, sha, names, lambda d: write(net, d),
-                     trusted=lambda: _read_verified(folder, names, _expected(folder, sha, fmt, ledger)) is not None,
+                     trusted=lambda: _read_verified(folder, names, _expected(folder, sha, fmt, ledger),
+                                                    quiet=True) is not None,
                      on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None)
     if where is not None:
         net = None  # free the Keras model before the caller compiles the converted one
@@ -312,7 +317,8 @@ def _quantize(ov_model: Any, calibration: Calibration) -> Any:
         raise ConfigError(f"openvino-int8 needs calibration images, got an array of shape {x.shape}")
     logging.getLogger("nncf").setLevel(logging.WARNING)
     data = nncf.Dataset([x[i : i + 1] for i in range(x.shape[0])])
-    return nncf.quantize(ov_model, data, subset_size=int(x.shape[0]), preset=nncf.QuantizationPreset.MIXED)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for results (--json)
+        return nncf.quantize(ov_model, data, subset_size=int(x.shape[0]), preset=nncf.QuantizationPreset.MIXED)
 
 
 def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str,

@@ -283,7 +283,7 @@ def test_cli_validate_backends_models_and_predictions_show_the_backend(make_sett
 
 def test_int8_is_calibrated_on_development_images_and_validated_like_the_others(make_settings, sqlite_url,
                                                                                 register_champion, png_writer,
-                                                                                tmp_path):
+                                                                                tmp_path, monkeypatch, capsys):
     pytest.importorskip("nncf", reason="the int8 extra is not installed")
     from bcc_pipeline.dataset import write_manifest
     from bcc_pipeline.files import sha256_file
@@ -300,7 +300,14 @@ def test_int8_is_calibrated_on_development_images_and_validated_like_the_others(
     (s.models_dir / version / "metadata.json").write_text(json.dumps({"manifest_path": str(manifest.path)}))
     mv = _mv(s, version)
     assert development_images(s, mv).shape == (9, SIZE, SIZE, 3)  # train + validation, never the holdout
-    r = validate_backends(s, version, ["openvino-int8"])
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("BCC_BACKEND_MAX_DELTA", "1.0")
+    capsys.readouterr()
+    from bcc_pipeline.cli import main
+
+    assert main(["validate-backends", version, "--backend", "openvino-int8", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)  # NNCF's progress bars stay off stdout
     # calibration is not in this manifest: the validation images stand in; the holdout is its own role
     assert r["images"] == {"validation": 3, "holdout": 4, "reference": REFERENCE_TILES}
     row = {x["backend"]: x for x in r["results"]}["openvino-int8"]

@@ -674,7 +674,8 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{opts.get('max_delta', MAX_DELTA):g} on these images (random-base model)."]
     tr = result["sections"].get("trained")
     if tr and "backends" in tr:
-        lines += ["", f"Validation on the trained model {tr['version']} ({tr['images']}, threshold "
+        counts = ", ".join(f"{v} {k}" for k, v in tr["images"].items())
+        lines += ["", f"Validation on the trained model {tr['version']} ({counts} images, threshold "
                       f"{tr['threshold']:.4f}), against fp32 Keras:", "",
                   "| back-end | precision | images/s | speedup | flips m→b | flips b→m | max abs Δprob | validated |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]

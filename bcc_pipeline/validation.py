@@ -52,6 +52,7 @@ Progress = Callable[[str], None]
 REFERENCE_SEED = 20261128
 REFERENCE_TILES = 48
 REFERENCE_TILE_PX = 224  # rendered at the demo tiles' size, then preprocessed like any scored file
+SPEED_SAMPLES = 4  # timed batches at least, per back-end
 DEVELOPMENT_IMAGES = 300  # at most this many images calibrate an INT8 conversion (NNCF's default subset)
 
 
@@ -151,7 +152,9 @@ def passes(c: dict[str, Any], max_delta: float) -> bool:
 
 
 def _probabilities(predictor: Any, x: Any, batch: int, mv: dict[str, Any]) -> tuple[Any, float]:
-    """P(malignant) of every image in ``x`` and the images/s (after a warm-up batch)."""
+    """P(malignant) of every image in ``x``, and images/s: the best full batch's rate over at least
+    :data:`SPEED_SAMPLES` timed batches (other work on the machine only ever slows a batch down, so the best
+    one is the back-end's own speed; every back-end is measured alike)."""
     import numpy as np
 
     from .scoring.predictor import probability
@@ -159,10 +162,18 @@ def _probabilities(predictor: Any, x: Any, batch: int, mv: dict[str, Any]) -> tu
     for warm in {batch: x[:batch], len(x) % batch: x[len(x) - len(x) % batch :]}.values():
         if len(warm):  # warm-up, not timed: tracing and compiling for each batch shape, first allocations
             probability(predictor(warm), mv)
-    t0 = time.perf_counter()
-    p = np.concatenate([probability(predictor(x[i : i + batch]), mv) for i in range(0, len(x), batch)])
-    seconds = time.perf_counter() - t0
-    return p, round(len(x) / seconds, 2) if seconds > 0 else 0.0
+    starts = list(range(0, len(x), batch))
+    out, rates = [], []
+    for attempt in range(max(1, -(-SPEED_SAMPLES // len(starts)))):
+        for i in starts:
+            t0 = time.perf_counter()
+            p = probability(predictor(x[i : i + batch]), mv)
+            seconds = time.perf_counter() - t0
+            if attempt == 0:
+                out.append(p)
+            if seconds > 0 and (len(p) == batch or len(x) < batch):
+                rates.append(len(p) / seconds)
+    return np.concatenate(out), round(max(rates), 2) if rates else 0.0
 
 
 def _version(settings: Settings, version: str) -> dict[str, Any]:
@@ -361,8 +372,9 @@ def format_validations(rows: Sequence[dict[str, Any]]) -> str:
     for key in dict.fromkeys((r["model_version"], r["cpu_class"], r["software"]) for r in rows):
         group = [r for r in rows if (r["model_version"], r["cpu_class"], r["software"]) == key]
         g = group[0]
+        roles = ", ".join(f"{n} {role}" for role, n in g["images"].items())
         lines.append(f"{key[0]} on {key[1]} ({g['cpu'].get('model', '?')}; {key[2]}), {g['n_images']} images "
-                     f"{g['images']}, threshold {g['threshold']:.4f}, max |Δp| allowed {g['max_delta_allowed']:g}:")
+                     f"({roles}), threshold {g['threshold']:.4f}, max |Δp| allowed {g['max_delta_allowed']:g}:")
         lines += ["  " + _line(r) for r in group]
     return "\n".join(lines)
 

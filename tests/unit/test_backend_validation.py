@@ -260,7 +260,7 @@ def test_cli_validate_backends_models_and_predictions_show_the_backend(make_sett
     monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
     assert main(["validate-backends", version, "--backend", "openvino", "--backend", "keras-bf16"]) == 0
     out = capsys.readouterr().out
-    assert f"{version} on {cpu_info()['cpu_class']}" in out and f"{REFERENCE_TILES} images" in out
+    assert f"{version} on {cpu_info()['cpu_class']}" in out and f"{REFERENCE_TILES} images ({REFERENCE_TILES} reference)" in out
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
     assert set(lines) == {"keras", "openvino", "keras-bf16"}
     assert "flips m→b   0 b→m   0" in lines["openvino"] and "max|Δp|" in lines["keras-bf16"]

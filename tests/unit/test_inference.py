@@ -152,3 +152,12 @@ def test_unknown_backend_is_a_config_error(artifact, tmp_path):
     path, sha = _copy(artifact, tmp_path)
     with pytest.raises(ConfigError, match="unknown inference back-end 'tpu'"):
         load_predictor(path, sha, image_size=SIZE, backend="tpu")
+
+
+def test_xla_pads_a_smaller_batch_and_returns_only_its_rows(artifact, tmp_path):
+    path, sha = _copy(artifact, tmp_path)
+    _p, _s, x, ref = artifact
+    pred = load_predictor(path, sha, image_size=SIZE, backend="xla")
+    assert np.abs(pred(x) - ref).max() <= 1e-5
+    small = pred(x[:3])  # padded to the 16 already compiled for, cut back to 3
+    assert small.shape == (3, 2) and np.abs(small - ref[:3]).max() <= 1e-5

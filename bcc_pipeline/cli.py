@@ -14,9 +14,9 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from .cli_data import add_data_commands
 from .config import (
     BACKENDS,
     DEFAULTS,
@@ -28,6 +28,7 @@ from .config import (
     markdown_table,
 )
 from .errors import BCCError
+from .files import apply_umask
 from .store import safe_url
 
 __all__ = ["main"]
@@ -53,7 +54,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "batch_size": getattr(args, "batch_size", None),
         "seed": getattr(args, "seed", None),
     }
-    return load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    settings = load_settings(profile=getattr(args, "profile", None), overrides=overrides)
+    apply_umask(settings.umask)  # the permission policy, for everything this command creates
+    return settings
 
 
 def _progress(msg: str) -> None:
@@ -98,22 +101,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .demo_data import generate
-
-    s = _settings(args)
-    out = Path(args.out) if args.out else s.landing_dir
-    t0 = time.monotonic()
-    result = generate(out, benign=args.benign, malignant=args.malignant, size=args.size, seed=s.seed,
-                      groups=args.groups)
-    payload = {k: v for k, v in result.items() if k != "files"}
-    payload["n_files"] = len(result.get("files", []))
-    payload["seconds"] = round(time.monotonic() - t0, 1)
-    _emit(args, payload, f"wrote {payload['n_files']} synthetic H&E-like tiles "
-                         f"({result['benign']} benign, {result['malignant']} malignant) to {out}")
-    return 0
-
-
 def cmd_intake(args: argparse.Namespace) -> int:
     from .pipelines import intake_step
 
@@ -124,26 +111,35 @@ def cmd_intake(args: argparse.Namespace) -> int:
         print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
               f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written")
+        if r["recovered"]:
+            print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
+        for f in r["failed"]:
+            print(f"  left in landing {f['path']}: {f['error']}")
 
     _emit(args, r, human)
     return 0
 
 
 def _print_train_summary(r: dict[str, Any], s: Settings) -> None:
+    from .model_card import holdout_lines
+
     ev, gate = r["evaluation"], r["gate"]
-    v = ev["validation"]
+    v, op = ev["holdout"], ev["operating_point"]
     print(f"model version   {r['version']}  ({gate['decision']}; champion now {gate['champion']})")
-    print(f"gate            {gate['reason']}")
-    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {s.target_sensitivity})")
-    print(f"validation      accuracy {v['accuracy']:.4f}  sensitivity {v['sensitivity']:.4f}  "
-          f"specificity {v['specificity']:.4f}")
-    print(f"                precision {v['precision']:.4f}  F1 {v['f1']:.4f}  ROC AUC {v['roc_auc']:.4f}  "
-          f"log loss {v['log_loss']:.4f}  ECE {v['ece']:.4f}")
+    print(f"gate            {gate['rule']}")
+    print(f"                {gate['reason']}")
+    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {op['target']} on {op['n']} calibration "
+          f"images, midway between {op['between']})")
+    print(f"calibration     temperature {ev['temperature']:.3f}")
+    print("holdout         " + "\n                ".join(holdout_lines(ev["intervals"], ev["calibration"])))
     print(f"confusion       TP {v['tp']:.0f}  FP {v['fp']:.0f}  TN {v['tn']:.0f}  FN {v['fn']:.0f}  "
-          f"(n={v['n']:.0f}; {r['split']['n_train']} train images)")
+          f"(holdout n={v['n']:.0f}; {r['split']['n_train']} train images)")
+    for warning in r["split"].get("warnings", []):
+        print(f"warning         {warning}")
     print("plots           " + "\n                ".join(ev["plots"].values()))
+    print(f"model card      {s.models_dir / r['version'] / 'model_card.md'}")
     print(f"took            {r['seconds']:.0f}s")
 
 
@@ -160,25 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _version_rows(s: Settings) -> list[dict[str, Any]]:
-    from .registry import list_versions, metrics_of
-    from .store import require_schema, session_scope
+    from .overview import model_versions
     from .validation import validated_summary
 
-    require_schema(s.database_url)
-    with session_scope(s.database_url) as session:
-        rows = []
-        for mv in list_versions(session):
-            m = metrics_of(session, mv.version, "validation")
-            rows.append({
-                "version": mv.version, "status": mv.status, "created_at": mv.created_at.isoformat(),
-                "profile": mv.profile, "image_size": mv.image_size, "base_weights": mv.base_weights,
-                "threshold": mv.threshold, "n_train": mv.n_train, "n_val": mv.n_val,
-                "manifest_hash": mv.manifest_hash, "artifact_path": mv.artifact_path,
-                "artifact_sha256": mv.artifact_sha256, "plots_dir": mv.plots_dir,
-                "code_version": mv.code_version, "validation": m,
-                "backends_validated_here": validated_summary(s, mv.version),
-            })
-    return rows
+    return [{**{k: v for k, v in row.items() if k not in ("metrics", "plots")},
+             "backends_validated_here": validated_summary(s, row["version"])} for row in model_versions(s)]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -189,19 +171,38 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not rows:
             print("no model versions yet; run `bcc train`")
             return
-        print(f"{'version':26s} {'status':10s} {'profile':7s} {'px':>4s} {'acc':>6s} {'sens':>6s} {'spec':>6s} "
-              f"{'auc':>6s} {'thr':>6s}  {'created':19s}  validated back-ends (this CPU class)")
+        print("holdout metrics with 95% intervals (exact for proportions, bootstrap for AUC); T = temperature")
+        print(f"{'version':26s} {'status':10s} {'px':>4s} {'sensitivity':>24s} {'specificity':>24s} "
+              f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  {'holdout':12s}  validated back-ends (this CPU class)")
         for r in rows:
-            m = r["validation"]
+            iv = r["intervals"]
 
-            def f(k: str, m: dict = m) -> str:
-                return "   n/a" if m.get(k) is None else f"{m[k]:6.3f}"
+            def f(k: str, iv: dict = iv) -> str:
+                d = iv.get(k)
+                if not d or d.get("value") is None:
+                    return "n/a"
+                lo, hi = (("n/a" if d.get(b) is None else f"{d[b]:.2f}") for b in ("lower", "upper"))
+                count = f" {d['k']}/{d['n']}" if d.get("k") is not None else ""
+                return f"{d['value']:.2f} [{lo}, {hi}]{count}"
 
-            print(f"{r['version']:26s} {r['status']:10s} {r['profile']:7s} {r['image_size']:4d} {f('accuracy')} "
-                  f"{f('sensitivity')} {f('specificity')} {f('roc_auc')} {r['threshold']:6.3f}  {r['created_at'][:19]}  "
+            temp = "n/a" if r["temperature"] is None else f"{r['temperature']:6.3f}"
+            hold = (r["manifest_hashes"] or {}).get("holdout") or "n/a"
+            print(f"{r['version']:26s} {r['status']:10s} {r['image_size']:4d} {f('sensitivity'):>24s} "
+                  f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]:12s}  "
                   f"{r['backends_validated_here']}")
 
     _emit(args, rows, human)
+    return 0
+
+
+def cmd_model_card(args: argparse.Namespace) -> int:
+    from .model_card import render
+    from .store import require_schema
+
+    s = _settings(args)
+    require_schema(s.database_url)
+    card = render(s, args.version)
+    _emit(args, {"version": args.version, "markdown": card}, lambda: sys.stdout.write(card))
     return 0
 
 
@@ -243,27 +244,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Champion with its metrics and plots, the last scoring run, the newest predictions."""
-    from sqlalchemy import select
-
+    from .model_card import holdout_lines
+    from .overview import champion_summary, scoring_runs
     from .predictions import query_predictions
-    from .registry import get_champion, metrics_of
-    from .store import ScoringRun, require_schema, session_scope
 
     s = _settings(args)
-    require_schema(s.database_url)
-    with session_scope(s.database_url) as session:
-        champ = get_champion(session)
-        champion = None if champ is None else {
-            "version": champ.version, "created_at": champ.created_at.isoformat(), "profile": champ.profile,
-            "image_size": champ.image_size, "threshold": champ.threshold, "n_train": champ.n_train,
-            "n_val": champ.n_val, "validation": metrics_of(session, champ.version, "validation"),
-            "plots": sorted(str(p) for p in Path(champ.plots_dir).glob("*.png")) if champ.plots_dir else [],
-        }
-        last = session.scalars(select(ScoringRun).order_by(ScoringRun.started_at.desc())).first()
-        run = None if last is None else {
-            "run_id": last.run_id, "model_version": last.model_version, "status": last.status,
-            "started_at": last.started_at.isoformat(),
-            "finished_at": last.finished_at.isoformat() if last.finished_at else None, "counts": last.counts}
+    champion = champion_summary(s)
+    runs = scoring_runs(s, limit=1)
+    run = runs[0] if runs else None
     rows = list(query_predictions(s, limit=args.rows, latest=True))
     payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
 
@@ -271,16 +259,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if champion is None:
             print("champion        none yet (run bcc_retrain or `bcc train`)")
         else:
-            v = champion["validation"]
-
-            def f(k: str) -> str:
-                return "n/a" if v.get(k) is None else f"{v[k]:.4f}"
-
+            temp = "uncalibrated" if champion["temperature"] is None else f"temperature {champion['temperature']:.3f}"
             print(f"champion        {champion['version']}  ({champion['profile']} profile, "
-                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, "
+                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, {temp}, "
                   f"{champion['n_train']} train / {champion['n_val']} validation images)")
-            print(f"validation      accuracy {f('accuracy')}  sensitivity {f('sensitivity')}  "
-                  f"specificity {f('specificity')}  ROC AUC {f('roc_auc')}  F1 {f('f1')}")
+            lines = holdout_lines(champion["intervals"]) or ["no holdout metrics recorded"]
+            print("holdout         " + "\n                ".join(lines))
             print("plots           " + ("\n                ".join(champion["plots"]) or "none"))
         if run is None:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
@@ -319,7 +303,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
-    from .demo_data import generate
+    from .demo_data import generate, patients_for
     from .pipelines import retrain
     from .store import upgrade
 
@@ -330,8 +314,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     upgrade(s.database_url)
     has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
     if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
-        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant)")
-        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed)
+        _progress("generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)")
+        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed, groups=patients_for(127))
     r = retrain(s, actor="bcc demo", progress=_progress)
     r["wall_seconds"] = round(time.monotonic() - t0, 1)
     _emit(args, r, lambda: _print_train_summary(r, s))
@@ -447,13 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("config", cmd_config, "show the effective settings and where each came from", profile=True)
     sp.add_argument("--markdown", action="store_true", help="print the README's table of all settings")
 
-    sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant)")
-    sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
-    sp.add_argument("--benign", type=int, default=112, help="number of benign tiles (112)")
-    sp.add_argument("--malignant", type=int, default=127, help="number of malignant tiles (127)")
-    sp.add_argument("--size", type=int, default=224, help="tile size in pixels (224)")
-    sp.add_argument("--groups", type=int, default=0, help="spread tiles over N patient folders per label")
-    sp.add_argument("--seed", type=int, help=f"random seed (default: BCC_SEED or {DEFAULTS['seed']})")
+    add_data_commands(sub, add)
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
 
@@ -461,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip-intake", action="store_true", help="train on what is already in the store")
     sp.add_argument("--actor", help="who asked (recorded in the promotion log)")
 
-    add("models", cmd_models, "list model versions with their validation metrics")
+    add("models", cmd_models, "list model versions with their holdout metrics, intervals and calibration")
+
+    sp = add("model-card", cmd_model_card, "print the model card of a version (markdown)")
+    sp.add_argument("version")
 
     sp = add("promote", cmd_promote, "make a model version the champion by hand")
     sp.add_argument("version")

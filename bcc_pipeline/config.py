@@ -51,7 +51,7 @@ INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 #: What each profile changes in the recipe settings; ``seed`` is the declared defaults themselves.
 _PROFILE_CHANGES: dict[str, dict[str, Any]] = {
     "seed": {},
-    "demo": {"image_size": 96, "epochs": 5, "base_weights": "none"},
+    "demo": {"image_size": 64, "epochs": 6, "base_weights": "none"},
 }
 
 
@@ -70,6 +70,7 @@ class Setting:
     shown: str = ""  # the default as the README shows it, when the value itself says too little
     recipe: bool = False  # set by every profile
     recorded: bool = False  # recorded with every model version (Settings.training_params)
+    octal: bool = False  # an int written in octal (a umask): parsed, validated and shown in base 8
     name: str = ""
     type: type = object
 
@@ -79,6 +80,8 @@ class Setting:
         if self.choices:
             return f"one of {', '.join(self.choices)}"
         lo, hi = self.minimum, self.maximum
+        if self.octal and lo is not None and hi is not None:
+            return f"octal, from {int(lo):03o} to {int(hi):03o}"
         if lo is not None and hi is not None:
             return f"{'strictly ' if self.exclusive else ''}between {lo:g} and {hi:g}"
         if lo is not None:
@@ -134,6 +137,14 @@ class Settings:
     seed: int = setting("BCC_SEED", 42, "Seed for the split, weight init and augmentation.", recorded=True)
     val_fraction: float = setting("BCC_VAL_FRACTION", 0.2, "Validation share of the group-aware stratified "
                                   "split.", minimum=0, maximum=1, exclusive=True, recorded=True)
+    calibration_fraction: float = setting("BCC_CALIBRATION_FRACTION", 0.2, "Share of the development data "
+                                          "(everything but the holdout) set aside, by patient group and "
+                                          "stratified, for the threshold and the probability calibration; "
+                                          "the validation share applies to the rest.", minimum=0,
+                                          maximum=0.5)
+    holdout_fraction: float = setting("BCC_HOLDOUT_FRACTION", 0.2, "Share of the labelled store frozen as the "
+                                      "holdout (by patient group, stratified) when the first split finds none; "
+                                      "0: no automatic holdout.", minimum=0, maximum=0.5)
     bn_recalibration: str = setting("BCC_BN_RECALIBRATION", "auto", "Re-estimate BatchNorm statistics after "
                                     "training (`auto`: from-scratch runs only).",
                                     choices=("auto", "on", "off"), recorded=True)
@@ -145,12 +156,21 @@ class Settings:
                                        minimum=0, maximum=1)
     gate_min_sensitivity: float = setting("BCC_GATE_MIN_SENSITIVITY", 0.90, "Quality gate: absolute "
                                           "sensitivity floor.", minimum=0, maximum=1)
-    gate_tolerance: float = setting("BCC_GATE_TOLERANCE", 0.02, "Quality gate: how much worse than the "
-                                    "champion a candidate may be.", minimum=0)
+    gate_margin: float = setting("BCC_GATE_MARGIN", 0.05, "Quality gate: non-inferiority margin; promote only "
+                                 "when the lower 95% bound of candidate - champion on the holdout (sensitivity, "
+                                 "ROC AUC) is above -margin.", minimum=0, maximum=1, exclusive=True)
+    require_approval: bool = setting("BCC_REQUIRE_APPROVAL", False, "A passing candidate waits for a person's "
+                                     "approval (Airflow approval task or `registry.record_approval`) before it "
+                                     "becomes champion. Recommended in production.")
     # images
     max_pixels: int = setting("BCC_MAX_PIXELS", 50_000_000, "Refuse images with more pixels than this "
                               "(decompression-bomb guard).", minimum=1)
     min_side: int = setting("BCC_MIN_SIDE", 32, "Refuse images whose shorter side is below this.", minimum=1)
+    # files
+    umask: int = setting("BCC_UMASK", 0o027, "Permission bits taken away from every file and folder BCC creates "
+                         "(the database, models, the dataset store, the converted-model cache): by default they "
+                         "are group-readable and not world-readable.", minimum=0, maximum=0o077, octal=True,
+                         why="the owner always keeps read and write")
     # scoring
     score_batch_size: int = setting("BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1)
     settle_seconds: float = setting("BCC_SETTLE_SECONDS", 2.0, "Inbox files modified more recently than this "
@@ -207,14 +227,26 @@ class Settings:
     def from_scratch(self) -> bool:
         return self.base_weights == "none"
 
+    def __repr__(self) -> str:  # the database URL's credentials never reach a log or a traceback
+        from .store import safe_url
+
+        shown = {n: safe_url(v) if n == "database_url" else v for n, v in
+                 ((n, getattr(self, n)) for n in SETTINGS)}
+        return f"Settings({', '.join(f'{n}={v!r}' for n, v in shown.items())})"
+
     def as_dict(self) -> dict[str, Any]:
-        """Every setting by name; paths as strings."""
-        values = {name: getattr(self, name) for name in SETTINGS}
-        return {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
+        """Every setting by name; paths as strings, octal settings as octal text (``"027"``)."""
+        return {name: _shown_value(spec, getattr(self, name)) for name, spec in SETTINGS.items()}
 
     def training_params(self) -> dict[str, Any]:
         """The hyperparameters recorded with every model version."""
         return {name: getattr(self, name) for name, spec in SETTINGS.items() if spec.recorded}
+
+
+def _shown_value(spec: Setting, value: Any) -> Any:
+    if spec.octal:
+        return f"{value:03o}"
+    return str(value) if isinstance(value, Path) else value
 
 
 def _declared() -> dict[str, Setting]:
@@ -242,7 +274,18 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         return Path(os.path.expanduser(str(raw))).resolve()
     if isinstance(raw, typ) and not (typ is int and isinstance(raw, bool)):
         return raw
+    if typ is bool:
+        word = str(raw).strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        where = f"environment variable {SETTINGS[name].env}" if origin == "env" else f"setting {name!r}"
+        raise ConfigError(f"{where} must be a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
     try:
+        if typ is int and SETTINGS[name].octal:
+            text = str(raw).strip().lower()
+            return int(text.removeprefix("0o") or "x", 8)
         if typ is int:
             return int(str(raw).replace("_", ""))
         if typ is float:
@@ -250,7 +293,8 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         return typ(raw)
     except (TypeError, ValueError) as exc:
         where = f"environment variable {SETTINGS[name].env}" if origin == "env" else f"setting {name!r}"
-        raise ConfigError(f"{where} must be {typ.__name__}, got {raw!r}") from exc
+        kind = "an octal number such as 027" if SETTINGS[name].octal else typ.__name__
+        raise ConfigError(f"{where} must be {kind}, got {raw!r}") from exc
 
 
 def _check(s: Settings) -> None:
@@ -258,7 +302,7 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         why = spec.problem(value)
         if why:
-            raise ConfigError(f"{spec.env}={value!r}: {why}")
+            raise ConfigError(f"{spec.env}={_shown_value(spec, value)!r}: {why}")
 
 
 def load_settings(
@@ -310,7 +354,9 @@ README_BEGIN, README_END = "<!-- config:begin -->", "<!-- config:end -->"
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if not isinstance(value, int | float):
         return str(value)
     return f"{value:_}" if isinstance(value, int) else f"{value:g}"
 
@@ -319,7 +365,7 @@ def markdown_table() -> str:
     """The README's configuration table, one row per declared setting."""
     rows = ["| variable | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for name, spec in SETTINGS.items():
-        default = f"`{spec.shown or _shown(spec.default)}`"
+        default = f"`{spec.shown or (f'{spec.default:03o}' if spec.octal else _shown(spec.default))}`"
         for profile, values in PROFILES.items():
             if name in values and values[name] != spec.default:
                 default += f" ({profile}: `{_shown(values[name])}`)"

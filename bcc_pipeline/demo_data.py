@@ -45,9 +45,13 @@ from .model import CLASS_NAMES
 
 __all__ = [
     "DEFAULT_SEPARATION",
+    "HOLDOUT_SEED_OFFSET",
     "LABELS",
+    "MIN_PATIENTS",
+    "TILES_PER_PATIENT",
     "bayes_accuracy",
     "generate",
+    "patients_for",
     "render_tile",
 ]
 
@@ -73,6 +77,14 @@ _E_VEC = np.array([0.2159, 0.8012, 0.5581], dtype=np.float32)
 _FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg"}
 _MAX_SIZE = 4096
 _PATIENT_SHARE = 0.5  # share of the latent-score variance common to one patient's images
+#: Tiles per synthetic patient that ``bcc demo-data`` aims at: several, so that a split by image would
+#: put tiles of one patient on both sides and only the group path keeps them together.
+TILES_PER_PATIENT = 5
+#: Fewest patients per label ``bcc demo-data`` spreads a label over (holdout, calibration, validation and
+#: training each take whole patients: 10 leaves each role one or more).
+MIN_PATIENTS = 10
+#: Added to the seed for a holdout set, so that its tiles and patients are new draws.
+HOLDOUT_SEED_OFFSET = 100_003
 
 
 def bayes_accuracy(separation: float = DEFAULT_SEPARATION) -> float:
@@ -332,13 +344,13 @@ def _write_unique(folder: Path, stem: str, ext: str, data: bytes) -> Path:
     raise FileExistsError(f"no free file name for {stem}{ext} in {folder}")  # pragma: no cover
 
 
-def _patients(counts: dict[str, int], groups: int) -> dict[str, list[int]]:
+def _patients(counts: dict[str, int], groups: int, first: int = 1) -> dict[str, list[int]]:
     """Patient ids per label: ``groups`` per label (fewer if a label has fewer images).
 
-    Ids are numbered across labels (benign first), so a patient id never holds two labels.
+    Ids are numbered across labels (benign first) from ``first``, so a patient id never holds two labels.
     """
     out: dict[str, list[int]] = {}
-    next_id = 1
+    next_id = first
     for lab in LABELS:
         k = min(groups, counts[lab])
         out[lab] = list(range(next_id, next_id + k))
@@ -356,16 +368,19 @@ def generate(
     separation: float = DEFAULT_SEPARATION,
     groups: int = 0,
     fmt: str = "png",
+    first_patient: int = 1,
 ) -> dict[str, Any]:
     """Write a SYNTHETIC two-class H&E-like demo data set and return what was written.
 
     Layout: ``out_dir/benign/benign_0001_<6 hex>.png`` and ``out_dir/malignant/...``; with
     ``groups > 0`` the images of each label are spread over ``groups`` patient folders
     ``out_dir/<label>/patient_XX/`` (fewer if the label has fewer images; each patient has one label,
-    numbered across labels). The hex part is a content hash. Files are written atomically
+    numbered across labels from ``first_patient``: give a second set of patients, such as a holdout,
+    ids after the first set's). The hex part is a content hash. Files are written atomically
     and an existing different file is never overwritten.
 
-    Returns ``{"out_dir", "benign", "malignant", "files", "seed"}``.
+    Returns ``{"out_dir", "benign", "malignant", "files", "seed", "patients"}`` (``patients``: how many
+    patient ids were used).
     """
     n = {"benign": _count("benign", benign), "malignant": _count("malignant", malignant)}
     size = _check_size(size)
@@ -380,12 +395,13 @@ def generate(
     if not isinstance(fmt, str) or fmt.lower() not in _FORMATS:
         raise ValueError(f"fmt must be one of {sorted(_FORMATS)}, got {fmt!r}")
     ext = _FORMATS[fmt.lower()]
-    patients = _patients(n, groups) if groups > 0 else None
+    first_patient = _count("first_patient", first_patient)
+    patients = _patients(n, groups, max(1, first_patient)) if groups > 0 else None
 
     root = Path(out_dir)
     files: list[str] = []
     width = max(4, len(str(max(n.values(), default=0))))
-    pwidth = max(2, len(str(2 * groups)))
+    pwidth = max(2, len(str(max(1, first_patient) + 2 * groups)))
     for label_idx, label in enumerate(LABELS):
         count = n[label]
         mean = separation * label_idx
@@ -424,4 +440,12 @@ def generate(
         "malignant": n["malignant"],
         "files": files,
         "seed": seed,
+        "patients": sum(len(p) for p in patients.values()) if patients else 0,
     }
+
+
+def patients_for(count: int) -> int:
+    """Patient folders per label for ``count`` tiles of a label: about :data:`TILES_PER_PATIENT` each, but
+    at least :data:`MIN_PATIENTS` (fewer only when there are fewer tiles), so that each data role can
+    get whole patients of each label even from a small set."""
+    return max(1, min(count, MIN_PATIENTS), math.ceil(count / TILES_PER_PATIENT))

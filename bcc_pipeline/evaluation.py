@@ -9,7 +9,7 @@ Everything here works on two parallel 1-D sequences:
 
 A sample is *predicted* malignant when ``prob_malignant >= threshold``.
 
-:func:`choose_threshold` picks the operating threshold on the validation split,
+:func:`choose_threshold` picks the operating threshold on the calibration split,
 :func:`compute_metrics` returns a flat ``dict[str, float]`` (keys :data:`METRIC_NAMES`, in that
 order) suitable for storing next to a model version, and the ``plot_*`` functions write PNG
 reports. Plots use :class:`matplotlib.figure.Figure` directly (never ``pyplot``), so they need no
@@ -48,8 +48,10 @@ __all__ = [
     "compute_metrics",
     "plot_all",
     "plot_confusion_matrix",
+    "plot_reliability",
     "plot_roc",
     "plot_training_curves",
+    "threshold_choice",
 ]
 
 #: The keys of :func:`compute_metrics`'s result, in the order they are returned.
@@ -128,36 +130,50 @@ def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[int, int
     return tp, fp, tn, fn
 
 
-def choose_threshold(
+def threshold_choice(
     y_true: ArrayLike, prob_malignant: ArrayLike, *, target_sensitivity: float = 0.95
-) -> float:
-    """Return the highest threshold whose sensitivity on this data is at least the target.
+) -> dict[str, Any]:
+    """The operating threshold and why: the highest threshold whose sensitivity on this data is at
+    least the target, placed midway between two adjacent observed probabilities, never on one.
 
-    Sensitivity at threshold ``t`` is the fraction of malignant samples with
-    ``prob_malignant >= t``; it can only fall as ``t`` rises, so the highest qualifying
-    threshold is also the one with the best specificity among those meeting the target.
-    Candidates are the observed probabilities (0.5 plays no special role), so the result is
-    always the probability of one of the malignant samples: the ``ceil(target * n_malignant)``-th
-    largest one. Ties are handled naturally (every sample at the threshold counts as positive).
+    Sensitivity can only fall as the threshold rises, so the highest qualifying threshold is also the
+    one with the best specificity among those meeting the target. Let ``hi`` be the
+    ``ceil(target * n_malignant)``-th largest malignant probability (the highest observed value that
+    reaches the target) and ``lo`` the next lower distinct probability observed in the data (0.0
+    when none is lower): the threshold is ``(lo + hi) / 2``. Every case at or above ``hi`` is called
+    malignant and every case at or below ``lo`` benign, exactly as at ``hi``, but no observed
+    probability lies on the threshold, so a numerical difference of one ulp flips no label. (The one
+    exception: when ``hi`` is 0.0 the threshold is 0.0, where every case is malignant anyway.)
 
-    If the data contain no malignant sample, sensitivity is undefined and
-    :data:`DEFAULT_THRESHOLD` (0.5) is returned.
-
+    Returns ``{"threshold", "between": [lo, hi], "target", "sensitivity", "n_malignant", "n"}``
+    (``sensitivity``: reached on this data). Without malignant samples sensitivity is undefined:
+    :data:`DEFAULT_THRESHOLD` (0.5) with ``between`` None.
     Raises ``ValueError`` for invalid input or ``target_sensitivity`` outside ``(0, 1]``.
     """
     target = _check_unit(target_sensitivity, "target_sensitivity", low_open=True)
     y, p = _validate(y_true, prob_malignant)
     n_pos = int(np.count_nonzero(y == 1))
+    info: dict[str, Any] = {"target": target, "n_malignant": n_pos, "n": int(y.shape[0])}
     if n_pos == 0:
-        return DEFAULT_THRESHOLD
+        return {**info, "threshold": DEFAULT_THRESHOLD, "between": None, "sensitivity": math.nan}
     candidates = np.unique(p)  # ascending
     pos_sorted = np.sort(p[y == 1])
     # positives with prob >= candidate
     tp = n_pos - np.searchsorted(pos_sorted, candidates, side="left")
     sensitivity = tp / n_pos
-    ok = sensitivity >= target  # same float arithmetic as tp / (tp + fn) elsewhere
+    ok = np.flatnonzero(sensitivity >= target)  # same float arithmetic as tp / (tp + fn) elsewhere
     # The smallest observed probability always gives sensitivity 1.0, so ``ok`` is never empty.
-    return float(candidates[ok].max())
+    j = int(ok.max())
+    hi = float(candidates[j])
+    lo = float(candidates[j - 1]) if j > 0 else 0.0
+    return {**info, "threshold": (lo + hi) / 2.0, "between": [lo, hi], "sensitivity": float(sensitivity[j])}
+
+
+def choose_threshold(
+    y_true: ArrayLike, prob_malignant: ArrayLike, *, target_sensitivity: float = 0.95
+) -> float:
+    """The threshold of :func:`threshold_choice`: midway between two adjacent observed probabilities."""
+    return float(threshold_choice(y_true, prob_malignant, target_sensitivity=target_sensitivity)["threshold"])
 
 
 def _ece(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
@@ -401,6 +417,36 @@ def plot_roc(
     return _save_png(fig, target)
 
 
+def plot_reliability(
+    y_true: ArrayLike, prob_malignant: ArrayLike, path: PathLike, *,
+    uncalibrated: ArrayLike | None = None, n_bins: int = 10, title: str = "Reliability diagram"
+) -> Path:
+    """Reliability diagram (:func:`sklearn.calibration.calibration_curve`, uniform bins): observed
+    malignant rate against mean predicted probability, calibrated and (if given) uncalibrated, with
+    the ECE of each in the legend. Returns ``Path(path)``."""
+    from sklearn.calibration import calibration_curve
+
+    target = _png_path(path)
+    y, p = _validate(y_true, prob_malignant)
+    fig = _new_figure()
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfectly calibrated")
+    series = [("calibrated", p, "-o")]
+    if uncalibrated is not None:
+        series.insert(0, ("uncalibrated", _validate(y, uncalibrated)[1], ":s"))
+    for name, probs, style in series:
+        rate, mean = calibration_curve(y, probs, n_bins=n_bins, strategy="uniform")
+        ax.plot(mean, rate, style, markersize=4, label=f"{name} (ECE {_ece(y, probs, n_bins):.3f})")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("Mean predicted probability of malignant")
+    ax.set_ylabel("Observed malignant rate")
+    ax.set_title(f"{title} (n = {y.shape[0]}, {n_bins} bins)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    return _save_png(fig, target)
+
+
 def plot_all(
     *,
     history: Mapping[str, Sequence[float]] | None,
@@ -408,11 +454,13 @@ def plot_all(
     prob_malignant: ArrayLike,
     threshold: float,
     out_dir: PathLike,
+    uncalibrated: ArrayLike | None = None,
 ) -> dict[str, str]:
-    """Write ``training_curves.png``, ``confusion_matrix.png`` and ``roc.png`` into ``out_dir``.
+    """Write ``training_curves.png``, ``confusion_matrix.png``, ``roc.png`` and ``reliability.png``
+    into ``out_dir``; ``uncalibrated`` adds the probabilities before calibration to the reliability diagram.
 
     ``out_dir`` is created if needed. Returns ``{"training_curves": path, "confusion_matrix":
-    path, "roc": path}`` with string paths. ``history=None`` skips the training curves (and
+    path, "roc": path, "reliability": path}`` with string paths. ``history=None`` skips the training curves (and
     its key). Errors from the individual plot functions propagate.
     """
     # validate everything first so that bad input leaves no partial set of plots behind
@@ -427,4 +475,5 @@ def plot_all(
         written["training_curves"] = str(plot_training_curves(history, folder / "training_curves.png"))
     written["confusion_matrix"] = str(plot_confusion_matrix(y, p, threshold, folder / "confusion_matrix.png"))
     written["roc"] = str(plot_roc(y, p, folder / "roc.png", threshold=threshold))
+    written["reliability"] = str(plot_reliability(y, p, folder / "reliability.png", uncalibrated=uncalibrated))
     return written

@@ -31,6 +31,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -40,10 +41,15 @@ __all__ = [
     "NAME_MAX",
     "REASON_SUFFIX",
     "SYSTEM_NAMES",
+    "apply_umask",
     "atomic_write",
+    "created_mode",
+    "current_umask",
     "display_path",
     "fit_name",
     "move_no_clobber",
+    "one_line",
+    "path_from_display",
     "quarantine_file",
     "reason_path",
     "rename_no_replace",
@@ -82,13 +88,74 @@ SYSTEM_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"
 hidden files and leave them where they are."""
 
 
-def display_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as valid UTF-8 text for databases, JSON and logs.
+# What display_path escapes: the backslash itself, bytes that are not UTF-8 (lone surrogates after
+# surrogateescape), C0/C1 control characters and the Unicode line/paragraph separators.
+_NEEDS_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPE = re.compile(r"\\(?:(\\)|([nrt])|x([0-9a-fA-F]{2}))")
 
-    File names on Linux are bytes; bytes that are not UTF-8 arrive in Python as lone surrogates, which
-    neither PostgreSQL nor SQLite accept. They are shown as ``\\xNN`` escapes instead.
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    # a byte that was not UTF-8 (surrogateescape); any other lone surrogate (text that is no file name)
+    # shows its surrogatepass bytes
+    raw = bytes([ord(ch) - 0xDC00]) if "\udc80" <= ch <= "\udcff" else ch.encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{b:02x}" for b in raw)
+
+
+def display_path(path: str | bytes | os.PathLike[str]) -> str:
+    """``path`` (or any text) as one line of valid UTF-8 for databases, JSON and logs; reversible by
+    :func:`path_from_display`, so two different names never display the same.
+
+    File names on Linux are bytes. A valid UTF-8 name without backslashes or control characters is shown
+    unchanged. Otherwise the backslash is shown as ``\\\\``, newline, carriage return and tab as ``\\n``,
+    ``\\r``, ``\\t``, and every byte that is not UTF-8 as ``\\xNN``, as are the bytes of any other
+    control character (C0, DEL, C1) and of the line and paragraph separators U+2028/U+2029.
     """
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+    text = os.fsdecode(os.fspath(path))  # bytes that are not UTF-8 become lone surrogates here
+    if not _NEEDS_ESCAPE.search(text):
+        return text
+    return _NEEDS_ESCAPE.sub(_escape, text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` (a reason, an error) for one log line or a database field: control characters, line
+    separators and bytes that are not UTF-8 are escaped as :func:`display_path` does; backslashes are
+    kept, so paths inside it stay as they were shown. For messages only; paths use :func:`display_path`."""
+    return _CONTROL.sub(_escape, str(text))
+
+
+def path_from_display(text: str) -> str:
+    """The exact path that :func:`display_path` showed as ``text`` (bytes that are not UTF-8 come back as
+    Python's surrogate escapes; ``os.fsencode`` gives the original bytes). ``ValueError`` when ``text``
+    is not a display form (a lone backslash, an unknown escape)."""
+    out = bytearray()
+    pos = 0
+    for m in _UNESCAPE.finditer(text):
+        out += _literal(text[pos:m.start()])
+        if m.group(1):
+            out += b"\\"
+        elif m.group(2):
+            out += {"n": b"\n", "r": b"\r", "t": b"\t"}[m.group(2)]
+        else:
+            out.append(int(m.group(3), 16))
+        pos = m.end()
+    out += _literal(text[pos:])
+    return os.fsdecode(bytes(out))
+
+
+def _literal(part: str) -> bytes:
+    if "\\" in part:
+        raise ValueError(f"not a displayed path: a backslash that starts no escape in {part!r}")
+    try:
+        return part.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not a displayed path: {exc}") from exc
 
 
 def fit_name(stem: str, tail: str = "") -> str:
@@ -124,6 +191,38 @@ def reason_path(path: Path) -> Path:
     return path.with_name(fit_name(path.name, REASON_SUFFIX))
 
 
+def apply_umask(umask: int) -> int:
+    """Make ``umask`` (``Settings.umask``, ``BCC_UMASK``) this process's umask; returns the previous one.
+
+    The permission policy: everything BCC creates (the SQLite database and its WAL files, model artifacts,
+    the dataset store, the converted-model cache, quarantine and archive folders) gets the mode a plain
+    ``open``/``mkdir`` gets under this umask, so with the default ``027`` files are ``0640`` and folders
+    ``0750``: readable by the group (scoring and training may run as different users of one group), not by
+    others (the database holds patient folder names). The entry points apply it once: the CLI and the DAG
+    tasks (through their settings)."""
+    return os.umask(umask)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def created_mode(directory: bool = False) -> int:
+    """The mode a new file (or folder) gets under the current umask; for files made by ``mkstemp`` or
+    ``mkdtemp`` (always ``0600``/``0700``), which are given it before they are published."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Path], object], *,
                  exclusive: bool = False, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
@@ -145,11 +244,13 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Pat
         if callable(data):
             os.close(fd)
             data(Path(tmp))
+            os.chmod(tmp, created_mode())  # mkstemp's 0600 (or the writer's own) becomes the umask's mode
             if fsync:
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
         else:
             raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
+            os.fchmod(fd, created_mode())  # mkstemp's 0600 becomes the mode the umask gives
             with os.fdopen(fd, "wb") as fh:
                 fh.write(raw)
                 if fsync:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from . import __version__, registry
 from .config import Settings
@@ -30,6 +30,7 @@ __all__ = [
     "code_version",
     "count_new_images",
     "evaluate_step",
+    "finish_approval",
     "gate_step",
     "intake_step",
     "retrain",
@@ -60,17 +61,27 @@ def intake_step(settings: Settings, *, run_id: str | None = None, progress: Prog
 
 
 def count_new_images(settings: Settings) -> dict[str, Any]:
-    """Usable labelled images that arrived after the champion's training data cut-off."""
+    """Usable labelled development images (not in the frozen holdout) that arrived after the champion's
+    training data cut-off: extending the holdout is not new training data."""
+    from .dataset import current_holdout
+
     require_schema(settings.database_url)
+    holdout = current_holdout(settings)
+    held = {e["sha256"] for e in holdout.split("holdout")} if holdout is not None else set()
     with session_scope(settings.database_url) as s:
         champ = registry.get_champion(s)
-        q = select(func.count()).select_from(ImageRecord).where(
+        q = select(ImageRecord.sha256, ImageRecord.first_seen_at).where(
             ImageRecord.label.is_not(None), ImageRecord.excluded_reason.is_(None))
-        total = s.scalar(q) or 0
-        if champ is not None and champ.data_cutoff is not None:
-            q = q.where(ImageRecord.first_seen_at > champ.data_cutoff)
-        new = s.scalar(q) or 0
-    return {"new_images": int(new), "total_images": int(total),
+        rows = [r for r in s.execute(q) if r.sha256 not in held]
+        cutoff = champ.data_cutoff if champ is not None else None
+        if cutoff is not None and cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=dt.UTC)  # SQLite gives naive UTC back
+
+        def after(t: dt.datetime) -> bool:
+            return cutoff is None or (t if t.tzinfo else t.replace(tzinfo=dt.UTC)) > cutoff
+
+        new = sum(1 for r in rows if after(r.first_seen_at))
+    return {"new_images": int(new), "total_images": len(rows),
             "champion": champ.version if champ else None}
 
 
@@ -92,33 +103,78 @@ def should_retrain(settings: Settings, min_new: int, force: bool = False) -> tup
 
 
 def split_step(settings: Settings) -> dict[str, Any]:
-    from .dataset import prepare_split
+    """Make the development manifest (train/validation/calibration) beside the frozen holdout, freezing
+    one first when there is none. Returns paths, hashes and counts of all four roles, whether patient
+    groups were used, the warnings a reader of the results must see, and the near-duplicates kept out."""
+    from .holdout import split_roles
+    from .manifests import ROLES
 
-    require_schema(settings.database_url)
-    m = prepare_split(settings)
-    counts = json.loads(m.path.read_text())["counts"]
-    return {"manifest_path": str(m.path), "manifest_hash": m.hash, "n_train": m.n_train, "n_val": m.n_val,
-            "counts": counts}
+    require_schema(settings.database_url, tables=("holdout_events",))
+    r = split_roles(settings)
+    m, h = r.development, r.holdout
+    counts = {role: dict(v) for role, v in m.doc["counts"].items()}
+    counts.setdefault("calibration", {})
+    counts["holdout"] = dict(h.doc["counts"]["holdout"]) if h else {}
+    role_hashes = {role: m.role_hash(role) for role in ROLES if role != "holdout"}
+    role_hashes["holdout"] = h.role_hash("holdout") if h else None
+    log.info("split: %d train / %d validation / %d calibration images (development %s); holdout %d images "
+             "(frozen %s)%s", m.n_train, m.n_val, m.n("calibration"), m.hash[:12], h.n("holdout") if h else 0,
+             h.hash[:12] if h else "none", "" if r.grouped else "; no patient groups")
+    for w in r.warnings:
+        log.warning("split: %s", w)
+    return {"manifest_path": str(m.path), "manifest_hash": m.hash,
+            "holdout_path": str(h.path) if h else None, "holdout_hash": h.hash if h else None,
+            "n_train": m.n_train, "n_val": m.n_val, "n_calibration": m.n("calibration"),
+            "n_holdout": h.n("holdout") if h else 0, "counts": counts, "role_hashes": role_hashes,
+            "grouped": r.grouped, "warnings": list(r.warnings), "near_duplicates": r.near_duplicates,
+            "holdout_frozen_now": r.holdout_frozen_now}
+
+
+# -- the development manifest and the frozen holdout: the one place that knows how they are found ----------
+def _holdout_for(settings: Settings, meta: dict[str, Any]) -> Any:
+    """The holdout a version is measured on: the one recorded when it was trained, else the current one."""
+    from . import dataset
+
+    path = meta.get("holdout_path")
+    holdout = dataset.load_manifest(path) if path else dataset.current_holdout(settings)
+    if holdout is None or not holdout.split("holdout"):
+        raise DatasetError("there is no frozen holdout to measure this version on; freeze one first "
+                           "(`bcc holdout freeze`)")
+    return holdout
+
+
+def _role_arrays(manifest: Any, role: str) -> tuple[list[str], list[int]]:
+    from . import dataset
+
+    paths, labels = dataset.manifest_arrays(manifest, role)
+    if not paths:
+        raise DatasetError(f"the manifest {manifest.path} has no {role} images")
+    return paths, labels
 
 
 def train_step(settings: Settings, manifest_path: str, *, version: str | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """Train a candidate on the manifest's training side; write ``models/<version>/``.
+               progress: Progress | None = None, holdout_path: str | None = None) -> dict[str, Any]:
+    """Train a candidate on the manifest's training side (validation picks the epoch); write
+    ``models/<version>/`` with the lineage and the holdout it will be measured on.
 
     Nothing is registered yet: :func:`evaluate_step` registers the candidate with its threshold.
     """
-    from . import dataset, model, training
+    from . import dataset, lineage, model, training
     from .images import PREPROCESSING_ID
 
     progress = progress or log.info
     version = version or registry.new_version_id()
     manifest = dataset.load_manifest(manifest_path)
+    holdout = dataset.load_manifest(holdout_path) if holdout_path else dataset.current_holdout(settings)
     train_paths, train_labels = dataset.manifest_arrays(manifest, "train")
     val_paths, val_labels = dataset.manifest_arrays(manifest, "validation")
     out = settings.models_dir / version
     progress(f"training {version}: {len(train_paths)} train / {len(val_paths)} validation images, "
              f"{settings.image_size}px, {settings.epochs} epochs, base weights {settings.base_weights}")
 
+    resolved = model.resolve_base_weights(settings.base_weights)
+    weights_file = (str(model.keras_cache_dir() / model.IMAGENET_WEIGHTS_FILE) if resolved == "imagenet"
+                    else resolved)
     net = model.build_classifier(image_size=settings.image_size, base_weights=settings.base_weights,
                                  seed=settings.seed)
     common = {"image_size": settings.image_size, "batch_size": settings.batch_size,
@@ -130,14 +186,19 @@ def train_step(settings: Settings, manifest_path: str, *, version: str | None = 
     steps = -(-len(train_paths) // settings.batch_size)
     result = training.fit(net, train_ds, val_ds, epochs=settings.epochs, learning_rate=settings.learning_rate,
                           workdir=out, recalibration_ds=recal_ds, steps_per_epoch=steps, progress=progress)
+    hashes = {role: manifest.role_hash(role) for role in ("train", "validation", "calibration")}
+    hashes["holdout"] = holdout.role_hash("holdout") if holdout is not None else None
     meta = {
         "version": version, "architecture": "DenseNet201+GAP+Dropout(0.5)+BN+Dense(2,softmax)",
         "class_names": list(model.CLASS_NAMES), "preprocessing": PREPROCESSING_ID,
         "image_size": settings.image_size, "hyperparameters": settings.training_params(),
         "manifest_hash": manifest.hash, "manifest_path": str(manifest.path), "data_cutoff": manifest.data_cutoff,
+        "holdout_path": str(holdout.path) if holdout is not None else None,
         "n_train": len(train_paths), "n_val": len(val_paths), "best_epoch": result.best_epoch,
         "bn_recalibrated": result.recalibrated, "train_seconds": round(result.seconds, 1),
         "code_version": code_version(), **model.count_params(net),
+        "lineage": lineage.lineage(role_hashes=hashes, base_weights=settings.base_weights,
+                                   base_weights_path=weights_file, model_name=net.name),
     }
     path, digest = model.save_artifact(net, out, meta)
     (out / "best.weights.h5").unlink(missing_ok=True)  # the artifact holds the same weights
@@ -171,40 +232,62 @@ def _training_hashes(model_dir: Path) -> set[str]:
     return {e["sha256"] for e in manifest.split("train")}
 
 
-def _validation_probs(model_dir: Path) -> dict[str, float]:
-    rows = json.loads((model_dir / "validation_predictions.json").read_text())
-    return {r["sha256"]: float(r["prob_malignant"]) for r in rows}
-
-
 def evaluate_step(settings: Settings, version: str, *, progress: Progress | None = None) -> dict[str, Any]:
-    """Choose the operating threshold on validation, compute metrics and plots, register the candidate."""
+    """Fit the temperature and choose the threshold on the calibration split, measure the version on
+    the frozen holdout (intervals, calibration before/after, plots), register the candidate."""
     import numpy as np
 
-    from . import dataset, evaluation, model
+    from . import evaluation, model, model_card, stats
+    from .dataset import load_manifest
 
     progress = progress or log.info
     model_dir = settings.models_dir / version
     meta = _read_meta(model_dir)
     net = model.load_artifact(model_dir / "model.keras", meta["artifact_sha256"])
-    manifest = dataset.load_manifest(meta["manifest_path"])
-    size = int(meta["image_size"])
+    manifest = load_manifest(meta["manifest_path"])
+    holdout = _holdout_for(settings, meta)
+    size, seed = int(meta["image_size"]), settings.seed
+
+    cal_paths, cal_labels = _role_arrays(manifest, "calibration")
+    raw_cal = _predict(settings, net, cal_paths, size)
+    temperature = stats.fit_temperature(cal_labels, raw_cal)
+    cal_probs = stats.calibrate(raw_cal, temperature)
+    choice = evaluation.threshold_choice(cal_labels, cal_probs, target_sensitivity=settings.target_sensitivity)
+    threshold = float(choice["threshold"])
+
     results: dict[str, dict[str, float]] = {}
-    val_paths, val_labels = dataset.manifest_arrays(manifest, "validation")
-    val_probs = _predict(settings, net, val_paths, size)
-    threshold = evaluation.choose_threshold(val_labels, val_probs, target_sensitivity=settings.target_sensitivity)
-    results["validation"] = evaluation.compute_metrics(val_labels, val_probs, threshold=threshold)
-    results["validation@0.5"] = evaluation.compute_metrics(val_labels, val_probs, threshold=0.5)
-    train_paths, train_labels = dataset.manifest_arrays(manifest, "train")
-    results["train"] = evaluation.compute_metrics(train_labels, _predict(settings, net, train_paths, size),
-                                                  threshold=threshold)
+    results["calibration"] = evaluation.compute_metrics(cal_labels, cal_probs, threshold=threshold)
+    val_paths, val_labels = _role_arrays(manifest, "validation")
+    results["validation"] = evaluation.compute_metrics(
+        val_labels, stats.calibrate(_predict(settings, net, val_paths, size), temperature), threshold=threshold)
+    hold_paths, hold_labels = _role_arrays(holdout, "holdout")
+    raw_hold = _predict(settings, net, hold_paths, size)
+    hold_probs = stats.calibrate(raw_hold, temperature)
+    results["holdout"] = evaluation.compute_metrics(hold_labels, hold_probs, threshold=threshold)
+    before = evaluation.compute_metrics(hold_labels, raw_hold, threshold=threshold)
+    for name in ("ece", "brier", "log_loss"):
+        results["holdout"][f"{name}_uncalibrated"] = before[name]
+    intervals = stats.metric_intervals(hold_labels, hold_probs, threshold, seed=seed)
     history = json.loads((model_dir / "history.json").read_text())
-    plots = evaluation.plot_all(history=history, y_true=val_labels, prob_malignant=val_probs,
-                                threshold=threshold, out_dir=model_dir / "plots")
+    plots = evaluation.plot_all(history=history, y_true=hold_labels, prob_malignant=hold_probs,
+                                threshold=threshold, out_dir=model_dir / "plots", uncalibrated=raw_hold)
     # atomically: the gate reads these back to compare candidate and champion on the same images
-    atomic_write(model_dir / "validation_predictions.json", json.dumps(
-        [{"sha256": e["sha256"], "label": e["label"], "prob_malignant": float(p)}
-         for e, p in zip(manifest.split("validation"), np.asarray(val_probs), strict=True)], indent=0))
-    meta.update(threshold=threshold, metrics=results)
+    atomic_write(model_dir / "holdout_predictions.json", json.dumps(
+        [{"sha256": e["sha256"], "label": e["label"], "prob_uncalibrated": float(r), "prob_malignant": float(p)}
+         for e, r, p in zip(holdout.split("holdout"), np.asarray(raw_hold), hold_probs, strict=True)], indent=0))
+    operating_point = {**choice, "chosen_on": "calibration", "calibrated": True,
+                       "holdout_sensitivity": intervals["sensitivity"].as_dict(),
+                       "holdout_specificity": intervals["specificity"].as_dict()}
+    at_bound = min(abs(temperature - b) for b in stats.TEMPERATURE_BOUNDS) < 1e-3
+    calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": "calibration",
+                   "at_search_bound": at_bound, "n_calibration": len(cal_labels), "holdout_n": len(hold_labels),
+                   **{f"{m}_{w}": results["holdout"][m + ("_uncalibrated" if w == "before" else "")]
+                      for m in ("ece", "brier") for w in ("before", "after")}}
+    meta.update(threshold=threshold, temperature=temperature, operating_point=operating_point,
+                calibration=calibration, metrics=results, bootstrap_seed=seed,
+                holdout_intervals={k: v.as_dict() for k, v in intervals.items()})
+    meta["lineage"] = {**meta.get("lineage", {}), "manifests": {
+        **meta.get("lineage", {}).get("manifests", {}), "holdout": holdout.role_hash("holdout")}}
     # atomically: metadata.json holds the artifact's checksum, the only proof the model is intact
     atomic_write(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -224,95 +307,129 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         mv.manifest_hash = meta["manifest_hash"]
         mv.n_train, mv.n_val = meta["n_train"], meta["n_val"]
         mv.threshold = threshold
+        mv.temperature = temperature
+        mv.operating_point = operating_point
+        mv.lineage = meta["lineage"]
         mv.code_version = meta["code_version"]
         mv.data_cutoff = cutoff
         mv.plots_dir = str(model_dir / "plots")
         s.flush()
         for split, values in results.items():
-            registry.save_metrics(s, version, split, values)
-    v = results["validation"]
-    progress(f"evaluated {version}: threshold {threshold:.4f}; validation accuracy {v['accuracy']:.4f}, "
-             f"sensitivity {v['sensitivity']:.4f}, specificity {v['specificity']:.4f}, ROC AUC {v['roc_auc']:.4f}")
-    return {"version": version, "threshold": threshold, "validation": v, "plots": plots}
+            registry.save_metrics(s, version, split, values, intervals if split == "holdout" else None)
+    shown = {k: v.as_dict() for k, v in intervals.items()}
+    progress(f"evaluated {version}: temperature {temperature:.3f} and threshold {threshold:.4f} (target "
+             f"sensitivity {choice['target']}, between {choice['between']}) chosen on {len(cal_labels)} "
+             f"calibration images")
+    for line in model_card.holdout_lines(shown, calibration):
+        progress(line)
+    model_card.write(settings, version)
+    return {"version": version, "threshold": threshold, "temperature": temperature,
+            "operating_point": operating_point, "calibration": calibration, "holdout": results["holdout"],
+            "intervals": shown, "validation": results["validation"], "plots": plots}
 
 
-def _duel_images(manifest: Any, champion_dir: Path) -> tuple[list[int], dict[str, Any]]:
-    """The candidate's validation images (indexes into the manifest's validation side) to compare
-    the champion on, and a description of that choice for the gate's evidence.
-
-    Images the champion was trained on are left out (the split may move a group from the champion's
-    training side to this validation side). When leaving them out would leave a single class (or
-    none), no fair comparison on unseen images exists: then every validation image is used, and
-    ``fallback`` says so, with how many of them the champion had seen."""
-    entries = manifest.split("validation")
-    seen = _training_hashes(champion_dir)
-    keep = [i for i, e in enumerate(entries) if e["sha256"] not in seen]
-    n_seen = len(entries) - len(keep)
-    info: dict[str, Any] = {"validation_images": len(entries), "champion_trained_on": n_seen, "fallback": None}
-    classes = {entries[i]["label"] for i in keep}
-    if n_seen and len(classes) < 2:
-        left = f"only {sorted(classes)[0]}" if classes else "no"
-        info["fallback"] = (f"compared on all {len(entries)} validation images, {n_seen} of which the champion "
-                            f"was trained on: without them {left} images would remain, and a comparison "
-                            "needs both classes")
-        keep = list(range(len(entries)))
-    info["images"] = len(keep)
-    return keep, info
+def _holdout_probs(model_dir: Path) -> dict[str, float]:
+    rows = json.loads((model_dir / "holdout_predictions.json").read_text())
+    return {r["sha256"]: float(r["prob_malignant"]) for r in rows}
 
 
-def gate_step(settings: Settings, version: str, *, actor: str | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """Compare the candidate with the champion on the candidate's validation images, then promote or
-    reject it. Idempotent: a decided candidate returns its recorded decision."""
-    from . import dataset, evaluation, model
+def gate_step(settings: Settings, version: str, *, actor: str | None = None, progress: Progress | None = None,
+              require_approval: bool | None = None) -> dict[str, Any]:
+    """Decide on the candidate by the registry's rule on the frozen holdout: floors, then (with a
+    champion) the paired bootstrap of candidate − champion on the same holdout images, each model at
+    its own threshold and temperature. With ``require_approval`` (default: the setting) a passing
+    candidate awaits a person's answer (:func:`bcc_pipeline.registry.record_approval`).
+    Idempotent: a decided candidate returns its recorded decision."""
+    from . import model, model_card, stats
 
     progress = progress or log.info
     actor = actor or registry.default_actor()
+    approval = settings.require_approval if require_approval is None else bool(require_approval)
     with session_scope(settings.database_url) as s:
         cand = registry.get_version(s, version)
         decided = registry.decision_for(s, version)
-        if decided is not None:
-            current = registry.get_champion(s)
-            return {"version": version, "decision": decided.decision, "reason": decided.reason,
-                    "champion": current.version if current else None}
-        cand_metrics = registry.metrics_of(s, version, "validation")
-        champ = registry.get_champion(s)
-        champ_info = None if champ is None else (champ.version, champ.artifact_path, champ.artifact_sha256,
-                                                  champ.image_size, champ.threshold)
-        manifest_path = _read_meta(Path(cand.artifact_path).parent)["manifest_path"]
-        cand_artifact, cand_thr = cand.artifact_path, cand.threshold
+        if decided is None:
+            flat = registry.metrics_of(s, version, "holdout")
+            cand_metrics = {**flat, **registry.intervals_of(s, version, "holdout")}
+            champ = registry.get_champion(s)
+            champ_info = None if champ is None else (champ.version, champ.artifact_path, champ.artifact_sha256,
+                                                      champ.image_size, champ.threshold, champ.temperature)
+            cand_dir, cand_thr = Path(cand.artifact_path).parent, cand.threshold
+    if decided is not None:
+        return _gate_result(settings, version)
 
-    champ_metrics, comparison = None, None
+    meta = _read_meta(cand_dir)
+    holdout = _holdout_for(settings, meta)
+    champ_metrics, diffs, comparison = None, None, None
     if champ_info is not None:
-        cv, cpath, csha, csize, cthr = champ_info
-        manifest = dataset.load_manifest(manifest_path)
-        paths, labels = dataset.manifest_arrays(manifest, "validation")
-        keep, comparison = _duel_images(manifest, Path(cpath).parent)
-        progress(f"scoring champion {cv} on {version}'s validation images ({len(keep)} of {len(paths)}; "
-                 f"{comparison['champion_trained_on']} were in the champion's training data)"
-                 + (f"; falling back: {comparison['fallback']}" if comparison["fallback"] else ""))
-        if len(keep) < len(paths):
-            # the candidate's metrics on the same subset, from its recorded validation predictions
-            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-            cand_probs = _validation_probs(Path(cand_artifact).parent)
-            cand_metrics = evaluation.compute_metrics(
-                labels, [cand_probs[manifest.split("validation")[i]["sha256"]] for i in keep], threshold=cand_thr)
+        cv, cpath, csha, csize, cthr, ctemp = champ_info
+        entries = holdout.split("holdout")
+        seen = _training_hashes(Path(cpath).parent)
+        kept = [e for e in entries if e["sha256"] not in seen]
+        comparison = {"holdout_hash": holdout.hash, "holdout_images": len(entries), "images": len(kept),
+                      "champion_trained_on": len(entries) - len(kept), "bootstrap_seed": settings.seed,
+                      "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES, "champion_threshold": cthr,
+                      "champion_temperature": ctemp}
+        if len(kept) < len(entries):
+            comparison["note"] = (f"{len(entries) - len(kept)} holdout images the champion was trained on are "
+                                  "left out of the comparison")
+        progress(f"scoring champion {cv} on the frozen holdout {holdout.hash[:12]} ({len(kept)} images)")
         net = model.load_artifact(cpath, csha)
-        champ_metrics = evaluation.compute_metrics(labels, _predict(settings, net, paths, csize), threshold=cthr)
+        labels = [0 if e["label"] == "benign" else 1 for e in kept]
+        champ_probs = stats.calibrate(_predict(settings, net, [e["path"] for e in kept], csize), ctemp)
+        cand_all = _holdout_probs(cand_dir)
+        cand_probs = [cand_all[e["sha256"]] for e in kept]
+        diffs = stats.paired_differences(labels, cand_probs, cand_thr, champ_probs, cthr, seed=settings.seed)
+        champ_metrics = {k: v.as_dict() for k, v in
+                         stats.metric_intervals(labels, champ_probs, cthr, seed=settings.seed).items()}
     decision = registry.evaluate_gate(
         cand_metrics, champ_metrics, min_accuracy=settings.gate_min_accuracy,
-        min_sensitivity=settings.gate_min_sensitivity, tolerance=settings.gate_tolerance,
+        min_sensitivity=settings.gate_min_sensitivity, margin=settings.gate_margin, differences=diffs,
         champion_version=champ_info[0] if champ_info else None, comparison=comparison)
     with session_scope(settings.database_url) as s:
-        row = registry.record_gate_decision(s, version, decision, actor=actor)
-        champion = registry.get_champion(s)
-        out = {"version": version, "decision": row.decision, "reason": row.reason,
-               "champion": champion.version if champion else None}
-    progress(f"gate: {version} {out['decision']}: {out['reason']}")
-    if out["decision"] == "promoted":  # prove each inference back-end on the new champion (never undoes this)
+        registry.record_gate_decision(s, version, decision, actor=actor, require_approval=approval)
+    out = _gate_result(settings, version)
+    progress(f"gate ({registry.GATE_RULE}): {version} {out['decision']}: {out['reason']}")
+    model_card.write(settings, version)
+    _validate_new_champion(settings, version, out, progress)
+    return out
+
+
+def _validate_new_champion(settings: Settings, version: str, out: dict[str, Any], progress: Progress) -> None:
+    """Prove each inference back-end on a version that just became champion (never undoes the promotion)."""
+    if out.get("champion") == version:
         from .validation import validate_published
 
         validate_published(settings, version, progress=progress)
+
+
+def _gate_result(settings: Settings, version: str) -> dict[str, Any]:
+    """The recorded gate decision on ``version`` as the gate step returns it (with the approval markdown)."""
+    from . import model_card
+
+    with session_scope(settings.database_url) as s:
+        row = registry.decision_for(s, version)
+        champion = registry.get_champion(s)
+        out = {"version": version, "decision": row.decision, "reason": row.reason,
+               "champion": champion.version if champion else None, "rule": registry.GATE_RULE,
+               "differences": (row.evidence or {}).get("differences", {}),
+               "more_images_needed": (row.evidence or {}).get("more_images_needed")}
+    out["markdown"] = model_card.gate_markdown(settings, version)
+    return out
+
+
+def finish_approval(settings: Settings, version: str, approved: bool, *, actor: str,
+                    comment: str | None = None) -> dict[str, Any]:
+    """Record a person's answer on a candidate awaiting approval (see ``registry.record_approval``)
+    and refresh its model card; returns the decision as :func:`gate_step` does."""
+    from . import model_card
+
+    with session_scope(settings.database_url) as s:
+        registry.record_approval(s, version, approved, actor=actor, comment=comment)
+    model_card.write(settings, version)
+    out = _gate_result(settings, version)
+    if approved:
+        _validate_new_champion(settings, version, out, log.info)
     return out
 
 
@@ -326,10 +443,12 @@ def retrain(settings: Settings, *, actor: str | None = None, progress: Progress 
         summary["intake"] = intake_step(settings, progress=progress)
     summary["split"] = split_step(settings)
     manifest_path = summary["split"]["manifest_path"]
-    summary["train"] = train_step(settings, manifest_path, progress=progress)
+    summary["train"] = train_step(settings, manifest_path, progress=progress,
+                                  holdout_path=summary["split"].get("holdout_path"))
     version = summary["train"]["version"]
     summary["evaluation"] = evaluate_step(settings, version, progress=progress)
     summary["gate"] = gate_step(settings, version, actor=actor, progress=progress)
+    summary["gate"].pop("markdown", None)
     summary["version"] = version
     summary["seconds"] = round(time.monotonic() - t0, 1)
     return summary

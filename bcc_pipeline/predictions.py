@@ -10,20 +10,24 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
 from .errors import ConfigError, StoreError
 from .store import ModelVersion, Prediction, get_engine, require_schema, utcnow
 
-__all__ = ["PREDICTION_FIELDS", "parse_since", "query_predictions"]
+__all__ = ["PREDICTION_FIELDS", "SORT_KEYS", "count_predictions", "iso_utc", "parse_since", "query_predictions"]
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
+def iso_utc(t: dt.datetime | str | None) -> str | None:
+    """A stored time as ISO 8601 text with its UTC offset (SQLite hands back naive UTC datetimes, and
+    text from views and aggregates)."""
     if t is None:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    if isinstance(t, str):
+        t = dt.datetime.fromisoformat(t)
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
 
 
 PREDICTION_FIELDS = ("sha256", "source_path", "model_version", "prob_malignant", "label", "threshold",
@@ -45,20 +49,17 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-def query_predictions(settings: Settings, *, since: dt.datetime | None = None, label: str | None = None,
-                      model_version: str | None = None, limit: int | None = None,
-                      latest: bool = False) -> Iterable[dict[str, Any]]:
-    """Predictions, newest first, as dicts with :data:`PREDICTION_FIELDS` (streamed, not all in memory).
+SORT_KEYS = ("scored_at", "prob_malignant", "label", "model_version", "source_path")
+"""What :func:`query_predictions` can sort by (``sort="prob_malignant"``, ``"-scored_at"`` for descending)."""
 
-    From the ``predictions`` table (every prediction of every model version), or with ``latest=True``
-    from the ``latest_predictions`` view (the newest prediction per image).
-    """
+
+def _filtered(settings: Settings, *, since: dt.datetime | None, until: dt.datetime | None, label: str | None,
+              model_version: str | None, path_contains: str | None, latest: bool) -> tuple[Any, Any, Any]:
+    """(select, its columns, the tiebreaker id column) with the filters applied."""
     from sqlalchemy import column, table
 
     if label is not None and label not in ("benign", "malignant"):
         raise ConfigError(f"label must be benign or malignant, got {label!r}")
-    if limit is not None and limit < 0:
-        raise ConfigError(f"limit must not be negative, got {limit}")
     require_schema(settings.database_url)
     if latest:
         v = table("latest_predictions", *(column(c) for c in (
@@ -66,24 +67,59 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
             "scored_at", "model_status", "prediction_id", "backend", "precision")))
         c = v.c
         q = select(c.image_sha256.label("sha256"), c.source_path, c.model_version, c.prob_malignant, c.label,
-                   c.threshold, c.run_id, c.scored_at, c.model_status, c.backend, c.precision).order_by(
-            c.scored_at.desc(), c.prediction_id.desc())
+                   c.threshold, c.run_id, c.scored_at, c.model_status, c.backend, c.precision)
+        tiebreak = c.prediction_id
     else:
         p, m = Prediction.__table__.c, ModelVersion.__table__.c
         q = (select(p.image_sha256.label("sha256"), p.source_path, p.model_version, p.prob_malignant, p.label,
                     p.threshold, p.run_id, p.scored_at, m.status.label("model_status"), p.backend, p.precision)
-             .join_from(Prediction.__table__, ModelVersion.__table__, p.model_version == m.version)
-             .order_by(p.scored_at.desc(), p.id.desc()))
-        c = p
+             .join_from(Prediction.__table__, ModelVersion.__table__, p.model_version == m.version))
+        c, tiebreak = p, p.id
+    naive = get_engine(settings.database_url).dialect.name == "sqlite"  # stored as naive UTC text there
+
+    def utc(t: dt.datetime) -> dt.datetime:
+        t = t.astimezone(dt.UTC) if t.tzinfo else t.replace(tzinfo=dt.UTC)
+        return t.replace(tzinfo=None) if naive else t
+
     if since is not None:
-        since_utc = since.astimezone(dt.UTC) if since.tzinfo else since.replace(tzinfo=dt.UTC)
-        if get_engine(settings.database_url).dialect.name == "sqlite":
-            since_utc = since_utc.replace(tzinfo=None)  # stored as naive UTC text there
-        q = q.where(c.scored_at >= since_utc)
+        q = q.where(c.scored_at >= utc(since))
+    if until is not None:
+        q = q.where(c.scored_at < utc(until))
     if label is not None:
         q = q.where(c.label == label)
     if model_version is not None:
         q = q.where(c.model_version == model_version)
+    if path_contains:
+        q = q.where(func.lower(c.source_path).contains(path_contains.lower(), autoescape=True))
+    return q, c, tiebreak
+
+
+def query_predictions(settings: Settings, *, since: dt.datetime | None = None, label: str | None = None,
+                      model_version: str | None = None, limit: int | None = None,
+                      latest: bool = False, until: dt.datetime | None = None, path_contains: str | None = None,
+                      offset: int = 0, sort: str = "-scored_at") -> Iterable[dict[str, Any]]:
+    """Predictions as dicts with :data:`PREDICTION_FIELDS` (streamed, not all in memory), newest first
+    unless ``sort`` says otherwise (a :data:`SORT_KEYS` name, ``-`` in front for descending; ties are
+    broken newest row first, so pages are stable).
+
+    From the ``predictions`` table (every prediction of every model version), or with ``latest=True``
+    from the ``latest_predictions`` view (the newest prediction per image). Filters: scored at or after
+    ``since`` and before ``until``, ``label``, ``model_version``, ``path_contains`` (a case-insensitive
+    substring of the source path; ``%`` and ``_`` match themselves). ``offset`` rows are skipped first.
+    """
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must not be negative, got {limit}")
+    if offset < 0:
+        raise ConfigError(f"offset must not be negative, got {offset}")
+    key = sort.removeprefix("-")
+    if key not in SORT_KEYS:
+        raise ConfigError(f"cannot sort by {sort!r}; use one of {', '.join(SORT_KEYS)} (a leading - for descending)")
+    q, c, tiebreak = _filtered(settings, since=since, until=until, label=label, model_version=model_version,
+                               path_contains=path_contains, latest=latest)
+    col = c[key]
+    q = q.order_by(col.desc() if sort.startswith("-") else col.asc(), tiebreak.desc())
+    if offset:
+        q = q.offset(offset)
     if limit is not None:
         q = q.limit(limit)
 
@@ -94,10 +130,7 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
                 result = conn.execution_options(stream_results=True, yield_per=1000).execute(q)
                 for r in result:
                     d = dict(r._mapping)
-                    when = d["scored_at"]
-                    if isinstance(when, str):  # a view column on SQLite comes back as text
-                        when = dt.datetime.fromisoformat(when)
-                    d["scored_at"] = _aware(when).isoformat() if when is not None else None
+                    d["scored_at"] = iso_utc(d["scored_at"])
                     d["prob_malignant"] = float(d["prob_malignant"])
                     d["threshold"] = float(d["threshold"])
                     yield d
@@ -105,3 +138,16 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
             raise StoreError(f"cannot read predictions: {str(exc).splitlines()[0]}") from exc
 
     return rows()
+
+
+def count_predictions(settings: Settings, *, since: dt.datetime | None = None, label: str | None = None,
+                      model_version: str | None = None, latest: bool = False, until: dt.datetime | None = None,
+                      path_contains: str | None = None) -> int:
+    """How many rows :func:`query_predictions` returns for the same filters (without limit/offset)."""
+    q, _, _ = _filtered(settings, since=since, until=until, label=label, model_version=model_version,
+                        path_contains=path_contains, latest=latest)
+    try:
+        with get_engine(settings.database_url).connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(q.subquery())).scalar_one())
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot count predictions: {str(exc).splitlines()[0]}") from exc

@@ -42,6 +42,7 @@ from .errors import StoreError
 
 __all__ = [
     "Base",
+    "HoldoutEvent",
     "ImageRecord",
     "Metric",
     "ModelVersion",
@@ -96,6 +97,7 @@ class ImageRecord(Base):
     source_path: Mapped[str] = mapped_column(Text)  # first path it was seen under
     stored_path: Mapped[str | None] = mapped_column(Text)  # content-addressed copy (labelled only)
     excluded_reason: Mapped[str | None] = mapped_column(Text)  # e.g. seen under two labels
+    phash: Mapped[str | None] = mapped_column(String(16))  # 64-bit perceptual hash, hex (bcc_pipeline.neardup)
     first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_images_label_first_seen", "label", "first_seen_at"),)
@@ -121,6 +123,14 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     data_cutoff: Mapped[dt.datetime | None]  # newest images.first_seen_at it was trained on
     plots_dir: Mapped[str | None] = mapped_column(Text)
+    # sigmoid(logit(p) / temperature) is the calibrated probability; None: uncalibrated (older versions)
+    temperature: Mapped[float | None] = mapped_column(Float)
+    # how the threshold was chosen: target, role, n, the two observed probabilities it lies between,
+    # and the sensitivity it reaches on the holdout with its interval
+    operating_point: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # package versions, git commit and dirty flag, CPU features, base-weights sha256, the four role
+    # manifest hashes
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     # At most one champion, enforced by the database itself (a partial unique index).
     __table_args__ = (
@@ -140,6 +150,12 @@ class Metric(Base):
     split: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[float | None] = mapped_column(Float)
+    # the 95 % interval of value, the cases it rests on (k of n for proportions) and how it was computed
+    lower: Mapped[float | None] = mapped_column(Float)
+    upper: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int | None] = mapped_column(Integer)
+    k: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(64))
 
 
 class Promotion(Base):
@@ -151,7 +167,8 @@ class Promotion(Base):
     from_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     to_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     candidate_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
-    decision: Mapped[str] = mapped_column(String(16))  # promoted | rejected | manual | rollback
+    # promoted | rejected | insufficient_evidence | awaiting_approval | manual | rollback
+    decision: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(128))
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -191,7 +208,8 @@ class Prediction(Base):
 
 
 class Rejection(Base):
-    """Files refused at intake or scoring, with the reason; unique per (run, path)."""
+    """Files refused at intake or scoring, with the reason; unique per (run, path). ``path`` is shown as
+    :func:`bcc_pipeline.files.display_path` shows it (reversible, so each file has its own row)."""
 
     __tablename__ = "rejections"
 
@@ -203,6 +221,10 @@ class Rejection(Base):
     reason: Mapped[str] = mapped_column(Text)
     moved_to: Mapped[str | None] = mapped_column(Text)
     rejected_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # intake (migration 0003): where the file is to go, committed with the row before it moves;
+    # ``moved_to`` is set once it has. ``move_error``: why it has not (yet) moved.
+    dest: Mapped[str | None] = mapped_column(Text)
+    move_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (UniqueConstraint("run_id", "path"),)
 
@@ -229,7 +251,7 @@ def get_engine(url: str) -> Engine:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, pool_pre_ping=True, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use database URL {safe_url(url)}: {exc}") from exc
+        raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     _ENGINES[url] = engine
@@ -244,14 +266,55 @@ def dispose_engine(url: str) -> None:
         engine.dispose()
 
 
-def safe_url(url: str) -> str:
-    """``url`` for messages and ``bcc config``: the password masked."""
+_MASK = "***"
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a URL query parameter carries a credential (``password``, ``sslpassword``, tokens...)."""
+    k = key.lower()
+    return any(w in k for w in ("password", "secret", "token")) or k in ("pass", "passwd", "pwd")
+
+
+def safe_url(url: Any) -> str:
+    """``url`` (text or a SQLAlchemy URL) for messages and ``bcc config``: the password and every
+    credential query parameter (``?password=``, ``?sslpassword=``, ...) masked as ``***``. Every message
+    that shows a database URL goes through this."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        query = {k: (_MASK if _secret_key(k) else v) for k, v in u.query.items()}
+        return u.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
     except Exception:  # noqa: BLE001 - only for messages
         return "<unparseable url>"
+
+
+def _secrets(url: Any) -> list[str]:
+    """The credential values inside ``url`` (longest first), to be masked wherever they appear."""
+    try:
+        from urllib.parse import quote_plus
+
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+    except Exception:  # noqa: BLE001
+        return []
+    values = [u.password] if u.password else []
+    for k, v in u.query.items():
+        if _secret_key(k):
+            values.extend([v] if isinstance(v, str) else list(v))
+    values = [str(v) for v in values if v]
+    values += [quote_plus(v) for v in values]
+    return sorted(set(values), key=len, reverse=True)
+
+
+def _error_line(exc: BaseException, url: Any) -> str:
+    """The first line of a driver's error, with any credential of ``url`` in it masked."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    for secret in _secrets(url):
+        line = line.replace(secret, _MASK)
+    return line
 
 
 @contextmanager
@@ -264,7 +327,7 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         session.commit()
     except SQLAlchemyError as exc:
         session.rollback()
-        raise StoreError(f"database error on {safe_url(str(engine.url))}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"database error on {safe_url(engine.url)}: {_error_line(exc, engine.url)}") from exc
     except BaseException:
         session.rollback()
         raise
@@ -416,7 +479,7 @@ def upgrade(url: str, revision: str = "head") -> str:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot migrate {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot migrate {safe_url(url)}: {_error_line(exc, url)}") from exc
     return current_revision(url) or ""
 
 
@@ -428,7 +491,7 @@ def current_revision(url: str) -> str | None:
         with get_engine(url).connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot read {safe_url(url)}: {_error_line(exc, url)}") from exc
 
 
 def require_schema(url: str, tables: Sequence[str] = ()) -> None:
@@ -437,7 +500,7 @@ def require_schema(url: str, tables: Sequence[str] = ()) -> None:
     try:
         present = set(inspect(get_engine(url)).get_table_names())
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot connect to {safe_url(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot connect to {safe_url(url)}: {_error_line(exc, url)}") from exc
     if "model_versions" not in present:
         raise StoreError(f"database {safe_url(url)} has no BCC schema yet; run `bcc db upgrade`")
     missing = [t for t in tables if t not in present]
@@ -479,6 +542,29 @@ class InboxFile(Base):
         Index("ix_inbox_files_path_key", "path_key"),
         Index("ix_inbox_files_sha256", "sha256"),
     )
+
+
+# -- the frozen holdout (migration 0004) ------------------------------------------------------
+class HoldoutEvent(Base):
+    """Append-only log of every change of the frozen holdout: who, when, why, the manifest hash
+    before and after, and the counts. ``seq`` is unique, so two concurrent changes cannot both
+    extend the same state: the history stays one line. The newest row names the current holdout."""
+
+    __tablename__ = "holdout_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    action: Mapped[str] = mapped_column(String(16))  # freeze | extend
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    old_hash: Mapped[str | None] = mapped_column(String(64))
+    new_hash: Mapped[str] = mapped_column(String(64))
+    manifest_path: Mapped[str] = mapped_column(Text)
+    n_before: Mapped[int] = mapped_column(Integer)
+    n_after: Mapped[int] = mapped_column(Integer)
+    n_excluded: Mapped[int] = mapped_column(Integer)  # images kept out by this change, reasons in the manifest
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per label after the change
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 # The back-end tables live beside the code that uses them; imported here so that Base.metadata (what the

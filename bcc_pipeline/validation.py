@@ -182,7 +182,8 @@ def _version(settings: Settings, version: str) -> dict[str, Any]:
         if mv is None:
             raise ConfigError(f"model version {version!r} is not in the registry (`bcc models` lists them)")
         return {"version": mv.version, "image_size": int(mv.image_size), "threshold": float(mv.threshold),
-                "artifact_path": mv.artifact_path, "artifact_sha256": mv.artifact_sha256}
+                "artifact_path": mv.artifact_path, "artifact_sha256": mv.artifact_sha256,
+                "temperature": None if mv.temperature is None else float(mv.temperature)}
 
 
 def load_for(settings: Settings, mv: dict[str, Any], backend: str) -> Any:

@@ -38,7 +38,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 #: The DAG params that are settings; the others (shards, inbox, force, ...) are task arguments.
-SETTING_PARAMS = ("profile", "epochs")
+SETTING_PARAMS = ("profile", "epochs", "require_approval")
 
 BCC_DB_CONN_ID = "bcc_db"
 LIBPQ_OPTIONS = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
@@ -84,13 +84,16 @@ def database_url() -> str | None:
 def settings(**overrides: Any):
     """The frozen bcc_pipeline settings for this task: profile/env/overrides plus the database."""
     from bcc_pipeline.config import load_settings
+    from bcc_pipeline.files import apply_umask
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     profile = overrides.pop("profile", None)
     url = database_url()
     if url:
         overrides["database_url"] = url
-    return load_settings(profile=profile, overrides=overrides)
+    s = load_settings(profile=profile, overrides=overrides)
+    apply_umask(s.umask)  # BCC_UMASK: the permission policy for everything this task creates
+    return s
 
 
 def settings_for(params: Mapping[str, Any] | None = None, **overrides: Any):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make airflow`: the Airflow UI (airflow standalone: api-server, scheduler, dag-processor, triggerer)
-# with the project's dags/ (and plugins/, once there is one), on embedded defaults under ./var.
+# with the project's dags/ and plugins/ (the BCC pages under /bcc), on embedded defaults under ./var.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 PORT="${AIRFLOW_PORT:-8080}"
@@ -14,6 +14,7 @@ pw_file="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
 cat <<MSG
 
   Airflow UI:  http://localhost:$PORT
+  BCC pages:   http://localhost:$PORT/bcc/predictions   ("BCC" in the Airflow navigation)
   Login:       admin / the password in $pw_file
                (written on first start; also printed below as "Password for user 'admin'")
   Next:

@@ -41,7 +41,12 @@ OpenCV silently returns a partially grey image for a truncated JPEG; Pillow, whe
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` as the process has it (this module never changes it; it is ``False``
 unless someone sets it). Pillow's global ``MAX_IMAGE_PIXELS`` is not touched either: headers are read by
 instantiating Pillow's format plugins directly, which does not run Pillow's bomb check, and our own
-``max_pixels`` applies instead. Reading a file that does not exist or cannot be read raises
+``max_pixels`` applies instead. The one Pillow setting this package sets (on import, in :mod:`.probing`)
+is the PNG metadata bound: one compressed ``iCCP``/``zTXt``/``iTXt`` chunk may inflate to
+:data:`PNG_MAX_METADATA_CHUNK` (16 MiB: big scanner ICC profiles pass), all text to
+:data:`PNG_MAX_TEXT_MEMORY`; a metadata bomb is refused as :class:`ImageTooLargeError` after inflating no
+more than that. libpng's own warnings about such chunks never reach stderr: OpenCV is given the PNG
+without the ancillary chunks it does not use. Reading a file that does not exist or cannot be read raises
 :class:`~bcc_pipeline.errors.ImageError` (the base class) from :func:`decode_file`; :func:`sha256_file`
 lets ``OSError`` through.
 """
@@ -55,6 +60,8 @@ from .probing import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     IMAGE_EXTENSIONS,
+    PNG_MAX_METADATA_CHUNK,
+    PNG_MAX_TEXT_MEMORY,
     ImageInfo,
     max_file_bytes,
     probe,
@@ -66,6 +73,8 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_SIDE",
     "IMAGE_EXTENSIONS",
+    "PNG_MAX_METADATA_CHUNK",
+    "PNG_MAX_TEXT_MEMORY",
     "PREPROCESSING_ID",
     "ImageInfo",
     "decode",

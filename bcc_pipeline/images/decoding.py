@@ -31,6 +31,11 @@ _OPENCV_MODES: Final[dict[str, frozenset[str]]] = {
     "TIFF": frozenset({"L", "RGB", "RGBA", "I;16", "I;16B", "I;16L"}),
     "BMP": frozenset({"1", "L", "P", "RGB", "RGBA"}),
 }
+# Ancillary PNG chunks (colour profiles, text, times, ...) do not change the pixels OpenCV returns, but
+# libpng checks them and prints what it dislikes ("libpng warning: iCCP: known incorrect sRGB profile")
+# straight to the process's stderr. OpenCV therefore gets the PNG without them; tRNS (such images are
+# decoded by Pillow anyway) and the APNG frame chunks stay.
+_PNG_KEPT_ANCILLARY: Final[frozenset[bytes]] = frozenset({b"tRNS", b"acTL", b"fcTL", b"fdAT"})
 _ALPHA_MODES: Final[frozenset[str]] = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _EXIF_ORIENTATION_TAG: Final[int] = 0x0112
 
@@ -76,8 +81,29 @@ def _wants_pillow(info: ImageInfo, im: Image.Image | None) -> bool:
     return info.format in {"JPEG", "TIFF"} and _orientation(im) not in (0, 1)
 
 
+def _png_pixel_chunks(data: bytes) -> bytes:
+    """``data`` (a complete PNG) without the ancillary chunks libpng would only warn about; ``data`` itself
+    when it has none."""
+    view, keep, start, pos = memoryview(data), [], 0, 8
+    while pos + 8 <= len(data):
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
+        if kind[0] & 0x20 and kind not in _PNG_KEPT_ANCILLARY:  # lower-case first letter: ancillary
+            keep.append(view[start:pos])
+            start = end
+        if kind == b"IEND":
+            break
+        pos = end
+    if not keep:
+        return data
+    keep.append(view[start:])
+    return b"".join(keep)
+
+
 def _decode_opencv(info: ImageInfo, im: Image.Image | None, data: bytes) -> np.ndarray | None:
     """RGB uint8 via OpenCV, or ``None`` when OpenCV cannot (or should not be trusted to) decode it."""
+    if info.format == "PNG":
+        data = _png_pixel_chunks(data)
     try:
         arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:

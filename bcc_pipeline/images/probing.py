@@ -38,6 +38,8 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_SIDE",
     "IMAGE_EXTENSIONS",
+    "PNG_MAX_METADATA_CHUNK",
+    "PNG_MAX_TEXT_MEMORY",
     "ImageInfo",
     "PathArg",
     "max_file_bytes",
@@ -68,6 +70,18 @@ _PIL_PLUGINS: Final[dict[str, type[ImageFile.ImageFile]]] = {
 }
 
 PathArg = str | os.PathLike[str]
+
+PNG_MAX_METADATA_CHUNK: Final[int] = 16 << 20
+"""The most one compressed PNG metadata chunk (``iCCP``, ``zTXt``, ``iTXt``) may inflate to. Scanner files
+carry ICC profiles of a few MiB, beyond Pillow's default of 1 MiB; a chunk that inflates past this (a
+metadata bomb) is refused as corrupt after decompressing at most this much. The 16 MiB of metadata that
+:func:`max_file_bytes` allows for."""
+PNG_MAX_TEXT_MEMORY: Final[int] = 64 << 20
+"""The most all of a PNG's text chunks together may hold once inflated."""
+
+# Pillow is configured here, once, for every reader of images (both limits are Pillow's module globals).
+PngImagePlugin.MAX_TEXT_CHUNK = PNG_MAX_METADATA_CHUNK
+PngImagePlugin.MAX_TEXT_MEMORY = PNG_MAX_TEXT_MEMORY
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,11 @@ def _open_header(data: bytes, path: PathArg | None) -> tuple[ImageInfo, Image.Im
     try:
         im = _PIL_PLUGINS[fmt](io.BytesIO(data))
     except Exception as exc:  # Pillow raises SyntaxError/OSError/ValueError/... for bad headers
+        if fmt == "PNG" and isinstance(exc, ValueError) and "MAX_TEXT" in str(exc):
+            raise ImageTooLargeError(
+                f"PNG metadata inflates past {PNG_MAX_METADATA_CHUNK >> 20} MiB in one chunk or "
+                f"{PNG_MAX_TEXT_MEMORY >> 20} MiB in all (a metadata decompression bomb)", path
+            ) from exc
         raise TruncatedImageError(
             f"truncated or corrupt image data: {fmt} signature followed by an unreadable header ({exc})", path
         ) from exc

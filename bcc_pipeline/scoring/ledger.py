@@ -94,12 +94,14 @@ def champion_version(engine: Engine) -> str:
 
 
 def model_version(engine: Engine, version: str, run_id: str) -> dict[str, Any]:
-    """What scoring needs of the pinned model version: version, image_size, threshold, artifact path and sha."""
+    """What scoring needs of the pinned model version: version, image_size, threshold, temperature (None
+    when the version was not calibrated), artifact path and sha."""
     with transaction(engine) as conn:
         row = conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
     if row is None:
         raise StoreError(f"model version {version} of scoring run {run_id} is not in the registry")
     return {"version": row.version, "image_size": int(row.image_size), "threshold": float(row.threshold),
+            "temperature": None if row.temperature is None else float(row.temperature),
             "artifact_path": row.artifact_path, "artifact_sha256": row.artifact_sha256}
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from ..config import Settings
-from ..files import display_path, move_no_clobber, reason_path, write_reason
+from ..files import display_path, move_no_clobber, path_from_display, reason_path, write_reason
 from . import ledger
 from .inbox import destination, path_key
 from .loader import Item, clean_reason
@@ -143,14 +143,18 @@ def sweep_interrupted(settings: Settings, engine: Engine, inbox_of: Callable[[st
     inboxes: dict[str, str | None] = {}
     fixed = []
     for r in ledger.unmoved_rows(engine, only_run):
-        if path_key(r.path) != r.path_key:  # the text is an escaped invalid name, not the real path
+        try:
+            rel = path_from_display(r.path)  # the ledger shows paths in the reversible display form
+        except ValueError:
+            continue
+        if path_key(rel) != r.path_key:
             continue
         if r.run_id not in inboxes:
             inboxes[r.run_id] = inbox_of(r.run_id)
         inbox = inboxes[r.run_id]
-        if inbox is None or os.path.lexists(os.path.join(inbox, r.path)):
+        if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
             continue
-        dest = destination(settings, r.run_id, r.status, r.path)
+        dest = destination(settings, r.run_id, r.status, rel)
         if os.path.lexists(dest):
             if r.status == "rejected" and not os.path.lexists(reason_path(dest)):
                 _try_write_reason(dest, r.reason or "rejected")

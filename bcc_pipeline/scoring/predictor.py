@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def probability(out: Any, mv: Mapping[str, Any]) -> Any:
-    """P(malignant) as float64 (N,) in [0, 1] from model version ``mv``'s raw output ``(N, 2)`` softmax or
-    ``(N, 1)``: the one place a model output becomes the probability that is stored and compared with the
+    """The *calibrated* P(malignant) as float64 (N,) from model version ``mv``'s raw output ``(N, 2)``
+    softmax or ``(N, 1)``: clipped to [0, 1], then ``mv``'s temperature applied with
+    :func:`bcc_pipeline.stats.calibrate` (a version without one is scored uncalibrated, as it was
+    evaluated). The one place a model output becomes the probability that is stored and compared with the
     threshold (scoring, the guard band's fp32 re-scoring and back-end validation all call it)."""
     import numpy as np
 
@@ -36,11 +38,14 @@ def probability(out: Any, mv: Mapping[str, Any]) -> Any:
         raise ArtifactError(f"model {version} returned shape {out.shape}; expected (N, 2) or (N, 1)")
     if not np.all(np.isfinite(p)):
         raise ArtifactError(f"model {version} returned non-finite probabilities")
-    return np.clip(p.astype("float64"), 0.0, 1.0)
+    from ..stats import calibrate
+
+    return calibrate(np.clip(p.astype("float64"), 0.0, 1.0), mv.get("temperature"))
 
 
 class PinnedModel:
-    """``predict(x)`` for a batch ``x`` (N, S, S, 3) → P(malignant) as float64 (N,), clipped to [0, 1].
+    """``predict(x)`` for a batch ``x`` (N, S, S, 3) → the calibrated P(malignant) as float64 (N,)
+    (:func:`probability`; the threshold is on this scale).
 
     The artifact is loaded (checksum verified) at the first call. ``backend``/``precision``: what this
     worker scores with (``pinned``: what the plan asked for; ``why``: how that was decided);
@@ -77,8 +82,9 @@ class PinnedModel:
                 self.backend, self.why = shard_backend(self.settings, self.mv, self.pinned, forced=self.forced)
             self._fn = self._load(self.backend)
             self.load_seconds, self.precision = self._fn.load_seconds, self._fn.precision
-            log.info("scoring with model %s (%dpx, threshold %.4f), %s inference (%s; %s)", self.mv["version"],
-                     int(self.mv["image_size"]), self.mv["threshold"], self.backend, self.precision, self.why)
+            log.info("scoring with model %s (%dpx, threshold %.4f, temperature %s), %s inference (%s; %s)",
+                     self.mv["version"], int(self.mv["image_size"]), self.mv["threshold"],
+                     self.mv.get("temperature"), self.backend, self.precision, self.why)
         return self._fn
 
     def predict(self, x: Any) -> Any:

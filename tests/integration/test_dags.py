@@ -70,7 +70,7 @@ def test_dagbag_integrity(tmp_path):
     retrain, score = out["dags"]["bcc_retrain"], out["dags"]["bcc_score"]
     assert retrain["schedule"] == "0 3 * * 0" and score["schedule"] == "0 2 * * *"
     assert retrain["retries"]["train"] == 0 and retrain["retries"]["intake"] == 2
-    assert retrain["params"] == ["epochs", "force", "min_new_images", "profile"]
+    assert retrain["params"] == ["candidate", "epochs", "force", "min_new_images", "profile", "require_approval"]
     assert score["params"] == ["batch_size", "force_unvalidated", "inbox", "inference", "shards"]
     from bcc_pipeline.config import INFERENCE_CHOICES
 
@@ -158,7 +158,8 @@ def _retrain_short_circuit(env_factory, tmp_path: Path, bcc_url: str) -> tuple[d
     states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 20})
     assert states["__run__"] == "success"
     assert states["intake"] == "success" and states["check_new_data"] == "success"
-    assert all(states[t] == "skipped" for t in ("split", "train", "evaluate", "gate", "publish_champion"))
+    assert all(states[t] == "skipped" for t in ("split", "train", "evaluate", "gate", "needs_approval", "approve",
+                                                "approved", "record_decision", "publish_champion"))
     assert "skipping training: 8 < min_new_images=20" in states["__log__"]
     return env, champion
 
@@ -186,7 +187,7 @@ def _retrain_promotes(env_factory, tmp_path: Path, bcc_url: str) -> None:
     home = tmp_path / "bcc"
     champion = register_tiny_champion(bcc_url, home / "models")
     env = env_factory(_bcc_env(home, bcc_url, BCC_GATE_MIN_ACCURACY="0", BCC_GATE_MIN_SENSITIVITY="0",
-                               BCC_GATE_TOLERANCE="1.0"))
+                               BCC_GATE_MARGIN="0.99"))
     migrate(env)
     _landing(home, n=10)
     states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 0})

@@ -27,3 +27,18 @@ def test_bcc_debug_shows_the_traceback_of_a_bcc_error(failing_command, monkeypat
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "WeightsUnavailableError" in err
     assert err.strip().splitlines()[-1].startswith("bcc: error: base weights file")
+
+
+def test_bcc_config_never_prints_a_password(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    monkeypatch.setenv("BCC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BCC_DATABASE_URL", "postgresql://bcc:hunter2pw@db/bcc?password=querysecret&sslpassword=ssl1")
+    assert cli.main(["config", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["settings"]["database_url"].startswith("postgresql://bcc:***@db/bcc?")
+    assert cli.main(["config"]) == 0
+    out += capsys.readouterr().out
+    for secret in ("hunter2pw", "querysecret", "ssl1"):
+        assert secret not in out

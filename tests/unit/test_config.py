@@ -105,7 +105,8 @@ def test_every_setting_is_fully_declared():
     for name, spec in SETTINGS.items():
         assert spec.name == name and ENV_VARS[name] == (spec.env, spec.type, spec.doc)
         assert spec.doc.strip() and "\n" not in spec.doc, f"{name} needs a one-line doc"
-        assert isinstance(spec.default, spec.type) and not isinstance(spec.default, bool), name
+        assert isinstance(spec.default, spec.type), name
+        assert not isinstance(spec.default, bool) or spec.type is bool, name  # no True where a number is meant
         assert DEFAULTS[name] == spec.default == getattr(config.Settings(), name)
         if spec.choices:
             assert spec.type is str and spec.default in spec.choices, name
@@ -139,7 +140,7 @@ def test_every_bound_is_enforced_with_the_variable_named(name):
     above = spec.maximum if spec.exclusive else spec.maximum + 1 if spec.maximum is not None else None
     for bad in (v for v in (below, above) if v is not None):
         with pytest.raises(ConfigError, match=rf"^{spec.env}=.*: must be {spec.rule}") as err:
-            load_settings(env={spec.env: str(spec.type(bad))})
+            load_settings(env={spec.env: f"{int(bad):o}" if spec.octal else str(spec.type(bad))})
         assert "\n" not in str(err.value)
 
 
@@ -187,3 +188,14 @@ def test_module_main_prints_the_table_and_updates_a_readme(tmp_path, capsys):
     readme.write_text(f"{config.README_BEGIN}\n{config.README_END}\n")
     assert config.main(["--readme", str(readme)]) == 0
     assert config.markdown_table() in readme.read_text()
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("yes", True), ("ON", True), ("true", True),
+                                            ("0", False), ("no", False), ("off", False), ("False", False)])
+def test_a_boolean_setting_reads_the_usual_words(raw, value):
+    assert config.load_settings(env={"BCC_REQUIRE_APPROVAL": raw}).require_approval is value
+
+
+def test_a_boolean_setting_refuses_other_words():
+    with pytest.raises(ConfigError, match="BCC_REQUIRE_APPROVAL must be a boolean"):
+        config.load_settings(env={"BCC_REQUIRE_APPROVAL": "maybe"})

@@ -143,7 +143,9 @@ def test_manifest_hash_detects_edits(tmp_path):
         dataset.load_manifest(tmp_path / "missing.json")
 
 
-def test_prepare_split_uses_only_usable_images(home, png_writer):
+def test_prepare_split_uses_only_usable_images(make_settings, migrated_url, png_writer):
+    # train/validation only: no holdout and no calibration role (tests/unit/test_holdout.py has those)
+    home = make_settings(migrated_url, settle_seconds=0, holdout_fraction=0, calibration_fraction=0)
     for i in range(6):
         png_writer(home.landing_dir / "benign" / f"b{i}.png", seed=i)
         png_writer(home.landing_dir / "malignant" / f"m{i}.png", seed=100 + i)

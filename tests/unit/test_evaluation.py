@@ -159,7 +159,7 @@ def test_perfect_classifier():
     y = [0, 0, 0, 1, 1, 1]
     p = [0.0, 0.1, 0.2, 0.8, 0.9, 1.0]
     t = choose_threshold(y, p, target_sensitivity=0.95)
-    assert t == 0.8
+    assert t == pytest.approx(0.5)  # midway between 0.2 and 0.8
     m = compute_metrics(y, p, threshold=t)
     for key in ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "roc_auc"):
         assert m[key] == 1.0, key
@@ -188,8 +188,8 @@ def test_only_malignant_samples():
     assert math.isnan(m["roc_auc"])
     assert m["recall"] == 0.5
     assert m["precision"] == 1.0
-    assert choose_threshold([1, 1], [0.3, 0.9], target_sensitivity=0.5) == 0.9
-    assert choose_threshold([1, 1], [0.3, 0.9], target_sensitivity=0.9) == 0.3
+    assert choose_threshold([1, 1], [0.3, 0.9], target_sensitivity=0.5) == pytest.approx(0.6)
+    assert choose_threshold([1, 1], [0.3, 0.9], target_sensitivity=0.9) == pytest.approx(0.15)  # 0 and 0.3
 
 
 def test_no_predicted_positives_precision_zero():
@@ -217,19 +217,21 @@ def test_accepts_numpy_bool_and_float_labels():
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        (1.0, 0.45),  # all 4 malignant -> lowest malignant probability
-        (0.95, 0.45),  # ceil(3.8) = 4
-        (0.75, 0.75),  # exactly 3 of 4 is enough
-        (0.7, 0.75),  # 0.7 * 4 = 2.8 -> 3 (not fooled by 0.7 * 4 rounding)
-        (0.5, 0.85),
-        (0.25, 0.95),
-        (0.01, 0.95),
+        # midway between the qualifying malignant probability and the next lower observed one
+        (1.0, 0.40),  # all 4 malignant -> lowest malignant probability 0.45, next lower 0.35
+        (0.95, 0.40),  # ceil(3.8) = 4
+        (0.75, 0.70),  # exactly 3 of 4 is enough: 0.75, next lower 0.65
+        (0.7, 0.70),  # 0.7 * 4 = 2.8 -> 3 (not fooled by 0.7 * 4 rounding)
+        (0.5, 0.80),
+        (0.25, 0.90),
+        (0.01, 0.90),
     ],
 )
 def test_choose_threshold_hand_made(target, expected):
     t = choose_threshold(Y, P, target_sensitivity=target)
     assert type(t) is float
-    assert t == expected
+    assert t == pytest.approx(expected)
+    assert t not in P
     assert compute_metrics(Y, P, threshold=t)["sensitivity"] >= target
 
 
@@ -237,9 +239,9 @@ def test_choose_threshold_ties_and_plateau():
     # three malignant tied at 0.8: any target up to 3/4 is met at 0.8, the highest such threshold
     y = [1, 1, 1, 1, 0, 0]
     p = [0.8, 0.8, 0.8, 0.2, 0.9, 0.1]
-    assert choose_threshold(y, p, target_sensitivity=0.5) == 0.8
-    assert choose_threshold(y, p, target_sensitivity=0.75) == 0.8
-    assert choose_threshold(y, p, target_sensitivity=0.76) == 0.2
+    assert choose_threshold(y, p, target_sensitivity=0.5) == pytest.approx(0.5)  # between 0.2 and 0.8
+    assert choose_threshold(y, p, target_sensitivity=0.75) == pytest.approx(0.5)
+    assert choose_threshold(y, p, target_sensitivity=0.76) == pytest.approx(0.15)  # between 0.1 and 0.2
     # a benign sample above every malignant one does not stop the threshold from rising to 0.8
     assert compute_metrics(y, p, threshold=0.8)["specificity"] == 0.5
 
@@ -247,11 +249,11 @@ def test_choose_threshold_ties_and_plateau():
 def test_choose_threshold_half_is_not_special():
     y = [0, 0, 1, 1]
     p = [0.1, 0.2, 0.3, 0.4]
-    assert choose_threshold(y, p, target_sensitivity=0.95) == 0.3
-    assert choose_threshold(y, p, target_sensitivity=0.5) == 0.4
+    assert choose_threshold(y, p, target_sensitivity=0.95) == pytest.approx(0.25)
+    assert choose_threshold(y, p, target_sensitivity=0.5) == pytest.approx(0.35)
     y = [0, 0, 1, 1]
     p = [0.6, 0.7, 0.8, 0.9]
-    assert choose_threshold(y, p, target_sensitivity=1.0) == 0.8
+    assert choose_threshold(y, p, target_sensitivity=1.0) == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -263,11 +265,14 @@ def test_choose_threshold_random_is_highest_meeting_target(seed):
     observed = np.unique(p)
     for target in (0.5, 0.8, 0.9, 0.95, 0.99, 1.0):
         t = choose_threshold(y, p, target_sensitivity=target)
-        assert t in observed
-        assert t == _brute_force_threshold(y, p, target)
+        best = _brute_force_threshold(y, p, target)
+        assert t not in observed or t == best == 0.0  # never on an observed probability above 0
+        below = observed[observed < best]
+        assert t == pytest.approx(((below.max() if below.size else 0.0) + best) / 2)
         m = compute_metrics(y, p, threshold=t)
+        assert m == compute_metrics(y, p, threshold=best) | {"threshold": t}  # the same calls as at best
         assert m["sensitivity"] >= target
-        higher = observed[observed > t]
+        higher = observed[observed > best]
         if higher.size:
             assert compute_metrics(y, p, threshold=float(higher.min()))["sensitivity"] < target
 
@@ -461,11 +466,13 @@ def test_plot_all(tmp_path):
         "training_curves": str(out_dir / "training_curves.png"),
         "confusion_matrix": str(out_dir / "confusion_matrix.png"),
         "roc": str(out_dir / "roc.png"),
+        "reliability": str(out_dir / "reliability.png"),
     }
     for path in written.values():
         _assert_png(Path(path))
     assert sorted(f.name for f in out_dir.iterdir()) == [
         "confusion_matrix.png",
+        "reliability.png",
         "roc.png",
         "training_curves.png",
     ]
@@ -473,7 +480,7 @@ def test_plot_all(tmp_path):
 
 def test_plot_all_without_history(tmp_path):
     written = plot_all(history=None, y_true=Y, prob_malignant=P, threshold=0.5, out_dir=tmp_path)
-    assert set(written) == {"confusion_matrix", "roc"}
+    assert set(written) == {"confusion_matrix", "roc", "reliability"}
     for path in written.values():
         _assert_png(Path(path))
 
@@ -482,4 +489,4 @@ def test_plots_do_not_need_pyplot(tmp_path, monkeypatch):
     # Figure objects only: no pyplot global state, no GUI backend, thread-safe.
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # any import of it now fails
     written = plot_all(history=HISTORY, y_true=Y, prob_malignant=P, threshold=0.5, out_dir=tmp_path)
-    assert len(written) == 3
+    assert len(written) == 4

@@ -214,3 +214,53 @@ def test_reason_file_never_replaces_a_quarantined_link(tmp_path):
 def test_display_path_escapes_invalid_utf8():
     raw = os.fsdecode(b"bad\xffname.png")
     assert files.display_path(raw) == "bad\\xffname.png"
+
+
+# -- the one display form of a path ---------------------------------------------------------------
+_HOSTILE_NAMES = [
+    b"plain.png", "caf\u00e9/\u00fcber.png".encode(), b"bad\xffname.png", b"bad\\xffname.png", b"a\\b", b"a\\\\b",
+    b"\\", b"\\x", b"\\xzz", b"new\nline.png", b"cr\rtab\t.png", b"\x00nul", b"\x1b[31mred", b"del\x7f",
+    "c1\u0085nel".encode(), "sep\u2028\u2029".encode(), b"\xed\xa0\x80surrogate", b"\xc3", b"\xc3(", b"\xf4\x90\x80\x80",
+    b"\xe2\x82", "\U0001f600.png".encode(), b"\\n", b"\\\n", b"\\u00e9", b"%ff", b"",
+]
+
+
+def _random_names(n: int, seed: int = 12) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    alphabet = [b"\\", b"x", b"f", b"F", b"0", b"n", b"a", b"/", b".", b"\n", b"\x00", b"\xff", b"\xc3", b"\xa9",
+                b"\xe2\x80\xa8", b"\xed\xa0\x80", "\u00e9".encode(), b"\x85", b"\xc2\x85"]
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(alphabet) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                 for _ in range(rng.randrange(1, 12))]
+        out.append(b"".join(parts))
+    return out
+
+
+def test_display_path_round_trips_every_byte_string_and_never_collides() -> None:
+    names = sorted(set(_HOSTILE_NAMES + _random_names(3000)))
+    shown = {}
+    for raw in names:
+        text = files.display_path(raw)
+        text.encode("utf-8")  # valid UTF-8: databases and JSON accept it
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text), text
+        assert os.fsencode(files.path_from_display(text)) == raw
+        assert files.display_path(os.fsdecode(raw)) == text  # str (surrogateescape) and bytes agree
+        assert shown.setdefault(text, raw) == raw, f"{raw!r} and {shown[text]!r} display the same"
+
+
+def test_display_path_keeps_ordinary_names_and_escapes_the_ambiguous_ones() -> None:
+    assert files.display_path("benign/patient 7/caf\u00e9 (1).png") == "benign/patient 7/caf\u00e9 (1).png"
+    assert files.display_path(Path("a/b.png")) == "a/b.png"
+    assert files.display_path(b"bad\xffname.png") == "bad\\xffname.png"
+    assert files.display_path(b"bad\\xffname.png") == "bad\\\\xffname.png"
+    assert files.display_path(b"one\ntwo") == "one\\ntwo"
+    assert files.display_path(b"\x1b[0m") == "\\x1b[0m"
+
+
+@pytest.mark.parametrize("text", ["a\\", "a\\q", "\\x4", "\\u00e9", "lone\udcff"])
+def test_path_from_display_refuses_what_no_path_displays_as(text: str) -> None:
+    with pytest.raises(ValueError, match="not a displayed path"):
+        files.path_from_display(text)

@@ -1,5 +1,6 @@
-"""bcc_pipeline.pipelines: the retrain-or-skip rule, the gate's choice of images for the champion
-duel, and the files the steps write. The champion is the tiny classifier of conftest.py (no DenseNet)."""
+"""bcc_pipeline.pipelines: the retrain-or-skip rule; evaluation on the calibration split and the frozen
+holdout; the gate against the champion on the same holdout, with and without approval. The model is the
+tiny classifier of conftest.py (no DenseNet)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from bcc_pipeline import pipelines, registry
 from bcc_pipeline.dataset import write_manifest
 from bcc_pipeline.files import sha256_file
-from bcc_pipeline.store import ImageRecord, ModelVersion, Promotion, session_scope, upgrade
+from bcc_pipeline.store import ImageRecord, session_scope, upgrade
 
 T0 = dt.datetime(2026, 1, 1, 12, 0)
 PERFECT = {"accuracy": 1.0, "sensitivity": 1.0, "specificity": 1.0, "roc_auc": 1.0}
@@ -64,127 +64,219 @@ def test_should_retrain_rejects_a_bad_minimum(bad, sqlite_url, make_settings):
         pipelines.should_retrain(make_settings(sqlite_url), bad)
 
 
-# -- the gate's duel images -----------------------------------------------------------------------
-NAMES = [f"b{i}" for i in range(1, 5)] + [f"m{i}" for i in range(1, 5)]  # benign b1..b4, malignant m1..m4
+# -- evaluation and the gate on the frozen holdout (the tiny classifier of conftest.py, no DenseNet) --------
+ROLE_SIZES = {"train": 4, "validation": 4, "calibration": 10}
 
 
-def _dataset(tmp_path: Path, write_png):
-    """Eight real PNGs and ``manifest(validation_names, folder)`` writing a manifest of them."""
-    files = {n: write_png(tmp_path / "img" / f"{n}.png", size=48, seed=i) for i, n in enumerate(NAMES)}
-    sha = {n: sha256_file(p) for n, p in files.items()}
-
-    def manifest(validation: set[str], folder: str):
-        entries = [{"sha256": sha[n], "label": "benign" if n[0] == "b" else "malignant", "group_id": n,
-                    "path": str(files[n]), "split": "validation" if n in validation else "train"}
-                   for n in NAMES]
-        return write_manifest(sorted(entries, key=lambda e: e["sha256"]), tmp_path / folder, seed=0,
-                              val_fraction=0.5)
-
-    return sha, manifest
+def _images(tmp_path: Path, write_png, prefix: str, n: int, seed0: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        label = "benign" if i % 2 == 0 else "malignant"
+        path = write_png(tmp_path / "img" / f"{prefix}{i}.png", size=40, seed=seed0 + i)
+        out.append({"sha256": sha256_file(path), "label": label, "group_id": f"{prefix}{i}", "path": str(path)})
+    return out
 
 
-def _duel_setup(settings, tmp_path: Path, register_champion, write_png, *, champion_trained_on: list[str]) -> dict:
-    """The candidate validates on b1, b2, m1, m2; the tiny champion's manifest says it was trained on
-    ``champion_trained_on``."""
-    sha, manifest = _dataset(tmp_path, write_png)
-    cand_manifest = manifest({"b1", "b2", "m1", "m2"}, "cand-manifests")
-    champ_manifest = manifest(set(NAMES) - set(champion_trained_on), "champ-manifests")
-    champion = register_champion(settings, version="v-champ")
-    (settings.models_dir / champion / "metadata.json").write_text(
-        json.dumps({"manifest_path": str(champ_manifest.path)}))
-
-    cand_dir = settings.models_dir / "v-cand"
-    cand_dir.mkdir(parents=True)
-    (cand_dir / "metadata.json").write_text(json.dumps({"manifest_path": str(cand_manifest.path)}))
-    probs = {"b1": 0.1, "b2": 0.2, "m1": 0.8, "m2": 0.9}
-    (cand_dir / "validation_predictions.json").write_text(json.dumps(
-        [{"sha256": sha[n], "label": n[0], "prob_malignant": p} for n, p in probs.items()]))
-    with session_scope(settings.database_url) as s:
-        s.add(ModelVersion(version="v-cand", status="candidate", artifact_path=str(cand_dir / "model.keras"),
-                           artifact_sha256="0" * 64, base_weights="none", profile="demo", image_size=32,
-                           preprocessing="densenet-torch-v1", hyperparameters={}, manifest_hash=cand_manifest.hash,
-                           n_train=4, n_val=4, threshold=0.5, code_version="test"))
-        s.flush()
-        registry.save_metrics(s, "v-cand", "validation", PERFECT)
-    return {"champion": champion}
+def _manifests(tmp_path: Path, write_png, *, cal_seed: int = 100, holdout_seed: int = 500, n_holdout: int = 12):
+    """A development manifest (train/validation/calibration) and a separate holdout manifest."""
+    dev = []
+    for role, n in ROLE_SIZES.items():
+        seed0 = cal_seed if role == "calibration" else {"train": 0, "validation": 50}[role]
+        dev += [{**e, "split": role} for e in _images(tmp_path, write_png, f"{role}{seed0}-", n, seed0)]
+    hold = [{**e, "split": "holdout"} for e in _images(tmp_path, write_png, f"hold{holdout_seed}-", n_holdout,
+                                                         holdout_seed)]
+    key = lambda e: e["sha256"]  # noqa: E731
+    return (write_manifest(sorted(dev, key=key), tmp_path / "manifests", seed=0, val_fraction=0.2),
+            write_manifest(sorted(hold, key=key), tmp_path / "holdouts", seed=0, val_fraction=0.2))
 
 
-def _evidence(url: str) -> dict:
+def _trained(settings, version: str, tiny_model_artifact, dev, holdout) -> Path:
+    """What train_step leaves behind, with the tiny classifier as the model."""
+    import shutil
+
+    src, artifact_sha = tiny_model_artifact
+    model_dir = settings.models_dir / version
+    model_dir.mkdir(parents=True)
+    shutil.copyfile(src, model_dir / "model.keras")
+    meta = {"version": version, "artifact_sha256": artifact_sha, "manifest_path": str(dev.path),
+            "manifest_hash": dev.hash, "holdout_path": str(holdout.path), "image_size": 32,
+            "preprocessing": "densenet-torch-v1", "hyperparameters": {"base_weights": "none", "profile": "demo"},
+            "n_train": 4, "n_val": 4, "code_version": "test", "data_cutoff": None,
+            "lineage": {"manifests": {"train": "t", "validation": "v", "calibration": "c", "holdout": holdout.hash}}}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    (model_dir / "history.json").write_text(json.dumps({"loss": [0.7, 0.6], "val_loss": [0.7, 0.65]}))
+    return model_dir
+
+
+def _calibration_probs(settings, model_dir: Path, dev, temperature: float):
+    from bcc_pipeline import dataset, model, stats, training
+
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    net = model.load_artifact(model_dir / "model.keras", meta["artifact_sha256"])
+    paths, _ = dataset.manifest_arrays(dev, "calibration")
+    ds = dataset.make_dataset(paths, None, image_size=32, batch_size=8, max_pixels=settings.max_pixels,
+                              min_side=settings.min_side, cache=False)
+    return stats.calibrate(training.predict_malignant(net, ds), temperature)
+
+
+def test_threshold_and_temperature_never_see_the_holdout(sqlite_url, make_settings, tmp_path, tiny_model_artifact,
+                                                         png_writer):
+    settings = make_settings(sqlite_url)
+    upgrade(sqlite_url)
+    dev, hold_a = _manifests(tmp_path / "a", png_writer, holdout_seed=500)
+    _, hold_b = _manifests(tmp_path / "b", png_writer, holdout_seed=900, n_holdout=8)
+    dev_c, _ = _manifests(tmp_path / "c", png_writer, cal_seed=300)
+    quiet = {"progress": lambda _: None}
+    _trained(settings, "v-a", tiny_model_artifact, dev, hold_a)
+    a = pipelines.evaluate_step(settings, "v-a", **quiet)
+    _trained(settings, "v-b", tiny_model_artifact, dev, hold_b)
+    b = pipelines.evaluate_step(settings, "v-b", **quiet)
+    _trained(settings, "v-c", tiny_model_artifact, dev_c, hold_a)
+    c = pipelines.evaluate_step(settings, "v-c", **quiet)
+    # another holdout changes what is reported, never what was chosen
+    assert (a["temperature"], a["threshold"]) == (b["temperature"], b["threshold"])
+    assert a["holdout"]["n"] == 12 and b["holdout"]["n"] == 8 and a["holdout"] != b["holdout"]
+    # another calibration split changes the choices (so the comparison above can fail)
+    assert (c["temperature"], c["threshold"]) != (a["temperature"], a["threshold"])
+    # the threshold lies strictly between two adjacent observed calibrated calibration probabilities
+    probs = _calibration_probs(settings, settings.models_dir / "v-a", dev, a["temperature"])
+    lo, hi = a["operating_point"]["between"]
+    assert lo < a["threshold"] < hi and hi in probs and (lo in probs or lo == 0.0)
+    assert not ((probs > lo) & (probs < hi)).any()
+    assert a["operating_point"]["chosen_on"] == "calibration" and a["operating_point"]["n"] == 10
+    # the holdout's manifest hash is recorded with every version: equal for the same frozen holdout
+    with session_scope(sqlite_url) as s:
+        hashes = {v: registry.get_version(s, v).lineage["manifests"]["holdout"] for v in ("v-a", "v-b", "v-c")}
+    assert hashes["v-a"] == hashes["v-c"] != hashes["v-b"]
+
+
+def test_evaluate_step_records_calibration_intervals_lineage_and_the_card(sqlite_url, make_settings, tmp_path,
+                                                                         tiny_model_artifact, png_writer):
+    settings = make_settings(sqlite_url)
+    upgrade(sqlite_url)
+    dev, hold = _manifests(tmp_path, png_writer)
+    model_dir = _trained(settings, "v-eval", tiny_model_artifact, dev, hold)
+    previous = json.dumps([{"sha256": "old", "label": "benign", "prob_malignant": 0.5}] * 200)
+    (model_dir / "holdout_predictions.json").write_text(previous)
+    lines: list[str] = []
+    with open(model_dir / "holdout_predictions.json") as reader:
+        out = pipelines.evaluate_step(settings, "v-eval", progress=lines.append)
+        assert reader.read() == previous  # replaced, not overwritten
+    rows = json.loads((model_dir / "holdout_predictions.json").read_text())
+    assert sorted(r["sha256"] for r in rows) == sorted(e["sha256"] for e in hold.split("holdout"))
+    from bcc_pipeline import stats
+
+    for r in rows:  # prob_malignant is the calibrated probability
+        assert r["prob_malignant"] == pytest.approx(float(stats.calibrate([r["prob_uncalibrated"]],
+                                                                          out["temperature"])[0]))
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["threshold"] == out["threshold"] and meta["temperature"] == out["temperature"]
+    assert set(meta["calibration"]) >= {"ece_before", "ece_after", "brier_before", "brier_after"}
+    with session_scope(sqlite_url) as s:
+        mv = registry.get_version(s, "v-eval")
+        assert mv.status == "candidate" and mv.temperature == out["temperature"]
+        assert len(mv.lineage["manifests"]["holdout"]) == 64
+        ivs = registry.intervals_of(s, "v-eval", "holdout")
+        assert ivs["sensitivity"]["n"] == 6 and ivs["specificity"]["n"] == 6 and ivs["accuracy"]["n"] == 12
+        assert ivs["sensitivity"]["lower"] <= ivs["sensitivity"]["value"] <= ivs["sensitivity"]["upper"]
+        assert "seed 42" in ivs["roc_auc"]["method"]
+        assert registry.metrics_of(s, "v-eval", "holdout")["ece_uncalibrated"] is not None
+    assert any(line.startswith("sensitivity ") and line.endswith("/6 (holdout)") for line in lines)
+    assert (model_dir / "plots" / "reliability.png").is_file()
+    card = (model_dir / "model_card.md").read_text()
+    for part in ("## Intended use", "synthetic demo", "| calibration | 5 | 5 |", "| holdout | 6 | 6 |",
+                 "## Threshold", "midway", "## Gate decision", "Not decided yet", "## Lineage",
+                 meta["lineage"]["manifests"]["holdout"]):
+        assert part in card, part
+    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer) -> dict:
+    """A candidate evaluated on the holdout and a champion that is the same network with the same
+    temperature and threshold: every paired difference is exactly 0."""
+    from tests.support import install_artifact, register_version
+
+    upgrade(settings.database_url)
+    dev, hold = _manifests(tmp_path, png_writer)
+    _trained(settings, "v-cand", tiny_model_artifact, dev, hold)
+    out = pipelines.evaluate_step(settings, "v-cand", progress=lambda _: None)
+    dest = install_artifact(tiny_model_artifact[0], settings.models_dir, "v-champ")
+    (settings.models_dir / "v-champ" / "metadata.json").write_text(json.dumps({"manifest_path": str(dev.path)}))
+    register_version(settings, "v-champ", artifact=(dest, tiny_model_artifact[1]), threshold=out["threshold"],
+                     temperature=out["temperature"], profile="demo")
+    return out
+
+
+def _evidence(url: str, version: str = "v-cand") -> dict:
     with session_scope(url) as s:
-        return s.scalars(select(Promotion).where(Promotion.candidate_version == "v-cand")).one().evidence
+        return registry.decision_for(s, version).evidence
 
 
-def test_gate_falls_back_explicitly_when_unseen_images_leave_one_class(sqlite_url, make_settings, tmp_path,
-                                                                      register_champion, png_writer):
-    settings = make_settings(sqlite_url, gate_tolerance=1.0)
-    # the champion trained on both benign validation images: only m1, m2 would remain
-    info = _duel_setup(settings, tmp_path, register_champion, png_writer, champion_trained_on=["b1", "b2", "m3", "m4"])
+def test_gate_compares_with_the_champion_on_the_same_holdout(sqlite_url, make_settings, tmp_path,
+                                                            tiny_model_artifact, png_writer):
+    settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0)
+    _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer)
     messages: list[str] = []
     out = pipelines.gate_step(settings, "v-cand", actor="test", progress=messages.append)
-
-    evidence = _evidence(sqlite_url)
-    comparison = evidence["comparison"]
-    assert {k: comparison[k] for k in ("validation_images", "champion_trained_on", "images")} == {
-        "validation_images": 4, "champion_trained_on": 2, "images": 4}
-    assert comparison["fallback"].startswith(
-        "compared on all 4 validation images, 2 of which the champion was trained on: without them only "
-        "malignant images would remain")
-    assert evidence["champion"]["n"] == 4.0 and evidence["champion_version"] == info["champion"]
-    assert comparison["fallback"] in out["reason"]  # the promotion log's reason says it too
-    duel = next(m for m in messages if m.startswith("scoring champion"))
-    assert "(4 of 4; 2 were in the champion's training data); falling back: compared on all 4" in duel
+    assert out["decision"] == "promoted", out["reason"]
+    assert out["champion"] == "v-cand" and out["rule"] == registry.GATE_RULE
+    ev = _evidence(sqlite_url)
+    assert ev["comparison"]["images"] == 12 and ev["comparison"]["bootstrap_seed"] == settings.seed
+    for name in ("sensitivity", "specificity", "roc_auc"):
+        d = ev["differences"][name]
+        assert (d["value"], d["lower"], d["upper"], d["n"]) == (0.0, 0.0, 0.0, 12), name
+    assert "Candidate `v-cand`" in out["markdown"] and "model_card.md" in out["markdown"]
+    assert sum(m.startswith("scoring champion v-champ on the frozen holdout") for m in messages) == 1
     # decided once: a retry returns the recorded decision without scoring again
     again = pipelines.gate_step(settings, "v-cand", actor="test", progress=messages.append)
     assert again == out and sum(m.startswith("scoring champion") for m in messages) == 1
 
 
-def test_gate_leaves_out_images_the_champion_trained_on(sqlite_url, make_settings, tmp_path, register_champion,
-                                                        png_writer):
-    settings = make_settings(sqlite_url, gate_tolerance=1.0)
-    _duel_setup(settings, tmp_path, register_champion, png_writer, champion_trained_on=["b1", "m3", "m4"])
-    messages: list[str] = []
-    pipelines.gate_step(settings, "v-cand", actor="test", progress=messages.append)
+@pytest.mark.parametrize("approved", [True, False])
+def test_gate_with_approval_waits_for_a_person(sqlite_url, make_settings, tmp_path, tiny_model_artifact,
+                                               png_writer, approved):
+    settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0, require_approval=True)
+    _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer)
+    out = pipelines.gate_step(settings, "v-cand", actor="test", progress=lambda _: None)
+    assert out["decision"] == registry.AWAITING and out["champion"] == "v-champ"
+    done = pipelines.finish_approval(settings, "v-cand", approved, actor="dr.grey", comment="checked")
+    assert done["decision"] == ("promoted" if approved else "rejected")
+    assert done["champion"] == ("v-cand" if approved else "v-champ")
+    assert _evidence(sqlite_url)["approval"]["actor"] == "dr.grey"
+    card = (settings.models_dir / "v-cand" / "model_card.md").read_text()
+    assert f"Human approval: {'approved' if approved else 'rejected'} by `dr.grey`: checked" in card
 
-    evidence = _evidence(sqlite_url)
-    assert evidence["comparison"] == {"validation_images": 4, "champion_trained_on": 1, "images": 3,
-                                      "fallback": None}
-    # both sides measured on the same three images (the candidate from its recorded predictions)
-    assert evidence["candidate"]["n"] == 3.0 and evidence["champion"]["n"] == 3.0
-    assert evidence["candidate"]["accuracy"] == 1.0
-    assert not [m for m in messages if "falling back" in m]
 
+def test_cli_prints_holdout_intervals_temperature_hashes_and_the_card(sqlite_url, make_settings, tmp_path,
+                                                                     tiny_model_artifact, png_writer, monkeypatch,
+                                                                     capsys):
+    from bcc_pipeline import cli
 
-# -- evaluate_step's files ---------------------------------------------------------------------------
-def test_evaluate_step_replaces_validation_predictions_atomically(sqlite_url, make_settings, tmp_path,
-                                                                  tiny_model_artifact, png_writer):
-    """The gate reads validation_predictions.json back; a reader of the previous file (a retried
-    evaluation's) keeps reading it whole, because the new file replaces it rather than overwriting it."""
-    import shutil
+    settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0)
+    out = _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer)
+    pipelines.gate_step(settings, "v-cand", actor="test", progress=lambda _: None)
+    monkeypatch.setenv("BCC_HOME", str(settings.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
 
-    settings = make_settings(sqlite_url)
-    upgrade(sqlite_url)
-    sha, manifest = _dataset(tmp_path, png_writer)
-    m = manifest({"b1", "b2", "m1", "m2"}, "manifests")
-    src, artifact_sha = tiny_model_artifact
-    model_dir = settings.models_dir / "v-eval"
-    model_dir.mkdir(parents=True)
-    shutil.copyfile(src, model_dir / "model.keras")
-    meta = {"version": "v-eval", "artifact_sha256": artifact_sha, "manifest_path": str(m.path),
-            "manifest_hash": m.hash, "image_size": 32, "preprocessing": "densenet-torch-v1",
-            "hyperparameters": {"base_weights": "none", "profile": "demo"}, "n_train": 4, "n_val": 4,
-            "code_version": "test", "data_cutoff": None}
-    (model_dir / "metadata.json").write_text(json.dumps(meta))
-    (model_dir / "history.json").write_text(json.dumps({"loss": [0.7, 0.6], "val_loss": [0.7, 0.65]}))
-    previous = json.dumps([{"sha256": "old", "label": "benign", "prob_malignant": 0.5}] * 200)
-    (model_dir / "validation_predictions.json").write_text(previous)
+    assert cli.main(["models", "--json"]) == 0
+    rows = {r["version"]: r for r in json.loads(capsys.readouterr().out)}
+    cand = rows["v-cand"]
+    assert cand["temperature"] == out["temperature"] and cand["status"] == "champion"
+    assert set(cand["manifest_hashes"]) == {"train", "validation", "calibration", "holdout"}
+    assert cand["intervals"]["sensitivity"]["n"] == 6 and cand["intervals"]["roc_auc"]["k"] is None
 
-    with open(model_dir / "validation_predictions.json") as reader:
-        out = pipelines.evaluate_step(settings, "v-eval", progress=lambda _: None)
-        assert reader.read() == previous
-    rows = json.loads((model_dir / "validation_predictions.json").read_text())
-    assert sorted(r["sha256"] for r in rows) == sorted(sha[n] for n in ("b1", "b2", "m1", "m2"))
-    assert all(0.0 <= r["prob_malignant"] <= 1.0 for r in rows)
-    assert json.loads((model_dir / "metadata.json").read_text())["threshold"] == out["threshold"]
-    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
-    with session_scope(sqlite_url) as s:
-        assert registry.get_version(s, "v-eval").status == "candidate"
+    assert cli.main(["models"]) == 0
+    table = capsys.readouterr().out
+    s = cand["intervals"]["sensitivity"]
+    assert f"{s['value']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}] {s['k']}/6" in table
+
+    assert cli.main(["status", "--rows", "0"]) == 0
+    status = capsys.readouterr().out
+    assert "champion        v-cand" in status and f"temperature {out['temperature']:.3f}" in status
+    assert f"sensitivity {s['value']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}], {s['k']}/6 (holdout)" in status
+
+    assert cli.main(["model-card", "v-cand"]) == 0
+    card = capsys.readouterr().out
+    assert card.startswith("# Model card: v-cand") and "**promoted**" in card and "Candidate − champion" in card
+    assert cli.main(["model-card", "v-nope"]) == 1
+    assert "unknown model version" in capsys.readouterr().err

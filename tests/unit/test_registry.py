@@ -6,7 +6,12 @@ from bcc_pipeline.errors import NoChampionError, RegistryError
 from bcc_pipeline.store import ModelVersion, Promotion, session_scope
 
 GOOD = {"accuracy": 0.93, "sensitivity": 0.96, "roc_auc": 0.97}
-FLOORS = {"min_accuracy": 0.8, "min_sensitivity": 0.9, "tolerance": 0.02}
+FLOORS = {"min_accuracy": 0.8, "min_sensitivity": 0.9, "margin": 0.05}
+# candidate - champion on the same holdout: clearly non-inferior / clearly inferior
+SAME = {"sensitivity": {"value": 0.0, "lower": -0.02, "upper": 0.02, "n": 300},
+        "roc_auc": {"value": 0.01, "lower": -0.01, "upper": 0.03, "n": 300}}
+WORSE = {"sensitivity": {"value": -0.2, "lower": -0.3, "upper": -0.1, "n": 300},
+         "roc_auc": {"value": 0.0, "lower": -0.01, "upper": 0.01, "n": 300}}
 
 
 def _add(s, version, status="candidate", metrics=GOOD):
@@ -27,17 +32,20 @@ def test_first_model_faces_floors_only():
     d = registry.evaluate_gate(GOOD, None, **FLOORS)
     assert d.passed and "floors only" in d.summary
     d = registry.evaluate_gate({"accuracy": 0.7, "sensitivity": 0.96, "roc_auc": 0.9}, None, **FLOORS)
-    assert not d.passed and "accuracy 0.7000 is below the floor 0.8000" in d.summary
-
-
-def test_gate_compares_with_champion_within_tolerance():
-    champ = {"accuracy": 0.94, "sensitivity": 0.97, "roc_auc": 0.98}
-    assert registry.evaluate_gate(GOOD, champ, champion_version="v0", **FLOORS).passed  # within 0.02
-    worse = dict(GOOD, roc_auc=0.90)
-    d = registry.evaluate_gate(worse, champ, champion_version="v0", **FLOORS)
-    assert not d.passed and "roc_auc 0.9000 is worse than champion v0's 0.9800" in d.summary
+    assert not d.passed and "accuracy 0.7000 (holdout) is below the floor 0.80" in d.summary
     d = registry.evaluate_gate({"accuracy": None, "sensitivity": 0.95}, None, **FLOORS)
     assert not d.passed
+
+
+def test_gate_compares_with_champion_by_the_interval_of_the_difference():
+    champ = {"accuracy": 0.94, "sensitivity": 0.97, "roc_auc": 0.98}
+    d = registry.evaluate_gate(GOOD, champ, champion_version="v0", differences=SAME, **FLOORS)
+    assert d.decision == "promoted" and "non-inferior" in d.summary
+    d = registry.evaluate_gate(GOOD, champ, champion_version="v0", differences=WORSE, **FLOORS)
+    assert d.decision == "rejected" and "sensitivity difference -0.200 [-0.300, -0.100] vs champion v0" in d.summary
+    # no difference computed for a metric: undecided, never promoted
+    d = registry.evaluate_gate(GOOD, champ, champion_version="v0", differences={}, **FLOORS)
+    assert d.decision == "insufficient_evidence"
 
 
 def test_gate_decision_promotes_then_is_idempotent(migrated_url):
@@ -51,6 +59,7 @@ def test_gate_decision_promotes_then_is_idempotent(migrated_url):
         assert registry.get_champion(s).version == "v1"
         assert len(s.scalars(select(Promotion)).all()) == 1
         assert row.evidence["candidate"]["accuracy"] == 0.93
+        assert row.evidence["rule"] == registry.GATE_RULE and row.evidence["decision"] == "promoted"
 
 
 def test_rejection_keeps_champion(migrated_url):
@@ -108,10 +117,56 @@ def test_decision_for_is_the_gate_decision_only(migrated_url):
         assert registry.decision_for(s, "v1") is None
         registry.promote(s, "v1", actor="alice", reason="by hand")  # a manual promotion is not the gate's
         assert registry.decision_for(s, "v1") is None
-        d = registry.evaluate_gate(GOOD, dict(GOOD), champion_version="v1", **FLOORS,
-                                   comparison={"images": 4, "fallback": "compared on all 4 validation images"})
+        d = registry.evaluate_gate(GOOD, dict(GOOD), champion_version="v1", **FLOORS, differences=SAME,
+                                   comparison={"images": 4, "note": "2 holdout images the champion was trained on"})
         row = registry.record_gate_decision(s, "v2", d, actor="test")
         assert registry.decision_for(s, "v2").id == row.id and row.decision == "promoted"
         assert row.evidence["comparison"]["images"] == 4
-        assert "compared on all 4 validation images" in row.reason
+        assert "2 holdout images the champion was trained on" in row.reason
         assert registry.decision_for(s, "nope") is None
+
+
+def test_insufficient_evidence_keeps_the_champion(migrated_url):
+    with session_scope(migrated_url) as s:
+        _add(s, "v1", status="champion")
+        _add(s, "v2")
+        wide = {k: {"value": 0.0, "lower": -0.2, "upper": 0.2, "n": 40} for k in ("sensitivity", "roc_auc")}
+        d = registry.evaluate_gate(GOOD, GOOD, champion_version="v1", differences=wide, **FLOORS)
+        row = registry.record_gate_decision(s, "v2", d, actor="test")
+        assert row.decision == "insufficient_evidence" and (row.from_version, row.to_version) == ("v1", "v1")
+        assert "more holdout images would be needed" in row.reason
+        assert registry.get_champion(s).version == "v1" and s.get(ModelVersion, "v2").status == "rejected"
+        assert row.evidence["more_images_needed"] == d.more_images_needed > 0
+
+
+@pytest.mark.parametrize("approved", [True, False])
+def test_approval_finishes_a_pending_decision(migrated_url, approved):
+    with session_scope(migrated_url) as s:
+        _add(s, "v1", status="champion")
+        _add(s, "v2")
+        d = registry.evaluate_gate(GOOD, GOOD, champion_version="v1", differences=SAME, **FLOORS)
+        pending = registry.record_gate_decision(s, "v2", d, actor="airflow:gate", require_approval=True)
+        assert pending.decision == registry.AWAITING and s.get(ModelVersion, "v2").status == "candidate"
+        assert registry.get_champion(s).version == "v1"  # the gate does not promote by itself
+        assert registry.record_gate_decision(s, "v2", d, actor="x", require_approval=True).id == pending.id
+        row = registry.record_approval(s, "v2", approved, actor="dr.house", comment="looked at the plots")
+        assert row.actor == "dr.house" and row.evidence["approval"]["comment"] == "looked at the plots"
+        assert row.evidence["differences"] == pending.evidence["differences"]  # the gate's evidence is kept
+        if approved:
+            assert row.decision == "promoted" and registry.get_champion(s).version == "v2"
+            assert s.get(ModelVersion, "v1").status == "retired"
+        else:
+            assert row.decision == "rejected" and registry.get_champion(s).version == "v1"
+            assert s.get(ModelVersion, "v2").status == "rejected"
+        assert "dr.house: looked at the plots" in row.reason
+        # answering again the same way changes nothing; the other way is refused
+        assert registry.record_approval(s, "v2", approved, actor="dr.house").id == row.id
+        with pytest.raises(RegistryError, match="does not await approval"):
+            registry.record_approval(s, "v2", not approved, actor="someone")
+
+
+def test_approval_needs_a_pending_decision(migrated_url):
+    with session_scope(migrated_url) as s:
+        _add(s, "v1")
+        with pytest.raises(RegistryError, match="no gate decision"):
+            registry.record_approval(s, "v1", True, actor="a")

@@ -79,5 +79,5 @@ def test_odd_names_and_a_big_image(make_settings, sqlite_url, register_champion,
     assert os.path.lexists(q) and files.reason_path(q).exists()
     with session_scope(sqlite_url) as ses:
         paths = set(ses.scalars(select(Prediction.source_path)))
-    assert paths == {"not-utf8-\\xff\\xfe.png", "new\nline.png", "big.png"}
+    assert paths == {"not-utf8-\\xff\\xfe.png", "new\\nline.png", "big.png"}  # files.display_path
     assert inbox_files(s.inbox_dir) == []

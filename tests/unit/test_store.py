@@ -123,3 +123,39 @@ def test_bad_url_is_a_store_error(tmp_path):
         store.upgrade("postgresql+psycopg2://nobody@127.0.0.1:1/nothing")
     with pytest.raises(StoreError):
         store.get_engine("notadialect://x")
+
+
+# -- credentials never shown ------------------------------------------------------------------------
+_SECRET_URL = ("postgresql+psycopg2://bcc:hunter2pw@127.0.0.1:1/bcc"
+               "?password=querysecret&sslpassword=sslsecret&sslmode=disable&connect_timeout=2")
+
+
+def test_safe_url_masks_every_credential_form() -> None:
+    from bcc_pipeline.store import safe_url
+
+    shown = safe_url(_SECRET_URL)
+    for secret in ("hunter2pw", "querysecret", "sslsecret"):
+        assert secret not in shown
+    assert "sslmode=disable" in shown and "bcc:***@127.0.0.1:1/bcc" in shown
+    assert "PASSWORD=***" in safe_url("postgresql://h/db?PASSWORD=upper")
+    assert safe_url("not a url at all") == "<unparseable url>"
+
+
+def test_a_failing_connection_never_shows_the_password() -> None:
+    from bcc_pipeline.errors import StoreError
+    from bcc_pipeline.store import dispose_engine, require_schema
+
+    try:
+        with pytest.raises(StoreError) as info:
+            require_schema(_SECRET_URL)
+    finally:
+        dispose_engine(_SECRET_URL)
+    text = str(info.value)
+    assert "cannot connect to" in text
+    for secret in ("hunter2pw", "querysecret", "sslsecret"):
+        assert secret not in text
+
+
+def test_settings_repr_masks_the_database_url(make_settings) -> None:
+    s = make_settings(_SECRET_URL)
+    assert "querysecret" not in repr(s) and "hunter2pw" not in repr(s) and "sslsecret" not in repr(s)

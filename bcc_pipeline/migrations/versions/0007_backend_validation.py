@@ -1,14 +1,14 @@
 """back-end validation: backend_validations, compiled_models, predictions.backend/precision, the view
 
 Revision ID: 0007
-Revises: 0002
+Revises: 0005
 Create Date: 2026-11-28 17:30:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0007'
-down_revision = '0002'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,312 @@
+"""The data roles: the frozen holdout (freeze, extend, log), near-duplicates, calibration beside the
+seed's train/validation split, the ungrouped warning, migration 0004 on a database that holds data,
+and `bcc demo-data` with patient folders and a separate holdout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+from sqlalchemy import inspect, select, text
+
+from bcc_pipeline import cli, dataset, store
+from bcc_pipeline.demo_data import generate
+from bcc_pipeline.errors import DatasetError
+from bcc_pipeline.holdout import AUTO_FREEZE_REASON, describe_holdout
+from bcc_pipeline.neardup import NEAR_DUPLICATE_BITS, hamming, perceptual_hash
+from bcc_pipeline.pipelines import split_step
+from bcc_pipeline.store import HoldoutEvent, ImageRecord, session_scope
+
+
+@pytest.fixture
+def home(make_settings, migrated_url):
+    return make_settings(migrated_url, settle_seconds=0)
+
+
+def _land(s, *, benign=20, malignant=20, groups=5, seed=1, first_patient=1, out=None) -> dict:
+    return generate(out or s.landing_dir, benign=benign, malignant=malignant, size=64, seed=seed, groups=groups,
+                    first_patient=first_patient)
+
+
+def _events(s) -> list[HoldoutEvent]:
+    with session_scope(s.database_url) as sess:
+        return list(sess.scalars(select(HoldoutEvent).order_by(HoldoutEvent.seq)))
+
+
+def _roles_by_group(*manifests) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m in manifests:
+        for e in m.entries:
+            out.setdefault(e["group_id"], set()).add(e["split"])
+    return out
+
+
+def test_freeze_is_group_aware_stratified_and_logged(home):
+    _land(home, benign=40, malignant=40, groups=8)
+    dataset.intake(home)
+    h = dataset.freeze_holdout(home, fraction=0.25, actor="dr. who", reason="validation study 1")
+    assert {e["split"] for e in h.entries} == {"holdout"} and h.n("holdout") == len(h.entries)
+    counts = {lab: sum(e["label"] == lab for e in h.entries) for lab in ("benign", "malignant")}
+    assert counts == {"benign": 10, "malignant": 10}  # 25 % of each label, in whole patients of 5 tiles
+    split = split_step(home)
+    dev = dataset.load_manifest(split["manifest_path"])
+    assert split["holdout_hash"] == h.hash and split["n_holdout"] == 20 and split["grouped"] is True
+    assert split["n_train"] + split["n_val"] + split["n_calibration"] == 60
+    assert all(len(roles) == 1 for roles in _roles_by_group(dev, h).values())  # no patient in two roles
+    assert set(split["role_hashes"]) == {"train", "validation", "calibration", "holdout"}
+    assert split["role_hashes"]["holdout"] == h.role_hash("holdout")
+    paths, labels = dataset.manifest_arrays(h, "holdout")
+    assert len(paths) == 20 and sorted(labels) == [0] * 10 + [1] * 10
+    [ev] = _events(home)
+    assert (ev.seq, ev.action, ev.actor, ev.reason, ev.old_hash, ev.new_hash) == (
+        1, "freeze", "dr. who", "validation study 1", None, h.hash)
+    assert (ev.n_before, ev.n_after, ev.counts) == (0, 20, {"benign": 10, "malignant": 10})
+    with pytest.raises(DatasetError, match="already frozen"):
+        dataset.freeze_holdout(home, fraction=0.2, actor="x", reason="again")
+    with pytest.raises(DatasetError, match="reason"):
+        dataset.extend_holdout(home, home.landing_dir, actor="x", reason=" ")
+
+
+def test_holdout_stays_frozen_and_new_data_goes_to_development(home):
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    first = split_step(home)
+    assert first["holdout_frozen_now"] and first["n_holdout"] > 0
+    [ev] = _events(home)
+    assert ev.action == "freeze" and ev.reason == AUTO_FREEZE_REASON
+    _land(home, benign=10, malignant=10, groups=2, seed=2, first_patient=50)  # new patients arrive
+    new = {r.sha256 for r in _new_rows(home)}
+    second = split_step(home)
+    assert second["holdout_hash"] == first["holdout_hash"] and not second["holdout_frozen_now"]
+    assert second["role_hashes"]["holdout"] == first["role_hashes"]["holdout"]
+    dev = dataset.load_manifest(second["manifest_path"])
+    assert new <= {e["sha256"] for e in dev.entries}  # every new image went to development
+    assert second["n_train"] + second["n_val"] + second["n_calibration"] == 60 + 20 - second["n_holdout"]
+    assert len(_events(home)) == 1  # nothing changed the holdout
+
+
+def _new_rows(s) -> list[ImageRecord]:
+    before = set()
+    with session_scope(s.database_url) as sess:
+        before = {r.sha256 for r in sess.scalars(select(ImageRecord))}
+    dataset.intake(s)
+    with session_scope(s.database_url) as sess:
+        return [r for r in sess.scalars(select(ImageRecord)) if r.sha256 not in before]
+
+
+def test_extend_is_logged_keeps_the_folder_and_never_enters_development(home, tmp_path):
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    extra = tmp_path / "more-holdout"
+    _land(home, benign=6, malignant=6, groups=2, seed=9, first_patient=40, out=extra)
+    before = sorted(p.relative_to(extra) for p in extra.rglob("*") if p.is_file())
+    grown = dataset.extend_holdout(home, extra, actor="dr. b", reason="new cohort")
+    assert sorted(p.relative_to(extra) for p in extra.rglob("*") if p.is_file()) == before  # read, not moved
+    assert grown.n("holdout") == frozen.n("holdout") + 12
+    added = {e["sha256"] for e in grown.entries} - {e["sha256"] for e in frozen.entries}
+    ev = _events(home)[-1]
+    assert (ev.seq, ev.action, ev.actor, ev.reason, ev.old_hash, ev.new_hash, ev.n_before, ev.n_after) == (
+        2, "extend", "dr. b", "new cohort", frozen.hash, grown.hash, frozen.n("holdout"), grown.n("holdout"))
+    assert dataset.current_holdout(home).hash == grown.hash
+    split = split_step(home)
+    dev = dataset.load_manifest(split["manifest_path"])
+    assert not added & {e["sha256"] for e in dev.entries}
+    assert split["holdout_hash"] == grown.hash
+    with pytest.raises(DatasetError, match="no image .* was added.*12 already in it"):
+        dataset.extend_holdout(home, extra, actor="dr. b", reason="again")
+    info = describe_holdout(home)
+    assert [e["action"] for e in info["history"]] == ["freeze", "extend"] and info["n"] == grown.n("holdout")
+
+
+def _copies(src: Path, folder: Path) -> tuple[Path, Path]:
+    """A re-encoded JPEG copy and a resized (150 %, PNG) copy of ``src`` in ``folder``."""
+    bgr = cv2.imread(str(src))
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg, resized = folder / "reencoded.jpg", folder / "resized.png"
+    cv2.imwrite(str(jpeg), bgr, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    cv2.imwrite(str(resized), cv2.resize(bgr, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_LINEAR))
+    return jpeg, resized
+
+
+def test_near_duplicates_of_development_images_are_kept_out_of_the_holdout(home, tmp_path):
+    dev = _land(home, benign=20, malignant=20, groups=4)
+    folder = tmp_path / "holdout-in"
+    _land(home, benign=10, malignant=10, groups=2, seed=5, first_patient=30, out=folder)
+    src = sorted(f for f in dev["files"] if "/malignant/" in f)[0]
+    jpeg, resized = _copies(Path(src), folder / "malignant" / "patient_99")
+    dataset.intake(home)
+    h = dataset.extend_holdout(home, folder, actor="t", reason="planted copies")
+    assert h.n("holdout") == 20
+    kept_out = {x["source"]: x for x in h.excluded}
+    assert set(kept_out) == {str(jpeg), str(resized)}
+    for x in kept_out.values():
+        assert x["kind"] == "near_duplicate" and x["distance"] <= NEAR_DUPLICATE_BITS
+        assert "near-duplicate of development image" in x["reason"]
+    split = split_step(home)
+    flagged = {x["source"]: x for x in split["near_duplicates"]}
+    assert set(flagged) == {str(jpeg), str(resized)} and {x["kept_out_of"] for x in flagged.values()} == {"holdout"}
+    assert any("near-duplicate" in w for w in split["warnings"])
+    dev_m = dataset.load_manifest(split["manifest_path"])
+    assert not {x["sha256"] for x in h.excluded} & {e["sha256"] for e in dev_m.entries}
+
+    # the other way round: a copy of a holdout image arriving in landing is kept out of development
+    hsrc = h.entries[0]["path"]
+    label = h.entries[0]["label"]
+    _copies(Path(hsrc), home.landing_dir / label / "patient_77")
+    dataset.intake(home)
+    again = split_step(home)
+    assert again["holdout_hash"] == h.hash
+    into_dev = [x for x in again["near_duplicates"] if x["kept_out_of"] == "development"]
+    assert len(into_dev) == 2 and all(x["near_sha256"] == h.entries[0]["sha256"] for x in into_dev)
+
+
+def test_perceptual_hash_rule_separates_copies_from_other_tiles(tmp_path):
+    files = generate(tmp_path, benign=4, malignant=4, size=96, seed=3)["files"]
+    hashes = [perceptual_hash(cv2.imread(f)[..., ::-1]) for f in files]
+    assert all(len(h) == 16 for h in hashes)
+    assert min(hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]) > NEAR_DUPLICATE_BITS
+    jpeg, resized = _copies(Path(files[0]), tmp_path / "copies")
+    for copy in (jpeg, resized):
+        assert hamming(hashes[0], perceptual_hash(cv2.imread(str(copy))[..., ::-1])) <= NEAR_DUPLICATE_BITS
+
+
+def test_ungrouped_data_is_said_to_leak(home):
+    _land(home, benign=15, malignant=15, groups=0)
+    dataset.intake(home)
+    split = split_step(home)
+    assert split["grouped"] is False
+    assert any("without patient groups, a split by image can leak" in w for w in split["warnings"])
+
+
+def test_patient_of_the_holdout_arriving_later_is_kept_out_of_development(home, tmp_path):
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    h = dataset.freeze_holdout(home, fraction=0.25, actor="t", reason="r")
+    patient = next(e["group_id"] for e in h.entries if e["label"] == "malignant")
+    for f in generate(tmp_path / "later", benign=0, malignant=2, size=64, seed=11)["files"]:
+        (home.landing_dir / "malignant" / patient).mkdir(parents=True, exist_ok=True)
+        shutil.move(f, home.landing_dir / "malignant" / patient / Path(f).name)
+    dataset.intake(home)
+    split = split_step(home)
+    dev = dataset.load_manifest(split["manifest_path"])
+    assert patient not in {e["group_id"] for e in dev.entries}
+    assert {x["kind"] for x in dev.excluded} == {"group_in_holdout"} and len(dev.excluded) == 2
+    assert split["holdout_hash"] == h.hash
+
+
+def test_calibration_is_carved_by_group_and_fraction_zero_keeps_the_seed_split(make_settings, migrated_url):
+    s = make_settings(migrated_url, settle_seconds=0, holdout_fraction=0)
+    _land(s, benign=40, malignant=40, groups=10)
+    dataset.intake(s)
+    split = split_step(s)
+    dev = dataset.load_manifest(split["manifest_path"])
+    assert split["holdout_hash"] is None and any("no holdout" in w for w in split["warnings"])
+    assert split["counts"]["calibration"] == {"benign": 8, "malignant": 8}  # 20 % of each label
+    assert all(len(roles) == 1 for roles in _roles_by_group(dev).values())
+    none = make_settings(migrated_url, settle_seconds=0, holdout_fraction=0, calibration_fraction=0)
+    plain = split_step(none)
+    assert plain["n_calibration"] == 0 and plain["n_train"] + plain["n_val"] == 80
+
+
+def test_migration_upgrades_a_database_that_holds_data(db_url, tmp_path):
+    store.upgrade(db_url, "0002")
+    png = generate(tmp_path / "old", benign=1, malignant=0, size=64, seed=1)["files"][0]
+    with store.get_engine(db_url).begin() as conn:
+        conn.execute(text(
+            "INSERT INTO images (sha256, label, group_id, width, height, format, source_path, stored_path, "
+            "first_seen_at) VALUES (:sha, 'benign', 'p1', 64, 64, 'PNG', 'benign/p1/a.png', :path, :at)"),
+            {"sha": "a" * 64, "path": png, "at": store.utcnow()})
+    store.upgrade(db_url)
+    cols = {c["name"] for c in inspect(store.get_engine(db_url)).get_columns("images")}
+    assert "phash" in cols and "holdout_events" in inspect(store.get_engine(db_url)).get_table_names()
+    from bcc_pipeline.neardup import ensure_phashes
+
+    with session_scope(db_url) as s:
+        row = s.get(ImageRecord, "a" * 64)
+        assert (row.label, row.group_id, row.phash) == ("benign", "p1", None)  # kept, hash not yet computed
+        assert ensure_phashes(s, ["a" * 64]) == {"a" * 64: perceptual_hash(cv2.imread(png)[..., ::-1])}
+    with session_scope(db_url) as s:
+        assert s.get(ImageRecord, "a" * 64).phash is not None  # computed once, stored
+
+
+def test_demo_data_writes_patient_folders_and_a_separate_holdout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BCC_HOME", str(tmp_path / "home"))
+    dev, hold = tmp_path / "dev", tmp_path / "hold"
+    assert cli.main(["demo-data", "--out", str(dev), "--benign", "60", "--malignant", "61", "--size", "40",
+                     "--holdout-out", str(hold), "--holdout", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_files"] == 121 and out["holdout"]["n_files"] == 20
+    dev_patients = {p.parent.name for p in dev.rglob("*.png")}
+    hold_patients = {p.parent.name for p in hold.rglob("*.png")}
+    assert all(p.startswith("patient_") for p in dev_patients | hold_patients)
+    assert len(dev_patients) == out["patients"] == 2 * 13  # about 5 tiles per patient, 13 per label
+    assert not dev_patients & hold_patients  # other patients
+    per = [len(list(d.glob("*.png"))) for d in dev.glob("*/patient_*")]
+    assert min(per) >= 4 and sum(per) == 121
+    digests = lambda root: {p.read_bytes() for p in root.rglob("*.png")}  # noqa: E731
+    assert not digests(dev) & digests(hold)
+    assert sorted(len(list((hold / lab).rglob("*.png"))) for lab in ("benign", "malignant")) == [10, 10]
+    assert len(hold_patients) == 20  # a small set is still spread over 10 patients per label
+
+
+def test_small_demo_data_splits_into_all_four_roles(home, monkeypatch, capsys):
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["demo-data", "--benign", "12", "--malignant", "12", "--size", "40"]) == 0
+    dataset.intake(home)
+    split = split_step(home)
+    assert split["grouped"] and min(split["n_train"], split["n_val"], split["n_calibration"], split["n_holdout"]) >= 2
+
+
+def test_bcc_holdout_commands(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["holdout", "show"]) == 0
+    assert "no holdout yet" in capsys.readouterr().out
+    folder = tmp_path / "in"
+    _land(home, benign=6, malignant=6, groups=2, out=folder)
+    assert cli.main(["holdout", "extend", "--from", str(folder), "--reason", "cohort B", "--actor", "dr. c"]) == 0
+    assert "holdout extend" in capsys.readouterr().out
+    assert cli.main(["holdout", "show", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n"] == 12 and info["counts"] == {"benign": 6, "malignant": 6} and len(info["groups"]) == 4
+    assert [(e["action"], e["actor"], e["reason"]) for e in info["history"]] == [("extend", "dr. c", "cohort B")]
+    assert cli.main(["holdout", "freeze", "--reason", "again"]) == 1
+    assert "already frozen" in capsys.readouterr().err
+
+
+def test_a_champion_developed_on_holdout_images_is_named(home):
+    """After an upgrade the holdout is chosen from images an older champion was trained on: said so."""
+    from tests.support import model_version_row
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    with session_scope(home.database_url) as s:
+        records = [{"sha256": r.sha256, "label": r.label, "group_id": r.group_id, "path": r.stored_path}
+                   for r in s.scalars(select(ImageRecord))]
+    old = dataset.write_manifest(dataset.make_split(records), home.dataset_dir / "manifests", seed=1,
+                                 val_fraction=0.2)
+    with session_scope(home.database_url) as s:
+        s.add(model_version_row("v-old", "champion", manifest_hash=old.hash))
+    split = split_step(home)
+    assert any(f"the champion v-old was developed on {split['n_holdout']} of the {split['n_holdout']} holdout"
+               in w for w in split["warnings"])
+
+
+def test_extending_the_holdout_is_not_new_training_data(home, tmp_path):
+    """The retrain-or-skip rule counts development images only: a bigger holdout triggers no retrain."""
+    from bcc_pipeline.pipelines import count_new_images
+
+    _land(home, benign=20, malignant=20, groups=5)
+    dataset.intake(home)
+    dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    before = count_new_images(home)
+    assert before["total_images"] < 40  # the frozen holdout is not development data
+    extra = tmp_path / "more-holdout"
+    _land(home, benign=6, malignant=6, groups=2, seed=9, first_patient=40, out=extra)
+    dataset.extend_holdout(home, extra, actor="dr. b", reason="new cohort")
+    assert count_new_images(home) == before

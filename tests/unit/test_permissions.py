@@ -1,0 +1,89 @@
+"""The permission policy (``BCC_UMASK``, default 027): what BCC creates is group-readable and not
+world-readable, whatever umask the login shell had."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bcc_pipeline import cli, files
+from bcc_pipeline.config import load_settings
+from bcc_pipeline.errors import ConfigError
+from bcc_pipeline.store import dispose_engine
+
+
+@pytest.fixture
+def loose_umask():
+    """A typical login umask (022: world-readable) for the test, the process's own restored afterwards."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def cli_home(tmp_path, monkeypatch):
+    for name in ("BCC_DATABASE_URL", "BCC_PROFILE", "BCC_UMASK"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("BCC_HOME", str(home))
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    yield home
+    dispose_engine(f"sqlite:///{home / 'bcc.db'}")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_the_cli_creates_the_database_and_the_dataset_store_group_readable_only(loose_umask, cli_home, png_writer):
+    assert cli.main(["db", "upgrade"]) == 0
+    db = cli_home / "bcc.db"
+    assert _mode(db) == 0o640
+    for extra in (Path(f"{db}-wal"), Path(f"{db}-shm")):  # SQLite gives its WAL files the database's mode
+        if extra.exists():
+            assert _mode(extra) == 0o640
+    png_writer(cli_home / "landing" / "benign" / "a.png", seed=1)
+    (cli_home / "landing" / "benign" / "bad.png").write_bytes(b"not an image at all")
+    assert cli.main(["intake", "--json"]) == 0
+    stored = [p for p in (cli_home / "dataset").rglob("*") if p.is_file()]
+    assert len(stored) == 1 and _mode(stored[0]) == 0o640
+    assert _mode(stored[0].parent) == 0o750 and _mode(cli_home / "dataset") == 0o750
+    reasons = list((cli_home / "quarantine").rglob("*.reason.txt"))
+    assert len(reasons) == 1 and _mode(reasons[0]) == 0o640
+
+
+def test_bcc_umask_077_makes_everything_private(loose_umask, cli_home, monkeypatch):
+    monkeypatch.setenv("BCC_UMASK", "077")
+    assert cli.main(["db", "upgrade"]) == 0
+    assert _mode(cli_home / "bcc.db") == 0o600 and _mode(cli_home) == 0o700
+
+
+def test_saved_model_artifacts_follow_the_umask(loose_umask, tmp_path):
+    from tests.support import save_tiny_artifact
+
+    files.apply_umask(load_settings(env={}).umask)
+    path, _sha = save_tiny_artifact(tmp_path / "models" / "v1")
+    assert _mode(path) == 0o640 and _mode(path.parent / "metadata.json") == 0o640
+    assert _mode(path.parent) == 0o750
+
+
+def test_atomic_write_gives_the_umask_mode_not_mkstemps_0600(loose_umask, tmp_path):
+    assert files.apply_umask(0o027) == 0o022 and files.current_umask() == 0o027
+    assert _mode(files.atomic_write(tmp_path / "a.json", "{}")) == 0o640
+    assert _mode(files.atomic_write(tmp_path / "b.bin", lambda p: p.write_bytes(b"x"))) == 0o640
+    files.apply_umask(0o002)
+    assert _mode(files.atomic_write(tmp_path / "c.json", "{}")) == 0o664
+    assert files.created_mode(directory=True) == 0o775
+
+
+@pytest.mark.parametrize("raw", ["0o177", "777", "8", "abc", "-1"])
+def test_bcc_umask_must_leave_the_owner_read_and_write(raw):
+    with pytest.raises(ConfigError, match="BCC_UMASK"):
+        load_settings(env={"BCC_UMASK": raw})
+
+
+def test_bcc_umask_is_octal_everywhere():
+    assert load_settings(env={}).umask == 0o027
+    assert load_settings(env={"BCC_UMASK": "0o007"}).umask == 0o007
+    assert load_settings(env={"BCC_UMASK": "22"}).as_dict()["umask"] == "022"

@@ -75,13 +75,14 @@ def reference_images(image_size: int) -> Any:
     return x
 
 
-def _manifest(mv: dict[str, Any]) -> Any:
-    """The manifest a version was trained from (``metadata.json`` beside its artifact), or None."""
+def _manifest(mv: dict[str, Any], key: str = "manifest_path") -> Any:
+    """A manifest named in the ``metadata.json`` beside a version's artifact (``manifest_path``: the one it
+    was trained from; ``holdout_path``: the frozen holdout it was measured on), or None."""
     from .dataset import load_manifest
 
     try:
         meta = json.loads((Path(mv["artifact_path"]).parent / "metadata.json").read_text(encoding="utf-8"))
-        return load_manifest(meta["manifest_path"])
+        return load_manifest(meta[key]) if meta.get(key) else None
     except (OSError, ValueError, KeyError, TypeError, DatasetError):
         return None
 
@@ -105,12 +106,15 @@ def _role_images(settings: Settings, manifest: Any, role: str, image_size: int) 
 
 
 def _evaluation_images(settings: Settings, mv: dict[str, Any], reference_only: bool) -> dict[str, Any]:
-    """role -> images to compare on: calibration, holdout (or validation standing in), reference."""
+    """role -> images to compare on: calibration, holdout (from the version's frozen holdout manifest when it
+    has one; the validation images stand in for a role it lacks), reference."""
     manifest = None if reference_only else _manifest(mv)
     out: dict[str, Any] = {}
     if manifest is not None:
+        holdout = _manifest(mv, "holdout_path")
         for role in ("calibration", "holdout"):
-            got = _role_images(settings, manifest, role, int(mv["image_size"]))
+            source = holdout if role == "holdout" and holdout is not None and holdout.split("holdout") else manifest
+            got = _role_images(settings, source, role, int(mv["image_size"]))
             if got is not None and got[0] not in out:
                 out[got[0]] = got[1]
     out["reference"] = reference_images(int(mv["image_size"]))

@@ -297,7 +297,10 @@ def test_int8_is_calibrated_on_development_images_and_validated_like_the_others(
                        "path": str(f), "split": role} for k, (f, role) in enumerate(zip(files, roles, strict=True))),
                      key=lambda e: e["sha256"])
     manifest = write_manifest(entries, tmp_path / "manifests", seed=0, val_fraction=0.3)
-    (s.models_dir / version / "metadata.json").write_text(json.dumps({"manifest_path": str(manifest.path)}))
+    frozen = write_manifest([dict(e, split="holdout") for e in entries[:2]], tmp_path / "holdout", seed=0,
+                            val_fraction=0.3)  # the frozen holdout the version was measured on
+    (s.models_dir / version / "metadata.json").write_text(json.dumps({"manifest_path": str(manifest.path),
+                                                                      "holdout_path": str(frozen.path)}))
     mv = _mv(s, version)
     assert development_images(s, mv).shape == (9, SIZE, SIZE, 3)  # train + validation, never the holdout
     monkeypatch.setenv("BCC_HOME", str(s.home))
@@ -308,8 +311,8 @@ def test_int8_is_calibrated_on_development_images_and_validated_like_the_others(
 
     assert main(["validate-backends", version, "--backend", "openvino-int8", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)  # NNCF's progress bars stay off stdout
-    # calibration is not in this manifest: the validation images stand in; the holdout is its own role
-    assert r["images"] == {"validation": 3, "holdout": 4, "reference": REFERENCE_TILES}
+    # calibration is not in this manifest: the validation images stand in; the holdout is the frozen one
+    assert r["images"] == {"validation": 3, "holdout": 2, "reference": REFERENCE_TILES}
     row = {x["backend"]: x for x in r["results"]}["openvino-int8"]
     assert row["precision"] == "int8" and row["error"] is None and row["max_delta"] is not None
     assert row["validated"] == (row["flips_malignant_to_benign"] + row["flips_benign_to_malignant"] == 0)

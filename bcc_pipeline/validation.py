@@ -3,8 +3,8 @@ version, on the CPU class and software that will score.
 
 :func:`validate_backends` scores a model version's images with every available back-end and compares
 each with fp32 Keras (:data:`bcc_pipeline.config.REFERENCE_BACKEND`, what the metrics were measured
-with). The images: the version's ``calibration`` and ``holdout`` images from its manifest (the
-``validation`` images stand in for a role the manifest does not have), plus a fixed reference set of
+with). The images: the version's ``calibration`` images from its manifest and its frozen ``holdout``
+(``holdout_path`` in its metadata; the ``validation`` images stand in for a role it does not have), plus a fixed reference set of
 :data:`REFERENCE_TILES` synthetic tiles (rendered by :func:`bcc_pipeline.demo_data.render_tile` with seed
 :data:`REFERENCE_SEED`: the same pixels on every machine, nothing downloaded). Recorded per back-end in
 ``backend_validations``: label flips at the version's threshold (malignant→benign and benign→malignant

@@ -18,7 +18,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .cli_data import add_data_commands
-from .config import BACKENDS, DEFAULTS, PROFILES, SETTINGS, Settings, load_settings, markdown_table
+from .config import (
+    BACKENDS,
+    DEFAULTS,
+    INFERENCE_CHOICES,
+    PROFILES,
+    SETTINGS,
+    Settings,
+    load_settings,
+    markdown_table,
+)
 from .errors import BCCError, StoreError
 from .files import apply_umask, one_line
 from .store import safe_url
@@ -149,8 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _version_rows(s: Settings) -> list[dict[str, Any]]:
     from .overview import model_versions
+    from .validation import validated_summary
 
-    return [{k: v for k, v in row.items() if k not in ("metrics", "plots")} for row in model_versions(s)]
+    return [{**{k: v for k, v in row.items() if k not in ("metrics", "plots")},
+             "backends_validated_here": validated_summary(s, row["version"])} for row in model_versions(s)]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -163,7 +174,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             return
         print("holdout metrics with 95% intervals (exact for proportions, bootstrap for AUC); T = temperature")
         print(f"{'version':26s} {'status':10s} {'px':>4s} {'sensitivity':>24s} {'specificity':>24s} "
-              f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  holdout")
+              f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  {'holdout':12s}  validated back-ends (this CPU class)")
         for r in rows:
             iv = r["intervals"]
 
@@ -178,7 +189,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             temp = "n/a" if r["temperature"] is None else f"{r['temperature']:6.3f}"
             hold = (r["manifest_hashes"] or {}).get("holdout") or "n/a"
             print(f"{r['version']:26s} {r['status']:10s} {r['image_size']:4d} {f('sensitivity'):>24s} "
-                  f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]}")
+                  f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]:12s}  "
+                  f"{r['backends_validated_here']}")
 
     _emit(args, rows, human)
     return 0
@@ -210,7 +222,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     with session_scope(s.database_url) as session:
         row = promote(session, args.version, actor=args.actor or default_actor(), reason=args.reason)
         out = _decision(row)
-    _emit(args, out, f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'})")
+    from .validation import validate_published
+
+    out["backends"] = validate_published(s, args.version, progress=_progress)
+    _emit(args, out, f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'}); validated "
+                     f"back-ends here: {', '.join(out['backends']['validated']) or 'none (fp32 Keras scores)'}")
     return 0
 
 
@@ -284,7 +300,11 @@ def cmd_model_info(args: argparse.Namespace) -> int:
             "profile": s.profile, "base_weights": s.base_weights,
             "input_shape": [s.image_size, s.image_size, 3], **count_params(net),
             "layers": [layer.name for layer in net.layers]}
-    _emit(args, info, lambda: [print(f"{k:22s} {v}") for k, v in info.items()])
+    from .validation import champion_validations
+
+    info["backend_validations"], table = champion_validations(s)
+    _emit(args, info, lambda: [print(f"{k:22s} {v}") for k, v in info.items() if k != "backend_validations"]
+          + [print(table)])
     return 0
 
 
@@ -316,10 +336,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     s = load_settings(overrides={"score_batch_size": args.score_batch_size,
                                  "settle_seconds": args.settle_seconds, "inference": args.inference})
     require_schema(s.database_url)
-    r = score_inbox(s, inbox=args.inbox, run_id=args.run_id, progress=_progress)
+    r = score_inbox(s, inbox=args.inbox, run_id=args.run_id, progress=_progress,
+                    force_unvalidated=args.force_unvalidated)
 
     def human() -> None:
-        print(f"scoring run {r['run_id']} with {r['model_version']} ({r['inference']}): {r['scored']} scored, "
+        print(f"scoring run {r['run_id']} with {r['model_version']} ({r['inference']}, {r['precision']}; "
+              f"{r['rescored_fp32']} re-scored in fp32 near the threshold): {r['scored']} scored, "
               f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
               f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)")
         for rej in r["rejections"]:
@@ -337,6 +359,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     if r["move_failed"]:
         print(f"bcc: warning: {r['move_failed']} file(s) could not be moved and are still in the inbox "
               "(listed under move_failures); the next run tries again", file=sys.stderr)
+    return 0
+
+
+def cmd_validate_backends(args: argparse.Namespace) -> int:
+    from .validation import format_validations, validate_backends
+
+    s = load_settings()
+    r = validate_backends(s, args.version, args.backend, reference_only=args.reference_only, progress=_progress)
+    _emit(args, r, lambda: print(format_validations(r["results"]) + "".join(
+        f"\n  {b:14s} skipped: {why}" for b, why in r["skipped"].items())))
     return 0
 
 
@@ -365,9 +397,10 @@ def cmd_predictions(args: argparse.Namespace) -> int:
         for n, row in enumerate(rows, 1):
             if n == 1:
                 print(f"{'scored_at (UTC)':19s}  {'label':9s} {'p_malig':>7s}  {'model_version':26s} "
-                      f"{'sha256':12s}  source_path")
+                      f"{'sha256':12s}  {'back-end':19s} source_path")
+            how = f"{row['backend'] or '-'}/{row['precision'] or '-'}"
             print(f"{row['scored_at'][:19]:19s}  {row['label']:9s} {row['prob_malignant']:7.4f}  "
-                  f"{row['model_version']:26s} {row['sha256'][:12]:12s}  {row['source_path']}")
+                  f"{row['model_version']:26s} {row['sha256'][:12]:12s}  {how:19s} {row['source_path']}")
         if n == 0:
             print("no predictions match")
         elif limit is not None and n == limit:
@@ -447,9 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--settle-seconds", type=float,
                     help="leave files modified more recently than this for the next run (BCC_SETTLE_SECONDS)")
     sp.add_argument("--run-id", help="run id (default: a new one); the id of an interrupted run finishes it")
-    sp.add_argument("--inference", choices=BACKENDS,
+    sp.add_argument("--inference", choices=INFERENCE_CHOICES,
                     help=f"inference back-end (default: BCC_INFERENCE or {DEFAULTS['inference']}; see the README's "
                     "Benchmarks)")
+    sp.add_argument("--force-unvalidated", action="store_true",
+                    help="score with --inference even where it is not validated for the champion (recorded)")
+
+    sp = add("validate-backends", cmd_validate_backends,
+             "compare inference back-ends with fp32 Keras on a model version's images and record the results")
+    sp.add_argument("version")
+    sp.add_argument("--backend", action="append", choices=BACKENDS, help="only this back-end (repeatable)")
+    sp.add_argument("--reference-only", action="store_true", help="only the fixed reference tiles (seconds)")
 
     sp = add("predictions", cmd_predictions, "list stored predictions, newest first")
     sp.add_argument("--format", choices=("table", "csv", "json"), default="table",

@@ -34,13 +34,20 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["BACKENDS", "DEFAULTS", "DEFAULT_BACKEND", "ENV_VARS", "HOME_MARKER", "PROFILES", "SETTINGS", "Setting",
-           "Settings", "load_settings", "markdown_table", "update_readme"]
+__all__ = ["BACKENDS", "DEFAULTS", "DEFAULT_BACKEND", "DEFAULT_INFERENCE", "ENV_VARS", "HOME_MARKER",
+           "INFERENCE_CHOICES", "PROFILES", "REFERENCE_BACKEND", "SETTINGS", "Setting", "Settings", "load_settings",
+           "markdown_table", "update_readme"]
 
 #: Inference back-ends :func:`bcc_pipeline.inference.load_predictor` knows (described there).
-BACKENDS = ("keras", "xla", "keras-bf16", "openvino", "openvino-bf16", "onnxruntime")
-#: The fastest back-end that agreed on at least 99.5 % of the labels in ``make bench``.
-DEFAULT_BACKEND = "openvino-bf16"
+BACKENDS = ("keras", "xla", "keras-bf16", "openvino", "openvino-bf16", "openvino-int8", "onnxruntime")
+#: fp32 Keras: what the metrics were measured with; every other back-end is validated against it.
+REFERENCE_BACKEND = "keras"
+#: What scoring falls back to when no other back-end is validated (the reference itself).
+DEFAULT_BACKEND = REFERENCE_BACKEND
+#: ``BCC_INFERENCE``: a back-end, or ``auto``, the fastest back-end validated for the champion on this CPU
+#: class (:mod:`bcc_pipeline.validation`), fp32 Keras when none is.
+DEFAULT_INFERENCE = "auto"
+INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 
 #: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
 HOME_MARKER = ".bcc-home"
@@ -175,8 +182,14 @@ class Settings:
     inbox_roots: str = setting("BCC_INBOX_ROOTS", "", "Folders (separated by `os.pathsep`, `:` on Linux) an inbox "
                                "must lie in; `bcc score --inbox` and the DAG's `inbox` refuse any other.",
                                shown="$BCC_HOME/inbox")
-    inference: str = setting("BCC_INFERENCE", DEFAULT_BACKEND, "Scoring back-end (see Benchmarks).",
-                             choices=BACKENDS)
+    inference: str = setting("BCC_INFERENCE", DEFAULT_INFERENCE, "Scoring back-end; `auto`: the fastest one "
+                             "validated for the champion on this CPU class, else fp32 `keras` (see Benchmarks).",
+                             choices=INFERENCE_CHOICES)
+    backend_max_delta: float = setting("BCC_BACKEND_MAX_DELTA", 0.01, "A back-end is validated for a model "
+                                       "version when it flips no label and its largest probability change "
+                                       "against fp32 Keras is at most this.", minimum=0, maximum=1)
+    guard_band: float = setting("BCC_GUARD_BAND", 0.02, "Predictions this close to the threshold are re-scored "
+                                "with fp32 Keras before their label is stored (0: never).", minimum=0, maximum=1)
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -1,35 +1,43 @@
 """Inference back-ends: one compiled function from a model artifact to the model's output, per batch.
 
-Scoring asks :func:`load_predictor` for the back-end named by ``BCC_INFERENCE`` (pinned in each scoring
-run's plan, so every shard of a run uses the same one). All take a float32 batch ``(N, size, size, 3)``
-preprocessed by :func:`bcc_pipeline.images.preprocess` and return the model's softmax ``(N, 2)``:
+Scoring asks :func:`load_predictor` for the back-end its run's plan pinned (``BCC_INFERENCE``; ``auto``
+and the rule that no unvalidated back-end labels an image live in :mod:`bcc_pipeline.validation`). All
+take a float32 batch ``(N, size, size, 3)`` preprocessed by :func:`bcc_pipeline.images.preprocess` and
+return the model's softmax ``(N, 2)``:
 
 =================  ==================================================================================
-``keras``          TensorFlow, fp32, one ``tf.function`` (exactly what training and evaluation ran).
-``xla``            The same function compiled with XLA (``jit_compile=True``).
+``keras``          TensorFlow, fp32, one ``tf.function`` (exactly what training and evaluation ran): the
+                   reference every other back-end is validated against.
+``xla``            The same function compiled with XLA (``jit_compile=True``); a batch smaller than the
+                   largest one seen is zero-padded to it, so that XLA compiles once per run.
 ``keras-bf16``     The model rebuilt under Keras' ``mixed_bfloat16`` policy (weights fp32, maths bf16;
                    the output layer stays fp32).
 ``openvino``       OpenVINO on the CPU, fp32 (``INFERENCE_PRECISION_HINT=f32``).
 ``openvino-bf16``  OpenVINO on the CPU with bf16 maths where the processor has it (AVX512-BF16, AMX);
                    fp32 elsewhere.
+``openvino-int8``  OpenVINO with INT8 weights and activations: NNCF post-training quantization calibrated
+                   on the version's development images (needs the ``int8`` extra: ``nncf``).
 ``onnxruntime``    ONNX Runtime on the CPU, fp32 (needs the ``onnx`` extra: ``tf2onnx``, ``onnxruntime``).
 =================  ==================================================================================
 
-What each costs and how far its probabilities stray from ``keras`` is measured by ``make bench``
-(``benchmarks/``); the default is the fastest one that agreed on at least 99.5 % of the labels there.
-
 Converting a Keras model for OpenVINO or ONNX Runtime takes tens of seconds, so the converted model is
-kept beside the artifact (``<artifact dir>/compiled/<format>-<artifact sha>/``) with the checksums of its
-files; the next run loads it in about a second. A cache whose checksums do not match is rebuilt; a
-read-only models folder means converting (into a temporary folder) every time, with a warning.
+kept beside the artifact (``<artifact dir>/compiled/<format>-<artifact sha>/``). The checksums of its
+files are recorded in the database when the conversion is published (``compiled_models``, through the
+``ledger`` scoring passes); before each load the files are read once, hashed, compared with that record
+and only then handed to the runtime from memory. A file that differs, or a cache with no record, is
+never used: it is converted again (and recorded). A read-only models folder means converting (into a
+temporary folder) every time, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -38,14 +46,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import model as model_lib
-from .config import BACKENDS, DEFAULT_BACKEND  # re-exported: declared with the settings
+from .config import BACKENDS, DEFAULT_BACKEND, REFERENCE_BACKEND  # re-exported: declared with the settings
 from .errors import ArtifactError, ConfigError
-from .files import sha256_file
+from .files import created_mode, sha256_file
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Predictor", "load_predictor"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "REFERENCE_BACKEND", "CacheLedger", "Calibration", "Predictor",
+           "load_predictor"]
 
 log = logging.getLogger(__name__)
 
@@ -101,33 +110,97 @@ def _keras_fn(net: Any, image_size: int, *, jit: bool) -> Callable[[Any], Any]:
     def infer(x):
         return tf.cast(net(x, training=False), tf.float32)
 
-    return lambda arr: infer(tf.convert_to_tensor(arr)).numpy()
+    if not jit:
+        return lambda arr: infer(tf.convert_to_tensor(arr)).numpy()
+    import numpy as np
+
+    # XLA compiles once per batch shape (tens of seconds for DenseNet201): a smaller batch is padded to the
+    # largest seen so far, so a scoring run (full batches and a remainder) compiles once, not per size
+    biggest = [0]
+
+    def padded(arr: Any) -> Any:
+        n = len(arr)
+        biggest[0] = max(biggest[0], n)
+        if n < biggest[0]:
+            arr = np.concatenate([arr, np.zeros((biggest[0] - n, *arr.shape[1:]), arr.dtype)])
+        return infer(tf.convert_to_tensor(arr)).numpy()[:n]
+
+    return padded
 
 
 # -- converted formats, cached beside the artifact --------------------------------------------
+class CacheLedger(Protocol):
+    """Where the checksums of published conversions are recorded (the database:
+    :class:`bcc_pipeline.backend_store.CompiledModels`)."""
+
+    def expected(self, artifact_sha256: str, fmt: str) -> dict[str, str] | None: ...
+
+    def record(self, artifact_sha256: str, fmt: str, files: dict[str, str]) -> None: ...
+
+
 def _cache_dir(artifact_path: Path, fmt: str, sha: str) -> Path:
     return artifact_path.parent / "compiled" / f"{fmt}-{sha[:16]}"
 
 
-def _cached(folder: Path, sha: str, names: tuple[str, ...]) -> bool:
-    """True when ``folder`` holds ``names`` converted from artifact ``sha``, all checksums matching."""
+def _source_json(folder: Path, sha: str) -> dict[str, str] | None:
+    """The checksums ``folder/source.json`` claims (only trusted where no ledger is given)."""
     try:
         meta = json.loads((folder / "source.json").read_text(encoding="utf-8"))
-        if meta.get("artifact_sha256") != sha:
-            return False
-        return all(sha256_file(folder / n) == meta["files"][n] for n in names)
+        return dict(meta["files"]) if meta.get("artifact_sha256") == sha else None
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _expected(folder: Path, sha: str, fmt: str, ledger: CacheLedger | None) -> dict[str, str] | None:
+    return ledger.expected(sha, fmt) if ledger is not None else _source_json(folder, sha)
+
+
+def _read_verified(folder: Path, names: tuple[str, ...], expected: dict[str, str] | None, *,
+                   quiet: bool = False) -> dict[str, bytes] | None:
+    """The bytes of ``names`` in ``folder`` when each matches its ``expected`` sha256, else None (logged
+    unless ``quiet``). The bytes checked are the bytes loaded: nothing is read again after the check."""
+    if not expected:
+        return None
+    blobs = {}
+    for name in names:
+        try:
+            data = (folder / name).read_bytes()
+        except OSError as exc:
+            if not quiet:
+                log.warning("converted model file %s cannot be read (%s)", folder / name, exc)
+            return None
+        if hashlib.sha256(data).hexdigest() != expected.get(name):
+            if not quiet:
+                log.warning("converted model file %s is damaged: its sha256 differs from the one recorded "
+                            "when it was published", folder / name)
+            return None
+        blobs[name] = data
+    return blobs
+
+
+def _cached(folder: Path, sha: str, names: tuple[str, ...]) -> bool:
+    """True when ``folder`` holds ``names`` converted from artifact ``sha``, all checksums (source.json) matching."""
+    meta = _source_json(folder, sha)
+    try:
+        return meta is not None and all(sha256_file(folder / n) == meta[n] for n in names)
+    except (OSError, KeyError):
         return False
 
 
-def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Path], None]) -> Path | None:
+def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Path], None],
+             trusted: Callable[[], bool] | None = None,
+             on_published: Callable[[dict[str, str]], None] | None = None) -> Path | None:
     """Write a conversion into a temporary folder beside ``folder`` and rename it into place.
 
-    Returns the folder to load from, or ``None`` when the models folder is not writable.
+    ``trusted()`` says whether the folder now in place is a good cache (default: its source.json);
+    ``on_published(files)`` records the checksums once this call's conversion is in place. Returns the
+    folder to load from, or ``None`` when the models folder is not writable.
     """
+    trusted = trusted or (lambda: _cached(folder, sha, names))
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
     except OSError as exc:
         log.warning("cannot cache the converted model under %s (%s); converting in memory", folder.parent, exc)
         return None
@@ -136,7 +209,7 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
         files = {n: sha256_file(tmp / n) for n in names}
         (tmp / "source.json").write_text(json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n",
                                          encoding="utf-8")
-        if _cached(folder, sha, names):  # another process (a parallel shard) published it meanwhile: use that
+        if folder.exists() and trusted():  # another process (a parallel shard) published it meanwhile: use that
             return folder
         if folder.exists():  # a stale or damaged cache: move it aside, then replace it
             stale = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -145,8 +218,11 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
         try:
             os.rename(tmp, folder)
         except OSError:  # another process published first: use theirs if it is good
-            if not _cached(folder, sha, names):
+            if not trusted():
                 raise
+            return folder
+        if on_published is not None:
+            on_published(files)
         return folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,62 +230,92 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
 
 @contextmanager
 def _converted(artifact_path: Path, sha: str, fmt: str, names: tuple[str, ...], image_size: int, version: str,
-               write: Callable[[Any, Path], None]) -> Iterator[tuple[Path, bool]]:
-    """Yield ``(folder holding the converted files names, converted now?)`` for artifact ``sha``.
+               write: Callable[[Any, Path], None], ledger: CacheLedger | None) -> Iterator[tuple[dict[str, bytes], bool]]:
+    """Yield ``(file name -> verified bytes of the converted model, converted now?)`` for artifact ``sha``.
 
-    A good cache is used after the artifact's checksum is verified; otherwise the Keras model is loaded
-    (checksum verified), ``write(net, folder)`` converts it into the cache, or into a temporary folder
-    removed afterwards when the cache cannot be written.
+    A cache whose files match the checksums recorded at publication (``ledger``; without one, the cache's
+    own source.json) is used after the artifact's checksum is verified. Otherwise the Keras model is
+    loaded (checksum verified), ``write(net, folder)`` converts it into the cache and the checksums are
+    recorded; when the cache cannot be written, into a temporary folder removed afterwards.
     """
     folder = _cache_dir(artifact_path, fmt, sha)
-    if _cached(folder, sha, names):
+    expected = _expected(folder, sha, fmt, ledger)
+    blobs = _read_verified(folder, names, expected)
+    if blobs is not None:
         model_lib.verify_artifact(artifact_path, sha)
-        yield folder, False
+        yield blobs, False
         return
+    if folder.exists():
+        log.warning("the converted %s model at %s is %s; converting %s again", fmt, folder,
+                    "damaged" if expected else "not recorded as published", version)
     net = model_lib.load_artifact(artifact_path, sha)
     _check_input(tuple(net.input_shape[1:]), image_size, version)
-    where = _publish(folder, sha, names, lambda d: write(net, d))
+    where = _publish(folder, sha, names, lambda d: write(net, d),
+                     trusted=lambda: _read_verified(folder, names, _expected(folder, sha, fmt, ledger),
+                                                    quiet=True) is not None,
+                     on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None)
     if where is not None:
         net = None  # free the Keras model before the caller compiles the converted one
-        yield where, True
+        blobs = _read_verified(where, names, _expected(where, sha, fmt, ledger))
+        if blobs is None:
+            raise ArtifactError(f"the converted {fmt} model at {where} changed while model {version} was loading")
+        yield blobs, True
         return
     tmp = Path(tempfile.mkdtemp(prefix=f"bcc-{fmt}-"))
     try:
         write(net, tmp)
-        net = None  # free the Keras model before the caller compiles the converted one
-        yield tmp, True
+        net = None
+        yield {n: (tmp / n).read_bytes() for n in names}, True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, bf16: bool) -> tuple[Callable, str, bool]:
+Calibration = Callable[[], Any]
+"""Returns the float32 batch ``(N, S, S, 3)`` an INT8 conversion is calibrated on (development images)."""
+
+
+def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, mode: str,
+              ledger: CacheLedger | None, calibration: Calibration | None) -> tuple[Callable, str, bool]:
+    """OpenVINO with ``mode`` f32, bf16 (where the CPU has it) or int8 (NNCF post-training quantization)."""
     try:
         import openvino as ov
     except ImportError as exc:  # pragma: no cover - openvino is a dependency
         raise ConfigError(f"BCC_INFERENCE=openvino needs the openvino package ({exc})") from exc
+    if mode == "int8":
+        try:
+            import nncf  # noqa: F401 - imported here to fail before any conversion
+        except ImportError as exc:
+            raise ConfigError("BCC_INFERENCE=openvino-int8 needs the int8 extra: pip install -e '.[int8]'") from exc
+        if calibration is None:
+            raise ConfigError(f"openvino-int8 needs the development images of model {version} to calibrate on")
 
     def write(net: Any, folder: Path) -> None:
         with warnings.catch_warnings():  # Keras notes the traced input's name; harmless
             warnings.simplefilter("ignore", UserWarning)
             ov_model = ov.convert_model(net, input=[(-1, image_size, image_size, 3)])
+        if mode == "int8":
+            ov_model = _quantize(ov_model, calibration)
         ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=False)
 
     core = ov.Core()
-    with _converted(artifact_path, sha, "openvino", ("model.xml", "model.bin"), image_size, version,
-                    write) as (folder, converted):
-        model = core.read_model(str(folder / "model.xml"))
-        shape = model.inputs[0].get_partial_shape()
-        _check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-        try:
-            compiled = core.compile_model(model, "CPU", config)
-        except RuntimeError:  # a processor without bf16: OpenVINO's own choice (fp32)
-            if not bf16:
-                raise
-            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    fmt = "openvino-int8" if mode == "int8" else "openvino"
+    with _converted(artifact_path, sha, fmt, ("model.xml", "model.bin"), image_size, version, write,
+                    ledger) as (blobs, converted):
+        model = core.read_model(blobs["model.xml"], blobs["model.bin"])
+    shape = model.inputs[0].get_partial_shape()
+    _check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if mode == "bf16" else "f32"}
+    try:
+        compiled = core.compile_model(model, "CPU", config)
+    except RuntimeError:  # a processor without bf16: OpenVINO's own choice (fp32)
+        if mode != "bf16":
+            raise
+        compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     raw = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     precision = next((short for long_, short in (("bfloat16", "bf16"), ("float16", "f16"), ("float32", "f32"))
                       if long_ in raw), raw)
+    if mode == "int8":
+        precision = "int8"  # the quantized layers run in int8, the rest in the precision above
     request = compiled.create_infer_request()
 
     def run(x: Any) -> Any:
@@ -218,7 +324,22 @@ def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, bf16
     return run, precision, converted
 
 
-def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str) -> tuple[Callable, str, bool]:
+def _quantize(ov_model: Any, calibration: Calibration) -> Any:
+    """NNCF post-training quantization of ``ov_model`` on the calibration batch (one image per step)."""
+    import nncf
+    import numpy as np
+
+    x = np.asarray(calibration(), dtype=np.float32)
+    if x.ndim != 4 or x.shape[0] < 1:
+        raise ConfigError(f"openvino-int8 needs calibration images, got an array of shape {x.shape}")
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    data = nncf.Dataset([x[i : i + 1] for i in range(x.shape[0])])
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for results (--json)
+        return nncf.quantize(ov_model, data, subset_size=int(x.shape[0]), preset=nncf.QuantizationPreset.MIXED)
+
+
+def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str,
+                 ledger: CacheLedger | None) -> tuple[Callable, str, bool]:
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -233,8 +354,9 @@ def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str) -
         net(np.zeros((1, image_size, image_size, 3), "float32"))  # export needs a built, called model
         net.export(str(folder / "model.onnx"), format="onnx", verbose=False)
 
-    with _converted(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write) as (folder, converted):
-        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    with _converted(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write,
+                    ledger) as (blobs, converted):
+        session = ort.InferenceSession(blobs["model.onnx"], providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     dims = tuple(inp.shape[1:])
     if all(isinstance(d, int) for d in dims):
@@ -245,8 +367,14 @@ def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str) -
 
 # -- the entry point --------------------------------------------------------------------------
 def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_size: int,
-                   backend: str = DEFAULT_BACKEND, version: str = "?") -> Predictor:
-    """Load model artifact ``artifact_path`` (checksum ``sha256`` verified) for inference with ``backend``."""
+                   backend: str = DEFAULT_BACKEND, version: str = "?", ledger: CacheLedger | None = None,
+                   calibration: Calibration | None = None) -> Predictor:
+    """Load model artifact ``artifact_path`` (checksum ``sha256`` verified) for inference with ``backend``.
+
+    ``ledger``: where the checksums of converted models are recorded and checked (scoring and validation
+    pass the database's, :class:`bcc_pipeline.backend_store.CompiledModels`; without one the cache's own
+    source.json is trusted). ``calibration``: the development images ``openvino-int8`` is calibrated on.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown inference back-end {backend!r}; choose one of {', '.join(BACKENDS)}")
     path = Path(artifact_path)
@@ -259,10 +387,11 @@ def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_
         if backend == "keras-bf16":
             net, precision = _to_bf16(net), "bf16"
         fn = _keras_fn(net, image_size, jit=backend == "xla")
-    elif backend in ("openvino", "openvino-bf16"):
-        fn, precision, converted = _openvino(path, sha256, image_size, version, bf16=backend == "openvino-bf16")
+    elif backend.startswith("openvino"):
+        mode = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "int8"}[backend]
+        fn, precision, converted = _openvino(path, sha256, image_size, version, mode, ledger, calibration)
     else:
-        fn, precision, converted = _onnxruntime(path, sha256, image_size, version)
+        fn, precision, converted = _onnxruntime(path, sha256, image_size, version, ledger)
     seconds = time.monotonic() - t0
     log.info("model %s ready for %s inference (%s) in %.1fs%s", version, backend, precision, seconds,
              " (converted)" if converted else "")

@@ -391,7 +391,16 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None, pro
     out = _gate_result(settings, version)
     progress(f"gate ({registry.GATE_RULE}): {version} {out['decision']}: {out['reason']}")
     model_card.write(settings, version)
+    _validate_new_champion(settings, version, out, progress)
     return out
+
+
+def _validate_new_champion(settings: Settings, version: str, out: dict[str, Any], progress: Progress) -> None:
+    """Prove each inference back-end on a version that just became champion (never undoes the promotion)."""
+    if out.get("champion") == version:
+        from .validation import validate_published
+
+        validate_published(settings, version, progress=progress)
 
 
 def _gate_result(settings: Settings, version: str) -> dict[str, Any]:
@@ -418,7 +427,10 @@ def finish_approval(settings: Settings, version: str, approved: bool, *, actor: 
     with session_scope(settings.database_url) as s:
         registry.record_approval(s, version, approved, actor=actor, comment=comment)
     model_card.write(settings, version)
-    return _gate_result(settings, version)
+    out = _gate_result(settings, version)
+    if approved:
+        _validate_new_champion(settings, version, out, log.info)
+    return out
 
 
 def retrain(settings: Settings, *, actor: str | None = None, progress: Progress | None = None,

@@ -31,7 +31,7 @@ def iso_utc(t: dt.datetime | str | None) -> str | None:
 
 
 PREDICTION_FIELDS = ("sha256", "source_path", "model_version", "prob_malignant", "label", "threshold",
-                     "run_id", "scored_at", "model_status")
+                     "run_id", "scored_at", "model_status", "backend", "precision")
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -64,15 +64,15 @@ def _filtered(settings: Settings, *, since: dt.datetime | None, until: dt.dateti
     if latest:
         v = table("latest_predictions", *(column(c) for c in (
             "image_sha256", "source_path", "model_version", "prob_malignant", "label", "threshold", "run_id",
-            "scored_at", "model_status", "prediction_id")))
+            "scored_at", "model_status", "prediction_id", "backend", "precision")))
         c = v.c
         q = select(c.image_sha256.label("sha256"), c.source_path, c.model_version, c.prob_malignant, c.label,
-                   c.threshold, c.run_id, c.scored_at, c.model_status)
+                   c.threshold, c.run_id, c.scored_at, c.model_status, c.backend, c.precision)
         tiebreak = c.prediction_id
     else:
         p, m = Prediction.__table__.c, ModelVersion.__table__.c
         q = (select(p.image_sha256.label("sha256"), p.source_path, p.model_version, p.prob_malignant, p.label,
-                    p.threshold, p.run_id, p.scored_at, m.status.label("model_status"))
+                    p.threshold, p.run_id, p.scored_at, m.status.label("model_status"), p.backend, p.precision)
              .join_from(Prediction.__table__, ModelVersion.__table__, p.model_version == m.version))
         c, tiebreak = p, p.id
     naive = get_engine(settings.database_url).dialect.name == "sqlite"  # stored as naive UTC text there

@@ -206,6 +206,8 @@ class Prediction(Base):
     source_path: Mapped[str] = mapped_column(Text)
     run_id: Mapped[str | None] = mapped_column(String(255))
     scored_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    backend: Mapped[str | None] = mapped_column(String(32))  # the back-end that computed prob_malignant
+    precision: Mapped[str | None] = mapped_column(String(16))  # what it computed in (f32, bf16, int8, ...)
 
     __table_args__ = (
         UniqueConstraint("image_sha256", "model_version"),
@@ -580,3 +582,8 @@ class HoldoutEvent(Base):
     n_excluded: Mapped[int] = mapped_column(Integer)  # images kept out by this change, reasons in the manifest
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per label after the change
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+# The back-end tables live beside the code that uses them; imported here so that Base.metadata (what the
+# migrations are checked against) is the whole schema whichever module is imported first.
+from . import backend_store as _backend_store  # noqa: E402,F401 - registers its tables on Base

@@ -6,14 +6,21 @@
 
 Sections (each in a fresh child process, one after another, so they do not share CPU or memory):
 
-``scoring``   DenseNet201 at 224×224, batch 32, the default inference back-end. ``scoring_vs_forward``:
+``scoring``   DenseNet201 at 224×224, batch 32, the back-end ``BCC_INFERENCE=auto`` picks once the model's
+              back-ends are validated on the reference set (``auto_vs_keras``: its forward pass against fp32
+              Keras on the same batches). ``scoring_vs_forward``:
               the real scoring path (PNG/JPEG files → validated, decoded, preprocessed → model → rows
               committed → files archived), steady state (after the first batch, which carries the model's
               start-up), divided by the same back-end's forward pass on in-memory tensors of the same
               images. ``scoring_vs_naive``: the scoring path against the seed's way, ``model.predict`` on one
               image at a time (fp32 Keras, OpenCV decode).
 ``options``   Each inference back-end (``bcc_pipeline.inference``) on the same images: throughput relative
-              to fp32 Keras, label agreement at the model's threshold, max |Δprob|.
+              to fp32 Keras, label agreement at the model's threshold, max |Δprob|, and whether it passes the
+              validation rule (``bcc_pipeline.validation.passes``: no flip, max |Δp| ≤ 0.01); ``auto``: the
+              fastest back-end that passes.
+``trained``   With ``--trained-model VERSION`` (``BENCH_TRAINED_MODEL``): ``bcc validate-backends`` on that
+              version of the ``BCC_HOME``/``BCC_DATABASE_URL`` deployment (e.g. the ``make demo`` champion),
+              measured without recording: the "validated" column on a trained model.
 ``training``  Seconds per epoch of ``model.fit`` fed by the real training pipeline (``dataset.make_dataset``:
               decode, cache, shuffle, augment, batch) divided by ``model.fit`` on in-memory tensors (the same
               model and compiled step); adjacent epochs in pairs, the figure is the median pair.
@@ -50,9 +57,10 @@ if str(ROOT) not in sys.path:  # tests.support: the test suite's helpers (champi
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0", "false", "no")
 SIZE = 224
 BATCH = 32
-SECTIONS = ("scoring", "options", "training", "rss", "store", "scaling")
+SECTIONS = ("scoring", "options", "training", "rss", "store", "scaling", "trained")
 # sections that share one child process (scoring and options share the loaded Keras reference model)
-GROUPS = (("training",), ("scoring", "options"), ("rss",), ("store",), ("scaling",))
+GROUPS = (("training",), ("scoring", "options"), ("rss",), ("store",), ("scaling",), ("trained",))
+MAX_DELTA = 0.01  # the validation rule's default BCC_BACKEND_MAX_DELTA
 
 # How much work each section does: (quick, full)
 N = {
@@ -157,17 +165,14 @@ def prepare_model(work: Path) -> dict[str, Any]:
     info = {"artifact": str(path), "sha256": sha, "image_size": SIZE, "seconds": round(time.monotonic() - t0, 1),
             "fit_accuracy": float(((p >= 0.5) == labels).mean()),
             "prob_quantiles": [round(float(q), 3) for q in np.quantile(p, [0.05, 0.25, 0.5, 0.75, 0.95])]}
-    # convert once for the default back-end here, so that every home copied from this folder has the cache
-    from bcc_pipeline.inference import DEFAULT_BACKEND, load_predictor
-
-    info["default_backend_load_seconds"] = round(
-        load_predictor(path, sha, image_size=SIZE, backend=DEFAULT_BACKEND).load_seconds, 1)
     (work / "model" / "bench.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | None = None):
-    """A fresh BCC_HOME with the benchmark model registered as champion; returns its Settings."""
+def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | None = None,
+              validate: list[str] | None = None):
+    """A fresh BCC_HOME with the benchmark model registered as champion; returns its Settings. ``validate``:
+    back-ends validated there on the reference set, so that ``auto`` may pick them (untimed)."""
     from bcc_pipeline.config import load_settings
     from tests.support import install_artifact, register_version
 
@@ -181,7 +186,21 @@ def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | 
     dest = install_artifact(Path(model["artifact"]).parent, s.models_dir, "v-bench")
     register_version(s, "v-bench", artifact=(dest, model["sha256"]), image_size=model["image_size"],
                      profile="bench", code_version="bench")
+    if validate:
+        from bcc_pipeline.validation import validate_backends
+
+        r = validate_backends(s, "v-bench", validate, reference_only=True, progress=lambda m: None)
+        log(f"{name}: validated on the reference set: "
+            + ", ".join(f"{x['backend']} {'yes' if x['validated'] else 'no'}" for x in r["results"]))
     return s
+
+
+def candidates() -> list[str]:
+    """The back-ends the scoring homes validate (ONNX Runtime's export takes ~40 s: full runs only; INT8
+    needs development images, which the benchmark model has not)."""
+    from bcc_pipeline.inference import BACKENDS
+
+    return [b for b in BACKENDS if b != "openvino-int8" and not (b == "onnxruntime" and QUICK)]
 
 
 def load_model_info(work: Path) -> dict[str, Any]:
@@ -213,27 +232,31 @@ def section_scoring(work: Path) -> dict[str, Any]:
     import numpy as np
 
     from bcc_pipeline import images
-    from bcc_pipeline.inference import DEFAULT_BACKEND, load_predictor
     from bcc_pipeline.scoring import run_dir, score_inbox
+    from bcc_pipeline.validation import load_for, resolve_backend
 
     model = load_model_info(work)
-    s = make_home(work, "home-scoring", model)
+    s = make_home(work, "home-scoring", model, validate=candidates())
+    backend = resolve_backend(s, "v-bench", "auto")["inference"]
+    log(f"scoring: auto picks {backend}")
     tiles, _ = tile_bank(64, SIZE, seed=31)
     rounds, per_round = n("score_rounds"), n("score_files_per_round")
     staged = write_files(work / "staged", tiles, rounds * per_round)
     log(f"scoring: {len(staged)} files written ({rounds} rounds of {per_round})")
 
     # the forward pass: the same back-end and batch size on the same kind of images, already in memory
-    pred = load_predictor(s.models_dir / "v-bench" / "model.keras", model["sha256"], image_size=SIZE,
-                          backend=DEFAULT_BACKEND)
+    mv = {"version": "v-bench", "image_size": SIZE, "artifact_path": str(s.models_dir / "v-bench" / "model.keras"),
+          "artifact_sha256": model["sha256"]}
+    pred = load_for(s, mv, backend)
     batches = [np.stack([images.load_for_model(p, SIZE)[0] for p in staged[i * BATCH:(i + 1) * BATCH]])
                for i in range(n("fwd_batches"))]
 
-    def forward() -> float:
-        pred(batches[0])  # warm
+    def forward(with_: Any = None) -> float:
+        fn = with_ or pred
+        fn(batches[0])  # warm
         t0 = time.perf_counter()
         for b in batches:
-            pred(b)
+            fn(b)
         return rate(sum(len(b) for b in batches), time.perf_counter() - t0)
 
     fwd = [forward()]
@@ -246,6 +269,7 @@ def section_scoring(work: Path) -> dict[str, Any]:
         summary = score_inbox(s, batch_size=BATCH)
         assert summary["scored"] == per_round and summary["status"] == "finished", summary
         precision = summary.get("precision")
+        assert summary["inference"] == backend, summary
         shard = json.loads((run_dir(s, summary["run_id"]) / "shard-0.json").read_text())
         steady.append(rate(per_round - BATCH, shard["loop_finished"] - shard["first_batch_done"]))
         whole.append(rate(per_round, shard["loop_finished"] - shard["loop_started"]))
@@ -253,6 +277,8 @@ def section_scoring(work: Path) -> dict[str, Any]:
         fwd.append(forward())
         log(f"scoring: round {r + 1}: forward {fwd[-2]:.1f} → scoring {steady[-1]:.1f} → forward {fwd[-1]:.1f} img/s")
     ratios = [steady[r] / statistics.mean(fwd[r:r + 2]) for r in range(rounds)]
+    keras_fwd = forward(keras_reference(model))  # fp32 Keras on the same batches: what auto is measured against
+    log(f"scoring: fp32 Keras forward {keras_fwd:.1f} img/s; auto ({backend}) {statistics.median(fwd):.1f} img/s")
 
     # the seed's way: one image at a time through model.predict (fp32 Keras), OpenCV decode
     archived = sorted(p for p in s.archive_dir.rglob("img_*") if p.is_file())[: n("naive_files") + 2]
@@ -271,7 +297,8 @@ def section_scoring(work: Path) -> dict[str, Any]:
     naive = rate(len(archived) - 2, time.perf_counter() - t0)
     log(f"scoring: seed-style per-image predict {naive:.1f} img/s")
     return {
-        "backend": DEFAULT_BACKEND, "precision": precision, "image_size": SIZE, "batch_size": BATCH,
+        "backend": backend, "precision": precision, "image_size": SIZE, "batch_size": BATCH,
+        "keras_forward_images_per_s": round(keras_fwd, 2),
         "rounds": rounds, "files_per_round": per_round, "formats": "half PNG, half JPEG (quality 92), 224×224",
         "forward_images_per_s": [round(v, 2) for v in fwd],
         "scoring_images_per_s_steady": [round(v, 2) for v in steady],
@@ -279,7 +306,8 @@ def section_scoring(work: Path) -> dict[str, Any]:
         "round_ratios": [round(v, 3) for v in ratios],
         "model_load_seconds": loads, "naive_images_per_s": round(naive, 2), "naive_files": len(archived) - 2,
         "figures": {"scoring_vs_forward": statistics.median(ratios),
-                    "scoring_vs_naive": statistics.median(steady) / naive},
+                    "scoring_vs_naive": statistics.median(steady) / naive,
+                    "auto_vs_keras": statistics.median(fwd) / keras_fwd},
     }
 
 
@@ -288,11 +316,13 @@ def section_options(work: Path) -> dict[str, Any]:
 
     import numpy as np
 
-    from bcc_pipeline.inference import BACKENDS, DEFAULT_BACKEND, load_predictor
+    from bcc_pipeline.inference import BACKENDS, load_predictor
+    from bcc_pipeline.validation import compare, passes
 
     model = load_model_info(work)
     tiles, _ = tile_bank(n("option_images"), SIZE, seed=41)
     x = preprocess_all(tiles, SIZE)
+    development = preprocess_all(tile_bank(64, SIZE, seed=43)[0], SIZE)  # INT8 calibrates on other tiles
     batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
     art = Path(model["artifact"])
     threshold = 0.5
@@ -303,8 +333,8 @@ def section_options(work: Path) -> dict[str, Any]:
         return out, rate(len(x), time.perf_counter() - t0)
 
     def run(backend: str) -> dict[str, Any]:
-        pred = keras_reference(model) if backend == "keras" else load_predictor(art, model["sha256"],
-                                                                                 image_size=SIZE, backend=backend)
+        pred = keras_reference(model) if backend == "keras" else load_predictor(
+            art, model["sha256"], image_size=SIZE, backend=backend, calibration=lambda: development)
         pred(batches[0])  # warm (traces / compiles)
         probs, speed = timed(pred)
         return {"probs": probs, "images_per_s": speed, "load_seconds": pred.load_seconds,
@@ -335,7 +365,7 @@ def section_options(work: Path) -> dict[str, Any]:
     log(f"options: keras {ref['images_per_s']:.1f} / {speed2:.1f} img/s")
     table = {"keras": {"images_per_s": round(keras_rate, 2), "speedup": 1.0, "agreement": 1.0,
                        "max_abs_dprob": float(np.abs(again - ref["probs"]).max()), "precision": "f32",
-                       "load_seconds": round(ref["load_seconds"], 1)}}
+                       "load_seconds": round(ref["load_seconds"], 1), "validated": True}}
     for backend, r in rows.items():
         if "skipped" in r:
             table[backend] = r
@@ -344,14 +374,35 @@ def section_options(work: Path) -> dict[str, Any]:
         table[backend] = {"images_per_s": round(r["images_per_s"], 2), "speedup": r["images_per_s"] / keras_rate,
                           "agreement": agree, "max_abs_dprob": float(np.abs(r["probs"] - ref["probs"]).max()),
                           "precision": r["precision"], "load_seconds": round(r["load_seconds"], 1),
-                          "converted": r["converted"]}
-    eligible = [(b, t["speedup"]) for b, t in table.items()
-                if "speedup" in t and t["agreement"] >= 0.995 and t["speedup"] >= 1.2]
-    best = max(eligible, key=lambda e: e[1])[0] if eligible else "keras"
+                          "converted": r["converted"],
+                          "validated": passes(compare(ref["probs"], r["probs"], threshold), MAX_DELTA)}
+    auto = max((b for b, t in table.items() if t.get("validated")), key=lambda b: table[b]["speedup"])
     near = float(((ref["probs"] > 0.4) & (ref["probs"] < 0.6)).mean())
     return {"images": len(x), "threshold": threshold, "batch_size": BATCH, "image_size": SIZE,
-            "share_of_images_with_p_in_0.4_0.6": near, "backends": table, "fastest_eligible": best,
-            "default": DEFAULT_BACKEND, "default_is_fastest_eligible": best == DEFAULT_BACKEND}
+            "share_of_images_with_p_in_0.4_0.6": near, "backends": table, "max_delta": MAX_DELTA,
+            "auto": auto, "auto_speedup": table[auto]["speedup"]}
+
+
+def section_trained(work: Path) -> dict[str, Any]:
+    """``bcc validate-backends`` on a trained version of the deployment in BCC_HOME, not recorded."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.validation import validate_backends
+
+    version = os.environ.get("BENCH_TRAINED_MODEL")
+    if not version:
+        return {"skipped": "no trained model given (--trained-model VERSION or BENCH_TRAINED_MODEL)"}
+    s = load_settings()
+    r = validate_backends(s, version, record=False, progress=log)
+    keras = next(x for x in r["results"] if x["backend"] == "keras")["images_per_second"]
+    rows = {x["backend"]: {k: x[k] for k in ("validated", "precision", "flips_malignant_to_benign",
+                                              "flips_benign_to_malignant", "max_delta", "p99_delta",
+                                              "images_per_second", "error")} for x in r["results"]}
+    for row in rows.values():
+        row["speedup"] = (row["images_per_second"] or 0.0) / keras if keras else None
+    auto = max((b for b, x in rows.items() if x["validated"]), key=lambda b: rows[b]["images_per_second"] or 0)
+    return {"version": version, "images": r["images"], "threshold": r["results"][0]["threshold"],
+            "max_delta": s.backend_max_delta, "cpu": r["cpu"], "backends": rows, "skipped": r["skipped"],
+            "auto": auto}
 
 
 def section_training(work: Path) -> dict[str, Any]:
@@ -497,7 +548,7 @@ def section_scaling(work: Path) -> dict[str, Any]:
     tiles, _ = tile_bank(64, SIZE, seed=61)
     out = []
     for shards in (1, 2, 4):
-        s = make_home(work, f"home-scale-{shards}", model)
+        s = make_home(work, f"home-scale-{shards}", model, validate=["openvino", "openvino-bf16"])
         write_files(s.inbox_dir, tiles, n("scale_files"))
         run_id = f"bench-{shards}"
         plan_shards(s, run_id, shards)
@@ -546,6 +597,8 @@ def run_section(name: str, work: Path) -> dict[str, Any]:
     quiet_tf()
     if name in ("scoring", "options", "scaling"):
         section_prepare(work)
+    if name == "trained" and not os.environ.get("BENCH_TRAINED_MODEL"):
+        return {"skipped": "no trained model given (--trained-model VERSION or BENCH_TRAINED_MODEL)"}
     return globals()[f"section_{name}"](work)
 
 
@@ -558,6 +611,7 @@ TARGETS = {
     "store_rows_per_s_postgresql": (">=", 20_000),
     "store_rows_per_s_sqlite": (None, None),
     "scaling_4_vs_1_shards": (None, None),
+    "auto_vs_keras": (None, None),  # >= 2 wherever a reduced-precision back-end validates (README)
 }
 
 
@@ -606,23 +660,46 @@ def markdown(result: dict[str, Any]) -> str:
     if opts and "backends" in opts:
         lines += ["", f"Inference back-ends, DenseNet201 {opts['image_size']}px, batch {opts['batch_size']}, "
                       f"{opts['images']} images, against fp32 Keras:", "",
-                  "| back-end | precision | images/s | speedup | label agreement | max abs Δprob |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| back-end | precision | images/s | speedup | label agreement | max abs Δprob | validated |",
+                  "|---|---|---:|---:|---:|---:|---|"]
         for b, t in opts["backends"].items():
             if "skipped" in t:
-                lines.append(f"| `{b}` | — | — | — | — | skipped: {t['skipped']} |")
+                lines.append(f"| `{b}` | — | — | — | — | skipped: {t['skipped']} | — |")
                 continue
-            mark = " (default)" if b == opts["default"] else ""
+            mark = " (auto)" if b == opts.get("auto") else ""
             lines.append(f"| `{b}`{mark} | {t['precision']} | {t['images_per_s']:.1f} | {t['speedup']:.2f}× | "
-                         f"{t['agreement'] * 100:.1f} % | {t['max_abs_dprob']:.4f} |")
+                         f"{t['agreement'] * 100:.1f} % | {t['max_abs_dprob']:.4f} | "
+                         f"{'—' if 'validated' not in t else 'yes' if t['validated'] else 'no'} |")
+        lines += ["", "validated: no label flipped and max abs Δprob ≤ "
+                      f"{opts.get('max_delta', MAX_DELTA):g} on these images (random-base model)."]
+    tr = result["sections"].get("trained")
+    if tr and "backends" in tr:
+        counts = ", ".join(f"{v} {k}" for k, v in tr["images"].items())
+        lines += ["", f"Validation on the trained model {tr['version']} ({counts} images, threshold "
+                      f"{tr['threshold']:.4f}), against fp32 Keras:", "",
+                  "| back-end | precision | images/s | speedup | flips m→b | flips b→m | max abs Δprob | validated |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for b, t in tr["backends"].items():
+            if t["error"]:
+                lines.append(f"| `{b}` | — | — | — | — | — | error: {t['error'][:80]} | no |")
+                continue
+            mark = " (auto)" if b == tr["auto"] else ""
+            lines.append(f"| `{b}`{mark} | {t['precision']} | {t['images_per_second'] or 0:.1f} | "
+                         f"{t['speedup'] or 0:.2f}× | {t['flips_malignant_to_benign']} | "
+                         f"{t['flips_benign_to_malignant']} | {t['max_delta']:.4f} | {'yes' if t['validated'] else 'no'} |")
     sc = result["sections"].get("scoring")
     if sc and "forward_images_per_s" in sc:
         med = statistics.median
-        lines += ["", f"Scoring ({sc['backend']}, {sc['rounds']} rounds of {sc['files_per_round']} files, "
-                      f"medians): forward pass {med(sc['forward_images_per_s']):.1f} images/s, scoring path "
-                      f"{med(sc['scoring_images_per_s_steady']):.1f} images/s steady "
-                      f"({med(sc['scoring_images_per_s_with_startup']):.1f} with model start-up), "
-                      f"seed-style per-image `predict` {sc['naive_images_per_s']:.1f} images/s."]
+        how = f"auto → {sc['backend']}" if sc.get("keras_forward_images_per_s") else sc["backend"]
+        line = (f"Scoring ({how}, {sc['rounds']} rounds of {sc['files_per_round']} files, "
+                f"medians): forward pass {med(sc['forward_images_per_s']):.1f} images/s, scoring path "
+                f"{med(sc['scoring_images_per_s_steady']):.1f} images/s steady "
+                f"({med(sc['scoring_images_per_s_with_startup']):.1f} with model start-up), "
+                f"seed-style per-image `predict` {sc['naive_images_per_s']:.1f} images/s.")
+        if sc.get("keras_forward_images_per_s"):
+            line += (f" fp32 Keras forward pass {sc['keras_forward_images_per_s']:.1f} images/s: auto is "
+                     f"{med(sc['forward_images_per_s']) / sc['keras_forward_images_per_s']:.2f}× fp32 Keras.")
+        lines += ["", line]
     scl = result["sections"].get("scaling")
     if scl and "runs" in scl:
         lines += ["", "Shards run concurrently: " + ", ".join(
@@ -650,6 +727,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--readme", help="put the markdown table into this README between the bench markers")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--trained-model", help="also validate this trained model version of the BCC_HOME deployment "
+                    "(e.g. the make demo champion; BENCH_TRAINED_MODEL)")
     ap.add_argument("--section", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--done", help=argparse.SUPPRESS)
@@ -665,12 +744,14 @@ def main() -> int:
                 Path(args.done).touch()
         return 0
 
+    if args.trained_model:
+        os.environ["BENCH_TRAINED_MODEL"] = args.trained_model
     started = time.monotonic()
     work = work or Path(tempfile.mkdtemp(prefix="bcc-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     sections: dict[str, Any] = {}
     try:
-        wanted = set(args.only or SECTIONS)
+        wanted = set(args.only or SECTIONS) - (set() if os.environ.get("BENCH_TRAINED_MODEL") else {"trained"})
         groups = [[m for m in g if m in wanted] for g in GROUPS]
         groups = [g for g in groups if g]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")

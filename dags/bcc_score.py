@@ -50,10 +50,15 @@ Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
                         description="Split the inbox into this many parallel scoring tasks"),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
                             description="Inference batch size; empty for BCC_SCORE_BATCH_SIZE (32)"),
-        # the choices of bcc_pipeline.inference.BACKENDS (this file may not import it at parse time)
+        # the choices of bcc_pipeline.config.INFERENCE_CHOICES (this file may not import it at parse time)
         "inference": Param(None, type=["null", "string"], title="Inference back-end",
-                           enum=[None, "openvino-bf16", "openvino", "keras", "xla", "keras-bf16", "onnxruntime"],
-                           description="Empty for BCC_INFERENCE (openvino-bf16); pinned for the whole run"),
+                           enum=[None, "auto", "keras", "xla", "keras-bf16", "openvino", "openvino-bf16",
+                                 "openvino-int8", "onnxruntime"],
+                           description="Empty for BCC_INFERENCE (auto: the fastest back-end validated for the "
+                                       "champion on this CPU class, else fp32 keras); pinned for the whole run"),
+        "force_unvalidated": Param(False, type="boolean", title="Force an unvalidated back-end",
+                                   description="Score with the chosen back-end even where it is not validated "
+                                               "for the champion (recorded in the run's counts)"),
     },
 )
 def bcc_score():
@@ -61,16 +66,17 @@ def bcc_score():
     def plan(params: dict | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from bcc_pipeline.errors import NoChampionError
-        from bcc_pipeline.scoring import InboxRefused, plan_shards
+        from bcc_pipeline.errors import ConfigError, NoChampionError
+        from bcc_pipeline.scoring import plan_shards
 
         ctx = get_current_context()
         try:
             return plan_shards(bcc_common.settings_for(params), ctx["run_id"], params["shards"], inbox=params["inbox"],
-                               inference=params.get("inference"))
+                               inference=params.get("inference"),
+                               force_unvalidated=bool(params.get("force_unvalidated")))
         except NoChampionError as exc:  # nothing to score with yet: not a failure, nothing to retry
             raise AirflowSkipException(f"{exc}; run bcc_retrain first") from exc
-        except InboxRefused as exc:  # a folder that may not be scored stays refused: no retry
+        except ConfigError as exc:  # a refused inbox, an unvalidated back-end: a retry would not change that
             raise AirflowFailException(str(exc)) from exc
 
     @task

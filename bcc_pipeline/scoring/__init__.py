@@ -15,7 +15,7 @@ One module per job, each the place to look for it:
                    file goes (``archive/<run>/<rel>``, ``quarantine/<run>/<rel>``)
 :mod:`.plan`       run ids, ``runs/<run>/``, the plan (champion, back-end and shards pinned), ``plan_shards``
 :mod:`.loader`     reading, validating, decoding and preprocessing in threads, the memory budget; no database
-:mod:`.predictor`  the pinned model version on the run's inference back-end
+:mod:`.predictor`  the pinned model version on the run's (validated) back-end; the fp32 guard band
 :mod:`.ledger`     every SQL statement: claim and commit a batch, look-ups, recorded moves, run counts
 :mod:`.moves`      moving committed files, recovering what interrupted runs left
 :mod:`.shard`      the loop: load a batch → dedupe → predict → commit → move (``score_shard``, :class:`Hooks`)

@@ -247,11 +247,13 @@ def predicted(engine: Engine, version: str, shas: Sequence[str]) -> set[str]:
 
 
 def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fresh: Sequence[Item],
-                 probs: dict[str, float], dest: dict[str, str]) -> tuple[list[Item], set[str]]:
+                 probs: dict[str, float], dest: dict[str, str],
+                 provenance: dict[str, tuple[str, str | None]] | None = None) -> tuple[list[Item], set[str]]:
     """Claim, record and predict one batch in ONE transaction.
 
     ``fresh``: the batch's files with no ledger row yet (loaded ``ok`` or ``rejected``); ``probs`` the
-    model's probability per new content; ``dest[key]`` where each file is to go. Returns the items this
+    model's probability per new content; ``provenance[sha]`` the (back-end, precision) that computed it;
+    ``dest[key]`` where each file is to go. Returns the items this
     call claimed (another attempt of the same shard may have claimed the rest) and the path keys whose
     content got a new prediction (the other ``ok`` ones are duplicates).
     """
@@ -280,10 +282,11 @@ def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fr
         for it in ok:
             if it.sha in probs and it.sha not in owner:
                 owner[it.sha] = it
-        thr = mv["threshold"]
+        thr, how = mv["threshold"], provenance or {}
         pred_rows = [{"image_sha256": sha, "model_version": mv["version"], "prob_malignant": probs[sha],
                       "label": "malignant" if probs[sha] >= thr else "benign", "threshold": thr,
-                      "source_path": it.path, "run_id": run_id, "scored_at": now}
+                      "source_path": it.path, "run_id": run_id, "scored_at": now,
+                      "backend": how.get(sha, (None, None))[0], "precision": how.get(sha, (None, None))[1]}
                      for sha, it in sorted(owner.items())]
         new = set(insert_rows(conn, Prediction, pred_rows, key=("image_sha256", "model_version"),
                               returning=Prediction.__table__.c.image_sha256))

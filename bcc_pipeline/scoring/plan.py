@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..config import BACKENDS, Settings
+from ..config import INFERENCE_CHOICES, Settings
 from ..errors import ConfigError, StoreError
 from ..files import atomic_write, safe_dirname
 from ..store import get_engine, utcnow
@@ -85,23 +85,25 @@ def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[st
 def _plan_result(plan: dict[str, Any], path: Path) -> dict[str, Any]:
     return {"run_id": plan["run_id"], "shards": plan["n_shards"], "n_files": plan["n_files"],
             "plan_path": str(path), "model_version": plan["model_version"], "inbox": plan["inbox"],
-            "inference": plan.get("inference", "keras"),
+            "inference": plan.get("inference", "keras"), "force_unvalidated": bool(plan.get("force_unvalidated")),
             "ignored": len(plan["ignored"]), "skipped": len(plan["skipped"])}
 
 
 def plan_shards(settings: Settings, run_id: str, shards: int, inbox: InboxArg = None,
-                inference: str | None = None) -> dict[str, Any]:
+                inference: str | None = None, force_unvalidated: bool = False) -> dict[str, Any]:
     """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
 
     Writes ``runs/<run>/plan.json`` atomically and the ``scoring_runs`` row. When the plan of ``run_id``
     already exists it is returned unchanged (a retried planning task changes nothing). Raises
     :class:`NoChampionError` when there is no champion. Returns ``{run_id, shards, n_files, plan_path,
-    model_version, inbox, inference, ignored, skipped}``. ``inference`` (default ``settings.inference``)
-    is the back-end every shard of the run will use (:mod:`bcc_pipeline.inference`).
+    model_version, inbox, inference, force_unvalidated, ignored, skipped}``. ``inference`` (default
+    ``settings.inference``; ``auto`` or a back-end) is resolved for the champion by
+    :func:`bcc_pipeline.validation.resolve_backend` (an unvalidated back-end is refused unless
+    ``force_unvalidated``) and the result pinned for every shard of the run.
     """
     inference = inference or settings.inference
-    if inference not in BACKENDS:
-        raise ConfigError(f"unknown inference back-end {inference!r}; choose one of {', '.join(BACKENDS)}")
+    if inference not in INFERENCE_CHOICES:
+        raise ConfigError(f"unknown inference back-end {inference!r}; choose one of {', '.join(INFERENCE_CHOICES)}")
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
     if not run_id or not str(run_id).strip():
@@ -110,20 +112,26 @@ def plan_shards(settings: Settings, run_id: str, shards: int, inbox: InboxArg = 
     engine = get_engine(settings.database_url)
     path = run_dir(settings, run_id) / "plan.json"
     if not path.exists():
+        from ..validation import resolve_backend
+
         champion = ledger.champion_version(engine)
+        chosen = resolve_backend(settings, champion, inference, force_unvalidated=force_unvalidated)
         found = discover(settings, inbox)
         files = sorted(found["pending"] + found["links"])
         plan = {
             "plan_version": PLAN_VERSION, "run_id": run_id, "inbox": found["inbox"],
-            "model_version": champion, "inference": inference, "n_shards": shards, "n_files": len(files),
+            "model_version": champion, "inference": chosen["inference"], "inference_requested": inference,
+            "force_unvalidated": chosen["force_unvalidated"], "inference_reason": chosen["reason"],
+            "planned_on_cpu_class": chosen["cpu_class"], "n_shards": shards, "n_files": len(files),
             "created_at": utcnow().isoformat(), "settle_seconds": settings.settle_seconds,
             "shards": [files[k::shards] for k in range(shards)],
             "ignored": found["ignored"], "skipped": found["skipped"],
         }
         try:
             atomic_write(path, json.dumps(plan, indent=1), exclusive=True)
-            log.info("planned scoring run %s: %d files in %d shard(s), model %s, %d ignored, %d skipped",
-                     run_id, len(files), shards, champion, len(found["ignored"]), len(found["skipped"]))
+            log.info("planned scoring run %s: %d files in %d shard(s), model %s, %s inference (%s), %d ignored, "
+                     "%d skipped", run_id, len(files), shards, champion, chosen["inference"], chosen["reason"],
+                     len(found["ignored"]), len(found["skipped"]))
         except FileExistsError:
             pass
     plan = load_plan(settings, run_id)  # whoever wrote it first wins; everyone uses that one

@@ -73,6 +73,11 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
         "run_id": run_id, "model_version": plan["model_version"], "status": status,
         "inference": plan.get("inference", "keras"),
         "precision": next((d["precision"] for d in shard_docs if d.get("precision")), None),
+        # what each shard scored with: the plan's back-end, or fp32 Keras where it is not validated
+        "shard_backends": [{"shard": d.get("shard"), "inference": d.get("inference"), "precision": d.get("precision"),
+                            "why": d.get("inference_why")} for d in shard_docs],
+        "force_unvalidated": bool(plan.get("force_unvalidated")),
+        "rescored_fp32": sum(d.get("rescored_fp32", 0) for d in shard_docs),
         "scored": by_status["scored"], "duplicates": by_status["duplicate"], "rejected": by_status["rejected"],
         "ignored": len(plan["ignored"]),
         "skipped": len(plan["skipped"]) + sum(d.get("skipped", 0) for d in shard_docs),
@@ -98,25 +103,26 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
     }
     counts = {k: summary[k] for k in ("scored", "duplicates", "rejected", "ignored", "skipped", "move_failed",
                                       "recovered", "missing", "changed", "quarantined_unmovable", "planned",
-                                      "seconds", "images_per_second", "inference", "precision")}
+                                      "seconds", "images_per_second", "inference", "precision", "shard_backends",
+                                      "force_unvalidated", "rescored_fp32")}
     ledger.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished, error)
     return summary
 
 
 def score_inbox(settings: Settings, *, inbox: InboxArg = None, run_id: str | None = None,
                 batch_size: int | None = None, progress: Progress | None = None,
-                hooks: Hooks | None = None) -> dict[str, Any]:
+                hooks: Hooks | None = None, force_unvalidated: bool = False) -> dict[str, Any]:
     """Plan with one shard, score it, finalize: the whole nightly job in one process (``bcc score``).
 
     Passing the ``run_id`` of an interrupted run finishes that run (its plan is reused). ``hooks``: see
-    :class:`Hooks`.
+    :class:`Hooks`. ``force_unvalidated``: see :func:`plan_shards`.
     """
     run_id = run_id or new_run_id()
     try:
         shards = int(load_plan(settings, run_id)["n_shards"])  # finishing an earlier (maybe sharded) run
     except ConfigError:  # no plan yet: a new run
         shards = 1
-    plan_shards(settings, run_id, shards, inbox=inbox)
+    plan_shards(settings, run_id, shards, inbox=inbox, force_unvalidated=force_unvalidated)
     for shard in range(shards):
         score_shard(settings, run_id, shard, batch_size=batch_size, progress=progress, hooks=hooks)
     return finalize_run(settings, run_id)

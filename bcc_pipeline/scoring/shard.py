@@ -98,7 +98,8 @@ class _ShardScorer:
         self.inbox: str = plan["inbox"]
         self.engine = get_engine(settings.database_url)
         self.mv = ledger.model_version(self.engine, plan["model_version"], self.run_id)
-        self.model = PinnedModel(self.mv, plan.get("inference", "keras"))
+        self.model = PinnedModel(self.mv, plan.get("inference", "keras"), settings=settings,
+                                 forced=bool(plan.get("force_unvalidated")))
         self.tally = Tally()
         self.counts = self.tally.counts
         self.mover = Mover(settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file,
@@ -111,8 +112,8 @@ class _ShardScorer:
             for items in loader.batches(rels, batch_size):       # 1. load a batch (read one batch ahead)
                 fresh = self._dedupe(items)                          # 2. settle what the ledger already knows
                 if fresh:
-                    probs = self._predict(fresh)                     # 3. predict the contents new to this model
-                    mine = self._commit(fresh, probs)                # 4. commit the batch in one transaction
+                    probs, how = self._predict(fresh)                # 3. predict the contents new to this model
+                    mine = self._commit(fresh, probs, how)           # 4. commit the batch in one transaction
                     if self.hooks.on_batch_committed is not None:
                         self.hooks.on_batch_committed([it.path for it in mine])
                     self.mover.move([(it, "rejected" if it.kind == "rejected" else "scored", self.run_id,
@@ -137,7 +138,8 @@ class _ShardScorer:
                 "changed": c["changed"], "quarantined_unmovable": c["quarantined_unmovable"],
                 "skipped_paths": self.tally.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3),
                 "inference": self.model.backend, "precision": self.model.precision,
-                "first_batch_done": first_batch_done}
+                "pinned_inference": self.model.pinned, "inference_why": self.model.why,
+                "rescored_fp32": self.model.rescored_fp32, "first_batch_done": first_batch_done}
 
     def _attach_ledger(self, items: list[Item]) -> None:
         """Each item gets the ledger rows that matter; one this run already moved is ``done``."""
@@ -165,8 +167,9 @@ class _ShardScorer:
                 fresh.append(it)
         return fresh
 
-    def _predict(self, fresh: list[Item]) -> dict[str, float]:
-        """P(malignant) of each content in ``fresh`` this model has not predicted yet, in one model batch."""
+    def _predict(self, fresh: list[Item]) -> tuple[dict[str, float], dict[str, tuple[str, str | None]]]:
+        """P(malignant) of each content in ``fresh`` this model has not predicted yet, in one model batch,
+        and the (back-end, precision) that computed each (fp32 Keras for those re-scored near the threshold)."""
         import numpy as np
 
         ok = [it for it in fresh if it.kind == "ok"]
@@ -176,15 +179,17 @@ class _ShardScorer:
             if it.sha not in known and it.sha not in first:
                 first[it.sha] = it
         probs: dict[str, float] = {}
+        how: dict[str, tuple[str, str | None]] = {}
         if first:
             x = np.stack([it.x for it in first.values()])
             if self.hooks.on_model_batch is not None:
                 self.hooks.on_model_batch(int(x.shape[0]))
             probs = dict(zip(first, (float(v) for v in self._model_predict(x)), strict=True))
+            how = dict(zip(first, self.model.sources(), strict=True))
             del x
         for it in ok:
             it.x = None  # the pixels are no longer needed
-        return probs
+        return probs, how
 
     def _model_predict(self, x: Any) -> Any:
         """The pinned model's probabilities; a failure of the model itself (a back-end's RuntimeError, a
@@ -198,10 +203,12 @@ class _ShardScorer:
             raise ArtifactError(f"model {mv['version']} ({self.model.backend} inference, {mv['artifact_path']}) "
                                 f"could not be loaded or run: {type(exc).__name__}: {exc}") from exc
 
-    def _commit(self, fresh: list[Item], probs: dict[str, float]) -> list[Item]:
+    def _commit(self, fresh: list[Item], probs: dict[str, float],
+                how: dict[str, tuple[str, str | None]]) -> list[Item]:
         """Claim, record and predict the batch in one transaction; returns the items this shard claimed."""
         dest = {it.key: display_path(destination(self.s, self.run_id, it.kind, it.rel)) for it in fresh}
-        mine, scored = ledger.commit_batch(self.engine, self.run_id, self.shard, self.mv, fresh, probs, dest)
+        mine, scored = ledger.commit_batch(self.engine, self.run_id, self.shard, self.mv, fresh, probs, dest,
+                                           provenance=how)
         self.counts["not_claimed"] += len(fresh) - len(mine)
         for it in mine:
             if it.kind == "rejected":

@@ -73,10 +73,10 @@ def test_dagbag_integrity(tmp_path):
     assert retrain["schedule"] == "0 3 * * 0" and score["schedule"] == "0 2 * * *"
     assert retrain["retries"]["train"] == 0 and retrain["retries"]["intake"] == 2
     assert retrain["params"] == ["candidate", "epochs", "force", "min_new_images", "profile", "require_approval"]
-    assert score["params"] == ["batch_size", "inbox", "inference", "shards"]
-    from bcc_pipeline.inference import BACKENDS
+    assert score["params"] == ["batch_size", "force_unvalidated", "inbox", "inference", "shards"]
+    from bcc_pipeline.config import INFERENCE_CHOICES
 
-    assert score["inference"][0] is None and sorted(score["inference"][1:]) == sorted(BACKENDS)
+    assert score["inference"][0] is None and sorted(score["inference"][1:]) == sorted(INFERENCE_CHOICES)
     from bcc_pipeline.config import PROFILES
 
     assert retrain["profile"][0] is None and sorted(retrain["profile"][1:]) == sorted(PROFILES)

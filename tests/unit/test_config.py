@@ -147,7 +147,7 @@ def test_every_bound_is_enforced_with_the_variable_named(name):
 @pytest.mark.parametrize("env,message", [
     ({"BCC_LEARNING_RATE": "0"}, "BCC_LEARNING_RATE=0.0: must be greater than 0"),
     ({"BCC_SETTLE_SECONDS": "-1"}, "BCC_SETTLE_SECONDS=-1.0: must be at least 0"),
-    ({"BCC_INFERENCE": "gpu"}, "BCC_INFERENCE='gpu': must be one of keras, xla, keras-bf16, openvino"),
+    ({"BCC_INFERENCE": "gpu"}, "BCC_INFERENCE='gpu': must be one of auto, keras, xla, keras-bf16, openvino"),
 ])
 def test_error_messages_name_the_variable(env, message):
     with pytest.raises(ConfigError) as err:
@@ -164,7 +164,9 @@ def test_backends_are_declared_here_and_reexported_by_inference():
     from bcc_pipeline import inference
 
     assert inference.BACKENDS is config.BACKENDS and inference.DEFAULT_BACKEND == config.DEFAULT_BACKEND
-    assert DEFAULTS["inference"] == config.DEFAULT_BACKEND and SETTINGS["inference"].choices == config.BACKENDS
+    assert DEFAULTS["inference"] == config.DEFAULT_INFERENCE == "auto"
+    assert SETTINGS["inference"].choices == ("auto", *config.BACKENDS)
+    assert config.DEFAULT_BACKEND == config.REFERENCE_BACKEND == "keras"
 
 
 def test_importing_config_imports_nothing_heavy():

@@ -228,7 +228,7 @@ def test_cli_status_and_models_read_through_the_library(seeded, monkeypatch, cap
     assert list(rows[1]) == ["version", "status", "created_at", "profile", "image_size", "base_weights", "threshold",
                              "n_train", "n_val", "manifest_hash", "artifact_path", "artifact_sha256", "plots_dir",
                              "code_version", "temperature", "operating_point", "manifest_hashes", "lineage",
-                             "validation", "holdout", "intervals"]
+                             "validation", "holdout", "intervals", "backends_validated_here"]
     assert rows[1]["validation"] == {"accuracy": 0.9, "roc_auc": 0.95}
     assert main(["status", "--json", "--rows", "3"]) == 0
     st = json.loads(capsys.readouterr().out)

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from bcc_pipeline import scoring, store
 from bcc_pipeline.errors import ConfigError, NoChampionError
 from bcc_pipeline.store import Prediction, session_scope
+from bcc_pipeline.validation import validate_backends
 from tests.support import fill_inbox, scoring_settings
 
 
@@ -63,6 +64,7 @@ def test_inference_backend_is_pinned_in_the_plan(make_settings, sqlite_url, regi
         keras_probs = dict(ses.execute(select(Prediction.source_path, Prediction.prob_malignant)).all())
     # the same images under a second model version, scored with OpenVINO fp32
     v2 = register_champion(s, "v-openvino")
+    validate_backends(other, v2, ["openvino"])  # an explicit back-end scores only once validated
     shutil.copytree(copies, s.inbox_dir, dirs_exist_ok=True)
     r = scoring.score_inbox(other, run_id="run-openvino")
     assert r["inference"] == "openvino" and r["scored"] == 6

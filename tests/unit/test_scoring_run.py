@@ -13,6 +13,7 @@ from sqlalchemy import func, select, text
 
 from bcc_pipeline import scoring, store
 from bcc_pipeline.store import ImageRecord, InboxFile, Prediction, Rejection, ScoringRun, session_scope
+from bcc_pipeline.validation import validate_backends
 from tests.support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
 
 
@@ -87,6 +88,7 @@ def test_cli_score_and_predictions(make_settings, migrated_url, register_champio
     monkeypatch.setenv("BCC_HOME", str(s.home))
     monkeypatch.setenv("BCC_DATABASE_URL", migrated_url)
     monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    validate_backends(s, version, ["xla"])  # an explicit back-end scores only once validated
     assert main(["score", "--json", "--batch-size", "2", "--inference", "xla"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["inference"] == "xla" and summary["precision"] == "f32"

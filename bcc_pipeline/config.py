@@ -190,6 +190,9 @@ class Settings:
                                        "against fp32 Keras is at most this.", minimum=0, maximum=1)
     guard_band: float = setting("BCC_GUARD_BAND", 0.02, "Predictions this close to the threshold are re-scored "
                                 "with fp32 Keras before their label is stored (0: never).", minimum=0, maximum=1)
+    publish_backends: str = setting("BCC_PUBLISH_BACKENDS", "all", "Back-ends validated automatically when a "
+                                    "version becomes champion: `all`, `none` or a comma-separated list (the rest "
+                                    "with `bcc validate-backends`).")
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -241,6 +244,16 @@ class Settings:
         """``$BCC_HOME/.bcc-home``, written by ``bcc db upgrade``: it makes a BCC home recognisable, so
         that no deployment ever scores (moves) another one's folders."""
         return self.home / HOME_MARKER
+
+    @property
+    def publish_backend_list(self) -> tuple[str, ...]:
+        """``publish_backends`` as back-end names (all of them for ``all``, none for ``none``)."""
+        text = self.publish_backends.strip().lower()
+        if text == "all":
+            return BACKENDS
+        if text in ("none", ""):
+            return ()
+        return tuple(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
 
     @property
     def from_scratch(self) -> bool:
@@ -322,6 +335,10 @@ def _check(s: Settings) -> None:
         why = spec.problem(value)
         if why:
             raise ConfigError(f"{spec.env}={_shown_value(spec, value)!r}: {why}")
+    unknown = [b for b in s.publish_backend_list if b not in BACKENDS]
+    if unknown:  # a list setting: each item is checked here (the declaration's rules are for one value)
+        raise ConfigError(f"BCC_PUBLISH_BACKENDS={s.publish_backends!r}: {unknown[0]!r} is not a back-end; use all, "
+                          f"none or some of {', '.join(BACKENDS)}")
 
 
 def load_settings(

@@ -263,11 +263,17 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
 
 
 def validate_published(settings: Settings, version: str, progress: Progress | None = None) -> dict[str, Any]:
-    """Validate every back-end of a version that just became champion. A failure leaves the promotion as
-    it is: the back-ends are then simply not validated (auto scores with fp32 Keras)."""
+    """Validate the back-ends of a version that just became champion (``BCC_PUBLISH_BACKENDS``, default all).
+    A failure leaves the promotion as it is: the back-ends are then simply not validated (auto scores with
+    fp32 Keras)."""
     progress = progress or log.info
+    wanted = settings.publish_backend_list
+    if not wanted:
+        progress(f"back-ends of {version} not validated (BCC_PUBLISH_BACKENDS=none): scoring uses fp32 Keras "
+                 "until `bcc validate-backends` proves one")
+        return {"version": version, "validated": []}
     try:
-        r = validate_backends(settings, version, progress=progress)
+        r = validate_backends(settings, version, None if wanted == BACKENDS else wanted, progress=progress)
     except Exception as exc:  # noqa: BLE001 - never undo a promotion over this; say what happened
         progress(f"back-end validation of {version} failed ({type(exc).__name__}: {exc}); "
                  "scoring uses fp32 Keras until `bcc validate-backends` succeeds")

@@ -7,6 +7,9 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 export BCC_PROFILE="${BCC_PROFILE:-demo}"
 export BCC_SETTLE_SECONDS="${BCC_SETTLE_SECONDS:-0}"   # the demo writes its own files, atomically
+# Back-ends proven on each new champion during the demo (the others: `bcc validate-backends VERSION`);
+# all of them would add minutes of conversion (ONNX export, INT8 quantization) to every promotion.
+export BCC_PUBLISH_BACKENDS="${BCC_PUBLISH_BACKENDS:-openvino,openvino-bf16}"
 start=$(date +%s)
 log() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 quiet() { "$@" > "$BCC_HOME/demo-step.log" 2>&1 || { tail -n 60 "$BCC_HOME/demo-step.log"; echo "demo: '$*' failed (full log: $BCC_HOME/demo-step.log)" >&2; exit 1; }; }

@@ -82,7 +82,7 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
     passwords.write_text(json.dumps({"admin": "test-pass"}))
     env = airflow_env(af_home, metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc={
         "BCC_HOME": str(home), "BCC_DATABASE_URL": bcc_url, "BCC_PROFILE": "demo",
-        "BCC_GATE_MIN_ACCURACY": "0", "BCC_GATE_MIN_SENSITIVITY": "0"})
+        "BCC_GATE_MIN_ACCURACY": "0", "BCC_GATE_MIN_SENSITIVITY": "0", "BCC_PUBLISH_BACKENDS": "openvino"})
     env.update({
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__API__BASE_URL": base,

@@ -34,6 +34,8 @@ def cli_env(tmp_path: Path):
         env.update({
             "BCC_HOME": str(tmp_path / "home"), "BCC_DATABASE_URL": database_url, "BCC_SETTLE_SECONDS": "0",
             "BCC_GATE_MIN_ACCURACY": "0", "BCC_GATE_MIN_SENSITIVITY": "0", "TF_CPP_MIN_LOG_LEVEL": "3",
+            # one real back-end validation at promotion; the full set has its own tests
+            "BCC_PUBLISH_BACKENDS": "openvino",
         })
         return env
 

@@ -124,7 +124,7 @@ def airflow_pg_url(pg_server):
 
 def _bcc_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
     env = {"BCC_HOME": str(home), "BCC_DATABASE_URL": database_url, "BCC_SETTLE_SECONDS": "0",
-           "BCC_IMAGE_SIZE": "32", "BCC_BASE_WEIGHTS": "none"}
+           "BCC_IMAGE_SIZE": "32", "BCC_BASE_WEIGHTS": "none", "BCC_PUBLISH_BACKENDS": "openvino"}
     env.update(extra)
     return env
 

@@ -319,3 +319,17 @@ def test_int8_is_calibrated_on_development_images_and_validated_like_the_others(
     assert (s.models_dir / version / "compiled").is_dir()
     with session_scope(sqlite_url) as ses:
         assert ses.scalars(select(CompiledModel.format)).all() == ["openvino-int8"]
+
+
+def test_promotion_validates_the_back_ends_named_by_publish_backends(make_settings, sqlite_url, register_champion):
+    from bcc_pipeline.validation import validate_published
+
+    s = scoring_settings(make_settings, sqlite_url, publish_backends="keras-bf16")
+    version = register_champion(s)
+    out = validate_published(s, version)
+    assert {r["backend"] for r in validation_rows(s.database_url, version)} == {"keras", "keras-bf16"}
+    assert set(out["validated"]) <= {"keras", "keras-bf16"}
+    none = scoring_settings(make_settings, sqlite_url, publish_backends="none")
+    assert validate_published(none, register_champion(none, version="v-none")) == {"version": "v-none",
+                                                                                    "validated": []}
+    assert validation_rows(s.database_url, "v-none") == []

@@ -199,3 +199,12 @@ def test_a_boolean_setting_reads_the_usual_words(raw, value):
 def test_a_boolean_setting_refuses_other_words():
     with pytest.raises(ConfigError, match="BCC_REQUIRE_APPROVAL must be a boolean"):
         config.load_settings(env={"BCC_REQUIRE_APPROVAL": "maybe"})
+
+
+def test_publish_backends_is_a_list_of_known_back_ends():
+    assert load_settings(env={"BCC_PUBLISH_BACKENDS": "all"}).publish_backend_list == config.BACKENDS
+    assert load_settings(env={"BCC_PUBLISH_BACKENDS": "none"}).publish_backend_list == ()
+    got = load_settings(env={"BCC_PUBLISH_BACKENDS": "openvino, openvino-bf16,openvino"}).publish_backend_list
+    assert got == ("openvino", "openvino-bf16")
+    with pytest.raises(ConfigError, match="BCC_PUBLISH_BACKENDS='openvino,tpu': 'tpu' is not a back-end"):
+        load_settings(env={"BCC_PUBLISH_BACKENDS": "openvino,tpu"})

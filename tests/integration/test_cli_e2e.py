@@ -145,14 +145,14 @@ def test_errors_are_one_line(tmp_path, args, message):
 
 
 def test_config_shows_each_value_with_its_source_and_the_readme_table(tmp_path):
-    from bcc_pipeline.config import SETTINGS, markdown_table
+    from bcc_pipeline.config import PROFILES, SETTINGS, markdown_table
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
     env.update({"BCC_HOME": str(tmp_path), "BCC_EPOCHS": "3"})
     doc = bcc_json(env, "config", "--profile", "demo")
     assert set(doc["settings"]) == set(SETTINGS) and doc["env"]["epochs"] == "BCC_EPOCHS"
     assert (doc["settings"]["epochs"], doc["sources"]["epochs"]) == (3, "env")
-    assert (doc["settings"]["image_size"], doc["sources"]["image_size"]) == (96, "profile")
+    assert (doc["settings"]["image_size"], doc["sources"]["image_size"]) == (PROFILES["demo"]["image_size"], "profile")
     human = run_bcc(env, "config").stdout.splitlines()
     assert any(line.split()[:2] == ["epochs", "3"] and "(env, BCC_EPOCHS)" in line for line in human)
     assert run_bcc(env, "config", "--markdown").stdout == markdown_table()

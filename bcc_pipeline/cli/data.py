@@ -1,5 +1,5 @@
-"""The data commands of ``bcc``: ``demo-data`` (synthetic tiles in patient folders, optionally a separate
-holdout set) and ``holdout freeze|extend|show`` (the frozen holdout; the logic is in
+"""The data commands of ``bcc``: ``intake``, ``demo-data`` (synthetic tiles in patient folders, optionally a
+separate holdout set) and ``holdout freeze|extend|show`` (the frozen holdout; the logic is in
 :mod:`bcc_pipeline.holdout`, this module only parses and prints)."""
 
 from __future__ import annotations
@@ -11,27 +11,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULTS, Settings, load_settings
+from ..config import DEFAULTS
+from .common import emit, progress, settings
 
-__all__ = ["add_data_commands"]
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(profile=getattr(args, "profile", None), overrides={"seed": getattr(args, "seed", None)})
+__all__ = ["register"]
 
 
-def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    if args.json:
-        json.dump(payload, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        print(text)
+def cmd_intake(args: argparse.Namespace) -> int:
+    from ..pipelines import intake_step
+
+    s = settings(args)
+    r = intake_step(s, progress=progress)
+
+    def human() -> None:
+        print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
+              f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
+              f"{r['skipped']} still being written")
+        if r["recovered"]:
+            print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
+        for rej in r["rejections"]:
+            print(f"  rejected {rej['path']}: {rej['reason']}")
+        for f in r["failed"]:
+            print(f"  left in landing {f['path']}: {f['error']}")
+
+    emit(args, r, human)
+    return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .demo_data import HOLDOUT_SEED_OFFSET, generate, patients_for
+    from ..demo_data import HOLDOUT_SEED_OFFSET, generate, patients_for
 
-    s = _settings(args)
+    s = settings(args)
     out = Path(args.out) if args.out else s.landing_dir
     t0 = time.monotonic()
     groups = patients_for(max(args.benign, args.malignant)) if args.groups is None else args.groups
@@ -51,12 +61,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         text += (f"\nwrote {len(h['files'])} holdout tiles ({h['benign']} benign, {h['malignant']} malignant, "
                  f"{h['patients']} other patients) to {args.holdout_out}")
     payload["seconds"] = round(time.monotonic() - t0, 1)
-    _emit(args, payload, text)
+    emit(args, payload, text)
     return 0
 
 
 def _actor(args: argparse.Namespace) -> str:
-    from .registry import default_actor
+    from ..registry import default_actor
 
     return args.actor or default_actor()
 
@@ -84,9 +94,9 @@ def _print_show(info: dict[str, Any]) -> None:
 
 
 def _change(args: argparse.Namespace, manifest: Any) -> int:
-    from .holdout import describe_holdout
+    from ..holdout import describe_holdout
 
-    info = describe_holdout(_settings(args))
+    info = describe_holdout(settings(args))
     if args.json:
         json.dump(info, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -101,24 +111,24 @@ def _change(args: argparse.Namespace, manifest: Any) -> int:
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:
-    from .holdout import freeze_holdout
+    from ..holdout import freeze_holdout
 
-    s = _settings(args)
+    s = settings(args)
     fraction = s.holdout_fraction if args.fraction is None else args.fraction
     return _change(args, freeze_holdout(s, fraction=fraction, actor=_actor(args), reason=args.reason))
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    from .holdout import extend_holdout
+    from ..holdout import extend_holdout
 
-    s = _settings(args)
+    s = settings(args)
     return _change(args, extend_holdout(s, args.source, actor=_actor(args), reason=args.reason))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .holdout import describe_holdout
+    from ..holdout import describe_holdout
 
-    info = describe_holdout(_settings(args))
+    info = describe_holdout(settings(args))
     if args.json:
         json.dump(info, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -127,9 +137,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_commands(sub: Any, add: Any) -> None:
-    """Add ``demo-data`` and ``holdout freeze|extend|show`` to the ``bcc`` sub-parsers ``sub``
-    (``add`` is the CLI's helper that adds a command with ``--json``)."""
+def register(sub: Any, add: Any) -> None:
     sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant) in patient "
              "folders, and optionally a separate holdout set")
     sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
@@ -163,3 +171,6 @@ def add_data_commands(sub: Any, add: Any) -> None:
     sp.add_argument("--reason", required=True, help="why (recorded in the holdout log)")
     sp.add_argument("--actor", help="who (default: user@host)")
     action("show", cmd_show, "the holdout: hash, counts per label and group, images kept out, change history")
+
+    add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
+

@@ -1,0 +1,7 @@
+"""``python -m bcc_pipeline.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,272 @@
+"""The model commands of ``bcc``: train, demo, models, model-card, promote, rollback, status, model-info,
+validate-backends. The work is in the library; these parse, call and print."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from typing import Any
+
+from ..config import BACKENDS, Settings, load_settings
+from ..errors import StoreError
+from ..files import one_line
+from ..store import safe_url
+from .common import emit, progress, settings
+
+__all__ = ["print_train_summary", "register"]
+
+
+def print_train_summary(r: dict[str, Any], s: Settings) -> None:
+    from ..model_card import holdout_lines
+
+    ev, gate = r["evaluation"], r["gate"]
+    v, op = ev["holdout"], ev["operating_point"]
+    print(f"model version   {r['version']}  ({gate['decision']}; champion now {gate['champion']})")
+    print(f"gate            {gate['rule']}")
+    print(f"                {gate['reason']}")
+    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {op['target']} on {op['n']} calibration "
+          f"images, midway between {op['between']})")
+    print(f"calibration     temperature {ev['temperature']:.3f}")
+    print("holdout         " + "\n                ".join(holdout_lines(ev["intervals"], ev["calibration"])))
+    print(f"confusion       TP {v['tp']:.0f}  FP {v['fp']:.0f}  TN {v['tn']:.0f}  FN {v['fn']:.0f}  "
+          f"(holdout n={v['n']:.0f}; {r['split']['n_train']} train images)")
+    for warning in r["split"].get("warnings", []):
+        print(f"warning         {warning}")
+    print("plots           " + "\n                ".join(ev["plots"].values()))
+    print(f"model card      {s.models_dir / r['version'] / 'model_card.md'}")
+    print(f"took            {r['seconds']:.0f}s")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..pipelines import retrain
+
+    s = settings(args)
+    from ..store import require_schema
+
+    require_schema(s.database_url)
+    r = retrain(s, actor=args.actor, progress=progress, skip_intake=args.skip_intake)
+    emit(args, r, lambda: print_train_summary(r, s))
+    return 0
+
+
+def _version_rows(s: Settings) -> list[dict[str, Any]]:
+    from ..overview import model_versions
+    from ..validation import validated_summary
+
+    return [{**{k: v for k, v in row.items() if k not in ("metrics", "plots")},
+             "backends_validated_here": validated_summary(s, row["version"])} for row in model_versions(s)]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    s = settings(args)
+    rows = _version_rows(s)
+
+    def human() -> None:
+        if not rows:
+            print("no model versions yet; run `bcc train`")
+            return
+        print("holdout metrics with 95% intervals (exact for proportions, bootstrap for AUC); T = temperature")
+        print(f"{'version':26s} {'status':10s} {'px':>4s} {'sensitivity':>24s} {'specificity':>24s} "
+              f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  {'holdout':12s}  validated back-ends (this CPU class)")
+        for r in rows:
+            iv = r["intervals"]
+
+            def f(k: str, iv: dict = iv) -> str:
+                d = iv.get(k)
+                if not d or d.get("value") is None:
+                    return "n/a"
+                lo, hi = (("n/a" if d.get(b) is None else f"{d[b]:.2f}") for b in ("lower", "upper"))
+                count = f" {d['k']}/{d['n']}" if d.get("k") is not None else ""
+                return f"{d['value']:.2f} [{lo}, {hi}]{count}"
+
+            temp = "n/a" if r["temperature"] is None else f"{r['temperature']:6.3f}"
+            hold = (r["manifest_hashes"] or {}).get("holdout") or "n/a"
+            print(f"{r['version']:26s} {r['status']:10s} {r['image_size']:4d} {f('sensitivity'):>24s} "
+                  f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]:12s}  "
+                  f"{r['backends_validated_here']}")
+
+    emit(args, rows, human)
+    return 0
+
+
+def cmd_model_card(args: argparse.Namespace) -> int:
+    from ..model_card import render
+    from ..store import require_schema
+
+    s = settings(args)
+    require_schema(s.database_url)
+    card = render(s, args.version)
+    emit(args, {"version": args.version, "markdown": card}, lambda: sys.stdout.write(card))
+    return 0
+
+
+def _decision(row: Any) -> dict[str, Any]:
+    """A promotions row as the promote/rollback commands report it."""
+    return {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
+            "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from ..registry import default_actor, promote
+    from ..store import require_schema, session_scope
+
+    s = settings(args)
+    require_schema(s.database_url)
+    with session_scope(s.database_url) as session:
+        row = promote(session, args.version, actor=args.actor or default_actor(), reason=args.reason)
+        out = _decision(row)
+    from ..validation import validate_published
+
+    out["backends"] = validate_published(s, args.version, progress=progress)
+    emit(args, out, f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'}); validated "
+                     f"back-ends here: {', '.join(out['backends']['validated']) or 'none (fp32 Keras scores)'}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from ..registry import default_actor, rollback
+    from ..store import require_schema, session_scope
+
+    s = settings(args)
+    require_schema(s.database_url)
+    with session_scope(s.database_url) as session:
+        row = rollback(session, actor=args.actor or default_actor(), reason=args.reason)
+        out = _decision(row)
+    emit(args, out, f"rolled back: {out['to_version']} is the champion again ({out['from_version']} retired)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Champion with its metrics and plots, the last scoring run, the newest predictions."""
+    from ..model_card import holdout_lines
+    from ..overview import champion_summary, scoring_runs
+    from ..predictions import query_predictions
+    from ..scoring import mark_abandoned
+    from ..store import get_engine
+
+    s = settings(args)
+    with contextlib.suppress(StoreError):  # a `running` run whose process is gone says so (schema permitting)
+        mark_abandoned(get_engine(s.database_url))
+    champion = champion_summary(s)
+    runs = scoring_runs(s, limit=1)
+    run = runs[0] if runs else None
+    rows = list(query_predictions(s, limit=args.rows, latest=True))
+    payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
+
+    def human() -> None:
+        if champion is None:
+            print("champion        none yet (run bcc_retrain or `bcc train`)")
+        else:
+            temp = "uncalibrated" if champion["temperature"] is None else f"temperature {champion['temperature']:.3f}"
+            print(f"champion        {champion['version']}  ({champion['profile']} profile, "
+                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, {temp}, "
+                  f"{champion['n_train']} train / {champion['n_val']} validation images)")
+            lines = holdout_lines(champion["intervals"]) or ["no holdout metrics recorded"]
+            print("holdout         " + "\n                ".join(lines))
+            print("plots           " + ("\n                ".join(champion["plots"]) or "none"))
+        if run is None:
+            print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
+        else:
+            c = run["counts"] or {}
+            how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
+            print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
+                  + ", ".join(f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")))
+            if run.get("error"):
+                print(f"                {one_line(run['error'])}")
+        print(f"\nlatest predictions (newest first, {len(rows)} shown; `bcc predictions` for more):")
+        print(f"  {'label':9s} {'p(malig)':>8s}  {'model':24s} {'scored_at':19s}  source_path")
+        for r in rows:
+            print(f"  {r['label']:9s} {r['prob_malignant']:8.4f}  {r['model_version']:24s} "
+                  f"{str(r['scored_at'])[:19]:19s}  {r['source_path']}")
+
+    emit(args, payload, human)
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from ..model import build_classifier, count_params
+
+    s = settings(args)
+    net = build_classifier(image_size=s.image_size, base_weights=s.base_weights)
+    info = {"architecture": "DenseNet201 -> GlobalAveragePooling2D -> Dropout(0.5) -> BatchNormalization "
+                            "-> Dense(2, softmax)",
+            "profile": s.profile, "base_weights": s.base_weights,
+            "input_shape": [s.image_size, s.image_size, 3], **count_params(net),
+            "layers": [layer.name for layer in net.layers]}
+    from ..validation import champion_validations
+
+    info["backend_validations"], table = champion_validations(s)
+    emit(args, info, lambda: [print(f"{k:22s} {v}") for k, v in info.items() if k != "backend_validations"]
+          + [print(table)])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
+    from ..demo_data import generate, patients_for
+    from ..pipelines import retrain
+    from ..store import upgrade
+
+    # settle_seconds=0: the demo writes its own images (atomically), nobody else is writing
+    s = load_settings(profile=args.profile or "demo", overrides={"epochs": args.epochs, "settle_seconds": 0})
+    t0 = time.monotonic()
+    progress(f"BCC_HOME={s.home}  database={safe_url(s.database_url)}  profile={s.profile}")
+    upgrade(s.database_url)
+    has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
+    if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
+        progress("generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)")
+        generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed, groups=patients_for(127))
+    r = retrain(s, actor="bcc demo", progress=progress)
+    r["wall_seconds"] = round(time.monotonic() - t0, 1)
+    emit(args, r, lambda: print_train_summary(r, s))
+    return 0
+
+
+def cmd_validate_backends(args: argparse.Namespace) -> int:
+    from ..validation import format_validations, validate_backends
+
+    s = load_settings()
+    r = validate_backends(s, args.version, args.backend, reference_only=args.reference_only, progress=progress)
+    emit(args, r, lambda: print(format_validations(r["results"]) + "".join(
+        f"\n  {b:14s} skipped: {why}" for b, why in r["skipped"].items())))
+    return 0
+
+
+def register(sub: Any, add: Any) -> None:
+    sp = add("train", cmd_train, "intake, split, train, evaluate, gate and register a candidate", training=True)
+    sp.add_argument("--skip-intake", action="store_true", help="train on what is already in the store")
+    sp.add_argument("--actor", help="who asked (recorded in the promotion log)")
+
+    add("models", cmd_models, "list model versions with their holdout metrics, intervals and calibration")
+
+    sp = add("model-card", cmd_model_card, "print the model card of a version (markdown)")
+    sp.add_argument("version")
+
+    sp = add("promote", cmd_promote, "make a model version the champion by hand")
+    sp.add_argument("version")
+    sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
+    sp.add_argument("--actor", help="who (default: user@host)")
+
+    sp = add("rollback", cmd_rollback, "give the champion role back to the previous champion")
+    sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
+    sp.add_argument("--actor", help="who (default: user@host)")
+
+    sp = add("status", cmd_status, "champion, its metrics and plots, the last scoring run, newest predictions")
+    sp.add_argument("--rows", type=int, default=10, help="how many of the newest predictions to show (10)")
+
+    sp = add("model-info", cmd_model_info, "build the model and print its architecture and parameter counts",
+             profile=True)
+    sp.add_argument("--image-size", type=int, help="override the input size in pixels")
+    sp.add_argument("--base-weights", help="imagenet | none | PATH")
+
+    sp = add("validate-backends", cmd_validate_backends,
+             "compare inference back-ends with fp32 Keras on a model version's images and record the results")
+    sp.add_argument("version")
+    sp.add_argument("--backend", action="append", choices=BACKENDS, help="only this back-end (repeatable)")
+    sp.add_argument("--reference-only", action="store_true", help="only the fixed reference tiles (seconds)")
+
+    sp = add("demo", cmd_demo, "embedded end-to-end demo: demo data → intake → train → evaluate → gate",
+             profile=True)
+    sp.add_argument("--epochs", type=int, help="override the number of epochs")

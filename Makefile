@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export BCC_HOME ?= $(CURDIR)/var
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo demo-lib airflow test bench lint venv clean-var help
+.PHONY: demo demo-lib airflow test bench lint format venv clean-var help
 
 help:
 	@echo "make demo    - set up .venv, then run the main job end to end through Airflow on embedded defaults (SQLite, ./var)"
@@ -16,7 +16,8 @@ help:
 	@echo "make demo-lib - the same job without Airflow (the bcc CLI only)"
 	@echo "make test   - set up .venv, then run the test suite"
 	@echo "make bench  - benchmarks (BENCH_QUICK=1 for the 5-minute version); results in benchmarks/results/"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff check and ruff format --check"
+	@echo "make format - apply the one code style (ruff format)"
 
 venv: $(STAMP)
 
@@ -47,8 +48,14 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py --readme README.md
 
+LINT_PATHS := bcc_pipeline tests benchmarks dags $(wildcard plugins)
 lint: $(STAMP)
-	$(BIN)/ruff check bcc_pipeline tests benchmarks dags $(wildcard plugins)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 clean-var:
 	rm -rf var

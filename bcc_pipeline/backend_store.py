@@ -48,8 +48,11 @@ class BackendValidation(Base):
     error: Mapped[str | None] = mapped_column(Text)  # why it could not be compared (then not validated)
     validated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (UniqueConstraint("model_version", "backend", "cpu_class", "software",
-                                       name="uq_backend_validations_key"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "model_version", "backend", "cpu_class", "software", name="uq_backend_validations_key"
+        ),
+    )
 
 
 class CompiledModel(Base):
@@ -74,8 +77,13 @@ def record_validation(database_url: str, row: dict[str, Any]) -> None:
     """Insert or replace the validation of (model version, back-end, CPU class, software)."""
     row = {**row, "validated_at": row.get("validated_at") or utcnow()}
     with session_scope(database_url) as s:
-        insert_rows(s, BackendValidation, [row], key=_VALIDATION_KEY,
-                    update=[c for c in row if c not in _VALIDATION_KEY])
+        insert_rows(
+            s,
+            BackendValidation,
+            [row],
+            key=_VALIDATION_KEY,
+            update=[c for c in row if c not in _VALIDATION_KEY],
+        )
 
 
 def validation_rows(database_url: str, version: str | None = None) -> list[dict[str, Any]]:
@@ -99,14 +107,25 @@ class CompiledModels:
         """file name -> sha256 recorded for this conversion, or None when none was published."""
         t = CompiledModel.__table__
         with get_engine(self.url).connect() as conn:
-            files = conn.execute(select(t.c.files).where(t.c.artifact_sha256 == artifact_sha256,
-                                                         t.c.format == fmt)).scalar()
+            files = conn.execute(
+                select(t.c.files).where(t.c.artifact_sha256 == artifact_sha256, t.c.format == fmt)
+            ).scalar()
         return dict(files) if files else None
 
     def record(self, artifact_sha256: str, fmt: str, files: dict[str, str]) -> None:
         """The checksums of a conversion just published into the cache (replacing an older record)."""
-        row = {"artifact_sha256": artifact_sha256, "format": fmt, "model_version": self.version,
-               "files": dict(files), "published_at": utcnow()}
+        row = {
+            "artifact_sha256": artifact_sha256,
+            "format": fmt,
+            "model_version": self.version,
+            "files": dict(files),
+            "published_at": utcnow(),
+        }
         with session_scope(self.url) as s:
-            insert_rows(s, CompiledModel, [row], key=("artifact_sha256", "format"),
-                        update=["model_version", "files", "published_at"])
+            insert_rows(
+                s,
+                CompiledModel,
+                [row],
+                key=("artifact_sha256", "format"),
+                update=["model_version", "files", "published_at"],
+            )

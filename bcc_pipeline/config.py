@@ -34,9 +34,23 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["BACKENDS", "DEFAULTS", "DEFAULT_BACKEND", "DEFAULT_INFERENCE", "ENV_VARS", "HOME_MARKER",
-           "INFERENCE_CHOICES", "PROFILES", "REFERENCE_BACKEND", "SETTINGS", "Setting", "Settings", "load_settings",
-           "markdown_table", "update_readme"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULTS",
+    "DEFAULT_BACKEND",
+    "DEFAULT_INFERENCE",
+    "ENV_VARS",
+    "HOME_MARKER",
+    "INFERENCE_CHOICES",
+    "PROFILES",
+    "REFERENCE_BACKEND",
+    "SETTINGS",
+    "Setting",
+    "Settings",
+    "load_settings",
+    "markdown_table",
+    "update_readme",
+]
 
 #: Inference back-ends :func:`bcc_pipeline.inference.load_predictor` knows (described there).
 BACKENDS = ("keras", "xla", "keras-bf16", "openvino", "openvino-bf16", "openvino-int8", "onnxruntime")
@@ -104,8 +118,9 @@ class Setting:
         if self.choices:
             bad = value not in self.choices
         elif lo is not None or hi is not None:
-            bad = ((lo is not None and (value <= lo if self.exclusive else value < lo))
-                   or (hi is not None and (value >= hi if self.exclusive else value > hi)))
+            bad = (lo is not None and (value <= lo if self.exclusive else value < lo)) or (
+                hi is not None and (value >= hi if self.exclusive else value > hi)
+            )
         else:
             bad = self.rule == "non-blank" and not str(value).strip()
         if not bad:
@@ -122,77 +137,189 @@ def setting(env: str, default: Any, doc: str, **rules: Any) -> Any:
 class Settings:
     """Everything configurable, each field declared once. Paths are absolute (:func:`load_settings`)."""
 
-    profile: str = setting("BCC_PROFILE", "seed", "Named profile: `seed` (the original recipe) or `demo` (small, "
-                           "from scratch).", choices=tuple(_PROFILE_CHANGES), recorded=True)
-    home: Path = setting("BCC_HOME", Path("var"), "Root of the working folders (landing, dataset, inbox, "
-                         "archive, ...).", shown="./var")
-    database_url: str = setting("BCC_DATABASE_URL", "", "SQLAlchemy URL of the project database.",
-                                shown="sqlite:///$BCC_HOME/bcc.db")
+    profile: str = setting(
+        "BCC_PROFILE",
+        "seed",
+        "Named profile: `seed` (the original recipe) or `demo` (small, from scratch).",
+        choices=tuple(_PROFILE_CHANGES),
+        recorded=True,
+    )
+    home: Path = setting(
+        "BCC_HOME",
+        Path("var"),
+        "Root of the working folders (landing, dataset, inbox, archive, ...).",
+        shown="./var",
+    )
+    database_url: str = setting(
+        "BCC_DATABASE_URL", "", "SQLAlchemy URL of the project database.", shown="sqlite:///$BCC_HOME/bcc.db"
+    )
     # model / training
-    base_weights: str = setting("BCC_BASE_WEIGHTS", "imagenet", "`imagenet` (Keras cache), `none` (random "
-                                "init) or a path to a weights file.",
-                                why="use imagenet, none or a path to a weights file", recipe=True, recorded=True)
-    image_size: int = setting("BCC_IMAGE_SIZE", 224, "Square input size in pixels.", minimum=32,
-                              why="DenseNet201 downsamples 32×", recipe=True, recorded=True)
-    batch_size: int = setting("BCC_BATCH_SIZE", 16, "Training batch size.", minimum=1, recipe=True, recorded=True)
+    base_weights: str = setting(
+        "BCC_BASE_WEIGHTS",
+        "imagenet",
+        "`imagenet` (Keras cache), `none` (random init) or a path to a weights file.",
+        why="use imagenet, none or a path to a weights file",
+        recipe=True,
+        recorded=True,
+    )
+    image_size: int = setting(
+        "BCC_IMAGE_SIZE",
+        224,
+        "Square input size in pixels.",
+        minimum=32,
+        why="DenseNet201 downsamples 32×",
+        recipe=True,
+        recorded=True,
+    )
+    batch_size: int = setting(
+        "BCC_BATCH_SIZE", 16, "Training batch size.", minimum=1, recipe=True, recorded=True
+    )
     epochs: int = setting("BCC_EPOCHS", 7, "Training epochs.", minimum=1, recipe=True, recorded=True)
-    learning_rate: float = setting("BCC_LEARNING_RATE", 1e-4, "Adam learning rate.", minimum=0, exclusive=True,
-                                   recipe=True, recorded=True)
+    learning_rate: float = setting(
+        "BCC_LEARNING_RATE",
+        1e-4,
+        "Adam learning rate.",
+        minimum=0,
+        exclusive=True,
+        recipe=True,
+        recorded=True,
+    )
     seed: int = setting("BCC_SEED", 42, "Seed for the split, weight init and augmentation.", recorded=True)
-    val_fraction: float = setting("BCC_VAL_FRACTION", 0.2, "Validation share of the group-aware stratified "
-                                  "split.", minimum=0, maximum=1, exclusive=True, recorded=True)
-    calibration_fraction: float = setting("BCC_CALIBRATION_FRACTION", 0.2, "Share of the development data "
-                                          "(everything but the holdout) set aside, by patient group and "
-                                          "stratified, for the threshold and the probability calibration; "
-                                          "the validation share applies to the rest.", minimum=0,
-                                          maximum=0.5)
-    holdout_fraction: float = setting("BCC_HOLDOUT_FRACTION", 0.2, "Share of the labelled store frozen as the "
-                                      "holdout (by patient group, stratified) when the first split finds none; "
-                                      "0: no automatic holdout.", minimum=0, maximum=0.5)
-    bn_recalibration: str = setting("BCC_BN_RECALIBRATION", "auto", "Re-estimate BatchNorm statistics after "
-                                    "training (`auto`: from-scratch runs only).",
-                                    choices=("auto", "on", "off"), recorded=True)
+    val_fraction: float = setting(
+        "BCC_VAL_FRACTION",
+        0.2,
+        "Validation share of the group-aware stratified split.",
+        minimum=0,
+        maximum=1,
+        exclusive=True,
+        recorded=True,
+    )
+    calibration_fraction: float = setting(
+        "BCC_CALIBRATION_FRACTION",
+        0.2,
+        "Share of the development data "
+        "(everything but the holdout) set aside, by patient group and "
+        "stratified, for the threshold and the probability calibration; "
+        "the validation share applies to the rest.",
+        minimum=0,
+        maximum=0.5,
+    )
+    holdout_fraction: float = setting(
+        "BCC_HOLDOUT_FRACTION",
+        0.2,
+        "Share of the labelled store frozen as the "
+        "holdout (by patient group, stratified) when the first split finds none; "
+        "0: no automatic holdout.",
+        minimum=0,
+        maximum=0.5,
+    )
+    bn_recalibration: str = setting(
+        "BCC_BN_RECALIBRATION",
+        "auto",
+        "Re-estimate BatchNorm statistics after training (`auto`: from-scratch runs only).",
+        choices=("auto", "on", "off"),
+        recorded=True,
+    )
     # evaluation and quality gate
-    target_sensitivity: float = setting("BCC_TARGET_SENSITIVITY", 0.95, "Malignant sensitivity the operating "
-                                        "threshold must reach on validation.", minimum=0, maximum=1,
-                                        recorded=True)
-    gate_min_accuracy: float = setting("BCC_GATE_MIN_ACCURACY", 0.80, "Quality gate: absolute accuracy floor.",
-                                       minimum=0, maximum=1)
-    gate_min_sensitivity: float = setting("BCC_GATE_MIN_SENSITIVITY", 0.90, "Quality gate: absolute "
-                                          "sensitivity floor.", minimum=0, maximum=1)
-    gate_margin: float = setting("BCC_GATE_MARGIN", 0.05, "Quality gate: non-inferiority margin; promote only "
-                                 "when the lower 95% bound of candidate - champion on the holdout (sensitivity, "
-                                 "ROC AUC) is above -margin.", minimum=0, maximum=1, exclusive=True)
-    require_approval: bool = setting("BCC_REQUIRE_APPROVAL", False, "A passing candidate waits for a person's "
-                                     "approval (Airflow approval task or `registry.record_approval`) before it "
-                                     "becomes champion. Recommended in production.")
+    target_sensitivity: float = setting(
+        "BCC_TARGET_SENSITIVITY",
+        0.95,
+        "Malignant sensitivity the operating threshold must reach on validation.",
+        minimum=0,
+        maximum=1,
+        recorded=True,
+    )
+    gate_min_accuracy: float = setting(
+        "BCC_GATE_MIN_ACCURACY", 0.80, "Quality gate: absolute accuracy floor.", minimum=0, maximum=1
+    )
+    gate_min_sensitivity: float = setting(
+        "BCC_GATE_MIN_SENSITIVITY", 0.90, "Quality gate: absolute sensitivity floor.", minimum=0, maximum=1
+    )
+    gate_margin: float = setting(
+        "BCC_GATE_MARGIN",
+        0.05,
+        "Quality gate: non-inferiority margin; promote only "
+        "when the lower 95% bound of candidate - champion on the holdout (sensitivity, "
+        "ROC AUC) is above -margin.",
+        minimum=0,
+        maximum=1,
+        exclusive=True,
+    )
+    require_approval: bool = setting(
+        "BCC_REQUIRE_APPROVAL",
+        False,
+        "A passing candidate waits for a person's "
+        "approval (Airflow approval task or `registry.record_approval`) before it "
+        "becomes champion. Recommended in production.",
+    )
     # images
-    max_pixels: int = setting("BCC_MAX_PIXELS", 50_000_000, "Refuse images with more pixels than this "
-                              "(decompression-bomb guard).", minimum=1)
+    max_pixels: int = setting(
+        "BCC_MAX_PIXELS",
+        50_000_000,
+        "Refuse images with more pixels than this (decompression-bomb guard).",
+        minimum=1,
+    )
     min_side: int = setting("BCC_MIN_SIDE", 32, "Refuse images whose shorter side is below this.", minimum=1)
     # files
-    umask: int = setting("BCC_UMASK", 0o027, "Permission bits taken away from every file and folder BCC creates "
-                         "(the database, models, the dataset store, the converted-model cache): by default they "
-                         "are group-readable and not world-readable.", minimum=0, maximum=0o077, octal=True,
-                         why="the owner always keeps read and write")
+    umask: int = setting(
+        "BCC_UMASK",
+        0o027,
+        "Permission bits taken away from every file and folder BCC creates "
+        "(the database, models, the dataset store, the converted-model cache): by default they "
+        "are group-readable and not world-readable.",
+        minimum=0,
+        maximum=0o077,
+        octal=True,
+        why="the owner always keeps read and write",
+    )
     # scoring
-    score_batch_size: int = setting("BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1)
-    settle_seconds: float = setting("BCC_SETTLE_SECONDS", 2.0, "Inbox files modified more recently than this "
-                                    "are left for the next run.", minimum=0)
-    inbox_roots: str = setting("BCC_INBOX_ROOTS", "", "Folders (separated by `os.pathsep`, `:` on Linux) an inbox "
-                               "must lie in; `bcc score --inbox` and the DAG's `inbox` refuse any other.",
-                               shown="$BCC_HOME/inbox")
-    inference: str = setting("BCC_INFERENCE", DEFAULT_INFERENCE, "Scoring back-end; `auto`: the fastest one "
-                             "validated for the champion on this CPU class, else fp32 `keras` (see Benchmarks).",
-                             choices=INFERENCE_CHOICES)
-    backend_max_delta: float = setting("BCC_BACKEND_MAX_DELTA", 0.01, "A back-end is validated for a model "
-                                       "version when it flips no label and its largest probability change "
-                                       "against fp32 Keras is at most this.", minimum=0, maximum=1)
-    guard_band: float = setting("BCC_GUARD_BAND", 0.02, "Predictions this close to the threshold are re-scored "
-                                "with fp32 Keras before their label is stored (0: never).", minimum=0, maximum=1)
-    publish_backends: str = setting("BCC_PUBLISH_BACKENDS", "all", "Back-ends validated automatically when a "
-                                    "version becomes champion: `all`, `none` or a comma-separated list (the rest "
-                                    "with `bcc validate-backends`).")
+    score_batch_size: int = setting(
+        "BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1
+    )
+    settle_seconds: float = setting(
+        "BCC_SETTLE_SECONDS",
+        2.0,
+        "Inbox files modified more recently than this are left for the next run.",
+        minimum=0,
+    )
+    inbox_roots: str = setting(
+        "BCC_INBOX_ROOTS",
+        "",
+        "Folders (separated by `os.pathsep`, `:` on Linux) an inbox "
+        "must lie in; `bcc score --inbox` and the DAG's `inbox` refuse any other.",
+        shown="$BCC_HOME/inbox",
+    )
+    inference: str = setting(
+        "BCC_INFERENCE",
+        DEFAULT_INFERENCE,
+        "Scoring back-end; `auto`: the fastest one "
+        "validated for the champion on this CPU class, else fp32 `keras` (see Benchmarks).",
+        choices=INFERENCE_CHOICES,
+    )
+    backend_max_delta: float = setting(
+        "BCC_BACKEND_MAX_DELTA",
+        0.01,
+        "A back-end is validated for a model "
+        "version when it flips no label and its largest probability change "
+        "against fp32 Keras is at most this.",
+        minimum=0,
+        maximum=1,
+    )
+    guard_band: float = setting(
+        "BCC_GUARD_BAND",
+        0.02,
+        "Predictions this close to the threshold are re-scored "
+        "with fp32 Keras before their label is stored (0: never).",
+        minimum=0,
+        maximum=1,
+    )
+    publish_backends: str = setting(
+        "BCC_PUBLISH_BACKENDS",
+        "all",
+        "Back-ends validated automatically when a "
+        "version becomes champion: `all`, `none` or a comma-separated list (the rest "
+        "with `bcc validate-backends`).",
+    )
     # where a value came from, for `bcc config`: name -> "profile" | "env" | "override" | "default"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -230,8 +357,15 @@ class Settings:
         """The folders the pipeline owns (and ``airflow/``, the embedded Airflow home). Nothing in them is
         ever scored, and an inbox may not lie inside one: scoring it would move training data, models or
         earlier results into ``archive/``. The one list; discovery and the inbox check both use it."""
-        return (self.archive_dir, self.quarantine_dir, self.runs_dir, self.models_dir, self.dataset_dir,
-                self.landing_dir, self.home / "airflow")
+        return (
+            self.archive_dir,
+            self.quarantine_dir,
+            self.runs_dir,
+            self.models_dir,
+            self.dataset_dir,
+            self.landing_dir,
+            self.home / "airflow",
+        )
 
     @property
     def allowed_inbox_roots(self) -> tuple[Path, ...]:
@@ -262,8 +396,9 @@ class Settings:
     def __repr__(self) -> str:  # the database URL's credentials never reach a log or a traceback
         from .store import safe_url
 
-        shown = {n: safe_url(v) if n == "database_url" else v for n, v in
-                 ((n, getattr(self, n)) for n in SETTINGS)}
+        shown = {
+            n: safe_url(v) if n == "database_url" else v for n, v in ((n, getattr(self, n)) for n in SETTINGS)
+        }
         return f"Settings({', '.join(f'{n}={v!r}' for n, v in shown.items())})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -283,8 +418,11 @@ def _shown_value(spec: Setting, value: Any) -> Any:
 
 def _declared() -> dict[str, Setting]:
     types = typing.get_type_hints(Settings)
-    return {f.name: dataclasses.replace(f.metadata["setting"], name=f.name, type=types[f.name])
-            for f in dataclasses.fields(Settings) if "setting" in f.metadata}
+    return {
+        f.name: dataclasses.replace(f.metadata["setting"], name=f.name, type=types[f.name])
+        for f in dataclasses.fields(Settings)
+        if "setting" in f.metadata
+    }
 
 
 #: Every setting's declaration, by name, in declaration order.
@@ -337,8 +475,10 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"{spec.env}={_shown_value(spec, value)!r}: {why}")
     unknown = [b for b in s.publish_backend_list if b not in BACKENDS]
     if unknown:  # a list setting: each item is checked here (the declaration's rules are for one value)
-        raise ConfigError(f"BCC_PUBLISH_BACKENDS={s.publish_backends!r}: {unknown[0]!r} is not a back-end; use all, "
-                          f"none or some of {', '.join(BACKENDS)}")
+        raise ConfigError(
+            f"BCC_PUBLISH_BACKENDS={s.publish_backends!r}: {unknown[0]!r} is not a back-end; use all, "
+            f"none or some of {', '.join(BACKENDS)}"
+        )
 
 
 def load_settings(

@@ -24,9 +24,26 @@ from typing import Any
 
 __all__ = ["NUMERICS_FLAGS", "NUMERICS_PACKAGES", "cpu_info", "parse_cpuinfo", "software_info"]
 
-NUMERICS_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                  "avx_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni_int8", "avx_ne_convert", "amx_tile",
-                  "amx_bf16", "amx_int8", "amx_fp16")
+NUMERICS_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni_int8",
+    "avx_ne_convert",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+)
 NUMERICS_PACKAGES = ("tensorflow", "keras", "numpy", "openvino", "nncf", "onnxruntime", "tf2onnx")
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -46,9 +63,11 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     flags = set(fields.get("flags", "").split())
-    return {"vendor": fields.get("vendor_id", "") or platform.machine(),
-            "model": fields.get("model name", "") or platform.processor() or platform.machine(),
-            "flags": sorted(f for f in NUMERICS_FLAGS if f in flags)}
+    return {
+        "vendor": fields.get("vendor_id", "") or platform.machine(),
+        "model": fields.get("model name", "") or platform.processor() or platform.machine(),
+        "flags": sorted(f for f in NUMERICS_FLAGS if f in flags),
+    }
 
 
 @functools.cache
@@ -60,11 +79,13 @@ def cpu_info() -> dict[str, Any]:
         info = parse_cpuinfo("")
     flags = info["flags"]
     vendor = "".join(ch for ch in info["vendor"].lower() if ch.isalnum())[:16] or "cpu"
-    return {**info,
-            "bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
-            "amx": any(f.startswith("amx") for f in flags),
-            "vnni": any("vnni" in f for f in flags),
-            "cpu_class": f"{vendor}-{_short_hash(info['vendor'] + '|' + info['model'] + '|' + ','.join(flags))}"}
+    return {
+        **info,
+        "bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+        "amx": any(f.startswith("amx") for f in flags),
+        "vnni": any("vnni" in f for f in flags),
+        "cpu_class": f"{vendor}-{_short_hash(info['vendor'] + '|' + info['model'] + '|' + ','.join(flags))}",
+    }
 
 
 @functools.cache

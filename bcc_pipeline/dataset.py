@@ -61,11 +61,14 @@ def augmentation(seed: int):
     """The seed's augmentation as Keras preprocessing layers: flips, rotation, zoom."""
     import keras
 
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="flip"),
-        keras.layers.RandomRotation(0.25, fill_mode="reflect", seed=seed + 1, name="rotation"),
-        keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2, name="zoom"),
-    ], name="augmentation")
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="flip"),
+            keras.layers.RandomRotation(0.25, fill_mode="reflect", seed=seed + 1, name="rotation"),
+            keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2, name="zoom"),
+        ],
+        name="augmentation",
+    )
 
 
 # Keep decoded training images in memory when they fit in this budget; beyond it they are
@@ -73,9 +76,18 @@ def augmentation(seed: int):
 CACHE_BUDGET_BYTES = 2 * 1024**3
 
 
-def make_dataset(paths: Sequence[str], labels: Sequence[int] | None, *, image_size: int, batch_size: int,
-                 training: bool = False, seed: int = DEFAULTS["seed"], max_pixels: int = DEFAULTS["max_pixels"],
-                 min_side: int = DEFAULTS["min_side"], cache: bool | None = None) -> tf.data.Dataset:
+def make_dataset(
+    paths: Sequence[str],
+    labels: Sequence[int] | None,
+    *,
+    image_size: int,
+    batch_size: int,
+    training: bool = False,
+    seed: int = DEFAULTS["seed"],
+    max_pixels: int = DEFAULTS["max_pixels"],
+    min_side: int = DEFAULTS["min_side"],
+    cache: bool | None = None,
+) -> tf.data.Dataset:
     """A tf.data pipeline over image files: decode + ``images.preprocess`` in parallel, batch, prefetch.
 
     ``labels`` (0 benign, 1 malignant) become one-hot targets; with ``labels=None`` the dataset yields
@@ -90,8 +102,9 @@ def make_dataset(paths: Sequence[str], labels: Sequence[int] | None, *, image_si
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
 
     def _load(p: bytes) -> np.ndarray:
-        arr, _sha = images.load_for_model(p.decode("utf-8"), image_size, max_pixels=max_pixels,
-                                          min_side=min_side)
+        arr, _sha = images.load_for_model(
+            p.decode("utf-8"), image_size, max_pixels=max_pixels, min_side=min_side
+        )
         return arr
 
     def _map(p):

@@ -235,4 +235,3 @@ def compute_metrics(
         **counts,
     }
     return {name: float(values[name]) for name in METRIC_NAMES}
-

@@ -116,7 +116,7 @@ def path_from_display(text: str) -> str:
     out = bytearray()
     pos = 0
     for m in _UNESCAPE.finditer(text):
-        out += _literal(text[pos:m.start()])
+        out += _literal(text[pos : m.start()])
         if m.group(1):
             out += b"\\"
         elif m.group(2):
@@ -202,8 +202,13 @@ def created_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Path], object], *,
-                 exclusive: bool = False, fsync: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes | str | Callable[[Path], object],
+    *,
+    exclusive: bool = False,
+    fsync: bool = True,
+) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
     then ``os.replace``. A crash leaves the old file or the new one, never half of one.
 
@@ -285,8 +290,9 @@ def _copy_no_replace(src: Path, dst: Path) -> None:
     nofollow, cloexec = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
     in_fd = os.open(src, os.O_RDONLY | nofollow | cloexec)
     with os.fdopen(in_fd, "rb") as inp:
-        out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec,
-                         stat.S_IMODE(src_st.st_mode))
+        out_fd = os.open(
+            dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, stat.S_IMODE(src_st.st_mode)
+        )
         try:
             with os.fdopen(out_fd, "wb") as out:
                 while chunk := inp.read(1 << 20):

@@ -35,14 +35,18 @@ class FusedAdam(keras.optimizers.Adam):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         step = tf.cast(self.iterations + 1, tf.float32)
-        object.__setattr__(self, "_step_scalars", (
-            tf.cast(learning_rate, tf.float32),
-            tf.pow(tf.cast(self.beta_1, tf.float32), step),
-            tf.pow(tf.cast(self.beta_2, tf.float32), step),
-            tf.constant(self.beta_1, tf.float32),
-            tf.constant(self.beta_2, tf.float32),
-            tf.constant(self.epsilon, tf.float32),
-        ))
+        object.__setattr__(
+            self,
+            "_step_scalars",
+            (
+                tf.cast(learning_rate, tf.float32),
+                tf.pow(tf.cast(self.beta_1, tf.float32), step),
+                tf.pow(tf.cast(self.beta_2, tf.float32), step),
+                tf.constant(self.beta_1, tf.float32),
+                tf.constant(self.beta_2, tf.float32),
+                tf.constant(self.epsilon, tf.float32),
+            ),
+        )
         try:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         finally:
@@ -50,14 +54,26 @@ class FusedAdam(keras.optimizers.Adam):
 
     def update_step(self, gradient, variable, learning_rate):
         scalars = self._step_scalars
-        if (self.amsgrad or scalars is None or keras.backend.backend() != "tensorflow"
-                or variable.dtype != tf.float32):
+        if (
+            self.amsgrad
+            or scalars is None
+            or keras.backend.backend() != "tensorflow"
+            or variable.dtype != tf.float32
+        ):
             return super().update_step(gradient, variable, learning_rate)
         lr, beta_1_power, beta_2_power, beta_1, beta_2, epsilon = scalars
         index = self._get_variable_index(variable)
         m, v = self._momentums[index], self._velocities[index]
         tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=m.value.handle, v=v.value.handle,
-            beta1_power=beta_1_power, beta2_power=beta_2_power, lr=lr,
-            beta1=beta_1, beta2=beta_2, epsilon=epsilon, grad=tf.cast(gradient, tf.float32),
-            use_locking=False)
+            var=variable.handle,
+            m=m.value.handle,
+            v=v.value.handle,
+            beta1_power=beta_1_power,
+            beta2_power=beta_2_power,
+            lr=lr,
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=epsilon,
+            grad=tf.cast(gradient, tf.float32),
+            use_locking=False,
+        )

@@ -53,8 +53,15 @@ from .config import BACKENDS, DEFAULT_BACKEND, REFERENCE_BACKEND  # re-exported:
 from .errors import ArtifactError, ConfigError
 from .files import created_mode, sha256_file
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "REFERENCE_BACKEND", "CacheLedger", "Calibration", "Predictor",
-           "load_predictor"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "REFERENCE_BACKEND",
+    "CacheLedger",
+    "Calibration",
+    "Predictor",
+    "load_predictor",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +85,9 @@ class Predictor:
 
 def _check_input(shape: tuple, image_size: int, version: str) -> None:
     if tuple(shape) != (image_size, image_size, 3):
-        raise ArtifactError(f"model {version} takes input {tuple(shape)}, but its registry row says "
-                            f"image_size {image_size}")
+        raise ArtifactError(
+            f"model {version} takes input {tuple(shape)}, but its registry row says image_size {image_size}"
+        )
 
 
 # -- Keras / TensorFlow -----------------------------------------------------------------------
@@ -155,8 +163,9 @@ def _expected(folder: Path, sha: str, fmt: str, ledger: CacheLedger | None) -> d
     return ledger.expected(sha, fmt) if ledger is not None else _source_json(folder, sha)
 
 
-def _read_verified(folder: Path, names: tuple[str, ...], expected: dict[str, str] | None, *,
-                   quiet: bool = False) -> dict[str, bytes] | None:
+def _read_verified(
+    folder: Path, names: tuple[str, ...], expected: dict[str, str] | None, *, quiet: bool = False
+) -> dict[str, bytes] | None:
     """The bytes of ``names`` in ``folder`` when each matches its ``expected`` sha256, else None (logged
     unless ``quiet``). The bytes checked are the bytes loaded: nothing is read again after the check."""
     if not expected:
@@ -171,8 +180,11 @@ def _read_verified(folder: Path, names: tuple[str, ...], expected: dict[str, str
             return None
         if hashlib.sha256(data).hexdigest() != expected.get(name):
             if not quiet:
-                log.warning("converted model file %s is damaged: its sha256 differs from the one recorded "
-                            "when it was published", folder / name)
+                log.warning(
+                    "converted model file %s is damaged: its sha256 differs from the one recorded "
+                    "when it was published",
+                    folder / name,
+                )
             return None
         blobs[name] = data
     return blobs
@@ -187,9 +199,14 @@ def _cached(folder: Path, sha: str, names: tuple[str, ...]) -> bool:
         return False
 
 
-def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Path], None],
-             trusted: Callable[[], bool] | None = None,
-             on_published: Callable[[dict[str, str]], None] | None = None) -> Path | None:
+def _publish(
+    folder: Path,
+    sha: str,
+    names: tuple[str, ...],
+    write: Callable[[Path], None],
+    trusted: Callable[[], bool] | None = None,
+    on_published: Callable[[dict[str, str]], None] | None = None,
+) -> Path | None:
     """Write a conversion into a temporary folder beside ``folder`` and rename it into place.
 
     ``trusted()`` says whether the folder now in place is a good cache (default: its source.json);
@@ -202,14 +219,19 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
     except OSError as exc:
-        log.warning("cannot cache the converted model under %s (%s); converting in memory", folder.parent, exc)
+        log.warning(
+            "cannot cache the converted model under %s (%s); converting in memory", folder.parent, exc
+        )
         return None
     try:
         write(tmp)
         files = {n: sha256_file(tmp / n) for n in names}
-        (tmp / "source.json").write_text(json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n",
-                                         encoding="utf-8")
-        if folder.exists() and trusted():  # another process (a parallel shard) published it meanwhile: use that
+        (tmp / "source.json").write_text(
+            json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n", encoding="utf-8"
+        )
+        if (
+            folder.exists() and trusted()
+        ):  # another process (a parallel shard) published it meanwhile: use that
             return folder
         if folder.exists():  # a stale or damaged cache: move it aside, then replace it
             stale = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -229,8 +251,16 @@ def _publish(folder: Path, sha: str, names: tuple[str, ...], write: Callable[[Pa
 
 
 @contextmanager
-def _converted(artifact_path: Path, sha: str, fmt: str, names: tuple[str, ...], image_size: int, version: str,
-               write: Callable[[Any, Path], None], ledger: CacheLedger | None) -> Iterator[tuple[dict[str, bytes], bool]]:
+def _converted(
+    artifact_path: Path,
+    sha: str,
+    fmt: str,
+    names: tuple[str, ...],
+    image_size: int,
+    version: str,
+    write: Callable[[Any, Path], None],
+    ledger: CacheLedger | None,
+) -> Iterator[tuple[dict[str, bytes], bool]]:
     """Yield ``(file name -> verified bytes of the converted model, converted now?)`` for artifact ``sha``.
 
     A cache whose files match the checksums recorded at publication (``ledger``; without one, the cache's
@@ -246,19 +276,32 @@ def _converted(artifact_path: Path, sha: str, fmt: str, names: tuple[str, ...], 
         yield blobs, False
         return
     if folder.exists():
-        log.warning("the converted %s model at %s is %s; converting %s again", fmt, folder,
-                    "damaged" if expected else "not recorded as published", version)
+        log.warning(
+            "the converted %s model at %s is %s; converting %s again",
+            fmt,
+            folder,
+            "damaged" if expected else "not recorded as published",
+            version,
+        )
     net = model_lib.load_artifact(artifact_path, sha)
     _check_input(tuple(net.input_shape[1:]), image_size, version)
-    where = _publish(folder, sha, names, lambda d: write(net, d),
-                     trusted=lambda: _read_verified(folder, names, _expected(folder, sha, fmt, ledger),
-                                                    quiet=True) is not None,
-                     on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None)
+    where = _publish(
+        folder,
+        sha,
+        names,
+        lambda d: write(net, d),
+        trusted=lambda: (
+            _read_verified(folder, names, _expected(folder, sha, fmt, ledger), quiet=True) is not None
+        ),
+        on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None,
+    )
     if where is not None:
         net = None  # free the Keras model before the caller compiles the converted one
         blobs = _read_verified(where, names, _expected(where, sha, fmt, ledger))
         if blobs is None:
-            raise ArtifactError(f"the converted {fmt} model at {where} changed while model {version} was loading")
+            raise ArtifactError(
+                f"the converted {fmt} model at {where} changed while model {version} was loading"
+            )
         yield blobs, True
         return
     tmp = Path(tempfile.mkdtemp(prefix=f"bcc-{fmt}-"))
@@ -274,8 +317,15 @@ Calibration = Callable[[], Any]
 """Returns the float32 batch ``(N, S, S, 3)`` an INT8 conversion is calibrated on (development images)."""
 
 
-def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, mode: str,
-              ledger: CacheLedger | None, calibration: Calibration | None) -> tuple[Callable, str, bool]:
+def _openvino(
+    artifact_path: Path,
+    sha: str,
+    image_size: int,
+    version: str,
+    mode: str,
+    ledger: CacheLedger | None,
+    calibration: Calibration | None,
+) -> tuple[Callable, str, bool]:
     """OpenVINO with ``mode`` f32, bf16 (where the CPU has it) or int8 (NNCF post-training quantization)."""
     try:
         import openvino as ov
@@ -285,9 +335,13 @@ def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, mode
         try:
             import nncf  # noqa: F401 - imported here to fail before any conversion
         except ImportError as exc:
-            raise ConfigError("BCC_INFERENCE=openvino-int8 needs the int8 extra: pip install -e '.[int8]'") from exc
+            raise ConfigError(
+                "BCC_INFERENCE=openvino-int8 needs the int8 extra: pip install -e '.[int8]'"
+            ) from exc
         if calibration is None:
-            raise ConfigError(f"openvino-int8 needs the development images of model {version} to calibrate on")
+            raise ConfigError(
+                f"openvino-int8 needs the development images of model {version} to calibrate on"
+            )
 
     def write(net: Any, folder: Path) -> None:
         with warnings.catch_warnings():  # Keras notes the traced input's name; harmless
@@ -299,8 +353,9 @@ def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, mode
 
     core = ov.Core()
     fmt = "openvino-int8" if mode == "int8" else "openvino"
-    with _converted(artifact_path, sha, fmt, ("model.xml", "model.bin"), image_size, version, write,
-                    ledger) as (blobs, converted):
+    with _converted(
+        artifact_path, sha, fmt, ("model.xml", "model.bin"), image_size, version, write, ledger
+    ) as (blobs, converted):
         model = core.read_model(blobs["model.xml"], blobs["model.bin"])
     shape = model.inputs[0].get_partial_shape()
     _check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
@@ -312,8 +367,14 @@ def _openvino(artifact_path: Path, sha: str, image_size: int, version: str, mode
             raise
         compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     raw = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    precision = next((short for long_, short in (("bfloat16", "bf16"), ("float16", "f16"), ("float32", "f32"))
-                      if long_ in raw), raw)
+    precision = next(
+        (
+            short
+            for long_, short in (("bfloat16", "bf16"), ("float16", "f16"), ("float32", "f32"))
+            if long_ in raw
+        ),
+        raw,
+    )
     if mode == "int8":
         precision = "int8"  # the quantized layers run in int8, the rest in the precision above
     request = compiled.create_infer_request()
@@ -335,11 +396,14 @@ def _quantize(ov_model: Any, calibration: Calibration) -> Any:
     logging.getLogger("nncf").setLevel(logging.WARNING)
     data = nncf.Dataset([x[i : i + 1] for i in range(x.shape[0])])
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for results (--json)
-        return nncf.quantize(ov_model, data, subset_size=int(x.shape[0]), preset=nncf.QuantizationPreset.MIXED)
+        return nncf.quantize(
+            ov_model, data, subset_size=int(x.shape[0]), preset=nncf.QuantizationPreset.MIXED
+        )
 
 
-def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str,
-                 ledger: CacheLedger | None) -> tuple[Callable, str, bool]:
+def _onnxruntime(
+    artifact_path: Path, sha: str, image_size: int, version: str, ledger: CacheLedger | None
+) -> tuple[Callable, str, bool]:
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -350,12 +414,16 @@ def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str,
         try:
             import tf2onnx  # noqa: F401 - Keras' ONNX export uses it
         except ImportError as exc:
-            raise ConfigError("BCC_INFERENCE=onnxruntime needs the onnx extra: pip install -e '.[onnx]'") from exc
+            raise ConfigError(
+                "BCC_INFERENCE=onnxruntime needs the onnx extra: pip install -e '.[onnx]'"
+            ) from exc
         net(np.zeros((1, image_size, image_size, 3), "float32"))  # export needs a built, called model
         net.export(str(folder / "model.onnx"), format="onnx", verbose=False)
 
-    with _converted(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write,
-                    ledger) as (blobs, converted):
+    with _converted(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write, ledger) as (
+        blobs,
+        converted,
+    ):
         session = ort.InferenceSession(blobs["model.onnx"], providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     dims = tuple(inp.shape[1:])
@@ -366,9 +434,16 @@ def _onnxruntime(artifact_path: Path, sha: str, image_size: int, version: str,
 
 
 # -- the entry point --------------------------------------------------------------------------
-def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_size: int,
-                   backend: str = DEFAULT_BACKEND, version: str = "?", ledger: CacheLedger | None = None,
-                   calibration: Calibration | None = None) -> Predictor:
+def load_predictor(
+    artifact_path: str | os.PathLike[str],
+    sha256: str,
+    *,
+    image_size: int,
+    backend: str = DEFAULT_BACKEND,
+    version: str = "?",
+    ledger: CacheLedger | None = None,
+    calibration: Calibration | None = None,
+) -> Predictor:
     """Load model artifact ``artifact_path`` (checksum ``sha256`` verified) for inference with ``backend``.
 
     ``ledger``: where the checksums of converted models are recorded and checked (scoring and validation
@@ -393,7 +468,14 @@ def load_predictor(artifact_path: str | os.PathLike[str], sha256: str, *, image_
     else:
         fn, precision, converted = _onnxruntime(path, sha256, image_size, version, ledger)
     seconds = time.monotonic() - t0
-    log.info("model %s ready for %s inference (%s) in %.1fs%s", version, backend, precision, seconds,
-             " (converted)" if converted else "")
-    return Predictor(backend=backend, precision=precision, fn=fn, load_seconds=seconds, converted=converted,
-                     model=net)
+    log.info(
+        "model %s ready for %s inference (%s) in %.1fs%s",
+        version,
+        backend,
+        precision,
+        seconds,
+        " (converted)" if converted else "",
+    )
+    return Predictor(
+        backend=backend, precision=precision, fn=fn, load_seconds=seconds, converted=converted, model=net
+    )

@@ -134,12 +134,18 @@ def _require_columns(url: str) -> None:
     except Exception:  # noqa: BLE001 - no table at all: the first query says so
         return
     if "dest" not in cols:
-        raise StoreError("the database predates intake's commit-then-move columns (rejections.dest); "
-                         "run `bcc db upgrade`")
+        raise StoreError(
+            "the database predates intake's commit-then-move columns (rejections.dest); run `bcc db upgrade`"
+        )
 
 
-def intake(settings: Settings, *, run_id: str | None = None, progress: Callable[[str], None] | None = None,
-           on_committed: Callable[[str], None] | None = None) -> IntakeReport:
+def intake(
+    settings: Settings,
+    *,
+    run_id: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_committed: Callable[[str], None] | None = None,
+) -> IntakeReport:
     """Take every labelled image in ``landing/`` into the dataset store and the ``images`` table.
 
     Safe to rerun at any point, and after a kill at any point: see the module docstring.
@@ -163,8 +169,9 @@ def intake(settings: Settings, *, run_id: str | None = None, progress: Callable[
         if entry.name not in CLASS_NAMES or not entry.is_dir() or entry.is_symlink():
             report.ignored += 1
             report.ignored_paths.append(display_path(entry.relative_to(landing)))
-            log.warning("ignoring %s: landing/ holds only the folders %s", display_path(entry),
-                        ", ".join(CLASS_NAMES))
+            log.warning(
+                "ignoring %s: landing/ holds only the folders %s", display_path(entry), ", ".join(CLASS_NAMES)
+            )
 
     last_progress = 0
     with session_scope(settings.database_url) as session:
@@ -195,16 +202,27 @@ def intake(settings: Settings, *, run_id: str | None = None, progress: Callable[
                 if progress and report.accepted and done % PROGRESS_EVERY == 0 and done != last_progress:
                     last_progress = done  # once per count: rejected and ignored files do not repeat it
                     progress(f"intake: {report.accepted} accepted, {report.duplicates} duplicates so far")
-    log.info("intake %s: %d accepted, %d duplicates, %d conflicts, %d rejected, %d ignored, %d skipped, "
-             "%d earlier moves finished, %d failed", one_line(run_id), report.accepted, report.duplicates,
-             report.conflicts, report.rejected, report.ignored, report.skipped, report.recovered,
-             len(report.failed))
+    log.info(
+        "intake %s: %d accepted, %d duplicates, %d conflicts, %d rejected, %d ignored, %d skipped, "
+        "%d earlier moves finished, %d failed",
+        one_line(run_id),
+        report.accepted,
+        report.duplicates,
+        report.conflicts,
+        report.rejected,
+        report.ignored,
+        report.skipped,
+        report.recovered,
+        len(report.failed),
+    )
     return report
 
 
 # -- after the commit -------------------------------------------------------------------------
 def _mark(session, run_id: str, shown: str, **values: Any) -> None:
-    session.execute(update(Rejection).where(Rejection.run_id == run_id, Rejection.path == shown).values(**values))
+    session.execute(
+        update(Rejection).where(Rejection.run_id == run_id, Rejection.path == shown).values(**values)
+    )
     session.commit()
 
 
@@ -252,7 +270,8 @@ def _finish_interrupted(settings: Settings, session, report: IntakeReport) -> se
     rows = session.execute(
         select(Rejection.run_id, Rejection.path, Rejection.sha256, Rejection.reason, Rejection.dest)
         .where(Rejection.stage == "intake", Rejection.dest.is_not(None), Rejection.moved_to.is_(None))
-        .order_by(Rejection.id).limit(_SWEEP_LIMIT)
+        .order_by(Rejection.id)
+        .limit(_SWEEP_LIMIT)
     ).all()
     unfinished: set[str] = set()
     for r in rows:
@@ -262,8 +281,13 @@ def _finish_interrupted(settings: Settings, session, report: IntakeReport) -> se
             continue
         if os.path.lexists(src):
             if r.sha256 is not None and not _has_content(src, r.sha256):
-                _mark(session, r.run_id, r.path, dest=None,
-                      move_error="replaced by other content before it was moved; that content is taken in anew")
+                _mark(
+                    session,
+                    r.run_id,
+                    r.path,
+                    dest=None,
+                    move_error="replaced by other content before it was moved; that content is taken in anew",
+                )
                 continue
             if _move(session, r.run_id, r.path, src, dest, r.reason, report):
                 report.recovered += 1
@@ -289,15 +313,29 @@ def _has_content(path: Path, sha: str) -> bool:
 
 
 # -- one file ---------------------------------------------------------------------------------
-def _reject(session, rel: Path, reason: str, sha: str | None, report: IntakeReport,
-            quarantine_root: Path) -> _Then:
+def _reject(
+    session, rel: Path, reason: str, sha: str | None, report: IntakeReport, quarantine_root: Path
+) -> _Then:
     """Record the rejection (with the file's destination) in the session; the move follows the commit."""
     shown, reason = display_path(rel), one_line(reason)
     dest = quarantine_root / rel
-    insert_rows(session, Rejection, [{
-        "run_id": report.run_id, "stage": "intake", "path": shown, "sha256": sha, "reason": reason,
-        "dest": display_path(dest), "moved_to": None, "rejected_at": utcnow(),
-    }], key=("run_id", "path"))
+    insert_rows(
+        session,
+        Rejection,
+        [
+            {
+                "run_id": report.run_id,
+                "stage": "intake",
+                "path": shown,
+                "sha256": sha,
+                "reason": reason,
+                "dest": display_path(dest),
+                "moved_to": None,
+                "rejected_at": utcnow(),
+            }
+        ],
+        key=("run_id", "path"),
+    )
     report.rejected += 1
     report.rejections.append({"path": shown, "reason": reason})
     log.warning("rejected %s: %s", shown, reason)
@@ -310,7 +348,7 @@ def _group_id(folder: str) -> str:
     shown = display_path(folder)
     if len(shown) <= _GROUP_MAX:
         return shown
-    return f"{shown[:_GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
+    return f"{shown[: _GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
 
 
 def _ignore(report: IntakeReport, rel: Path) -> None:
@@ -318,8 +356,16 @@ def _ignore(report: IntakeReport, rel: Path) -> None:
     report.ignored_paths.append(display_path(rel))
 
 
-def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, report: IntakeReport,
-                quarantine_root: Path, now_ts: float) -> _Then | None:
+def _intake_one(
+    settings: Settings,
+    session,
+    path: Path,
+    rel: Path,
+    label: str,
+    report: IntakeReport,
+    quarantine_root: Path,
+    now_ts: float,
+) -> _Then | None:
     """Stage one file's outcome in ``session``; returns what to do with the file after the commit."""
     if path.is_symlink():
         return _reject(session, rel, "symbolic link: links are never followed", None, report, quarantine_root)
@@ -335,8 +381,15 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
             report.skipped += 1  # still being written; next run takes it
             return None
         if st.st_size > images.max_file_bytes(settings.max_pixels):
-            return _reject(session, rel, f"file of {st.st_size} bytes is larger than any image within the "
-                           f"pixel limit ({settings.max_pixels}) can be", None, report, quarantine_root)
+            return _reject(
+                session,
+                rel,
+                f"file of {st.st_size} bytes is larger than any image within the "
+                f"pixel limit ({settings.max_pixels}) can be",
+                None,
+                report,
+                quarantine_root,
+            )
         data = path.read_bytes()
     except OSError as exc:
         return _reject(session, rel, f"unreadable file: {exc.strerror or exc}", None, report, quarantine_root)
@@ -352,8 +405,10 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
     group = _group_id(parts[1]) if len(parts) > 2 else None
     existing = session.get(ImageRecord, sha)
     if existing is not None and existing.label not in (None, label):
-        reason = (f"the same image content was already taken in as {existing.label} "
-                  f"({existing.source_path}); excluded from training under both labels")
+        reason = (
+            f"the same image content was already taken in as {existing.label} "
+            f"({existing.source_path}); excluded from training under both labels"
+        )
         if existing.excluded_reason is None:
             existing.excluded_reason = f"content seen as both {existing.label} and {label} ({shown})"
         report.conflicts += 1
@@ -364,11 +419,20 @@ def _intake_one(settings: Settings, session, path: Path, rel: Path, label: str, 
 
     stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
     if existing is None:
-        session.add(ImageRecord(
-            sha256=sha, label=label, group_id=group, width=info.width, height=info.height,
-            format=info.format, source_path=shown, stored_path=str(stored), first_seen_at=utcnow(),
-            phash=perceptual_hash(rgb),
-        ))
+        session.add(
+            ImageRecord(
+                sha256=sha,
+                label=label,
+                group_id=group,
+                width=info.width,
+                height=info.height,
+                format=info.format,
+                source_path=shown,
+                stored_path=str(stored),
+                first_seen_at=utcnow(),
+                phash=perceptual_hash(rgb),
+            )
+        )
     else:  # known from scoring (unlabelled); now it has a label
         existing.label, existing.group_id, existing.stored_path = label, group, str(stored)
         existing.first_seen_at, existing.phash = utcnow(), perceptual_hash(rgb)

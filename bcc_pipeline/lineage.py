@@ -19,10 +19,30 @@ from .files import sha256_file
 __all__ = ["CPU_FLAGS", "PACKAGES", "cpu_features", "git_state", "lineage", "package_versions"]
 
 #: Distributions whose versions change the numbers a model produces.
-PACKAGES = ("tensorflow", "keras", "numpy", "openvino", "onnxruntime", "scikit-learn", "scipy", "bcc-pipeline")
+PACKAGES = (
+    "tensorflow",
+    "keras",
+    "numpy",
+    "openvino",
+    "onnxruntime",
+    "scikit-learn",
+    "scipy",
+    "bcc-pipeline",
+)
 #: CPU flags (``/proc/cpuinfo``) that decide which kernels, and so which rounding, the runtimes use.
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
-             "amx_bf16", "amx_int8", "f16c")
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "f16c",
+)
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -39,10 +59,17 @@ def git_state(where: Path | None = None) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding this package."""
     cwd = where or Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
-                             check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return {"commit": sha or None, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -62,11 +89,20 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"model": model, "machine": platform.machine(), "flags": sorted(f for f in CPU_FLAGS if f in flags)}
+    return {
+        "model": model,
+        "machine": platform.machine(),
+        "flags": sorted(f for f in CPU_FLAGS if f in flags),
+    }
 
 
-def lineage(*, role_hashes: Mapping[str, str | None], base_weights: str, base_weights_path: str | None,
-            model_name: str) -> dict[str, Any]:
+def lineage(
+    *,
+    role_hashes: Mapping[str, str | None],
+    base_weights: str,
+    base_weights_path: str | None,
+    model_name: str,
+) -> dict[str, Any]:
     """Everything a version's numbers depend on besides its recipe (kept in ``hyperparameters``).
 
     ``base_weights_path``: the weights file the base network was initialised from (its sha256 is
@@ -74,6 +110,12 @@ def lineage(*, role_hashes: Mapping[str, str | None], base_weights: str, base_we
     weights: dict[str, Any] = {"setting": base_weights, "path": base_weights_path, "sha256": None}
     if base_weights_path and Path(base_weights_path).is_file():
         weights["sha256"] = sha256_file(Path(base_weights_path))
-    return {"packages": package_versions(), "git": git_state(), "cpu": cpu_features(),
-            "python": platform.python_version(), "model": model_name, "base_weights": weights,
-            "manifests": dict(role_hashes)}
+    return {
+        "packages": package_versions(),
+        "git": git_state(),
+        "cpu": cpu_features(),
+        "python": platform.python_version(),
+        "model": model_name,
+        "base_weights": weights,
+        "manifests": dict(role_hashes),
+    }

@@ -112,7 +112,9 @@ def _groups(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return groups
 
 
-def select_groups(records: Sequence[dict[str, Any]], fraction: float, *, seed: int, salt: str = "") -> set[str]:
+def select_groups(
+    records: Sequence[dict[str, Any]], fraction: float, *, seed: int, salt: str = ""
+) -> set[str]:
     """The groups that take ``fraction`` of every label, stratified.
 
     Groups are visited in the order of a seeded hash of ``salt`` and the group name, and taken while
@@ -138,13 +140,22 @@ def select_groups(records: Sequence[dict[str, Any]], fraction: float, *, seed: i
     return chosen
 
 
-def assign(records: Sequence[dict[str, Any]], chosen: set[str], inside: str, outside: str) -> list[dict[str, Any]]:
+def assign(
+    records: Sequence[dict[str, Any]], chosen: set[str], inside: str, outside: str
+) -> list[dict[str, Any]]:
     """Entries for ``records``: role ``inside`` for the chosen groups, ``outside`` for the rest."""
     out = []
     for g, members in _groups(records).items():
         for r in members:
-            out.append({"sha256": r["sha256"], "label": r["label"], "group_id": g, "path": r.get("path"),
-                        "split": inside if g in chosen else outside})
+            out.append(
+                {
+                    "sha256": r["sha256"],
+                    "label": r["label"],
+                    "group_id": g,
+                    "path": r.get("path"),
+                    "split": inside if g in chosen else outside,
+                }
+            )
     return out
 
 
@@ -152,21 +163,28 @@ def require_both_sides(entries: Sequence[dict[str, Any]], roles: tuple[str, str]
     for label in LABELS:
         sides = {e["split"] for e in entries if e["label"] == label}
         if not set(roles) <= sides:
-            raise DatasetError(f"the {what} split left no {label} images on one side; add more {label} groups")
+            raise DatasetError(
+                f"the {what} split left no {label} images on one side; add more {label} groups"
+            )
 
 
 def require_counts(records: Sequence[dict[str, Any]], what: str) -> None:
     if not records:
-        raise DatasetError("no labelled images to split; put images in landing/benign and landing/malignant "
-                           "and run intake")
+        raise DatasetError(
+            "no labelled images to split; put images in landing/benign and landing/malignant and run intake"
+        )
     for label in LABELS:
         n = sum(r["label"] == label for r in records)
         if n < 2:
             raise DatasetError(f"need at least 2 {label} images for a {what} split, have {n}")
 
 
-def make_split(records: Sequence[dict[str, Any]], *, seed: int = DEFAULTS["seed"],
-               val_fraction: float = DEFAULTS["val_fraction"]) -> list[dict[str, Any]]:
+def make_split(
+    records: Sequence[dict[str, Any]],
+    *,
+    seed: int = DEFAULTS["seed"],
+    val_fraction: float = DEFAULTS["val_fraction"],
+) -> list[dict[str, Any]]:
     """Assign each record (``sha256``, ``label``, ``group_id``) to ``train`` or ``validation``.
 
     Groups are ranked by a seeded hash (stable when new groups arrive, unlike a shuffle) and taken
@@ -180,20 +198,32 @@ def make_split(records: Sequence[dict[str, Any]], *, seed: int = DEFAULTS["seed"
     return out
 
 
-def counts(entries: Sequence[dict[str, Any]], roles: Sequence[str] = ("train", "validation")) -> dict[str, dict[str, int]]:
+def counts(
+    entries: Sequence[dict[str, Any]], roles: Sequence[str] = ("train", "validation")
+) -> dict[str, dict[str, int]]:
     """Images per role and label; ``roles`` are always present, any other role that occurs too."""
     out: dict[str, dict[str, int]] = {r: {} for r in roles}
     for e in entries:
         role = out.setdefault(e["split"], {})
         role[e["label"]] = role.get(e["label"], 0) + 1
     order = {lab: i for i, lab in enumerate(LABELS)}
-    return {r: dict(sorted(c.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))) for r, c in out.items()}
+    return {
+        r: dict(sorted(c.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+        for r, c in out.items()
+    }
 
 
-def write_manifest(entries: Sequence[dict[str, Any]], out_dir: Path, *, seed: int, val_fraction: float,
-                   data_cutoff: dt.datetime | None = None, extra: dict[str, Any] | None = None,
-                   excluded: Sequence[dict[str, Any]] = (),
-                   roles: Sequence[str] = ("train", "validation")) -> Manifest:
+def write_manifest(
+    entries: Sequence[dict[str, Any]],
+    out_dir: Path,
+    *,
+    seed: int,
+    val_fraction: float,
+    data_cutoff: dt.datetime | None = None,
+    extra: dict[str, Any] | None = None,
+    excluded: Sequence[dict[str, Any]] = (),
+    roles: Sequence[str] = ("train", "validation"),
+) -> Manifest:
     """Write ``out_dir/<hash>.json``; the same data and split always give the same file.
 
     ``extra`` is recorded in the document (the kind of manifest, settings); ``excluded`` lists images
@@ -202,11 +232,18 @@ def write_manifest(entries: Sequence[dict[str, Any]], out_dir: Path, *, seed: in
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{digest}.json"
     present = sorted({e["split"] for e in entries} | set(roles), key=_role_order)
-    doc = {"hash": digest, "seed": seed, "val_fraction": val_fraction,
-           "created_at": dt.datetime.now(dt.UTC).isoformat(),
-           "data_cutoff": data_cutoff.isoformat() if data_cutoff else None,
-           "counts": counts(entries, roles), "role_hashes": {r: role_hash(entries, r) for r in present},
-           **(extra or {}), "excluded": list(excluded), "entries": list(entries)}
+    doc = {
+        "hash": digest,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "data_cutoff": data_cutoff.isoformat() if data_cutoff else None,
+        "counts": counts(entries, roles),
+        "role_hashes": {r: role_hash(entries, r) for r in present},
+        **(extra or {}),
+        "excluded": list(excluded),
+        "entries": list(entries),
+    }
     if not path.exists():
         atomic_write(path, json.dumps(doc, indent=1))
     return load_manifest(path)
@@ -224,8 +261,15 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise DatasetError(f"cannot read manifest {path}: {exc}") from exc
     if _canonical_hash(doc["entries"]) != doc["hash"]:
         raise DatasetError(f"manifest {path} does not match its own hash; it was edited after it was written")
-    return Manifest(path=path, hash=doc["hash"], entries=doc["entries"], created_at=doc["created_at"],
-                    data_cutoff=doc.get("data_cutoff"), excluded=doc.get("excluded", []), doc=doc)
+    return Manifest(
+        path=path,
+        hash=doc["hash"],
+        entries=doc["entries"],
+        created_at=doc["created_at"],
+        data_cutoff=doc.get("data_cutoff"),
+        excluded=doc.get("excluded", []),
+        doc=doc,
+    )
 
 
 def manifest_arrays(manifest: Manifest, split: str) -> tuple[list[str], list[int]]:

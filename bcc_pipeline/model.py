@@ -111,10 +111,13 @@ def build_classifier(*, image_size: int, base_weights: str, seed: int | None = N
         keras.utils.set_random_seed(seed)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     try:
-        base = keras.applications.DenseNet201(include_top=False, weights=weights, input_tensor=None,
-                                              input_shape=(image_size, image_size, 3))
+        base = keras.applications.DenseNet201(
+            include_top=False, weights=weights, input_tensor=None, input_shape=(image_size, image_size, 3)
+        )
     except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/HTTP errors here
-        raise WeightsUnavailableError(f"cannot load DenseNet201 base weights {base_weights!r}: {exc}") from exc
+        raise WeightsUnavailableError(
+            f"cannot load DenseNet201 base weights {base_weights!r}: {exc}"
+        ) from exc
     x = base(inputs)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(0.5, name="dropout")(x)
@@ -137,7 +140,9 @@ def count_params(model: keras.Model) -> dict[str, int]:
 
 
 # -- artifacts --------------------------------------------------------------------------------
-def save_artifact(model: keras.Model, out_dir: str | os.PathLike[str], metadata: dict[str, Any]) -> tuple[Path, str]:
+def save_artifact(
+    model: keras.Model, out_dir: str | os.PathLike[str], metadata: dict[str, Any]
+) -> tuple[Path, str]:
     """Save ``model.keras`` and ``metadata.json`` into ``out_dir`` atomically.
 
     The model goes to a temporary file in the same folder first and is renamed into place, so a

@@ -21,8 +21,13 @@ __all__ = ["CARD_NAME", "card_path", "gate_markdown", "holdout_lines", "render",
 
 CARD_NAME = "model_card.md"
 #: The metrics with intervals a card and the logs show, in this order (name as printed, key).
-SHOWN = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("accuracy", "accuracy"),
-         ("precision", "precision"), ("ROC AUC", "roc_auc"))
+SHOWN = (
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("accuracy", "accuracy"),
+    ("precision", "precision"),
+    ("ROC AUC", "roc_auc"),
+)
 
 
 def card_path(settings: Settings, version: str) -> Path:
@@ -33,12 +38,18 @@ def holdout_lines(intervals: dict[str, Any], calibration: dict[str, Any] | None 
     """``sensitivity 0.96 [0.80, 0.99], 24/25 (holdout)``, one line per metric, then calibration."""
     lines = [format_interval(name, intervals.get(key)) for name, key in SHOWN if intervals.get(key)]
     if calibration:
-        lines.append(f"calibration: temperature {calibration['temperature']:.3f} (fitted on "
-                     f"{calibration.get('n_calibration', '?')} calibration images); on {calibration.get('holdout_n')} "
-                     f"holdout images ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}, "
-                     f"Brier {calibration['brier_before']:.3f} -> {calibration['brier_after']:.3f} (before -> after)"
-                     + ("; the temperature reached the edge of its search range: the calibration split says "
-                        "little about this model" if calibration.get("at_search_bound") else ""))
+        lines.append(
+            f"calibration: temperature {calibration['temperature']:.3f} (fitted on "
+            f"{calibration.get('n_calibration', '?')} calibration images); on {calibration.get('holdout_n')} "
+            f"holdout images ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}, "
+            f"Brier {calibration['brier_before']:.3f} -> {calibration['brier_after']:.3f} (before -> after)"
+            + (
+                "; the temperature reached the edge of its search range: the calibration split says "
+                "little about this model"
+                if calibration.get("at_search_bound")
+                else ""
+            )
+        )
     return lines
 
 
@@ -56,14 +67,28 @@ def _records(settings: Settings, version: str) -> dict[str, Any]:
     with session_scope(settings.database_url) as s:
         mv = registry.get_version(s, version)
         row = registry.decision_for(s, version)
-        return {"status": mv.status, "threshold": mv.threshold, "temperature": mv.temperature,
-                "operating_point": mv.operating_point or {}, "lineage": mv.lineage or {},
-                "profile": mv.profile, "image_size": mv.image_size, "hyperparameters": mv.hyperparameters,
-                "plots_dir": mv.plots_dir, "intervals": registry.intervals_of(s, version, "holdout"),
-                "holdout": registry.metrics_of(s, version, "holdout"),
-                "decision": None if row is None else {"decision": row.decision, "reason": row.reason,
-                                                      "actor": row.actor, "evidence": row.evidence or {},
-                                                      "decided_at": row.decided_at.isoformat()}}
+        return {
+            "status": mv.status,
+            "threshold": mv.threshold,
+            "temperature": mv.temperature,
+            "operating_point": mv.operating_point or {},
+            "lineage": mv.lineage or {},
+            "profile": mv.profile,
+            "image_size": mv.image_size,
+            "hyperparameters": mv.hyperparameters,
+            "plots_dir": mv.plots_dir,
+            "intervals": registry.intervals_of(s, version, "holdout"),
+            "holdout": registry.metrics_of(s, version, "holdout"),
+            "decision": None
+            if row is None
+            else {
+                "decision": row.decision,
+                "reason": row.reason,
+                "actor": row.actor,
+                "evidence": row.evidence or {},
+                "decided_at": row.decided_at.isoformat(),
+            },
+        }
 
 
 def _num(v: Any, digits: int = 4) -> str:
@@ -74,23 +99,37 @@ def _evidence_md(decision: dict[str, Any] | None) -> list[str]:
     if decision is None:
         return ["Not decided yet."]
     ev = decision["evidence"]
-    out = [f"**{decision['decision']}** by `{decision['actor']}` at {decision['decided_at'][:19]} UTC.", "",
-           f"Rule: {ev.get('rule', 'n/a')}; margin {ev.get('thresholds', {}).get('margin', 'n/a')}, floors "
-           f"accuracy {ev.get('thresholds', {}).get('min_accuracy', 'n/a')}, sensitivity "
-           f"{ev.get('thresholds', {}).get('min_sensitivity', 'n/a')}.", ""]
+    out = [
+        f"**{decision['decision']}** by `{decision['actor']}` at {decision['decided_at'][:19]} UTC.",
+        "",
+        f"Rule: {ev.get('rule', 'n/a')}; margin {ev.get('thresholds', {}).get('margin', 'n/a')}, floors "
+        f"accuracy {ev.get('thresholds', {}).get('min_accuracy', 'n/a')}, sensitivity "
+        f"{ev.get('thresholds', {}).get('min_sensitivity', 'n/a')}.",
+        "",
+    ]
     out += [f"- {r}" for r in ev.get("reasons", [])]
     diffs = ev.get("differences") or {}
     if diffs:
-        out += ["", f"Candidate − champion `{ev.get('champion_version')}` on the same holdout images "
-                f"(paired bootstrap, seed {ev.get('comparison', {}).get('bootstrap_seed')}):", "",
-                "| metric | difference | 95% interval | n |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"Candidate − champion `{ev.get('champion_version')}` on the same holdout images "
+            f"(paired bootstrap, seed {ev.get('comparison', {}).get('bootstrap_seed')}):",
+            "",
+            "| metric | difference | 95% interval | n |",
+            "|---|---|---|---|",
+        ]
         for name, d in diffs.items():
-            out.append(f"| {name} | {_num(d.get('value'), 3)} | [{_num(d.get('lower'), 3)}, {_num(d.get('upper'), 3)}]"
-                       f" | {d.get('n')} |")
+            out.append(
+                f"| {name} | {_num(d.get('value'), 3)} | [{_num(d.get('lower'), 3)}, {_num(d.get('upper'), 3)}]"
+                f" | {d.get('n')} |"
+            )
     if ev.get("approval"):
         a = ev["approval"]
-        out += ["", f"Human approval: {'approved' if a['approved'] else 'rejected'} by `{a['actor']}`"
-                f"{': ' + a['comment'] if a.get('comment') else ''}"]
+        out += [
+            "",
+            f"Human approval: {'approved' if a['approved'] else 'rejected'} by `{a['actor']}`"
+            f"{': ' + a['comment'] if a.get('comment') else ''}",
+        ]
     return out
 
 
@@ -99,9 +138,14 @@ def gate_markdown(settings: Settings, version: str) -> str:
     comparison with the champion, and where the plots and the model card are."""
     r = _records(settings, version)
     meta = _meta(settings, version)
-    lines = [f"### Candidate `{version}` ({r['profile']}, {r['image_size']} px)", "",
-             f"Threshold {_num(r['threshold'])}, temperature {_num(r['temperature'], 3)}.", "",
-             "**Holdout metrics (95% intervals):**", ""]
+    lines = [
+        f"### Candidate `{version}` ({r['profile']}, {r['image_size']} px)",
+        "",
+        f"Threshold {_num(r['threshold'])}, temperature {_num(r['temperature'], 3)}.",
+        "",
+        "**Holdout metrics (95% intervals):**",
+        "",
+    ]
     lines += [f"- {line}" for line in holdout_lines(r["intervals"], meta.get("calibration"))]
     lines += ["", "**Gate:**", ""] + _evidence_md(r["decision"])
     plots = sorted(str(p) for p in Path(r["plots_dir"]).glob("*.png")) if r["plots_dir"] else []
@@ -127,36 +171,81 @@ def render(settings: Settings, version: str) -> str:
             counts[e["split"]][e["label"]] += 1
         groups[role] = len({e.get("group_id") for e in entries if e.get("group_id")})
     hp = r["hyperparameters"] or {}
-    lines = [f"# Model card: {version}", "", f"Status: **{r['status']}**.", "",
-             "## Intended use", "",
-             "Decision support for classifying H&E breast-tissue image tiles as benign or malignant, "
-             "with a pathologist reviewing every result. Not a diagnosis. Only for images like the "
-             "training data (magnification, staining, scanner).",
-             "",
-             "**Caveat:** a version trained on the synthetic demo tiles (`bcc demo-data`, profile "
-             f"`{r['profile']}`{' — this one' if r['profile'] == 'demo' else ''}) shows the pipeline only; "
-             "its numbers say nothing about real tissue.", "",
-             "## Data", "", "| role | benign | malignant |", "|---|---|---|"]
+    lines = [
+        f"# Model card: {version}",
+        "",
+        f"Status: **{r['status']}**.",
+        "",
+        "## Intended use",
+        "",
+        "Decision support for classifying H&E breast-tissue image tiles as benign or malignant, "
+        "with a pathologist reviewing every result. Not a diagnosis. Only for images like the "
+        "training data (magnification, staining, scanner).",
+        "",
+        "**Caveat:** a version trained on the synthetic demo tiles (`bcc demo-data`, profile "
+        f"`{r['profile']}`{' — this one' if r['profile'] == 'demo' else ''}) shows the pipeline only; "
+        "its numbers say nothing about real tissue.",
+        "",
+        "## Data",
+        "",
+        "| role | benign | malignant |",
+        "|---|---|---|",
+    ]
     for role in ("train", "validation", "calibration", "holdout"):
         c = counts.get(role, {})
         lines.append(f"| {role} | {c.get('benign', 0)} | {c.get('malignant', 0)} |")
-    lines += ["", f"Patient/slide groups: {groups.get('development', 0)} in development, "
-              f"{groups.get('holdout', 0)} in the holdout"
-              + (" (none: a split by image can leak near-identical tiles across roles)."
-                 if not groups.get("development") else "."), ""]
-    lines += ["## Recipe", "", f"{meta.get('architecture', 'n/a')}; {r['image_size']} px; preprocessing "
-              f"`{meta.get('preprocessing', 'n/a')}`; best epoch {meta.get('best_epoch', 'n/a')} (chosen on "
-              "validation).", "", "```json", json.dumps(hp, indent=1, sort_keys=True, default=str), "```", ""]
-    lines += ["## Holdout metrics", "", "On the frozen holdout, which no choice (epoch, threshold, temperature) saw:", ""]
+    lines += [
+        "",
+        f"Patient/slide groups: {groups.get('development', 0)} in development, "
+        f"{groups.get('holdout', 0)} in the holdout"
+        + (
+            " (none: a split by image can leak near-identical tiles across roles)."
+            if not groups.get("development")
+            else "."
+        ),
+        "",
+    ]
+    lines += [
+        "## Recipe",
+        "",
+        f"{meta.get('architecture', 'n/a')}; {r['image_size']} px; preprocessing "
+        f"`{meta.get('preprocessing', 'n/a')}`; best epoch {meta.get('best_epoch', 'n/a')} (chosen on "
+        "validation).",
+        "",
+        "```json",
+        json.dumps(hp, indent=1, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
+    lines += [
+        "## Holdout metrics",
+        "",
+        "On the frozen holdout, which no choice (epoch, threshold, temperature) saw:",
+        "",
+    ]
     lines += [f"- {line}" for line in holdout_lines(r["intervals"], cal or None)]
-    lines += ["", "## Threshold", "",
-              f"Threshold **{_num(r['threshold'])}** on calibrated probabilities: the highest that reaches the "
-              f"target sensitivity {op.get('target', 'n/a')} on the {op.get('n', '?')} calibration images "
-              f"({op.get('n_malignant', '?')} malignant; reached {_num(op.get('sensitivity'), 3)}), placed midway "
-              f"between the adjacent observed probabilities {op.get('between')} so that no image lies on it. "
-              f"On the holdout it reaches {format_interval('sensitivity', op.get('holdout_sensitivity'))}.", "",
-              "## Gate decision", ""] + _evidence_md(r["decision"])
-    lines += ["", "## Lineage", "", "```json", json.dumps(lin, indent=1, sort_keys=True, default=str), "```", ""]
+    lines += [
+        "",
+        "## Threshold",
+        "",
+        f"Threshold **{_num(r['threshold'])}** on calibrated probabilities: the highest that reaches the "
+        f"target sensitivity {op.get('target', 'n/a')} on the {op.get('n', '?')} calibration images "
+        f"({op.get('n_malignant', '?')} malignant; reached {_num(op.get('sensitivity'), 3)}), placed midway "
+        f"between the adjacent observed probabilities {op.get('between')} so that no image lies on it. "
+        f"On the holdout it reaches {format_interval('sensitivity', op.get('holdout_sensitivity'))}.",
+        "",
+        "## Gate decision",
+        "",
+    ] + _evidence_md(r["decision"])
+    lines += [
+        "",
+        "## Lineage",
+        "",
+        "```json",
+        json.dumps(lin, indent=1, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

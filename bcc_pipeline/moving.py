@@ -132,7 +132,9 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
             try:
                 out_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, 0o600)
             except FileExistsError:  # not "the destination is taken": another move to it is under way
-                raise OSError(errno.EBUSY, "another move to this destination is under way", str(marker)) from None
+                raise OSError(
+                    errno.EBUSY, "another move to this destination is under way", str(marker)
+                ) from None
             with os.fdopen(out_fd, "wb") as out:
                 while chunk := inp.read(1 << 20):
                     out.write(chunk)
@@ -166,9 +168,13 @@ def _remove_source(src: Path, where: Path, expect: Identity | None, *, shared_in
     os.unlink(src)
 
 
-def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-                    expect: Identity | None = None,
-                    before_unlink: Callable[[Path, Path], None] | None = None) -> Path:
+def move_no_clobber(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    expect: Identity | None = None,
+    before_unlink: Callable[[Path, Path], None] | None = None,
+) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
     Never overwrites and never follows a link. Returns where the file is now. Raises
@@ -226,8 +232,9 @@ def move_no_clobber(src: str | os.PathLike[str], dest: str | os.PathLike[str], *
                     continue
                 if expect is not None and identity(os.lstat(candidate)) != tuple(expect):
                     back = move_no_clobber(candidate, src)  # not what was read: put it back
-                    raise SourceChangedError(errno.ESTALE, "the file changed after it was read",
-                                             os.fspath(back)) from None
+                    raise SourceChangedError(
+                        errno.ESTALE, "the file changed after it was read", os.fspath(back)
+                    ) from None
                 return candidate
             else:
                 raise

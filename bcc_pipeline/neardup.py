@@ -62,8 +62,11 @@ def _as_ints(hashes: Sequence[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
 
 
-def near_duplicates(queries: Sequence[dict[str, Any]], references: Sequence[dict[str, Any]],
-                    max_bits: int = NEAR_DUPLICATE_BITS) -> list[dict[str, Any]]:
+def near_duplicates(
+    queries: Sequence[dict[str, Any]],
+    references: Sequence[dict[str, Any]],
+    max_bits: int = NEAR_DUPLICATE_BITS,
+) -> list[dict[str, Any]]:
     """For each query (``sha256``, ``phash``) the closest reference within ``max_bits``, if any.
 
     Returns ``{"sha256", "near_sha256", "distance"}`` per matching query; records without a hash and
@@ -82,7 +85,9 @@ def near_duplicates(queries: Sequence[dict[str, Any]], references: Sequence[dict
             if int(dist[i]) > max_bits:
                 break
             if refs[i]["sha256"] != q["sha256"]:
-                out.append({"sha256": q["sha256"], "near_sha256": refs[i]["sha256"], "distance": int(dist[i])})
+                out.append(
+                    {"sha256": q["sha256"], "near_sha256": refs[i]["sha256"], "distance": int(dist[i])}
+                )
                 break
     return out
 
@@ -93,7 +98,7 @@ def ensure_phashes(session: Session, shas: Iterable[str]) -> dict[str, str | Non
     wanted = list(shas)
     out: dict[str, str | None] = {}
     for start in range(0, len(wanted), 500):
-        rows = session.scalars(select(ImageRecord).where(ImageRecord.sha256.in_(wanted[start:start + 500])))
+        rows = session.scalars(select(ImageRecord).where(ImageRecord.sha256.in_(wanted[start : start + 500])))
         for row in rows:
             if row.phash is None and row.stored_path:
                 try:

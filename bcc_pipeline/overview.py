@@ -93,24 +93,47 @@ def model_versions(settings: Settings, *, champion_first: bool = False) -> list[
         versions = conn.execute(select(ModelVersion.__table__).order_by(*order)).all()
         metrics: dict[str, dict[str, dict[str, float | None]]] = {}
         intervals: dict[str, dict[str, dict[str, Any]]] = {}
-        for r in conn.execute(select(m.model_version, m.split, m.name, m.value, m.lower, m.upper, m.n, m.k,
-                                     m.method)):
+        for r in conn.execute(
+            select(m.model_version, m.split, m.name, m.value, m.lower, m.upper, m.n, m.k, m.method)
+        ):
             metrics.setdefault(r.model_version, {}).setdefault(r.split, {})[r.name] = r.value
             if r.split == "holdout" and r.method is not None:
                 intervals.setdefault(r.model_version, {})[r.name] = {
-                    "value": r.value, "lower": r.lower, "upper": r.upper, "n": r.n, "k": r.k, "method": r.method}
-        return [{
-            "version": v.version, "status": v.status, "created_at": iso_utc(v.created_at),
-            "profile": v.profile, "image_size": v.image_size, "base_weights": v.base_weights,
-            "threshold": v.threshold, "n_train": v.n_train, "n_val": v.n_val,
-            "manifest_hash": v.manifest_hash, "artifact_path": v.artifact_path,
-            "artifact_sha256": v.artifact_sha256, "plots_dir": v.plots_dir,
-            "code_version": v.code_version, "temperature": v.temperature, "operating_point": v.operating_point,
-            "manifest_hashes": (v.lineage or {}).get("manifests", {}), "lineage": v.lineage,
-            "validation": metrics.get(v.version, {}).get("validation", {}),
-            "holdout": metrics.get(v.version, {}).get("holdout", {}), "intervals": intervals.get(v.version, {}),
-            "metrics": metrics.get(v.version, {}), "plots": _plots(v.plots_dir),
-        } for v in versions]
+                    "value": r.value,
+                    "lower": r.lower,
+                    "upper": r.upper,
+                    "n": r.n,
+                    "k": r.k,
+                    "method": r.method,
+                }
+        return [
+            {
+                "version": v.version,
+                "status": v.status,
+                "created_at": iso_utc(v.created_at),
+                "profile": v.profile,
+                "image_size": v.image_size,
+                "base_weights": v.base_weights,
+                "threshold": v.threshold,
+                "n_train": v.n_train,
+                "n_val": v.n_val,
+                "manifest_hash": v.manifest_hash,
+                "artifact_path": v.artifact_path,
+                "artifact_sha256": v.artifact_sha256,
+                "plots_dir": v.plots_dir,
+                "code_version": v.code_version,
+                "temperature": v.temperature,
+                "operating_point": v.operating_point,
+                "manifest_hashes": (v.lineage or {}).get("manifests", {}),
+                "lineage": v.lineage,
+                "validation": metrics.get(v.version, {}).get("validation", {}),
+                "holdout": metrics.get(v.version, {}).get("holdout", {}),
+                "intervals": intervals.get(v.version, {}),
+                "metrics": metrics.get(v.version, {}),
+                "plots": _plots(v.plots_dir),
+            }
+            for v in versions
+        ]
 
     return _read(settings, "model versions", q)
 
@@ -122,9 +145,23 @@ def champion_summary(settings: Settings) -> dict[str, Any] | None:
         if v["status"] != "champion":
             return None
         plots = sorted(str(p) for p in Path(v["plots_dir"]).glob("*.png")) if v["plots_dir"] else []
-        return {k: v[k] for k in ("version", "created_at", "profile", "image_size", "threshold", "temperature",
-                                  "n_train", "n_val", "validation", "holdout", "intervals",
-                                  "manifest_hashes")} | {"plots": plots}
+        return {
+            k: v[k]
+            for k in (
+                "version",
+                "created_at",
+                "profile",
+                "image_size",
+                "threshold",
+                "temperature",
+                "n_train",
+                "n_val",
+                "validation",
+                "holdout",
+                "intervals",
+                "manifest_hashes",
+            )
+        } | {"plots": plots}
     return None
 
 
@@ -134,9 +171,19 @@ def promotion_log(settings: Settings, *, limit: int | None = None) -> list[dict[
 
     def q(conn: Any) -> list[dict[str, Any]]:
         stmt = select(Promotion.__table__).order_by(p.decided_at.desc(), p.id.desc()).limit(limit)
-        return [{"decided_at": iso_utc(r.decided_at), "decision": r.decision, "candidate_version": r.candidate_version,
-                 "from_version": r.from_version, "to_version": r.to_version, "actor": r.actor, "reason": r.reason,
-                 "evidence": r.evidence} for r in conn.execute(stmt)]
+        return [
+            {
+                "decided_at": iso_utc(r.decided_at),
+                "decision": r.decision,
+                "candidate_version": r.candidate_version,
+                "from_version": r.from_version,
+                "to_version": r.to_version,
+                "actor": r.actor,
+                "reason": r.reason,
+                "evidence": r.evidence,
+            }
+            for r in conn.execute(stmt)
+        ]
 
     return _read(settings, "the promotion log", q)
 
@@ -146,8 +193,13 @@ def plot_file(settings: Settings, version: str, name: str) -> Path | None:
     ``BCC_HOME``; None otherwise. A name that is not a plain ``*.png`` file name raises ConfigError."""
     if not _PLOT_NAME.fullmatch(name or ""):
         raise ConfigError("a plot name is a plain file name ending in .png")
-    plots_dir = _read(settings, "model versions", lambda conn: conn.execute(
-        select(ModelVersion.plots_dir).where(ModelVersion.version == version)).scalar())
+    plots_dir = _read(
+        settings,
+        "model versions",
+        lambda conn: conn.execute(
+            select(ModelVersion.plots_dir).where(ModelVersion.version == version)
+        ).scalar(),
+    )
     if not plots_dir:
         return None
     return _contained(Path(plots_dir) / name, Path(plots_dir), settings.home)
@@ -160,22 +212,37 @@ def scoring_runs(settings: Settings, *, limit: int | None = None) -> list[dict[s
 
     def q(conn: Any) -> list[dict[str, Any]]:
         stmt = select(ScoringRun.__table__).order_by(r.started_at.desc(), r.run_id.desc()).limit(limit)
-        return [{"run_id": x.run_id, "model_version": x.model_version, "status": x.status,
-                 "started_at": iso_utc(x.started_at), "finished_at": iso_utc(x.finished_at), "counts": x.counts or {},
-                 "error": x.error}
-                for x in conn.execute(stmt)]
+        return [
+            {
+                "run_id": x.run_id,
+                "model_version": x.model_version,
+                "status": x.status,
+                "started_at": iso_utc(x.started_at),
+                "finished_at": iso_utc(x.finished_at),
+                "counts": x.counts or {},
+                "error": x.error,
+            }
+            for x in conn.execute(stmt)
+        ]
 
     return _read(settings, "scoring runs", q)
 
 
-def rejection_summary(settings: Settings, *, run_id: str | None = None, examples: int = 3) -> list[dict[str, Any]]:
+def rejection_summary(
+    settings: Settings, *, run_id: str | None = None, examples: int = 3
+) -> list[dict[str, Any]]:
     """Rejections grouped by (stage, reason), the most frequent first: ``{"stage", "reason", "count",
     "runs", "last_at", "examples"}`` (``examples``: up to that many of the newest paths)."""
     t = Rejection.__table__.c
 
     def q(conn: Any) -> list[dict[str, Any]]:
-        stmt = select(t.stage, t.reason, func.count().label("n"), func.count(func.distinct(t.run_id)).label("runs"),
-                      func.max(t.rejected_at).label("last_at")).group_by(t.stage, t.reason)
+        stmt = select(
+            t.stage,
+            t.reason,
+            func.count().label("n"),
+            func.count(func.distinct(t.run_id)).label("runs"),
+            func.max(t.rejected_at).label("last_at"),
+        ).group_by(t.stage, t.reason)
         if run_id is not None:
             stmt = stmt.where(t.run_id == run_id)
         groups = conn.execute(stmt.order_by(func.count().desc(), t.reason)).all()
@@ -184,9 +251,19 @@ def rejection_summary(settings: Settings, *, run_id: str | None = None, examples
             ex = select(t.path).where(t.stage == g.stage, t.reason == g.reason)
             if run_id is not None:
                 ex = ex.where(t.run_id == run_id)
-            paths = conn.execute(ex.order_by(t.rejected_at.desc(), t.id.desc()).limit(examples)).scalars().all()
-            out.append({"stage": g.stage, "reason": g.reason, "count": int(g.n), "runs": int(g.runs),
-                        "last_at": iso_utc(g.last_at), "examples": list(paths)})
+            paths = (
+                conn.execute(ex.order_by(t.rejected_at.desc(), t.id.desc()).limit(examples)).scalars().all()
+            )
+            out.append(
+                {
+                    "stage": g.stage,
+                    "reason": g.reason,
+                    "count": int(g.n),
+                    "runs": int(g.runs),
+                    "last_at": iso_utc(g.last_at),
+                    "examples": list(paths),
+                }
+            )
         return out
 
     return _read(settings, "rejections", q)
@@ -198,11 +275,24 @@ def quarantine_entries(settings: Settings, *, limit: int = 500) -> list[dict[str
     t = Rejection.__table__.c
 
     def q(conn: Any) -> list[dict[str, Any]]:
-        stmt = (select(t.run_id, t.stage, t.path, t.reason, t.moved_to, t.rejected_at)
-                .where(t.moved_to.is_not(None)).order_by(t.rejected_at.desc(), t.id.desc()).limit(limit))
-        return [{"run_id": r.run_id, "stage": r.stage, "path": r.path, "reason": r.reason, "moved_to": r.moved_to,
-                 "rejected_at": iso_utc(r.rejected_at), "present": os.path.lexists(r.moved_to)}
-                for r in conn.execute(stmt)]
+        stmt = (
+            select(t.run_id, t.stage, t.path, t.reason, t.moved_to, t.rejected_at)
+            .where(t.moved_to.is_not(None))
+            .order_by(t.rejected_at.desc(), t.id.desc())
+            .limit(limit)
+        )
+        return [
+            {
+                "run_id": r.run_id,
+                "stage": r.stage,
+                "path": r.path,
+                "reason": r.reason,
+                "moved_to": r.moved_to,
+                "rejected_at": iso_utc(r.rejected_at),
+                "present": os.path.lexists(r.moved_to),
+            }
+            for r in conn.execute(stmt)
+        ]
 
     return _read(settings, "the quarantine", q)
 
@@ -216,9 +306,15 @@ def inbox_status(settings: Settings) -> dict[str, Any]:
     from .scoring import discover  # loads OpenCV; only when the inbox is asked for
 
     found = discover(settings)
-    return {"inbox": found["inbox"], "settle_seconds": settings.settle_seconds, "waiting": found["pending"],
-            "links": found["links"], "being_written": found["skipped"], "ignored": found["ignored"],
-            "quarantine": quarantine_entries(settings)}
+    return {
+        "inbox": found["inbox"],
+        "settle_seconds": settings.settle_seconds,
+        "waiting": found["pending"],
+        "links": found["links"],
+        "being_written": found["skipped"],
+        "ignored": found["ignored"],
+        "quarantine": quarantine_entries(settings),
+    }
 
 
 def archived_image(settings: Settings, sha256: str) -> Path | None:
@@ -237,9 +333,15 @@ def archived_images(settings: Settings, sha256s: list[str]) -> dict[str, Path]:
         return {}
     t = InboxFile.__table__.c
     require_schema(settings.database_url, tables=("inbox_files",))
-    rows = _read(settings, "the scoring ledger", lambda conn: conn.execute(
-        select(t.sha256, t.moved_to).where(t.sha256.in_(wanted), t.status.in_(("scored", "duplicate")),
-                                           t.moved_to.is_not(None)).order_by(t.id.desc())).all())
+    rows = _read(
+        settings,
+        "the scoring ledger",
+        lambda conn: conn.execute(
+            select(t.sha256, t.moved_to)
+            .where(t.sha256.in_(wanted), t.status.in_(("scored", "duplicate")), t.moved_to.is_not(None))
+            .order_by(t.id.desc())
+        ).all(),
+    )
     found: dict[str, Path] = {}
     for sha, place in rows:
         if sha not in found:

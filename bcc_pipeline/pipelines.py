@@ -46,14 +46,22 @@ Progress = Callable[[str], None]
 def code_version() -> str:
     """Package version plus the git commit when running from a checkout."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         return f"{__version__}+g{sha}" if sha else __version__
     except (OSError, subprocess.SubprocessError):
         return __version__
 
 
-def intake_step(settings: Settings, *, run_id: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def intake_step(
+    settings: Settings, *, run_id: str | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
     from .dataset import intake
 
     require_schema(settings.database_url)
@@ -71,7 +79,8 @@ def count_new_images(settings: Settings) -> dict[str, Any]:
     with session_scope(settings.database_url) as s:
         champ = registry.get_champion(s)
         q = select(ImageRecord.sha256, ImageRecord.first_seen_at).where(
-            ImageRecord.label.is_not(None), ImageRecord.excluded_reason.is_(None))
+            ImageRecord.label.is_not(None), ImageRecord.excluded_reason.is_(None)
+        )
         rows = [r for r in s.execute(q) if r.sha256 not in held]
         cutoff = champ.data_cutoff if champ is not None else None
         if cutoff is not None and cutoff.tzinfo is None:
@@ -81,8 +90,7 @@ def count_new_images(settings: Settings) -> dict[str, Any]:
             return cutoff is None or (t if t.tzinfo else t.replace(tzinfo=dt.UTC)) > cutoff
 
         new = sum(1 for r in rows if after(r.first_seen_at))
-    return {"new_images": int(new), "total_images": len(rows),
-            "champion": champ.version if champ else None}
+    return {"new_images": int(new), "total_images": len(rows), "champion": champ.version if champ else None}
 
 
 def should_retrain(settings: Settings, min_new: int, force: bool = False) -> tuple[bool, str]:
@@ -93,8 +101,10 @@ def should_retrain(settings: Settings, min_new: int, force: bool = False) -> tup
         raise ValueError(f"min_new must be an integer >= 0, got {min_new!r}")
     info = count_new_images(settings)
     new, champion = info["new_images"], info["champion"] or "none yet"
-    seen = (f"{new} new labelled images since the champion's data (total {info['total_images']}, "
-            f"champion {champion})")
+    seen = (
+        f"{new} new labelled images since the champion's data (total {info['total_images']}, "
+        f"champion {champion})"
+    )
     if force:
         return True, f"training (forced): {seen}"
     if new < min_new:
@@ -117,17 +127,35 @@ def split_step(settings: Settings) -> dict[str, Any]:
     counts["holdout"] = dict(h.doc["counts"]["holdout"]) if h else {}
     role_hashes = {role: m.role_hash(role) for role in ROLES if role != "holdout"}
     role_hashes["holdout"] = h.role_hash("holdout") if h else None
-    log.info("split: %d train / %d validation / %d calibration images (development %s); holdout %d images "
-             "(frozen %s)%s", m.n_train, m.n_val, m.n("calibration"), m.hash[:12], h.n("holdout") if h else 0,
-             h.hash[:12] if h else "none", "" if r.grouped else "; no patient groups")
+    log.info(
+        "split: %d train / %d validation / %d calibration images (development %s); holdout %d images "
+        "(frozen %s)%s",
+        m.n_train,
+        m.n_val,
+        m.n("calibration"),
+        m.hash[:12],
+        h.n("holdout") if h else 0,
+        h.hash[:12] if h else "none",
+        "" if r.grouped else "; no patient groups",
+    )
     for w in r.warnings:
         log.warning("split: %s", w)
-    return {"manifest_path": str(m.path), "manifest_hash": m.hash,
-            "holdout_path": str(h.path) if h else None, "holdout_hash": h.hash if h else None,
-            "n_train": m.n_train, "n_val": m.n_val, "n_calibration": m.n("calibration"),
-            "n_holdout": h.n("holdout") if h else 0, "counts": counts, "role_hashes": role_hashes,
-            "grouped": r.grouped, "warnings": list(r.warnings), "near_duplicates": r.near_duplicates,
-            "holdout_frozen_now": r.holdout_frozen_now}
+    return {
+        "manifest_path": str(m.path),
+        "manifest_hash": m.hash,
+        "holdout_path": str(h.path) if h else None,
+        "holdout_hash": h.hash if h else None,
+        "n_train": m.n_train,
+        "n_val": m.n_val,
+        "n_calibration": m.n("calibration"),
+        "n_holdout": h.n("holdout") if h else 0,
+        "counts": counts,
+        "role_hashes": role_hashes,
+        "grouped": r.grouped,
+        "warnings": list(r.warnings),
+        "near_duplicates": r.near_duplicates,
+        "holdout_frozen_now": r.holdout_frozen_now,
+    }
 
 
 # -- the development manifest and the frozen holdout: the one place that knows how they are found ----------
@@ -138,8 +166,9 @@ def _holdout_for(settings: Settings, meta: dict[str, Any]) -> Any:
     path = meta.get("holdout_path")
     holdout = dataset.load_manifest(path) if path else dataset.current_holdout(settings)
     if holdout is None or not holdout.split("holdout"):
-        raise DatasetError("there is no frozen holdout to measure this version on; freeze one first "
-                           "(`bcc holdout freeze`)")
+        raise DatasetError(
+            "there is no frozen holdout to measure this version on; freeze one first (`bcc holdout freeze`)"
+        )
     return holdout
 
 
@@ -152,8 +181,14 @@ def _role_arrays(manifest: Any, role: str) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def train_step(settings: Settings, manifest_path: str, *, version: str | None = None,
-               progress: Progress | None = None, holdout_path: str | None = None) -> dict[str, Any]:
+def train_step(
+    settings: Settings,
+    manifest_path: str,
+    *,
+    version: str | None = None,
+    progress: Progress | None = None,
+    holdout_path: str | None = None,
+) -> dict[str, Any]:
     """Train a candidate on the manifest's training side (validation picks the epoch); write
     ``models/<version>/`` with the lineage and the holdout it will be measured on.
 
@@ -169,48 +204,92 @@ def train_step(settings: Settings, manifest_path: str, *, version: str | None = 
     train_paths, train_labels = dataset.manifest_arrays(manifest, "train")
     val_paths, val_labels = dataset.manifest_arrays(manifest, "validation")
     out = settings.models_dir / version
-    progress(f"training {version}: {len(train_paths)} train / {len(val_paths)} validation images, "
-             f"{settings.image_size}px, {settings.epochs} epochs, base weights {settings.base_weights}")
+    progress(
+        f"training {version}: {len(train_paths)} train / {len(val_paths)} validation images, "
+        f"{settings.image_size}px, {settings.epochs} epochs, base weights {settings.base_weights}"
+    )
 
     resolved = model.resolve_base_weights(settings.base_weights)
-    weights_file = (str(model.keras_cache_dir() / model.IMAGENET_WEIGHTS_FILE) if resolved == "imagenet"
-                    else resolved)
-    net = model.build_classifier(image_size=settings.image_size, base_weights=settings.base_weights,
-                                 seed=settings.seed)
-    common = {"image_size": settings.image_size, "batch_size": settings.batch_size,
-              "max_pixels": settings.max_pixels, "min_side": settings.min_side}
+    weights_file = (
+        str(model.keras_cache_dir() / model.IMAGENET_WEIGHTS_FILE) if resolved == "imagenet" else resolved
+    )
+    net = model.build_classifier(
+        image_size=settings.image_size, base_weights=settings.base_weights, seed=settings.seed
+    )
+    common = {
+        "image_size": settings.image_size,
+        "batch_size": settings.batch_size,
+        "max_pixels": settings.max_pixels,
+        "min_side": settings.min_side,
+    }
     train_ds = dataset.make_dataset(train_paths, train_labels, training=True, seed=settings.seed, **common)
     val_ds = dataset.make_dataset(val_paths, val_labels, **common)
-    recalibrate = settings.bn_recalibration == "on" or (settings.bn_recalibration == "auto" and settings.from_scratch)
+    recalibrate = settings.bn_recalibration == "on" or (
+        settings.bn_recalibration == "auto" and settings.from_scratch
+    )
     recal_ds = dataset.make_dataset(train_paths, None, **common) if recalibrate else None
     steps = -(-len(train_paths) // settings.batch_size)
-    result = training.fit(net, train_ds, val_ds, epochs=settings.epochs, learning_rate=settings.learning_rate,
-                          workdir=out, recalibration_ds=recal_ds, steps_per_epoch=steps, progress=progress)
+    result = training.fit(
+        net,
+        train_ds,
+        val_ds,
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        workdir=out,
+        recalibration_ds=recal_ds,
+        steps_per_epoch=steps,
+        progress=progress,
+    )
     hashes = {role: manifest.role_hash(role) for role in ("train", "validation", "calibration")}
     hashes["holdout"] = holdout.role_hash("holdout") if holdout is not None else None
     meta = {
-        "version": version, "architecture": "DenseNet201+GAP+Dropout(0.5)+BN+Dense(2,softmax)",
-        "class_names": list(model.CLASS_NAMES), "preprocessing": PREPROCESSING_ID,
-        "image_size": settings.image_size, "hyperparameters": settings.training_params(),
-        "manifest_hash": manifest.hash, "manifest_path": str(manifest.path), "data_cutoff": manifest.data_cutoff,
+        "version": version,
+        "architecture": "DenseNet201+GAP+Dropout(0.5)+BN+Dense(2,softmax)",
+        "class_names": list(model.CLASS_NAMES),
+        "preprocessing": PREPROCESSING_ID,
+        "image_size": settings.image_size,
+        "hyperparameters": settings.training_params(),
+        "manifest_hash": manifest.hash,
+        "manifest_path": str(manifest.path),
+        "data_cutoff": manifest.data_cutoff,
         "holdout_path": str(holdout.path) if holdout is not None else None,
-        "n_train": len(train_paths), "n_val": len(val_paths), "best_epoch": result.best_epoch,
-        "bn_recalibrated": result.recalibrated, "train_seconds": round(result.seconds, 1),
-        "code_version": code_version(), **model.count_params(net),
-        "lineage": lineage.lineage(role_hashes=hashes, base_weights=settings.base_weights,
-                                   base_weights_path=weights_file, model_name=net.name),
+        "n_train": len(train_paths),
+        "n_val": len(val_paths),
+        "best_epoch": result.best_epoch,
+        "bn_recalibrated": result.recalibrated,
+        "train_seconds": round(result.seconds, 1),
+        "code_version": code_version(),
+        **model.count_params(net),
+        "lineage": lineage.lineage(
+            role_hashes=hashes,
+            base_weights=settings.base_weights,
+            base_weights_path=weights_file,
+            model_name=net.name,
+        ),
     }
     path, digest = model.save_artifact(net, out, meta)
     (out / "best.weights.h5").unlink(missing_ok=True)  # the artifact holds the same weights
-    return {"version": version, "model_dir": str(out), "artifact_sha256": digest,
-            "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 1)}
+    return {
+        "version": version,
+        "model_dir": str(out),
+        "artifact_sha256": digest,
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.seconds, 1),
+    }
 
 
 def _predict(settings: Settings, net: Any, paths: list[str], image_size: int):
     from . import dataset, training
 
-    ds = dataset.make_dataset(paths, None, image_size=image_size, batch_size=settings.score_batch_size,
-                              max_pixels=settings.max_pixels, min_side=settings.min_side, cache=False)
+    ds = dataset.make_dataset(
+        paths,
+        None,
+        image_size=image_size,
+        batch_size=settings.score_batch_size,
+        max_pixels=settings.max_pixels,
+        min_side=settings.min_side,
+        cache=False,
+    )
     return training.predict_malignant(net, ds)
 
 
@@ -252,14 +331,19 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     raw_cal = _predict(settings, net, cal_paths, size)
     temperature = stats.fit_temperature(cal_labels, raw_cal)
     cal_probs = stats.calibrate(raw_cal, temperature)
-    choice = evaluation.threshold_choice(cal_labels, cal_probs, target_sensitivity=settings.target_sensitivity)
+    choice = evaluation.threshold_choice(
+        cal_labels, cal_probs, target_sensitivity=settings.target_sensitivity
+    )
     threshold = float(choice["threshold"])
 
     results: dict[str, dict[str, float]] = {}
     results["calibration"] = evaluation.compute_metrics(cal_labels, cal_probs, threshold=threshold)
     val_paths, val_labels = _role_arrays(manifest, "validation")
     results["validation"] = evaluation.compute_metrics(
-        val_labels, stats.calibrate(_predict(settings, net, val_paths, size), temperature), threshold=threshold)
+        val_labels,
+        stats.calibrate(_predict(settings, net, val_paths, size), temperature),
+        threshold=threshold,
+    )
     hold_paths, hold_labels = _role_arrays(holdout, "holdout")
     raw_hold = _predict(settings, net, hold_paths, size)
     hold_probs = stats.calibrate(raw_hold, temperature)
@@ -269,25 +353,67 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         results["holdout"][f"{name}_uncalibrated"] = before[name]
     intervals = stats.metric_intervals(hold_labels, hold_probs, threshold, seed=seed)
     history = json.loads((model_dir / "history.json").read_text())
-    plot_paths = plots.plot_all(history=history, y_true=hold_labels, prob_malignant=hold_probs,
-                                threshold=threshold, out_dir=model_dir / "plots", uncalibrated=raw_hold)
+    plot_paths = plots.plot_all(
+        history=history,
+        y_true=hold_labels,
+        prob_malignant=hold_probs,
+        threshold=threshold,
+        out_dir=model_dir / "plots",
+        uncalibrated=raw_hold,
+    )
     # atomically: the gate reads these back to compare candidate and champion on the same images
-    atomic_write(model_dir / "holdout_predictions.json", json.dumps(
-        [{"sha256": e["sha256"], "label": e["label"], "prob_uncalibrated": float(r), "prob_malignant": float(p)}
-         for e, r, p in zip(holdout.split("holdout"), np.asarray(raw_hold), hold_probs, strict=True)], indent=0))
-    operating_point = {**choice, "chosen_on": "calibration", "calibrated": True,
-                       "holdout_sensitivity": intervals["sensitivity"].as_dict(),
-                       "holdout_specificity": intervals["specificity"].as_dict()}
+    atomic_write(
+        model_dir / "holdout_predictions.json",
+        json.dumps(
+            [
+                {
+                    "sha256": e["sha256"],
+                    "label": e["label"],
+                    "prob_uncalibrated": float(r),
+                    "prob_malignant": float(p),
+                }
+                for e, r, p in zip(holdout.split("holdout"), np.asarray(raw_hold), hold_probs, strict=True)
+            ],
+            indent=0,
+        ),
+    )
+    operating_point = {
+        **choice,
+        "chosen_on": "calibration",
+        "calibrated": True,
+        "holdout_sensitivity": intervals["sensitivity"].as_dict(),
+        "holdout_specificity": intervals["specificity"].as_dict(),
+    }
     at_bound = min(abs(temperature - b) for b in stats.TEMPERATURE_BOUNDS) < 1e-3
-    calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": "calibration",
-                   "at_search_bound": at_bound, "n_calibration": len(cal_labels), "holdout_n": len(hold_labels),
-                   **{f"{m}_{w}": results["holdout"][m + ("_uncalibrated" if w == "before" else "")]
-                      for m in ("ece", "brier") for w in ("before", "after")}}
-    meta.update(threshold=threshold, temperature=temperature, operating_point=operating_point,
-                calibration=calibration, metrics=results, bootstrap_seed=seed,
-                holdout_intervals={k: v.as_dict() for k, v in intervals.items()})
-    meta["lineage"] = {**meta.get("lineage", {}), "manifests": {
-        **meta.get("lineage", {}).get("manifests", {}), "holdout": holdout.role_hash("holdout")}}
+    calibration = {
+        "method": "temperature scaling",
+        "temperature": temperature,
+        "fitted_on": "calibration",
+        "at_search_bound": at_bound,
+        "n_calibration": len(cal_labels),
+        "holdout_n": len(hold_labels),
+        **{
+            f"{m}_{w}": results["holdout"][m + ("_uncalibrated" if w == "before" else "")]
+            for m in ("ece", "brier")
+            for w in ("before", "after")
+        },
+    }
+    meta.update(
+        threshold=threshold,
+        temperature=temperature,
+        operating_point=operating_point,
+        calibration=calibration,
+        metrics=results,
+        bootstrap_seed=seed,
+        holdout_intervals={k: v.as_dict() for k, v in intervals.items()},
+    )
+    meta["lineage"] = {
+        **meta.get("lineage", {}),
+        "manifests": {
+            **meta.get("lineage", {}).get("manifests", {}),
+            "holdout": holdout.role_hash("holdout"),
+        },
+    }
     # atomically: metadata.json holds the artifact's checksum, the only proof the model is intact
     atomic_write(model_dir / "metadata.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -317,15 +443,25 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         for split, values in results.items():
             registry.save_metrics(s, version, split, values, intervals if split == "holdout" else None)
     shown = {k: v.as_dict() for k, v in intervals.items()}
-    progress(f"evaluated {version}: temperature {temperature:.3f} and threshold {threshold:.4f} (target "
-             f"sensitivity {choice['target']}, between {choice['between']}) chosen on {len(cal_labels)} "
-             f"calibration images")
+    progress(
+        f"evaluated {version}: temperature {temperature:.3f} and threshold {threshold:.4f} (target "
+        f"sensitivity {choice['target']}, between {choice['between']}) chosen on {len(cal_labels)} "
+        f"calibration images"
+    )
     for line in model_card.holdout_lines(shown, calibration):
         progress(line)
     model_card.write(settings, version)
-    return {"version": version, "threshold": threshold, "temperature": temperature,
-            "operating_point": operating_point, "calibration": calibration, "holdout": results["holdout"],
-            "intervals": shown, "validation": results["validation"], "plots": plot_paths}
+    return {
+        "version": version,
+        "threshold": threshold,
+        "temperature": temperature,
+        "operating_point": operating_point,
+        "calibration": calibration,
+        "holdout": results["holdout"],
+        "intervals": shown,
+        "validation": results["validation"],
+        "plots": plot_paths,
+    }
 
 
 def _holdout_probs(model_dir: Path) -> dict[str, float]:
@@ -333,8 +469,14 @@ def _holdout_probs(model_dir: Path) -> dict[str, float]:
     return {r["sha256"]: float(r["prob_malignant"]) for r in rows}
 
 
-def gate_step(settings: Settings, version: str, *, actor: str | None = None, progress: Progress | None = None,
-              require_approval: bool | None = None) -> dict[str, Any]:
+def gate_step(
+    settings: Settings,
+    version: str,
+    *,
+    actor: str | None = None,
+    progress: Progress | None = None,
+    require_approval: bool | None = None,
+) -> dict[str, Any]:
     """Decide on the candidate by the registry's rule on the frozen holdout: floors, then (with a
     champion) the paired bootstrap of candidate − champion on the same holdout images, each model at
     its own threshold and temperature. With ``require_approval`` (default: the setting) a passing
@@ -352,8 +494,18 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None, pro
             flat = registry.metrics_of(s, version, "holdout")
             cand_metrics = {**flat, **registry.intervals_of(s, version, "holdout")}
             champ = registry.get_champion(s)
-            champ_info = None if champ is None else (champ.version, champ.artifact_path, champ.artifact_sha256,
-                                                      champ.image_size, champ.threshold, champ.temperature)
+            champ_info = (
+                None
+                if champ is None
+                else (
+                    champ.version,
+                    champ.artifact_path,
+                    champ.artifact_sha256,
+                    champ.image_size,
+                    champ.threshold,
+                    champ.temperature,
+                )
+            )
             cand_dir, cand_thr = Path(cand.artifact_path).parent, cand.threshold
     if decided is not None:
         return _gate_result(settings, version)
@@ -366,13 +518,21 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None, pro
         entries = holdout.split("holdout")
         seen = _training_hashes(Path(cpath).parent)
         kept = [e for e in entries if e["sha256"] not in seen]
-        comparison = {"holdout_hash": holdout.hash, "holdout_images": len(entries), "images": len(kept),
-                      "champion_trained_on": len(entries) - len(kept), "bootstrap_seed": settings.seed,
-                      "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES, "champion_threshold": cthr,
-                      "champion_temperature": ctemp}
+        comparison = {
+            "holdout_hash": holdout.hash,
+            "holdout_images": len(entries),
+            "images": len(kept),
+            "champion_trained_on": len(entries) - len(kept),
+            "bootstrap_seed": settings.seed,
+            "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES,
+            "champion_threshold": cthr,
+            "champion_temperature": ctemp,
+        }
         if len(kept) < len(entries):
-            comparison["note"] = (f"{len(entries) - len(kept)} holdout images the champion was trained on are "
-                                  "left out of the comparison")
+            comparison["note"] = (
+                f"{len(entries) - len(kept)} holdout images the champion was trained on are "
+                "left out of the comparison"
+            )
         progress(f"scoring champion {cv} on the frozen holdout {holdout.hash[:12]} ({len(kept)} images)")
         net = model.load_artifact(cpath, csha)
         labels = [0 if e["label"] == "benign" else 1 for e in kept]
@@ -380,12 +540,20 @@ def gate_step(settings: Settings, version: str, *, actor: str | None = None, pro
         cand_all = _holdout_probs(cand_dir)
         cand_probs = [cand_all[e["sha256"]] for e in kept]
         diffs = stats.paired_differences(labels, cand_probs, cand_thr, champ_probs, cthr, seed=settings.seed)
-        champ_metrics = {k: v.as_dict() for k, v in
-                         stats.metric_intervals(labels, champ_probs, cthr, seed=settings.seed).items()}
+        champ_metrics = {
+            k: v.as_dict()
+            for k, v in stats.metric_intervals(labels, champ_probs, cthr, seed=settings.seed).items()
+        }
     decision = registry.evaluate_gate(
-        cand_metrics, champ_metrics, min_accuracy=settings.gate_min_accuracy,
-        min_sensitivity=settings.gate_min_sensitivity, margin=settings.gate_margin, differences=diffs,
-        champion_version=champ_info[0] if champ_info else None, comparison=comparison)
+        cand_metrics,
+        champ_metrics,
+        min_accuracy=settings.gate_min_accuracy,
+        min_sensitivity=settings.gate_min_sensitivity,
+        margin=settings.gate_margin,
+        differences=diffs,
+        champion_version=champ_info[0] if champ_info else None,
+        comparison=comparison,
+    )
     with session_scope(settings.database_url) as s:
         registry.record_gate_decision(s, version, decision, actor=actor, require_approval=approval)
     out = _gate_result(settings, version)
@@ -410,16 +578,22 @@ def _gate_result(settings: Settings, version: str) -> dict[str, Any]:
     with session_scope(settings.database_url) as s:
         row = registry.decision_for(s, version)
         champion = registry.get_champion(s)
-        out = {"version": version, "decision": row.decision, "reason": row.reason,
-               "champion": champion.version if champion else None, "rule": registry.GATE_RULE,
-               "differences": (row.evidence or {}).get("differences", {}),
-               "more_images_needed": (row.evidence or {}).get("more_images_needed")}
+        out = {
+            "version": version,
+            "decision": row.decision,
+            "reason": row.reason,
+            "champion": champion.version if champion else None,
+            "rule": registry.GATE_RULE,
+            "differences": (row.evidence or {}).get("differences", {}),
+            "more_images_needed": (row.evidence or {}).get("more_images_needed"),
+        }
     out["markdown"] = model_card.gate_markdown(settings, version)
     return out
 
 
-def finish_approval(settings: Settings, version: str, approved: bool, *, actor: str,
-                    comment: str | None = None) -> dict[str, Any]:
+def finish_approval(
+    settings: Settings, version: str, approved: bool, *, actor: str, comment: str | None = None
+) -> dict[str, Any]:
     """Record a person's answer on a candidate awaiting approval (see ``registry.record_approval``)
     and refresh its model card; returns the decision as :func:`gate_step` does."""
     from . import model_card
@@ -433,8 +607,13 @@ def finish_approval(settings: Settings, version: str, approved: bool, *, actor: 
     return out
 
 
-def retrain(settings: Settings, *, actor: str | None = None, progress: Progress | None = None,
-            skip_intake: bool = False) -> dict[str, Any]:
+def retrain(
+    settings: Settings,
+    *,
+    actor: str | None = None,
+    progress: Progress | None = None,
+    skip_intake: bool = False,
+) -> dict[str, Any]:
     """The whole retraining job: intake → split → train → evaluate → gate. Returns a summary."""
     progress = progress or log.info
     t0 = time.monotonic()
@@ -443,8 +622,9 @@ def retrain(settings: Settings, *, actor: str | None = None, progress: Progress 
         summary["intake"] = intake_step(settings, progress=progress)
     summary["split"] = split_step(settings)
     manifest_path = summary["split"]["manifest_path"]
-    summary["train"] = train_step(settings, manifest_path, progress=progress,
-                                  holdout_path=summary["split"].get("holdout_path"))
+    summary["train"] = train_step(
+        settings, manifest_path, progress=progress, holdout_path=summary["split"].get("holdout_path")
+    )
     version = summary["train"]["version"]
     summary["evaluation"] = evaluate_step(settings, version, progress=progress)
     summary["gate"] = gate_step(settings, version, actor=actor, progress=progress)

@@ -193,8 +193,13 @@ def plot_roc(
 
 
 def plot_reliability(
-    y_true: ArrayLike, prob_malignant: ArrayLike, path: PathLike, *,
-    uncalibrated: ArrayLike | None = None, n_bins: int = 10, title: str = "Reliability diagram"
+    y_true: ArrayLike,
+    prob_malignant: ArrayLike,
+    path: PathLike,
+    *,
+    uncalibrated: ArrayLike | None = None,
+    n_bins: int = 10,
+    title: str = "Reliability diagram",
 ) -> Path:
     """Reliability diagram (:func:`sklearn.calibration.calibration_curve`, uniform bins): observed
     malignant rate against mean predicted probability, calibrated and (if given) uncalibrated, with
@@ -250,5 +255,7 @@ def plot_all(
         written["training_curves"] = str(plot_training_curves(history, folder / "training_curves.png"))
     written["confusion_matrix"] = str(plot_confusion_matrix(y, p, threshold, folder / "confusion_matrix.png"))
     written["roc"] = str(plot_roc(y, p, folder / "roc.png", threshold=threshold))
-    written["reliability"] = str(plot_reliability(y, p, folder / "reliability.png", uncalibrated=uncalibrated))
+    written["reliability"] = str(
+        plot_reliability(y, p, folder / "reliability.png", uncalibrated=uncalibrated)
+    )
     return written

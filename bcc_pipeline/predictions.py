@@ -17,7 +17,14 @@ from .config import Settings
 from .errors import ConfigError, StoreError
 from .store import ModelVersion, Prediction, get_engine, require_schema, utcnow
 
-__all__ = ["PREDICTION_FIELDS", "SORT_KEYS", "count_predictions", "iso_utc", "parse_since", "query_predictions"]
+__all__ = [
+    "PREDICTION_FIELDS",
+    "SORT_KEYS",
+    "count_predictions",
+    "iso_utc",
+    "parse_since",
+    "query_predictions",
+]
 
 
 def iso_utc(t: dt.datetime | str | None) -> str | None:
@@ -30,8 +37,19 @@ def iso_utc(t: dt.datetime | str | None) -> str | None:
     return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
 
 
-PREDICTION_FIELDS = ("sha256", "source_path", "model_version", "prob_malignant", "label", "threshold",
-                     "run_id", "scored_at", "model_status", "backend", "precision")
+PREDICTION_FIELDS = (
+    "sha256",
+    "source_path",
+    "model_version",
+    "prob_malignant",
+    "label",
+    "threshold",
+    "run_id",
+    "scored_at",
+    "model_status",
+    "backend",
+    "precision",
+)
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -44,8 +62,10 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise ConfigError(f"--since {text!r}: use an ISO date/time (2026-11-26, 2026-11-26T02:00) or an age "
-                          "such as 12h or 7d") from exc
+        raise ConfigError(
+            f"--since {text!r}: use an ISO date/time (2026-11-26, 2026-11-26T02:00) or an age "
+            "such as 12h or 7d"
+        ) from exc
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
@@ -53,8 +73,16 @@ SORT_KEYS = ("scored_at", "prob_malignant", "label", "model_version", "source_pa
 """What :func:`query_predictions` can sort by (``sort="prob_malignant"``, ``"-scored_at"`` for descending)."""
 
 
-def _filtered(settings: Settings, *, since: dt.datetime | None, until: dt.datetime | None, label: str | None,
-              model_version: str | None, path_contains: str | None, latest: bool) -> tuple[Any, Any, Any]:
+def _filtered(
+    settings: Settings,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    label: str | None,
+    model_version: str | None,
+    path_contains: str | None,
+    latest: bool,
+) -> tuple[Any, Any, Any]:
     """(select, its columns, the tiebreaker id column) with the filters applied."""
     from sqlalchemy import column, table
 
@@ -62,18 +90,56 @@ def _filtered(settings: Settings, *, since: dt.datetime | None, until: dt.dateti
         raise ConfigError(f"label must be benign or malignant, got {label!r}")
     require_schema(settings.database_url)
     if latest:
-        v = table("latest_predictions", *(column(c) for c in (
-            "image_sha256", "source_path", "model_version", "prob_malignant", "label", "threshold", "run_id",
-            "scored_at", "model_status", "prediction_id", "backend", "precision")))
+        v = table(
+            "latest_predictions",
+            *(
+                column(c)
+                for c in (
+                    "image_sha256",
+                    "source_path",
+                    "model_version",
+                    "prob_malignant",
+                    "label",
+                    "threshold",
+                    "run_id",
+                    "scored_at",
+                    "model_status",
+                    "prediction_id",
+                    "backend",
+                    "precision",
+                )
+            ),
+        )
         c = v.c
-        q = select(c.image_sha256.label("sha256"), c.source_path, c.model_version, c.prob_malignant, c.label,
-                   c.threshold, c.run_id, c.scored_at, c.model_status, c.backend, c.precision)
+        q = select(
+            c.image_sha256.label("sha256"),
+            c.source_path,
+            c.model_version,
+            c.prob_malignant,
+            c.label,
+            c.threshold,
+            c.run_id,
+            c.scored_at,
+            c.model_status,
+            c.backend,
+            c.precision,
+        )
         tiebreak = c.prediction_id
     else:
         p, m = Prediction.__table__.c, ModelVersion.__table__.c
-        q = (select(p.image_sha256.label("sha256"), p.source_path, p.model_version, p.prob_malignant, p.label,
-                    p.threshold, p.run_id, p.scored_at, m.status.label("model_status"), p.backend, p.precision)
-             .join_from(Prediction.__table__, ModelVersion.__table__, p.model_version == m.version))
+        q = select(
+            p.image_sha256.label("sha256"),
+            p.source_path,
+            p.model_version,
+            p.prob_malignant,
+            p.label,
+            p.threshold,
+            p.run_id,
+            p.scored_at,
+            m.status.label("model_status"),
+            p.backend,
+            p.precision,
+        ).join_from(Prediction.__table__, ModelVersion.__table__, p.model_version == m.version)
         c, tiebreak = p, p.id
     naive = get_engine(settings.database_url).dialect.name == "sqlite"  # stored as naive UTC text there
 
@@ -94,10 +160,19 @@ def _filtered(settings: Settings, *, since: dt.datetime | None, until: dt.dateti
     return q, c, tiebreak
 
 
-def query_predictions(settings: Settings, *, since: dt.datetime | None = None, label: str | None = None,
-                      model_version: str | None = None, limit: int | None = None,
-                      latest: bool = False, until: dt.datetime | None = None, path_contains: str | None = None,
-                      offset: int = 0, sort: str = "-scored_at") -> Iterable[dict[str, Any]]:
+def query_predictions(
+    settings: Settings,
+    *,
+    since: dt.datetime | None = None,
+    label: str | None = None,
+    model_version: str | None = None,
+    limit: int | None = None,
+    latest: bool = False,
+    until: dt.datetime | None = None,
+    path_contains: str | None = None,
+    offset: int = 0,
+    sort: str = "-scored_at",
+) -> Iterable[dict[str, Any]]:
     """Predictions as dicts with :data:`PREDICTION_FIELDS` (streamed, not all in memory), newest first
     unless ``sort`` says otherwise (a :data:`SORT_KEYS` name, ``-`` in front for descending; ties are
     broken newest row first, so pages are stable).
@@ -113,9 +188,18 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
         raise ConfigError(f"offset must not be negative, got {offset}")
     key = sort.removeprefix("-")
     if key not in SORT_KEYS:
-        raise ConfigError(f"cannot sort by {sort!r}; use one of {', '.join(SORT_KEYS)} (a leading - for descending)")
-    q, c, tiebreak = _filtered(settings, since=since, until=until, label=label, model_version=model_version,
-                               path_contains=path_contains, latest=latest)
+        raise ConfigError(
+            f"cannot sort by {sort!r}; use one of {', '.join(SORT_KEYS)} (a leading - for descending)"
+        )
+    q, c, tiebreak = _filtered(
+        settings,
+        since=since,
+        until=until,
+        label=label,
+        model_version=model_version,
+        path_contains=path_contains,
+        latest=latest,
+    )
     col = c[key]
     q = q.order_by(col.desc() if sort.startswith("-") else col.asc(), tiebreak.desc())
     if offset:
@@ -140,12 +224,26 @@ def query_predictions(settings: Settings, *, since: dt.datetime | None = None, l
     return rows()
 
 
-def count_predictions(settings: Settings, *, since: dt.datetime | None = None, label: str | None = None,
-                      model_version: str | None = None, latest: bool = False, until: dt.datetime | None = None,
-                      path_contains: str | None = None) -> int:
+def count_predictions(
+    settings: Settings,
+    *,
+    since: dt.datetime | None = None,
+    label: str | None = None,
+    model_version: str | None = None,
+    latest: bool = False,
+    until: dt.datetime | None = None,
+    path_contains: str | None = None,
+) -> int:
     """How many rows :func:`query_predictions` returns for the same filters (without limit/offset)."""
-    q, _, _ = _filtered(settings, since=since, until=until, label=label, model_version=model_version,
-                        path_contains=path_contains, latest=latest)
+    q, _, _ = _filtered(
+        settings,
+        since=since,
+        until=until,
+        label=label,
+        model_version=model_version,
+        path_contains=path_contains,
+        latest=latest,
+    )
     try:
         with get_engine(settings.database_url).connect() as conn:
             return int(conn.execute(select(func.count()).select_from(q.subquery())).scalar_one())

@@ -109,7 +109,8 @@ def decision_for(session: Session, version: str) -> Promotion | None:
     or ``awaiting_approval`` until a person answers), or None while it is undecided. Manual
     promotions and rollbacks are not gate decisions."""
     return session.scalars(
-        select(Promotion).where(Promotion.candidate_version == version, Promotion.decision.in_(GATE_DECISIONS))
+        select(Promotion)
+        .where(Promotion.candidate_version == version, Promotion.decision.in_(GATE_DECISIONS))
         .order_by(Promotion.id.desc())
     ).first()
 
@@ -123,8 +124,13 @@ def _num(v: Any) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def save_metrics(session: Session, version: str, split: str, metrics: dict[str, float],
-                 intervals: dict[str, Any] | None = None) -> None:
+def save_metrics(
+    session: Session,
+    version: str,
+    split: str,
+    metrics: dict[str, float],
+    intervals: dict[str, Any] | None = None,
+) -> None:
     """Store ``metrics`` of ``version`` on ``split``; ``intervals`` (name → a
     :class:`bcc_pipeline.stats.Interval` or its dict) adds the 95 % bounds, n, k and method."""
     intervals = intervals or {}
@@ -133,11 +139,26 @@ def save_metrics(session: Session, version: str, split: str, metrics: dict[str, 
         iv = intervals.get(k)
         d = iv if isinstance(iv, dict) or iv is None else iv.as_dict()
         d = d or {}
-        rows.append({"model_version": version, "split": split, "name": k, "value": _num(v),
-                     "lower": _num(d.get("lower")), "upper": _num(d.get("upper")), "n": d.get("n"),
-                     "k": d.get("k"), "method": d.get("method")})
-    insert_rows(session, Metric, rows, key=("model_version", "split", "name"),
-           update=("value", "lower", "upper", "n", "k", "method"))
+        rows.append(
+            {
+                "model_version": version,
+                "split": split,
+                "name": k,
+                "value": _num(v),
+                "lower": _num(d.get("lower")),
+                "upper": _num(d.get("upper")),
+                "n": d.get("n"),
+                "k": d.get("k"),
+                "method": d.get("method"),
+            }
+        )
+    insert_rows(
+        session,
+        Metric,
+        rows,
+        key=("model_version", "split", "name"),
+        update=("value", "lower", "upper", "n", "k", "method"),
+    )
 
 
 def metrics_of(session: Session, version: str, split: str = "validation") -> dict[str, float | None]:
@@ -150,11 +171,14 @@ def metrics_of(session: Session, version: str, split: str = "validation") -> dic
 def intervals_of(session: Session, version: str, split: str = "holdout") -> dict[str, dict[str, Any]]:
     """The metrics of ``version`` on ``split`` that carry an interval: name → value, lower, upper, n, k, method."""
     rows = session.execute(
-        select(Metric.name, Metric.value, Metric.lower, Metric.upper, Metric.n, Metric.k, Metric.method)
-        .where(Metric.model_version == version, Metric.split == split, Metric.method.is_not(None))
+        select(
+            Metric.name, Metric.value, Metric.lower, Metric.upper, Metric.n, Metric.k, Metric.method
+        ).where(Metric.model_version == version, Metric.split == split, Metric.method.is_not(None))
     ).all()
-    return {r.name: {"value": r.value, "lower": r.lower, "upper": r.upper, "n": r.n, "k": r.k,
-                     "method": r.method} for r in rows}
+    return {
+        r.name: {"value": r.value, "lower": r.lower, "upper": r.upper, "n": r.n, "k": r.k, "method": r.method}
+        for r in rows
+    }
 
 
 @dataclass
@@ -193,9 +217,17 @@ def _value(m: dict[str, Any], k: str) -> float:
     return math.nan if v is None else float(v)
 
 
-def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_accuracy: float,
-                  min_sensitivity: float, margin: float, differences: dict[str, Any] | None = None,
-                  champion_version: str | None = None, comparison: dict[str, Any] | None = None) -> GateDecision:
+def evaluate_gate(
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    *,
+    min_accuracy: float,
+    min_sensitivity: float,
+    margin: float,
+    differences: dict[str, Any] | None = None,
+    champion_version: str | None = None,
+    comparison: dict[str, Any] | None = None,
+) -> GateDecision:
     """Decide on the candidate's holdout metrics (name → value, or → interval dict) by the rule of
     this module. ``differences`` (name → :class:`bcc_pipeline.stats.Interval` or its dict, candidate −
     champion, paired on the same holdout) is required when there is a champion. Pure function."""
@@ -222,7 +254,7 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, *,
             lo, hi = (math.nan, math.nan) if d is None else (_num(d.get("lower")), _num(d.get("upper")))
             lo = math.nan if lo is None else lo
             hi = math.nan if hi is None else hi
-            text = (f"{name} difference {_fmt(d)} vs champion {champion_version}, margin -{margin:.2f}")
+            text = f"{name} difference {_fmt(d)} vs champion {champion_version}, margin -{margin:.2f}"
             if math.isfinite(lo) and lo > -margin:
                 states.append("ok")
                 reasons.append(f"{text}: non-inferior (lower bound above -margin)")
@@ -231,8 +263,14 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, *,
                 reasons.append(f"{text}: inferior (upper bound below -margin)")
             else:
                 states.append("open")
-                more = None if d is None else extra_images_needed(Interval(**{k: d.get(k) for k in (
-                    "value", "lower", "upper", "n", "k", "method")}), margin)
+                more = (
+                    None
+                    if d is None
+                    else extra_images_needed(
+                        Interval(**{k: d.get(k) for k in ("value", "lower", "upper", "n", "k", "method")}),
+                        margin,
+                    )
+                )
                 if more is not None:
                     needed = max(needed or 0, more)
                 reasons.append(f"{text}: undecided (the interval reaches -margin)")
@@ -242,21 +280,31 @@ def evaluate_gate(candidate: dict[str, Any], champion: dict[str, Any] | None, *,
             decision = "insufficient_evidence"
             n = int(next((d.get("n") for d in diffs.values() if d.get("n")), 0) or 0)
             if needed:
-                why = (f"about {needed} more holdout images would be needed to decide (interval half-width "
-                       "shrinks with 1/sqrt(n))")
-            elif any(not all(math.isfinite(_num(d.get(k)) or math.nan) for k in ("lower", "upper"))
-                     for d in (diffs.get(name) or {} for name in GATE_COMPARED)):
+                why = (
+                    f"about {needed} more holdout images would be needed to decide (interval half-width "
+                    "shrinks with 1/sqrt(n))"
+                )
+            elif any(
+                not all(math.isfinite(_num(d.get(k)) or math.nan) for k in ("lower", "upper"))
+                for d in (diffs.get(name) or {} for name in GATE_COMPARED)
+            ):
                 why = "an interval could not be computed on it (too few cases of a class); a larger holdout is needed"
             else:
                 why = "the difference sits on the margin, so no holdout size would decide"
             reasons.append(f"insufficient evidence on {n} holdout images: the champion stays; {why}")
     if comparison and comparison.get("note"):
         reasons.append(str(comparison["note"]))
-    return GateDecision(decision=decision, reasons=reasons, candidate=dict(candidate),
-                        champion=None if champion is None else dict(champion), champion_version=champion_version,
-                        differences=diffs, thresholds={"min_accuracy": min_accuracy,
-                                                       "min_sensitivity": min_sensitivity, "margin": margin},
-                        comparison=dict(comparison or {}), more_images_needed=needed)
+    return GateDecision(
+        decision=decision,
+        reasons=reasons,
+        candidate=dict(candidate),
+        champion=None if champion is None else dict(champion),
+        champion_version=champion_version,
+        differences=diffs,
+        thresholds={"min_accuracy": min_accuracy, "min_sensitivity": min_sensitivity, "margin": margin},
+        comparison=dict(comparison or {}),
+        more_images_needed=needed,
+    )
 
 
 def _fmt(d: dict[str, Any] | None) -> str:
@@ -277,10 +325,27 @@ def _shown(name: str, v: Any) -> str:
     return f"{name} {'n/a' if v is None else f'{float(v):.4f}'} (holdout)"
 
 
-def _log(session: Session, *, candidate: str, from_v: str | None, to_v: str | None, decision: str,
-         reason: str, actor: str, evidence: dict[str, Any]) -> Promotion:
-    row = Promotion(candidate_version=candidate, from_version=from_v, to_version=to_v, decision=decision,
-                    reason=reason, actor=actor[:128], evidence=evidence, decided_at=utcnow())  # column width
+def _log(
+    session: Session,
+    *,
+    candidate: str,
+    from_v: str | None,
+    to_v: str | None,
+    decision: str,
+    reason: str,
+    actor: str,
+    evidence: dict[str, Any],
+) -> Promotion:
+    row = Promotion(
+        candidate_version=candidate,
+        from_version=from_v,
+        to_version=to_v,
+        decision=decision,
+        reason=reason,
+        actor=actor[:128],
+        evidence=evidence,
+        decided_at=utcnow(),
+    )  # column width
     session.add(row)
     session.flush()
     return row
@@ -298,8 +363,9 @@ def _make_champion(session: Session, mv: ModelVersion) -> str | None:
     return previous
 
 
-def record_gate_decision(session: Session, version: str, decision: GateDecision, *, actor: str,
-                         require_approval: bool = False) -> Promotion:
+def record_gate_decision(
+    session: Session, version: str, decision: GateDecision, *, actor: str, require_approval: bool = False
+) -> Promotion:
     """Apply a gate decision to a candidate and log it: promote it, mark it rejected (also for
     ``insufficient_evidence``: the champion stays), or, with ``require_approval`` and a passing
     decision, log ``awaiting_approval`` and leave it a candidate until :func:`record_approval`.
@@ -317,21 +383,45 @@ def record_gate_decision(session: Session, version: str, decision: GateDecision,
     champ = get_champion(session)
     current = champ.version if champ else None
     if decision.passed and require_approval:
-        return _log(session, candidate=version, from_v=current, to_v=current, decision=AWAITING,
-                    reason="passed the quality gate, awaiting a person's approval: " + decision.summary,
-                    actor=actor, evidence=evidence)
+        return _log(
+            session,
+            candidate=version,
+            from_v=current,
+            to_v=current,
+            decision=AWAITING,
+            reason="passed the quality gate, awaiting a person's approval: " + decision.summary,
+            actor=actor,
+            evidence=evidence,
+        )
     if decision.passed:
         previous = _make_champion(session, mv)
-        return _log(session, candidate=version, from_v=previous, to_v=version, decision="promoted",
-                    reason="passed the quality gate: " + decision.summary, actor=actor, evidence=evidence)
+        return _log(
+            session,
+            candidate=version,
+            from_v=previous,
+            to_v=version,
+            decision="promoted",
+            reason="passed the quality gate: " + decision.summary,
+            actor=actor,
+            evidence=evidence,
+        )
     mv.status = "rejected"
     what = "failed the quality gate" if decision.decision == "rejected" else "not enough evidence"
-    return _log(session, candidate=version, from_v=current, to_v=current, decision=decision.decision,
-                reason=f"{what}: " + decision.summary, actor=actor, evidence=evidence)
+    return _log(
+        session,
+        candidate=version,
+        from_v=current,
+        to_v=current,
+        decision=decision.decision,
+        reason=f"{what}: " + decision.summary,
+        actor=actor,
+        evidence=evidence,
+    )
 
 
-def record_approval(session: Session, version: str, approved: bool, *, actor: str,
-                    comment: str | None = None) -> Promotion:
+def record_approval(
+    session: Session, version: str, approved: bool, *, actor: str, comment: str | None = None
+) -> Promotion:
     """Finish a decision that awaits approval: ``approved`` promotes the candidate (the champion it
     replaces is retired), otherwise it is rejected and the champion stays. The approver (``actor``)
     and ``comment`` are logged with the gate's evidence. Idempotent: answering the same way again
@@ -345,18 +435,39 @@ def record_approval(session: Session, version: str, approved: bool, *, actor: st
         if last.decision == wanted and (last.evidence or {}).get("approval"):
             return last
         raise RegistryError(f"{version} does not await approval: it was {last.decision} ({last.reason})")
-    approval = {"approved": bool(approved), "actor": actor, "comment": comment or "", "answered_at": utcnow().isoformat()}
+    approval = {
+        "approved": bool(approved),
+        "actor": actor,
+        "comment": comment or "",
+        "answered_at": utcnow().isoformat(),
+    }
     evidence = {**(last.evidence or {}), "approval": approval}
     said = f"{actor}: {comment.strip()}" if comment and comment.strip() else actor
     if approved:
         previous = _make_champion(session, mv)
-        return _log(session, candidate=version, from_v=previous, to_v=version, decision="promoted",
-                    reason=f"approved by {said}; " + last.reason, actor=actor, evidence=evidence)
+        return _log(
+            session,
+            candidate=version,
+            from_v=previous,
+            to_v=version,
+            decision="promoted",
+            reason=f"approved by {said}; " + last.reason,
+            actor=actor,
+            evidence=evidence,
+        )
     mv.status = "rejected"
     champ = get_champion(session)
     current = champ.version if champ else None
-    return _log(session, candidate=version, from_v=current, to_v=current, decision="rejected",
-                reason=f"rejected by {said}; " + last.reason, actor=actor, evidence=evidence)
+    return _log(
+        session,
+        candidate=version,
+        from_v=current,
+        to_v=current,
+        decision="rejected",
+        reason=f"rejected by {said}; " + last.reason,
+        actor=actor,
+        evidence=evidence,
+    )
 
 
 def promote(session: Session, version: str, *, actor: str, reason: str) -> Promotion:
@@ -367,9 +478,16 @@ def promote(session: Session, version: str, *, actor: str, reason: str) -> Promo
     if mv.status == "champion":
         raise RegistryError(f"{version} is already the champion")
     previous = _make_champion(session, mv)
-    return _log(session, candidate=version, from_v=previous, to_v=version, decision="manual",
-                reason=reason.strip(), actor=actor,
-                evidence={"validation": metrics_of(session, version), "previous_status_retired": previous})
+    return _log(
+        session,
+        candidate=version,
+        from_v=previous,
+        to_v=version,
+        decision="manual",
+        reason=reason.strip(),
+        actor=actor,
+        evidence={"validation": metrics_of(session, version), "previous_status_retired": previous},
+    )
 
 
 def rollback(session: Session, *, actor: str, reason: str) -> Promotion:
@@ -381,15 +499,24 @@ def rollback(session: Session, *, actor: str, reason: str) -> Promotion:
         raise NoChampionError("there is no champion to roll back")
     # The row in which the current champion took over (by gate or by hand) names its predecessor.
     took_over = session.scalars(
-        select(Promotion).where(Promotion.to_version == current.version,
-                                Promotion.decision.in_(("promoted", "manual")))
+        select(Promotion)
+        .where(Promotion.to_version == current.version, Promotion.decision.in_(("promoted", "manual")))
         .order_by(Promotion.id.desc())
     ).first()
     if took_over is None or took_over.from_version is None:
-        raise RegistryError(f"{current.version} replaced no earlier champion; nothing to roll back to "
-                            "(use `bcc promote VERSION --reason ...` to choose one)")
+        raise RegistryError(
+            f"{current.version} replaced no earlier champion; nothing to roll back to "
+            "(use `bcc promote VERSION --reason ...` to choose one)"
+        )
     target = get_version(session, took_over.from_version)
     _make_champion(session, target)
-    return _log(session, candidate=target.version, from_v=current.version, to_v=target.version,
-                decision="rollback", reason=reason.strip(), actor=actor,
-                evidence={"replaced": current.version, "restored": target.version})
+    return _log(
+        session,
+        candidate=target.version,
+        from_v=current.version,
+        to_v=target.version,
+        decision="rollback",
+        reason=reason.strip(),
+        actor=actor,
+        evidence={"replaced": current.version, "restored": target.version},
+    )

@@ -26,8 +26,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["MODEL_STATUSES", "NAMING_CONVENTION", "Base", "HoldoutEvent", "ImageRecord", "InboxFile", "Metric",
-           "ModelVersion", "Prediction", "Promotion", "Rejection", "ScoringRun", "utcnow"]
+__all__ = [
+    "MODEL_STATUSES",
+    "NAMING_CONVENTION",
+    "Base",
+    "HoldoutEvent",
+    "ImageRecord",
+    "InboxFile",
+    "Metric",
+    "ModelVersion",
+    "Prediction",
+    "Promotion",
+    "Rejection",
+    "ScoringRun",
+    "utcnow",
+]
 
 # Stable constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -65,7 +78,9 @@ class ImageRecord(Base):
     source_path: Mapped[str] = mapped_column(Text)  # first path it was seen under
     stored_path: Mapped[str | None] = mapped_column(Text)  # content-addressed copy (labelled only)
     excluded_reason: Mapped[str | None] = mapped_column(Text)  # e.g. seen under two labels
-    phash: Mapped[str | None] = mapped_column(String(16))  # 64-bit perceptual hash, hex (bcc_pipeline.neardup)
+    phash: Mapped[str | None] = mapped_column(
+        String(16)
+    )  # 64-bit perceptual hash, hex (bcc_pipeline.neardup)
     first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_images_label_first_seen", "label", "first_seen_at"),)
@@ -102,8 +117,13 @@ class ModelVersion(Base):
 
     # At most one champion, enforced by the database itself (a partial unique index).
     __table_args__ = (
-        Index("uq_model_versions_one_champion", "status", unique=True,
-              sqlite_where=text("status = 'champion'"), postgresql_where=text("status = 'champion'")),
+        Index(
+            "uq_model_versions_one_champion",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'champion'"),
+            postgresql_where=text("status = 'champion'"),
+        ),
     )
 
 
@@ -256,6 +276,8 @@ class HoldoutEvent(Base):
     manifest_path: Mapped[str] = mapped_column(Text)
     n_before: Mapped[int] = mapped_column(Integer)
     n_after: Mapped[int] = mapped_column(Integer)
-    n_excluded: Mapped[int] = mapped_column(Integer)  # images kept out by this change, reasons in the manifest
+    n_excluded: Mapped[int] = mapped_column(
+        Integer
+    )  # images kept out by this change, reasons in the manifest
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per label after the change
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -102,8 +102,7 @@ def fit_temperature(y: Any, p: Any) -> float:
         q = np.clip(special.expit(z / t), LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
         return float(-np.mean(yy * np.log(q) + (1.0 - yy) * np.log1p(-q)))
 
-    res = optimize.minimize_scalar(loss, bounds=TEMPERATURE_BOUNDS, method="bounded",
-                                   options={"xatol": 1e-6})
+    res = optimize.minimize_scalar(loss, bounds=TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-6})
     return float(res.x)
 
 
@@ -141,15 +140,24 @@ def _rate(y: np.ndarray, called: np.ndarray, positive: bool, axis: int = -1) -> 
 MAX_UNDEFINED_RESAMPLES = 0.05
 
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic: Any, *, seed: int,
-               n_resamples: int) -> tuple[float, float, str]:
+def _bootstrap(
+    data: tuple[np.ndarray, ...], statistic: Any, *, seed: int, n_resamples: int
+) -> tuple[float, float, str]:
     """Bounds of a paired, vectorised statistic and a note on how they were obtained: BCa; a constant
     bootstrap distribution gives ``(value, value)``; resamples without a defined value (a single
     class) are dropped when few (percentile interval of the rest), else the bounds are ``nan``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DegenerateDataWarning / nan resamples: handled below
-        res = sps.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=n_resamples,
-                            confidence_level=CONFIDENCE, method=BOOTSTRAP_METHOD, rng=np.random.default_rng(seed))
+        res = sps.bootstrap(
+            data,
+            statistic,
+            paired=True,
+            vectorized=True,
+            n_resamples=n_resamples,
+            confidence_level=CONFIDENCE,
+            method=BOOTSTRAP_METHOD,
+            rng=np.random.default_rng(seed),
+        )
     dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
     finite = dist[np.isfinite(dist)]
     if finite.size and np.ptp(finite) == 0 and finite.size == dist.size:
@@ -176,8 +184,9 @@ def auc_interval(y: Any, p: Any, *, seed: int, n_resamples: int = BOOTSTRAP_RESA
     return Interval(value, lo, hi, int(yy.size), None, method + note)
 
 
-def metric_intervals(y: Any, p: Any, threshold: float, *, seed: int,
-                     n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Interval]:
+def metric_intervals(
+    y: Any, p: Any, threshold: float, *, seed: int, n_resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict[str, Interval]:
     """Intervals of sensitivity, recall, specificity, accuracy, precision (exact) and ROC AUC (bootstrap)."""
     yy = np.asarray(y, dtype=np.int64)
     called = np.asarray(p, dtype=np.float64) >= threshold
@@ -186,14 +195,26 @@ def metric_intervals(y: Any, p: Any, threshold: float, *, seed: int,
     n_pos, n_neg = int(np.sum(yy == 1)), int(np.sum(yy == 0))
     tn = n_neg - fp
     sens = proportion_interval(tp, n_pos)
-    return {"sensitivity": sens, "recall": sens, "specificity": proportion_interval(tn, n_neg),
-            "accuracy": proportion_interval(tp + tn, yy.size), "precision": proportion_interval(tp, tp + fp),
-            "roc_auc": auc_interval(yy, p, seed=seed, n_resamples=n_resamples)}
+    return {
+        "sensitivity": sens,
+        "recall": sens,
+        "specificity": proportion_interval(tn, n_neg),
+        "accuracy": proportion_interval(tp + tn, yy.size),
+        "precision": proportion_interval(tp, tp + fp),
+        "roc_auc": auc_interval(yy, p, seed=seed, n_resamples=n_resamples),
+    }
 
 
-def paired_differences(y: Any, p_candidate: Any, threshold_candidate: float, p_champion: Any,
-                       threshold_champion: float, *, seed: int,
-                       n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Interval]:
+def paired_differences(
+    y: Any,
+    p_candidate: Any,
+    threshold_candidate: float,
+    p_champion: Any,
+    threshold_champion: float,
+    *,
+    seed: int,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, Interval]:
     """candidate − champion for sensitivity, specificity and ROC AUC on the same cases, each model at
     its own threshold: the same bootstrap resamples of the cases for both models (paired), BCa."""
     yy = np.asarray(y, dtype=np.float64)
@@ -212,10 +233,17 @@ def paired_differences(y: Any, p_candidate: Any, threshold_candidate: float, p_c
         return _auc(y_, a, axis) - _auc(y_, b, axis)
 
     out: dict[str, Interval] = {}
-    for name, fn, a, b in (("sensitivity", sens, cc, ch), ("specificity", spec, cc, ch), ("roc_auc", auc, pc, ph)):
+    for name, fn, a, b in (
+        ("sensitivity", sens, cc, ch),
+        ("specificity", spec, cc, ch),
+        ("roc_auc", auc, pc, ph),
+    ):
         value = float(fn(yy, a, b))
-        lo, hi, note = ((math.nan, math.nan, "") if math.isnan(value)
-                        else _bootstrap((yy, a, b), fn, seed=seed, n_resamples=n_resamples))
+        lo, hi, note = (
+            (math.nan, math.nan, "")
+            if math.isnan(value)
+            else _bootstrap((yy, a, b), fn, seed=seed, n_resamples=n_resamples)
+        )
         out[name] = Interval(value, lo, hi, int(yy.size), None, method + note)
     return out
 
@@ -235,7 +263,9 @@ def extra_images_needed(diff: Interval, margin: float) -> int | None:
     return max(1, math.ceil(diff.n * (half / gap) ** 2) - diff.n)
 
 
-def format_interval(name: str, iv: Interval | dict[str, Any] | None, role: str = "holdout", digits: int = 2) -> str:
+def format_interval(
+    name: str, iv: Interval | dict[str, Any] | None, role: str = "holdout", digits: int = 2
+) -> str:
     """``sensitivity 0.96 [0.80, 0.99], 24/25 (holdout)``; AUC and differences show ``n=…``."""
     if iv is None:
         return f"{name} n/a ({role})"

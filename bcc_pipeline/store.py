@@ -180,9 +180,15 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
 PAGE_ROWS = 1000  # rows per INSERT statement on the bulk paths
 
 
-def insert_rows(target: Session | Connection, model: type[Base],
-                rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]], *, key: Sequence[str],
-                update: Sequence[str] = (), returning: Any = None) -> list[Any] | int:
+def insert_rows(
+    target: Session | Connection,
+    model: type[Base],
+    rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    *,
+    key: Sequence[str],
+    update: Sequence[str] = (),
+    returning: Any = None,
+) -> list[Any] | int:
     """``INSERT .. ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET update``) [``RETURNING returning``].
 
     The one way the project writes rows that a retried task could write again: keyed by a natural key, a
@@ -213,7 +219,9 @@ def insert_rows(target: Session | Connection, model: type[Base],
         raise StoreError(f"bulk insert is not implemented for {dialect.name}")
     stmt = insert(table)
     if update:
-        stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in update})
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
+        )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
     out: list[Any] = []
@@ -261,13 +269,21 @@ def _csv_formatter(coltype: Any) -> Any:
         return _csv_json
     if isinstance(coltype, sqltypes.Boolean):
         return _csv_bool
-    if isinstance(coltype, sqltypes.Integer | sqltypes.Float | sqltypes.Numeric | sqltypes.DateTime | sqltypes.Date):
+    if isinstance(
+        coltype, sqltypes.Integer | sqltypes.Float | sqltypes.Numeric | sqltypes.DateTime | sqltypes.Date
+    ):
         return _csv_plain
     return _csv_text
 
 
-def _pg_execute_values(conn: Connection, table: Any, rows: list[dict[str, Any]], key: Sequence[str],
-                       update: Sequence[str], returning: Any) -> list[Any]:
+def _pg_execute_values(
+    conn: Connection,
+    table: Any,
+    rows: list[dict[str, Any]],
+    key: Sequence[str],
+    update: Sequence[str],
+    returning: Any,
+) -> list[Any]:
     """PostgreSQL (psycopg2): COPY into a temporary staging table, then one INSERT .. SELECT .. ON CONFLICT,
     for big batches (about 2× ``execute_values``); ``execute_values`` pages for small ones."""
     from psycopg2.extras import Json, execute_values
@@ -276,16 +292,25 @@ def _pg_execute_values(conn: Connection, table: Any, rows: list[dict[str, Any]],
     cols = list(rows[0])
     q = conn.dialect.identifier_preparer.quote
     col_list = ", ".join(q(c) for c in cols)
-    action = ("DO UPDATE SET " + ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in update)) if update else "DO NOTHING"
-    tail = (f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
-            + (f" RETURNING {q(returning.name)}" if returning is not None else ""))
+    action = (
+        ("DO UPDATE SET " + ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in update))
+        if update
+        else "DO NOTHING"
+    )
+    tail = f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}" + (
+        f" RETURNING {q(returning.name)}" if returning is not None else ""
+    )
     cur = conn.connection.dbapi_connection.cursor()
     try:
         if len(rows) >= COPY_MIN_ROWS:
             stage = q(f"_bcc_stage_{table.name}")
-            cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {q(table.name)} INCLUDING DEFAULTS) "
-                        "ON COMMIT DELETE ROWS")
-            cur.execute(f"DELETE FROM {stage}")  # emptied at commit; this is for a second call in one transaction
+            cur.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} (LIKE {q(table.name)} INCLUDING DEFAULTS) "
+                "ON COMMIT DELETE ROWS"
+            )
+            cur.execute(
+                f"DELETE FROM {stage}"
+            )  # emptied at commit; this is for a second call in one transaction
             fmts = [(c, _csv_formatter(table.c[c].type)) for c in cols]
             data = io.StringIO("\n".join([",".join([f(r[c]) for c, f in fmts]) for r in rows]) + "\n")
             cur.copy_expert(f"COPY {stage} ({col_list}) FROM STDIN WITH (FORMAT csv)", data)
@@ -293,7 +318,9 @@ def _pg_execute_values(conn: Connection, table: Any, rows: list[dict[str, Any]],
             return [r[0] for r in cur.fetchall()] if returning is not None else []
         json_cols = {c for c in cols if isinstance(table.c[c].type, sqltypes.JSON)}
         sql = f"INSERT INTO {q(table.name)} ({col_list}) VALUES %s {tail}"
-        args = [tuple(Json(r[c]) if c in json_cols and r[c] is not None else r[c] for c in cols) for r in rows]
+        args = [
+            tuple(Json(r[c]) if c in json_cols and r[c] is not None else r[c] for c in cols) for r in rows
+        ]
         got = execute_values(cur, sql, args, page_size=PAGE_ROWS, fetch=returning is not None)
         return [r[0] for r in got] if returning is not None else []
     finally:
@@ -355,8 +382,9 @@ def require_schema(url: str, tables: Sequence[str] = ()) -> None:
         raise StoreError(f"database {safe_url(url)} has no BCC schema yet; run `bcc db upgrade`")
     missing = [t for t in tables if t not in present]
     if missing:
-        raise StoreError(f"database {safe_url(url)} predates the table(s) {', '.join(missing)}; "
-                         "run `bcc db upgrade`")
+        raise StoreError(
+            f"database {safe_url(url)} predates the table(s) {', '.join(missing)}; run `bcc db upgrade`"
+        )
 
 
 # The back-end tables live beside the code that uses them; imported here so that Base.metadata (what the

@@ -68,7 +68,9 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 
 
 def _layers(model: keras.Model, cls: type) -> list[Any]:
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if isinstance(layer, cls)]
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True) if isinstance(layer, cls)
+    ]
 
 
 _RECALIBRATION_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -123,8 +125,14 @@ def recalibrate_batchnorm(model: keras.Model, dataset: tf.data.Dataset, *, passe
     return steps
 
 
-def _callbacks(val_ds, recal_ds, checkpoint: Path, progress: Callable[[str], None], epochs: int,
-               steps_per_epoch: int | None):
+def _callbacks(
+    val_ds,
+    recal_ds,
+    checkpoint: Path,
+    progress: Callable[[str], None],
+    epochs: int,
+    steps_per_epoch: int | None,
+):
     import keras
 
     class EpochValidation(keras.callbacks.Callback):
@@ -148,8 +156,10 @@ def _callbacks(val_ds, recal_ds, checkpoint: Path, progress: Callable[[str], Non
 
         def on_train_batch_end(self, batch, logs=None):
             if steps_per_epoch and steps_per_epoch >= 10 and (batch + 1) % max(1, steps_per_epoch // 4) == 0:
-                progress(f"epoch {self.epoch + 1}/{epochs}: batch {batch + 1}/{steps_per_epoch} "
-                         f"loss {float(logs.get('loss', math.nan)):.4f}")
+                progress(
+                    f"epoch {self.epoch + 1}/{epochs}: batch {batch + 1}/{steps_per_epoch} "
+                    f"loss {float(logs.get('loss', math.nan)):.4f}"
+                )
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
@@ -165,15 +175,30 @@ def _callbacks(val_ds, recal_ds, checkpoint: Path, progress: Callable[[str], Non
     return [
         EpochValidation(),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-7, verbose=0),
-        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", mode="min", save_best_only=True,
-                                        save_weights_only=True, verbose=0),
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint),
+            monitor="val_loss",
+            mode="min",
+            save_best_only=True,
+            save_weights_only=True,
+            verbose=0,
+        ),
         Progress(),
     ]
 
 
-def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, *, epochs: int,
-        learning_rate: float, workdir: str | Path, recalibration_ds: tf.data.Dataset | None = None,
-        steps_per_epoch: int | None = None, progress: Callable[[str], None] | None = None) -> TrainResult:
+def fit(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    *,
+    epochs: int,
+    learning_rate: float,
+    workdir: str | Path,
+    recalibration_ds: tf.data.Dataset | None = None,
+    steps_per_epoch: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Compile and train ``model``; on return it holds the best epoch's weights.
 
     ``recalibration_ds`` (un-augmented training images) switches on BatchNorm recalibration after
@@ -188,20 +213,33 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
     checkpoint = workdir / "best.weights.h5"
     compile_model(model, learning_rate)
     t0 = time.monotonic()
-    hist = model.fit(train_ds, epochs=epochs, verbose=0, shuffle=False,  # tf.data shuffles
-                     callbacks=_callbacks(val_ds, recalibration_ds, checkpoint, progress, epochs, steps_per_epoch))
+    hist = model.fit(
+        train_ds,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,  # tf.data shuffles
+        callbacks=_callbacks(val_ds, recalibration_ds, checkpoint, progress, epochs, steps_per_epoch),
+    )
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     if not checkpoint.is_file():
         raise RuntimeError("training produced no checkpoint (validation loss was never finite)")
     model.load_weights(str(checkpoint))  # the best epoch, BatchNorm statistics included
     val_losses = history.get("val_loss", [])
-    best = int(min(range(len(val_losses)), key=lambda i: val_losses[i])) if val_losses else len(val_losses) - 1
+    best = (
+        int(min(range(len(val_losses)), key=lambda i: val_losses[i])) if val_losses else len(val_losses) - 1
+    )
     atomic_write(workdir / "history.json", json.dumps(history, indent=1) + "\n")
-    result = TrainResult(history=history, best_epoch=best + 1,
-                         best_val_loss=float(val_losses[best]) if val_losses else math.nan,
-                         seconds=time.monotonic() - t0, recalibrated=recalibration_ds is not None)
-    progress(f"training done in {result.seconds:.0f}s; best epoch {result.best_epoch} "
-             f"(val_loss {result.best_val_loss:.4f}) restored")
+    result = TrainResult(
+        history=history,
+        best_epoch=best + 1,
+        best_val_loss=float(val_losses[best]) if val_losses else math.nan,
+        seconds=time.monotonic() - t0,
+        recalibrated=recalibration_ds is not None,
+    )
+    progress(
+        f"training done in {result.seconds:.0f}s; best epoch {result.best_epoch} "
+        f"(val_loss {result.best_val_loss:.4f}) restored"
+    )
     return result
 
 

@@ -43,9 +43,23 @@ from .cpu import cpu_info, software_info
 from .errors import BCCError, ConfigError, DatasetError, StoreError
 from .store import ModelVersion, session_scope
 
-__all__ = ["REFERENCE_SEED", "REFERENCE_TILES", "champion_validations", "compare", "development_images",
-           "format_validations", "load_for", "passes", "reference_images", "resolve_backend", "shard_backend",
-           "validate_backends", "validate_published", "validated_summary", "validations_here"]
+__all__ = [
+    "REFERENCE_SEED",
+    "REFERENCE_TILES",
+    "champion_validations",
+    "compare",
+    "development_images",
+    "format_validations",
+    "load_for",
+    "passes",
+    "reference_images",
+    "resolve_backend",
+    "shard_backend",
+    "validate_backends",
+    "validate_published",
+    "validated_summary",
+    "validations_here",
+]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -92,8 +106,12 @@ def _load(settings: Settings, paths: Sequence[str], image_size: int) -> Any:
 
     from .images import load_for_model
 
-    return np.stack([load_for_model(p, image_size, max_pixels=settings.max_pixels, min_side=settings.min_side)[0]
-                     for p in paths])
+    return np.stack(
+        [
+            load_for_model(p, image_size, max_pixels=settings.max_pixels, min_side=settings.min_side)[0]
+            for p in paths
+        ]
+    )
 
 
 def _role_images(settings: Settings, manifest: Any, role: str, image_size: int) -> tuple[str, Any] | None:
@@ -113,7 +131,11 @@ def _evaluation_images(settings: Settings, mv: dict[str, Any], reference_only: b
     if manifest is not None:
         holdout = _manifest(mv, "holdout_path")
         for role in ("calibration", "holdout"):
-            source = holdout if role == "holdout" and holdout is not None and holdout.split("holdout") else manifest
+            source = (
+                holdout
+                if role == "holdout" and holdout is not None and holdout.split("holdout")
+                else manifest
+            )
             got = _role_images(settings, source, role, int(mv["image_size"]))
             if got is not None and got[0] not in out:
                 out[got[0]] = got[1]
@@ -128,8 +150,10 @@ def development_images(settings: Settings, mv: dict[str, Any]) -> Any:
 
     manifest = _manifest(mv)
     if manifest is None:
-        raise ConfigError(f"openvino-int8 needs the development images of model {mv['version']}, but its "
-                          "manifest cannot be read")
+        raise ConfigError(
+            f"openvino-int8 needs the development images of model {mv['version']}, but its "
+            "manifest cannot be read"
+        )
     paths = [p for role in ("train", "validation") for p in manifest_arrays(manifest, role)[0]]
     step = max(1, len(paths) // DEVELOPMENT_IMAGES)
     return _load(settings, paths[::step][:DEVELOPMENT_IMAGES], int(mv["image_size"]))
@@ -143,16 +167,22 @@ def compare(ref: Any, p: Any, threshold: float) -> dict[str, Any]:
     ref, p = np.asarray(ref, dtype=np.float64), np.asarray(p, dtype=np.float64)
     delta = np.abs(p - ref)
     ref_m, p_m = ref >= threshold, p >= threshold
-    return {"flips_malignant_to_benign": int(np.sum(ref_m & ~p_m)),
-            "flips_benign_to_malignant": int(np.sum(~ref_m & p_m)),
-            "max_delta": float(delta.max()) if delta.size else 0.0,
-            "p99_delta": float(np.percentile(delta, 99)) if delta.size else 0.0}
+    return {
+        "flips_malignant_to_benign": int(np.sum(ref_m & ~p_m)),
+        "flips_benign_to_malignant": int(np.sum(~ref_m & p_m)),
+        "max_delta": float(delta.max()) if delta.size else 0.0,
+        "p99_delta": float(np.percentile(delta, 99)) if delta.size else 0.0,
+    }
 
 
 def passes(c: dict[str, Any], max_delta: float) -> bool:
     """The validation rule on a :func:`compare` result: no label flipped and max |Δp| at most ``max_delta``."""
-    return (c["flips_malignant_to_benign"] == 0 and c["flips_benign_to_malignant"] == 0
-            and c["max_delta"] is not None and c["max_delta"] <= max_delta)
+    return (
+        c["flips_malignant_to_benign"] == 0
+        and c["flips_benign_to_malignant"] == 0
+        and c["max_delta"] is not None
+        and c["max_delta"] <= max_delta
+    )
 
 
 def _probabilities(predictor: Any, x: Any, batch: int, mv: dict[str, Any]) -> tuple[Any, float]:
@@ -185,9 +215,14 @@ def _version(settings: Settings, version: str) -> dict[str, Any]:
         mv = s.get(ModelVersion, version)
         if mv is None:
             raise ConfigError(f"model version {version!r} is not in the registry (`bcc models` lists them)")
-        return {"version": mv.version, "image_size": int(mv.image_size), "threshold": float(mv.threshold),
-                "artifact_path": mv.artifact_path, "artifact_sha256": mv.artifact_sha256,
-                "temperature": None if mv.temperature is None else float(mv.temperature)}
+        return {
+            "version": mv.version,
+            "image_size": int(mv.image_size),
+            "threshold": float(mv.threshold),
+            "artifact_path": mv.artifact_path,
+            "artifact_sha256": mv.artifact_sha256,
+            "temperature": None if mv.temperature is None else float(mv.temperature),
+        }
 
 
 def load_for(settings: Settings, mv: dict[str, Any], backend: str) -> Any:
@@ -195,15 +230,26 @@ def load_for(settings: Settings, mv: dict[str, Any], backend: str) -> Any:
     and (for INT8) the version's development images."""
     from .inference import load_predictor
 
-    return load_predictor(mv["artifact_path"], mv["artifact_sha256"], image_size=int(mv["image_size"]),
-                          backend=backend, version=mv["version"],
-                          ledger=CompiledModels(settings.database_url, mv["version"]),
-                          calibration=lambda: development_images(settings, mv))
+    return load_predictor(
+        mv["artifact_path"],
+        mv["artifact_sha256"],
+        image_size=int(mv["image_size"]),
+        backend=backend,
+        version=mv["version"],
+        ledger=CompiledModels(settings.database_url, mv["version"]),
+        calibration=lambda: development_images(settings, mv),
+    )
 
 
-def validate_backends(settings: Settings, version: str, backends: Sequence[str] | None = None, *,
-                      reference_only: bool = False, record: bool = True,
-                      progress: Progress | None = None) -> dict[str, Any]:
+def validate_backends(
+    settings: Settings,
+    version: str,
+    backends: Sequence[str] | None = None,
+    *,
+    reference_only: bool = False,
+    record: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Compare ``backends`` (default: all) with fp32 Keras on ``version``'s images; record the results.
 
     ``reference_only``: only the fixed reference set (what a worker of a new CPU class runs, in seconds);
@@ -225,20 +271,38 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
     images = {role: int(len(v)) for role, v in roles.items()}
     cpu, sw = cpu_info(), software_info()
     batch, thr = settings.score_batch_size, mv["threshold"]
-    progress(f"validating back-ends of {version} on {len(x)} images ({images}) against fp32 Keras, CPU class "
-             f"{cpu['cpu_class']} ({cpu['model']})")
+    progress(
+        f"validating back-ends of {version} on {len(x)} images ({images}) against fp32 Keras, CPU class "
+        f"{cpu['cpu_class']} ({cpu['model']})"
+    )
     ref_pred = load_for(settings, mv, REFERENCE_BACKEND)
     ref, ref_speed = _probabilities(ref_pred, x, batch, mv)
     del ref_pred
-    base = {"model_version": version, "cpu_class": cpu["cpu_class"], "software": sw["software"],
-            "n_images": int(len(x)), "images": images, "max_delta_allowed": settings.backend_max_delta,
-            "threshold": thr, "cpu": {k: cpu[k] for k in ("vendor", "model", "flags", "bf16", "amx", "vnni")},
-            "packages": sw["packages"], "error": None}
+    base = {
+        "model_version": version,
+        "cpu_class": cpu["cpu_class"],
+        "software": sw["software"],
+        "n_images": int(len(x)),
+        "images": images,
+        "max_delta_allowed": settings.backend_max_delta,
+        "threshold": thr,
+        "cpu": {k: cpu[k] for k in ("vendor", "model", "flags", "bf16", "amx", "vnni")},
+        "packages": sw["packages"],
+        "error": None,
+    }
     results, skipped = [], {}
     for backend in wanted:
-        row = {**base, "backend": backend, "precision": "f32", "validated": False, "max_delta": None,
-               "p99_delta": None, "images_per_second": None, "flips_malignant_to_benign": 0,
-               "flips_benign_to_malignant": 0}
+        row = {
+            **base,
+            "backend": backend,
+            "precision": "f32",
+            "validated": False,
+            "max_delta": None,
+            "p99_delta": None,
+            "images_per_second": None,
+            "flips_malignant_to_benign": 0,
+            "flips_benign_to_malignant": 0,
+        }
         if backend == REFERENCE_BACKEND:
             row.update(validated=True, max_delta=0.0, p99_delta=0.0, images_per_second=ref_speed)
         else:
@@ -252,14 +316,22 @@ def validate_backends(settings: Settings, version: str, backends: Sequence[str] 
                 progress(f"  {backend:14s} skipped: {exc}")
                 continue
             except (BCCError, RuntimeError, ValueError, MemoryError) as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                row["error"] = (
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                )
             row["validated"] = row["error"] is None and passes(row, settings.backend_max_delta)
         if record:
             record_validation(settings.database_url, row)
         results.append(row)
         progress("  " + _line(row))
-    return {"version": version, "cpu": cpu, "packages": sw["packages"], "images": images, "results": results,
-            "skipped": skipped}
+    return {
+        "version": version,
+        "cpu": cpu,
+        "packages": sw["packages"],
+        "images": images,
+        "results": results,
+        "skipped": skipped,
+    }
 
 
 def validate_published(settings: Settings, version: str, progress: Progress | None = None) -> dict[str, Any]:
@@ -269,14 +341,18 @@ def validate_published(settings: Settings, version: str, progress: Progress | No
     progress = progress or log.info
     wanted = settings.publish_backend_list
     if not wanted:
-        progress(f"back-ends of {version} not validated (BCC_PUBLISH_BACKENDS=none): scoring uses fp32 Keras "
-                 "until `bcc validate-backends` proves one")
+        progress(
+            f"back-ends of {version} not validated (BCC_PUBLISH_BACKENDS=none): scoring uses fp32 Keras "
+            "until `bcc validate-backends` proves one"
+        )
         return {"version": version, "validated": []}
     try:
         r = validate_backends(settings, version, None if wanted == BACKENDS else wanted, progress=progress)
     except Exception as exc:  # noqa: BLE001 - never undo a promotion over this; say what happened
-        progress(f"back-end validation of {version} failed ({type(exc).__name__}: {exc}); "
-                 "scoring uses fp32 Keras until `bcc validate-backends` succeeds")
+        progress(
+            f"back-end validation of {version} failed ({type(exc).__name__}: {exc}); "
+            "scoring uses fp32 Keras until `bcc validate-backends` succeeds"
+        )
         return {"version": version, "validated": [], "error": f"{type(exc).__name__}: {exc}"}
     return {"version": version, "validated": [r["backend"] for r in r["results"] if r["validated"]]}
 
@@ -286,8 +362,11 @@ def validations_here(settings: Settings, version: str) -> list[dict[str, Any]]:
     """The validations of ``version`` recorded for this machine's CPU class and software, ``validated``
     judged by the rule with today's ``BCC_BACKEND_MAX_DELTA`` (a tightened limit applies at once)."""
     cpu, sw = cpu_info()["cpu_class"], software_info()["software"]
-    rows = [r for r in validation_rows(settings.database_url, version)
-            if r["cpu_class"] == cpu and r["software"] == sw]
+    rows = [
+        r
+        for r in validation_rows(settings.database_url, version)
+        if r["cpu_class"] == cpu and r["software"] == sw
+    ]
     for r in rows:
         r["validated"] = r["error"] is None and passes(r, settings.backend_max_delta)
     return rows
@@ -297,11 +376,19 @@ def _fastest(rows: list[dict[str, Any]]) -> str:
     ok = [r for r in rows if r["validated"]]
     if not ok:
         return REFERENCE_BACKEND
-    return max(ok, key=lambda r: (r["images_per_second"] or 0.0, r["backend"] == REFERENCE_BACKEND))["backend"]
+    return max(ok, key=lambda r: (r["images_per_second"] or 0.0, r["backend"] == REFERENCE_BACKEND))[
+        "backend"
+    ]
 
 
-def resolve_backend(settings: Settings, version: str, requested: str | None = None, *,
-                    force_unvalidated: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def resolve_backend(
+    settings: Settings,
+    version: str,
+    requested: str | None = None,
+    *,
+    force_unvalidated: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """The back-end a scoring run of ``version`` pins (see the module's doc).
 
     Returns ``{inference, requested, validated, force_unvalidated, cpu_class, reason}``; raises
@@ -311,47 +398,83 @@ def resolve_backend(settings: Settings, version: str, requested: str | None = No
     cpu = cpu_info()["cpu_class"]
     out = {"requested": requested, "force_unvalidated": False, "cpu_class": cpu}
     if requested not in (DEFAULT_INFERENCE, *BACKENDS):
-        raise ConfigError(f"unknown inference back-end {requested!r}; choose auto or one of {', '.join(BACKENDS)}")
+        raise ConfigError(
+            f"unknown inference back-end {requested!r}; choose auto or one of {', '.join(BACKENDS)}"
+        )
     here = validations_here(settings, version)
     if requested == DEFAULT_INFERENCE:
-        if not here and (elsewhere := [r["backend"] for r in validation_rows(settings.database_url, version)
-                                       if r["validated"] and r["backend"] != REFERENCE_BACKEND]):
-            (progress or log.info)(f"model {version} was validated on another CPU class; validating "
-                                   f"{', '.join(sorted(set(elsewhere)))} here on the reference set first")
+        if not here and (
+            elsewhere := [
+                r["backend"]
+                for r in validation_rows(settings.database_url, version)
+                if r["validated"] and r["backend"] != REFERENCE_BACKEND
+            ]
+        ):
+            (progress or log.info)(
+                f"model {version} was validated on another CPU class; validating "
+                f"{', '.join(sorted(set(elsewhere)))} here on the reference set first"
+            )
             try:
-                validate_backends(settings, version, [REFERENCE_BACKEND, *sorted(set(elsewhere))],
-                                  reference_only=True, progress=progress)
+                validate_backends(
+                    settings,
+                    version,
+                    [REFERENCE_BACKEND, *sorted(set(elsewhere))],
+                    reference_only=True,
+                    progress=progress,
+                )
             except (BCCError, RuntimeError, OSError) as exc:
                 log.warning("validating on this CPU class failed (%s); scoring with fp32 Keras", exc)
             here = validations_here(settings, version)
         backend = _fastest(here)
-        reason = ("the fastest back-end validated for this CPU class" if backend != REFERENCE_BACKEND
-                  else "no other back-end is validated for this CPU class" if here
-                  else f"no back-end validation of {version} is recorded")
+        reason = (
+            "the fastest back-end validated for this CPU class"
+            if backend != REFERENCE_BACKEND
+            else "no other back-end is validated for this CPU class"
+            if here
+            else f"no back-end validation of {version} is recorded"
+        )
         return {**out, "inference": backend, "validated": True, "reason": reason}
     if requested == REFERENCE_BACKEND or any(r["backend"] == requested and r["validated"] for r in here):
         return {**out, "inference": requested, "validated": True, "reason": "requested, validated"}
     if not force_unvalidated:
-        raise ConfigError(f"back-end {requested} is not validated for model {version} on this CPU class ({cpu}); "
-                          f"run `bcc validate-backends {version} --backend {requested}`, use auto, or pass "
-                          "--force-unvalidated")
-    log.warning("scoring with %s, NOT validated for model %s on CPU class %s (forced)", requested, version, cpu)
-    return {**out, "inference": requested, "validated": False, "force_unvalidated": True,
-            "reason": "requested with force_unvalidated, not validated"}
+        raise ConfigError(
+            f"back-end {requested} is not validated for model {version} on this CPU class ({cpu}); "
+            f"run `bcc validate-backends {version} --backend {requested}`, use auto, or pass "
+            "--force-unvalidated"
+        )
+    log.warning(
+        "scoring with %s, NOT validated for model %s on CPU class %s (forced)", requested, version, cpu
+    )
+    return {
+        **out,
+        "inference": requested,
+        "validated": False,
+        "force_unvalidated": True,
+        "reason": "requested with force_unvalidated, not validated",
+    }
 
 
-def shard_backend(settings: Settings, mv: dict[str, Any], pinned: str, *, forced: bool = False) -> tuple[str, str]:
+def shard_backend(
+    settings: Settings, mv: dict[str, Any], pinned: str, *, forced: bool = False
+) -> tuple[str, str]:
     """(the back-end a shard scores with, why) on this worker, for the plan's ``pinned`` back-end.
 
     The pinned back-end when it is the reference, forced, or validated for this CPU class; otherwise it is
     validated here on the reference set first, and fp32 Keras is used when it does not pass."""
     if pinned == REFERENCE_BACKEND or forced:
-        return pinned, "pinned" + (" (forced, not validated)" if forced and pinned != REFERENCE_BACKEND else "")
+        return pinned, "pinned" + (
+            " (forced, not validated)" if forced and pinned != REFERENCE_BACKEND else ""
+        )
     try:
         here = {r["backend"]: r for r in validations_here(settings, mv["version"])}
         if pinned not in here:
-            log.info("back-end %s of model %s is not validated on this CPU class (%s); validating it on the "
-                     "reference set first", pinned, mv["version"], cpu_info()["cpu_class"])
+            log.info(
+                "back-end %s of model %s is not validated on this CPU class (%s); validating it on the "
+                "reference set first",
+                pinned,
+                mv["version"],
+                cpu_info()["cpu_class"],
+            )
             validate_backends(settings, mv["version"], [REFERENCE_BACKEND, pinned], reference_only=True)
             here = {r["backend"]: r for r in validations_here(settings, mv["version"])}
     except (BCCError, RuntimeError, OSError) as exc:
@@ -359,8 +482,11 @@ def shard_backend(settings: Settings, mv: dict[str, Any], pinned: str, *, forced
         return REFERENCE_BACKEND, f"{pinned} could not be validated on this CPU class: fp32 Keras instead"
     if here.get(pinned, {}).get("validated"):
         return pinned, "pinned, validated for this CPU class"
-    log.warning("back-end %s did not pass validation for model %s on this CPU class; scoring with fp32 Keras",
-                pinned, mv["version"])
+    log.warning(
+        "back-end %s did not pass validation for model %s on this CPU class; scoring with fp32 Keras",
+        pinned,
+        mv["version"],
+    )
     return REFERENCE_BACKEND, f"{pinned} is not validated on this CPU class: fp32 Keras instead"
 
 
@@ -370,9 +496,11 @@ def _line(r: dict[str, Any]) -> str:
         return f"{r['backend']:14s} NOT VALIDATED  error: {r['error']}"
     verdict = "validated" if r["validated"] else "NOT VALIDATED"
     speed = f"{r['images_per_second']:8.1f}" if r.get("images_per_second") is not None else "     n/a"
-    return (f"{r['backend']:14s} {verdict:13s}  {r['precision'] or '?':5s} flips m→b {r['flips_malignant_to_benign']:3d} "
-            f"b→m {r['flips_benign_to_malignant']:3d}  max|Δp| {r['max_delta']:.2e}  p99 {r['p99_delta']:.2e}  "
-            f"{speed} img/s")
+    return (
+        f"{r['backend']:14s} {verdict:13s}  {r['precision'] or '?':5s} flips m→b {r['flips_malignant_to_benign']:3d} "
+        f"b→m {r['flips_benign_to_malignant']:3d}  max|Δp| {r['max_delta']:.2e}  p99 {r['p99_delta']:.2e}  "
+        f"{speed} img/s"
+    )
 
 
 def format_validations(rows: Sequence[dict[str, Any]]) -> str:
@@ -384,8 +512,10 @@ def format_validations(rows: Sequence[dict[str, Any]]) -> str:
         group = [r for r in rows if (r["model_version"], r["cpu_class"], r["software"]) == key]
         g = group[0]
         roles = ", ".join(f"{n} {role}" for role, n in g["images"].items())
-        lines.append(f"{key[0]} on {key[1]} ({g['cpu'].get('model', '?')}; {key[2]}), {g['n_images']} images "
-                     f"({roles}), threshold {g['threshold']:.4f}, max |Δp| allowed {g['max_delta_allowed']:g}:")
+        lines.append(
+            f"{key[0]} on {key[1]} ({g['cpu'].get('model', '?')}; {key[2]}), {g['n_images']} images "
+            f"({roles}), threshold {g['threshold']:.4f}, max |Δp| allowed {g['max_delta_allowed']:g}:"
+        )
         lines += ["  " + _line(r) for r in group]
     return "\n".join(lines)
 

@@ -64,15 +64,15 @@ MAX_DELTA = 0.01  # the validation rule's default BCC_BACKEND_MAX_DELTA
 
 # How much work each section does: (quick, full)
 N = {
-    "score_rounds": (3, 5),          # scoring path: rounds of (forward pass, scoring run)
+    "score_rounds": (3, 5),  # scoring path: rounds of (forward pass, scoring run)
     "score_files_per_round": (96, 192),
-    "naive_files": (24, 96),         # seed-style per-image predict
-    "fwd_batches": (3, 5),           # forward-pass batches per measurement
-    "option_images": (64, 384),     # images every back-end scores (agreement + throughput)
-    "train_images": (32, 32),        # images per training epoch
-    "train_epochs": (5, 7),          # measured epochs per input kind (pairs; the figure is the median pair)
-    "train_size": (96, 224),         # training input size
-    "scale_files": (128, 640),       # scaling: files per shard count
+    "naive_files": (24, 96),  # seed-style per-image predict
+    "fwd_batches": (3, 5),  # forward-pass batches per measurement
+    "option_images": (64, 384),  # images every back-end scores (agreement + throughput)
+    "train_images": (32, 32),  # images per training epoch
+    "train_epochs": (5, 7),  # measured epochs per input kind (pairs; the figure is the median pair)
+    "train_size": (96, 224),  # training input size
+    "scale_files": (128, 640),  # scaling: files per shard count
     "store_rows": (100_000, 100_000),
     "rss_sizes": ((500, 5000), (500, 5000)),
 }
@@ -159,18 +159,30 @@ def prepare_model(work: Path) -> dict[str, Any]:
     z = (feats - mean) / np.sqrt(var)
     clf = LogisticRegression(C=0.002, max_iter=2000).fit(z, labels)
     w, b = clf.coef_[0].astype("float32"), np.float32(clf.intercept_[0])
-    net.get_layer("probs").set_weights([np.stack([-w / 2, w / 2], axis=1), np.array([-b / 2, b / 2], "float32")])
+    net.get_layer("probs").set_weights(
+        [np.stack([-w / 2, w / 2], axis=1), np.array([-b / 2, b / 2], "float32")]
+    )
     path, sha = save_artifact(net, work / "model", {"image_size": SIZE, "note": "benchmark model"})
     p = net.predict(x, batch_size=BATCH, verbose=0)[:, 1]
-    info = {"artifact": str(path), "sha256": sha, "image_size": SIZE, "seconds": round(time.monotonic() - t0, 1),
-            "fit_accuracy": float(((p >= 0.5) == labels).mean()),
-            "prob_quantiles": [round(float(q), 3) for q in np.quantile(p, [0.05, 0.25, 0.5, 0.75, 0.95])]}
+    info = {
+        "artifact": str(path),
+        "sha256": sha,
+        "image_size": SIZE,
+        "seconds": round(time.monotonic() - t0, 1),
+        "fit_accuracy": float(((p >= 0.5) == labels).mean()),
+        "prob_quantiles": [round(float(q), 3) for q in np.quantile(p, [0.05, 0.25, 0.5, 0.75, 0.95])],
+    }
     (work / "model" / "bench.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | None = None,
-              validate: list[str] | None = None):
+def make_home(
+    work: Path,
+    name: str,
+    model: dict[str, Any],
+    database_url: str | None = None,
+    validate: list[str] | None = None,
+):
     """A fresh BCC_HOME with the benchmark model registered as champion; returns its Settings. ``validate``:
     back-ends validated there on the reference set, so that ``auto`` may pick them (untimed)."""
     from bcc_pipeline.config import load_settings
@@ -184,14 +196,22 @@ def make_home(work: Path, name: str, model: dict[str, Any], database_url: str | 
     s = load_settings(env=env)
     # the whole model folder, with compiled/ conversions, if any
     dest = install_artifact(Path(model["artifact"]).parent, s.models_dir, "v-bench")
-    register_version(s, "v-bench", artifact=(dest, model["sha256"]), image_size=model["image_size"],
-                     profile="bench", code_version="bench")
+    register_version(
+        s,
+        "v-bench",
+        artifact=(dest, model["sha256"]),
+        image_size=model["image_size"],
+        profile="bench",
+        code_version="bench",
+    )
     if validate:
         from bcc_pipeline.validation import validate_backends
 
         r = validate_backends(s, "v-bench", validate, reference_only=True, progress=lambda m: None)
-        log(f"{name}: validated on the reference set: "
-            + ", ".join(f"{x['backend']} {'yes' if x['validated'] else 'no'}" for x in r["results"]))
+        log(
+            f"{name}: validated on the reference set: "
+            + ", ".join(f"{x['backend']} {'yes' if x['validated'] else 'no'}" for x in r["results"])
+        )
     return s
 
 
@@ -215,7 +235,9 @@ def keras_reference(model: dict[str, Any]) -> Any:
     from bcc_pipeline.inference import load_predictor
 
     if "pred" not in _KERAS:
-        _KERAS["pred"] = load_predictor(Path(model["artifact"]), model["sha256"], image_size=SIZE, backend="keras")
+        _KERAS["pred"] = load_predictor(
+            Path(model["artifact"]), model["sha256"], image_size=SIZE, backend="keras"
+        )
     return _KERAS["pred"]
 
 
@@ -245,11 +267,17 @@ def section_scoring(work: Path) -> dict[str, Any]:
     log(f"scoring: {len(staged)} files written ({rounds} rounds of {per_round})")
 
     # the forward pass: the same back-end and batch size on the same kind of images, already in memory
-    mv = {"version": "v-bench", "image_size": SIZE, "artifact_path": str(s.models_dir / "v-bench" / "model.keras"),
-          "artifact_sha256": model["sha256"]}
+    mv = {
+        "version": "v-bench",
+        "image_size": SIZE,
+        "artifact_path": str(s.models_dir / "v-bench" / "model.keras"),
+        "artifact_sha256": model["sha256"],
+    }
     pred = load_for(s, mv, backend)
-    batches = [np.stack([images.load_for_model(p, SIZE)[0] for p in staged[i * BATCH:(i + 1) * BATCH]])
-               for i in range(n("fwd_batches"))]
+    batches = [
+        np.stack([images.load_for_model(p, SIZE)[0] for p in staged[i * BATCH : (i + 1) * BATCH]])
+        for i in range(n("fwd_batches"))
+    ]
 
     def forward(with_: Any = None) -> float:
         fn = with_ or pred
@@ -262,7 +290,7 @@ def section_scoring(work: Path) -> dict[str, Any]:
     fwd = [forward()]
     steady, whole, loads, precision = [], [], [], None
     for r in range(rounds):
-        for p in staged[r * per_round:(r + 1) * per_round]:  # into the inbox (same folder layout)
+        for p in staged[r * per_round : (r + 1) * per_round]:  # into the inbox (same folder layout)
             dest = s.inbox_dir / p.relative_to(work / "staged")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(p, dest)
@@ -275,10 +303,16 @@ def section_scoring(work: Path) -> dict[str, Any]:
         whole.append(rate(per_round, shard["loop_finished"] - shard["loop_started"]))
         loads.append(shard["model_load_seconds"])
         fwd.append(forward())
-        log(f"scoring: round {r + 1}: forward {fwd[-2]:.1f} → scoring {steady[-1]:.1f} → forward {fwd[-1]:.1f} img/s")
-    ratios = [steady[r] / statistics.mean(fwd[r:r + 2]) for r in range(rounds)]
-    keras_fwd = forward(keras_reference(model))  # fp32 Keras on the same batches: what auto is measured against
-    log(f"scoring: fp32 Keras forward {keras_fwd:.1f} img/s; auto ({backend}) {statistics.median(fwd):.1f} img/s")
+        log(
+            f"scoring: round {r + 1}: forward {fwd[-2]:.1f} → scoring {steady[-1]:.1f} → forward {fwd[-1]:.1f} img/s"
+        )
+    ratios = [steady[r] / statistics.mean(fwd[r : r + 2]) for r in range(rounds)]
+    keras_fwd = forward(
+        keras_reference(model)
+    )  # fp32 Keras on the same batches: what auto is measured against
+    log(
+        f"scoring: fp32 Keras forward {keras_fwd:.1f} img/s; auto ({backend}) {statistics.median(fwd):.1f} img/s"
+    )
 
     # the seed's way: one image at a time through model.predict (fp32 Keras), OpenCV decode
     archived = sorted(p for p in s.archive_dir.rglob("img_*") if p.is_file())[: n("naive_files") + 2]
@@ -297,17 +331,26 @@ def section_scoring(work: Path) -> dict[str, Any]:
     naive = rate(len(archived) - 2, time.perf_counter() - t0)
     log(f"scoring: seed-style per-image predict {naive:.1f} img/s")
     return {
-        "backend": backend, "precision": precision, "image_size": SIZE, "batch_size": BATCH,
+        "backend": backend,
+        "precision": precision,
+        "image_size": SIZE,
+        "batch_size": BATCH,
         "keras_forward_images_per_s": round(keras_fwd, 2),
-        "rounds": rounds, "files_per_round": per_round, "formats": "half PNG, half JPEG (quality 92), 224×224",
+        "rounds": rounds,
+        "files_per_round": per_round,
+        "formats": "half PNG, half JPEG (quality 92), 224×224",
         "forward_images_per_s": [round(v, 2) for v in fwd],
         "scoring_images_per_s_steady": [round(v, 2) for v in steady],
         "scoring_images_per_s_with_startup": [round(v, 2) for v in whole],
         "round_ratios": [round(v, 3) for v in ratios],
-        "model_load_seconds": loads, "naive_images_per_s": round(naive, 2), "naive_files": len(archived) - 2,
-        "figures": {"scoring_vs_forward": statistics.median(ratios),
-                    "scoring_vs_naive": statistics.median(steady) / naive,
-                    "auto_vs_keras": statistics.median(fwd) / keras_fwd},
+        "model_load_seconds": loads,
+        "naive_images_per_s": round(naive, 2),
+        "naive_files": len(archived) - 2,
+        "figures": {
+            "scoring_vs_forward": statistics.median(ratios),
+            "scoring_vs_naive": statistics.median(steady) / naive,
+            "auto_vs_keras": statistics.median(fwd) / keras_fwd,
+        },
     }
 
 
@@ -323,7 +366,7 @@ def section_options(work: Path) -> dict[str, Any]:
     tiles, _ = tile_bank(n("option_images"), SIZE, seed=41)
     x = preprocess_all(tiles, SIZE)
     development = preprocess_all(tile_bank(64, SIZE, seed=43)[0], SIZE)  # INT8 calibrates on other tiles
-    batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
+    batches = [x[i : i + BATCH] for i in range(0, len(x), BATCH)]
     art = Path(model["artifact"])
     threshold = 0.5
 
@@ -333,12 +376,23 @@ def section_options(work: Path) -> dict[str, Any]:
         return out, rate(len(x), time.perf_counter() - t0)
 
     def run(backend: str) -> dict[str, Any]:
-        pred = keras_reference(model) if backend == "keras" else load_predictor(
-            art, model["sha256"], image_size=SIZE, backend=backend, calibration=lambda: development)
+        pred = (
+            keras_reference(model)
+            if backend == "keras"
+            else load_predictor(
+                art, model["sha256"], image_size=SIZE, backend=backend, calibration=lambda: development
+            )
+        )
         pred(batches[0])  # warm (traces / compiles)
         probs, speed = timed(pred)
-        return {"probs": probs, "images_per_s": speed, "load_seconds": pred.load_seconds,
-                "converted": pred.converted, "precision": pred.precision, "predictor": pred}
+        return {
+            "probs": probs,
+            "images_per_s": speed,
+            "load_seconds": pred.load_seconds,
+            "converted": pred.converted,
+            "precision": pred.precision,
+            "predictor": pred,
+        }
 
     rows: dict[str, Any] = {}
     ref = run("keras")
@@ -348,8 +402,9 @@ def section_options(work: Path) -> dict[str, Any]:
         if backend == "onnxruntime" and QUICK:
             rows[backend] = {"skipped": "quick run (its ONNX export alone takes about 40 s); see a full run"}
             continue
-        if backend == "onnxruntime" and not (importlib.util.find_spec("onnxruntime")
-                                             and importlib.util.find_spec("tf2onnx")):
+        if backend == "onnxruntime" and not (
+            importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("tf2onnx")
+        ):
             rows[backend] = {"skipped": "onnxruntime/tf2onnx not installed (pip install -e '.[onnx]')"}
             continue
         try:
@@ -363,24 +418,45 @@ def section_options(work: Path) -> dict[str, Any]:
     again, speed2 = timed(ref["predictor"])  # the reference again at the end: the machine's drift
     keras_rate = statistics.mean([ref["images_per_s"], speed2])
     log(f"options: keras {ref['images_per_s']:.1f} / {speed2:.1f} img/s")
-    table = {"keras": {"images_per_s": round(keras_rate, 2), "speedup": 1.0, "agreement": 1.0,
-                       "max_abs_dprob": float(np.abs(again - ref["probs"]).max()), "precision": "f32",
-                       "load_seconds": round(ref["load_seconds"], 1), "validated": True}}
+    table = {
+        "keras": {
+            "images_per_s": round(keras_rate, 2),
+            "speedup": 1.0,
+            "agreement": 1.0,
+            "max_abs_dprob": float(np.abs(again - ref["probs"]).max()),
+            "precision": "f32",
+            "load_seconds": round(ref["load_seconds"], 1),
+            "validated": True,
+        }
+    }
     for backend, r in rows.items():
         if "skipped" in r:
             table[backend] = r
             continue
         agree = float(((r["probs"] >= threshold) == (ref["probs"] >= threshold)).mean())
-        table[backend] = {"images_per_s": round(r["images_per_s"], 2), "speedup": r["images_per_s"] / keras_rate,
-                          "agreement": agree, "max_abs_dprob": float(np.abs(r["probs"] - ref["probs"]).max()),
-                          "precision": r["precision"], "load_seconds": round(r["load_seconds"], 1),
-                          "converted": r["converted"],
-                          "validated": passes(compare(ref["probs"], r["probs"], threshold), MAX_DELTA)}
+        table[backend] = {
+            "images_per_s": round(r["images_per_s"], 2),
+            "speedup": r["images_per_s"] / keras_rate,
+            "agreement": agree,
+            "max_abs_dprob": float(np.abs(r["probs"] - ref["probs"]).max()),
+            "precision": r["precision"],
+            "load_seconds": round(r["load_seconds"], 1),
+            "converted": r["converted"],
+            "validated": passes(compare(ref["probs"], r["probs"], threshold), MAX_DELTA),
+        }
     auto = max((b for b, t in table.items() if t.get("validated")), key=lambda b: table[b]["speedup"])
     near = float(((ref["probs"] > 0.4) & (ref["probs"] < 0.6)).mean())
-    return {"images": len(x), "threshold": threshold, "batch_size": BATCH, "image_size": SIZE,
-            "share_of_images_with_p_in_0.4_0.6": near, "backends": table, "max_delta": MAX_DELTA,
-            "auto": auto, "auto_speedup": table[auto]["speedup"]}
+    return {
+        "images": len(x),
+        "threshold": threshold,
+        "batch_size": BATCH,
+        "image_size": SIZE,
+        "share_of_images_with_p_in_0.4_0.6": near,
+        "backends": table,
+        "max_delta": MAX_DELTA,
+        "auto": auto,
+        "auto_speedup": table[auto]["speedup"],
+    }
 
 
 def section_trained(work: Path) -> dict[str, Any]:
@@ -394,15 +470,37 @@ def section_trained(work: Path) -> dict[str, Any]:
     s = load_settings()
     r = validate_backends(s, version, record=False, progress=log)
     keras = next(x for x in r["results"] if x["backend"] == "keras")["images_per_second"]
-    rows = {x["backend"]: {k: x[k] for k in ("validated", "precision", "flips_malignant_to_benign",
-                                              "flips_benign_to_malignant", "max_delta", "p99_delta",
-                                              "images_per_second", "error")} for x in r["results"]}
+    rows = {
+        x["backend"]: {
+            k: x[k]
+            for k in (
+                "validated",
+                "precision",
+                "flips_malignant_to_benign",
+                "flips_benign_to_malignant",
+                "max_delta",
+                "p99_delta",
+                "images_per_second",
+                "error",
+            )
+        }
+        for x in r["results"]
+    }
     for row in rows.values():
         row["speedup"] = (row["images_per_second"] or 0.0) / keras if keras else None
-    auto = max((b for b, x in rows.items() if x["validated"]), key=lambda b: rows[b]["images_per_second"] or 0)
-    return {"version": version, "images": r["images"], "threshold": r["results"][0]["threshold"],
-            "max_delta": s.backend_max_delta, "cpu": r["cpu"], "backends": rows, "skipped": r["skipped"],
-            "auto": auto}
+    auto = max(
+        (b for b, x in rows.items() if x["validated"]), key=lambda b: rows[b]["images_per_second"] or 0
+    )
+    return {
+        "version": version,
+        "images": r["images"],
+        "threshold": r["results"][0]["threshold"],
+        "max_delta": s.backend_max_delta,
+        "cpu": r["cpu"],
+        "backends": rows,
+        "skipped": r["skipped"],
+        "auto": auto,
+    }
 
 
 def section_training(work: Path) -> dict[str, Any]:
@@ -422,14 +520,18 @@ def section_training(work: Path) -> dict[str, Any]:
     compile_model(net, 1e-4)
     # in memory: the preprocessed tensors, shuffled and batched (same element spec, so the same trace)
     memory = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(count, seed=1).batch(batch).prefetch(2)
-    ds = make_dataset([str(p) for p in files], labels.tolist(), image_size=size, batch_size=batch, training=True)
+    ds = make_dataset(
+        [str(p) for p in files], labels.tolist(), image_size=size, batch_size=batch, training=True
+    )
     t0 = time.monotonic()
     net.fit(memory, epochs=1, steps_per_epoch=1, verbose=0)  # traces the train step
     trace = time.monotonic() - t0
     t1 = time.monotonic()
     net.fit(ds.take(1), epochs=1, verbose=0)  # a retrace here would show up in this time, not in the epochs
     second = time.monotonic() - t1
-    log(f"training: first fit step (graph tracing) {trace:.0f}s at {size}px; first pipeline step {second:.1f}s")
+    log(
+        f"training: first fit step (graph tracing) {trace:.0f}s at {size}px; first pipeline step {second:.1f}s"
+    )
     wait_for_prepare(work)
 
     def epoch(kind: str) -> float:
@@ -439,14 +541,23 @@ def section_training(work: Path) -> dict[str, Any]:
 
     mem, pipe = [], []
     for e in range(epochs):  # pairs of adjacent epochs, in alternating order so drift cancels
-        for kind in (("memory", "pipeline") if e % 2 == 0 else ("pipeline", "memory")):
+        for kind in ("memory", "pipeline") if e % 2 == 0 else ("pipeline", "memory"):
             (mem if kind == "memory" else pipe).append(epoch(kind))
         log(f"training: pair {e + 1}: in-memory {mem[-1]:.2f}s, pipeline {pipe[-1]:.2f}s")
-    return {"image_size": size, "images": count, "batch_size": batch, "epochs": epochs,
-            "trace_seconds": round(trace, 1), "first_pipeline_step_seconds": round(second, 1), "memory_epoch_seconds": [round(v, 2) for v in mem],
-            "pipeline_epoch_seconds": [round(v, 2) for v in pipe],
-            "epoch_ratios": [round(p / m, 3) for p, m in zip(pipe, mem, strict=True)],
-            "figures": {"training_pipeline_overhead": statistics.median(p / m for p, m in zip(pipe, mem, strict=True))}}
+    return {
+        "image_size": size,
+        "images": count,
+        "batch_size": batch,
+        "epochs": epochs,
+        "trace_seconds": round(trace, 1),
+        "first_pipeline_step_seconds": round(second, 1),
+        "memory_epoch_seconds": [round(v, 2) for v in mem],
+        "pipeline_epoch_seconds": [round(v, 2) for v in pipe],
+        "epoch_ratios": [round(p / m, 3) for p, m in zip(pipe, mem, strict=True)],
+        "figures": {
+            "training_pipeline_overhead": statistics.median(p / m for p, m in zip(pipe, mem, strict=True))
+        },
+    }
 
 
 def section_rss(work: Path) -> dict[str, Any]:
@@ -459,10 +570,19 @@ def section_rss(work: Path) -> dict[str, Any]:
         env = rss_flatness.make_home(work, count, 64)
         peak, summary = rss_flatness.score(env)
         assert summary["scored"] == count, summary
-        out.append({"images": count, "peak_rss_mib": round(peak / 2**20, 1),
-                    "images_per_second": summary["images_per_second"], "inference": summary.get("inference")})
+        out.append(
+            {
+                "images": count,
+                "peak_rss_mib": round(peak / 2**20, 1),
+                "images_per_second": summary["images_per_second"],
+                "inference": summary.get("inference"),
+            }
+        )
         log(f"rss: {count} images, peak {out[-1]['peak_rss_mib']} MiB")
-    return {"runs": out, "figures": {"rss_ratio_5000_vs_500": out[-1]["peak_rss_mib"] / out[0]["peak_rss_mib"]}}
+    return {
+        "runs": out,
+        "figures": {"rss_ratio_5000_vs_500": out[-1]["peak_rss_mib"] / out[0]["peak_rss_mib"]},
+    }
 
 
 def _pg_database() -> tuple[str | None, Any, str | None]:
@@ -491,10 +611,16 @@ def section_store(work: Path) -> dict[str, Any]:
     now = utcnow()
 
     def make(i: int, salt: bytes = b"") -> dict[str, Any]:
-        return {"image_sha256": hashlib.sha256(salt + i.to_bytes(8, "little")).hexdigest(),
-                "model_version": "v-bench", "prob_malignant": (i % 1000) / 1000,
-                "label": "malignant" if i % 2 else "benign", "threshold": 0.5,
-                "source_path": f"patient_{i % 50:02d}/img_{i:07d}.png", "run_id": "bench", "scored_at": now}
+        return {
+            "image_sha256": hashlib.sha256(salt + i.to_bytes(8, "little")).hexdigest(),
+            "model_version": "v-bench",
+            "prob_malignant": (i % 1000) / 1000,
+            "label": "malignant" if i % 2 else "benign",
+            "threshold": 0.5,
+            "source_path": f"patient_{i % 50:02d}/img_{i:07d}.png",
+            "run_id": "bench",
+            "scored_at": now,
+        }
 
     rows = [make(i) for i in range(total)]
     fresh = [make(i, b"fresh") for i in range(20_000)]
@@ -506,14 +632,18 @@ def section_store(work: Path) -> dict[str, Any]:
         register_version(url, "v-bench", image_size=SIZE, profile="bench", code_version="bench")
         engine = get_engine(url)
         res: dict[str, Any] = {}
-        for label, part, per_tx, expect in (("bulk_1000_per_tx", rows, 1000, total),
-                                            ("rerun_all_conflicts", rows, 1000, 0),
-                                            ("per_scoring_batch_32_per_tx", fresh, BATCH, len(fresh))):
+        for label, part, per_tx, expect in (
+            ("bulk_1000_per_tx", rows, 1000, total),
+            ("rerun_all_conflicts", rows, 1000, 0),
+            ("per_scoring_batch_32_per_tx", fresh, BATCH, len(fresh)),
+        ):
             written = 0
             t0 = time.perf_counter()
             for i in range(0, len(part), per_tx):
                 with engine.begin() as conn:
-                    written += len(insert_rows(conn, Prediction, part[i:i + per_tx], key=key, returning=sha_col))
+                    written += len(
+                        insert_rows(conn, Prediction, part[i : i + per_tx], key=key, returning=sha_col)
+                    )
             res[label] = round(rate(len(part), time.perf_counter() - t0))
             assert written == expect, (label, written, expect)
         with engine.connect() as conn:
@@ -521,8 +651,11 @@ def section_store(work: Path) -> dict[str, Any]:
         assert count == total + len(fresh), count
         return res
 
-    out: dict[str, Any] = {"rows": total, "call": "store.insert_rows(..., returning=image_sha256), one "
-                                                  "transaction per 1000 rows (and per 32: a scoring batch)"}
+    out: dict[str, Any] = {
+        "rows": total,
+        "call": "store.insert_rows(..., returning=image_sha256), one "
+        "transaction per 1000 rows (and per 32: a scoring batch)",
+    }
     out["sqlite"] = measure(f"sqlite:///{work / 'store.db'}")
     log(f"store: sqlite {out['sqlite']}")
     url, drop, why = _pg_database()
@@ -552,28 +685,40 @@ def section_scaling(work: Path) -> dict[str, Any]:
         write_files(s.inbox_dir, tiles, n("scale_files"))
         run_id = f"bench-{shards}"
         plan_shards(s, run_id, shards)
-        code = ("import sys; from bcc_pipeline.config import load_settings; "
-                "from bcc_pipeline.scoring import score_shard; "
-                f"score_shard(load_settings(), sys.argv[1], int(sys.argv[2]), batch_size={BATCH})")
+        code = (
+            "import sys; from bcc_pipeline.config import load_settings; "
+            "from bcc_pipeline.scoring import score_shard; "
+            f"score_shard(load_settings(), sys.argv[1], int(sys.argv[2]), batch_size={BATCH})"
+        )
         env = dict(os.environ, BCC_HOME=str(s.home), BCC_SETTLE_SECONDS="0", TF_CPP_MIN_LOG_LEVEL="3")
         env.pop("BCC_DATABASE_URL", None)
         t0 = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, "-c", code, run_id, str(k)], env=env, stderr=subprocess.DEVNULL)
-                 for k in range(shards)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, run_id, str(k)], env=env, stderr=subprocess.DEVNULL)
+            for k in range(shards)
+        ]
         codes = [p.wait() for p in procs]
         wall = time.monotonic() - t0
         if any(codes):
             raise SystemExit(f"scaling: a shard process failed: {codes}")
         summary = finalize_run(s, run_id)
         assert summary["scored"] == n("scale_files"), summary
-        out.append({"shards": shards, "images_per_s": summary["images_per_second"],
-                    "wall_seconds_with_startup": round(wall, 1)})
+        out.append(
+            {
+                "shards": shards,
+                "images_per_s": summary["images_per_second"],
+                "wall_seconds_with_startup": round(wall, 1),
+            }
+        )
         log(f"scaling: {shards} shard(s) {summary['images_per_second']} img/s, {wall:.0f}s with start-up")
     base = out[0]["images_per_s"]
     for r in out:
         r["relative_to_1"] = round(r["images_per_s"] / base, 3)
-    return {"files": n("scale_files"), "runs": out,
-            "figures": {"scaling_4_vs_1_shards": out[-1]["images_per_s"] / base}}
+    return {
+        "files": n("scale_files"),
+        "runs": out,
+        "figures": {"scaling_4_vs_1_shards": out[-1]["images_per_s"] / base},
+    }
 
 
 def section_prepare(work: Path) -> dict[str, Any]:
@@ -616,8 +761,11 @@ TARGETS = {
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count(),
-                            "platform": platform.platform()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -648,62 +796,89 @@ def judge(figures: dict[str, float]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"Run {result['finished_at'][:16].replace('T', ' ')} UTC, {'quick' if result['quick'] else 'full'}, "
-             f"on {m.get('cpu', '?')} ({m.get('cores')} cores, {m.get('memory_gib', '?')} GiB), "
-             f"TensorFlow {m.get('tensorflow')}, OpenVINO {m.get('openvino')}.", "",
-             "| figure | value | target | met |", "|---|---:|---|---|"]
+    lines = [
+        f"Run {result['finished_at'][:16].replace('T', ' ')} UTC, {'quick' if result['quick'] else 'full'}, "
+        f"on {m.get('cpu', '?')} ({m.get('cores')} cores, {m.get('memory_gib', '?')} GiB), "
+        f"TensorFlow {m.get('tensorflow')}, OpenVINO {m.get('openvino')}.",
+        "",
+        "| figure | value | target | met |",
+        "|---|---:|---|---|",
+    ]
     for name, f in result["figures"].items():
         met = "—" if f["ok"] is None else ("yes" if f["ok"] else "**no**")
         value = f"{f['value']:,.0f}" if f["value"] >= 1000 else f"{f['value']:.3f}"
         lines.append(f"| `{name}` | {value} | {f['target'] or ''} | {met} |")
     opts = result["sections"].get("options")
     if opts and "backends" in opts:
-        lines += ["", f"Inference back-ends, DenseNet201 {opts['image_size']}px, batch {opts['batch_size']}, "
-                      f"{opts['images']} images, against fp32 Keras:", "",
-                  "| back-end | precision | images/s | speedup | label agreement | max abs Δprob | validated |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            f"Inference back-ends, DenseNet201 {opts['image_size']}px, batch {opts['batch_size']}, "
+            f"{opts['images']} images, against fp32 Keras:",
+            "",
+            "| back-end | precision | images/s | speedup | label agreement | max abs Δprob | validated |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for b, t in opts["backends"].items():
             if "skipped" in t:
                 lines.append(f"| `{b}` | — | — | — | — | skipped: {t['skipped']} | — |")
                 continue
             mark = " (auto)" if b == opts.get("auto") else ""
-            lines.append(f"| `{b}`{mark} | {t['precision']} | {t['images_per_s']:.1f} | {t['speedup']:.2f}× | "
-                         f"{t['agreement'] * 100:.1f} % | {t['max_abs_dprob']:.4f} | "
-                         f"{'—' if 'validated' not in t else 'yes' if t['validated'] else 'no'} |")
-        lines += ["", "validated: no label flipped and max abs Δprob ≤ "
-                      f"{opts.get('max_delta', MAX_DELTA):g} on these images (random-base model)."]
+            lines.append(
+                f"| `{b}`{mark} | {t['precision']} | {t['images_per_s']:.1f} | {t['speedup']:.2f}× | "
+                f"{t['agreement'] * 100:.1f} % | {t['max_abs_dprob']:.4f} | "
+                f"{'—' if 'validated' not in t else 'yes' if t['validated'] else 'no'} |"
+            )
+        lines += [
+            "",
+            "validated: no label flipped and max abs Δprob ≤ "
+            f"{opts.get('max_delta', MAX_DELTA):g} on these images (random-base model).",
+        ]
     tr = result["sections"].get("trained")
     if tr and "backends" in tr:
         counts = ", ".join(f"{v} {k}" for k, v in tr["images"].items())
-        lines += ["", f"Validation on the trained model {tr['version']} ({counts} images, threshold "
-                      f"{tr['threshold']:.4f}), against fp32 Keras:", "",
-                  "| back-end | precision | images/s | speedup | flips m→b | flips b→m | max abs Δprob | validated |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            f"Validation on the trained model {tr['version']} ({counts} images, threshold "
+            f"{tr['threshold']:.4f}), against fp32 Keras:",
+            "",
+            "| back-end | precision | images/s | speedup | flips m→b | flips b→m | max abs Δprob | validated |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         for b, t in tr["backends"].items():
             if t["error"]:
                 lines.append(f"| `{b}` | — | — | — | — | — | error: {t['error'][:80]} | no |")
                 continue
             mark = " (auto)" if b == tr["auto"] else ""
-            lines.append(f"| `{b}`{mark} | {t['precision']} | {t['images_per_second'] or 0:.1f} | "
-                         f"{t['speedup'] or 0:.2f}× | {t['flips_malignant_to_benign']} | "
-                         f"{t['flips_benign_to_malignant']} | {t['max_delta']:.4f} | {'yes' if t['validated'] else 'no'} |")
+            lines.append(
+                f"| `{b}`{mark} | {t['precision']} | {t['images_per_second'] or 0:.1f} | "
+                f"{t['speedup'] or 0:.2f}× | {t['flips_malignant_to_benign']} | "
+                f"{t['flips_benign_to_malignant']} | {t['max_delta']:.4f} | {'yes' if t['validated'] else 'no'} |"
+            )
     sc = result["sections"].get("scoring")
     if sc and "forward_images_per_s" in sc:
         med = statistics.median
         how = f"auto → {sc['backend']}" if sc.get("keras_forward_images_per_s") else sc["backend"]
-        line = (f"Scoring ({how}, {sc['rounds']} rounds of {sc['files_per_round']} files, "
-                f"medians): forward pass {med(sc['forward_images_per_s']):.1f} images/s, scoring path "
-                f"{med(sc['scoring_images_per_s_steady']):.1f} images/s steady "
-                f"({med(sc['scoring_images_per_s_with_startup']):.1f} with model start-up), "
-                f"seed-style per-image `predict` {sc['naive_images_per_s']:.1f} images/s.")
+        line = (
+            f"Scoring ({how}, {sc['rounds']} rounds of {sc['files_per_round']} files, "
+            f"medians): forward pass {med(sc['forward_images_per_s']):.1f} images/s, scoring path "
+            f"{med(sc['scoring_images_per_s_steady']):.1f} images/s steady "
+            f"({med(sc['scoring_images_per_s_with_startup']):.1f} with model start-up), "
+            f"seed-style per-image `predict` {sc['naive_images_per_s']:.1f} images/s."
+        )
         if sc.get("keras_forward_images_per_s"):
-            line += (f" fp32 Keras forward pass {sc['keras_forward_images_per_s']:.1f} images/s: auto is "
-                     f"{med(sc['forward_images_per_s']) / sc['keras_forward_images_per_s']:.2f}× fp32 Keras.")
+            line += (
+                f" fp32 Keras forward pass {sc['keras_forward_images_per_s']:.1f} images/s: auto is "
+                f"{med(sc['forward_images_per_s']) / sc['keras_forward_images_per_s']:.2f}× fp32 Keras."
+            )
         lines += ["", line]
     scl = result["sections"].get("scaling")
     if scl and "runs" in scl:
-        lines += ["", "Shards run concurrently: " + ", ".join(
-            f"{r['shards']} → {r['images_per_s']:.1f} images/s" for r in scl["runs"]) + "."]
+        lines += [
+            "",
+            "Shards run concurrently: "
+            + ", ".join(f"{r['shards']} → {r['images_per_s']:.1f} images/s" for r in scl["runs"])
+            + ".",
+        ]
     failed = {k: v for k, v in result["sections"].items() if "error" in v}
     for k, v in failed.items():
         lines.append(f"\nSection `{k}` failed: {v['error']}")
@@ -727,8 +902,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--readme", help="put the markdown table into this README between the bench markers")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
-    ap.add_argument("--trained-model", help="also validate this trained model version of the BCC_HOME deployment "
-                    "(e.g. the make demo champion; BENCH_TRAINED_MODEL)")
+    ap.add_argument(
+        "--trained-model",
+        help="also validate this trained model version of the BCC_HOME deployment "
+        "(e.g. the make demo champion; BENCH_TRAINED_MODEL)",
+    )
     ap.add_argument("--section", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--done", help=argparse.SUPPRESS)
@@ -751,7 +929,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     sections: dict[str, Any] = {}
     try:
-        wanted = set(args.only or SECTIONS) - (set() if os.environ.get("BENCH_TRAINED_MODEL") else {"trained"})
+        wanted = set(args.only or SECTIONS) - (
+            set() if os.environ.get("BENCH_TRAINED_MODEL") else {"trained"}
+        )
         groups = [[m for m in g if m in wanted] for g in GROUPS]
         groups = [g for g in groups if g]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
@@ -760,15 +940,28 @@ def main() -> int:
             # the benchmark model is prepared while training traces its graph (neither is timed)
             flag = work / "prepare.done"
             flag.unlink(missing_ok=True)
-            beside = subprocess.Popen([sys.executable, __file__, "--section", "prepare", "--result",
-                                       str(work / "prepare.json"), "--done", str(flag)], env=env)
+            beside = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--section",
+                    "prepare",
+                    "--result",
+                    str(work / "prepare.json"),
+                    "--done",
+                    str(flag),
+                ],
+                env=env,
+            )
             env_training = dict(env, BENCH_WAIT_FOR=str(flag))
         for group in groups:
             log("== " + " + ".join(group))
             t0 = time.monotonic()
             res_file = work / f"{'-'.join(group)}.json"
-            proc = subprocess.run([sys.executable, __file__, "--section", ",".join(group), "--result", str(res_file)],
-                                  env=env_training if (beside and group == ["training"]) else env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--section", ",".join(group), "--result", str(res_file)],
+                env=env_training if (beside and group == ["training"]) else env,
+            )
             if beside is not None:  # never leave it running into a timed section
                 if beside.wait() != 0:
                     log("the model preparation failed; the sections that need it will fail too")
@@ -776,7 +969,8 @@ def main() -> int:
             done = json.loads(res_file.read_text()) if proc.returncode == 0 and res_file.exists() else {}
             for name in group:
                 sections[name] = done.get(name) or {
-                    "error": f"section exited with code {proc.returncode} (see the log above)"}
+                    "error": f"section exited with code {proc.returncode} (see the log above)"
+                }
                 sections[name]["section_seconds"] = round(time.monotonic() - t0, 1)
     finally:
         if not args.keep:
@@ -784,9 +978,14 @@ def main() -> int:
     figures: dict[str, float] = {}
     for res in sections.values():
         figures.update(res.get("figures", {}))
-    result = {"quick": QUICK, "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "seconds": round(time.monotonic() - started, 1), "machine": machine(),
-              "figures": judge(figures), "sections": sections}
+    result = {
+        "quick": QUICK,
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
+        "machine": machine(),
+        "figures": judge(figures),
+        "sections": sections,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

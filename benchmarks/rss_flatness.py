@@ -42,7 +42,9 @@ def make_home(root: Path, n: int, image_px: int) -> dict[str, str]:
     for i in range(n):
         d = s.inbox_dir / f"patient_{i % 50:02d}"
         d.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(d / f"img_{i:05d}.png"), rng.integers(0, 256, (image_px, image_px, 3), dtype=np.uint8))
+        cv2.imwrite(
+            str(d / f"img_{i:05d}.png"), rng.integers(0, 256, (image_px, image_px, 3), dtype=np.uint8)
+        )
     old = time.time() - 60
     for p in s.inbox_dir.rglob("*.png"):
         os.utime(p, (old, old))
@@ -55,8 +57,8 @@ def save_tiny_model(root: Path) -> None:
     code = f"""
 import pathlib
 from tests.support import save_tiny_artifact
-p, sha = save_tiny_artifact({str(root / 'tiny')!r}, 32)
-pathlib.Path({str(root / 'tiny' / 'sha256')!r}).write_text(sha)
+p, sha = save_tiny_artifact({str(root / "tiny")!r}, 32)
+pathlib.Path({str(root / "tiny" / "sha256")!r}).write_text(sha)
 """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -66,8 +68,12 @@ pathlib.Path({str(root / 'tiny' / 'sha256')!r}).write_text(sha)
 def score(env: dict[str, str]) -> tuple[int, dict]:
     """Run `bcc score --json`; return (peak RSS in bytes of that process, its summary)."""
     out = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "bcc_pipeline.cli", "score", "--json"], env=env,
-                            stdout=out, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bcc_pipeline.cli", "score", "--json"],
+        env=env,
+        stdout=out,
+        stderr=subprocess.DEVNULL,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -91,8 +97,14 @@ def main() -> int:
             env = make_home(root, n, args.image_size)
             peak, summary = score(env)
             assert summary["scored"] == n, summary
-            results.append({"images": n, "peak_rss_mib": round(peak / 2**20, 1), "seconds": summary["seconds"],
-                            "images_per_second": summary["images_per_second"]})
+            results.append(
+                {
+                    "images": n,
+                    "peak_rss_mib": round(peak / 2**20, 1),
+                    "seconds": summary["seconds"],
+                    "images_per_second": summary["images_per_second"],
+                }
+            )
             print(json.dumps(results[-1]), flush=True)
         if len(results) >= 2:
             ratio = results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"]

@@ -41,8 +41,20 @@ DEFAULT_ARGS: dict[str, Any] = {
 SETTING_PARAMS = ("profile", "epochs", "require_approval")
 
 BCC_DB_CONN_ID = "bcc_db"
-LIBPQ_OPTIONS = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
-                           "options", "target_session_attrs", "keepalives", "keepalives_idle"})
+LIBPQ_OPTIONS = frozenset(
+    {
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "connect_timeout",
+        "application_name",
+        "options",
+        "target_session_attrs",
+        "keepalives",
+        "keepalives_idle",
+    }
+)
 XCOM_LIST_LIMIT = 20
 
 
@@ -68,13 +80,21 @@ def _url_from_connection(conn_id: str = BCC_DB_CONN_ID) -> str | None:
     kind = (conn.conn_type or "").lower()
     if kind in ("postgres", "postgresql"):
         # get_uri() would give postgres://, which SQLAlchemy 2 refuses; build the URL instead
-        return URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
-                          host=conn.host or None, port=conn.port or None, database=conn.schema or None,
-                          query={k: str(v) for k, v in query.items()}).render_as_string(hide_password=False)
+        return URL.create(
+            "postgresql+psycopg2",
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=conn.port or None,
+            database=conn.schema or None,
+            query={k: str(v) for k, v in query.items()},
+        ).render_as_string(hide_password=False)
     if kind == "sqlite":
         return f"sqlite:///{conn.host or conn.schema}"
-    raise ValueError(f"connection {conn_id!r} has type {conn.conn_type!r}; use postgres or sqlite "
-                     "(or put a full URL in its extra as sqlalchemy_url)")
+    raise ValueError(
+        f"connection {conn_id!r} has type {conn.conn_type!r}; use postgres or sqlite "
+        "(or put a full URL in its extra as sqlalchemy_url)"
+    )
 
 
 def database_url() -> str | None:

@@ -69,9 +69,15 @@ class RecordedApprovalOperator(ApprovalOperator):
 
     def execute_complete(self, context, event):
         if "error" not in event:
-            context["ti"].xcom_push(key=ANSWER_KEY, value={
-                "chosen_options": list(event["chosen_options"]), "params_input": dict(event.get("params_input") or {}),
-                "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))})
+            context["ti"].xcom_push(
+                key=ANSWER_KEY,
+                value={
+                    "chosen_options": list(event["chosen_options"]),
+                    "params_input": dict(event.get("params_input") or {}),
+                    "responded_by_user": event.get("responded_by_user"),
+                    "responded_at": str(event.get("responded_at")),
+                },
+            )
         return super().execute_complete(context=context, event=event)
 
 
@@ -85,20 +91,44 @@ class RecordedApprovalOperator(ApprovalOperator):
     doc_md=DOC,
     tags=["bcc", "training"],
     params={
-        "profile": Param(None, type=["null", "string"], enum=[None, "seed", "demo"], title="Profile",
-                         description="Empty: BCC_PROFILE (default seed). seed: the original recipe (224 px, "
-                                     "7 epochs, ImageNet weights); demo: small and offline"),
-        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=100, title="Epochs",
-                        description="Leave empty for the profile's value"),
-        "min_new_images": Param(20, type="integer", minimum=0, title="Minimum new images",
-                                description="Skip training when fewer new labelled images arrived since the champion"),
+        "profile": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "seed", "demo"],
+            title="Profile",
+            description="Empty: BCC_PROFILE (default seed). seed: the original recipe (224 px, "
+            "7 epochs, ImageNet weights); demo: small and offline",
+        ),
+        "epochs": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=100,
+            title="Epochs",
+            description="Leave empty for the profile's value",
+        ),
+        "min_new_images": Param(
+            20,
+            type="integer",
+            minimum=0,
+            title="Minimum new images",
+            description="Skip training when fewer new labelled images arrived since the champion",
+        ),
         "force": Param(False, type="boolean", title="Force", description="Train even without new images"),
-        "require_approval": Param(None, type=["null", "boolean"], title="Require approval",
-                                  description="Empty: BCC_REQUIRE_APPROVAL (default off). On: a candidate that passes "
-                                              "the gate waits for a person's Approve/Reject before it is published"),
-        "candidate": Param(None, type=["null", "string"], title="Existing candidate",
-                           description="Evaluate and gate this already trained version (models/<version>/) "
-                                       "instead of training a new one"),
+        "require_approval": Param(
+            None,
+            type=["null", "boolean"],
+            title="Require approval",
+            description="Empty: BCC_REQUIRE_APPROVAL (default off). On: a candidate that passes "
+            "the gate waits for a person's Approve/Reject before it is published",
+        ),
+        "candidate": Param(
+            None,
+            type=["null", "string"],
+            title="Existing candidate",
+            description="Evaluate and gate this already trained version (models/<version>/) "
+            "instead of training a new one",
+        ),
     },
 )
 def bcc_retrain():
@@ -113,7 +143,9 @@ def bcc_retrain():
     def check_new_data(intake_report: dict, params: dict | None = None) -> bool:
         from bcc_pipeline.pipelines import should_retrain
 
-        go, reason = should_retrain(bcc_common.settings_for(params), params["min_new_images"], params["force"])
+        go, reason = should_retrain(
+            bcc_common.settings_for(params), params["min_new_images"], params["force"]
+        )
         print(f"{reason}; this run's intake accepted {intake_report['accepted']}")
         return go
 
@@ -132,8 +164,12 @@ def bcc_retrain():
         if params.get("candidate"):
             print(f"not training: evaluating the existing candidate {params['candidate']}")
             return {"version": params["candidate"]}
-        return train_step(bcc_common.settings_for(params), split_info["manifest_path"], progress=print,
-                          holdout_path=split_info.get("holdout_path"))
+        return train_step(
+            bcc_common.settings_for(params),
+            split_info["manifest_path"],
+            progress=print,
+            holdout_path=split_info.get("holdout_path"),
+        )
 
     @task
     def evaluate(trained: dict, params: dict | None = None) -> dict:
@@ -146,23 +182,37 @@ def bcc_retrain():
     def gate(evaluated: dict, params: dict | None = None) -> dict:
         from bcc_pipeline.pipelines import gate_step
 
-        out = gate_step(bcc_common.settings_for(params), evaluated["version"],
-                        actor=bcc_common.actor(get_current_context()), progress=print)
+        out = gate_step(
+            bcc_common.settings_for(params),
+            evaluated["version"],
+            actor=bcc_common.actor(get_current_context()),
+            progress=print,
+        )
         print(out["markdown"])
         return out
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)  # skips `approve` only; the rest follow their rules
+    @task.short_circuit(
+        ignore_downstream_trigger_rules=False
+    )  # skips `approve` only; the rest follow their rules
     def needs_approval(decision: dict) -> bool:
         waiting = decision["decision"] == "awaiting_approval"
-        print(f"{decision['version']} {'awaits a person' if waiting else 'needs no approval'}: {decision['decision']}")
+        print(
+            f"{decision['version']} {'awaits a person' if waiting else 'needs no approval'}: {decision['decision']}"
+        )
         return waiting
 
     approve = RecordedApprovalOperator(
         task_id="approve",
         subject="Promote BCC candidate {{ ti.xcom_pull(task_ids='gate')['version'] }} to champion?",
         body="{{ ti.xcom_pull(task_ids='gate')['markdown'] }}",
-        params={"comment": Param("", type="string", title="Comment",
-                                 description="Why (recorded with your name in the promotion log)")},
+        params={
+            "comment": Param(
+                "",
+                type="string",
+                title="Comment",
+                description="Why (recorded with your name in the promotion log)",
+            )
+        },
         defaults="Reject",
         response_timeout=APPROVAL_TIMEOUT,
     )
@@ -180,14 +230,19 @@ def bcc_retrain():
             return {k: v for k, v in decision.items() if k != "markdown"}
         answer = get_current_context()["ti"].xcom_pull(task_ids="approve", key=ANSWER_KEY)
         if not answer or not answer.get("chosen_options"):
-            raise AirflowFailException(f"no answer from the approval task: {decision['version']} still awaits "
-                                       "approval (answer it with bcc_pipeline.registry.record_approval)")
+            raise AirflowFailException(
+                f"no answer from the approval task: {decision['version']} still awaits "
+                "approval (answer it with bcc_pipeline.registry.record_approval)"
+            )
         user = answer.get("responded_by_user") or {}
-        actor = f"airflow-user:{user.get('name') or user.get('id') or 'unknown (timeout: the default, Reject)'}"
+        actor = (
+            f"airflow-user:{user.get('name') or user.get('id') or 'unknown (timeout: the default, Reject)'}"
+        )
         comment = (answer.get("params_input") or {}).get("comment") or None
         approved_ = answer["chosen_options"] == [ApprovalOperator.APPROVE]
-        out = finish_approval(bcc_common.settings_for(params), decision["version"], approved_, actor=actor,
-                              comment=comment)
+        out = finish_approval(
+            bcc_common.settings_for(params), decision["version"], approved_, actor=actor, comment=comment
+        )
         print(f"{'approved' if approved_ else 'rejected'} by {actor}: {out['reason']}")
         return {k: v for k, v in out.items() if k != "markdown"}
 
@@ -198,14 +253,18 @@ def bcc_retrain():
         if decision["decision"] != "promoted":
             raise AirflowSkipException(
                 f"candidate {decision['version']} was {decision['decision']}: {decision['reason']}; "
-                f"the champion stays {decision['champion']}")
+                f"the champion stays {decision['champion']}"
+            )
         ctx = get_current_context()
         ivs = evaluated["intervals"]
         ctx["outlet_events"][CHAMPION_MODEL].extra = {
-            "version": decision["version"], "threshold": evaluated["threshold"],
+            "version": decision["version"],
+            "threshold": evaluated["threshold"],
             "temperature": evaluated["temperature"],
-            "holdout_sensitivity": ivs["sensitivity"], "holdout_specificity": ivs["specificity"],
-            "holdout_roc_auc": ivs["roc_auc"]}
+            "holdout_sensitivity": ivs["sensitivity"],
+            "holdout_specificity": ivs["specificity"],
+            "holdout_roc_auc": ivs["roc_auc"],
+        }
         print(f"new champion {decision['version']}: {decision['reason']}")
         return decision["version"]
 

@@ -34,6 +34,7 @@ Query the results: `bcc predictions`, or the `latest_predictions` view in SQL.
 Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
 """
 
+
 @dag(
     dag_id="bcc_score",
     schedule=os.environ.get("BCC_SCORE_SCHEDULE", "0 2 * * *"),
@@ -44,21 +45,51 @@ Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
     doc_md=DOC,
     tags=["bcc", "scoring"],
     params={
-        "inbox": Param(None, type=["null", "string"], title="Inbox folder",
-                       description="Leave empty for $BCC_HOME/inbox"),
-        "shards": Param(1, type="integer", minimum=1, maximum=64, title="Shards",
-                        description="Split the inbox into this many parallel scoring tasks"),
-        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
-                            description="Inference batch size; empty for BCC_SCORE_BATCH_SIZE (32)"),
+        "inbox": Param(
+            None, type=["null", "string"], title="Inbox folder", description="Leave empty for $BCC_HOME/inbox"
+        ),
+        "shards": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=64,
+            title="Shards",
+            description="Split the inbox into this many parallel scoring tasks",
+        ),
+        "batch_size": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=1024,
+            title="Batch size",
+            description="Inference batch size; empty for BCC_SCORE_BATCH_SIZE (32)",
+        ),
         # the choices of bcc_pipeline.config.INFERENCE_CHOICES (this file may not import it at parse time)
-        "inference": Param(None, type=["null", "string"], title="Inference back-end",
-                           enum=[None, "auto", "keras", "xla", "keras-bf16", "openvino", "openvino-bf16",
-                                 "openvino-int8", "onnxruntime"],
-                           description="Empty for BCC_INFERENCE (auto: the fastest back-end validated for the "
-                                       "champion on this CPU class, else fp32 keras); pinned for the whole run"),
-        "force_unvalidated": Param(False, type="boolean", title="Force an unvalidated back-end",
-                                   description="Score with the chosen back-end even where it is not validated "
-                                               "for the champion (recorded in the run's counts)"),
+        "inference": Param(
+            None,
+            type=["null", "string"],
+            title="Inference back-end",
+            enum=[
+                None,
+                "auto",
+                "keras",
+                "xla",
+                "keras-bf16",
+                "openvino",
+                "openvino-bf16",
+                "openvino-int8",
+                "onnxruntime",
+            ],
+            description="Empty for BCC_INFERENCE (auto: the fastest back-end validated for the "
+            "champion on this CPU class, else fp32 keras); pinned for the whole run",
+        ),
+        "force_unvalidated": Param(
+            False,
+            type="boolean",
+            title="Force an unvalidated back-end",
+            description="Score with the chosen back-end even where it is not validated "
+            "for the champion (recorded in the run's counts)",
+        ),
     },
 )
 def bcc_score():
@@ -71,9 +102,14 @@ def bcc_score():
 
         ctx = get_current_context()
         try:
-            return plan_shards(bcc_common.settings_for(params), ctx["run_id"], params["shards"], inbox=params["inbox"],
-                               inference=params.get("inference"),
-                               force_unvalidated=bool(params.get("force_unvalidated")))
+            return plan_shards(
+                bcc_common.settings_for(params),
+                ctx["run_id"],
+                params["shards"],
+                inbox=params["inbox"],
+                inference=params.get("inference"),
+                force_unvalidated=bool(params.get("force_unvalidated")),
+            )
         except NoChampionError as exc:  # nothing to score with yet: not a failure, nothing to retry
             raise AirflowSkipException(f"{exc}; run bcc_retrain first") from exc
         except ConfigError as exc:  # a refused inbox, an unvalidated back-end: a retry would not change that
@@ -93,8 +129,13 @@ def bcc_score():
         get_current_context()["shard_label"] = f"{shard + 1}/{planned['shards']}"
 
         try:
-            result = run_shard(bcc_common.settings_for(params), planned["run_id"], shard, batch_size=params["batch_size"],
-                               progress=print)
+            result = run_shard(
+                bcc_common.settings_for(params),
+                planned["run_id"],
+                shard,
+                batch_size=params["batch_size"],
+                progress=print,
+            )
         except ArtifactError as exc:  # a missing or tampered model file does not heal on retry
             raise AirflowFailException(str(exc)) from exc
         return bcc_common.small(result)
@@ -113,14 +154,19 @@ def bcc_score():
         if summary["status"] == "incomplete":  # the counts are recorded, but the run must not look green
             raise AirflowFailException(
                 f"{summary['shards_finished']} of {summary['shards']} shards finished; the files of the failed "
-                "shard(s) are still in the inbox. Clear the failed shard task to resume.")
+                "shard(s) are still in the inbox. Clear the failed shard task to resume."
+            )
         if summary["status"] == "failed":
-            raise AirflowFailException(f"scoring run {planned['run_id']} failed ({summary['shards_finished']} of "
-                                       f"{summary['shards']} shards finished): {summary['error']}")
+            raise AirflowFailException(
+                f"scoring run {planned['run_id']} failed ({summary['shards_finished']} of "
+                f"{summary['shards']} shards finished): {summary['error']}"
+            )
         stuck = summary["persistent_move_failures"]
         if stuck:  # the files stay in the inbox run after run: somebody has to look
-            raise AirflowFailException(f"{len(stuck)} file(s) could not be moved in more than one run and are still "
-                                       "in the inbox: " + "; ".join(f"{f['path']} ({f['error']})" for f in stuck[:20]))
+            raise AirflowFailException(
+                f"{len(stuck)} file(s) could not be moved in more than one run and are still "
+                "in the inbox: " + "; ".join(f"{f['path']} ({f['error']})" for f in stuck[:20])
+            )
         return bcc_common.small(summary)
 
     planned = plan()

@@ -66,11 +66,33 @@ URL_PREFIX = "/bcc"
 PAGE_SIZES = (25, 50, 100, 250)
 THUMBNAIL_PX = 112
 MASKED_QUERY_KEYS = ("path",)  # may name a patient or a case: never in the access log
-SHOWN_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "log_loss", "brier", "ece",
-                 "tp", "fp", "tn", "fn", "n")  # the models page's order; other metrics follow by name
+SHOWN_METRICS = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "roc_auc",
+    "log_loss",
+    "brier",
+    "ece",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "n",
+)  # the models page's order; other metrics follow by name
 COUNT_METRICS = ("tp", "fp", "tn", "fn", "n")
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-               ".bmp": "image/bmp", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".webp": "image/webp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
 
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("bcc_templates")))
 
@@ -82,16 +104,24 @@ def bcc_settings() -> Settings:
 
 SettingsDep = Annotated[Settings, Depends(bcc_settings)]
 
-bcc_app = FastAPI(title="BCC pages", description="Predictions, model versions, scoring runs and the inbox "
-                  "of the BCC pipeline. Every route requires an authenticated Airflow user.",
-                  dependencies=[Depends(requires_authenticated())], docs_url=None, redoc_url=None,
-                  openapi_url=None)
+bcc_app = FastAPI(
+    title="BCC pages",
+    description="Predictions, model versions, scoring runs and the inbox "
+    "of the BCC pipeline. Every route requires an authenticated Airflow user.",
+    dependencies=[Depends(requires_authenticated())],
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 # -- auth failures, errors and response headers -------------------------------------------------
 def _wants_page(request: Request) -> bool:
-    return (request.method == "GET" and not request.url.path.startswith(f"{URL_PREFIX}/api/")
-            and "text/html" in request.headers.get("accept", ""))
+    return (
+        request.method == "GET"
+        and not request.url.path.startswith(f"{URL_PREFIX}/api/")
+        and "text/html" in request.headers.get("accept", "")
+    )
 
 
 @bcc_app.exception_handler(StarletteHTTPException)
@@ -109,8 +139,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 async def _bcc_error(request: Request, exc: BCCError) -> Response:
     status = 400 if isinstance(exc, ConfigError) else 503
     if _wants_page(request):
-        return templates.TemplateResponse(request, "error.html", {"page": "", "message": str(exc), "user": None},
-                                          status_code=status)
+        return templates.TemplateResponse(
+            request, "error.html", {"page": "", "message": str(exc), "user": None}, status_code=status
+        )
     return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
@@ -120,15 +151,18 @@ async def _headers_and_quiet_logs(request: Request, call_next: Any) -> Response:
     response.headers.setdefault("Cache-Control", "no-store")
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
-    response.headers["Content-Security-Policy"] = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
-                                                   "form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+        "form-action 'self'; frame-ancestors 'self'; base-uri 'none'"
+    )
     # The api-server's access log reads the query string from this (shared) scope after the response.
     raw = request.scope.get("query_string", b"")
     if raw:
         pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
         if any(k in MASKED_QUERY_KEYS and v for k, v in pairs):
             request.scope["query_string"] = urlencode(
-                [(k, "***" if k in MASKED_QUERY_KEYS and v else v) for k, v in pairs]).encode()
+                [(k, "***" if k in MASKED_QUERY_KEYS and v else v) for k, v in pairs]
+            ).encode()
     return response
 
 
@@ -137,10 +171,16 @@ class PredictionFilter:
     """The predictions filters, from the query string; ``since``/``until`` accept what ``bcc predictions
     --since`` accepts (a date, a date-time, or an age such as 12h or 7d)."""
 
-    def __init__(self, label: Annotated[str | None, Query(pattern="^(benign|malignant)?$")] = None,
-                 since: str | None = None, until: str | None = None, model_version: str | None = None,
-                 path: Annotated[str | None, Query(max_length=500)] = None,
-                 sort: Annotated[str, Query(max_length=40)] = "-scored_at", latest: bool = False) -> None:
+    def __init__(
+        self,
+        label: Annotated[str | None, Query(pattern="^(benign|malignant)?$")] = None,
+        since: str | None = None,
+        until: str | None = None,
+        model_version: str | None = None,
+        path: Annotated[str | None, Query(max_length=500)] = None,
+        sort: Annotated[str, Query(max_length=40)] = "-scored_at",
+        latest: bool = False,
+    ) -> None:
         self.label = label or None
         self.since_text, self.until_text = (since or "").strip(), (until or "").strip()
         self.model_version = model_version or None
@@ -157,14 +197,26 @@ class PredictionFilter:
         return t + dt.timedelta(days=1) if len(text) == 10 and text[4] == "-" else t
 
     def query(self) -> dict[str, Any]:
-        return {"label": self.label, "since": self.since, "until": self.until, "model_version": self.model_version,
-                "path_contains": self.path, "latest": self.latest}
+        return {
+            "label": self.label,
+            "since": self.since,
+            "until": self.until,
+            "model_version": self.model_version,
+            "path_contains": self.path,
+            "latest": self.latest,
+        }
 
     def params(self, **change: Any) -> str:
         """The query string of these filters, with ``change`` applied (for links)."""
-        p = {"label": self.label, "since": self.since_text, "until": self.until_text,
-             "model_version": self.model_version, "path": self.path, "sort": self.sort,
-             "latest": "true" if self.latest else None} | change
+        p = {
+            "label": self.label,
+            "since": self.since_text,
+            "until": self.until_text,
+            "model_version": self.model_version,
+            "path": self.path,
+            "sort": self.sort,
+            "latest": "true" if self.latest else None,
+        } | change
         return urlencode({k: v for k, v in p.items() if v not in (None, "", "-scored_at")})
 
 
@@ -182,19 +234,38 @@ def index() -> RedirectResponse:
 
 
 @bcc_app.get("/predictions", response_class=Response)
-def predictions_page(request: Request, user: GetUserDep, s: SettingsDep, f: FilterDep,
-                     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-                     per_page: Annotated[int, Query(ge=1, le=500)] = 50) -> Response:
+def predictions_page(
+    request: Request,
+    user: GetUserDep,
+    s: SettingsDep,
+    f: FilterDep,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Response:
     total = count_predictions(s, **f.query())
     pages = max(1, math.ceil(total / per_page))
     page = min(page, pages)
     rows = list(query_predictions(s, **f.query(), sort=f.sort, limit=per_page, offset=(page - 1) * per_page))
     models = {m["version"]: m for m in model_versions(s, champion_first=True)}
     available = set(archived_images(s, [r["sha256"] for r in rows]))
-    return _page(request, "predictions.html", user, page_name="predictions", rows=rows, total=total, page=page,
-                 available=available,
-                 pages=pages, per_page=per_page, page_sizes=PAGE_SIZES, f=f, models=models, sort_keys=SORT_KEYS,
-                 first=(page - 1) * per_page + 1 if rows else 0, last=(page - 1) * per_page + len(rows))
+    return _page(
+        request,
+        "predictions.html",
+        user,
+        page_name="predictions",
+        rows=rows,
+        total=total,
+        page=page,
+        available=available,
+        pages=pages,
+        per_page=per_page,
+        page_sizes=PAGE_SIZES,
+        f=f,
+        models=models,
+        sort_keys=SORT_KEYS,
+        first=(page - 1) * per_page + 1 if rows else 0,
+        last=(page - 1) * per_page + len(rows),
+    )
 
 
 @bcc_app.get("/models", response_class=Response)
@@ -207,10 +278,21 @@ def models_page(request: Request, user: GetUserDep, s: SettingsDep) -> Response:
 
 
 @bcc_app.get("/runs", response_class=Response)
-def runs_page(request: Request, user: GetUserDep, s: SettingsDep,
-              run_id: Annotated[str | None, Query(max_length=255)] = None) -> Response:
-    return _page(request, "runs.html", user, page_name="runs", runs=scoring_runs(s, limit=200),
-                 rejections=rejection_summary(s, run_id=run_id or None), run_id=run_id or None)
+def runs_page(
+    request: Request,
+    user: GetUserDep,
+    s: SettingsDep,
+    run_id: Annotated[str | None, Query(max_length=255)] = None,
+) -> Response:
+    return _page(
+        request,
+        "runs.html",
+        user,
+        page_name="runs",
+        runs=scoring_runs(s, limit=200),
+        rejections=rejection_summary(s, run_id=run_id or None),
+        run_id=run_id or None,
+    )
 
 
 @bcc_app.get("/inbox", response_class=Response)
@@ -241,8 +323,12 @@ def thumbnail(sha256: str, s: SettingsDep) -> Response:
 def archived(sha256: str, s: SettingsDep) -> FileResponse:
     """The archived image itself (inline, typed by its extension)."""
     path = _archived(s, sha256)
-    return FileResponse(path, media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
-                        content_disposition_type="inline", filename=f"{sha256[:16]}{path.suffix.lower()}")
+    return FileResponse(
+        path,
+        media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+        content_disposition_type="inline",
+        filename=f"{sha256[:16]}{path.suffix.lower()}",
+    )
 
 
 @bcc_app.get("/models/{version}/plots/{name}")
@@ -285,8 +371,11 @@ def predictions_csv(s: SettingsDep, f: FilterDep) -> StreamingResponse:
     """Every prediction matching the filters (no paging), the columns of ``bcc predictions --format csv``."""
     rows = query_predictions(s, **f.query(), sort=f.sort)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    return StreamingResponse(_csv_lines(rows), media_type="text/csv; charset=utf-8", headers={
-        "Content-Disposition": f'attachment; filename="bcc-predictions-{stamp}.csv"'})
+    return StreamingResponse(
+        _csv_lines(rows),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="bcc-predictions-{stamp}.csv"'},
+    )
 
 
 def _json_list(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
@@ -297,14 +386,19 @@ def _json_list(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
 
 
 @bcc_app.get("/api/predictions")
-def api_predictions(s: SettingsDep, f: FilterDep, limit: Annotated[int | None, Query(ge=0)] = None,
-                    offset: Annotated[int, Query(ge=0)] = 0) -> StreamingResponse:
+def api_predictions(
+    s: SettingsDep,
+    f: FilterDep,
+    limit: Annotated[int | None, Query(ge=0)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> StreamingResponse:
     """The rows ``bcc predictions --format json`` prints for the same filters (all of them unless
     ``limit``); ``X-Total-Count`` is the number matching the filters."""
     total = count_predictions(s, **f.query())
     rows = query_predictions(s, **f.query(), sort=f.sort, limit=limit, offset=offset)
-    return StreamingResponse(_json_list(rows), media_type="application/json",
-                             headers={"X-Total-Count": str(total)})
+    return StreamingResponse(
+        _json_list(rows), media_type="application/json", headers={"X-Total-Count": str(total)}
+    )
 
 
 @bcc_app.get("/api/models")
@@ -317,8 +411,11 @@ def api_models(s: SettingsDep) -> dict[str, Any]:
 
 
 @bcc_app.get("/api/runs")
-def api_runs(s: SettingsDep, run_id: Annotated[str | None, Query(max_length=255)] = None,
-             limit: Annotated[int, Query(ge=1, le=10_000)] = 200) -> dict[str, Any]:
+def api_runs(
+    s: SettingsDep,
+    run_id: Annotated[str | None, Query(max_length=255)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
+) -> dict[str, Any]:
     """Scoring runs (newest first) with their counts, and rejections grouped by reason."""
     return {"runs": scoring_runs(s, limit=limit), "rejections": rejection_summary(s, run_id=run_id or None)}
 
@@ -367,6 +464,9 @@ class BarePrefix:
 class BCCPlugin(AirflowPlugin):
     name = "bcc"
     fastapi_apps = [{"app": bcc_app, "url_prefix": URL_PREFIX, "name": "BCC pages"}]
-    fastapi_root_middlewares = [{"middleware": BarePrefix, "args": [], "kwargs": {}, "name": "BCC bare prefix"}]
-    external_views = [{"name": "BCC", "href": f"{URL_PREFIX}/predictions", "destination": "nav",
-                       "url_route": "bcc"}]
+    fastapi_root_middlewares = [
+        {"middleware": BarePrefix, "args": [], "kwargs": {}, "name": "BCC bare prefix"}
+    ]
+    external_views = [
+        {"name": "BCC", "href": f"{URL_PREFIX}/predictions", "destination": "nav", "url_route": "bcc"}
+    ]

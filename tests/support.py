@@ -66,8 +66,11 @@ def build_tiny_classifier(image_size: int = TINY_IMAGE_SIZE):
     return keras.Model(inputs, outputs, name="tiny")
 
 
-def save_tiny_artifact(out_dir: str | os.PathLike[str], image_size: int = TINY_IMAGE_SIZE,
-                       metadata: Mapping[str, Any] | None = None) -> tuple[Path, str]:
+def save_tiny_artifact(
+    out_dir: str | os.PathLike[str],
+    image_size: int = TINY_IMAGE_SIZE,
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[Path, str]:
     """The tiny classifier saved with ``model.save_artifact`` into ``out_dir``; returns (path, sha256)."""
     from bcc_pipeline.model import save_artifact
 
@@ -75,7 +78,9 @@ def save_tiny_artifact(out_dir: str | os.PathLike[str], image_size: int = TINY_I
     return save_artifact(build_tiny_classifier(image_size), out_dir, meta)
 
 
-def install_artifact(artifact: str | os.PathLike[str], models_dir: str | os.PathLike[str], version: str) -> Path:
+def install_artifact(
+    artifact: str | os.PathLike[str], models_dir: str | os.PathLike[str], version: str
+) -> Path:
     """Copy a saved model (and, when it is ``model.keras`` with sibling files such as converted-model
     caches, its whole folder) to ``models_dir/<version>/``; returns the copied ``model.keras``."""
     src = Path(artifact)
@@ -97,17 +102,33 @@ def model_version_row(version: str, status: str = "candidate", **fields: Any):
     from bcc_pipeline.store import ModelVersion
 
     values: dict[str, Any] = {
-        "artifact_path": "-", "artifact_sha256": "0" * 64, "base_weights": "none", "profile": "test",
-        "image_size": TINY_IMAGE_SIZE, "preprocessing": PREPROCESSING_ID, "hyperparameters": {},
-        "manifest_hash": "0" * 64, "n_train": 0, "n_val": 0, "threshold": 0.5, "code_version": "test",
+        "artifact_path": "-",
+        "artifact_sha256": "0" * 64,
+        "base_weights": "none",
+        "profile": "test",
+        "image_size": TINY_IMAGE_SIZE,
+        "preprocessing": PREPROCESSING_ID,
+        "hyperparameters": {},
+        "manifest_hash": "0" * 64,
+        "n_train": 0,
+        "n_val": 0,
+        "threshold": 0.5,
+        "code_version": "test",
     }
     values.update(fields)
     return ModelVersion(version=version, status=status, **values)
 
 
-def register_version(database_url_or_settings: Any, version: str, *, status: str = "champion",
-                     artifact: tuple[str | os.PathLike[str], str] | None = None, threshold: float = 0.5,
-                     metrics: Mapping[str, float] | None = None, **fields: Any) -> str:
+def register_version(
+    database_url_or_settings: Any,
+    version: str,
+    *,
+    status: str = "champion",
+    artifact: tuple[str | os.PathLike[str], str] | None = None,
+    threshold: float = 0.5,
+    metrics: Mapping[str, float] | None = None,
+    **fields: Any,
+) -> str:
     """Register ``version`` in the store (migrated first) and return it.
 
     ``database_url_or_settings``: a database URL or a ``Settings`` (its ``database_url``).
@@ -161,7 +182,9 @@ def pg_unavailable_reason(admin_url: str = PG_ADMIN_URL) -> str | None:
         return f"PostgreSQL not reachable at {admin_url}: {str(exc).splitlines()[0]}"
 
 
-def create_pg_database(prefix: str = "bcc_test", admin_url: str = PG_ADMIN_URL) -> tuple[str, Callable[[], None]]:
+def create_pg_database(
+    prefix: str = "bcc_test", admin_url: str = PG_ADMIN_URL
+) -> tuple[str, Callable[[], None]]:
     """Create a uniquely named database; returns its URL and a ``drop()`` that closes this process's
     pooled connections to it (``store.dispose_engine``) and drops it, even with sessions still open."""
     from sqlalchemy import text
@@ -207,8 +230,9 @@ def scoring_settings(make_settings: Callable[..., Any], url: str | None, **overr
     return make_settings(url, settle_seconds=0, **overrides)
 
 
-def fill_inbox(inbox: Path, png_writer: Callable[..., Path], n: int, *, prefix: str = "img",
-               seed0: int = 0) -> list[Path]:
+def fill_inbox(
+    inbox: Path, png_writer: Callable[..., Path], n: int, *, prefix: str = "img", seed0: int = 0
+) -> list[Path]:
     """``n`` distinct 40×40 PNGs in ``inbox/patient_<i % 3>/``."""
     out = []
     for i in range(n):

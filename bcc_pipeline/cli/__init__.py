@@ -29,15 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, *, json_flag: bool = True,
-            profile: bool = False, training: bool = False) -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        *,
+        json_flag: bool = True,
+        profile: bool = False,
+        training: bool = False,
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(func=func)
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print one JSON document")
         if profile or training:
-            sp.add_argument("--profile", choices=list(PROFILES), help="named settings profile (default: "
-                            "BCC_PROFILE or seed)")
+            sp.add_argument(
+                "--profile",
+                choices=list(PROFILES),
+                help="named settings profile (default: BCC_PROFILE or seed)",
+            )
         if training:
             sp.add_argument("--epochs", type=int, help="override the number of epochs")
             sp.add_argument("--image-size", type=int, help="override the input size in pixels")
@@ -55,8 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("absl", "tensorflow", "h5py", "alembic", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -73,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("BCC_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"bcc: unexpected error: {type(exc).__name__}: {msg} (set BCC_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"bcc: unexpected error: {type(exc).__name__}: {msg} (set BCC_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -18,8 +18,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     s = settings(args)
     rev = upgrade(s.database_url, home=s.home)
-    emit(args, {"database": safe_url(s.database_url), "revision": rev},
-          f"database {safe_url(s.database_url)} is at revision {rev}")
+    emit(
+        args,
+        {"database": safe_url(s.database_url), "revision": rev},
+        f"database {safe_url(s.database_url)} is at revision {rev}",
+    )
     return 0
 
 
@@ -28,8 +31,11 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
     s = settings(args)
     rev = current_revision(s.database_url)
-    emit(args, {"database": safe_url(s.database_url), "revision": rev},
-          f"database {safe_url(s.database_url)} is at revision {rev or '(none: run `bcc db upgrade`)'}")
+    emit(
+        args,
+        {"database": safe_url(s.database_url), "revision": rev},
+        f"database {safe_url(s.database_url)} is at revision {rev or '(none: run `bcc db upgrade`)'}",
+    )
     return 0
 
 
@@ -45,8 +51,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         for k, v in data.items():
             print(f"{k:22s} {v}  ({s.sources.get(k, 'default')}, {SETTINGS[k].env})")
 
-    emit(args, {"settings": data, "sources": dict(s.sources),
-                 "env": {k: spec.env for k, spec in SETTINGS.items()}}, human)
+    emit(
+        args,
+        {"settings": data, "sources": dict(s.sources), "env": {k: spec.env for k, spec in SETTINGS.items()}},
+        human,
+    )
     return 0
 
 

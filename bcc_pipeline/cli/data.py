@@ -24,9 +24,11 @@ def cmd_intake(args: argparse.Namespace) -> int:
     r = intake_step(s, progress=progress)
 
     def human() -> None:
-        print(f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
-              f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
-              f"{r['skipped']} still being written")
+        print(
+            f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
+            f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
+            f"{r['skipped']} still being written"
+        )
         if r["recovered"]:
             print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
         for rej in r["rejections"]:
@@ -45,21 +47,38 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else s.landing_dir
     t0 = time.monotonic()
     groups = patients_for(max(args.benign, args.malignant)) if args.groups is None else args.groups
-    result = generate(out, benign=args.benign, malignant=args.malignant, size=args.size, seed=s.seed,
-                      groups=groups, first_patient=args.first_patient)
+    result = generate(
+        out,
+        benign=args.benign,
+        malignant=args.malignant,
+        size=args.size,
+        seed=s.seed,
+        groups=groups,
+        first_patient=args.first_patient,
+    )
     payload = {k: v for k, v in result.items() if k != "files"}
     payload["n_files"] = len(result.get("files", []))
-    text = (f"wrote {payload['n_files']} synthetic H&E-like tiles ({result['benign']} benign, "
-            f"{result['malignant']} malignant, {result['patients']} patient folders) to {out}")
+    text = (
+        f"wrote {payload['n_files']} synthetic H&E-like tiles ({result['benign']} benign, "
+        f"{result['malignant']} malignant, {result['patients']} patient folders) to {out}"
+    )
     if args.holdout_out:  # other patients (ids after the ones above), other draws (another seed)
         hb = args.holdout // 2
-        h = generate(Path(args.holdout_out), benign=hb, malignant=args.holdout - hb, size=args.size,
-                     seed=s.seed + HOLDOUT_SEED_OFFSET, groups=patients_for(args.holdout - hb),
-                     first_patient=args.first_patient + result["patients"])
+        h = generate(
+            Path(args.holdout_out),
+            benign=hb,
+            malignant=args.holdout - hb,
+            size=args.size,
+            seed=s.seed + HOLDOUT_SEED_OFFSET,
+            groups=patients_for(args.holdout - hb),
+            first_patient=args.first_patient + result["patients"],
+        )
         payload["holdout"] = {k: v for k, v in h.items() if k != "files"}
         payload["holdout"]["n_files"] = len(h["files"])
-        text += (f"\nwrote {len(h['files'])} holdout tiles ({h['benign']} benign, {h['malignant']} malignant, "
-                 f"{h['patients']} other patients) to {args.holdout_out}")
+        text += (
+            f"\nwrote {len(h['files'])} holdout tiles ({h['benign']} benign, {h['malignant']} malignant, "
+            f"{h['patients']} other patients) to {args.holdout_out}"
+        )
     payload["seconds"] = round(time.monotonic() - t0, 1)
     emit(args, payload, text)
     return 0
@@ -73,15 +92,22 @@ def _actor(args: argparse.Namespace) -> str:
 
 def _print_show(info: dict[str, Any]) -> None:
     if info["hash"] is None:
-        print("no holdout yet: `bcc holdout freeze --reason ...` chooses one from the labelled store, "
-              "`bcc holdout extend --from FOLDER --reason ...` takes one from a folder, and the first split "
-              "freezes one by itself (BCC_HOLDOUT_FRACTION)")
+        print(
+            "no holdout yet: `bcc holdout freeze --reason ...` chooses one from the labelled store, "
+            "`bcc holdout extend --from FOLDER --reason ...` takes one from a folder, and the first split "
+            "freezes one by itself (BCC_HOLDOUT_FRACTION)"
+        )
         return
     counts = ", ".join(f"{n} {lab} ({info['n_groups'][lab]} groups)" for lab, n in info["counts"].items())
     print(f"holdout {info['hash']}\n  {info['n']} images: {counts}\n  manifest {info['path']}")
-    print("  per group: " + ", ".join(f"{g} {'/'.join(f'{n} {lab}' for lab, n in c.items())}"
-                                      for g, c in list(info["groups"].items())[:20])
-          + (f", ... ({len(info['groups'])} groups)" if len(info["groups"]) > 20 else ""))
+    print(
+        "  per group: "
+        + ", ".join(
+            f"{g} {'/'.join(f'{n} {lab}' for lab, n in c.items())}"
+            for g, c in list(info["groups"].items())[:20]
+        )
+        + (f", ... ({len(info['groups'])} groups)" if len(info["groups"]) > 20 else "")
+    )
     if info["excluded"]:
         print(f"  kept out ({len(info['excluded'])}):")
         for x in info["excluded"]:
@@ -89,8 +115,10 @@ def _print_show(info: dict[str, Any]) -> None:
     print("history:")
     for e in info["history"]:
         old = (e["old_hash"] or "none")[:12]
-        print(f"  #{e['seq']} {e['at']} {e['action']} by {e['actor']}: {old} -> {e['new_hash'][:12]}, "
-              f"{e['n_before']} -> {e['n_after']} images, {e['n_excluded']} kept out; reason: {e['reason']}")
+        print(
+            f"  #{e['seq']} {e['at']} {e['action']} by {e['actor']}: {old} -> {e['new_hash'][:12]}, "
+            f"{e['n_before']} -> {e['n_after']} images, {e['n_excluded']} kept out; reason: {e['reason']}"
+        )
 
 
 def _change(args: argparse.Namespace, manifest: Any) -> int:
@@ -102,8 +130,10 @@ def _change(args: argparse.Namespace, manifest: Any) -> int:
         sys.stdout.write("\n")
     else:
         last = info["history"][-1]
-        print(f"holdout {last['action']}: {manifest.hash} ({last['n_before']} -> {last['n_after']} images, "
-              f"{last['n_excluded']} kept out)")
+        print(
+            f"holdout {last['action']}: {manifest.hash} ({last['n_before']} -> {last['n_after']} images, "
+            f"{last['n_excluded']} kept out)"
+        )
         for x in info["excluded"]:
             if x.get("change") == last["seq"]:
                 print(f"  kept out {x['source']}: {x['reason']}")
@@ -138,17 +168,28 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any, add: Any) -> None:
-    sp = add("demo-data", cmd_demo_data, "write synthetic H&E-like demo tiles (benign/malignant) in patient "
-             "folders, and optionally a separate holdout set")
+    sp = add(
+        "demo-data",
+        cmd_demo_data,
+        "write synthetic H&E-like demo tiles (benign/malignant) in patient "
+        "folders, and optionally a separate holdout set",
+    )
     sp.add_argument("--out", help="output folder (default: $BCC_HOME/landing)")
     sp.add_argument("--benign", type=int, default=112, help="number of benign tiles (112)")
     sp.add_argument("--malignant", type=int, default=127, help="number of malignant tiles (127)")
     sp.add_argument("--size", type=int, default=224, help="tile size in pixels (224)")
-    sp.add_argument("--groups", type=int, help="patient folders per label (default: about 5 tiles per patient; "
-                    "0: no patient folders)")
+    sp.add_argument(
+        "--groups",
+        type=int,
+        help="patient folders per label (default: about 5 tiles per patient; 0: no patient folders)",
+    )
     sp.add_argument("--first-patient", type=int, default=1, help="number of the first patient folder (1)")
-    sp.add_argument("--holdout-out", help="also write a separate holdout set of other patients to this folder")
-    sp.add_argument("--holdout", type=int, default=300, help="tiles in the holdout set, half of each label (300)")
+    sp.add_argument(
+        "--holdout-out", help="also write a separate holdout set of other patients to this folder"
+    )
+    sp.add_argument(
+        "--holdout", type=int, default=300, help="tiles in the holdout set, half of each label (300)"
+    )
     sp.add_argument("--seed", type=int, help=f"random seed (default: BCC_SEED or {DEFAULTS['seed']})")
 
     hp = sub.add_parser("holdout", help="the frozen holdout: show it, freeze it once, extend it (logged)")
@@ -160,17 +201,25 @@ def register(sub: Any, add: Any) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON document")
         return sp
 
-    sp = action("freeze", cmd_freeze, "choose the holdout once from the labelled store (by patient group, "
-                "stratified); refused when one exists")
+    sp = action(
+        "freeze",
+        cmd_freeze,
+        "choose the holdout once from the labelled store (by patient group, "
+        "stratified); refused when one exists",
+    )
     sp.add_argument("--fraction", type=float, help="share of each label (default: BCC_HOLDOUT_FRACTION)")
     sp.add_argument("--reason", required=True, help="why (recorded in the holdout log)")
     sp.add_argument("--actor", help="who (default: user@host)")
-    sp = action("extend", cmd_extend, "add labelled images from FOLDER/<label>/[<group>/] to the holdout; they "
-                "never enter development")
-    sp.add_argument("--from", dest="source", required=True, metavar="FOLDER", help="folder laid out like landing/")
+    sp = action(
+        "extend",
+        cmd_extend,
+        "add labelled images from FOLDER/<label>/[<group>/] to the holdout; they never enter development",
+    )
+    sp.add_argument(
+        "--from", dest="source", required=True, metavar="FOLDER", help="folder laid out like landing/"
+    )
     sp.add_argument("--reason", required=True, help="why (recorded in the holdout log)")
     sp.add_argument("--actor", help="who (default: user@host)")
     action("show", cmd_show, "the holdout: hash, counts per label and group, images kept out, change history")
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")
-

@@ -26,12 +26,16 @@ def print_train_summary(r: dict[str, Any], s: Settings) -> None:
     print(f"model version   {r['version']}  ({gate['decision']}; champion now {gate['champion']})")
     print(f"gate            {gate['rule']}")
     print(f"                {gate['reason']}")
-    print(f"threshold       {ev['threshold']:.4f}  (target sensitivity {op['target']} on {op['n']} calibration "
-          f"images, midway between {op['between']})")
+    print(
+        f"threshold       {ev['threshold']:.4f}  (target sensitivity {op['target']} on {op['n']} calibration "
+        f"images, midway between {op['between']})"
+    )
     print(f"calibration     temperature {ev['temperature']:.3f}")
     print("holdout         " + "\n                ".join(holdout_lines(ev["intervals"], ev["calibration"])))
-    print(f"confusion       TP {v['tp']:.0f}  FP {v['fp']:.0f}  TN {v['tn']:.0f}  FN {v['fn']:.0f}  "
-          f"(holdout n={v['n']:.0f}; {r['split']['n_train']} train images)")
+    print(
+        f"confusion       TP {v['tp']:.0f}  FP {v['fp']:.0f}  TN {v['tn']:.0f}  FN {v['fn']:.0f}  "
+        f"(holdout n={v['n']:.0f}; {r['split']['n_train']} train images)"
+    )
     for warning in r["split"].get("warnings", []):
         print(f"warning         {warning}")
     print("plots           " + "\n                ".join(ev["plots"].values()))
@@ -55,8 +59,13 @@ def _version_rows(s: Settings) -> list[dict[str, Any]]:
     from ..overview import model_versions
     from ..validation import validated_summary
 
-    return [{**{k: v for k, v in row.items() if k not in ("metrics", "plots")},
-             "backends_validated_here": validated_summary(s, row["version"])} for row in model_versions(s)]
+    return [
+        {
+            **{k: v for k, v in row.items() if k not in ("metrics", "plots")},
+            "backends_validated_here": validated_summary(s, row["version"]),
+        }
+        for row in model_versions(s)
+    ]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -67,9 +76,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not rows:
             print("no model versions yet; run `bcc train`")
             return
-        print("holdout metrics with 95% intervals (exact for proportions, bootstrap for AUC); T = temperature")
-        print(f"{'version':26s} {'status':10s} {'px':>4s} {'sensitivity':>24s} {'specificity':>24s} "
-              f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  {'holdout':12s}  validated back-ends (this CPU class)")
+        print(
+            "holdout metrics with 95% intervals (exact for proportions, bootstrap for AUC); T = temperature"
+        )
+        print(
+            f"{'version':26s} {'status':10s} {'px':>4s} {'sensitivity':>24s} {'specificity':>24s} "
+            f"{'ROC AUC':>18s} {'thr':>6s} {'T':>6s}  {'holdout':12s}  validated back-ends (this CPU class)"
+        )
         for r in rows:
             iv = r["intervals"]
 
@@ -83,9 +96,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
             temp = "n/a" if r["temperature"] is None else f"{r['temperature']:6.3f}"
             hold = (r["manifest_hashes"] or {}).get("holdout") or "n/a"
-            print(f"{r['version']:26s} {r['status']:10s} {r['image_size']:4d} {f('sensitivity'):>24s} "
-                  f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]:12s}  "
-                  f"{r['backends_validated_here']}")
+            print(
+                f"{r['version']:26s} {r['status']:10s} {r['image_size']:4d} {f('sensitivity'):>24s} "
+                f"{f('specificity'):>24s} {f('roc_auc'):>18s} {r['threshold']:6.3f} {temp:>6s}  {hold[:12]:12s}  "
+                f"{r['backends_validated_here']}"
+            )
 
     emit(args, rows, human)
     return 0
@@ -104,8 +119,14 @@ def cmd_model_card(args: argparse.Namespace) -> int:
 
 def _decision(row: Any) -> dict[str, Any]:
     """A promotions row as the promote/rollback commands report it."""
-    return {"decision": row.decision, "from_version": row.from_version, "to_version": row.to_version,
-            "actor": row.actor, "reason": row.reason, "decided_at": row.decided_at.isoformat()}
+    return {
+        "decision": row.decision,
+        "from_version": row.from_version,
+        "to_version": row.to_version,
+        "actor": row.actor,
+        "reason": row.reason,
+        "decided_at": row.decided_at.isoformat(),
+    }
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -120,8 +141,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from ..validation import validate_published
 
     out["backends"] = validate_published(s, args.version, progress=progress)
-    emit(args, out, f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'}); validated "
-                     f"back-ends here: {', '.join(out['backends']['validated']) or 'none (fp32 Keras scores)'}")
+    emit(
+        args,
+        out,
+        f"{out['to_version']} is now the champion (was {out['from_version'] or 'none'}); validated "
+        f"back-ends here: {', '.join(out['backends']['validated']) or 'none (fp32 Keras scores)'}",
+    )
     return 0
 
 
@@ -159,10 +184,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         if champion is None:
             print("champion        none yet (run bcc_retrain or `bcc train`)")
         else:
-            temp = "uncalibrated" if champion["temperature"] is None else f"temperature {champion['temperature']:.3f}"
-            print(f"champion        {champion['version']}  ({champion['profile']} profile, "
-                  f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, {temp}, "
-                  f"{champion['n_train']} train / {champion['n_val']} validation images)")
+            temp = (
+                "uncalibrated"
+                if champion["temperature"] is None
+                else f"temperature {champion['temperature']:.3f}"
+            )
+            print(
+                f"champion        {champion['version']}  ({champion['profile']} profile, "
+                f"{champion['image_size']}px, threshold {champion['threshold']:.4f}, {temp}, "
+                f"{champion['n_train']} train / {champion['n_val']} validation images)"
+            )
             lines = holdout_lines(champion["intervals"]) or ["no holdout metrics recorded"]
             print("holdout         " + "\n                ".join(lines))
             print("plots           " + ("\n                ".join(champion["plots"]) or "none"))
@@ -171,15 +202,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             c = run["counts"] or {}
             how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
-            print(f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
-                  + ", ".join(f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")))
+            print(
+                f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
+                + ", ".join(
+                    f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")
+                )
+            )
             if run.get("error"):
                 print(f"                {one_line(run['error'])}")
         print(f"\nlatest predictions (newest first, {len(rows)} shown; `bcc predictions` for more):")
         print(f"  {'label':9s} {'p(malig)':>8s}  {'model':24s} {'scored_at':19s}  source_path")
         for r in rows:
-            print(f"  {r['label']:9s} {r['prob_malignant']:8.4f}  {r['model_version']:24s} "
-                  f"{str(r['scored_at'])[:19]:19s}  {r['source_path']}")
+            print(
+                f"  {r['label']:9s} {r['prob_malignant']:8.4f}  {r['model_version']:24s} "
+                f"{str(r['scored_at'])[:19]:19s}  {r['source_path']}"
+            )
 
     emit(args, payload, human)
     return 0
@@ -190,16 +227,25 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
     s = settings(args)
     net = build_classifier(image_size=s.image_size, base_weights=s.base_weights)
-    info = {"architecture": "DenseNet201 -> GlobalAveragePooling2D -> Dropout(0.5) -> BatchNormalization "
-                            "-> Dense(2, softmax)",
-            "profile": s.profile, "base_weights": s.base_weights,
-            "input_shape": [s.image_size, s.image_size, 3], **count_params(net),
-            "layers": [layer.name for layer in net.layers]}
+    info = {
+        "architecture": "DenseNet201 -> GlobalAveragePooling2D -> Dropout(0.5) -> BatchNormalization "
+        "-> Dense(2, softmax)",
+        "profile": s.profile,
+        "base_weights": s.base_weights,
+        "input_shape": [s.image_size, s.image_size, 3],
+        **count_params(net),
+        "layers": [layer.name for layer in net.layers],
+    }
     from ..validation import champion_validations
 
     info["backend_validations"], table = champion_validations(s)
-    emit(args, info, lambda: [print(f"{k:22s} {v}") for k, v in info.items() if k != "backend_validations"]
-          + [print(table)])
+    emit(
+        args,
+        info,
+        lambda: (
+            [print(f"{k:22s} {v}") for k, v in info.items() if k != "backend_validations"] + [print(table)]
+        ),
+    )
     return 0
 
 
@@ -216,7 +262,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     upgrade(s.database_url)
     has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
     if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
-        progress("generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)")
+        progress(
+            "generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)"
+        )
         generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed, groups=patients_for(127))
     r = retrain(s, actor="bcc demo", progress=progress)
     r["wall_seconds"] = round(time.monotonic() - t0, 1)
@@ -228,14 +276,24 @@ def cmd_validate_backends(args: argparse.Namespace) -> int:
     from ..validation import format_validations, validate_backends
 
     s = load_settings()
-    r = validate_backends(s, args.version, args.backend, reference_only=args.reference_only, progress=progress)
-    emit(args, r, lambda: print(format_validations(r["results"]) + "".join(
-        f"\n  {b:14s} skipped: {why}" for b, why in r["skipped"].items())))
+    r = validate_backends(
+        s, args.version, args.backend, reference_only=args.reference_only, progress=progress
+    )
+    emit(
+        args,
+        r,
+        lambda: print(
+            format_validations(r["results"])
+            + "".join(f"\n  {b:14s} skipped: {why}" for b, why in r["skipped"].items())
+        ),
+    )
     return 0
 
 
 def register(sub: Any, add: Any) -> None:
-    sp = add("train", cmd_train, "intake, split, train, evaluate, gate and register a candidate", training=True)
+    sp = add(
+        "train", cmd_train, "intake, split, train, evaluate, gate and register a candidate", training=True
+    )
     sp.add_argument("--skip-intake", action="store_true", help="train on what is already in the store")
     sp.add_argument("--actor", help="who asked (recorded in the promotion log)")
 
@@ -253,20 +311,33 @@ def register(sub: Any, add: Any) -> None:
     sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
     sp.add_argument("--actor", help="who (default: user@host)")
 
-    sp = add("status", cmd_status, "champion, its metrics and plots, the last scoring run, newest predictions")
+    sp = add(
+        "status", cmd_status, "champion, its metrics and plots, the last scoring run, newest predictions"
+    )
     sp.add_argument("--rows", type=int, default=10, help="how many of the newest predictions to show (10)")
 
-    sp = add("model-info", cmd_model_info, "build the model and print its architecture and parameter counts",
-             profile=True)
+    sp = add(
+        "model-info",
+        cmd_model_info,
+        "build the model and print its architecture and parameter counts",
+        profile=True,
+    )
     sp.add_argument("--image-size", type=int, help="override the input size in pixels")
     sp.add_argument("--base-weights", help="imagenet | none | PATH")
 
-    sp = add("validate-backends", cmd_validate_backends,
-             "compare inference back-ends with fp32 Keras on a model version's images and record the results")
+    sp = add(
+        "validate-backends",
+        cmd_validate_backends,
+        "compare inference back-ends with fp32 Keras on a model version's images and record the results",
+    )
     sp.add_argument("version")
     sp.add_argument("--backend", action="append", choices=BACKENDS, help="only this back-end (repeatable)")
     sp.add_argument("--reference-only", action="store_true", help="only the fixed reference tiles (seconds)")
 
-    sp = add("demo", cmd_demo, "embedded end-to-end demo: demo data → intake → train → evaluate → gate",
-             profile=True)
+    sp = add(
+        "demo",
+        cmd_demo,
+        "embedded end-to-end demo: demo data → intake → train → evaluate → gate",
+        profile=True,
+    )
     sp.add_argument("--epochs", type=int, help="override the number of epochs")

@@ -17,17 +17,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     from ..scoring import score_inbox
     from ..store import require_schema
 
-    s = load_settings(overrides={"score_batch_size": args.score_batch_size,
-                                 "settle_seconds": args.settle_seconds, "inference": args.inference})
+    s = load_settings(
+        overrides={
+            "score_batch_size": args.score_batch_size,
+            "settle_seconds": args.settle_seconds,
+            "inference": args.inference,
+        }
+    )
     require_schema(s.database_url)
-    r = score_inbox(s, inbox=args.inbox, run_id=args.run_id, progress=progress,
-                    force_unvalidated=args.force_unvalidated)
+    r = score_inbox(
+        s, inbox=args.inbox, run_id=args.run_id, progress=progress, force_unvalidated=args.force_unvalidated
+    )
 
     def human() -> None:
-        print(f"scoring run {r['run_id']} with {r['model_version']} ({r['inference']}, {r['precision']}; "
-              f"{r['rescored_fp32']} re-scored in fp32 near the threshold): {r['scored']} scored, "
-              f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
-              f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)")
+        print(
+            f"scoring run {r['run_id']} with {r['model_version']} ({r['inference']}, {r['precision']}; "
+            f"{r['rescored_fp32']} re-scored in fp32 near the threshold): {r['scored']} scored, "
+            f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
+            f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)"
+        )
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
         for f in r["move_failures"]:
@@ -37,12 +45,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     emit(args, r, human)
     if r["persistent_move_failures"]:
         paths = ", ".join(f["path"] for f in r["persistent_move_failures"][:10])
-        print(f"bcc: error: {len(r['persistent_move_failures'])} file(s) could not be moved in more than one run "
-              f"and are still in the inbox: {paths}", file=sys.stderr)
+        print(
+            f"bcc: error: {len(r['persistent_move_failures'])} file(s) could not be moved in more than one run "
+            f"and are still in the inbox: {paths}",
+            file=sys.stderr,
+        )
         return 1
     if r["move_failed"]:
-        print(f"bcc: warning: {r['move_failed']} file(s) could not be moved and are still in the inbox "
-              "(listed under move_failures); the next run tries again", file=sys.stderr)
+        print(
+            f"bcc: warning: {r['move_failed']} file(s) could not be moved and are still in the inbox "
+            "(listed under move_failures); the next run tries again",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -54,8 +68,14 @@ def cmd_predictions(args: argparse.Namespace) -> int:
     s = load_settings()
     fmt = "json" if args.json else args.format
     limit = args.limit if args.limit is not None else (100 if fmt == "table" else None)
-    rows = query_predictions(s, since=parse_since(args.since) if args.since else None, label=args.label,
-                             model_version=args.model_version, limit=limit, latest=args.latest)
+    rows = query_predictions(
+        s,
+        since=parse_since(args.since) if args.since else None,
+        label=args.label,
+        model_version=args.model_version,
+        limit=limit,
+        latest=args.latest,
+    )
     out = sys.stdout
     if fmt == "json":
         out.write("[")
@@ -70,11 +90,15 @@ def cmd_predictions(args: argparse.Namespace) -> int:
         n = 0
         for n, row in enumerate(rows, 1):
             if n == 1:
-                print(f"{'scored_at (UTC)':19s}  {'label':9s} {'p_malig':>7s}  {'model_version':26s} "
-                      f"{'sha256':12s}  {'back-end':19s} source_path")
+                print(
+                    f"{'scored_at (UTC)':19s}  {'label':9s} {'p_malig':>7s}  {'model_version':26s} "
+                    f"{'sha256':12s}  {'back-end':19s} source_path"
+                )
             how = f"{row['backend'] or '-'}/{row['precision'] or '-'}"
-            print(f"{row['scored_at'][:19]:19s}  {row['label']:9s} {row['prob_malignant']:7.4f}  "
-                  f"{row['model_version']:26s} {row['sha256'][:12]:12s}  {how:19s} {row['source_path']}")
+            print(
+                f"{row['scored_at'][:19]:19s}  {row['label']:9s} {row['prob_malignant']:7.4f}  "
+                f"{row['model_version']:26s} {row['sha256'][:12]:12s}  {how:19s} {row['source_path']}"
+            )
         if n == 0:
             print("no predictions match")
         elif limit is not None and n == limit:
@@ -85,25 +109,47 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 def register(sub: Any, add: Any) -> None:
     sp = add("score", cmd_score, "score every image in the inbox with the champion (batch scoring)")
     sp.add_argument("--inbox", help="folder to score (default: $BCC_HOME/inbox)")
-    sp.add_argument("--batch-size", dest="score_batch_size", type=int,
-                    help=f"inference batch size (default: BCC_SCORE_BATCH_SIZE or {DEFAULTS['score_batch_size']})")
-    sp.add_argument("--settle-seconds", type=float,
-                    help="leave files modified more recently than this for the next run (BCC_SETTLE_SECONDS)")
+    sp.add_argument(
+        "--batch-size",
+        dest="score_batch_size",
+        type=int,
+        help=f"inference batch size (default: BCC_SCORE_BATCH_SIZE or {DEFAULTS['score_batch_size']})",
+    )
+    sp.add_argument(
+        "--settle-seconds",
+        type=float,
+        help="leave files modified more recently than this for the next run (BCC_SETTLE_SECONDS)",
+    )
     sp.add_argument("--run-id", help="run id (default: a new one); the id of an interrupted run finishes it")
-    sp.add_argument("--inference", choices=INFERENCE_CHOICES,
-                    help=f"inference back-end (default: BCC_INFERENCE or {DEFAULTS['inference']}; see the README's "
-                    "Benchmarks)")
-    sp.add_argument("--force-unvalidated", action="store_true",
-                    help="score with --inference even where it is not validated for the champion (recorded)")
+    sp.add_argument(
+        "--inference",
+        choices=INFERENCE_CHOICES,
+        help=f"inference back-end (default: BCC_INFERENCE or {DEFAULTS['inference']}; see the README's "
+        "Benchmarks)",
+    )
+    sp.add_argument(
+        "--force-unvalidated",
+        action="store_true",
+        help="score with --inference even where it is not validated for the champion (recorded)",
+    )
 
     sp = add("predictions", cmd_predictions, "list stored predictions, newest first")
-    sp.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                    help="table (default, first 100 rows), csv or json (all rows unless --limit)")
-    sp.add_argument("--since", help="only predictions scored at or after: ISO date/time (UTC unless a zone "
-                    "is given) or an age such as 12h, 7d")
+    sp.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table (default, first 100 rows), csv or json (all rows unless --limit)",
+    )
+    sp.add_argument(
+        "--since",
+        help="only predictions scored at or after: ISO date/time (UTC unless a zone "
+        "is given) or an age such as 12h, 7d",
+    )
     sp.add_argument("--label", choices=("benign", "malignant"))
     sp.add_argument("--model-version", help="only predictions of this model version")
     sp.add_argument("--limit", type=int, help="at most N rows")
-    sp.add_argument("--latest", action="store_true",
-                    help="only the newest prediction per image (the latest_predictions view)")
-
+    sp.add_argument(
+        "--latest",
+        action="store_true",
+        help="only the newest prediction per image (the latest_predictions view)",
+    )

@@ -48,7 +48,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     out = np.empty(arr.shape, dtype=np.uint8)
     step = max(1, (4 << 20) // max(1, arr[0].size if arr.ndim > 1 else 1))  # ~4 Mi samples per slice
     for i in range(0, arr.shape[0], step):
-        out[i:i + step] = (arr[i:i + step].astype(np.uint32) + 128) // 257
+        out[i : i + step] = (arr[i : i + step].astype(np.uint32) + 128) // 257
     return out
 
 

@@ -219,7 +219,8 @@ def _open_header(data: bytes, path: PathArg | None) -> tuple[ImageInfo, Image.Im
         if fmt == "PNG" and isinstance(exc, ValueError) and "MAX_TEXT" in str(exc):
             raise ImageTooLargeError(
                 f"PNG metadata inflates past {PNG_MAX_METADATA_CHUNK >> 20} MiB in one chunk or "
-                f"{PNG_MAX_TEXT_MEMORY >> 20} MiB in all (a metadata decompression bomb)", path
+                f"{PNG_MAX_TEXT_MEMORY >> 20} MiB in all (a metadata decompression bomb)",
+                path,
             ) from exc
         raise TruncatedImageError(
             f"truncated or corrupt image data: {fmt} signature followed by an unreadable header ({exc})", path

@@ -102,8 +102,10 @@ def _refusal(settings: Settings, real: str) -> str | None:
             return f"it contains {m}, {'the BCC home' if m == home else 'a folder the pipeline manages'}"
     roots = [os.path.realpath(r) for r in settings.allowed_inbox_roots]
     if not any(_inside(real, r) for r in roots):
-        return (f"it is not inside an allowed inbox root ({os.pathsep.join(roots)}); "
-                "set BCC_INBOX_ROOTS to allow it")
+        return (
+            f"it is not inside an allowed inbox root ({os.pathsep.join(roots)}); "
+            "set BCC_INBOX_ROOTS to allow it"
+        )
     return None
 
 
@@ -141,8 +143,12 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             with os.scandir(dir_abs) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            out["ignored"].append({"path": display_path(prefix or "."),
-                                   "reason": f"cannot list this folder: {exc.strerror or exc}"})
+            out["ignored"].append(
+                {
+                    "path": display_path(prefix or "."),
+                    "reason": f"cannot list this folder: {exc.strerror or exc}",
+                }
+            )
             continue
         subdirs = []
         for entry in entries:
@@ -157,8 +163,9 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                out["ignored"].append({"path": display_path(rel),
-                                       "reason": f"cannot inspect: {exc.strerror or exc}"})
+                out["ignored"].append(
+                    {"path": display_path(rel), "reason": f"cannot inspect: {exc.strerror or exc}"}
+                )
                 continue
             mode = st.st_mode
             if stat.S_ISLNK(mode):
@@ -166,16 +173,25 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:
                     continue
-                if os.path.lexists(os.path.join(entry.path, HOME_MARKER)):  # another deployment: never touched
-                    raise InboxRefused(f"refusing to score the inbox {display_path(root)}: it contains the BCC "
-                                       f"home {display_path(entry.path)}")
+                if os.path.lexists(
+                    os.path.join(entry.path, HOME_MARKER)
+                ):  # another deployment: never touched
+                    raise InboxRefused(
+                        f"refusing to score the inbox {display_path(root)}: it contains the BCC "
+                        f"home {display_path(entry.path)}"
+                    )
                 if ext in images.IMAGE_EXTENSIONS:
-                    out["ignored"].append({"path": display_path(rel),
-                                           "reason": "a folder, not an image file (what it holds is scored)"})
+                    out["ignored"].append(
+                        {
+                            "path": display_path(rel),
+                            "reason": "a folder, not an image file (what it holds is scored)",
+                        }
+                    )
                 subdirs.append((entry.path, rel))
             elif not stat.S_ISREG(mode):
-                out["ignored"].append({"path": display_path(rel),
-                                       "reason": "not a regular file (pipe, socket or device)"})
+                out["ignored"].append(
+                    {"path": display_path(rel), "reason": "not a regular file (pipe, socket or device)"}
+                )
             elif ext not in images.IMAGE_EXTENSIONS or name.endswith(REASON_SUFFIX):
                 out["ignored"].append({"path": display_path(rel), "reason": "not an image file extension"})
             elif not settled(display_path(rel), st.st_mtime, now, settings.settle_seconds):

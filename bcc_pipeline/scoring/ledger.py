@@ -109,8 +109,10 @@ def champion_version(engine: Engine) -> str:
         champion = get_champion(session)
         version = champion.version if champion is not None else None
     if version is None:
-        raise NoChampionError("there is no champion model to score with; train one (`bcc train`) or choose one "
-                              "(`bcc promote VERSION --reason ...`)")
+        raise NoChampionError(
+            "there is no champion model to score with; train one (`bcc train`) or choose one "
+            "(`bcc promote VERSION --reason ...`)"
+        )
     return version
 
 
@@ -121,9 +123,14 @@ def model_version(engine: Engine, version: str, run_id: str) -> dict[str, Any]:
         row = conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
     if row is None:
         raise StoreError(f"model version {version} of scoring run {run_id} is not in the registry")
-    return {"version": row.version, "image_size": int(row.image_size), "threshold": float(row.threshold),
-            "temperature": None if row.temperature is None else float(row.temperature),
-            "artifact_path": row.artifact_path, "artifact_sha256": row.artifact_sha256}
+    return {
+        "version": row.version,
+        "image_size": int(row.image_size),
+        "threshold": float(row.threshold),
+        "temperature": None if row.temperature is None else float(row.temperature),
+        "artifact_path": row.artifact_path,
+        "artifact_sha256": row.artifact_sha256,
+    }
 
 
 def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
@@ -131,18 +138,33 @@ def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
     processes are marked ``abandoned`` first (:func:`mark_abandoned`)."""
     mark_abandoned(engine)
     with transaction(engine) as conn:
-        insert_rows(conn, ScoringRun, [{
-            "run_id": run_id, "model_version": version, "started_at": utcnow(), "heartbeat_at": utcnow(),
-            "finished_at": None, "status": "running", "counts": {"planned": n_files},
-        }], key=("run_id",))
+        insert_rows(
+            conn,
+            ScoringRun,
+            [
+                {
+                    "run_id": run_id,
+                    "model_version": version,
+                    "started_at": utcnow(),
+                    "heartbeat_at": utcnow(),
+                    "finished_at": None,
+                    "status": "running",
+                    "counts": {"planned": n_files},
+                }
+            ],
+            key=("run_id",),
+        )
 
 
 def heartbeat(engine: Engine, run_id: str, *, alive: bool = True) -> None:
     """This process works on ``run_id`` (``alive``: its host and PID are recorded, the run is ``running``
     again if it was not), or stopped working on it (``alive=False``: no process holds it now)."""
     rt = ScoringRun.__table__
-    values: dict[str, Any] = {"heartbeat_at": utcnow(), "host": socket.gethostname() if alive else None,
-                              "pid": os.getpid() if alive else None}
+    values: dict[str, Any] = {
+        "heartbeat_at": utcnow(),
+        "host": socket.gethostname() if alive else None,
+        "pid": os.getpid() if alive else None,
+    }
     if alive:
         values.update(status="running", finished_at=None)
     with transaction(engine) as conn:
@@ -155,8 +177,11 @@ def fail_run(engine: Engine, run_id: str, error: str) -> None:
     rt = ScoringRun.__table__
     try:
         with transaction(engine) as conn:
-            conn.execute(update(rt).where(rt.c.run_id == run_id).values(
-                status="failed", error=error, finished_at=utcnow(), host=None, pid=None))
+            conn.execute(
+                update(rt)
+                .where(rt.c.run_id == run_id)
+                .values(status="failed", error=error, finished_at=utcnow(), host=None, pid=None)
+            )
     except StoreError as exc:
         import logging
 
@@ -180,8 +205,11 @@ def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS)
     rt = ScoringRun.__table__
     here, now = socket.gethostname(), utcnow()
     with transaction(engine) as conn:
-        rows = conn.execute(select(rt.c.run_id, rt.c.host, rt.c.pid, rt.c.heartbeat_at, rt.c.started_at)
-                            .where(rt.c.status == "running")).all()
+        rows = conn.execute(
+            select(rt.c.run_id, rt.c.host, rt.c.pid, rt.c.heartbeat_at, rt.c.started_at).where(
+                rt.c.status == "running"
+            )
+        ).all()
         gone = {}
         for r in rows:
             beat = r.heartbeat_at or r.started_at
@@ -191,8 +219,11 @@ def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS)
             elif beat is not None and (now - beat).total_seconds() > stale_after:
                 gone[r.run_id] = f"no sign of life since {beat.isoformat()}"
         for run_id, why in gone.items():
-            conn.execute(update(rt).where(rt.c.run_id == run_id, rt.c.status == "running").values(
-                status="abandoned", finished_at=now, error=f"abandoned: {why}"))
+            conn.execute(
+                update(rt)
+                .where(rt.c.run_id == run_id, rt.c.status == "running")
+                .values(status="abandoned", finished_at=now, error=f"abandoned: {why}")
+            )
     return sorted(gone)
 
 
@@ -202,24 +233,52 @@ def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
     rt = ScoringRun.__table__
     t = LEDGER
     with transaction(engine) as conn:
-        by_status = collections.Counter(dict(conn.execute(
-            select(t.c.status, func.count()).where(t.c.run_id == run_id).group_by(t.c.status)).all()))
-        rejections = [{"path": r.path, "reason": r.reason} for r in conn.execute(
-            select(t.c.path, t.c.reason).where(t.c.run_id == run_id, t.c.status == "rejected").order_by(t.c.path))]
-        unmoved = conn.execute(select(t.c.path, t.c.move_error, t.c.move_attempts).where(
-            t.c.run_id == run_id, t.c.moved_to.is_(None), t.c.move_error.is_not(None)).order_by(t.c.path)).all()
+        by_status = collections.Counter(
+            dict(
+                conn.execute(
+                    select(t.c.status, func.count()).where(t.c.run_id == run_id).group_by(t.c.status)
+                ).all()
+            )
+        )
+        rejections = [
+            {"path": r.path, "reason": r.reason}
+            for r in conn.execute(
+                select(t.c.path, t.c.reason)
+                .where(t.c.run_id == run_id, t.c.status == "rejected")
+                .order_by(t.c.path)
+            )
+        ]
+        unmoved = conn.execute(
+            select(t.c.path, t.c.move_error, t.c.move_attempts)
+            .where(t.c.run_id == run_id, t.c.moved_to.is_(None), t.c.move_error.is_not(None))
+            .order_by(t.c.path)
+        ).all()
         run = conn.execute(select(rt).where(rt.c.run_id == run_id)).first()
-    return {"by_status": by_status, "rejections": rejections, "unmoved": unmoved,
-            "started_at": run.started_at if run is not None else None,
-            "error": run.error if run is not None else None, "status": run.status if run is not None else None}
+    return {
+        "by_status": by_status,
+        "rejections": rejections,
+        "unmoved": unmoved,
+        "started_at": run.started_at if run is not None else None,
+        "error": run.error if run is not None else None,
+        "status": run.status if run is not None else None,
+    }
 
 
-def close_run(engine: Engine, run_id: str, status: str, counts: dict[str, Any],
-              finished_at: dt.datetime | None, error: str | None = None) -> None:
+def close_run(
+    engine: Engine,
+    run_id: str,
+    status: str,
+    counts: dict[str, Any],
+    finished_at: dt.datetime | None,
+    error: str | None = None,
+) -> None:
     rt = ScoringRun.__table__
     with transaction(engine) as conn:
-        conn.execute(update(rt).where(rt.c.run_id == run_id).values(
-            status=status, counts=counts, finished_at=finished_at, error=error))
+        conn.execute(
+            update(rt)
+            .where(rt.c.run_id == run_id)
+            .values(status=status, counts=counts, finished_at=finished_at, error=error)
+        )
 
 
 # -- a shard's batches --------------------------------------------------------------------------
@@ -228,8 +287,12 @@ def known_rows(engine: Engine, run_id: str, keys: Sequence[str]) -> dict[str, li
     rows not yet moved."""
     t = LEDGER
     with transaction(engine) as conn:
-        rows = conn.execute(select(t).where(t.c.path_key.in_(list(keys))).where(
-            (t.c.run_id == run_id) | t.c.moved_to.is_(None)).order_by(t.c.id.desc())).all()
+        rows = conn.execute(
+            select(t)
+            .where(t.c.path_key.in_(list(keys)))
+            .where((t.c.run_id == run_id) | t.c.moved_to.is_(None))
+            .order_by(t.c.id.desc())
+        ).all()
     by_key: dict[str, list[Any]] = collections.defaultdict(list)
     for r in rows:
         by_key[r.path_key].append(r)
@@ -242,13 +305,23 @@ def predicted(engine: Engine, version: str, shas: Sequence[str]) -> set[str]:
         return set()
     t = Prediction.__table__
     with transaction(engine) as conn:
-        return set(conn.execute(select(t.c.image_sha256).where(
-            t.c.model_version == version, t.c.image_sha256.in_(list(shas)))).scalars())
+        return set(
+            conn.execute(
+                select(t.c.image_sha256).where(t.c.model_version == version, t.c.image_sha256.in_(list(shas)))
+            ).scalars()
+        )
 
 
-def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fresh: Sequence[Item],
-                 probs: dict[str, float], dest: dict[str, str],
-                 provenance: dict[str, tuple[str, str | None]] | None = None) -> tuple[list[Item], set[str]]:
+def commit_batch(
+    engine: Engine,
+    run_id: str,
+    shard: int,
+    mv: dict[str, Any],
+    fresh: Sequence[Item],
+    probs: dict[str, float],
+    dest: dict[str, str],
+    provenance: dict[str, tuple[str, str | None]] | None = None,
+) -> tuple[list[Item], set[str]]:
     """Claim, record and predict one batch in ONE transaction.
 
     ``fresh``: the batch's files with no ledger row yet (loaded ``ok`` or ``rejected``); ``probs`` the
@@ -261,12 +334,27 @@ def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fr
     ledger = []
     for it in sorted(fresh, key=lambda i: i.key):  # one lock order in every process
         status = "rejected" if it.kind == "rejected" else "duplicate"
-        ledger.append({"run_id": run_id, "shard": shard, "path": it.path, "path_key": it.key,
-                       "sha256": it.sha, "status": status, "reason": it.reason, "dest": dest[it.key],
-                       "moved_to": None, "move_error": None, "created_at": now, "updated_at": now})
+        ledger.append(
+            {
+                "run_id": run_id,
+                "shard": shard,
+                "path": it.path,
+                "path_key": it.key,
+                "sha256": it.sha,
+                "status": status,
+                "reason": it.reason,
+                "dest": dest[it.key],
+                "moved_to": None,
+                "move_error": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
     lt = LEDGER
     with transaction(engine) as conn:
-        claimed = set(insert_rows(conn, InboxFile, ledger, key=("run_id", "path_key"), returning=lt.c.path_key))
+        claimed = set(
+            insert_rows(conn, InboxFile, ledger, key=("run_id", "path_key"), returning=lt.c.path_key)
+        )
         mine = [it for it in fresh if it.key in claimed]
         ok = [it for it in mine if it.kind == "ok"]
         img_rows, seen = [], set()
@@ -274,29 +362,70 @@ def commit_batch(engine: Engine, run_id: str, shard: int, mv: dict[str, Any], fr
             if it.sha in seen:
                 continue
             seen.add(it.sha)
-            img_rows.append({"sha256": it.sha, "label": None, "group_id": None, "width": it.info.width,
-                             "height": it.info.height, "format": it.info.format, "source_path": it.path,
-                             "stored_path": None, "excluded_reason": None, "first_seen_at": now})
+            img_rows.append(
+                {
+                    "sha256": it.sha,
+                    "label": None,
+                    "group_id": None,
+                    "width": it.info.width,
+                    "height": it.info.height,
+                    "format": it.info.format,
+                    "source_path": it.path,
+                    "stored_path": None,
+                    "excluded_reason": None,
+                    "first_seen_at": now,
+                }
+            )
         insert_rows(conn, ImageRecord, img_rows, key=("sha256",))
         owner: dict[str, Item] = {}
         for it in ok:
             if it.sha in probs and it.sha not in owner:
                 owner[it.sha] = it
         thr, how = mv["threshold"], provenance or {}
-        pred_rows = [{"image_sha256": sha, "model_version": mv["version"], "prob_malignant": probs[sha],
-                      "label": "malignant" if probs[sha] >= thr else "benign", "threshold": thr,
-                      "source_path": it.path, "run_id": run_id, "scored_at": now,
-                      "backend": how.get(sha, (None, None))[0], "precision": how.get(sha, (None, None))[1]}
-                     for sha, it in sorted(owner.items())]
-        new = set(insert_rows(conn, Prediction, pred_rows, key=("image_sha256", "model_version"),
-                              returning=Prediction.__table__.c.image_sha256))
+        pred_rows = [
+            {
+                "image_sha256": sha,
+                "model_version": mv["version"],
+                "prob_malignant": probs[sha],
+                "label": "malignant" if probs[sha] >= thr else "benign",
+                "threshold": thr,
+                "source_path": it.path,
+                "run_id": run_id,
+                "scored_at": now,
+                "backend": how.get(sha, (None, None))[0],
+                "precision": how.get(sha, (None, None))[1],
+            }
+            for sha, it in sorted(owner.items())
+        ]
+        new = set(
+            insert_rows(
+                conn,
+                Prediction,
+                pred_rows,
+                key=("image_sha256", "model_version"),
+                returning=Prediction.__table__.c.image_sha256,
+            )
+        )
         scored_keys = [owner[sha].key for sha in sorted(new)]
         if scored_keys:
-            conn.execute(update(lt).where(lt.c.run_id == run_id, lt.c.path_key.in_(scored_keys))
-                         .values(status="scored"))
-        rej_rows = [{"run_id": run_id, "stage": "scoring", "path": it.path, "sha256": it.sha,
-                     "reason": it.reason, "moved_to": None, "rejected_at": now}
-                    for it in sorted(mine, key=lambda i: i.path) if it.kind == "rejected"]
+            conn.execute(
+                update(lt)
+                .where(lt.c.run_id == run_id, lt.c.path_key.in_(scored_keys))
+                .values(status="scored")
+            )
+        rej_rows = [
+            {
+                "run_id": run_id,
+                "stage": "scoring",
+                "path": it.path,
+                "sha256": it.sha,
+                "reason": it.reason,
+                "moved_to": None,
+                "rejected_at": now,
+            }
+            for it in sorted(mine, key=lambda i: i.path)
+            if it.kind == "rejected"
+        ]
         insert_rows(conn, Rejection, rej_rows, key=("run_id", "path"))
     return mine, set(scored_keys)
 
@@ -310,38 +439,67 @@ def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
         return
     lt, rt = LEDGER, Rejection.__table__
     now = utcnow()
-    updates = [{"b_run": o["run_id"], "b_key": o["key"], "b_moved": o["moved_to"], "b_err": o["error"],
-                "b_now": now, "b_fail": 1 if o.get("failed") else 0} for o in outcomes]
-    rej_updates = [{"b_run": o["run_id"], "b_path": o["path"], "b_moved": o["moved_to"]}
-                   for o in outcomes if o["rejected"] and o["moved_to"]]
+    updates = [
+        {
+            "b_run": o["run_id"],
+            "b_key": o["key"],
+            "b_moved": o["moved_to"],
+            "b_err": o["error"],
+            "b_now": now,
+            "b_fail": 1 if o.get("failed") else 0,
+        }
+        for o in outcomes
+    ]
+    rej_updates = [
+        {"b_run": o["run_id"], "b_path": o["path"], "b_moved": o["moved_to"]}
+        for o in outcomes
+        if o["rejected"] and o["moved_to"]
+    ]
     with transaction(engine) as conn:
-        conn.execute(update(lt).where(lt.c.run_id == bindparam("b_run"), lt.c.path_key == bindparam("b_key"))
-                     .values(moved_to=bindparam("b_moved"), move_error=bindparam("b_err"),
-                             updated_at=bindparam("b_now"),
-                             move_attempts=lt.c.move_attempts + bindparam("b_fail")),
-                     updates)
+        conn.execute(
+            update(lt)
+            .where(lt.c.run_id == bindparam("b_run"), lt.c.path_key == bindparam("b_key"))
+            .values(
+                moved_to=bindparam("b_moved"),
+                move_error=bindparam("b_err"),
+                updated_at=bindparam("b_now"),
+                move_attempts=lt.c.move_attempts + bindparam("b_fail"),
+            ),
+            updates,
+        )
         if rej_updates:
-            conn.execute(update(rt).where(rt.c.run_id == bindparam("b_run"), rt.c.path == bindparam("b_path"))
-                         .values(moved_to=bindparam("b_moved")), rej_updates)
+            conn.execute(
+                update(rt)
+                .where(rt.c.run_id == bindparam("b_run"), rt.c.path == bindparam("b_path"))
+                .values(moved_to=bindparam("b_moved")),
+                rej_updates,
+            )
 
 
 def mark_moved(engine: Engine, row_id: int, moved_to: str) -> None:
     """A ledger row whose file an earlier attempt moved without recording it."""
     with transaction(engine) as conn:
-        conn.execute(update(LEDGER).where(LEDGER.c.id == row_id).values(
-            moved_to=display_path(moved_to), move_error=None, updated_at=utcnow()))
+        conn.execute(
+            update(LEDGER)
+            .where(LEDGER.c.id == row_id)
+            .values(moved_to=display_path(moved_to), move_error=None, updated_at=utcnow())
+        )
 
 
 def mark_vanished(engine: Engine, row_id: int) -> None:
     """A ledger row whose file left the inbox before it was moved."""
     with transaction(engine) as conn:
-        conn.execute(update(LEDGER).where(LEDGER.c.id == row_id).values(move_error=VANISHED, updated_at=utcnow()))
+        conn.execute(
+            update(LEDGER).where(LEDGER.c.id == row_id).values(move_error=VANISHED, updated_at=utcnow())
+        )
 
 
 def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000) -> list[Any]:
     """Ledger rows with no ``moved_to`` (id, run_id, path, path_key, status, reason)."""
     t = LEDGER
-    q = select(t.c.id, t.c.run_id, t.c.path, t.c.path_key, t.c.status, t.c.reason).where(t.c.moved_to.is_(None))
+    q = select(t.c.id, t.c.run_id, t.c.path, t.c.path_key, t.c.status, t.c.reason).where(
+        t.c.moved_to.is_(None)
+    )
     if only_run is not None:
         q = q.where(t.c.run_id == only_run)
     with transaction(engine) as conn:
@@ -355,6 +513,11 @@ def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:
     now = utcnow()
     t = LEDGER
     with transaction(engine) as conn:
-        conn.execute(update(t).where(t.c.id == bindparam("b_id"), t.c.moved_to.is_(None)).values(
-            moved_to=bindparam("b_moved"), move_error=bindparam("b_err"), updated_at=bindparam("b_now")),
-            [{"b_id": i, "b_moved": moved, "b_err": None, "b_now": now} for i, moved in found])
+        conn.execute(
+            update(t)
+            .where(t.c.id == bindparam("b_id"), t.c.moved_to.is_(None))
+            .values(
+                moved_to=bindparam("b_moved"), move_error=bindparam("b_err"), updated_at=bindparam("b_now")
+            ),
+            [{"b_id": i, "b_moved": moved, "b_err": None, "b_now": now} for i, moved in found],
+        )

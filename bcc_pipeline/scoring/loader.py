@@ -97,15 +97,15 @@ class MemoryBudget:
 class Item:
     """One inbox file on its way through a shard."""
 
-    rel: str                      # exact relative path (what the filesystem calls it)
-    path: str                     # the same as text for the database
-    key: str                      # sha256 of the path bytes
-    kind: str = "ok"              # ok | rejected | skipped | missing | done
+    rel: str  # exact relative path (what the filesystem calls it)
+    path: str  # the same as text for the database
+    key: str  # sha256 of the path bytes
+    kind: str = "ok"  # ok | rejected | skipped | missing | done
     sha: str | None = None
     reason: str | None = None
     is_link: bool = False
     ident: Identity | None = None  # what the file was when read (from the descriptor that was hashed)
-    x: Any = None                 # preprocessed float32 (S, S, 3)
+    x: Any = None  # preprocessed float32 (S, S, 3)
     info: images.ImageInfo | None = None
     rows: list[Any] = field(default_factory=list)  # ledger rows already there for this path
 
@@ -119,8 +119,17 @@ def _reject(item: Item, reason: str) -> Item:
     return item
 
 
-def load_file(item: Item, abs_path: str, *, size: int, max_pixels: int, min_side: int, settle: float,
-              max_bytes: int, budget: MemoryBudget) -> Item:
+def load_file(
+    item: Item,
+    abs_path: str,
+    *,
+    size: int,
+    max_pixels: int,
+    min_side: int,
+    settle: float,
+    max_bytes: int,
+    budget: MemoryBudget,
+) -> Item:
     """Read the file once (never through a link), hash, validate, decode and preprocess it into ``item``."""
     try:
         st = os.lstat(abs_path)
@@ -144,18 +153,42 @@ def load_file(item: Item, abs_path: str, *, size: int, max_pixels: int, min_side
         item.kind = "skipped"
         return item
     if st.st_size > max_bytes:
-        return _reject(item, f"file of {st.st_size} bytes is larger than any image within the pixel "
-                             f"limit can be ({max_bytes} bytes)")
-    return _read_and_decode(item, abs_path, size=size, max_pixels=max_pixels, min_side=min_side,
-                            max_bytes=max_bytes, budget=budget, held=[budget.acquire(st.st_size)])
+        return _reject(
+            item,
+            f"file of {st.st_size} bytes is larger than any image within the pixel "
+            f"limit can be ({max_bytes} bytes)",
+        )
+    return _read_and_decode(
+        item,
+        abs_path,
+        size=size,
+        max_pixels=max_pixels,
+        min_side=min_side,
+        max_bytes=max_bytes,
+        budget=budget,
+        held=[budget.acquire(st.st_size)],
+    )
 
 
-def _read_and_decode(item: Item, abs_path: str, *, size: int, max_pixels: int, min_side: int, max_bytes: int,
-                     budget: MemoryBudget, held: list[int]) -> Item:
+def _read_and_decode(
+    item: Item,
+    abs_path: str,
+    *,
+    size: int,
+    max_pixels: int,
+    min_side: int,
+    max_bytes: int,
+    budget: MemoryBudget,
+    held: list[int],
+) -> Item:
     """The part of :func:`load_file` that holds memory; ``held[0]`` is the budget reservation, released here."""
     try:
-        flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-                 | getattr(os, "O_CLOEXEC", 0))
+        flags = (
+            os.O_RDONLY
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_NONBLOCK", 0)
+            | getattr(os, "O_CLOEXEC", 0)
+        )
         try:
             fd = os.open(abs_path, flags)
         except FileNotFoundError:
@@ -185,12 +218,16 @@ def _read_and_decode(item: Item, abs_path: str, *, size: int, max_pixels: int, m
             os.close(fd)
         data = b"".join(chunks)
         del chunks
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(data) != after.st_size:
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
+            data
+        ) != after.st_size:
             item.kind = "skipped"  # changed while we read it: still being written
             return item
         item.ident = identity(after)  # the very file these bytes came from
         if len(data) > max_bytes:
-            return _reject(item, f"file is larger than any image within the pixel limit can be ({max_bytes} bytes)")
+            return _reject(
+                item, f"file is larger than any image within the pixel limit can be ({max_bytes} bytes)"
+            )
         item.sha = images.sha256_bytes(data)
         try:
             info = images.validate(data, path=item.path, max_pixels=max_pixels, min_side=min_side)
@@ -237,18 +274,32 @@ class Loader:
     (nothing left to do for it): it is then returned without being read.
     """
 
-    def __init__(self, inbox: str, *, image_size: int, max_pixels: int, min_side: int, settle: float,
-                 prepare: Callable[[list[Item]], None] | None = None):
+    def __init__(
+        self,
+        inbox: str,
+        *,
+        image_size: int,
+        max_pixels: int,
+        min_side: int,
+        settle: float,
+        prepare: Callable[[list[Item]], None] | None = None,
+    ):
         self.inbox = inbox
-        self.options = {"size": image_size, "max_pixels": max_pixels, "min_side": min_side, "settle": settle,
-                        "max_bytes": images.max_file_bytes(max_pixels),
-                        "budget": MemoryBudget(DECODE_BUDGET_BYTES)}
+        self.options = {
+            "size": image_size,
+            "max_pixels": max_pixels,
+            "min_side": min_side,
+            "settle": settle,
+            "max_bytes": images.max_file_bytes(max_pixels),
+            "budget": MemoryBudget(DECODE_BUDGET_BYTES),
+        }
         self.prepare = prepare
         self._pool: cf.ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Loader:
-        self._pool = cf.ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="bcc-load",
-                                           initializer=_lower_thread_priority)
+        self._pool = cf.ThreadPoolExecutor(
+            max_workers=LOAD_WORKERS, thread_name_prefix="bcc-load", initializer=_lower_thread_priority
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -261,9 +312,15 @@ class Loader:
         items = [Item.of(rel) for rel in rels]
         if self.prepare is not None:
             self.prepare(items)
-        return [(it, None if it.kind == "done" else
-                 self._pool.submit(load_file, it, os.path.join(self.inbox, it.rel), **self.options))
-                for it in items]
+        return [
+            (
+                it,
+                None
+                if it.kind == "done"
+                else self._pool.submit(load_file, it, os.path.join(self.inbox, it.rel), **self.options),
+            )
+            for it in items
+        ]
 
     def batches(self, rels: Sequence[str], batch_size: int) -> Iterator[list[Item]]:
         """The items of ``rels``, loaded, in batches of ``batch_size``, in order."""

@@ -67,15 +67,24 @@ def _try_write_reason(path: Path, reason: str) -> None:
 class Mover:
     """Moves the files of one run's shard and records the moves in the ledger."""
 
-    def __init__(self, settings: Settings, engine: Engine, run_id: str, inbox: str, tally: Tally,
-                 move_file: MoveFile = move_no_clobber, before_unlink: Callable[[Path, Path], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        run_id: str,
+        inbox: str,
+        tally: Tally,
+        move_file: MoveFile = move_no_clobber,
+        before_unlink: Callable[[Path, Path], None] | None = None,
+    ):
         self.s, self.engine, self.run_id, self.inbox, self.tally = settings, engine, run_id, inbox, tally
         self.move_file, self.before_unlink = move_file, before_unlink
 
     def _move_one(self, it: Item, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return self.move_file(os.path.join(self.inbox, it.rel), dest, expect=it.ident,
-                              before_unlink=self.before_unlink)
+        return self.move_file(
+            os.path.join(self.inbox, it.rel), dest, expect=it.ident, before_unlink=self.before_unlink
+        )
 
     def move(self, moves: Iterable[Move]) -> list[dict[str, Any]]:
         """Move each (item, status, run id, reason, attempts) to that run's archive/quarantine folder and
@@ -103,13 +112,23 @@ class Mover:
             except OSError as exc:
                 error = clean_reason(f"cannot move to {display_path(dest)}: {exc}", MOVE_ERROR_CHARS)
                 moved, error, failed = self._after_failure(it, status, run_id, error, attempts + 1)
-            outcomes.append({"run_id": run_id, "key": it.key, "path": it.path, "rejected": status == "rejected",
-                             "moved_to": moved, "error": error, "failed": failed})
+            outcomes.append(
+                {
+                    "run_id": run_id,
+                    "key": it.key,
+                    "path": it.path,
+                    "rejected": status == "rejected",
+                    "moved_to": moved,
+                    "error": error,
+                    "failed": failed,
+                }
+            )
         ledger.record_moves(self.engine, outcomes)
         return outcomes
 
-    def _after_failure(self, it: Item, status: str, run_id: str, error: str,
-                       attempts: int) -> tuple[str | None, str, bool]:
+    def _after_failure(
+        self, it: Item, status: str, run_id: str, error: str, attempts: int
+    ) -> tuple[str | None, str, bool]:
         """A failed move: after :data:`MAX_MOVE_ATTEMPTS` attempts, quarantine the file with the reason;
         otherwise (or when that fails too) it stays in the inbox and is reported."""
         if status != "rejected" and attempts >= MAX_MOVE_ATTEMPTS:
@@ -123,7 +142,9 @@ class Mover:
             except OSError as exc:
                 error = clean_reason(f"{error}; and cannot quarantine it either: {exc}", MOVE_ERROR_CHARS)
         self.tally.counts["move_failed"] += 1
-        self.tally.move_failures.append({"path": it.path, "error": error, "run_id": run_id, "attempts": attempts})
+        self.tally.move_failures.append(
+            {"path": it.path, "error": error, "run_id": run_id, "attempts": attempts}
+        )
         log.error("could not move %s (it stays in the inbox; attempt %d): %s", it.path, attempts, error)
         return None, error, True
 
@@ -176,8 +197,9 @@ class Mover:
         return False
 
 
-def sweep_interrupted(settings: Settings, engine: Engine, inbox_of: Callable[[str], str | None],
-                      only_run: str | None = None) -> int:
+def sweep_interrupted(
+    settings: Settings, engine: Engine, inbox_of: Callable[[str], str | None], only_run: str | None = None
+) -> int:
     """Ledger rows whose file reached its destination but whose ``moved_to`` was never written (the
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
     run was planned for (None: unknown, its rows are left alone). Returns how many rows were fixed."""
@@ -196,7 +218,9 @@ def sweep_interrupted(settings: Settings, engine: Engine, inbox_of: Callable[[st
         if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
             continue
         dest = destination(settings, r.run_id, r.status, rel)
-        finish_move(dest)  # a move across filesystems killed after removing the source leaves its temporary name
+        finish_move(
+            dest
+        )  # a move across filesystems killed after removing the source leaves its temporary name
         if os.path.lexists(dest):
             if r.status == "rejected" and not os.path.lexists(reason_path(dest)):
                 _try_write_reason(dest, r.reason or "rejected")

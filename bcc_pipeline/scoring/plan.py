@@ -83,14 +83,28 @@ def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[st
 
 
 def _plan_result(plan: dict[str, Any], path: Path) -> dict[str, Any]:
-    return {"run_id": plan["run_id"], "shards": plan["n_shards"], "n_files": plan["n_files"],
-            "plan_path": str(path), "model_version": plan["model_version"], "inbox": plan["inbox"],
-            "inference": plan.get("inference", "keras"), "force_unvalidated": bool(plan.get("force_unvalidated")),
-            "ignored": len(plan["ignored"]), "skipped": len(plan["skipped"])}
+    return {
+        "run_id": plan["run_id"],
+        "shards": plan["n_shards"],
+        "n_files": plan["n_files"],
+        "plan_path": str(path),
+        "model_version": plan["model_version"],
+        "inbox": plan["inbox"],
+        "inference": plan.get("inference", "keras"),
+        "force_unvalidated": bool(plan.get("force_unvalidated")),
+        "ignored": len(plan["ignored"]),
+        "skipped": len(plan["skipped"]),
+    }
 
 
-def plan_shards(settings: Settings, run_id: str, shards: int, inbox: InboxArg = None,
-                inference: str | None = None, force_unvalidated: bool = False) -> dict[str, Any]:
+def plan_shards(
+    settings: Settings,
+    run_id: str,
+    shards: int,
+    inbox: InboxArg = None,
+    inference: str | None = None,
+    force_unvalidated: bool = False,
+) -> dict[str, Any]:
     """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
 
     Writes ``runs/<run>/plan.json`` atomically and the ``scoring_runs`` row. When the plan of ``run_id``
@@ -103,7 +117,9 @@ def plan_shards(settings: Settings, run_id: str, shards: int, inbox: InboxArg = 
     """
     inference = inference or settings.inference
     if inference not in INFERENCE_CHOICES:
-        raise ConfigError(f"unknown inference back-end {inference!r}; choose one of {', '.join(INFERENCE_CHOICES)}")
+        raise ConfigError(
+            f"unknown inference back-end {inference!r}; choose one of {', '.join(INFERENCE_CHOICES)}"
+        )
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
     if not run_id or not str(run_id).strip():
@@ -119,25 +135,44 @@ def plan_shards(settings: Settings, run_id: str, shards: int, inbox: InboxArg = 
         found = discover(settings, inbox)
         files = sorted(found["pending"] + found["links"])
         plan = {
-            "plan_version": PLAN_VERSION, "run_id": run_id, "inbox": found["inbox"],
-            "model_version": champion, "inference": chosen["inference"], "inference_requested": inference,
-            "force_unvalidated": chosen["force_unvalidated"], "inference_reason": chosen["reason"],
-            "planned_on_cpu_class": chosen["cpu_class"], "n_shards": shards, "n_files": len(files),
-            "created_at": utcnow().isoformat(), "settle_seconds": settings.settle_seconds,
+            "plan_version": PLAN_VERSION,
+            "run_id": run_id,
+            "inbox": found["inbox"],
+            "model_version": champion,
+            "inference": chosen["inference"],
+            "inference_requested": inference,
+            "force_unvalidated": chosen["force_unvalidated"],
+            "inference_reason": chosen["reason"],
+            "planned_on_cpu_class": chosen["cpu_class"],
+            "n_shards": shards,
+            "n_files": len(files),
+            "created_at": utcnow().isoformat(),
+            "settle_seconds": settings.settle_seconds,
             "shards": [files[k::shards] for k in range(shards)],
-            "ignored": found["ignored"], "skipped": found["skipped"],
+            "ignored": found["ignored"],
+            "skipped": found["skipped"],
         }
         try:
             atomic_write(path, json.dumps(plan, indent=1), exclusive=True)
-            log.info("planned scoring run %s: %d files in %d shard(s), model %s, %s inference (%s), %d ignored, "
-                     "%d skipped", run_id, len(files), shards, champion, chosen["inference"], chosen["reason"],
-                     len(found["ignored"]), len(found["skipped"]))
+            log.info(
+                "planned scoring run %s: %d files in %d shard(s), model %s, %s inference (%s), %d ignored, "
+                "%d skipped",
+                run_id,
+                len(files),
+                shards,
+                champion,
+                chosen["inference"],
+                chosen["reason"],
+                len(found["ignored"]),
+                len(found["skipped"]),
+            )
         except FileExistsError:
             pass
     plan = load_plan(settings, run_id)  # whoever wrote it first wins; everyone uses that one
     if plan["n_shards"] != shards:
-        raise ConfigError(f"scoring run {run_id!r} is already planned with {plan['n_shards']} shard(s), "
-                          f"not {shards}")
+        raise ConfigError(
+            f"scoring run {run_id!r} is already planned with {plan['n_shards']} shard(s), not {shards}"
+        )
     if inbox is not None and os.path.abspath(os.fspath(inbox)) != plan["inbox"]:
         log.warning("scoring run %s was planned for the inbox %s; using that one", run_id, plan["inbox"])
     ledger.open_run(engine, run_id, plan["model_version"], plan["n_files"])

@@ -53,8 +53,9 @@ class PinnedModel:
     Without ``settings`` (no database) the pinned back-end is used as it is and nothing is re-scored.
     """
 
-    def __init__(self, mv: dict[str, Any], backend: str, *, settings: Settings | None = None,
-                 forced: bool = False):
+    def __init__(
+        self, mv: dict[str, Any], backend: str, *, settings: Settings | None = None, forced: bool = False
+    ):
         self.mv, self.settings, self.forced = mv, settings, forced
         self.pinned = self.backend = backend
         self.why = "pinned"
@@ -68,8 +69,13 @@ class PinnedModel:
 
     def _load(self, backend: str) -> Predictor:
         if self.settings is None:
-            return load_predictor(self.mv["artifact_path"], self.mv["artifact_sha256"],
-                                  image_size=int(self.mv["image_size"]), backend=backend, version=self.mv["version"])
+            return load_predictor(
+                self.mv["artifact_path"],
+                self.mv["artifact_sha256"],
+                image_size=int(self.mv["image_size"]),
+                backend=backend,
+                version=self.mv["version"],
+            )
         from ..validation import load_for
 
         return load_for(self.settings, self.mv, backend)
@@ -79,12 +85,21 @@ class PinnedModel:
             if self.settings is not None:
                 from ..validation import shard_backend
 
-                self.backend, self.why = shard_backend(self.settings, self.mv, self.pinned, forced=self.forced)
+                self.backend, self.why = shard_backend(
+                    self.settings, self.mv, self.pinned, forced=self.forced
+                )
             self._fn = self._load(self.backend)
             self.load_seconds, self.precision = self._fn.load_seconds, self._fn.precision
-            log.info("scoring with model %s (%dpx, threshold %.4f, temperature %s), %s inference (%s; %s)",
-                     self.mv["version"], int(self.mv["image_size"]), self.mv["threshold"],
-                     self.mv.get("temperature"), self.backend, self.precision, self.why)
+            log.info(
+                "scoring with model %s (%dpx, threshold %.4f, temperature %s), %s inference (%s; %s)",
+                self.mv["version"],
+                int(self.mv["image_size"]),
+                self.mv["threshold"],
+                self.mv.get("temperature"),
+                self.backend,
+                self.precision,
+                self.why,
+            )
         return self._fn
 
     def predict(self, x: Any) -> Any:
@@ -93,7 +108,9 @@ class PinnedModel:
         version = self.mv["version"]
         p = probability(self._ready()(x), self.mv)
         if p.shape[0] != x.shape[0]:
-            raise ArtifactError(f"model {version} returned {p.shape[0]} probabilities for {x.shape[0]} images")
+            raise ArtifactError(
+                f"model {version} returned {p.shape[0]} probabilities for {x.shape[0]} images"
+            )
         near = np.abs(p - float(self.mv["threshold"])) <= self.guard_band
         if self.backend == REFERENCE_BACKEND or self.guard_band <= 0:
             near[:] = False

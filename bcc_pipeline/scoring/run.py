@@ -50,8 +50,11 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
     tallies = ledger.run_tallies(engine, run_id)
     by_status = tallies["by_status"]
     shard_docs = read_shard_results(settings, plan)
-    failures = [{"path": r.path, "error": r.move_error, "attempts": r.move_attempts} for r in tallies["unmoved"]
-                if not ledger.vanished(r.move_error) and not ledger.changed(r.move_error)]
+    failures = [
+        {"path": r.path, "error": r.move_error, "attempts": r.move_attempts}
+        for r in tallies["unmoved"]
+        if not ledger.vanished(r.move_error) and not ledger.changed(r.move_error)
+    ]
     for d in shard_docs:  # files of interrupted earlier runs this run tried to move, in vain
         failures += [f for f in d.get("move_failures", []) if f.get("run_id", run_id) != run_id]
     started = _aware(tallies["started_at"])
@@ -64,21 +67,34 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
     busy = (loop_end - loop_start - load) if loop_start is not None else 0.0
     error = None
     if len(shard_docs) < plan["n_shards"]:
-        status, error = ("failed", tallies["error"]) if tallies["status"] == "failed" else ("incomplete", None)
+        status, error = (
+            ("failed", tallies["error"]) if tallies["status"] == "failed" else ("incomplete", None)
+        )
     elif failures:
         status = "move_failed"
     else:
         status = "finished"
     summary: dict[str, Any] = {
-        "run_id": run_id, "model_version": plan["model_version"], "status": status,
+        "run_id": run_id,
+        "model_version": plan["model_version"],
+        "status": status,
         "inference": plan.get("inference", "keras"),
         "precision": next((d["precision"] for d in shard_docs if d.get("precision")), None),
         # what each shard scored with: the plan's back-end, or fp32 Keras where it is not validated
-        "shard_backends": [{"shard": d.get("shard"), "inference": d.get("inference"), "precision": d.get("precision"),
-                            "why": d.get("inference_why")} for d in shard_docs],
+        "shard_backends": [
+            {
+                "shard": d.get("shard"),
+                "inference": d.get("inference"),
+                "precision": d.get("precision"),
+                "why": d.get("inference_why"),
+            }
+            for d in shard_docs
+        ],
         "force_unvalidated": bool(plan.get("force_unvalidated")),
         "rescored_fp32": sum(d.get("rescored_fp32", 0) for d in shard_docs),
-        "scored": by_status["scored"], "duplicates": by_status["duplicate"], "rejected": by_status["rejected"],
+        "scored": by_status["scored"],
+        "duplicates": by_status["duplicate"],
+        "rejected": by_status["rejected"],
         "ignored": len(plan["ignored"]),
         "skipped": len(plan["skipped"]) + sum(d.get("skipped", 0) for d in shard_docs),
         "move_failed": len(failures),
@@ -87,11 +103,14 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
         "quarantined_unmovable": sum(d.get("quarantined_unmovable", 0) for d in shard_docs),
         "recovered": sum(d.get("recovered", 0) for d in shard_docs),
         "missing": sum(d.get("missing", 0) for d in shard_docs),
-        "planned": plan["n_files"], "shards": plan["n_shards"], "shards_finished": len(shard_docs),
+        "planned": plan["n_files"],
+        "shards": plan["n_shards"],
+        "shards_finished": len(shard_docs),
         "seconds": round((finished - started).total_seconds(), 3) if started else None,
         "images_per_second": round(processed / busy, 2) if busy > 0 else 0.0,
         "model_load_seconds": round(load, 3),
-        "started_at": started.isoformat() if started else None, "finished_at": finished.isoformat(),
+        "started_at": started.isoformat() if started else None,
+        "finished_at": finished.isoformat(),
         "inbox": plan["inbox"],
         "archive_dir": str(settings.archive_dir / safe_dirname(run_id)),
         "quarantine_dir": str(settings.quarantine_dir / safe_dirname(run_id)),
@@ -101,17 +120,43 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
         "ignored_paths": plan["ignored"],
         "skipped_paths": plan["skipped"] + [p for d in shard_docs for p in d.get("skipped_paths", [])],
     }
-    counts = {k: summary[k] for k in ("scored", "duplicates", "rejected", "ignored", "skipped", "move_failed",
-                                      "recovered", "missing", "changed", "quarantined_unmovable", "planned",
-                                      "seconds", "images_per_second", "inference", "precision", "shard_backends",
-                                      "force_unvalidated", "rescored_fp32")}
+    counts = {
+        k: summary[k]
+        for k in (
+            "scored",
+            "duplicates",
+            "rejected",
+            "ignored",
+            "skipped",
+            "move_failed",
+            "recovered",
+            "missing",
+            "changed",
+            "quarantined_unmovable",
+            "planned",
+            "seconds",
+            "images_per_second",
+            "inference",
+            "precision",
+            "shard_backends",
+            "force_unvalidated",
+            "rescored_fp32",
+        )
+    }
     ledger.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished, error)
     return summary
 
 
-def score_inbox(settings: Settings, *, inbox: InboxArg = None, run_id: str | None = None,
-                batch_size: int | None = None, progress: Progress | None = None,
-                hooks: Hooks | None = None, force_unvalidated: bool = False) -> dict[str, Any]:
+def score_inbox(
+    settings: Settings,
+    *,
+    inbox: InboxArg = None,
+    run_id: str | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    hooks: Hooks | None = None,
+    force_unvalidated: bool = False,
+) -> dict[str, Any]:
     """Plan with one shard, score it, finalize: the whole nightly job in one process (``bcc score``).
 
     Passing the ``run_id`` of an interrupted run finishes that run (its plan is reused). ``hooks``: see

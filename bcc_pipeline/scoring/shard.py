@@ -63,8 +63,15 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int | None = None,
-                progress: Progress | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def score_shard(
+    settings: Settings,
+    run_id: str,
+    shard: int,
+    *,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    hooks: Hooks | None = None,
+) -> dict[str, Any]:
     """Score shard ``shard`` of the planned run ``run_id`` with the run's pinned model version.
 
     Safe to retry and to run twice at once: the ledger claims each file once. Returns the shard's
@@ -92,54 +99,91 @@ def score_shard(settings: Settings, run_id: str, shard: int, *, batch_size: int 
 
 
 class _ShardScorer:
-    def __init__(self, settings: Settings, plan: dict[str, Any], shard: int, progress: Progress, hooks: Hooks):
+    def __init__(
+        self, settings: Settings, plan: dict[str, Any], shard: int, progress: Progress, hooks: Hooks
+    ):
         self.s, self.shard, self.progress, self.hooks = settings, shard, progress, hooks
         self.run_id: str = plan["run_id"]
         self.inbox: str = plan["inbox"]
         self.engine = get_engine(settings.database_url)
         self.mv = ledger.model_version(self.engine, plan["model_version"], self.run_id)
-        self.model = PinnedModel(self.mv, plan.get("inference", "keras"), settings=settings,
-                                 forced=bool(plan.get("force_unvalidated")))
+        self.model = PinnedModel(
+            self.mv,
+            plan.get("inference", "keras"),
+            settings=settings,
+            forced=bool(plan.get("force_unvalidated")),
+        )
         self.tally = Tally()
         self.counts = self.tally.counts
-        self.mover = Mover(settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file,
-                           hooks.on_move_linked)
+        self.mover = Mover(
+            settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file, hooks.on_move_linked
+        )
 
     def run(self, rels: Sequence[str], batch_size: int) -> dict[str, Any]:
         t0, first_batch_done, done = time.time(), None, 0
-        with Loader(self.inbox, image_size=self.mv["image_size"], max_pixels=self.s.max_pixels,
-                    min_side=self.s.min_side, settle=self.s.settle_seconds, prepare=self._attach_ledger) as loader:
-            for items in loader.batches(rels, batch_size):       # 1. load a batch (read one batch ahead)
-                fresh = self._dedupe(items)                          # 2. settle what the ledger already knows
+        with Loader(
+            self.inbox,
+            image_size=self.mv["image_size"],
+            max_pixels=self.s.max_pixels,
+            min_side=self.s.min_side,
+            settle=self.s.settle_seconds,
+            prepare=self._attach_ledger,
+        ) as loader:
+            for items in loader.batches(rels, batch_size):  # 1. load a batch (read one batch ahead)
+                fresh = self._dedupe(items)  # 2. settle what the ledger already knows
                 if fresh:
-                    probs, how = self._predict(fresh)                # 3. predict the contents new to this model
-                    mine = self._commit(fresh, probs, how)           # 4. commit the batch in one transaction
+                    probs, how = self._predict(fresh)  # 3. predict the contents new to this model
+                    mine = self._commit(fresh, probs, how)  # 4. commit the batch in one transaction
                     if self.hooks.on_batch_committed is not None:
                         self.hooks.on_batch_committed([it.path for it in mine])
-                    self.mover.move([(it, "rejected" if it.kind == "rejected" else "scored", self.run_id,
-                                      it.reason, 0) for it in mine])  # 5. move the files, record where
+                    self.mover.move(
+                        [
+                            (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
+                            for it in mine
+                        ]
+                    )  # 5. move the files, record where
                 ledger.heartbeat(self.engine, self.run_id)
                 first_batch_done = first_batch_done or time.time()
                 done += len(items)
                 if done % (batch_size * 10) < batch_size or done == len(rels):
-                    self.progress(f"scoring {self.run_id} shard {self.shard}: {done}/{len(rels)} files "
-                                  f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
-                                  f"{self.counts['rejected']} rejected)")
+                    self.progress(
+                        f"scoring {self.run_id} shard {self.shard}: {done}/{len(rels)} files "
+                        f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
+                        f"{self.counts['rejected']} rejected)"
+                    )
         return self._result(len(rels), t0, time.time(), first_batch_done)
 
     def _result(self, n_files: int, t0: float, t1: float, first_batch_done: float | None) -> dict[str, Any]:
         c = self.counts
-        return {"run_id": self.run_id, "shard": self.shard, "model_version": self.mv["version"],
-                "n_files": n_files, "loop_started": t0, "loop_finished": t1, "seconds": round(t1 - t0, 3),
-                "scored": c["scored"], "duplicates": c["duplicates"], "rejected": c["rejected"],
-                "skipped": c["skipped"], "missing": c["missing"], "recovered": c["recovered"],
-                "already_done": c["already_done"], "not_claimed": c["not_claimed"],
-                "move_failed": c["move_failed"], "move_failures": self.tally.move_failures,
-                "changed": c["changed"], "quarantined_unmovable": c["quarantined_unmovable"],
-                "skipped_paths": self.tally.skipped_paths, "model_load_seconds": round(self.model.load_seconds, 3),
-                "inference": self.model.backend, "precision": self.model.precision,
-                "pinned_inference": self.model.pinned, "inference_why": self.model.why,
-                "rescored_fp32": self.model.rescored_fp32, "first_batch_done": first_batch_done}
+        return {
+            "run_id": self.run_id,
+            "shard": self.shard,
+            "model_version": self.mv["version"],
+            "n_files": n_files,
+            "loop_started": t0,
+            "loop_finished": t1,
+            "seconds": round(t1 - t0, 3),
+            "scored": c["scored"],
+            "duplicates": c["duplicates"],
+            "rejected": c["rejected"],
+            "skipped": c["skipped"],
+            "missing": c["missing"],
+            "recovered": c["recovered"],
+            "already_done": c["already_done"],
+            "not_claimed": c["not_claimed"],
+            "move_failed": c["move_failed"],
+            "move_failures": self.tally.move_failures,
+            "changed": c["changed"],
+            "quarantined_unmovable": c["quarantined_unmovable"],
+            "skipped_paths": self.tally.skipped_paths,
+            "model_load_seconds": round(self.model.load_seconds, 3),
+            "inference": self.model.backend,
+            "precision": self.model.precision,
+            "pinned_inference": self.model.pinned,
+            "inference_why": self.model.why,
+            "rescored_fp32": self.model.rescored_fp32,
+            "first_batch_done": first_batch_done,
+        }
 
     def _attach_ledger(self, items: list[Item]) -> None:
         """Each item gets the ledger rows that matter; one this run already moved is ``done``."""
@@ -200,15 +244,19 @@ class _ShardScorer:
             raise
         except Exception as exc:
             mv = self.mv
-            raise ArtifactError(f"model {mv['version']} ({self.model.backend} inference, {mv['artifact_path']}) "
-                                f"could not be loaded or run: {type(exc).__name__}: {exc}") from exc
+            raise ArtifactError(
+                f"model {mv['version']} ({self.model.backend} inference, {mv['artifact_path']}) "
+                f"could not be loaded or run: {type(exc).__name__}: {exc}"
+            ) from exc
 
-    def _commit(self, fresh: list[Item], probs: dict[str, float],
-                how: dict[str, tuple[str, str | None]]) -> list[Item]:
+    def _commit(
+        self, fresh: list[Item], probs: dict[str, float], how: dict[str, tuple[str, str | None]]
+    ) -> list[Item]:
         """Claim, record and predict the batch in one transaction; returns the items this shard claimed."""
         dest = {it.key: display_path(destination(self.s, self.run_id, it.kind, it.rel)) for it in fresh}
-        mine, scored = ledger.commit_batch(self.engine, self.run_id, self.shard, self.mv, fresh, probs, dest,
-                                           provenance=how)
+        mine, scored = ledger.commit_batch(
+            self.engine, self.run_id, self.shard, self.mv, fresh, probs, dest, provenance=how
+        )
         self.counts["not_claimed"] += len(fresh) - len(mine)
         for it in mine:
             if it.kind == "rejected":

@@ -29,26 +29,32 @@ AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 def airflow_env(home: Path, *, metadata_url: str | None, bcc: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "BCC_"))}
     home.mkdir(parents=True, exist_ok=True)
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     if metadata_url:
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = metadata_url
     env.update(bcc)
     return env
 
 
-def airflow(env: dict[str, str], *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+def airflow(
+    env: dict[str, str], *args: str, timeout: float = 900, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run([AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"airflow {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -72,27 +78,52 @@ def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any] | None = No
     proc = airflow(env, *args, check=False)  # exits 1 when the run fails: the states below tell
     runs = _json_out(airflow(env, "dags", "list-runs", dag_id, "-o", "json").stdout)
     run = max(runs, key=lambda r: r.get("start_date") or "")
-    states = _json_out(airflow(env, "tasks", "states-for-dag-run", dag_id, run["run_id"], "-o", "json").stdout)
-    out: dict[str, str] = {"__run__": run["state"], "__run_id__": run["run_id"], "__log__": proc.stdout + proc.stderr}
+    states = _json_out(
+        airflow(env, "tasks", "states-for-dag-run", dag_id, run["run_id"], "-o", "json").stdout
+    )
+    out: dict[str, str] = {
+        "__run__": run["state"],
+        "__run_id__": run["run_id"],
+        "__log__": proc.stdout + proc.stderr,
+    }
     for row in states:
-        key = row["task_id"] if str(row.get("map_index", "-1")) in ("-1", "None", "") else f"{row['task_id']}[{row['map_index']}]"
+        key = (
+            row["task_id"]
+            if str(row.get("map_index", "-1")) in ("-1", "None", "")
+            else f"{row['task_id']}[{row['map_index']}]"
+        )
         out[key] = row["state"]
     return out
 
 
-def register_tiny_champion(database_url: str, models_dir: Path, *, version: str = "vtiny-champion",
-                           image_size: int = 32, threshold: float = 0.5, status: str = "champion") -> str:
+def register_tiny_champion(
+    database_url: str,
+    models_dir: Path,
+    *,
+    version: str = "vtiny-champion",
+    image_size: int = 32,
+    threshold: float = 0.5,
+    status: str = "champion",
+) -> str:
     """The tiny classifier of tests/support.py saved as a checksummed artifact under
     ``models_dir/<version>/`` and registered as champion, or with another ``status`` such as candidate
     (with validation metrics, so the gate has something to compare)."""
     from tests.support import register_version, save_tiny_artifact
 
     artifact = save_tiny_artifact(models_dir / version, image_size, {"version": version})
-    return register_version(database_url, version, artifact=artifact, threshold=threshold, image_size=image_size, status=status,
-                            metrics={"accuracy": 0.5, "sensitivity": 0.5, "roc_auc": 0.5})
+    return register_version(
+        database_url,
+        version,
+        artifact=artifact,
+        threshold=threshold,
+        image_size=image_size,
+        status=status,
+        metrics={"accuracy": 0.5, "sensitivity": 0.5, "roc_auc": 0.5},
+    )
 
 
 # -- Airflow services as real processes on loopback ---------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -141,8 +172,9 @@ class Services:
     def start(self, name: str, args: list[str], env: Mapping[str, str]) -> subprocess.Popen:
         self.logs[name] = self.log_dir / f"{name}.log"
         with open(self.logs[name], "w") as log:
-            self.procs[name] = subprocess.Popen([AIRFLOW, *args], env=dict(env), stdout=log,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                [AIRFLOW, *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self.procs[name]
 
     def session(self, name: str) -> list[int]:
@@ -184,8 +216,9 @@ class Services:
                 return result
             for name, p in self.procs.items():
                 if name not in self.expected_dead and p.poll() is not None:
-                    raise AssertionError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
-                                         + self.all_logs())
+                    raise AssertionError(
+                        f"{name} exited with {p.returncode} while waiting for {what}:\n" + self.all_logs()
+                    )
             time.sleep(interval)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + self.all_logs())
 
@@ -248,6 +281,7 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
 def interpolate(value: str, variables: Mapping[str, str]) -> str:
     """Compose's variable syntax: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}
     and $$ for a literal $."""
+
     def one(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
         val = variables.get(name)
@@ -268,8 +302,9 @@ def compose_common_env(compose: Mapping[str, Any] | None = None) -> dict[str, st
     return {k: str(v) for k, v in compose["x-airflow-common"]["environment"].items()}
 
 
-def compose_env_on_loopback(variables: Mapping[str, str], hosts: Mapping[str, str],
-                            paths: Mapping[str, str]) -> dict[str, str]:
+def compose_env_on_loopback(
+    variables: Mapping[str, str], hosts: Mapping[str, str], paths: Mapping[str, str]
+) -> dict[str, str]:
     """docker-compose.yaml's shared Airflow/BCC settings with the `.env` variables filled in, its
     service names (``hosts``: e.g. ``"@postgres:5432/" -> "@127.0.0.1:5432/"``) and container paths
     (``paths``) swapped for this machine's. Every substitution must apply, and no service name or
@@ -278,16 +313,23 @@ def compose_env_on_loopback(variables: Mapping[str, str], hosts: Mapping[str, st
     env = {k: interpolate(v, variables) for k, v in compose_common_env().items()}
     for old, new in {**hosts, **paths}.items():
         if not any(old in v for v in env.values()):
-            raise AssertionError(f"{old!r} no longer appears in docker-compose.yaml's x-airflow-common settings")
+            raise AssertionError(
+                f"{old!r} no longer appears in docker-compose.yaml's x-airflow-common settings"
+            )
         env = {k: v.replace(old, new) for k, v in env.items()}
-    leftovers = {k: v for k, v in env.items() if "/opt/" in v or re.search(r"@(postgres|redis)[:/]|//(redis|airflow-[a-z-]+)[:/]", v)}
+    leftovers = {
+        k: v
+        for k, v in env.items()
+        if "/opt/" in v or re.search(r"@(postgres|redis)[:/]|//(redis|airflow-[a-z-]+)[:/]", v)
+    }
     if leftovers:
         raise AssertionError(f"container names or paths left in the settings for loopback: {leftovers}")
     return env
 
 
-def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int = 60, seed: int = 0,
-                     noise: float = 0.2) -> dict[str, Any]:
+def evaluate_version(
+    database_url: str, version: str, plots_dir: Path, *, n: int = 60, seed: int = 0, noise: float = 0.2
+) -> dict[str, Any]:
     """Validation and holdout metrics (the holdout's with 95% intervals) plus the plots for ``version``, written by the real
     evaluation functions on a synthetic labelled set (what a retrain records; more ``noise``, a worse
     model), so the pages have a model with quality to show. Returns the validation metrics."""
@@ -309,9 +351,16 @@ def evaluate_version(database_url: str, version: str, plots_dir: Path, *, n: int
             registry.save_metrics(s, version, split, metrics, intervals)
             if split == "validation":
                 out = metrics
-                history = {"loss": [0.69, 0.52, 0.41, 0.35], "val_loss": [0.68, 0.55, 0.47, 0.44],
-                           "accuracy": [0.55, 0.74, 0.82, 0.86], "val_accuracy": [0.56, 0.71, 0.79, 0.81]}
-                plots.plot_all(history=history, y_true=y, prob_malignant=p, threshold=threshold,
-                                    out_dir=plots_dir)
-        s.execute(update(ModelVersion).where(ModelVersion.version == version).values(plots_dir=str(plots_dir)))
+                history = {
+                    "loss": [0.69, 0.52, 0.41, 0.35],
+                    "val_loss": [0.68, 0.55, 0.47, 0.44],
+                    "accuracy": [0.55, 0.74, 0.82, 0.86],
+                    "val_accuracy": [0.56, 0.71, 0.79, 0.81],
+                }
+                plots.plot_all(
+                    history=history, y_true=y, prob_malignant=p, threshold=threshold, out_dir=plots_dir
+                )
+        s.execute(
+            update(ModelVersion).where(ModelVersion.version == version).values(plots_dir=str(plots_dir))
+        )
     return out

@@ -44,21 +44,26 @@ def test_score_dag_via_rest_api_on_real_services(tmp_path):
     passwords = af_home / "passwords.json"
     af_home.mkdir(parents=True)
     passwords.write_text(json.dumps({"admin": "test-pass"}))
-    env = airflow_env(af_home, metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc={
-        "BCC_HOME": str(home), "BCC_DATABASE_URL": bcc_url, "BCC_SETTLE_SECONDS": "0"})
-    env.update({
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__API__BASE_URL": base,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-test-secret-not-for-production",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-    })
+    env = airflow_env(
+        af_home,
+        metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
+        bcc={"BCC_HOME": str(home), "BCC_DATABASE_URL": bcc_url, "BCC_SETTLE_SECONDS": "0"},
+    )
+    env.update(
+        {
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__API__BASE_URL": base,
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-test-secret-not-for-production",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+        }
+    )
     migrate(env)
     register_tiny_champion(bcc_url, home / "models")
     from bcc_pipeline.demo_data import generate
@@ -70,16 +75,25 @@ def test_score_dag_via_rest_api_on_real_services(tmp_path):
         services.start("api-server", ["api-server", "--port", str(port)], env)
         services.start("scheduler", ["scheduler"], env)
         services.start("dag-processor", ["dag-processor"], env)
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server")
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server"
+        )
         token = jwt_token(base, "admin", "test-pass")
         assert rest("GET", f"{base}/api/v2/dags")[0] == 401  # the API is behind login
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/dags/bcc_score", token)[0] == 200, 180,
-                          "the dag-processor to parse bcc_score")
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/dags/bcc_score", token)[0] == 200,
+            180,
+            "the dag-processor to parse bcc_score",
+        )
         status, _ = rest("PATCH", f"{base}/api/v2/dags/bcc_score", token, {"is_paused": False})
         assert status == 200
         run_id = "rest_score_1"
-        status, body = rest("POST", f"{base}/api/v2/dags/bcc_score/dagRuns", token,
-                            {"logical_date": None, "dag_run_id": run_id, "conf": {"shards": 2, "batch_size": 4}})
+        status, body = rest(
+            "POST",
+            f"{base}/api/v2/dags/bcc_score/dagRuns",
+            token,
+            {"logical_date": None, "dag_run_id": run_id, "conf": {"shards": 2, "batch_size": 4}},
+        )
         assert status == 200, body
 
         def finished() -> str | None:
@@ -87,12 +101,15 @@ def test_score_dag_via_rest_api_on_real_services(tmp_path):
 
         assert services.wait_for(finished, 400, f"run {run_id}") == "success", services.all_logs()
         rows, distinct = _predictions(bcc_url)
-        assert rows == distinct == n  # every image scored once, whichever run (REST or the catch-up slot) took it
+        assert (
+            rows == distinct == n
+        )  # every image scored once, whichever run (REST or the catch-up slot) took it
         assert len(list((home / "archive").rglob("*.png"))) == n
 
         # clear the whole run (every task instance) and let the scheduler run it again
-        status, body = rest("POST", f"{base}/api/v2/dags/bcc_score/dagRuns/{run_id}/clear", token,
-                            {"dry_run": False})
+        status, body = rest(
+            "POST", f"{base}/api/v2/dags/bcc_score/dagRuns/{run_id}/clear", token, {"dry_run": False}
+        )
         assert status == 200, body
         time.sleep(3)
         assert services.wait_for(finished, 400, f"cleared run {run_id}") == "success"

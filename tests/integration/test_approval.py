@@ -35,8 +35,14 @@ def _images(folder: Path, prefix: str, n: int, seed0: int) -> list[dict]:
     out = []
     for i in range(n):
         path = write_png(folder / f"{prefix}{i}.png", size=40, seed=seed0 + i)
-        out.append({"sha256": sha256_file(path), "label": ("benign", "malignant")[i % 2], "group_id": f"{prefix}{i}",
-                    "path": str(path)})
+        out.append(
+            {
+                "sha256": sha256_file(path),
+                "label": ("benign", "malignant")[i % 2],
+                "group_id": f"{prefix}{i}",
+                "path": str(path),
+            }
+        )
     return out
 
 
@@ -47,10 +53,20 @@ def _candidate(models: Path, version: str, dev, holdout) -> None:
     out = models / version
     _, sha = save_tiny_artifact(out, 32, {"version": version})
     meta = json.loads((out / "metadata.json").read_text())
-    meta.update({"artifact_sha256": sha, "manifest_path": str(dev.path), "manifest_hash": dev.hash,
-                 "holdout_path": str(holdout.path), "preprocessing": "densenet-torch-v1",
-                 "hyperparameters": {"base_weights": "none", "profile": "demo"}, "n_train": 4, "n_val": 4,
-                 "code_version": "test", "data_cutoff": None})
+    meta.update(
+        {
+            "artifact_sha256": sha,
+            "manifest_path": str(dev.path),
+            "manifest_hash": dev.hash,
+            "holdout_path": str(holdout.path),
+            "preprocessing": "densenet-torch-v1",
+            "hyperparameters": {"base_weights": "none", "profile": "demo"},
+            "n_train": 4,
+            "n_val": 4,
+            "code_version": "test",
+            "data_cutoff": None,
+        }
+    )
     (out / "metadata.json").write_text(json.dumps(meta))
     (out / "history.json").write_text(json.dumps({"loss": [0.7, 0.6], "val_loss": [0.7, 0.65]}))
 
@@ -59,11 +75,18 @@ def _setup(home: Path) -> None:
     from bcc_pipeline.dataset import write_manifest
 
     img = home / "testdata"
-    dev = [{**e, "split": role} for role, n, seed in (("train", 4, 0), ("validation", 4, 50), ("calibration", 12, 100))
-           for e in _images(img, role, n, seed)]
+    dev = [
+        {**e, "split": role}
+        for role, n, seed in (("train", 4, 0), ("validation", 4, 50), ("calibration", 12, 100))
+        for e in _images(img, role, n, seed)
+    ]
     hold = [{**e, "split": "holdout"} for e in _images(img, "holdout", 16, 500)]
-    dev_m = write_manifest(sorted(dev, key=lambda e: e["sha256"]), home / "manifests", seed=0, val_fraction=0.2)
-    hold_m = write_manifest(sorted(hold, key=lambda e: e["sha256"]), home / "holdouts", seed=0, val_fraction=0.2)
+    dev_m = write_manifest(
+        sorted(dev, key=lambda e: e["sha256"]), home / "manifests", seed=0, val_fraction=0.2
+    )
+    hold_m = write_manifest(
+        sorted(hold, key=lambda e: e["sha256"]), home / "holdouts", seed=0, val_fraction=0.2
+    )
     for version in ("v-approve", "v-reject"):
         _candidate(home / "models", version, dev_m, hold_m)
     for label in ("benign", "malignant"):
@@ -80,22 +103,33 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
     passwords = af_home / "passwords.json"
     af_home.mkdir(parents=True)
     passwords.write_text(json.dumps({"admin": "test-pass"}))
-    env = airflow_env(af_home, metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc={
-        "BCC_HOME": str(home), "BCC_DATABASE_URL": bcc_url, "BCC_PROFILE": "demo",
-        "BCC_GATE_MIN_ACCURACY": "0", "BCC_GATE_MIN_SENSITIVITY": "0", "BCC_PUBLISH_BACKENDS": "openvino"})
-    env.update({
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__API__BASE_URL": base,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-test-secret-not-for-production",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-    })
+    env = airflow_env(
+        af_home,
+        metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
+        bcc={
+            "BCC_HOME": str(home),
+            "BCC_DATABASE_URL": bcc_url,
+            "BCC_PROFILE": "demo",
+            "BCC_GATE_MIN_ACCURACY": "0",
+            "BCC_GATE_MIN_SENSITIVITY": "0",
+            "BCC_PUBLISH_BACKENDS": "openvino",
+        },
+    )
+    env.update(
+        {
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__API__BASE_URL": base,
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-test-secret-not-for-production",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+        }
+    )
     migrate(env)
     _setup(home)
 
@@ -104,26 +138,41 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
         services.start("api-server", ["api-server", "--port", str(port)], env)
         services.start("scheduler", ["scheduler"], env)
         services.start("dag-processor", ["dag-processor"], env)
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server")
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server"
+        )
         token = jwt_token(base, "admin", "test-pass")
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/dags/{DAG}", token)[0] == 200, 300,
-                          f"the dag-processor to parse {DAG}")
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/dags/{DAG}", token)[0] == 200,
+            300,
+            f"the dag-processor to parse {DAG}",
+        )
         assert rest("PATCH", f"{base}/api/v2/dags/{DAG}", token, {"is_paused": False})[0] == 200
 
         def log_of(run_id: str, task_id: str) -> str:
             """A task's log through the REST API, one line per event (errors with their details)."""
-            _, body = rest("GET", f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1"
-                           "?full_content=true", token)
-            return "\n".join(f"{c.get('event')} {c.get('error_detail') or ''}" for c in body.get("content", [])
-                             if isinstance(c, dict))
+            _, body = rest(
+                "GET",
+                f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1?full_content=true",
+                token,
+            )
+            return "\n".join(
+                f"{c.get('event')} {c.get('error_detail') or ''}"
+                for c in body.get("content", [])
+                if isinstance(c, dict)
+            )
 
         def run(run_id: str, candidate: str, answer: str, comment: str) -> dict:
             from bcc_pipeline import registry
             from bcc_pipeline.store import session_scope
 
             conf = {"candidate": candidate, "require_approval": True, "force": True, "min_new_images": 0}
-            status, body = rest("POST", f"{base}/api/v2/dags/{DAG}/dagRuns", token,
-                                {"logical_date": None, "dag_run_id": run_id, "conf": conf})
+            status, body = rest(
+                "POST",
+                f"{base}/api/v2/dags/{DAG}/dagRuns",
+                token,
+                {"logical_date": None, "dag_run_id": run_id, "conf": conf},
+            )
             assert status == 200, body
             hitl = f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails"
 
@@ -137,7 +186,9 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
             assert "model_card.md" in detail["body"] and "reliability.png" in detail["body"]
             with session_scope(bcc_url) as s:  # the gate did not promote by itself
                 assert registry.decision_for(s, candidate).decision == registry.AWAITING
-            st, resp = rest("PATCH", hitl, token, {"chosen_options": [answer], "params_input": {"comment": comment}})
+            st, resp = rest(
+                "PATCH", hitl, token, {"chosen_options": [answer], "params_input": {"comment": comment}}
+            )
             assert st == 200 and resp["responded_by"]["name"] == "admin", resp
             state = services.wait_for(lambda: run_state(base, token, DAG, run_id), 600, f"run {run_id}")
             states = {t["task_id"]: t["state"] for t in task_instances(base, token, DAG, run_id)}
@@ -164,8 +215,14 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
             assert registry.get_champion(s).version == "v-approve"  # the champion is kept
             row = registry.decision_for(s, "v-reject")
             assert row.decision == "rejected" and row.actor == "airflow-user:admin"
-            assert row.evidence["approval"] == {**row.evidence["approval"], "approved": False, "comment": "not this week"}
-            assert row.evidence["differences"]["roc_auc"]["n"] == 16  # compared with v-approve on the same holdout
+            assert row.evidence["approval"] == {
+                **row.evidence["approval"],
+                "approved": False,
+                "comment": "not this week",
+            }
+            assert (
+                row.evidence["differences"]["roc_auc"]["n"] == 16
+            )  # compared with v-approve on the same holdout
         card = (home / "models" / "v-reject" / "model_card.md").read_text()
         assert "Human approval: rejected by `airflow-user:admin`: not this week" in card
     finally:

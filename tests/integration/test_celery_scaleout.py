@@ -105,21 +105,34 @@ def _stack_env(tmp_path: Path, meta_url: str, bcc_url: str, redis_url: str, port
     af_home = tmp_path / "airflow"
     variables = {
         # what .env provides in the compose stack (trust auth on the test server ignores passwords)
-        "POSTGRES_USER": meta.username, "POSTGRES_PASSWORD": meta.password or "unused-trust-auth",
+        "POSTGRES_USER": meta.username,
+        "POSTGRES_PASSWORD": meta.password or "unused-trust-auth",
         "AIRFLOW_DB_NAME": meta.database,
-        "BCC_DB_HOST": bcc.host, "BCC_DB_PORT": str(bcc.port or 5432), "BCC_DB_NAME": bcc.database,
-        "BCC_DB_USER": bcc.username, "BCC_DB_PASSWORD": bcc.password or "unused-trust-auth",
-        "REDIS_DB": str(broker.database or 0), "AIRFLOW_WORKER_CONCURRENCY": "1",
-        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(), "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW_API_SECRET_KEY": secrets.token_urlsafe(32), "AIRFLOW_ADMIN_USER": "admin",
+        "BCC_DB_HOST": bcc.host,
+        "BCC_DB_PORT": str(bcc.port or 5432),
+        "BCC_DB_NAME": bcc.database,
+        "BCC_DB_USER": bcc.username,
+        "BCC_DB_PASSWORD": bcc.password or "unused-trust-auth",
+        "REDIS_DB": str(broker.database or 0),
+        "AIRFLOW_WORKER_CONCURRENCY": "1",
+        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW_API_SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW_ADMIN_USER": "admin",
     }
     stack = compose_env_on_loopback(
         variables,
-        hosts={"@postgres:5432/": f"@{meta.host}:{meta.port or 5432}/",
-               "redis://redis:6379/": f"redis://{broker.host}:{broker.port or 6379}/",
-               "http://airflow-apiserver:8080/": f"http://127.0.0.1:{port}/"},
-        paths={"/opt/airflow/dags": str(Path(__file__).resolve().parents[2] / "dags"),
-               "/opt/airflow/config": str(af_home), "/opt/bcc": str(tmp_path / "bcc")})
+        hosts={
+            "@postgres:5432/": f"@{meta.host}:{meta.port or 5432}/",
+            "redis://redis:6379/": f"redis://{broker.host}:{broker.port or 6379}/",
+            "http://airflow-apiserver:8080/": f"http://127.0.0.1:{port}/",
+        },
+        paths={
+            "/opt/airflow/dags": str(Path(__file__).resolve().parents[2] / "dags"),
+            "/opt/airflow/config": str(af_home),
+            "/opt/bcc": str(tmp_path / "bcc"),
+        },
+    )
     clash = set(TEST_ONLY) & set(compose_common_env())
     assert not clash, f"the test may not override compose settings: {clash}"
     env = airflow_env(af_home, metadata_url=None, bcc={})
@@ -135,18 +148,28 @@ def _worker_env(env: dict[str, str], name: str) -> dict[str, str]:
     """Two workers on one machine: each records its own name as the task instances' hostname (in
     the compose stack each worker is a container with its own hostname). Task logs are read from
     the shared AIRFLOW_HOME, so the workers do not serve them (one port each otherwise)."""
-    return {**env, "BCC_TEST_WORKER_HOSTNAME": name,
-            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.integration.airflow_support.worker_hostname_from_env"}
+    return {
+        **env,
+        "BCC_TEST_WORKER_HOSTNAME": name,
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.integration.airflow_support.worker_hostname_from_env",
+    }
 
 
 def _ledger(bcc_url: str, run_id: str) -> dict[str, int]:
     from bcc_pipeline.store import InboxFile, session_scope
 
     with session_scope(bcc_url) as s:
-        rows = s.execute(select(InboxFile.status, func.count()).where(InboxFile.run_id == run_id)
-                         .group_by(InboxFile.status)).all()
-        per_path = s.execute(select(func.count()).where(InboxFile.run_id == run_id)
-                             .group_by(InboxFile.path_key).having(func.count() > 1)).all()
+        rows = s.execute(
+            select(InboxFile.status, func.count())
+            .where(InboxFile.run_id == run_id)
+            .group_by(InboxFile.status)
+        ).all()
+        per_path = s.execute(
+            select(func.count())
+            .where(InboxFile.run_id == run_id)
+            .group_by(InboxFile.path_key)
+            .having(func.count() > 1)
+        ).all()
     assert not per_path, f"a file of {run_id} is in the ledger more than once"
     return dict(rows)
 
@@ -163,7 +186,8 @@ def _predictions(bcc_url: str, run_ids: list[str]) -> tuple[int, int]:
 
     with session_scope(bcc_url) as s:
         q = select(func.count(), func.count(func.distinct(Prediction.image_sha256))).where(
-            Prediction.run_id.in_(run_ids))
+            Prediction.run_id.in_(run_ids)
+        )
         rows, distinct = s.execute(q).one()
     return rows, distinct
 
@@ -202,7 +226,9 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
     inboxes = {}
     for i, key in enumerate(("spread", "kill")):
         inboxes[key] = home / "drops" / key
-        generate(inboxes[key] / "ward", benign=IMAGES_PER_CLASS, malignant=IMAGES_PER_CLASS, size=48, seed=100 + i)
+        generate(
+            inboxes[key] / "ward", benign=IMAGES_PER_CLASS, malignant=IMAGES_PER_CLASS, size=48, seed=100 + i
+        )
     shas = {k: {sha256_file(p) for p in v.rglob("*.png")} for k, v in inboxes.items()}
     assert all(len(s) == 2 * IMAGES_PER_CLASS for s in shas.values()) and not shas["spread"] & shas["kill"]
 
@@ -213,31 +239,53 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
         services.start("dag-processor", ["dag-processor"], env)
         for name in WORKERS:  # one after the other: the first creates Celery's result tables (a race
             # between two first-time workers kills one; in the compose stack `restart: always` covers it)
-            services.start(name, ["celery", "worker", "-H", f"{name}@localhost", "--skip-serve-logs"],
-                           _worker_env(env, name))
-            services.wait_for(lambda name=name: "ready." in tail(services.logs[name], 100_000), 120,
-                              f"Celery worker {name}", interval=1)
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server")
+            services.start(
+                name,
+                ["celery", "worker", "-H", f"{name}@localhost", "--skip-serve-logs"],
+                _worker_env(env, name),
+            )
+            services.wait_for(
+                lambda name=name: "ready." in tail(services.logs[name], 100_000),
+                120,
+                f"Celery worker {name}",
+                interval=1,
+            )
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server"
+        )
         token = jwt_token(base, "admin", password)
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/dags/{DAG}", token)[0] == 200, 180,
-                          "the dag-processor to parse bcc_score")
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/dags/{DAG}", token)[0] == 200,
+            180,
+            "the dag-processor to parse bcc_score",
+        )
         assert rest("PATCH", f"{base}/api/v2/dags/{DAG}", token, {"is_paused": False})[0] == 200
 
         def trigger(key: str, **conf) -> str:
             run_id = f"celery_{key}_{uuid.uuid4().hex[:6]}"
-            status, body = rest("POST", f"{base}/api/v2/dags/{DAG}/dagRuns", token, {
-                "logical_date": None, "dag_run_id": run_id,
-                "conf": {"shards": SHARDS, "inbox": str(inboxes[key]), **conf}})
+            status, body = rest(
+                "POST",
+                f"{base}/api/v2/dags/{DAG}/dagRuns",
+                token,
+                {
+                    "logical_date": None,
+                    "dag_run_id": run_id,
+                    "conf": {"shards": SHARDS, "inbox": str(inboxes[key]), **conf},
+                },
+            )
             assert status == 200, body
             return run_id
 
         # 1. 64 images, 4 shards: both workers take shards, every image is scored once
         run1 = trigger("spread", batch_size=8)
-        assert services.wait_for(lambda: run_state(base, token, DAG, run1), 300, f"run {run1}") == "success", \
-            services.all_logs()
+        assert (
+            services.wait_for(lambda: run_state(base, token, DAG, run1), 300, f"run {run1}") == "success"
+        ), services.all_logs()
         shards = _shard_tis(base, token, run1)
         assert len(shards) == SHARDS and {t["state"] for t in shards} == {"success"}
-        assert {t["hostname"] for t in shards} == set(WORKERS), [(t["map_index"], t["hostname"]) for t in shards]
+        assert {t["hostname"] for t in shards} == set(WORKERS), [
+            (t["map_index"], t["hostname"]) for t in shards
+        ]
         _assert_scored_once(bcc_url, home, inboxes["spread"], run1, shas["spread"])
 
         # 2. SIGKILL one worker while it runs a shard; Airflow retries it on the other worker
@@ -251,10 +299,17 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
             takes about two seconds here, so the victim is frozen (SIGSTOP) as soon as it runs one,
             and let go in short steps (SIGCONT) until part of the shard is committed."""
             with meta.connect() as c:  # the metadata DB: quicker to see a shard start than the REST API
-                running = c.execute(text(
-                    "SELECT map_index FROM task_instance WHERE dag_id = :d AND run_id = :r AND task_id = "
-                    "'score_shard' AND state = 'running' AND hostname = :h"), {"d": DAG, "r": run2, "h": victim},
-                ).scalars().all()
+                running = (
+                    c.execute(
+                        text(
+                            "SELECT map_index FROM task_instance WHERE dag_id = :d AND run_id = :r AND task_id = "
+                            "'score_shard' AND state = 'running' AND hostname = :h"
+                        ),
+                        {"d": DAG, "r": run2, "h": victim},
+                    )
+                    .scalars()
+                    .all()
+                )
             for shard in running:
                 services.signal(victim, signal.SIGSTOP)
                 size = len(json.loads((home / "runs" / run2 / "plan.json").read_text())["shards"][shard])
@@ -271,11 +326,13 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
                 services.signal(victim, signal.SIGCONT)
             return None
 
-        shard, done, size = services.wait_for(kill_mid_shard, 240, f"{victim} part-way through a shard of {run2}",
-                                              interval=0.1)
+        shard, done, size = services.wait_for(
+            kill_mid_shard, 240, f"{victim} part-way through a shard of {run2}", interval=0.1
+        )
         print(f"killed {victim} in shard {shard} after {done} of its {size} files")
-        assert services.wait_for(lambda: run_state(base, token, DAG, run2), 360, f"run {run2}") == "success", \
-            services.all_logs()
+        assert (
+            services.wait_for(lambda: run_state(base, token, DAG, run2), 360, f"run {run2}") == "success"
+        ), services.all_logs()
         shards = {t["map_index"]: t for t in _shard_tis(base, token, run2)}
         retried = shards[shard]
         assert retried["state"] == "success" and retried["try_number"] >= 2, retried

@@ -31,12 +31,18 @@ def bcc_json(env: dict[str, str], *args: str):
 def cli_env(tmp_path: Path):
     def make(database_url: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
-        env.update({
-            "BCC_HOME": str(tmp_path / "home"), "BCC_DATABASE_URL": database_url, "BCC_SETTLE_SECONDS": "0",
-            "BCC_GATE_MIN_ACCURACY": "0", "BCC_GATE_MIN_SENSITIVITY": "0", "TF_CPP_MIN_LOG_LEVEL": "3",
-            # one real back-end validation at promotion; the full set has its own tests
-            "BCC_PUBLISH_BACKENDS": "openvino",
-        })
+        env.update(
+            {
+                "BCC_HOME": str(tmp_path / "home"),
+                "BCC_DATABASE_URL": database_url,
+                "BCC_SETTLE_SECONDS": "0",
+                "BCC_GATE_MIN_ACCURACY": "0",
+                "BCC_GATE_MIN_SENSITIVITY": "0",
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                # one real back-end validation at promotion; the full set has its own tests
+                "BCC_PUBLISH_BACKENDS": "openvino",
+            }
+        )
         return env
 
     return make
@@ -113,7 +119,10 @@ def test_model_info_reports_the_seed_parameter_counts():
     info = bcc_json(env, "model-info", "--profile", "seed")
     assert info["input_shape"] == [224, 224, 3]
     assert (info["total_params"], info["trainable_params"], info["non_trainable_params"]) == (
-        18333506, 18100610, 232896)
+        18333506,
+        18100610,
+        232896,
+    )
     assert "DenseNet201" in info["architecture"]
 
 
@@ -131,11 +140,14 @@ def test_offline_imagenet_weights_fail_with_the_way_out(tmp_path):
     assert str(tmp_path / ".keras" / "models") in line and "BCC_BASE_WEIGHTS=none" in line
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--epochs", "0"], "BCC_EPOCHS=0: must be a positive integer"),
-    (["models"], "bcc db upgrade"),
-    (["promote", "v-none", "--reason", "x"], "bcc db upgrade"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--epochs", "0"], "BCC_EPOCHS=0: must be a positive integer"),
+        (["models"], "bcc db upgrade"),
+        (["promote", "v-none", "--reason", "x"], "bcc db upgrade"),
+    ],
+)
 def test_errors_are_one_line(tmp_path, args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
     env["BCC_HOME"] = str(tmp_path)
@@ -152,7 +164,10 @@ def test_config_shows_each_value_with_its_source_and_the_readme_table(tmp_path):
     doc = bcc_json(env, "config", "--profile", "demo")
     assert set(doc["settings"]) == set(SETTINGS) and doc["env"]["epochs"] == "BCC_EPOCHS"
     assert (doc["settings"]["epochs"], doc["sources"]["epochs"]) == (3, "env")
-    assert (doc["settings"]["image_size"], doc["sources"]["image_size"]) == (PROFILES["demo"]["image_size"], "profile")
+    assert (doc["settings"]["image_size"], doc["sources"]["image_size"]) == (
+        PROFILES["demo"]["image_size"],
+        "profile",
+    )
     human = run_bcc(env, "config").stdout.splitlines()
     assert any(line.split()[:2] == ["epochs", "3"] and "(env, BCC_EPOCHS)" in line for line in human)
     assert run_bcc(env, "config", "--markdown").stdout == markdown_table()

@@ -21,8 +21,16 @@ from .airflow_support import (
 )
 
 # the Airflow services of the stack; the GPU worker differs only by its image's CUDA build
-AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                    "airflow-triggerer", "airflow-worker", "airflow-worker-gpu", "airflow-cli"}
+AIRFLOW_SERVICES = {
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+    "airflow-worker-gpu",
+    "airflow-cli",
+}
 BCC_HOME_FOLDERS = ("landing", "inbox", "archive", "quarantine", "models", "dataset", "runs")
 
 
@@ -35,14 +43,22 @@ def _check_jsonschema() -> str:
 
 
 def test_compose_file_validates_against_the_compose_spec_offline(tmp_path):
-    proc = subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the validator does reject a file that breaks the spec (so the check above can fail)
     bad = tmp_path / "docker-compose.yaml"
     bad.write_text(COMPOSE_FILE.read_text().replace("    restart: always", "    restart_policy: always", 1))
-    proc = subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "restart_policy" in proc.stdout
 
 
@@ -57,13 +73,18 @@ def test_every_airflow_service_shares_the_image_and_the_settings():
         svc = services[name]
         if name == "airflow-worker-gpu":  # the same Dockerfile, built with TensorFlow's CUDA libraries
             assert svc["image"] == common["image"] + "-gpu"
-            assert svc["build"] == {"context": common["build"]["context"], "args": {"TENSORFLOW_EXTRA": "and-cuda"}}
+            assert svc["build"] == {
+                "context": common["build"]["context"],
+                "args": {"TENSORFLOW_EXTRA": "and-cuda"},
+            }
         else:
             assert svc["image"] == common["image"], name
             assert svc["build"] == common["build"], name
         env = {k: str(v) for k, v in svc["environment"].items()}
         airflow_settings = {k: v for k, v in env.items() if k.startswith(("AIRFLOW__", "BCC_"))}
-        assert airflow_settings == {k: v for k, v in common_env.items() if k.startswith(("AIRFLOW__", "BCC_"))}, name
+        assert airflow_settings == {
+            k: v for k, v in common_env.items() if k.startswith(("AIRFLOW__", "BCC_"))
+        }, name
         assert svc["volumes"] == common["volumes"], name
     assert common_env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert common_env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379/")
@@ -71,8 +92,16 @@ def test_every_airflow_service_shares_the_image_and_the_settings():
 
 def test_stack_topology_healthchecks_and_dependencies():
     services = load_compose()["services"]
-    for name in ("postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"):
+    for name in (
+        "postgres",
+        "redis",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+        "airflow-worker-gpu",
+    ):
         assert "healthcheck" in services[name], name
     for name in AIRFLOW_SERVICES - {"airflow-init", "airflow-cli"}:
         deps = services[name]["depends_on"]
@@ -85,7 +114,9 @@ def test_stack_topology_healthchecks_and_dependencies():
     init = " ".join(services["airflow-init"]["command"])
     script = interpolate(services["airflow-init"]["command"][1], {})
     syntax = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
-    assert syntax.returncode == 0, syntax.stderr  # the init script is valid bash after compose's interpolation
+    assert syntax.returncode == 0, (
+        syntax.stderr
+    )  # the init script is valid bash after compose's interpolation
     assert "airflow db migrate" in init and "bcc db upgrade" in init
     assert "simple_auth_manager_passwords.json" in init
     for folder in BCC_HOME_FOLDERS:
@@ -94,21 +125,34 @@ def test_stack_topology_healthchecks_and_dependencies():
     gpu = services["airflow-worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert all("profiles" not in services[s] for s in services if s not in ("airflow-worker-gpu", "airflow-cli"))
+    assert all(
+        "profiles" not in services[s] for s in services if s not in ("airflow-worker-gpu", "airflow-cli")
+    )
 
 
 def test_secrets_come_from_env_and_the_project_database_is_not_airflows():
     text = COMPOSE_FILE.read_text()
-    for secret in ("POSTGRES_PASSWORD", "BCC_DB_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET",
-                   "AIRFLOW_API_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD"):
+    for secret in (
+        "POSTGRES_PASSWORD",
+        "BCC_DB_PASSWORD",
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_JWT_SECRET",
+        "AIRFLOW_API_SECRET_KEY",
+        "AIRFLOW_ADMIN_PASSWORD",
+    ):
         assert f"${{{secret}:?" in text, secret  # required from .env, no default value in the file
         assert f"{secret}=change-me" in (REPO / ".env.example").read_text(), secret
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
     assert ignored.returncode == 0, ".env must be git-ignored"
     assert subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=REPO).returncode == 1
 
-    variables = {"POSTGRES_PASSWORD": "pw", "BCC_DB_PASSWORD": "pw", "AIRFLOW_FERNET_KEY": "k",
-                 "AIRFLOW_JWT_SECRET": "j", "AIRFLOW_API_SECRET_KEY": "s"}
+    variables = {
+        "POSTGRES_PASSWORD": "pw",
+        "BCC_DB_PASSWORD": "pw",
+        "AIRFLOW_FERNET_KEY": "k",
+        "AIRFLOW_JWT_SECRET": "j",
+        "AIRFLOW_API_SECRET_KEY": "s",
+    }
     from sqlalchemy.engine import make_url
 
     common = {k: interpolate(v, variables) for k, v in compose_common_env().items()}
@@ -122,16 +166,32 @@ def test_secrets_come_from_env_and_the_project_database_is_not_airflows():
 def test_native_test_runs_the_compose_settings_on_loopback():
     """What the native Celery test starts its processes with: every compose setting, only hosts,
     ports and paths swapped, and a change to the compose file cannot slip past it."""
-    variables = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "x", "AIRFLOW_DB_NAME": "meta_db",
-                 "BCC_DB_HOST": "127.0.0.1", "BCC_DB_USER": "postgres", "BCC_DB_PASSWORD": "x",
-                 "BCC_DB_NAME": "project_db", "REDIS_DB": "13", "AIRFLOW_FERNET_KEY": "k",
-                 "AIRFLOW_JWT_SECRET": "j", "AIRFLOW_API_SECRET_KEY": "s", "AIRFLOW_WORKER_CONCURRENCY": "1"}
-    hosts = {"@postgres:5432/": "@127.0.0.1:5432/", "redis://redis:6379/": "redis://127.0.0.1:6379/",
-             "http://airflow-apiserver:8080/": "http://127.0.0.1:18080/"}
+    variables = {
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_PASSWORD": "x",
+        "AIRFLOW_DB_NAME": "meta_db",
+        "BCC_DB_HOST": "127.0.0.1",
+        "BCC_DB_USER": "postgres",
+        "BCC_DB_PASSWORD": "x",
+        "BCC_DB_NAME": "project_db",
+        "REDIS_DB": "13",
+        "AIRFLOW_FERNET_KEY": "k",
+        "AIRFLOW_JWT_SECRET": "j",
+        "AIRFLOW_API_SECRET_KEY": "s",
+        "AIRFLOW_WORKER_CONCURRENCY": "1",
+    }
+    hosts = {
+        "@postgres:5432/": "@127.0.0.1:5432/",
+        "redis://redis:6379/": "redis://127.0.0.1:6379/",
+        "http://airflow-apiserver:8080/": "http://127.0.0.1:18080/",
+    }
     paths = {"/opt/airflow/dags": "/tmp/dags", "/opt/airflow/config": "/tmp/af", "/opt/bcc": "/tmp/bcc"}
     env = compose_env_on_loopback(variables, hosts, paths)
     assert set(env) == set(compose_common_env())
-    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg2://postgres:x@127.0.0.1:5432/meta_db"
+    assert (
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        == "postgresql+psycopg2://postgres:x@127.0.0.1:5432/meta_db"
+    )
     assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:6379/13"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
     assert env["BCC_DATABASE_URL"] == "postgresql+psycopg2://postgres:x@127.0.0.1:5432/project_db"
@@ -142,7 +202,9 @@ def test_native_test_runs_the_compose_settings_on_loopback():
     with pytest.raises(AssertionError, match="left in the settings"):
         compose_env_on_loopback(variables, {k: v for k, v in hosts.items() if "redis" not in k}, paths)
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        compose_env_on_loopback({k: v for k, v in variables.items() if k != "POSTGRES_PASSWORD"}, hosts, paths)
+        compose_env_on_loopback(
+            {k: v for k, v in variables.items() if k != "POSTGRES_PASSWORD"}, hosts, paths
+        )
 
 
 def test_dockerfile_builds_on_the_official_image_with_the_pinned_celery():
@@ -152,7 +214,9 @@ def test_dockerfile_builds_on_the_official_image_with_the_pinned_celery():
 
     text = (REPO / "Dockerfile").read_text()
     assert "\nFROM apache/airflow:3.3.2-python3.11\n" in text
-    args = dict(line.removeprefix("ARG ").split("=", 1) for line in text.splitlines() if line.startswith("ARG "))
+    args = dict(
+        line.removeprefix("ARG ").split("=", 1) for line in text.splitlines() if line.startswith("ARG ")
+    )
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     pins = {r.name: r for r in map(Requirement, extras["celery"])}
     assert str(pins["apache-airflow-providers-celery"].specifier) == f"=={args['CELERY_PROVIDER_VERSION']}"
@@ -160,4 +224,6 @@ def test_dockerfile_builds_on_the_official_image_with_the_pinned_celery():
     assert not pins["celery"].specifier.contains("5.7.0")  # 5.7.0 breaks the executor
     assert "bcc-pipeline[onnx,celery]" in extras["dev"]
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in text  # pip may not move Airflow off the image's version
-    assert 'asyncpg==${ASYNCPG_VERSION}' in text and "COPY --chown=airflow:root dags/ /opt/airflow/dags/" in text
+    assert (
+        "asyncpg==${ASYNCPG_VERSION}" in text and "COPY --chown=airflow:root dags/ /opt/airflow/dags/" in text
+    )

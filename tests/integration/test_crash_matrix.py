@@ -76,8 +76,9 @@ def _check(settings, url: str, inbox: Path, shas: dict[str, str | None], extra_d
     assert rejections == Counter(bad)  # one quarantine entry per broken file
     assert all(r.moved_to for r in rows), [(r.path, r.move_error) for r in rows if not r.moved_to]
     archived = [p for p in settings.archive_dir.rglob("*") if p.is_file()]
-    quarantined = [p for p in settings.quarantine_dir.rglob("*")
-                   if p.is_file() and not p.name.endswith(".reason.txt")]
+    quarantined = [
+        p for p in settings.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")
+    ]
     assert Counter(sha256_file(p) for p in archived) == Counter(valid.values())  # one copy per file
     assert sorted(p.name for p in quarantined) == bad
     for p in archived + quarantined:
@@ -90,8 +91,9 @@ def _check(settings, url: str, inbox: Path, shas: dict[str, str | None], extra_d
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["same-filesystem", "other-filesystem"])
 @pytest.mark.parametrize("hook", HOOK_POINTS)
-def test_kill_at_every_point_then_rerun(hook, where, make_settings, sqlite_url, register_champion, png_writer,
-                                        tmp_path):
+def test_kill_at_every_point_then_rerun(
+    hook, where, make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
     extra: list[Path] = []
     if where == "other-filesystem":
         inbox = _second_filesystem(tmp_path) / "inbox"
@@ -133,7 +135,9 @@ intake(load_settings(), run_id="killed", **{hook: block})
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["same-filesystem", "other-filesystem"])
 @pytest.mark.parametrize("block_at", [1, 2, 3])
-def test_intake_killed_after_a_commit_then_rerun(block_at, where, make_settings, sqlite_url, png_writer, tmp_path):
+def test_intake_killed_after_a_commit_then_rerun(
+    block_at, where, make_settings, sqlite_url, png_writer, tmp_path
+):
     from bcc_pipeline.store import upgrade
 
     settings = make_settings(sqlite_url, settle_seconds=0)
@@ -165,8 +169,11 @@ def test_intake_killed_after_a_commit_then_rerun(block_at, where, make_settings,
         assert rejections == Counter(["malignant/broken.png", "malignant/conflict.png"]) and not unmoved
         stored = [p for p in settings.dataset_dir.rglob("*") if p.is_file() and "manifests" not in p.parts]
         assert Counter(sha256_file(p) for p in stored) == Counter(contents)  # one stored copy per content
-        quarantined = sorted(p.name for p in settings.quarantine_dir.rglob("*")
-                             if p.is_file() and not p.name.endswith(".reason.txt"))
+        quarantined = sorted(
+            p.name
+            for p in settings.quarantine_dir.rglob("*")
+            if p.is_file() and not p.name.endswith(".reason.txt")
+        )
         assert quarantined == ["broken.png", "conflict.png"]  # one copy each, no ~1
         for folder in [settings.home, *extra]:
             assert not [p for p in folder.rglob(".bcc-move-*")], "a move's temporary file was left"

@@ -19,8 +19,10 @@ DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name != "bcc_common.py")
 HEAVY = ("tensorflow", "keras", "cv2", "sklearn", "pandas", "matplotlib")
 # The DAG folder parsed the way Airflow's DAG processor, task runner and `airflow dags test` parse it:
 # BundleDagBag puts the bundle folder on sys.path, so the DAG files can import bcc_common.
-BUNDLE_BAG = ("from airflow.dag_processing.dagbag import BundleDagBag\n"
-              f"bag = BundleDagBag(dag_folder={str(DAGS)!r}, bundle_path={str(DAGS)!r}, bundle_name='dags-folder')")
+BUNDLE_BAG = (
+    "from airflow.dag_processing.dagbag import BundleDagBag\n"
+    f"bag = BundleDagBag(dag_folder={str(DAGS)!r}, bundle_path={str(DAGS)!r}, bundle_name='dags-folder')"
+)
 
 
 def _python(code: str, env_extra: dict[str, str], tmp_path: Path) -> str:
@@ -72,7 +74,14 @@ def test_dagbag_integrity(tmp_path):
     retrain, score = out["dags"]["bcc_retrain"], out["dags"]["bcc_score"]
     assert retrain["schedule"] == "0 3 * * 0" and score["schedule"] == "0 2 * * *"
     assert retrain["retries"]["train"] == 0 and retrain["retries"]["intake"] == 2
-    assert retrain["params"] == ["candidate", "epochs", "force", "min_new_images", "profile", "require_approval"]
+    assert retrain["params"] == [
+        "candidate",
+        "epochs",
+        "force",
+        "min_new_images",
+        "profile",
+        "require_approval",
+    ]
     assert score["params"] == ["batch_size", "force_unvalidated", "inbox", "inference", "shards"]
     from bcc_pipeline.config import INFERENCE_CHOICES
 
@@ -88,8 +97,9 @@ def test_schedules_are_configurable(tmp_path):
         f"{BUNDLE_BAG}\n"
         "print(json.dumps({k: str(getattr(d.timetable, 'expression', None) or type(d.timetable).__name__) for k, d in bag.dags.items()}))\n"
     )
-    out = json.loads(_python(code, {"BCC_RETRAIN_SCHEDULE": "0 5 * * 1", "BCC_SCORE_SCHEDULE": "30 1 * * *"},
-                             tmp_path))
+    out = json.loads(
+        _python(code, {"BCC_RETRAIN_SCHEDULE": "0 5 * * 1", "BCC_SCORE_SCHEDULE": "30 1 * * *"}, tmp_path)
+    )
     assert out == {"bcc_retrain": "0 5 * * 1", "bcc_score": "30 1 * * *"}
 
 
@@ -97,8 +107,11 @@ def test_airflow_records_no_import_errors(tmp_path):
     """The DAG files import bcc_common at parse time. Parsed by Airflow itself (`dags reserialize`
     parses the bundle as the DAG processor does and records import errors in the metadata database,
     which the UI and `list-import-errors` show), and by the local check of the bundle, they load."""
-    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
-                      bcc={"BCC_HOME": str(tmp_path / "bcc")})
+    env = airflow_env(
+        tmp_path / "af",
+        metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
+        bcc={"BCC_HOME": str(tmp_path / "bcc")},
+    )
     migrate(env)
     airflow(env, "dags", "reserialize")
 
@@ -123,8 +136,14 @@ def airflow_pg_url(pg_server):
 
 
 def _bcc_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
-    env = {"BCC_HOME": str(home), "BCC_DATABASE_URL": database_url, "BCC_SETTLE_SECONDS": "0",
-           "BCC_IMAGE_SIZE": "32", "BCC_BASE_WEIGHTS": "none", "BCC_PUBLISH_BACKENDS": "openvino"}
+    env = {
+        "BCC_HOME": str(home),
+        "BCC_DATABASE_URL": database_url,
+        "BCC_SETTLE_SECONDS": "0",
+        "BCC_IMAGE_SIZE": "32",
+        "BCC_BASE_WEIGHTS": "none",
+        "BCC_PUBLISH_BACKENDS": "openvino",
+    }
     env.update(extra)
     return env
 
@@ -160,8 +179,20 @@ def _retrain_short_circuit(env_factory, tmp_path: Path, bcc_url: str) -> tuple[d
     states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 20})
     assert states["__run__"] == "success"
     assert states["intake"] == "success" and states["check_new_data"] == "success"
-    assert all(states[t] == "skipped" for t in ("split", "train", "evaluate", "gate", "needs_approval", "approve",
-                                                "approved", "record_decision", "publish_champion"))
+    assert all(
+        states[t] == "skipped"
+        for t in (
+            "split",
+            "train",
+            "evaluate",
+            "gate",
+            "needs_approval",
+            "approve",
+            "approved",
+            "record_decision",
+            "publish_champion",
+        )
+    )
     assert "skipping training: 8 < min_new_images=20" in states["__log__"]
     return env, champion
 
@@ -188,8 +219,11 @@ def _retrain_short_circuit_then_reject(env_factory, tmp_path: Path, bcc_url: str
 def _retrain_promotes(env_factory, tmp_path: Path, bcc_url: str) -> None:
     home = tmp_path / "bcc"
     champion = register_tiny_champion(bcc_url, home / "models")
-    env = env_factory(_bcc_env(home, bcc_url, BCC_GATE_MIN_ACCURACY="0", BCC_GATE_MIN_SENSITIVITY="0",
-                               BCC_GATE_MARGIN="0.99"))
+    env = env_factory(
+        _bcc_env(
+            home, bcc_url, BCC_GATE_MIN_ACCURACY="0", BCC_GATE_MIN_SENSITIVITY="0", BCC_GATE_MARGIN="0.99"
+        )
+    )
     migrate(env)
     _landing(home, n=10)
     states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 0})
@@ -227,7 +261,9 @@ def test_retrain_dag_skips_training_without_enough_new_images(tmp_path):
     """prepare_database → intake → check_new_data (should_retrain) on the tiny champion: no training."""
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     af_db = f"sqlite:///{tmp_path / 'airflow.db'}"
-    _retrain_short_circuit(lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url)
+    _retrain_short_circuit(
+        lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url
+    )
 
 
 @pytest.mark.slow
@@ -235,14 +271,16 @@ def test_retrain_dag_sqlite_short_circuit_then_gate_rejection(tmp_path):
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     af_db = f"sqlite:///{tmp_path / 'airflow.db'}"
     _retrain_short_circuit_then_reject(
-        lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url)
+        lambda bcc: airflow_env(tmp_path / "af", metadata_url=af_db, bcc=bcc), tmp_path, url
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_retrain_dag_postgres_promotes(tmp_path, pg_url, airflow_pg_url):
-    _retrain_promotes(lambda bcc: airflow_env(tmp_path / "af", metadata_url=airflow_pg_url, bcc=bcc), tmp_path,
-                      pg_url)
+    _retrain_promotes(
+        lambda bcc: airflow_env(tmp_path / "af", metadata_url=airflow_pg_url, bcc=bcc), tmp_path, pg_url
+    )
 
 
 def test_score_dag_fails_when_a_shard_fails_and_loses_nothing(tmp_path):
@@ -253,7 +291,9 @@ def test_score_dag_fails_when_a_shard_fails_and_loses_nothing(tmp_path):
     register_tiny_champion(url, home / "models")
     with open(home / "models" / "vtiny-champion" / "model.keras", "ab") as fh:
         fh.write(b"tampered")
-    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    env = airflow_env(
+        tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url)
+    )
     migrate(env)
     n = _inbox(home, n=2)
     states = dags_test(env, "bcc_score", {"shards": 2})
@@ -272,7 +312,9 @@ def test_score_dag_refuses_an_inbox_outside_the_allowed_roots(tmp_path):
     system = tmp_path / "usr" / "share"
     system.mkdir(parents=True)
     write_png(system / "icon.png")
-    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    env = airflow_env(
+        tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url)
+    )
     migrate(env)
     states = dags_test(env, "bcc_score", {"shards": 1, "inbox": str(tmp_path / "usr")})
     assert states["__run__"] == "failed" and states["plan"] == "failed" and states["finalize"] == "failed"
@@ -287,7 +329,9 @@ def test_score_dag_turns_red_when_a_move_keeps_failing(tmp_path):
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     home = tmp_path / "bcc"
     register_tiny_champion(url, home / "models")
-    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    env = airflow_env(
+        tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url)
+    )
     migrate(env)
     n = _inbox(home, n=1)
     (home / "archive").write_text("a file where the archive folder should be")
@@ -302,7 +346,9 @@ def test_score_dag_turns_red_when_a_move_keeps_failing(tmp_path):
 def test_score_dag_without_champion_skips(tmp_path):
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     home = tmp_path / "bcc"
-    env = airflow_env(tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url))
+    env = airflow_env(
+        tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url)
+    )
     migrate(env)
     states = dags_test(env, "bcc_score", {"shards": 1})
     assert states["__run__"] == "success"
@@ -318,7 +364,9 @@ def test_score_dag_sqlite(tmp_path):
 
 @pytest.mark.postgres
 def test_score_dag_postgres(tmp_path, pg_url, airflow_pg_url):
-    _score_twice(lambda bcc: airflow_env(tmp_path / "af", metadata_url=airflow_pg_url, bcc=bcc), tmp_path, pg_url)
+    _score_twice(
+        lambda bcc: airflow_env(tmp_path / "af", metadata_url=airflow_pg_url, bcc=bcc), tmp_path, pg_url
+    )
 
 
 def test_database_comes_from_the_bcc_db_connection(tmp_path):
@@ -329,14 +377,31 @@ def test_database_comes_from_the_bcc_db_connection(tmp_path):
         "import bcc_common\n"
         "print(bcc_common.settings().database_url)\n"
     )
-    got = _python(code, {"AIRFLOW_CONN_BCC_DB": json.dumps({"conn_type": "sqlite", "host": str(tmp_path / 'from-conn.db')}),
-                         "BCC_HOME": str(tmp_path)}, tmp_path)
+    got = _python(
+        code,
+        {
+            "AIRFLOW_CONN_BCC_DB": json.dumps(
+                {"conn_type": "sqlite", "host": str(tmp_path / "from-conn.db")}
+            ),
+            "BCC_HOME": str(tmp_path),
+        },
+        tmp_path,
+    )
     assert got == url
-    pg = _python(code, {"AIRFLOW_CONN_BCC_DB": "postgresql://u:p%40ss@db.example:5433/bcc?sslmode=require",
-                        "BCC_HOME": str(tmp_path)}, tmp_path)
+    pg = _python(
+        code,
+        {
+            "AIRFLOW_CONN_BCC_DB": "postgresql://u:p%40ss@db.example:5433/bcc?sslmode=require",
+            "BCC_HOME": str(tmp_path),
+        },
+        tmp_path,
+    )
     assert pg == "postgresql+psycopg2://u:p%40ss@db.example:5433/bcc?sslmode=require"
-    wins = _python(code, {"AIRFLOW_CONN_BCC_DB": "postgresql://u@h/bcc", "BCC_DATABASE_URL": url,
-                          "BCC_HOME": str(tmp_path)}, tmp_path)
+    wins = _python(
+        code,
+        {"AIRFLOW_CONN_BCC_DB": "postgresql://u@h/bcc", "BCC_DATABASE_URL": url, "BCC_HOME": str(tmp_path)},
+        tmp_path,
+    )
     assert wins == url
     default = _python(code, {"BCC_HOME": str(tmp_path)}, tmp_path)
     assert default == f"sqlite:///{tmp_path / 'bcc.db'}"

@@ -36,9 +36,11 @@ PATIENT_FOLDER = "patient_0042"  # a filter value that must never reach the api-
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
-                              "chromium-driver; .ci/run installs them)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+        "chromium-driver; .ci/run installs them)",
+    ),
 ]
 
 
@@ -56,12 +58,15 @@ def _scored_home(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
     home = tmp_path / "bcc"
     env = {"BCC_HOME": str(home), "BCC_DATABASE_URL": f"sqlite:///{tmp_path / 'bcc.db'}"}
     s = load_settings(env=env, overrides={"settle_seconds": 0, "inference": "keras"})
-    v1 = register_tiny_champion(s.database_url, s.models_dir, version="v20261120-080000-a1b2c3", threshold=0.45)
+    v1 = register_tiny_champion(
+        s.database_url, s.models_dir, version="v20261120-080000-a1b2c3", threshold=0.45
+    )
     evaluate_version(s.database_url, v1, s.models_dir / v1 / "plots", seed=1, noise=0.3)
     generate(s.inbox_dir / "patient_0007", benign=2, malignant=2, size=64, seed=3)
     score_inbox(s)
-    v2 = register_tiny_champion(s.database_url, s.models_dir, version="v20261127-080000-d4e5f6", threshold=0.465,
-                                status="candidate")
+    v2 = register_tiny_champion(
+        s.database_url, s.models_dir, version="v20261127-080000-d4e5f6", threshold=0.465, status="candidate"
+    )
     metrics = evaluate_version(s.database_url, v2, s.models_dir / v2 / "plots", seed=4, noise=0.22)
     import numpy as np
 
@@ -73,9 +78,15 @@ def _scored_home(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
     diffs = stats.paired_differences(y, p, 0.465, p, 0.465, seed=s.seed)
     with session_scope(s.database_url) as db:
         champ = registry.metrics_of(db, v1)
-        decision = registry.evaluate_gate(metrics, champ, min_accuracy=s.gate_min_accuracy,
-                                          min_sensitivity=s.gate_min_sensitivity, margin=s.gate_margin,
-                                          differences=diffs, champion_version=v1)
+        decision = registry.evaluate_gate(
+            metrics,
+            champ,
+            min_accuracy=s.gate_min_accuracy,
+            min_sensitivity=s.gate_min_sensitivity,
+            margin=s.gate_margin,
+            differences=diffs,
+            champion_version=v1,
+        )
         registry.record_gate_decision(db, v2, decision, actor="bcc_retrain")
         assert db.get(ModelVersion, v2).status == "champion", decision.summary
     generate(s.inbox_dir / PATIENT_FOLDER, benign=3, malignant=3, size=64, seed=4)
@@ -98,13 +109,24 @@ def _chrome(tmp_path: Path, downloads: Path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1440,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}",
+        "--window-size=1440,1000",
+    ):
         opts.add_argument(flag)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False})
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER, log_output=str(tmp_path / "driver.log")))
+    opts.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
+    driver = webdriver.Chrome(
+        options=opts, service=Service(CHROMEDRIVER, log_output=str(tmp_path / "driver.log"))
+    )
     driver.set_page_load_timeout(120)
     return driver
 
@@ -125,7 +147,9 @@ def _shot(driver, folder: Path, name: str, *, full: bool = True) -> Path:
 def _loaded(driver, css: str) -> list[int]:
     """naturalWidth of each image matching ``css`` (0: not loaded)."""
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll(arguments[0])).map(i => i.complete ? i.naturalWidth : 0)", css)
+        "return Array.from(document.querySelectorAll(arguments[0])).map(i => i.complete ? i.naturalWidth : 0)",
+        css,
+    )
 
 
 def test_login_filter_models_and_csv_in_chromium(tmp_path):
@@ -139,12 +163,20 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
     af_home = tmp_path / "af"
     af_home.mkdir()
     (af_home / "passwords.json").write_text(json.dumps({"admin": "test-pass"}))
-    env = airflow_env(af_home, metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
-                      bcc=bcc_env | {"BCC_SETTLE_SECONDS": "600"})
-    env.update({"AIRFLOW__API__BASE_URL": base, "AIRFLOW__API__PORT": str(port),
-                "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-browser-test-secret-not-for-production",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(af_home / "passwords.json")})
+    env = airflow_env(
+        af_home,
+        metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
+        bcc=bcc_env | {"BCC_SETTLE_SECONDS": "600"},
+    )
+    env.update(
+        {
+            "AIRFLOW__API__BASE_URL": base,
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-browser-test-secret-not-for-production",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(af_home / "passwords.json"),
+        }
+    )
     migrate(env)
     shots = tmp_path / "screenshots"
     downloads = tmp_path / "downloads"
@@ -154,7 +186,9 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
     driver = None
     try:
         services.start("api-server", ["api-server", "--port", str(port)], env)
-        services.wait_for(lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 240, "the api-server")
+        services.wait_for(
+            lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 240, "the api-server"
+        )
         # the plugin is loaded and every route of it is behind login (what `curl` without a token gets)
         token = jwt_token(base, "admin", "test-pass")
         status, rows = rest("GET", f"{base}/bcc/api/predictions?limit=1", token)
@@ -209,8 +243,12 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         assert files, f"no CSV downloaded into {downloads}"
         with open(files[0], newline="") as fh:
             got = list(csv.DictReader(fh))
-        status, want = rest("GET", f"{base}/bcc/api/predictions?path={PATIENT_FOLDER}&model_version={facts['v2']}"
-                                   "&sort=-prob_malignant", token)
+        status, want = rest(
+            "GET",
+            f"{base}/bcc/api/predictions?path={PATIENT_FOLDER}&model_version={facts['v2']}"
+            "&sort=-prob_malignant",
+            token,
+        )
         assert status == 200 and len(got) == len(want) == 6
         assert got == [{k: str(v) for k, v in row.items()} for row in want]
 
@@ -232,7 +270,9 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         driver.find_element(By.LINK_TEXT, "Inbox").click()
         wait.until(ec.presence_of_element_located((By.TAG_NAME, "h1")))
         text = driver.find_element(By.TAG_NAME, "main").text
-        assert "1 waiting to be scored" in text and "1 still being written" in text and "scan_export.png" in text
+        assert (
+            "1 waiting to be scored" in text and "1 still being written" in text and "scan_export.png" in text
+        )
         _shot(driver, shots, "06-inbox")
 
         # the Airflow UI's own navigation lists the BCC entry, which shows the pages inside Airflow

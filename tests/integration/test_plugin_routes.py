@@ -26,13 +26,26 @@ from .airflow_support import REPO, evaluate_version
 if "airflow" not in sys.modules:
     _home = tempfile.mkdtemp(prefix="bcc-plugin-airflow-")
     atexit.register(shutil.rmtree, _home, True)
-    os.environ.update({"AIRFLOW_HOME": _home, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_home}/airflow.db",
-                       "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                       "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-route-test-secret-not-for-production"})
+    os.environ.update(
+        {
+            "AIRFLOW_HOME": _home,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_home}/airflow.db",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__API_AUTH__JWT_SECRET": "bcc-route-test-secret-not-for-production",
+        }
+    )
 
 PAGES = ["/bcc/", "/bcc/predictions", "/bcc/models", "/bcc/runs", "/bcc/inbox"]
-FILES = ["/bcc/predictions.csv", "/bcc/api/predictions", "/bcc/api/models", "/bcc/api/runs", "/bcc/api/inbox",
-         "/bcc/images/{sha}", "/bcc/images/{sha}/thumbnail.png", "/bcc/models/{version}/plots/roc.png"]
+FILES = [
+    "/bcc/predictions.csv",
+    "/bcc/api/predictions",
+    "/bcc/api/models",
+    "/bcc/api/runs",
+    "/bcc/api/inbox",
+    "/bcc/images/{sha}",
+    "/bcc/images/{sha}/thumbnail.png",
+    "/bcc/models/{version}/plots/roc.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +77,9 @@ def site(plugin, make_settings, migrated_url, register_champion, png_writer, mon
     from bcc_pipeline.scoring import score_inbox
 
     s = make_settings(migrated_url, settle_seconds=0, inference="keras")
-    old = register_champion(s, version="v-tiny-1", threshold=0.379)  # the tiny net says ~0.37-0.39: both labels
+    old = register_champion(
+        s, version="v-tiny-1", threshold=0.379
+    )  # the tiny net says ~0.37-0.39: both labels
     for i in range(7):
         png_writer(s.inbox_dir / f"ward_{i % 2}" / f"case_{i:02d}.png", seed=i, size=40)
     score_inbox(s)
@@ -77,20 +92,30 @@ def site(plugin, make_settings, migrated_url, register_champion, png_writer, mon
     monkeypatch.setenv("BCC_HOME", str(s.home))
     monkeypatch.setenv("BCC_DATABASE_URL", s.database_url)
     monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
-    for k in [k for k in os.environ if k.startswith("BCC_") and k not in ("BCC_HOME", "BCC_DATABASE_URL",
-                                                                         "BCC_SETTLE_SECONDS")]:
+    for k in [
+        k
+        for k in os.environ
+        if k.startswith("BCC_") and k not in ("BCC_HOME", "BCC_DATABASE_URL", "BCC_SETTLE_SECONDS")
+    ]:
         monkeypatch.delenv(k)
     app = FastAPI()
     app.mount(plugin.URL_PREFIX, plugin.bcc_app)
     token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="vera", role="viewer"))
     client = TestClient(app, base_url="http://testserver")
-    return {"client": client, "auth": {"Authorization": f"Bearer {token}"}, "token": token, "settings": s,
-            "versions": (old, new)}
+    return {
+        "client": client,
+        "auth": {"Authorization": f"Bearer {token}"},
+        "token": token,
+        "settings": s,
+        "versions": (old, new),
+    }
 
 
 def test_the_route_lists_cover_every_route(plugin):
-    listed = {u.removeprefix("/bcc").replace("{sha}", "{sha256}").replace("roc.png", "{name}")
-              for u in PAGES + FILES}
+    listed = {
+        u.removeprefix("/bcc").replace("{sha}", "{sha256}").replace("roc.png", "{name}")
+        for u in PAGES + FILES
+    }
     assert {r.path for r in plugin.bcc_app.routes} == listed
 
 
@@ -104,7 +129,11 @@ def test_every_route_refuses_without_a_valid_token(site):
     c = site["client"]
     sha = _rows(site)[0]["sha256"]
     routes = PAGES + [u.format(sha=sha, version=site["versions"][1]) for u in FILES]
-    routes += ["/bcc/predictions?since=not-a-date", "/bcc/api/predictions?label=maybe", "/bcc/models/x/plots/a.txt"]
+    routes += [
+        "/bcc/predictions?since=not-a-date",
+        "/bcc/api/predictions?label=maybe",
+        "/bcc/models/x/plots/a.txt",
+    ]
     for url in routes:
         r = c.get(url, follow_redirects=False)
         assert r.status_code == 401, (url, r.status_code)
@@ -145,7 +174,7 @@ def test_pages_render_for_a_viewer_and_through_the_cookie(site):
     c.cookies.clear()
     assert r.status_code == 200
     html = r.text
-    assert html.index(f"id=\"v-{new}\"") < html.index(f"id=\"v-{old}\"")  # champion first
+    assert html.index(f'id="v-{new}"') < html.index(f'id="v-{old}"')  # champion first
     for name in ("training_curves.png", "confusion_matrix.png", "roc.png"):
         assert f"/bcc/models/{new}/plots/{name}" in html
         img = c.get(f"/bcc/models/{new}/plots/{name}", headers=auth)
@@ -165,9 +194,12 @@ def test_json_matches_the_cli_and_filters_paginate(site, capsys):
     assert main(["predictions", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == everything
     old, new = site["versions"]
-    for query, cli in ((f"?model_version={new}", ["--model-version", new]), ("?label=benign", ["--label", "benign"]),
-                       ("?latest=true", ["--latest"]), ("?since=2000-01-01&limit=3", ["--since", "2000-01-01",
-                                                                                       "--limit", "3"])):
+    for query, cli in (
+        (f"?model_version={new}", ["--model-version", new]),
+        ("?label=benign", ["--label", "benign"]),
+        ("?latest=true", ["--latest"]),
+        ("?since=2000-01-01&limit=3", ["--since", "2000-01-01", "--limit", "3"]),
+    ):
         assert main(["predictions", "--format", "json", *cli]) == 0
         assert _rows(site, query) == json.loads(capsys.readouterr().out), query
     # path substring, date range, sort, paging
@@ -181,7 +213,11 @@ def test_json_matches_the_cli_and_filters_paginate(site, capsys):
     r = site["client"].get("/bcc/api/predictions?label=malignant&limit=1", headers=site["auth"])
     assert int(r.headers["x-total-count"]) == len(_rows(site, "?label=malignant"))
     # the HTML page shows the same page of rows, with numbered pages
-    html = site["client"].get("/bcc/predictions?sort=prob_malignant&per_page=4&page=2", headers=site["auth"]).text
+    html = (
+        site["client"]
+        .get("/bcc/predictions?sort=prob_malignant&per_page=4&page=2", headers=site["auth"])
+        .text
+    )
     for row in pages[1]:
         assert row["source_path"] in html
     for row in pages[0] + pages[2]:
@@ -193,10 +229,15 @@ def test_json_matches_the_cli_and_filters_paginate(site, capsys):
 
 def test_csv_export_matches_the_json(site):
     c, auth = site["client"], site["auth"]
-    for query in ("", "?label=malignant", "?path=ward_0&sort=source_path", f"?model_version={site['versions'][0]}"):
+    for query in (
+        "",
+        "?label=malignant",
+        "?path=ward_0&sort=source_path",
+        f"?model_version={site['versions'][0]}",
+    ):
         r = c.get(f"/bcc/predictions.csv{query}", headers=auth)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-        assert r.headers["content-disposition"].startswith("attachment; filename=\"bcc-predictions-")
+        assert r.headers["content-disposition"].startswith('attachment; filename="bcc-predictions-')
         rows = list(csv.DictReader(io.StringIO(r.text)))
         want = _rows(site, query)
         assert len(rows) == len(want) and (want or query)
@@ -222,25 +263,28 @@ def test_thumbnails_and_archived_images(site):
     assert "no longer in the archive" in c.get("/bcc/predictions?path=case_03", headers=auth).text
 
 
-@pytest.mark.parametrize("url", [
-    "/bcc/models/{v}/plots/../../../../etc/passwd",
-    "/bcc/models/{v}/plots/..%2f..%2f..%2fetc%2fpasswd",
-    "/bcc/models/{v}/plots/%2e%2e%2fmodel.keras",
-    "/bcc/models/{v}/plots/%252e%252e%252fmodel.keras",
-    "/bcc/models/{v}/plots/%2fetc%2fpasswd",
-    "/bcc/models/{v}/plots//etc/passwd",
-    "/bcc/models/{v}/plots/model.keras",
-    "/bcc/models/{v}/plots/..",
-    "/bcc/models/{v}/plots/escape.png",
-    "/bcc/models/..%2f..%2f..%2fetc/plots/roc.png",
-    "/bcc/models/%2e%2e/plots/roc.png",
-    "/bcc/images/..%2f..%2fbcc.db",
-    "/bcc/images/%2e%2e%2f%2e%2e%2fbcc.db/thumbnail.png",
-    "/bcc/images/{sha_upper}",
-    "/bcc/images/{outside}",
-    "/bcc/images/{outside}/thumbnail.png",
-    "/bcc/images//etc/passwd",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/bcc/models/{v}/plots/../../../../etc/passwd",
+        "/bcc/models/{v}/plots/..%2f..%2f..%2fetc%2fpasswd",
+        "/bcc/models/{v}/plots/%2e%2e%2fmodel.keras",
+        "/bcc/models/{v}/plots/%252e%252e%252fmodel.keras",
+        "/bcc/models/{v}/plots/%2fetc%2fpasswd",
+        "/bcc/models/{v}/plots//etc/passwd",
+        "/bcc/models/{v}/plots/model.keras",
+        "/bcc/models/{v}/plots/..",
+        "/bcc/models/{v}/plots/escape.png",
+        "/bcc/models/..%2f..%2f..%2fetc/plots/roc.png",
+        "/bcc/models/%2e%2e/plots/roc.png",
+        "/bcc/images/..%2f..%2fbcc.db",
+        "/bcc/images/%2e%2e%2f%2e%2e%2fbcc.db/thumbnail.png",
+        "/bcc/images/{sha_upper}",
+        "/bcc/images/{outside}",
+        "/bcc/images/{outside}/thumbnail.png",
+        "/bcc/images//etc/passwd",
+    ],
+)
 def test_path_traversal_is_refused(site, url, tmp_path):
     from bcc_pipeline.store import InboxFile, session_scope
 
@@ -251,8 +295,16 @@ def test_path_traversal_is_refused(site, url, tmp_path):
     (s.models_dir / v / "plots" / "escape.png").symlink_to(secret)  # a link pointing out of the plots folder
     outside = "ab" * 32
     with session_scope(s.database_url) as db:  # a ledger row pointing outside the archive
-        db.add(InboxFile(run_id="forged", path="x.png", path_key="f" * 64, sha256=outside, status="scored",
-                         moved_to=str(secret)))
+        db.add(
+            InboxFile(
+                run_id="forged",
+                path="x.png",
+                path_key="f" * 64,
+                sha256=outside,
+                status="scored",
+                moved_to=str(secret),
+            )
+        )
     sha = _rows(site)[0]["sha256"]
     r = site["client"].get(url.format(v=v, sha_upper=sha.upper(), outside=outside), headers=site["auth"])
     assert r.status_code in (400, 404), (url, r.status_code)
@@ -291,8 +343,17 @@ def test_file_names_are_escaped_in_the_pages(site):
 
     hostile = 'ward_x/<img src=x onerror="alert(1)">.png'
     with session_scope(site["settings"].database_url) as db:
-        db.add(Prediction(image_sha256="c" * 64, model_version=site["versions"][1], prob_malignant=0.9,
-                          label="malignant", threshold=0.5, source_path=hostile, run_id="<b>run</b>"))
+        db.add(
+            Prediction(
+                image_sha256="c" * 64,
+                model_version=site["versions"][1],
+                prob_malignant=0.9,
+                label="malignant",
+                threshold=0.5,
+                source_path=hostile,
+                run_id="<b>run</b>",
+            )
+        )
     html = site["client"].get("/bcc/predictions?path=ward_x", headers=site["auth"]).text
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;.png" in html
     assert "<img src=x" not in html and "<b>run</b>" not in html

@@ -57,8 +57,16 @@ HOOK_POINTS = ("on_model_batch", "on_batch_committed", "on_move_linked")
 def scoring_env(home: Path, url: str, **extra: str) -> dict[str, str]:
     """The environment of a scoring subprocess: this home and database, no settle time, batches of 4."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
-    env.update({"BCC_HOME": str(home), "BCC_DATABASE_URL": url, "BCC_SETTLE_SECONDS": "0",
-                "TF_CPP_MIN_LOG_LEVEL": "3", "BCC_SCORE_BATCH_SIZE": "4", **extra})
+    env.update(
+        {
+            "BCC_HOME": str(home),
+            "BCC_DATABASE_URL": url,
+            "BCC_SETTLE_SECONDS": "0",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "BCC_SCORE_BATCH_SIZE": "4",
+            **extra,
+        }
+    )
     return env
 
 
@@ -70,7 +78,9 @@ def _n_predictions(url: str) -> int:
         return s.scalar(select(func.count()).select_from(Prediction)) or 0
 
 
-def kill_at(env: dict[str, str], hook: str, block_at: int, inbox: Path | None = None, script: str = BLOCKED) -> None:
+def kill_at(
+    env: dict[str, str], hook: str, block_at: int, inbox: Path | None = None, script: str = BLOCKED
+) -> None:
     """Start scoring (or another ``script`` that takes the same arguments), block it at the ``block_at``-th
     call of ``hook`` and SIGKILL it there."""
     marker = Path(env["BCC_HOME"]) / f".blocked-{hook}"
@@ -133,9 +143,11 @@ def _check_invariants(settings, url: str, built: dict[str, object]) -> None:
     for row in ledger:
         by_path.setdefault(row.path, []).append(row)
     assert set(by_path) == set(shas) | set(built["bad"])
-    assert all(len(rows) == 1 and rows[0].moved_to for rows in by_path.values()), \
-        [(p, [(r.run_id, r.status, r.moved_to) for r in rows]) for p, rows in by_path.items()
-         if len(rows) != 1 or not rows[0].moved_to]
+    assert all(len(rows) == 1 and rows[0].moved_to for rows in by_path.values()), [
+        (p, [(r.run_id, r.status, r.moved_to) for r in rows])
+        for p, rows in by_path.items()
+        if len(rows) != 1 or not rows[0].moved_to
+    ]
     for rel in shas:
         row = by_path[rel][0]
         assert row.status in ("scored", "duplicate") and row.sha256 == shas[rel]
@@ -146,8 +158,9 @@ def _check_invariants(settings, url: str, built: dict[str, object]) -> None:
         assert Path(row.moved_to + ".reason.txt").read_text().strip() == row.reason
     # no stray copies anywhere
     archived = [p for p in settings.archive_dir.rglob("*") if p.is_file()]
-    quarantined = [p for p in settings.quarantine_dir.rglob("*") if p.is_file() and
-                   not p.name.endswith(".reason.txt")]
+    quarantined = [
+        p for p in settings.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")
+    ]
     assert len(archived) == len(shas) and len(quarantined) == len(built["bad"])
     # the counts of all runs add up
     from bcc_pipeline.scoring import finalize_run
@@ -157,8 +170,11 @@ def _check_invariants(settings, url: str, built: dict[str, object]) -> None:
         summary = finalize_run(settings, run)
         for k in totals:
             totals[k] += summary[k]
-    assert totals == {"scored": len(set(shas.values())), "duplicates": len(shas) - len(set(shas.values())),
-                      "rejected": len(built["bad"])}
+    assert totals == {
+        "scored": len(set(shas.values())),
+        "duplicates": len(shas) - len(set(shas.values())),
+        "rejected": len(built["bad"]),
+    }
 
 
 @pytest.mark.slow
@@ -177,8 +193,13 @@ def test_sigkill_mid_run_then_rerun(db_url, make_settings, register_champion, pn
     assert unmoved >= 1  # committed rows whose files had not moved yet
     assert _n_predictions(db_url) < len(set(built["shas"].values()))
     # run again, as a person would after a crash: a new run finishes the job
-    proc = subprocess.run([sys.executable, "-m", "bcc_pipeline.cli", "score", "--json"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcc_pipeline.cli", "score", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads(proc.stdout)
     assert final["status"] == "finished" and final["run_id"] != killed.run_id
@@ -207,8 +228,16 @@ def test_concurrent_shards_in_separate_processes(db_url, make_settings, register
     assert plan["n_files"] == len(built["shas"]) + len(built["bad"])
     # (the same shard started twice at once, an Airflow retry while the first attempt still runs, is
     # tested with threads in tests/unit/test_scoring_shard.py: the ledger's claims keep them apart)
-    procs = [subprocess.Popen([sys.executable, "-c", SHARD, "sharded", str(k)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARD, "sharded", str(k)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

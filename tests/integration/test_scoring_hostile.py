@@ -49,7 +49,12 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 def _png_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * ((1 + 3 * width) * 8), 9)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def build_hostile_inbox(inbox: Path, outside: Path) -> dict[str, object]:
@@ -104,8 +109,10 @@ def build_hostile_inbox(inbox: Path, outside: Path) -> dict[str, object]:
     reject("page.png", b"<!DOCTYPE html><html><body>nope</body></html>")
     reject("garbage.png", b"\x89PNG\r\n\x1a\n" + os.urandom(300))
     reject("bomb.png", _png_bomb())
-    reject("patient_x/tiny.png", (lambda b: (Image.fromarray(_noise(8, 8, 21)).save(b, "PNG"), b.getvalue())[1])(
-        io.BytesIO()))
+    reject(
+        "patient_x/tiny.png",
+        (lambda b: (Image.fromarray(_noise(8, 8, 21)).save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
+    )
     outside.mkdir(parents=True, exist_ok=True)
     target = _save(rgb(30), outside / "secret.png", "PNG")  # a valid image: it must still not be scored
     (inbox / "link_to_outside.png").symlink_to(target)
@@ -122,8 +129,15 @@ def build_hostile_inbox(inbox: Path, outside: Path) -> dict[str, object]:
 
 def _env(home: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCC_")}
-    env.update({"BCC_HOME": str(home), "BCC_DATABASE_URL": url, "BCC_SETTLE_SECONDS": "0",
-                "TF_CPP_MIN_LOG_LEVEL": "3", "BCC_SCORE_BATCH_SIZE": "8"})
+    env.update(
+        {
+            "BCC_HOME": str(home),
+            "BCC_DATABASE_URL": url,
+            "BCC_SETTLE_SECONDS": "0",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "BCC_SCORE_BATCH_SIZE": "8",
+        }
+    )
     return env
 
 
@@ -153,8 +167,10 @@ def _bcc_peak_rss(env: dict[str, str], *args: str) -> tuple[subprocess.Completed
 
 def _counts(url: str) -> dict[str, int]:
     with session_scope(url) as s:
-        return {m.__tablename__: s.scalar(select(func.count()).select_from(m)) or 0
-                for m in (Prediction, Rejection, ImageRecord, InboxFile)}
+        return {
+            m.__tablename__: s.scalar(select(func.count()).select_from(m)) or 0
+            for m in (Prediction, Rejection, ImageRecord, InboxFile)
+        }
 
 
 @pytest.mark.slow
@@ -175,7 +191,12 @@ def test_hostile_inbox(db_url, make_settings, register_champion, tmp_path):
     distinct = len(set(shas.values()))
     assert r["model_version"] == version and r["status"] == "finished"
     assert (r["scored"], r["duplicates"], r["rejected"], r["ignored"], r["skipped"]) == (
-        distinct, len(shas) - distinct, len(built["bad"]), len(built["ignored"]), 0)
+        distinct,
+        len(shas) - distinct,
+        len(built["bad"]),
+        len(built["ignored"]),
+        0,
+    )
     assert all(isinstance(r[k], int) for k in ("scored", "duplicates", "rejected", "ignored", "skipped"))
     assert isinstance(r["images_per_second"], float) and r["images_per_second"] > 0
     reasons = {x["path"]: x["reason"] for x in r["rejections"]}
@@ -201,7 +222,10 @@ def test_hostile_inbox(db_url, make_settings, register_champion, tmp_path):
     after = os.stat(target)
     assert target.read_bytes() == target_before[0]
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
-        target_before[1].st_ino, target_before[1].st_mtime_ns, target_before[1].st_size)
+        target_before[1].st_ino,
+        target_before[1].st_mtime_ns,
+        target_before[1].st_size,
+    )
     assert sha256_file(target) not in {p for p in shas.values()}
 
     # predictions: exactly one per valid content, from the champion, none for anything else

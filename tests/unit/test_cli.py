@@ -20,8 +20,9 @@ def test_a_bcc_error_is_one_line_by_default(failing_command, capsys: pytest.Capt
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_bcc_debug_shows_the_traceback_of_a_bcc_error(failing_command, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_bcc_debug_shows_the_traceback_of_a_bcc_error(
+    failing_command, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("BCC_DEBUG", "1")
     assert cli.main(failing_command) == 1
     err = capsys.readouterr().err
@@ -29,12 +30,15 @@ def test_bcc_debug_shows_the_traceback_of_a_bcc_error(failing_command, monkeypat
     assert err.strip().splitlines()[-1].startswith("bcc: error: base weights file")
 
 
-def test_bcc_config_never_prints_a_password(tmp_path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_bcc_config_never_prints_a_password(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     monkeypatch.setenv("BCC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("BCC_DATABASE_URL", "postgresql://bcc:hunter2pw@db/bcc?password=querysecret&sslpassword=ssl1")
+    monkeypatch.setenv(
+        "BCC_DATABASE_URL", "postgresql://bcc:hunter2pw@db/bcc?password=querysecret&sslpassword=ssl1"
+    )
     assert cli.main(["config", "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["settings"]["database_url"].startswith("postgresql://bcc:***@db/bcc?")

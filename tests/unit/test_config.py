@@ -14,7 +14,13 @@ README = Path(__file__).parents[2] / "README.md"
 def test_seed_profile_is_the_recipe_and_default():
     s = load_settings(env={})
     assert s.profile == "seed"
-    assert (s.image_size, s.batch_size, s.epochs, s.learning_rate, s.base_weights) == (224, 16, 7, 1e-4, "imagenet")
+    assert (s.image_size, s.batch_size, s.epochs, s.learning_rate, s.base_weights) == (
+        224,
+        16,
+        7,
+        1e-4,
+        "imagenet",
+    )
     assert s.val_fraction == 0.2 and s.target_sensitivity == 0.95
 
 
@@ -51,15 +57,18 @@ def test_settings_are_frozen():
         s.epochs = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("env,match", [
-    ({"BCC_EPOCHS": "seven"}, "BCC_EPOCHS must be int"),
-    ({"BCC_EPOCHS": "0"}, "positive"),
-    ({"BCC_IMAGE_SIZE": "16"}, "at least 32"),
-    ({"BCC_PROFILE": "huge"}, "unknown profile"),
-    ({"BCC_VAL_FRACTION": "1.5"}, "between 0 and 1"),
-    ({"BCC_GATE_MIN_ACCURACY": "2"}, "between 0 and 1"),
-    ({"BCC_BN_RECALIBRATION": "maybe"}, "one of auto, on, off"),
-])
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"BCC_EPOCHS": "seven"}, "BCC_EPOCHS must be int"),
+        ({"BCC_EPOCHS": "0"}, "positive"),
+        ({"BCC_IMAGE_SIZE": "16"}, "at least 32"),
+        ({"BCC_PROFILE": "huge"}, "unknown profile"),
+        ({"BCC_VAL_FRACTION": "1.5"}, "between 0 and 1"),
+        ({"BCC_GATE_MIN_ACCURACY": "2"}, "between 0 and 1"),
+        ({"BCC_BN_RECALIBRATION": "maybe"}, "one of auto, on, off"),
+    ],
+)
 def test_bad_values_give_clear_errors(env, match):
     with pytest.raises(ConfigError, match=match):
         load_settings(env=env)
@@ -83,7 +92,8 @@ def test_readme_table_is_generated_from_the_declarations():
     assert text.count(config.README_BEGIN) == 1 and text.count(config.README_END) == 1
     table = text.split(config.README_BEGIN, 1)[1].split(config.README_END, 1)[0]
     assert table == "\n" + config.markdown_table(), (
-        "the README's configuration table is stale: run `python -m bcc_pipeline.config --readme README.md`")
+        "the README's configuration table is stale: run `python -m bcc_pipeline.config --readme README.md`"
+    )
 
 
 def test_update_readme_rewrites_only_between_the_markers(tmp_path):
@@ -91,7 +101,9 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path):
     readme.write_text(f"# T\n\nbefore\n{config.README_BEGIN}\n| old |\n{config.README_END}\nafter\n")
     assert config.update_readme(readme) is True
     text = readme.read_text()
-    assert text == f"# T\n\nbefore\n{config.README_BEGIN}\n{config.markdown_table()}{config.README_END}\nafter\n"
+    assert (
+        text == f"# T\n\nbefore\n{config.README_BEGIN}\n{config.markdown_table()}{config.README_END}\nafter\n"
+    )
     assert config.update_readme(readme) is False and readme.read_text() == text
     readme.write_text("no markers\n")
     with pytest.raises(ConfigError, match="markers"):
@@ -101,12 +113,16 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path):
 def test_every_setting_is_fully_declared():
     envs = [spec.env for spec in SETTINGS.values()]
     assert len(set(envs)) == len(envs) and all(e.startswith("BCC_") for e in envs)
-    assert list(SETTINGS) == [f.name for f in config.dataclasses.fields(config.Settings) if f.name != "sources"]
+    assert list(SETTINGS) == [
+        f.name for f in config.dataclasses.fields(config.Settings) if f.name != "sources"
+    ]
     for name, spec in SETTINGS.items():
         assert spec.name == name and ENV_VARS[name] == (spec.env, spec.type, spec.doc)
         assert spec.doc.strip() and "\n" not in spec.doc, f"{name} needs a one-line doc"
         assert isinstance(spec.default, spec.type), name
-        assert not isinstance(spec.default, bool) or spec.type is bool, name  # no True where a number is meant
+        assert not isinstance(spec.default, bool) or spec.type is bool, (
+            name
+        )  # no True where a number is meant
         assert DEFAULTS[name] == spec.default == getattr(config.Settings(), name)
         if spec.choices:
             assert spec.type is str and spec.default in spec.choices, name
@@ -127,13 +143,23 @@ def test_profiles_name_only_declared_settings_with_valid_values():
 def test_training_params_are_the_recorded_settings():
     s = load_settings(env={})
     assert s.training_params() == {
-        "profile": "seed", "base_weights": "imagenet", "image_size": 224, "batch_size": 16, "epochs": 7,
-        "learning_rate": 1e-4, "seed": 42, "val_fraction": 0.2, "bn_recalibration": "auto",
-        "target_sensitivity": 0.95}
+        "profile": "seed",
+        "base_weights": "imagenet",
+        "image_size": 224,
+        "batch_size": 16,
+        "epochs": 7,
+        "learning_rate": 1e-4,
+        "seed": 42,
+        "val_fraction": 0.2,
+        "bn_recalibration": "auto",
+        "target_sensitivity": 0.95,
+    }
     assert set(s.as_dict()) == set(SETTINGS) and s.as_dict()["home"] == str(s.home)
 
 
-@pytest.mark.parametrize("name", [n for n, s in SETTINGS.items() if s.minimum is not None or s.maximum is not None])
+@pytest.mark.parametrize(
+    "name", [n for n, s in SETTINGS.items() if s.minimum is not None or s.maximum is not None]
+)
 def test_every_bound_is_enforced_with_the_variable_named(name):
     spec = SETTINGS[name]
     below = spec.minimum if spec.exclusive else spec.minimum - 1 if spec.minimum is not None else None
@@ -144,11 +170,17 @@ def test_every_bound_is_enforced_with_the_variable_named(name):
         assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"BCC_LEARNING_RATE": "0"}, "BCC_LEARNING_RATE=0.0: must be greater than 0"),
-    ({"BCC_SETTLE_SECONDS": "-1"}, "BCC_SETTLE_SECONDS=-1.0: must be at least 0"),
-    ({"BCC_INFERENCE": "gpu"}, "BCC_INFERENCE='gpu': must be one of auto, keras, xla, keras-bf16, openvino"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"BCC_LEARNING_RATE": "0"}, "BCC_LEARNING_RATE=0.0: must be greater than 0"),
+        ({"BCC_SETTLE_SECONDS": "-1"}, "BCC_SETTLE_SECONDS=-1.0: must be at least 0"),
+        (
+            {"BCC_INFERENCE": "gpu"},
+            "BCC_INFERENCE='gpu': must be one of auto, keras, xla, keras-bf16, openvino",
+        ),
+    ],
+)
 def test_error_messages_name_the_variable(env, message):
     with pytest.raises(ConfigError) as err:
         load_settings(env=env)
@@ -170,14 +202,30 @@ def test_backends_are_declared_here_and_reexported_by_inference():
 
 
 def test_importing_config_imports_nothing_heavy():
-    code = ("import sys, bcc_pipeline.config; "
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} "
-            "| {m for m in sys.modules if m.startswith('bcc_pipeline')})))")
-    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                text=True).stdout.split())
+    code = (
+        "import sys, bcc_pipeline.config; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} "
+        "| {m for m in sys.modules if m.startswith('bcc_pipeline')})))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
     assert "bcc_pipeline.config" in loaded
-    heavy = {"tensorflow", "keras", "numpy", "sqlalchemy", "PIL", "cv2", "pandas", "sklearn",
-             "bcc_pipeline.inference", "bcc_pipeline.model", "bcc_pipeline.images"}
+    heavy = {
+        "tensorflow",
+        "keras",
+        "numpy",
+        "sqlalchemy",
+        "PIL",
+        "cv2",
+        "pandas",
+        "sklearn",
+        "bcc_pipeline.inference",
+        "bcc_pipeline.model",
+        "bcc_pipeline.images",
+    }
     assert not loaded & heavy, loaded & heavy
 
 
@@ -190,8 +238,19 @@ def test_module_main_prints_the_table_and_updates_a_readme(tmp_path, capsys):
     assert config.markdown_table() in readme.read_text()
 
 
-@pytest.mark.parametrize(("raw", "value"), [("1", True), ("yes", True), ("ON", True), ("true", True),
-                                            ("0", False), ("no", False), ("off", False), ("False", False)])
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("1", True),
+        ("yes", True),
+        ("ON", True),
+        ("true", True),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        ("False", False),
+    ],
+)
 def test_a_boolean_setting_reads_the_usual_words(raw, value):
     assert config.load_settings(env={"BCC_REQUIRE_APPROVAL": raw}).require_approval is value
 

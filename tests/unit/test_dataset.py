@@ -23,7 +23,9 @@ def test_intake_stores_once_reports_and_never_loses_files(home, png_writer, tmp_
     png_writer(land / "benign" / "patient_7" / "b.png", seed=2)
     png_writer(land / "malignant" / "c.png", seed=3)
     shutil.copy(land / "benign" / "a.png", land / "benign" / "a_copy.png")  # same content, same label
-    shutil.copy(land / "benign" / "patient_7" / "b.png", land / "malignant" / "b_as_malignant.png")  # conflict
+    shutil.copy(
+        land / "benign" / "patient_7" / "b.png", land / "malignant" / "b_as_malignant.png"
+    )  # conflict
     (land / "malignant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     (land / "malignant" / "notes.txt").write_text("not an image")
     (land / "malignant" / ".DS_Store").write_bytes(b"\0")
@@ -119,11 +121,14 @@ def test_split_is_stable_when_new_data_arrives():
     assert moved <= 0.1 * len(old)
 
 
-@pytest.mark.parametrize("records,match", [
-    ([], "no labelled images"),
-    (_records(1, 10), "at least 2 benign"),
-    (_records(5, 5, groups=1), "one side"),
-])
+@pytest.mark.parametrize(
+    "records,match",
+    [
+        ([], "no labelled images"),
+        (_records(1, 10), "at least 2 benign"),
+        (_records(5, 5, groups=1), "one side"),
+    ],
+)
 def test_split_errors(records, match):
     with pytest.raises(DatasetError, match=match):
         dataset.make_split(records)

@@ -75,7 +75,9 @@ def test_move_without_hard_links_never_overwrites_a_file_created_meanwhile(
             appeared.append(str(dest))
             dest.write_bytes(b"already archived")
 
-    calls = _no_hard_links(monkeypatch, on_link=lambda: appear(dest) if rename_path == "exclusive-copy" else None)
+    calls = _no_hard_links(
+        monkeypatch, on_link=lambda: appear(dest) if rename_path == "exclusive-copy" else None
+    )
     real_rename, real_renameat2 = os.rename, files.renameat2
 
     def rename_after_appearing(a, b, *args, **kwargs):
@@ -84,6 +86,7 @@ def test_move_without_hard_links_never_overwrites_a_file_created_meanwhile(
 
     monkeypatch.setattr(os, "rename", rename_after_appearing)
     if real_renameat2 is not None:
+
         def renameat2_after_appearing(dfd1, a, dfd2, b, flags):
             appear(b)
             return real_renameat2(dfd1, a, dfd2, b, flags)
@@ -113,11 +116,16 @@ def test_move_without_hard_links_suffixes_and_keeps_everything(
         assert moving.move_no_clobber(src, out / "x.png") == out / f"x~{i + 1}.png"
         assert not src.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {
-        "x.png": b"first", "x~1.png": b"new0", "x~2.png": b"new1", "x~3.png": b"new2"}
+        "x.png": b"first",
+        "x~1.png": b"new0",
+        "x~2.png": b"new1",
+        "x~3.png": b"new2",
+    }
 
 
-def test_atomic_write_exclusive_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   rename_path: str) -> None:
+def test_atomic_write_exclusive_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rename_path: str
+) -> None:
     _no_hard_links(monkeypatch)
     target = tmp_path / "report.json"
     files.atomic_write(target, "{}", exclusive=True)
@@ -185,7 +193,11 @@ def test_move_moves_a_symlink_as_a_link_and_never_touches_its_target(tmp_path):
     assert not os.path.lexists(link)
     after = os.stat(target)
     assert target.read_text() == "do not touch"
-    assert (after.st_mtime_ns, after.st_ino, after.st_mode) == (before.st_mtime_ns, before.st_ino, before.st_mode)
+    assert (after.st_mtime_ns, after.st_ino, after.st_mode) == (
+        before.st_mtime_ns,
+        before.st_ino,
+        before.st_mode,
+    )
     assert (tmp_path / "q" / "evil.png.reason.txt").read_text().strip() == "symbolic link"
 
 
@@ -298,10 +310,33 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
 
 # -- the one display form of a path ---------------------------------------------------------------
 _HOSTILE_NAMES = [
-    b"plain.png", "caf\u00e9/\u00fcber.png".encode(), b"bad\xffname.png", b"bad\\xffname.png", b"a\\b", b"a\\\\b",
-    b"\\", b"\\x", b"\\xzz", b"new\nline.png", b"cr\rtab\t.png", b"\x00nul", b"\x1b[31mred", b"del\x7f",
-    "c1\u0085nel".encode(), "sep\u2028\u2029".encode(), b"\xed\xa0\x80surrogate", b"\xc3", b"\xc3(", b"\xf4\x90\x80\x80",
-    b"\xe2\x82", "\U0001f600.png".encode(), b"\\n", b"\\\n", b"\\u00e9", b"%ff", b"",
+    b"plain.png",
+    "caf\u00e9/\u00fcber.png".encode(),
+    b"bad\xffname.png",
+    b"bad\\xffname.png",
+    b"a\\b",
+    b"a\\\\b",
+    b"\\",
+    b"\\x",
+    b"\\xzz",
+    b"new\nline.png",
+    b"cr\rtab\t.png",
+    b"\x00nul",
+    b"\x1b[31mred",
+    b"del\x7f",
+    "c1\u0085nel".encode(),
+    "sep\u2028\u2029".encode(),
+    b"\xed\xa0\x80surrogate",
+    b"\xc3",
+    b"\xc3(",
+    b"\xf4\x90\x80\x80",
+    b"\xe2\x82",
+    "\U0001f600.png".encode(),
+    b"\\n",
+    b"\\\n",
+    b"\\u00e9",
+    b"%ff",
+    b"",
 ]
 
 
@@ -309,12 +344,33 @@ def _random_names(n: int, seed: int = 12) -> list[bytes]:
     import random
 
     rng = random.Random(seed)
-    alphabet = [b"\\", b"x", b"f", b"F", b"0", b"n", b"a", b"/", b".", b"\n", b"\x00", b"\xff", b"\xc3", b"\xa9",
-                b"\xe2\x80\xa8", b"\xed\xa0\x80", "\u00e9".encode(), b"\x85", b"\xc2\x85"]
+    alphabet = [
+        b"\\",
+        b"x",
+        b"f",
+        b"F",
+        b"0",
+        b"n",
+        b"a",
+        b"/",
+        b".",
+        b"\n",
+        b"\x00",
+        b"\xff",
+        b"\xc3",
+        b"\xa9",
+        b"\xe2\x80\xa8",
+        b"\xed\xa0\x80",
+        "\u00e9".encode(),
+        b"\x85",
+        b"\xc2\x85",
+    ]
     out = []
     for _ in range(n):
-        parts = [rng.choice(alphabet) if rng.random() < 0.7 else bytes([rng.randrange(256)])
-                 for _ in range(rng.randrange(1, 12))]
+        parts = [
+            rng.choice(alphabet) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+            for _ in range(rng.randrange(1, 12))
+        ]
         out.append(b"".join(parts))
     return out
 

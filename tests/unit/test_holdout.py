@@ -27,8 +27,15 @@ def home(make_settings, migrated_url):
 
 
 def _land(s, *, benign=20, malignant=20, groups=5, seed=1, first_patient=1, out=None) -> dict:
-    return generate(out or s.landing_dir, benign=benign, malignant=malignant, size=64, seed=seed, groups=groups,
-                    first_patient=first_patient)
+    return generate(
+        out or s.landing_dir,
+        benign=benign,
+        malignant=malignant,
+        size=64,
+        seed=seed,
+        groups=groups,
+        first_patient=first_patient,
+    )
 
 
 def _events(s) -> list[HoldoutEvent]:
@@ -62,7 +69,13 @@ def test_freeze_is_group_aware_stratified_and_logged(home):
     assert len(paths) == 20 and sorted(labels) == [0] * 10 + [1] * 10
     [ev] = _events(home)
     assert (ev.seq, ev.action, ev.actor, ev.reason, ev.old_hash, ev.new_hash) == (
-        1, "freeze", "dr. who", "validation study 1", None, h.hash)
+        1,
+        "freeze",
+        "dr. who",
+        "validation study 1",
+        None,
+        h.hash,
+    )
     assert (ev.n_before, ev.n_after, ev.counts) == (0, 20, {"benign": 10, "malignant": 10})
     with pytest.raises(DatasetError, match="already frozen"):
         dataset.freeze_holdout(home, fraction=0.2, actor="x", reason="again")
@@ -110,7 +123,15 @@ def test_extend_is_logged_keeps_the_folder_and_never_enters_development(home, tm
     added = {e["sha256"] for e in grown.entries} - {e["sha256"] for e in frozen.entries}
     ev = _events(home)[-1]
     assert (ev.seq, ev.action, ev.actor, ev.reason, ev.old_hash, ev.new_hash, ev.n_before, ev.n_after) == (
-        2, "extend", "dr. b", "new cohort", frozen.hash, grown.hash, frozen.n("holdout"), grown.n("holdout"))
+        2,
+        "extend",
+        "dr. b",
+        "new cohort",
+        frozen.hash,
+        grown.hash,
+        frozen.n("holdout"),
+        grown.n("holdout"),
+    )
     assert dataset.current_holdout(home).hash == grown.hash
     split = split_step(home)
     dev = dataset.load_manifest(split["manifest_path"])
@@ -148,7 +169,9 @@ def test_near_duplicates_of_development_images_are_kept_out_of_the_holdout(home,
         assert "near-duplicate of development image" in x["reason"]
     split = split_step(home)
     flagged = {x["source"]: x for x in split["near_duplicates"]}
-    assert set(flagged) == {str(jpeg), str(resized)} and {x["kept_out_of"] for x in flagged.values()} == {"holdout"}
+    assert set(flagged) == {str(jpeg), str(resized)} and {x["kept_out_of"] for x in flagged.values()} == {
+        "holdout"
+    }
     assert any("near-duplicate" in w for w in split["warnings"])
     dev_m = dataset.load_manifest(split["manifest_path"])
     assert not {x["sha256"] for x in h.excluded} & {e["sha256"] for e in dev_m.entries}
@@ -168,7 +191,7 @@ def test_perceptual_hash_rule_separates_copies_from_other_tiles(tmp_path):
     files = generate(tmp_path, benign=4, malignant=4, size=96, seed=3)["files"]
     hashes = [perceptual_hash(cv2.imread(f)[..., ::-1]) for f in files]
     assert all(len(h) == 16 for h in hashes)
-    assert min(hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]) > NEAR_DUPLICATE_BITS
+    assert min(hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > NEAR_DUPLICATE_BITS
     jpeg, resized = _copies(Path(files[0]), tmp_path / "copies")
     for copy in (jpeg, resized):
         assert hamming(hashes[0], perceptual_hash(cv2.imread(str(copy))[..., ::-1])) <= NEAR_DUPLICATE_BITS
@@ -216,10 +239,13 @@ def test_migration_upgrades_a_database_that_holds_data(db_url, tmp_path):
     store.upgrade(db_url, "0002")
     png = generate(tmp_path / "old", benign=1, malignant=0, size=64, seed=1)["files"][0]
     with store.get_engine(db_url).begin() as conn:
-        conn.execute(text(
-            "INSERT INTO images (sha256, label, group_id, width, height, format, source_path, stored_path, "
-            "first_seen_at) VALUES (:sha, 'benign', 'p1', 64, 64, 'PNG', 'benign/p1/a.png', :path, :at)"),
-            {"sha": "a" * 64, "path": png, "at": store.utcnow()})
+        conn.execute(
+            text(
+                "INSERT INTO images (sha256, label, group_id, width, height, format, source_path, stored_path, "
+                "first_seen_at) VALUES (:sha, 'benign', 'p1', 64, 64, 'PNG', 'benign/p1/a.png', :path, :at)"
+            ),
+            {"sha": "a" * 64, "path": png, "at": store.utcnow()},
+        )
     store.upgrade(db_url)
     cols = {c["name"] for c in inspect(store.get_engine(db_url)).get_columns("images")}
     assert "phash" in cols and "holdout_events" in inspect(store.get_engine(db_url)).get_table_names()
@@ -236,8 +262,27 @@ def test_migration_upgrades_a_database_that_holds_data(db_url, tmp_path):
 def test_demo_data_writes_patient_folders_and_a_separate_holdout(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BCC_HOME", str(tmp_path / "home"))
     dev, hold = tmp_path / "dev", tmp_path / "hold"
-    assert cli.main(["demo-data", "--out", str(dev), "--benign", "60", "--malignant", "61", "--size", "40",
-                     "--holdout-out", str(hold), "--holdout", "20", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo-data",
+                "--out",
+                str(dev),
+                "--benign",
+                "60",
+                "--malignant",
+                "61",
+                "--size",
+                "40",
+                "--holdout-out",
+                str(hold),
+                "--holdout",
+                "20",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["n_files"] == 121 and out["holdout"]["n_files"] == 20
     dev_patients = {p.parent.name for p in dev.rglob("*.png")}
@@ -259,7 +304,10 @@ def test_small_demo_data_splits_into_all_four_roles(home, monkeypatch, capsys):
     assert cli.main(["demo-data", "--benign", "12", "--malignant", "12", "--size", "40"]) == 0
     dataset.intake(home)
     split = split_step(home)
-    assert split["grouped"] and min(split["n_train"], split["n_val"], split["n_calibration"], split["n_holdout"]) >= 2
+    assert (
+        split["grouped"]
+        and min(split["n_train"], split["n_val"], split["n_calibration"], split["n_holdout"]) >= 2
+    )
 
 
 def test_bcc_holdout_commands(home, tmp_path, monkeypatch, capsys):
@@ -269,12 +317,17 @@ def test_bcc_holdout_commands(home, tmp_path, monkeypatch, capsys):
     assert "no holdout yet" in capsys.readouterr().out
     folder = tmp_path / "in"
     _land(home, benign=6, malignant=6, groups=2, out=folder)
-    assert cli.main(["holdout", "extend", "--from", str(folder), "--reason", "cohort B", "--actor", "dr. c"]) == 0
+    assert (
+        cli.main(["holdout", "extend", "--from", str(folder), "--reason", "cohort B", "--actor", "dr. c"])
+        == 0
+    )
     assert "holdout extend" in capsys.readouterr().out
     assert cli.main(["holdout", "show", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n"] == 12 and info["counts"] == {"benign": 6, "malignant": 6} and len(info["groups"]) == 4
-    assert [(e["action"], e["actor"], e["reason"]) for e in info["history"]] == [("extend", "dr. c", "cohort B")]
+    assert [(e["action"], e["actor"], e["reason"]) for e in info["history"]] == [
+        ("extend", "dr. c", "cohort B")
+    ]
     assert cli.main(["holdout", "freeze", "--reason", "again"]) == 1
     assert "already frozen" in capsys.readouterr().err
 
@@ -286,15 +339,20 @@ def test_a_champion_developed_on_holdout_images_is_named(home):
     _land(home, benign=30, malignant=30, groups=6)
     dataset.intake(home)
     with session_scope(home.database_url) as s:
-        records = [{"sha256": r.sha256, "label": r.label, "group_id": r.group_id, "path": r.stored_path}
-                   for r in s.scalars(select(ImageRecord))]
-    old = dataset.write_manifest(dataset.make_split(records), home.dataset_dir / "manifests", seed=1,
-                                 val_fraction=0.2)
+        records = [
+            {"sha256": r.sha256, "label": r.label, "group_id": r.group_id, "path": r.stored_path}
+            for r in s.scalars(select(ImageRecord))
+        ]
+    old = dataset.write_manifest(
+        dataset.make_split(records), home.dataset_dir / "manifests", seed=1, val_fraction=0.2
+    )
     with session_scope(home.database_url) as s:
         s.add(model_version_row("v-old", "champion", manifest_hash=old.hash))
     split = split_step(home)
-    assert any(f"the champion v-old was developed on {split['n_holdout']} of the {split['n_holdout']} holdout"
-               in w for w in split["warnings"])
+    assert any(
+        f"the champion v-old was developed on {split['n_holdout']} of the {split['n_holdout']} holdout" in w
+        for w in split["warnings"]
+    )
 
 
 def test_extending_the_holdout_is_not_new_training_data(home, tmp_path):

@@ -657,7 +657,9 @@ def test_load_for_model_refuses_bad_files(tmp_path: Path) -> None:
 
 # -- big PNG metadata: real ICC profiles pass, metadata bombs are refused ------------------------------
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _png_with_chunks(chunks: list[tuple[bytes, bytes]], size: int = 48) -> tuple[bytes, np.ndarray]:
@@ -679,22 +681,32 @@ def _deflate_zeros(n_bytes: int) -> bytes:
 _ICC_3MIB = bytes(range(256)) * (3 << 12)  # 3 MiB, the size of a big scanner ICC profile
 
 
-@pytest.mark.parametrize("chunk", [
-    (b"iCCP", b"scanner profile\x00\x00" + zlib.compress(_ICC_3MIB)),
-    (b"zTXt", b"Description\x00\x00" + zlib.compress(b"slide scan notes " * 200_000)),
-    (b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + zlib.compress(b"<x:xmpmeta/>" * 300_000)),
-], ids=["iCCP", "zTXt", "iTXt"])
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        (b"iCCP", b"scanner profile\x00\x00" + zlib.compress(_ICC_3MIB)),
+        (b"zTXt", b"Description\x00\x00" + zlib.compress(b"slide scan notes " * 200_000)),
+        (b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + zlib.compress(b"<x:xmpmeta/>" * 300_000)),
+    ],
+    ids=["iCCP", "zTXt", "iTXt"],
+)
 def test_png_with_megabytes_of_metadata_is_decoded(chunk: tuple[bytes, bytes]) -> None:
     data, px = _png_with_chunks([chunk])
     assert validate(data) == ImageInfo("PNG", 48, 48)
     np.testing.assert_array_equal(decode(data), px)
 
 
-@pytest.mark.parametrize(("kind", "head", "inflated"), [
-    (b"iCCP", b"bomb\x00\x00", 64 << 20),
-    (b"zTXt", b"Comment\x00\x00", 512 << 20),
-], ids=["iCCP-64MiB", "zTXt-512MiB"])
-def test_png_metadata_bombs_are_refused_fast_with_bounded_memory(kind: bytes, head: bytes, inflated: int) -> None:
+@pytest.mark.parametrize(
+    ("kind", "head", "inflated"),
+    [
+        (b"iCCP", b"bomb\x00\x00", 64 << 20),
+        (b"zTXt", b"Comment\x00\x00", 512 << 20),
+    ],
+    ids=["iCCP-64MiB", "zTXt-512MiB"],
+)
+def test_png_metadata_bombs_are_refused_fast_with_bounded_memory(
+    kind: bytes, head: bytes, inflated: int
+) -> None:
     data, _ = _png_with_chunks([(kind, head + _deflate_zeros(inflated))])
     assert len(data) < 1 << 20  # a small file
     tracemalloc.start()
@@ -712,8 +724,13 @@ def test_png_metadata_bombs_are_refused_fast_with_bounded_memory(kind: bytes, he
 
 def test_libpng_warnings_never_reach_stderr(capfd: pytest.CaptureFixture[str]) -> None:
     """libpng prints "libpng warning: iCCP: ..." to fd 2 for a flawed colour profile; decoding says nothing."""
-    data, px = _png_with_chunks([(b"iCCP", b"flawed\x00\x00" + zlib.compress(b"not an ICC profile" * 20)),
-                                 (b"tEXt", b"Comment\x00fine"), (b"gAMA", struct.pack(">I", 0))])
+    data, px = _png_with_chunks(
+        [
+            (b"iCCP", b"flawed\x00\x00" + zlib.compress(b"not an ICC profile" * 20)),
+            (b"tEXt", b"Comment\x00fine"),
+            (b"gAMA", struct.pack(">I", 0)),
+        ]
+    )
     capfd.readouterr()
     out = decode(data)
     captured = capfd.readouterr()

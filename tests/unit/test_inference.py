@@ -116,8 +116,9 @@ def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):
     inode = cache.stat().st_ino
     names = ("model.xml", "model.bin")
     written: list[Path] = []
-    got = inference._publish(cache, sha, names, lambda d: written.append(d) or [
-        shutil.copyfile(cache / n, d / n) for n in names])
+    got = inference._publish(
+        cache, sha, names, lambda d: written.append(d) or [shutil.copyfile(cache / n, d / n) for n in names]
+    )
     assert got == cache and cache.stat().st_ino == inode and written
     assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name]
 

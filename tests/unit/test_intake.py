@@ -50,13 +50,17 @@ def test_names_that_are_not_utf8_are_taken_in_each_under_its_own_name(home, png_
     assert (r.accepted, r.rejected, r.failed) == (3, 4, [])
     shown = sorted(x["path"] for x in r.rejections)
     assert len(set(shown)) == 4
-    assert sorted(os.fsencode(files.path_from_display(p)) for p in shown) == sorted(b"benign/" + n for n in broken)
+    assert sorted(os.fsencode(files.path_from_display(p)) for p in shown) == sorted(
+        b"benign/" + n for n in broken
+    )
     assert all("\n" not in rec.getMessage() and "\x1b" not in rec.getMessage() for rec in caplog.records)
     with session_scope(home.database_url) as s:
         rows = s.scalars(select(Rejection)).all()
         assert sorted(x.path for x in rows) == shown and all(x.moved_to for x in rows)
         sources = sorted(s.scalars(select(ImageRecord.source_path)).all())
-    assert sorted(os.fsencode(files.path_from_display(p)) for p in sources) == sorted(b"benign/" + n for n in good)
+    assert sorted(os.fsencode(files.path_from_display(p)) for p in sources) == sorted(
+        b"benign/" + n for n in good
+    )
     q = os.fsencode(home.quarantine_dir / "names" / "landing" / "benign")
     assert sorted(n for n in os.listdir(q) if not n.endswith(b".reason.txt")) == sorted(broken)
     assert os.listdir(os.fsencode(benign)) == []
@@ -86,8 +90,14 @@ def test_a_kill_between_commit_and_move_loses_nothing(home, png_writer, victim):
     png_writer(land / "benign" / "a.png", seed=1)
     png_writer(land / "malignant" / "conflict.png", seed=1)  # the same content under the other label
     (land / "malignant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BCC_HOME": str(home.home), "BCC_PROFILE": "demo",
-           "BCC_DATABASE_URL": home.database_url, "BCC_SETTLE_SECONDS": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "BCC_HOME": str(home.home),
+        "BCC_PROFILE": "demo",
+        "BCC_DATABASE_URL": home.database_url,
+        "BCC_SETTLE_SECONDS": "0",
+    }
     child = subprocess.run([sys.executable, "-c", _CHILD, victim], env=env, capture_output=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
     assert (land / victim).exists()  # committed, not yet moved
@@ -129,7 +139,9 @@ def test_a_failed_move_is_retried_by_the_next_run_without_a_second_row(home, png
     assert Path(rows[0].moved_to).read_bytes() == b"not an image at all"
 
 
-@pytest.mark.parametrize("run_id", ["..", "../x", "/abs", "", "x/../../..", "r" * 5000, "тест-δ", "a\x00b", "."])
+@pytest.mark.parametrize(
+    "run_id", ["..", "../x", "/abs", "", "x/../../..", "r" * 5000, "тест-δ", "a\x00b", "."]
+)
 def test_hostile_run_ids_keep_quarantine_under_quarantine(make_settings, sqlite_url, tmp_path, run_id):
     upgrade(sqlite_url)
     s = make_settings(sqlite_url, settle_seconds=0)
@@ -199,7 +211,10 @@ def test_migration_0003_down_and_up_and_an_old_schema_is_named(make_settings, mi
 def test_a_group_folder_whose_displayed_name_is_long_still_fits(home, png_writer):
     """255 bytes that are not UTF-8 display as 1020 characters; the group id column holds 255."""
     for name, seed in ((b"\xff" * 255, 1), (b"\xfe" * 255, 2)):
-        png_writer(Path(os.fsdecode(_bytes_path(home.landing_dir / "benign" / os.fsdecode(name), b"a.png"))), seed=seed)
+        png_writer(
+            Path(os.fsdecode(_bytes_path(home.landing_dir / "benign" / os.fsdecode(name), b"a.png"))),
+            seed=seed,
+        )
     r = intake(home, run_id="groups")
     assert r.accepted == 2 and r.failed == []
     with session_scope(home.database_url) as s:

@@ -17,7 +17,10 @@ def small_model():
 def test_seed_architecture_has_the_seed_parameter_counts():
     net = model.build_classifier(image_size=224, base_weights="none")
     assert model.count_params(net) == {
-        "total_params": 18_333_506, "trainable_params": 18_100_610, "non_trainable_params": 232_896}
+        "total_params": 18_333_506,
+        "trainable_params": 18_100_610,
+        "non_trainable_params": 232_896,
+    }
     assert [layer.name for layer in net.layers] == ["image", "densenet201", "gap", "dropout", "bn", "probs"]
     assert net.get_layer("dropout").rate == 0.5
     assert net.output_shape == (None, 2)

@@ -27,10 +27,24 @@ T0 = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
 
 
 def _mv(version: str, status: str, created: dt.datetime, plots_dir: str | None = None) -> ModelVersion:
-    return ModelVersion(version=version, status=status, artifact_path=f"/m/{version}", artifact_sha256="a" * 64,
-                        base_weights="none", profile="demo", image_size=32, preprocessing="densenet-torch-v1",
-                        hyperparameters={}, manifest_hash="0" * 64, n_train=10, n_val=4, threshold=0.4,
-                        code_version="test", created_at=created, plots_dir=plots_dir)
+    return ModelVersion(
+        version=version,
+        status=status,
+        artifact_path=f"/m/{version}",
+        artifact_sha256="a" * 64,
+        base_weights="none",
+        profile="demo",
+        image_size=32,
+        preprocessing="densenet-torch-v1",
+        hyperparameters={},
+        manifest_hash="0" * 64,
+        n_train=10,
+        n_val=4,
+        threshold=0.4,
+        code_version="test",
+        created_at=created,
+        plots_dir=plots_dir,
+    )
 
 
 @pytest.fixture
@@ -45,38 +59,116 @@ def seeded(migrated_url, make_settings, png_writer):
     archived = png_writer(s.archive_dir / "run-b" / "ward_1" / "img_00.png", size=16)
     shas = [f"{i:064x}" for i in range(12)]
     with session_scope(s.database_url) as db:
-        db.add_all([_mv("v1", "retired", T0 - dt.timedelta(days=3)),
-                    _mv("v2", "champion", T0 - dt.timedelta(days=2), plots_dir=str(plots)),
-                    _mv("v3", "rejected", T0 - dt.timedelta(days=1))])
+        db.add_all(
+            [
+                _mv("v1", "retired", T0 - dt.timedelta(days=3)),
+                _mv("v2", "champion", T0 - dt.timedelta(days=2), plots_dir=str(plots)),
+                _mv("v3", "rejected", T0 - dt.timedelta(days=1)),
+            ]
+        )
         db.flush()
-        db.add_all([Metric(model_version="v2", split="validation", name="accuracy", value=0.9),
-                    Metric(model_version="v2", split="validation", name="roc_auc", value=0.95),
-                    Metric(model_version="v2", split="holdout", name="accuracy", value=0.88),
-                    Metric(model_version="v3", split="validation", name="accuracy", value=0.7)])
-        db.add_all([Promotion(candidate_version="v2", from_version="v1", to_version="v2", decision="promoted",
-                              reason="gate passed", actor="airflow", evidence={"accuracy": 0.9},
-                              decided_at=T0 - dt.timedelta(days=2)),
-                     Promotion(candidate_version="v3", from_version="v2", to_version="v2", decision="rejected",
-                               reason="accuracy 0.70 < floor 0.80", actor="airflow", evidence={},
-                               decided_at=T0 - dt.timedelta(days=1))])
-        db.add_all([ScoringRun(run_id="run-a", model_version="v2", started_at=T0, status="success",
-                               finished_at=T0 + dt.timedelta(minutes=1), counts={"scored": 6, "rejected": 2}),
-                    ScoringRun(run_id="run-b", model_version="v2", started_at=T0 + dt.timedelta(hours=6),
-                               status="success", counts={"scored": 6, "rejected": 1})])
+        db.add_all(
+            [
+                Metric(model_version="v2", split="validation", name="accuracy", value=0.9),
+                Metric(model_version="v2", split="validation", name="roc_auc", value=0.95),
+                Metric(model_version="v2", split="holdout", name="accuracy", value=0.88),
+                Metric(model_version="v3", split="validation", name="accuracy", value=0.7),
+            ]
+        )
+        db.add_all(
+            [
+                Promotion(
+                    candidate_version="v2",
+                    from_version="v1",
+                    to_version="v2",
+                    decision="promoted",
+                    reason="gate passed",
+                    actor="airflow",
+                    evidence={"accuracy": 0.9},
+                    decided_at=T0 - dt.timedelta(days=2),
+                ),
+                Promotion(
+                    candidate_version="v3",
+                    from_version="v2",
+                    to_version="v2",
+                    decision="rejected",
+                    reason="accuracy 0.70 < floor 0.80",
+                    actor="airflow",
+                    evidence={},
+                    decided_at=T0 - dt.timedelta(days=1),
+                ),
+            ]
+        )
+        db.add_all(
+            [
+                ScoringRun(
+                    run_id="run-a",
+                    model_version="v2",
+                    started_at=T0,
+                    status="success",
+                    finished_at=T0 + dt.timedelta(minutes=1),
+                    counts={"scored": 6, "rejected": 2},
+                ),
+                ScoringRun(
+                    run_id="run-b",
+                    model_version="v2",
+                    started_at=T0 + dt.timedelta(hours=6),
+                    status="success",
+                    counts={"scored": 6, "rejected": 1},
+                ),
+            ]
+        )
         for i, sha in enumerate(shas):
-            db.add(Prediction(image_sha256=sha, model_version="v2" if i % 3 else "v1",
-                              prob_malignant=i / 12, label="malignant" if i / 12 >= 0.4 else "benign",
-                              threshold=0.4, source_path=f"ward_{i % 2}/img_{i:02d}.png",
-                              run_id="run-a" if i < 6 else "run-b", scored_at=T0 + dt.timedelta(hours=i)))
-        db.add_all([Rejection(run_id="run-a", stage="scoring", path="bad1.png", reason="cannot decode",
-                              moved_to=str(s.quarantine_dir / "run-a" / "bad1.png"), rejected_at=T0),
-                    Rejection(run_id="run-a", stage="scoring", path="bad2.png", reason="cannot decode",
-                              moved_to=str(s.quarantine_dir / "run-a" / "bad2.png"),
-                              rejected_at=T0 + dt.timedelta(minutes=1)),
-                    Rejection(run_id="run-b", stage="scoring", path="huge.png", reason="too many pixels",
-                              moved_to=None, rejected_at=T0 + dt.timedelta(hours=6))])
-        db.add(InboxFile(run_id="run-b", path="ward_1/img_00.png", path_key="k" * 64, sha256=shas[0],
-                         status="scored", moved_to=str(archived)))
+            db.add(
+                Prediction(
+                    image_sha256=sha,
+                    model_version="v2" if i % 3 else "v1",
+                    prob_malignant=i / 12,
+                    label="malignant" if i / 12 >= 0.4 else "benign",
+                    threshold=0.4,
+                    source_path=f"ward_{i % 2}/img_{i:02d}.png",
+                    run_id="run-a" if i < 6 else "run-b",
+                    scored_at=T0 + dt.timedelta(hours=i),
+                )
+            )
+        db.add_all(
+            [
+                Rejection(
+                    run_id="run-a",
+                    stage="scoring",
+                    path="bad1.png",
+                    reason="cannot decode",
+                    moved_to=str(s.quarantine_dir / "run-a" / "bad1.png"),
+                    rejected_at=T0,
+                ),
+                Rejection(
+                    run_id="run-a",
+                    stage="scoring",
+                    path="bad2.png",
+                    reason="cannot decode",
+                    moved_to=str(s.quarantine_dir / "run-a" / "bad2.png"),
+                    rejected_at=T0 + dt.timedelta(minutes=1),
+                ),
+                Rejection(
+                    run_id="run-b",
+                    stage="scoring",
+                    path="huge.png",
+                    reason="too many pixels",
+                    moved_to=None,
+                    rejected_at=T0 + dt.timedelta(hours=6),
+                ),
+            ]
+        )
+        db.add(
+            InboxFile(
+                run_id="run-b",
+                path="ward_1/img_00.png",
+                path_key="k" * 64,
+                sha256=shas[0],
+                status="scored",
+                moved_to=str(archived),
+            )
+        )
     png_writer(s.quarantine_dir / "run-a" / "bad1.png", size=8)
     return s, shas
 
@@ -84,7 +176,10 @@ def seeded(migrated_url, make_settings, png_writer):
 def test_query_predictions_sort_page_filter_and_count(seeded):
     s, _ = seeded
     every = list(predictions.query_predictions(s))
-    assert [r["source_path"][-10:] for r in every[:2]] == ["img_11.png", "img_10.png"]  # newest first, as before
+    assert [r["source_path"][-10:] for r in every[:2]] == [
+        "img_11.png",
+        "img_10.png",
+    ]  # newest first, as before
     assert tuple(every[0]) == predictions.PREDICTION_FIELDS
     assert predictions.count_predictions(s) == 12
     # pages: consecutive, disjoint, and together the whole ordered list
@@ -108,8 +203,10 @@ def test_query_predictions_sort_page_filter_and_count(seeded):
     # filters combine, and count agrees with the rows
     f = dict(label="malignant", model_version="v2", path_contains="ward_0")
     rows = list(predictions.query_predictions(s, **f))
-    assert rows and all(r["label"] == "malignant" and r["model_version"] == "v2" and "ward_0" in r["source_path"]
-                        for r in rows)
+    assert rows and all(
+        r["label"] == "malignant" and r["model_version"] == "v2" and "ward_0" in r["source_path"]
+        for r in rows
+    )
     assert predictions.count_predictions(s, **f) == len(rows)
     assert predictions.count_predictions(s, latest=True) == 12
     for bad in (dict(sort="sha256; drop table"), dict(offset=-1), dict(limit=-1), dict(label="unsure")):
@@ -133,7 +230,8 @@ def test_model_versions_runs_promotions_rejections(seeded):
     champ = overview.champion_summary(s)
     assert champ["version"] == "v2" and champ["validation"]["roc_auc"] == 0.95
     assert [os.path.basename(p) for p in champ["plots"]] == sorted(
-        ["training_curves.png", "confusion_matrix.png", "roc.png", "extra.png"])
+        ["training_curves.png", "confusion_matrix.png", "roc.png", "extra.png"]
+    )
 
     log = overview.promotion_log(s)
     assert [(p["decision"], p["candidate_version"]) for p in log] == [("rejected", "v3"), ("promoted", "v2")]
@@ -144,8 +242,10 @@ def test_model_versions_runs_promotions_rejections(seeded):
     assert runs[1]["counts"] == {"scored": 6, "rejected": 2} and runs[0]["finished_at"] is None
 
     groups = overview.rejection_summary(s)
-    assert [(g["reason"], g["count"], g["runs"]) for g in groups] == [("cannot decode", 2, 1),
-                                                                       ("too many pixels", 1, 1)]
+    assert [(g["reason"], g["count"], g["runs"]) for g in groups] == [
+        ("cannot decode", 2, 1),
+        ("too many pixels", 1, 1),
+    ]
     assert groups[0]["examples"] == ["bad2.png", "bad1.png"] and groups[0]["last_at"].endswith("+00:00")
     assert [g["reason"] for g in overview.rejection_summary(s, run_id="run-b")] == ["too many pixels"]
 
@@ -164,10 +264,19 @@ def test_an_unmigrated_database_says_what_to_run(sqlite_url, make_settings):
     from bcc_pipeline.errors import StoreError
 
     s = make_settings(sqlite_url)
-    for call in (overview.model_versions, overview.champion_summary, overview.promotion_log, overview.scoring_runs,
-                 overview.rejection_summary, overview.quarantine_entries, predictions.count_predictions,
-                 lambda s: overview.plot_file(s, "v1", "roc.png"), lambda s: overview.archived_image(s, "0" * 64),
-                 lambda s: overview.archived_images(s, ["0" * 64]), overview.inbox_status):
+    for call in (
+        overview.model_versions,
+        overview.champion_summary,
+        overview.promotion_log,
+        overview.scoring_runs,
+        overview.rejection_summary,
+        overview.quarantine_entries,
+        predictions.count_predictions,
+        lambda s: overview.plot_file(s, "v1", "roc.png"),
+        lambda s: overview.archived_image(s, "0" * 64),
+        lambda s: overview.archived_images(s, ["0" * 64]),
+        overview.inbox_status,
+    ):
         with pytest.raises(StoreError, match="bcc db upgrade"):
             call(s)
     assert overview.archived_images(s, ["not-a-hash"]) == {}  # nothing to look up: no database needed
@@ -179,22 +288,41 @@ def test_plot_and_archived_image_never_leave_home(seeded, tmp_path, png_writer):
     assert overview.plot_file(s, "v2", "missing.png") is None
     assert overview.plot_file(s, "v1", "roc.png") is None  # v1 has no plots folder
     assert overview.plot_file(s, "nope", "roc.png") is None
-    for bad in ("../roc.png", "/etc/passwd", "..", "roc.png/..", "notes.txt", "%2e%2e%2froc.png", "", "a/b.png"):
+    for bad in (
+        "../roc.png",
+        "/etc/passwd",
+        "..",
+        "roc.png/..",
+        "notes.txt",
+        "%2e%2e%2froc.png",
+        "",
+        "a/b.png",
+    ):
         with pytest.raises(ConfigError):
             overview.plot_file(s, "v2", bad)
     outside = png_writer(tmp_path / "outside.png", size=8)
     (s.models_dir / "v2" / "plots" / "escape.png").symlink_to(outside)
     assert overview.plot_file(s, "v2", "escape.png") is None  # a link out of the folder is not followed out
 
-    assert overview.archived_image(s, shas[0]) == (s.archive_dir / "run-b" / "ward_1" / "img_00.png").resolve()
+    assert (
+        overview.archived_image(s, shas[0]) == (s.archive_dir / "run-b" / "ward_1" / "img_00.png").resolve()
+    )
     assert overview.archived_image(s, shas[1]) is None  # never archived
     for bad in ("../" + shas[0][3:], shas[10].upper(), "x" * 64, ""):
         with pytest.raises(ConfigError):
             overview.archived_image(s, bad)
     # a ledger row pointing outside the archive (a tampered or foreign row) is never served
     with session_scope(s.database_url) as db:
-        db.add(InboxFile(run_id="run-x", path="o.png", path_key="o" * 64, sha256=shas[2], status="scored",
-                         moved_to=str(outside)))
+        db.add(
+            InboxFile(
+                run_id="run-x",
+                path="o.png",
+                path_key="o" * 64,
+                sha256=shas[2],
+                status="scored",
+                moved_to=str(outside),
+            )
+        )
     assert overview.archived_image(s, shas[2]) is None
     os.remove(s.archive_dir / "run-b" / "ward_1" / "img_00.png")
     assert overview.archived_image(s, shas[0]) is None  # archive cleaned up: no thumbnail
@@ -225,10 +353,30 @@ def test_cli_status_and_models_read_through_the_library(seeded, monkeypatch, cap
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in rows] == ["v3", "v2", "v1"]
-    assert list(rows[1]) == ["version", "status", "created_at", "profile", "image_size", "base_weights", "threshold",
-                             "n_train", "n_val", "manifest_hash", "artifact_path", "artifact_sha256", "plots_dir",
-                             "code_version", "temperature", "operating_point", "manifest_hashes", "lineage",
-                             "validation", "holdout", "intervals", "backends_validated_here"]
+    assert list(rows[1]) == [
+        "version",
+        "status",
+        "created_at",
+        "profile",
+        "image_size",
+        "base_weights",
+        "threshold",
+        "n_train",
+        "n_val",
+        "manifest_hash",
+        "artifact_path",
+        "artifact_sha256",
+        "plots_dir",
+        "code_version",
+        "temperature",
+        "operating_point",
+        "manifest_hashes",
+        "lineage",
+        "validation",
+        "holdout",
+        "intervals",
+        "backends_validated_here",
+    ]
     assert rows[1]["validation"] == {"accuracy": 0.9, "roc_auc": 0.95}
     assert main(["status", "--json", "--rows", "3"]) == 0
     st = json.loads(capsys.readouterr().out)

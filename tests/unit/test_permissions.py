@@ -36,7 +36,9 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def test_the_cli_creates_the_database_and_the_dataset_store_group_readable_only(loose_umask, cli_home, png_writer):
+def test_the_cli_creates_the_database_and_the_dataset_store_group_readable_only(
+    loose_umask, cli_home, png_writer
+):
     assert cli.main(["db", "upgrade"]) == 0
     db = cli_home / "bcc.db"
     assert _mode(db) == 0o640

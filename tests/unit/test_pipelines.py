@@ -20,17 +20,34 @@ PERFECT = {"accuracy": 1.0, "sensitivity": 1.0, "specificity": 1.0, "roc_auc": 1
 
 
 # -- should_retrain -------------------------------------------------------------------------------
-def _add_images(url: str, n: int, *, at: dt.datetime, prefix: str, label: str | None = "benign",
-                excluded: str | None = None) -> None:
+def _add_images(
+    url: str,
+    n: int,
+    *,
+    at: dt.datetime,
+    prefix: str,
+    label: str | None = "benign",
+    excluded: str | None = None,
+) -> None:
     with session_scope(url) as s:
         for i in range(n):
-            s.add(ImageRecord(sha256=f"{prefix}{i:03d}".ljust(64, "0"), label=label, width=64, height=64,
-                              format="PNG", source_path=f"/landing/{prefix}{i}.png", excluded_reason=excluded,
-                              first_seen_at=at))
+            s.add(
+                ImageRecord(
+                    sha256=f"{prefix}{i:03d}".ljust(64, "0"),
+                    label=label,
+                    width=64,
+                    height=64,
+                    format="PNG",
+                    source_path=f"/landing/{prefix}{i}.png",
+                    excluded_reason=excluded,
+                    first_seen_at=at,
+                )
+            )
 
 
-def test_should_retrain_counts_usable_images_after_the_champion_cutoff(sqlite_url, make_settings,
-                                                                       register_champion):
+def test_should_retrain_counts_usable_images_after_the_champion_cutoff(
+    sqlite_url, make_settings, register_champion
+):
     settings = make_settings(sqlite_url)
     upgrade(sqlite_url)
     later = T0 + dt.timedelta(days=1)
@@ -41,8 +58,10 @@ def test_should_retrain_counts_usable_images_after_the_champion_cutoff(sqlite_ur
 
     # no champion yet: every usable labelled image is new
     assert pipelines.should_retrain(settings, 8) == (
-        True, "training: 8 >= min_new_images=8; 8 new labelled images since the champion's data "
-              "(total 8, champion none yet)")
+        True,
+        "training: 8 >= min_new_images=8; 8 new labelled images since the champion's data "
+        "(total 8, champion none yet)",
+    )
     go, reason = pipelines.should_retrain(settings, 9)
     assert not go and reason.startswith("skipping training: 8 < min_new_images=9")
 
@@ -51,8 +70,10 @@ def test_should_retrain_counts_usable_images_after_the_champion_cutoff(sqlite_ur
         registry.get_champion(s).data_cutoff = T0 + dt.timedelta(hours=1)
     assert pipelines.should_retrain(settings, 3)[0]
     go, reason = pipelines.should_retrain(settings, 4)
-    assert not go and reason == ("skipping training: 3 < min_new_images=4; 3 new labelled images since the "
-                                 f"champion's data (total 8, champion {version})")
+    assert not go and reason == (
+        "skipping training: 3 < min_new_images=4; 3 new labelled images since the "
+        f"champion's data (total 8, champion {version})"
+    )
     go, reason = pipelines.should_retrain(settings, 4, force=True)
     assert go and reason.startswith("training (forced): 3 new labelled images")
     assert pipelines.should_retrain(settings, 0)[0]
@@ -73,21 +94,29 @@ def _images(tmp_path: Path, write_png, prefix: str, n: int, seed0: int) -> list[
     for i in range(n):
         label = "benign" if i % 2 == 0 else "malignant"
         path = write_png(tmp_path / "img" / f"{prefix}{i}.png", size=40, seed=seed0 + i)
-        out.append({"sha256": sha256_file(path), "label": label, "group_id": f"{prefix}{i}", "path": str(path)})
+        out.append(
+            {"sha256": sha256_file(path), "label": label, "group_id": f"{prefix}{i}", "path": str(path)}
+        )
     return out
 
 
-def _manifests(tmp_path: Path, write_png, *, cal_seed: int = 100, holdout_seed: int = 500, n_holdout: int = 12):
+def _manifests(
+    tmp_path: Path, write_png, *, cal_seed: int = 100, holdout_seed: int = 500, n_holdout: int = 12
+):
     """A development manifest (train/validation/calibration) and a separate holdout manifest."""
     dev = []
     for role, n in ROLE_SIZES.items():
         seed0 = cal_seed if role == "calibration" else {"train": 0, "validation": 50}[role]
         dev += [{**e, "split": role} for e in _images(tmp_path, write_png, f"{role}{seed0}-", n, seed0)]
-    hold = [{**e, "split": "holdout"} for e in _images(tmp_path, write_png, f"hold{holdout_seed}-", n_holdout,
-                                                         holdout_seed)]
+    hold = [
+        {**e, "split": "holdout"}
+        for e in _images(tmp_path, write_png, f"hold{holdout_seed}-", n_holdout, holdout_seed)
+    ]
     key = lambda e: e["sha256"]  # noqa: E731
-    return (write_manifest(sorted(dev, key=key), tmp_path / "manifests", seed=0, val_fraction=0.2),
-            write_manifest(sorted(hold, key=key), tmp_path / "holdouts", seed=0, val_fraction=0.2))
+    return (
+        write_manifest(sorted(dev, key=key), tmp_path / "manifests", seed=0, val_fraction=0.2),
+        write_manifest(sorted(hold, key=key), tmp_path / "holdouts", seed=0, val_fraction=0.2),
+    )
 
 
 def _trained(settings, version: str, tiny_model_artifact, dev, holdout) -> Path:
@@ -98,11 +127,23 @@ def _trained(settings, version: str, tiny_model_artifact, dev, holdout) -> Path:
     model_dir = settings.models_dir / version
     model_dir.mkdir(parents=True)
     shutil.copyfile(src, model_dir / "model.keras")
-    meta = {"version": version, "artifact_sha256": artifact_sha, "manifest_path": str(dev.path),
-            "manifest_hash": dev.hash, "holdout_path": str(holdout.path), "image_size": 32,
-            "preprocessing": "densenet-torch-v1", "hyperparameters": {"base_weights": "none", "profile": "demo"},
-            "n_train": 4, "n_val": 4, "code_version": "test", "data_cutoff": None,
-            "lineage": {"manifests": {"train": "t", "validation": "v", "calibration": "c", "holdout": holdout.hash}}}
+    meta = {
+        "version": version,
+        "artifact_sha256": artifact_sha,
+        "manifest_path": str(dev.path),
+        "manifest_hash": dev.hash,
+        "holdout_path": str(holdout.path),
+        "image_size": 32,
+        "preprocessing": "densenet-torch-v1",
+        "hyperparameters": {"base_weights": "none", "profile": "demo"},
+        "n_train": 4,
+        "n_val": 4,
+        "code_version": "test",
+        "data_cutoff": None,
+        "lineage": {
+            "manifests": {"train": "t", "validation": "v", "calibration": "c", "holdout": holdout.hash}
+        },
+    }
     (model_dir / "metadata.json").write_text(json.dumps(meta))
     (model_dir / "history.json").write_text(json.dumps({"loss": [0.7, 0.6], "val_loss": [0.7, 0.65]}))
     return model_dir
@@ -114,13 +155,21 @@ def _calibration_probs(settings, model_dir: Path, dev, temperature: float):
     meta = json.loads((model_dir / "metadata.json").read_text())
     net = model.load_artifact(model_dir / "model.keras", meta["artifact_sha256"])
     paths, _ = dataset.manifest_arrays(dev, "calibration")
-    ds = dataset.make_dataset(paths, None, image_size=32, batch_size=8, max_pixels=settings.max_pixels,
-                              min_side=settings.min_side, cache=False)
+    ds = dataset.make_dataset(
+        paths,
+        None,
+        image_size=32,
+        batch_size=8,
+        max_pixels=settings.max_pixels,
+        min_side=settings.min_side,
+        cache=False,
+    )
     return stats.calibrate(training.predict_malignant(net, ds), temperature)
 
 
-def test_threshold_and_temperature_never_see_the_holdout(sqlite_url, make_settings, tmp_path, tiny_model_artifact,
-                                                         png_writer):
+def test_threshold_and_temperature_never_see_the_holdout(
+    sqlite_url, make_settings, tmp_path, tiny_model_artifact, png_writer
+):
     settings = make_settings(sqlite_url)
     upgrade(sqlite_url)
     dev, hold_a = _manifests(tmp_path / "a", png_writer, holdout_seed=500)
@@ -146,12 +195,15 @@ def test_threshold_and_temperature_never_see_the_holdout(sqlite_url, make_settin
     assert a["operating_point"]["chosen_on"] == "calibration" and a["operating_point"]["n"] == 10
     # the holdout's manifest hash is recorded with every version: equal for the same frozen holdout
     with session_scope(sqlite_url) as s:
-        hashes = {v: registry.get_version(s, v).lineage["manifests"]["holdout"] for v in ("v-a", "v-b", "v-c")}
+        hashes = {
+            v: registry.get_version(s, v).lineage["manifests"]["holdout"] for v in ("v-a", "v-b", "v-c")
+        }
     assert hashes["v-a"] == hashes["v-c"] != hashes["v-b"]
 
 
-def test_evaluate_step_records_calibration_intervals_lineage_and_the_card(sqlite_url, make_settings, tmp_path,
-                                                                         tiny_model_artifact, png_writer):
+def test_evaluate_step_records_calibration_intervals_lineage_and_the_card(
+    sqlite_url, make_settings, tmp_path, tiny_model_artifact, png_writer
+):
     settings = make_settings(sqlite_url)
     upgrade(sqlite_url)
     dev, hold = _manifests(tmp_path, png_writer)
@@ -167,8 +219,9 @@ def test_evaluate_step_records_calibration_intervals_lineage_and_the_card(sqlite
     from bcc_pipeline import stats
 
     for r in rows:  # prob_malignant is the calibrated probability
-        assert r["prob_malignant"] == pytest.approx(float(stats.calibrate([r["prob_uncalibrated"]],
-                                                                          out["temperature"])[0]))
+        assert r["prob_malignant"] == pytest.approx(
+            float(stats.calibrate([r["prob_uncalibrated"]], out["temperature"])[0])
+        )
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert meta["threshold"] == out["threshold"] and meta["temperature"] == out["temperature"]
     assert set(meta["calibration"]) >= {"ece_before", "ece_after", "brier_before", "brier_after"}
@@ -184,9 +237,18 @@ def test_evaluate_step_records_calibration_intervals_lineage_and_the_card(sqlite
     assert any(line.startswith("sensitivity ") and line.endswith("/6 (holdout)") for line in lines)
     assert (model_dir / "plots" / "reliability.png").is_file()
     card = (model_dir / "model_card.md").read_text()
-    for part in ("## Intended use", "synthetic demo", "| calibration | 5 | 5 |", "| holdout | 6 | 6 |",
-                 "## Threshold", "midway", "## Gate decision", "Not decided yet", "## Lineage",
-                 meta["lineage"]["manifests"]["holdout"]):
+    for part in (
+        "## Intended use",
+        "synthetic demo",
+        "| calibration | 5 | 5 |",
+        "| holdout | 6 | 6 |",
+        "## Threshold",
+        "midway",
+        "## Gate decision",
+        "Not decided yet",
+        "## Lineage",
+        meta["lineage"]["manifests"]["holdout"],
+    ):
         assert part in card, part
     assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
 
@@ -201,9 +263,17 @@ def _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer
     _trained(settings, "v-cand", tiny_model_artifact, dev, hold)
     out = pipelines.evaluate_step(settings, "v-cand", progress=lambda _: None)
     dest = install_artifact(tiny_model_artifact[0], settings.models_dir, "v-champ")
-    (settings.models_dir / "v-champ" / "metadata.json").write_text(json.dumps({"manifest_path": str(dev.path)}))
-    register_version(settings, "v-champ", artifact=(dest, tiny_model_artifact[1]), threshold=out["threshold"],
-                     temperature=out["temperature"], profile="demo")
+    (settings.models_dir / "v-champ" / "metadata.json").write_text(
+        json.dumps({"manifest_path": str(dev.path)})
+    )
+    register_version(
+        settings,
+        "v-champ",
+        artifact=(dest, tiny_model_artifact[1]),
+        threshold=out["threshold"],
+        temperature=out["temperature"],
+        profile="demo",
+    )
     return out
 
 
@@ -212,8 +282,9 @@ def _evidence(url: str, version: str = "v-cand") -> dict:
         return registry.decision_for(s, version).evidence
 
 
-def test_gate_compares_with_the_champion_on_the_same_holdout(sqlite_url, make_settings, tmp_path,
-                                                            tiny_model_artifact, png_writer):
+def test_gate_compares_with_the_champion_on_the_same_holdout(
+    sqlite_url, make_settings, tmp_path, tiny_model_artifact, png_writer
+):
     settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0)
     _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer)
     messages: list[str] = []
@@ -233,9 +304,12 @@ def test_gate_compares_with_the_champion_on_the_same_holdout(sqlite_url, make_se
 
 
 @pytest.mark.parametrize("approved", [True, False])
-def test_gate_with_approval_waits_for_a_person(sqlite_url, make_settings, tmp_path, tiny_model_artifact,
-                                               png_writer, approved):
-    settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0, require_approval=True)
+def test_gate_with_approval_waits_for_a_person(
+    sqlite_url, make_settings, tmp_path, tiny_model_artifact, png_writer, approved
+):
+    settings = make_settings(
+        sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0, require_approval=True
+    )
     _evaluated_with_champion(settings, tmp_path, tiny_model_artifact, png_writer)
     out = pipelines.gate_step(settings, "v-cand", actor="test", progress=lambda _: None)
     assert out["decision"] == registry.AWAITING and out["champion"] == "v-champ"
@@ -247,9 +321,9 @@ def test_gate_with_approval_waits_for_a_person(sqlite_url, make_settings, tmp_pa
     assert f"Human approval: {'approved' if approved else 'rejected'} by `dr.grey`: checked" in card
 
 
-def test_cli_prints_holdout_intervals_temperature_hashes_and_the_card(sqlite_url, make_settings, tmp_path,
-                                                                     tiny_model_artifact, png_writer, monkeypatch,
-                                                                     capsys):
+def test_cli_prints_holdout_intervals_temperature_hashes_and_the_card(
+    sqlite_url, make_settings, tmp_path, tiny_model_artifact, png_writer, monkeypatch, capsys
+):
     from bcc_pipeline import cli
 
     settings = make_settings(sqlite_url, gate_min_accuracy=0.0, gate_min_sensitivity=0.0)
@@ -273,10 +347,14 @@ def test_cli_prints_holdout_intervals_temperature_hashes_and_the_card(sqlite_url
     assert cli.main(["status", "--rows", "0"]) == 0
     status = capsys.readouterr().out
     assert "champion        v-cand" in status and f"temperature {out['temperature']:.3f}" in status
-    assert f"sensitivity {s['value']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}], {s['k']}/6 (holdout)" in status
+    assert (
+        f"sensitivity {s['value']:.2f} [{s['lower']:.2f}, {s['upper']:.2f}], {s['k']}/6 (holdout)" in status
+    )
 
     assert cli.main(["model-card", "v-cand"]) == 0
     card = capsys.readouterr().out
-    assert card.startswith("# Model card: v-cand") and "**promoted**" in card and "Candidate − champion" in card
+    assert (
+        card.startswith("# Model card: v-cand") and "**promoted**" in card and "Candidate − champion" in card
+    )
     assert cli.main(["model-card", "v-nope"]) == 1
     assert "unknown model version" in capsys.readouterr().err

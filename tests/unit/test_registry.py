@@ -8,17 +8,35 @@ from bcc_pipeline.store import ModelVersion, Promotion, session_scope
 GOOD = {"accuracy": 0.93, "sensitivity": 0.96, "roc_auc": 0.97}
 FLOORS = {"min_accuracy": 0.8, "min_sensitivity": 0.9, "margin": 0.05}
 # candidate - champion on the same holdout: clearly non-inferior / clearly inferior
-SAME = {"sensitivity": {"value": 0.0, "lower": -0.02, "upper": 0.02, "n": 300},
-        "roc_auc": {"value": 0.01, "lower": -0.01, "upper": 0.03, "n": 300}}
-WORSE = {"sensitivity": {"value": -0.2, "lower": -0.3, "upper": -0.1, "n": 300},
-         "roc_auc": {"value": 0.0, "lower": -0.01, "upper": 0.01, "n": 300}}
+SAME = {
+    "sensitivity": {"value": 0.0, "lower": -0.02, "upper": 0.02, "n": 300},
+    "roc_auc": {"value": 0.01, "lower": -0.01, "upper": 0.03, "n": 300},
+}
+WORSE = {
+    "sensitivity": {"value": -0.2, "lower": -0.3, "upper": -0.1, "n": 300},
+    "roc_auc": {"value": 0.0, "lower": -0.01, "upper": 0.01, "n": 300},
+}
 
 
 def _add(s, version, status="candidate", metrics=GOOD):
-    s.add(ModelVersion(version=version, status=status, artifact_path=f"/m/{version}/model.keras",
-                       artifact_sha256="0" * 64, base_weights="none", profile="demo", image_size=32,
-                       preprocessing="p", hyperparameters={}, manifest_hash="m" * 64, n_train=8, n_val=2,
-                       threshold=0.4, code_version="t"))
+    s.add(
+        ModelVersion(
+            version=version,
+            status=status,
+            artifact_path=f"/m/{version}/model.keras",
+            artifact_sha256="0" * 64,
+            base_weights="none",
+            profile="demo",
+            image_size=32,
+            preprocessing="p",
+            hyperparameters={},
+            manifest_hash="m" * 64,
+            n_train=8,
+            n_val=2,
+            threshold=0.4,
+            code_version="t",
+        )
+    )
     s.flush()
     registry.save_metrics(s, version, "validation", metrics)
 
@@ -42,7 +60,10 @@ def test_gate_compares_with_champion_by_the_interval_of_the_difference():
     d = registry.evaluate_gate(GOOD, champ, champion_version="v0", differences=SAME, **FLOORS)
     assert d.decision == "promoted" and "non-inferior" in d.summary
     d = registry.evaluate_gate(GOOD, champ, champion_version="v0", differences=WORSE, **FLOORS)
-    assert d.decision == "rejected" and "sensitivity difference -0.200 [-0.300, -0.100] vs champion v0" in d.summary
+    assert (
+        d.decision == "rejected"
+        and "sensitivity difference -0.200 [-0.300, -0.100] vs champion v0" in d.summary
+    )
     # no difference computed for a metric: undecided, never promoted
     d = registry.evaluate_gate(GOOD, champ, champion_version="v0", differences={}, **FLOORS)
     assert d.decision == "insufficient_evidence"
@@ -93,7 +114,12 @@ def test_manual_promote_and_rollback_chain(migrated_url):
         assert (r.from_version, r.to_version) == ("v2", "v1")
         assert registry.get_champion(s).version == "v1"
         assert [p.decision for p in s.scalars(select(Promotion).order_by(Promotion.id))] == [
-            "manual", "manual", "manual", "rollback", "rollback"]
+            "manual",
+            "manual",
+            "manual",
+            "rollback",
+            "rollback",
+        ]
         assert [m.status for m in registry.list_versions(s)].count("champion") == 1
 
 
@@ -117,8 +143,14 @@ def test_decision_for_is_the_gate_decision_only(migrated_url):
         assert registry.decision_for(s, "v1") is None
         registry.promote(s, "v1", actor="alice", reason="by hand")  # a manual promotion is not the gate's
         assert registry.decision_for(s, "v1") is None
-        d = registry.evaluate_gate(GOOD, dict(GOOD), champion_version="v1", **FLOORS, differences=SAME,
-                                   comparison={"images": 4, "note": "2 holdout images the champion was trained on"})
+        d = registry.evaluate_gate(
+            GOOD,
+            dict(GOOD),
+            champion_version="v1",
+            **FLOORS,
+            differences=SAME,
+            comparison={"images": 4, "note": "2 holdout images the champion was trained on"},
+        )
         row = registry.record_gate_decision(s, "v2", d, actor="test")
         assert registry.decision_for(s, "v2").id == row.id and row.decision == "promoted"
         assert row.evidence["comparison"]["images"] == 4

@@ -18,7 +18,9 @@ def test_scoring_applies_the_versions_temperature(make_settings, sqlite_url, tin
     src, sha = tiny_model_artifact
     for version, temperature in (("v-raw", None), ("v-cal", 0.2)):
         dest = install_artifact(src, s.models_dir, version)
-        register_version(s, version, artifact=(dest, sha), threshold=0.5, temperature=temperature, profile="demo")
+        register_version(
+            s, version, artifact=(dest, sha), threshold=0.5, temperature=temperature, profile="demo"
+        )
         if version == "v-raw":
             fill_inbox(s.inbox_dir, png_writer, 6)
         else:  # the same images again, for the calibrated version (now the champion)
@@ -34,7 +36,11 @@ def test_scoring_applies_the_versions_temperature(make_settings, sqlite_url, tin
     assert len(shas) == 6
     for sha_ in shas:
         raw, cal = by[(sha_, "v-raw")], by[(sha_, "v-cal")]
-        assert cal.prob_malignant == pytest.approx(float(stats.calibrate([raw.prob_malignant], 0.2)[0]), abs=1e-9)
+        assert cal.prob_malignant == pytest.approx(
+            float(stats.calibrate([raw.prob_malignant], 0.2)[0]), abs=1e-9
+        )
         assert cal.label == ("malignant" if cal.prob_malignant >= 0.5 else "benign")
     # T < 1 sharpens: every probability moves away from 0.5
-    assert all(abs(by[(x, "v-cal")].prob_malignant - 0.5) >= abs(by[(x, "v-raw")].prob_malignant - 0.5) for x in shas)
+    assert all(
+        abs(by[(x, "v-cal")].prob_malignant - 0.5) >= abs(by[(x, "v-raw")].prob_malignant - 0.5) for x in shas
+    )

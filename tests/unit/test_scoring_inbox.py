@@ -111,8 +111,16 @@ def test_a_modification_time_in_the_future_is_settled_with_a_warning(make_settin
     with caplog.at_level("WARNING"):
         assert scoring.discover(s)["pending"] == ["future.png"]
     assert "clock" in caplog.text
-    item = load_file(Item.of("future.png"), str(future), size=32, max_pixels=s.max_pixels, min_side=s.min_side,
-                     settle=0, max_bytes=max_file_bytes(s.max_pixels), budget=MemoryBudget(1 << 30))
+    item = load_file(
+        Item.of("future.png"),
+        str(future),
+        size=32,
+        max_pixels=s.max_pixels,
+        min_side=s.min_side,
+        settle=0,
+        max_bytes=max_file_bytes(s.max_pixels),
+        budget=MemoryBudget(1 << 30),
+    )
     assert item.kind == "ok"
     # within the settle time of now (either side) a file is still being written; beyond it, settled
     patient = make_settings(None, settle_seconds=60)

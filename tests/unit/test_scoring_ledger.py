@@ -40,8 +40,9 @@ def _item(rel: str, sha: str, kind: str = "ok", reason: str | None = None) -> It
     return it
 
 
-def test_a_batch_is_claimed_once_and_a_known_content_is_a_duplicate(make_settings, migrated_url,
-                                                                      register_champion):
+def test_a_batch_is_claimed_once_and_a_known_content_is_a_duplicate(
+    make_settings, migrated_url, register_champion
+):
     s = make_settings(migrated_url)
     version = register_champion(s, threshold=0.5)
     engine = store.get_engine(migrated_url)
@@ -66,8 +67,20 @@ def test_a_batch_is_claimed_once_and_a_known_content_is_a_duplicate(make_setting
         assert ses.scalars(select(Rejection.path)).all() == ["bad.png"]
     # nothing moved yet; then where each went is recorded
     assert sorted(r.path for r in ledger.unmoved_rows(engine, "r1")) == ["a.png", "b.png", "bad.png"]
-    ledger.record_moves(engine, [{"run_id": "r1", "key": it.key, "path": it.path, "rejected": it.kind == "rejected",
-                                  "moved_to": dest[it.key], "error": None} for it in batch])
+    ledger.record_moves(
+        engine,
+        [
+            {
+                "run_id": "r1",
+                "key": it.key,
+                "path": it.path,
+                "rejected": it.kind == "rejected",
+                "moved_to": dest[it.key],
+                "error": None,
+            }
+            for it in batch
+        ],
+    )
     assert ledger.unmoved_rows(engine, "r1") == []
     known = ledger.known_rows(engine, "r1", [batch[0].key])
     assert [r.moved_to for r in known[batch[0].key]] == ["/dest/a.png"]
@@ -90,7 +103,9 @@ def test_migration_0006_down_and_up(db_url):
         command.downgrade(cfg, "0005")
     store.dispose_engine(db_url)
     insp = inspect(store.get_engine(db_url))
-    assert not {"host", "pid", "heartbeat_at", "error"} & {c["name"] for c in insp.get_columns("scoring_runs")}
+    assert not {"host", "pid", "heartbeat_at", "error"} & {
+        c["name"] for c in insp.get_columns("scoring_runs")
+    }
     assert "move_attempts" not in {c["name"] for c in insp.get_columns("inbox_files")}
     assert store.upgrade(db_url, "0006") == "0006"
     store.dispose_engine(db_url)

@@ -46,8 +46,9 @@ def test_loader_reads_decodes_and_rejects_without_a_database(tmp_path, png_write
             if it.rel == "done.png":
                 it.kind = "done"
 
-    with Loader(str(inbox), image_size=32, max_pixels=1_000_000, min_side=16, settle=30,
-                prepare=prepare) as loader:
+    with Loader(
+        str(inbox), image_size=32, max_pixels=1_000_000, min_side=16, settle=30, prepare=prepare
+    ) as loader:
         batches = list(loader.batches(rels, 3))
     assert [[it.rel for it in b] for b in batches] == [rels[0:3], rels[3:6], rels[6:]] == prepared
     got = {it.rel: it for b in batches for it in b}

@@ -19,7 +19,9 @@ from tests.support import Crash, archived, count_rows, fill_inbox, inbox_files, 
 
 
 # -- interrupted runs -------------------------------------------------------------------------
-def test_crash_after_commit_before_moves_then_new_run(make_settings, migrated_url, register_champion, png_writer):
+def test_crash_after_commit_before_moves_then_new_run(
+    make_settings, migrated_url, register_champion, png_writer
+):
     s = scoring_settings(make_settings, migrated_url)
     register_champion(s)
     fill_inbox(s.inbox_dir, png_writer, 10)
@@ -32,8 +34,9 @@ def test_crash_after_commit_before_moves_then_new_run(make_settings, migrated_ur
             raise Crash
 
     with pytest.raises(Crash):
-        scoring.score_inbox(s, run_id="crashed", batch_size=4,
-                            hooks=scoring.Hooks(on_batch_committed=crash_on_second_batch))
+        scoring.score_inbox(
+            s, run_id="crashed", batch_size=4, hooks=scoring.Hooks(on_batch_committed=crash_on_second_batch)
+        )
     stranded = len(inbox_files(s.inbox_dir))
     assert 0 < stranded < 11
 
@@ -65,7 +68,9 @@ def test_crash_then_rerun_same_run_id(make_settings, sqlite_url, register_champi
             raise Crash
 
     with pytest.raises(Crash):
-        scoring.score_inbox(s, run_id="again", batch_size=4, hooks=scoring.Hooks(on_move_linked=crash_mid_move))
+        scoring.score_inbox(
+            s, run_id="again", batch_size=4, hooks=scoring.Hooks(on_move_linked=crash_mid_move)
+        )
     r = scoring.score_inbox(s, run_id="again", batch_size=4)
     assert (r["scored"], r["duplicates"], r["status"]) == (10, 0, "finished")
     assert inbox_files(s.inbox_dir) == [] and len(archived(s)) == 10  # no "~1" copies
@@ -76,6 +81,7 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
     s = scoring_settings(make_settings, sqlite_url)
     register_champion(s)
     fill_inbox(s.inbox_dir, png_writer, 3)
+
     def refuse(src, dest, **options):
         if str(src).endswith("img001.png"):
             raise PermissionError(13, "Permission denied")
@@ -94,8 +100,9 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
 
 # -- a file that changes between reading and moving ------------------------------------------
 @pytest.mark.parametrize("how", ["replaced", "rewritten"])
-def test_file_swapped_after_scoring_is_left_for_the_next_run(make_settings, sqlite_url, register_champion,
-                                                            png_writer, tmp_path, how):
+def test_file_swapped_after_scoring_is_left_for_the_next_run(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, how
+):
     """A scanner's ``cp new && mv new old`` (replaced) or a rewrite in place, after the batch is committed
     and before its files move: the new content is never archived under the old one's prediction."""
     s = scoring_settings(make_settings, sqlite_url)
@@ -130,8 +137,9 @@ def test_file_swapped_after_scoring_is_left_for_the_next_run(make_settings, sqli
 
 
 # -- files that cannot be moved ---------------------------------------------------------------
-def test_a_file_that_keeps_failing_to_move_turns_red_then_goes_to_quarantine(make_settings, sqlite_url,
-                                                                            register_champion, png_writer):
+def test_a_file_that_keeps_failing_to_move_turns_red_then_goes_to_quarantine(
+    make_settings, sqlite_url, register_champion, png_writer
+):
     s = scoring_settings(make_settings, sqlite_url)
     register_champion(s)
     fill_inbox(s.inbox_dir, png_writer, 3)
@@ -143,10 +151,15 @@ def test_a_file_that_keeps_failing_to_move_turns_red_then_goes_to_quarantine(mak
 
     hooks = scoring.Hooks(move_file=broken_archive)
     first = scoring.score_inbox(s, hooks=hooks)
-    assert (first["move_failed"], first["persistent_move_failures"], first["status"]) == (1, [], "move_failed")
+    assert (first["move_failed"], first["persistent_move_failures"], first["status"]) == (
+        1,
+        [],
+        "move_failed",
+    )
     error = first["move_failures"][0]["error"]  # the whole OS error, with the destination
-    assert "[Errno 5] Input/output error" in error and error.endswith(str(first["archive_dir"]) +
-                                                                    "/patient_1/img001.png'")
+    assert "[Errno 5] Input/output error" in error and error.endswith(
+        str(first["archive_dir"]) + "/patient_1/img001.png'"
+    )
     second = scoring.score_inbox(s, hooks=hooks)
     assert second["recovered"] == 0 and second["move_failed"] == 1  # recovered counts only real moves
     assert [f["path"] for f in second["persistent_move_failures"]] == ["patient_1/img001.png"]
@@ -156,12 +169,15 @@ def test_a_file_that_keeps_failing_to_move_turns_red_then_goes_to_quarantine(mak
     assert (third["quarantined_unmovable"], third["move_failed"], third["status"]) == (1, 0, "finished")
     assert inbox_files(s.inbox_dir) == []
     q = s.quarantine_dir / first["run_id"] / "patient_1" / "img001.png"
-    assert q.is_file() and "could not be moved to the archive in 3 attempts" in files.reason_path(q).read_text()
+    assert (
+        q.is_file() and "could not be moved to the archive in 3 attempts" in files.reason_path(q).read_text()
+    )
     assert count_rows(sqlite_url, Prediction) == 3
 
 
-def test_a_path_too_long_under_the_archive_is_moved_under_a_hashed_folder(make_settings, sqlite_url,
-                                                                         register_champion, png_writer, tmp_path):
+def test_a_path_too_long_under_the_archive_is_moved_under_a_hashed_folder(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
     """Folders nested so deep that ``inbox/<rel>`` fits in PATH_MAX but ``archive/<run>/<rel>`` does not."""
     inbox = tmp_path / "in"
     s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(inbox))
@@ -183,7 +199,11 @@ def test_a_path_too_long_under_the_archive_is_moved_under_a_hashed_folder(make_s
     finally:
         os.close(fd)
     rel = "/".join(folders) + "/x.png"
-    assert len(os.fsencode(inbox / rel)) < 4096 < len(os.fsencode(s.archive_dir / "score-20260101T000000-abcdef" / rel))
+    assert (
+        len(os.fsencode(inbox / rel))
+        < 4096
+        < len(os.fsencode(s.archive_dir / "score-20260101T000000-abcdef" / rel))
+    )
     r = scoring.score_inbox(s, inbox=inbox)
     assert (r["scored"], r["move_failed"], r["status"]) == (1, 0, "finished")
     (moved,) = archived(s)

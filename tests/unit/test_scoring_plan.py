@@ -69,8 +69,13 @@ def test_inference_backend_is_pinned_in_the_plan(make_settings, sqlite_url, regi
     r = scoring.score_inbox(other, run_id="run-openvino")
     assert r["inference"] == "openvino" and r["scored"] == 6
     with session_scope(sqlite_url) as ses:
-        ov_probs = dict(ses.execute(select(Prediction.source_path, Prediction.prob_malignant)
-                                    .where(Prediction.model_version == v2)).all())
+        ov_probs = dict(
+            ses.execute(
+                select(Prediction.source_path, Prediction.prob_malignant).where(
+                    Prediction.model_version == v2
+                )
+            ).all()
+        )
     assert keras_probs.keys() == ov_probs.keys()
     assert max(abs(keras_probs[k] - ov_probs[k]) for k in keras_probs) < 1e-5
     with pytest.raises(ConfigError, match="unknown inference back-end"):

@@ -18,14 +18,17 @@ from tests.support import archived, count_rows, fill_inbox, inbox_files, scoring
 
 
 def test_importing_scoring_does_not_import_tensorflow():
-    code = ("import sys, bcc_pipeline.scoring, bcc_pipeline.files, bcc_pipeline.cli; "
-            "bad = [m for m in ('tensorflow', 'keras', 'airflow') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, bcc_pipeline.scoring, bcc_pipeline.files, bcc_pipeline.cli; "
+        "bad = [m for m in ('tensorflow', 'keras', 'airflow') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_score_inbox_end_to_end_and_rerun_adds_nothing(make_settings, migrated_url, register_champion,
-                                                       png_writer):
+def test_score_inbox_end_to_end_and_rerun_adds_nothing(
+    make_settings, migrated_url, register_champion, png_writer
+):
     s = scoring_settings(make_settings, migrated_url)
     version = register_champion(s, threshold=0.5)
     imgs = fill_inbox(s.inbox_dir, png_writer, 9)
@@ -42,7 +45,8 @@ def test_score_inbox_end_to_end_and_rerun_adds_nothing(make_settings, migrated_u
     run = r["run_id"]
     arch = s.archive_dir / run
     assert sorted(str(p.relative_to(arch)) for p in archived(s)) == sorted(
-        [str(p.relative_to(s.inbox_dir)) for p in imgs] + ["same content.png"])
+        [str(p.relative_to(s.inbox_dir)) for p in imgs] + ["same content.png"]
+    )
     q = s.quarantine_dir / run
     assert (q / "broken.png").exists() and "truncated" in (q / "broken.png.reason.txt").read_text()
 
@@ -56,14 +60,20 @@ def test_score_inbox_end_to_end_and_rerun_adds_nothing(make_settings, migrated_u
         assert ledger["same content.png"].status == "duplicate"
         assert ledger["same content.png"].sha256 == ledger["patient_0/img000.png"].sha256
         assert all(f.moved_to for f in ledger.values())
-        assert ses.scalar(select(func.count()).select_from(ImageRecord).where(ImageRecord.label.is_(None))) == 9
+        assert (
+            ses.scalar(select(func.count()).select_from(ImageRecord).where(ImageRecord.label.is_(None))) == 9
+        )
         rej = ses.scalars(select(Rejection)).one()
         assert (rej.stage, rej.path, rej.run_id) == ("scoring", "broken.png", run) and rej.moved_to
         row = ses.get(ScoringRun, run)
         assert row.status == "finished" and row.finished_at and row.counts["scored"] == 9
         assert row.model_version == version
-        view = ses.execute(text("SELECT image_sha256, model_status, champion_version FROM latest_predictions")).all()
-        assert len(view) == 9 and {(v.model_status, v.champion_version) for v in view} == {("champion", version)}
+        view = ses.execute(
+            text("SELECT image_sha256, model_status, champion_version FROM latest_predictions")
+        ).all()
+        assert len(view) == 9 and {(v.model_status, v.champion_version) for v in view} == {
+            ("champion", version)
+        }
 
     # the same files again (e.g. restored from the archive): nothing new, all duplicates
     for p in archived(s):
@@ -75,11 +85,14 @@ def test_score_inbox_end_to_end_and_rerun_adds_nothing(make_settings, migrated_u
     assert count_rows(migrated_url, Prediction) == 9
     # and a rerun of a finished run id changes nothing at all
     r3 = scoring.score_inbox(s, run_id=run)
-    assert (r3["scored"], r3["duplicates"], r3["rejected"]) == (9, 1, 1) and count_rows(migrated_url, Prediction) == 9
+    assert (r3["scored"], r3["duplicates"], r3["rejected"]) == (9, 1, 1) and count_rows(
+        migrated_url, Prediction
+    ) == 9
 
 
-def test_cli_score_and_predictions(make_settings, migrated_url, register_champion, png_writer, monkeypatch,
-                                   capsys):
+def test_cli_score_and_predictions(
+    make_settings, migrated_url, register_champion, png_writer, monkeypatch, capsys
+):
     from bcc_pipeline.cli import main
 
     s = scoring_settings(make_settings, migrated_url)
@@ -135,8 +148,9 @@ def test_cli_score_without_champion_exits_non_zero(make_settings, sqlite_url, mo
 
 
 # -- failed and abandoned runs ----------------------------------------------------------------
-def test_a_run_that_cannot_load_its_model_is_recorded_as_failed(make_settings, sqlite_url, register_champion,
-                                                                png_writer):
+def test_a_run_that_cannot_load_its_model_is_recorded_as_failed(
+    make_settings, sqlite_url, register_champion, png_writer
+):
     import pytest
 
     from bcc_pipeline.errors import ArtifactError
@@ -155,8 +169,9 @@ def test_a_run_that_cannot_load_its_model_is_recorded_as_failed(make_settings, s
     assert scoring.finalize_run(s, "broken-model")["status"] == "failed"
 
 
-def test_a_running_run_whose_process_is_gone_becomes_abandoned(make_settings, sqlite_url, register_champion,
-                                                               monkeypatch, capsys):
+def test_a_running_run_whose_process_is_gone_becomes_abandoned(
+    make_settings, sqlite_url, register_champion, monkeypatch, capsys
+):
     import os
     import socket
 
@@ -164,16 +179,29 @@ def test_a_running_run_whose_process_is_gone_becomes_abandoned(make_settings, sq
 
     s = scoring_settings(make_settings, sqlite_url)
     version = register_champion(s)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     now = store.utcnow()
     here = socket.gethostname()
     with session_scope(sqlite_url) as ses:
-        for run_id, host, pid, beat in [("killed", here, int(dead.stdout), now),
-                                        ("silent", "elsewhere", 4242, now - dt.timedelta(hours=2)),
-                                        ("alive", here, os.getpid(), now)]:
-            ses.add(ScoringRun(run_id=run_id, model_version=version, started_at=beat, heartbeat_at=beat,
-                               status="running", counts={}, host=host, pid=pid))
+        for run_id, host, pid, beat in [
+            ("killed", here, int(dead.stdout), now),
+            ("silent", "elsewhere", 4242, now - dt.timedelta(hours=2)),
+            ("alive", here, os.getpid(), now),
+        ]:
+            ses.add(
+                ScoringRun(
+                    run_id=run_id,
+                    model_version=version,
+                    started_at=beat,
+                    heartbeat_at=beat,
+                    status="running",
+                    counts={},
+                    host=host,
+                    pid=pid,
+                )
+            )
     monkeypatch.setenv("BCC_HOME", str(s.home))
     monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
     assert main(["status"]) == 0
@@ -184,8 +212,18 @@ def test_a_running_run_whose_process_is_gone_becomes_abandoned(make_settings, sq
         assert runs["killed"].status == "abandoned" and runs["killed"].finished_at is not None
         assert "PID" in runs["killed"].error
         assert runs["silent"].status == "abandoned" and runs["alive"].status == "running"
-        ses.add(ScoringRun(run_id="killed-2", model_version=version, started_at=now, heartbeat_at=now,
-                           status="running", counts={}, host=here, pid=int(dead.stdout)))
+        ses.add(
+            ScoringRun(
+                run_id="killed-2",
+                model_version=version,
+                started_at=now,
+                heartbeat_at=now,
+                status="running",
+                counts={},
+                host=here,
+                pid=int(dead.stdout),
+            )
+        )
     scoring.score_inbox(s)  # the next run notices too
     with session_scope(sqlite_url) as ses:
         assert ses.get(ScoringRun, "killed-2").status == "abandoned"

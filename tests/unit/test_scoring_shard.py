@@ -24,8 +24,9 @@ def test_the_model_only_sees_batches(make_settings, sqlite_url, register_champio
     assert r["scored"] == 11 and calls == [4, 4, 3]
 
 
-def test_same_shard_twice_at_once_scores_each_file_once(make_settings, migrated_url, register_champion,
-                                                        png_writer):
+def test_same_shard_twice_at_once_scores_each_file_once(
+    make_settings, migrated_url, register_champion, png_writer
+):
     s = scoring_settings(make_settings, migrated_url)
     register_champion(s)
     imgs = fill_inbox(s.inbox_dir, png_writer, 12)

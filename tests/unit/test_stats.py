@@ -70,7 +70,10 @@ def test_metric_intervals_count_k_of_n():
     assert (ivs["sensitivity"].k, ivs["sensitivity"].n) == (24, 25)
     assert (ivs["specificity"].k, ivs["specificity"].n) == (18, 20)
     assert (ivs["accuracy"].k, ivs["accuracy"].n) == (42, 45)
-    assert stats.format_interval("sensitivity", ivs["sensitivity"]) == "sensitivity 0.96 [0.80, 1.00], 24/25 (holdout)"
+    assert (
+        stats.format_interval("sensitivity", ivs["sensitivity"])
+        == "sensitivity 0.96 [0.80, 1.00], 24/25 (holdout)"
+    )
 
 
 # -- temperature scaling ----------------------------------------------------------------------------
@@ -104,8 +107,14 @@ def _gate(y, p_cand, p_champ, *, thr=0.5, margin=0.05, seed=3, **floors):
     cand = {k: v.as_dict() for k, v in stats.metric_intervals(y, p_cand, thr, seed=seed).items()}
     champ = {k: v.as_dict() for k, v in stats.metric_intervals(y, p_champ, thr, seed=seed).items()}
     diffs = stats.paired_differences(y, p_cand, thr, p_champ, thr, seed=seed)
-    return registry.evaluate_gate(cand, champ, **{**FLOORS, "margin": margin, **floors}, differences=diffs,
-                                  champion_version="v-champ", comparison={"bootstrap_seed": seed})
+    return registry.evaluate_gate(
+        cand,
+        champ,
+        **{**FLOORS, "margin": margin, **floors},
+        differences=diffs,
+        champion_version="v-champ",
+        comparison={"bootstrap_seed": seed},
+    )
 
 
 def test_gate_promotes_a_clearly_better_candidate():

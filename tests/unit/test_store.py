@@ -10,8 +10,17 @@ from tests.support import model_version_row
 
 
 def _mv(version: str, status: str = "candidate") -> ModelVersion:
-    return model_version_row(version, status, artifact_path="/x/model.keras", profile="demo", preprocessing="p",
-                             hyperparameters={"epochs": 1}, manifest_hash="m" * 64, n_train=1, n_val=1)
+    return model_version_row(
+        version,
+        status,
+        artifact_path="/x/model.keras",
+        profile="demo",
+        preprocessing="p",
+        hyperparameters={"epochs": 1},
+        manifest_hash="m" * 64,
+        n_train=1,
+        n_val=1,
+    )
 
 
 def test_upgrade_creates_schema_and_is_repeatable(db_url):
@@ -21,8 +30,15 @@ def test_upgrade_creates_schema_and_is_repeatable(db_url):
     rev = store.upgrade(db_url)
     assert rev and store.upgrade(db_url) == rev
     tables = set(inspect(store.get_engine(db_url)).get_table_names())
-    assert {"images", "model_versions", "metrics", "promotions", "scoring_runs", "predictions",
-            "rejections"} <= tables
+    assert {
+        "images",
+        "model_versions",
+        "metrics",
+        "promotions",
+        "scoring_runs",
+        "predictions",
+        "rejections",
+    } <= tables
     store.require_schema(db_url)
 
 
@@ -38,8 +54,16 @@ def test_schema_matches_orm(migrated_url):
 def test_insert_rows_with_a_session_is_idempotent(migrated_url):
     with session_scope(migrated_url) as s:
         s.add(_mv("v1"))
-    row = {"image_sha256": "a" * 64, "model_version": "v1", "prob_malignant": 0.7, "label": "malignant",
-           "threshold": 0.5, "source_path": "x.png", "run_id": "r1", "scored_at": store.utcnow()}
+    row = {
+        "image_sha256": "a" * 64,
+        "model_version": "v1",
+        "prob_malignant": 0.7,
+        "label": "malignant",
+        "threshold": 0.5,
+        "source_path": "x.png",
+        "run_id": "r1",
+        "scored_at": store.utcnow(),
+    }
     for _ in range(3):
         with session_scope(migrated_url) as s:
             insert_rows(s, Prediction, [row], key=("image_sha256", "model_version"))
@@ -47,16 +71,32 @@ def test_insert_rows_with_a_session_is_idempotent(migrated_url):
         assert s.scalar(select(func.count()).select_from(Prediction)) == 1
     # with update columns the existing row takes the new values, still one row
     with session_scope(migrated_url) as s:
-        insert_rows(s, Prediction, [dict(row, prob_malignant=0.9)], key=("image_sha256", "model_version"),
-               update=("prob_malignant",))
+        insert_rows(
+            s,
+            Prediction,
+            [dict(row, prob_malignant=0.9)],
+            key=("image_sha256", "model_version"),
+            update=("prob_malignant",),
+        )
     with session_scope(migrated_url) as s:
         assert s.scalars(select(Prediction.prob_malignant)).all() == [0.9]
         assert insert_rows(s, Prediction, [], key=("image_sha256", "model_version")) == 0
 
 
 def test_insert_rows_chunks_many_rows(migrated_url):
-    rows = [{"sha256": f"{i:064x}", "label": "benign", "group_id": None, "width": 1, "height": 1, "format": "PNG",
-             "source_path": f"{i}.png", "first_seen_at": store.utcnow()} for i in range(5000)]
+    rows = [
+        {
+            "sha256": f"{i:064x}",
+            "label": "benign",
+            "group_id": None,
+            "width": 1,
+            "height": 1,
+            "format": "PNG",
+            "source_path": f"{i}.png",
+            "first_seen_at": store.utcnow(),
+        }
+        for i in range(5000)
+    ]
     with session_scope(migrated_url) as s:
         assert insert_rows(s, ImageRecord, rows, key=("sha256",)) == 5000
         assert s.scalar(select(func.count()).select_from(ImageRecord)) == 5000
@@ -71,10 +111,18 @@ def test_insert_rows_round_trips_awkward_values_and_returns_what_it_wrote(migrat
 
     assert 3 < store.COPY_MIN_ROWS <= 700  # the two params exercise both PostgreSQL paths
     when = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
-    awkward = ['', 'a,b', 'say "hi"', 'two\nlines', 'back\\slash \\N', 'ünïcødé ✓', '\\N', ' ']
-    rows = [{"run_id": f"r{i:04d}", "model_version": "v1", "started_at": when, "finished_at": None,
-             "status": awkward[i % len(awkward)], "counts": {"n": i, "s": awkward[i % len(awkward)], "x": None}}
-            for i in range(count)]
+    awkward = ["", "a,b", 'say "hi"', "two\nlines", "back\\slash \\N", "ünïcødé ✓", "\\N", " "]
+    rows = [
+        {
+            "run_id": f"r{i:04d}",
+            "model_version": "v1",
+            "started_at": when,
+            "finished_at": None,
+            "status": awkward[i % len(awkward)],
+            "counts": {"n": i, "s": awkward[i % len(awkward)], "x": None},
+        }
+        for i in range(count)
+    ]
     engine = get_engine(migrated_url)
     with session_scope(migrated_url) as s:
         s.add(_mv("v1"))
@@ -83,7 +131,7 @@ def test_insert_rows_round_trips_awkward_values_and_returns_what_it_wrote(migrat
         first = insert_rows(conn, ScoringRun, rows[: count // 2 + 1], key=("run_id",), returning=rt.c.run_id)
         second = insert_rows(conn, ScoringRun, rows, key=("run_id",), returning=rt.c.run_id)
     assert sorted(first) == [r["run_id"] for r in rows[: count // 2 + 1]]
-    assert sorted(second) == [r["run_id"] for r in rows[count // 2 + 1:]]
+    assert sorted(second) == [r["run_id"] for r in rows[count // 2 + 1 :]]
     with engine.begin() as conn:
         assert insert_rows(conn, ScoringRun, rows, key=("run_id",), returning=rt.c.run_id) == []
         got = {r.run_id: r for r in conn.execute(select(rt))}
@@ -94,8 +142,9 @@ def test_insert_rows_round_trips_awkward_values_and_returns_what_it_wrote(migrat
         assert g.started_at.replace(tzinfo=g.started_at.tzinfo or dt.UTC) == when
     # DO UPDATE: the existing rows take the new values
     with engine.begin() as conn:
-        insert_rows(conn, ScoringRun, [dict(r, status="finished") for r in rows], key=("run_id",),
-                    update=("status",))
+        insert_rows(
+            conn, ScoringRun, [dict(r, status="finished") for r in rows], key=("run_id",), update=("status",)
+        )
         assert set(conn.execute(select(rt.c.status)).scalars()) == {"finished"}
 
 
@@ -126,8 +175,10 @@ def test_bad_url_is_a_store_error(tmp_path):
 
 
 # -- credentials never shown ------------------------------------------------------------------------
-_SECRET_URL = ("postgresql+psycopg2://bcc:hunter2pw@127.0.0.1:1/bcc"
-               "?password=querysecret&sslpassword=sslsecret&sslmode=disable&connect_timeout=2")
+_SECRET_URL = (
+    "postgresql+psycopg2://bcc:hunter2pw@127.0.0.1:1/bcc"
+    "?password=querysecret&sslpassword=sslsecret&sslmode=disable&connect_timeout=2"
+)
 
 
 def test_safe_url_masks_every_credential_form() -> None:

@@ -40,7 +40,9 @@ def test_recalibration_re_estimates_moving_statistics_without_training():
     steps = recalibrate_batchnorm(net, tf.data.Dataset.from_tensor_slices(x).batch(16))
     assert steps == 4  # one pass is enough: the running mean of the batch statistics
     conv_out = np.asarray(net.get_layer("conv")(x))
-    np.testing.assert_allclose(np.asarray(bn1.moving_mean), conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(bn1.moving_mean), conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(np.asarray(bn1.moving_variance), conv_out.var(axis=(0, 1, 2)), rtol=0.05)
     np.testing.assert_array_equal(np.asarray(net.get_layer("conv").kernel), kernel_before)
     assert bn1.momentum == 0.99 and net.get_layer("drop").rate == 0.5  # restored
@@ -68,8 +70,17 @@ def test_fit_keeps_best_checkpoint_logs_progress_and_saves_history(tmp_path):
     recal = tf.data.Dataset.from_tensor_slices(x[:64]).batch(16)
     messages: list[str] = []
     net = _tiny_bn_model()
-    result = fit(net, train, val, epochs=3, learning_rate=1e-2, workdir=tmp_path, recalibration_ds=recal,
-                 steps_per_epoch=4, progress=messages.append)
+    result = fit(
+        net,
+        train,
+        val,
+        epochs=3,
+        learning_rate=1e-2,
+        workdir=tmp_path,
+        recalibration_ds=recal,
+        steps_per_epoch=4,
+        progress=messages.append,
+    )
     assert set(result.history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert len(result.history["val_loss"]) == 3
     assert result.best_val_loss == min(result.history["val_loss"])
@@ -97,8 +108,9 @@ def test_fit_replaces_history_json_atomically(tmp_path):
     onehot = np.eye(2, dtype="float32")[y]
     ds = tf.data.Dataset.from_tensor_slices((x, onehot)).batch(16)
     with open(tmp_path / "history.json") as reader:
-        result = fit(_tiny_bn_model(), ds, ds, epochs=1, learning_rate=1e-2, workdir=tmp_path,
-                     progress=lambda _: None)
+        result = fit(
+            _tiny_bn_model(), ds, ds, epochs=1, learning_rate=1e-2, workdir=tmp_path, progress=lambda _: None
+        )
         assert reader.read() == previous
     assert json.loads((tmp_path / "history.json").read_text()) == result.history
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5", "history.json"]
@@ -125,7 +137,9 @@ def test_fused_adam_matches_keras_adam():
     results = []
     for opt in (keras.optimizers.Adam(learning_rate=1e-2), FusedAdam(learning_rate=1e-2)):
         keras.utils.set_random_seed(1)
-        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
+        net = keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)]
+        )
         start = [np.asarray(w).copy() for w in net.weights]
         net.compile(optimizer=opt, loss="mse")
         net.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0, shuffle=False)

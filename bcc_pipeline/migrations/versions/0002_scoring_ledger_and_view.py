@@ -4,11 +4,12 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-26 10:00:00
 """
+
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002'
-down_revision = '0001'
+revision = "0002"
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
@@ -37,32 +38,33 @@ WHERE p.id = (SELECT p2.id FROM predictions p2
 
 
 def upgrade() -> None:
-    op.create_table('inbox_files',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('run_id', sa.String(length=255), nullable=False),
-    sa.Column('shard', sa.Integer(), nullable=False),
-    sa.Column('path', sa.Text(), nullable=False),
-    sa.Column('path_key', sa.String(length=64), nullable=False),
-    sa.Column('sha256', sa.String(length=64), nullable=True),
-    sa.Column('status', sa.String(length=16), nullable=False),
-    sa.Column('reason', sa.Text(), nullable=True),
-    sa.Column('dest', sa.Text(), nullable=True),
-    sa.Column('moved_to', sa.Text(), nullable=True),
-    sa.Column('move_error', sa.Text(), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_inbox_files')),
-    sa.UniqueConstraint('run_id', 'path_key', name=op.f('uq_inbox_files_run_id_path_key'))
+    op.create_table(
+        "inbox_files",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("run_id", sa.String(length=255), nullable=False),
+        sa.Column("shard", sa.Integer(), nullable=False),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("path_key", sa.String(length=64), nullable=False),
+        sa.Column("sha256", sa.String(length=64), nullable=True),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("dest", sa.Text(), nullable=True),
+        sa.Column("moved_to", sa.Text(), nullable=True),
+        sa.Column("move_error", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_inbox_files")),
+        sa.UniqueConstraint("run_id", "path_key", name=op.f("uq_inbox_files_run_id_path_key")),
     )
-    with op.batch_alter_table('inbox_files', schema=None) as batch_op:
-        batch_op.create_index('ix_inbox_files_path_key', ['path_key'], unique=False)
-        batch_op.create_index('ix_inbox_files_sha256', ['sha256'], unique=False)
+    with op.batch_alter_table("inbox_files", schema=None) as batch_op:
+        batch_op.create_index("ix_inbox_files_path_key", ["path_key"], unique=False)
+        batch_op.create_index("ix_inbox_files_sha256", ["sha256"], unique=False)
     op.execute(LATEST_PREDICTIONS)
 
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS latest_predictions")
-    with op.batch_alter_table('inbox_files', schema=None) as batch_op:
-        batch_op.drop_index('ix_inbox_files_sha256')
-        batch_op.drop_index('ix_inbox_files_path_key')
-    op.drop_table('inbox_files')
+    with op.batch_alter_table("inbox_files", schema=None) as batch_op:
+        batch_op.drop_index("ix_inbox_files_sha256")
+        batch_op.drop_index("ix_inbox_files_path_key")
+    op.drop_table("inbox_files")

@@ -143,7 +143,7 @@ class Metric(Base):
     upper: Mapped[float | None] = mapped_column(Float)
     n: Mapped[int | None] = mapped_column(Integer)
     k: Mapped[int | None] = mapped_column(Integer)
-    method: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[str | None] = mapped_column(Text)
 
 
 class Promotion(Base):

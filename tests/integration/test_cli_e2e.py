@@ -50,8 +50,24 @@ def cli_env(tmp_path: Path):
 
 def _train_once(env: dict[str, str]) -> dict:
     assert bcc_json(env, "db", "upgrade")["revision"]
-    made = bcc_json(env, "demo-data", "--benign", "12", "--malignant", "12", "--size", "64")
+    # a frozen holdout big enough for the gate to decide (scoring 64-px tiles costs seconds)
+    holdout = Path(env["BCC_HOME"]).parent / "holdout-tiles"
+    made = bcc_json(
+        env,
+        "demo-data",
+        "--benign",
+        "12",
+        "--malignant",
+        "12",
+        "--size",
+        "64",
+        "--holdout-out",
+        str(holdout),
+        "--holdout",
+        "60",
+    )
     assert (made["benign"], made["malignant"], made["n_files"]) == (12, 12, 24)
+    assert bcc_json(env, "holdout", "extend", "--from", str(holdout), "--reason", "e2e")["n"] == 60
     intake = bcc_json(env, "intake")
     assert intake["accepted"] == 24 and intake["rejected"] == 0
     return bcc_json(env, "train", "--profile", "demo", "--image-size", "32", "--epochs", "1", "--skip-intake")

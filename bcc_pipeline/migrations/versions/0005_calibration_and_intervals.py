@@ -25,7 +25,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("upper", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("n", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("k", sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column("method", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("method", sa.Text(), nullable=True))
     with op.batch_alter_table("promotions", schema=None) as batch_op:
         batch_op.alter_column(
             "decision",

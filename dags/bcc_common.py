@@ -18,6 +18,7 @@ Which database a task uses (the project database, never Airflow's metadata datab
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -136,9 +137,21 @@ def actor(context: dict[str, Any]) -> str:
     return f"airflow:{context['dag'].dag_id}/{context['run_id']}"
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined metric: NaN) as None: an XCom is JSON, and JSON
+    has no NaN (Airflow's task runner refuses the whole return value otherwise)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def small(result: dict[str, Any]) -> dict[str, Any]:
-    """Keep an XCom small: long lists are cut to their first entries (the full lists are in the
-    database: rejections, inbox_files) and their lengths kept."""
+    """Keep an XCom small and JSON: long lists are cut to their first entries (the full lists are in the
+    database: rejections, inbox_files) and their lengths kept; NaN becomes None (:func:`json_safe`)."""
     out: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, list) and len(value) > XCOM_LIST_LIMIT:
@@ -146,4 +159,4 @@ def small(result: dict[str, Any]) -> dict[str, Any]:
             out[f"{key}_total"] = len(value)
         else:
             out[key] = value
-    return out
+    return json_safe(out)

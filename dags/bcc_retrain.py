@@ -176,7 +176,9 @@ def bcc_retrain():
         from bcc_pipeline.pipelines import evaluate_step
 
         out = evaluate_step(bcc_common.settings_for(params), trained["version"], progress=print)
-        return {k: out[k] for k in ("version", "threshold", "temperature", "intervals", "calibration")}
+        return bcc_common.json_safe(
+            {k: out[k] for k in ("version", "threshold", "temperature", "intervals", "calibration")}
+        )
 
     @task
     def gate(evaluated: dict, params: dict | None = None) -> dict:
@@ -189,7 +191,7 @@ def bcc_retrain():
             progress=print,
         )
         print(out["markdown"])
-        return out
+        return bcc_common.json_safe(out)
 
     @task.short_circuit(
         ignore_downstream_trigger_rules=False
@@ -244,7 +246,7 @@ def bcc_retrain():
             bcc_common.settings_for(params), decision["version"], approved_, actor=actor, comment=comment
         )
         print(f"{'approved' if approved_ else 'rejected'} by {actor}: {out['reason']}")
-        return {k: v for k, v in out.items() if k != "markdown"}
+        return bcc_common.json_safe({k: v for k, v in out.items() if k != "markdown"})
 
     @task(outlets=[CHAMPION_MODEL])
     def publish_champion(decision: dict, evaluated: dict) -> str:

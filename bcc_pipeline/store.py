@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -83,6 +84,23 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """How JSON columns are written on every backend and path: an undefined number (NaN, inf) becomes
+    null. PostgreSQL refuses NaN in JSON outright, while SQLite would store it and hand it back as text
+    that strict readers refuse; null is what the evidence means."""
+    return json.dumps(_finite(value), allow_nan=False)
+
+
 def get_engine(url: str) -> Engine:
     """One engine per URL per process. SQLite folders are created on demand."""
     engine = _ENGINES.get(url)
@@ -91,7 +109,7 @@ def get_engine(url: str) -> Engine:
     try:
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, pool_pre_ping=True, future=True)
+        engine = create_engine(url, pool_pre_ping=True, future=True, json_serializer=json_text)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
     if engine.dialect.name == "sqlite":
@@ -254,7 +272,7 @@ def _csv_plain(v: Any) -> str:  # numbers and timestamps: nothing to quote
 
 
 def _csv_json(v: Any) -> str:
-    return "" if v is None else _csv_text(json.dumps(v))
+    return "" if v is None else _csv_text(json_text(v))
 
 
 def _csv_bool(v: Any) -> str:
@@ -319,7 +337,8 @@ def _pg_execute_values(
         json_cols = {c for c in cols if isinstance(table.c[c].type, sqltypes.JSON)}
         sql = f"INSERT INTO {q(table.name)} ({col_list}) VALUES %s {tail}"
         args = [
-            tuple(Json(r[c]) if c in json_cols and r[c] is not None else r[c] for c in cols) for r in rows
+            tuple(Json(r[c], dumps=json_text) if c in json_cols and r[c] is not None else r[c] for c in cols)
+            for r in rows
         ]
         got = execute_values(cur, sql, args, page_size=PAGE_ROWS, fetch=returning is not None)
         return [r[0] for r in got] if returning is not None else []

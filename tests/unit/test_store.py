@@ -210,3 +210,35 @@ def test_a_failing_connection_never_shows_the_password() -> None:
 def test_settings_repr_masks_the_database_url(make_settings) -> None:
     s = make_settings(_SECRET_URL)
     assert "querysecret" not in repr(s) and "hunter2pw" not in repr(s) and "sslsecret" not in repr(s)
+
+
+@pytest.mark.parametrize("count", [1, 3, 700])  # 1: the ORM; 3: execute_values; 700: COPY (on PostgreSQL)
+def test_json_columns_store_an_undefined_number_as_null(migrated_url, count):
+    """A NaN in a JSON value (an undefined metric in gate evidence or run counts) is stored as null on
+    every backend and insert path; PostgreSQL would refuse the whole row otherwise."""
+    from bcc_pipeline.store import ScoringRun, get_engine
+
+    with session_scope(migrated_url) as s:
+        s.add(_mv("v1"))
+    counts = {"auc": float("nan"), "inf": float("inf"), "nested": [1.0, float("nan")], "ok": 0.5}
+    want = {"auc": None, "inf": None, "nested": [1.0, None], "ok": 0.5}
+    if count == 1:
+        with session_scope(migrated_url) as s:
+            s.add(ScoringRun(run_id="r0", model_version="v1", status="finished", counts=counts))
+    else:
+        rows = [
+            {
+                "run_id": f"r{i}",
+                "model_version": "v1",
+                "status": "finished",
+                "counts": counts,
+                "started_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+                "finished_at": None,
+            }
+            for i in range(count)
+        ]
+        with get_engine(migrated_url).begin() as conn:
+            insert_rows(conn, ScoringRun, rows, key=("run_id",))
+    with session_scope(migrated_url) as s:
+        stored = list(s.scalars(select(ScoringRun.counts)))
+    assert len(stored) == count and all(c == want for c in stored)

@@ -226,9 +226,17 @@ def _retrain_promotes(env_factory, tmp_path: Path, bcc_url: str) -> None:
     )
     migrate(env)
     _landing(home, n=10)
+    # a frozen holdout big enough for the statistical gate to decide (64-px tiles score in seconds)
+    from bcc_pipeline import dataset
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.demo_data import generate
+
+    generate(tmp_path / "holdout-tiles", benign=20, malignant=20, size=64, seed=9, groups=8)
+    settings = load_settings(profile="demo", env=_bcc_env(home, bcc_url))
+    dataset.extend_holdout(settings, tmp_path / "holdout-tiles", actor="pytest", reason="a decidable holdout")
     states = dags_test(env, "bcc_retrain", {"profile": "demo", "epochs": 1, "min_new_images": 0})
     assert states["__run__"] == "success", states["__log__"][-5000:]
-    assert states["publish_champion"] == "success"
+    assert states["publish_champion"] == "success", states["__log__"][-5000:]
     from bcc_pipeline import registry
     from bcc_pipeline.store import Promotion, session_scope
 

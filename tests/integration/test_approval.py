@@ -149,11 +149,12 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
         )
         assert rest("PATCH", f"{base}/api/v2/dags/{DAG}", token, {"is_paused": False})[0] == 200
 
-        def log_of(run_id: str, task_id: str) -> str:
+        def log_of(run_id: str, task_id: str, attempt: int = 1) -> str:
             """A task's log through the REST API, one line per event (errors with their details)."""
             _, body = rest(
                 "GET",
-                f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1?full_content=true",
+                f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{attempt}"
+                "?full_content=true",
                 token,
             )
             return "\n".join(
@@ -176,11 +177,19 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
             assert status == 200, body
             hitl = f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails"
 
+            ti_url = f"{base}/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/approve"
+
             def waiting() -> dict | None:
+                # A person answers a request the UI lists as waiting: the task parked in awaiting_input,
+                # not merely its request written (the operator writes it a moment before it parks).
+                st, ti = rest("GET", ti_url, token)
+                if st != 200 or ti.get("state") != "awaiting_input":
+                    return None
                 st, detail = rest("GET", hitl, token)
                 return detail if st == 200 and not detail.get("response_received") else None
 
             detail = services.wait_for(waiting, 600, f"{run_id} to reach the approval task")
+            asked_try = rest("GET", ti_url, token)[1]["try_number"]
             assert candidate in detail["subject"] and detail["options"] == ["Approve", "Reject"]
             assert "sensitivity" in detail["body"] and "(holdout)" in detail["body"]
             assert "model_card.md" in detail["body"] and "reliability.png" in detail["body"]
@@ -190,7 +199,22 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
                 "PATCH", hitl, token, {"chosen_options": [answer], "params_input": {"comment": comment}}
             )
             assert st == 200 and resp["responded_by"]["name"] == "admin", resp
-            state = services.wait_for(lambda: run_state(base, token, DAG, run_id), 600, f"run {run_id}")
+            try:
+                state = services.wait_for(lambda: run_state(base, token, DAG, run_id), 600, f"run {run_id}")
+            except AssertionError as e:  # say why the run is stuck: every try of the approval task
+                now = rest("GET", ti_url, token)[1]
+                tries = "\n".join(
+                    f"--- approve try {n} ---\n{log_of(run_id, 'approve', n)}"
+                    for n in range(1, int(now.get("try_number") or 1) + 1)
+                )
+                _, events = rest("GET", f"{base}/api/v2/eventLogs?dag_id={DAG}&run_id={run_id}", token)
+                mismatches = [
+                    x.get("extra") for x in events.get("event_logs", []) if "mismatch" in str(x.get("event"))
+                ]
+                raise AssertionError(
+                    f"answered try {asked_try}; the task is now {now.get('state')} at try "
+                    f"{now.get('try_number')}\nstate mismatches: {mismatches}\n{tries}\n{e}"
+                ) from None
             states = {t["task_id"]: t["state"] for t in task_instances(base, token, DAG, run_id)}
             failed = [t for t, st in states.items() if st == "failed"]
             assert state == "success", f"{states}\n" + "\n".join(log_of(run_id, t) for t in failed)

@@ -32,26 +32,20 @@ temporary folder) every time, with a warning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from . import model as model_lib
+from .compiled_cache import CacheLedger, check_input, converted_model  # CacheLedger re-exported
 from .config import BACKENDS, DEFAULT_BACKEND, REFERENCE_BACKEND  # re-exported: declared with the settings
-from .errors import ArtifactError, ConfigError
-from .files import created_mode, sha256_file
+from .errors import ConfigError
 
 __all__ = [
     "BACKENDS",
@@ -81,13 +75,6 @@ class Predictor:
         import numpy as np
 
         return np.asarray(self.fn(np.ascontiguousarray(x, dtype=np.float32)))
-
-
-def _check_input(shape: tuple, image_size: int, version: str) -> None:
-    if tuple(shape) != (image_size, image_size, 3):
-        raise ArtifactError(
-            f"model {version} takes input {tuple(shape)}, but its registry row says image_size {image_size}"
-        )
 
 
 # -- Keras / TensorFlow -----------------------------------------------------------------------
@@ -136,183 +123,7 @@ def _keras_fn(net: Any, image_size: int, *, jit: bool) -> Callable[[Any], Any]:
     return padded
 
 
-# -- converted formats, cached beside the artifact --------------------------------------------
-class CacheLedger(Protocol):
-    """Where the checksums of published conversions are recorded (the database:
-    :class:`bcc_pipeline.backend_store.CompiledModels`)."""
-
-    def expected(self, artifact_sha256: str, fmt: str) -> dict[str, str] | None: ...
-
-    def record(self, artifact_sha256: str, fmt: str, files: dict[str, str]) -> None: ...
-
-
-def _cache_dir(artifact_path: Path, fmt: str, sha: str) -> Path:
-    return artifact_path.parent / "compiled" / f"{fmt}-{sha[:16]}"
-
-
-def _source_json(folder: Path, sha: str) -> dict[str, str] | None:
-    """The checksums ``folder/source.json`` claims (only trusted where no ledger is given)."""
-    try:
-        meta = json.loads((folder / "source.json").read_text(encoding="utf-8"))
-        return dict(meta["files"]) if meta.get("artifact_sha256") == sha else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _expected(folder: Path, sha: str, fmt: str, ledger: CacheLedger | None) -> dict[str, str] | None:
-    return ledger.expected(sha, fmt) if ledger is not None else _source_json(folder, sha)
-
-
-def _read_verified(
-    folder: Path, names: tuple[str, ...], expected: dict[str, str] | None, *, quiet: bool = False
-) -> dict[str, bytes] | None:
-    """The bytes of ``names`` in ``folder`` when each matches its ``expected`` sha256, else None (logged
-    unless ``quiet``). The bytes checked are the bytes loaded: nothing is read again after the check."""
-    if not expected:
-        return None
-    blobs = {}
-    for name in names:
-        try:
-            data = (folder / name).read_bytes()
-        except OSError as exc:
-            if not quiet:
-                log.warning("converted model file %s cannot be read (%s)", folder / name, exc)
-            return None
-        if hashlib.sha256(data).hexdigest() != expected.get(name):
-            if not quiet:
-                log.warning(
-                    "converted model file %s is damaged: its sha256 differs from the one recorded "
-                    "when it was published",
-                    folder / name,
-                )
-            return None
-        blobs[name] = data
-    return blobs
-
-
-def _cached(folder: Path, sha: str, names: tuple[str, ...]) -> bool:
-    """True when ``folder`` holds ``names`` converted from artifact ``sha``, all checksums (source.json) matching."""
-    meta = _source_json(folder, sha)
-    try:
-        return meta is not None and all(sha256_file(folder / n) == meta[n] for n in names)
-    except (OSError, KeyError):
-        return False
-
-
-def _publish(
-    folder: Path,
-    sha: str,
-    names: tuple[str, ...],
-    write: Callable[[Path], None],
-    trusted: Callable[[], bool] | None = None,
-    on_published: Callable[[dict[str, str]], None] | None = None,
-) -> Path | None:
-    """Write a conversion into a temporary folder beside ``folder`` and rename it into place.
-
-    ``trusted()`` says whether the folder now in place is a good cache (default: its source.json);
-    ``on_published(files)`` records the checksums once this call's conversion is in place. Returns the
-    folder to load from, or ``None`` when the models folder is not writable.
-    """
-    trusted = trusted or (lambda: _cached(folder, sha, names))
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
-    except OSError as exc:
-        log.warning(
-            "cannot cache the converted model under %s (%s); converting in memory", folder.parent, exc
-        )
-        return None
-    try:
-        write(tmp)
-        files = {n: sha256_file(tmp / n) for n in names}
-        (tmp / "source.json").write_text(
-            json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n", encoding="utf-8"
-        )
-        if (
-            folder.exists() and trusted()
-        ):  # another process (a parallel shard) published it meanwhile: use that
-            return folder
-        if folder.exists():  # a stale or damaged cache: move it aside, then replace it
-            stale = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
-            os.rename(folder, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process published first: use theirs if it is good
-            if not trusted():
-                raise
-            return folder
-        if on_published is not None:
-            on_published(files)
-        return folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def _converted(
-    artifact_path: Path,
-    sha: str,
-    fmt: str,
-    names: tuple[str, ...],
-    image_size: int,
-    version: str,
-    write: Callable[[Any, Path], None],
-    ledger: CacheLedger | None,
-) -> Iterator[tuple[dict[str, bytes], bool]]:
-    """Yield ``(file name -> verified bytes of the converted model, converted now?)`` for artifact ``sha``.
-
-    A cache whose files match the checksums recorded at publication (``ledger``; without one, the cache's
-    own source.json) is used after the artifact's checksum is verified. Otherwise the Keras model is
-    loaded (checksum verified), ``write(net, folder)`` converts it into the cache and the checksums are
-    recorded; when the cache cannot be written, into a temporary folder removed afterwards.
-    """
-    folder = _cache_dir(artifact_path, fmt, sha)
-    expected = _expected(folder, sha, fmt, ledger)
-    blobs = _read_verified(folder, names, expected)
-    if blobs is not None:
-        model_lib.verify_artifact(artifact_path, sha)
-        yield blobs, False
-        return
-    if folder.exists():
-        log.warning(
-            "the converted %s model at %s is %s; converting %s again",
-            fmt,
-            folder,
-            "damaged" if expected else "not recorded as published",
-            version,
-        )
-    net = model_lib.load_artifact(artifact_path, sha)
-    _check_input(tuple(net.input_shape[1:]), image_size, version)
-    where = _publish(
-        folder,
-        sha,
-        names,
-        lambda d: write(net, d),
-        trusted=lambda: (
-            _read_verified(folder, names, _expected(folder, sha, fmt, ledger), quiet=True) is not None
-        ),
-        on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None,
-    )
-    if where is not None:
-        net = None  # free the Keras model before the caller compiles the converted one
-        blobs = _read_verified(where, names, _expected(where, sha, fmt, ledger))
-        if blobs is None:
-            raise ArtifactError(
-                f"the converted {fmt} model at {where} changed while model {version} was loading"
-            )
-        yield blobs, True
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f"bcc-{fmt}-"))
-    try:
-        write(net, tmp)
-        net = None
-        yield {n: (tmp / n).read_bytes() for n in names}, True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
+# -- converted formats, cached beside the artifact (bcc_pipeline.compiled_cache) ------------------
 Calibration = Callable[[], Any]
 """Returns the float32 batch ``(N, S, S, 3)`` an INT8 conversion is calibrated on (development images)."""
 
@@ -353,12 +164,12 @@ def _openvino(
 
     core = ov.Core()
     fmt = "openvino-int8" if mode == "int8" else "openvino"
-    with _converted(
+    with converted_model(
         artifact_path, sha, fmt, ("model.xml", "model.bin"), image_size, version, write, ledger
     ) as (blobs, converted):
         model = core.read_model(blobs["model.xml"], blobs["model.bin"])
     shape = model.inputs[0].get_partial_shape()
-    _check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
+    check_input(tuple(d.get_length() for d in list(shape)[1:]), image_size, version)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if mode == "bf16" else "f32"}
     try:
         compiled = core.compile_model(model, "CPU", config)
@@ -420,7 +231,7 @@ def _onnxruntime(
         net(np.zeros((1, image_size, image_size, 3), "float32"))  # export needs a built, called model
         net.export(str(folder / "model.onnx"), format="onnx", verbose=False)
 
-    with _converted(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write, ledger) as (
+    with converted_model(artifact_path, sha, "onnx", ("model.onnx",), image_size, version, write, ledger) as (
         blobs,
         converted,
     ):
@@ -428,7 +239,7 @@ def _onnxruntime(
     inp = session.get_inputs()[0]
     dims = tuple(inp.shape[1:])
     if all(isinstance(d, int) for d in dims):
-        _check_input(dims, image_size, version)
+        check_input(dims, image_size, version)
     name = inp.name
     return (lambda x: session.run(None, {name: x})[0]), "f32", converted
 
@@ -457,7 +268,7 @@ def load_predictor(
     converted, net = False, None
     if backend in ("keras", "xla", "keras-bf16"):
         net = model_lib.load_artifact(path, sha256)
-        _check_input(tuple(net.input_shape[1:]), image_size, version)
+        check_input(tuple(net.input_shape[1:]), image_size, version)
         precision = "f32"
         if backend == "keras-bf16":
             net, precision = _to_bf16(net), "bf16"

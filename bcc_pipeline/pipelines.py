@@ -5,6 +5,9 @@ a small JSON-able dict, so an Airflow task can pass it on as an XCom. Each step 
 a rerun with the same inputs converges on the same rows and files.
 
     intake → split → train → evaluate → gate (→ promote)
+
+The gate and approval steps are in :mod:`bcc_pipeline.gating` (re-exported here); what the evaluate
+step and the gate share to measure a version is in :mod:`bcc_pipeline.measuring`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from sqlalchemy import select
 
 from . import __version__, registry
 from .config import Settings
-from .errors import ArtifactError, DatasetError
 from .files import atomic_write
+from .gating import finish_approval, gate_step  # re-exported: the gate and approval steps live there
+from .measuring import holdout_for, read_meta, role_arrays, score_paths, write_holdout_predictions
 from .store import ImageRecord, ModelVersion, require_schema, session_scope
 
 __all__ = [
@@ -158,29 +162,6 @@ def split_step(settings: Settings) -> dict[str, Any]:
     }
 
 
-# -- the development manifest and the frozen holdout: the one place that knows how they are found ----------
-def _holdout_for(settings: Settings, meta: dict[str, Any]) -> Any:
-    """The holdout a version is measured on: the one recorded when it was trained, else the current one."""
-    from . import dataset
-
-    path = meta.get("holdout_path")
-    holdout = dataset.load_manifest(path) if path else dataset.current_holdout(settings)
-    if holdout is None or not holdout.split("holdout"):
-        raise DatasetError(
-            "there is no frozen holdout to measure this version on; freeze one first (`bcc holdout freeze`)"
-        )
-    return holdout
-
-
-def _role_arrays(manifest: Any, role: str) -> tuple[list[str], list[int]]:
-    from . import dataset
-
-    paths, labels = dataset.manifest_arrays(manifest, role)
-    if not paths:
-        raise DatasetError(f"the manifest {manifest.path} has no {role} images")
-    return paths, labels
-
-
 def train_step(
     settings: Settings,
     manifest_path: str,
@@ -278,57 +259,22 @@ def train_step(
     }
 
 
-def _predict(settings: Settings, net: Any, paths: list[str], image_size: int):
-    from . import dataset, training
-
-    ds = dataset.make_dataset(
-        paths,
-        None,
-        image_size=image_size,
-        batch_size=settings.score_batch_size,
-        max_pixels=settings.max_pixels,
-        min_side=settings.min_side,
-        cache=False,
-    )
-    return training.predict_malignant(net, ds)
-
-
-def _read_meta(model_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((model_dir / "metadata.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {model_dir / 'metadata.json'}: {exc}") from exc
-
-
-def _training_hashes(model_dir: Path) -> set[str]:
-    """sha256 of the images a registered model was trained on (empty when unknown)."""
-    from .dataset import load_manifest
-
-    try:
-        manifest = load_manifest(_read_meta(model_dir)["manifest_path"])
-    except (ArtifactError, KeyError, DatasetError):
-        return set()
-    return {e["sha256"] for e in manifest.split("train")}
-
-
 def evaluate_step(settings: Settings, version: str, *, progress: Progress | None = None) -> dict[str, Any]:
     """Fit the temperature and choose the threshold on the calibration split, measure the version on
     the frozen holdout (intervals, calibration before/after, plots), register the candidate."""
-    import numpy as np
-
     from . import evaluation, model, model_card, plots, stats
     from .dataset import load_manifest
 
     progress = progress or log.info
     model_dir = settings.models_dir / version
-    meta = _read_meta(model_dir)
+    meta = read_meta(model_dir)
     net = model.load_artifact(model_dir / "model.keras", meta["artifact_sha256"])
     manifest = load_manifest(meta["manifest_path"])
-    holdout = _holdout_for(settings, meta)
+    holdout = holdout_for(settings, meta)
     size, seed = int(meta["image_size"]), settings.seed
 
-    cal_paths, cal_labels = _role_arrays(manifest, "calibration")
-    raw_cal = _predict(settings, net, cal_paths, size)
+    cal_paths, cal_labels = role_arrays(manifest, "calibration")
+    raw_cal = score_paths(settings, net, cal_paths, size)
     temperature = stats.fit_temperature(cal_labels, raw_cal)
     cal_probs = stats.calibrate(raw_cal, temperature)
     choice = evaluation.threshold_choice(
@@ -338,14 +284,14 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
 
     results: dict[str, dict[str, float]] = {}
     results["calibration"] = evaluation.compute_metrics(cal_labels, cal_probs, threshold=threshold)
-    val_paths, val_labels = _role_arrays(manifest, "validation")
+    val_paths, val_labels = role_arrays(manifest, "validation")
     results["validation"] = evaluation.compute_metrics(
         val_labels,
-        stats.calibrate(_predict(settings, net, val_paths, size), temperature),
+        stats.calibrate(score_paths(settings, net, val_paths, size), temperature),
         threshold=threshold,
     )
-    hold_paths, hold_labels = _role_arrays(holdout, "holdout")
-    raw_hold = _predict(settings, net, hold_paths, size)
+    hold_paths, hold_labels = role_arrays(holdout, "holdout")
+    raw_hold = score_paths(settings, net, hold_paths, size)
     hold_probs = stats.calibrate(raw_hold, temperature)
     results["holdout"] = evaluation.compute_metrics(hold_labels, hold_probs, threshold=threshold)
     before = evaluation.compute_metrics(hold_labels, raw_hold, threshold=threshold)
@@ -361,22 +307,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         out_dir=model_dir / "plots",
         uncalibrated=raw_hold,
     )
-    # atomically: the gate reads these back to compare candidate and champion on the same images
-    atomic_write(
-        model_dir / "holdout_predictions.json",
-        json.dumps(
-            [
-                {
-                    "sha256": e["sha256"],
-                    "label": e["label"],
-                    "prob_uncalibrated": float(r),
-                    "prob_malignant": float(p),
-                }
-                for e, r, p in zip(holdout.split("holdout"), np.asarray(raw_hold), hold_probs, strict=True)
-            ],
-            indent=0,
-        ),
-    )
+    write_holdout_predictions(model_dir, holdout.split("holdout"), raw_hold, hold_probs)
     operating_point = {
         **choice,
         "chosen_on": "calibration",
@@ -462,149 +393,6 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
         "validation": results["validation"],
         "plots": plot_paths,
     }
-
-
-def _holdout_probs(model_dir: Path) -> dict[str, float]:
-    rows = json.loads((model_dir / "holdout_predictions.json").read_text())
-    return {r["sha256"]: float(r["prob_malignant"]) for r in rows}
-
-
-def gate_step(
-    settings: Settings,
-    version: str,
-    *,
-    actor: str | None = None,
-    progress: Progress | None = None,
-    require_approval: bool | None = None,
-) -> dict[str, Any]:
-    """Decide on the candidate by the registry's rule on the frozen holdout: floors, then (with a
-    champion) the paired bootstrap of candidate − champion on the same holdout images, each model at
-    its own threshold and temperature. With ``require_approval`` (default: the setting) a passing
-    candidate awaits a person's answer (:func:`bcc_pipeline.registry.record_approval`).
-    Idempotent: a decided candidate returns its recorded decision."""
-    from . import model, model_card, stats
-
-    progress = progress or log.info
-    actor = actor or registry.default_actor()
-    approval = settings.require_approval if require_approval is None else bool(require_approval)
-    with session_scope(settings.database_url) as s:
-        cand = registry.get_version(s, version)
-        decided = registry.decision_for(s, version)
-        if decided is None:
-            flat = registry.metrics_of(s, version, "holdout")
-            cand_metrics = {**flat, **registry.intervals_of(s, version, "holdout")}
-            champ = registry.get_champion(s)
-            champ_info = (
-                None
-                if champ is None
-                else (
-                    champ.version,
-                    champ.artifact_path,
-                    champ.artifact_sha256,
-                    champ.image_size,
-                    champ.threshold,
-                    champ.temperature,
-                )
-            )
-            cand_dir, cand_thr = Path(cand.artifact_path).parent, cand.threshold
-    if decided is not None:
-        return _gate_result(settings, version)
-
-    meta = _read_meta(cand_dir)
-    holdout = _holdout_for(settings, meta)
-    champ_metrics, diffs, comparison = None, None, None
-    if champ_info is not None:
-        cv, cpath, csha, csize, cthr, ctemp = champ_info
-        entries = holdout.split("holdout")
-        seen = _training_hashes(Path(cpath).parent)
-        kept = [e for e in entries if e["sha256"] not in seen]
-        comparison = {
-            "holdout_hash": holdout.hash,
-            "holdout_images": len(entries),
-            "images": len(kept),
-            "champion_trained_on": len(entries) - len(kept),
-            "bootstrap_seed": settings.seed,
-            "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES,
-            "champion_threshold": cthr,
-            "champion_temperature": ctemp,
-        }
-        if len(kept) < len(entries):
-            comparison["note"] = (
-                f"{len(entries) - len(kept)} holdout images the champion was trained on are "
-                "left out of the comparison"
-            )
-        progress(f"scoring champion {cv} on the frozen holdout {holdout.hash[:12]} ({len(kept)} images)")
-        net = model.load_artifact(cpath, csha)
-        labels = [0 if e["label"] == "benign" else 1 for e in kept]
-        champ_probs = stats.calibrate(_predict(settings, net, [e["path"] for e in kept], csize), ctemp)
-        cand_all = _holdout_probs(cand_dir)
-        cand_probs = [cand_all[e["sha256"]] for e in kept]
-        diffs = stats.paired_differences(labels, cand_probs, cand_thr, champ_probs, cthr, seed=settings.seed)
-        champ_metrics = {
-            k: v.as_dict()
-            for k, v in stats.metric_intervals(labels, champ_probs, cthr, seed=settings.seed).items()
-        }
-    decision = registry.evaluate_gate(
-        cand_metrics,
-        champ_metrics,
-        min_accuracy=settings.gate_min_accuracy,
-        min_sensitivity=settings.gate_min_sensitivity,
-        margin=settings.gate_margin,
-        differences=diffs,
-        champion_version=champ_info[0] if champ_info else None,
-        comparison=comparison,
-    )
-    with session_scope(settings.database_url) as s:
-        registry.record_gate_decision(s, version, decision, actor=actor, require_approval=approval)
-    out = _gate_result(settings, version)
-    progress(f"gate ({registry.GATE_RULE}): {version} {out['decision']}: {out['reason']}")
-    model_card.write(settings, version)
-    _validate_new_champion(settings, version, out, progress)
-    return out
-
-
-def _validate_new_champion(settings: Settings, version: str, out: dict[str, Any], progress: Progress) -> None:
-    """Prove each inference back-end on a version that just became champion (never undoes the promotion)."""
-    if out.get("champion") == version:
-        from .validation import validate_published
-
-        validate_published(settings, version, progress=progress)
-
-
-def _gate_result(settings: Settings, version: str) -> dict[str, Any]:
-    """The recorded gate decision on ``version`` as the gate step returns it (with the approval markdown)."""
-    from . import model_card
-
-    with session_scope(settings.database_url) as s:
-        row = registry.decision_for(s, version)
-        champion = registry.get_champion(s)
-        out = {
-            "version": version,
-            "decision": row.decision,
-            "reason": row.reason,
-            "champion": champion.version if champion else None,
-            "rule": registry.GATE_RULE,
-            "differences": (row.evidence or {}).get("differences", {}),
-            "more_images_needed": (row.evidence or {}).get("more_images_needed"),
-        }
-    out["markdown"] = model_card.gate_markdown(settings, version)
-    return out
-
-
-def finish_approval(
-    settings: Settings, version: str, approved: bool, *, actor: str, comment: str | None = None
-) -> dict[str, Any]:
-    """Record a person's answer on a candidate awaiting approval (see ``registry.record_approval``)
-    and refresh its model card; returns the decision as :func:`gate_step` does."""
-    from . import model_card
-
-    with session_scope(settings.database_url) as s:
-        registry.record_approval(s, version, approved, actor=actor, comment=comment)
-    model_card.write(settings, version)
-    out = _gate_result(settings, version)
-    if approved:
-        _validate_new_champion(settings, version, out, log.info)
-    return out
 
 
 def retrain(

@@ -108,7 +108,7 @@ def test_conversion_is_cached_beside_the_artifact_and_rebuilt_when_damaged(artif
 def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):
     """Two shards converting the same new model at once: the second never replaces a good cache that the
     first may be reading."""
-    from bcc_pipeline import inference
+    from bcc_pipeline import compiled_cache
 
     path, sha = _copy(artifact, tmp_path)
     load_predictor(path, sha, image_size=SIZE, backend="openvino")
@@ -116,7 +116,7 @@ def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):
     inode = cache.stat().st_ino
     names = ("model.xml", "model.bin")
     written: list[Path] = []
-    got = inference._publish(
+    got = compiled_cache.publish(
         cache, sha, names, lambda d: written.append(d) or [shutil.copyfile(cache / n, d / n) for n in names]
     )
     assert got == cache and cache.stat().st_ino == inode and written

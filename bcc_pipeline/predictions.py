@@ -51,6 +51,10 @@ PREDICTION_FIELDS = (
     "precision",
 )
 
+#: The ``latest_predictions`` view's columns: :data:`PREDICTION_FIELDS` (``sha256`` is ``image_sha256``
+#: there) and the tiebreaker ``prediction_id``.
+_VIEW_COLUMNS = (*("image_sha256" if f == "sha256" else f for f in PREDICTION_FIELDS), "prediction_id")
+
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """``2026-11-26``, ``2026-11-26T02:00``, ``2026-11-26 02:00:00+01:00`` (no zone: UTC) or a relative
@@ -90,40 +94,8 @@ def _filtered(
         raise ConfigError(f"label must be benign or malignant, got {label!r}")
     require_schema(settings.database_url)
     if latest:
-        v = table(
-            "latest_predictions",
-            *(
-                column(c)
-                for c in (
-                    "image_sha256",
-                    "source_path",
-                    "model_version",
-                    "prob_malignant",
-                    "label",
-                    "threshold",
-                    "run_id",
-                    "scored_at",
-                    "model_status",
-                    "prediction_id",
-                    "backend",
-                    "precision",
-                )
-            ),
-        )
-        c = v.c
-        q = select(
-            c.image_sha256.label("sha256"),
-            c.source_path,
-            c.model_version,
-            c.prob_malignant,
-            c.label,
-            c.threshold,
-            c.run_id,
-            c.scored_at,
-            c.model_status,
-            c.backend,
-            c.precision,
-        )
+        c = table("latest_predictions", *(column(name) for name in _VIEW_COLUMNS)).c
+        q = select(c.image_sha256.label("sha256"), *(c[f] for f in PREDICTION_FIELDS if f != "sha256"))
         tiebreak = c.prediction_id
     else:
         p, m = Prediction.__table__.c, ModelVersion.__table__.c

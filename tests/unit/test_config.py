@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +114,7 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path):
 def test_every_setting_is_fully_declared():
     envs = [spec.env for spec in SETTINGS.values()]
     assert len(set(envs)) == len(envs) and all(e.startswith("BCC_") for e in envs)
-    assert list(SETTINGS) == [
-        f.name for f in config.dataclasses.fields(config.Settings) if f.name != "sources"
-    ]
+    assert list(SETTINGS) == [f.name for f in dataclasses.fields(config.Settings) if f.name != "sources"]
     for name, spec in SETTINGS.items():
         assert spec.name == name and ENV_VARS[name] == (spec.env, spec.type, spec.doc)
         assert spec.doc.strip() and "\n" not in spec.doc, f"{name} needs a one-line doc"

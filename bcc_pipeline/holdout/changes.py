@@ -1,0 +1,284 @@
+"""Freezing and extending the holdout: the only two ways it changes, each logged in ``holdout_events``.
+
+:func:`freeze_holdout` chooses it once from the labelled store; :func:`extend_holdout` adds the labelled
+images of a folder. Both keep near-duplicates of development images out, with the reason recorded in
+the holdout manifest (``excluded``), and write the new manifest with its log entry in one transaction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from .. import images
+from ..config import Settings
+from ..errors import DatasetError, ImageError
+from ..manifests import (
+    Manifest,
+    assign,
+    require_both_sides,
+    require_counts,
+    select_groups,
+    write_manifest,
+)
+from ..neardup import perceptual_hash
+from ..store import HoldoutEvent, ImageRecord, session_scope, utcnow
+from .records import (
+    LABELS,
+    _excluded,
+    _group_of,
+    _holdout_dir,
+    _label_counts,
+    _latest,
+    _load,
+    _near_exclusions,
+    _usable,
+    _with_phash,
+)
+
+__all__ = ["extend_holdout", "freeze_holdout"]
+
+
+def _commit_change(
+    session: Session,
+    settings: Settings,
+    *,
+    action: str,
+    actor: str,
+    reason: str,
+    old: Manifest | None,
+    entries: list[dict[str, Any]],
+    excluded: list[dict[str, Any]],
+    seq: int,
+) -> Manifest:
+    """Write the holdout manifest and log the change (committed with the caller's session)."""
+    entries = sorted(
+        ({k: e[k] for k in ("sha256", "label", "group_id", "path", "split")} for e in entries),
+        key=lambda e: e["sha256"],
+    )
+    manifest = write_manifest(
+        entries,
+        _holdout_dir(settings),
+        seed=settings.seed,
+        val_fraction=0.0,
+        extra={"kind": "holdout"},
+        excluded=excluded,
+        roles=("holdout",),
+    )
+    session.add(
+        HoldoutEvent(
+            seq=seq,
+            action=action,
+            actor=actor,
+            reason=reason,
+            old_hash=old.hash if old else None,
+            new_hash=manifest.hash,
+            manifest_path=str(manifest.path),
+            n_before=len(old.entries) if old else 0,
+            n_after=len(entries),
+            n_excluded=sum(x.get("change") == seq for x in excluded),
+            counts=_label_counts(entries),
+            created_at=utcnow(),
+        )
+    )
+    session.flush()  # the unique seq refuses a concurrent change here
+    return manifest
+
+
+def _check_reason(reason: str) -> str:
+    if not reason or not reason.strip():
+        raise DatasetError("a holdout change needs a reason (it is recorded in the holdout log)")
+    return reason.strip()
+
+
+def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: str) -> Manifest:
+    """Choose the holdout once from the labelled store: ``fraction`` of each label, whole patient
+    groups only, seeded. Near-duplicates of the remaining (development) images are kept out of it.
+    Refused when a holdout exists: replacing it would make earlier comparisons meaningless."""
+    reason = _check_reason(reason)
+    if not 0 < fraction <= 0.5:
+        raise DatasetError(f"the holdout fraction must be above 0 and at most 0.5, got {fraction}")
+    with session_scope(settings.database_url) as s:
+        last = _latest(s)
+        if last is not None:
+            raise DatasetError(
+                f"a holdout is already frozen ({last.new_hash[:12]}, {last.n_after} images); it "
+                "is changed only by `bcc holdout extend`"
+            )
+        records = _usable(s)
+        require_counts(records, "holdout")
+        records = _with_phash(s, records)
+        chosen = select_groups(records, fraction, seed=settings.seed, salt="holdout:")
+        by_sha = {r["sha256"]: r for r in records}
+        hold = [e for e in assign(records, chosen, "holdout", "development") if e["split"] == "holdout"]
+        dev = [r for r in records if _group_of(r) not in chosen]
+        excluded = _near_exclusions([by_sha[e["sha256"]] for e in hold], dev, "development", change=1)
+        out = {x["sha256"] for x in excluded}
+        hold = [e for e in hold if e["sha256"] not in out]
+        require_both_sides(
+            hold + [{**r, "split": "development"} for r in dev], ("holdout", "development"), "holdout"
+        )
+        return _commit_change(
+            s,
+            settings,
+            action="freeze",
+            actor=actor,
+            reason=reason,
+            old=None,
+            entries=hold,
+            excluded=excluded,
+            seq=1,
+        )
+
+
+def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every image under ``folder/<label>/[<group>/]``: decoded, hashed. Returns (images, refused)."""
+    from ..intake import IntakeReport, _is_ignored_name, _walk
+
+    found, refused = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in LABELS and not entry.name.startswith("."):
+            refused.append({"path": entry.name, "reason": f"not a label folder ({', '.join(LABELS)})"})
+    for label in LABELS:
+        if not (folder / label).is_dir() or (folder / label).is_symlink():
+            continue
+        walked = IntakeReport(run_id="holdout")
+        for path in _walk(folder / label, folder, walked):
+            rel = path.relative_to(folder)
+            if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+                continue
+            if path.is_symlink() or not path.is_file():
+                refused.append({"path": str(rel), "reason": "not a regular file (links are never followed)"})
+                continue
+            try:
+                if path.stat().st_size > images.max_file_bytes(settings.max_pixels):
+                    raise ImageError(f"larger than any image within the pixel limit ({settings.max_pixels})")
+                data = path.read_bytes()
+                info = images.validate(
+                    data, path=rel, max_pixels=settings.max_pixels, min_side=settings.min_side
+                )
+                rgb = images.decode(
+                    data, path=rel, max_pixels=settings.max_pixels, min_side=settings.min_side
+                )
+            except (OSError, ImageError) as exc:
+                refused.append({"path": str(rel), "reason": getattr(exc, "reason", None) or str(exc)})
+                continue
+            found.append(
+                {
+                    "sha256": images.sha256_bytes(data),
+                    "label": label,
+                    "group_id": rel.parts[1] if len(rel.parts) > 2 else None,
+                    "source": str(path),
+                    "data": data,
+                    "suffix": path.suffix.lower(),
+                    "phash": perceptual_hash(rgb),
+                    "info": info,
+                }
+            )
+        refused += [{"path": f["path"], "reason": f["error"]} for f in walked.failed]  # unlistable folders
+    return found, refused
+
+
+def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason: str) -> Manifest:
+    """Add the labelled images of ``folder`` (laid out like ``landing/<label>/[<group>/]``) to the
+    holdout (creating it when there is none). The images are copied into the store as holdout images
+    and never enter development; the folder is left as it is. Kept out, with the reason recorded:
+    exact copies of images already in the store, images of a patient group that has development
+    images, near-duplicates of development images. Raises :class:`DatasetError` when nothing could be
+    added (the message says why), so an explicit command never does nothing silently."""
+    from ..intake import _store_copy
+
+    reason = _check_reason(reason)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder")
+    found, refused = _read_folder(settings, folder)
+    with session_scope(settings.database_url) as s:
+        last = _latest(s)
+        old = _load(last)
+        seq = (last.seq if last else 0) + 1
+        in_holdout = {e["sha256"] for e in old.entries} if old else set()
+        kept_out = {x["sha256"] for x in (old.excluded if old else [])}
+        reserved = in_holdout | kept_out
+        dev = _with_phash(s, [r for r in _usable(s) if r["sha256"] not in reserved])
+        dev_groups = {r["group_id"] for r in dev if r["group_id"]}
+        excluded, candidates, already, seen = [], [], 0, set()
+        for r in found:
+            if r["sha256"] in reserved or r["sha256"] in seen:  # in the holdout, or kept out before
+                already += 1
+                continue
+            seen.add(r["sha256"])
+            known = s.get(ImageRecord, r["sha256"])
+            if known is not None and known.label is not None:
+                excluded.append(
+                    _excluded(
+                        r,
+                        f"exact copy (sha256) of an image already in the store as {known.label}",
+                        "exact_duplicate",
+                        change=seq,
+                    )
+                )
+            elif r["group_id"] and r["group_id"] in dev_groups:
+                excluded.append(
+                    _excluded(
+                        r,
+                        f"patient group {r['group_id']} has development images; a patient "
+                        "never sits in two roles",
+                        "group_in_development",
+                        change=seq,
+                    )
+                )
+            else:
+                candidates.append(r)
+        excluded += _near_exclusions(candidates, dev, "development", change=seq)
+        out = {x["sha256"] for x in excluded}
+        added = [r for r in candidates if r["sha256"] not in out]
+        if not added:
+            why = "; ".join(f"{x['source']}: {x['reason']}" for x in excluded[:5]) or "no new image"
+            raise DatasetError(
+                f"no image from {folder} was added to the holdout ({already} already in it "
+                f"or kept out before, "
+                f"{len(excluded)} kept out, {len(refused)} refused): {why}"
+            )
+        new_entries = []
+        for r in added:
+            stored = str(_store_copy(r["data"], r["sha256"], r["suffix"], settings.dataset_dir))
+            row = s.get(ImageRecord, r["sha256"])
+            if row is None:
+                info = r["info"]
+                s.add(
+                    ImageRecord(
+                        sha256=r["sha256"],
+                        label=r["label"],
+                        group_id=r["group_id"],
+                        width=info.width,
+                        height=info.height,
+                        format=info.format,
+                        source_path=r["source"],
+                        stored_path=stored,
+                        first_seen_at=utcnow(),
+                        phash=r["phash"],
+                    )
+                )
+            else:  # known from scoring (unlabelled); now it has a label
+                row.label, row.group_id, row.stored_path, row.phash = (
+                    r["label"],
+                    r["group_id"],
+                    stored,
+                    r["phash"],
+                )
+            new_entries.append({**r, "group_id": _group_of(r), "path": stored, "split": "holdout"})
+        entries = (old.entries if old else []) + new_entries
+        return _commit_change(
+            s,
+            settings,
+            action="extend",
+            actor=actor,
+            reason=reason,
+            old=old,
+            entries=entries,
+            excluded=(old.excluded if old else []) + excluded,
+            seq=seq,
+        )

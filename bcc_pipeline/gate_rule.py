@@ -7,7 +7,7 @@ choice (epoch, threshold, temperature) has touched:
 
 1. **Floors**: the candidate's holdout accuracy and sensitivity (point estimates, each printed
    with its exact 95 % interval) must reach ``gate_min_accuracy`` / ``gate_min_sensitivity``.
-   A floor missed is ``rejected``.
+   A floor missed is ``rejected``; the paired differences of step 2 are still shown, for information.
 2. **Non-inferiority against the champion**, paired on the same holdout images, each model at its
    own threshold and with its own calibration: for sensitivity and ROC AUC, the 95 % interval of
    (candidate − champion) from a paired bootstrap (the same resampled cases for both models, BCa,
@@ -119,7 +119,15 @@ def evaluate_gate(
     decision, needed = ("promoted" if floors_ok else "rejected"), None
     if champion is None:
         reasons.append("no champion yet: floors only")
-    elif floors_ok:
+    elif not floors_ok:
+        # The floor already decides; the paired comparison is still shown (and kept in the evidence)
+        # so that a person sees how the rejected candidate stood against the champion.
+        for name in GATE_COMPARED:
+            reasons.append(
+                f"{name} difference {_fmt(diffs.get(name))} vs champion {champion_version} "
+                "(for information: the floor decides)"
+            )
+    else:
         states = []
         for name in GATE_COMPARED:
             d = diffs.get(name)

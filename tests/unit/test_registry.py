@@ -69,6 +69,18 @@ def test_gate_compares_with_champion_by_the_interval_of_the_difference():
     assert d.decision == "insufficient_evidence"
 
 
+def test_a_floor_rejects_but_the_comparison_with_the_champion_is_still_shown():
+    champ = {"accuracy": 0.94, "sensitivity": 0.97, "roc_auc": 0.98}
+    low = {**GOOD, "sensitivity": 0.5}
+    d = registry.evaluate_gate(low, champ, champion_version="v0", differences=SAME, **FLOORS)
+    assert d.decision == "rejected" and "is below the floor" in d.summary
+    assert (
+        "roc_auc difference" in d.summary
+        and "vs champion v0 (for information: the floor decides)" in d.summary
+    )
+    assert d.differences == {k: dict(v) for k, v in SAME.items()}  # kept in the evidence
+
+
 def test_gate_decision_promotes_then_is_idempotent(migrated_url):
     with session_scope(migrated_url) as s:
         _add(s, "v1")

@@ -1,7 +1,8 @@
 """The database side of inference back-ends: validation results and the checksums of converted models.
 
 ``backend_validations``: one row per (model version, back-end, CPU class, software), the latest
-validation of that back-end against fp32 Keras there (:mod:`bcc_pipeline.validation`).
+validation of that back-end against fp32 Keras there (measured by :mod:`bcc_pipeline.backend_measure`,
+judged and chosen from by :mod:`bcc_pipeline.validation`).
 
 ``compiled_models``: the sha256 of every file of a converted model (OpenVINO IR, ONNX), per (artifact
 sha256, format), written when the conversion is published into the cache beside the artifact. A

@@ -46,6 +46,21 @@ def _new_figure(**kwargs: Any) -> Any:
     return Figure(figsize=_FIGSIZE, dpi=_DPI, layout="constrained", **kwargs)
 
 
+def _save_unit_square(
+    fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str, legend: str
+) -> Path:
+    """Finish a plot of two quantities in [0, 1] (axes with a small margin, labels, title, grid, the
+    legend at ``legend``) and save it as :func:`_save_png` does."""
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc=legend, fontsize="small")
+    return _save_png(fig, path)
+
+
 def _series(history: Mapping[str, Sequence[float]], *keys: str) -> tuple[str, np.ndarray] | None:
     for key in keys:
         if key in history:
@@ -182,14 +197,15 @@ def plot_roc(
         sens, fpr_t = tp / (tp + fn), fp / (fp + tn)
         point = f"threshold {thr:.3g}: sens {sens:.2f}, spec {1 - fpr_t:.2f}"
         ax.plot([fpr_t], [sens], "o", markersize=8, color="crimson", label=point)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("False positive rate (1 - specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(f"ROC curve (n = {y.shape[0]}, malignant = {n_pos})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    return _save_png(fig, target)
+    return _save_unit_square(
+        fig,
+        ax,
+        target,
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title=f"ROC curve (n = {y.shape[0]}, malignant = {n_pos})",
+        legend="lower right",
+    )
 
 
 def plot_reliability(
@@ -217,14 +233,15 @@ def plot_reliability(
     for name, probs, style in series:
         rate, mean = calibration_curve(y, probs, n_bins=n_bins, strategy="uniform")
         ax.plot(mean, rate, style, markersize=4, label=f"{name} (ECE {_ece(y, probs, n_bins):.3f})")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("Mean predicted probability of malignant")
-    ax.set_ylabel("Observed malignant rate")
-    ax.set_title(f"{title} (n = {y.shape[0]}, {n_bins} bins)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
-    return _save_png(fig, target)
+    return _save_unit_square(
+        fig,
+        ax,
+        target,
+        xlabel="Mean predicted probability of malignant",
+        ylabel="Observed malignant rate",
+        title=f"{title} (n = {y.shape[0]}, {n_bins} bins)",
+        legend="upper left",
+    )
 
 
 def plot_all(

@@ -39,6 +39,7 @@ __all__ = [
     "Promotion",
     "Rejection",
     "ScoringRun",
+    "scoring_fields",
     "utcnow",
 ]
 
@@ -125,6 +126,20 @@ class ModelVersion(Base):
             postgresql_where=text("status = 'champion'"),
         ),
     )
+
+
+def scoring_fields(mv: Any) -> dict[str, Any]:
+    """What scoring and back-end validation need of a model version (a :class:`ModelVersion` or a row of
+    ``model_versions``): version, image_size, threshold, temperature (None when the version was not
+    calibrated), artifact path and sha."""
+    return {
+        "version": mv.version,
+        "image_size": int(mv.image_size),
+        "threshold": float(mv.threshold),
+        "temperature": None if mv.temperature is None else float(mv.temperature),
+        "artifact_path": mv.artifact_path,
+        "artifact_sha256": mv.artifact_sha256,
+    }
 
 
 class Metric(Base):

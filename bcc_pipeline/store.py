@@ -45,6 +45,7 @@ from .schema import (  # re-exported: the tables are used through the store
     Promotion,
     Rejection,
     ScoringRun,
+    scoring_fields,
     utcnow,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "insert_rows",
     "require_schema",
     "safe_url",
+    "scoring_fields",
     "session_scope",
     "upgrade",
     "utcnow",

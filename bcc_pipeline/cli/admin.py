@@ -13,17 +13,20 @@ from .common import emit, settings
 __all__ = ["register"]
 
 
+def _emit_revision(args: argparse.Namespace, url: str, rev: str | None, shown: str) -> int:
+    """The database (password masked) and its schema revision; ``shown`` is the revision in words."""
+    emit(
+        args, {"database": safe_url(url), "revision": rev}, f"database {safe_url(url)} is at revision {shown}"
+    )
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from ..store import upgrade
 
     s = settings(args)
     rev = upgrade(s.database_url, home=s.home)
-    emit(
-        args,
-        {"database": safe_url(s.database_url), "revision": rev},
-        f"database {safe_url(s.database_url)} is at revision {rev}",
-    )
-    return 0
+    return _emit_revision(args, s.database_url, rev, rev)
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
@@ -31,12 +34,7 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
     s = settings(args)
     rev = current_revision(s.database_url)
-    emit(
-        args,
-        {"database": safe_url(s.database_url), "revision": rev},
-        f"database {safe_url(s.database_url)} is at revision {rev or '(none: run `bcc db upgrade`)'}",
-    )
-    return 0
+    return _emit_revision(args, s.database_url, rev, rev or "(none: run `bcc db upgrade`)")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 from ..config import Settings, load_settings
 from ..files import apply_umask
 
-__all__ = ["emit", "progress", "settings"]
+__all__ = ["add_decision_args", "emit", "progress", "settings"]
 
 log = logging.getLogger("bcc_pipeline.cli")
 
@@ -41,3 +41,9 @@ def settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 def progress(msg: str) -> None:
     log.info(msg)
+
+
+def add_decision_args(sp: argparse.ArgumentParser, log: str) -> None:
+    """``--reason`` (required) and ``--actor`` of a command whose decision is recorded in ``log``."""
+    sp.add_argument("--reason", required=True, help=f"why (recorded in the {log} log)")
+    sp.add_argument("--actor", help="who (default: user@host)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULTS
-from .common import emit, progress, settings
+from .common import add_decision_args, emit, progress, settings
 
 __all__ = ["register"]
 
@@ -208,8 +208,7 @@ def register(sub: Any, add: Any) -> None:
         "stratified); refused when one exists",
     )
     sp.add_argument("--fraction", type=float, help="share of each label (default: BCC_HOLDOUT_FRACTION)")
-    sp.add_argument("--reason", required=True, help="why (recorded in the holdout log)")
-    sp.add_argument("--actor", help="who (default: user@host)")
+    add_decision_args(sp, "holdout")
     sp = action(
         "extend",
         cmd_extend,
@@ -218,8 +217,7 @@ def register(sub: Any, add: Any) -> None:
     sp.add_argument(
         "--from", dest="source", required=True, metavar="FOLDER", help="folder laid out like landing/"
     )
-    sp.add_argument("--reason", required=True, help="why (recorded in the holdout log)")
-    sp.add_argument("--actor", help="who (default: user@host)")
+    add_decision_args(sp, "holdout")
     action("show", cmd_show, "the holdout: hash, counts per label and group, images kept out, change history")
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")

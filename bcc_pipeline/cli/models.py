@@ -7,13 +7,14 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import BACKENDS, Settings, load_settings
 from ..errors import StoreError
 from ..files import one_line
 from ..store import safe_url
-from .common import emit, progress, settings
+from .common import add_decision_args, emit, progress, settings
 
 __all__ = ["print_train_summary", "register"]
 
@@ -117,29 +118,33 @@ def cmd_model_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decision(row: Any) -> dict[str, Any]:
-    """A promotions row as the promote/rollback commands report it."""
-    return {
-        "decision": row.decision,
-        "from_version": row.from_version,
-        "to_version": row.to_version,
-        "actor": row.actor,
-        "reason": row.reason,
-        "decided_at": row.decided_at.isoformat(),
-    }
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    from ..registry import default_actor, promote
+def _decide(
+    args: argparse.Namespace, decide: Callable[..., Any], *what: str
+) -> tuple[Settings, dict[str, Any]]:
+    """Run a registry decision (``promote``, ``rollback``) with the command's actor and reason; the settings
+    and the promotions row it wrote, as the promote/rollback commands report it."""
+    from ..registry import default_actor
     from ..store import require_schema, session_scope
 
     s = settings(args)
     require_schema(s.database_url)
     with session_scope(s.database_url) as session:
-        row = promote(session, args.version, actor=args.actor or default_actor(), reason=args.reason)
-        out = _decision(row)
+        row = decide(session, *what, actor=args.actor or default_actor(), reason=args.reason)
+        return s, {
+            "decision": row.decision,
+            "from_version": row.from_version,
+            "to_version": row.to_version,
+            "actor": row.actor,
+            "reason": row.reason,
+            "decided_at": row.decided_at.isoformat(),
+        }
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from ..registry import promote
     from ..validation import validate_published
 
+    s, out = _decide(args, promote, args.version)
     out["backends"] = validate_published(s, args.version, progress=progress)
     emit(
         args,
@@ -151,14 +156,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from ..registry import default_actor, rollback
-    from ..store import require_schema, session_scope
+    from ..registry import rollback
 
-    s = settings(args)
-    require_schema(s.database_url)
-    with session_scope(s.database_url) as session:
-        row = rollback(session, actor=args.actor or default_actor(), reason=args.reason)
-        out = _decision(row)
+    _s, out = _decide(args, rollback)
     emit(args, out, f"rolled back: {out['to_version']} is the champion again ({out['from_version']} retired)")
     return 0
 
@@ -304,12 +304,10 @@ def register(sub: Any, add: Any) -> None:
 
     sp = add("promote", cmd_promote, "make a model version the champion by hand")
     sp.add_argument("version")
-    sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
-    sp.add_argument("--actor", help="who (default: user@host)")
+    add_decision_args(sp, "promotion")
 
     sp = add("rollback", cmd_rollback, "give the champion role back to the previous champion")
-    sp.add_argument("--reason", required=True, help="why (recorded in the promotion log)")
-    sp.add_argument("--actor", help="who (default: user@host)")
+    add_decision_args(sp, "promotion")
 
     sp = add(
         "status", cmd_status, "champion, its metrics and plots, the last scoring run, newest predictions"

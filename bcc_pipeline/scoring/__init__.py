@@ -10,17 +10,19 @@ The steps, each a plain function returning a small JSON-able dict (an Airflow XC
 
 One module per job, each the place to look for it:
 
-=================  ======================================================================================
-:mod:`.inbox`      discovery (what in the inbox is scored, ignored, skipped), the managed folders, where a
-                   file goes (``archive/<run>/<rel>``, ``quarantine/<run>/<rel>``)
-:mod:`.plan`       run ids, ``runs/<run>/``, the plan (champion, back-end and shards pinned), ``plan_shards``
-:mod:`.loader`     reading, validating, decoding and preprocessing in threads, the memory budget; no database
-:mod:`.predictor`  the pinned model version on the run's (validated) back-end; the fp32 guard band
-:mod:`.ledger`     every SQL statement: claim and commit a batch, look-ups, recorded moves, run counts
-:mod:`.moves`      moving committed files, recovering what interrupted runs left
-:mod:`.shard`      the loop: load a batch → dedupe → predict → commit → move (``score_shard``, :class:`Hooks`)
-:mod:`.run`        ``finalize_run`` and ``score_inbox``
-=================  ======================================================================================
+====================  ===================================================================================
+:mod:`.inbox`         discovery (what in the inbox is scored, ignored, skipped), the managed folders, where a
+                      file goes (``archive/<run>/<rel>``, ``quarantine/<run>/<rel>``)
+:mod:`.plan`          run ids, ``runs/<run>/``, the plan (champion, back-end and shards pinned), ``plan_shards``
+:mod:`.loader`        reading, validating, decoding and preprocessing in threads, the memory budget; no database
+:mod:`.predictor`     the pinned model version on the run's (validated) back-end; the fp32 guard band
+:mod:`.ledger`        SQL on the inbox ledger: claim and commit a batch, look-ups, recorded moves
+:mod:`.run_records`   SQL on ``scoring_runs``: open, heartbeat, abandon, fail, tally and close a run
+:mod:`.db`            the transaction every statement runs in (errors become ``StoreError``), the schema check
+:mod:`.moves`         moving committed files, recovering what interrupted runs left
+:mod:`.shard`         the loop: load a batch → dedupe → predict → commit → move (``score_shard``, :class:`Hooks`)
+:mod:`.run`           ``finalize_run`` and ``score_inbox``
+====================  ===================================================================================
 
 Per batch, in ONE transaction: the ledger rows (``inbox_files``, claiming each (run, path) once, so a
 shard started twice cannot score a file twice), the ``images`` rows, the predictions (insert-or-nothing on
@@ -33,11 +35,11 @@ read live in :mod:`bcc_pipeline.predictions`.
 from __future__ import annotations
 
 from .inbox import InboxRefused, discover
-from .ledger import mark_abandoned
 from .loader import DECODE_BUDGET_BYTES, DECODE_BYTES_PER_PIXEL, LOAD_WORKERS, LOADER_NICE, PREFETCH_BATCHES
 from .moves import MAX_MOVE_ATTEMPTS
 from .plan import new_run_id, plan_shards, run_dir
 from .run import finalize_run, score_inbox
+from .run_records import mark_abandoned
 from .shard import Hooks, score_shard
 
 __all__ = [

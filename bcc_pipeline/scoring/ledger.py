@@ -1,4 +1,5 @@
-"""Every SQL statement of batch scoring, and nothing else.
+"""Every SQL statement on the inbox ledger of batch scoring: a batch's claim and commit, the look-ups a shard
+makes, and where each file went.
 
 The ledger (``inbox_files``) has one row per inbox file a run took on. A batch is committed in ONE
 transaction (:func:`commit_batch`): the ledger rows (``INSERT .. ON CONFLICT DO NOTHING`` claims each
@@ -6,38 +7,41 @@ transaction (:func:`commit_batch`): the ledger rows (``INSERT .. ON CONFLICT DO 
 predictions (``UNIQUE(image_sha256, model_version)``, insert-or-nothing: a content already predicted by
 this model is a *duplicate*) and the ``rejections``. Only after the commit do the files move; then
 :func:`record_moves` writes where each went (``moved_to``) or why it could not (``move_error``).
-Database errors become :class:`StoreError`.
+Database errors become :class:`StoreError`. The ``scoring_runs`` rows (opening, liveness, tallies,
+closing) are :mod:`.run_records`, whose names are re-exported here; the transaction is :mod:`.db`'s.
 """
 
 from __future__ import annotations
 
 import collections
-import datetime as dt
-import os
-import socket
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Engine
 
-from .. import store
-from ..errors import NoChampionError, StoreError
 from ..files import display_path
-from ..registry import get_champion
 from ..store import (
     ImageRecord,
     InboxFile,
-    ModelVersion,
     Prediction,
     Rejection,
-    ScoringRun,
     insert_rows,
     utcnow,
 )
+from .db import require_schema, transaction
 from .loader import Item
+from .run_records import (  # re-exported: the run rows were part of this module
+    HEARTBEAT_STALE_SECONDS,
+    champion_version,
+    close_run,
+    fail_run,
+    heartbeat,
+    mark_abandoned,
+    model_version,
+    open_run,
+    run_tallies,
+)
 
 __all__ = [
     "CHANGED",
@@ -73,8 +77,6 @@ VANISHED = "the file left the inbox before it was moved"
 CHANGED = "the file changed after it was read; it stays in the inbox for the next run"
 """``move_error`` of a file whose path held other content by the time it was to move (it was not moved;
 the next run scores what is there)."""
-HEARTBEAT_STALE_SECONDS = 3600
-"""A ``running`` scoring run whose heartbeat (renewed per batch) is older than this is ``abandoned``."""
 
 
 def vanished(move_error: str) -> bool:
@@ -85,200 +87,6 @@ def vanished(move_error: str) -> bool:
 def changed(move_error: str) -> bool:
     """True for the ``move_error`` of a file that changed between reading and moving."""
     return move_error.startswith("the file changed")
-
-
-@contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """``engine.begin()`` whose database errors become :class:`StoreError`."""
-    try:
-        with engine.begin() as conn:
-            yield conn
-    except SQLAlchemyError as exc:
-        raise StoreError(f"database error while scoring: {str(exc).splitlines()[0]}") from exc
-
-
-def require_schema(url: str) -> None:
-    """The BCC schema, at least at the revision that brought batch scoring."""
-    store.require_schema(url, tables=("inbox_files",))
-
-
-# -- runs ---------------------------------------------------------------------------------------
-def champion_version(engine: Engine) -> str:
-    """The version of the current champion; :class:`NoChampionError` when there is none."""
-    with store.session_scope(engine) as session:
-        champion = get_champion(session)
-        version = champion.version if champion is not None else None
-    if version is None:
-        raise NoChampionError(
-            "there is no champion model to score with; train one (`bcc train`) or choose one "
-            "(`bcc promote VERSION --reason ...`)"
-        )
-    return version
-
-
-def model_version(engine: Engine, version: str, run_id: str) -> dict[str, Any]:
-    """What scoring needs of the pinned model version: version, image_size, threshold, temperature (None
-    when the version was not calibrated), artifact path and sha."""
-    with transaction(engine) as conn:
-        row = conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
-    if row is None:
-        raise StoreError(f"model version {version} of scoring run {run_id} is not in the registry")
-    return {
-        "version": row.version,
-        "image_size": int(row.image_size),
-        "threshold": float(row.threshold),
-        "temperature": None if row.temperature is None else float(row.temperature),
-        "artifact_path": row.artifact_path,
-        "artifact_sha256": row.artifact_sha256,
-    }
-
-
-def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
-    """The ``scoring_runs`` row of a planned run (kept as it is when it exists already). Runs of dead
-    processes are marked ``abandoned`` first (:func:`mark_abandoned`)."""
-    mark_abandoned(engine)
-    with transaction(engine) as conn:
-        insert_rows(
-            conn,
-            ScoringRun,
-            [
-                {
-                    "run_id": run_id,
-                    "model_version": version,
-                    "started_at": utcnow(),
-                    "heartbeat_at": utcnow(),
-                    "finished_at": None,
-                    "status": "running",
-                    "counts": {"planned": n_files},
-                }
-            ],
-            key=("run_id",),
-        )
-
-
-def heartbeat(engine: Engine, run_id: str, *, alive: bool = True) -> None:
-    """This process works on ``run_id`` (``alive``: its host and PID are recorded, the run is ``running``
-    again if it was not), or stopped working on it (``alive=False``: no process holds it now)."""
-    rt = ScoringRun.__table__
-    values: dict[str, Any] = {
-        "heartbeat_at": utcnow(),
-        "host": socket.gethostname() if alive else None,
-        "pid": os.getpid() if alive else None,
-    }
-    if alive:
-        values.update(status="running", finished_at=None)
-    with transaction(engine) as conn:
-        conn.execute(update(rt).where(rt.c.run_id == run_id).values(**values))
-
-
-def fail_run(engine: Engine, run_id: str, error: str) -> None:
-    """Record that ``run_id`` failed (status ``failed``, the error, ``finished_at``). Never raises: it is
-    called while another error is on its way up (a database that is down cannot record anything)."""
-    rt = ScoringRun.__table__
-    try:
-        with transaction(engine) as conn:
-            conn.execute(
-                update(rt)
-                .where(rt.c.run_id == run_id)
-                .values(status="failed", error=error, finished_at=utcnow(), host=None, pid=None)
-            )
-    except StoreError as exc:
-        import logging
-
-        logging.getLogger(__name__).error("could not record that scoring run %s failed: %s", run_id, exc)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by someone else
-        return True
-    return True
-
-
-def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS) -> list[str]:
-    """``running`` runs whose process is gone become ``abandoned`` (with ``finished_at``): the process
-    recorded on this host is no longer alive, or the heartbeat is older than ``stale_after`` seconds.
-    Returns their run ids. (Rerunning an abandoned run's id finishes it.)"""
-    rt = ScoringRun.__table__
-    here, now = socket.gethostname(), utcnow()
-    with transaction(engine) as conn:
-        rows = conn.execute(
-            select(rt.c.run_id, rt.c.host, rt.c.pid, rt.c.heartbeat_at, rt.c.started_at).where(
-                rt.c.status == "running"
-            )
-        ).all()
-        gone = {}
-        for r in rows:
-            beat = r.heartbeat_at or r.started_at
-            beat = beat if beat is None or beat.tzinfo else beat.replace(tzinfo=dt.UTC)
-            if r.host == here and r.pid and not _pid_alive(int(r.pid)):
-                gone[r.run_id] = f"its process ({r.host}, PID {r.pid}) is gone"
-            elif beat is not None and (now - beat).total_seconds() > stale_after:
-                gone[r.run_id] = f"no sign of life since {beat.isoformat()}"
-        for run_id, why in gone.items():
-            conn.execute(
-                update(rt)
-                .where(rt.c.run_id == run_id, rt.c.status == "running")
-                .values(status="abandoned", finished_at=now, error=f"abandoned: {why}")
-            )
-    return sorted(gone)
-
-
-def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
-    """Aggregates and short lists of a run's ledger (memory does not grow with the run): ``by_status``,
-    ``rejections`` [{path, reason}], ``unmoved`` rows (path, move_error) and ``started_at``."""
-    rt = ScoringRun.__table__
-    t = LEDGER
-    with transaction(engine) as conn:
-        by_status = collections.Counter(
-            dict(
-                conn.execute(
-                    select(t.c.status, func.count()).where(t.c.run_id == run_id).group_by(t.c.status)
-                ).all()
-            )
-        )
-        rejections = [
-            {"path": r.path, "reason": r.reason}
-            for r in conn.execute(
-                select(t.c.path, t.c.reason)
-                .where(t.c.run_id == run_id, t.c.status == "rejected")
-                .order_by(t.c.path)
-            )
-        ]
-        unmoved = conn.execute(
-            select(t.c.path, t.c.move_error, t.c.move_attempts)
-            .where(t.c.run_id == run_id, t.c.moved_to.is_(None), t.c.move_error.is_not(None))
-            .order_by(t.c.path)
-        ).all()
-        run = conn.execute(select(rt).where(rt.c.run_id == run_id)).first()
-    return {
-        "by_status": by_status,
-        "rejections": rejections,
-        "unmoved": unmoved,
-        "started_at": run.started_at if run is not None else None,
-        "error": run.error if run is not None else None,
-        "status": run.status if run is not None else None,
-    }
-
-
-def close_run(
-    engine: Engine,
-    run_id: str,
-    status: str,
-    counts: dict[str, Any],
-    finished_at: dt.datetime | None,
-    error: str | None = None,
-) -> None:
-    rt = ScoringRun.__table__
-    with transaction(engine) as conn:
-        conn.execute(
-            update(rt)
-            .where(rt.c.run_id == run_id)
-            .values(status=status, counts=counts, finished_at=finished_at, error=error)
-        )
 
 
 # -- a shard's batches --------------------------------------------------------------------------

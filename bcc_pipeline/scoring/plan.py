@@ -19,7 +19,7 @@ from ..config import INFERENCE_CHOICES, Settings
 from ..errors import ConfigError, StoreError
 from ..files import atomic_write, safe_dirname
 from ..store import get_engine, utcnow
-from . import ledger
+from . import db, run_records
 from .inbox import InboxArg, discover
 from .moves import sweep_interrupted
 
@@ -124,13 +124,13 @@ def plan_shards(
         raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
     if not run_id or not str(run_id).strip():
         raise ConfigError("a scoring run needs a non-empty run id")
-    ledger.require_schema(settings.database_url)
+    db.require_schema(settings.database_url)
     engine = get_engine(settings.database_url)
     path = run_dir(settings, run_id) / "plan.json"
     if not path.exists():
         from ..validation import resolve_backend
 
-        champion = ledger.champion_version(engine)
+        champion = run_records.champion_version(engine)
         chosen = resolve_backend(settings, champion, inference, force_unvalidated=force_unvalidated)
         found = discover(settings, inbox)
         files = sorted(found["pending"] + found["links"])
@@ -175,6 +175,6 @@ def plan_shards(
         )
     if inbox is not None and os.path.abspath(os.fspath(inbox)) != plan["inbox"]:
         log.warning("scoring run %s was planned for the inbox %s; using that one", run_id, plan["inbox"])
-    ledger.open_run(engine, run_id, plan["model_version"], plan["n_files"])
+    run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
     sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run))
     return _plan_result(plan, path)

@@ -10,7 +10,7 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..files import safe_dirname
 from ..store import get_engine, utcnow
-from . import ledger
+from . import db, ledger, run_records
 from .inbox import InboxArg
 from .moves import sweep_interrupted
 from .plan import load_plan, new_run_id, plan_inbox, plan_shards, read_shard_results
@@ -35,19 +35,19 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
     decides (the DAG turns red, ``bcc score`` exits non-zero). ``changed`` counts files that held other
     content by the time they were to move (left in the inbox for the next run).
     """
-    ledger.require_schema(settings.database_url)
+    db.require_schema(settings.database_url)
     plan = load_plan(settings, run_id)
     engine = get_engine(settings.database_url)
     try:
         return _finalize(settings, engine, plan, run_id)
     except Exception as exc:
-        ledger.fail_run(engine, run_id, describe_failure(exc))
+        run_records.fail_run(engine, run_id, describe_failure(exc))
         raise
 
 
 def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str) -> dict[str, Any]:
     sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run), only_run=run_id)
-    tallies = ledger.run_tallies(engine, run_id)
+    tallies = run_records.run_tallies(engine, run_id)
     by_status = tallies["by_status"]
     shard_docs = read_shard_results(settings, plan)
     failures = [
@@ -143,7 +143,7 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
             "rescored_fp32",
         )
     }
-    ledger.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished, error)
+    run_records.close_run(engine, run_id, status, counts, None if status == "incomplete" else finished, error)
     return summary
 
 

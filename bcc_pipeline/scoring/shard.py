@@ -1,8 +1,8 @@
 """Scoring one shard of a planned run: load a batch → dedupe → predict → commit → move, until done.
 
 Each step has its own module: :mod:`.loader` reads and decodes (threads, one batch ahead), :mod:`.ledger`
-holds every SQL statement (one transaction per batch), :mod:`.predictor` is the pinned model, and
-:mod:`.moves` moves the committed files and finishes what interrupted attempts left.
+commits a batch (one transaction) and :mod:`.run_records` keeps the run's heartbeat, :mod:`.predictor` is
+the pinned model, and :mod:`.moves` moves the committed files and finishes what interrupted attempts left.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..errors import ArtifactError, BCCError, ConfigError
 from ..files import display_path
 from ..moving import move_no_clobber
 from ..store import get_engine
-from . import ledger
+from . import db, ledger, run_records
 from .inbox import destination
 from .loader import Item, Loader
 from .moves import MoveFile, Mover, Tally
@@ -78,7 +78,7 @@ def score_shard(
     counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
     ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``.
     """
-    ledger.require_schema(settings.database_url)
+    db.require_schema(settings.database_url)
     plan = load_plan(settings, run_id)
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < plan["n_shards"]:
         raise ConfigError(f"scoring run {run_id!r} has shards 0..{plan['n_shards'] - 1}, not {shard!r}")
@@ -86,15 +86,16 @@ def score_shard(
     if size < 1:
         raise ConfigError(f"the scoring batch size must be positive, got {size}")
     engine = get_engine(settings.database_url)
-    ledger.heartbeat(engine, run_id)
+    run_records.heartbeat(engine, run_id)
     try:
         scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
         result = scorer.run(plan["shards"][shard], size)
         write_shard_result(settings, run_id, shard, result)
     except Exception as exc:
-        ledger.fail_run(engine, run_id, describe_failure(exc))
+        run_records.fail_run(engine, run_id, describe_failure(exc))
         raise
-    ledger.heartbeat(engine, run_id, alive=False)  # no process holds the run until the next shard or finalize
+    # no process holds the run until the next shard or finalize
+    run_records.heartbeat(engine, run_id, alive=False)
     return result
 
 
@@ -106,7 +107,7 @@ class _ShardScorer:
         self.run_id: str = plan["run_id"]
         self.inbox: str = plan["inbox"]
         self.engine = get_engine(settings.database_url)
-        self.mv = ledger.model_version(self.engine, plan["model_version"], self.run_id)
+        self.mv = run_records.model_version(self.engine, plan["model_version"], self.run_id)
         self.model = PinnedModel(
             self.mv,
             plan.get("inference", "keras"),
@@ -142,7 +143,7 @@ class _ShardScorer:
                             for it in mine
                         ]
                     )  # 5. move the files, record where
-                ledger.heartbeat(self.engine, self.run_id)
+                run_records.heartbeat(self.engine, self.run_id)
                 first_batch_done = first_batch_done or time.time()
                 done += len(items)
                 if done % (batch_size * 10) < batch_size or done == len(rels):

@@ -1,0 +1,31 @@
+"""The database plumbing every SQL statement of batch scoring shares: one transaction whose database errors
+become :class:`StoreError`, and the schema check. The statements themselves are in :mod:`.ledger` (the
+inbox ledger and a batch's commit) and :mod:`.run_records` (the ``scoring_runs`` rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from .. import store
+from ..errors import StoreError
+
+__all__ = ["require_schema", "transaction"]
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()`` whose database errors become :class:`StoreError`."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error while scoring: {str(exc).splitlines()[0]}") from exc
+
+
+def require_schema(url: str) -> None:
+    """The BCC schema, at least at the revision that brought batch scoring."""
+    store.require_schema(url, tables=("inbox_files",))

@@ -273,6 +273,12 @@ def load_predictor(
         if backend == "keras-bf16":
             net, precision = _to_bf16(net), "bf16"
         fn = _keras_fn(net, image_size, jit=backend == "xla")
+        if backend != "xla":
+            # trace the graph now (seconds for DenseNet201), so that it counts as start-up and not as the
+            # first batch's time; XLA compiles per batch shape, at its first real batch
+            import numpy as np
+
+            fn(np.zeros((1, image_size, image_size, 3), np.float32))
     elif backend.startswith("openvino"):
         mode = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "int8"}[backend]
         fn, precision, converted = _openvino(path, sha256, image_size, version, mode, ledger, calibration)

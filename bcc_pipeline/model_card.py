@@ -53,6 +53,18 @@ def holdout_lines(intervals: dict[str, Any], calibration: dict[str, Any] | None 
     return lines
 
 
+def format_between(between: list[float] | None) -> str:
+    """The two adjacent observed probabilities a threshold sits midway between, for people to read:
+    ``"0.3330 and 0.3568"``, with as many decimals (from 4) as it takes to tell the two apart."""
+    if not between:
+        return "n/a (no malignant calibration image)"
+    lo, hi = between
+    digits = 4
+    while digits < 17 and f"{lo:.{digits}f}" == f"{hi:.{digits}f}":
+        digits += 1
+    return f"{lo:.{digits}f} and {hi:.{digits}f}"
+
+
 def _meta(settings: Settings, version: str) -> dict[str, Any]:
     try:
         return json.loads((settings.models_dir / version / "metadata.json").read_text())
@@ -231,7 +243,7 @@ def render(settings: Settings, version: str) -> str:
         f"Threshold **{_num(r['threshold'])}** on calibrated probabilities: the highest that reaches the "
         f"target sensitivity {op.get('target', 'n/a')} on the {op.get('n', '?')} calibration images "
         f"({op.get('n_malignant', '?')} malignant; reached {_num(op.get('sensitivity'), 3)}), placed midway "
-        f"between the adjacent observed probabilities {op.get('between')} so that no image lies on it. "
+        f"between the adjacent observed probabilities {format_between(op.get('between'))} so that no image lies on it. "
         f"On the holdout it reaches {format_interval('sensitivity', op.get('holdout_sensitivity'))}.",
         "",
         "## Gate decision",

@@ -376,7 +376,7 @@ def evaluate_step(settings: Settings, version: str, *, progress: Progress | None
     shown = {k: v.as_dict() for k, v in intervals.items()}
     progress(
         f"evaluated {version}: temperature {temperature:.3f} and threshold {threshold:.4f} (target "
-        f"sensitivity {choice['target']}, between {choice['between']}) chosen on {len(cal_labels)} "
+        f"sensitivity {choice['target']}, between {model_card.format_between(choice['between'])}) chosen on {len(cal_labels)} "
         f"calibration images"
     )
     for line in model_card.holdout_lines(shown, calibration):

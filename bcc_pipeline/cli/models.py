@@ -20,7 +20,7 @@ __all__ = ["print_train_summary", "register"]
 
 
 def print_train_summary(r: dict[str, Any], s: Settings) -> None:
-    from ..model_card import holdout_lines
+    from ..model_card import format_between, holdout_lines
 
     ev, gate = r["evaluation"], r["gate"]
     v, op = ev["holdout"], ev["operating_point"]
@@ -29,7 +29,7 @@ def print_train_summary(r: dict[str, Any], s: Settings) -> None:
     print(f"                {gate['reason']}")
     print(
         f"threshold       {ev['threshold']:.4f}  (target sensitivity {op['target']} on {op['n']} calibration "
-        f"images, midway between {op['between']})"
+        f"images, midway between {format_between(op['between'])})"
     )
     print(f"calibration     temperature {ev['temperature']:.3f}")
     print("holdout         " + "\n                ".join(holdout_lines(ev["intervals"], ev["calibration"])))

@@ -9,6 +9,7 @@ reference, loaded only when first needed) before its label is stored.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,8 @@ class PinnedModel:
     The artifact is loaded (checksum verified) at the first call. ``backend``/``precision``: what this
     worker scores with (``pinned``: what the plan asked for; ``why``: how that was decided);
     ``rescored`` marks the last batch's images re-scored with fp32 Keras, ``rescored_fp32`` counts them all.
+    The fp32 reference is loaded at the first image inside the guard band (none: never loaded);
+    ``reference_load`` is then (wall-clock start, seconds), start-up that benchmarks keep apart.
     Without ``settings`` (no database) the pinned back-end is used as it is and nothing is re-scored.
     """
 
@@ -63,6 +66,7 @@ class PinnedModel:
         self.load_seconds = 0.0
         self.rescored_fp32 = 0
         self.rescored: Any = None
+        self.reference_load: tuple[float, float] | None = None
         self.guard_band = settings.guard_band if settings is not None else 0.0
         self._fn: Predictor | None = None
         self._ref: Predictor | None = None
@@ -116,7 +120,9 @@ class PinnedModel:
             near[:] = False
         if near.any():  # too close to the threshold to trust reduced precision: the reference decides
             if self._ref is None:
+                started = time.time()
                 self._ref = self._load(REFERENCE_BACKEND)
+                self.reference_load = (started, time.time() - started)
             p[near] = probability(self._ref(x[near]), self.mv)
             self.rescored_fp32 += int(near.sum())
         self.rescored = near

@@ -155,7 +155,7 @@ class _ShardScorer:
         return self._result(len(rels), t0, time.time(), first_batch_done)
 
     def _result(self, n_files: int, t0: float, t1: float, first_batch_done: float | None) -> dict[str, Any]:
-        c = self.counts
+        c, ref = self.counts, self.model.reference_load
         return {
             "run_id": self.run_id,
             "shard": self.shard,
@@ -183,6 +183,8 @@ class _ShardScorer:
             "pinned_inference": self.model.pinned,
             "inference_why": self.model.why,
             "rescored_fp32": self.model.rescored_fp32,
+            "reference_load_started": ref[0] if ref else None,
+            "reference_load_seconds": round(ref[1], 3) if ref else None,
             "first_batch_done": first_batch_done,
         }
 

@@ -358,3 +358,12 @@ def test_cli_prints_holdout_intervals_temperature_hashes_and_the_card(
     )
     assert cli.main(["model-card", "v-nope"]) == 1
     assert "unknown model version" in capsys.readouterr().err
+
+
+def test_the_threshold_interval_is_printed_with_enough_decimals_to_tell_its_ends_apart() -> None:
+    from bcc_pipeline.model_card import format_between
+
+    assert format_between([0.33295465701147503, 0.3568386422323528]) == "0.3330 and 0.3568"
+    assert format_between([0.1234561, 0.1234569]) == "0.123456 and 0.123457"
+    assert format_between([0.0, 0.0]).startswith("0.0000000000000000")
+    assert format_between(None) == "n/a (no malignant calibration image)"

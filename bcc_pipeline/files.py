@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -249,6 +250,7 @@ def atomic_write(
     return path
 
 
+@functools.lru_cache(maxsize=256)  # a pure function, called for every file a run moves (with its run id)
 def safe_dirname(name: str) -> str:
     """A single, harmless folder name for a run id (or any text): ASCII letters, digits and ``-_.+``;
     anything else becomes ``_``. A name that had to be changed (or is empty, ``.`` or ``..``) gets a

@@ -318,9 +318,11 @@ def section_scoring(work: Path) -> dict[str, Any]:
         precision = summary.get("precision")
         assert summary["inference"] == backend, summary
         shard = json.loads((run_dir(s, summary["run_id"]) / "shard-0.json").read_text())
-        window = shard["loop_finished"] - shard["first_batch_done"]
+        # from the first batch's probabilities on (model loaded and warm) to the end; the first batch's
+        # images are left out of the count, though its commit and moves fall inside the window
+        window = shard["loop_finished"] - shard["first_predicted"]
         ref_load = shard.get("reference_load_seconds") or 0.0
-        if ref_load and shard["reference_load_started"] >= shard["first_batch_done"]:
+        if ref_load and shard["reference_load_started"] >= shard["first_predicted"]:
             window -= ref_load  # the guard band's fp32 reference started inside the window
         rescored.append(shard["rescored_fp32"])
         ref_loads.append(ref_load)

@@ -1,7 +1,7 @@
 """The ``scoring_runs`` rows of batch scoring, and every SQL statement on them: the champion a run pins and
-what scoring needs of that version, opening a run, its liveness (a heartbeat per batch; :func:`mark_abandoned`
-turns runs whose process is gone into ``abandoned``), failing it, its tallies from the inbox ledger, and
-closing it with its counts. Database errors become :class:`StoreError`."""
+what scoring needs of that version, opening a run, its liveness (a heartbeat at most every
+:data:`HEARTBEAT_EVERY_SECONDS`; :func:`mark_abandoned` turns runs whose process is gone into
+``abandoned``), failing it, its tallies from the inbox ledger, and closing it with its counts. Database errors become :class:`StoreError`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..store import InboxFile, ModelVersion, ScoringRun, insert_rows, scoring_fi
 from .db import transaction
 
 __all__ = [
+    "HEARTBEAT_EVERY_SECONDS",
     "HEARTBEAT_STALE_SECONDS",
     "champion_version",
     "close_run",
@@ -34,7 +35,11 @@ __all__ = [
 ]
 
 HEARTBEAT_STALE_SECONDS = 3600
-"""A ``running`` scoring run whose heartbeat (renewed per batch) is older than this is ``abandoned``."""
+"""A ``running`` scoring run whose heartbeat is older than this is ``abandoned``."""
+
+HEARTBEAT_EVERY_SECONDS = 30.0
+"""A shard renews its run's heartbeat after a batch when this much time has passed since the last one (a
+write per batch would cost the scoring loop a transaction for nothing: staleness is judged in hours)."""
 
 
 def champion_version(engine: Engine) -> str:

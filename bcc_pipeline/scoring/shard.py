@@ -11,6 +11,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,23 @@ class Hooks:
     on_model_batch: Callable[[int], None] | None = None
     on_move_linked: Callable[[Path, Path], None] | None = None
     move_file: MoveFile = move_no_clobber
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A batch between its model call and its commit: ``shas`` the contents the model is predicting for it,
+    ``carried`` those the batch before it was already predicting."""
+
+    n_items: int
+    fresh: list[Item]
+    shas: frozenset[str]
+    carried: frozenset[str]
+    job: Future[tuple[dict[str, float], dict[str, tuple[str, str | None]]]] | None
+
+    def wait(self) -> tuple[dict[str, float], dict[str, tuple[str, str | None]]]:
+        if self.job is None:
+            return {}, {}
+        return self.job.result()  # the model's own error, raised here on the committing thread
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -116,45 +134,76 @@ class _ShardScorer:
         )
         self.tally = Tally()
         self.counts = self.tally.counts
+        self._last: tuple[dict[str, float], dict[str, tuple[str, str | None]]] = ({}, {})
+        self._first_predicted: float | None = None
+        self._done = 0
+        self._beat = time.monotonic()  # score_shard renewed the heartbeat just now
         self.mover = Mover(
             settings, self.engine, self.run_id, self.inbox, self.tally, hooks.move_file, hooks.on_move_linked
         )
 
     def run(self, rels: Sequence[str], batch_size: int) -> dict[str, Any]:
-        t0, first_batch_done, done = time.time(), None, 0
-        with Loader(
-            self.inbox,
-            image_size=self.mv["image_size"],
-            max_pixels=self.s.max_pixels,
-            min_side=self.s.min_side,
-            settle=self.s.settle_seconds,
-            prepare=self._attach_ledger,
-        ) as loader:
+        """Score ``rels`` batch by batch. The model works on batch k+1 in its own thread while this thread
+        commits batch k and moves its files: every database statement and every move stays on this
+        thread, in the same order as without the overlap (claim and commit, then move), so a crash at any
+        point leaves what it left before; only the model's arithmetic runs beside them."""
+        t0, self._first_predicted, self._done = time.time(), None, 0
+        pending: _Batch | None = None
+        with (
+            Loader(
+                self.inbox,
+                image_size=self.mv["image_size"],
+                max_pixels=self.s.max_pixels,
+                min_side=self.s.min_side,
+                settle=self.s.settle_seconds,
+                prepare=self._attach_ledger,
+            ) as loader,
+            ThreadPoolExecutor(1, thread_name_prefix="bcc-model") as model_thread,
+        ):
             for items in loader.batches(rels, batch_size):  # 1. load a batch (read one batch ahead)
                 fresh = self._dedupe(items)  # 2. settle what the ledger already knows
-                if fresh:
-                    probs, how = self._predict(fresh)  # 3. predict the contents new to this model
-                    mine = self._commit(fresh, probs, how)  # 4. commit the batch in one transaction
-                    if self.hooks.on_batch_committed is not None:
-                        self.hooks.on_batch_committed([it.path for it in mine])
-                    self.mover.move(
-                        [
-                            (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
-                            for it in mine
-                        ]
-                    )  # 5. move the files, record where
-                run_records.heartbeat(self.engine, self.run_id)
-                first_batch_done = first_batch_done or time.time()
-                done += len(items)
-                if done % (batch_size * 10) < batch_size or done == len(rels):
-                    self.progress(
-                        f"scoring {self.run_id} shard {self.shard}: {done}/{len(rels)} files "
-                        f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
-                        f"{self.counts['rejected']} rejected)"
-                    )
-        return self._result(len(rels), t0, time.time(), first_batch_done)
+                batch = self._start_predict(items, fresh, pending, model_thread)  # 3. the model starts
+                if pending is not None:
+                    self._finish(pending, len(rels), batch_size)  # 4-5 of the previous batch meanwhile
+                pending = batch
+            if pending is not None:
+                self._finish(pending, len(rels), batch_size)
+        return self._result(len(rels), t0, time.time())
 
-    def _result(self, n_files: int, t0: float, t1: float, first_batch_done: float | None) -> dict[str, Any]:
+    def _finish(self, batch: _Batch, n_files: int, batch_size: int) -> None:
+        """Steps 4 and 5 of a batch whose model call was started: wait for its probabilities, commit the
+        batch in one transaction, then move its files and record where they went."""
+        probs, how = batch.wait()
+        if self._first_predicted is None:
+            self._first_predicted = time.time()
+        # contents this batch left to the batch before it: predicted there, perhaps not claimed there
+        # (another attempt of this shard may have claimed that file), so offered again here; the
+        # insert-or-nothing of the commit keeps one prediction per content
+        for sha in batch.carried:
+            probs[sha], how[sha] = self._last[0][sha], self._last[1][sha]
+        self._last = (probs, how)
+        if batch.fresh:
+            mine = self._commit(batch.fresh, probs, how)  # 4. commit the batch in one transaction
+            if self.hooks.on_batch_committed is not None:
+                self.hooks.on_batch_committed([it.path for it in mine])
+            self.mover.move(
+                [
+                    (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
+                    for it in mine
+                ]
+            )  # 5. move the files, record where
+        if time.monotonic() - self._beat >= run_records.HEARTBEAT_EVERY_SECONDS:
+            run_records.heartbeat(self.engine, self.run_id)
+            self._beat = time.monotonic()
+        self._done += batch.n_items
+        if self._done % (batch_size * 10) < batch_size or self._done == n_files:
+            self.progress(
+                f"scoring {self.run_id} shard {self.shard}: {self._done}/{n_files} files "
+                f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
+                f"{self.counts['rejected']} rejected)"
+            )
+
+    def _result(self, n_files: int, t0: float, t1: float) -> dict[str, Any]:
         c, ref = self.counts, self.model.reference_load
         return {
             "run_id": self.run_id,
@@ -185,7 +234,8 @@ class _ShardScorer:
             "rescored_fp32": self.model.rescored_fp32,
             "reference_load_started": ref[0] if ref else None,
             "reference_load_seconds": round(ref[1], 3) if ref else None,
-            "first_batch_done": first_batch_done,
+            # when the first batch's probabilities were back: the model is loaded and warm from here on
+            "first_predicted": self._first_predicted,
         }
 
     def _attach_ledger(self, items: list[Item]) -> None:
@@ -214,29 +264,43 @@ class _ShardScorer:
                 fresh.append(it)
         return fresh
 
-    def _predict(self, fresh: list[Item]) -> tuple[dict[str, float], dict[str, tuple[str, str | None]]]:
-        """P(malignant) of each content in ``fresh`` this model has not predicted yet, in one model batch,
-        and the (back-end, precision) that computed each (fp32 Keras for those re-scored near the threshold)."""
+    def _start_predict(
+        self, items: list[Item], fresh: list[Item], previous: _Batch | None, model_thread: ThreadPoolExecutor
+    ) -> _Batch:
+        """Start the model on the contents in ``fresh`` this model has not predicted yet, in one model batch
+        on the model thread. A content the previous batch (still being committed) is predicting is not
+        predicted again: its probability is carried over when this batch commits."""
         import numpy as np
 
         ok = [it for it in fresh if it.kind == "ok"]
         known = ledger.predicted(self.engine, self.mv["version"], sorted({it.sha for it in ok}))
+        in_flight = previous.shas if previous is not None else frozenset()
         first: dict[str, Item] = {}
+        carried: set[str] = set()
         for it in ok:
-            if it.sha not in known and it.sha not in first:
+            if it.sha in known:
+                continue
+            if it.sha in in_flight:
+                carried.add(it.sha)
+            elif it.sha not in first:
                 first[it.sha] = it
-        probs: dict[str, float] = {}
-        how: dict[str, tuple[str, str | None]] = {}
+        job = None
         if first:
             x = np.stack([it.x for it in first.values()])
             if self.hooks.on_model_batch is not None:
                 self.hooks.on_model_batch(int(x.shape[0]))
-            probs = dict(zip(first, (float(v) for v in self._model_predict(x)), strict=True))
-            how = dict(zip(first, self.model.sources(), strict=True))
-            del x
+            job = model_thread.submit(self._model_step, list(first), x)
         for it in ok:
-            it.x = None  # the pixels are no longer needed
-        return probs, how
+            it.x = None  # the pixels are no longer needed (the model thread holds the stacked batch)
+        return _Batch(len(items), fresh, frozenset(first), frozenset(carried), job)
+
+    def _model_step(
+        self, shas: list[str], x: Any
+    ) -> tuple[dict[str, float], dict[str, tuple[str, str | None]]]:
+        """On the model thread: P(malignant) of each content, and the (back-end, precision) that computed
+        it (fp32 Keras for those re-scored near the threshold)."""
+        probs = dict(zip(shas, (float(v) for v in self._model_predict(x)), strict=True))
+        return probs, dict(zip(shas, self.model.sources(), strict=True))
 
     def _model_predict(self, x: Any) -> Any:
         """The pinned model's probabilities; a failure of the model itself (a back-end's RuntimeError, a

@@ -24,6 +24,42 @@ def test_the_model_only_sees_batches(make_settings, sqlite_url, register_champio
     assert r["scored"] == 11 and calls == [4, 4, 3]
 
 
+def test_the_model_starts_the_next_batch_before_this_one_commits(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 6)
+    events: list[str] = []
+    hooks = scoring.Hooks(
+        on_model_batch=lambda n: events.append("model"),
+        on_batch_committed=lambda paths: events.append("commit"),
+    )
+    assert scoring.score_inbox(s, batch_size=2, hooks=hooks)["scored"] == 6
+    assert events == ["model", "model", "commit", "model", "commit", "commit"]
+
+
+def test_content_of_the_batch_still_being_committed_is_predicted_once(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """The model works on a batch while the one before it commits: a content in both is not predicted
+    again, and the later file is its duplicate with the earlier batch's probability."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    a, b, c = (png_writer(s.inbox_dir / f"{name}.png", seed=i, size=40) for i, name in enumerate("abc"))
+    shutil.copyfile(a, s.inbox_dir / "d.png")  # batches of 2 in name order: [a, b], [c, d]
+    calls: list[int] = []
+    r = scoring.score_inbox(s, batch_size=2, hooks=scoring.Hooks(on_model_batch=calls.append))
+    assert calls == [2, 1]  # d's content was already in the model's hands with a
+    assert (r["scored"], r["duplicates"]) == (3, 1)
+    with session_scope(sqlite_url) as ss:
+        rows = ss.execute(select(InboxFile.path, InboxFile.status, InboxFile.sha256)).all()
+        n_preds = len(ss.scalars(select(Prediction.image_sha256)).all())
+    status = {files.path_from_display(p): (st, sha) for p, st, sha in rows}
+    assert status["d.png"] == ("duplicate", status["a.png"][1]) and status["a.png"][0] == "scored"
+    assert n_preds == 3 and inbox_files(s.inbox_dir) == [] and len(archived(s)) == 4
+
+
 def test_same_shard_twice_at_once_scores_each_file_once(
     make_settings, migrated_url, register_champion, png_writer
 ):

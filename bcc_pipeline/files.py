@@ -1,9 +1,12 @@
 """File primitives the pipeline shares: display form of paths, names within the 255-byte limit, atomic
-writes, umask, reason files, and renames that never replace a file (``rename_no_replace``). The move
-itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
+writes, umask, reason files, renames that never replace a file (``rename_no_replace``), reading a file
+once through one descriptor (:func:`read_once`) and when a file counts as written (:func:`settled`). The
+move itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
 
 Names are kept within the 255-byte limit of a file name: a clash suffix or a ``.reason.txt`` added to a
 very long name shortens its stem (with a short hash of the full name, so shortened names stay distinct).
+Paths are kept within :data:`PATH_MAX` (:func:`fit_path`): a relative path that fits under one folder
+(the inbox, ``landing/``) but not under a deeper one (``archive/<run>/``) gets a hashed folder.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ctypes
 import errno
 import functools
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -21,6 +25,8 @@ from pathlib import Path
 
 __all__ = [
     "NAME_MAX",
+    "PATH_MAX",
+    "PATH_ROOM",
     "REASON_SUFFIX",
     "SYSTEM_NAMES",
     "apply_umask",
@@ -29,17 +35,25 @@ __all__ = [
     "current_umask",
     "display_path",
     "fit_name",
+    "fit_path",
     "one_line",
     "path_from_display",
+    "read_once",
     "reason_path",
     "rename_no_replace",
     "renameat2",
     "safe_dirname",
+    "settled",
     "sha256_file",
     "write_reason",
 ]
 
+log = logging.getLogger(__name__)
 NAME_MAX = 255
+PATH_MAX = 4096
+"""The longest path (bytes, with its final NUL) the kernel takes in one call (Linux)."""
+PATH_ROOM = 64
+"""Bytes a destination keeps free below :data:`PATH_MAX` for a clash suffix and ``.reason.txt``."""
 REASON_SUFFIX = ".reason.txt"
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 # renameat2 errors that mean "this filesystem or kernel cannot do RENAME_NOREPLACE", not "this rename failed"
@@ -153,6 +167,68 @@ def fit_name(stem: str, tail: str = "") -> str:
     if cut and cut[-1] >= 0xC0:
         cut = cut[:-1]
     return os.fsdecode(cut or raw[:1]) + digest + tail
+
+
+def fit_path(root: Path, rel: str | os.PathLike[str]) -> Path:
+    """``root/rel``, or ``root/#<hash of rel's folder>/<name>`` when that would not fit in :data:`PATH_MAX`
+    (less :data:`PATH_ROOM`): a path that fits under the folder it came from can be too long under a
+    deeper one, and would then fail to move (ENAMETOOLONG) on every run."""
+    dest = root / rel
+    if len(os.fsencode(dest)) < PATH_MAX - PATH_ROOM:
+        return dest
+    folder, name = os.path.split(os.fspath(rel))
+    return root / f"#{hashlib.sha256(os.fsencode(folder)).hexdigest()[:16]}" / name
+
+
+def settled(shown: str, mtime: float, now: float, settle: float) -> bool:
+    """Whether a file last modified at ``mtime`` is done being written (``shown``: its displayed path, for
+    the warning). A modification time more than ``settle`` seconds in the future (clock skew between
+    hosts) counts as settled, with a warning: such a file would otherwise wait forever."""
+    age = now - mtime
+    if age >= settle:
+        return True
+    if age < -settle:
+        log.warning("%s was modified %.0f s in the future (clock skew?); taking it anyway", shown, -age)
+        return True
+    return False
+
+
+def read_once(path: str | os.PathLike[str], max_bytes: int) -> tuple[bytes | None, os.stat_result]:
+    """Read a file once, through one descriptor opened with ``O_NOFOLLOW | O_NONBLOCK``: a symbolic link
+    is never followed (``OSError`` ``ELOOP``) and a FIFO or device never blocks. Returns ``(data, st)``,
+    ``st`` the descriptor's ``fstat`` after reading: the very file these bytes came from (its
+    :func:`bcc_pipeline.moving.identity` is what a later move or removal checks). ``data`` is ``None``
+    when the path is not a regular file (nothing is read), the file changed while it was read (still being
+    written) or was not read to its end (reading stops within 1 MiB past ``max_bytes``; a caller compares
+    ``len(data)`` with ``max_bytes``). ``FileNotFoundError`` and other ``OSError`` propagate."""
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
+    fd = os.open(path, flags)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return None, before
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    del chunks
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
+        data
+    ) != after.st_size:
+        return None, after
+    return data, after
 
 
 def _candidates(dest: Path) -> Iterator[Path]:

@@ -13,6 +13,20 @@ quarantine, and the move recorded (``moved_to``). A process killed in between lo
 intake first finishes every recorded move whose file is still in ``landing/`` (or records one that
 reached its destination), and only then looks for new files, so a file never gets a second row.
 
+Each file is read once, through one descriptor that never follows a link and never blocks on a FIFO
+(:func:`bcc_pipeline.files.read_once`), and what it was (:func:`bcc_pipeline.moving.identity` of that
+descriptor) travels with its outcome. The file is removed or quarantined only while the path still holds
+that very file: a path that holds another by then (a scanner replaced it) is left in ``landing/`` for the
+next run and counted as *changed*, so content that was not stored is never deleted and nothing is
+quarantined under another file's reason.
+
+A file counts as written by the rule scoring uses (:func:`bcc_pipeline.files.settled`: a modification
+time further in the future than the settle time is settled, with a clock-skew warning). A quarantine
+path too long for the system gets a hashed folder (:func:`bcc_pipeline.files.fit_path`), as scoring's
+archive does. A quarantine move that fails is reported (``move_failed``, ``failed``) and retried by the
+next run; one that fails again is listed in ``persistent_move_failures``: ``bcc intake`` exits 1 and the
+retraining DAG's intake task fails, naming the files.
+
 Paths in the report, the database and the log are shown in the one reversible form of
 :func:`bcc_pipeline.files.display_path` (names that are not valid UTF-8 included).
 """
@@ -20,6 +34,7 @@ Paths in the report, the database and the log are shown in the one reversible fo
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import logging
 import os
@@ -37,19 +52,22 @@ from . import images
 from .config import Settings
 from .errors import ImageError, StoreError
 from .files import (
+    PATH_MAX,
     REASON_SUFFIX,
     SYSTEM_NAMES,
     atomic_write,
     display_path,
+    fit_path,
     one_line,
     path_from_display,
+    read_once,
     reason_path,
     safe_dirname,
-    sha256_file,
+    settled,
     write_reason,
 )
 from .model import CLASS_NAMES
-from .moving import move_no_clobber
+from .moving import Identity, SourceChangedError, identity, move_no_clobber
 from .neardup import perceptual_hash
 from .store import ImageRecord, Rejection, get_engine, insert_rows, session_scope, utcnow
 
@@ -60,6 +78,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 50  # intake reports progress each time this many more files are stored
 _SWEEP_LIMIT = 10_000  # interrupted moves finished per run (the rest next run)
 _GROUP_MAX = 255  # images.group_id is VARCHAR(255)
+_REPLACED = "replaced by other content before it was moved; that content is taken in anew"
 
 
 @dataclass
@@ -72,9 +91,13 @@ class IntakeReport:
     ignored: int = 0
     skipped: int = 0
     recovered: int = 0  # moves of earlier, interrupted runs finished by this one
+    changed: int = 0  # held another file by the time it was to be removed or moved: left for the next run
+    move_failed: int = 0  # quarantine moves that failed in this run (also listed under ``failed``)
     rejections: list[dict[str, str]] = field(default_factory=list)
     ignored_paths: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)  # could not be handled; still in landing
+    # quarantine moves that failed again (an earlier attempt failed too): somebody has to look
+    persistent_move_failures: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +109,17 @@ class _Then:
 
     dest: Path | None = None  # None: remove from landing
     reason: str = ""
+    ident: Identity | None = (
+        None  # what the path held when it was checked; removed or moved only while it does
+    )
+
+
+class _Refused(Exception):
+    """A file refused before its bytes were checked: the reason, and the identity of what the path held."""
+
+    def __init__(self, reason: str, ident: Identity | None):
+        super().__init__(reason)
+        self.reason, self.ident = reason, ident
 
 
 def _is_ignored_name(name: str) -> bool:
@@ -204,7 +238,7 @@ def intake(
                     progress(f"intake: {report.accepted} accepted, {report.duplicates} duplicates so far")
     log.info(
         "intake %s: %d accepted, %d duplicates, %d conflicts, %d rejected, %d ignored, %d skipped, "
-        "%d earlier moves finished, %d failed",
+        "%d changed, %d earlier moves finished, %d moves failed, %d failed",
         one_line(run_id),
         report.accepted,
         report.duplicates,
@@ -212,9 +246,17 @@ def intake(
         report.rejected,
         report.ignored,
         report.skipped,
+        report.changed,
         report.recovered,
+        report.move_failed,
         len(report.failed),
     )
+    if report.persistent_move_failures:
+        log.error(
+            "intake: %d file(s) could not be quarantined in more than one attempt and are still in landing: %s",
+            len(report.persistent_move_failures),
+            "; ".join(f"{f['path']} ({f['error']})" for f in report.persistent_move_failures[:20]),
+        )
     return report
 
 
@@ -233,28 +275,57 @@ def _write_reason(path: Path, reason: str) -> None:
         log.warning("could not write the reason file beside %s: %s", display_path(path), one_line(str(exc)))
 
 
-def _move(session, run_id: str, shown: str, src: Path, dest: Path, reason: str, report: IntakeReport) -> bool:
-    """Move a rejected file to its recorded destination and record where it went; ``False`` (reported,
-    recorded as ``move_error``, the file still in landing) when it cannot be moved."""
+def _changed(report: IntakeReport, shown: str) -> None:
+    report.changed += 1
+    log.warning("%s changed after it was read: left in landing, the next run takes it in", shown)
+
+
+def _move(
+    session,
+    run_id: str,
+    shown: str,
+    src: Path,
+    dest: Path,
+    reason: str,
+    report: IntakeReport,
+    *,
+    expect: Identity | None,
+    again: bool = False,
+) -> str:
+    """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
+    still the file that was checked (``expect``). Returns ``"moved"``; ``"changed"`` when ``src`` holds
+    another file (it stays in landing, the row says so and the next run takes it in anew); ``"failed"``
+    when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
+    ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``)."""
     try:
-        moved = move_no_clobber(src, dest)
+        moved = move_no_clobber(src, dest, expect=expect)
+    except SourceChangedError:
+        _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
+        _changed(report, shown)
+        return "changed"
     except OSError as exc:
         error = one_line(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
         _mark(session, run_id, shown, move_error=error)
         report.failed.append({"path": shown, "error": error})
+        report.move_failed += 1
+        if again:
+            report.persistent_move_failures.append({"path": shown, "error": error, "run_id": run_id})
         log.error("could not quarantine %s (left in landing): %s", shown, error)
-        return False
+        return "failed"
     _write_reason(moved, reason)
     _mark(session, run_id, shown, moved_to=display_path(moved), move_error=None)
-    return True
+    return "moved"
 
 
-def _carry_out(session, run_id: str, shown: str, path: Path, then: _Then, report: IntakeReport) -> None:
-    if then.dest is not None:
-        _move(session, run_id, shown, path, then.dest, then.reason, report)
-        return
+def _remove_stored(shown: str, path: Path, ident: Identity | None, report: IntakeReport) -> None:
+    """Remove a file whose content is stored and committed, unless the path holds another file by now
+    (checked with ``lstat`` right before the ``unlink``; the one window left is between the two, as in
+    :mod:`bcc_pipeline.moving`): that file was never stored, it stays for the next run (``changed``)."""
     try:
-        path.unlink()  # its content is stored and committed
+        if ident is not None and identity(path.lstat()) != tuple(ident):
+            _changed(report, shown)
+            return
+        path.unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -263,62 +334,119 @@ def _carry_out(session, run_id: str, shown: str, path: Path, then: _Then, report
         log.error("%s: %s", shown, error)
 
 
+def _carry_out(session, run_id: str, shown: str, path: Path, then: _Then, report: IntakeReport) -> None:
+    """After the commit: quarantine a rejected file, or remove a stored one from landing."""
+    if then.dest is not None:
+        _move(session, run_id, shown, path, then.dest, then.reason, report, expect=then.ident)
+    else:
+        _remove_stored(shown, path, then.ident, report)
+
+
 def _finish_interrupted(settings: Settings, session, report: IntakeReport) -> set[str]:
     """Finish the quarantine moves that earlier runs committed but did not complete (killed, or the move
     failed). Returns the paths (as displayed) whose move still fails: they stay in landing, and this run
     leaves them alone."""
     rows = session.execute(
-        select(Rejection.run_id, Rejection.path, Rejection.sha256, Rejection.reason, Rejection.dest)
+        select(
+            Rejection.run_id,
+            Rejection.path,
+            Rejection.sha256,
+            Rejection.reason,
+            Rejection.dest,
+            Rejection.move_error,
+        )
         .where(Rejection.stage == "intake", Rejection.dest.is_not(None), Rejection.moved_to.is_(None))
         .order_by(Rejection.id)
         .limit(_SWEEP_LIMIT)
     ).all()
-    unfinished: set[str] = set()
-    for r in rows:
-        try:
-            src, dest = settings.landing_dir / path_from_display(r.path), Path(path_from_display(r.dest))
-        except ValueError:
-            continue
-        if os.path.lexists(src):
-            if r.sha256 is not None and not _has_content(src, r.sha256):
-                _mark(
-                    session,
-                    r.run_id,
-                    r.path,
-                    dest=None,
-                    move_error="replaced by other content before it was moved; that content is taken in anew",
-                )
-                continue
-            if _move(session, r.run_id, r.path, src, dest, r.reason, report):
-                report.recovered += 1
-            else:
-                unfinished.add(r.path)
-        elif os.path.lexists(dest):  # moved, but killed before that was recorded
-            if not os.path.lexists(reason_path(dest)):
-                _write_reason(dest, r.reason)
-            _mark(session, r.run_id, r.path, moved_to=display_path(dest), move_error=None)
-            report.recovered += 1
-        else:
-            _mark(session, r.run_id, r.path, dest=None, move_error="left landing/ before it was moved")
+    unfinished = {r.path for r in rows if _finish_one(settings, session, r, report) == "failed"}
     if report.recovered:
         log.info("intake: finished %d quarantine move(s) of interrupted runs", report.recovered)
     return unfinished
 
 
-def _has_content(path: Path, sha: str) -> bool:
+def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> str:
+    """Finish one recorded move (see :func:`_finish_interrupted`); returns what became of it."""
     try:
-        return not path.is_symlink() and sha256_file(path) == sha
+        rel = path_from_display(r.path)
+        src, dest = settings.landing_dir / rel, Path(path_from_display(r.dest))
+    except ValueError:
+        return "skipped"
+    if os.path.lexists(src):
+        expect = None
+        if r.sha256 is not None:
+            expect = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
+            if expect is None:
+                _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
+                return "replaced"
+        dest = _fitted(settings, session, r, rel, dest)
+        outcome = _move(
+            session,
+            r.run_id,
+            r.path,
+            src,
+            dest,
+            r.reason,
+            report,
+            expect=expect,
+            again=r.move_error is not None,
+        )
+        if outcome == "moved":
+            report.recovered += 1
+        return outcome
+    if os.path.lexists(dest):  # moved, but killed before that was recorded
+        if not os.path.lexists(reason_path(dest)):
+            _write_reason(dest, r.reason)
+        _mark(session, r.run_id, r.path, moved_to=display_path(dest), move_error=None)
+        report.recovered += 1
+        return "moved"
+    _mark(session, r.run_id, r.path, dest=None, move_error="left landing/ before it was moved")
+    return "gone"
+
+
+def _fitted(settings: Settings, session, r: Any, rel: str, dest: Path) -> Path:
+    """``dest``, or, when it is longer than any path can be (recorded before destinations were shortened;
+    its move fails on every run and nothing can ever have reached it), the shortened destination, which is
+    recorded first."""
+    if len(os.fsencode(dest)) < PATH_MAX:
+        return dest
+    short = _quarantine_dest(settings.quarantine_dir / safe_dirname(r.run_id) / "landing", Path(rel))
+    _mark(session, r.run_id, r.path, dest=display_path(short))
+    return short
+
+
+def _content_identity(path: Path, sha: str, max_bytes: int) -> Identity | None:
+    """The identity of the file at ``path`` when it holds content ``sha`` (read once, never through a
+    link, never blocking on a FIFO), else None."""
+    try:
+        data, st = read_once(path, max_bytes)
     except OSError:
-        return False
+        return None
+    if data is None or images.sha256_bytes(data) != sha:
+        return None
+    return identity(st)
 
 
 # -- one file ---------------------------------------------------------------------------------
+def _quarantine_dest(quarantine_root: Path, rel: Path) -> Path:
+    """Where a rejected ``landing/<rel>`` goes: ``quarantine/<run>/landing/<rel>``, with a hashed folder
+    when that path would not fit (:func:`bcc_pipeline.files.fit_path`, as scoring's destinations)."""
+    return fit_path(quarantine_root, rel)
+
+
 def _reject(
-    session, rel: Path, reason: str, sha: str | None, report: IntakeReport, quarantine_root: Path
+    session,
+    rel: Path,
+    reason: str,
+    sha: str | None,
+    report: IntakeReport,
+    quarantine_root: Path,
+    ident: Identity | None,
 ) -> _Then:
-    """Record the rejection (with the file's destination) in the session; the move follows the commit."""
+    """Record the rejection (with the file's destination) in the session; the move follows the commit,
+    only while the path still holds the file that was checked (``ident``)."""
     shown, reason = display_path(rel), one_line(reason)
-    dest = quarantine_root / rel
+    dest = _quarantine_dest(quarantine_root, rel)
     insert_rows(
         session,
         Rejection,
@@ -339,7 +467,7 @@ def _reject(
     report.rejected += 1
     report.rejections.append({"path": shown, "reason": reason})
     log.warning("rejected %s: %s", shown, reason)
-    return _Then(dest=dest, reason=reason)
+    return _Then(dest=dest, reason=reason, ident=ident)
 
 
 def _group_id(folder: str) -> str:
@@ -356,6 +484,60 @@ def _ignore(report: IntakeReport, rel: Path) -> None:
     report.ignored_paths.append(display_path(rel))
 
 
+def _lstat_identity(path: Path) -> Identity | None:
+    try:
+        return identity(path.lstat())
+    except OSError:
+        return None
+
+
+def _read(
+    settings: Settings, path: Path, rel: Path, report: IntakeReport, now_ts: float
+) -> tuple[bytes, Identity] | None:
+    """The bytes of one landing file and the identity of the descriptor they were read from, or None when
+    there is nothing to take in now (ignored, still being written, gone; counted here). Raises
+    :class:`_Refused` for a link, a file too big to be an image, and one that cannot be read."""
+    if path.is_symlink():
+        raise _Refused("symbolic link: links are never followed", _lstat_identity(path))
+    if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+        _ignore(report, rel)
+        return None
+    st = None
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end: never open it
+            _ignore(report, rel)
+            return None
+        if not settled(display_path(rel), st.st_mtime, now_ts, settings.settle_seconds):
+            report.skipped += 1  # still being written; next run takes it
+            return None
+        max_bytes = images.max_file_bytes(settings.max_pixels)
+        if st.st_size > max_bytes:
+            raise _Refused(
+                f"file of {st.st_size} bytes is larger than any image within the "
+                f"pixel limit ({settings.max_pixels}) can be",
+                identity(st),
+            )
+        data, st = read_once(path, max_bytes)
+    except FileNotFoundError:
+        log.info("%s left landing before it was read", display_path(rel))
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise _Refused("symbolic link: links are never followed", _lstat_identity(path)) from None
+        ident = identity(st) if st is not None else None  # what the checks saw, if they got that far
+        raise _Refused(f"unreadable file: {exc.strerror or exc}", ident) from None
+    if data is None:  # replaced by a FIFO or device since the lstat, or changed while it was read
+        if stat.S_ISREG(st.st_mode):
+            report.skipped += 1
+        else:
+            _ignore(report, rel)
+        return None
+    if len(data) > max_bytes:  # grew since the lstat
+        raise _Refused(f"file of more than {max_bytes} bytes is larger than any image can be", identity(st))
+    return data, identity(st)
+
+
 def _intake_one(
     settings: Settings,
     session,
@@ -366,39 +548,21 @@ def _intake_one(
     quarantine_root: Path,
     now_ts: float,
 ) -> _Then | None:
-    """Stage one file's outcome in ``session``; returns what to do with the file after the commit."""
-    if path.is_symlink():
-        return _reject(session, rel, "symbolic link: links are never followed", None, report, quarantine_root)
-    if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
-        _ignore(report, rel)
-        return None
+    """Stage one file's outcome in ``session``; returns what to do with the file after the commit (with
+    the identity of the file that was read: it is removed or moved only while the path still holds it)."""
     try:
-        st = path.lstat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end: never open it
-            _ignore(report, rel)
-            return None
-        if now_ts - st.st_mtime < settings.settle_seconds:
-            report.skipped += 1  # still being written; next run takes it
-            return None
-        if st.st_size > images.max_file_bytes(settings.max_pixels):
-            return _reject(
-                session,
-                rel,
-                f"file of {st.st_size} bytes is larger than any image within the "
-                f"pixel limit ({settings.max_pixels}) can be",
-                None,
-                report,
-                quarantine_root,
-            )
-        data = path.read_bytes()
-    except OSError as exc:
-        return _reject(session, rel, f"unreadable file: {exc.strerror or exc}", None, report, quarantine_root)
+        read = _read(settings, path, rel, report, now_ts)
+    except _Refused as refused:
+        return _reject(session, rel, refused.reason, None, report, quarantine_root, refused.ident)
+    if read is None:
+        return None
+    data, ident = read
     sha = images.sha256_bytes(data)
     try:
         info = images.validate(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
         rgb = images.decode(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
     except ImageError as exc:
-        return _reject(session, rel, exc.reason, sha, report, quarantine_root)
+        return _reject(session, rel, exc.reason, sha, report, quarantine_root, ident)
 
     shown = display_path(rel)
     parts = rel.parts  # (label, [group, ...], name)
@@ -412,10 +576,10 @@ def _intake_one(
         if existing.excluded_reason is None:
             existing.excluded_reason = f"content seen as both {existing.label} and {label} ({shown})"
         report.conflicts += 1
-        return _reject(session, rel, reason, sha, report, quarantine_root)
+        return _reject(session, rel, reason, sha, report, quarantine_root, ident)
     if existing is not None and existing.label == label:
         report.duplicates += 1
-        return _Then()  # its content is already stored under dataset/
+        return _Then(ident=ident)  # its content is already stored under dataset/
 
     stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
     if existing is None:
@@ -437,4 +601,4 @@ def _intake_one(
         existing.label, existing.group_id, existing.stored_path = label, group, str(stored)
         existing.first_seen_at, existing.phash = utcnow(), perceptual_hash(rgb)
     report.accepted += 1
-    return _Then()
+    return _Then(ident=ident)

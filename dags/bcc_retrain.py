@@ -31,6 +31,9 @@ holdout images.
 `intake → check_new_data → split → train → evaluate → gate → needs_approval → approve → approved →
 record_decision → publish_champion`
 
+* **intake** fails (red, not retried) when a rejected landing file could not be quarantined in more
+  than one attempt (`persistent_move_failures`, named in its log); a first failure is only reported,
+  and the next run tries again.
 * **check_new_data** skips the rest (run still green) when fewer than `min_new_images` new
   labelled images arrived since the champion was trained, unless `force` is set.
 * **gate** records the decision in the `promotions` table with its evidence: holdout metrics with
@@ -134,10 +137,24 @@ class RecordedApprovalOperator(ApprovalOperator):
 def bcc_retrain():
     @task
     def intake(params: dict | None = None) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from bcc_pipeline.pipelines import intake_step
 
         run_id = get_current_context()["run_id"]
-        return bcc_common.small(intake_step(bcc_common.settings_for(params), run_id=run_id))
+        report = intake_step(bcc_common.settings_for(params), run_id=run_id)
+        print(
+            f"intake {report['run_id']}: {report['accepted']} accepted, {report['rejected']} rejected, "
+            f"{report['changed']} changed, {report['move_failed']} could not be quarantined, "
+            f"{len(report['failed'])} left in landing"
+        )
+        stuck = report["persistent_move_failures"]
+        if stuck:  # the files stay in landing run after run: somebody has to look
+            raise AirflowFailException(
+                f"{len(stuck)} file(s) could not be quarantined in more than one attempt and are still in "
+                "landing: " + "; ".join(f"{f['path']} ({f['error']})" for f in stuck[:20])
+            )
+        return bcc_common.small(report)
 
     @task.short_circuit
     def check_new_data(intake_report: dict, params: dict | None = None) -> bool:

@@ -27,7 +27,8 @@ def cmd_intake(args: argparse.Namespace) -> int:
         print(
             f"intake {r['run_id']}: {r['accepted']} accepted, {r['duplicates']} duplicates, "
             f"{r['conflicts']} label conflicts, {r['rejected']} rejected, {r['ignored']} ignored, "
-            f"{r['skipped']} still being written"
+            f"{r['skipped']} still being written, {r['changed']} changed after they were read, "
+            f"{r['move_failed']} could not be quarantined"
         )
         if r["recovered"]:
             print(f"  finished {r['recovered']} quarantine move(s) of interrupted runs")
@@ -37,6 +38,21 @@ def cmd_intake(args: argparse.Namespace) -> int:
             print(f"  left in landing {f['path']}: {f['error']}")
 
     emit(args, r, human)
+    stuck = r["persistent_move_failures"]
+    if stuck:
+        paths = ", ".join(f["path"] for f in stuck[:10])
+        print(
+            f"bcc: error: {len(stuck)} file(s) could not be quarantined in more than one attempt and are "
+            f"still in landing: {paths}",
+            file=sys.stderr,
+        )
+        return 1
+    if r["move_failed"]:
+        print(
+            f"bcc: warning: {r['move_failed']} file(s) could not be quarantined and are still in landing "
+            "(listed under failed); the next run tries again",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -12,7 +12,8 @@ the ``.bcc-home`` marker ``bcc db upgrade`` writes), lies inside a folder a home
 (:class:`InboxRefused`) before anything is listed or moved.
 
 A file whose modification time lies further in the future than the settle time (a clock that is wrong
-somewhere) counts as settled, with a warning: it would otherwise be skipped forever.
+somewhere) counts as settled, with a warning: it would otherwise be skipped forever
+(:func:`bcc_pipeline.files.settled`, the rule intake follows too).
 """
 
 from __future__ import annotations
@@ -28,32 +29,16 @@ from typing import Any
 from .. import images
 from ..config import HOME_MARKER, Settings
 from ..errors import ConfigError
-from ..files import REASON_SUFFIX, SYSTEM_NAMES, display_path, safe_dirname
+from ..files import PATH_MAX, REASON_SUFFIX, SYSTEM_NAMES, display_path, fit_path, safe_dirname, settled
 
 __all__ = ["PATH_MAX", "InboxRefused", "destination", "discover", "inbox_root", "path_key", "settled"]
 
 log = logging.getLogger(__name__)
 InboxArg = str | os.PathLike[str] | None
-PATH_MAX = 4096
-"""The longest path (bytes, with its final NUL) the kernel takes in one call (Linux)."""
-PATH_ROOM = 64
-"""Bytes a destination keeps free below :data:`PATH_MAX` for a clash suffix and ``.reason.txt``."""
 
 
 class InboxRefused(ConfigError):
     """A folder that may not be scored (outside the allowed roots, a BCC home, or a folder one manages)."""
-
-
-def settled(shown: str, mtime: float, now: float, settle: float) -> bool:
-    """Whether a file last modified at ``mtime`` is done being written. A modification time more than
-    ``settle`` seconds in the future (clock skew between hosts) counts as settled, with a warning."""
-    age = now - mtime
-    if age >= settle:
-        return True
-    if age < -settle:
-        log.warning("%s was modified %.0f s in the future (clock skew?); scoring it anyway", shown, -age)
-        return True
-    return False
 
 
 def path_key(rel: str) -> str:
@@ -63,14 +48,10 @@ def path_key(rel: str) -> str:
 
 def destination(settings: Settings, run_id: str, status: str, rel: str) -> Path:
     """Where a file a run took on goes: ``quarantine/<run>/<rel>`` when rejected, else ``archive/<run>/<rel>``.
-    A path that would not fit in :data:`PATH_MAX` becomes ``<root>/<run>/#<hash of rel's folder>/<name>``."""
+    A path that would not fit in :data:`PATH_MAX` becomes ``<root>/<run>/#<hash of rel's folder>/<name>``
+    (:func:`bcc_pipeline.files.fit_path`)."""
     root = (settings.quarantine_dir if status == "rejected" else settings.archive_dir) / safe_dirname(run_id)
-    dest = root / rel
-    if len(os.fsencode(dest)) < PATH_MAX - PATH_ROOM:
-        return dest
-    # too long a path under archive/<run>/: the folders collapse into one hashed name, the file keeps its own
-    folder, name = os.path.split(rel)
-    return root / f"#{hashlib.sha256(os.fsencode(folder)).hexdigest()[:16]}" / name
+    return fit_path(root, rel)  # too long under archive/<run>/: the folders become one hashed name
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -24,9 +24,9 @@ from typing import Any
 
 from .. import images
 from ..errors import ImageError
-from ..files import display_path
+from ..files import display_path, one_line, read_once, settled
 from ..moving import Identity, identity
-from .inbox import path_key, settled
+from .inbox import path_key
 
 __all__ = [
     "DECODE_BUDGET_BYTES",
@@ -58,8 +58,9 @@ MAX_REASON = 2000
 
 
 def clean_reason(text: str, limit: int = MAX_REASON) -> str:
-    """``text`` as storable UTF-8 without NUL, at most ``limit`` characters."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    """``text`` as one line of storable UTF-8 (:func:`bcc_pipeline.files.one_line`: newlines, NUL and other
+    control characters escaped), at most ``limit`` characters. Reasons go to logs and the database."""
+    text = one_line(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -183,14 +184,8 @@ def _read_and_decode(
 ) -> Item:
     """The part of :func:`load_file` that holds memory; ``held[0]`` is the budget reservation, released here."""
     try:
-        flags = (
-            os.O_RDONLY
-            | getattr(os, "O_NOFOLLOW", 0)
-            | getattr(os, "O_NONBLOCK", 0)
-            | getattr(os, "O_CLOEXEC", 0)
-        )
         try:
-            fd = os.open(abs_path, flags)
+            data, after = read_once(abs_path, max_bytes)
         except FileNotFoundError:
             item.kind = "missing"
             return item
@@ -199,29 +194,8 @@ def _read_and_decode(
                 item.is_link = True
                 return _reject(item, "symbolic link: links are never followed")
             return _reject(item, f"cannot read the file: {exc.strerror or exc}")
-        try:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode):
-                item.kind = "skipped"
-                return item
-            chunks, total = [], 0
-            while total <= max_bytes:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-            after = os.fstat(fd)
-        except OSError as exc:
-            return _reject(item, f"cannot read the file: {exc.strerror or exc}")
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        del chunks
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
-            data
-        ) != after.st_size:
-            item.kind = "skipped"  # changed while we read it: still being written
+        if data is None:  # not a regular file any more, or changed while we read it: still being written
+            item.kind = "skipped"
             return item
         item.ident = identity(after)  # the very file these bytes came from
         if len(data) > max_bytes:

@@ -33,14 +33,15 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
     finished (run it, then finalize again); ``failed`` when a shard failed (the run's ``error`` says why).
     ``persistent_move_failures`` lists the files whose move failed in more than one run: the caller
     decides (the DAG turns red, ``bcc score`` exits non-zero). ``changed`` counts files that held other
-    content by the time they were to move (left in the inbox for the next run).
+    content by the time they were to move (left in the inbox for the next run). Whatever stops it (an
+    error, Ctrl-C, Airflow's timeout: ``BaseException``) records the run as ``failed`` and is raised again.
     """
     db.require_schema(settings.database_url)
     plan = load_plan(settings, run_id)
     engine = get_engine(settings.database_url)
     try:
         return _finalize(settings, engine, plan, run_id)
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
         run_records.fail_run(engine, run_id, describe_failure(exc))
         raise
 

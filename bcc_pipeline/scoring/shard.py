@@ -78,7 +78,7 @@ def describe_failure(exc: BaseException) -> str:
         return f"{exc.strerror or exc}: {where}"
     if isinstance(exc, BCCError):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # KeyboardInterrupt: no text
 
 
 def score_shard(
@@ -95,6 +95,8 @@ def score_shard(
     Safe to retry and to run twice at once: the ledger claims each file once. Returns the shard's
     counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
     ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``.
+    Whatever stops it (an error, Ctrl-C, Airflow's timeout or terminate: ``BaseException``) records the
+    run as ``failed`` with the reason and ``finished_at``, and is raised again.
     """
     db.require_schema(settings.database_url)
     plan = load_plan(settings, run_id)
@@ -109,7 +111,7 @@ def score_shard(
         scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
         result = scorer.run(plan["shards"][shard], size)
         write_shard_result(settings, run_id, shard, result)
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
         run_records.fail_run(engine, run_id, describe_failure(exc))
         raise
     # no process holds the run until the next shard or finalize

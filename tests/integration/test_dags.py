@@ -351,6 +351,31 @@ def test_score_dag_turns_red_when_a_move_keeps_failing(tmp_path):
     assert len(list((home / "inbox").rglob("*.png"))) == n
 
 
+def test_retrain_dag_intake_turns_red_when_a_quarantine_move_keeps_failing(tmp_path):
+    """A rejected landing file that cannot be quarantined: the first run reports it (green,
+    ``move_failed``); when the next run cannot move it either, intake fails, names it, and is not
+    retried. The file stays in landing."""
+    url = f"sqlite:///{tmp_path / 'bcc.db'}"
+    home = tmp_path / "bcc"
+    register_tiny_champion(url, home / "models")
+    env = airflow_env(
+        tmp_path / "af", metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}", bcc=_bcc_env(home, url)
+    )
+    migrate(env)
+    (home / "landing" / "benign").mkdir(parents=True)
+    (home / "landing" / "benign" / "bad.png").write_bytes(b"not an image at all")
+    (home / "quarantine").write_text("a file where the quarantine folder should be")
+    params = {"profile": "demo", "epochs": 1, "min_new_images": 20}
+    first = dags_test(env, "bcc_retrain", params)
+    assert first["__run__"] == "success" and first["intake"] == "success"
+    assert "1 could not be quarantined" in first["__log__"]
+    second = dags_test(env, "bcc_retrain", params)
+    assert second["__run__"] == "failed" and second["intake"] == "failed"
+    assert "could not be quarantined in more than one attempt" in second["__log__"]
+    assert "benign/bad.png" in second["__log__"] and "up_for_retry" not in second["__log__"]
+    assert (home / "landing" / "benign" / "bad.png").exists()
+
+
 def test_score_dag_without_champion_skips(tmp_path):
     url = f"sqlite:///{tmp_path / 'bcc.db'}"
     home = tmp_path / "bcc"

@@ -400,3 +400,21 @@ def test_display_path_keeps_ordinary_names_and_escapes_the_ambiguous_ones() -> N
 def test_path_from_display_refuses_what_no_path_displays_as(text: str) -> None:
     with pytest.raises(ValueError, match="not a displayed path"):
         files.path_from_display(text)
+
+
+def test_read_once_never_follows_a_link_and_never_blocks_on_a_fifo(tmp_path):
+    """The one reader scoring and intake share: the bytes and the identity of the very descriptor they
+    came from; a link is refused (ELOOP), a FIFO or a folder is not read (and opening it never blocks)."""
+    from bcc_pipeline.moving import identity
+
+    plain = tmp_path / "a.png"
+    plain.write_bytes(b"content")
+    data, st = files.read_once(plain, 1 << 20)
+    assert data == b"content" and identity(st) == identity(os.lstat(plain))
+    (tmp_path / "link.png").symlink_to(plain)
+    with pytest.raises(OSError) as refused:
+        files.read_once(tmp_path / "link.png", 1 << 20)
+    assert refused.value.errno == errno.ELOOP
+    os.mkfifo(tmp_path / "fifo.png")
+    assert files.read_once(tmp_path / "fifo.png", 1 << 20)[0] is None  # returns at once: nobody writes
+    assert files.read_once(tmp_path, 1 << 20)[0] is None

@@ -220,3 +220,207 @@ def test_a_group_folder_whose_displayed_name_is_long_still_fits(home, png_writer
     with session_scope(home.database_url) as s:
         groups = s.scalars(select(ImageRecord.group_id)).all()
     assert len(set(groups)) == 2 and all(len(g) <= 255 for g in groups)
+
+
+# -- a file swapped while intake works on it ---------------------------------------------------------
+def _swap(path: Path, how: str, png_writer, seed: int) -> bytes:
+    """Put other content at ``path`` the way a scanner does: a new file renamed over it (``replace``) or
+    the same file rewritten in place (``rewrite``). Returns the new bytes."""
+    if how == "replace":
+        tmp = path.with_name(".incoming.png")  # hidden: intake leaves it alone
+        png_writer(tmp, seed=seed, size=56)
+        os.replace(tmp, path)
+    else:
+        png_writer(path, seed=seed, size=56)  # another size: the same inode, another size and mtime
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["replace", "rewrite"])
+def test_a_file_swapped_after_it_was_stored_is_left_in_landing(home, png_writer, how):
+    """X is stored and committed; before X is removed from landing, the path holds Y. Y is never deleted:
+    it stays in landing (``changed``) and the next run takes it in."""
+    x = png_writer(home.landing_dir / "benign" / "x.png", seed=1)
+    x_sha = files.sha256_file(x)
+    swapped: list[bytes] = []
+
+    def swap(shown: str) -> None:
+        swapped.append(_swap(home.landing_dir / shown, how, png_writer, seed=2))
+
+    r = intake(home, run_id="swap", on_committed=swap)
+    assert x.read_bytes() == swapped[0]  # Y is still there
+    assert (r.accepted, r.changed, r.failed) == (1, 1, [])
+    with session_scope(home.database_url) as s:
+        assert s.scalars(select(ImageRecord.sha256)).all() == [x_sha]
+    again = intake(home, run_id="after-swap")
+    assert (again.accepted, again.changed) == (1, 0) and not x.exists()
+    with session_scope(home.database_url) as s:
+        stored = {Path(p).read_bytes() for p in s.scalars(select(ImageRecord.stored_path))}
+    assert swapped[0] in stored and len(stored) == 2
+
+
+@pytest.mark.parametrize("how", ["replace", "rewrite"])
+def test_a_rejected_file_swapped_before_its_move_is_not_quarantined_under_its_reason(home, png_writer, how):
+    """X is rejected and the rejection committed; before X moves, the path holds a good image Y. Y is not
+    quarantined under X's reason and sha: it stays in landing (``changed``), X's row says why it did not
+    move, and the next run takes Y in."""
+    bad = home.landing_dir / "benign" / "x.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    swapped: list[bytes] = []
+
+    def swap(shown: str) -> None:
+        swapped.append(_swap(home.landing_dir / shown, how, png_writer, seed=3))
+
+    r = intake(home, run_id="swap", on_committed=swap)
+    assert bad.read_bytes() == swapped[0] and _all_files(home.quarantine_dir) == []
+    assert (r.rejected, r.changed, r.failed) == (1, 1, [])
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(Rejection)).one()
+        assert row.moved_to is None and row.dest is None and "replaced by other content" in row.move_error
+    again = intake(home, run_id="after-swap")
+    assert (again.accepted, again.rejected, again.failed) == (1, 0, []) and not bad.exists()
+
+
+@pytest.mark.parametrize("swap_in", ["symlink", "fifo"])
+def test_a_link_or_fifo_swapped_in_after_the_checks_is_never_followed_or_read(
+    home, png_writer, tmp_path, monkeypatch, swap_in
+):
+    """Between intake's checks (``lstat``, settle time) and its read, the path becomes a link to an image
+    elsewhere or a FIFO. The link is rejected as a link (the image it points to is never taken in as
+    training data), the FIFO is left alone; intake never blocks."""
+    import threading
+
+    from bcc_pipeline import images
+
+    outside = png_writer(tmp_path / "elsewhere" / "secret.png", seed=9)
+    target = png_writer(home.landing_dir / "benign" / "x.png", seed=1)
+    real_max_file_bytes = images.max_file_bytes
+
+    def swap_then_size_limit(max_pixels):  # intake's size check: after the lstat, before the read
+        if not os.path.islink(target) and os.path.isfile(target):
+            target.unlink()
+            if swap_in == "symlink":
+                target.symlink_to(outside)
+            else:
+                os.mkfifo(target)
+        return real_max_file_bytes(max_pixels)
+
+    monkeypatch.setattr(images, "max_file_bytes", swap_then_size_limit)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(intake(home, run_id="swap-in")), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert done, "intake blocked on the swapped-in file"
+    r = done[0]
+    with session_scope(home.database_url) as s:
+        assert s.scalars(select(ImageRecord)).all() == []  # nothing from outside landing/
+    assert outside.exists()
+    if swap_in == "symlink":
+        assert r.rejected == 1 and "symbolic link" in r.rejections[0]["reason"]
+        moved = home.quarantine_dir / "swap-in" / "landing" / "benign" / "x.png"
+        assert moved.is_symlink() and not os.path.lexists(target)
+    else:
+        assert (r.accepted, r.rejected, r.ignored) == (0, 0, 1) and os.path.lexists(target)
+
+
+# -- settle time, long paths, moves that keep failing -------------------------------------------------
+def test_a_future_mtime_is_taken_in_with_a_clock_skew_warning(
+    make_settings, migrated_url, png_writer, caplog
+):
+    """A clock that is wrong somewhere must not leave a landing file there forever, even with no settle
+    time; within the settle time of now (either side) a file is still being written."""
+    import time
+
+    s = make_settings(migrated_url, settle_seconds=0)
+    future = png_writer(s.landing_dir / "benign" / "future.png", seed=1)
+    t = time.time() + 3600
+    os.utime(future, (t, t))
+    with caplog.at_level(logging.WARNING):
+        r = intake(s, run_id="skew")
+    assert (r.accepted, r.skipped) == (1, 0) and "clock skew" in caplog.text and not future.exists()
+
+    patient = make_settings(migrated_url, settle_seconds=60)
+    far = png_writer(patient.landing_dir / "benign" / "far.png", seed=2)
+    soon = png_writer(patient.landing_dir / "benign" / "soon.png", seed=3)
+    os.utime(far, (t, t))
+    os.utime(soon, (time.time() + 30, time.time() + 30))
+    r = intake(patient, run_id="skew-60")
+    assert (r.accepted, r.skipped) == (1, 1) and not far.exists() and soon.exists()
+
+
+def _path_of_length(base: Path, total: int, name: str) -> Path:
+    """``base/<folders>/name`` of exactly ``total`` bytes (folders of at most 200 bytes)."""
+    path = base
+    while len(os.fsencode(path / name)) + 201 <= total:
+        path = path / ("d" * 200)
+    rest = total - len(os.fsencode(path / name)) - 1
+    return (path / ("e" * rest) if rest > 0 else path) / name
+
+
+def test_a_landing_path_too_long_under_quarantine_goes_under_a_hashed_folder(home):
+    """A path that fits under landing/ but not under quarantine/<run>/landing/ (ENAMETOOLONG on every
+    run) is quarantined under a hashed folder, with its reason file."""
+    bad = _path_of_length(home.landing_dir / "benign", 4060, "bad.png")
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image at all")
+    run_id = "long-" + "r" * 100
+    r = intake(home, run_id=run_id)
+    assert (r.rejected, r.failed) == (1, [])
+    with session_scope(home.database_url) as s:
+        moved = Path(s.scalars(select(Rejection.moved_to)).one())
+    root = home.quarantine_dir / run_id / "landing"
+    assert moved.parent.parent == root and moved.parent.name.startswith("#") and moved.name == "bad.png"
+    assert moved.read_bytes() == b"not an image at all" and files.reason_path(moved).is_file()
+    assert _all_files(home.landing_dir) == []
+
+
+def test_a_recorded_destination_longer_than_any_path_is_shortened_and_the_move_finished(home):
+    """A rejection recorded (by an earlier version) with a destination no path can have: the next run
+    records the shortened one and moves the file there, instead of failing on every run."""
+    bad = _path_of_length(home.landing_dir / "benign", 4090, "bad.png")
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image at all")
+    rel = bad.relative_to(home.landing_dir)
+    too_long = home.quarantine_dir / "old" / "landing" / rel
+    assert len(os.fsencode(too_long)) >= 4096
+    with session_scope(home.database_url) as s:
+        s.add(
+            Rejection(
+                run_id="old",
+                stage="intake",
+                path=files.display_path(rel),
+                sha256=None,
+                reason="not an image",
+                dest=files.display_path(too_long),
+                move_error="cannot move: File name too long",
+            )
+        )
+    r = intake(home, run_id="new")
+    assert (r.recovered, r.rejected, r.failed) == (1, 0, [])
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(Rejection)).one()
+    assert row.moved_to and Path(row.moved_to).parent.name.startswith("#") and row.move_error is None
+    assert Path(row.moved_to).read_bytes() == b"not an image at all" and not os.path.lexists(bad)
+
+
+def test_a_quarantine_move_that_fails_again_is_persistent_and_bcc_intake_exits_1(home, monkeypatch, capsys):
+    """The first failed quarantine move is reported (``move_failed``; exit 0 with a warning); when the next
+    run cannot move it either, ``persistent_move_failures`` names it and ``bcc intake`` exits 1."""
+    from bcc_pipeline.cli import main
+
+    (home.landing_dir / "benign").mkdir(parents=True)
+    (home.landing_dir / "benign" / "bad.png").write_bytes(b"not an image at all")
+    home.quarantine_dir.parent.mkdir(parents=True, exist_ok=True)
+    home.quarantine_dir.write_text("a file where the quarantine folder should be")
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["intake"]) == 0
+    first = capsys.readouterr()
+    assert "1 could not be quarantined" in first.out and "warning" in first.err
+    assert main(["intake"]) == 1
+    second = capsys.readouterr()
+    assert "more than one attempt" in second.err and "benign/bad.png" in second.err
+    r = intake(home, run_id="third")
+    assert r.move_failed == 1 and [f["path"] for f in r.persistent_move_failures] == ["benign/bad.png"]
+    assert (home.landing_dir / "benign" / "bad.png").exists()

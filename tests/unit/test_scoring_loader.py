@@ -85,3 +85,16 @@ def test_memory_budget_bounds_and_is_fair():
     assert budget.used == 0 and len(log) == 7
     assert all(u <= 100 for u in log if u != 250)  # only the oversized one may exceed, and then alone
     assert 250 in log
+
+
+def test_clean_reason_keeps_a_reason_on_one_line():
+    """Reasons go to log lines and the database: newlines, NUL, escape sequences, line separators and
+    bytes that are not UTF-8 are escaped (files.one_line), the text stays readable and bounded."""
+    from bcc_pipeline.scoring.loader import clean_reason
+
+    raw = "bad chunk\nforged: line\r\x00\x1b[31mred\u2028more\udcff end"
+    cleaned = clean_reason(raw)
+    assert cleaned == files.one_line(raw)
+    assert cleaned == "bad chunk\\nforged: line\\r\\x00\\x1b[31mred\\xe2\\x80\\xa8more\\xff end"
+    assert cleaned.encode("utf-8") and cleaned.isprintable()
+    assert len(clean_reason("x\n" * 5000, limit=100)) == 100

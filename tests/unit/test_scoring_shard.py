@@ -118,3 +118,50 @@ def test_odd_names_and_a_big_image(make_settings, sqlite_url, register_champion,
         paths = set(ses.scalars(select(Prediction.source_path)))
     assert paths == {"not-utf8-\\xff\\xfe.png", "new\\nline.png", "big.png"}  # files.display_path
     assert inbox_files(s.inbox_dir) == []
+
+
+def test_an_interrupt_records_the_run_as_failed(make_settings, sqlite_url, register_champion, png_writer):
+    """Ctrl-C (and Airflow's timeout and terminate, also BaseException) in the middle of a shard: the run is
+    recorded ``failed`` with ``finished_at``, not left ``running``; the interrupt goes on up; nothing moved."""
+    import pytest
+
+    from bcc_pipeline.store import ScoringRun
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 3)
+
+    def interrupt(n: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scoring.score_inbox(s, run_id="interrupted", hooks=scoring.Hooks(on_model_batch=interrupt))
+    with session_scope(sqlite_url) as ses:
+        run = ses.get(ScoringRun, "interrupted")
+        assert (run.status, run.error) == ("failed", "KeyboardInterrupt") and run.finished_at is not None
+    assert len(inbox_files(s.inbox_dir)) == 3
+
+
+def test_an_interrupt_while_finalizing_records_the_run_as_failed(
+    make_settings, sqlite_url, register_champion, png_writer, monkeypatch
+):
+    import pytest
+
+    from bcc_pipeline.scoring import run as run_module
+    from bcc_pipeline.store import ScoringRun
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    scoring.plan_shards(s, "fin", 1)
+    scoring.score_shard(s, "fin", 0)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "sweep_interrupted", interrupt)  # the first step of finalizing
+    with pytest.raises(KeyboardInterrupt):
+        scoring.finalize_run(s, "fin")
+    with session_scope(sqlite_url) as ses:
+        run = ses.get(ScoringRun, "fin")
+        assert (run.status, run.error) == ("failed", "KeyboardInterrupt") and run.finished_at is not None

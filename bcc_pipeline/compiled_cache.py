@@ -1,11 +1,12 @@
 """The cache of converted models (OpenVINO, ONNX) beside a model artifact, for :mod:`bcc_pipeline.inference`.
 
 A conversion is kept in ``<artifact dir>/compiled/<format>-<artifact sha>/``: written into a temporary
-folder, renamed into place and its files' checksums recorded (``ledger``: the database's
-``compiled_models``; without one, the folder's own ``source.json``). Before each load the files are read
-once, hashed and compared with that record, and only the bytes checked are handed to the runtime. A file
-that differs, or a cache with no record, is converted again; a models folder that cannot be written means
-converting into a temporary folder every time.
+folder (``.bcc-tmp-<format>-<sha>.XXXX``; one that a killed process left behind is removed by
+:func:`bcc_pipeline.files.sweep_stale_temporaries`), renamed into place and its files' checksums recorded
+(``ledger``: the database's ``compiled_models``; without one, the folder's own ``source.json``). Before
+each load the files are read once, hashed and compared with that record, and only the bytes checked are
+handed to the runtime. A file that differs, or a cache with no record, is converted again; a models
+folder that cannot be written means converting into a temporary folder every time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 from . import model as model_lib
 from .errors import ArtifactError
-from .files import created_mode, sha256_file
+from .files import created_mode, sha256_file, temp_prefix
 
 __all__ = ["CacheLedger", "check_input", "converted_model", "publish"]
 
@@ -118,7 +119,7 @@ def publish(
     trusted = trusted or (lambda: _cached(folder, sha, names))
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
         os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
     except OSError as exc:
         log.warning(
@@ -136,7 +137,7 @@ def publish(
         ):  # another process (a parallel shard) published it meanwhile: use that
             return folder
         if folder.exists():  # a stale or damaged cache: move it aside, then replace it
-            stale = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+            stale = folder.with_name(f"{temp_prefix(folder.name)}stale-{uuid.uuid4().hex[:8]}")
             os.rename(folder, stale)
             shutil.rmtree(stale, ignore_errors=True)
         try:

@@ -1,7 +1,14 @@
 """File primitives the pipeline shares: display form of paths, names within the 255-byte limit, atomic
-writes, umask, reason files, renames that never replace a file (``rename_no_replace``), reading a file
-once through one descriptor (:func:`read_once`) and when a file counts as written (:func:`settled`). The
-move itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
+writes, umask, reason files, the home marker, renames that never replace a file (``rename_no_replace``),
+reading a file once through one descriptor (:func:`read_once`) and when a file counts as written
+(:func:`settled`). The move itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
+
+Every temporary file or folder the pipeline makes beside what it publishes (:func:`atomic_write`, the
+converted-model cache) has a name that starts with :data:`TEMP_PREFIX` (``.bcc-tmp-``). A process killed
+(SIGKILL) before it removed one leaves it behind; :func:`sweep_stale_temporaries` removes those older
+than :data:`STALE_TEMP_SECONDS` from the folders the pipeline writes (scoring calls it when it plans a
+run). It touches nothing else: not a name without that prefix, not a link, not a fresh one (a live
+writer's), not a move's ``.bcc-move-*`` marker (that one finishes an interrupted move).
 
 Names are kept within the 255-byte limit of a file name: a clash suffix or a ``.reason.txt`` added to a
 very long name shortens its stem (with a short hash of the full name, so shortened names stay distinct).
@@ -18,17 +25,22 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "NAME_MAX",
     "PATH_MAX",
     "PATH_ROOM",
     "REASON_SUFFIX",
+    "STALE_TEMP_SECONDS",
     "SYSTEM_NAMES",
+    "TEMP_PREFIX",
     "apply_umask",
     "atomic_write",
     "created_mode",
@@ -36,6 +48,7 @@ __all__ = [
     "display_path",
     "fit_name",
     "fit_path",
+    "mark_home",
     "one_line",
     "path_from_display",
     "read_once",
@@ -45,6 +58,9 @@ __all__ = [
     "safe_dirname",
     "settled",
     "sha256_file",
+    "sweep_stale_temporaries",
+    "sweep_temporaries",
+    "temp_prefix",
     "write_reason",
 ]
 
@@ -60,6 +76,14 @@ _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
 _NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".bcc-tmp-"
+"""How the name of every temporary file or folder the pipeline makes starts (hidden, so discovery and
+intake ignore it); what :func:`sweep_temporaries` may remove."""
+STALE_TEMP_SECONDS = 3600.0
+"""A temporary older than this (last modified an hour ago) belongs to a process that was killed: no writer
+keeps one that long without writing to it."""
 
 
 def _load_renameat2():
@@ -279,6 +303,12 @@ def created_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
+def temp_prefix(name: str) -> str:
+    """The start of a temporary name made for ``name`` (``mkstemp``/``mkdtemp``'s ``prefix``):
+    :data:`TEMP_PREFIX`, then at most 40 characters of ``name`` and a dot."""
+    return f"{TEMP_PREFIX}{name[:40]}."
+
+
 def atomic_write(
     path: str | os.PathLike[str],
     data: bytes | str | Callable[[Path], object],
@@ -287,7 +317,8 @@ def atomic_write(
     fsync: bool = True,
 ) -> Path:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder (fsynced),
-    then ``os.replace``. A crash leaves the old file or the new one, never half of one.
+    then ``os.replace``. A crash leaves the old file or the new one, never half of one (a SIGKILL leaves
+    the temporary ``.bcc-tmp-<name>.XXXX.tmp`` too, for :func:`sweep_stale_temporaries`).
 
     ``data``: bytes, text (UTF-8), or a function that writes the file at the path it is given, for
     libraries that only write to a path (Keras' ``Model.save``, matplotlib's ``savefig``); that
@@ -300,7 +331,7 @@ def atomic_write(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp{path.suffix}" if callable(data) else ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
     try:
         if callable(data):
             os.close(fd)
@@ -324,6 +355,115 @@ def atomic_write(
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _newest_mtime(path: str, st: os.stat_result) -> float:
+    """The latest modification time of ``path`` and, for a folder, of anything in it (no links followed)."""
+    newest = st.st_mtime
+    if stat.S_ISDIR(st.st_mode):
+        for folder, dirs, names in os.walk(path, onerror=lambda exc: None):
+            for name in dirs + names:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+                except OSError:
+                    pass
+    return newest
+
+
+def sweep_temporaries(
+    folders: Iterable[str | os.PathLike[str]],
+    *,
+    shallow: Iterable[str | os.PathLike[str]] = (),
+    older_than: float = STALE_TEMP_SECONDS,
+    now: float | None = None,
+) -> list[Path]:
+    """Remove the temporaries (:data:`TEMP_PREFIX` names: files, or folders with what they hold) that
+    were last modified more than ``older_than`` seconds ago, anywhere below ``folders`` and directly in
+    the ``shallow`` ones. Returns what was removed (each logged).
+
+    Nothing else is touched: names without the prefix, symbolic links (never followed either), temporaries
+    written to within ``older_than`` (a live process may still publish them), and anything that cannot be
+    removed (left, logged) are kept. A missing folder is skipped."""
+    cutoff = (time.time() if now is None else now) - older_than
+    removed: list[Path] = []
+
+    def visit(folder: str, recursive: bool) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if entry.name.startswith(TEMP_PREFIX):
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                    continue
+                if _newest_mtime(entry.path, st) >= cutoff:
+                    continue
+                try:
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("cannot remove the stale temporary %s: %s", display_path(entry.path), exc)
+                    continue
+                log.info(
+                    "removed the stale temporary %s (left by a killed process)", display_path(entry.path)
+                )
+                removed.append(Path(entry.path))
+            elif recursive and stat.S_ISDIR(st.st_mode):
+                visit(entry.path, True)
+
+    for folder in folders:
+        visit(os.fspath(folder), True)
+    for folder in shallow:
+        visit(os.fspath(folder), False)
+    return removed
+
+
+def sweep_stale_temporaries(settings: Any, *, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """:func:`sweep_temporaries` over the folders of ``settings``' home the pipeline writes temporaries in:
+    ``runs/``, ``models/`` (with the converted-model caches), ``dataset/``, ``quarantine/`` and
+    ``landing/`` (every level), and the home itself (its top level only: the home marker). ``archive/``
+    and ``inbox/`` get no temporaries (moves use their own ``.bcc-move-*`` markers) and are not walked.
+    Scoring calls it when it plans a run; intake should when it starts."""
+    return sweep_temporaries(
+        [
+            settings.runs_dir,
+            settings.models_dir,
+            settings.dataset_dir,
+            settings.quarantine_dir,
+            settings.landing_dir,
+        ],
+        shallow=[settings.home],
+        older_than=older_than,
+    )
+
+
+def mark_home(home: str | os.PathLike[str]) -> Path:
+    """Write ``home``'s marker (``<home>/.bcc-home``, :data:`bcc_pipeline.settings.HOME_MARKER`) when it is
+    missing; returns its path. A folder with the marker is a BCC home: no deployment ever scores it, or a
+    folder of it, as an inbox. Called by whatever sets a home up: ``bcc db upgrade``, ``bcc demo``, intake,
+    training and scoring."""
+    from .settings import HOME_MARKER
+
+    marker = Path(home) / HOME_MARKER
+    if not os.path.lexists(marker):
+        try:
+            atomic_write(
+                marker, "This folder is a BCC home; it is never scored as an inbox.\n", exclusive=True
+            )
+        except FileExistsError:  # another process marked it meanwhile
+            pass
+    return marker
 
 
 @functools.lru_cache(maxsize=256)  # a pure function, called for every file a run moves (with its run id)
@@ -404,11 +544,11 @@ def rename_no_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
 
 
 def _publish(tmp: Path, dest: Path) -> None:
-    """Give the complete file ``tmp`` the name ``dest`` without replacing anything (``FileExistsError``
-    when taken): a hard link (``tmp`` is then the caller's to remove), or without hard links a
-    :func:`rename_no_replace`."""
+    """Give the complete file (or symbolic link) ``tmp`` the name ``dest`` without replacing anything
+    (``FileExistsError`` when taken): a hard link (``tmp`` is then the caller's to remove), or without
+    hard links a :func:`rename_no_replace`."""
     try:
-        os.link(tmp, dest)
+        os.link(tmp, dest, follow_symlinks=False)  # a symbolic link ``tmp`` is linked itself, not its target
     except OSError as exc:
         if isinstance(exc, FileExistsError) or exc.errno not in _LINK_UNSUPPORTED:
             raise

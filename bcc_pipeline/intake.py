@@ -64,6 +64,7 @@ from .files import (
     reason_path,
     safe_dirname,
     settled,
+    sweep_stale_temporaries,
     write_reason,
 )
 from .model import CLASS_NAMES
@@ -192,6 +193,7 @@ def intake(
     landing = settings.landing_dir
     quarantine_root = settings.quarantine_dir / safe_dirname(run_id) / "landing"
     now_ts = time.time()
+    sweep_stale_temporaries(settings)  # what a killed earlier run left half-written (.bcc-tmp-*)
     if not landing.is_dir():
         log.info("no landing folder at %s; nothing to take in", display_path(landing))
         return report

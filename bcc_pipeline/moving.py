@@ -18,11 +18,13 @@ The rules every move in the pipeline follows:
 * When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied
   to a hidden temporary file beside the destination (``.bcc-move-<hash>.tmp``, a name fixed by the
   destination), with the source's mode and times, flushed, and hard-linked into place without
-  replacing anything; only then is the source removed, and then the temporary name. A move killed at any
-  point leaves at most one visible copy: the next attempt finds the temporary file, and either finishes
-  that move (it was published: only the source is left to remove) or throws the unfinished copy away
-  and starts again. (On a destination without hard links the copy is renamed into place instead, and a
-  kill between that rename and removing the source leaves both copies.)
+  replacing anything; only then is the source removed, and then the temporary name. A symbolic link is
+  re-created the same way: a new link with the same target (``readlink``) under the temporary name,
+  with the source link's times, hard-linked into place. A move killed at any point leaves at most one
+  visible copy: the next attempt finds the temporary file, and either finishes that move (it was
+  published: only the source is left to remove) or throws the unfinished copy away and starts again.
+  (On a destination without hard links the copy is renamed into place instead, and a kill between that
+  rename and removing the source leaves both copies.)
 * A caller that read the file can pass its identity (device, inode, size, mtime): a source that is no
   longer that file is not moved (:class:`SourceChangedError`), and a hard link that turns out to be of
   another file is undone. A source name that holds another file by the time the source is to be removed
@@ -85,10 +87,11 @@ def _copy_marker(dest: Path) -> Path:
     return dest.with_name(f".bcc-move-{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]}.tmp")
 
 
-def _leftover_copy(dest: Path, src_st: os.stat_result | None) -> Path | None:
+def _leftover_copy(dest: Path, src: Path | None, src_st: os.stat_result | None) -> Path | None:
     """What an interrupted cross-filesystem move to ``dest`` left. Returns the published copy (a name of
-    ``dest``'s linked to the marker) when that move got that far and the copy has the source's size and
-    mtime (the marker is then kept until the caller has removed the source); else the marker is removed."""
+    ``dest``'s linked to the marker) when that move got that far and the copy is of the source ``src``
+    (a file: the same size and mtime; a symbolic link: a link with the same target); the marker is then
+    kept until the caller has removed the source. Otherwise the marker is removed."""
     marker = _copy_marker(dest)
     try:
         mst = os.lstat(marker)
@@ -102,7 +105,14 @@ def _leftover_copy(dest: Path, src_st: os.stat_result | None) -> Path | None:
                 break
         except FileNotFoundError:
             break
-    same = src_st is None or (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
+    if src_st is None or src is None:
+        same = True
+    elif stat.S_IFMT(mst.st_mode) != stat.S_IFMT(src_st.st_mode):
+        same = False
+    elif stat.S_ISLNK(mst.st_mode):
+        same = os.readlink(marker) == os.readlink(src)
+    else:
+        same = (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
     if published is None or not same:
         os.unlink(marker)
         return None
@@ -113,7 +123,7 @@ def finish_move(dest: str | os.PathLike[str]) -> Path | None:
     """After the source is gone: tidy what an interrupted move across filesystems to ``dest`` left. Returns
     where its copy was published (or None); the temporary name is removed either way."""
     dest = Path(dest)
-    published = _leftover_copy(dest, None) if dest.parent.is_dir() else None
+    published = _leftover_copy(dest, None, None) if dest.parent.is_dir() else None
     _copy_marker(dest).unlink(missing_ok=True)
     return published
 
@@ -144,6 +154,30 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
                 os.fsync(out.fileno())
             _expect(os.fstat(inp.fileno()), identity(before), src)  # not rewritten while copied
         _publish(marker, candidate)  # no-clobber; FileExistsError when taken
+        published = True
+        _fsync_dir(candidate.parent)
+    finally:
+        if not published:
+            marker.unlink(missing_ok=True)
+    return marker
+
+
+def _copy_link_across(src: Path, src_st: os.stat_result, candidate: Path, marker: Path) -> Path:
+    """Re-create the symbolic link ``src`` (its target read with ``readlink``, never opened) as a new link
+    at ``marker`` with the source link's times, then give it the name ``candidate`` without replacing
+    anything (FileExistsError when taken). ``marker`` stays linked to it (the caller removes it after the
+    source), so a move killed before the source is removed is finished by the next attempt, not repeated
+    as ``name~1``; a failed copy is removed."""
+    target = os.readlink(src)
+    try:
+        os.symlink(target, marker)
+    except FileExistsError:  # not "the destination is taken": another move to it is under way
+        raise OSError(errno.EBUSY, "another move to this destination is under way", str(marker)) from None
+    published = False
+    try:
+        with contextlib.suppress(OSError, NotImplementedError):  # the times are kept where links have them
+            os.utime(marker, ns=(src_st.st_atime_ns, src_st.st_mtime_ns), follow_symlinks=False)
+        _publish(marker, candidate)  # the link itself, no-clobber; FileExistsError when taken
         published = True
         _fsync_dir(candidate.parent)
     finally:
@@ -194,7 +228,7 @@ def move_no_clobber(
             raise
         return published
     dest.parent.mkdir(parents=True, exist_ok=True)
-    published = _leftover_copy(dest, src_st)
+    published = _leftover_copy(dest, src, src_st)
     if published is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
         _remove_source(src, published, expect, shared_inode=False)
         _copy_marker(dest).unlink(missing_ok=True)
@@ -218,8 +252,8 @@ def move_no_clobber(
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 try:
-                    if stat.S_ISLNK(src_st.st_mode):
-                        os.symlink(os.readlink(src), candidate)  # readlink never touches the target
+                    if stat.S_ISLNK(src_st.st_mode):  # readlink never touches the target
+                        marker = _copy_link_across(src, src_st, candidate, _copy_marker(dest))
                     else:
                         marker = _copy_file_across(src, candidate, _copy_marker(dest), expect)
                 except FileExistsError:

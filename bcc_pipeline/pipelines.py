@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from . import __version__, registry
 from .config import Settings
-from .files import atomic_write
+from .files import atomic_write, mark_home
 from .gating import finish_approval, gate_step  # re-exported: the gate and approval steps live there
 from .measuring import holdout_for, read_meta, role_arrays, score_paths, write_holdout_predictions
 from .store import ImageRecord, ModelVersion, require_schema, session_scope
@@ -69,6 +69,7 @@ def intake_step(
     from .dataset import intake
 
     require_schema(settings.database_url)
+    mark_home(settings.home)  # the home holds a dataset store now: never scored as an inbox
     return intake(settings, run_id=run_id, progress=progress).as_dict()
 
 
@@ -185,6 +186,7 @@ def train_step(
     train_paths, train_labels = dataset.manifest_arrays(manifest, "train")
     val_paths, val_labels = dataset.manifest_arrays(manifest, "validation")
     out = settings.models_dir / version
+    mark_home(settings.home)  # the home holds models now: never scored as an inbox
     progress(
         f"training {version}: {len(train_paths)} train / {len(val_paths)} validation images, "
         f"{settings.image_size}px, {settings.epochs} epochs, base weights {settings.base_weights}"

@@ -367,8 +367,9 @@ class Settings:
 
     @property
     def home_marker(self) -> Path:
-        """``$BCC_HOME/.bcc-home``, written by ``bcc db upgrade``: it makes a BCC home recognisable, so
-        that no deployment ever scores (moves) another one's folders."""
+        """``$BCC_HOME/.bcc-home``, written by ``bcc db upgrade``, ``bcc demo`` and whenever intake, training
+        or scoring creates the home's folders (:func:`bcc_pipeline.files.mark_home`): it makes a BCC home
+        recognisable, so that no deployment ever scores (moves) another one's folders."""
         return self.home / HOME_MARKER
 
     @property

@@ -29,9 +29,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from .config import HOME_MARKER
 from .errors import StoreError
-from .files import atomic_write
+from .files import mark_home
 from .schema import (  # re-exported: the tables are used through the store
     MODEL_STATUSES,
     NAMING_CONVENTION,
@@ -366,9 +365,7 @@ def upgrade(url: str, revision: str = "head", home: str | os.PathLike[str] | Non
     from alembic import command
 
     if home is not None:
-        marker = Path(home) / HOME_MARKER
-        if not marker.exists():
-            atomic_write(marker, "This folder is a BCC home; it is never scored as an inbox.\n")
+        mark_home(home)
 
     try:
         engine = get_engine(url)

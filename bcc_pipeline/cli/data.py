@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULTS
+from ..files import mark_home
 from .common import add_decision_args, emit, progress, settings
 
 __all__ = ["register"]
@@ -61,6 +62,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     s = settings(args)
     out = Path(args.out) if args.out else s.landing_dir
+    if not args.out:
+        mark_home(s.home)  # the home has a landing/ now: never scored as an inbox
     t0 = time.monotonic()
     groups = patients_for(max(args.benign, args.malignant)) if args.groups is None else args.groups
     result = generate(

@@ -12,11 +12,11 @@ from typing import Any
 
 from ..config import BACKENDS, Settings, load_settings
 from ..errors import StoreError
-from ..files import one_line
+from ..files import apply_umask, one_line
 from ..store import safe_url
 from .common import add_decision_args, emit, progress, settings
 
-__all__ = ["print_train_summary", "register"]
+__all__ = ["prepare_demo_home", "print_train_summary", "register"]
 
 
 def print_train_summary(r: dict[str, Any], s: Settings) -> None:
@@ -249,23 +249,32 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
+def prepare_demo_home(s: Settings) -> None:
+    """Set up the demo's home: migrate its database and mark the folder as a BCC home (``.bcc-home``, so
+    no deployment ever scores it as an inbox), and generate the demo images into ``landing/`` when there
+    is nothing to train on yet."""
     from ..demo_data import generate, patients_for
-    from ..pipelines import retrain
     from ..store import upgrade
 
-    # settle_seconds=0: the demo writes its own images (atomically), nobody else is writing
-    s = load_settings(profile=args.profile or "demo", overrides={"epochs": args.epochs, "settle_seconds": 0})
-    t0 = time.monotonic()
-    progress(f"BCC_HOME={s.home}  database={safe_url(s.database_url)}  profile={s.profile}")
-    upgrade(s.database_url)
+    upgrade(s.database_url, home=s.home)
     has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
     if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
         progress(
             "generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)"
         )
         generate(s.landing_dir, benign=112, malignant=127, size=224, seed=s.seed, groups=patients_for(127))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded end-to-end demo: migrate, generate demo images if needed, retrain, print the result."""
+    from ..pipelines import retrain
+
+    # settle_seconds=0: the demo writes its own images (atomically), nobody else is writing
+    s = load_settings(profile=args.profile or "demo", overrides={"epochs": args.epochs, "settle_seconds": 0})
+    apply_umask(s.umask)  # the permission policy (BCC_UMASK) for everything the demo creates
+    t0 = time.monotonic()
+    progress(f"BCC_HOME={s.home}  database={safe_url(s.database_url)}  profile={s.profile}")
+    prepare_demo_home(s)
     r = retrain(s, actor="bcc demo", progress=progress)
     r["wall_seconds"] = round(time.monotonic() - t0, 1)
     emit(args, r, lambda: print_train_summary(r, s))
@@ -275,7 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_validate_backends(args: argparse.Namespace) -> int:
     from ..validation import format_validations, validate_backends
 
-    s = load_settings()
+    s = settings(args)  # with the umask applied: the converted-model caches follow it
     r = validate_backends(
         s, args.version, args.backend, reference_only=args.reference_only, progress=progress
     )

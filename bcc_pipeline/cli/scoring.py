@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
-from ..config import DEFAULTS, INFERENCE_CHOICES, load_settings
-from .common import emit, progress
+from ..config import DEFAULTS, INFERENCE_CHOICES
+from .common import emit, progress, settings
 
 __all__ = ["register"]
 
@@ -17,12 +17,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from ..scoring import score_inbox
     from ..store import require_schema
 
-    s = load_settings(
-        overrides={
-            "score_batch_size": args.score_batch_size,
-            "settle_seconds": args.settle_seconds,
-            "inference": args.inference,
-        }
+    s = settings(  # with the umask applied: archive/, quarantine/, runs/ and the compiled cache follow it
+        args,
+        score_batch_size=args.score_batch_size,
+        settle_seconds=args.settle_seconds,
+        inference=args.inference,
     )
     require_schema(s.database_url)
     r = score_inbox(
@@ -65,7 +64,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
     from ..predictions import PREDICTION_FIELDS, parse_since, query_predictions
 
-    s = load_settings()
+    s = settings(args)
     fmt = "json" if args.json else args.format
     limit = args.limit if args.limit is not None else (100 if fmt == "table" else None)
     rows = query_predictions(

@@ -7,9 +7,9 @@ symbolic links are listed apart, to be rejected (moved to quarantine as links, t
 
 Which folders may be scored at all (:func:`inbox_root`): only folders in the allowed roots
 (``BCC_INBOX_ROOTS``, by default ``$BCC_HOME/inbox``), and never one that is a BCC home (recognised by
-the ``.bcc-home`` marker ``bcc db upgrade`` writes), lies inside a folder a home manages
-(:attr:`Settings.managed_dirs`), or contains a home or a managed folder: such an inbox is refused
-(:class:`InboxRefused`) before anything is listed or moved.
+the ``.bcc-home`` marker that ``bcc db upgrade``, ``bcc demo``, intake, training and scoring write), lies
+inside a folder a home manages (:attr:`Settings.managed_dirs`), or contains a home or a managed folder:
+such an inbox is refused (:class:`InboxRefused`) before anything is listed or moved.
 
 A file whose modification time lies further in the future than the settle time (a clock that is wrong
 somewhere) counts as settled, with a warning: it would otherwise be skipped forever

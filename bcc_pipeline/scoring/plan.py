@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import INFERENCE_CHOICES, Settings
 from ..errors import ConfigError, StoreError
-from ..files import atomic_write, safe_dirname
+from ..files import atomic_write, mark_home, safe_dirname, sweep_stale_temporaries
 from ..store import get_engine, utcnow
 from . import db, run_records
 from .inbox import InboxArg, discover
@@ -107,7 +107,9 @@ def plan_shards(
 ) -> dict[str, Any]:
     """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
 
-    Writes ``runs/<run>/plan.json`` atomically and the ``scoring_runs`` row. When the plan of ``run_id``
+    Marks the home (``.bcc-home``) and removes stale temporaries killed processes left
+    (:func:`bcc_pipeline.files.sweep_stale_temporaries`) first. Writes ``runs/<run>/plan.json`` atomically
+    and the ``scoring_runs`` row. When the plan of ``run_id``
     already exists it is returned unchanged (a retried planning task changes nothing). Raises
     :class:`NoChampionError` when there is no champion. Returns ``{run_id, shards, n_files, plan_path,
     model_version, inbox, inference, force_unvalidated, ignored, skipped}``. ``inference`` (default
@@ -126,6 +128,8 @@ def plan_shards(
         raise ConfigError("a scoring run needs a non-empty run id")
     db.require_schema(settings.database_url)
     engine = get_engine(settings.database_url)
+    mark_home(settings.home)  # this home now holds runs/, archive/ and quarantine/: never scored as an inbox
+    sweep_stale_temporaries(settings)  # what killed processes left in the folders the pipeline writes
     path = run_dir(settings, run_id) / "plan.json"
     if not path.exists():
         from ..validation import resolve_backend

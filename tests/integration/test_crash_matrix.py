@@ -5,7 +5,8 @@ scoring runs again. For every file, afterwards:
 * exactly one prediction (per content) or one quarantine entry (``rejections`` row);
 * exactly one archived or quarantined copy;
 * no leftovers: nothing left in the inbox but the file scoring ignores, no temporary files of a move
-  (``.bcc-move-*``), no ``~N`` second copies, every ledger row with ``moved_to``;
+  (``.bcc-move-*``) or of an atomic write (``.bcc-tmp-*``, ``*.tmp``), no ``~N`` second copies, every
+  ledger row with ``moved_to``;
 * and the killed run is recorded as ``abandoned`` (its process is gone).
 
 The kill points are the hooks of :class:`bcc_pipeline.scoring.Hooks`: before the model scores a batch,
@@ -62,6 +63,16 @@ def _fill(inbox: Path, png_writer) -> dict[str, str]:
     return shas
 
 
+def _temporaries(folder: Path) -> list[Path]:
+    """What an interrupted write or move left below ``folder``: a move's ``.bcc-move-*`` copy, an atomic
+    write's or a conversion's ``.bcc-tmp-*`` file or folder, or any other ``*.tmp`` name."""
+    return [
+        p
+        for p in folder.rglob("*")
+        if p.name.startswith((".bcc-move-", ".bcc-tmp-")) or p.name.endswith(".tmp")
+    ]
+
+
 def _check(settings, url: str, inbox: Path, shas: dict[str, str | None], extra_dirs: list[Path]) -> None:
     valid = {rel: sha for rel, sha in shas.items() if sha}
     bad = sorted(rel for rel, sha in shas.items() if sha is None)
@@ -84,7 +95,7 @@ def _check(settings, url: str, inbox: Path, shas: dict[str, str | None], extra_d
     for p in archived + quarantined:
         assert "~" not in p.name
     for folder in [settings.home, inbox, *extra_dirs]:
-        assert not [p for p in folder.rglob(".bcc-move-*")], "a move's temporary file was left"
+        assert not _temporaries(folder), "a temporary file was left"
     assert sorted(runs.values()).count("abandoned") == 1 and list(runs.values()).count("finished") == 1
 
 
@@ -176,7 +187,7 @@ def test_intake_killed_after_a_commit_then_rerun(
         )
         assert quarantined == ["broken.png", "conflict.png"]  # one copy each, no ~1
         for folder in [settings.home, *extra]:
-            assert not [p for p in folder.rglob(".bcc-move-*")], "a move's temporary file was left"
+            assert not _temporaries(folder), "a temporary file was left"
     finally:
         for folder in extra:
             shutil.rmtree(folder, ignore_errors=True)

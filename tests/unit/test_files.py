@@ -308,6 +308,110 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
     assert sorted(os.listdir(dest2.parent)) == ["x.png", "y.png"] and dest2.read_bytes() == b"second"
 
 
+def test_a_link_moved_across_filesystems_and_interrupted_is_finished_as_one_link(tmp_path, other_fs):
+    """A symbolic link re-created on the other filesystem, the move killed before the inbox link is removed:
+    the next attempt recognises its own copy and only removes the source (one link, no ``evil~1.png``)."""
+    src, dest = other_fs / "evil.png", tmp_path / "quarantine" / "evil.png"
+    src.symlink_to("/etc/hostname")
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):  # the link is at its destination, the inbox link not removed yet
+        moving.move_no_clobber(src, dest, before_unlink=kill)
+    assert os.path.islink(src) and os.readlink(dest) == "/etc/hostname"
+    assert moving.move_no_clobber(src, dest) == dest  # the rerun finishes that move
+    assert not os.path.lexists(src) and os.readlink(dest) == "/etc/hostname"
+    assert os.listdir(dest.parent) == ["evil.png"]  # no evil~1.png, no temporary name
+    # a link already at the destination that no interrupted move made is another file: kept, not taken over
+    src.symlink_to("/etc/hostname")
+    moved = moving.move_no_clobber(src, dest)
+    assert moved.name == "evil~1.png" and os.readlink(moved) == "/etc/hostname"
+    assert sorted(os.listdir(dest.parent)) == ["evil.png", "evil~1.png"] and not os.path.lexists(src)
+
+
+# -- temporaries a killed process leaves -----------------------------------------------------------
+def _age(path: Path, seconds: float) -> None:
+    then = os.lstat(path).st_mtime - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_sweep_removes_only_our_stale_temporaries(tmp_path):
+    runs = tmp_path / "runs" / "r1"
+    runs.mkdir(parents=True)
+    stale = runs / ".bcc-tmp-plan.json.k3j2h1.tmp"
+    stale.write_text('{"half')
+    stale_dir = tmp_path / "runs" / ".bcc-tmp-openvino-0123.x8y7"  # a conversion's temporary folder
+    stale_dir.mkdir()
+    (stale_dir / "model.bin").write_bytes(b"half a model")
+    fresh = runs / ".bcc-tmp-shard-0.json.a1b2c3.tmp"  # a live writer's
+    fresh.write_text("{}")
+    foreign = runs / ".plan.json.k3j2h1.tmp"  # not our prefix: someone else's
+    foreign.write_text("x")
+    move_marker = runs / ".bcc-move-0123456789abcdef.tmp"  # finishes an interrupted move: never swept
+    move_marker.write_text("x")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    link = runs / ".bcc-tmp-link"
+    link.symlink_to(outside)
+    busy_dir = tmp_path / "runs" / ".bcc-tmp-onnx-4567.q1w2"  # old folder, but still written to
+    busy_dir.mkdir()
+    (busy_dir / "model.onnx").write_bytes(b"being written")
+    for p in (stale, stale_dir / "model.bin", stale_dir, foreign, move_marker, outside, link, busy_dir):
+        _age(p, 7200)
+    shallow_stale = tmp_path / ".bcc-tmp-.bcc-home.z9.tmp"
+    shallow_stale.write_text("x")
+    _age(shallow_stale, 7200)
+    removed = files.sweep_temporaries([tmp_path / "runs", tmp_path / "missing"], shallow=[tmp_path])
+    assert sorted(removed) == sorted([stale, stale_dir, shallow_stale])
+    assert not os.path.lexists(stale) and not stale_dir.exists() and not shallow_stale.exists()
+    for kept in (fresh, foreign, move_marker, busy_dir / "model.onnx", outside):
+        assert kept.exists(), kept
+    assert link.is_symlink()
+    assert files.sweep_temporaries([tmp_path / "runs"], shallow=[tmp_path]) == []
+
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from bcc_pipeline.files import atomic_write
+
+def write(tmp: Path) -> None:
+    tmp.write_bytes(b"half of it")
+    print(tmp.name, flush=True)
+    time.sleep(60)
+
+atomic_write(Path(sys.argv[1]), write)
+"""
+
+
+def test_a_temporary_left_by_a_killed_atomic_write_is_swept(make_settings, tmp_path):
+    """SIGKILL inside ``atomic_write`` leaves its temporary; it carries our prefix, and once stale the
+    sweep scoring runs removes it (a fresh one, maybe a live writer's, is kept)."""
+    import signal
+    import subprocess
+    import sys
+
+    s = make_settings(None)
+    target = s.runs_dir / "r1" / "plan.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        name = proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    left = target.parent / name
+    assert name.startswith(files.TEMP_PREFIX) and left.read_bytes() == b"half of it"
+    assert not target.exists()
+    assert files.sweep_stale_temporaries(s) == []  # fresh: it could be a live writer's
+    _age(left, files.STALE_TEMP_SECONDS + 60)
+    assert files.sweep_stale_temporaries(s) == [left] and os.listdir(target.parent) == []
+
+
 # -- the one display form of a path ---------------------------------------------------------------
 _HOSTILE_NAMES = [
     b"plain.png",

@@ -123,6 +123,23 @@ def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):
     assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name]
 
 
+def test_a_conversion_is_written_into_a_temporary_the_sweep_recognises(tmp_path):
+    """A conversion killed halfway leaves its temporary folder under compiled/: it carries the prefix that
+    :func:`bcc_pipeline.files.sweep_stale_temporaries` removes once it is stale."""
+    from bcc_pipeline import compiled_cache, files
+
+    folder = tmp_path / "models" / "v1" / "compiled" / "openvino-0123456789abcdef"
+    seen: list[Path] = []
+
+    def write(d: Path) -> None:
+        seen.append(d)
+        (d / "model.bin").write_bytes(b"converted")
+
+    assert compiled_cache.publish(folder, "0123", ("model.bin",), write) == folder
+    assert seen[0].parent == folder.parent and seen[0].name.startswith(files.TEMP_PREFIX)
+    assert not seen[0].exists() and (folder / "model.bin").read_bytes() == b"converted"
+
+
 def test_unwritable_cache_converts_in_memory(artifact, tmp_path):
     path, sha = _copy(artifact, tmp_path)
     _p, _s, x, ref = artifact

@@ -424,3 +424,21 @@ def test_a_quarantine_move_that_fails_again_is_persistent_and_bcc_intake_exits_1
     r = intake(home, run_id="third")
     assert r.move_failed == 1 and [f["path"] for f in r.persistent_move_failures] == ["benign/bad.png"]
     assert (home.landing_dir / "benign" / "bad.png").exists()
+
+
+def test_intake_sweeps_stale_temporaries(make_settings, sqlite_url):
+    """A temporary an intake killed inside an atomic write left in the dataset store is removed by the
+    next intake once stale; a fresh one (perhaps a live writer's) and other names are kept."""
+    s = make_settings(sqlite_url)
+    upgrade(sqlite_url)
+    s.dataset_dir.mkdir(parents=True)
+    stale = s.dataset_dir / f"{files.TEMP_PREFIX}abc123.png.tmp"
+    fresh = s.dataset_dir / f"{files.TEMP_PREFIX}def456.png.tmp"
+    other = s.dataset_dir / ".keep-me"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"half of it")
+    old = os.stat(stale).st_mtime - files.STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    intake(s)
+    assert not stale.exists() and fresh.exists() and other.exists()

@@ -55,6 +55,31 @@ def test_the_cli_creates_the_database_and_the_dataset_store_group_readable_only(
     assert len(reasons) == 1 and _mode(reasons[0]) == 0o640
 
 
+def test_bcc_score_creates_archive_quarantine_runs_and_the_compiled_cache_group_readable_only(
+    loose_umask, cli_home, png_writer, register_champion
+):
+    """What ``bcc score`` creates follows the policy too: the run's archive and quarantine folders, the
+    reason files, ``runs/<run>/`` and the converted-model cache (``models/<v>/compiled/``)."""
+    assert cli.main(["db", "upgrade"]) == 0
+    s = load_settings()
+    os.umask(0o022)  # the CLI applied the policy in this process: back to the login umask
+    version = register_champion(s)
+    png_writer(cli_home / "inbox" / "ward_1" / "a.png", seed=1, size=40)
+    (cli_home / "inbox" / "ward_1" / "bad.png").write_bytes(b"not an image at all")
+    assert cli.main(["score", "--inference", "openvino", "--force-unvalidated", "--json"]) == 0
+    archive, quarantine = cli_home / "archive", cli_home / "quarantine"
+    compiled = cli_home / "models" / version / "compiled"
+    assert len(list(archive.rglob("a.png"))) == 1 and len(list(quarantine.rglob("bad.png"))) == 1
+    assert compiled.is_dir() and any(compiled.iterdir()), "the openvino conversion was not cached"
+    for root in (archive, quarantine, cli_home / "runs", compiled):
+        folders = [root, *(p for p in root.rglob("*") if p.is_dir())]
+        made = [p for p in root.rglob("*") if p.is_file() and p.suffix != ".png"]  # moved images keep theirs
+        assert {str(p): oct(_mode(p)) for p in folders} == {str(p): oct(0o750) for p in folders}
+        assert {str(p): oct(_mode(p)) for p in made} == {str(p): oct(0o640) for p in made}
+    assert list(quarantine.rglob("*.reason.txt")) and list((cli_home / "runs").rglob("plan.json"))
+    assert list(compiled.rglob("source.json"))
+
+
 def test_bcc_umask_077_makes_everything_private(loose_umask, cli_home, monkeypatch):
     monkeypatch.setenv("BCC_UMASK", "077")
     assert cli.main(["db", "upgrade"]) == 0

@@ -99,6 +99,62 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path)
     assert sorted(p for p in other.home.rglob("*")) == before
 
 
+def _foreign_home(tmp_path):
+    """Settings of a second deployment whose home lies inside this one's allowed inbox root, with a
+    database migrated without marking the home (as a test fixture, or an older version, would)."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+
+    home = tmp_path / "shared" / "site_b" / "home"
+    other = load_settings(profile="demo", overrides={"settle_seconds": 0}, env={"BCC_HOME": str(home)})
+    upgrade(other.database_url)
+    assert not other.home_marker.exists()
+    return other
+
+
+def test_a_home_set_up_by_bcc_demo_is_never_scored(make_settings, png_writer, tmp_path):
+    """``bcc demo`` marks its home: a demo home inside an allowed root is refused, its files untouched."""
+    from bcc_pipeline.cli.models import prepare_demo_home
+    from bcc_pipeline.store import dispose_engine
+
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(tmp_path / "shared"))
+    other = _foreign_home(tmp_path)
+    try:
+        png_writer(other.landing_dir / "benign" / "a.png")  # images to train on: none are generated
+        prepare_demo_home(other)
+        assert other.home_marker.is_file()
+        before = sorted(other.home.rglob("*"))
+        with pytest.raises(scoring.InboxRefused, match="contains the BCC home"):
+            scoring.discover(s, tmp_path / "shared")
+        with pytest.raises(scoring.InboxRefused, match="a folder of the BCC home"):
+            scoring.discover(s, other.landing_dir)
+        assert sorted(other.home.rglob("*")) == before
+    finally:
+        dispose_engine(other.database_url)
+
+
+def test_a_home_whose_folders_the_pipeline_created_is_never_scored(make_settings, png_writer, tmp_path):
+    """Intake creating a home's dataset store, and scoring planning a run in it, mark that home (even where
+    its database was migrated without ``bcc db upgrade``): another deployment never scores it."""
+    from bcc_pipeline.pipelines import intake_step
+    from bcc_pipeline.store import dispose_engine
+
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(tmp_path / "shared"))
+    other = _foreign_home(tmp_path)
+    try:
+        png_writer(other.landing_dir / "benign" / "a.png")
+        assert intake_step(other)["accepted"] == 1
+        stored = [p for p in other.dataset_dir.rglob("*.png")]
+        assert len(stored) == 1 and other.home_marker.is_file()
+        with pytest.raises(scoring.InboxRefused, match="contains the BCC home"):
+            scoring.discover(s, tmp_path / "shared")
+        with pytest.raises(scoring.InboxRefused, match="a folder of the BCC home"):
+            scoring.discover(s, stored[0].parent)
+        assert stored[0].is_file()
+    finally:
+        dispose_engine(other.database_url)
+
+
 def test_a_modification_time_in_the_future_is_settled_with_a_warning(make_settings, png_writer, caplog):
     """A clock that is wrong somewhere must not leave a file in the inbox forever."""
     from bcc_pipeline.images import max_file_bytes

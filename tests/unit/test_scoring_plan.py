@@ -111,3 +111,37 @@ def test_older_schema_says_to_upgrade(make_settings, sqlite_url, png_writer):
     store.upgrade(sqlite_url, "0001")
     with pytest.raises(StoreError, match="bcc db upgrade"):
         scoring.plan_shards(s, "r", 1)
+
+
+def test_planning_marks_the_home_and_sweeps_stale_temporaries(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Planning a run marks the home (``.bcc-home``) and removes the temporaries killed processes left in
+    the folders the pipeline writes (an atomic write under runs/, a conversion under models/<v>/compiled/);
+    fresh ones, foreign names and inbox files stay."""
+    import os
+
+    from bcc_pipeline import files
+
+    s = scoring_settings(make_settings, sqlite_url)
+    version = register_champion(s)
+    compiled = s.models_dir / version / "compiled"
+    stale_dir = compiled / ".bcc-tmp-openvino-0123456789abcdef.h4j5"
+    stale_dir.mkdir(parents=True)
+    (stale_dir / "model.bin").write_bytes(b"half a model")
+    stale_file = s.runs_dir / "old-run" / ".bcc-tmp-plan.json.k3j2.tmp"
+    stale_file.parent.mkdir(parents=True)
+    stale_file.write_text('{"half')
+    fresh = compiled / ".bcc-tmp-onnx-0123456789abcdef.a1b2"
+    fresh.mkdir()
+    foreign = s.runs_dir / "old-run" / "notes.bcc-tmp-kept"
+    foreign.write_text("x")
+    old = os.stat(stale_file).st_mtime - files.STALE_TEMP_SECONDS - 60
+    for p in (stale_dir / "model.bin", stale_dir, stale_file, foreign):
+        os.utime(p, (old, old))
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    assert not s.home_marker.exists()
+    assert scoring.plan_shards(s, "r1", 1)["n_files"] == 2
+    assert s.home_marker.is_file()
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert fresh.is_dir() and foreign.is_file() and len(list(s.inbox_dir.rglob("*.png"))) == 2

@@ -40,5 +40,8 @@ RUN pip install --no-cache-dir \
        fi \
     && python -c "import airflow.providers.celery.executors.celery_executor, asyncpg, cv2, bcc_pipeline.cli"
 
-# The DAGs are part of the image, so every scheduler, dag-processor and worker runs the same code.
+# The DAGs are part of the image, so every scheduler, dag-processor and worker runs the same code; the
+# plugin (the BCC pages of the api-server: plugins/bcc_plugin.py and plugins/bcc_templates/) goes to
+# Airflow's plugins folder (AIRFLOW__CORE__PLUGINS_FOLDER in docker-compose.yaml).
 COPY --chown=airflow:root dags/ /opt/airflow/dags/
+COPY --chown=airflow:root plugins/ /opt/airflow/plugins/

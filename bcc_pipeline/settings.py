@@ -268,6 +268,15 @@ class Settings:
     score_batch_size: int = setting(
         "BCC_SCORE_BATCH_SIZE", 32, "Inference batch size for scoring.", minimum=1
     )
+    score_shards: int = setting(
+        "BCC_SCORE_SHARDS",
+        1,
+        "Shards of a `bcc_score` run that does not choose (the scheduled nightly run): one scoring "
+        "task per shard, spread over the Celery workers; set it to the number of workers. Read "
+        "when the DAG file is parsed.",
+        minimum=1,
+        maximum=64,
+    )
     settle_seconds: float = setting(
         "BCC_SETTLE_SECONDS",
         2.0,

@@ -14,6 +14,25 @@ if _HERE not in sys.path:  # Airflow's bundle parsing adds it; a bare DagBag or 
 
 import bcc_common  # noqa: E402 - the shared glue beside this file (light: airflow.sdk and the stdlib)
 
+MAX_SHARDS = 64  # the `shards` param's maximum, and BCC_SCORE_SHARDS's (bcc_pipeline/settings.py)
+
+
+def default_shards() -> int:
+    """``BCC_SCORE_SHARDS``, the default of the `shards` param: what the scheduled (nightly) run uses.
+    Read from the environment when the file is parsed (bcc_pipeline/settings.py declares the setting;
+    this file may not import bcc_pipeline at parse time). A value that is not a whole number from 1 to
+    64 fails the parse with one line, an import error in the UI, instead of quietly scoring with one
+    shard."""
+    raw = os.environ.get("BCC_SCORE_SHARDS", "").strip() or "1"
+    try:
+        shards = int(raw)
+    except ValueError:
+        shards = 0
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"BCC_SCORE_SHARDS must be a whole number from 1 to {MAX_SHARDS}, got {raw!r}")
+    return shards
+
+
 DOC = """
 ### BCC batch scoring
 
@@ -31,7 +50,8 @@ ones to `quarantine/<run>/` with a reason file beside each.
 * **finalize** writes the run's counts to `scoring_runs` and returns the summary.
 
 Query the results: `bcc predictions`, or the `latest_predictions` view in SQL.
-Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
+Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly). The scheduled run
+uses `BCC_SCORE_SHARDS` shards (default 1): set it to the number of Celery workers.
 """
 
 
@@ -49,12 +69,13 @@ Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly).
             None, type=["null", "string"], title="Inbox folder", description="Leave empty for $BCC_HOME/inbox"
         ),
         "shards": Param(
-            1,
+            default_shards(),
             type="integer",
             minimum=1,
-            maximum=64,
+            maximum=MAX_SHARDS,
             title="Shards",
-            description="Split the inbox into this many parallel scoring tasks",
+            description="Split the inbox into this many parallel scoring tasks; the default is "
+            "BCC_SCORE_SHARDS (1), set to the number of Celery workers",
         ),
         "batch_size": Param(
             None,

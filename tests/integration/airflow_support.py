@@ -6,9 +6,11 @@ run on loopback."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -125,10 +127,50 @@ def register_tiny_champion(
 # -- Airflow services as real processes on loopback ---------------------------------------------------
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def api_server_args(port: int) -> list[str]:
+    """`airflow api-server` on loopback only (``[api] host`` defaults to 0.0.0.0: every interface)."""
+    return ["api-server", "--host", LOOPBACK, "--port", str(port)]
+
+
+#: `airflow scheduler` without its task-log server. With the LocalExecutor the scheduler would serve task
+#: logs on every interface (airflow/utils/serve_logs binds host "", and no setting changes that); the
+#: api-server of a test reads the task logs from the shared AIRFLOW_HOME instead. (The CeleryExecutor
+#: starts no log server in the scheduler; the Celery workers get --skip-serve-logs.)
+SCHEDULER_ARGS = ["scheduler", "--skip-serve-logs"]
+
+
+def _listening_sockets() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every TCP socket listening in this network namespace."""
+    found: dict[int, tuple[str, int]] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(addr_hex)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found[int(fields[9])] = (str(ipaddress.ip_address(raw)), int(port_hex, 16))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def rest(method: str, url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
@@ -205,6 +247,35 @@ class Services:
         self.signal(name, signal.SIGKILL)
         self.procs[name].wait(timeout=30)
 
+    def listening(self) -> list[tuple[str, str, int]]:
+        """(service, address, port) of every TCP socket a process of a service listens on."""
+        sockets = _listening_sockets()
+        found = set()
+        for name in self.procs:
+            for pid in self.session(name):
+                try:
+                    fds = os.listdir(f"/proc/{pid}/fd")
+                except OSError:
+                    continue
+                for fd in fds:
+                    try:
+                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    except OSError:
+                        continue
+                    if target.startswith("socket:[") and int(target[8:-1]) in sockets:
+                        found.add((name, *sockets[int(target[8:-1])]))
+        return sorted(found)
+
+    def assert_loopback_only(self, expected: Mapping[str, int]) -> list[tuple[str, str, int]]:
+        """Every socket the services listen on is on loopback, and ``expected`` (service -> port, e.g.
+        the api-server's) is among them, so the check sees the sockets it judges."""
+        found = self.listening()
+        for name, port in expected.items():
+            assert any(s == name and p == port for s, _a, p in found), (name, port, found)
+        wide = [f for f in found if not is_loopback(f[1])]
+        assert not wide, f"services listening beyond loopback: {wide}"
+        return found
+
     def all_logs(self, n: int = 4000) -> str:
         return "\n".join(f"--- {name} ---\n{tail(path, n)}" for name, path in self.logs.items())
 
@@ -269,7 +340,8 @@ def worker_hostname_from_env() -> str:
 
 # -- docker-compose.yaml's Airflow settings, run on loopback ----------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPERATORS = (":-", ":?", ":+", "-", "?", "+")
 
 
 def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
@@ -278,22 +350,70 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def _closing_brace(text: str, start: int) -> int:
+    """Index of the ``}`` closing the ``${`` at ``start`` (nested ``${...}`` counted), -1 if none."""
+    depth, i = 0, start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def _braced(inner: str, variables: Mapping[str, str]) -> str:
+    m = _NAME.match(inner)
+    if not m:
+        raise ValueError(f"invalid interpolation ${{{inner}}}")
+    name, rest = m.group(), inner[m.end() :]
+    value = variables.get(name)
+    if not rest:
+        return value or ""
+    op = next((o for o in _OPERATORS if rest.startswith(o)), None)
+    if op is None:
+        raise ValueError(f"invalid interpolation ${{{inner}}}")
+    # the argument is interpolated first, whether it is used or not, as compose-go does: a required
+    # variable inside a default is required even when the outer variable is set
+    arg = interpolate(rest[len(op) :], variables)
+    present = value is not None and (value != "" or not op.startswith(":"))
+    if op.endswith("-"):
+        return value if present else arg
+    if op.endswith("?"):
+        if not present:
+            raise KeyError(f"{name} is required: {arg}")
+        return value
+    return arg if present else ""  # :+ and +
+
+
 def interpolate(value: str, variables: Mapping[str, str]) -> str:
-    """Compose's variable syntax: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}
-    and $$ for a literal $."""
-
-    def one(m: re.Match) -> str:
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        val = variables.get(name)
-        if op in (":-", ":?") and not val:
-            val = None
-        if val is None:
-            if op and op.endswith("?"):
-                raise KeyError(f"{name} is required: {arg}")
-            return arg if op else ""
-        return val
-
-    return _VAR.sub(one, value.replace("$$", "\0")).replace("\0", "$")
+    """Compose's variable syntax: ${VAR}, $VAR, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
+    ${VAR?error}, ${VAR:+alt}, ${VAR+alt}, nested (``${A:-${B}}``), and $$ for a literal $. An unset
+    variable without a default is empty (compose warns)."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] != "$":
+            out.append(value[i])
+            i += 1
+        elif value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("${", i):
+            end = _closing_brace(value, i)
+            if end < 0:
+                raise ValueError(f"unclosed ${{ in {value!r}")
+            out.append(_braced(value[i + 2 : end], variables))
+            i = end + 1
+        elif m := _NAME.match(value, i + 1):
+            out.append(variables.get(m.group()) or "")
+            i = m.end()
+        else:  # a $ that starts no variable stays as it is
+            out.append("$")
+            i += 1
+    return "".join(out)
 
 
 def compose_common_env(compose: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -325,6 +445,109 @@ def compose_env_on_loopback(
     if leftovers:
         raise AssertionError(f"container names or paths left in the settings for loopback: {leftovers}")
     return env
+
+
+# -- the native Celery test's environment: the compose settings plus named test-only ones ---------
+
+#: What the native Celery test (test_celery_scaleout.py) adds to docker-compose.yaml's x-airflow-common
+#: settings, key -> why. Nothing else: test_compose.py checks that the test's environment holds exactly
+#: the compose settings (used as they are, hosts and paths swapped for loopback) plus these, and none of
+#: these may be a compose setting.
+NATIVE_ONLY_SETTINGS: dict[str, str] = {
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO, Airflow's default, set for every test by airflow_env",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": (
+        "20: a killed worker's task is noticed after 20 s instead of 300 s"
+    ),
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2: and looked for every 2 s",
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5: the DAG folder is re-listed every 5 s",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": (
+        "127.0.0.1: the health server on loopback (default 0.0.0.0; in a container that is the "
+        "container's own network, where the healthcheck's curl reaches it)"
+    ),
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": "a free port (8974 may be taken on this machine)",
+    "BCC_SETTLE_SECONDS": "0: the test's images are complete when written, score them at once",
+    "BCC_INBOX_ROOTS": "$BCC_HOME/inbox and $BCC_HOME/drops: the REST-triggered runs score drops/<key>",
+}
+#: What each native Celery worker adds on top (one machine, two workers), key -> why.
+NATIVE_WORKER_ONLY_SETTINGS: dict[str, str] = {
+    "AIRFLOW__CORE__HOSTNAME_CALLABLE": (
+        "worker_hostname_from_env: each worker records its own name as the task instances' hostname "
+        "(in the stack every worker is a container with its own hostname)"
+    ),
+    "BCC_TEST_WORKER_HOSTNAME": "the name that callable returns",
+}
+_NATIVE_FIXED = {
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": LOOPBACK,
+    "BCC_SETTLE_SECONDS": "0",
+}
+
+
+def celery_stack_env(
+    tmp_path: Path, *, meta_url: str, bcc_url: str, redis_url: str, api_port: int
+) -> dict[str, str]:
+    """The environment of every process of the native Celery test: docker-compose.yaml's
+    x-airflow-common settings with `.env`'s variables filled in (fresh secrets), hosts, ports and
+    paths swapped for loopback and ``tmp_path``, plus :data:`NATIVE_ONLY_SETTINGS`. The Celery
+    workers add :func:`celery_worker_env`."""
+    from cryptography.fernet import Fernet
+    from sqlalchemy.engine import make_url
+
+    meta, bcc, broker = make_url(meta_url), make_url(bcc_url), make_url(redis_url)
+    af_home = tmp_path / "airflow"
+    variables = {
+        # what .env provides in the compose stack (trust auth on the test server ignores passwords)
+        "POSTGRES_USER": meta.username,
+        "POSTGRES_PASSWORD": meta.password or "unused-trust-auth",
+        "AIRFLOW_DB_NAME": meta.database,
+        "BCC_DB_HOST": bcc.host,
+        "BCC_DB_PORT": str(bcc.port or 5432),
+        "BCC_DB_NAME": bcc.database,
+        "BCC_DB_USER": bcc.username,
+        "BCC_DB_PASSWORD": bcc.password or "unused-trust-auth",
+        "REDIS_PASSWORD": broker.password or "",
+        "REDIS_DB": str(broker.database or 0),
+        "AIRFLOW_WORKER_CONCURRENCY": "1",
+        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW_API_SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW_ADMIN_USER": "admin",
+    }
+    stack = compose_env_on_loopback(
+        variables,
+        hosts={
+            "@postgres:5432/": f"@{meta.host}:{meta.port or 5432}/",
+            "@redis:6379/": f"@{broker.host}:{broker.port or 6379}/",
+            "http://airflow-apiserver:8080/": f"http://{LOOPBACK}:{api_port}/",
+        },
+        paths={
+            "/opt/airflow/dags": str(DAGS),
+            "/opt/airflow/plugins": str(REPO / "plugins"),
+            "/opt/airflow/config": str(af_home),
+            "/opt/bcc": str(tmp_path / "bcc"),
+        },
+    )
+    clash = (set(NATIVE_ONLY_SETTINGS) | set(NATIVE_WORKER_ONLY_SETTINGS)) & set(stack)
+    assert not clash, f"the native test may not override compose settings: {clash}"
+    env = airflow_env(af_home, metadata_url=None, bcc={})
+    env.update(stack)
+    env.update(_NATIVE_FIXED)
+    env["BCC_INBOX_ROOTS"] = os.pathsep.join(str(tmp_path / "bcc" / f) for f in ("inbox", "drops"))
+    env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"] = str(free_port())
+    return env
+
+
+def celery_worker_env(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """One of several Celery workers on one machine (:data:`NATIVE_WORKER_ONLY_SETTINGS`): each records
+    its own name as the task instances' hostname. Task logs are read from the shared AIRFLOW_HOME, so
+    the workers do not serve them (``--skip-serve-logs``; one port each otherwise)."""
+    return {
+        **env,
+        "BCC_TEST_WORKER_HOSTNAME": name,
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.integration.airflow_support.worker_hostname_from_env",
+    }
 
 
 def evaluate_version(

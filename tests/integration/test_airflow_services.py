@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy import func, select
 
 from .airflow_support import (
+    SCHEDULER_ARGS,
     Services,
     airflow_env,
+    api_server_args,
     free_port,
     jwt_token,
     migrate,
@@ -72,8 +74,8 @@ def test_score_dag_via_rest_api_on_real_services(tmp_path):
 
     services = Services(tmp_path)
     try:
-        services.start("api-server", ["api-server", "--port", str(port)], env)
-        services.start("scheduler", ["scheduler"], env)
+        services.start("api-server", api_server_args(port), env)
+        services.start("scheduler", SCHEDULER_ARGS, env)
         services.start("dag-processor", ["dag-processor"], env)
         services.wait_for(
             lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server"
@@ -100,6 +102,7 @@ def test_score_dag_via_rest_api_on_real_services(tmp_path):
             return run_state(base, token, "bcc_score", run_id)
 
         assert services.wait_for(finished, 400, f"run {run_id}") == "success", services.all_logs()
+        services.assert_loopback_only({"api-server": port})  # no service listens beyond loopback
         rows, distinct = _predictions(bcc_url)
         assert (
             rows == distinct == n

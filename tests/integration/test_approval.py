@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from .airflow_support import (
+    SCHEDULER_ARGS,
     Services,
     airflow_env,
+    api_server_args,
     free_port,
     jwt_token,
     migrate,
@@ -139,8 +141,8 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
 
     services = Services(tmp_path)
     try:
-        services.start("api-server", ["api-server", "--port", str(port)], env)
-        services.start("scheduler", ["scheduler"], env)
+        services.start("api-server", api_server_args(port), env)
+        services.start("scheduler", SCHEDULER_ARGS, env)
         services.start("dag-processor", ["dag-processor"], env)
         services.wait_for(
             lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 180, "the api-server"
@@ -234,6 +236,7 @@ def test_approval_through_the_rest_api_publishes_or_keeps_the_champion(tmp_path)
         from bcc_pipeline.store import session_scope
 
         states = run("approve_1", "v-approve", "Approve", "holdout intervals look fine")
+        services.assert_loopback_only({"api-server": port})  # no service listens beyond loopback
         assert states["publish_champion"] == "success" and states["record_decision"] == "success", states
         with session_scope(bcc_url) as s:
             assert registry.get_champion(s).version == "v-approve"

@@ -26,10 +26,11 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
 from .airflow_support import (
+    SCHEDULER_ARGS,
     Services,
-    airflow_env,
-    compose_common_env,
-    compose_env_on_loopback,
+    api_server_args,
+    celery_stack_env,
+    celery_worker_env,
     free_port,
     jwt_token,
     migrate,
@@ -48,16 +49,6 @@ DAG = "bcc_score"
 SHARDS = 4
 IMAGES_PER_CLASS = 32  # 64 images per inbox
 WORKERS = ("bcc-worker-1", "bcc-worker-2")
-# Only what a test on one machine needs on top of docker-compose.yaml's settings (none of these
-# may be a compose setting: the compose values are used as they are): a killed worker's task is
-# noticed after 20 s instead of 5 minutes, the DAG folder is re-listed often, and the scheduler's
-# health port is a free one.
-TEST_ONLY = {
-    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
-    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
-    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-    "BCC_SETTLE_SECONDS": "0",
-}
 
 
 @pytest.fixture
@@ -95,64 +86,6 @@ def pg_databases(pg_server: str):
     yield meta_url, bcc_url
     drop_bcc()
     drop_meta()
-
-
-def _stack_env(tmp_path: Path, meta_url: str, bcc_url: str, redis_url: str, port: int) -> dict[str, str]:
-    from cryptography.fernet import Fernet
-    from sqlalchemy.engine import make_url
-
-    meta, bcc, broker = make_url(meta_url), make_url(bcc_url), make_url(redis_url)
-    af_home = tmp_path / "airflow"
-    variables = {
-        # what .env provides in the compose stack (trust auth on the test server ignores passwords)
-        "POSTGRES_USER": meta.username,
-        "POSTGRES_PASSWORD": meta.password or "unused-trust-auth",
-        "AIRFLOW_DB_NAME": meta.database,
-        "BCC_DB_HOST": bcc.host,
-        "BCC_DB_PORT": str(bcc.port or 5432),
-        "BCC_DB_NAME": bcc.database,
-        "BCC_DB_USER": bcc.username,
-        "BCC_DB_PASSWORD": bcc.password or "unused-trust-auth",
-        "REDIS_DB": str(broker.database or 0),
-        "AIRFLOW_WORKER_CONCURRENCY": "1",
-        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(),
-        "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW_API_SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW_ADMIN_USER": "admin",
-    }
-    stack = compose_env_on_loopback(
-        variables,
-        hosts={
-            "@postgres:5432/": f"@{meta.host}:{meta.port or 5432}/",
-            "redis://redis:6379/": f"redis://{broker.host}:{broker.port or 6379}/",
-            "http://airflow-apiserver:8080/": f"http://127.0.0.1:{port}/",
-        },
-        paths={
-            "/opt/airflow/dags": str(Path(__file__).resolve().parents[2] / "dags"),
-            "/opt/airflow/config": str(af_home),
-            "/opt/bcc": str(tmp_path / "bcc"),
-        },
-    )
-    clash = set(TEST_ONLY) & set(compose_common_env())
-    assert not clash, f"the test may not override compose settings: {clash}"
-    env = airflow_env(af_home, metadata_url=None, bcc={})
-    env.update(stack)
-    env.update(TEST_ONLY)
-    # the manual runs score drops/<key> beside the inbox: allowed inbox roots (not a compose setting)
-    env["BCC_INBOX_ROOTS"] = os.pathsep.join(str(tmp_path / "bcc" / f) for f in ("inbox", "drops"))
-    env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"] = str(free_port())
-    return env
-
-
-def _worker_env(env: dict[str, str], name: str) -> dict[str, str]:
-    """Two workers on one machine: each records its own name as the task instances' hostname (in
-    the compose stack each worker is a container with its own hostname). Task logs are read from
-    the shared AIRFLOW_HOME, so the workers do not serve them (one port each otherwise)."""
-    return {
-        **env,
-        "BCC_TEST_WORKER_HOSTNAME": name,
-        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.integration.airflow_support.worker_hostname_from_env",
-    }
 
 
 def _ledger(bcc_url: str, run_id: str) -> dict[str, int]:
@@ -214,7 +147,8 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
     meta_url, bcc_url = pg_databases
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = _stack_env(tmp_path, meta_url, bcc_url, redis_db, port)
+    # docker-compose.yaml's settings on loopback, plus the named test-only ones (test_compose.py checks)
+    env = celery_stack_env(tmp_path, meta_url=meta_url, bcc_url=bcc_url, redis_url=redis_db, api_port=port)
     home = Path(env["BCC_HOME"])
     af_home = Path(env["AIRFLOW_HOME"])
     password = secrets.token_urlsafe(12)
@@ -234,15 +168,15 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
 
     services = Services(tmp_path)
     try:
-        services.start("api-server", ["api-server", "--port", str(port)], env)
-        services.start("scheduler", ["scheduler"], env)
+        services.start("api-server", api_server_args(port), env)
+        services.start("scheduler", SCHEDULER_ARGS, env)
         services.start("dag-processor", ["dag-processor"], env)
         for name in WORKERS:  # one after the other: the first creates Celery's result tables (a race
             # between two first-time workers kills one; in the compose stack `restart: always` covers it)
             services.start(
                 name,
                 ["celery", "worker", "-H", f"{name}@localhost", "--skip-serve-logs"],
-                _worker_env(env, name),
+                celery_worker_env(env, name),
             )
             services.wait_for(
                 lambda name=name: "ready." in tail(services.logs[name], 100_000),
@@ -287,6 +221,10 @@ def test_celery_workers_share_the_shards_and_survive_a_killed_worker(tmp_path, r
             (t["map_index"], t["hostname"]) for t in shards
         ]
         _assert_scored_once(bcc_url, home, inboxes["spread"], run1, shas["spread"])
+        # every process of the stack listens on loopback only: the api-server, the scheduler's health
+        # server, nothing else on another interface
+        health_port = int(env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"])
+        services.assert_loopback_only({"api-server": port, "scheduler": health_port})
 
         # 2. SIGKILL one worker while it runs a shard; Airflow retries it on the other worker
         run2 = trigger("kill", batch_size=1)

@@ -103,6 +103,39 @@ def test_schedules_are_configurable(tmp_path):
     assert out == {"bcc_retrain": "0 5 * * 1", "bcc_score": "30 1 * * *"}
 
 
+def test_the_nightly_run_shards_follow_bcc_score_shards(tmp_path):
+    """The scheduled run has no conf, so it runs with the `shards` param's default: BCC_SCORE_SHARDS,
+    read when the file is parsed, with the bounds of the declared setting; a bad value is an import
+    error naming the variable, never a silent 1."""
+    code = (
+        "import json, os\n"
+        "from airflow.dag_processing.dagbag import BundleDagBag\n"
+        "out = {}\n"
+        "for value in (None, '4', ' 12 ', '0', '65', 'four'):\n"
+        "    os.environ.pop('BCC_SCORE_SHARDS', None)\n"
+        "    if value is not None:\n"
+        "        os.environ['BCC_SCORE_SHARDS'] = value\n"
+        f"    bag = BundleDagBag(dag_folder={str(DAGS)!r}, bundle_path={str(DAGS)!r}, bundle_name='dags-folder')\n"
+        "    dag = bag.dags.get('bcc_score')\n"
+        "    p = dag.params.get_param('shards') if dag else None\n"
+        "    out[str(value)] = {'default': p.value if p else None, 'max': p.schema.get('maximum') if p else None,\n"
+        "        'errors': [str(e)[-300:] for e in bag.import_errors.values()]}\n"
+        "print(json.dumps(out))\n"
+    )
+    out = json.loads(_python(code, {}, tmp_path))
+    from bcc_pipeline.config import SETTINGS
+
+    spec = SETTINGS["score_shards"]
+    assert out["None"] == {"default": spec.default, "max": spec.maximum, "errors": []}
+    assert out["4"]["default"] == 4 and out["4"]["errors"] == []
+    assert out[" 12 "]["default"] == 12
+    for bad in ("0", "65", "four"):
+        assert out[bad]["default"] is None, bad  # the DAG is not loaded with some other value
+        assert any("BCC_SCORE_SHARDS must be a whole number from 1 to 64" in e for e in out[bad]["errors"]), (
+            out[bad]
+        )
+
+
 def test_airflow_records_no_import_errors(tmp_path):
     """The DAG files import bcc_common at parse time. Parsed by Airflow itself (`dags reserialize`
     parses the bundle as the DAG processor does and records import errors in the metadata database,

@@ -21,6 +21,7 @@ import pytest
 from .airflow_support import (
     Services,
     airflow_env,
+    api_server_args,
     evaluate_version,
     free_port,
     jwt_token,
@@ -185,10 +186,11 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
     services = Services(tmp_path)
     driver = None
     try:
-        services.start("api-server", ["api-server", "--port", str(port)], env)
+        services.start("api-server", api_server_args(port), env)
         services.wait_for(
             lambda: rest("GET", f"{base}/api/v2/monitor/health")[0] == 200, 240, "the api-server"
         )
+        services.assert_loopback_only({"api-server": port})  # the api-server listens on loopback only
         # the plugin is loaded and every route of it is behind login (what `curl` without a token gets)
         token = jwt_token(base, "admin", "test-pass")
         status, rows = rest("GET", f"{base}/bcc/api/predictions?limit=1", token)

@@ -110,7 +110,11 @@ def get_engine(url: str) -> Engine:
     try:
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, pool_pre_ping=True, future=True, json_serializer=json_text)
+        # hide_parameters: an error or a log line shows a statement's SQL, never its values (file paths
+        # that may name a patient, a path filter typed in the UI)
+        engine = create_engine(
+            url, pool_pre_ping=True, future=True, json_serializer=json_text, hide_parameters=True
+        )
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
     if engine.dialect.name == "sqlite":

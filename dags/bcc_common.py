@@ -9,17 +9,15 @@ DAG processor, the task runner and the ``airflow dags`` commands that name a bun
 without ``--bundle-name``) does not. This module imports nothing heavy: ``bcc_pipeline`` is imported
 inside the functions, at run time.
 
-Which database a task uses (the project database, never Airflow's metadata database):
-1. ``BCC_DATABASE_URL`` when it is set (it wins: one variable overrides everything, as in the CLI);
-2. otherwise the Airflow connection ``bcc_db`` (e.g. ``AIRFLOW_CONN_BCC_DB=postgresql://...``);
-3. otherwise the embedded default, SQLite at ``$BCC_HOME/bcc.db``.
+Which database a task uses (the project database, never Airflow's metadata database): the rule of
+:mod:`bcc_pipeline.airflow_db` (``BCC_DATABASE_URL``, else the Airflow connection ``bcc_db``, else SQLite
+in ``BCC_HOME``), the same the UI plugin follows.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -42,64 +40,24 @@ DEFAULT_ARGS: dict[str, Any] = {
 SETTING_PARAMS = ("profile", "epochs", "require_approval")
 
 BCC_DB_CONN_ID = "bcc_db"
-LIBPQ_OPTIONS = frozenset(
-    {
-        "sslmode",
-        "sslrootcert",
-        "sslcert",
-        "sslkey",
-        "connect_timeout",
-        "application_name",
-        "options",
-        "target_session_attrs",
-        "keepalives",
-        "keepalives_idle",
-    }
-)
 XCOM_LIST_LIMIT = 20
 
 
-def _url_from_connection(conn_id: str = BCC_DB_CONN_ID) -> str | None:
-    """SQLAlchemy URL from the Airflow connection, or None when there is no such connection."""
+def _task_connection(conn_id: str) -> Any:
+    """The Airflow connection as a task reads it (Task SDK), or None when there is no such connection."""
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
-        conn = BaseHook.get_connection(conn_id)
+        return BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
         return None
-    extra = dict(conn.extra_dejson or {})
-    if extra.get("sqlalchemy_url"):
-        return str(extra["sqlalchemy_url"])
-    # URL query parameters: `sqlalchemy_query` (as Airflow's own hooks read it), else the libpq
-    # options people put in extras; anything else in extra (UI fields...) stays out of the URL.
-    query = extra.get("sqlalchemy_query")
-    if not isinstance(query, dict):
-        query = {k: v for k, v in extra.items() if k in LIBPQ_OPTIONS}
-    from sqlalchemy.engine import URL
-
-    kind = (conn.conn_type or "").lower()
-    if kind in ("postgres", "postgresql"):
-        # get_uri() would give postgres://, which SQLAlchemy 2 refuses; build the URL instead
-        return URL.create(
-            "postgresql+psycopg2",
-            username=conn.login or None,
-            password=conn.password or None,
-            host=conn.host or None,
-            port=conn.port or None,
-            database=conn.schema or None,
-            query={k: str(v) for k, v in query.items()},
-        ).render_as_string(hide_password=False)
-    if kind == "sqlite":
-        return f"sqlite:///{conn.host or conn.schema}"
-    raise ValueError(
-        f"connection {conn_id!r} has type {conn.conn_type!r}; use postgres or sqlite "
-        "(or put a full URL in its extra as sqlalchemy_url)"
-    )
 
 
 def database_url() -> str | None:
-    return os.environ.get("BCC_DATABASE_URL") or _url_from_connection()
+    from bcc_pipeline.airflow_db import database_url as resolve
+
+    return resolve(_task_connection, BCC_DB_CONN_ID)
 
 
 def settings(**overrides: Any):

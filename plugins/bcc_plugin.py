@@ -98,8 +98,25 @@ templates = Jinja2Templates(directory=str(Path(__file__).with_name("bcc_template
 
 
 def bcc_settings() -> Settings:
-    """The project's settings, read from the environment on each request (BCC_HOME, BCC_DATABASE_URL)."""
-    return load_settings()
+    """The project's settings, read from the environment on each request (BCC_HOME, ...), with the database
+    the DAGs' tasks use: ``BCC_DATABASE_URL``, else the Airflow connection ``bcc_db``, else SQLite in
+    ``BCC_HOME`` (:func:`bcc_pipeline.airflow_db.database_url`)."""
+    from bcc_pipeline.airflow_db import database_url
+
+    url = database_url(_server_connection)
+    return load_settings(overrides={"database_url": url} if url else None)
+
+
+def _server_connection(conn_id: str) -> Any:
+    """The Airflow connection ``conn_id`` as the api-server reads it (secrets backends, environment
+    variables, then the metadata database); None when there is none."""
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.models.connection import Connection
+
+    try:
+        return Connection.get_connection_from_secrets(conn_id)
+    except AirflowNotFoundException:
+        return None
 
 
 SettingsDep = Annotated[Settings, Depends(bcc_settings)]
@@ -130,7 +147,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         # A browser without a (valid) session: to the Airflow login page, and back here afterwards.
         # ``next`` is relative: the login page only follows a same-origin target, and a Host header
         # cannot point it elsewhere.
-        back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # The path filter (which may name a patient) is left out: the login page's own access log would
+        # show it, and the bookmark comes back without it.
+        query = urlencode([(k, v) for k, v in parse_qsl(request.url.query) if k not in MASKED_QUERY_KEYS])
+        back = request.url.path + (f"?{query}" if query else "")
         return RedirectResponse(get_auth_manager().get_url_login(next_url=back), status_code=303)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
@@ -277,6 +297,29 @@ def models_page(request: Request, user: GetUserDep, s: SettingsDep) -> Response:
     return _page(request, "models.html", user, page_name="models", models=models, promotions=promotion_log(s))
 
 
+@bcc_app.get("/models/{version}", response_class=Response)
+def version_page(request: Request, user: GetUserDep, s: SettingsDep, version: str) -> Response:
+    """One model version: its holdout metrics with intervals, plots, the decisions about it and its model
+    card (where a prediction row's model link leads)."""
+    detail = _version_detail(s, version)
+    return _page(request, "version.html", user, page_name="models", **detail)
+
+
+def _version_detail(s: Settings, version: str) -> dict[str, Any]:
+    m = next((m for m in model_versions(s) if m["version"] == version), None)
+    if m is None:
+        raise HTTPException(status_code=404, detail="no such model version")
+    card, card_error = None, None
+    try:
+        from bcc_pipeline import model_card
+
+        card = model_card.render(s, version)
+    except (BCCError, OSError, KeyError, TypeError, ValueError) as exc:  # an old or partial version
+        card_error = f"{type(exc).__name__}: {exc}"
+    decisions = [p for p in promotion_log(s) if version in (p["candidate_version"], p["to_version"])]
+    return {"m": m, "decisions": decisions, "card": card, "card_error": card_error}
+
+
 @bcc_app.get("/runs", response_class=Response)
 def runs_page(
     request: Request,
@@ -407,7 +450,16 @@ def api_models(s: SettingsDep) -> dict[str, Any]:
     models = model_versions(s, champion_first=True)
     for m in models:
         m["plot_urls"] = [f"{URL_PREFIX}/models/{m['version']}/plots/{p}" for p in m["plots"]]
+        m["url"] = f"{URL_PREFIX}/models/{m['version']}"
     return {"models": models, "promotions": promotion_log(s)}
+
+
+@bcc_app.get("/api/models/{version}")
+def api_version(s: SettingsDep, version: str) -> dict[str, Any]:
+    """One model version (as in ``/api/models``), the decisions about it and its model card (markdown)."""
+    d = _version_detail(s, version)
+    d["m"]["plot_urls"] = [f"{URL_PREFIX}/models/{version}/plots/{p}" for p in d["m"]["plots"]]
+    return {"model": d["m"], "decisions": d["decisions"], "model_card": d["card"]}
 
 
 @bcc_app.get("/api/runs")

@@ -13,6 +13,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,6 +185,7 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
     downloads = tmp_path / "downloads"
     shots.mkdir()
     downloads.mkdir()
+    print(f"\nscreenshots: {shots}")
     services = Services(tmp_path)
     driver = None
     try:
@@ -203,6 +206,17 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         assert status == 200 and any(p["name"] == "bcc" and p["external_views"] for p in plugins["plugins"])
         status, api_models = rest("GET", f"{base}/bcc/api/models", token)
         assert status == 200 and api_models["models"][0]["version"] == facts["v2"]
+        # with a token from /auth/token, the JSON is what `bcc predictions --format json` prints
+        cli = subprocess.run(
+            [str(Path(sys.executable).with_name("bcc")), "predictions", "--format", "json"],
+            env={k: v for k, v in os.environ.items() if not k.startswith("BCC_")} | bcc_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        status, served = rest("GET", f"{base}/bcc/api/predictions", token)
+        assert status == 200 and served == json.loads(cli.stdout) and len(served) == 10
 
         driver = _chrome(tmp_path, downloads)
         wait = WebDriverWait(driver, 90)
@@ -234,7 +248,20 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         probs = [float(r.find_element(By.CSS_SELECTOR, "td.num strong").text) for r in rows]
         assert probs == sorted(probs, reverse=True)
         assert "6 predictions" in driver.page_source
+        assert all("frozen holdout (95% intervals): sensitivity" in r.text for r in rows)
         _shot(driver, shots, "03-predictions-filtered")
+
+        # what did the model say about this image, with which model, how good is it: one click
+        first_file = rows[0].find_element(By.CSS_SELECTOR, "td strong").text
+        rows[0].find_element(By.LINK_TEXT, facts["v2"]).click()
+        wait.until(ec.url_contains(f"/bcc/models/{facts['v2']}"))
+        main = driver.find_element(By.TAG_NAME, "main").text
+        assert "Frozen holdout, 95% intervals: sensitivity" in main and "champion" in main
+        assert f"Model card: {facts['v2']}" in main and "passed the quality gate" in main
+        _shot(driver, shots, "04-model-of-a-prediction")
+        driver.back()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table tbody tr")))
+        assert first_file in driver.find_element(By.CSS_SELECTOR, "table tbody tr").text
 
         # the CSV of the filtered set
         driver.find_element(By.PARTIAL_LINK_TEXT, "Download CSV").click()
@@ -263,27 +290,37 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         plots = f"#v-{facts['v2']} .plots img"
         wait.until(lambda d: len(_loaded(d, plots)) == 4 and all(w > 100 for w in _loaded(d, plots)))
         assert "passed the quality gate" in driver.page_source
-        _shot(driver, shots, "04-models")
+        _shot(driver, shots, "05-models")
 
         driver.find_element(By.LINK_TEXT, "Scoring runs").click()
         wait.until(ec.presence_of_element_located((By.ID, "rejections")))
         assert "scan_export.png" in driver.page_source
-        _shot(driver, shots, "05-runs")
+        _shot(driver, shots, "06-runs")
         driver.find_element(By.LINK_TEXT, "Inbox").click()
         wait.until(ec.presence_of_element_located((By.TAG_NAME, "h1")))
         text = driver.find_element(By.TAG_NAME, "main").text
         assert (
             "1 waiting to be scored" in text and "1 still being written" in text and "scan_export.png" in text
         )
-        _shot(driver, shots, "06-inbox")
+        _shot(driver, shots, "07-inbox")
 
         # the Airflow UI's own navigation lists the BCC entry, which shows the pages inside Airflow
         driver.get(f"{base}/plugin/bcc")
         wait.until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
         time.sleep(3)
-        _shot(driver, shots, "07-inside-airflow", full=False)
+        _shot(driver, shots, "08-inside-airflow", full=False)
         assert "BCC" in driver.find_element(By.TAG_NAME, "body").text
-        print(f"\nscreenshots: {shots}")
+        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table tbody tr")))
+        assert "signed in as admin" in driver.find_element(By.TAG_NAME, "header").text
+        driver.switch_to.default_content()
+    except BaseException:
+        if driver is not None:  # what the browser showed when it failed
+            try:
+                _shot(driver, shots, "99-failure", full=False)
+            except Exception:  # noqa: BLE001 - the failure itself is what matters
+                pass
+        raise
     finally:
         if driver is not None:
             driver.quit()

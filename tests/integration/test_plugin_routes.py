@@ -35,11 +35,12 @@ if "airflow" not in sys.modules:
         }
     )
 
-PAGES = ["/bcc/", "/bcc/predictions", "/bcc/models", "/bcc/runs", "/bcc/inbox"]
+PAGES = ["/bcc/", "/bcc/predictions", "/bcc/models", "/bcc/runs", "/bcc/inbox", "/bcc/models/{version}"]
 FILES = [
     "/bcc/predictions.csv",
     "/bcc/api/predictions",
     "/bcc/api/models",
+    "/bcc/api/models/{version}",
     "/bcc/api/runs",
     "/bcc/api/inbox",
     "/bcc/images/{sha}",
@@ -128,7 +129,7 @@ def _rows(site, query: str = "") -> list[dict]:
 def test_every_route_refuses_without_a_valid_token(site):
     c = site["client"]
     sha = _rows(site)[0]["sha256"]
-    routes = PAGES + [u.format(sha=sha, version=site["versions"][1]) for u in FILES]
+    routes = [u.format(sha=sha, version=site["versions"][1]) for u in PAGES + FILES]
     routes += [
         "/bcc/predictions?since=not-a-date",
         "/bcc/api/predictions?label=maybe",
@@ -150,6 +151,12 @@ def test_every_route_refuses_without_a_valid_token(site):
     r = c.get("/bcc/predictions?label=benign", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303
     assert r.headers["location"] == "/auth/login?next=%2Fbcc%2Fpredictions%3Flabel%3Dbenign"
+    # ... without the path filter, which may name a patient (the login page's access log would show it)
+    r = c.get(
+        "/bcc/predictions?path=ward_9&label=benign", headers={"Accept": "text/html"}, follow_redirects=False
+    )
+    assert r.status_code == 303 and "ward" not in r.headers["location"]
+    assert r.headers["location"] == "/auth/login?next=%2Fbcc%2Fpredictions%3Flabel%3Dbenign"
     # ... but an image or the JSON is a plain 401 even for a browser
     r = c.get("/bcc/api/models", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 401
@@ -161,10 +168,75 @@ def test_every_route_refuses_without_a_valid_token(site):
     assert c.get("/bcc/api/models", headers={"Authorization": f"Bearer {forged}"}).status_code == 403
 
 
+def test_no_request_changes_anything(site):
+    """Every route is read-only: a POST, PUT, PATCH or DELETE, with or without a token, from this origin or
+    another, is refused and leaves the database as it was."""
+    from sqlalchemy import func, select
+
+    from bcc_pipeline.store import InboxFile, Prediction, Promotion, ScoringRun, session_scope
+
+    def counts():
+        with session_scope(site["settings"].database_url) as db:
+            return [
+                db.scalar(select(func.count()).select_from(t))
+                for t in (Prediction, InboxFile, Promotion, ScoringRun)
+            ]
+
+    before = counts()
+    c, sha = site["client"], _rows(site)[0]["sha256"]
+    for url in [u.format(sha=sha, version=site["versions"][1]) for u in PAGES + FILES]:
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            for headers in ({}, site["auth"], {**site["auth"], "Origin": "http://evil.example"}):
+                r = c.request(method, url, headers=headers, data={"label": "benign"}, follow_redirects=False)
+                assert r.status_code in (401, 403, 405), (method, url, r.status_code)
+    assert counts() == before
+
+
+def test_the_model_of_a_prediction_is_one_click_away(site):
+    """What did the model say about image X, with which model, and how good is that model: the row names
+    the version with its frozen-holdout intervals and links to the version's page (plots, decisions, card)."""
+    c, auth = site["client"], site["auth"]
+    old, new = site["versions"]
+    html = c.get("/bcc/predictions?path=case_09", headers=auth).text
+    assert "case_09.png" in html and f'href="/bcc/models/{new}"' in html
+    assert "frozen holdout (95% intervals): sensitivity <strong>" in html
+    page = c.get(f"/bcc/models/{new}", headers=auth)
+    assert page.status_code == 200
+    text = page.text
+    assert "Frozen holdout, 95% intervals: sensitivity <strong>" in text and "badge champion" in text
+    assert f"/bcc/models/{new}/plots/roc.png" in text and f"Model card: {new}" in text
+    assert "## Holdout metrics" in text and "<script" not in text
+    # a version without holdout metrics says so; an unknown version is a 404
+    assert "No frozen-holdout metrics recorded" in c.get(f"/bcc/models/{old}", headers=auth).text
+    assert c.get("/bcc/models/v-nope", headers=auth).status_code == 404
+    # the models list shows the intervals for every version that has them, and links each page
+    listing = c.get("/bcc/models", headers=auth).text
+    assert f'href="/bcc/models/{old}"' in listing and f'href="/bcc/models/{new}"' in listing
+    one = c.get(f"/bcc/api/models/{new}", headers=auth).json()
+    assert one["model"]["version"] == new and one["model_card"].startswith(f"# Model card: {new}")
+    assert (
+        one["model"]["intervals"]["sensitivity"]["lower"] <= one["model"]["intervals"]["sensitivity"]["value"]
+    )
+    assert c.get("/bcc/api/models/v-nope", headers=auth).status_code == 404
+
+
+def test_the_pages_read_the_database_the_dags_use(site, monkeypatch):
+    """With no BCC_DATABASE_URL, the plugin reads the Airflow connection bcc_db, as the DAGs' tasks do."""
+    url = site["settings"].database_url
+    monkeypatch.delenv("BCC_DATABASE_URL")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BCC_DB", json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": url}})
+    )
+    assert len(_rows(site)) == 12
+    monkeypatch.delenv("AIRFLOW_CONN_BCC_DB")  # neither: the SQLite default in BCC_HOME, which has no schema
+    r = site["client"].get("/bcc/api/predictions", headers=site["auth"])
+    assert r.status_code == 503 and "bcc db upgrade" in r.text
+
+
 def test_pages_render_for_a_viewer_and_through_the_cookie(site):
     c, auth = site["client"], site["auth"]
     old, new = site["versions"]
-    for url in PAGES[1:]:
+    for url in [u.format(version=new) for u in PAGES[1:]]:
         r = c.get(url, headers=auth)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), url
         assert r.headers["cache-control"] == "no-store" and "vera" in r.text
@@ -307,7 +379,10 @@ def test_path_traversal_is_refused(site, url, tmp_path):
         )
     sha = _rows(site)[0]["sha256"]
     r = site["client"].get(url.format(v=v, sha_upper=sha.upper(), outside=outside), headers=site["auth"])
-    assert r.status_code in (400, 404), (url, r.status_code)
+    if url.endswith("/plots/.."):  # the client resolves the dot segment: the version's own page, no file
+        assert str(r.url).endswith(f"/bcc/models/{v}") and r.headers["content-type"].startswith("text/html")
+    else:
+        assert r.status_code in (400, 404), (url, r.status_code)
     assert b"secret outside" not in r.content and b"root:" not in r.content
 
 

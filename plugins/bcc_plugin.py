@@ -478,6 +478,21 @@ def api_inbox(s: SettingsDep) -> dict[str, Any]:
     return inbox_status(s)
 
 
+# Registered last, so that it only gets what no route above takes: an unknown path, or a method other
+# than GET on a known one (FastAPI would answer those 404/405 before any dependency runs). The app's auth
+# dependency runs first here too, so anyone without a login gets 401 (a browser the login page) for every
+# path and method under the prefix, and a logged-in user learns only 404 or 405. Every route is read-only.
+@bcc_app.api_route(
+    "/{rest:path}",
+    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    include_in_schema=False,
+)
+def no_such_route(request: Request, rest: str) -> Response:
+    if request.method == "GET":
+        raise HTTPException(status_code=404, detail="Not Found")
+    raise HTTPException(status_code=405, detail="Method Not Allowed", headers={"Allow": "GET"})
+
+
 # -- template helpers -------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or isinstance(value, Undefined) or (isinstance(value, float) and math.isnan(value)):

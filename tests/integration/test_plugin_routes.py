@@ -117,7 +117,7 @@ def test_the_route_lists_cover_every_route(plugin):
         u.removeprefix("/bcc").replace("{sha}", "{sha256}").replace("roc.png", "{name}")
         for u in PAGES + FILES
     }
-    assert {r.path for r in plugin.bcc_app.routes} == listed
+    assert {r.path for r in plugin.bcc_app.routes} == listed | {"/{rest:path}"}
 
 
 def _rows(site, query: str = "") -> list[dict]:
@@ -145,8 +145,23 @@ def test_every_route_refuses_without_a_valid_token(site):
         r = c.get(url, follow_redirects=False)
         c.cookies.clear()
         assert r.status_code in (401, 403), (url, r.status_code)
-    # a path that matches no route (a decoded %2f adds segments) is a 404 before anything is read
-    assert c.get("/bcc/models/x/plots/..%2f..%2fetc%2fpasswd").status_code == 404
+    # a path that matches no route (a decoded %2f adds segments), or any method but GET, is refused too:
+    # nothing under the prefix answers anything but 401 without a login
+    for method, url in [
+        ("GET", "/bcc/models/x/plots/..%2f..%2fetc%2fpasswd"),
+        ("GET", "/bcc/no-such-page"),
+        ("HEAD", "/bcc/predictions"),
+        ("OPTIONS", "/bcc/api/predictions"),
+        ("POST", "/bcc/api/predictions"),
+        ("DELETE", "/bcc/no-such-page"),
+    ]:
+        r = c.request(method, url, follow_redirects=False)
+        assert r.status_code == 401, (method, url, r.status_code)
+    # ... and a logged-in user learns only that the path or the method does not exist
+    assert c.get("/bcc/models/x/plots/..%2f..%2fetc%2fpasswd", headers=site["auth"]).status_code == 404
+    assert c.get("/bcc/no-such-page", headers=site["auth"]).status_code == 404
+    r = c.request("HEAD", "/bcc/predictions", headers=site["auth"])
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
     # a browser asking for a page goes to the Airflow login page, and comes back after it
     r = c.get("/bcc/predictions?label=benign", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303
@@ -188,7 +203,8 @@ def test_no_request_changes_anything(site):
         for method in ("POST", "PUT", "PATCH", "DELETE"):
             for headers in ({}, site["auth"], {**site["auth"], "Origin": "http://evil.example"}):
                 r = c.request(method, url, headers=headers, data={"label": "benign"}, follow_redirects=False)
-                assert r.status_code in (401, 403, 405), (method, url, r.status_code)
+                expected = 405 if "Authorization" in headers else 401
+                assert r.status_code == expected, (method, url, r.status_code)
     assert counts() == before
 
 

@@ -200,8 +200,11 @@ def test_login_filter_models_and_csv_in_chromium(tmp_path):
         assert status == 200 and rows
         for route in PAGES + FILES:
             url = base + route.format(sha=rows[0]["sha256"], version=facts["v2"])
-            assert rest("GET", url)[0] == 401, url
+            for method in ("GET", "HEAD", "POST", "DELETE"):
+                assert rest(method, url)[0] == 401, (method, url)
         assert rest("GET", f"{base}/bcc")[0] == 401  # not the Airflow UI's catch-all page
+        assert rest("GET", f"{base}/bcc/no/such/page")[0] == 401
+        assert rest("POST", f"{base}/bcc/api/predictions", token, {"label": "benign"})[0] == 405
         status, plugins = rest("GET", f"{base}/api/v2/plugins", token)
         assert status == 200 and any(p["name"] == "bcc" and p["external_views"] for p in plugins["plugins"])
         status, api_models = rest("GET", f"{base}/bcc/api/models", token)

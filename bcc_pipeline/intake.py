@@ -11,7 +11,10 @@ together with where the file is to go (``dest``) and, for a label conflict, the 
 from training. Only then is the file removed from ``landing/`` (its content is stored) or moved to
 quarantine, and the move recorded (``moved_to``). A process killed in between loses nothing: the next
 intake first finishes every recorded move whose file is still in ``landing/`` (or records one that
-reached its destination), and only then looks for new files, so a file never gets a second row.
+reached its destination), and only then looks for new files, so a file never gets a second row. A rerun
+under the same run id (a retried task) that finds another rejected file at a path this run already
+quarantined leaves it in ``landing/`` (``failed``) for the next run: rejections are keyed by run and
+path, and the first file's record is never overwritten.
 
 Each file is read once, through one descriptor that never follows a link and never blocks on a FIFO
 (:func:`bcc_pipeline.files.read_once`), and what it was (:func:`bcc_pipeline.moving.identity` of that
@@ -113,6 +116,11 @@ class _Then:
     ident: Identity | None = (
         None  # what the path held when it was checked; removed or moved only while it does
     )
+
+
+class _PathTaken(Exception):
+    """This run already holds a rejection for the path, of a file that has left it: a retried task (the
+    same run id) finds another file there. Its record must not replace the first one's."""
 
 
 class _Refused(Exception):
@@ -229,6 +237,15 @@ def intake(
                     error = one_line(f"{type(exc).__name__}: {exc.strerror or exc}")
                     report.failed.append({"path": shown, "error": error})
                     log.error("could not take in %s (left in landing): %s", shown, error)
+                    continue
+                except _PathTaken:
+                    session.rollback()
+                    error = (
+                        f"run {one_line(run_id)} already quarantined another file from this path; "
+                        "left in landing for the next intake run"
+                    )
+                    report.failed.append({"path": shown, "error": error})
+                    log.error("not rejecting %s: %s", shown, error)
                     continue
                 if then is not None:
                     if on_committed is not None:
@@ -448,6 +465,11 @@ def _reject(
     """Record the rejection (with the file's destination) in the session; the move follows the commit,
     only while the path still holds the file that was checked (``ident``)."""
     shown, reason = display_path(rel), one_line(reason)
+    taken = select(Rejection.path).where(Rejection.run_id == report.run_id, Rejection.path == shown)
+    if session.execute(taken).first() is not None:
+        # Rows are keyed by (run, path); the earlier rows' moves were finished (or are skipped as
+        # unfinished) before the walk, so this is another file. Raised before any count changes.
+        raise _PathTaken(shown)
     dest = _quarantine_dest(quarantine_root, rel)
     insert_rows(
         session,
@@ -575,10 +597,11 @@ def _intake_one(
             f"the same image content was already taken in as {existing.label} "
             f"({existing.source_path}); excluded from training under both labels"
         )
+        then = _reject(session, rel, reason, sha, report, quarantine_root, ident)
         if existing.excluded_reason is None:
             existing.excluded_reason = f"content seen as both {existing.label} and {label} ({shown})"
         report.conflicts += 1
-        return _reject(session, rel, reason, sha, report, quarantine_root, ident)
+        return then
     if existing is not None and existing.label == label:
         report.duplicates += 1
         return _Then(ident=ident)  # its content is already stored under dataset/

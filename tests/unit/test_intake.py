@@ -442,3 +442,28 @@ def test_intake_sweeps_stale_temporaries(make_settings, sqlite_url):
     os.utime(other, (old, old))
     intake(s)
     assert not stale.exists() and fresh.exists() and other.exists()
+
+
+def test_a_second_file_rejected_at_the_same_path_in_a_rerun_of_the_same_run_keeps_both_records(home):
+    """A retried Airflow task reuses its run id. When another rejected file has landed at a path that the
+    run already quarantined, the first file's record (its reason, content hash and quarantined copy) is
+    never overwritten: the new file stays in landing, reported, and the next run takes it."""
+    bad = home.landing_dir / "benign" / "ward_1" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image at all")
+    first = intake(home, run_id="retried")
+    assert first.rejected == 1
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n then nothing that decodes")  # another file, the same name
+    again = intake(home, run_id="retried")
+    assert again.rejected == 0 and [f["path"] for f in again.failed] == ["benign/ward_1/bad.png"]
+    assert "already" in again.failed[0]["error"] and bad.exists()
+    with session_scope(home.database_url) as s:
+        rows = s.scalars(select(Rejection)).all()
+    assert len(rows) == 1 and Path(rows[0].moved_to).read_bytes() == b"not an image at all"
+    later = intake(home, run_id="next-night")  # the next run quarantines it under its own record
+    assert later.rejected == 1 and not bad.exists()
+    with session_scope(home.database_url) as s:
+        rows = {r.run_id: r for r in s.scalars(select(Rejection)).all()}
+    assert Path(rows["retried"].moved_to).read_bytes() == b"not an image at all"
+    assert Path(rows["next-night"].moved_to).read_bytes().startswith(b"\x89PNG")
+    assert rows["retried"].sha256 != rows["next-night"].sha256

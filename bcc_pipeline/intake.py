@@ -11,7 +11,9 @@ together with where the file is to go (``dest``) and, for a label conflict, the 
 from training. Only then is the file removed from ``landing/`` (its content is stored) or moved to
 quarantine, and the move recorded (``moved_to``). A process killed in between loses nothing: the next
 intake first finishes every recorded move whose file is still in ``landing/`` (or records one that
-reached its destination), and only then looks for new files, so a file never gets a second row. A rerun
+reached its destination), and only then looks for new files, so a file never gets a second row. Such a
+move, too, takes only the file that was refused: the row records the identity the path had then
+(``src_identity``), and its content hash where one was taken. A rerun
 under the same run id (a retried task) that finds another rejected file at a path this run already
 quarantined leaves it in ``landing/`` (``failed``) for the next run: rejections are keyed by run and
 path, and the first file's record is never overwritten.
@@ -180,6 +182,24 @@ def _require_columns(url: str) -> None:
         raise StoreError(
             "the database predates intake's commit-then-move columns (rejections.dest); run `bcc db upgrade`"
         )
+    if "src_identity" not in cols:
+        raise StoreError(
+            "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
+        )
+
+
+def _identity_text(ident: Identity | None) -> str | None:
+    return None if ident is None else ":".join(str(int(v)) for v in ident)
+
+
+def _identity_from_text(text: str | None) -> Identity | None:
+    if not text:
+        return None
+    try:
+        dev, ino, size, mtime_ns = (int(v) for v in text.split(":"))
+    except ValueError:
+        return None
+    return (dev, ino, size, mtime_ns)
 
 
 def intake(
@@ -373,6 +393,7 @@ def _finish_interrupted(settings: Settings, session, report: IntakeReport) -> se
             Rejection.reason,
             Rejection.dest,
             Rejection.move_error,
+            Rejection.src_identity,
         )
         .where(Rejection.stage == "intake", Rejection.dest.is_not(None), Rejection.moved_to.is_(None))
         .order_by(Rejection.id)
@@ -392,12 +413,15 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
     except ValueError:
         return "skipped"
     if os.path.lexists(src):
-        expect = None
+        # Moved only while the path holds the file that was refused: by its recorded identity (rows from
+        # before migration 0008 have none), and by its content where a hash was taken.
+        expect = _identity_from_text(r.src_identity)
         if r.sha256 is not None:
-            expect = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
-            if expect is None:
+            held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
+            if held is None or (expect is not None and held != expect):
                 _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
                 return "replaced"
+            expect = held
         dest = _fitted(settings, session, r, rel, dest)
         outcome = _move(
             session,
@@ -484,6 +508,7 @@ def _reject(
                 "dest": display_path(dest),
                 "moved_to": None,
                 "rejected_at": utcnow(),
+                "src_identity": _identity_text(ident),
             }
         ],
         key=("run_id", "path"),

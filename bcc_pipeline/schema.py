@@ -233,6 +233,10 @@ class Rejection(Base):
     # ``moved_to`` is set once it has. ``move_error``: why it has not (yet) moved.
     dest: Mapped[str | None] = mapped_column(Text)
     move_error: Mapped[str | None] = mapped_column(Text)
+    # intake (migration 0008): what the path held when it was refused, "dev:ino:size:mtime_ns"
+    # (:func:`bcc_pipeline.moving.identity`), so that a move finished by a later run moves only that file,
+    # also where no content hash was taken (a link, a file too large to read).
+    src_identity: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (UniqueConstraint("run_id", "path"),)
 

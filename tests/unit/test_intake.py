@@ -467,3 +467,82 @@ def test_a_second_file_rejected_at_the_same_path_in_a_rerun_of_the_same_run_keep
     assert Path(rows["retried"].moved_to).read_bytes() == b"not an image at all"
     assert Path(rows["next-night"].moved_to).read_bytes().startswith(b"\x89PNG")
     assert rows["retried"].sha256 != rows["next-night"].sha256
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL right after a commit (raised from intake's on_committed hook)."""
+
+
+def test_a_refused_file_replaced_before_its_interrupted_move_is_not_quarantined_under_its_reason(
+    home, png_writer
+):
+    """A link is refused without its bytes being read (no content hash). Interrupted after the commit, then
+    replaced by a good image: the next run's sweep compares the recorded identity, leaves the image in
+    landing and takes it in, instead of quarantining it as a "symbolic link"."""
+    link = home.landing_dir / "benign" / "ward_2" / "scan.png"
+    link.parent.mkdir(parents=True)
+    os.symlink("/etc/hostname", link)
+
+    def killed(shown):
+        raise _Killed(shown)
+
+    with pytest.raises(_Killed):
+        intake(home, run_id="killed", on_committed=killed)
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(Rejection)).one()
+    assert row.sha256 is None and row.src_identity and row.moved_to is None
+    link.unlink()
+    png_writer(link, seed=4)
+    r = intake(home, run_id="after")
+    assert (r.accepted, r.rejected, r.recovered, r.failed) == (1, 0, 0, [])
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(Rejection)).one()
+        records = s.scalars(select(ImageRecord)).all()
+    assert row.moved_to is None and row.dest is None and row.move_error
+    assert [x.source_path for x in records] == ["benign/ward_2/scan.png"]
+    assert _all_files(home.landing_dir) == []
+    assert not [p for p in _all_files(home.quarantine_dir) if "scan.png" in p]
+    # the refused link itself, interrupted the same way, is still quarantined by the next run
+    os.symlink("/etc/hostname", home.landing_dir / "benign" / "other.png")
+    with pytest.raises(_Killed):
+        intake(home, run_id="killed-2", on_committed=killed)
+    r = intake(home, run_id="after-2")
+    assert (r.recovered, r.rejected) == (1, 0)
+    assert (home.quarantine_dir / "killed-2" / "landing" / "benign" / "other.png").is_symlink()
+
+
+def test_migration_0008_keeps_older_rejections_and_an_old_schema_is_named(home, migrated_url):
+    """A rejection committed before migration 0008 (no identity) is still finished by the sweep after the
+    upgrade; a database still at 0007 is refused with the command that fixes it."""
+    from bcc_pipeline import store
+    from bcc_pipeline.errors import StoreError
+
+    cfg = store._alembic_config(migrated_url)
+    from alembic import command
+
+    with store.get_engine(migrated_url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007")
+    store.dispose_engine(migrated_url)
+    bad = home.landing_dir / "malignant" / "old.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"refused before the upgrade")
+    with pytest.raises(StoreError, match="0008.*bcc db upgrade"):
+        intake(home, run_id="refused")
+    dest = home.quarantine_dir / "old-run" / "landing" / "malignant" / "old.png"
+    with store.get_engine(migrated_url).begin() as conn:  # what an interrupted 0007-era run left
+        conn.execute(
+            Rejection.__table__.insert().values(
+                run_id="old-run",
+                stage="intake",
+                path="malignant/old.png",
+                reason="not an image",
+                dest=str(dest),
+                rejected_at=store.utcnow(),
+            )
+        )
+    assert store.upgrade(migrated_url) == "0008"
+    store.dispose_engine(migrated_url)
+    r = intake(home, run_id="after-upgrade")
+    assert (r.recovered, r.rejected, r.failed) == (1, 0, [])
+    assert dest.read_bytes() == b"refused before the upgrade" and _all_files(home.landing_dir) == []

@@ -1,0 +1,24 @@
+"""intake rejections record what the path held when it was refused (device, inode, size, mtime_ns)
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-05 08:00:00
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("rejections", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("src_identity", sa.String(length=128), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("rejections", schema=None) as batch_op:
+        batch_op.drop_column("src_identity")

@@ -382,6 +382,24 @@ def upgrade(url: str, revision: str = "head", home: str | os.PathLike[str] | Non
     return current_revision(url) or ""
 
 
+def downgrade(url: str, revision: str) -> str:
+    """Undo migrations down to ``revision`` (Alembic's ``downgrade``); returns the revision the database is
+    at afterwards. Columns and tables that later migrations added are dropped with their data: for rolling
+    back a deployment, and for the tests that prove each migration upgrades an older database. The CLI
+    offers only ``bcc db upgrade``."""
+    from alembic import command
+
+    try:
+        with get_engine(url).begin() as conn:
+            cfg = _alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot migrate {safe_url(url)}: {_error_line(exc, url)}") from exc
+    dispose_engine(url)  # pooled connections may hold the old table definitions (SQLite)
+    return current_revision(url) or ""
+
+
 def current_revision(url: str) -> str | None:
     """The Alembic revision of the database, or None when it was never migrated."""
     from alembic.runtime.migration import MigrationContext

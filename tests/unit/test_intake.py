@@ -181,20 +181,12 @@ def test_a_folder_intake_cannot_list_is_reported_and_the_run_goes_on(home, png_w
 
 
 def test_migration_0003_down_and_up_and_an_old_schema_is_named(make_settings, migrated_url, png_writer):
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import inspect
 
     from bcc_pipeline import store
     from bcc_pipeline.errors import StoreError
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(ROOT / "bcc_pipeline" / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", migrated_url.replace("%", "%%"))
-    with store.get_engine(migrated_url).begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0002")
-    store.dispose_engine(migrated_url)
+    assert store.downgrade(migrated_url, "0002") == "0002"
     cols = {c["name"] for c in inspect(store.get_engine(migrated_url)).get_columns("rejections")}
     assert "dest" not in cols and "move_error" not in cols
     s = make_settings(migrated_url, settle_seconds=0)
@@ -517,13 +509,7 @@ def test_migration_0008_keeps_older_rejections_and_an_old_schema_is_named(home, 
     from bcc_pipeline import store
     from bcc_pipeline.errors import StoreError
 
-    cfg = store._alembic_config(migrated_url)
-    from alembic import command
-
-    with store.get_engine(migrated_url).begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0007")
-    store.dispose_engine(migrated_url)
+    assert store.downgrade(migrated_url, "0007") == "0007"
     bad = home.landing_dir / "malignant" / "old.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"refused before the upgrade")

@@ -20,13 +20,7 @@ def test_migration_0002_up_down_up(db_url):
 
     assert "inbox_files" in inspect(eng).get_table_names()
     assert "latest_predictions" in inspect(eng).get_view_names()
-    from alembic import command
-
-    with eng.begin() as conn:  # store has no downgrade(); Alembic's own command, as `alembic downgrade`
-        cfg = store._alembic_config(db_url)
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0001")
-    assert store.current_revision(db_url) == "0001"
+    assert store.downgrade(db_url, "0001") == "0001"
     eng.dispose()
     insp = inspect(store.get_engine(db_url))
     assert "inbox_files" not in insp.get_table_names() and "latest_predictions" not in insp.get_view_names()
@@ -93,15 +87,10 @@ def test_a_batch_is_claimed_once_and_a_known_content_is_a_duplicate(
 
 def test_migration_0006_down_and_up(db_url):
     """The liveness columns of scoring_runs and the move attempts of the ledger come and go with 0006."""
-    from alembic import command
     from sqlalchemy import inspect
 
     store.upgrade(db_url)
-    with store.get_engine(db_url).begin() as conn:
-        cfg = store._alembic_config(db_url)
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0005")
-    store.dispose_engine(db_url)
+    assert store.downgrade(db_url, "0005") == "0005"
     insp = inspect(store.get_engine(db_url))
     assert not {"host", "pid", "heartbeat_at", "error"} & {
         c["name"] for c in insp.get_columns("scoring_runs")

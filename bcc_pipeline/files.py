@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LINK_UNSUPPORTED",
     "NAME_MAX",
     "PATH_MAX",
     "PATH_ROOM",
@@ -43,6 +44,7 @@ __all__ = [
     "TEMP_PREFIX",
     "apply_umask",
     "atomic_write",
+    "candidate_names",
     "created_mode",
     "current_umask",
     "display_path",
@@ -51,6 +53,7 @@ __all__ = [
     "mark_home",
     "one_line",
     "path_from_display",
+    "publish_no_clobber",
     "read_once",
     "reason_path",
     "rename_no_replace",
@@ -71,7 +74,7 @@ PATH_MAX = 4096
 PATH_ROOM = 64
 """Bytes a destination keeps free below :data:`PATH_MAX` for a clash suffix and ``.reason.txt``."""
 REASON_SUFFIX = ".reason.txt"
-_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 # renameat2 errors that mean "this filesystem or kernel cannot do RENAME_NOREPLACE", not "this rename failed"
 _NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 _AT_FDCWD = -100
@@ -255,7 +258,9 @@ def read_once(path: str | os.PathLike[str], max_bytes: int) -> tuple[bytes | Non
     return data, after
 
 
-def _candidates(dest: Path) -> Iterator[Path]:
+def candidate_names(dest: Path) -> Iterator[Path]:
+    """``dest``, then ``dest~1``, ``dest~2``, ... (each fitted to the name limit): the names a no-clobber
+    move tries in turn."""
     name = dest.name
     suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
     stem = name[: len(name) - len(suffix)] if suffix else name
@@ -349,7 +354,7 @@ def atomic_write(
                     fh.flush()
                     os.fsync(fh.fileno())
         if exclusive:
-            _publish(Path(tmp), path)  # fails instead of replacing
+            publish_no_clobber(Path(tmp), path)  # fails instead of replacing
         else:
             os.replace(tmp, path)
     finally:
@@ -494,7 +499,7 @@ def write_reason(path: Path, reason: str) -> Path:
     """
     target = reason_path(path)
     if os.path.islink(target):
-        target = next(c for c in _candidates(target) if not os.path.islink(c))
+        target = next(c for c in candidate_names(target) if not os.path.islink(c))
     return atomic_write(target, reason.rstrip() + "\n", fsync=False)
 
 
@@ -543,13 +548,13 @@ def rename_no_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
     os.unlink(src)
 
 
-def _publish(tmp: Path, dest: Path) -> None:
+def publish_no_clobber(tmp: Path, dest: Path) -> None:
     """Give the complete file (or symbolic link) ``tmp`` the name ``dest`` without replacing anything
     (``FileExistsError`` when taken): a hard link (``tmp`` is then the caller's to remove), or without
     hard links a :func:`rename_no_replace`."""
     try:
         os.link(tmp, dest, follow_symlinks=False)  # a symbolic link ``tmp`` is linked itself, not its target
     except OSError as exc:
-        if isinstance(exc, FileExistsError) or exc.errno not in _LINK_UNSUPPORTED:
+        if isinstance(exc, FileExistsError) or exc.errno not in LINK_UNSUPPORTED:
             raise
         rename_no_replace(tmp, dest)

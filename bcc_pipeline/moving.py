@@ -44,7 +44,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import _LINK_UNSUPPORTED, _candidates, _publish, rename_no_replace, write_reason
+from .files import LINK_UNSUPPORTED, candidate_names, publish_no_clobber, rename_no_replace, write_reason
 
 __all__ = ["Identity", "SourceChangedError", "finish_move", "identity", "move_no_clobber", "quarantine_file"]
 
@@ -98,7 +98,7 @@ def _leftover_copy(dest: Path, src: Path | None, src_st: os.stat_result | None) 
     except FileNotFoundError:
         return None
     published = None
-    for candidate in _candidates(dest) if mst.st_nlink > 1 else ():
+    for candidate in candidate_names(dest) if mst.st_nlink > 1 else ():
         try:
             if _same_inode(os.lstat(candidate), mst):
                 published = candidate
@@ -153,7 +153,7 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
                 os.utime(out.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
                 os.fsync(out.fileno())
             _expect(os.fstat(inp.fileno()), identity(before), src)  # not rewritten while copied
-        _publish(marker, candidate)  # no-clobber; FileExistsError when taken
+        publish_no_clobber(marker, candidate)  # no-clobber; FileExistsError when taken
         published = True
         _fsync_dir(candidate.parent)
     finally:
@@ -177,7 +177,7 @@ def _copy_link_across(src: Path, src_st: os.stat_result, candidate: Path, marker
     try:
         with contextlib.suppress(OSError, NotImplementedError):  # the times are kept where links have them
             os.utime(marker, ns=(src_st.st_atime_ns, src_st.st_mtime_ns), follow_symlinks=False)
-        _publish(marker, candidate)  # the link itself, no-clobber; FileExistsError when taken
+        publish_no_clobber(marker, candidate)  # the link itself, no-clobber; FileExistsError when taken
         published = True
         _fsync_dir(candidate.parent)
     finally:
@@ -234,7 +234,7 @@ def move_no_clobber(
         _copy_marker(dest).unlink(missing_ok=True)
         return published
     _expect(src_st, expect, src)
-    for candidate in _candidates(dest):
+    for candidate in candidate_names(dest):
         try:
             cst = os.lstat(candidate)
         except FileNotFoundError:
@@ -258,7 +258,7 @@ def move_no_clobber(
                         marker = _copy_file_across(src, candidate, _copy_marker(dest), expect)
                 except FileExistsError:
                     continue
-            elif exc.errno in _LINK_UNSUPPORTED:
+            elif exc.errno in LINK_UNSUPPORTED:
                 # no hard links here (or not allowed for this file): a rename that refuses a taken name
                 try:
                     rename_no_replace(src, candidate)

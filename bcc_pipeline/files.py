@@ -435,18 +435,19 @@ def sweep_temporaries(
 
 
 def sweep_stale_temporaries(settings: Any, *, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """:func:`sweep_temporaries` over the folders of ``settings``' home the pipeline writes temporaries in:
-    ``runs/``, ``models/`` (with the converted-model caches), ``dataset/``, ``quarantine/`` and
-    ``landing/`` (every level), and the home itself (its top level only: the home marker). ``archive/``
-    and ``inbox/`` get no temporaries (moves use their own ``.bcc-move-*`` markers) and are not walked.
-    Scoring calls it when it plans a run; intake should when it starts."""
+    """:func:`sweep_temporaries` over the folders of ``settings``' home that only the pipeline writes in:
+    ``runs/``, ``models/`` (with the converted-model caches), ``dataset/`` and ``quarantine/`` (every
+    level), and the home itself (its top level only: the home marker). ``landing/`` and ``inbox/`` belong
+    to the people and scanners that drop files there: whatever is named there, it is never deleted (a
+    ``.bcc-tmp-`` file that ``bcc demo-data`` left when killed is a hidden file, which intake and scoring
+    ignore). ``archive/`` gets no temporaries (moves use their own ``.bcc-move-*`` markers).
+    Scoring calls it when it plans a run, intake when it starts."""
     return sweep_temporaries(
         [
             settings.runs_dir,
             settings.models_dir,
             settings.dataset_dir,
             settings.quarantine_dir,
-            settings.landing_dir,
         ],
         shallow=[settings.home],
         older_than=older_than,

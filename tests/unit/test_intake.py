@@ -432,8 +432,17 @@ def test_intake_sweeps_stale_temporaries(make_settings, sqlite_url):
     old = os.stat(stale).st_mtime - files.STALE_TEMP_SECONDS - 60
     os.utime(stale, (old, old))
     os.utime(other, (old, old))
+    # a file in landing/ is somebody's, whatever its name: never swept, however old
+    theirs = s.landing_dir / "benign" / "patient_1" / f"{files.TEMP_PREFIX}scan-0001.png"
+    spool = s.landing_dir / "benign" / f"{files.TEMP_PREFIX}scanner-spool" / "slide.png"
+    for p in (theirs, spool):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"a scanner's file")
+        os.utime(p, (old, old))
+    os.utime(spool.parent, (old, old))
     intake(s)
     assert not stale.exists() and fresh.exists() and other.exists()
+    assert theirs.read_bytes() == spool.read_bytes() == b"a scanner's file"
 
 
 def test_a_second_file_rejected_at_the_same_path_in_a_rerun_of_the_same_run_keeps_both_records(home):

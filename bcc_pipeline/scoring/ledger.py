@@ -327,5 +327,5 @@ def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:
             .values(
                 moved_to=bindparam("b_moved"), move_error=bindparam("b_err"), updated_at=bindparam("b_now")
             ),
-            [{"b_id": i, "b_moved": moved, "b_err": None, "b_now": now} for i, moved in found],
+            [{"b_id": i, "b_moved": display_path(moved), "b_err": None, "b_now": now} for i, moved in found],
         )

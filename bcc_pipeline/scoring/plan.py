@@ -180,5 +180,11 @@ def plan_shards(
     if inbox is not None and os.path.abspath(os.fspath(inbox)) != plan["inbox"]:
         log.warning("scoring run %s was planned for the inbox %s; using that one", run_id, plan["inbox"])
     run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
-    sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run))
+    try:
+        sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run))
+    except BaseException as exc:  # the run's row is open: never left `running` by what stops the sweep
+        from .shard import describe_failure  # (shard imports this module)
+
+        run_records.fail_run(engine, run_id, describe_failure(exc))
+        raise
     return _plan_result(plan, path)

@@ -209,3 +209,31 @@ def test_a_path_too_long_under_the_archive_is_moved_under_a_hashed_folder(
     (moved,) = archived(s)
     assert moved.name == "x.png" and moved.parent.name.startswith("#") and moved.read_bytes() == png
     assert not os.path.lexists(inbox / rel)
+
+
+@pytest.mark.parametrize("name", [b"x\xff.png", b"new\nline.png", b"back\\slash.png"])
+def test_a_move_finished_by_the_sweep_is_recorded_in_display_form(
+    make_settings, sqlite_url, register_champion, png_writer, name
+):
+    """Killed after a move and before it was recorded: the next run's sweep records where the file went
+    in the reversible display form, as a recorded move is, and later runs go on (a name that is not UTF-8
+    crashed every later run)."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    s.inbox_dir.mkdir(parents=True)
+    src = Path(os.fsdecode(os.path.join(os.fsencode(s.inbox_dir), name)))
+    png_writer(src, seed=11)
+
+    def move_then_die(src_path, dest, **kw):
+        moving.move_no_clobber(src_path, dest, **kw)
+        raise Crash
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="killed", hooks=scoring.Hooks(move_file=move_then_die))
+    for run in ("next", "after"):
+        assert scoring.score_inbox(s, run_id=run)["status"] == "finished"
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile)).one()
+    assert row.moved_to == files.display_path(archived(s)[0]) and "\n" not in row.moved_to
+    assert files.path_from_display(row.moved_to) == os.fsdecode(archived(s)[0])
+    assert row.path == files.display_path(os.fsdecode(name))

@@ -145,3 +145,26 @@ def test_planning_marks_the_home_and_sweeps_stale_temporaries(
     assert s.home_marker.is_file()
     assert not stale_dir.exists() and not stale_file.exists()
     assert fresh.is_dir() and foreign.is_file() and len(list(s.inbox_dir.rglob("*.png"))) == 2
+
+
+def test_a_run_whose_planning_sweep_fails_is_recorded_as_failed(
+    make_settings, sqlite_url, register_champion, png_writer, monkeypatch
+):
+    """The run's row is opened before the sweep of interrupted moves; whatever stops that sweep records the
+    run as failed with the error, instead of leaving it `running`."""
+    from bcc_pipeline.scoring import plan as plan_module
+    from bcc_pipeline.store import ScoringRun
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+
+    def broken_sweep(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plan_module, "sweep_interrupted", broken_sweep)
+    with pytest.raises(OSError):
+        scoring.plan_shards(s, "swept", 1)
+    with session_scope(sqlite_url) as db:
+        run = db.get(ScoringRun, "swept")
+    assert run.status == "failed" and "no space left on device" in run.error and run.finished_at is not None

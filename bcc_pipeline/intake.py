@@ -73,7 +73,14 @@ from .files import (
     write_reason,
 )
 from .model import CLASS_NAMES
-from .moving import Identity, SourceChangedError, identity, move_no_clobber
+from .moving import (
+    Identity,
+    LinkedFolderError,
+    SourceChangedError,
+    identity,
+    move_no_clobber,
+    require_real_folders,
+)
 from .neardup import perceptual_hash
 from .store import ImageRecord, Rejection, get_engine, insert_rows, session_scope, utcnow
 
@@ -270,7 +277,7 @@ def intake(
                 if then is not None:
                     if on_committed is not None:
                         on_committed(shown)
-                    _carry_out(session, report.run_id, shown, path, then, report)
+                    _carry_out(settings, session, report.run_id, shown, path, then, report)
                 done = report.accepted + report.duplicates
                 if progress and report.accepted and done % PROGRESS_EVERY == 0 and done != last_progress:
                     last_progress = done  # once per count: rejected and ignored files do not repeat it
@@ -329,6 +336,7 @@ def _move(
     report: IntakeReport,
     *,
     expect: Identity | None,
+    roots: tuple[Path, Path],
     again: bool = False,
 ) -> str:
     """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
@@ -337,7 +345,7 @@ def _move(
     when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
     ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``)."""
     try:
-        moved = move_no_clobber(src, dest, expect=expect)
+        moved = move_no_clobber(src, dest, expect=expect, src_root=roots[0], dest_root=roots[1])
     except SourceChangedError:
         _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
         _changed(report, shown)
@@ -356,29 +364,52 @@ def _move(
     return "moved"
 
 
-def _remove_stored(shown: str, path: Path, ident: Identity | None, report: IntakeReport) -> None:
-    """Remove a file whose content is stored and committed, unless the path holds another file by now
-    (checked with ``lstat`` right before the ``unlink``; the one window left is between the two, as in
-    :mod:`bcc_pipeline.moving`): that file was never stored, it stays for the next run (``changed``)."""
+def _remove_stored(
+    shown: str, path: Path, ident: Identity | None, report: IntakeReport, landing: Path
+) -> None:
+    """Remove a file whose content is stored and committed, unless the path holds another file by now, or
+    leads through a folder that became a link (checked right before the ``unlink``; the one window left
+    is between the two, as in :mod:`bcc_pipeline.moving`): that file was never stored, it stays for the
+    next run (``changed``)."""
     try:
+        require_real_folders(landing, path)
         if ident is not None and identity(path.lstat()) != tuple(ident):
             _changed(report, shown)
             return
         path.unlink()
     except FileNotFoundError:
         pass
+    except LinkedFolderError:
+        _changed(report, shown)
     except OSError as exc:
         error = one_line(f"stored, but cannot be removed from landing: {exc.strerror or exc}")
         report.failed.append({"path": shown, "error": error})
         log.error("%s: %s", shown, error)
 
 
-def _carry_out(session, run_id: str, shown: str, path: Path, then: _Then, report: IntakeReport) -> None:
+def _carry_out(
+    settings: Settings, session, run_id: str, shown: str, path: Path, then: _Then, report: IntakeReport
+) -> None:
     """After the commit: quarantine a rejected file, or remove a stored one from landing."""
     if then.dest is not None:
-        _move(session, run_id, shown, path, then.dest, then.reason, report, expect=then.ident)
+        _move(
+            session,
+            run_id,
+            shown,
+            path,
+            then.dest,
+            then.reason,
+            report,
+            expect=then.ident,
+            roots=_roots(settings),
+        )
     else:
-        _remove_stored(shown, path, then.ident, report)
+        _remove_stored(shown, path, then.ident, report, settings.landing_dir)
+
+
+def _roots(settings: Settings) -> tuple[Path, Path]:
+    """Where intake's moves start and end: no folder below these may be a link (:mod:`.moving`)."""
+    return settings.landing_dir, settings.quarantine_dir
 
 
 def _finish_interrupted(settings: Settings, session, report: IntakeReport) -> set[str]:
@@ -414,7 +445,13 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
         return "skipped"
     if os.path.lexists(src):
         # Moved only while the path holds the file that was refused: by its recorded identity (rows from
-        # before migration 0008 have none), and by its content where a hash was taken.
+        # before migration 0008 have none), and by its content where a hash was taken; never through a
+        # folder that has become a link.
+        try:
+            require_real_folders(settings.landing_dir, src)
+        except LinkedFolderError:
+            _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
+            return "replaced"
         expect = _identity_from_text(r.src_identity)
         if r.sha256 is not None:
             held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
@@ -432,6 +469,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
             r.reason,
             report,
             expect=expect,
+            roots=_roots(settings),
             again=r.move_error is not None,
         )
         if outcome == "moved":
@@ -546,6 +584,14 @@ def _read(
     """The bytes of one landing file and the identity of the descriptor they were read from, or None when
     there is nothing to take in now (ignored, still being written, gone; counted here). Raises
     :class:`_Refused` for a link, a file too big to be an image, and one that cannot be read."""
+    try:
+        require_real_folders(settings.landing_dir, path)
+    except LinkedFolderError:  # a folder of it became a link since the walk: never read through it
+        _changed(report, display_path(rel))
+        return None
+    except FileNotFoundError:
+        log.info("%s left landing before it was read", display_path(rel))
+        return None
     if path.is_symlink():
         raise _Refused("symbolic link: links are never followed", _lstat_identity(path))
     if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:

@@ -32,6 +32,13 @@ The rules every move in the pipeline follows:
   and the ``unlink`` right after it.
 * A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
   a half-made destination is removed again.
+* Given the roots (``src_root``: the inbox or ``landing/``; ``dest_root``: ``archive/`` or
+  ``quarantine/``), no folder between a root and the file may be a symbolic link: a source folder
+  swapped for a link after it was listed makes the file count as changed (left alone), and destination
+  folders are created one by one, each checked, so a link quarantined earlier (or planted there) never
+  leads a move, a folder or a reason file outside the root. The roots themselves may be links (a home on
+  another mount). The check runs right before the move; a swap in the instant between that check and the
+  system call is the window left (closing it needs every step relative to directory descriptors).
 """
 
 from __future__ import annotations
@@ -46,7 +53,17 @@ from pathlib import Path
 
 from .files import LINK_UNSUPPORTED, candidate_names, publish_no_clobber, rename_no_replace, write_reason
 
-__all__ = ["Identity", "SourceChangedError", "finish_move", "identity", "move_no_clobber", "quarantine_file"]
+__all__ = [
+    "Identity",
+    "LinkedFolderError",
+    "SourceChangedError",
+    "finish_move",
+    "identity",
+    "make_real_folders",
+    "move_no_clobber",
+    "quarantine_file",
+    "require_real_folders",
+]
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
@@ -64,6 +81,53 @@ def identity(st: os.stat_result) -> Identity:
 class SourceChangedError(OSError):
     """The file at the source path is no longer the one the caller read (replaced, or rewritten in
     place): nothing was moved, the path keeps what it holds now."""
+
+
+class LinkedFolderError(OSError):
+    """A folder between a managed root and a file is a symbolic link (or not a folder): nothing is read,
+    moved or created through it."""
+
+
+def _parts_below(root: str | os.PathLike[str], folder: str | os.PathLike[str]) -> list[str]:
+    rel = os.path.relpath(os.fspath(folder), os.fspath(root))
+    if rel == os.curdir:
+        return []
+    parts = rel.split(os.sep)
+    if os.pardir in parts or os.path.isabs(rel):
+        raise LinkedFolderError(errno.EXDEV, "not inside its root", os.fspath(folder))
+    return parts
+
+
+def require_real_folders(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Raise :class:`LinkedFolderError` unless every folder from ``root`` (excluded) down to ``path``'s
+    parent is a real folder, not a symbolic link. ``path`` itself is not checked (the caller ``lstat``s
+    it). A missing folder raises ``FileNotFoundError``."""
+    cur = os.fspath(root)
+    for part in _parts_below(root, os.path.dirname(os.fspath(path))):
+        cur = os.path.join(cur, part)
+        st = os.lstat(cur)
+        if not stat.S_ISDIR(st.st_mode):  # lstat: a link to a folder is a link here
+            raise LinkedFolderError(
+                errno.ELOOP, "a folder on the way is a symbolic link or not a folder", cur
+            )
+
+
+def make_real_folders(root: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
+    """``mkdir -p folder`` below ``root`` (which must exist), one folder at a time, refusing to go through
+    a symbolic link (:class:`LinkedFolderError`): unlike ``Path.mkdir(parents=True)``, it never creates a
+    folder inside a link's target."""
+    cur = os.fspath(root)
+    os.makedirs(cur, exist_ok=True)  # the root is the home's own folder (it may itself be a link)
+    for part in _parts_below(root, folder):
+        cur = os.path.join(cur, part)
+        try:
+            os.mkdir(cur)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(cur).st_mode):
+            raise LinkedFolderError(
+                errno.ELOOP, "a folder on the way is a symbolic link or not a folder", cur
+            )
 
 
 def _expect(st: os.stat_result, expect: Identity | None, src: Path) -> None:
@@ -208,6 +272,8 @@ def move_no_clobber(
     *,
     expect: Identity | None = None,
     before_unlink: Callable[[Path, Path], None] | None = None,
+    src_root: str | os.PathLike[str] | None = None,
+    dest_root: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
@@ -219,8 +285,22 @@ def move_no_clobber(
     that file raises :class:`SourceChangedError` and stays; checked right before the move, and on the hard
     link itself (undone when it differs). ``before_unlink(src, where)`` runs once the file is at ``where``,
     before the source is removed (a named point where tests interrupt a move).
+
+    ``src_root``/``dest_root``: the managed folders ``src`` and ``dest`` lie in. No folder between a root
+    and its file may be a link: a linked source folder raises :class:`SourceChangedError` (the file is
+    left alone), a linked destination folder :class:`LinkedFolderError`; destination folders are created
+    one at a time below ``dest_root``, never through a link.
     """
     src, dest = Path(src), Path(dest)
+    if dest_root is not None:
+        make_real_folders(dest_root, dest.parent)
+    if src_root is not None:
+        try:
+            require_real_folders(src_root, src)
+        except FileNotFoundError:
+            pass  # the source is gone: as below
+        except LinkedFolderError as exc:
+            raise SourceChangedError(errno.ELOOP, f"{exc.strerror}: {exc.filename}", os.fspath(src)) from exc
     try:
         src_st = os.lstat(src)
     except FileNotFoundError:

@@ -25,7 +25,7 @@ from typing import Any
 from .. import images
 from ..errors import ImageError
 from ..files import display_path, one_line, read_once, settled
-from ..moving import Identity, identity
+from ..moving import Identity, LinkedFolderError, identity, require_real_folders
 from .inbox import path_key
 
 __all__ = [
@@ -130,12 +130,20 @@ def load_file(
     settle: float,
     max_bytes: int,
     budget: MemoryBudget,
+    root: str | None = None,
 ) -> Item:
-    """Read the file once (never through a link), hash, validate, decode and preprocess it into ``item``."""
+    """Read the file once (never through a link), hash, validate, decode and preprocess it into ``item``.
+    ``root``: the inbox; a folder between it and the file that has become a link since the run was planned
+    is never read through (the file is skipped: left where it is)."""
     try:
+        if root is not None:
+            require_real_folders(root, abs_path)
         st = os.lstat(abs_path)
     except FileNotFoundError:
         item.kind = "missing"
+        return item
+    except LinkedFolderError:
+        item.kind = "skipped"  # not ours to follow; the next plan lists what the inbox holds then
         return item
     except OSError as exc:
         return _reject(item, f"cannot inspect the file: {exc.strerror or exc}")
@@ -266,6 +274,7 @@ class Loader:
             "settle": settle,
             "max_bytes": images.max_file_bytes(max_pixels),
             "budget": MemoryBudget(DECODE_BUDGET_BYTES),
+            "root": inbox,
         }
         self.prepare = prepare
         self._pool: cf.ThreadPoolExecutor | None = None

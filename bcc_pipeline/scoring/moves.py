@@ -81,9 +81,16 @@ class Mover:
         self.move_file, self.before_unlink = move_file, before_unlink
 
     def _move_one(self, it: Item, dest: Path) -> Path:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Never through a folder that is a link, on either side (a source folder swapped for one since the
+        # plan, a link quarantined earlier in archive/ or quarantine/): see bcc_pipeline.moving.
+        dest_root = self.s.quarantine_dir if _inside(dest, self.s.quarantine_dir) else self.s.archive_dir
         return self.move_file(
-            os.path.join(self.inbox, it.rel), dest, expect=it.ident, before_unlink=self.before_unlink
+            os.path.join(self.inbox, it.rel),
+            dest,
+            expect=it.ident,
+            before_unlink=self.before_unlink,
+            src_root=self.inbox,
+            dest_root=dest_root,
         )
 
     def move(self, moves: Iterable[Move]) -> list[dict[str, Any]]:
@@ -195,6 +202,10 @@ class Mover:
             if os.path.lexists(dest):
                 self._mark_moved(r, dest)
         return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
 
 
 def sweep_interrupted(

@@ -541,3 +541,48 @@ def test_migration_0008_keeps_older_rejections_and_an_old_schema_is_named(home, 
     r = intake(home, run_id="after-upgrade")
     assert (r.recovered, r.rejected, r.failed) == (1, 0, [])
     assert dest.read_bytes() == b"refused before the upgrade" and _all_files(home.landing_dir) == []
+
+
+def test_a_patient_folder_swapped_for_a_link_during_the_walk_is_never_read_through(
+    home, png_writer, tmp_path
+):
+    """A folder replaced by a link to somebody else's folder while intake walks it: their file is not
+    read, not taken in as a training image and not deleted."""
+    p1 = home.landing_dir / "benign" / "patient_1"
+    png_writer(p1 / "a.png", seed=1)
+    png_writer(p1 / "b.png", seed=2)
+    outside = tmp_path / "not-ours"
+    theirs = png_writer(outside / "b.png", seed=3)
+
+    def swap(shown):
+        if shown.endswith("a.png"):
+            os.rename(p1, tmp_path / "patient_1-away")
+            os.symlink(outside, p1)
+
+    r = intake(home, run_id="walk", on_committed=swap)
+    assert r.accepted == 1 and theirs.exists() and os.listdir(outside) == ["b.png"]
+    with session_scope(home.database_url) as s:
+        assert [x.source_path for x in s.scalars(select(ImageRecord))] == ["benign/patient_1/a.png"]
+
+
+def test_a_retry_never_quarantines_through_a_folder_link_it_quarantined(home, tmp_path):
+    """A patient folder that was a link is quarantined as a link; the retried run (same run id) finds a
+    real folder there with a bad file: its quarantine path would lead through the quarantined link, into
+    the link's target. It stays in landing instead, reported, and when that happens again the run turns
+    red naming it (a person has to look); nothing ever reaches the link's target."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    ward = home.landing_dir / "benign" / "ward_1"
+    ward.parent.mkdir(parents=True)
+    os.symlink(victim, ward)
+    assert intake(home, run_id="retried").rejected == 1
+    assert (home.quarantine_dir / "retried" / "landing" / "benign" / "ward_1").is_symlink()
+    ward.mkdir()
+    (ward / "y.png").write_bytes(b"not an image")
+    again = intake(home, run_id="retried")
+    assert os.listdir(victim) == [] and (ward / "y.png").exists()
+    assert [f["path"] for f in again.failed] == ["benign/ward_1/y.png"]
+    later = intake(home, run_id="next")
+    assert os.listdir(victim) == [] and (ward / "y.png").exists()
+    assert [f["path"] for f in later.persistent_move_failures] == ["benign/ward_1/y.png"]
+    assert "symbolic link" in later.persistent_move_failures[0]["error"]

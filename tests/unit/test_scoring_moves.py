@@ -237,3 +237,45 @@ def test_a_move_finished_by_the_sweep_is_recorded_in_display_form(
     assert row.moved_to == files.display_path(archived(s)[0]) and "\n" not in row.moved_to
     assert files.path_from_display(row.moved_to) == os.fsdecode(archived(s)[0])
     assert row.path == files.display_path(os.fsdecode(name))
+
+
+def test_a_folder_swapped_for_a_link_after_planning_is_never_read_or_moved_through(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Planning and scoring are separate tasks: an inbox folder replaced by a link to somebody else's
+    folder in between is not followed; their file is neither scored nor moved into the archive."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "sub" / "a.png", seed=1)
+    outside = tmp_path / "not-ours"
+    theirs = png_writer(outside / "a.png", seed=2)
+    before = theirs.read_bytes()
+    scoring.plan_shards(s, "swapped", 1)
+    os.rename(s.inbox_dir / "sub", tmp_path / "sub-away")
+    os.symlink(outside, s.inbox_dir / "sub")
+    scoring.score_shard(s, "swapped", 0)
+    r = scoring.finalize_run(s, "swapped")
+    assert r["scored"] == 0 and theirs.read_bytes() == before
+    assert archived(s) == [] and count_rows(sqlite_url, Prediction) == 0
+
+
+def test_a_link_quarantined_earlier_never_leads_a_move_outside_quarantine(
+    make_settings, sqlite_url, register_champion, tmp_path
+):
+    """A path too long for quarantine/<run>/ goes under a hashed folder; a link in the inbox named like
+    that folder is quarantined first, as a link. The long path's file must not then be moved (or its
+    reason written) through that link into the link's target."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    folder = "/".join(["d" * 200] * 19 + ["e" * 180])  # fits under inbox/, not under quarantine/<run>/
+    (s.inbox_dir / folder).mkdir(parents=True)
+    (s.inbox_dir / folder / "y.png").write_bytes(b"not an image")
+    hashed = files.fit_path(s.quarantine_dir / "r1", f"{folder}/y.png").parent.name
+    assert hashed.startswith("#")
+    os.symlink(victim, s.inbox_dir / hashed)
+    for run in ("r1", "r2"):
+        scoring.score_inbox(s, run_id=run)
+        assert os.listdir(victim) == []
+    assert (s.quarantine_dir / "r1" / hashed).is_symlink()

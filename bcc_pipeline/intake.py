@@ -78,6 +78,8 @@ from .moving import (
     LinkedFolderError,
     SourceChangedError,
     identity,
+    identity_from_text,
+    identity_text,
     move_no_clobber,
     require_real_folders,
 )
@@ -193,20 +195,6 @@ def _require_columns(url: str) -> None:
         raise StoreError(
             "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
         )
-
-
-def _identity_text(ident: Identity | None) -> str | None:
-    return None if ident is None else ":".join(str(int(v)) for v in ident)
-
-
-def _identity_from_text(text: str | None) -> Identity | None:
-    if not text:
-        return None
-    try:
-        dev, ino, size, mtime_ns = (int(v) for v in text.split(":"))
-    except ValueError:
-        return None
-    return (dev, ino, size, mtime_ns)
 
 
 def intake(
@@ -452,7 +440,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
         except LinkedFolderError:
             _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
             return "replaced"
-        expect = _identity_from_text(r.src_identity)
+        expect = identity_from_text(r.src_identity)
         if r.sha256 is not None:
             held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
             if held is None or (expect is not None and held != expect):
@@ -546,7 +534,7 @@ def _reject(
                 "dest": display_path(dest),
                 "moved_to": None,
                 "rejected_at": utcnow(),
-                "src_identity": _identity_text(ident),
+                "src_identity": identity_text(ident),
             }
         ],
         key=("run_id", "path"),

@@ -59,6 +59,8 @@ __all__ = [
     "SourceChangedError",
     "finish_move",
     "identity",
+    "identity_from_text",
+    "identity_text",
     "make_real_folders",
     "move_no_clobber",
     "quarantine_file",
@@ -76,6 +78,20 @@ Identity = tuple[int, int, int, int]
 
 def identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def identity_text(ident: Identity | None) -> str | None:
+    """An identity as the database keeps it, ``"dev:ino:size:mtime_ns"``."""
+    return None if ident is None else ":".join(str(int(v)) for v in ident)
+
+
+def identity_from_text(text: str | None) -> Identity | None:
+    """The inverse of :func:`identity_text`; None for None or anything else."""
+    try:
+        dev, ino, size, mtime_ns = (int(v) for v in (text or "").split(":"))
+    except ValueError:
+        return None
+    return (dev, ino, size, mtime_ns)
 
 
 class SourceChangedError(OSError):

@@ -267,6 +267,9 @@ class InboxFile(Base):
     moved_to: Mapped[str | None] = mapped_column(Text)
     move_error: Mapped[str | None] = mapped_column(Text)
     move_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # failed moves so far
+    # migration 0008: what the path held when it was loaded ("dev:ino:size:mtime_ns"), so that a move an
+    # interrupted run left is finished only for that file, also where no content hash was taken
+    src_identity: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 

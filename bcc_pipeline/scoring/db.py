@@ -27,5 +27,16 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 
 
 def require_schema(url: str) -> None:
-    """The BCC schema, at least at the revision that brought batch scoring."""
+    """The BCC schema, at least at the revision whose columns scoring writes (0008: the ledger's
+    ``src_identity``); an older one is named with the command that upgrades it."""
     store.require_schema(url, tables=("inbox_files",))
+    from sqlalchemy import inspect
+
+    try:
+        cols = {c["name"] for c in inspect(store.get_engine(url)).get_columns("inbox_files")}
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read the schema: {str(exc).splitlines()[0]}") from exc
+    if "src_identity" not in cols:
+        raise StoreError(
+            "the database predates inbox_files.src_identity (migration 0008); run `bcc db upgrade`"
+        )

@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Engine
 
 from ..files import display_path
+from ..moving import identity_text
 from ..store import (
     ImageRecord,
     InboxFile,
@@ -152,6 +153,7 @@ def commit_batch(
                 "status": status,
                 "reason": it.reason,
                 "dest": dest[it.key],
+                "src_identity": identity_text(it.ident),
                 "moved_to": None,
                 "move_error": None,
                 "created_at": now,

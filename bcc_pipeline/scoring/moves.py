@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 
 from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
-from ..moving import SourceChangedError, finish_move, move_no_clobber
+from ..moving import SourceChangedError, finish_move, identity_text, move_no_clobber
 from . import ledger
 from .inbox import destination, path_key
 from .loader import Item, clean_reason
@@ -172,6 +172,10 @@ class Mover:
                 return False
             if r.sha256 is not None:
                 return r.sha256 == it.sha
+            # refused unread (a link, a file too large): the same file only while the path holds what it
+            # held then (rows from before migration 0008 have no identity)
+            if r.src_identity is not None and r.src_identity != identity_text(it.ident):
+                return False
             return r.status == "rejected" and (it.is_link or it.kind == "rejected")
 
         for r in own:  # this run took the file on, and did not record the move

@@ -524,6 +524,10 @@ def test_migration_0008_keeps_older_rejections_and_an_old_schema_is_named(home, 
     bad.write_bytes(b"refused before the upgrade")
     with pytest.raises(StoreError, match="0008.*bcc db upgrade"):
         intake(home, run_id="refused")
+    from bcc_pipeline.scoring import db as scoring_db
+
+    with pytest.raises(StoreError, match="0008.*bcc db upgrade"):  # scoring writes the ledger's identity
+        scoring_db.require_schema(migrated_url)
     dest = home.quarantine_dir / "old-run" / "landing" / "malignant" / "old.png"
     with store.get_engine(migrated_url).begin() as conn:  # what an interrupted 0007-era run left
         conn.execute(

@@ -279,3 +279,34 @@ def test_a_link_quarantined_earlier_never_leads_a_move_outside_quarantine(
         scoring.score_inbox(s, run_id=run)
         assert os.listdir(victim) == []
     assert (s.quarantine_dir / "r1" / hashed).is_symlink()
+
+
+def test_a_refused_file_replaced_before_its_interrupted_move_gets_its_own_rejection(
+    make_settings, sqlite_url, register_champion
+):
+    """A link is refused unread (no content hash). Killed after the commit, then the path holds another
+    bad file: the next run must not quarantine it under the link's reason as the link's recovered move,
+    but reject it for its own reason."""
+    from bcc_pipeline.store import Rejection
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    s.inbox_dir.mkdir(parents=True)
+    p = s.inbox_dir / "a.png"
+    os.symlink("/etc/hostname", p)
+
+    def die(paths):
+        raise Crash
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(on_batch_committed=die))
+    p.unlink()
+    p.write_bytes(b"%PDF-1.7 a scanner's PDF saved under the same name")
+    r = scoring.score_inbox(s, run_id="r2")
+    assert (r["recovered"], r["rejected"]) == (0, 1)
+    moved = s.quarantine_dir / "r2" / "a.png"
+    assert moved.read_bytes().startswith(b"%PDF") and "link" not in files.reason_path(moved).read_text()
+    assert not os.path.lexists(s.quarantine_dir / "r1" / "a.png")
+    with session_scope(sqlite_url) as db:
+        reasons = {x.run_id: x.reason for x in db.scalars(select(Rejection))}
+    assert "symbolic link" in reasons["r1"] and "symbolic link" not in reasons["r2"]

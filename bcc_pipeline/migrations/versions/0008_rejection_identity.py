@@ -1,4 +1,4 @@
-"""intake rejections record what the path held when it was refused (device, inode, size, mtime_ns)
+"""intake rejections and the scoring ledger record what the path held (device, inode, size, mtime_ns)
 
 Revision ID: 0008
 Revises: 0007
@@ -17,8 +17,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("rejections", schema=None) as batch_op:
         batch_op.add_column(sa.Column("src_identity", sa.String(length=128), nullable=True))
+    with op.batch_alter_table("inbox_files", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("src_identity", sa.String(length=128), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("inbox_files", schema=None) as batch_op:
+        batch_op.drop_column("src_identity")
     with op.batch_alter_table("rejections", schema=None) as batch_op:
         batch_op.drop_column("src_identity")

@@ -53,6 +53,7 @@ __all__ = [
     "mark_home",
     "one_line",
     "path_from_display",
+    "quarantine_rel",
     "publish_no_clobber",
     "read_once",
     "reason_path",
@@ -205,6 +206,16 @@ def fit_path(root: Path, rel: str | os.PathLike[str]) -> Path:
         return dest
     folder, name = os.path.split(os.fspath(rel))
     return root / f"#{hashlib.sha256(os.fsencode(folder)).hexdigest()[:16]}" / name
+
+
+def quarantine_rel(rel: str | os.PathLike[str]) -> str:
+    """``rel`` as laid out under ``quarantine/<run>/``: a folder whose name ends in ``.reason.txt`` gets
+    ``.d`` appended, so that it can never take the name of a quarantined file's reason file (a file
+    ``x.png`` beside a folder ``x.png.reason.txt/`` would otherwise block one or the other, run after
+    run). Folders merge harmlessly; files never replace one another."""
+    parts = os.fspath(rel).split(os.sep)
+    folders = [p + ".d" if p.endswith(REASON_SUFFIX) else p for p in parts[:-1]]
+    return os.sep.join([*folders, parts[-1]])
 
 
 def settled(shown: str, mtime: float, now: float, settle: float) -> bool:

@@ -65,6 +65,7 @@ from .files import (
     fit_path,
     one_line,
     path_from_display,
+    quarantine_rel,
     read_once,
     reason_path,
     safe_dirname,
@@ -499,8 +500,9 @@ def _content_identity(path: Path, sha: str, max_bytes: int) -> Identity | None:
 # -- one file ---------------------------------------------------------------------------------
 def _quarantine_dest(quarantine_root: Path, rel: Path) -> Path:
     """Where a rejected ``landing/<rel>`` goes: ``quarantine/<run>/landing/<rel>``, with a hashed folder
-    when that path would not fit (:func:`bcc_pipeline.files.fit_path`, as scoring's destinations)."""
-    return fit_path(quarantine_root, rel)
+    when that path would not fit (:func:`bcc_pipeline.files.fit_path`, as scoring's destinations), and
+    folders named like reason files renamed (:func:`bcc_pipeline.files.quarantine_rel`)."""
+    return fit_path(quarantine_root, quarantine_rel(rel))
 
 
 def _reject(

@@ -29,7 +29,16 @@ from typing import Any
 from .. import images
 from ..config import HOME_MARKER, Settings
 from ..errors import ConfigError
-from ..files import PATH_MAX, REASON_SUFFIX, SYSTEM_NAMES, display_path, fit_path, safe_dirname, settled
+from ..files import (
+    PATH_MAX,
+    REASON_SUFFIX,
+    SYSTEM_NAMES,
+    display_path,
+    fit_path,
+    quarantine_rel,
+    safe_dirname,
+    settled,
+)
 
 __all__ = ["PATH_MAX", "InboxRefused", "destination", "discover", "inbox_root", "path_key", "settled"]
 
@@ -50,8 +59,10 @@ def destination(settings: Settings, run_id: str, status: str, rel: str) -> Path:
     """Where a file a run took on goes: ``quarantine/<run>/<rel>`` when rejected, else ``archive/<run>/<rel>``.
     A path that would not fit in :data:`PATH_MAX` becomes ``<root>/<run>/#<hash of rel's folder>/<name>``
     (:func:`bcc_pipeline.files.fit_path`)."""
-    root = (settings.quarantine_dir if status == "rejected" else settings.archive_dir) / safe_dirname(run_id)
-    return fit_path(root, rel)  # too long under archive/<run>/: the folders become one hashed name
+    if status == "rejected":  # a folder named like a reason file never meets one
+        return fit_path(settings.quarantine_dir / safe_dirname(run_id), quarantine_rel(rel))
+    # too long under archive/<run>/: the folders become one hashed name
+    return fit_path(settings.archive_dir / safe_dirname(run_id), rel)
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -590,3 +590,15 @@ def test_a_retry_never_quarantines_through_a_folder_link_it_quarantined(home, tm
     assert os.listdir(victim) == [] and (ward / "y.png").exists()
     assert [f["path"] for f in later.persistent_move_failures] == ["benign/ward_1/y.png"]
     assert "symbolic link" in later.persistent_move_failures[0]["error"]
+
+
+def test_a_landing_folder_named_like_a_reason_file_never_blocks_a_quarantine(home):
+    bad = home.landing_dir / "benign" / "x.png"
+    (home.landing_dir / "benign" / "x.png.reason.txt").mkdir(parents=True)
+    bad.write_bytes(b"not an image")
+    (bad.parent / "x.png.reason.txt" / "y.png").write_bytes(b"not an image either")
+    r = intake(home, run_id="reasons")
+    assert (r.rejected, r.failed) == (2, []) and _all_files(home.landing_dir) == []
+    q = home.quarantine_dir / "reasons" / "landing" / "benign"
+    assert files.reason_path(q / "x.png").is_file()
+    assert (q / "x.png.reason.txt.d" / "y.png").read_bytes() == b"not an image either"

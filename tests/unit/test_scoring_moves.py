@@ -310,3 +310,27 @@ def test_a_refused_file_replaced_before_its_interrupted_move_gets_its_own_reject
     with session_scope(sqlite_url) as db:
         reasons = {x.run_id: x.reason for x in db.scalars(select(Rejection))}
     assert "symbolic link" in reasons["r1"] and "symbolic link" not in reasons["r2"]
+
+
+@pytest.mark.parametrize("order", [(0,), (1, 0), (0, 1)])
+def test_a_folder_named_like_a_reason_file_never_blocks_a_quarantine(
+    make_settings, sqlite_url, register_champion, order
+):
+    """A bad ``x.png`` beside a folder ``x.png.reason.txt/`` holding another bad file: both are quarantined
+    with their reasons, in one run, whichever shard moves first (the folder's quarantine copy is
+    ``x.png.reason.txt.d/``)."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    (s.inbox_dir / "x.png.reason.txt").mkdir(parents=True)
+    (s.inbox_dir / "x.png").write_bytes(b"not an image")
+    (s.inbox_dir / "x.png.reason.txt" / "y.png").write_bytes(b"not an image either")
+    run = f"r{len(order)}-{order[0]}"
+    scoring.plan_shards(s, run, len(order))
+    for shard in order:
+        scoring.score_shard(s, run, shard)
+    r = scoring.finalize_run(s, run)
+    assert (r["rejected"], r["status"]) == (2, "finished") and inbox_files(s.inbox_dir) == []
+    q = s.quarantine_dir / run
+    assert (q / "x.png").read_bytes() == b"not an image" and files.reason_path(q / "x.png").is_file()
+    y = q / "x.png.reason.txt.d" / "y.png"
+    assert y.read_bytes() == b"not an image either" and files.reason_path(y).is_file()

@@ -486,10 +486,13 @@ def mark_home(home: str | os.PathLike[str]) -> Path:
 @functools.lru_cache(maxsize=256)  # a pure function, called for every file a run moves (with its run id)
 def safe_dirname(name: str) -> str:
     """A single, harmless folder name for a run id (or any text): ASCII letters, digits and ``-_.+``;
-    anything else becomes ``_``. A name that had to be changed (or is empty, ``.`` or ``..``) gets a
-    short hash of the original, so different ids stay different folders."""
+    anything else becomes ``_``, and so does a leading ``.``: a run's folder is never hidden, and never
+    carries the ``.bcc-tmp-`` prefix that the stale-temporary sweep removes. A name that had to be
+    changed (or is empty) gets a short hash of the original, so different ids stay different folders."""
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.+") else "_" for c in name)[:120]
-    if safe != name or safe in ("", ".", ".."):
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe != name or safe == "":
         safe = f"{safe}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return safe
 

@@ -582,9 +582,12 @@ def _read(
     except FileNotFoundError:
         log.info("%s left landing before it was read", display_path(rel))
         return None
+    if _is_ignored_name(path.name):  # hidden and system files, links among them, are left alone (as scoring)
+        _ignore(report, rel)
+        return None
     if path.is_symlink():
         raise _Refused("symbolic link: links are never followed", _lstat_identity(path))
-    if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+    if path.suffix.lower() not in images.IMAGE_EXTENSIONS:
         _ignore(report, rel)
         return None
     st = None

@@ -602,3 +602,24 @@ def test_a_landing_folder_named_like_a_reason_file_never_blocks_a_quarantine(hom
     q = home.quarantine_dir / "reasons" / "landing" / "benign"
     assert files.reason_path(q / "x.png").is_file()
     assert (q / "x.png.reason.txt.d" / "y.png").read_bytes() == b"not an image either"
+
+
+def test_a_run_id_like_a_temporary_never_gets_quarantined_files_swept(home):
+    """A run id starting with ``.bcc-tmp-`` (or any dot) gets a visible folder: the stale-temporary sweep
+    of a later run never deletes a quarantined file or its reason. A hidden link in landing is ignored
+    (as scoring does), so no reason file named like a temporary is ever written."""
+    bad = home.landing_dir / "benign" / "p1" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image")
+    os.symlink("/etc/hostname", bad.parent / f"{files.TEMP_PREFIX}scan.png")
+    r = intake(home, run_id=f"{files.TEMP_PREFIX}nightly")
+    assert (r.rejected, r.ignored) == (1, 1)
+    assert not files.safe_dirname(f"{files.TEMP_PREFIX}nightly").startswith(".")
+    assert all(not files.safe_dirname(x).startswith(".") for x in (".", "..", ".x", "..."))
+    kept = _all_files(home.quarantine_dir)
+    assert len(kept) == 2  # the file and its reason
+    old = os.stat(kept[0]).st_mtime - 2 * files.STALE_TEMP_SECONDS
+    for p in [*home.quarantine_dir.rglob("*"), home.quarantine_dir]:
+        os.utime(p, (old, old), follow_symlinks=False)
+    intake(home, run_id="next")
+    assert _all_files(home.quarantine_dir) == kept

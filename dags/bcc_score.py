@@ -146,6 +146,7 @@ def bcc_score():
 
         from bcc_pipeline.errors import ArtifactError
         from bcc_pipeline.scoring import score_shard as run_shard
+        from bcc_pipeline.scoring.inbox import InboxRefused
 
         get_current_context()["shard_label"] = f"{shard + 1}/{planned['shards']}"
 
@@ -157,7 +158,7 @@ def bcc_score():
                 batch_size=params["batch_size"],
                 progress=print,
             )
-        except ArtifactError as exc:  # a missing or tampered model file does not heal on retry
+        except (ArtifactError, InboxRefused) as exc:  # a tampered model, a re-pointed inbox: no retry heals
             raise AirflowFailException(str(exc)) from exc
         return bcc_common.small(result)
 

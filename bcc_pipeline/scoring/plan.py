@@ -142,6 +142,9 @@ def plan_shards(
             "plan_version": PLAN_VERSION,
             "run_id": run_id,
             "inbox": found["inbox"],
+            # what the inbox resolved to when it was judged (allowed roots, no BCC home): every shard
+            # checks it still does, so a link re-pointed after planning is never scored through
+            "inbox_realpath": os.path.realpath(found["inbox"]),
             "model_version": champion,
             "inference": chosen["inference"],
             "inference_requested": inference,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ from ..files import display_path
 from ..moving import move_no_clobber
 from ..store import get_engine
 from . import db, ledger, run_records
-from .inbox import destination
+from .inbox import InboxRefused, destination
 from .loader import Item, Loader
 from .moves import MoveFile, Mover, Tally
 from .plan import load_plan, write_shard_result
@@ -108,6 +109,7 @@ def score_shard(
     engine = get_engine(settings.database_url)
     run_records.heartbeat(engine, run_id)
     try:
+        _require_same_inbox(plan)
         scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
         result = scorer.run(plan["shards"][shard], size)
         write_shard_result(settings, run_id, shard, result)
@@ -117,6 +119,19 @@ def score_shard(
     # no process holds the run until the next shard or finalize
     run_records.heartbeat(engine, run_id, alive=False)
     return result
+
+
+def _require_same_inbox(plan: dict[str, Any]) -> None:
+    """Refuse (:class:`InboxRefused`, no retry) an inbox that resolves elsewhere than when the run was
+    planned and judged: a link to it, or above it, re-pointed since (into ``landing/``, say)."""
+    was = plan.get("inbox_realpath")  # plans written before this check have none
+    now = os.path.realpath(plan["inbox"])
+    if was is not None and now != was:
+        raise InboxRefused(
+            f"the inbox {display_path(plan['inbox'])} now resolves to {display_path(now)}, not to "
+            f"{display_path(was)} as when scoring run {plan['run_id']} was planned; not scoring through a "
+            "re-pointed link (plan a new run)"
+        )
 
 
 class _ShardScorer:

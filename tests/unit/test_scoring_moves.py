@@ -334,3 +334,22 @@ def test_a_folder_named_like_a_reason_file_never_blocks_a_quarantine(
     assert (q / "x.png").read_bytes() == b"not an image" and files.reason_path(q / "x.png").is_file()
     y = q / "x.png.reason.txt.d" / "y.png"
     assert y.read_bytes() == b"not an image either" and files.reason_path(y).is_file()
+
+
+def test_an_inbox_link_re_pointed_after_planning_is_refused_by_every_shard(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """The inbox is judged when the run is planned; a link to it re-pointed before a shard runs (here into
+    landing/, where a labelled image waits for intake) is refused, and nothing there is read or moved."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "batch1" / "a.png", seed=1)
+    current = s.inbox_dir / "current"
+    current.symlink_to(s.inbox_dir / "batch1")
+    waiting = png_writer(s.landing_dir / "benign" / "p1" / "a.png", seed=2)
+    scoring.plan_shards(s, "r1", 1, inbox=str(current))
+    current.unlink()
+    current.symlink_to(waiting.parent)
+    with pytest.raises(scoring.InboxRefused, match="re-pointed"):
+        scoring.score_shard(s, "r1", 0)
+    assert waiting.exists() and archived(s) == [] and count_rows(sqlite_url, Prediction) == 0

@@ -298,7 +298,9 @@ def intake(
 # -- after the commit -------------------------------------------------------------------------
 def _mark(session, run_id: str, shown: str, **values: Any) -> None:
     session.execute(
-        update(Rejection).where(Rejection.run_id == run_id, Rejection.path == shown).values(**values)
+        update(Rejection)
+        .where(Rejection.run_id == run_id, Rejection.stage == "intake", Rejection.path == shown)
+        .values(**values)
     )
     session.commit()
 
@@ -517,7 +519,9 @@ def _reject(
     """Record the rejection (with the file's destination) in the session; the move follows the commit,
     only while the path still holds the file that was checked (``ident``)."""
     shown, reason = display_path(rel), one_line(reason)
-    taken = select(Rejection.path).where(Rejection.run_id == report.run_id, Rejection.path == shown)
+    taken = select(Rejection.path).where(
+        Rejection.run_id == report.run_id, Rejection.stage == "intake", Rejection.path == shown
+    )
     if session.execute(taken).first() is not None:
         # Rows are keyed by (run, path); the earlier rows' moves were finished (or are skipped as
         # unfinished) before the walk, so this is another file. Raised before any count changes.
@@ -539,7 +543,7 @@ def _reject(
                 "src_identity": identity_text(ident),
             }
         ],
-        key=("run_id", "path"),
+        key=("run_id", "stage", "path"),
     )
     report.rejected += 1
     report.rejections.append({"path": shown, "reason": reason})

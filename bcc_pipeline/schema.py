@@ -216,7 +216,7 @@ class Prediction(Base):
 
 
 class Rejection(Base):
-    """Files refused at intake or scoring, with the reason; unique per (run, path). ``path`` is shown as
+    """Files refused at intake or scoring, with the reason; unique per (run, stage, path). ``path`` is shown as
     :func:`bcc_pipeline.files.display_path` shows it (reversible, so each file has its own row)."""
 
     __tablename__ = "rejections"
@@ -238,7 +238,8 @@ class Rejection(Base):
     # also where no content hash was taken (a link, a file too large to read).
     src_identity: Mapped[str | None] = mapped_column(String(128))
 
-    __table_args__ = (UniqueConstraint("run_id", "path"),)
+    # by stage too (migration 0008): an intake run and a scoring run may carry the same (Airflow) run id
+    __table_args__ = (UniqueConstraint("run_id", "stage", "path"),)
 
 
 # -- batch scoring (migration 0002) -----------------------------------------------------------

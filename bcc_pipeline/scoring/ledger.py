@@ -236,7 +236,7 @@ def commit_batch(
             for it in sorted(mine, key=lambda i: i.path)
             if it.kind == "rejected"
         ]
-        insert_rows(conn, Rejection, rej_rows, key=("run_id", "path"))
+        insert_rows(conn, Rejection, rej_rows, key=("run_id", "stage", "path"))
     return mine, set(scored_keys)
 
 
@@ -280,7 +280,11 @@ def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
         if rej_updates:
             conn.execute(
                 update(rt)
-                .where(rt.c.run_id == bindparam("b_run"), rt.c.path == bindparam("b_path"))
+                .where(
+                    rt.c.run_id == bindparam("b_run"),
+                    rt.c.stage == "scoring",
+                    rt.c.path == bindparam("b_path"),
+                )
                 .values(moved_to=bindparam("b_moved")),
                 rej_updates,
             )

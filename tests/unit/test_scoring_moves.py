@@ -353,3 +353,27 @@ def test_an_inbox_link_re_pointed_after_planning_is_refused_by_every_shard(
     with pytest.raises(scoring.InboxRefused, match="re-pointed"):
         scoring.score_shard(s, "r1", 0)
     assert waiting.exists() and archived(s) == [] and count_rows(sqlite_url, Prediction) == 0
+
+
+def test_an_intake_and_a_scoring_run_with_one_run_id_keep_their_own_rejections(
+    make_settings, sqlite_url, register_champion
+):
+    """Both DAGs use Airflow's run id; two runs scheduled at the same instant share it. Each stage keeps
+    its own rejection row, with its own reason and where its own file went."""
+    from bcc_pipeline.intake import intake
+    from bcc_pipeline.store import Rejection
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    for root, data in ((s.landing_dir, b""), (s.inbox_dir, b"GIF89a broken")):
+        (root / "benign" / "p1").mkdir(parents=True)
+        (root / "benign" / "p1" / "x.png").write_bytes(data)
+    rid = "scheduled__2026-01-04T02:00:00+00:00"
+    intake(s, run_id=rid)
+    scoring.score_inbox(s, run_id=rid)
+    with session_scope(sqlite_url) as db:
+        rows = {x.stage: x for x in db.scalars(select(Rejection))}
+    assert set(rows) == {"intake", "scoring"}
+    assert Path(files.path_from_display(rows["intake"].moved_to)).read_bytes() == b""
+    assert Path(files.path_from_display(rows["scoring"].moved_to)).read_bytes() == b"GIF89a broken"
+    assert rows["intake"].reason != rows["scoring"].reason

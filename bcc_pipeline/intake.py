@@ -659,39 +659,45 @@ def _intake_one(
     shown = display_path(rel)
     parts = rel.parts  # (label, [group, ...], name)
     group = _group_id(parts[1]) if len(parts) > 2 else None
-    existing = session.get(ImageRecord, sha)
-    if existing is not None and existing.label not in (None, label):
-        reason = (
-            f"the same image content was already taken in as {existing.label} "
-            f"({existing.source_path}); excluded from training under both labels"
-        )
-        then = _reject(session, rel, reason, sha, report, quarantine_root, ident)
-        if existing.excluded_reason is None:
-            existing.excluded_reason = f"content seen as both {existing.label} and {label} ({shown})"
-        report.conflicts += 1
-        return then
-    if existing is not None and existing.label == label:
-        report.duplicates += 1
-        return _Then(ident=ident)  # its content is already stored under dataset/
-
-    stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
-    if existing is None:
-        session.add(
-            ImageRecord(
-                sha256=sha,
-                label=label,
-                group_id=group,
-                width=info.width,
-                height=info.height,
-                format=info.format,
-                source_path=shown,
-                stored_path=str(stored),
-                first_seen_at=utcnow(),
-                phash=perceptual_hash(rgb),
+    # Twice at most: a scoring run (or another intake) may commit a row for this content between the
+    # read and the insert; the insert then writes nothing and the decision is made again with that row.
+    for _ in range(2):
+        existing = session.get(ImageRecord, sha, populate_existing=True)
+        if existing is not None and existing.label not in (None, label):
+            reason = (
+                f"the same image content was already taken in as {existing.label} "
+                f"({existing.source_path}); excluded from training under both labels"
             )
-        )
-    else:  # known from scoring (unlabelled); now it has a label
-        existing.label, existing.group_id, existing.stored_path = label, group, str(stored)
-        existing.first_seen_at, existing.phash = utcnow(), perceptual_hash(rgb)
-    report.accepted += 1
-    return _Then(ident=ident)
+            then = _reject(session, rel, reason, sha, report, quarantine_root, ident)
+            if existing.excluded_reason is None:
+                existing.excluded_reason = f"content seen as both {existing.label} and {label} ({shown})"
+            report.conflicts += 1
+            return then
+        if existing is not None and existing.label == label:
+            report.duplicates += 1
+            return _Then(ident=ident)  # its content is already stored under dataset/
+
+        stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
+        if existing is None:
+            row = {
+                "sha256": sha,
+                "label": label,
+                "group_id": group,
+                "width": info.width,
+                "height": info.height,
+                "format": info.format,
+                "source_path": shown,
+                "stored_path": str(stored),
+                "excluded_reason": None,
+                "first_seen_at": utcnow(),
+                "phash": perceptual_hash(rgb),
+            }
+            sha_column = ImageRecord.__table__.c.sha256
+            if not insert_rows(session, ImageRecord, [row], key=("sha256",), returning=sha_column):
+                continue  # committed by another process meanwhile: decide with its row
+        else:  # known from scoring (unlabelled); now it has a label
+            existing.label, existing.group_id, existing.stored_path = label, group, str(stored)
+            existing.first_seen_at, existing.phash = utcnow(), perceptual_hash(rgb)
+        report.accepted += 1
+        return _Then(ident=ident)
+    raise StoreError(f"the images row of {shown} changed twice while it was taken in; the next run retries")

@@ -623,3 +623,38 @@ def test_a_run_id_like_a_temporary_never_gets_quarantined_files_swept(home):
         os.utime(p, (old, old), follow_symlinks=False)
     intake(home, run_id="next")
     assert _all_files(home.quarantine_dir) == kept
+
+
+def test_a_scoring_run_committing_the_same_content_mid_intake_does_not_stop_intake(
+    home, png_writer, register_champion, monkeypatch
+):
+    """Intake reads a file's images row, then a scoring run commits a row for the same content before
+    intake inserts its own: intake decides again with that row (the image gets its label) and goes on
+    with the next file, instead of the whole run dying on a unique violation."""
+    import shutil
+    import threading
+
+    import bcc_pipeline.intake as intake_module
+    from bcc_pipeline import scoring
+
+    register_champion(home)
+    for i, name in enumerate("abc"):
+        png_writer(home.landing_dir / "benign" / "p1" / f"{name}.png", seed=i + 1)
+    home.inbox_dir.mkdir(parents=True)
+    shutil.copy(home.landing_dir / "benign" / "p1" / "b.png", home.inbox_dir / "b.png")
+    real, calls = intake_module.perceptual_hash, []
+
+    def phash_while_scoring_commits(rgb):
+        calls.append(1)
+        if len(calls) == 2:  # intake is at b.png: looked up (no row yet), not inserted
+            t = threading.Thread(target=lambda: scoring.score_inbox(home, run_id="s1"))
+            t.start()
+            t.join()
+        return real(rgb)
+
+    monkeypatch.setattr(intake_module, "perceptual_hash", phash_while_scoring_commits)
+    r = intake(home, run_id="i1")
+    assert (r.accepted, r.failed) == (3, []) and _all_files(home.landing_dir) == []
+    with session_scope(home.database_url) as s:
+        rows = s.scalars(select(ImageRecord)).all()
+    assert len(rows) == 3 and all(x.label == "benign" and x.stored_path for x in rows)

@@ -125,6 +125,30 @@ def test_kill_at_every_point_then_rerun(
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_killed_mid_move_across_filesystems_then_touched_then_rerun(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Killed once a copy is published on the archive's filesystem and before the inbox file is removed;
+    the inbox files are then touched (or copied again with the same bytes): the rerun finishes the move
+    with that copy instead of leaving it as an unrecorded second copy beside a ``~1``."""
+    inbox = _second_filesystem(tmp_path) / "inbox"
+    try:
+        settings = make_settings(sqlite_url, settle_seconds=0, inbox_roots=str(inbox))
+        register_champion(settings)
+        shas = _fill(inbox, png_writer)
+        env = scoring_env(settings.home, sqlite_url, BCC_INBOX_ROOTS=str(inbox))
+        kill_at(env, "on_move_linked", 3, inbox=inbox)
+        for p in inbox.rglob("*"):
+            if p.is_file():
+                os.utime(p)
+        summary = scoring.score_inbox(settings, inbox=inbox, batch_size=4)
+        assert summary["status"] == "finished" and summary["move_failed"] == 0
+        _check(settings, sqlite_url, inbox, shas, [inbox.parent])
+    finally:
+        shutil.rmtree(inbox.parent, ignore_errors=True)
+
+
 # Intake with its on_committed hook blocking at the ``block_at``-th call (same arguments as the scoring
 # script of test_scoring_crash, so its kill_at drives both).
 INTAKE_BLOCKED = """

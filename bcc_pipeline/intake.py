@@ -78,6 +78,7 @@ from .moving import (
     Identity,
     LinkedFolderError,
     SourceChangedError,
+    find_moved,
     identity,
     identity_from_text,
     identity_text,
@@ -466,10 +467,12 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
         if outcome == "moved":
             report.recovered += 1
         return outcome
-    if os.path.lexists(dest):  # moved, but killed before that was recorded
-        if not os.path.lexists(reason_path(dest)):
-            _write_reason(dest, r.reason)
-        _mark(session, r.run_id, r.path, moved_to=display_path(dest), move_error=None)
+    # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken
+    found = find_moved(dest, sha256=r.sha256, ident=identity_from_text(r.src_identity))
+    if found is not None:
+        if not os.path.lexists(reason_path(found)):
+            _write_reason(found, r.reason)
+        _mark(session, r.run_id, r.path, moved_to=display_path(found), move_error=None)
         report.recovered += 1
         return "moved"
     _mark(session, r.run_id, r.path, dest=None, move_error="left landing/ before it was moved")

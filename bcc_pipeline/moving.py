@@ -58,6 +58,7 @@ __all__ = [
     "Identity",
     "LinkedFolderError",
     "SourceChangedError",
+    "find_moved",
     "finish_move",
     "identity",
     "identity_from_text",
@@ -202,6 +203,44 @@ def _leftover_copy(dest: Path, src: Path | None, src_st: os.stat_result | None) 
         os.unlink(marker)
         return None
     return published
+
+
+def find_moved(
+    dest: str | os.PathLike[str], *, sha256: str | None = None, ident: Identity | None = None
+) -> Path | None:
+    """Where a move to ``dest`` that was never recorded put its file: ``dest``, or ``dest~N`` when that
+    name was taken at the time. Each name in turn (up to the first that does not exist) is compared with
+    what the file was: the same inode (a move on one filesystem), else the same size and mtime (a copy
+    keeps them), else the same content hash. With neither ``sha256`` nor ``ident`` (rows from before
+    migration 0008 refused unread), ``dest`` is taken when it exists. None: none of them is the file."""
+    dest = Path(dest)
+    if sha256 is None and ident is None:
+        return dest if os.path.lexists(dest) else None
+    for candidate in candidate_names(dest):
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        if ident is not None and (
+            (st.st_dev, st.st_ino) == tuple(ident[:2]) or (st.st_size, st.st_mtime_ns) == tuple(ident[2:])
+        ):
+            if sha256 is None or not stat.S_ISREG(st.st_mode) or _sha256_of(candidate) == sha256:
+                return candidate
+        elif ident is None and sha256 is not None and stat.S_ISREG(st.st_mode):
+            if _sha256_of(candidate) == sha256:
+                return candidate
+    return None  # pragma: no cover - candidate_names never ends
+
+
+def _sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | getattr(os, "O_NOFOLLOW", 0))) as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def finish_move(dest: str | os.PathLike[str]) -> Path | None:

@@ -309,11 +309,12 @@ def mark_vanished(engine: Engine, row_id: int) -> None:
 
 
 def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000) -> list[Any]:
-    """Ledger rows with no ``moved_to`` (id, run_id, path, path_key, status, reason)."""
+    """Ledger rows with no ``moved_to`` (id, run_id, path, path_key, status, reason, sha256,
+    src_identity)."""
     t = LEDGER
-    q = select(t.c.id, t.c.run_id, t.c.path, t.c.path_key, t.c.status, t.c.reason).where(
-        t.c.moved_to.is_(None)
-    )
+    q = select(
+        t.c.id, t.c.run_id, t.c.path, t.c.path_key, t.c.status, t.c.reason, t.c.sha256, t.c.src_identity
+    ).where(t.c.moved_to.is_(None))
     if only_run is not None:
         q = q.where(t.c.run_id == only_run)
     with transaction(engine) as conn:

@@ -29,7 +29,14 @@ from sqlalchemy.engine import Engine
 
 from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
-from ..moving import SourceChangedError, finish_move, identity_text, move_no_clobber
+from ..moving import (
+    SourceChangedError,
+    find_moved,
+    finish_move,
+    identity_from_text,
+    identity_text,
+    move_no_clobber,
+)
 from . import ledger
 from .inbox import destination, path_key
 from .loader import Item, clean_reason
@@ -183,11 +190,11 @@ class Mover:
                 if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)])[0]["moved_to"]:
                     counts["already_done"] += 1
                 return True
-            dest = destination(self.s, r.run_id, r.status, it.rel)
-            if os.path.lexists(dest):
-                self._mark_moved(r, dest)
+            found = _moved_to(self.s, r, it.rel)
+            if found is not None:
+                self._mark_moved(r, found)
             if it.kind == "missing":
-                if not os.path.lexists(dest):
+                if found is None:
                     ledger.mark_vanished(self.engine, r.id)
                     counts["missing"] += 1
                 else:
@@ -202,10 +209,21 @@ class Mover:
                     counts["recovered"] += 1
                     log.info("recovered %s for interrupted run %s", it.path, r.run_id)
                 return True
-            dest = destination(self.s, r.run_id, r.status, it.rel)
-            if os.path.lexists(dest):
-                self._mark_moved(r, dest)
+            found = _moved_to(self.s, r, it.rel)
+            if found is not None:
+                self._mark_moved(r, found)
         return False
+
+
+def _moved_to(settings: Settings, r: Any, rel: str) -> Path | None:
+    """Where the file of ledger row ``r`` went when a move was not recorded: its destination, or a
+    ``~N`` name beside it when that was taken, whichever holds this row's file (by content hash or the
+    identity it was loaded with; :func:`bcc_pipeline.moving.find_moved`), never merely another file there."""
+    return find_moved(
+        destination(settings, r.run_id, r.status, rel),
+        sha256=r.sha256,
+        ident=identity_from_text(r.src_identity),
+    )
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -233,13 +251,13 @@ def sweep_interrupted(
         if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
             continue
         dest = destination(settings, r.run_id, r.status, rel)
-        finish_move(
-            dest
-        )  # a move across filesystems killed after removing the source leaves its temporary name
-        if os.path.lexists(dest):
-            if r.status == "rejected" and not os.path.lexists(reason_path(dest)):
-                _try_write_reason(dest, r.reason or "rejected")
-            fixed.append((r.id, str(dest)))
+        # a move across filesystems killed after removing the source leaves its temporary name
+        finish_move(dest)
+        found = _moved_to(settings, r, rel)
+        if found is not None:
+            if r.status == "rejected" and not os.path.lexists(reason_path(found)):
+                _try_write_reason(found, r.reason or "rejected")
+            fixed.append((r.id, str(found)))
     ledger.record_swept(engine, fixed)
     if fixed:
         log.info("recorded %d file move(s) that interrupted runs had finished", len(fixed))

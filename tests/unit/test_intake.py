@@ -658,3 +658,37 @@ def test_a_scoring_run_committing_the_same_content_mid_intake_does_not_stop_inta
     with session_scope(home.database_url) as s:
         rows = s.scalars(select(ImageRecord)).all()
     assert len(rows) == 3 and all(x.label == "benign" and x.stored_path for x in rows)
+
+
+def test_an_interrupted_quarantine_move_is_recorded_where_the_file_really_went(home, monkeypatch):
+    """As in scoring: two rejected files whose quarantine names meet (the second goes to ``a~1.png``), the
+    process killed after the second move and before its reason and record; the next run records it at
+    ``a~1.png`` with its own reason, not at the first file's place."""
+    import bcc_pipeline.intake as intake_module
+
+    base = home.landing_dir / "benign" / "p1"
+    (base / "x.png.reason.txt").mkdir(parents=True)
+    (base / "x.png.reason.txt.d").mkdir()
+    (base / "x.png.reason.txt" / "a.png").write_bytes(b"")
+    (base / "x.png.reason.txt.d" / "a.png").write_bytes(b"GIF89a broken")
+    real, calls = intake_module._write_reason, []
+
+    def reason_then_die_on_the_second(path, reason):
+        calls.append(path)
+        if len(calls) == 2:
+            raise _Killed(path)
+        return real(path, reason)
+
+    monkeypatch.setattr(intake_module, "_write_reason", reason_then_die_on_the_second)
+    with pytest.raises(_Killed):
+        intake(home, run_id="i1")
+    monkeypatch.setattr(intake_module, "_write_reason", real)
+    r = intake(home, run_id="i2")
+    assert r.recovered == 1 and _all_files(home.landing_dir) == []
+    with session_scope(home.database_url) as s:
+        rows = s.scalars(select(Rejection)).all()
+    assert len(rows) == 2 and len({x.moved_to for x in rows}) == 2
+    for x in rows:
+        where = Path(files.path_from_display(x.moved_to))
+        assert where.read_bytes() == (b"" if "x.png.reason.txt/" in x.path else b"GIF89a broken")
+        assert files.reason_path(where).read_text().strip() == x.reason

@@ -377,3 +377,41 @@ def test_an_intake_and_a_scoring_run_with_one_run_id_keep_their_own_rejections(
     assert Path(files.path_from_display(rows["intake"].moved_to)).read_bytes() == b""
     assert Path(files.path_from_display(rows["scoring"].moved_to)).read_bytes() == b"GIF89a broken"
     assert rows["intake"].reason != rows["scoring"].reason
+
+
+def test_a_move_recorded_by_a_later_run_is_found_where_the_file_really_went(
+    make_settings, sqlite_url, register_champion
+):
+    """Two files whose quarantine names meet (``x.png.reason.txt/a.png`` is quarantined as
+    ``x.png.reason.txt.d/a.png``, beside the real one's): the second goes to ``a~1.png``, and the process is
+    killed before that move is recorded. The next run records each row where its own file is, with its own
+    reason beside it, not the first file's place."""
+    from bcc_pipeline.store import Rejection
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    (s.inbox_dir / "x.png.reason.txt").mkdir(parents=True)
+    (s.inbox_dir / "x.png.reason.txt.d").mkdir()
+    (s.inbox_dir / "x.png.reason.txt" / "a.png").write_bytes(b"")
+    (s.inbox_dir / "x.png.reason.txt.d" / "a.png").write_bytes(b"GIF89a broken")
+    n = {"moves": 0}
+
+    def move_then_die_on_the_second(src, dest, **kw):
+        where = moving.move_no_clobber(src, dest, **kw)
+        n["moves"] += 1
+        if n["moves"] == 2:
+            raise Crash
+        return where
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="s1", hooks=scoring.Hooks(move_file=move_then_die_on_the_second))
+    scoring.score_inbox(s, run_id="s2")
+    with session_scope(sqlite_url) as db:
+        rows = db.scalars(select(InboxFile)).all()
+        reasons = {x.path: x.reason for x in db.scalars(select(Rejection))}
+    assert len(rows) == 2 and len({r.moved_to for r in rows}) == 2
+    for r in rows:
+        where = Path(files.path_from_display(r.moved_to))
+        original = b"" if r.path.startswith("x.png.reason.txt/") else b"GIF89a broken"
+        assert where.read_bytes() == original
+        assert files.reason_path(where).read_text().strip() == reasons[r.path]

@@ -210,26 +210,37 @@ def find_moved(
 ) -> Path | None:
     """Where a move to ``dest`` that was never recorded put its file: ``dest``, or ``dest~N`` when that
     name was taken at the time. Each name in turn (up to the first that does not exist) is compared with
-    what the file was: the same inode (a move on one filesystem), else the same size and mtime (a copy
-    keeps them), else the same content hash. With neither ``sha256`` nor ``ident`` (rows from before
+    what the file was: the same inode (a move on one filesystem), else, on another filesystem, the same
+    size and mtime (a copy keeps them), and the same content hash where one is known. With neither ``sha256`` nor ``ident`` (rows from before
     migration 0008 refused unread), ``dest`` is taken when it exists. None: none of them is the file."""
     dest = Path(dest)
     if sha256 is None and ident is None:
         return dest if os.path.lexists(dest) else None
+    present: list[tuple[Path, os.stat_result]] = []
     for candidate in candidate_names(dest):
         try:
-            st = os.lstat(candidate)
+            present.append((candidate, os.lstat(candidate)))
         except FileNotFoundError:
-            return None
-        if ident is not None and (
-            (st.st_dev, st.st_ino) == tuple(ident[:2]) or (st.st_size, st.st_mtime_ns) == tuple(ident[2:])
-        ):
-            if sha256 is None or not stat.S_ISREG(st.st_mode) or _sha256_of(candidate) == sha256:
+            break
+
+    def content_ok(candidate: Path, st: os.stat_result) -> bool:
+        return sha256 is None or not stat.S_ISREG(st.st_mode) or _sha256_of(candidate) == sha256
+
+    if ident is not None:
+        # the very inode first (a move on one filesystem keeps it); size and mtime only for a copy made
+        # across filesystems (another device), where a neighbour on the same one cannot be mistaken for it
+        for candidate, st in present:
+            if (st.st_dev, st.st_ino) == tuple(ident[:2]) and content_ok(candidate, st):
                 return candidate
-        elif ident is None and sha256 is not None and stat.S_ISREG(st.st_mode):
-            if _sha256_of(candidate) == sha256:
-                return candidate
-    return None  # pragma: no cover - candidate_names never ends
+        for candidate, st in present:
+            if st.st_dev != ident[0] and (st.st_size, st.st_mtime_ns) == tuple(ident[2:]):
+                if content_ok(candidate, st):
+                    return candidate
+        return None
+    for candidate, st in present:
+        if stat.S_ISREG(st.st_mode) and _sha256_of(candidate) == sha256:
+            return candidate
+    return None
 
 
 def _sha256_of(path: Path) -> str | None:

@@ -118,8 +118,9 @@ class Mover:
                 counts["changed"] += 1
                 log.warning("%s changed after it was read: not moved, the next run scores it", it.path)
             except FileNotFoundError:
-                if os.path.lexists(dest):  # someone else (a recovering run) finished this very move
-                    moved = display_path(dest)
+                done = find_moved(dest, sha256=it.sha, ident=it.ident)
+                if done is not None:  # someone else (a recovering run) finished this very move
+                    moved = display_path(done)
                 else:
                     error = ledger.VANISHED
                     counts["missing"] += 1

@@ -55,9 +55,11 @@ def load_plan(settings: Settings, run_id: str) -> dict[str, Any]:
 
 
 def plan_inbox(settings: Settings, run_id: str) -> str | None:
-    """The inbox ``run_id`` was planned for, or None when its plan cannot be read."""
+    """The inbox ``run_id`` was planned for, as it resolved then (a link to it is never gone through
+    again), or None when its plan cannot be read."""
     try:
-        return load_plan(settings, run_id)["inbox"]
+        plan = load_plan(settings, run_id)
+        return plan.get("inbox_realpath") or plan["inbox"]
     except (ConfigError, StoreError):
         return None
 

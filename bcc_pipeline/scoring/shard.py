@@ -140,7 +140,10 @@ class _ShardScorer:
     ):
         self.s, self.shard, self.progress, self.hooks = settings, shard, progress, hooks
         self.run_id: str = plan["run_id"]
-        self.inbox: str = plan["inbox"]
+        # The folder the inbox resolved to when it was judged (checked unchanged by _require_same_inbox):
+        # every read and move goes through it, so a link to the inbox re-pointed while this shard runs
+        # leads nowhere new.
+        self.inbox: str = plan.get("inbox_realpath") or plan["inbox"]
         self.engine = get_engine(settings.database_url)
         self.mv = run_records.model_version(self.engine, plan["model_version"], self.run_id)
         self.model = PinnedModel(

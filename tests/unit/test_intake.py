@@ -692,3 +692,36 @@ def test_an_interrupted_quarantine_move_is_recorded_where_the_file_really_went(h
         where = Path(files.path_from_display(x.moved_to))
         assert where.read_bytes() == (b"" if "x.png.reason.txt/" in x.path else b"GIF89a broken")
         assert files.reason_path(where).read_text().strip() == x.reason
+
+
+def test_two_landing_links_with_equal_times_are_each_recorded_where_they_went(home, monkeypatch):
+    """As in scoring: two links refused unread, the same size and mtime, meeting at one quarantine name;
+    killed after the second move and before its record, the next run finds each by its inode."""
+    import bcc_pipeline.intake as intake_module
+
+    base = home.landing_dir / "benign"
+    for d, target in (("r.reason.txt", "/nowhere/target-1"), ("r.reason.txt.d", "/nowhere/target-2")):
+        (base / d).mkdir(parents=True)
+        os.symlink(target, base / d / "a.png")
+        os.utime(base / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
+    real, n = intake_module.move_no_clobber, {"moves": 0}
+
+    def move_then_die_on_the_second(src, dest, **kw):
+        where = real(src, dest, **kw)
+        n["moves"] += 1
+        if n["moves"] == 2:
+            raise _Killed(where)
+        return where
+
+    monkeypatch.setattr(intake_module, "move_no_clobber", move_then_die_on_the_second)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(intake_module, "move_no_clobber", real)
+    assert intake(home, run_id="in2").recovered == 1
+    with session_scope(home.database_url) as s:
+        rows = {x.path: x.moved_to for x in s.scalars(select(Rejection))}
+    targets = {p: os.readlink(files.path_from_display(m)) for p, m in rows.items()}
+    assert targets == {
+        "benign/r.reason.txt/a.png": "/nowhere/target-1",
+        "benign/r.reason.txt.d/a.png": "/nowhere/target-2",
+    }

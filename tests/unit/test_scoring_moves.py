@@ -415,3 +415,84 @@ def test_a_move_recorded_by_a_later_run_is_found_where_the_file_really_went(
         original = b"" if r.path.startswith("x.png.reason.txt/") else b"GIF89a broken"
         assert where.read_bytes() == original
         assert files.reason_path(where).read_text().strip() == reasons[r.path]
+
+
+def test_a_file_deleted_before_its_move_is_never_recorded_at_another_files_place(
+    make_settings, sqlite_url, register_champion
+):
+    """Two files share a quarantine folder (``r.reason.txt/`` and ``r.reason.txt.d/``); one is deleted
+    after its commit and before its move: it is recorded as gone, not as moved to the other's copy."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    for d in ("r.reason.txt", "r.reason.txt.d"):
+        (s.inbox_dir / d).mkdir(parents=True)
+        (s.inbox_dir / d / "a.png").write_bytes(b"not a png: " + d.encode())
+
+    def delete_one(paths):
+        os.unlink(s.inbox_dir / "r.reason.txt" / "a.png")
+
+    r = scoring.score_inbox(s, run_id="run1", hooks=scoring.Hooks(on_batch_committed=delete_one))
+    assert r["missing"] == 1
+    with session_scope(sqlite_url) as db:
+        rows = {x.path: x for x in db.scalars(select(InboxFile))}
+    assert rows["r.reason.txt/a.png"].moved_to is None
+    kept = Path(files.path_from_display(rows["r.reason.txt.d/a.png"].moved_to))
+    assert kept.read_bytes() == b"not a png: r.reason.txt.d"
+
+
+def test_two_links_with_equal_times_are_each_recorded_where_they_went(
+    make_settings, sqlite_url, register_champion
+):
+    """Links refused unread have no content hash; two of them with the same size and mtime (as tar or
+    rsync -a leave them) meet at one quarantine name. Killed after the second move, before its record: the
+    next run finds each by its inode, not the first same-looking neighbour."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    for d, target in (("r.reason.txt.d", "/nowhere/target-1"), ("r.reason.txt", "/nowhere/target-2")):
+        (s.inbox_dir / d).mkdir(parents=True)
+        os.symlink(target, s.inbox_dir / d / "a.png")
+        os.utime(s.inbox_dir / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
+    n = {"moves": 0}
+
+    def move_then_die_on_the_second(src, dest, **kw):
+        where = moving.move_no_clobber(src, dest, **kw)
+        n["moves"] += 1
+        if n["moves"] == 2:
+            raise Crash
+        return where
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="run1", hooks=scoring.Hooks(move_file=move_then_die_on_the_second))
+    scoring.score_inbox(s, run_id="run2")
+    with session_scope(sqlite_url) as db:
+        rows = {x.path: x.moved_to for x in db.scalars(select(InboxFile))}
+    targets = {p: os.readlink(files.path_from_display(m)) for p, m in rows.items()}
+    assert targets == {"r.reason.txt.d/a.png": "/nowhere/target-1", "r.reason.txt/a.png": "/nowhere/target-2"}
+    assert all(files.reason_path(Path(files.path_from_display(m))).is_file() for m in rows.values())
+
+
+def test_an_inbox_link_re_pointed_while_a_shard_runs_leads_nowhere_new(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """The inbox itself is a link; it is re-pointed into landing/ after the first batch's commit. The shard
+    reads and moves through the folder the inbox resolved to when the run was planned: landing/ is never
+    touched, and every inbox file is scored."""
+    real = tmp_path / "real-inbox"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(tmp_path))
+    register_champion(s)
+    for i, n in enumerate("abcd"):
+        png_writer(real / f"{n}.png", seed=i)
+        png_writer(s.landing_dir / "benign" / f"{n}.png", seed=10 + i)
+    link = tmp_path / "inbox-link"
+    link.symlink_to(real)
+
+    def re_point(paths):
+        if os.readlink(link) == str(real):
+            (tmp_path / "new-link").symlink_to(s.landing_dir / "benign")
+            os.replace(tmp_path / "new-link", link)
+
+    r = scoring.score_inbox(
+        s, inbox=str(link), run_id="run1", batch_size=1, hooks=scoring.Hooks(on_batch_committed=re_point)
+    )
+    assert (r["scored"], r["changed"]) == (4, 0) and inbox_files(real) == []
+    assert sorted(p.stem for p in (s.landing_dir / "benign").iterdir()) == list("abcd")

@@ -96,6 +96,7 @@ PROGRESS_EVERY = 50  # intake reports progress each time this many more files ar
 _SWEEP_LIMIT = 10_000  # interrupted moves finished per run (the rest next run)
 _GROUP_MAX = 255  # images.group_id is VARCHAR(255)
 _REPLACED = "replaced by other content before it was moved; that content is taken in anew"
+_GONE = "left landing/ before it was moved"
 
 
 @dataclass
@@ -342,6 +343,10 @@ def _move(
         _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
         _changed(report, shown)
         return "changed"
+    except FileNotFoundError:  # taken by someone else since (another intake run): not a failed move
+        _mark(session, run_id, shown, dest=None, move_error=_GONE)
+        log.info("%s left landing/ before it was moved", shown)
+        return "gone"
     except OSError as exc:
         error = one_line(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
         _mark(session, run_id, shown, move_error=error)
@@ -475,7 +480,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
         _mark(session, r.run_id, r.path, moved_to=display_path(found), move_error=None)
         report.recovered += 1
         return "moved"
-    _mark(session, r.run_id, r.path, dest=None, move_error="left landing/ before it was moved")
+    _mark(session, r.run_id, r.path, dest=None, move_error=_GONE)
     return "gone"
 
 
@@ -698,9 +703,21 @@ def _intake_one(
             sha_column = ImageRecord.__table__.c.sha256
             if not insert_rows(session, ImageRecord, [row], key=("sha256",), returning=sha_column):
                 continue  # committed by another process meanwhile: decide with its row
-        else:  # known from scoring (unlabelled); now it has a label
-            existing.label, existing.group_id, existing.stored_path = label, group, str(stored)
-            existing.first_seen_at, existing.phash = utcnow(), perceptual_hash(rgb)
+        else:  # known from scoring (unlabelled); now it has a label, only while nobody labelled it since
+            t = ImageRecord.__table__
+            labelled = session.execute(
+                update(t)
+                .where(t.c.sha256 == sha, t.c.label.is_(None))
+                .values(
+                    label=label,
+                    group_id=group,
+                    stored_path=str(stored),
+                    first_seen_at=utcnow(),
+                    phash=perceptual_hash(rgb),
+                )
+            )
+            if labelled.rowcount != 1:
+                continue  # another intake labelled it meanwhile: decide with its label (a conflict?)
         report.accepted += 1
         return _Then(ident=ident)
     raise StoreError(f"the images row of {shown} changed twice while it was taken in; the next run retries")

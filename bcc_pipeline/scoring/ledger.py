@@ -298,6 +298,31 @@ def mark_moved(engine: Engine, row_id: int, moved_to: str) -> None:
             .where(LEDGER.c.id == row_id)
             .values(moved_to=display_path(moved_to), move_error=None, updated_at=utcnow())
         )
+        _rejections_follow(conn, [(row_id, moved_to)])
+
+
+def _rejections_follow(conn: Any, found: Sequence[tuple[int, str]]) -> None:
+    """The ``rejections`` rows of rejected ledger rows (id, where the file is) get the same ``moved_to``,
+    as :func:`record_moves` gives them: a move recorded later is recorded in both tables."""
+    rt = Rejection.__table__
+    where = dict(found)
+    rows = conn.execute(
+        select(LEDGER.c.id, LEDGER.c.run_id, LEDGER.c.path).where(
+            LEDGER.c.id.in_(list(where)), LEDGER.c.status == "rejected"
+        )
+    ).all()
+    if rows:
+        conn.execute(
+            update(rt)
+            .where(
+                rt.c.run_id == bindparam("b_run"),
+                rt.c.stage == "scoring",
+                rt.c.path == bindparam("b_path"),
+                rt.c.moved_to.is_(None),
+            )
+            .values(moved_to=bindparam("b_moved")),
+            [{"b_run": r.run_id, "b_path": r.path, "b_moved": display_path(where[r.id])} for r in rows],
+        )
 
 
 def mark_vanished(engine: Engine, row_id: int) -> None:
@@ -336,3 +361,4 @@ def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:
             ),
             [{"b_id": i, "b_moved": display_path(moved), "b_err": None, "b_now": now} for i, moved in found],
         )
+        _rejections_follow(conn, found)

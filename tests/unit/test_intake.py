@@ -725,3 +725,55 @@ def test_two_landing_links_with_equal_times_are_each_recorded_where_they_went(ho
         "benign/r.reason.txt/a.png": "/nowhere/target-1",
         "benign/r.reason.txt.d/a.png": "/nowhere/target-2",
     }
+
+
+def test_an_image_another_intake_labels_meanwhile_is_a_conflict_not_relabelled(
+    home, png_writer, register_champion, monkeypatch
+):
+    """Content known from scoring (no label) is taken in as benign while another intake commits it as
+    malignant: the label is set only while the row is still unlabelled, so this run sees the other label,
+    records the conflict and excludes the content, instead of overwriting one label with the other."""
+    from sqlalchemy import update
+
+    import bcc_pipeline.intake as intake_module
+    from bcc_pipeline import scoring
+    from bcc_pipeline.store import get_engine
+
+    register_champion(home)
+    seen = png_writer(home.inbox_dir / "seen.png", seed=3)
+    data = seen.read_bytes()
+    scoring.score_inbox(home, run_id="s1")
+    (home.landing_dir / "benign").mkdir(parents=True)
+    (home.landing_dir / "benign" / "x.png").write_bytes(data)
+    real = intake_module.perceptual_hash
+
+    def another_intake_commits_malignant(rgb):
+        t = ImageRecord.__table__
+        with get_engine(home.database_url).begin() as conn:
+            conn.execute(update(t).where(t.c.label.is_(None)).values(label="malignant", source_path="y.png"))
+        return real(rgb)
+
+    monkeypatch.setattr(intake_module, "perceptual_hash", another_intake_commits_malignant)
+    r = intake(home, run_id="i1")
+    assert (r.accepted, r.conflicts, r.rejected) == (0, 1, 1)
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(ImageRecord)).one()
+    assert row.label == "malignant" and "both malignant and benign" in row.excluded_reason
+
+
+def test_a_rejected_file_taken_by_another_run_before_its_move_is_not_a_failed_move(home):
+    """Another intake run (or a person) takes the rejected file away between this run's commit and its
+    move: recorded as gone, not reported as a failed quarantine move."""
+    bad = home.landing_dir / "benign" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image")
+
+    def taken(shown):
+        bad.unlink()
+
+    r = intake(home, run_id="i1", on_committed=taken)
+    assert (r.rejected, r.move_failed, r.failed) == (1, 0, [])
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(Rejection)).one()
+    assert row.moved_to is None and row.move_error == "left landing/ before it was moved"
+    assert intake(home, run_id="i2").failed == []

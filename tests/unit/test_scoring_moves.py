@@ -496,3 +496,26 @@ def test_an_inbox_link_re_pointed_while_a_shard_runs_leads_nowhere_new(
     )
     assert (r["scored"], r["changed"]) == (4, 0) and inbox_files(real) == []
     assert sorted(p.stem for p in (s.landing_dir / "benign").iterdir()) == list("abcd")
+
+
+def test_a_rejected_files_move_recorded_by_a_later_run_is_recorded_in_rejections_too(
+    make_settings, sqlite_url, register_champion
+):
+    from bcc_pipeline.store import Rejection
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    s.inbox_dir.mkdir(parents=True)
+    (s.inbox_dir / "bad.png").write_bytes(b"garbage bytes")
+
+    def move_then_die(src, dest, **kw):
+        moving.move_no_clobber(src, dest, **kw)
+        raise Crash
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(move_file=move_then_die))
+    scoring.score_inbox(s, run_id="r2")
+    with session_scope(sqlite_url) as db:
+        ledger_row = db.scalars(select(InboxFile)).one()
+        rejection = db.scalars(select(Rejection)).one()
+    assert ledger_row.moved_to and rejection.moved_to == ledger_row.moved_to

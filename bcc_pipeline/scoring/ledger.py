@@ -247,7 +247,7 @@ def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
     adds one to the row's ``move_attempts``."""
     if not outcomes:
         return
-    lt, rt = LEDGER, Rejection.__table__
+    lt = LEDGER
     now = utcnow()
     updates = [
         {
@@ -278,16 +278,7 @@ def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
             updates,
         )
         if rej_updates:
-            conn.execute(
-                update(rt)
-                .where(
-                    rt.c.run_id == bindparam("b_run"),
-                    rt.c.stage == "scoring",
-                    rt.c.path == bindparam("b_path"),
-                )
-                .values(moved_to=bindparam("b_moved")),
-                rej_updates,
-            )
+            conn.execute(_rejection_moved(), rej_updates)
 
 
 def mark_moved(engine: Engine, row_id: int, moved_to: str) -> None:
@@ -313,16 +304,19 @@ def _rejections_follow(conn: Any, found: Sequence[tuple[int, str]]) -> None:
     ).all()
     if rows:
         conn.execute(
-            update(rt)
-            .where(
-                rt.c.run_id == bindparam("b_run"),
-                rt.c.stage == "scoring",
-                rt.c.path == bindparam("b_path"),
-                rt.c.moved_to.is_(None),
-            )
-            .values(moved_to=bindparam("b_moved")),
+            _rejection_moved().where(rt.c.moved_to.is_(None)),
             [{"b_run": r.run_id, "b_path": r.path, "b_moved": display_path(where[r.id])} for r in rows],
         )
+
+
+def _rejection_moved() -> Any:
+    """``moved_to`` of a scoring rejection, by (``b_run``, ``b_path``) = ``b_moved``."""
+    rt = Rejection.__table__
+    return (
+        update(rt)
+        .where(rt.c.run_id == bindparam("b_run"), rt.c.stage == "scoring", rt.c.path == bindparam("b_path"))
+        .values(moved_to=bindparam("b_moved"))
+    )
 
 
 def mark_vanished(engine: Engine, row_id: int) -> None:

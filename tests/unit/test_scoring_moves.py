@@ -19,6 +19,20 @@ from tests.support import Crash, archived, count_rows, fill_inbox, inbox_files, 
 
 
 # -- interrupted runs -------------------------------------------------------------------------
+def _dies_after_move(n: int):
+    """A ``move_file`` hook that moves, and after the ``n``-th move dies before the move is recorded."""
+    moves = {"done": 0}
+
+    def move(src, dest, **kw):
+        where = moving.move_no_clobber(src, dest, **kw)
+        moves["done"] += 1
+        if moves["done"] == n:
+            raise Crash
+        return where
+
+    return move
+
+
 def test_crash_after_commit_before_moves_then_new_run(
     make_settings, migrated_url, register_champion, png_writer
 ):
@@ -224,9 +238,7 @@ def test_a_move_finished_by_the_sweep_is_recorded_in_display_form(
     src = Path(os.fsdecode(os.path.join(os.fsencode(s.inbox_dir), name)))
     png_writer(src, seed=11)
 
-    def move_then_die(src_path, dest, **kw):
-        moving.move_no_clobber(src_path, dest, **kw)
-        raise Crash
+    move_then_die = _dies_after_move(1)
 
     with pytest.raises(Crash):
         scoring.score_inbox(s, run_id="killed", hooks=scoring.Hooks(move_file=move_then_die))
@@ -394,14 +406,7 @@ def test_a_move_recorded_by_a_later_run_is_found_where_the_file_really_went(
     (s.inbox_dir / "x.png.reason.txt.d").mkdir()
     (s.inbox_dir / "x.png.reason.txt" / "a.png").write_bytes(b"")
     (s.inbox_dir / "x.png.reason.txt.d" / "a.png").write_bytes(b"GIF89a broken")
-    n = {"moves": 0}
-
-    def move_then_die_on_the_second(src, dest, **kw):
-        where = moving.move_no_clobber(src, dest, **kw)
-        n["moves"] += 1
-        if n["moves"] == 2:
-            raise Crash
-        return where
+    move_then_die_on_the_second = _dies_after_move(2)
 
     with pytest.raises(Crash):
         scoring.score_inbox(s, run_id="s1", hooks=scoring.Hooks(move_file=move_then_die_on_the_second))
@@ -452,14 +457,7 @@ def test_two_links_with_equal_times_are_each_recorded_where_they_went(
         (s.inbox_dir / d).mkdir(parents=True)
         os.symlink(target, s.inbox_dir / d / "a.png")
         os.utime(s.inbox_dir / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
-    n = {"moves": 0}
-
-    def move_then_die_on_the_second(src, dest, **kw):
-        where = moving.move_no_clobber(src, dest, **kw)
-        n["moves"] += 1
-        if n["moves"] == 2:
-            raise Crash
-        return where
+    move_then_die_on_the_second = _dies_after_move(2)
 
     with pytest.raises(Crash):
         scoring.score_inbox(s, run_id="run1", hooks=scoring.Hooks(move_file=move_then_die_on_the_second))
@@ -508,9 +506,7 @@ def test_a_rejected_files_move_recorded_by_a_later_run_is_recorded_in_rejections
     s.inbox_dir.mkdir(parents=True)
     (s.inbox_dir / "bad.png").write_bytes(b"garbage bytes")
 
-    def move_then_die(src, dest, **kw):
-        moving.move_no_clobber(src, dest, **kw)
-        raise Crash
+    move_then_die = _dies_after_move(1)
 
     with pytest.raises(Crash):
         scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(move_file=move_then_die))

@@ -78,6 +78,7 @@ from .moving import (
     Identity,
     LinkedFolderError,
     SourceChangedError,
+    Taken,
     find_moved,
     identity,
     identity_from_text,
@@ -86,7 +87,15 @@ from .moving import (
     require_real_folders,
 )
 from .neardup import perceptual_hash
-from .store import ImageRecord, Rejection, get_engine, insert_rows, session_scope, utcnow
+from .store import (
+    ImageRecord,
+    Rejection,
+    get_engine,
+    insert_rows,
+    place_recorded,
+    session_scope,
+    utcnow,
+)
 
 __all__ = ["PROGRESS_EVERY", "IntakeReport", "intake"]
 
@@ -331,14 +340,24 @@ def _move(
     expect: Identity | None,
     roots: tuple[Path, Path],
     again: bool = False,
+    fresh: bool = False,
 ) -> str:
     """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
     still the file that was checked (``expect``). Returns ``"moved"``; ``"changed"`` when ``src`` holds
     another file (it stays in landing, the row says so and the next run takes it in anew); ``"failed"``
     when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
-    ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``)."""
+    ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``). ``fresh``: the first
+    attempt (no interrupted one to finish). A name another file is recorded at is never given again."""
     try:
-        moved = move_no_clobber(src, dest, expect=expect, src_root=roots[0], dest_root=roots[1])
+        moved = move_no_clobber(
+            src,
+            dest,
+            expect=expect,
+            src_root=roots[0],
+            dest_root=roots[1],
+            taken=_taken(session, run_id),
+            fresh=fresh,
+        )
     except SourceChangedError:
         _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
         _changed(report, shown)
@@ -359,6 +378,12 @@ def _move(
     _write_reason(moved, reason)
     _mark(session, run_id, shown, moved_to=display_path(moved), move_error=None)
     return "moved"
+
+
+def _taken(session, run_id: str) -> Taken:
+    """Whether a quarantine name of ``run_id`` is recorded as another file's place (each move is recorded
+    right after it, so the database knows every name this run gave)."""
+    return lambda path: place_recorded(session, run_id, display_path(path))
 
 
 def _remove_stored(
@@ -399,6 +424,7 @@ def _carry_out(
             report,
             expect=then.ident,
             roots=_roots(settings),
+            fresh=True,
         )
     else:
         _remove_stored(shown, path, then.ident, report, settings.landing_dir)
@@ -473,7 +499,9 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
             report.recovered += 1
         return outcome
     # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken
-    found = find_moved(dest, sha256=r.sha256, ident=identity_from_text(r.src_identity))
+    found = find_moved(
+        dest, sha256=r.sha256, ident=identity_from_text(r.src_identity), taken=_taken(session, r.run_id)
+    )
     if found is not None:
         if not os.path.lexists(reason_path(found)):
             _write_reason(found, r.reason)

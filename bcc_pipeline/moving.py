@@ -25,6 +25,11 @@ The rules every move in the pipeline follows:
   published: only the source is left to remove) or throws the unfinished copy away and starts again.
   (On a destination without hard links the copy is renamed into place instead, and a kill between that
   rename and removing the source leaves both copies.)
+* A caller that records where each file went can say which names other files' moves already hold
+  (``taken``): such a name is never taken for this move's own interrupted attempt (a hard link of the
+  source moved there under another name, or an identical copy across filesystems), nor found by
+  :func:`find_moved`. A first attempt (``fresh``) has no interrupted attempt to finish at all: a
+  destination that already is the source's inode belongs to another name of the file.
 * A caller that read the file can pass its identity (device, inode, size, mtime): a source that is no
   longer that file is not moved (:class:`SourceChangedError`), and a hard link that turns out to be of
   another file is undone. A source name that holds another file by the time the source is to be removed
@@ -58,6 +63,7 @@ __all__ = [
     "Identity",
     "LinkedFolderError",
     "SourceChangedError",
+    "Taken",
     "find_moved",
     "finish_move",
     "identity",
@@ -73,6 +79,9 @@ __all__ = [
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
+
+Taken = Callable[[Path], bool]
+"""Whether a destination name is already recorded as where another file went (the caller's ledger)."""
 
 Identity = tuple[int, int, int, int]
 """What a file was when it was read: (st_dev, st_ino, st_size, st_mtime_ns); :func:`identity` of a stat."""
@@ -169,11 +178,14 @@ def _copy_marker(dest: Path) -> Path:
     return dest.with_name(f".bcc-move-{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]}.tmp")
 
 
-def _leftover_copy(dest: Path, src: Path | None, src_st: os.stat_result | None) -> Path | None:
+def _leftover_copy(
+    dest: Path, src: Path | None, src_st: os.stat_result | None, taken: Taken | None = None
+) -> Path | None:
     """What an interrupted cross-filesystem move to ``dest`` left. Returns the published copy (a name of
     ``dest``'s linked to the marker) when that move got that far and the copy is of the source ``src``
     (a file: the same size and mtime; a symbolic link: a link with the same target); the marker is then
-    kept until the caller has removed the source. Otherwise the marker is removed."""
+    kept until the caller has removed the source. Otherwise the marker is removed; so it is when the copy's
+    name is ``taken`` (another file's recorded move, which was killed before it removed its marker)."""
     marker = _copy_marker(dest)
     try:
         mst = os.lstat(marker)
@@ -199,29 +211,38 @@ def _leftover_copy(dest: Path, src: Path | None, src_st: os.stat_result | None) 
             # touched (or copied again with the same bytes) since: the published copy is this content, and
             # a second copy beside it would be an unrecorded orphan. Compared byte for byte: rare path.
             same = filecmp.cmp(marker, src, shallow=False)
-    if published is None or not same:
+    if published is None or not same or (taken is not None and taken(published)):
         os.unlink(marker)
         return None
     return published
 
 
 def find_moved(
-    dest: str | os.PathLike[str], *, sha256: str | None = None, ident: Identity | None = None
+    dest: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    ident: Identity | None = None,
+    taken: Taken | None = None,
 ) -> Path | None:
     """Where a move to ``dest`` that was never recorded put its file: ``dest``, or ``dest~N`` when that
     name was taken at the time. Each name in turn (up to the first that does not exist) is compared with
     what the file was: the same inode (a move on one filesystem), else, on another filesystem, the same
     size and mtime (a copy keeps them), and the same content hash where one is known. With neither ``sha256`` nor ``ident`` (rows from before
-    migration 0008 refused unread), ``dest`` is taken when it exists. None: none of them is the file."""
+    migration 0008 refused unread), ``dest`` is taken when it exists. A name that is ``taken`` (recorded as
+    another file's place) is never the answer: two files with the same bytes and times copied across
+    filesystems, or two names of one inode, are told apart by which names are left. None: none of them is
+    the file."""
     dest = Path(dest)
-    if sha256 is None and ident is None:
-        return dest if os.path.lexists(dest) else None
     present: list[tuple[Path, os.stat_result]] = []
     for candidate in candidate_names(dest):
         try:
-            present.append((candidate, os.lstat(candidate)))
+            st = os.lstat(candidate)
         except FileNotFoundError:
             break
+        if taken is None or not taken(candidate):
+            present.append((candidate, st))
+    if sha256 is None and ident is None:
+        return present[0][0] if present and present[0][0] == dest else None
 
     def content_ok(candidate: Path, st: os.stat_result) -> bool:
         return sha256 is None or not stat.S_ISREG(st.st_mode) or _sha256_of(candidate) == sha256
@@ -254,11 +275,12 @@ def _sha256_of(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def finish_move(dest: str | os.PathLike[str]) -> Path | None:
+def finish_move(dest: str | os.PathLike[str], *, taken: Taken | None = None) -> Path | None:
     """After the source is gone: tidy what an interrupted move across filesystems to ``dest`` left. Returns
-    where its copy was published (or None); the temporary name is removed either way."""
+    where its copy was published (or None; so when that name is ``taken``); the temporary name is removed
+    either way."""
     dest = Path(dest)
-    published = _leftover_copy(dest, None, None) if dest.parent.is_dir() else None
+    published = _leftover_copy(dest, None, None, taken) if dest.parent.is_dir() else None
     _copy_marker(dest).unlink(missing_ok=True)
     return published
 
@@ -345,6 +367,8 @@ def move_no_clobber(
     before_unlink: Callable[[Path, Path], None] | None = None,
     src_root: str | os.PathLike[str] | None = None,
     dest_root: str | os.PathLike[str] | None = None,
+    taken: Taken | None = None,
+    fresh: bool = False,
 ) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
@@ -361,6 +385,10 @@ def move_no_clobber(
     and its file may be a link: a linked source folder raises :class:`SourceChangedError` (the file is
     left alone), a linked destination folder :class:`LinkedFolderError`; destination folders are created
     one at a time below ``dest_root``, never through a link.
+
+    ``taken``: names recorded as other files' places (see the module's rules); ``fresh``: this is the first
+    attempt of this move, so no destination name can be an interrupted attempt of it. Two hard links of
+    one file moved to colliding destinations then get two names, not one.
     """
     src, dest = Path(src), Path(dest)
     if dest_root is not None:
@@ -375,11 +403,11 @@ def move_no_clobber(
     try:
         src_st = os.lstat(src)
     except FileNotFoundError:
-        if (published := finish_move(dest)) is None:
+        if (published := finish_move(dest, taken=taken)) is None:
             raise
         return published
     dest.parent.mkdir(parents=True, exist_ok=True)
-    published = _leftover_copy(dest, src, src_st)
+    published = _leftover_copy(dest, src, src_st, taken)
     if published is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
         _remove_source(src, published, expect, shared_inode=False)
         _copy_marker(dest).unlink(missing_ok=True)
@@ -391,7 +419,9 @@ def move_no_clobber(
         except FileNotFoundError:
             cst = None
         if cst is not None:
-            if _same_inode(cst, src_st):  # an earlier attempt linked it there and was interrupted
+            if _same_inode(cst, src_st) and not fresh and not (taken is not None and taken(candidate)):
+                # an earlier attempt linked it there and was interrupted (not another name of this inode
+                # that was moved there: that one is recorded, ``taken``)
                 _remove_source(src, candidate, expect, shared_inode=True)
                 return candidate
             continue

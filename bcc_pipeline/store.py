@@ -23,7 +23,9 @@ from typing import Any
 from sqlalchemy import (
     create_engine,
     event,
+    exists,
     inspect,
+    select,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -65,6 +67,7 @@ __all__ = [
     "dispose_engine",
     "get_engine",
     "insert_rows",
+    "place_recorded",
     "require_schema",
     "safe_url",
     "scoring_fields",
@@ -255,6 +258,17 @@ def insert_rows(
         else:
             conn.execute(stmt, page)
     return out if returning is not None else len(rows)
+
+
+def place_recorded(target: Session | Connection, run_id: str, shown: str) -> bool:
+    """Whether a file of run ``run_id`` is recorded as moved to ``shown`` (a path in display form): in the
+    scoring ledger or in the rejections (intake's quarantine, or scoring's). A run's files go only under
+    its own ``archive/<run>/`` and ``quarantine/<run>/``, so only that run's rows (the ``run_id`` prefix of
+    each table's unique key) can hold the name. A move that is not recorded yet must never be given a name
+    another file holds (:data:`bcc_pipeline.moving.Taken`)."""
+    tables = (InboxFile.__table__, Rejection.__table__)
+    query = select(*(exists().where(t.c.run_id == run_id, t.c.moved_to == shown) for t in tables))
+    return any(target.execute(query).one())
 
 
 def _plain_columns(table: Any, row: Mapping[str, Any]) -> bool:

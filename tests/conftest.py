@@ -93,6 +93,22 @@ def make_settings(tmp_path: Path):
 
 
 @pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another filesystem than ``tmp_path``: /dev/shm where it is a separate tmpfs."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm: no second filesystem to move across")
+    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test folder: no second filesystem")
+    folder = Path(tempfile.mkdtemp(prefix="bcc-test-", dir=shm))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def png_writer() -> Callable[..., Path]:
     return write_png
 

@@ -30,6 +30,7 @@ from ..store import (
     insert_rows,
     utcnow,
 )
+from ..store import place_recorded as _place_recorded
 from .db import require_schema, transaction
 from .loader import Item
 from .run_records import (  # re-exported: the run rows were part of this module
@@ -60,6 +61,7 @@ __all__ = [
     "mark_vanished",
     "model_version",
     "open_run",
+    "place_recorded",
     "predicted",
     "record_moves",
     "record_swept",
@@ -281,6 +283,12 @@ def record_moves(engine: Engine, outcomes: Sequence[dict[str, Any]]) -> None:
             conn.execute(_rejection_moved(), rej_updates)
 
 
+def place_recorded(engine: Engine, run_id: str, shown: str) -> bool:
+    """Whether a file of ``run_id`` is recorded as moved to ``shown`` (:func:`bcc_pipeline.store.place_recorded`)."""
+    with transaction(engine) as conn:
+        return _place_recorded(conn, run_id, shown)
+
+
 def mark_moved(engine: Engine, row_id: int, moved_to: str) -> None:
     """A ledger row whose file an earlier attempt moved without recording it."""
     with transaction(engine) as conn:
@@ -336,8 +344,8 @@ def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000
     ).where(t.c.moved_to.is_(None))
     if only_run is not None:
         q = q.where(t.c.run_id == only_run)
-    with transaction(engine) as conn:
-        return list(conn.execute(q.limit(limit)).all())
+    with transaction(engine) as conn:  # in the order the files were taken on (and so moved)
+        return list(conn.execute(q.order_by(t.c.id).limit(limit)).all())
 
 
 def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:

@@ -11,7 +11,9 @@ records moves that were done but never written down.
 A file is moved only while it is still the file that was read (:data:`bcc_pipeline.moving.Identity`,
 taken from the descriptor that was hashed): a path that holds other content by then is left in the inbox
 and counted as *changed* (the next run scores what is there); no content without a prediction is ever
-archived under another's. A file that cannot be moved stays in the inbox and is tried again by later
+archived under another's. A name is given to one file only: a move found or finished later never takes a
+name the ledger (or this shard, before it records its batch) gives another file, so two hard links of one
+file, or two identical copies, each keep their own name. A file that cannot be moved stays in the inbox and is tried again by later
 runs; after :data:`MAX_MOVE_ATTEMPTS` failed attempts it goes to quarantine with the reason instead.
 """
 
@@ -31,6 +33,7 @@ from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
 from ..moving import (
     SourceChangedError,
+    Taken,
     find_moved,
     finish_move,
     identity_from_text,
@@ -86,8 +89,18 @@ class Mover:
     ):
         self.s, self.engine, self.run_id, self.inbox, self.tally = settings, engine, run_id, inbox, tally
         self.move_file, self.before_unlink = move_file, before_unlink
+        self._placed: set[str] = set()  # names this shard gave files (its batch records them afterwards)
 
-    def _move_one(self, it: Item, dest: Path) -> Path:
+    def taken(self, run_id: str) -> Taken:
+        """Whether a name under ``run_id``'s folders is another file's: given by this shard, or recorded."""
+
+        def taken(path: Path) -> bool:
+            shown = display_path(path)
+            return shown in self._placed or ledger.place_recorded(self.engine, run_id, shown)
+
+        return taken
+
+    def _move_one(self, it: Item, dest: Path, run_id: str, fresh: bool = False) -> Path:
         # Never through a folder that is a link, on either side (a source folder swapped for one since the
         # plan, a link quarantined earlier in archive/ or quarantine/): see bcc_pipeline.moving.
         dest_root = self.s.quarantine_dir if _inside(dest, self.s.quarantine_dir) else self.s.archive_dir
@@ -98,18 +111,22 @@ class Mover:
             before_unlink=self.before_unlink,
             src_root=self.inbox,
             dest_root=dest_root,
+            taken=self.taken(run_id),
+            fresh=fresh,
         )
 
-    def move(self, moves: Iterable[Move]) -> list[dict[str, Any]]:
+    def move(self, moves: Iterable[Move], *, fresh: bool = False) -> list[dict[str, Any]]:
         """Move each (item, status, run id, reason, attempts) to that run's archive/quarantine folder and
-        record it; returns the outcomes ({..., moved_to, error, failed})."""
+        record it; returns the outcomes ({..., moved_to, error, failed}). ``fresh``: files this shard has
+        just committed, which no earlier attempt can have started to move."""
         outcomes = []
         counts = self.tally.counts
         for it, status, run_id, reason, attempts in moves:
             dest = destination(self.s, run_id, status, it.rel)
             moved, error, failed = None, None, False
             try:
-                moved_path = self._move_one(it, dest)
+                moved_path = self._move_one(it, dest, run_id, fresh)
+                self._placed.add(display_path(moved_path))
                 if status == "rejected":
                     _try_write_reason(moved_path, reason or "rejected")
                 moved = display_path(moved_path)
@@ -118,9 +135,10 @@ class Mover:
                 counts["changed"] += 1
                 log.warning("%s changed after it was read: not moved, the next run scores it", it.path)
             except FileNotFoundError:
-                done = find_moved(dest, sha256=it.sha, ident=it.ident)
+                done = find_moved(dest, sha256=it.sha, ident=it.ident, taken=self.taken(run_id))
                 if done is not None:  # someone else (a recovering run) finished this very move
                     moved = display_path(done)
+                    self._placed.add(moved)
                 else:
                     error = ledger.VANISHED
                     counts["missing"] += 1
@@ -149,7 +167,8 @@ class Mover:
         if status != "rejected" and attempts >= MAX_MOVE_ATTEMPTS:
             why = f"could not be moved to the archive in {attempts} attempts: {error}"
             try:
-                moved_path = self._move_one(it, destination(self.s, run_id, "rejected", it.rel))
+                moved_path = self._move_one(it, destination(self.s, run_id, "rejected", it.rel), run_id)
+                self._placed.add(display_path(moved_path))
                 _try_write_reason(moved_path, why)
                 self.tally.counts["quarantined_unmovable"] += 1
                 log.error("quarantined %s: %s", it.path, why)
@@ -164,6 +183,7 @@ class Mover:
         return None, error, True
 
     def _mark_moved(self, row: Any, dest: Path) -> None:
+        self._placed.add(display_path(dest))
         if row.status == "rejected" and not os.path.lexists(reason_path(dest)):
             _try_write_reason(dest, row.reason or "rejected")
         ledger.mark_moved(self.engine, row.id, str(dest))
@@ -191,7 +211,7 @@ class Mover:
                 if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)])[0]["moved_to"]:
                     counts["already_done"] += 1
                 return True
-            found = _moved_to(self.s, r, it.rel)
+            found = _moved_to(self.s, r, it.rel, self.taken(r.run_id))
             if found is not None:
                 self._mark_moved(r, found)
             if it.kind == "missing":
@@ -210,20 +230,22 @@ class Mover:
                     counts["recovered"] += 1
                     log.info("recovered %s for interrupted run %s", it.path, r.run_id)
                 return True
-            found = _moved_to(self.s, r, it.rel)
+            found = _moved_to(self.s, r, it.rel, self.taken(r.run_id))
             if found is not None:
                 self._mark_moved(r, found)
         return False
 
 
-def _moved_to(settings: Settings, r: Any, rel: str) -> Path | None:
+def _moved_to(settings: Settings, r: Any, rel: str, taken: Taken) -> Path | None:
     """Where the file of ledger row ``r`` went when a move was not recorded: its destination, or a
     ``~N`` name beside it when that was taken, whichever holds this row's file (by content hash or the
-    identity it was loaded with; :func:`bcc_pipeline.moving.find_moved`), never merely another file there."""
+    identity it was loaded with; :func:`bcc_pipeline.moving.find_moved`), never merely another file there,
+    nor a name another file holds (``taken``)."""
     return find_moved(
         destination(settings, r.run_id, r.status, rel),
         sha256=r.sha256,
         ident=identity_from_text(r.src_identity),
+        taken=taken,
     )
 
 
@@ -238,7 +260,12 @@ def sweep_interrupted(
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
     run was planned for (None: unknown, its rows are left alone). Returns how many rows were fixed."""
     inboxes: dict[str, str | None] = {}
-    fixed = []
+    fixed: list[tuple[int, str]] = []
+    placed: set[str] = set()  # names given to rows here (recorded together at the end)
+
+    def taken_in(run_id: str) -> Taken:
+        return lambda p: display_path(p) in placed or ledger.place_recorded(engine, run_id, display_path(p))
+
     for r in ledger.unmoved_rows(engine, only_run):
         try:
             rel = path_from_display(r.path)  # the ledger shows paths in the reversible display form
@@ -253,9 +280,11 @@ def sweep_interrupted(
             continue
         dest = destination(settings, r.run_id, r.status, rel)
         # a move across filesystems killed after removing the source leaves its temporary name
-        finish_move(dest)
-        found = _moved_to(settings, r, rel)
+        taken = taken_in(r.run_id)
+        finish_move(dest, taken=taken)
+        found = _moved_to(settings, r, rel, taken)
         if found is not None:
+            placed.add(display_path(found))
             if r.status == "rejected" and not os.path.lexists(reason_path(found)):
                 _try_write_reason(found, r.reason or "rejected")
             fixed.append((r.id, str(found)))

@@ -210,7 +210,8 @@ class _ShardScorer:
                 [
                     (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
                     for it in mine
-                ]
+                ],
+                fresh=True,
             )  # 5. move the files, record where
         if time.monotonic() - self._beat >= run_records.HEARTBEAT_EVERY_SECONDS:
             run_records.heartbeat(self.engine, self.run_id)

@@ -248,23 +248,47 @@ def test_move_refuses_a_source_that_changed_since_it_was_read(tmp_path):
     assert moving.move_no_clobber(src, dest, expect=moving.identity(os.stat(src))) == dest
 
 
+# -- one name per file ---------------------------------------------------------------------------
+def test_two_hard_links_moved_to_one_destination_get_a_name_each(tmp_path):
+    """``a`` and ``b`` are one inode. ``a`` moves to ``x.png``; ``b``'s move to ``x.png`` finds that name
+    already is its inode. A first attempt (``fresh``), or a name recorded as another file's (``taken``),
+    is not an interrupted attempt of this move: ``b`` gets ``x~1.png``, not ``a``'s name."""
+    (tmp_path / "in").mkdir()
+    a, b = tmp_path / "in" / "a.png", tmp_path / "in" / "b.png"
+    a.write_bytes(b"one file, two names")
+    os.link(a, b)
+    dest = tmp_path / "out" / "x.png"
+    assert moving.move_no_clobber(a, dest, fresh=True) == dest
+    assert moving.move_no_clobber(b, dest, fresh=True) == dest.with_name("x~1.png")
+    assert not b.exists() and sorted(p.name for p in dest.parent.iterdir()) == ["x.png", "x~1.png"]
+    # a retry (not fresh) that knows x.png is recorded as a's: the same
+    c = tmp_path / "in" / "c.png"
+    os.link(dest, c)
+    held = {dest, dest.with_name("x~1.png")}
+    assert moving.move_no_clobber(c, dest, taken=held.__contains__) == dest.with_name("x~2.png")
+    # and a retry with nothing recorded is taken for an interrupted attempt (its link was made, then killed)
+    d = tmp_path / "in" / "d.png"
+    os.link(dest, d)
+    assert moving.move_no_clobber(d, dest.with_name("x~2.png")) == dest.with_name("x~2.png")
+
+
+def test_find_moved_never_gives_a_name_another_file_holds(tmp_path):
+    """Two copies with the same bytes and times (nothing tells them apart but which names are left): the
+    name recorded as the first file's is never the second's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("x.png", "x~1.png"):
+        (out / name).write_bytes(b"same bytes")
+        os.utime(out / name, ns=(1_700_000_000 * 10**9,) * 2)
+    sha = files.sha256_file(out / "x.png")
+    assert moving.find_moved(out / "x.png", sha256=sha) == out / "x.png"
+    held = {out / "x.png"}
+    assert moving.find_moved(out / "x.png", sha256=sha, taken=held.__contains__) == out / "x~1.png"
+    held.add(out / "x~1.png")
+    assert moving.find_moved(out / "x.png", sha256=sha, taken=held.__contains__) is None
+
+
 # -- moves across filesystems -------------------------------------------------------------------
-@pytest.fixture
-def other_fs(tmp_path: Path):
-    """A folder on another filesystem than ``tmp_path``: /dev/shm where it is a separate tmpfs."""
-    import shutil
-    import tempfile
-
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        pytest.skip("no writable /dev/shm: no second filesystem to move across")
-    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
-        pytest.skip("/dev/shm is on the same filesystem as the test folder: no second filesystem")
-    folder = Path(tempfile.mkdtemp(prefix="bcc-test-", dir=shm))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def test_move_across_filesystems_keeps_mode_and_times(tmp_path, other_fs):
     src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
     src.write_bytes(b"pixels" * 1000)

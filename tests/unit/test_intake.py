@@ -777,3 +777,61 @@ def test_a_rejected_file_taken_by_another_run_before_its_move_is_not_a_failed_mo
         row = s.scalars(select(Rejection)).one()
     assert row.moved_to is None and row.move_error == "left landing/ before it was moved"
     assert intake(home, run_id="i2").failed == []
+
+
+def _a_name_each(home, n: int) -> None:
+    """Every rejection is recorded at its own quarantined copy, with its reason; nothing else is quarantined."""
+    with session_scope(home.database_url) as s:
+        rows = s.scalars(select(Rejection)).all()
+    places = sorted(x.moved_to for x in rows)
+    assert len(rows) == n and len(set(places)) == n
+    for x in rows:
+        assert files.reason_path(Path(files.path_from_display(x.moved_to))).read_text().strip() == x.reason
+    copies = [p for p in home.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")]
+    assert sorted(map(str, copies)) == sorted(files.path_from_display(m) for m in places)
+
+
+def test_two_hard_links_whose_quarantine_names_meet_keep_a_name_each(home):
+    """As in scoring: two landing names of one inode, refused, meeting at one quarantine name; the second
+    is not taken for an interrupted attempt of its own move: each rejection has its own name."""
+    base = home.landing_dir / "benign"
+    for d in ("r.reason.txt", "r.reason.txt.d"):
+        (base / d).mkdir(parents=True)
+    (base / "r.reason.txt" / "a.png").write_bytes(b"not an image")
+    os.link(base / "r.reason.txt" / "a.png", base / "r.reason.txt.d" / "a.png")
+    r = intake(home, run_id="i1")
+    assert r.rejected == 2 and _all_files(home.landing_dir) == []
+    _a_name_each(home, 2)
+
+
+def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(home, monkeypatch, other_fs):
+    """``landing/`` on another filesystem; two refused files with the same bytes and times meet at one
+    quarantine name; killed after the second move, before its record. The next run records it at the
+    ``~1`` copy it made, not at the first file's (recorded) name."""
+    import bcc_pipeline.intake as intake_module
+
+    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
+    if home.landing_dir.is_dir():
+        home.landing_dir.rmdir()
+    home.landing_dir.symlink_to(other_fs)
+    base = home.landing_dir / "benign"
+    for d in ("r.reason.txt", "r.reason.txt.d"):
+        (base / d).mkdir(parents=True)
+        (base / d / "a.png").write_bytes(b"not an image")
+        os.utime(base / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2)
+    real, n = intake_module.move_no_clobber, {"moves": 0}
+
+    def move_then_die_on_the_second(src, dest, **kw):
+        where = real(src, dest, **kw)
+        n["moves"] += 1
+        if n["moves"] == 2:
+            raise _Killed(where)
+        return where
+
+    monkeypatch.setattr(intake_module, "move_no_clobber", move_then_die_on_the_second)
+    with pytest.raises(_Killed):
+        intake(home, run_id="i1")
+    monkeypatch.setattr(intake_module, "move_no_clobber", real)
+    assert intake(home, run_id="i2").recovered == 1
+    assert _all_files(other_fs) == []
+    _a_name_each(home, 2)

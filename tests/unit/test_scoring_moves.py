@@ -515,3 +515,66 @@ def test_a_rejected_files_move_recorded_by_a_later_run_is_recorded_in_rejections
         ledger_row = db.scalars(select(InboxFile)).one()
         rejection = db.scalars(select(Rejection)).one()
     assert ledger_row.moved_to and rejection.moved_to == ledger_row.moved_to
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["straight", "killed-after-the-second-move"])
+def test_two_hard_links_whose_quarantine_names_meet_keep_a_name_each(
+    make_settings, sqlite_url, register_champion, killed
+):
+    """Two inbox names of one inode, refused, whose quarantine names meet (``r.reason.txt/a.png`` is laid
+    out as ``r.reason.txt.d/a.png``): the second is never taken for an interrupted attempt of its own
+    move, so each row has its own name (``a.png``, ``a~1.png``), also when the run is killed after the
+    second move and a later run records both."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    for d in ("r.reason.txt", "r.reason.txt.d"):
+        (s.inbox_dir / d).mkdir(parents=True)
+    (s.inbox_dir / "r.reason.txt" / "a.png").write_bytes(b"not an image")
+    os.link(s.inbox_dir / "r.reason.txt" / "a.png", s.inbox_dir / "r.reason.txt.d" / "a.png")
+    if killed:
+        with pytest.raises(Crash):
+            scoring.score_inbox(s, run_id="s1", hooks=scoring.Hooks(move_file=_dies_after_move(2)))
+        scoring.score_inbox(s, run_id="s2")
+    else:
+        scoring.score_inbox(s, run_id="s1")
+    _assert_a_name_each(s, sqlite_url, 2)
+
+
+def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(
+    make_settings, sqlite_url, register_champion, other_fs
+):
+    """Two refused files with the same bytes and times in an inbox on another filesystem, whose quarantine
+    names meet; killed after the second move, before it is recorded. Their copies cannot be told apart:
+    the later run gives each row its own, never the first row's name twice (``a~1.png`` was left unrecorded)."""
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    for d in ("r.reason.txt", "r.reason.txt.d"):
+        (other_fs / d).mkdir()
+        (other_fs / d / "a.png").write_bytes(b"not an image")
+        os.utime(other_fs / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2)
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s, inbox=str(other_fs), run_id="s1", hooks=scoring.Hooks(move_file=_dies_after_move(2))
+        )
+    scoring.score_inbox(s, inbox=str(other_fs), run_id="s2")
+    assert inbox_files(other_fs) == []
+    _assert_a_name_each(s, sqlite_url, 2)
+
+
+def _assert_a_name_each(s, url: str, n: int) -> None:
+    """Every ledger row is recorded at its own quarantined copy with its reason beside it, and nothing else
+    is in quarantine."""
+    from bcc_pipeline.store import Rejection
+
+    with session_scope(url) as db:
+        rows = db.scalars(select(InboxFile)).all()
+        rejected = {x.path: x.moved_to for x in db.scalars(select(Rejection))}
+    places = sorted(r.moved_to for r in rows)
+    assert len(rows) == n and len(set(places)) == n
+    assert rejected == {r.path: r.moved_to for r in rows}
+    for r in rows:
+        assert files.reason_path(Path(files.path_from_display(r.moved_to))).is_file()
+    copies = sorted(
+        str(p) for p in s.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")
+    )
+    assert copies == sorted(files.path_from_display(m) for m in places)

@@ -2,7 +2,7 @@
 
 A conversion is kept in ``<artifact dir>/compiled/<format>-<artifact sha>/``: written into a temporary
 folder (``.bcc-tmp-<format>-<sha>.XXXX``; one that a killed process left behind is removed by
-:func:`bcc_pipeline.files.sweep_stale_temporaries`), renamed into place and its files' checksums recorded
+:func:`bcc_pipeline.leftovers.sweep_stale_temporaries`), renamed into place and its files' checksums recorded
 (``ledger``: the database's ``compiled_models``; without one, the folder's own ``source.json``). Before
 each load the files are read once, hashed and compared with that record, and only the bytes checked are
 handed to the runtime. A file that differs, or a cache with no record, is converted again; a models

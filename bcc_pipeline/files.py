@@ -4,11 +4,8 @@ reading a file once through one descriptor (:func:`read_once`) and when a file c
 (:func:`settled`). The move itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
 
 Every temporary file or folder the pipeline makes beside what it publishes (:func:`atomic_write`, the
-converted-model cache) has a name that starts with :data:`TEMP_PREFIX` (``.bcc-tmp-``). A process killed
-(SIGKILL) before it removed one leaves it behind; :func:`sweep_stale_temporaries` removes those older
-than :data:`STALE_TEMP_SECONDS` from the folders the pipeline writes (scoring calls it when it plans a
-run). It touches nothing else: not a name without that prefix, not a link, not a fresh one (a live
-writer's), not a move's ``.bcc-move-*`` marker (that one finishes an interrupted move).
+converted-model cache) has a name that starts with :data:`TEMP_PREFIX` (``.bcc-tmp-``); what a killed
+process leaves of them is removed by :mod:`bcc_pipeline.leftovers`.
 
 Names are kept within the 255-byte limit of a file name: a clash suffix or a ``.reason.txt`` added to a
 very long name shortens its stem (with a short hash of the full name, so shortened names stay distinct).
@@ -25,13 +22,10 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import stat
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "LINK_UNSUPPORTED",
@@ -39,7 +33,6 @@ __all__ = [
     "PATH_MAX",
     "PATH_ROOM",
     "REASON_SUFFIX",
-    "STALE_TEMP_SECONDS",
     "SYSTEM_NAMES",
     "TEMP_PREFIX",
     "apply_umask",
@@ -62,8 +55,6 @@ __all__ = [
     "safe_dirname",
     "settled",
     "sha256_file",
-    "sweep_stale_temporaries",
-    "sweep_temporaries",
     "temp_prefix",
     "write_reason",
 ]
@@ -84,10 +75,7 @@ log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".bcc-tmp-"
 """How the name of every temporary file or folder the pipeline makes starts (hidden, so discovery and
-intake ignore it); what :func:`sweep_temporaries` may remove."""
-STALE_TEMP_SECONDS = 3600.0
-"""A temporary older than this (last modified an hour ago) belongs to a process that was killed: no writer
-keeps one that long without writing to it."""
+intake ignore it); what :func:`bcc_pipeline.leftovers.sweep_temporaries` may remove."""
 
 
 def _load_renameat2():
@@ -371,98 +359,6 @@ def atomic_write(
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
-
-
-def _newest_mtime(path: str, st: os.stat_result) -> float:
-    """The latest modification time of ``path`` and, for a folder, of anything in it (no links followed)."""
-    newest = st.st_mtime
-    if stat.S_ISDIR(st.st_mode):
-        for folder, dirs, names in os.walk(path, onerror=lambda exc: None):
-            for name in dirs + names:
-                try:
-                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
-                except OSError:
-                    pass
-    return newest
-
-
-def sweep_temporaries(
-    folders: Iterable[str | os.PathLike[str]],
-    *,
-    shallow: Iterable[str | os.PathLike[str]] = (),
-    older_than: float = STALE_TEMP_SECONDS,
-    now: float | None = None,
-) -> list[Path]:
-    """Remove the temporaries (:data:`TEMP_PREFIX` names: files, or folders with what they hold) that
-    were last modified more than ``older_than`` seconds ago, anywhere below ``folders`` and directly in
-    the ``shallow`` ones. Returns what was removed (each logged).
-
-    Nothing else is touched: names without the prefix, symbolic links (never followed either), temporaries
-    written to within ``older_than`` (a live process may still publish them), and anything that cannot be
-    removed (left, logged) are kept. A missing folder is skipped."""
-    cutoff = (time.time() if now is None else now) - older_than
-    removed: list[Path] = []
-
-    def visit(folder: str, recursive: bool) -> None:
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError:
-            return
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if entry.name.startswith(TEMP_PREFIX):
-                if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                    continue
-                if _newest_mtime(entry.path, st) >= cutoff:
-                    continue
-                try:
-                    if stat.S_ISDIR(st.st_mode):
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    log.warning("cannot remove the stale temporary %s: %s", display_path(entry.path), exc)
-                    continue
-                log.info(
-                    "removed the stale temporary %s (left by a killed process)", display_path(entry.path)
-                )
-                removed.append(Path(entry.path))
-            elif recursive and stat.S_ISDIR(st.st_mode):
-                visit(entry.path, True)
-
-    for folder in folders:
-        visit(os.fspath(folder), True)
-    for folder in shallow:
-        visit(os.fspath(folder), False)
-    return removed
-
-
-def sweep_stale_temporaries(settings: Any, *, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """:func:`sweep_temporaries` over the folders of ``settings``' home that only the pipeline writes in:
-    ``runs/``, ``models/`` (with the converted-model caches), ``dataset/`` and ``quarantine/`` (every
-    level), and the home itself (its top level only: the home marker). ``landing/`` and ``inbox/`` belong
-    to the people and scanners that drop files there: whatever is named there, it is never deleted (a
-    ``.bcc-tmp-`` file that ``bcc demo-data`` left when killed is a hidden file, which intake and scoring
-    ignore). ``archive/`` gets no temporaries (moves use their own ``.bcc-move-*`` markers).
-    Scoring calls it when it plans a run, intake when it starts."""
-    return sweep_temporaries(
-        [
-            settings.runs_dir,
-            settings.models_dir,
-            settings.dataset_dir,
-            settings.quarantine_dir,
-        ],
-        shallow=[settings.home],
-        older_than=older_than,
-    )
 
 
 def mark_home(home: str | os.PathLike[str]) -> Path:

@@ -8,15 +8,11 @@ nothing is dropped silently.
 
 Commit, then move. Each file's outcome is committed first: its ``images`` row, or its ``rejections`` row
 together with where the file is to go (``dest``) and, for a label conflict, the exclusion of the content
-from training. Only then is the file removed from ``landing/`` (its content is stored) or moved to
-quarantine, and the move recorded (``moved_to``). A process killed in between loses nothing: the next
-intake first finishes every recorded move whose file is still in ``landing/`` (or records one that
-reached its destination), and only then looks for new files, so a file never gets a second row. Such a
-move, too, takes only the file that was refused: the row records the identity the path had then
-(``src_identity``), and its content hash where one was taken. A rerun
-under the same run id (a retried task) that finds another rejected file at a path this run already
-quarantined leaves it in ``landing/`` (``failed``) for the next run: rejections are keyed by run and
-path, and the first file's record is never overwritten.
+from training. Only then is the file removed from ``landing/`` or quarantined (:mod:`.intake_moves`). A
+process killed in between loses nothing: the next intake first finishes every recorded move, and only then
+looks for new files, so a file never gets a second row. A rerun under the same run id (a retried task)
+that finds another rejected file at a path this run already quarantined leaves it in ``landing/``
+(``failed``) for the next run: the first file's record is never overwritten.
 
 Each file is read once, through one descriptor that never follows a link and never blocks on a FIFO
 (:func:`bcc_pipeline.files.read_once`), and what it was (:func:`bcc_pipeline.moving.identity` of that
@@ -57,33 +53,23 @@ from . import images
 from .config import Settings
 from .errors import ImageError, StoreError
 from .files import (
-    PATH_MAX,
     REASON_SUFFIX,
     SYSTEM_NAMES,
     atomic_write,
     display_path,
-    fit_path,
     one_line,
-    path_from_display,
-    quarantine_rel,
     read_once,
-    reason_path,
     safe_dirname,
     settled,
-    sweep_stale_temporaries,
-    write_reason,
 )
+from .intake_moves import Then, carry_out, changed, finish_interrupted, quarantine_dest
+from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
 from .moving import (
     Identity,
     LinkedFolderError,
-    SourceChangedError,
-    Taken,
-    find_moved,
     identity,
-    identity_from_text,
     identity_text,
-    move_no_clobber,
     require_real_folders,
 )
 from .neardup import perceptual_hash
@@ -92,7 +78,6 @@ from .store import (
     Rejection,
     get_engine,
     insert_rows,
-    place_recorded,
     session_scope,
     utcnow,
 )
@@ -102,10 +87,7 @@ __all__ = ["PROGRESS_EVERY", "IntakeReport", "intake"]
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 50  # intake reports progress each time this many more files are stored
-_SWEEP_LIMIT = 10_000  # interrupted moves finished per run (the rest next run)
 _GROUP_MAX = 255  # images.group_id is VARCHAR(255)
-_REPLACED = "replaced by other content before it was moved; that content is taken in anew"
-_GONE = "left landing/ before it was moved"
 
 
 @dataclass
@@ -128,17 +110,6 @@ class IntakeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class _Then:
-    """What happens to a file once its outcome is committed: removed (its content is stored) or moved."""
-
-    dest: Path | None = None  # None: remove from landing
-    reason: str = ""
-    ident: Identity | None = (
-        None  # what the path held when it was checked; removed or moved only while it does
-    )
 
 
 class _PathTaken(Exception):
@@ -246,7 +217,7 @@ def intake(
 
     last_progress = 0
     with session_scope(settings.database_url) as session:
-        unfinished = _finish_interrupted(settings, session, report)
+        unfinished = finish_interrupted(settings, session, report)
         for label in CLASS_NAMES:
             label_dir = landing / label
             if not label_dir.is_dir() or label_dir.is_symlink():
@@ -277,7 +248,7 @@ def intake(
                 if then is not None:
                     if on_committed is not None:
                         on_committed(shown)
-                    _carry_out(settings, session, report.run_id, shown, path, then, report)
+                    carry_out(settings, session, report.run_id, shown, path, then, report)
                 done = report.accepted + report.duplicates
                 if progress and report.accepted and done % PROGRESS_EVERY == 0 and done != last_progress:
                     last_progress = done  # once per count: rejected and ignored files do not repeat it
@@ -306,243 +277,6 @@ def intake(
     return report
 
 
-# -- after the commit -------------------------------------------------------------------------
-def _mark(session, run_id: str, shown: str, **values: Any) -> None:
-    session.execute(
-        update(Rejection)
-        .where(Rejection.run_id == run_id, Rejection.stage == "intake", Rejection.path == shown)
-        .values(**values)
-    )
-    session.commit()
-
-
-def _write_reason(path: Path, reason: str) -> None:
-    try:
-        write_reason(path, reason)
-    except OSError as exc:
-        log.warning("could not write the reason file beside %s: %s", display_path(path), one_line(str(exc)))
-
-
-def _changed(report: IntakeReport, shown: str) -> None:
-    report.changed += 1
-    log.warning("%s changed after it was read: left in landing, the next run takes it in", shown)
-
-
-def _move(
-    session,
-    run_id: str,
-    shown: str,
-    src: Path,
-    dest: Path,
-    reason: str,
-    report: IntakeReport,
-    *,
-    expect: Identity | None,
-    roots: tuple[Path, Path],
-    again: bool = False,
-    fresh: bool = False,
-) -> str:
-    """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
-    still the file that was checked (``expect``). Returns ``"moved"``; ``"changed"`` when ``src`` holds
-    another file (it stays in landing, the row says so and the next run takes it in anew); ``"failed"``
-    when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
-    ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``). ``fresh``: the first
-    attempt (no interrupted one to finish). A name another file is recorded at is never given again."""
-    try:
-        moved = move_no_clobber(
-            src,
-            dest,
-            expect=expect,
-            src_root=roots[0],
-            dest_root=roots[1],
-            taken=_taken(session, run_id),
-            fresh=fresh,
-        )
-    except SourceChangedError:
-        _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
-        _changed(report, shown)
-        return "changed"
-    except FileNotFoundError:  # taken by someone else since (another intake run): not a failed move
-        _mark(session, run_id, shown, dest=None, move_error=_GONE)
-        log.info("%s left landing/ before it was moved", shown)
-        return "gone"
-    except OSError as exc:
-        error = one_line(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
-        _mark(session, run_id, shown, move_error=error)
-        report.failed.append({"path": shown, "error": error})
-        report.move_failed += 1
-        if again:
-            report.persistent_move_failures.append({"path": shown, "error": error, "run_id": run_id})
-        log.error("could not quarantine %s (left in landing): %s", shown, error)
-        return "failed"
-    _write_reason(moved, reason)
-    _mark(session, run_id, shown, moved_to=display_path(moved), move_error=None)
-    return "moved"
-
-
-def _taken(session, run_id: str) -> Taken:
-    """Whether a quarantine name of ``run_id`` is recorded as another file's place (each move is recorded
-    right after it, so the database knows every name this run gave)."""
-    return lambda path: place_recorded(session, run_id, display_path(path))
-
-
-def _remove_stored(
-    shown: str, path: Path, ident: Identity | None, report: IntakeReport, landing: Path
-) -> None:
-    """Remove a file whose content is stored and committed, unless the path holds another file by now, or
-    leads through a folder that became a link (checked right before the ``unlink``; the one window left
-    is between the two, as in :mod:`bcc_pipeline.moving`): that file was never stored, it stays for the
-    next run (``changed``)."""
-    try:
-        require_real_folders(landing, path)
-        if ident is not None and identity(path.lstat()) != tuple(ident):
-            _changed(report, shown)
-            return
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except LinkedFolderError:
-        _changed(report, shown)
-    except OSError as exc:
-        error = one_line(f"stored, but cannot be removed from landing: {exc.strerror or exc}")
-        report.failed.append({"path": shown, "error": error})
-        log.error("%s: %s", shown, error)
-
-
-def _carry_out(
-    settings: Settings, session, run_id: str, shown: str, path: Path, then: _Then, report: IntakeReport
-) -> None:
-    """After the commit: quarantine a rejected file, or remove a stored one from landing."""
-    if then.dest is not None:
-        _move(
-            session,
-            run_id,
-            shown,
-            path,
-            then.dest,
-            then.reason,
-            report,
-            expect=then.ident,
-            roots=_roots(settings),
-            fresh=True,
-        )
-    else:
-        _remove_stored(shown, path, then.ident, report, settings.landing_dir)
-
-
-def _roots(settings: Settings) -> tuple[Path, Path]:
-    """Where intake's moves start and end: no folder below these may be a link (:mod:`.moving`)."""
-    return settings.landing_dir, settings.quarantine_dir
-
-
-def _finish_interrupted(settings: Settings, session, report: IntakeReport) -> set[str]:
-    """Finish the quarantine moves that earlier runs committed but did not complete (killed, or the move
-    failed). Returns the paths (as displayed) whose move still fails: they stay in landing, and this run
-    leaves them alone."""
-    rows = session.execute(
-        select(
-            Rejection.run_id,
-            Rejection.path,
-            Rejection.sha256,
-            Rejection.reason,
-            Rejection.dest,
-            Rejection.move_error,
-            Rejection.src_identity,
-        )
-        .where(Rejection.stage == "intake", Rejection.dest.is_not(None), Rejection.moved_to.is_(None))
-        .order_by(Rejection.id)
-        .limit(_SWEEP_LIMIT)
-    ).all()
-    unfinished = {r.path for r in rows if _finish_one(settings, session, r, report) == "failed"}
-    if report.recovered:
-        log.info("intake: finished %d quarantine move(s) of interrupted runs", report.recovered)
-    return unfinished
-
-
-def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> str:
-    """Finish one recorded move (see :func:`_finish_interrupted`); returns what became of it."""
-    try:
-        rel = path_from_display(r.path)
-        src, dest = settings.landing_dir / rel, Path(path_from_display(r.dest))
-    except ValueError:
-        return "skipped"
-    if os.path.lexists(src):
-        # Moved only while the path holds the file that was refused: by its recorded identity (rows from
-        # before migration 0008 have none), and by its content where a hash was taken; never through a
-        # folder that has become a link.
-        try:
-            require_real_folders(settings.landing_dir, src)
-        except LinkedFolderError:
-            _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
-            return "replaced"
-        expect = identity_from_text(r.src_identity)
-        if r.sha256 is not None:
-            held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
-            if held is None or (expect is not None and held != expect):
-                _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
-                return "replaced"
-            expect = held
-        dest = _fitted(settings, session, r, rel, dest)
-        outcome = _move(
-            session,
-            r.run_id,
-            r.path,
-            src,
-            dest,
-            r.reason,
-            report,
-            expect=expect,
-            roots=_roots(settings),
-            again=r.move_error is not None,
-        )
-        if outcome == "moved":
-            report.recovered += 1
-        return outcome
-    # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken
-    found = find_moved(
-        dest, sha256=r.sha256, ident=identity_from_text(r.src_identity), taken=_taken(session, r.run_id)
-    )
-    if found is not None:
-        if not os.path.lexists(reason_path(found)):
-            _write_reason(found, r.reason)
-        _mark(session, r.run_id, r.path, moved_to=display_path(found), move_error=None)
-        report.recovered += 1
-        return "moved"
-    _mark(session, r.run_id, r.path, dest=None, move_error=_GONE)
-    return "gone"
-
-
-def _fitted(settings: Settings, session, r: Any, rel: str, dest: Path) -> Path:
-    """``dest``, or, when it is longer than any path can be (recorded before destinations were shortened;
-    its move fails on every run and nothing can ever have reached it), the shortened destination, which is
-    recorded first."""
-    if len(os.fsencode(dest)) < PATH_MAX:
-        return dest
-    short = _quarantine_dest(settings.quarantine_dir / safe_dirname(r.run_id) / "landing", Path(rel))
-    _mark(session, r.run_id, r.path, dest=display_path(short))
-    return short
-
-
-def _content_identity(path: Path, sha: str, max_bytes: int) -> Identity | None:
-    """The identity of the file at ``path`` when it holds content ``sha`` (read once, never through a
-    link, never blocking on a FIFO), else None."""
-    try:
-        data, st = read_once(path, max_bytes)
-    except OSError:
-        return None
-    if data is None or images.sha256_bytes(data) != sha:
-        return None
-    return identity(st)
-
-
-# -- one file ---------------------------------------------------------------------------------
-def _quarantine_dest(quarantine_root: Path, rel: Path) -> Path:
-    """Where a rejected ``landing/<rel>`` goes: ``quarantine/<run>/landing/<rel>``, with a hashed folder
-    when that path would not fit (:func:`bcc_pipeline.files.fit_path`, as scoring's destinations), and
-    folders named like reason files renamed (:func:`bcc_pipeline.files.quarantine_rel`)."""
-    return fit_path(quarantine_root, quarantine_rel(rel))
-
-
 def _reject(
     session,
     rel: Path,
@@ -551,7 +285,7 @@ def _reject(
     report: IntakeReport,
     quarantine_root: Path,
     ident: Identity | None,
-) -> _Then:
+) -> Then:
     """Record the rejection (with the file's destination) in the session; the move follows the commit,
     only while the path still holds the file that was checked (``ident``)."""
     shown, reason = display_path(rel), one_line(reason)
@@ -562,7 +296,7 @@ def _reject(
         # Rows are keyed by (run, path); the earlier rows' moves were finished (or are skipped as
         # unfinished) before the walk, so this is another file. Raised before any count changes.
         raise _PathTaken(shown)
-    dest = _quarantine_dest(quarantine_root, rel)
+    dest = quarantine_dest(quarantine_root, rel)
     insert_rows(
         session,
         Rejection,
@@ -584,7 +318,7 @@ def _reject(
     report.rejected += 1
     report.rejections.append({"path": shown, "reason": reason})
     log.warning("rejected %s: %s", shown, reason)
-    return _Then(dest=dest, reason=reason, ident=ident)
+    return Then(dest=dest, reason=reason, ident=ident)
 
 
 def _group_id(folder: str) -> str:
@@ -617,7 +351,7 @@ def _read(
     try:
         require_real_folders(settings.landing_dir, path)
     except LinkedFolderError:  # a folder of it became a link since the walk: never read through it
-        _changed(report, display_path(rel))
+        changed(report, display_path(rel))
         return None
     except FileNotFoundError:
         log.info("%s left landing before it was read", display_path(rel))
@@ -675,7 +409,7 @@ def _intake_one(
     report: IntakeReport,
     quarantine_root: Path,
     now_ts: float,
-) -> _Then | None:
+) -> Then | None:
     """Stage one file's outcome in ``session``; returns what to do with the file after the commit (with
     the identity of the file that was read: it is removed or moved only while the path still holds it)."""
     try:
@@ -711,7 +445,7 @@ def _intake_one(
             return then
         if existing is not None and existing.label == label:
             report.duplicates += 1
-            return _Then(ident=ident)  # its content is already stored under dataset/
+            return Then(ident=ident)  # its content is already stored under dataset/
 
         stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
         if existing is None:
@@ -747,5 +481,5 @@ def _intake_one(
             if labelled.rowcount != 1:
                 continue  # another intake labelled it meanwhile: decide with its label (a conflict?)
         report.accepted += 1
-        return _Then(ident=ident)
+        return Then(ident=ident)
     raise StoreError(f"the images row of {shown} changed twice while it was taken in; the next run retries")

@@ -9,13 +9,12 @@ approval); ``bcc model-card VERSION`` prints :func:`render`.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .files import atomic_write
-from .stats import format_interval
+from .stats import format_interval, format_number
 
 __all__ = ["CARD_NAME", "card_path", "gate_markdown", "holdout_lines", "render", "write"]
 
@@ -104,7 +103,7 @@ def _records(settings: Settings, version: str) -> dict[str, Any]:
 
 
 def _num(v: Any, digits: int = 4) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    return format_number(v, digits)
 
 
 def _evidence_md(decision: dict[str, Any] | None) -> list[str]:

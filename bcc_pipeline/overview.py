@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
-from .errors import ConfigError, StoreError
+from .errors import BCCError, ConfigError, StoreError
 from .predictions import iso_utc
 from .store import (
     InboxFile,
@@ -41,6 +41,7 @@ __all__ = [
     "archived_images",
     "champion_summary",
     "inbox_status",
+    "model_version_detail",
     "model_versions",
     "plot_file",
     "promotion_log",
@@ -186,6 +187,25 @@ def promotion_log(settings: Settings, *, limit: int | None = None) -> list[dict[
         ]
 
     return _read(settings, "the promotion log", q)
+
+
+def model_version_detail(settings: Settings, version: str) -> dict[str, Any] | None:
+    """One model version (as :func:`model_versions` gives it, ``m``), the promotion-log ``decisions`` about
+    it, and its model ``card`` (markdown; ``card_error`` says why there is none: an old or partial
+    version). None when there is no such version. The version page and ``/bcc/api/models/<version>``."""
+    m = next((m for m in model_versions(settings) if m["version"] == version), None)
+    if m is None:
+        return None
+    card, card_error = None, None
+    try:
+        from . import model_card
+
+        card = model_card.render(settings, version)
+    except (BCCError, OSError, KeyError, TypeError, ValueError) as exc:
+        card_error = f"{type(exc).__name__}: {exc}"
+    log = promotion_log(settings)
+    decisions = [p for p in log if version in (p["candidate_version"], p["to_version"])]
+    return {"m": m, "decisions": decisions, "card": card, "card_error": card_error}
 
 
 def plot_file(settings: Settings, version: str, name: str) -> Path | None:

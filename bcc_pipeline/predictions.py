@@ -6,8 +6,11 @@ model version) or from the ``latest_predictions`` view (the newest prediction pe
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
-from collections.abc import Iterable
+import io
+import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import func, select
@@ -21,7 +24,9 @@ __all__ = [
     "PREDICTION_FIELDS",
     "SORT_KEYS",
     "count_predictions",
+    "csv_chunks",
     "iso_utc",
+    "json_chunks",
     "parse_since",
     "query_predictions",
 ]
@@ -221,3 +226,27 @@ def count_predictions(
             return int(conn.execute(select(func.count()).select_from(q.subquery())).scalar_one())
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot count predictions: {str(exc).splitlines()[0]}") from exc
+
+
+def json_chunks(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """Rows as one JSON list, a row a line, in pieces (streamed): what ``bcc predictions --format json``
+    prints and ``/bcc/api/predictions`` sends, byte for byte."""
+    yield "["
+    for n, row in enumerate(rows):
+        yield ("," if n else "") + "\n  " + json.dumps(row)
+    yield "\n]\n"
+
+
+def csv_chunks(rows: Iterable[dict[str, Any]], every: int = 500) -> Iterator[str]:
+    """Rows as CSV with a header of :data:`PREDICTION_FIELDS`, in pieces of ``every`` rows (streamed): what
+    ``bcc predictions --format csv`` prints and ``/bcc/predictions.csv`` sends."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for n, row in enumerate(rows, 1):
+        writer.writerow(row)
+        if n % every == 0:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()

@@ -44,6 +44,7 @@ __all__ = [
     "extra_images_needed",
     "fit_temperature",
     "format_interval",
+    "format_number",
     "logit",
     "metric_intervals",
     "paired_differences",
@@ -263,6 +264,11 @@ def extra_images_needed(diff: Interval, margin: float) -> int | None:
     return max(1, math.ceil(diff.n * (half / gap) ** 2) - diff.n)
 
 
+def format_number(v: Any, digits: int = 3) -> str:
+    """A number for people with ``digits`` decimals; ``n/a`` for a missing one or NaN."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
 def format_interval(
     name: str, iv: Interval | dict[str, Any] | None, role: str = "holdout", digits: int = 2
 ) -> str:
@@ -272,7 +278,7 @@ def format_interval(
     d = iv.as_dict() if isinstance(iv, Interval) else dict(iv)
 
     def num(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+        return format_number(v, digits)
 
     count = f"{d['k']}/{d['n']}" if d.get("k") is not None else f"n={d.get('n')}"
     return f"{name} {num(d.get('value'))} [{num(d.get('lower'))}, {num(d.get('upper'))}], {count} ({role})"

@@ -22,13 +22,10 @@ Importing this module loads no TensorFlow, Keras or OpenCV (the api-server impor
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
-import json
 import math
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
@@ -48,6 +45,7 @@ from bcc_pipeline.overview import (
     archived_image,
     archived_images,
     inbox_status,
+    model_version_detail,
     model_versions,
     plot_file,
     promotion_log,
@@ -55,9 +53,10 @@ from bcc_pipeline.overview import (
     scoring_runs,
 )
 from bcc_pipeline.predictions import (
-    PREDICTION_FIELDS,
     SORT_KEYS,
     count_predictions,
+    csv_chunks,
+    json_chunks,
     parse_since,
     query_predictions,
 )
@@ -306,18 +305,10 @@ def version_page(request: Request, user: GetUserDep, s: SettingsDep, version: st
 
 
 def _version_detail(s: Settings, version: str) -> dict[str, Any]:
-    m = next((m for m in model_versions(s) if m["version"] == version), None)
-    if m is None:
+    detail = model_version_detail(s, version)
+    if detail is None:
         raise HTTPException(status_code=404, detail="no such model version")
-    card, card_error = None, None
-    try:
-        from bcc_pipeline import model_card
-
-        card = model_card.render(s, version)
-    except (BCCError, OSError, KeyError, TypeError, ValueError) as exc:  # an old or partial version
-        card_error = f"{type(exc).__name__}: {exc}"
-    decisions = [p for p in promotion_log(s) if version in (p["candidate_version"], p["to_version"])]
-    return {"m": m, "decisions": decisions, "card": card, "card_error": card_error}
+    return detail
 
 
 @bcc_app.get("/runs", response_class=Response)
@@ -396,36 +387,16 @@ def _archived(s: Settings, sha256: str) -> Path:
 
 
 # -- downloads and JSON -----------------------------------------------------------------------
-def _csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS), lineterminator="\n")
-    writer.writeheader()
-    for n, row in enumerate(rows, 1):
-        writer.writerow(row)
-        if n % 500 == 0:
-            yield buf.getvalue()
-            buf.seek(0)
-            buf.truncate()
-    yield buf.getvalue()
-
-
 @bcc_app.get("/predictions.csv")
 def predictions_csv(s: SettingsDep, f: FilterDep) -> StreamingResponse:
     """Every prediction matching the filters (no paging), the columns of ``bcc predictions --format csv``."""
     rows = query_predictions(s, **f.query(), sort=f.sort)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return StreamingResponse(
-        _csv_lines(rows),
+        csv_chunks(rows),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="bcc-predictions-{stamp}.csv"'},
     )
-
-
-def _json_list(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
-    yield "["
-    for n, row in enumerate(rows):
-        yield ("," if n else "") + "\n  " + json.dumps(row)
-    yield "\n]\n"
 
 
 @bcc_app.get("/api/predictions")
@@ -440,7 +411,7 @@ def api_predictions(
     total = count_predictions(s, **f.query())
     rows = query_predictions(s, **f.query(), sort=f.sort, limit=limit, offset=offset)
     return StreamingResponse(
-        _json_list(rows), media_type="application/json", headers={"X-Total-Count": str(total)}
+        json_chunks(rows), media_type="application/json", headers={"X-Total-Count": str(total)}
     )
 
 

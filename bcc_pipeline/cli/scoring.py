@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -60,9 +59,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace) -> int:
-    import csv
-
-    from ..predictions import PREDICTION_FIELDS, parse_since, query_predictions
+    from ..predictions import csv_chunks, json_chunks, parse_since, query_predictions
 
     s = settings(args)
     fmt = "json" if args.json else args.format
@@ -76,15 +73,8 @@ def cmd_predictions(args: argparse.Namespace) -> int:
         latest=args.latest,
     )
     out = sys.stdout
-    if fmt == "json":
-        out.write("[")
-        for n, row in enumerate(rows):
-            out.write(("," if n else "") + "\n  " + json.dumps(row))
-        out.write("\n]\n")
-    elif fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=list(PREDICTION_FIELDS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    if fmt in ("json", "csv"):
+        out.writelines((json_chunks if fmt == "json" else csv_chunks)(rows))
     else:
         n = 0
         for n, row in enumerate(rows, 1):

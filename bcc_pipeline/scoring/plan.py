@@ -17,7 +17,8 @@ from typing import Any
 
 from ..config import INFERENCE_CHOICES, Settings
 from ..errors import ConfigError, StoreError
-from ..files import atomic_write, mark_home, safe_dirname, sweep_stale_temporaries
+from ..files import atomic_write, mark_home, safe_dirname
+from ..leftovers import sweep_stale_temporaries
 from ..store import get_engine, utcnow
 from . import db, run_records
 from .inbox import InboxArg, discover
@@ -110,7 +111,7 @@ def plan_shards(
     """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
 
     Marks the home (``.bcc-home``) and removes stale temporaries killed processes left
-    (:func:`bcc_pipeline.files.sweep_stale_temporaries`) first. Writes ``runs/<run>/plan.json`` atomically
+    (:func:`bcc_pipeline.leftovers.sweep_stale_temporaries`) first. Writes ``runs/<run>/plan.json`` atomically
     and the ``scoring_runs`` row. When the plan of ``run_id``
     already exists it is returned unchanged (a retried planning task changes nothing). Raises
     :class:`NoChampionError` when there is no champion. Returns ``{run_id, shards, n_files, plan_path,

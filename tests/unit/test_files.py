@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bcc_pipeline import files, moving
+from bcc_pipeline import files, leftovers, moving
 
 
 @pytest.fixture(params=["renameat2", "exclusive-copy"])
@@ -386,13 +386,13 @@ def test_sweep_removes_only_our_stale_temporaries(tmp_path):
     shallow_stale = tmp_path / ".bcc-tmp-.bcc-home.z9.tmp"
     shallow_stale.write_text("x")
     _age(shallow_stale, 7200)
-    removed = files.sweep_temporaries([tmp_path / "runs", tmp_path / "missing"], shallow=[tmp_path])
+    removed = leftovers.sweep_temporaries([tmp_path / "runs", tmp_path / "missing"], shallow=[tmp_path])
     assert sorted(removed) == sorted([stale, stale_dir, shallow_stale])
     assert not os.path.lexists(stale) and not stale_dir.exists() and not shallow_stale.exists()
     for kept in (fresh, foreign, move_marker, busy_dir / "model.onnx", outside):
         assert kept.exists(), kept
     assert link.is_symlink()
-    assert files.sweep_temporaries([tmp_path / "runs"], shallow=[tmp_path]) == []
+    assert leftovers.sweep_temporaries([tmp_path / "runs"], shallow=[tmp_path]) == []
 
 
 _KILLED_WRITER = """
@@ -431,9 +431,9 @@ def test_a_temporary_left_by_a_killed_atomic_write_is_swept(make_settings, tmp_p
     left = target.parent / name
     assert name.startswith(files.TEMP_PREFIX) and left.read_bytes() == b"half of it"
     assert not target.exists()
-    assert files.sweep_stale_temporaries(s) == []  # fresh: it could be a live writer's
-    _age(left, files.STALE_TEMP_SECONDS + 60)
-    assert files.sweep_stale_temporaries(s) == [left] and os.listdir(target.parent) == []
+    assert leftovers.sweep_stale_temporaries(s) == []  # fresh: it could be a live writer's
+    _age(left, leftovers.STALE_TEMP_SECONDS + 60)
+    assert leftovers.sweep_stale_temporaries(s) == [left] and os.listdir(target.parent) == []
 
 
 # -- the one display form of a path ---------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):
 
 def test_a_conversion_is_written_into_a_temporary_the_sweep_recognises(tmp_path):
     """A conversion killed halfway leaves its temporary folder under compiled/: it carries the prefix that
-    :func:`bcc_pipeline.files.sweep_stale_temporaries` removes once it is stale."""
+    :func:`bcc_pipeline.leftovers.sweep_stale_temporaries` removes once it is stale."""
     from bcc_pipeline import compiled_cache, files
 
     folder = tmp_path / "models" / "v1" / "compiled" / "openvino-0123456789abcdef"

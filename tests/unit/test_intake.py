@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bcc_pipeline import files
+from bcc_pipeline import files, leftovers
 from bcc_pipeline.intake import intake
 from bcc_pipeline.store import ImageRecord, Rejection, session_scope, upgrade
 
@@ -429,7 +429,7 @@ def test_intake_sweeps_stale_temporaries(make_settings, sqlite_url):
     other = s.dataset_dir / ".keep-me"
     for p in (stale, fresh, other):
         p.write_bytes(b"half of it")
-    old = os.stat(stale).st_mtime - files.STALE_TEMP_SECONDS - 60
+    old = os.stat(stale).st_mtime - leftovers.STALE_TEMP_SECONDS - 60
     os.utime(stale, (old, old))
     os.utime(other, (old, old))
     # a file in landing/ is somebody's, whatever its name: never swept, however old
@@ -618,7 +618,7 @@ def test_a_run_id_like_a_temporary_never_gets_quarantined_files_swept(home):
     assert all(not files.safe_dirname(x).startswith(".") for x in (".", "..", ".x", "..."))
     kept = _all_files(home.quarantine_dir)
     assert len(kept) == 2  # the file and its reason
-    old = os.stat(kept[0]).st_mtime - 2 * files.STALE_TEMP_SECONDS
+    old = os.stat(kept[0]).st_mtime - 2 * leftovers.STALE_TEMP_SECONDS
     for p in [*home.quarantine_dir.rglob("*"), home.quarantine_dir]:
         os.utime(p, (old, old), follow_symlinks=False)
     intake(home, run_id="next")
@@ -664,14 +664,14 @@ def test_an_interrupted_quarantine_move_is_recorded_where_the_file_really_went(h
     """As in scoring: two rejected files whose quarantine names meet (the second goes to ``a~1.png``), the
     process killed after the second move and before its reason and record; the next run records it at
     ``a~1.png`` with its own reason, not at the first file's place."""
-    import bcc_pipeline.intake as intake_module
+    import bcc_pipeline.intake_moves as moves_module
 
     base = home.landing_dir / "benign" / "p1"
     (base / "x.png.reason.txt").mkdir(parents=True)
     (base / "x.png.reason.txt.d").mkdir()
     (base / "x.png.reason.txt" / "a.png").write_bytes(b"")
     (base / "x.png.reason.txt.d" / "a.png").write_bytes(b"GIF89a broken")
-    real, calls = intake_module._write_reason, []
+    real, calls = moves_module._write_reason, []
 
     def reason_then_die_on_the_second(path, reason):
         calls.append(path)
@@ -679,10 +679,10 @@ def test_an_interrupted_quarantine_move_is_recorded_where_the_file_really_went(h
             raise _Killed(path)
         return real(path, reason)
 
-    monkeypatch.setattr(intake_module, "_write_reason", reason_then_die_on_the_second)
+    monkeypatch.setattr(moves_module, "_write_reason", reason_then_die_on_the_second)
     with pytest.raises(_Killed):
         intake(home, run_id="i1")
-    monkeypatch.setattr(intake_module, "_write_reason", real)
+    monkeypatch.setattr(moves_module, "_write_reason", real)
     r = intake(home, run_id="i2")
     assert r.recovered == 1 and _all_files(home.landing_dir) == []
     with session_scope(home.database_url) as s:
@@ -697,14 +697,14 @@ def test_an_interrupted_quarantine_move_is_recorded_where_the_file_really_went(h
 def test_two_landing_links_with_equal_times_are_each_recorded_where_they_went(home, monkeypatch):
     """As in scoring: two links refused unread, the same size and mtime, meeting at one quarantine name;
     killed after the second move and before its record, the next run finds each by its inode."""
-    import bcc_pipeline.intake as intake_module
+    import bcc_pipeline.intake_moves as moves_module
 
     base = home.landing_dir / "benign"
     for d, target in (("r.reason.txt", "/nowhere/target-1"), ("r.reason.txt.d", "/nowhere/target-2")):
         (base / d).mkdir(parents=True)
         os.symlink(target, base / d / "a.png")
         os.utime(base / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
-    real, n = intake_module.move_no_clobber, {"moves": 0}
+    real, n = moves_module.move_no_clobber, {"moves": 0}
 
     def move_then_die_on_the_second(src, dest, **kw):
         where = real(src, dest, **kw)
@@ -713,10 +713,10 @@ def test_two_landing_links_with_equal_times_are_each_recorded_where_they_went(ho
             raise _Killed(where)
         return where
 
-    monkeypatch.setattr(intake_module, "move_no_clobber", move_then_die_on_the_second)
+    monkeypatch.setattr(moves_module, "move_no_clobber", move_then_die_on_the_second)
     with pytest.raises(_Killed):
         intake(home, run_id="in1")
-    monkeypatch.setattr(intake_module, "move_no_clobber", real)
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
     assert intake(home, run_id="in2").recovered == 1
     with session_scope(home.database_url) as s:
         rows = {x.path: x.moved_to for x in s.scalars(select(Rejection))}
@@ -808,7 +808,7 @@ def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(h
     """``landing/`` on another filesystem; two refused files with the same bytes and times meet at one
     quarantine name; killed after the second move, before its record. The next run records it at the
     ``~1`` copy it made, not at the first file's (recorded) name."""
-    import bcc_pipeline.intake as intake_module
+    import bcc_pipeline.intake_moves as moves_module
 
     home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
     if home.landing_dir.is_dir():
@@ -819,7 +819,7 @@ def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(h
         (base / d).mkdir(parents=True)
         (base / d / "a.png").write_bytes(b"not an image")
         os.utime(base / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2)
-    real, n = intake_module.move_no_clobber, {"moves": 0}
+    real, n = moves_module.move_no_clobber, {"moves": 0}
 
     def move_then_die_on_the_second(src, dest, **kw):
         where = real(src, dest, **kw)
@@ -828,10 +828,10 @@ def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(h
             raise _Killed(where)
         return where
 
-    monkeypatch.setattr(intake_module, "move_no_clobber", move_then_die_on_the_second)
+    monkeypatch.setattr(moves_module, "move_no_clobber", move_then_die_on_the_second)
     with pytest.raises(_Killed):
         intake(home, run_id="i1")
-    monkeypatch.setattr(intake_module, "move_no_clobber", real)
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
     assert intake(home, run_id="i2").recovered == 1
     assert _all_files(other_fs) == []
     _a_name_each(home, 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bcc_pipeline import scoring, store
+from bcc_pipeline import leftovers, scoring, store
 from bcc_pipeline.errors import ConfigError, NoChampionError
 from bcc_pipeline.store import Prediction, session_scope
 from bcc_pipeline.validation import validate_backends
@@ -121,8 +121,6 @@ def test_planning_marks_the_home_and_sweeps_stale_temporaries(
     fresh ones, foreign names and inbox files stay."""
     import os
 
-    from bcc_pipeline import files
-
     s = scoring_settings(make_settings, sqlite_url)
     version = register_champion(s)
     compiled = s.models_dir / version / "compiled"
@@ -136,7 +134,7 @@ def test_planning_marks_the_home_and_sweeps_stale_temporaries(
     fresh.mkdir()
     foreign = s.runs_dir / "old-run" / "notes.bcc-tmp-kept"
     foreign.write_text("x")
-    old = os.stat(stale_file).st_mtime - files.STALE_TEMP_SECONDS - 60
+    old = os.stat(stale_file).st_mtime - leftovers.STALE_TEMP_SECONDS - 60
     for p in (stale_dir / "model.bin", stale_dir, stale_file, foreign):
         os.utime(p, (old, old))
     fill_inbox(s.inbox_dir, png_writer, 2)

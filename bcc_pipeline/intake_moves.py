@@ -1,0 +1,304 @@
+"""Intake after the commit: each file's outcome is committed first (:mod:`bcc_pipeline.intake`); then a
+stored file is removed from ``landing/`` and a refused one moved to ``quarantine/<run>/landing/...`` with
+its reason, and the move recorded (``rejections.moved_to``). :func:`finish_interrupted` (run first by
+every intake) finishes the moves that earlier, killed or failed runs recorded but did not complete, or
+records one that reached its destination.
+
+Every removal and move happens only while the path still holds the file that was checked (its
+:data:`bcc_pipeline.moving.Identity`), never through a folder that became a link, and never to a name
+another rejection is recorded at (:func:`bcc_pipeline.store.place_recorded`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from . import images
+from .config import Settings
+from .files import (
+    PATH_MAX,
+    display_path,
+    fit_path,
+    one_line,
+    path_from_display,
+    quarantine_rel,
+    read_once,
+    reason_path,
+    safe_dirname,
+    write_reason,
+)
+from .moving import (
+    Identity,
+    LinkedFolderError,
+    SourceChangedError,
+    Taken,
+    find_moved,
+    identity,
+    identity_from_text,
+    move_no_clobber,
+    require_real_folders,
+)
+from .store import Rejection, place_recorded
+
+if TYPE_CHECKING:
+    from .intake import IntakeReport
+
+__all__ = ["Then", "carry_out", "changed", "finish_interrupted", "quarantine_dest"]
+
+log = logging.getLogger(__name__)
+
+_SWEEP_LIMIT = 10_000  # interrupted moves finished per run (the rest next run)
+_REPLACED = "replaced by other content before it was moved; that content is taken in anew"
+_GONE = "left landing/ before it was moved"
+
+
+@dataclass(frozen=True)
+class Then:
+    """What happens to a file once its outcome is committed: removed (its content is stored) or moved."""
+
+    dest: Path | None = None  # None: remove from landing
+    reason: str = ""
+    ident: Identity | None = (
+        None  # what the path held when it was checked; removed or moved only while it does
+    )
+
+
+def quarantine_dest(quarantine_root: Path, rel: Path) -> Path:
+    """Where a rejected ``landing/<rel>`` goes: ``quarantine/<run>/landing/<rel>``, with a hashed folder
+    when that path would not fit (:func:`bcc_pipeline.files.fit_path`, as scoring's destinations), and
+    folders named like reason files renamed (:func:`bcc_pipeline.files.quarantine_rel`)."""
+    return fit_path(quarantine_root, quarantine_rel(rel))
+
+
+def _mark(session, run_id: str, shown: str, **values: Any) -> None:
+    session.execute(
+        update(Rejection)
+        .where(Rejection.run_id == run_id, Rejection.stage == "intake", Rejection.path == shown)
+        .values(**values)
+    )
+    session.commit()
+
+
+def _write_reason(path: Path, reason: str) -> None:
+    try:
+        write_reason(path, reason)
+    except OSError as exc:
+        log.warning("could not write the reason file beside %s: %s", display_path(path), one_line(str(exc)))
+
+
+def changed(report: IntakeReport, shown: str) -> None:
+    report.changed += 1
+    log.warning("%s changed after it was read: left in landing, the next run takes it in", shown)
+
+
+def _move(
+    session,
+    run_id: str,
+    shown: str,
+    src: Path,
+    dest: Path,
+    reason: str,
+    report: IntakeReport,
+    *,
+    expect: Identity | None,
+    roots: tuple[Path, Path],
+    again: bool = False,
+    fresh: bool = False,
+) -> str:
+    """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
+    still the file that was checked (``expect``). Returns ``"moved"``; ``"changed"`` when ``src`` holds
+    another file (it stays in landing, the row says so and the next run takes it in anew); ``"failed"``
+    when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
+    ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``). ``fresh``: the first
+    attempt (no interrupted one to finish). A name another file is recorded at is never given again."""
+    try:
+        moved = move_no_clobber(
+            src,
+            dest,
+            expect=expect,
+            src_root=roots[0],
+            dest_root=roots[1],
+            taken=_taken(session, run_id),
+            fresh=fresh,
+        )
+    except SourceChangedError:
+        _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
+        changed(report, shown)
+        return "changed"
+    except FileNotFoundError:  # taken by someone else since (another intake run): not a failed move
+        _mark(session, run_id, shown, dest=None, move_error=_GONE)
+        log.info("%s left landing/ before it was moved", shown)
+        return "gone"
+    except OSError as exc:
+        error = one_line(f"cannot move to {display_path(dest)}: {exc.strerror or exc}")
+        _mark(session, run_id, shown, move_error=error)
+        report.failed.append({"path": shown, "error": error})
+        report.move_failed += 1
+        if again:
+            report.persistent_move_failures.append({"path": shown, "error": error, "run_id": run_id})
+        log.error("could not quarantine %s (left in landing): %s", shown, error)
+        return "failed"
+    _write_reason(moved, reason)
+    _mark(session, run_id, shown, moved_to=display_path(moved), move_error=None)
+    return "moved"
+
+
+def _taken(session, run_id: str) -> Taken:
+    """Whether a quarantine name of ``run_id`` is recorded as another file's place (each move is recorded
+    right after it, so the database knows every name this run gave)."""
+    return lambda path: place_recorded(session, run_id, display_path(path))
+
+
+def _remove_stored(
+    shown: str, path: Path, ident: Identity | None, report: IntakeReport, landing: Path
+) -> None:
+    """Remove a file whose content is stored and committed, unless the path holds another file by now, or
+    leads through a folder that became a link (checked right before the ``unlink``; the one window left
+    is between the two, as in :mod:`bcc_pipeline.moving`): that file was never stored, it stays for the
+    next run (``changed``)."""
+    try:
+        require_real_folders(landing, path)
+        if ident is not None and identity(path.lstat()) != tuple(ident):
+            changed(report, shown)
+            return
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except LinkedFolderError:
+        changed(report, shown)
+    except OSError as exc:
+        error = one_line(f"stored, but cannot be removed from landing: {exc.strerror or exc}")
+        report.failed.append({"path": shown, "error": error})
+        log.error("%s: %s", shown, error)
+
+
+def carry_out(
+    settings: Settings, session, run_id: str, shown: str, path: Path, then: Then, report: IntakeReport
+) -> None:
+    """After the commit: quarantine a rejected file, or remove a stored one from landing."""
+    if then.dest is not None:
+        _move(
+            session,
+            run_id,
+            shown,
+            path,
+            then.dest,
+            then.reason,
+            report,
+            expect=then.ident,
+            roots=_roots(settings),
+            fresh=True,
+        )
+    else:
+        _remove_stored(shown, path, then.ident, report, settings.landing_dir)
+
+
+def _roots(settings: Settings) -> tuple[Path, Path]:
+    """Where intake's moves start and end: no folder below these may be a link (:mod:`.moving`)."""
+    return settings.landing_dir, settings.quarantine_dir
+
+
+def finish_interrupted(settings: Settings, session, report: IntakeReport) -> set[str]:
+    """Finish the quarantine moves that earlier runs committed but did not complete (killed, or the move
+    failed). Returns the paths (as displayed) whose move still fails: they stay in landing, and this run
+    leaves them alone."""
+    rows = session.execute(
+        select(
+            Rejection.run_id,
+            Rejection.path,
+            Rejection.sha256,
+            Rejection.reason,
+            Rejection.dest,
+            Rejection.move_error,
+            Rejection.src_identity,
+        )
+        .where(Rejection.stage == "intake", Rejection.dest.is_not(None), Rejection.moved_to.is_(None))
+        .order_by(Rejection.id)
+        .limit(_SWEEP_LIMIT)
+    ).all()
+    unfinished = {r.path for r in rows if _finish_one(settings, session, r, report) == "failed"}
+    if report.recovered:
+        log.info("intake: finished %d quarantine move(s) of interrupted runs", report.recovered)
+    return unfinished
+
+
+def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> str:
+    """Finish one recorded move (see :func:`finish_interrupted`); returns what became of it."""
+    try:
+        rel = path_from_display(r.path)
+        src, dest = settings.landing_dir / rel, Path(path_from_display(r.dest))
+    except ValueError:
+        return "skipped"
+    if os.path.lexists(src):
+        # Moved only while the path holds the file that was refused: by its recorded identity (rows from
+        # before migration 0008 have none), and by its content where a hash was taken; never through a
+        # folder that has become a link.
+        try:
+            require_real_folders(settings.landing_dir, src)
+        except LinkedFolderError:
+            _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
+            return "replaced"
+        expect = identity_from_text(r.src_identity)
+        if r.sha256 is not None:
+            held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
+            if held is None or (expect is not None and held != expect):
+                _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
+                return "replaced"
+            expect = held
+        dest = _fitted(settings, session, r, rel, dest)
+        outcome = _move(
+            session,
+            r.run_id,
+            r.path,
+            src,
+            dest,
+            r.reason,
+            report,
+            expect=expect,
+            roots=_roots(settings),
+            again=r.move_error is not None,
+        )
+        if outcome == "moved":
+            report.recovered += 1
+        return outcome
+    # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken
+    found = find_moved(
+        dest, sha256=r.sha256, ident=identity_from_text(r.src_identity), taken=_taken(session, r.run_id)
+    )
+    if found is not None:
+        if not os.path.lexists(reason_path(found)):
+            _write_reason(found, r.reason)
+        _mark(session, r.run_id, r.path, moved_to=display_path(found), move_error=None)
+        report.recovered += 1
+        return "moved"
+    _mark(session, r.run_id, r.path, dest=None, move_error=_GONE)
+    return "gone"
+
+
+def _fitted(settings: Settings, session, r: Any, rel: str, dest: Path) -> Path:
+    """``dest``, or, when it is longer than any path can be (recorded before destinations were shortened;
+    its move fails on every run and nothing can ever have reached it), the shortened destination, which is
+    recorded first."""
+    if len(os.fsencode(dest)) < PATH_MAX:
+        return dest
+    short = quarantine_dest(settings.quarantine_dir / safe_dirname(r.run_id) / "landing", Path(rel))
+    _mark(session, r.run_id, r.path, dest=display_path(short))
+    return short
+
+
+def _content_identity(path: Path, sha: str, max_bytes: int) -> Identity | None:
+    """The identity of the file at ``path`` when it holds content ``sha`` (read once, never through a
+    link, never blocking on a FIFO), else None."""
+    try:
+        data, st = read_once(path, max_bytes)
+    except OSError:
+        return None
+    if data is None or images.sha256_bytes(data) != sha:
+        return None
+    return identity(st)

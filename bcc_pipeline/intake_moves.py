@@ -39,9 +39,11 @@ from .moving import (
     SourceChangedError,
     Taken,
     find_moved,
+    finish_move,
     identity,
     identity_from_text,
     move_no_clobber,
+    pending_copy,
     require_real_folders,
 )
 from .store import Rejection, place_recorded
@@ -110,13 +112,15 @@ def _move(
     roots: tuple[Path, Path],
     again: bool = False,
     fresh: bool = False,
+    prior: Identity | None = None,
 ) -> str:
     """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
     still the file that was checked (``expect``). Returns ``"moved"``; ``"changed"`` when ``src`` holds
     another file (it stays in landing, the row says so and the next run takes it in anew); ``"failed"``
     when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
     ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``). ``fresh``: the first
-    attempt (no interrupted one to finish). A name another file is recorded at is never given again."""
+    attempt (no interrupted one to finish); ``prior``: the identity an earlier attempt moved the file with.
+    A name another file is recorded at is never given again."""
     try:
         moved = move_no_clobber(
             src,
@@ -126,6 +130,7 @@ def _move(
             dest_root=roots[1],
             taken=_taken(session, run_id),
             fresh=fresh,
+            prior=prior,
         )
     except SourceChangedError:
         _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
@@ -229,56 +234,82 @@ def finish_interrupted(settings: Settings, session, report: IntakeReport) -> set
 
 
 def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> str:
-    """Finish one recorded move (see :func:`finish_interrupted`); returns what became of it."""
+    """Finish one recorded move (see :func:`finish_interrupted`); returns what became of it.
+
+    The file is moved only while the path holds the file that was refused: by its recorded identity (rows
+    from before migration 0008 have none), or, touched or copied again since, by its content where a hash
+    was taken; never through a folder that has become a link. Otherwise, or when the path is empty, the
+    move may have happened before the process was killed: its copy is looked for (and recorded) first;
+    the path's new file, if any, is taken in anew by the walk."""
     try:
         rel = path_from_display(r.path)
         src, dest = settings.landing_dir / rel, Path(path_from_display(r.dest))
     except ValueError:
         return "skipped"
+    ident = identity_from_text(r.src_identity)
     if os.path.lexists(src):
-        # Moved only while the path holds the file that was refused: by its recorded identity (rows from
-        # before migration 0008 have none), and by its content where a hash was taken; never through a
-        # folder that has become a link.
-        try:
-            require_real_folders(settings.landing_dir, src)
-        except LinkedFolderError:
-            _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
-            return "replaced"
-        expect = identity_from_text(r.src_identity)
-        if r.sha256 is not None:
-            held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
-            if held is None or (expect is not None and held != expect):
-                _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
-                return "replaced"
-            expect = held
-        dest = _fitted(settings, session, r, rel, dest)
-        outcome = _move(
-            session,
-            r.run_id,
-            r.path,
-            src,
-            dest,
-            r.reason,
-            report,
-            expect=expect,
-            roots=_roots(settings),
-            again=r.move_error is not None,
-        )
-        if outcome == "moved":
-            report.recovered += 1
-        return outcome
+        expect = _still_refused(settings, src, r, ident)
+        if expect is not None:
+            dest = _fitted(settings, session, r, rel, dest)
+            outcome = _move(
+                session,
+                r.run_id,
+                r.path,
+                src,
+                dest,
+                r.reason,
+                report,
+                expect=expect,
+                roots=_roots(settings),
+                again=r.move_error is not None,
+                prior=ident,
+            )
+            if outcome == "moved":
+                report.recovered += 1
+            return outcome
     # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken
-    found = find_moved(
-        dest, sha256=r.sha256, ident=identity_from_text(r.src_identity), taken=_taken(session, r.run_id)
-    )
+    finish_move(dest, ident, taken=_taken(session, r.run_id))  # a copy's temporary name, when one is left
+    found = find_moved(dest, sha256=r.sha256, ident=ident, taken=_taken(session, r.run_id))
     if found is not None:
         if not os.path.lexists(reason_path(found)):
             _write_reason(found, r.reason)
         _mark(session, r.run_id, r.path, moved_to=display_path(found), move_error=None)
         report.recovered += 1
         return "moved"
+    if os.path.lexists(src):
+        _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
+        return "replaced"
     _mark(session, r.run_id, r.path, dest=None, move_error=_GONE)
     return "gone"
+
+
+def _still_refused(settings: Settings, src: Path, r: Any, ident: Identity | None) -> Identity | None:
+    """The identity ``src`` has now when it is still the refused file of row ``r``, else None: the very
+    file (its device and inode; a file refused unread, which has no hash, also its size and mtime), or,
+    where the content was hashed, the same bytes under another inode (copied again, as a sync tool
+    re-creates a file) while the interrupted move never removed the source (its copy is pending), or when
+    no copy of the refused file was made at all."""
+    try:
+        require_real_folders(settings.landing_dir, src)
+    except (LinkedFolderError, FileNotFoundError):
+        return None
+    if r.sha256 is None:
+        now = _lstat(src)
+        return now if ident is None or now == ident else None
+    held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
+    if held is None or ident is None or tuple(held[:2]) == tuple(ident[:2]):
+        return held
+    dest = Path(path_from_display(r.dest))
+    if pending_copy(dest, ident) is not None:
+        return held
+    return None if find_moved(dest, sha256=r.sha256, ident=ident) is not None else held
+
+
+def _lstat(path: Path) -> Identity | None:
+    try:
+        return identity(path.lstat())
+    except OSError:
+        return None
 
 
 def _fitted(settings: Settings, session, r: Any, rel: str, dest: Path) -> Path:

@@ -17,14 +17,15 @@ The rules every move in the pipeline follows:
   then is the source removed; an interruption there leaves both copies, never none.
 * When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied
   to a hidden temporary file beside the destination (``.bcc-move-<hash>.tmp``, a name fixed by the
-  destination), with the source's mode and times, flushed, and hard-linked into place without
-  replacing anything; only then is the source removed, and then the temporary name. A symbolic link is
-  re-created the same way: a new link with the same target (``readlink``) under the temporary name,
-  with the source link's times, hard-linked into place. A move killed at any point leaves at most one
-  visible copy: the next attempt finds the temporary file, and either finishes that move (it was
-  published: only the source is left to remove) or throws the unfinished copy away and starts again.
-  (On a destination without hard links the copy is renamed into place instead, and a kill between that
-  rename and removing the source leaves both copies.)
+  destination and the source's device and inode, so two files whose destinations meet never share one),
+  with the source's mode and times, flushed, and hard-linked into place without replacing anything; only
+  then is the source removed, and then the temporary name. A symbolic link is re-created the same way: a
+  new link with the same target (``readlink``) under the temporary name, with the source link's times,
+  hard-linked into place. A move killed at any point leaves at most one visible copy: the next attempt
+  finds the temporary file, and either finishes that move (it was published: only the source is left to
+  remove) or throws the unfinished copy away and starts again. (On a destination without hard links the
+  copy is renamed into place instead, and a kill between that rename and removing the source leaves both
+  copies.)
 * A caller that records where each file went can say which names other files' moves already hold
   (``taken``): such a name is never taken for this move's own interrupted attempt (a hard link of the
   source moved there under another name, or an identical copy across filesystems), nor found by
@@ -71,6 +72,7 @@ __all__ = [
     "identity_text",
     "make_real_folders",
     "move_no_clobber",
+    "pending_copy",
     "quarantine_file",
     "require_real_folders",
 ]
@@ -171,22 +173,50 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _copy_marker(dest: Path) -> Path:
-    """The temporary name a cross-filesystem copy to ``dest`` is written under (hidden, beside ``dest``).
-    It stays linked to the published copy until the source is removed, so an interrupted move is
-    recognised and finished by the next attempt instead of copied a second time."""
-    return dest.with_name(f".bcc-move-{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]}.tmp")
+def _copy_marker(dest: Path, source: Identity | os.stat_result) -> Path:
+    """The temporary name a cross-filesystem copy of the file ``source`` (its device and inode) to ``dest``
+    is written under (hidden, beside ``dest``). It stays linked to the published copy until the source is
+    removed, so an interrupted move is recognised and finished by the next attempt of that file's move.
+    Another file whose destination is the same name (``r.reason.txt/a.png`` and ``r.reason.txt.d/a.png``
+    both go to ``r.reason.txt.d/a.png``) has a marker of its own: it never takes this copy for its own,
+    nor removes this marker."""
+    dev, ino = (source.st_dev, source.st_ino) if isinstance(source, os.stat_result) else tuple(source[:2])
+    key = os.fsencode(dest.name) + f"\0{dev}:{ino}".encode()
+    return dest.with_name(f".bcc-move-{hashlib.sha256(key).hexdigest()[:16]}.tmp")
 
 
 def _leftover_copy(
-    dest: Path, src: Path | None, src_st: os.stat_result | None, taken: Taken | None = None
-) -> Path | None:
-    """What an interrupted cross-filesystem move to ``dest`` left. Returns the published copy (a name of
-    ``dest``'s linked to the marker) when that move got that far and the copy is of the source ``src``
-    (a file: the same size and mtime; a symbolic link: a link with the same target); the marker is then
-    kept until the caller has removed the source. Otherwise the marker is removed; so it is when the copy's
-    name is ``taken`` (another file's recorded move, which was killed before it removed its marker)."""
-    marker = _copy_marker(dest)
+    dest: Path,
+    src: Path | None,
+    src_st: os.stat_result | None,
+    taken: Taken | None = None,
+    prior: Identity | None = None,
+) -> tuple[Path, Path] | None:
+    """What an interrupted cross-filesystem move of the source to ``dest`` left: ``(published copy,
+    marker)`` when that move got as far as publishing its copy (a name of ``dest``'s linked to the marker)
+    and the copy is of the source ``src`` (a file: the same size and mtime, or, touched since, the same
+    bytes; a symbolic link: a link with the same target). The marker is then kept until the caller has
+    removed the source. ``prior``: the identity the file had when it was first moved, when the path may
+    hold a copy of it by now (copied again, another inode): its marker's copy is taken only when its bytes
+    are the source's. With ``src`` None (the source is gone) the copy is taken as it is. A copy whose name
+    is ``taken`` (recorded as another file's) is never taken."""
+    owners: list[tuple[tuple[int, int], bool]] = []
+    if src_st is not None:
+        owners.append(((src_st.st_dev, src_st.st_ino), True))
+    if prior is not None and all(tuple(prior[:2]) != o for o, _ in owners):
+        owners.append((tuple(prior[:2]), src_st is None))
+    for owner, own in owners:
+        found = _leftover_of(dest, _copy_marker(dest, owner), src, src_st, taken, own)
+        if found is not None:
+            return found
+    return None
+
+
+def _leftover_of(
+    dest: Path, marker: Path, src: Path | None, src_st: os.stat_result | None, taken: Taken | None, own: bool
+) -> tuple[Path, Path] | None:
+    """One marker of :func:`_leftover_copy`. ``own``: the marker is the source's (same inode): one that
+    leads to no copy of the source is stale and removed. Another's (``prior``) is left for its owner."""
     try:
         mst = os.lstat(marker)
     except FileNotFoundError:
@@ -206,15 +236,16 @@ def _leftover_copy(
     elif stat.S_ISLNK(mst.st_mode):
         same = os.readlink(marker) == os.readlink(src)
     else:
-        same = (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
+        same = own and (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
         if not same and published is not None and mst.st_size == src_st.st_size:
-            # touched (or copied again with the same bytes) since: the published copy is this content, and
+            # touched, or copied again with the same bytes, since: the published copy is this content, and
             # a second copy beside it would be an unrecorded orphan. Compared byte for byte: rare path.
             same = filecmp.cmp(marker, src, shallow=False)
     if published is None or not same or (taken is not None and taken(published)):
-        os.unlink(marker)
+        if own:
+            os.unlink(marker)
         return None
-    return published
+    return published, marker
 
 
 def find_moved(
@@ -236,13 +267,15 @@ def find_moved(
     present: list[tuple[Path, os.stat_result]] = []
     for candidate in candidate_names(dest):
         try:
-            st = os.lstat(candidate)
+            present.append((candidate, os.lstat(candidate)))
         except FileNotFoundError:
             break
-        if taken is None or not taken(candidate):
-            present.append((candidate, st))
+
+    def free(candidate: Path) -> bool:  # asked only of a match: ``taken`` may be a database query
+        return taken is None or not taken(candidate)
+
     if sha256 is None and ident is None:
-        return present[0][0] if present and present[0][0] == dest else None
+        return dest if present and free(dest) else None
 
     def content_ok(candidate: Path, st: os.stat_result) -> bool:
         return sha256 is None or not stat.S_ISREG(st.st_mode) or _sha256_of(candidate) == sha256
@@ -251,15 +284,15 @@ def find_moved(
         # the very inode first (a move on one filesystem keeps it); size and mtime only for a copy made
         # across filesystems (another device), where a neighbour on the same one cannot be mistaken for it
         for candidate, st in present:
-            if (st.st_dev, st.st_ino) == tuple(ident[:2]) and content_ok(candidate, st):
+            if (st.st_dev, st.st_ino) == tuple(ident[:2]) and content_ok(candidate, st) and free(candidate):
                 return candidate
         for candidate, st in present:
             if st.st_dev != ident[0] and (st.st_size, st.st_mtime_ns) == tuple(ident[2:]):
-                if content_ok(candidate, st):
+                if content_ok(candidate, st) and free(candidate):
                     return candidate
         return None
     for candidate, st in present:
-        if stat.S_ISREG(st.st_mode) and _sha256_of(candidate) == sha256:
+        if stat.S_ISREG(st.st_mode) and _sha256_of(candidate) == sha256 and free(candidate):
             return candidate
     return None
 
@@ -275,14 +308,37 @@ def _sha256_of(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def finish_move(dest: str | os.PathLike[str], *, taken: Taken | None = None) -> Path | None:
-    """After the source is gone: tidy what an interrupted move across filesystems to ``dest`` left. Returns
-    where its copy was published (or None; so when that name is ``taken``); the temporary name is removed
-    either way."""
+def pending_copy(dest: str | os.PathLike[str], ident: Identity) -> Path | None:
+    """The copy across filesystems that a move of the file ``ident`` to ``dest`` published before it was
+    interrupted (its temporary name still linked to it: the source was never removed), or None. Looks only;
+    changes nothing."""
     dest = Path(dest)
-    published = _leftover_copy(dest, None, None, taken) if dest.parent.is_dir() else None
-    _copy_marker(dest).unlink(missing_ok=True)
-    return published
+    marker = _copy_marker(dest, ident)
+    try:
+        mst = os.lstat(marker)
+    except FileNotFoundError:
+        return None
+    for candidate in candidate_names(dest) if mst.st_nlink > 1 else ():
+        try:
+            if _same_inode(os.lstat(candidate), mst):
+                return candidate
+        except FileNotFoundError:
+            return None
+    return None
+
+
+def finish_move(
+    dest: str | os.PathLike[str], ident: Identity | None, *, taken: Taken | None = None
+) -> Path | None:
+    """After the source is gone: tidy what an interrupted move across filesystems of the file ``ident``
+    (its identity when it was read) to ``dest`` left. Returns where its copy was published (or None; so
+    when that name is ``taken``, or the identity is unknown); the temporary name is removed either way."""
+    dest = Path(dest)
+    if ident is None or not dest.parent.is_dir():
+        return None
+    left = _leftover_copy(dest, None, None, taken, ident)
+    _copy_marker(dest, ident).unlink(missing_ok=True)
+    return None if left is None else left[0]
 
 
 def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity | None) -> Path:
@@ -369,6 +425,7 @@ def move_no_clobber(
     dest_root: str | os.PathLike[str] | None = None,
     taken: Taken | None = None,
     fresh: bool = False,
+    prior: Identity | None = None,
 ) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
@@ -388,7 +445,9 @@ def move_no_clobber(
 
     ``taken``: names recorded as other files' places (see the module's rules); ``fresh``: this is the first
     attempt of this move, so no destination name can be an interrupted attempt of it. Two hard links of
-    one file moved to colliding destinations then get two names, not one.
+    one file moved to colliding destinations then get two names, not one. ``prior``: the identity the
+    file had when an earlier attempt moved it, where the path may hold a copy of it by now (the same bytes
+    under another inode): that attempt's copy across filesystems is finished instead of copied again.
     """
     src, dest = Path(src), Path(dest)
     if dest_root is not None:
@@ -403,14 +462,16 @@ def move_no_clobber(
     try:
         src_st = os.lstat(src)
     except FileNotFoundError:
-        if (published := finish_move(dest, taken=taken)) is None:
-            raise
-        return published
+        for ident in (expect, prior):
+            if (published := finish_move(dest, ident, taken=taken)) is not None:
+                return published
+        raise
     dest.parent.mkdir(parents=True, exist_ok=True)
-    published = _leftover_copy(dest, src, src_st, taken)
-    if published is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
+    left = _leftover_copy(dest, src, src_st, taken, prior)
+    if left is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
+        published, marker = left
         _remove_source(src, published, expect, shared_inode=False)
-        _copy_marker(dest).unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
         return published
     _expect(src_st, expect, src)
     for candidate in candidate_names(dest):
@@ -434,9 +495,9 @@ def move_no_clobber(
             if exc.errno == errno.EXDEV:
                 try:
                     if stat.S_ISLNK(src_st.st_mode):  # readlink never touches the target
-                        marker = _copy_link_across(src, src_st, candidate, _copy_marker(dest))
+                        marker = _copy_link_across(src, src_st, candidate, _copy_marker(dest, src_st))
                     else:
-                        marker = _copy_file_across(src, candidate, _copy_marker(dest), expect)
+                        marker = _copy_file_across(src, candidate, _copy_marker(dest, src_st), expect)
                 except FileExistsError:
                     continue
             elif exc.errno in LINK_UNSUPPORTED:

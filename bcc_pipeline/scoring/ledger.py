@@ -289,13 +289,14 @@ def place_recorded(engine: Engine, run_id: str, shown: str) -> bool:
         return _place_recorded(conn, run_id, shown)
 
 
-def mark_moved(engine: Engine, row_id: int, moved_to: str) -> None:
-    """A ledger row whose file an earlier attempt moved without recording it."""
+def mark_moved(engine: Engine, row_id: int, moved_to: str, move_error: str | None = None) -> None:
+    """A ledger row whose file an earlier attempt moved without recording it (``move_error``: a note,
+    such as why it went to quarantine)."""
     with transaction(engine) as conn:
         conn.execute(
             update(LEDGER)
             .where(LEDGER.c.id == row_id)
-            .values(moved_to=display_path(moved_to), move_error=None, updated_at=utcnow())
+            .values(moved_to=display_path(moved_to), move_error=move_error, updated_at=utcnow())
         )
         _rejections_follow(conn, [(row_id, moved_to)])
 
@@ -337,10 +338,18 @@ def mark_vanished(engine: Engine, row_id: int) -> None:
 
 def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000) -> list[Any]:
     """Ledger rows with no ``moved_to`` (id, run_id, path, path_key, status, reason, sha256,
-    src_identity)."""
+    src_identity, move_attempts)."""
     t = LEDGER
     q = select(
-        t.c.id, t.c.run_id, t.c.path, t.c.path_key, t.c.status, t.c.reason, t.c.sha256, t.c.src_identity
+        t.c.id,
+        t.c.run_id,
+        t.c.path,
+        t.c.path_key,
+        t.c.status,
+        t.c.reason,
+        t.c.sha256,
+        t.c.src_identity,
+        t.c.move_attempts,
     ).where(t.c.moved_to.is_(None))
     if only_run is not None:
         q = q.where(t.c.run_id == only_run)
@@ -348,8 +357,9 @@ def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000
         return list(conn.execute(q.order_by(t.c.id).limit(limit)).all())
 
 
-def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:
-    """``moved_to`` for rows (id, where the file is) whose move an interrupted run finished."""
+def record_swept(engine: Engine, found: Sequence[tuple[int, str, str | None]]) -> None:
+    """``moved_to`` for rows (id, where the file is, a note for ``move_error``) whose move an interrupted
+    run finished."""
     if not found:
         return
     now = utcnow()
@@ -361,6 +371,9 @@ def record_swept(engine: Engine, found: Sequence[tuple[int, str]]) -> None:
             .values(
                 moved_to=bindparam("b_moved"), move_error=bindparam("b_err"), updated_at=bindparam("b_now")
             ),
-            [{"b_id": i, "b_moved": display_path(moved), "b_err": None, "b_now": now} for i, moved in found],
+            [
+                {"b_id": i, "b_moved": display_path(moved), "b_err": note, "b_now": now}
+                for i, moved, note in found
+            ],
         )
-        _rejections_follow(conn, found)
+        _rejections_follow(conn, [(i, moved) for i, moved, _ in found])

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
 from ..moving import (
+    Identity,
     SourceChangedError,
     Taken,
     find_moved,
@@ -39,6 +40,7 @@ from ..moving import (
     identity_from_text,
     identity_text,
     move_no_clobber,
+    pending_copy,
 )
 from . import ledger
 from .inbox import destination, path_key
@@ -100,7 +102,9 @@ class Mover:
 
         return taken
 
-    def _move_one(self, it: Item, dest: Path, run_id: str, fresh: bool = False) -> Path:
+    def _move_one(
+        self, it: Item, dest: Path, run_id: str, fresh: bool = False, prior: Identity | None = None
+    ) -> Path:
         # Never through a folder that is a link, on either side (a source folder swapped for one since the
         # plan, a link quarantined earlier in archive/ or quarantine/): see bcc_pipeline.moving.
         dest_root = self.s.quarantine_dir if _inside(dest, self.s.quarantine_dir) else self.s.archive_dir
@@ -113,19 +117,23 @@ class Mover:
             dest_root=dest_root,
             taken=self.taken(run_id),
             fresh=fresh,
+            prior=prior,
         )
 
-    def move(self, moves: Iterable[Move], *, fresh: bool = False) -> list[dict[str, Any]]:
+    def move(
+        self, moves: Iterable[Move], *, fresh: bool = False, prior: Identity | None = None
+    ) -> list[dict[str, Any]]:
         """Move each (item, status, run id, reason, attempts) to that run's archive/quarantine folder and
         record it; returns the outcomes ({..., moved_to, error, failed}). ``fresh``: files this shard has
-        just committed, which no earlier attempt can have started to move."""
+        just committed, which no earlier attempt can have started to move. ``prior``: the identity an
+        earlier attempt read the (one) file with (its ledger row's), whose copy may be half-finished."""
         outcomes = []
         counts = self.tally.counts
         for it, status, run_id, reason, attempts in moves:
             dest = destination(self.s, run_id, status, it.rel)
             moved, error, failed = None, None, False
             try:
-                moved_path = self._move_one(it, dest, run_id, fresh)
+                moved_path = self._move_one(it, dest, run_id, fresh, prior)
                 self._placed.add(display_path(moved_path))
                 if status == "rejected":
                     _try_write_reason(moved_path, reason or "rejected")
@@ -184,9 +192,7 @@ class Mover:
 
     def _mark_moved(self, row: Any, dest: Path) -> None:
         self._placed.add(display_path(dest))
-        if row.status == "rejected" and not os.path.lexists(reason_path(dest)):
-            _try_write_reason(dest, row.reason or "rejected")
-        ledger.mark_moved(self.engine, row.id, str(dest))
+        ledger.mark_moved(self.engine, row.id, str(dest), _explain_found(self.s, row, dest))
 
     def resolve_known(self, it: Item) -> bool:
         """A file with ledger rows already: finish what an interrupted attempt started. True when
@@ -199,7 +205,15 @@ class Mover:
             if it.kind == "missing" or it.kind == "skipped":
                 return False
             if r.sha256 is not None:
-                return r.sha256 == it.sha
+                # the same bytes; under another inode (copied again) only while the interrupted move never
+                # removed the source (its copy is pending), or no copy was made: else the row's file was
+                # moved and this is a new file with the same content
+                ident = identity_from_text(r.src_identity)
+                if r.sha256 != it.sha or ident is None or it.ident is None or ident[:2] == it.ident[:2]:
+                    return r.sha256 == it.sha
+                if pending_copy(destination(self.s, r.run_id, r.status, it.rel), ident) is not None:
+                    return True
+                return _moved_to(self.s, r, it.rel, self.taken(r.run_id)) is None
             # refused unread (a link, a file too large): the same file only while the path holds what it
             # held then (rows from before migration 0008 have no identity)
             if r.src_identity is not None and r.src_identity != identity_text(it.ident):
@@ -208,7 +222,10 @@ class Mover:
 
         for r in own:  # this run took the file on, and did not record the move
             if matches(r):
-                if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)])[0]["moved_to"]:
+                prior = identity_from_text(r.src_identity)
+                if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)], prior=prior)[0][
+                    "moved_to"
+                ]:
                     counts["already_done"] += 1
                 return True
             found = _moved_to(self.s, r, it.rel, self.taken(r.run_id))
@@ -226,7 +243,10 @@ class Mover:
             return True
         for r in others:  # an interrupted earlier run took the file on and never moved it
             if matches(r):
-                if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)])[0]["moved_to"]:
+                prior = identity_from_text(r.src_identity)
+                if self.move([(it, r.status, r.run_id, r.reason, r.move_attempts)], prior=prior)[0][
+                    "moved_to"
+                ]:
                     counts["recovered"] += 1
                     log.info("recovered %s for interrupted run %s", it.path, r.run_id)
                 return True
@@ -240,13 +260,37 @@ def _moved_to(settings: Settings, r: Any, rel: str, taken: Taken) -> Path | None
     """Where the file of ledger row ``r`` went when a move was not recorded: its destination, or a
     ``~N`` name beside it when that was taken, whichever holds this row's file (by content hash or the
     identity it was loaded with; :func:`bcc_pipeline.moving.find_moved`), never merely another file there,
-    nor a name another file holds (``taken``)."""
-    return find_moved(
-        destination(settings, r.run_id, r.status, rel),
-        sha256=r.sha256,
-        ident=identity_from_text(r.src_identity),
-        taken=taken,
-    )
+    nor a name another file holds (``taken``). A file that could not be archived in
+    :data:`MAX_MOVE_ATTEMPTS` attempts may have gone to quarantine instead: looked for there too. What a
+    move across filesystems killed after removing the source left (its temporary name) is tidied first."""
+    ident = identity_from_text(r.src_identity)
+    statuses = [r.status]
+    if r.status != "rejected" and (r.move_attempts or 0) >= MAX_MOVE_ATTEMPTS - 1:
+        statuses.append("rejected")
+    for status in statuses:
+        dest = destination(settings, r.run_id, status, rel)
+        finish_move(dest, ident, taken=taken)
+        found = find_moved(dest, sha256=r.sha256, ident=ident, taken=taken)
+        if found is not None:
+            return found
+    return None
+
+
+def _explain_found(settings: Settings, r: Any, found: Path) -> str | None:
+    """Write the reason file beside a quarantined file whose move a later run records (the move was
+    killed before it); returns the ``move_error`` to record with it (a file quarantined because it could
+    not be archived says so, as :meth:`Mover._after_failure` records it)."""
+    if not _inside(found, settings.quarantine_dir):
+        return None
+    why = None
+    if r.status == "rejected":
+        reason = r.reason or "rejected"
+    else:
+        why = f"could not be moved to the archive in {MAX_MOVE_ATTEMPTS} attempts"
+        reason = f"{why} (its move to quarantine was recorded by a later run)"
+    if not os.path.lexists(reason_path(found)):
+        _try_write_reason(found, reason)
+    return None if why is None else f"quarantined: {why}"
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -260,7 +304,7 @@ def sweep_interrupted(
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
     run was planned for (None: unknown, its rows are left alone). Returns how many rows were fixed."""
     inboxes: dict[str, str | None] = {}
-    fixed: list[tuple[int, str]] = []
+    fixed: list[tuple[int, str, str | None]] = []
     placed: set[str] = set()  # names given to rows here (recorded together at the end)
 
     def taken_in(run_id: str) -> Taken:
@@ -278,16 +322,10 @@ def sweep_interrupted(
         inbox = inboxes[r.run_id]
         if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
             continue
-        dest = destination(settings, r.run_id, r.status, rel)
-        # a move across filesystems killed after removing the source leaves its temporary name
-        taken = taken_in(r.run_id)
-        finish_move(dest, taken=taken)
-        found = _moved_to(settings, r, rel, taken)
+        found = _moved_to(settings, r, rel, taken_in(r.run_id))
         if found is not None:
             placed.add(display_path(found))
-            if r.status == "rejected" and not os.path.lexists(reason_path(found)):
-                _try_write_reason(found, r.reason or "rejected")
-            fixed.append((r.id, str(found)))
+            fixed.append((r.id, str(found), _explain_found(settings, r, found)))
     ledger.record_swept(engine, fixed)
     if fixed:
         log.info("recorded %d file move(s) that interrupted runs had finished", len(fixed))

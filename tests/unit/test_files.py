@@ -1,5 +1,6 @@
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,7 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
     # killed right after the source was removed: the next look (the source is gone) only tidies up
     src.write_bytes(b"second")
     dest2 = tmp_path / "archive" / "y.png"
+    read = moving.identity(os.lstat(src))
 
     def remove_then_kill(source, where):
         os.unlink(source)
@@ -328,8 +330,76 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
 
     with pytest.raises(Killed):
         moving.move_no_clobber(src, dest2, before_unlink=remove_then_kill)
-    assert moving.finish_move(dest2) == dest2
+    assert moving.finish_move(dest2, read) == dest2
     assert sorted(os.listdir(dest2.parent)) == ["x.png", "y.png"] and dest2.read_bytes() == b"second"
+
+
+def _same_looking(folder: Path, names_and_bytes: dict[str, bytes]) -> list[Path]:
+    """Files of the same size and times (as tar or rsync -a leave them), with the given bytes."""
+    out = []
+    for name, data in names_and_bytes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        os.utime(folder / name, ns=(1_700_000_000 * 10**9,) * 2)
+        out.append(folder / name)
+    return out
+
+
+def test_a_move_never_takes_another_files_interrupted_copy_for_its_own(tmp_path, other_fs):
+    """``a`` and ``b`` differ in their bytes only; both go to ``x.png`` on another filesystem. ``a``'s move is
+    killed with its copy published; ``b``'s move must not take that copy for an interrupted attempt of its
+    own (it would remove ``b``, whose bytes would then be nowhere): ``b`` gets ``x~1.png``, and ``a``'s next
+    attempt finishes at ``x.png``."""
+    a, b = _same_looking(other_fs, {"a.png": b"AAAA bytes", "b.png": b"BBBB bytes"})
+    dest = tmp_path / "q" / "x.png"
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):
+        moving.move_no_clobber(a, dest, before_unlink=kill)
+    assert moving.move_no_clobber(b, dest, fresh=True) == dest.with_name("x~1.png")
+    assert moving.move_no_clobber(a, dest) == dest
+    assert dest.read_bytes() == b"AAAA bytes" and dest.with_name("x~1.png").read_bytes() == b"BBBB bytes"
+    assert sorted(os.listdir(dest.parent)) == ["x.png", "x~1.png"] and os.listdir(other_fs) == []
+
+
+def test_tidying_one_files_move_leaves_another_files_interrupted_move_alone(tmp_path, other_fs):
+    """``a`` went to ``x.png``; ``b``'s move to ``x.png`` (so ``x~1.png``) is killed before ``b`` is removed.
+    Tidying up after ``a`` (its source is gone) keeps ``b``'s temporary name, so ``b``'s next attempt
+    finishes at ``x~1.png`` instead of copying again to ``x~2.png``."""
+    a, b = _same_looking(other_fs, {"a.png": b"AAAA bytes", "b.png": b"BBBB bytes"})
+    read_a = moving.identity(os.lstat(a))
+    dest = tmp_path / "q" / "x.png"
+
+    def kill(source, where):
+        raise Killed
+
+    assert moving.move_no_clobber(a, dest) == dest
+    with pytest.raises(Killed):
+        moving.move_no_clobber(b, dest, before_unlink=kill)
+    assert moving.finish_move(dest, read_a) is None
+    assert moving.move_no_clobber(b, dest) == dest.with_name("x~1.png")
+    assert sorted(os.listdir(dest.parent)) == ["x.png", "x~1.png"] and os.listdir(other_fs) == []
+
+
+def test_an_interrupted_copy_of_a_file_copied_again_since_is_finished(tmp_path, other_fs):
+    """Killed with its copy published; then the source is copied again (the same bytes, another inode). The
+    attempt that knows the first identity (``prior``) finishes with the published copy: one copy, no
+    temporary name."""
+    (a,) = _same_looking(other_fs, {"a.png": b"AAAA bytes"})
+    first = moving.identity(os.lstat(a))
+    dest = tmp_path / "q" / "x.png"
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):
+        moving.move_no_clobber(a, dest, before_unlink=kill)
+    shutil.copy2(a, other_fs / "copy")
+    os.replace(other_fs / "copy", a)
+    assert moving.move_no_clobber(a, dest, prior=first) == dest
+    assert os.listdir(dest.parent) == ["x.png"] and os.listdir(other_fs) == []
 
 
 def test_a_link_moved_across_filesystems_and_interrupted_is_finished_as_one_link(tmp_path, other_fs):

@@ -835,3 +835,82 @@ def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(h
     assert intake(home, run_id="i2").recovered == 1
     assert _all_files(other_fs) == []
     _a_name_each(home, 2)
+
+
+def _move_then_die(moves_module, monkeypatch, n: int = 1, **extra):
+    """Intake's move, dying after the ``n``-th move (before it is recorded); ``extra`` goes to the move."""
+    real, done = moves_module.move_no_clobber, {"moves": 0}
+
+    def move(src, dest, **kw):
+        where = real(src, dest, **kw, **extra)
+        done["moves"] += 1
+        if done["moves"] == n:
+            raise _Killed(where)
+        return where
+
+    monkeypatch.setattr(moves_module, "move_no_clobber", move)
+    return real
+
+
+def test_a_quarantine_move_unrecorded_when_killed_is_recorded_though_the_path_holds_a_new_file(
+    home, monkeypatch
+):
+    """Killed after the quarantine move, before its record; then a scanner drops another file at the same
+    landing path. The next run records where the first file went (it is not left as an unrecorded copy
+    without a reason) and takes the new file in under its own row."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    bad = home.landing_dir / "benign" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a png at all, first file")
+    real = _move_then_die(moves_module, monkeypatch)
+    with pytest.raises(_Killed):
+        intake(home, run_id="r1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    bad.write_bytes(b"second file, also not a png, different")
+    r = intake(home, run_id="r2")
+    assert (r.recovered, r.rejected) == (1, 1) and _all_files(home.landing_dir) == []
+    with session_scope(home.database_url) as s:
+        rows = {x.run_id: x for x in s.scalars(select(Rejection))}
+    first = Path(files.path_from_display(rows["r1"].moved_to))
+    assert first.read_bytes() == b"not a png at all, first file"
+    assert files.reason_path(first).read_text().strip() == rows["r1"].reason
+    assert Path(files.path_from_display(rows["r2"].moved_to)).read_bytes().startswith(b"second file")
+    _a_name_each(home, 2)
+
+
+@pytest.mark.parametrize("how", ["touched", "copied-again"])
+def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_finished_once(
+    home, monkeypatch, other_fs, how
+):
+    """``landing/`` on another filesystem; intake killed with the quarantine copy published and the landing
+    name not yet removed; then the file is touched, or copied again (another inode, as a sync tool
+    re-creates it). The next run finishes that move with the published copy: one quarantined copy,
+    recorded once, no temporary name left (as scoring does)."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
+    if home.landing_dir.is_dir():
+        home.landing_dir.rmdir()
+    home.landing_dir.symlink_to(other_fs)
+    bad = other_fs / "benign" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image, a text file")
+
+    def die(source, where):
+        raise _Killed(where)
+
+    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    if how == "touched":
+        os.utime(bad, ns=(1_800_000_000 * 10**9,) * 2)
+    else:
+        data = bad.read_bytes()
+        bad.unlink()
+        bad.write_bytes(data)
+    r = intake(home, run_id="in2")
+    assert (r.recovered, r.rejected) == (1, 0) and _all_files(other_fs) == []
+    _a_name_each(home, 1)
+    assert not [p for p in home.quarantine_dir.rglob(".bcc-move-*")]

@@ -578,3 +578,85 @@ def _assert_a_name_each(s, url: str, n: int) -> None:
         str(p) for p in s.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")
     )
     assert copies == sorted(files.path_from_display(m) for m in places)
+
+
+def _die_at_first_link(source, where):
+    raise Crash
+
+
+@pytest.mark.parametrize("rerun", ["run1", "run2"], ids=["same-run-id", "new-run-id"])
+def test_a_copy_across_filesystems_killed_then_the_file_replaced_leaves_nothing_behind(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs, rerun
+):
+    """Killed with the archive copy published (the inbox name not removed yet); the scanner then replaces
+    the file with other content. The later run records the first file's copy, scores the new one, and
+    removes the interrupted move's temporary name."""
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    png_writer(other_fs / "x.png", seed=1, size=40)
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s, inbox=str(other_fs), run_id="run1", hooks=scoring.Hooks(on_move_linked=_die_at_first_link)
+        )
+    (other_fs / "x.png").unlink()
+    png_writer(other_fs / "x.png", seed=2, size=40)
+    for run in dict.fromkeys([rerun, "run3"]):
+        scoring.score_inbox(s, inbox=str(other_fs), run_id=run)
+    assert inbox_files(other_fs) == [] and count_rows(sqlite_url, Prediction) == 2
+    with session_scope(sqlite_url) as db:
+        places = [r.moved_to for r in db.scalars(select(InboxFile))]
+    assert len(places) == 2 and all(places) and len(set(places)) == 2
+    assert not list(s.archive_dir.rglob(".bcc-move-*"))
+
+
+def test_a_file_quarantined_as_unmovable_and_killed_before_the_record_is_recorded_there(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """The archive refuses a file in three runs, so the third quarantines it, and is killed right after that
+    move. A later run finds it in quarantine (not only at its archive destination) and records it there,
+    with the reason, instead of reporting it as having left the inbox."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "x.png", seed=1, size=40)
+
+    def broken_archive(src, dest, **kw):
+        if s.archive_dir in Path(dest).parents:
+            raise OSError(errno.EIO, "Input/output error", str(dest))
+        moving.move_no_clobber(src, dest, **kw)
+        raise Crash  # killed right after the quarantine move
+
+    for _ in range(2):
+        assert scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(move_file=broken_archive))[
+            "move_failed"
+        ]
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(move_file=broken_archive))
+    r = scoring.score_inbox(s, run_id="r2")
+    assert r["missing"] == 0 and inbox_files(s.inbox_dir) == []
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile)).one()
+    where = Path(files.path_from_display(row.moved_to))
+    assert s.quarantine_dir in where.parents and where.is_file()
+    assert row.move_error.startswith("quarantined") and files.reason_path(where).is_file()
+
+
+def test_a_file_copied_again_after_its_unrecorded_move_is_a_new_file(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """The move of ``x.png`` is done but not recorded (killed); a sync tool then puts the same bytes at
+    ``x.png`` again (another inode). The later run records the first file where it went, and handles the
+    copy as a new file (a duplicate of that content), not as the first file: no unrecorded archived copy."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "x.png", seed=1, size=40)
+    data = (s.inbox_dir / "x.png").read_bytes()
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(move_file=_dies_after_move(1)))
+    (s.inbox_dir / "x.png").write_bytes(data)
+    r = scoring.score_inbox(s, run_id="r2")
+    assert r["duplicates"] == 1 and inbox_files(s.inbox_dir) == []
+    with session_scope(sqlite_url) as db:
+        places = [x.moved_to for x in db.scalars(select(InboxFile))]
+    archived_copies = [p for p in s.archive_dir.rglob("*") if p.is_file()]
+    assert len(places) == 2 and all(places) and len(set(places)) == 2
+    assert sorted(map(str, archived_copies)) == sorted(files.path_from_display(p) for p in places)

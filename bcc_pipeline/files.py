@@ -364,19 +364,31 @@ def atomic_write(
 def mark_home(home: str | os.PathLike[str]) -> Path:
     """Write ``home``'s marker (``<home>/.bcc-home``, :data:`bcc_pipeline.settings.HOME_MARKER`) when it is
     missing; returns its path. A folder with the marker is a BCC home: no deployment ever scores it, or a
-    folder of it, as an inbox. Called by whatever sets a home up: ``bcc db upgrade``, ``bcc demo``, intake,
-    training and scoring."""
-    from .settings import HOME_MARKER
+    folder of it, as an inbox. A managed folder of the home that is a link to a folder elsewhere
+    (``landing/`` on a shared mount) gets a marker of its own there (:data:`MANAGED_MARKER`), since no
+    home marker lies above that folder. Called by whatever sets a home up: ``bcc db upgrade``, ``bcc
+    demo``, intake, training and scoring."""
+    from .settings import HOME_MARKER, MANAGED_FOLDERS, MANAGED_MARKER
 
-    marker = Path(home) / HOME_MARKER
+    home = Path(home)
+    marker = home / HOME_MARKER
+    _mark(marker, "This folder is a BCC home; it is never scored as an inbox.\n")
+    for name in MANAGED_FOLDERS:
+        folder = home / name
+        if folder.is_symlink() and folder.is_dir():
+            _mark(
+                folder / MANAGED_MARKER,
+                f"This folder is {folder}, managed by the BCC home {home}; it is never scored as an inbox.\n",
+            )
+    return marker
+
+
+def _mark(marker: Path, text: str) -> None:
     if not os.path.lexists(marker):
         try:
-            atomic_write(
-                marker, "This folder is a BCC home; it is never scored as an inbox.\n", exclusive=True
-            )
+            atomic_write(marker, text, exclusive=True)
         except FileExistsError:  # another process marked it meanwhile
             pass
-    return marker
 
 
 @functools.lru_cache(maxsize=256)  # a pure function, called for every file a run moves (with its run id)

@@ -35,6 +35,8 @@ __all__ = [
     "ENV_VARS",
     "HOME_MARKER",
     "INFERENCE_CHOICES",
+    "MANAGED_FOLDERS",
+    "MANAGED_MARKER",
     "PROFILES",
     "REFERENCE_BACKEND",
     "SETTINGS",
@@ -56,6 +58,11 @@ INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 
 #: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
 HOME_MARKER = ".bcc-home"
+#: The file that marks a folder a home manages but that lives elsewhere (``landing/`` as a link to a
+#: shared mount): a folder that holds it, like a home, is never scored as an inbox.
+MANAGED_MARKER = ".bcc-managed"
+#: The folders of a home that the pipeline manages (:attr:`Settings.managed_dirs`).
+MANAGED_FOLDERS = ("archive", "quarantine", "runs", "models", "dataset", "landing", "airflow")
 
 #: What each profile changes in the recipe settings; ``seed`` is the declared defaults themselves.
 _PROFILE_CHANGES: dict[str, dict[str, Any]] = {
@@ -358,15 +365,7 @@ class Settings:
         """The folders the pipeline owns (and ``airflow/``, the embedded Airflow home). Nothing in them is
         ever scored, and an inbox may not lie inside one: scoring it would move training data, models or
         earlier results into ``archive/``. The one list; discovery and the inbox check both use it."""
-        return (
-            self.archive_dir,
-            self.quarantine_dir,
-            self.runs_dir,
-            self.models_dir,
-            self.dataset_dir,
-            self.landing_dir,
-            self.home / "airflow",
-        )
+        return tuple(self.home / name for name in MANAGED_FOLDERS)
 
     @property
     def allowed_inbox_roots(self) -> tuple[Path, ...]:

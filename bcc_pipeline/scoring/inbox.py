@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import images
-from ..config import HOME_MARKER, Settings
+from ..config import HOME_MARKER, MANAGED_MARKER, Settings
 from ..errors import ConfigError
 from ..files import (
     PATH_MAX,
@@ -79,6 +79,10 @@ def _refusal(settings: Settings, real: str) -> str | None:
     managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
     folder = real
     while True:  # a BCC home, or a folder some home manages (this one or another deployment's)
+        if os.path.lexists(
+            os.path.join(folder, MANAGED_MARKER)
+        ):  # one that lives elsewhere (a link's target)
+            return f"it lies inside {folder}, a folder a BCC home manages"
         if os.path.lexists(os.path.join(folder, HOME_MARKER)):
             if folder == real:
                 return "it is a BCC home"
@@ -165,13 +169,17 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:
                     continue
-                if os.path.lexists(
-                    os.path.join(entry.path, HOME_MARKER)
-                ):  # another deployment: never touched
-                    raise InboxRefused(
-                        f"refusing to score the inbox {display_path(root)}: it contains the BCC "
-                        f"home {display_path(entry.path)}"
-                    )
+                for marker, what in (
+                    (HOME_MARKER, "the BCC home"),
+                    (MANAGED_MARKER, "a folder a BCC home manages"),
+                ):
+                    if os.path.lexists(
+                        os.path.join(entry.path, marker)
+                    ):  # another deployment's: never touched
+                        raise InboxRefused(
+                            f"refusing to score the inbox {display_path(root)}: it contains {what} "
+                            f"{display_path(entry.path)}"
+                        )
                 if ext in images.IMAGE_EXTENSIONS:
                     out["ignored"].append(
                         {

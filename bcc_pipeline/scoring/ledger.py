@@ -17,7 +17,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Engine
 
 from ..files import display_path
@@ -62,6 +62,7 @@ __all__ = [
     "model_version",
     "open_run",
     "place_recorded",
+    "places_elsewhere",
     "predicted",
     "record_moves",
     "record_swept",
@@ -70,6 +71,7 @@ __all__ = [
     "transaction",
     "unmoved_rows",
     "vanished",
+    "withdraw",
 ]
 
 LEDGER = InboxFile.__table__
@@ -326,6 +328,31 @@ def _rejection_moved() -> Any:
         .where(rt.c.run_id == bindparam("b_run"), rt.c.stage == "scoring", rt.c.path == bindparam("b_path"))
         .values(moved_to=bindparam("b_moved"))
     )
+
+
+def places_elsewhere(engine: Engine, run_id: str, key: str, ident: str | None) -> list[str]:
+    """Where other runs' rows for the path ``key`` that read the very file ``ident`` (its identity as
+    text) put it, or mean to (``moved_to``, else ``dest``): a run interleaved with this one took it."""
+    if ident is None:
+        return []
+    t = LEDGER
+    with transaction(engine) as conn:
+        rows = conn.execute(
+            select(t.c.moved_to, t.c.dest).where(
+                t.c.path_key == key, t.c.run_id != run_id, t.c.src_identity == ident
+            )
+        ).all()
+    return [r.moved_to or r.dest for r in rows if r.moved_to or r.dest]
+
+
+def withdraw(engine: Engine, run_id: str, key: str, path: str) -> None:
+    """Take back a run's claim of a file that another run, interleaved with it, took and moved first: its
+    ledger row and its scoring rejection go (the file has the other run's); a prediction stays (one per
+    content, whichever run wrote it)."""
+    rt = Rejection.__table__
+    with transaction(engine) as conn:
+        conn.execute(delete(LEDGER).where(LEDGER.c.run_id == run_id, LEDGER.c.path_key == key))
+        conn.execute(delete(rt).where(rt.c.run_id == run_id, rt.c.stage == "scoring", rt.c.path == path))
 
 
 def mark_vanished(engine: Engine, row_id: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,11 @@ class Mover:
                 if done is not None:  # someone else (a recovering run) finished this very move
                     moved = display_path(done)
                     self._placed.add(moved)
+                elif fresh and self._taken_by_another_run(it, run_id):
+                    ledger.withdraw(self.engine, run_id, it.key, it.path)
+                    counts["not_claimed"] += 1
+                    log.info("%s was taken and moved by another run meanwhile: not this run's", it.path)
+                    continue
                 else:
                     error = ledger.VANISHED
                     counts["missing"] += 1
@@ -166,6 +172,18 @@ class Mover:
             )
         ledger.record_moves(self.engine, outcomes)
         return outcomes
+
+    def _taken_by_another_run(self, it: Item, run_id: str) -> bool:
+        """Whether a run interleaved with this one claimed this very file (the same identity) and moved it
+        where its row says, after this run had read it and before this run's move."""
+        for place in ledger.places_elsewhere(self.engine, run_id, it.key, identity_text(it.ident)):
+            try:
+                where = Path(path_from_display(place))
+            except ValueError:
+                continue
+            if find_moved(where, sha256=it.sha, ident=it.ident) is not None:
+                return True
+        return False
 
     def _after_failure(
         self, it: Item, status: str, run_id: str, error: str, attempts: int
@@ -297,15 +315,31 @@ def _inside(path: Path, folder: Path) -> bool:
     return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
 
 
+def _kind_at(path: str) -> str | None:
+    """What ``path`` holds: ``"file"`` (a regular file or a link, which a plan lists), ``"other"`` (a
+    folder, FIFO, socket or device), or None (nothing)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "file"  # cannot tell: leave it to the run that plans it
+    return "file" if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else "other"
+
+
 def sweep_interrupted(
     settings: Settings, engine: Engine, inbox_of: Callable[[str], str | None], only_run: str | None = None
 ) -> int:
     """Ledger rows whose file reached its destination but whose ``moved_to`` was never written (the
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
-    run was planned for (None: unknown, its rows are left alone). Returns how many rows were fixed."""
+    run was planned for (None: unknown, its rows are left alone). A row whose path holds a file (or a
+    link) is left to the run that plans it; one whose path now holds a folder or a FIFO (which no run
+    plans as that path) is looked for like a missing one, and recorded as having left the inbox when it
+    is nowhere. Returns how many rows were fixed."""
     inboxes: dict[str, str | None] = {}
     fixed: list[tuple[int, str, str | None]] = []
     placed: set[str] = set()  # names given to rows here (recorded together at the end)
+    gone: list[int] = []
 
     def taken_in(run_id: str) -> Taken:
         return lambda p: display_path(p) in placed or ledger.place_recorded(engine, run_id, display_path(p))
@@ -320,12 +354,17 @@ def sweep_interrupted(
         if r.run_id not in inboxes:
             inboxes[r.run_id] = inbox_of(r.run_id)
         inbox = inboxes[r.run_id]
-        if inbox is None or os.path.lexists(os.path.join(inbox, rel)):
+        held = None if inbox is None else _kind_at(os.path.join(inbox, rel))
+        if inbox is None or held == "file":  # still there: the run that plans it finishes it
             continue
         found = _moved_to(settings, r, rel, taken_in(r.run_id))
         if found is not None:
             placed.add(display_path(found))
             fixed.append((r.id, str(found), _explain_found(settings, r, found)))
+        elif held == "other":  # a folder or a FIFO took the name: no run will ever plan this path again
+            gone.append(r.id)
+    for row_id in gone:
+        ledger.mark_vanished(engine, row_id)
     ledger.record_swept(engine, fixed)
     if fixed:
         log.info("recorded %d file move(s) that interrupted runs had finished", len(fixed))

@@ -209,10 +209,10 @@ class _ShardScorer:
             self.mover.move(
                 [
                     (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
-                    for it in mine
+                    for it in sorted(mine, key=lambda i: i.key)
                 ],
                 fresh=True,
-            )  # 5. move the files, record where
+            )  # 5. move the files (in the ledger's order: a later run finds them in it), record where
         if time.monotonic() - self._beat >= run_records.HEARTBEAT_EVERY_SECONDS:
             run_records.heartbeat(self.engine, self.run_id)
             self._beat = time.monotonic()

@@ -99,6 +99,32 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path)
     assert sorted(p for p in other.home.rglob("*")) == before
 
 
+def test_a_foreign_homes_landing_that_lives_elsewhere_is_never_scored(make_settings, png_writer, tmp_path):
+    """Deployment B keeps ``landing/`` on a shared scanner mount (a link to ``scans/landing-B``); this
+    deployment may score anything in ``scans/``. No home marker lies above ``landing-B``: B marks the folder
+    itself when it sets its home up, and scoring refuses ``scans/`` (which contains it) and ``landing-B``
+    (and any folder in it); B's images stay where they are."""
+    from bcc_pipeline.config import MANAGED_MARKER, load_settings
+    from bcc_pipeline.files import mark_home
+
+    scans = tmp_path / "scans"
+    png_writer(scans / "landing-B" / "benign" / "b1.png")
+    png_writer(scans / "new" / "n1.png")
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b")})
+    other.home.mkdir()
+    other.landing_dir.symlink_to(scans / "landing-B")
+    mark_home(other.home)
+    assert (scans / "landing-B" / MANAGED_MARKER).is_file()
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(scans))
+    with pytest.raises(scoring.InboxRefused, match="contains a folder a BCC home manages"):
+        scoring.discover(s, scans)
+    for inbox in (scans / "landing-B", scans / "landing-B" / "benign"):
+        with pytest.raises(scoring.InboxRefused, match="a folder a BCC home manages"):
+            scoring.discover(s, inbox)
+    assert scoring.discover(s, scans / "new")["pending"] == ["n1.png"]
+    assert (scans / "landing-B" / "benign" / "b1.png").is_file()
+
+
 def _foreign_home(tmp_path):
     """Settings of a second deployment whose home lies inside this one's allowed inbox root, with a
     database migrated without marking the home (as a test fixture, or an older version, would)."""

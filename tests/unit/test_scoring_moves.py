@@ -282,12 +282,15 @@ def test_a_link_quarantined_earlier_never_leads_a_move_outside_quarantine(
     victim = tmp_path / "victim"
     victim.mkdir()
     folder = "/".join(["d" * 200] * 19 + ["e" * 180])  # fits under inbox/, not under quarantine/<run>/
-    (s.inbox_dir / folder).mkdir(parents=True)
-    (s.inbox_dir / folder / "y.png").write_bytes(b"not an image")
     hashed = files.fit_path(s.quarantine_dir / "r1", f"{folder}/y.png").parent.name
     assert hashed.startswith("#")
+    s.inbox_dir.mkdir(parents=True)
     os.symlink(victim, s.inbox_dir / hashed)
-    for run in ("r1", "r2"):
+    scoring.score_inbox(s, run_id="r1")  # the link is quarantined, as a link, at quarantine/r1/#<hash>
+    assert (s.quarantine_dir / "r1" / hashed).is_symlink()
+    (s.inbox_dir / folder).mkdir(parents=True)
+    (s.inbox_dir / folder / "y.png").write_bytes(b"not an image")
+    for run in ("r1", "r2"):  # a retry of r1 moves y.png to quarantine/r1/#<hash>/y.png: never through it
         scoring.score_inbox(s, run_id=run)
         assert os.listdir(victim) == []
     assert (s.quarantine_dir / "r1" / hashed).is_symlink()
@@ -660,3 +663,75 @@ def test_a_file_copied_again_after_its_unrecorded_move_is_a_new_file(
     archived_copies = [p for p in s.archive_dir.rglob("*") if p.is_file()]
     assert len(places) == 2 and all(places) and len(set(places)) == 2
     assert sorted(map(str, archived_copies)) == sorted(files.path_from_display(p) for p in places)
+
+
+@pytest.mark.parametrize("now", ["folder", "fifo"])
+def test_an_unrecorded_move_whose_inbox_path_became_a_folder_or_fifo_is_recorded(
+    make_settings, sqlite_url, register_champion, png_writer, now
+):
+    """Killed after archiving ``x.png``, before the record; the name ``x.png`` then holds a folder (or a
+    FIFO), which no run plans as that path. The next run records the archived copy anyway."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "x.png", seed=1, size=40)
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(move_file=_dies_after_move(1)))
+    if now == "folder":
+        (s.inbox_dir / "x.png").mkdir()
+        png_writer(s.inbox_dir / "x.png" / "y.png", seed=2, size=40)
+    else:
+        os.mkfifo(s.inbox_dir / "x.png")
+    scoring.score_inbox(s, run_id="r2")
+    with session_scope(sqlite_url) as db:
+        first = db.scalars(select(InboxFile).where(InboxFile.run_id == "r1")).one()
+    assert first.moved_to and Path(files.path_from_display(first.moved_to)).is_file()
+
+
+def test_two_links_across_filesystems_are_recorded_in_the_order_they_moved(
+    make_settings, sqlite_url, register_champion, other_fs
+):
+    """Links (no content hash) with the same size and times on another filesystem, meeting at one
+    quarantine name, killed after the second move: nothing but the order tells their copies apart. The
+    files move in the ledger's order, which is the order a later run records them in, so each link is
+    recorded at the copy with its own target (whatever the paths' names)."""
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    targets = {"v.reason.txt.d/a.png": "/nowhere/target-1", "v.reason.txt/a.png": "/nowhere/target-2"}
+    for rel, target in targets.items():
+        (other_fs / rel).parent.mkdir(exist_ok=True)
+        os.symlink(target, other_fs / rel)
+        os.utime(other_fs / rel, ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s, inbox=str(other_fs), run_id="run1", hooks=scoring.Hooks(move_file=_dies_after_move(2))
+        )
+    scoring.score_inbox(s, inbox=str(other_fs), run_id="run2")
+    with session_scope(sqlite_url) as db:
+        rows = {x.path: x.moved_to for x in db.scalars(select(InboxFile))}
+    assert {p: os.readlink(files.path_from_display(m)) for p, m in rows.items()} == targets
+
+
+def test_two_runs_interleaved_on_one_inbox_record_each_file_once(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Run B (a manual ``bcc score`` beside the nightly DAG run A) runs whole while run A has read the files
+    and not yet committed them. B scores and moves them; A's claims of files B took are withdrawn when A
+    finds them moved by B: each file has one ledger row, one rejection at most, one place."""
+    from bcc_pipeline.store import Rejection
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
+    (s.inbox_dir / "bad.png").write_bytes(b"not an image")
+    scoring.plan_shards(s, "A", 1)
+    scoring.plan_shards(s, "B", 1)
+    scoring.score_shard(
+        s, "A", 0, hooks=scoring.Hooks(on_model_batch=lambda n: scoring.score_shard(s, "B", 0))
+    )
+    a, b = scoring.finalize_run(s, "A"), scoring.finalize_run(s, "B")
+    assert (a["missing"], b["scored"], b["rejected"]) == (0, 1, 1)
+    with session_scope(sqlite_url) as db:
+        rows = db.scalars(select(InboxFile)).all()
+        rejections = db.scalars(select(Rejection)).all()
+    assert sorted(r.path for r in rows) == ["bad.png", "ok.png"] and all(r.moved_to for r in rows)
+    assert [x.path for x in rejections] == ["bad.png"] and inbox_files(s.inbox_dir) == []

@@ -704,16 +704,7 @@ def test_two_landing_links_with_equal_times_are_each_recorded_where_they_went(ho
         (base / d).mkdir(parents=True)
         os.symlink(target, base / d / "a.png")
         os.utime(base / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2, follow_symlinks=False)
-    real, n = moves_module.move_no_clobber, {"moves": 0}
-
-    def move_then_die_on_the_second(src, dest, **kw):
-        where = real(src, dest, **kw)
-        n["moves"] += 1
-        if n["moves"] == 2:
-            raise _Killed(where)
-        return where
-
-    monkeypatch.setattr(moves_module, "move_no_clobber", move_then_die_on_the_second)
+    real = _move_then_die(moves_module, monkeypatch, 2)
     with pytest.raises(_Killed):
         intake(home, run_id="in1")
     monkeypatch.setattr(moves_module, "move_no_clobber", real)
@@ -810,31 +801,27 @@ def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(h
     ``~1`` copy it made, not at the first file's (recorded) name."""
     import bcc_pipeline.intake_moves as moves_module
 
-    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
-    if home.landing_dir.is_dir():
-        home.landing_dir.rmdir()
-    home.landing_dir.symlink_to(other_fs)
+    _landing_on(home, other_fs)
     base = home.landing_dir / "benign"
     for d in ("r.reason.txt", "r.reason.txt.d"):
         (base / d).mkdir(parents=True)
         (base / d / "a.png").write_bytes(b"not an image")
         os.utime(base / d / "a.png", ns=(1_700_000_000 * 10**9,) * 2)
-    real, n = moves_module.move_no_clobber, {"moves": 0}
-
-    def move_then_die_on_the_second(src, dest, **kw):
-        where = real(src, dest, **kw)
-        n["moves"] += 1
-        if n["moves"] == 2:
-            raise _Killed(where)
-        return where
-
-    monkeypatch.setattr(moves_module, "move_no_clobber", move_then_die_on_the_second)
+    real = _move_then_die(moves_module, monkeypatch, 2)
     with pytest.raises(_Killed):
         intake(home, run_id="i1")
     monkeypatch.setattr(moves_module, "move_no_clobber", real)
     assert intake(home, run_id="i2").recovered == 1
     assert _all_files(other_fs) == []
     _a_name_each(home, 2)
+
+
+def _landing_on(home, folder: Path) -> None:
+    """``landing/`` becomes a link to ``folder`` (on another filesystem, as a scanner mount)."""
+    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
+    if home.landing_dir.is_dir():
+        home.landing_dir.rmdir()
+    home.landing_dir.symlink_to(folder)
 
 
 def _move_then_die(moves_module, monkeypatch, n: int = 1, **extra):
@@ -889,10 +876,7 @@ def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_fi
     recorded once, no temporary name left (as scoring does)."""
     import bcc_pipeline.intake_moves as moves_module
 
-    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
-    if home.landing_dir.is_dir():
-        home.landing_dir.rmdir()
-    home.landing_dir.symlink_to(other_fs)
+    _landing_on(home, other_fs)
     bad = other_fs / "benign" / "bad.png"
     bad.parent.mkdir()
     bad.write_bytes(b"not an image, a text file")

@@ -43,6 +43,7 @@ __all__ = [
     "display_path",
     "fit_name",
     "fit_path",
+    "managing_home",
     "mark_home",
     "one_line",
     "path_from_display",
@@ -378,9 +379,38 @@ def mark_home(home: str | os.PathLike[str]) -> Path:
         if folder.is_symlink() and folder.is_dir():
             _mark(
                 folder / MANAGED_MARKER,
-                f"This folder is {folder}, managed by the BCC home {home}; it is never scored as an inbox.\n",
+                f"This folder is {name}/ of the BCC home {display_path(home)}; it is never scored as an inbox."
+                f"\nhome={display_path(os.path.abspath(home))}\nfolder={name}\n",
             )
     return marker
+
+
+def managing_home(folder: str | os.PathLike[str]) -> str | None:
+    """The BCC home whose managed folder (a link's target) ``folder`` is, by its ``.bcc-managed`` marker
+    (:func:`mark_home`), or None: no marker, or a stale one. A marker is stale only where it can be seen to
+    be: its home is on this machine and that home's folder no longer leads here (the link was re-pointed,
+    or the folder is a copy). A home that is not here (another machine's) is taken at its word."""
+    from .settings import HOME_MARKER, MANAGED_MARKER
+
+    marker = os.path.join(os.fspath(folder), MANAGED_MARKER)
+    if not os.path.lexists(marker):
+        return None
+    fields: dict[str, str] = {}
+    try:
+        data, _ = read_once(marker, 64 * 1024)
+        for line in (data or b"").decode("utf-8", "replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key in ("home", "folder"):
+                fields[key] = value
+        home = path_from_display(fields["home"])
+        target = os.path.join(home, fields["folder"])
+    except (OSError, KeyError, ValueError):
+        return "(a BCC home its marker does not name)"  # cannot tell whose: refused, as a current one
+    if os.path.lexists(os.path.join(home, HOME_MARKER)) and os.path.realpath(target) != os.path.realpath(
+        folder
+    ):
+        return None
+    return fields["home"]
 
 
 def _mark(marker: Path, text: str) -> None:

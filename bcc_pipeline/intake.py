@@ -107,6 +107,7 @@ class IntakeReport:
     failed: list[dict[str, str]] = field(default_factory=list)  # could not be handled; still in landing
     # quarantine moves that failed again (an earlier attempt failed too): somebody has to look
     persistent_move_failures: list[dict[str, str]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)  # when this run started (seconds since the epoch)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

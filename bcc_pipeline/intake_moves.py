@@ -11,13 +11,14 @@ another rejection is recorded at (:func:`bcc_pipeline.store.place_recorded`).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from . import images
 from .config import Settings
@@ -42,6 +43,7 @@ from .moving import (
     finish_move,
     identity,
     identity_from_text,
+    identity_text,
     move_no_clobber,
     pending_copy,
     require_real_folders,
@@ -137,6 +139,9 @@ def _move(
         changed(report, shown)
         return "changed"
     except FileNotFoundError:  # taken by someone else since (another intake run): not a failed move
+        if fresh and _quarantined_by_another_run(session, run_id, shown, expect, report.started_at):
+            _withdraw(session, run_id, shown, report)
+            return "withdrawn"
         _mark(session, run_id, shown, dest=None, move_error=_GONE)
         log.info("%s left landing/ before it was moved", shown)
         return "gone"
@@ -152,6 +157,42 @@ def _move(
     _write_reason(moved, reason)
     _mark(session, run_id, shown, moved_to=display_path(moved), move_error=None)
     return "moved"
+
+
+def _quarantined_by_another_run(
+    session, run_id: str, shown: str, ident: Identity | None, since: float
+) -> bool:
+    """Whether an intake run interleaved with this one (its rejection written since this run started)
+    refused this very file (the same identity) and quarantined it where its row says."""
+    if ident is None:
+        return False
+    rows = session.execute(
+        select(Rejection.moved_to, Rejection.rejected_at).where(
+            Rejection.stage == "intake",
+            Rejection.path == shown,
+            Rejection.run_id != run_id,
+            Rejection.src_identity == identity_text(ident),
+            Rejection.moved_to.is_not(None),
+        )
+    ).all()
+    for r in rows:
+        at = r.rejected_at if r.rejected_at.tzinfo else r.rejected_at.replace(tzinfo=dt.UTC)
+        if at.timestamp() >= since and find_moved(Path(path_from_display(r.moved_to)), ident=ident):
+            return True
+    return False
+
+
+def _withdraw(session, run_id: str, shown: str, report: IntakeReport) -> None:
+    """Take back this run's rejection of a file another run quarantined first: the file has that run's."""
+    session.execute(
+        delete(Rejection).where(
+            Rejection.run_id == run_id, Rejection.stage == "intake", Rejection.path == shown
+        )
+    )
+    session.commit()
+    report.rejected -= 1
+    report.rejections[:] = [x for x in report.rejections if x["path"] != shown]
+    log.info("%s was quarantined by another intake run meanwhile: not this run's rejection", shown)
 
 
 def _taken(session, run_id: str) -> Taken:
@@ -248,7 +289,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
         return "skipped"
     ident = identity_from_text(r.src_identity)
     if os.path.lexists(src):
-        expect = _still_refused(settings, src, r, ident)
+        expect = _still_refused(settings, session, src, r, ident)
         if expect is not None:
             dest = _fitted(settings, session, r, rel, dest)
             outcome = _move(
@@ -267,8 +308,9 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
             if outcome == "moved":
                 report.recovered += 1
             return outcome
-    # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken
-    finish_move(dest, ident, taken=_taken(session, r.run_id))  # a copy's temporary name, when one is left
+    # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken (a
+    # copy's temporary name, when one is left, is tidied first)
+    finish_move(dest, src, ident, taken=_taken(session, r.run_id))
     found = find_moved(dest, sha256=r.sha256, ident=ident, taken=_taken(session, r.run_id))
     if found is not None:
         if not os.path.lexists(reason_path(found)):
@@ -283,7 +325,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
     return "gone"
 
 
-def _still_refused(settings: Settings, src: Path, r: Any, ident: Identity | None) -> Identity | None:
+def _still_refused(settings: Settings, session, src: Path, r: Any, ident: Identity | None) -> Identity | None:
     """The identity ``src`` has now when it is still the refused file of row ``r``, else None: the very
     file (its device and inode; a file refused unread, which has no hash, also its size and mtime), or,
     where the content was hashed, the same bytes under another inode (copied again, as a sync tool
@@ -300,9 +342,10 @@ def _still_refused(settings: Settings, src: Path, r: Any, ident: Identity | None
     if held is None or ident is None or tuple(held[:2]) == tuple(ident[:2]):
         return held
     dest = Path(path_from_display(r.dest))
-    if pending_copy(dest, ident) is not None:
+    if pending_copy(dest, src, ident) is not None:
         return held
-    return None if find_moved(dest, sha256=r.sha256, ident=ident) is not None else held
+    moved = find_moved(dest, sha256=r.sha256, ident=ident, taken=_taken(session, r.run_id))
+    return None if moved is not None else held
 
 
 def _lstat(path: Path) -> Identity | None:

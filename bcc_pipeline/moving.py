@@ -17,7 +17,8 @@ The rules every move in the pipeline follows:
   then is the source removed; an interruption there leaves both copies, never none.
 * When the destination is on another filesystem (an inbox mounted from elsewhere) the bytes are copied
   to a hidden temporary file beside the destination (``.bcc-move-<hash>.tmp``, a name fixed by the
-  destination and the source's device and inode, so two files whose destinations meet never share one),
+  destination, the source's path and its device and inode, so two files whose destinations meet never
+  share one),
   with the source's mode and times, flushed, and hard-linked into place without replacing anything; only
   then is the source removed, and then the temporary name. A symbolic link is re-created the same way: a
   new link with the same target (``readlink``) under the temporary name, with the source link's times,
@@ -173,74 +174,89 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _copy_marker(dest: Path, source: Identity | os.stat_result) -> Path:
-    """The temporary name a cross-filesystem copy of the file ``source`` (its device and inode) to ``dest``
-    is written under (hidden, beside ``dest``). It stays linked to the published copy until the source is
-    removed, so an interrupted move is recognised and finished by the next attempt of that file's move.
-    Another file whose destination is the same name (``r.reason.txt/a.png`` and ``r.reason.txt.d/a.png``
-    both go to ``r.reason.txt.d/a.png``) has a marker of its own: it never takes this copy for its own,
-    nor removes this marker."""
+def _copy_marker(dest: Path, src: Path, source: Identity | os.stat_result) -> Path:
+    """The temporary name a cross-filesystem copy of the file ``src`` (its path, and its device and inode,
+    ``source``) to ``dest`` is written under (hidden, beside ``dest``). It stays linked to the published copy
+    until the source is removed, so an interrupted move is recognised and finished by the next attempt of
+    that file's move. Another file whose destination is the same name (``r.reason.txt/a.png`` and
+    ``r.reason.txt.d/a.png`` both go to ``r.reason.txt.d/a.png``), another name of the same inode (a hard
+    link), or a later file given the same inode number has a marker of its own: it never takes this copy
+    for its own, nor removes this marker."""
     dev, ino = (source.st_dev, source.st_ino) if isinstance(source, os.stat_result) else tuple(source[:2])
-    key = os.fsencode(dest.name) + f"\0{dev}:{ino}".encode()
+    where = os.path.join(os.path.realpath(src.parent), src.name)  # one name, whether reached by a link or not
+    key = b"\0".join((os.fsencode(dest.name), os.fsencode(where), f"{dev}:{ino}".encode()))
     return dest.with_name(f".bcc-move-{hashlib.sha256(key).hexdigest()[:16]}.tmp")
+
+
+def _legacy_marker(dest: Path) -> Path:
+    """The temporary name versions before 2026-12-05 gave every copy to ``dest`` (shared by all files whose
+    destinations met): an interrupted move of theirs is finished only where the bytes show it is this one."""
+    return dest.with_name(f".bcc-move-{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]}.tmp")
+
+
+def _published(dest: Path, marker: Path) -> tuple[Path | None, os.stat_result | None]:
+    """The name of ``dest``'s (``dest``, ``dest~N``) that is linked to ``marker``, with the marker's stat."""
+    try:
+        mst = os.lstat(marker)
+    except FileNotFoundError:
+        return None, None
+    for candidate in candidate_names(dest) if mst.st_nlink > 1 else ():
+        try:
+            if _same_inode(os.lstat(candidate), mst):
+                return candidate, mst
+        except FileNotFoundError:
+            break
+    return None, mst
 
 
 def _leftover_copy(
     dest: Path,
-    src: Path | None,
+    src: Path,
     src_st: os.stat_result | None,
     taken: Taken | None = None,
     prior: Identity | None = None,
 ) -> tuple[Path, Path] | None:
-    """What an interrupted cross-filesystem move of the source to ``dest`` left: ``(published copy,
-    marker)`` when that move got as far as publishing its copy (a name of ``dest``'s linked to the marker)
-    and the copy is of the source ``src`` (a file: the same size and mtime, or, touched since, the same
-    bytes; a symbolic link: a link with the same target). The marker is then kept until the caller has
-    removed the source. ``prior``: the identity the file had when it was first moved, when the path may
-    hold a copy of it by now (copied again, another inode): its marker's copy is taken only when its bytes
-    are the source's. With ``src`` None (the source is gone) the copy is taken as it is. A copy whose name
-    is ``taken`` (recorded as another file's) is never taken."""
-    owners: list[tuple[tuple[int, int], bool]] = []
+    """What an interrupted cross-filesystem move of ``src`` to ``dest`` left: ``(published copy, marker)``
+    when that move got as far as publishing its copy (a name of ``dest``'s linked to the marker) and the copy
+    is of the source (a file: the same bytes; a symbolic link: a link with the same target). The marker is
+    then kept until the caller has removed the source. ``prior``: the identity the file had when it was
+    first moved, when the path may hold a copy of it by now (copied again, another inode). ``src_st`` None
+    (the source is gone): the copy of the move of ``prior`` is taken as it is. A copy whose name is
+    ``taken`` (recorded as another file's) is never taken."""
+    markers: list[tuple[Path, bool]] = []
     if src_st is not None:
-        owners.append(((src_st.st_dev, src_st.st_ino), True))
-    if prior is not None and all(tuple(prior[:2]) != o for o, _ in owners):
-        owners.append((tuple(prior[:2]), src_st is None))
-    for owner, own in owners:
-        found = _leftover_of(dest, _copy_marker(dest, owner), src, src_st, taken, own)
+        markers.append((_copy_marker(dest, src, src_st), True))
+    if prior is not None and (src_st is None or tuple(prior[:2]) != (src_st.st_dev, src_st.st_ino)):
+        markers.append((_copy_marker(dest, src, prior), src_st is None))
+    if src_st is not None:
+        markers.append((_legacy_marker(dest), False))
+    for marker, own in markers:
+        found = _leftover_of(dest, marker, src, src_st, taken, own)
         if found is not None:
             return found
     return None
 
 
 def _leftover_of(
-    dest: Path, marker: Path, src: Path | None, src_st: os.stat_result | None, taken: Taken | None, own: bool
+    dest: Path, marker: Path, src: Path, src_st: os.stat_result | None, taken: Taken | None, own: bool
 ) -> tuple[Path, Path] | None:
-    """One marker of :func:`_leftover_copy`. ``own``: the marker is the source's (same inode): one that
-    leads to no copy of the source is stale and removed. Another's (``prior``) is left for its owner."""
-    try:
-        mst = os.lstat(marker)
-    except FileNotFoundError:
+    """One marker of :func:`_leftover_copy`. ``own``: the marker is this source's: one that leads to no copy
+    of it is stale and removed. Another (``prior``'s, or of the old naming) is left alone unless taken."""
+    published, mst = _published(dest, marker)
+    if mst is None:
         return None
-    published = None
-    for candidate in candidate_names(dest) if mst.st_nlink > 1 else ():
-        try:
-            if _same_inode(os.lstat(candidate), mst):
-                published = candidate
-                break
-        except FileNotFoundError:
-            break
-    if src_st is None or src is None:
+    if src_st is None:
         same = True
     elif stat.S_IFMT(mst.st_mode) != stat.S_IFMT(src_st.st_mode):
         same = False
     elif stat.S_ISLNK(mst.st_mode):
         same = os.readlink(marker) == os.readlink(src)
     else:
-        same = own and (mst.st_size, mst.st_mtime_ns) == (src_st.st_size, src_st.st_mtime_ns)
-        if not same and published is not None and mst.st_size == src_st.st_size:
-            # touched, or copied again with the same bytes, since: the published copy is this content, and
-            # a second copy beside it would be an unrecorded orphan. Compared byte for byte: rare path.
-            same = filecmp.cmp(marker, src, shallow=False)
+        # the same bytes (a rare path, so compared in full): a file touched since, or copied again, is this
+        # content, and a second copy beside it would be an unrecorded orphan; a later file that was given
+        # the same inode number (and size, and mtime) is not
+        same = published is not None and mst.st_size == src_st.st_size
+        same = same and filecmp.cmp(marker, src, shallow=False)
     if published is None or not same or (taken is not None and taken(published)):
         if own:
             os.unlink(marker)
@@ -308,36 +324,37 @@ def _sha256_of(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def pending_copy(dest: str | os.PathLike[str], ident: Identity) -> Path | None:
-    """The copy across filesystems that a move of the file ``ident`` to ``dest`` published before it was
-    interrupted (its temporary name still linked to it: the source was never removed), or None. Looks only;
-    changes nothing."""
-    dest = Path(dest)
-    marker = _copy_marker(dest, ident)
-    try:
-        mst = os.lstat(marker)
-    except FileNotFoundError:
-        return None
-    for candidate in candidate_names(dest) if mst.st_nlink > 1 else ():
-        try:
-            if _same_inode(os.lstat(candidate), mst):
-                return candidate
-        except FileNotFoundError:
-            return None
-    return None
+def pending_copy(dest: str | os.PathLike[str], src: str | os.PathLike[str], ident: Identity) -> Path | None:
+    """The copy across filesystems that a move of the file ``src`` (``ident``) to ``dest`` published before
+    it was interrupted (its temporary name still linked to it: the source was never removed), or None.
+    Looks only; changes nothing."""
+    return _published(Path(dest), _copy_marker(Path(dest), Path(src), ident))[0]
 
 
 def finish_move(
-    dest: str | os.PathLike[str], ident: Identity | None, *, taken: Taken | None = None
+    dest: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    ident: Identity | None,
+    *,
+    taken: Taken | None = None,
 ) -> Path | None:
-    """After the source is gone: tidy what an interrupted move across filesystems of the file ``ident``
-    (its identity when it was read) to ``dest`` left. Returns where its copy was published (or None; so
-    when that name is ``taken``, or the identity is unknown); the temporary name is removed either way."""
-    dest = Path(dest)
+    """After the source ``src`` is gone: tidy what an interrupted move across filesystems of that file
+    (``ident``, its identity when it was read) to ``dest`` left. Returns where its copy was published (or
+    None; so when that name is ``taken``, or the identity is unknown); its temporary name is removed either
+    way. A temporary name of the old naming (shared by every file to ``dest``) goes only when its copy is
+    this file's by size and mtime."""
+    dest, src = Path(dest), Path(src)
     if ident is None or not dest.parent.is_dir():
         return None
-    left = _leftover_copy(dest, None, None, taken, ident)
-    _copy_marker(dest, ident).unlink(missing_ok=True)
+    left = _leftover_copy(dest, src, None, taken, ident)
+    _copy_marker(dest, src, ident).unlink(missing_ok=True)
+    if left is None:
+        legacy = _legacy_marker(dest)
+        published, mst = _published(dest, legacy)
+        if mst is not None and published is not None and (mst.st_size, mst.st_mtime_ns) == tuple(ident[2:]):
+            if taken is None or not taken(published):
+                legacy.unlink(missing_ok=True)
+                return published
     return None if left is None else left[0]
 
 
@@ -463,7 +480,7 @@ def move_no_clobber(
         src_st = os.lstat(src)
     except FileNotFoundError:
         for ident in (expect, prior):
-            if (published := finish_move(dest, ident, taken=taken)) is not None:
+            if (published := finish_move(dest, src, ident, taken=taken)) is not None:
                 return published
         raise
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -495,9 +512,9 @@ def move_no_clobber(
             if exc.errno == errno.EXDEV:
                 try:
                     if stat.S_ISLNK(src_st.st_mode):  # readlink never touches the target
-                        marker = _copy_link_across(src, src_st, candidate, _copy_marker(dest, src_st))
+                        marker = _copy_link_across(src, src_st, candidate, _copy_marker(dest, src, src_st))
                     else:
-                        marker = _copy_file_across(src, candidate, _copy_marker(dest, src_st), expect)
+                        marker = _copy_file_across(src, candidate, _copy_marker(dest, src, src_st), expect)
                 except FileExistsError:
                     continue
             elif exc.errno in LINK_UNSUPPORTED:

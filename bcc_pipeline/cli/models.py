@@ -257,8 +257,12 @@ def prepare_demo_home(s: Settings) -> None:
     from ..store import upgrade
 
     upgrade(s.database_url, home=s.home)
-    has_landing = s.landing_dir.is_dir() and any(p.is_file() for p in s.landing_dir.rglob("*"))
-    if not has_landing and not (s.dataset_dir.is_dir() and any(s.dataset_dir.iterdir())):
+    # what intake would take in (hidden names, the .bcc-managed marker among them, are never images)
+    has_landing = s.landing_dir.is_dir() and any(
+        p.is_file() and not p.name.startswith(".") for p in s.landing_dir.rglob("*")
+    )
+    stored = s.dataset_dir.is_dir() and any(not p.name.startswith(".") for p in s.dataset_dir.iterdir())
+    if not has_landing and not stored:
         progress(
             "generating synthetic demo images into landing/ (112 benign, 127 malignant, in patient folders)"
         )

@@ -35,6 +35,7 @@ from ..files import (
     SYSTEM_NAMES,
     display_path,
     fit_path,
+    managing_home,
     quarantine_rel,
     safe_dirname,
     settled,
@@ -48,6 +49,9 @@ InboxArg = str | os.PathLike[str] | None
 
 class InboxRefused(ConfigError):
     """A folder that may not be scored (outside the allowed roots, a BCC home, or a folder one manages)."""
+
+
+_STALE_HINT = f"its {MANAGED_MARKER} says so; delete that file if no home manages the folder any more"
 
 
 def path_key(rel: str) -> str:
@@ -79,10 +83,8 @@ def _refusal(settings: Settings, real: str) -> str | None:
     managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
     folder = real
     while True:  # a BCC home, or a folder some home manages (this one or another deployment's)
-        if os.path.lexists(
-            os.path.join(folder, MANAGED_MARKER)
-        ):  # one that lives elsewhere (a link's target)
-            return f"it lies inside {folder}, a folder a BCC home manages"
+        if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
+            return f"it lies inside {folder}, a folder the BCC home {owner} manages ({_STALE_HINT})"
         if os.path.lexists(os.path.join(folder, HOME_MARKER)):
             if folder == real:
                 return "it is a BCC home"
@@ -169,17 +171,16 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:
                     continue
-                for marker, what in (
-                    (HOME_MARKER, "the BCC home"),
-                    (MANAGED_MARKER, "a folder a BCC home manages"),
-                ):
-                    if os.path.lexists(
-                        os.path.join(entry.path, marker)
-                    ):  # another deployment's: never touched
-                        raise InboxRefused(
-                            f"refusing to score the inbox {display_path(root)}: it contains {what} "
-                            f"{display_path(entry.path)}"
-                        )
+                if os.path.lexists(os.path.join(entry.path, HOME_MARKER)):  # another deployment's
+                    raise InboxRefused(
+                        f"refusing to score the inbox {display_path(root)}: it contains the BCC home "
+                        f"{display_path(entry.path)}"
+                    )
+                if (owner := managing_home(entry.path)) is not None:
+                    raise InboxRefused(
+                        f"refusing to score the inbox {display_path(root)}: it contains "
+                        f"{display_path(entry.path)}, a folder the BCC home {owner} manages ({_STALE_HINT})"
+                    )
                 if ext in images.IMAGE_EXTENSIONS:
                     out["ignored"].append(
                         {

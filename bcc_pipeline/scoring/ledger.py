@@ -14,6 +14,7 @@ closing) are :mod:`.run_records`, whose names are re-exported here; the transact
 from __future__ import annotations
 
 import collections
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
@@ -330,19 +331,27 @@ def _rejection_moved() -> Any:
     )
 
 
-def places_elsewhere(engine: Engine, run_id: str, key: str, ident: str | None) -> list[str]:
+def places_elsewhere(
+    engine: Engine, run_id: str, key: str, ident: str | None, since: dt.datetime | None
+) -> list[str]:
     """Where other runs' rows for the path ``key`` that read the very file ``ident`` (its identity as
-    text) put it, or mean to (``moved_to``, else ``dest``): a run interleaved with this one took it."""
-    if ident is None:
+    text), written ``since`` this run first saw the file, put it, or mean to (``moved_to``, else
+    ``dest``): a run interleaved with this one took it. (An older row of the same identity is a file that
+    was archived before and put back, not one taken from under this run.)"""
+    if ident is None or since is None:
         return []
     t = LEDGER
     with transaction(engine) as conn:
         rows = conn.execute(
-            select(t.c.moved_to, t.c.dest).where(
+            select(t.c.moved_to, t.c.dest, t.c.created_at).where(
                 t.c.path_key == key, t.c.run_id != run_id, t.c.src_identity == ident
             )
         ).all()
-    return [r.moved_to or r.dest for r in rows if r.moved_to or r.dest]
+    return [r.moved_to or r.dest for r in rows if (r.moved_to or r.dest) and _utc(r.created_at) >= since]
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)  # SQLite hands back naive UTC
 
 
 def withdraw(engine: Engine, run_id: str, key: str, path: str) -> None:

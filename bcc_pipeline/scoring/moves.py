@@ -55,6 +55,7 @@ MoveFile = Callable[..., Path]
 (:func:`moving.move_no_clobber`, whose keyword arguments it takes)."""
 MAX_MOVE_ATTEMPTS = 3
 """Failed attempts (over all runs) after which a file that cannot be archived goes to quarantine."""
+_UNMOVABLE = f"could not be moved to the archive in {MAX_MOVE_ATTEMPTS} attempts"
 MOVE_ERROR_CHARS = 16000
 """Characters of a move error kept (the whole OS error with both paths, even near PATH_MAX)."""
 Move = tuple[Item, str, str, "str | None", int]
@@ -133,6 +134,10 @@ class Mover:
         for it, status, run_id, reason, attempts in moves:
             dest = destination(self.s, run_id, status, it.rel)
             moved, error, failed = None, None, False
+            if not fresh and (half := self._half_quarantined(it, status, run_id, attempts, prior)):
+                dest, status, error = half, "rejected", f"quarantined: {_UNMOVABLE}"
+                reason = f"{_UNMOVABLE} (its move to quarantine was finished by a later attempt)"
+                counts["quarantined_unmovable"] += 1
             try:
                 moved_path = self._move_one(it, dest, run_id, fresh, prior)
                 self._placed.add(display_path(moved_path))
@@ -173,10 +178,33 @@ class Mover:
         ledger.record_moves(self.engine, outcomes)
         return outcomes
 
+    def _half_quarantined(
+        self, it: Item, status: str, run_id: str, attempts: int, prior: Identity | None
+    ) -> Path | None:
+        """The quarantine destination of a file that could not be archived, when the attempt that was
+        quarantining it (:meth:`_after_failure`) was killed halfway: the file linked there, or its copy
+        across filesystems published, and still in the inbox. That move is finished, not another one to
+        the archive begun (which would leave the quarantined copy unrecorded)."""
+        if status == "rejected" or attempts < MAX_MOVE_ATTEMPTS - 1:
+            return None
+        qdest = destination(self.s, run_id, "rejected", it.rel)
+        src = os.path.join(self.inbox, it.rel)
+        for ident in (it.ident, prior):
+            if ident is not None and pending_copy(qdest, src, ident) is not None:
+                return qdest
+        if it.ident is None:
+            return None
+        found = find_moved(qdest, ident=it.ident, taken=self.taken(run_id))  # the very inode comes first
+        if found is not None and os.lstat(found).st_dev == it.ident[0]:
+            return qdest
+        return None
+
     def _taken_by_another_run(self, it: Item, run_id: str) -> bool:
         """Whether a run interleaved with this one claimed this very file (the same identity) and moved it
         where its row says, after this run had read it and before this run's move."""
-        for place in ledger.places_elsewhere(self.engine, run_id, it.key, identity_text(it.ident)):
+        for place in ledger.places_elsewhere(
+            self.engine, run_id, it.key, identity_text(it.ident), it.seen_at
+        ):
             try:
                 where = Path(path_from_display(place))
             except ValueError:
@@ -229,9 +257,10 @@ class Mover:
                 ident = identity_from_text(r.src_identity)
                 if r.sha256 != it.sha or ident is None or it.ident is None or ident[:2] == it.ident[:2]:
                     return r.sha256 == it.sha
-                if pending_copy(destination(self.s, r.run_id, r.status, it.rel), ident) is not None:
+                src = os.path.join(self.inbox, it.rel)
+                if pending_copy(destination(self.s, r.run_id, r.status, it.rel), src, ident) is not None:
                     return True
-                return _moved_to(self.s, r, it.rel, self.taken(r.run_id)) is None
+                return _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id)) is None
             # refused unread (a link, a file too large): the same file only while the path holds what it
             # held then (rows from before migration 0008 have no identity)
             if r.src_identity is not None and r.src_identity != identity_text(it.ident):
@@ -246,7 +275,7 @@ class Mover:
                 ]:
                     counts["already_done"] += 1
                 return True
-            found = _moved_to(self.s, r, it.rel, self.taken(r.run_id))
+            found = _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id))
             if found is not None:
                 self._mark_moved(r, found)
             if it.kind == "missing":
@@ -268,13 +297,13 @@ class Mover:
                     counts["recovered"] += 1
                     log.info("recovered %s for interrupted run %s", it.path, r.run_id)
                 return True
-            found = _moved_to(self.s, r, it.rel, self.taken(r.run_id))
+            found = _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id))
             if found is not None:
                 self._mark_moved(r, found)
         return False
 
 
-def _moved_to(settings: Settings, r: Any, rel: str, taken: Taken) -> Path | None:
+def _moved_to(settings: Settings, r: Any, inbox: str, rel: str, taken: Taken) -> Path | None:
     """Where the file of ledger row ``r`` went when a move was not recorded: its destination, or a
     ``~N`` name beside it when that was taken, whichever holds this row's file (by content hash or the
     identity it was loaded with; :func:`bcc_pipeline.moving.find_moved`), never merely another file there,
@@ -287,7 +316,7 @@ def _moved_to(settings: Settings, r: Any, rel: str, taken: Taken) -> Path | None
         statuses.append("rejected")
     for status in statuses:
         dest = destination(settings, r.run_id, status, rel)
-        finish_move(dest, ident, taken=taken)
+        finish_move(dest, os.path.join(inbox, rel), ident, taken=taken)
         found = find_moved(dest, sha256=r.sha256, ident=ident, taken=taken)
         if found is not None:
             return found
@@ -304,7 +333,7 @@ def _explain_found(settings: Settings, r: Any, found: Path) -> str | None:
     if r.status == "rejected":
         reason = r.reason or "rejected"
     else:
-        why = f"could not be moved to the archive in {MAX_MOVE_ATTEMPTS} attempts"
+        why = _UNMOVABLE
         reason = f"{why} (its move to quarantine was recorded by a later run)"
     if not os.path.lexists(reason_path(found)):
         _try_write_reason(found, reason)
@@ -357,7 +386,7 @@ def sweep_interrupted(
         held = None if inbox is None else _kind_at(os.path.join(inbox, rel))
         if inbox is None or held == "file":  # still there: the run that plans it finishes it
             continue
-        found = _moved_to(settings, r, rel, taken_in(r.run_id))
+        found = _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
         if found is not None:
             placed.add(display_path(found))
             fixed.append((r.id, str(found), _explain_found(settings, r, found)))

@@ -330,7 +330,7 @@ def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path,
 
     with pytest.raises(Killed):
         moving.move_no_clobber(src, dest2, before_unlink=remove_then_kill)
-    assert moving.finish_move(dest2, read) == dest2
+    assert moving.finish_move(dest2, src, read) == dest2
     assert sorted(os.listdir(dest2.parent)) == ["x.png", "y.png"] and dest2.read_bytes() == b"second"
 
 
@@ -378,7 +378,7 @@ def test_tidying_one_files_move_leaves_another_files_interrupted_move_alone(tmp_
     assert moving.move_no_clobber(a, dest) == dest
     with pytest.raises(Killed):
         moving.move_no_clobber(b, dest, before_unlink=kill)
-    assert moving.finish_move(dest, read_a) is None
+    assert moving.finish_move(dest, a, read_a) is None
     assert moving.move_no_clobber(b, dest) == dest.with_name("x~1.png")
     assert sorted(os.listdir(dest.parent)) == ["x.png", "x~1.png"] and os.listdir(other_fs) == []
 
@@ -400,6 +400,61 @@ def test_an_interrupted_copy_of_a_file_copied_again_since_is_finished(tmp_path, 
     os.replace(other_fs / "copy", a)
     assert moving.move_no_clobber(a, dest, prior=first) == dest
     assert os.listdir(dest.parent) == ["x.png"] and os.listdir(other_fs) == []
+
+
+def test_a_later_file_given_the_same_inode_never_takes_an_interrupted_copy(tmp_path, other_fs):
+    """``a``'s move across filesystems is killed with its copy published; ``a`` is deleted and a file with
+    other bytes, the same size and mtime is written at the same path (ext4 gives it ``a``'s inode number
+    again). Its move compares bytes: it gets a copy of its own, and ``a``'s copy keeps ``a``'s bytes."""
+    (src,) = _same_looking(tmp_path / "in", {"a.png": b"AAAA bytes"})
+    dest = other_fs / "q" / "x.png"
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):
+        moving.move_no_clobber(src, dest, before_unlink=kill)
+    src.unlink()
+    _same_looking(tmp_path / "in", {"a.png": b"BBBB bytes"})
+    assert moving.move_no_clobber(src, dest, fresh=True) == dest.with_name("x~1.png")
+    assert dest.read_bytes() == b"AAAA bytes" and dest.with_name("x~1.png").read_bytes() == b"BBBB bytes"
+
+
+def test_two_names_of_one_inode_moved_across_filesystems_keep_their_own_interrupted_copies(
+    tmp_path, other_fs
+):
+    """Two hard links of one file whose destinations meet: the first moved, the second's move killed with
+    its copy at ``x~1.png``. Tidying after the first (its name is gone) leaves the second's temporary name,
+    so the second's next attempt finishes at ``x~1.png``, not ``x~2.png``."""
+    (a,) = _same_looking(tmp_path / "in", {"a.png": b"one inode"})
+    b = tmp_path / "in" / "b.png"
+    os.link(a, b)
+    read = moving.identity(os.lstat(a))
+    dest = other_fs / "q" / "x.png"
+
+    def kill(source, where):
+        raise Killed
+
+    assert moving.move_no_clobber(a, dest, fresh=True) == dest
+    with pytest.raises(Killed):
+        moving.move_no_clobber(b, dest, fresh=True, before_unlink=kill)
+    assert moving.finish_move(dest, a, read) is None
+    assert moving.move_no_clobber(b, dest) == dest.with_name("x~1.png")
+    assert sorted(os.listdir(dest.parent)) == ["x.png", "x~1.png"]
+
+
+def test_an_interrupted_copy_under_the_old_temporary_name_is_finished(tmp_path, other_fs):
+    """A copy published by an earlier version (its temporary name fixed by the destination alone) is
+    finished by the next attempt when its bytes are the source's: one copy, no temporary name left."""
+    import hashlib
+
+    (a,) = _same_looking(tmp_path / "in", {"a.png": b"AAAA bytes"})
+    dest = other_fs / "q" / "x.png"
+    dest.parent.mkdir()
+    shutil.copy2(a, dest)
+    os.link(dest, dest.with_name(f".bcc-move-{hashlib.sha256(b'x.png').hexdigest()[:16]}.tmp"))
+    assert moving.move_no_clobber(a, dest) == dest
+    assert os.listdir(dest.parent) == ["x.png"] and not a.exists()
 
 
 def test_a_link_moved_across_filesystems_and_interrupted_is_finished_as_one_link(tmp_path, other_fs):

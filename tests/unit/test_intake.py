@@ -898,3 +898,25 @@ def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_fi
     assert (r.recovered, r.rejected) == (1, 0) and _all_files(other_fs) == []
     _a_name_each(home, 1)
     assert not [p for p in home.quarantine_dir.rglob(".bcc-move-*")]
+
+
+def test_two_intake_runs_interleaved_record_a_rejected_file_once(home, monkeypatch):
+    """Intake run B runs whole after run A has read ``bad.png`` and before A commits it: B quarantines it.
+    A then finds it moved by B and withdraws its own rejection: one rejection, at one place."""
+    import bcc_pipeline.intake as intake_module
+
+    bad = home.landing_dir / "benign" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image at all")
+    real, done = intake_module._read, []
+
+    def read_then_let_b_run(settings, path, rel, report, now_ts):
+        out = real(settings, path, rel, report, now_ts)
+        if report.run_id == "A" and not done:
+            done.append(intake(home, run_id="B"))
+        return out
+
+    monkeypatch.setattr(intake_module, "_read", read_then_let_b_run)
+    a = intake(home, run_id="A")
+    assert (a.rejected, done[0].rejected) == (0, 1) and _all_files(home.landing_dir) == []
+    _a_name_each(home, 1)

@@ -116,11 +116,17 @@ def test_a_foreign_homes_landing_that_lives_elsewhere_is_never_scored(make_setti
     mark_home(other.home)
     assert (scans / "landing-B" / MANAGED_MARKER).is_file()
     s = make_settings(None, settle_seconds=0, inbox_roots=str(scans))
-    with pytest.raises(scoring.InboxRefused, match="contains a folder a BCC home manages"):
+    with pytest.raises(
+        scoring.InboxRefused, match="contains .*landing-B, a folder the BCC home .*site_b manages"
+    ):
         scoring.discover(s, scans)
     for inbox in (scans / "landing-B", scans / "landing-B" / "benign"):
-        with pytest.raises(scoring.InboxRefused, match="a folder a BCC home manages"):
+        with pytest.raises(scoring.InboxRefused, match="a folder the BCC home .*site_b manages"):
             scoring.discover(s, inbox)
+    # B's landing/ re-pointed elsewhere: the marker left behind is stale, and scans/ may be scored again
+    other.landing_dir.unlink()
+    other.landing_dir.mkdir()
+    assert scoring.discover(s, scans)["pending"] == ["landing-B/benign/b1.png", "new/n1.png"]
     assert scoring.discover(s, scans / "new")["pending"] == ["n1.png"]
     assert (scans / "landing-B" / "benign" / "b1.png").is_file()
 
@@ -157,6 +163,26 @@ def test_a_home_set_up_by_bcc_demo_is_never_scored(make_settings, png_writer, tm
         assert sorted(other.home.rglob("*")) == before
     finally:
         dispose_engine(other.database_url)
+
+
+def test_a_demo_home_whose_empty_landing_is_a_link_still_gets_demo_images(tmp_path, monkeypatch):
+    """``bcc demo`` with ``landing/`` a link to an empty folder: the ``.bcc-managed`` marker written there is
+    not an image to train on, so the demo images are generated."""
+    import bcc_pipeline.demo_data as demo_data
+    from bcc_pipeline.cli.models import prepare_demo_home
+    from bcc_pipeline.config import MANAGED_MARKER
+    from bcc_pipeline.store import dispose_engine
+
+    other = _foreign_home(tmp_path)
+    (tmp_path / "scans").mkdir()
+    other.landing_dir.symlink_to(tmp_path / "scans")
+    calls = []
+    monkeypatch.setattr(demo_data, "generate", lambda *a, **kw: calls.append(a))
+    try:
+        prepare_demo_home(other)
+    finally:
+        dispose_engine(other.database_url)
+    assert (tmp_path / "scans" / MANAGED_MARKER).is_file() and len(calls) == 1
 
 
 def test_a_home_whose_folders_the_pipeline_created_is_never_scored(make_settings, png_writer, tmp_path):

@@ -735,3 +735,74 @@ def test_two_runs_interleaved_on_one_inbox_record_each_file_once(
         rejections = db.scalars(select(Rejection)).all()
     assert sorted(r.path for r in rows) == ["bad.png", "ok.png"] and all(r.moved_to for r in rows)
     assert [x.path for x in rejections] == ["bad.png"] and inbox_files(s.inbox_dir) == []
+
+
+def test_a_quarantine_of_an_unmovable_file_killed_halfway_is_finished_when_the_archive_frees(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """The archive destination is blocked (a file where ``archive/run1/sub`` should be a folder) for three
+    runs, so the third quarantines the file and is killed halfway (linked into quarantine, the inbox name
+    not removed). The blocker goes; the next run finishes that quarantine move instead of archiving the
+    file and leaving the quarantined link unrecorded: one place, recorded, with its reason."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "sub" / "x.png", seed=3, size=40)
+    (s.archive_dir / "run1").mkdir(parents=True)
+    (s.archive_dir / "run1" / "sub").write_bytes(b"blocker")
+    for run in ("run1", "run2"):
+        assert scoring.score_inbox(s, run_id=run)["move_failed"] == 1
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="run3", hooks=scoring.Hooks(on_move_linked=_die_at_first_link))
+    (s.archive_dir / "run1" / "sub").unlink()
+    scoring.score_inbox(s, run_id="run4")
+    assert inbox_files(s.inbox_dir) == []
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile)).one()
+    where = Path(files.path_from_display(row.moved_to))
+    assert s.quarantine_dir in where.parents and files.reason_path(where).is_file()
+    assert row.move_error.startswith("quarantined") and not list(s.archive_dir.rglob("x.png"))
+
+
+def test_a_file_put_back_and_deleted_before_its_move_is_missing_not_withdrawn(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs
+):
+    """``archive/`` on another filesystem: run0 archives ``x.png`` (a copy; the inbox inode is freed). A
+    sync puts ``x.png`` back (the same bytes and mtime; ext4 gives it the same inode number again), run A
+    takes it on, and an operator deletes it before A moves it. Nobody took it from under A: A records it
+    as having left the inbox; its claim is not withdrawn as if run0 (which looks the same) had moved it."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    s.home.mkdir(parents=True, exist_ok=True)
+    s.archive_dir.symlink_to(other_fs)
+    x = png_writer(s.inbox_dir / "x.png", seed=1, size=40)
+    os.utime(x, ns=(1_700_000_000 * 10**9,) * 2)
+    data, first = x.read_bytes(), moving.identity(os.lstat(x))
+    scoring.score_inbox(s, run_id="run0")
+    if not _write_on_inode(x, data, first, s.home / "scratch"):
+        pytest.skip("this filesystem gave no new file that inode number again: nothing looks the same")
+    r = scoring.score_inbox(s, run_id="A", hooks=scoring.Hooks(on_batch_committed=lambda paths: x.unlink()))
+    assert r["missing"] == 1
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile).where(InboxFile.run_id == "A")).one()
+    assert row.moved_to is None and row.move_error == "the file left the inbox before it was moved"
+
+
+def _write_on_inode(path: Path, data: bytes, ident: moving.Identity, scratch: Path) -> bool:
+    """Write ``data`` at ``path`` as a new file that gets the inode number and mtime of ``ident`` (ext4
+    gives a freed inode number out again): new files are made in ``scratch`` (same filesystem) until one
+    has it, and that one is renamed into place. False when none got it."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    made = []
+    try:
+        for i in range(500):
+            q = scratch / f"fill{i}"
+            q.write_bytes(data)
+            if os.lstat(q).st_ino == ident[1]:
+                os.utime(q, ns=(ident[3], ident[3]))
+                os.rename(q, path)
+                return moving.identity(os.lstat(path)) == ident
+            made.append(q)
+        return False
+    finally:
+        for q in made:
+            q.unlink()

@@ -388,8 +388,9 @@ def mark_home(home: str | os.PathLike[str]) -> Path:
 def managing_home(folder: str | os.PathLike[str]) -> str | None:
     """The BCC home whose managed folder (a link's target) ``folder`` is, by its ``.bcc-managed`` marker
     (:func:`mark_home`), or None: no marker, or a stale one. A marker is stale only where it can be seen to
-    be: its home is on this machine and that home's folder no longer leads here (the link was re-pointed,
-    or the folder is a copy). A home that is not here (another machine's) is taken at its word."""
+    be: its home is on this machine and that home's folder leads, here, to another folder (the link was
+    re-pointed, or this folder is a copy). A home that is not here (another machine's), or whose link
+    leads nowhere here (a mount path of another host), is taken at its word."""
     from .settings import HOME_MARKER, MANAGED_MARKER
 
     marker = os.path.join(os.fspath(folder), MANAGED_MARKER)
@@ -406,11 +407,13 @@ def managing_home(folder: str | os.PathLike[str]) -> str | None:
         target = os.path.join(home, fields["folder"])
     except (OSError, KeyError, ValueError):
         return "(a BCC home its marker does not name)"  # cannot tell whose: refused, as a current one
-    if os.path.lexists(os.path.join(home, HOME_MARKER)) and os.path.realpath(target) != os.path.realpath(
-        folder
-    ):
-        return None
-    return fields["home"]
+    if not os.path.lexists(os.path.join(home, HOME_MARKER)):
+        return fields["home"]  # not this machine's home (or not visible here): taken at its word
+    try:  # the same folder, however reached (a link, a bind mount): the same device and inode
+        same = os.path.samefile(target, folder)
+    except OSError:  # the home's link leads nowhere here (another host's mount path): cannot tell
+        return fields["home"]
+    return fields["home"] if same else None
 
 
 def _mark(marker: Path, text: str) -> None:

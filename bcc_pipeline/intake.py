@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import inspect, select, update
+from sqlalchemy import func, inspect, select, update
 
 from . import images
 from .config import Settings
@@ -107,7 +107,7 @@ class IntakeReport:
     failed: list[dict[str, str]] = field(default_factory=list)  # could not be handled; still in landing
     # quarantine moves that failed again (an earlier attempt failed too): somebody has to look
     persistent_move_failures: list[dict[str, str]] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)  # when this run started (seconds since the epoch)
+    rejections_mark: int = 0  # the newest rejections row id when this run started (later: other runs')
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,6 +218,8 @@ def intake(
 
     last_progress = 0
     with session_scope(settings.database_url) as session:
+        # rejections written after this one are other runs' (row ids: the hosts' clocks may differ)
+        report.rejections_mark = int(session.scalar(select(func.max(Rejection.id))) or 0)
         unfinished = finish_interrupted(settings, session, report)
         for label in CLASS_NAMES:
             label_dir = landing / label

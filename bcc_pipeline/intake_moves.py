@@ -11,7 +11,6 @@ another rejection is recorded at (:func:`bcc_pipeline.store.place_recorded`).
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from dataclasses import dataclass
@@ -139,7 +138,15 @@ def _move(
         changed(report, shown)
         return "changed"
     except FileNotFoundError:  # taken by someone else since (another intake run): not a failed move
-        if fresh and _quarantined_by_another_run(session, run_id, shown, expect, report.started_at):
+        row = session.execute(
+            select(Rejection.moved_to).where(
+                Rejection.run_id == run_id, Rejection.stage == "intake", Rejection.path == shown
+            )
+        ).scalar()
+        if row is not None:  # another run finished this very move and recorded it on this row
+            log.info("%s was quarantined for this run by another one", shown)
+            return "moved"
+        if fresh and _quarantined_by_another_run(session, run_id, shown, expect, report.rejections_mark):
             _withdraw(session, run_id, shown, report)
             return "withdrawn"
         _mark(session, run_id, shown, dest=None, move_error=_GONE)
@@ -159,27 +166,23 @@ def _move(
     return "moved"
 
 
-def _quarantined_by_another_run(
-    session, run_id: str, shown: str, ident: Identity | None, since: float
-) -> bool:
-    """Whether an intake run interleaved with this one (its rejection written since this run started)
-    refused this very file (the same identity) and quarantined it where its row says."""
+def _quarantined_by_another_run(session, run_id: str, shown: str, ident: Identity | None, after: int) -> bool:
+    """Whether an intake run interleaved with this one (its rejection written after the row id ``after``,
+    the newest when this run started; row ids, not clocks) refused this very file (the same identity) and
+    quarantined it where its row says."""
     if ident is None:
         return False
-    rows = session.execute(
-        select(Rejection.moved_to, Rejection.rejected_at).where(
+    places = session.execute(
+        select(Rejection.moved_to).where(
             Rejection.stage == "intake",
             Rejection.path == shown,
             Rejection.run_id != run_id,
             Rejection.src_identity == identity_text(ident),
             Rejection.moved_to.is_not(None),
+            Rejection.id > after,
         )
-    ).all()
-    for r in rows:
-        at = r.rejected_at if r.rejected_at.tzinfo else r.rejected_at.replace(tzinfo=dt.UTC)
-        if at.timestamp() >= since and find_moved(Path(path_from_display(r.moved_to)), ident=ident):
-            return True
-    return False
+    ).scalars()
+    return any(find_moved(Path(path_from_display(p)), ident=ident) is not None for p in places)
 
 
 def _withdraw(session, run_id: str, shown: str, report: IntakeReport) -> None:

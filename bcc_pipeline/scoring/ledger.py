@@ -14,11 +14,10 @@ closing) are :mod:`.run_records`, whose names are re-exported here; the transact
 from __future__ import annotations
 
 import collections
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Engine
 
 from ..files import display_path
@@ -60,12 +59,14 @@ __all__ = [
     "mark_abandoned",
     "mark_moved",
     "mark_vanished",
+    "newest_row",
     "model_version",
     "open_run",
     "place_recorded",
     "places_elsewhere",
     "predicted",
     "record_moves",
+    "recorded_place",
     "record_swept",
     "require_schema",
     "run_tallies",
@@ -331,27 +332,37 @@ def _rejection_moved() -> Any:
     )
 
 
+def recorded_place(engine: Engine, run_id: str, key: str) -> str | None:
+    """Where the ledger row (``run_id``, ``key``) says its file went (``moved_to``), or None."""
+    with transaction(engine) as conn:
+        return conn.execute(
+            select(LEDGER.c.moved_to).where(LEDGER.c.run_id == run_id, LEDGER.c.path_key == key)
+        ).scalar()
+
+
+def newest_row(engine: Engine) -> int:
+    """The id of the newest ledger row (0 when there is none): rows with a larger id were written later."""
+    with transaction(engine) as conn:
+        return int(conn.execute(select(func.max(LEDGER.c.id))).scalar() or 0)
+
+
 def places_elsewhere(
-    engine: Engine, run_id: str, key: str, ident: str | None, since: dt.datetime | None
+    engine: Engine, run_id: str, key: str, ident: str | None, after: int | None
 ) -> list[str]:
     """Where other runs' rows for the path ``key`` that read the very file ``ident`` (its identity as
-    text), written ``since`` this run first saw the file, put it, or mean to (``moved_to``, else
-    ``dest``): a run interleaved with this one took it. (An older row of the same identity is a file that
-    was archived before and put back, not one taken from under this run.)"""
-    if ident is None or since is None:
+    text), written after the row id ``after`` (this run looked the file up then), put it, or mean to
+    (``moved_to``, else ``dest``): a run interleaved with this one took it. An older row of the same
+    identity (a file archived before and put back) is not one. Row ids, not clocks: hosts' clocks differ."""
+    if ident is None or after is None:
         return []
     t = LEDGER
     with transaction(engine) as conn:
         rows = conn.execute(
-            select(t.c.moved_to, t.c.dest, t.c.created_at).where(
-                t.c.path_key == key, t.c.run_id != run_id, t.c.src_identity == ident
+            select(t.c.moved_to, t.c.dest).where(
+                t.c.path_key == key, t.c.run_id != run_id, t.c.src_identity == ident, t.c.id > after
             )
         ).all()
-    return [r.moved_to or r.dest for r in rows if (r.moved_to or r.dest) and _utc(r.created_at) >= since]
-
-
-def _utc(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)  # SQLite hands back naive UTC
+    return [r.moved_to or r.dest for r in rows if r.moved_to or r.dest]
 
 
 def withdraw(engine: Engine, run_id: str, key: str, path: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import datetime as dt
 import errno
 import os
 import stat
@@ -107,7 +106,7 @@ class Item:
     reason: str | None = None
     is_link: bool = False
     ident: Identity | None = None  # what the file was when read (from the descriptor that was hashed)
-    seen_at: dt.datetime | None = None  # when this shard first looked at it (UTC)
+    ledger_mark: int | None = None  # the newest ledger row id when this shard looked the file up
     x: Any = None  # preprocessed float32 (S, S, 3)
     info: images.ImageInfo | None = None
     rows: list[Any] = field(default_factory=list)  # ledger rows already there for this path
@@ -149,7 +148,7 @@ def load_file(
         return item
     except OSError as exc:
         return _reject(item, f"cannot inspect the file: {exc.strerror or exc}")
-    item.ident, item.seen_at = identity(st), dt.datetime.now(dt.UTC)
+    item.ident = identity(st)
     if stat.S_ISLNK(st.st_mode):
         item.is_link = True
         try:

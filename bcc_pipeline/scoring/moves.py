@@ -149,7 +149,11 @@ class Mover:
                 counts["changed"] += 1
                 log.warning("%s changed after it was read: not moved, the next run scores it", it.path)
             except FileNotFoundError:
-                done = find_moved(dest, sha256=it.sha, ident=it.ident, taken=self.taken(run_id))
+                # another run (taking this run for an interrupted one) may have moved it, and recorded
+                # that on this very row: kept as it is
+                done = ledger.recorded_place(self.engine, run_id, it.key)
+                done = done and Path(path_from_display(done))
+                done = done or find_moved(dest, sha256=it.sha, ident=it.ident, taken=self.taken(run_id))
                 if done is not None:  # someone else (a recovering run) finished this very move
                     moved = display_path(done)
                     self._placed.add(moved)
@@ -203,7 +207,7 @@ class Mover:
         """Whether a run interleaved with this one claimed this very file (the same identity) and moved it
         where its row says, after this run had read it and before this run's move."""
         for place in ledger.places_elsewhere(
-            self.engine, run_id, it.key, identity_text(it.ident), it.seen_at
+            self.engine, run_id, it.key, identity_text(it.ident), it.ledger_mark
         ):
             try:
                 where = Path(path_from_display(place))

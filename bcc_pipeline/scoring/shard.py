@@ -260,10 +260,12 @@ class _ShardScorer:
         }
 
     def _attach_ledger(self, items: list[Item]) -> None:
-        """Each item gets the ledger rows that matter; one this run already moved is ``done``."""
+        """Each item gets the ledger rows that matter; one this run already moved is ``done``. Before the
+        files are read: rows written after this (``ledger_mark``) are of runs interleaved with this one."""
+        mark = ledger.newest_row(self.engine)
         known = ledger.known_rows(self.engine, self.run_id, [it.key for it in items])
         for it in items:
-            it.rows = known.get(it.key, [])
+            it.rows, it.ledger_mark = known.get(it.key, []), mark
             if any(r.run_id == self.run_id and r.moved_to is not None for r in it.rows):
                 it.kind = "done"
 

@@ -920,3 +920,23 @@ def test_two_intake_runs_interleaved_record_a_rejected_file_once(home, monkeypat
     a = intake(home, run_id="A")
     assert (a.rejected, done[0].rejected) == (0, 1) and _all_files(home.landing_dir) == []
     _a_name_each(home, 1)
+
+
+def test_a_rejection_another_run_moved_for_this_one_keeps_its_record(home):
+    """Intake run A runs between run B's commit and B's move, and finishes B's committed quarantine move as
+    an interrupted one (recording it on B's row). B's own move then finds the file gone and keeps that
+    record, instead of marking it as having left landing/."""
+    bad = home.landing_dir / "benign" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image at all")
+    done = []
+
+    def let_a_run(shown):
+        if not done:
+            done.append(intake(home, run_id="A"))
+
+    intake(home, run_id="B", on_committed=let_a_run)
+    with session_scope(home.database_url) as s:
+        row = s.scalars(select(Rejection)).one()
+    assert row.run_id == "B" and row.move_error is None and row.dest is not None
+    assert Path(files.path_from_display(row.moved_to)).read_bytes() == b"not an image at all"

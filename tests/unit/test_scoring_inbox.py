@@ -123,6 +123,11 @@ def test_a_foreign_homes_landing_that_lives_elsewhere_is_never_scored(make_setti
     for inbox in (scans / "landing-B", scans / "landing-B" / "benign"):
         with pytest.raises(scoring.InboxRefused, match="a folder the BCC home .*site_b manages"):
             scoring.discover(s, inbox)
+    # B's landing/ leads nowhere here (the mount path of B's host): its marker cannot be checked, and holds
+    other.landing_dir.unlink()
+    other.landing_dir.symlink_to(tmp_path / "mnt-of-b's-host" / "scans" / "landing-B")
+    with pytest.raises(scoring.InboxRefused, match="a folder the BCC home .*site_b manages"):
+        scoring.discover(s, scans)
     # B's landing/ re-pointed elsewhere: the marker left behind is stale, and scans/ may be scored again
     other.landing_dir.unlink()
     other.landing_dir.mkdir()

@@ -806,3 +806,55 @@ def _write_on_inode(path: Path, data: bytes, ident: moving.Identity, scratch: Pa
     finally:
         for q in made:
             q.unlink()
+
+
+def test_interleaved_runs_are_told_apart_by_row_order_not_by_clocks(
+    make_settings, sqlite_url, register_champion, png_writer, monkeypatch
+):
+    """As above, with run B on a host whose clock is an hour behind A's: what B wrote is still newer than
+    A's look-up (row ids, not timestamps), so A withdraws its claims of the files B moved."""
+    import datetime as dt
+
+    from bcc_pipeline.scoring import ledger as ledger_module
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
+    (s.inbox_dir / "bad.png").write_bytes(b"not an image")
+    scoring.plan_shards(s, "A", 1)
+    scoring.plan_shards(s, "B", 1)
+    real_now = ledger_module.utcnow
+
+    def run_b_an_hour_behind(n):
+        monkeypatch.setattr(ledger_module, "utcnow", lambda: real_now() - dt.timedelta(hours=1))
+        scoring.score_shard(s, "B", 0)
+        monkeypatch.setattr(ledger_module, "utcnow", real_now)
+
+    scoring.score_shard(s, "A", 0, hooks=scoring.Hooks(on_model_batch=run_b_an_hour_behind))
+    with session_scope(sqlite_url) as db:
+        rows = db.scalars(select(InboxFile)).all()
+    assert sorted((r.run_id, r.path) for r in rows) == [("B", "bad.png"), ("B", "ok.png")]
+    assert all(r.moved_to for r in rows) and inbox_files(s.inbox_dir) == []
+
+
+def test_a_file_another_run_moved_for_this_one_keeps_its_record(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Run A runs between run B's commit and B's moves, takes B's committed rows for an interrupted run's,
+    moves the files and records them on B's rows. B's own moves then find the files gone: B keeps what was
+    recorded on its rows instead of overwriting it with 'left the inbox'."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
+    (s.inbox_dir / "bad.png").write_bytes(b"not an image")
+    scoring.plan_shards(s, "B", 1)
+
+    def let_a_run(paths):
+        scoring.score_inbox(s, run_id="A")
+
+    scoring.score_shard(s, "B", 0, hooks=scoring.Hooks(on_batch_committed=let_a_run))
+    with session_scope(sqlite_url) as db:
+        rows = {r.path: r for r in db.scalars(select(InboxFile).where(InboxFile.run_id == "B"))}
+    assert set(rows) == {"ok.png", "bad.png"} and inbox_files(s.inbox_dir) == []
+    for r in rows.values():
+        assert r.moved_to and Path(files.path_from_display(r.moved_to)).is_file() and r.move_error is None

@@ -234,6 +234,19 @@ def _leftover_copy(
         found = _leftover_of(dest, marker, src, src_st, taken, own)
         if found is not None:
             return found
+    if src_st is not None and os.path.lexists(dest):
+        # The source's folder may have been renamed, or reached by another way since (a link re-pointed):
+        # its marker then has another name. Any marker beside ``dest`` whose published copy holds the
+        # source's very bytes finishes this move (only where ``dest`` is taken: rare, so the listing is)
+        others: list[Path] = []
+        with contextlib.suppress(OSError), os.scandir(dest.parent) as entries:
+            others = [
+                Path(e.path) for e in entries if e.name.startswith(".bcc-move-") and e.name.endswith(".tmp")
+            ]
+        for marker in sorted(others):
+            found = _leftover_of(dest, marker, src, src_st, taken, False)
+            if found is not None:
+                return found
     return None
 
 

@@ -457,6 +457,23 @@ def test_an_interrupted_copy_under_the_old_temporary_name_is_finished(tmp_path, 
     assert os.listdir(dest.parent) == ["x.png"] and not a.exists()
 
 
+def test_an_interrupted_copy_is_finished_after_the_source_folder_was_renamed(tmp_path, other_fs):
+    """Killed with its copy published; the source's folder is then renamed (a share remounted, a landing
+    link re-pointed). The next attempt, from the new path, still finishes that move: one copy, no
+    temporary name left."""
+    (a,) = _same_looking(tmp_path / "share", {"a.png": b"AAAA bytes"})
+    dest = other_fs / "q" / "x.png"
+
+    def kill(source, where):
+        raise Killed
+
+    with pytest.raises(Killed):
+        moving.move_no_clobber(a, dest, before_unlink=kill)
+    (tmp_path / "share").rename(tmp_path / "share-renamed")
+    assert moving.move_no_clobber(tmp_path / "share-renamed" / "a.png", dest) == dest
+    assert os.listdir(dest.parent) == ["x.png"] and os.listdir(tmp_path / "share-renamed") == []
+
+
 def test_a_link_moved_across_filesystems_and_interrupted_is_finished_as_one_link(tmp_path, other_fs):
     """A symbolic link re-created on the other filesystem, the move killed before the inbox link is removed:
     the next attempt recognises its own copy and only removes the source (one link, no ``evil~1.png``)."""

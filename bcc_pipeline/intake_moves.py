@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ from .moving import (
     Taken,
     find_moved,
     finish_move,
+    finish_renamed,
+    found_by_identity,
     identity,
     identity_from_text,
     identity_text,
@@ -271,13 +274,24 @@ def finish_interrupted(settings: Settings, session, report: IntakeReport) -> set
         .order_by(Rejection.id)
         .limit(_SWEEP_LIMIT)
     ).all()
-    unfinished = {r.path for r in rows if _finish_one(settings, session, r, report) == "failed"}
+    renamed = found_by_identity(_landing_files(settings.landing_dir))
+    unfinished = {r.path for r in rows if _finish_one(settings, session, r, report, renamed) == "failed"}
     if report.recovered:
         log.info("intake: finished %d quarantine move(s) of interrupted runs", report.recovered)
     return unfinished
 
 
-def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> str:
+def _landing_files(landing: Path) -> Iterator[str]:
+    """Every file (and link) below ``landing``, never through a link (looked at lazily: see
+    :func:`bcc_pipeline.moving.found_by_identity`)."""
+    for folder, dirs, names in os.walk(landing):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+        yield from (os.path.join(folder, n) for n in names)
+
+
+def _finish_one(
+    settings: Settings, session, r: Any, report: IntakeReport, renamed: Callable[[Identity], Path | None]
+) -> str:
     """Finish one recorded move (see :func:`finish_interrupted`); returns what became of it.
 
     The file is moved only while the path holds the file that was refused: by its recorded identity (rows
@@ -311,6 +325,12 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport) -> st
             if outcome == "moved":
                 report.recovered += 1
             return outcome
+    if ident is not None and not os.path.lexists(src) and pending_copy(dest, src, ident) is not None:
+        # copied across filesystems, killed before the source was removed, and the source's folder renamed
+        # since: that move is finished (the renamed file removed), not the file refused again by its new name
+        if (now_at := renamed(ident)) is not None:
+            if finish_renamed(dest, src, ident, now_at, taken=_taken(session, r.run_id)) is not None:
+                log.info("intake: finished the move of %s, found renamed to %s", r.path, display_path(now_at))
     # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken (a
     # copy's temporary name, when one is left, is tidied first)
     finish_move(dest, src, ident, taken=_taken(session, r.run_id))

@@ -56,7 +56,7 @@ import filecmp
 import hashlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .files import LINK_UNSUPPORTED, candidate_names, publish_no_clobber, rename_no_replace, write_reason
@@ -68,6 +68,8 @@ __all__ = [
     "Taken",
     "find_moved",
     "finish_move",
+    "finish_renamed",
+    "found_by_identity",
     "identity",
     "identity_from_text",
     "identity_text",
@@ -371,6 +373,55 @@ def finish_move(
     return None if left is None else left[0]
 
 
+def finish_renamed(
+    dest: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    ident: Identity,
+    now_at: str | os.PathLike[str],
+    *,
+    taken: Taken | None = None,
+) -> Path | None:
+    """Finish a move across filesystems of ``src`` (``ident``) to ``dest`` that was killed after publishing
+    its copy and whose source has since been given another name, ``now_at`` (its folder, or the inbox
+    itself, renamed: the same inode, size and mtime). ``now_at`` is removed once it is shown to hold that
+    copy's very bytes (a link: the same target), and the copy's place is returned. None: nothing was
+    done (no such copy, or ``now_at`` is not that file)."""
+    dest, src, now_at = Path(dest), Path(src), Path(now_at)
+    try:
+        st = os.lstat(now_at)
+    except FileNotFoundError:
+        return None
+    if identity(st) != tuple(ident):
+        return None
+    left = _leftover_of(dest, _copy_marker(dest, src, ident), now_at, st, taken, own=False)
+    if left is None:
+        return None
+    published, marker = left
+    _remove_source(now_at, published, ident, shared_inode=False)
+    marker.unlink(missing_ok=True)
+    return published
+
+
+def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> Callable[[Identity], Path | None]:
+    """``(identity) -> the one of paths that holds that very file now`` (device and inode, then size and
+    mtime), or None. ``paths`` is looked at (each path's ``lstat``) only when first asked, for callers that
+    rarely need to ask (:func:`finish_renamed`)."""
+    index: dict[tuple[int, int], tuple[Path, Identity]] | None = None
+
+    def at(ident: Identity) -> Path | None:
+        nonlocal index
+        if index is None:
+            index = {}
+            for path in paths:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    index[(st.st_dev, st.st_ino)] = (Path(path), identity(st))
+        found = index.get((ident[0], ident[1]))
+        return found[0] if found is not None and found[1] == tuple(ident) else None
+
+    return at
+
+
 def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity | None) -> Path:
     """Copy ``src`` to ``marker`` (a new file: the source's bytes, mode and times, flushed), then give it the
     name ``candidate`` without replacing anything (FileExistsError when taken). ``marker`` stays linked
@@ -400,9 +451,19 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
         published = True
         _fsync_dir(candidate.parent)
     finally:
-        if not published:
+        if not published and not _linked(marker, candidate):
             marker.unlink(missing_ok=True)
     return marker
+
+
+def _linked(marker: Path, candidate: Path) -> bool:
+    """Whether ``candidate`` is a name of ``marker``'s (published, whatever interrupted the caller between
+    the link and noting it: an exception raised by a signal handler, Airflow's timeout): the marker then
+    stays, so the next attempt finishes that move rather than leaving an unrecorded copy."""
+    try:
+        return _same_inode(os.lstat(marker), os.lstat(candidate))
+    except OSError:
+        return False
 
 
 def _copy_link_across(src: Path, src_st: os.stat_result, candidate: Path, marker: Path) -> Path:
@@ -424,7 +485,7 @@ def _copy_link_across(src: Path, src_st: os.stat_result, candidate: Path, marker
         published = True
         _fsync_dir(candidate.parent)
     finally:
-        if not published:
+        if not published and not _linked(marker, candidate):
             marker.unlink(missing_ok=True)
     return marker
 

@@ -38,6 +38,8 @@ from ..moving import (
     Taken,
     find_moved,
     finish_move,
+    finish_renamed,
+    found_by_identity,
     identity_from_text,
     identity_text,
     move_no_clobber,
@@ -360,15 +362,45 @@ def _kind_at(path: str) -> str | None:
     return "file" if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else "other"
 
 
+def _finish_renamed(
+    settings: Settings, r: Any, inbox: str, rel: str, at: Callable[[Identity], Path | None], taken: Taken
+) -> None:
+    """Row ``r``'s file was copied across filesystems and that move killed before its source was removed,
+    and the source's path is gone: when the file itself is listed under another name now (its folder, or
+    the inbox, was renamed since), that move is finished (the renamed source removed), so the file is
+    not scored again under its new name and archived twice."""
+    ident = identity_from_text(r.src_identity)
+    if ident is None:
+        return
+    src = os.path.join(inbox, rel)
+    statuses = [r.status] + (["rejected"] if r.status != "rejected" else [])
+    for status in statuses:
+        dest = destination(settings, r.run_id, status, rel)
+        if pending_copy(dest, src, ident) is None or (now_at := at(ident)) is None:
+            continue
+        if finish_renamed(dest, src, ident, now_at, taken=taken) is not None:
+            log.info(
+                "finished the move of %s, whose file was found renamed to %s", r.path, display_path(now_at)
+            )
+            return
+
+
 def sweep_interrupted(
-    settings: Settings, engine: Engine, inbox_of: Callable[[str], str | None], only_run: str | None = None
+    settings: Settings,
+    engine: Engine,
+    inbox_of: Callable[[str], str | None],
+    only_run: str | None = None,
+    listed: Iterable[str] = (),
 ) -> int:
     """Ledger rows whose file reached its destination but whose ``moved_to`` was never written (the
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
     run was planned for (None: unknown, its rows are left alone). A row whose path holds a file (or a
     link) is left to the run that plans it; one whose path now holds a folder or a FIFO (which no run
     plans as that path) is looked for like a missing one, and recorded as having left the inbox when it
-    is nowhere. Returns how many rows were fixed."""
+    is nowhere. ``listed``: the files the calling run planned (full paths): a row's file found among
+    them under another name, its copy across filesystems published and never finished, has that move
+    finished first (:func:`_finish_renamed`). Returns how many rows were fixed."""
+    renamed = found_by_identity(listed)
     inboxes: dict[str, str | None] = {}
     fixed: list[tuple[int, str, str | None]] = []
     placed: set[str] = set()  # names given to rows here (recorded together at the end)
@@ -390,6 +422,8 @@ def sweep_interrupted(
         held = None if inbox is None else _kind_at(os.path.join(inbox, rel))
         if inbox is None or held == "file":  # still there: the run that plans it finishes it
             continue
+        if held is None:
+            _finish_renamed(settings, r, inbox, rel, renamed, taken_in(r.run_id))
         found = _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
         if found is not None:
             placed.add(display_path(found))

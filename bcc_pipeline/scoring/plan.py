@@ -187,7 +187,9 @@ def plan_shards(
         log.warning("scoring run %s was planned for the inbox %s; using that one", run_id, plan["inbox"])
     run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
     try:
-        sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run))
+        inbox_now = plan.get("inbox_realpath") or plan["inbox"]
+        listed = (os.path.join(inbox_now, rel) for shard in plan["shards"] for rel in shard)
+        sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run), listed=listed)
     except BaseException as exc:  # the run's row is open: never left `running` by what stops the sweep
         from .shard import describe_failure  # (shard imports this module)
 

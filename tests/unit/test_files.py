@@ -457,6 +457,32 @@ def test_an_interrupted_copy_under_the_old_temporary_name_is_finished(tmp_path, 
     assert os.listdir(dest.parent) == ["x.png"] and not a.exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_copy_interrupted_right_after_it_was_published_keeps_its_temporary_name(
+    tmp_path, other_fs, monkeypatch, kind
+):
+    """An exception (a signal handler's, Airflow's timeout) arriving just after the copy got its name,
+    before the move noted it: the temporary name is kept, so the next attempt finishes that move (one
+    copy) instead of leaving the published copy behind as an unrecorded second one."""
+    src, dest = other_fs / "a.png", tmp_path / "q" / "x.png"
+    if kind == "file":
+        src.write_bytes(b"AAAA bytes")
+    else:
+        src.symlink_to("/etc/hostname")
+    real = moving.publish_no_clobber
+
+    def publish_then_interrupted(tmp, where):
+        real(tmp, where)
+        raise Killed
+
+    monkeypatch.setattr(moving, "publish_no_clobber", publish_then_interrupted)
+    with pytest.raises(Killed):
+        moving.move_no_clobber(src, dest)
+    monkeypatch.setattr(moving, "publish_no_clobber", real)
+    assert moving.move_no_clobber(src, dest) == dest
+    assert os.listdir(dest.parent) == ["x.png"] and not os.path.lexists(src)
+
+
 def test_an_interrupted_copy_is_finished_after_the_source_folder_was_renamed(tmp_path, other_fs):
     """Killed with its copy published; the source's folder is then renamed (a share remounted, a landing
     link re-pointed). The next attempt, from the new path, still finishes that move: one copy, no

@@ -900,6 +900,33 @@ def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_fi
     assert not [p for p in home.quarantine_dir.rglob(".bcc-move-*")]
 
 
+def test_a_quarantine_copy_across_filesystems_killed_then_its_folder_renamed_is_finished_once(
+    home, monkeypatch, other_fs
+):
+    """``landing/`` on another filesystem; intake killed with the quarantine copy published and the landing
+    name not yet removed; then the file's folder is renamed. The next run finds the file under its new
+    name and finishes that move: one rejection, one quarantined copy, not the file refused again."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    _landing_on(home, other_fs)
+    bad = other_fs / "benign" / "batch1" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image, a text file")
+
+    def die(source, where):
+        raise _Killed(where)
+
+    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    bad.parent.rename(other_fs / "benign" / "batch1-renamed")
+    r = intake(home, run_id="in2")
+    assert (r.recovered, r.rejected) == (1, 0) and _all_files(other_fs) == []
+    _a_name_each(home, 1)
+    assert not [p for p in home.quarantine_dir.rglob(".bcc-move-*")]
+
+
 def test_two_intake_runs_interleaved_record_a_rejected_file_once(home, monkeypatch):
     """Intake run B runs whole after run A has read ``bad.png`` and before A commits it: B quarantines it.
     A then finds it moved by B and withdraws its own rejection: one rejection, at one place."""

@@ -612,6 +612,35 @@ def test_a_copy_across_filesystems_killed_then_the_file_replaced_leaves_nothing_
     assert not list(s.archive_dir.rglob(".bcc-move-*"))
 
 
+@pytest.mark.parametrize("renamed", ["sub-folder", "inbox"])
+def test_a_copy_across_filesystems_killed_then_its_folder_renamed_is_finished_not_scored_again(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs, renamed
+):
+    """Killed with the archive copy published (the inbox name not removed yet); someone then renames the
+    file's folder, or the inbox itself. The next run finds the file under its new name, finishes that
+    move (the renamed source removed), and records it once: one row, one archived copy, nothing left."""
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    inbox = other_fs / "in"
+    png_writer(inbox / "case1" / "x.png", seed=1, size=40)
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s, inbox=str(inbox), run_id="run1", hooks=scoring.Hooks(on_move_linked=_die_at_first_link)
+        )
+    if renamed == "inbox":
+        inbox = inbox.rename(other_fs / "in-renamed")
+    else:
+        (inbox / "case1").rename(inbox / "case1-renamed")
+    scoring.score_inbox(s, inbox=str(inbox), run_id="run2")
+    assert inbox_files(inbox) == []
+    with session_scope(sqlite_url) as db:
+        rows = list(db.scalars(select(InboxFile)))
+    assert [(r.run_id, r.path) for r in rows] == [("run1", "case1/x.png")]
+    assert count_rows(sqlite_url, Prediction) == 1
+    assert [str(p) for p in archived(s)] == [files.path_from_display(rows[0].moved_to)]
+    assert not list(s.archive_dir.rglob(".bcc-move-*"))
+
+
 def test_a_file_quarantined_as_unmovable_and_killed_before_the_record_is_recorded_there(
     make_settings, sqlite_url, register_champion, png_writer
 ):

@@ -306,12 +306,14 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs."""
 
 
+def kill(source, where):
+    """A ``before_unlink`` hook: killed with the file at its destination, the source not removed yet."""
+    raise Killed
+
+
 def test_move_across_filesystems_interrupted_is_finished_with_one_copy(tmp_path, other_fs):
     src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
     src.write_bytes(b"only once")
-
-    def kill(source, where):
-        raise Killed
 
     with pytest.raises(Killed):  # the copy is in place, the source not removed yet
         moving.move_no_clobber(src, dest, before_unlink=kill)
@@ -353,9 +355,6 @@ def test_a_move_never_takes_another_files_interrupted_copy_for_its_own(tmp_path,
     a, b = _same_looking(other_fs, {"a.png": b"AAAA bytes", "b.png": b"BBBB bytes"})
     dest = tmp_path / "q" / "x.png"
 
-    def kill(source, where):
-        raise Killed
-
     with pytest.raises(Killed):
         moving.move_no_clobber(a, dest, before_unlink=kill)
     assert moving.move_no_clobber(b, dest, fresh=True) == dest.with_name("x~1.png")
@@ -371,9 +370,6 @@ def test_tidying_one_files_move_leaves_another_files_interrupted_move_alone(tmp_
     a, b = _same_looking(other_fs, {"a.png": b"AAAA bytes", "b.png": b"BBBB bytes"})
     read_a = moving.identity(os.lstat(a))
     dest = tmp_path / "q" / "x.png"
-
-    def kill(source, where):
-        raise Killed
 
     assert moving.move_no_clobber(a, dest) == dest
     with pytest.raises(Killed):
@@ -391,9 +387,6 @@ def test_an_interrupted_copy_of_a_file_copied_again_since_is_finished(tmp_path, 
     first = moving.identity(os.lstat(a))
     dest = tmp_path / "q" / "x.png"
 
-    def kill(source, where):
-        raise Killed
-
     with pytest.raises(Killed):
         moving.move_no_clobber(a, dest, before_unlink=kill)
     shutil.copy2(a, other_fs / "copy")
@@ -408,9 +401,6 @@ def test_a_later_file_given_the_same_inode_never_takes_an_interrupted_copy(tmp_p
     again). Its move compares bytes: it gets a copy of its own, and ``a``'s copy keeps ``a``'s bytes."""
     (src,) = _same_looking(tmp_path / "in", {"a.png": b"AAAA bytes"})
     dest = other_fs / "q" / "x.png"
-
-    def kill(source, where):
-        raise Killed
 
     with pytest.raises(Killed):
         moving.move_no_clobber(src, dest, before_unlink=kill)
@@ -431,9 +421,6 @@ def test_two_names_of_one_inode_moved_across_filesystems_keep_their_own_interrup
     os.link(a, b)
     read = moving.identity(os.lstat(a))
     dest = other_fs / "q" / "x.png"
-
-    def kill(source, where):
-        raise Killed
 
     assert moving.move_no_clobber(a, dest, fresh=True) == dest
     with pytest.raises(Killed):
@@ -490,9 +477,6 @@ def test_an_interrupted_copy_is_finished_after_the_source_folder_was_renamed(tmp
     (a,) = _same_looking(tmp_path / "share", {"a.png": b"AAAA bytes"})
     dest = other_fs / "q" / "x.png"
 
-    def kill(source, where):
-        raise Killed
-
     with pytest.raises(Killed):
         moving.move_no_clobber(a, dest, before_unlink=kill)
     (tmp_path / "share").rename(tmp_path / "share-renamed")
@@ -505,9 +489,6 @@ def test_a_link_moved_across_filesystems_and_interrupted_is_finished_as_one_link
     the next attempt recognises its own copy and only removes the source (one link, no ``evil~1.png``)."""
     src, dest = other_fs / "evil.png", tmp_path / "quarantine" / "evil.png"
     src.symlink_to("/etc/hostname")
-
-    def kill(source, where):
-        raise Killed
 
     with pytest.raises(Killed):  # the link is at its destination, the inbox link not removed yet
         moving.move_no_clobber(src, dest, before_unlink=kill)

@@ -866,19 +866,14 @@ def test_a_quarantine_move_unrecorded_when_killed_is_recorded_though_the_path_ho
     _a_name_each(home, 2)
 
 
-@pytest.mark.parametrize("how", ["touched", "copied-again"])
-def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_finished_once(
-    home, monkeypatch, other_fs, how
-):
-    """``landing/`` on another filesystem; intake killed with the quarantine copy published and the landing
-    name not yet removed; then the file is touched, or copied again (another inode, as a sync tool
-    re-creates it). The next run finishes that move with the published copy: one quarantined copy,
-    recorded once, no temporary name left (as scoring does)."""
+def _killed_with_the_copy_published(home, monkeypatch, other_fs: Path, rel: str) -> Path:
+    """``landing/`` on another filesystem holding a refused ``rel``; intake run ``in1`` is killed with its
+    quarantine copy published and the landing name not yet removed. Returns the landing file."""
     import bcc_pipeline.intake_moves as moves_module
 
     _landing_on(home, other_fs)
-    bad = other_fs / "benign" / "bad.png"
-    bad.parent.mkdir()
+    bad = other_fs / rel
+    bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not an image, a text file")
 
     def die(source, where):
@@ -888,6 +883,18 @@ def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_fi
     with pytest.raises(_Killed):
         intake(home, run_id="in1")
     monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    return bad
+
+
+@pytest.mark.parametrize("how", ["touched", "copied-again"])
+def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_finished_once(
+    home, monkeypatch, other_fs, how
+):
+    """``landing/`` on another filesystem; intake killed with the quarantine copy published and the landing
+    name not yet removed; then the file is touched, or copied again (another inode, as a sync tool
+    re-creates it). The next run finishes that move with the published copy: one quarantined copy,
+    recorded once, no temporary name left (as scoring does)."""
+    bad = _killed_with_the_copy_published(home, monkeypatch, other_fs, "benign/bad.png")
     if how == "touched":
         os.utime(bad, ns=(1_800_000_000 * 10**9,) * 2)
     else:
@@ -906,20 +913,7 @@ def test_a_quarantine_copy_across_filesystems_killed_then_its_folder_renamed_is_
     """``landing/`` on another filesystem; intake killed with the quarantine copy published and the landing
     name not yet removed; then the file's folder is renamed. The next run finds the file under its new
     name and finishes that move: one rejection, one quarantined copy, not the file refused again."""
-    import bcc_pipeline.intake_moves as moves_module
-
-    _landing_on(home, other_fs)
-    bad = other_fs / "benign" / "batch1" / "bad.png"
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"not an image, a text file")
-
-    def die(source, where):
-        raise _Killed(where)
-
-    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
-    with pytest.raises(_Killed):
-        intake(home, run_id="in1")
-    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    bad = _killed_with_the_copy_published(home, monkeypatch, other_fs, "benign/batch1/bad.png")
     bad.parent.rename(other_fs / "benign" / "batch1-renamed")
     r = intake(home, run_id="in2")
     assert (r.recovered, r.rejected) == (1, 0) and _all_files(other_fs) == []

@@ -740,6 +740,17 @@ def test_two_links_across_filesystems_are_recorded_in_the_order_they_moved(
     assert {p: os.readlink(files.path_from_display(m)) for p, m in rows.items()} == targets
 
 
+def _two_runs_planned(make_settings, url: str, register_champion, png_writer):
+    """Settings whose inbox holds ``ok.png`` and a refused ``bad.png``, planned by runs A and B."""
+    s = scoring_settings(make_settings, url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
+    (s.inbox_dir / "bad.png").write_bytes(b"not an image")
+    scoring.plan_shards(s, "A", 1)
+    scoring.plan_shards(s, "B", 1)
+    return s
+
+
 def test_two_runs_interleaved_on_one_inbox_record_each_file_once(
     make_settings, sqlite_url, register_champion, png_writer
 ):
@@ -748,12 +759,7 @@ def test_two_runs_interleaved_on_one_inbox_record_each_file_once(
     finds them moved by B: each file has one ledger row, one rejection at most, one place."""
     from bcc_pipeline.store import Rejection
 
-    s = scoring_settings(make_settings, sqlite_url)
-    register_champion(s)
-    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
-    (s.inbox_dir / "bad.png").write_bytes(b"not an image")
-    scoring.plan_shards(s, "A", 1)
-    scoring.plan_shards(s, "B", 1)
+    s = _two_runs_planned(make_settings, sqlite_url, register_champion, png_writer)
     scoring.score_shard(
         s, "A", 0, hooks=scoring.Hooks(on_model_batch=lambda n: scoring.score_shard(s, "B", 0))
     )
@@ -846,12 +852,7 @@ def test_interleaved_runs_are_told_apart_by_row_order_not_by_clocks(
 
     from bcc_pipeline.scoring import ledger as ledger_module
 
-    s = scoring_settings(make_settings, sqlite_url)
-    register_champion(s)
-    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
-    (s.inbox_dir / "bad.png").write_bytes(b"not an image")
-    scoring.plan_shards(s, "A", 1)
-    scoring.plan_shards(s, "B", 1)
+    s = _two_runs_planned(make_settings, sqlite_url, register_champion, png_writer)
     real_now = ledger_module.utcnow
 
     def run_b_an_hour_behind(n):

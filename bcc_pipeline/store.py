@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,10 +138,28 @@ def dispose_engine(url: str) -> None:
 _MASK = "***"
 
 
+_WHOLE_STRINGS = ("dsn", "odbc_connect")
+"""Query parameters that hold a whole connection string (``?dsn=password=...``, ``?odbc_connect=...PWD=...``),
+which the driver uses, credentials included: masked as a whole."""
+
+
 def _secret_key(key: str) -> bool:
-    """Whether a URL query parameter carries a credential (``password``, ``sslpassword``, tokens...)."""
+    """Whether a URL query parameter carries a credential (``password``, ``sslpassword``, a passphrase or
+    key, tokens...) or a whole connection string that may hold one."""
     k = key.lower()
-    return any(w in k for w in ("password", "secret", "token")) or k in ("pass", "passwd", "pwd")
+    return any(w in k for w in ("password", "secret", "token", "passphrase")) or k in (
+        "pass",
+        "passwd",
+        "pwd",
+        "key",
+        *_WHOLE_STRINGS,
+    )
+
+
+def _inner_secrets(value: str) -> list[str]:
+    """The credentials inside a connection string (``password=x``, ``PWD=x;``, quoted or not)."""
+    pattern = r"(?i)\b(?:password|pwd|passphrase)\s*=\s*('[^']*'|\{[^}]*\}|[^\s;]+)"
+    return [v.strip("'{}") for v in re.findall(pattern, value)]
 
 
 def safe_url(url: Any) -> str:
@@ -170,7 +189,8 @@ def _secrets(url: Any) -> list[str]:
     values = [u.password] if u.password else []
     for k, v in u.query.items():
         if _secret_key(k):
-            values.extend([v] if isinstance(v, str) else list(v))
+            for one in [v] if isinstance(v, str) else list(v):
+                values += [one, *_inner_secrets(one)]
     values = [str(v) for v in values if v]
     values += [quote_plus(v) for v in values]
     return sorted(set(values), key=len, reverse=True)

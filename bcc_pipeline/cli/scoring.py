@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..config import DEFAULTS, INFERENCE_CHOICES
+from ..files import one_line
 from .common import emit, progress, settings
 
 __all__ = ["register"]
@@ -29,7 +30,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     def human() -> None:
         print(
-            f"scoring run {r['run_id']} with {r['model_version']} ({r['inference']}, {r['precision']}; "
+            f"scoring run {one_line(r['run_id'])} with {r['model_version']} ({r['inference']}, {r['precision']}; "
             f"{r['rescored_fp32']} re-scored in fp32 near the threshold): {r['scored']} scored, "
             f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
             f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)"

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import INFERENCE_CHOICES, Settings
 from ..errors import ConfigError, StoreError
-from ..files import atomic_write, mark_home, safe_dirname
+from ..files import atomic_write, display_path, mark_home, one_line, safe_dirname
 from ..leftovers import sweep_stale_temporaries
 from ..store import get_engine, utcnow
 from . import db, run_records
@@ -167,7 +167,7 @@ def plan_shards(
             log.info(
                 "planned scoring run %s: %d files in %d shard(s), model %s, %s inference (%s), %d ignored, "
                 "%d skipped",
-                run_id,
+                one_line(run_id),
                 len(files),
                 shards,
                 champion,
@@ -184,7 +184,11 @@ def plan_shards(
             f"scoring run {run_id!r} is already planned with {plan['n_shards']} shard(s), not {shards}"
         )
     if inbox is not None and os.path.abspath(os.fspath(inbox)) != plan["inbox"]:
-        log.warning("scoring run %s was planned for the inbox %s; using that one", run_id, plan["inbox"])
+        log.warning(
+            "scoring run %s was planned for the inbox %s; using that one",
+            one_line(run_id),
+            display_path(plan["inbox"]),
+        )
     run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
     try:
         inbox_now = plan.get("inbox_realpath") or plan["inbox"]

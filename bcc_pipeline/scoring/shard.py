@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ArtifactError, BCCError, ConfigError
-from ..files import display_path
+from ..files import display_path, one_line
 from ..moving import move_no_clobber
 from ..store import get_engine
 from . import db, ledger, run_records
@@ -129,7 +129,7 @@ def _require_same_inbox(plan: dict[str, Any]) -> None:
     if was is not None and now != was:
         raise InboxRefused(
             f"the inbox {display_path(plan['inbox'])} now resolves to {display_path(now)}, not to "
-            f"{display_path(was)} as when scoring run {plan['run_id']} was planned; not scoring through a "
+            f"{display_path(was)} as when scoring run {one_line(plan['run_id'])} was planned; not scoring through a "
             "re-pointed link (plan a new run)"
         )
 
@@ -219,7 +219,7 @@ class _ShardScorer:
         self._done += batch.n_items
         if self._done % (batch_size * 10) < batch_size or self._done == n_files:
             self.progress(
-                f"scoring {self.run_id} shard {self.shard}: {self._done}/{n_files} files "
+                f"scoring {one_line(self.run_id)} shard {self.shard}: {self._done}/{n_files} files "
                 f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
                 f"{self.counts['rejected']} rejected)"
             )

@@ -227,3 +227,22 @@ def test_a_running_run_whose_process_is_gone_becomes_abandoned(
     scoring.score_inbox(s)  # the next run notices too
     with session_scope(sqlite_url) as ses:
         assert ses.get(ScoringRun, "killed-2").status == "abandoned"
+
+
+def test_a_run_id_with_control_characters_never_reaches_a_log_line_raw(
+    make_settings, sqlite_url, register_champion, png_writer, caplog
+):
+    """A run id holding a newline and an ANSI escape (``bcc score --run-id``, an Airflow run id) is escaped
+    in every log line and progress line the run writes."""
+    import logging
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "x.png", seed=1, size=40)
+    lines: list[str] = []
+    with caplog.at_level(logging.INFO, logger="bcc_pipeline"):
+        r = scoring.score_inbox(s, run_id="ev\nil\x1b[31m", progress=lines.append)
+    assert r["scored"] == 1
+    shown = lines + [rec.getMessage() for rec in caplog.records if rec.name.startswith("bcc_pipeline")]
+    assert any("ev\\nil\\x1b[31m" in line for line in shown)
+    assert not [line for line in shown if "\n" in line or "\x1b" in line]

@@ -189,6 +189,14 @@ def test_safe_url_masks_every_credential_form() -> None:
         assert secret not in shown
     assert "sslmode=disable" in shown and "bcc:***@127.0.0.1:1/bcc" in shown
     assert "PASSWORD=***" in safe_url("postgresql://h/db?PASSWORD=upper")
+    # whole connection strings (which the driver uses, password included), passphrases and keys
+    for url in (
+        "postgresql+psycopg2://u@h/db?dsn=password%3Dhunter2",
+        "mssql+pyodbc://?odbc_connect=DRIVER%3Dx%3BPWD%3Dhunter2%3B",
+        "sqlite+pysqlcipher://:@/x.db?key=hunter2",
+        "sqlite:///x.db?passphrase=hunter2",
+    ):
+        assert "hunter2" not in safe_url(url), url
     assert safe_url("not a url at all") == "<unparseable url>"
 
 
@@ -205,6 +213,15 @@ def test_a_failing_connection_never_shows_the_password() -> None:
     assert "cannot connect to" in text
     for secret in ("hunter2pw", "querysecret", "sslsecret"):
         assert secret not in text
+
+
+def test_a_credential_inside_a_connection_string_is_masked_in_errors() -> None:
+    """A password inside ``?dsn=`` (psycopg2 uses it) never appears in a failing connection's error."""
+    from bcc_pipeline.store import _error_line
+
+    url = "postgresql+psycopg2://u@127.0.0.1:1/db?dsn=host%3D127.0.0.1+password%3D'hunter2'"
+    error = RuntimeError("connection failed: host=127.0.0.1 password='hunter2' port=1\nmore")
+    assert "hunter2" not in _error_line(error, url)
 
 
 def test_settings_repr_masks_the_database_url(make_settings) -> None:

@@ -41,7 +41,6 @@ from .moving import (
     Taken,
     find_moved,
     finish_move,
-    finish_renamed,
     found_by_identity,
     identity,
     identity_from_text,
@@ -305,6 +304,12 @@ def _finish_one(
     except ValueError:
         return "skipped"
     ident = identity_from_text(r.src_identity)
+    if not os.path.lexists(src) and ident is not None and (now_at := renamed(ident)) is not None:
+        # its very file under another name (its folder renamed since the run that refused it was killed):
+        # that move is finished from there, not the file refused again under its new name
+        if _still_refused(settings, session, now_at, r, ident) is not None:
+            log.info("intake: finishing the move of %s, found renamed to %s", r.path, display_path(now_at))
+            src = now_at
     if os.path.lexists(src):
         expect = _still_refused(settings, session, src, r, ident)
         if expect is not None:
@@ -325,12 +330,6 @@ def _finish_one(
             if outcome == "moved":
                 report.recovered += 1
             return outcome
-    if ident is not None and not os.path.lexists(src) and pending_copy(dest, src, ident) is not None:
-        # copied across filesystems, killed before the source was removed, and the source's folder renamed
-        # since: that move is finished (the renamed file removed), not the file refused again by its new name
-        if (now_at := renamed(ident)) is not None:
-            if finish_renamed(dest, src, ident, now_at, taken=_taken(session, r.run_id)) is not None:
-                log.info("intake: finished the move of %s, found renamed to %s", r.path, display_path(now_at))
     # moved, but killed before that was recorded: to dest, or beside it (~N) when dest was taken (a
     # copy's temporary name, when one is left, is tidied first)
     finish_move(dest, src, ident, taken=_taken(session, r.run_id))

@@ -68,7 +68,6 @@ __all__ = [
     "Taken",
     "find_moved",
     "finish_move",
-    "finish_renamed",
     "found_by_identity",
     "identity",
     "identity_from_text",
@@ -373,39 +372,10 @@ def finish_move(
     return None if left is None else left[0]
 
 
-def finish_renamed(
-    dest: str | os.PathLike[str],
-    src: str | os.PathLike[str],
-    ident: Identity,
-    now_at: str | os.PathLike[str],
-    *,
-    taken: Taken | None = None,
-) -> Path | None:
-    """Finish a move across filesystems of ``src`` (``ident``) to ``dest`` that was killed after publishing
-    its copy and whose source has since been given another name, ``now_at`` (its folder, or the inbox
-    itself, renamed: the same inode, size and mtime). ``now_at`` is removed once it is shown to hold that
-    copy's very bytes (a link: the same target), and the copy's place is returned. None: nothing was
-    done (no such copy, or ``now_at`` is not that file)."""
-    dest, src, now_at = Path(dest), Path(src), Path(now_at)
-    try:
-        st = os.lstat(now_at)
-    except FileNotFoundError:
-        return None
-    if identity(st) != tuple(ident):
-        return None
-    left = _leftover_of(dest, _copy_marker(dest, src, ident), now_at, st, taken, own=False)
-    if left is None:
-        return None
-    published, marker = left
-    _remove_source(now_at, published, ident, shared_inode=False)
-    marker.unlink(missing_ok=True)
-    return published
-
-
 def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> Callable[[Identity], Path | None]:
     """``(identity) -> the one of paths that holds that very file now`` (device and inode, then size and
     mtime), or None. ``paths`` is looked at (each path's ``lstat``) only when first asked, for callers that
-    rarely need to ask (:func:`finish_renamed`)."""
+    rarely need to ask (a killed move's file found under a new name)."""
     index: dict[tuple[int, int], tuple[Path, Identity]] | None = None
 
     def at(ident: Identity) -> Path | None:

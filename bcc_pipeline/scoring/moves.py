@@ -38,7 +38,6 @@ from ..moving import (
     Taken,
     find_moved,
     finish_move,
-    finish_renamed,
     found_by_identity,
     identity_from_text,
     identity_text,
@@ -363,26 +362,27 @@ def _kind_at(path: str) -> str | None:
 
 
 def _finish_renamed(
-    settings: Settings, r: Any, inbox: str, rel: str, at: Callable[[Identity], Path | None], taken: Taken
-) -> None:
-    """Row ``r``'s file was copied across filesystems and that move killed before its source was removed,
-    and the source's path is gone: when the file itself is listed under another name now (its folder, or
-    the inbox, was renamed since), that move is finished (the renamed source removed), so the file is
-    not scored again under its new name and archived twice."""
+    settings: Settings, r: Any, rel: str, at: Callable[[Identity], Path | None], taken: Taken
+) -> Path | None:
+    """Row ``r``'s path is gone, but its very file (device, inode, size, mtime) is listed under another
+    name: its folder, or the inbox itself, was renamed after the run that read it was killed. Whatever
+    that run's move had done (nothing yet, a hard link at its destination, a copy across filesystems
+    published), it is finished from the new name, so the file is recorded once, under the row that holds
+    its prediction, and not scored again under its new name and archived twice. Returns where it went."""
     ident = identity_from_text(r.src_identity)
-    if ident is None:
-        return
-    src = os.path.join(inbox, rel)
-    statuses = [r.status] + (["rejected"] if r.status != "rejected" else [])
-    for status in statuses:
-        dest = destination(settings, r.run_id, status, rel)
-        if pending_copy(dest, src, ident) is None or (now_at := at(ident)) is None:
-            continue
-        if finish_renamed(dest, src, ident, now_at, taken=taken) is not None:
-            log.info(
-                "finished the move of %s, whose file was found renamed to %s", r.path, display_path(now_at)
-            )
-            return
+    if ident is None or (now_at := at(ident)) is None:
+        return None
+    if os.path.realpath(now_at.parent) != str(now_at.parent):
+        return None  # never through a folder that is a link (the listing is of the resolved inbox)
+    dest = destination(settings, r.run_id, r.status, rel)
+    dest_root = settings.quarantine_dir if r.status == "rejected" else settings.archive_dir
+    try:
+        where = move_no_clobber(now_at, dest, expect=ident, dest_root=dest_root, taken=taken)
+    except OSError as exc:  # left in the inbox: the run that plans it scores it under its new name
+        log.warning("could not finish the move of %s from %s: %s", r.path, display_path(now_at), exc)
+        return None
+    log.info("finished the move of %s, whose file was found renamed to %s", r.path, display_path(now_at))
+    return where
 
 
 def sweep_interrupted(
@@ -397,9 +397,9 @@ def sweep_interrupted(
     run was planned for (None: unknown, its rows are left alone). A row whose path holds a file (or a
     link) is left to the run that plans it; one whose path now holds a folder or a FIFO (which no run
     plans as that path) is looked for like a missing one, and recorded as having left the inbox when it
-    is nowhere. ``listed``: the files the calling run planned (full paths): a row's file found among
-    them under another name, its copy across filesystems published and never finished, has that move
-    finished first (:func:`_finish_renamed`). Returns how many rows were fixed."""
+    is nowhere. ``listed``: the files the calling run planned (full paths): a row whose path is gone and whose
+    very file is among them under another name (a folder renamed) has its move finished from there
+    (:func:`_finish_renamed`). Returns how many rows were fixed."""
     renamed = found_by_identity(listed)
     inboxes: dict[str, str | None] = {}
     fixed: list[tuple[int, str, str | None]] = []
@@ -422,9 +422,10 @@ def sweep_interrupted(
         held = None if inbox is None else _kind_at(os.path.join(inbox, rel))
         if inbox is None or held == "file":  # still there: the run that plans it finishes it
             continue
+        found = None
         if held is None:
-            _finish_renamed(settings, r, inbox, rel, renamed, taken_in(r.run_id))
-        found = _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
+            found = _finish_renamed(settings, r, rel, renamed, taken_in(r.run_id))
+        found = found or _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
         if found is not None:
             placed.add(display_path(found))
             fixed.append((r.id, str(found), _explain_found(settings, r, found)))

@@ -866,13 +866,15 @@ def test_a_quarantine_move_unrecorded_when_killed_is_recorded_though_the_path_ho
     _a_name_each(home, 2)
 
 
-def _killed_with_the_copy_published(home, monkeypatch, other_fs: Path, rel: str) -> Path:
-    """``landing/`` on another filesystem holding a refused ``rel``; intake run ``in1`` is killed with its
-    quarantine copy published and the landing name not yet removed. Returns the landing file."""
+def _killed_with_the_copy_published(home, monkeypatch, other_fs: Path | None, rel: str) -> Path:
+    """``landing/`` (on another filesystem, ``other_fs``, unless None) holding a refused ``rel``; intake run
+    ``in1`` is killed with the file at its quarantine destination and the landing name not yet removed.
+    Returns the landing file."""
     import bcc_pipeline.intake_moves as moves_module
 
-    _landing_on(home, other_fs)
-    bad = other_fs / rel
+    if other_fs is not None:
+        _landing_on(home, other_fs)
+    bad = (other_fs or home.landing_dir) / rel
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not an image, a text file")
 
@@ -907,16 +909,17 @@ def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_fi
     assert not [p for p in home.quarantine_dir.rglob(".bcc-move-*")]
 
 
-def test_a_quarantine_copy_across_filesystems_killed_then_its_folder_renamed_is_finished_once(
-    home, monkeypatch, other_fs
-):
-    """``landing/`` on another filesystem; intake killed with the quarantine copy published and the landing
-    name not yet removed; then the file's folder is renamed. The next run finds the file under its new
-    name and finishes that move: one rejection, one quarantined copy, not the file refused again."""
-    bad = _killed_with_the_copy_published(home, monkeypatch, other_fs, "benign/batch1/bad.png")
-    bad.parent.rename(other_fs / "benign" / "batch1-renamed")
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_a_quarantine_move_killed_then_its_folder_renamed_is_finished_once(home, monkeypatch, other_fs, fs):
+    """Intake killed with the file at its quarantine destination (hard-linked, or, ``landing/`` on another
+    filesystem, its copy published) and the landing name not yet removed; then the file's folder is
+    renamed. The next run finds the file under its new name and finishes that move: one rejection, one
+    quarantined copy, not the file refused again."""
+    landing = other_fs if fs == "other-filesystem" else None
+    bad = _killed_with_the_copy_published(home, monkeypatch, landing, "benign/batch1/bad.png")
+    bad.parent.rename(bad.parent.with_name("batch1-renamed"))
     r = intake(home, run_id="in2")
-    assert (r.recovered, r.rejected) == (1, 0) and _all_files(other_fs) == []
+    assert (r.recovered, r.rejected) == (1, 0) and _all_files(landing or home.landing_dir) == []
     _a_name_each(home, 1)
     assert not [p for p in home.quarantine_dir.rglob(".bcc-move-*")]
 

@@ -612,23 +612,33 @@ def test_a_copy_across_filesystems_killed_then_the_file_replaced_leaves_nothing_
     assert not list(s.archive_dir.rglob(".bcc-move-*"))
 
 
+def _die_after_commit(paths):
+    raise Crash
+
+
+@pytest.mark.parametrize("killed", ["after-the-commit", "mid-move"])
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 @pytest.mark.parametrize("renamed", ["sub-folder", "inbox"])
-def test_a_copy_across_filesystems_killed_then_its_folder_renamed_is_finished_not_scored_again(
-    make_settings, sqlite_url, register_champion, png_writer, other_fs, renamed
+def test_a_run_killed_then_the_files_folder_renamed_is_finished_not_scored_again(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, other_fs, renamed, fs, killed
 ):
-    """Killed with the archive copy published (the inbox name not removed yet); someone then renames the
-    file's folder, or the inbox itself. The next run finds the file under its new name, finishes that
-    move (the renamed source removed), and records it once: one row, one archived copy, nothing left."""
-    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    """Killed after the batch's commit (nothing moved yet), or mid-move (hard-linked, or its copy across
+    filesystems published; the inbox name not removed yet); someone then renames the file's folder, or
+    the inbox itself. The next run finds the file under its new name and finishes that run's move from
+    there: one row, one archived copy, nothing left, not scored again under the new name."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
     register_champion(s)
-    inbox = other_fs / "in"
+    inbox = root / "in"
     png_writer(inbox / "case1" / "x.png", seed=1, size=40)
+    if killed == "mid-move":
+        hooks = scoring.Hooks(on_move_linked=_die_at_first_link)
+    else:
+        hooks = scoring.Hooks(on_batch_committed=_die_after_commit)
     with pytest.raises(Crash):
-        scoring.score_inbox(
-            s, inbox=str(inbox), run_id="run1", hooks=scoring.Hooks(on_move_linked=_die_at_first_link)
-        )
+        scoring.score_inbox(s, inbox=str(inbox), run_id="run1", hooks=hooks)
     if renamed == "inbox":
-        inbox = inbox.rename(other_fs / "in-renamed")
+        inbox = inbox.rename(root / "in-renamed")
     else:
         (inbox / "case1").rename(inbox / "case1-renamed")
     scoring.score_inbox(s, inbox=str(inbox), run_id="run2")

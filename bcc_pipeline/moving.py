@@ -77,6 +77,7 @@ __all__ = [
     "pending_copy",
     "quarantine_file",
     "require_real_folders",
+    "require_resolved",
 ]
 
 
@@ -129,11 +130,17 @@ def _parts_below(root: str | os.PathLike[str], folder: str | os.PathLike[str]) -
     return parts
 
 
-def require_real_folders(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+def require_real_folders(
+    root: str | os.PathLike[str], path: str | os.PathLike[str], *, resolved_root: bool = False
+) -> None:
     """Raise :class:`LinkedFolderError` unless every folder from ``root`` (excluded) down to ``path``'s
     parent is a real folder, not a symbolic link. ``path`` itself is not checked (the caller ``lstat``s
-    it). A missing folder raises ``FileNotFoundError``."""
+    it). A missing folder raises ``FileNotFoundError``. ``resolved_root``: ``root`` was resolved (no link
+    on its way) when it was judged; one that now leads elsewhere (it, or a folder above it, swapped for a
+    link since) raises too."""
     cur = os.fspath(root)
+    if resolved_root:
+        require_resolved(cur)
     for part in _parts_below(root, os.path.dirname(os.fspath(path))):
         cur = os.path.join(cur, part)
         st = os.lstat(cur)
@@ -141,6 +148,13 @@ def require_real_folders(root: str | os.PathLike[str], path: str | os.PathLike[s
             raise LinkedFolderError(
                 errno.ELOOP, "a folder on the way is a symbolic link or not a folder", cur
             )
+
+
+def require_resolved(folder: str) -> None:
+    """Raise :class:`LinkedFolderError` when the resolved path ``folder`` no longer resolves to itself (it,
+    or a folder above it, swapped for a link to somewhere else since it was judged)."""
+    if os.path.realpath(folder) != folder:
+        raise LinkedFolderError(errno.ELOOP, "the folder now leads elsewhere through a symbolic link", folder)
 
 
 def make_real_folders(root: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:

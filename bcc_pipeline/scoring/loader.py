@@ -134,11 +134,12 @@ def load_file(
     root: str | None = None,
 ) -> Item:
     """Read the file once (never through a link), hash, validate, decode and preprocess it into ``item``.
-    ``root``: the inbox; a folder between it and the file that has become a link since the run was planned
-    is never read through (the file is skipped: left where it is)."""
+    ``root``: the inbox, as it resolved when the run was planned; a folder between it and the file, or the
+    inbox itself or a folder above it, that has become a link since is never read through (the file is
+    skipped: left where it is)."""
     try:
         if root is not None:
-            require_real_folders(root, abs_path)
+            require_real_folders(root, abs_path, resolved_root=True)
         st = os.lstat(abs_path)
     except FileNotFoundError:
         item.kind = "missing"

@@ -34,6 +34,7 @@ from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
 from ..moving import (
     Identity,
+    LinkedFolderError,
     SourceChangedError,
     Taken,
     find_moved,
@@ -43,6 +44,7 @@ from ..moving import (
     identity_text,
     move_no_clobber,
     pending_copy,
+    require_resolved,
 )
 from . import ledger
 from .inbox import destination, path_key
@@ -111,6 +113,10 @@ class Mover:
         # Never through a folder that is a link, on either side (a source folder swapped for one since the
         # plan, a link quarantined earlier in archive/ or quarantine/): see bcc_pipeline.moving.
         dest_root = self.s.quarantine_dir if _inside(dest, self.s.quarantine_dir) else self.s.archive_dir
+        try:  # the inbox itself swapped for a link since (to another home's landing/, say): not ours
+            require_resolved(self.inbox)
+        except LinkedFolderError as exc:
+            raise SourceChangedError(exc.errno, exc.strerror, exc.filename) from exc
         return self.move_file(
             os.path.join(self.inbox, it.rel),
             dest,

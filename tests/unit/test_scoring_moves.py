@@ -499,6 +499,36 @@ def test_an_inbox_link_re_pointed_while_a_shard_runs_leads_nowhere_new(
     assert sorted(p.stem for p in (s.landing_dir / "benign").iterdir()) == list("abcd")
 
 
+def test_the_inbox_folder_itself_swapped_for_a_link_while_a_shard_runs_is_never_read_or_moved_through(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """The inbox folder (a real folder) is renamed after the first batch's commit and a link to another
+    home's landing/ put in its place. The shard neither reads nor moves anything through it: the
+    foreign training images stay where they are; the inbox's files not yet moved are left for a later
+    run (changed or skipped), nothing is lost."""
+    foreign = tmp_path / "other-home-landing"
+    inbox = tmp_path / "scans" / "inbox"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(tmp_path / "scans"))
+    register_champion(s)
+    for i, n in enumerate("abcd"):
+        png_writer(inbox / f"{n}.png", seed=i)
+        png_writer(foreign / f"{n}.png", seed=10 + i)
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+
+    def swap(paths):
+        if not inbox.is_symlink():
+            inbox.rename(tmp_path / "scans" / "inbox-away")
+            inbox.symlink_to(foreign)
+
+    r = scoring.score_inbox(
+        s, inbox=str(inbox), run_id="run1", batch_size=1, hooks=scoring.Hooks(on_batch_committed=swap)
+    )
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+    left = inbox_files(tmp_path / "scans" / "inbox-away")
+    assert r["scored"] + r["duplicates"] >= 1 and len(archived(s)) + len(left) == 4
+    assert all(p.read_bytes() not in before.values() for p in archived(s))
+
+
 def test_a_rejected_files_move_recorded_by_a_later_run_is_recorded_in_rejections_too(
     make_settings, sqlite_url, register_champion
 ):

@@ -18,6 +18,7 @@ that says where to put it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -163,6 +164,26 @@ def save_artifact(
     return final, digest
 
 
+def _recorded_sha256(path: Path, expected_sha256: str | None) -> str:
+    if not path.is_file():
+        raise ArtifactError(f"model artifact {path} does not exist")
+    if expected_sha256 is not None:
+        return expected_sha256
+    meta_path = path.parent / "metadata.json"
+    try:
+        return json.loads(meta_path.read_text())["artifact_sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"no recorded checksum for {path} (metadata.json unreadable): {exc}") from exc
+
+
+def _require_sha256(path: Path, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"model artifact {path} has sha256 {actual[:12]}…, expected {expected[:12]}…; "
+            "the file was changed or corrupted after it was registered; refusing to load it"
+        )
+
+
 def verify_artifact(path: str | os.PathLike[str], expected_sha256: str | None = None) -> Path:
     """Check a saved model's sha256 against ``expected_sha256`` (default: ``metadata.json`` beside it).
 
@@ -170,20 +191,8 @@ def verify_artifact(path: str | os.PathLike[str], expected_sha256: str | None = 
     recorded checksum is missing; returns the path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"model artifact {path} does not exist")
-    if expected_sha256 is None:
-        meta_path = path.parent / "metadata.json"
-        try:
-            expected_sha256 = json.loads(meta_path.read_text())["artifact_sha256"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ArtifactError(f"no recorded checksum for {path} (metadata.json unreadable): {exc}") from exc
-    actual = sha256_file(path)
-    if actual != expected_sha256:
-        raise ChecksumMismatchError(
-            f"model artifact {path} has sha256 {actual[:12]}…, expected {expected_sha256[:12]}…; "
-            "the file was changed or corrupted after it was registered; refusing to load it"
-        )
+    expected = _recorded_sha256(path, expected_sha256)
+    _require_sha256(path, sha256_file(path), expected)
     return path
 
 
@@ -191,12 +200,29 @@ def load_artifact(path: str | os.PathLike[str], expected_sha256: str | None = No
     """Load a saved model after checking its sha256.
 
     ``expected_sha256`` defaults to the value in ``metadata.json`` beside the file; a mismatch (or a
-    missing checksum) raises instead of loading a model nobody can vouch for.
+    missing checksum) raises instead of loading a model nobody can vouch for. The bytes that are checked
+    are the bytes that are loaded: the file is read once, through one descriptor, into a private copy
+    (hashed as it is copied) that Keras loads, so a file swapped between the check and the load is never
+    loaded (nor converted and cached under the good file's checksum).
     """
-    path = verify_artifact(path, expected_sha256)
-    import keras
+    import tempfile
 
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
-        raise ArtifactError(f"cannot load model artifact {path}: {exc}") from exc
+    path = Path(path)
+    expected = _recorded_sha256(path, expected_sha256)
+    with tempfile.TemporaryDirectory(prefix="bcc-model-") as private:  # mode 0700: this process's alone
+        copy = Path(private) / path.name
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as src, open(copy, "xb") as dst:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        except OSError as exc:
+            raise ArtifactError(f"cannot read model artifact {path}: {exc}") from exc
+        _require_sha256(path, digest.hexdigest(), expected)
+        import keras
+
+        try:
+            return keras.models.load_model(copy, compile=False)
+        except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
+            raise ArtifactError(f"cannot load model artifact {path}: {exc}") from exc

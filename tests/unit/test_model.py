@@ -97,6 +97,27 @@ def test_tampered_artifact_is_refused(tmp_path, small_model):
         model.load_artifact(path, digest)
 
 
+def test_an_artifact_swapped_between_its_check_and_its_load_is_never_loaded(
+    tmp_path, small_model, monkeypatch
+):
+    """The model file is replaced right before Keras opens it (after the checksum was taken): what is
+    loaded is still the checked bytes, never the replacement (which a conversion would then cache)."""
+    import keras
+
+    path, _ = model.save_artifact(small_model, tmp_path / "v1", {})
+    real = keras.models.load_model
+
+    def swapped_first(where, **kw):
+        path.write_bytes(b"a tampered model")  # lands after the check
+        return real(where, **kw)
+
+    monkeypatch.setattr(keras.models, "load_model", swapped_first)
+    loaded = model.load_artifact(path)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), small_model.predict(x, verbose=0), atol=1e-5)
+    assert path.read_bytes() == b"a tampered model"
+
+
 def test_missing_artifact_or_metadata(tmp_path, small_model):
     with pytest.raises(ArtifactError, match="does not exist"):
         model.load_artifact(tmp_path / "none" / "model.keras")

@@ -198,6 +198,31 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise ValueError(f"first chunk {chunk!r} unknown or cut short")
 
 
+_PNG_ONCE = (b"IHDR", b"iCCP", b"PLTE")
+"""Chunks the PNG specification allows once. Pillow limits each ``iCCP`` it inflates but not their number
+(nor counts them towards its text budget), so 400 of them inflated 6 GiB: counted here, by hand, before
+Pillow sees the file."""
+
+
+def _require_png_chunk_counts(data: bytes, path: PathArg | None) -> None:
+    """Refuse a PNG whose header chunks (up to the first ``IDAT``) repeat one the specification allows once."""
+    seen: set[bytes] = set()
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind in (b"IDAT", b"IEND"):
+            return
+        if kind in _PNG_ONCE:
+            if kind in seen:
+                raise TruncatedImageError(
+                    f"corrupt PNG: more than one {kind.decode()} chunk (the PNG specification allows one)",
+                    path,
+                )
+            seen.add(kind)
+        pos += 12 + length
+
+
 def _open_header(data: bytes, path: PathArg | None) -> tuple[ImageInfo, Image.Image | None]:
     """Identify ``data`` and read its header; the Pillow image (lazy, nothing decoded) when one was made."""
     if not data:
@@ -213,6 +238,8 @@ def _open_header(data: bytes, path: PathArg | None) -> tuple[ImageInfo, Image.Im
                 f"truncated or corrupt image data: unreadable WEBP header ({exc})", path
             ) from exc
         return ImageInfo("WEBP", width, height), None
+    if fmt == "PNG":
+        _require_png_chunk_counts(data, path)
     try:
         im = _PIL_PLUGINS[fmt](io.BytesIO(data))
     except Exception as exc:  # Pillow raises SyntaxError/OSError/ValueError/... for bad headers

@@ -722,6 +722,21 @@ def test_png_metadata_bombs_are_refused_fast_with_bounded_memory(
     assert peak < images.PNG_MAX_METADATA_CHUNK * 3  # inflating stops at the per-chunk bound
 
 
+@pytest.mark.parametrize("kind", [b"iCCP", b"IHDR"])
+def test_a_png_repeating_a_chunk_allowed_once_is_refused_fast(kind: bytes) -> None:
+    """400 ``iCCP`` chunks of 16 MiB each under the per-chunk bound (6 GiB inflated from a 6 MB file; 11 s
+    to validate), or a second ``IHDR``: the specification allows one; refused before anything inflates."""
+    if kind == b"iCCP":
+        chunk = (b"iCCP", b"profile\x00\x00" + _deflate_zeros(1 << 20))
+        data, _ = _png_with_chunks([chunk] * 400)
+    else:
+        data, _ = _png_with_chunks([(b"IHDR", struct.pack(">IIBBBBB", 48, 48, 8, 2, 0, 0, 0))])
+    t0 = time.perf_counter()
+    with pytest.raises(TruncatedImageError, match=f"more than one {kind.decode()} chunk"):
+        validate(data)
+    assert time.perf_counter() - t0 < 1.0
+
+
 def test_libpng_warnings_never_reach_stderr(capfd: pytest.CaptureFixture[str]) -> None:
     """libpng prints "libpng warning: iCCP: ..." to fd 2 for a flawed colour profile; decoding says nothing."""
     data, px = _png_with_chunks(

@@ -131,10 +131,15 @@ def _is_ignored_name(name: str) -> bool:
 
 
 def _store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
-    """Write the content-addressed copy atomically; an existing complete copy is kept."""
+    """Write the content-addressed copy atomically. An existing copy is kept only when it is a regular
+    file holding exactly these bytes (by its hash): a damaged or replaced one of the same size is
+    rewritten, never trusted in place of the landing file that is about to be removed."""
     dest = dataset_dir / sha[:2] / f"{sha}{ext}"
-    if dest.is_file() and dest.stat().st_size == len(data):
-        return dest
+    try:
+        if stat.S_ISREG(os.lstat(dest).st_mode) and images.sha256_file(dest) == sha:
+            return dest
+    except OSError:
+        pass
     return atomic_write(dest, data)
 
 

@@ -418,6 +418,25 @@ def test_a_quarantine_move_that_fails_again_is_persistent_and_bcc_intake_exits_1
     assert (home.landing_dir / "benign" / "bad.png").exists()
 
 
+def test_a_damaged_store_copy_of_the_same_size_is_rewritten_not_trusted(home, png_writer):
+    """The dataset store already holds a file at an image's content address, of the same size but other
+    bytes (damaged, or replaced). Intake rewrites it from the landing file before removing that file:
+    training reads the image's own bytes."""
+    from bcc_pipeline.images import sha256_bytes
+
+    src = png_writer(home.landing_dir / "benign" / "a.png", seed=3, size=40)
+    data = src.read_bytes()
+    sha = sha256_bytes(data)
+    stored = home.dataset_dir / sha[:2] / f"{sha}.png"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(bytes(len(data)))  # same size, other bytes
+    r = intake(home, run_id="i1")
+    assert r.accepted == 1 and not src.exists()
+    with session_scope(home.database_url) as s:
+        (where,) = s.scalars(select(ImageRecord.stored_path)).all()
+    assert Path(where).read_bytes() == data
+
+
 def test_intake_sweeps_stale_temporaries(make_settings, sqlite_url):
     """A temporary an intake killed inside an atomic write left in the dataset store is removed by the
     next intake once stale; a fresh one (perhaps a live writer's) and other names are kept."""

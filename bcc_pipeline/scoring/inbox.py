@@ -91,6 +91,12 @@ def _refusal(settings: Settings, real: str) -> str | None:
             first = os.path.relpath(real, folder).split(os.sep)[0]
             if first in managed_names:
                 return f"it lies inside {os.path.join(folder, first)}, a folder of the BCC home {folder}"
+            if folder != home:  # its inbox, exports, anything: files waiting for that deployment
+                return (
+                    f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
+                )
+            if not _inside(real, os.path.realpath(settings.inbox_dir)):
+                return f"it lies inside the BCC home {folder} but outside its inbox {settings.inbox_dir}"
         parent = os.path.dirname(folder)
         if parent == folder:
             break

@@ -99,6 +99,33 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path)
     assert sorted(p for p in other.home.rglob("*")) == before
 
 
+def test_no_folder_of_a_foreign_home_is_scored_and_of_this_home_only_its_inbox(
+    make_settings, png_writer, tmp_path
+):
+    """Inside another deployment's home every folder is refused, its ``inbox/`` (files waiting for that
+    deployment) and folders the pipeline does not manage (``exports/``) too; inside this home, only its
+    inbox is scored."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.files import mark_home
+    from bcc_pipeline.store import upgrade
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=f"{shared}{os.pathsep}{tmp_path / 'home'}")
+    mark_home(s.home)
+    other = load_settings(env={"BCC_HOME": str(shared / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    png_writer(other.inbox_dir / "waiting.png")
+    png_writer(other.home / "exports" / "e.png")
+    png_writer(s.home / "exports" / "mine.png")
+    png_writer(s.inbox_dir / "c.png")
+    for folder in (other.inbox_dir, other.home / "exports"):
+        with pytest.raises(scoring.InboxRefused, match="another deployment's"):
+            scoring.discover(s, folder)
+    with pytest.raises(scoring.InboxRefused, match="outside its inbox"):
+        scoring.discover(s, s.home / "exports")
+    assert scoring.discover(s, s.inbox_dir)["pending"] == ["c.png"]
+
+
 def test_a_foreign_homes_landing_that_lives_elsewhere_is_never_scored(make_settings, png_writer, tmp_path):
     """Deployment B keeps ``landing/`` on a shared scanner mount (a link to ``scans/landing-B``); this
     deployment may score anything in ``scans/``. No home marker lies above ``landing-B``: B marks the folder

@@ -17,7 +17,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Engine
 
 from ..files import display_path
@@ -384,8 +384,8 @@ def mark_vanished(engine: Engine, row_id: int) -> None:
 
 
 def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000) -> list[Any]:
-    """Ledger rows with no ``moved_to`` (id, run_id, path, path_key, status, reason, sha256,
-    src_identity, move_attempts)."""
+    """Ledger rows with no ``moved_to`` whose file has not left the inbox (id, run_id, path, path_key,
+    status, reason, sha256, src_identity, move_attempts)."""
     t = LEDGER
     q = select(
         t.c.id,
@@ -398,6 +398,8 @@ def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000
         t.c.src_identity,
         t.c.move_attempts,
     ).where(t.c.moved_to.is_(None))
+    # settled: the file left the inbox (its row is found again by its path, should it come back)
+    q = q.where(or_(t.c.move_error.is_(None), ~t.c.move_error.startswith("the file left")))
     if only_run is not None:
         q = q.where(t.c.run_id == only_run)
     with transaction(engine) as conn:  # in the order the files were taken on (and so moved)

@@ -401,9 +401,9 @@ def sweep_interrupted(
     """Ledger rows whose file reached its destination but whose ``moved_to`` was never written (the
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
     run was planned for (None: unknown, its rows are left alone). A row whose path holds a file (or a
-    link) is left to the run that plans it; one whose path now holds a folder or a FIFO (which no run
-    plans as that path) is looked for like a missing one, and recorded as having left the inbox when it
-    is nowhere. ``listed``: the files the calling run planned (full paths): a row whose path is gone and whose
+    link) is left to the run that plans it; one whose path is empty, or now holds a folder or a FIFO
+    (which no run plans as that path), is looked for, and recorded as having left the inbox when it is
+    nowhere (never left unsettled). ``listed``: the files the calling run planned (full paths): a row whose path is gone and whose
     very file is among them under another name (a folder renamed) has its move finished from there
     (:func:`_finish_renamed`). Returns how many rows were fixed."""
     renamed = found_by_identity(listed)
@@ -435,7 +435,7 @@ def sweep_interrupted(
         if found is not None:
             placed.add(display_path(found))
             fixed.append((r.id, str(found), _explain_found(settings, r, found)))
-        elif held == "other":  # a folder or a FIFO took the name: no run will ever plan this path again
+        else:  # gone (deleted, or a folder or FIFO took the name): no run will ever plan that file there
             gone.append(r.id)
     for row_id in gone:
         ledger.mark_vanished(engine, row_id)

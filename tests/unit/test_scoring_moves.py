@@ -681,6 +681,25 @@ def test_a_run_killed_then_the_files_folder_renamed_is_finished_not_scored_again
     assert not list(s.archive_dir.rglob(".bcc-move-*"))
 
 
+def test_a_file_deleted_after_its_commit_is_recorded_as_gone_by_a_new_run(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Killed after the batch's commit; the file is then deleted. A new run (which does not plan that path)
+    records the row as having left the inbox, instead of leaving it unsettled for good."""
+    from bcc_pipeline.scoring import ledger
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "x.png", seed=1, size=40)
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="run1", hooks=scoring.Hooks(on_batch_committed=_die_after_commit))
+    (s.inbox_dir / "x.png").unlink()
+    scoring.score_inbox(s, run_id="run2")
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile)).one()
+    assert row.moved_to is None and row.move_error and ledger.vanished(row.move_error)
+
+
 def test_a_file_quarantined_as_unmovable_and_killed_before_the_record_is_recorded_there(
     make_settings, sqlite_url, register_champion, png_writer
 ):

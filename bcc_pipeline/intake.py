@@ -68,6 +68,7 @@ from .model import CLASS_NAMES
 from .moving import (
     Identity,
     LinkedFolderError,
+    change_time,
     identity,
     identity_text,
     require_real_folders,
@@ -352,7 +353,7 @@ def _lstat_identity(path: Path) -> Identity | None:
 
 def _read(
     settings: Settings, path: Path, rel: Path, report: IntakeReport, now_ts: float
-) -> tuple[bytes, Identity] | None:
+) -> tuple[bytes, Identity, int | None] | None:
     """The bytes of one landing file and the identity of the descriptor they were read from, or None when
     there is nothing to take in now (ignored, still being written, gone; counted here). Raises
     :class:`_Refused` for a link, a file too big to be an image, and one that cannot be read."""
@@ -405,7 +406,7 @@ def _read(
         return None
     if len(data) > max_bytes:  # grew since the lstat
         raise _Refused(f"file of more than {max_bytes} bytes is larger than any image can be", identity(st))
-    return data, identity(st)
+    return data, identity(st), change_time(st)
 
 
 def _intake_one(
@@ -426,7 +427,7 @@ def _intake_one(
         return _reject(session, rel, refused.reason, None, report, quarantine_root, refused.ident)
     if read is None:
         return None
-    data, ident = read
+    data, ident, ctime = read
     sha = images.sha256_bytes(data)
     try:
         info = images.validate(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
@@ -453,7 +454,7 @@ def _intake_one(
             return then
         if existing is not None and existing.label == label:
             report.duplicates += 1
-            return Then(ident=ident)  # its content is already stored under dataset/
+            return Then(ident=ident, ctime=ctime)  # its content is already stored under dataset/
 
         stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
         if existing is None:
@@ -489,5 +490,5 @@ def _intake_one(
             if labelled.rowcount != 1:
                 continue  # another intake labelled it meanwhile: decide with its label (a conflict?)
         report.accepted += 1
-        return Then(ident=ident)
+        return Then(ident=ident, ctime=ctime)
     raise StoreError(f"the images row of {shown} changed twice while it was taken in; the next run retries")

@@ -39,6 +39,7 @@ from .moving import (
     LinkedFolderError,
     SourceChangedError,
     Taken,
+    change_time,
     find_moved,
     finish_move,
     found_by_identity,
@@ -72,6 +73,7 @@ class Then:
     ident: Identity | None = (
         None  # what the path held when it was checked; removed or moved only while it does
     )
+    ctime: int | None = None  # its change time then (moving.change_time): not rewritten in place since
 
 
 def quarantine_dest(quarantine_root: Path, rel: Path) -> Path:
@@ -206,17 +208,19 @@ def _taken(session, run_id: str) -> Taken:
     return lambda path: place_recorded(session, run_id, display_path(path))
 
 
-def _remove_stored(
-    shown: str, path: Path, ident: Identity | None, report: IntakeReport, landing: Path
-) -> None:
+def _remove_stored(shown: str, path: Path, then: Then, report: IntakeReport, landing: Path) -> None:
     """Remove a file whose content is stored and committed, unless the path holds another file by now, or
     leads through a folder that became a link (checked right before the ``unlink``; the one window left
     is between the two, as in :mod:`bcc_pipeline.moving`): that file was never stored, it stays for the
     next run (``changed``)."""
     try:
         require_real_folders(landing, path)
-        if ident is not None and identity(path.lstat()) != tuple(ident):
+        now = path.lstat()
+        if then.ident is not None and identity(now) != tuple(then.ident):
             changed(report, shown)
+            return
+        if then.ctime is not None and change_time(now) not in (then.ctime, None):
+            changed(report, shown)  # rewritten in place, its size and mtime put back: never stored
             return
         path.unlink()
     except FileNotFoundError:
@@ -247,7 +251,7 @@ def carry_out(
             fresh=True,
         )
     else:
-        _remove_stored(shown, path, then.ident, report, settings.landing_dir)
+        _remove_stored(shown, path, then, report, settings.landing_dir)
 
 
 def _roots(settings: Settings) -> tuple[Path, Path]:

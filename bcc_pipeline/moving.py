@@ -69,6 +69,7 @@ __all__ = [
     "find_moved",
     "finish_move",
     "found_by_identity",
+    "change_time",
     "identity",
     "identity_from_text",
     "identity_text",
@@ -94,6 +95,13 @@ Identity = tuple[int, int, int, int]
 
 def identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def change_time(st: os.stat_result) -> int | None:
+    """``st``'s inode change time, which nothing can set back (unlike the mtime ``utime`` restores), for
+    checking that a file read a moment ago was not rewritten in place since (``rsync --inplace -t``: the
+    same size, the mtime put back). None for a file with other names: moving one of them changes it."""
+    return st.st_ctime_ns if st.st_nlink == 1 else None
 
 
 def identity_text(ident: Identity | None) -> str | None:
@@ -501,6 +509,7 @@ def move_no_clobber(
     taken: Taken | None = None,
     fresh: bool = False,
     prior: Identity | None = None,
+    expect_ctime: int | None = None,
 ) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
@@ -523,6 +532,8 @@ def move_no_clobber(
     one file moved to colliding destinations then get two names, not one. ``prior``: the identity the
     file had when an earlier attempt moved it, where the path may hold a copy of it by now (the same bytes
     under another inode): that attempt's copy across filesystems is finished instead of copied again.
+    ``expect_ctime``: the source's :func:`change_time` when it was read (a first attempt only): a source
+    rewritten in place since, its size and mtime put back, raises :class:`SourceChangedError` too.
     """
     src, dest = Path(src), Path(dest)
     if dest_root is not None:
@@ -549,6 +560,8 @@ def move_no_clobber(
         marker.unlink(missing_ok=True)
         return published
     _expect(src_st, expect, src)
+    if expect_ctime is not None and change_time(src_st) not in (expect_ctime, None):
+        raise SourceChangedError(errno.ESTALE, "the file was rewritten after it was read", os.fspath(src))
     for candidate in candidate_names(dest):
         try:
             cst = os.lstat(candidate)

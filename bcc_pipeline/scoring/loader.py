@@ -25,7 +25,7 @@ from typing import Any
 from .. import images
 from ..errors import ImageError
 from ..files import display_path, one_line, read_once, settled
-from ..moving import Identity, LinkedFolderError, identity, require_real_folders
+from ..moving import Identity, LinkedFolderError, change_time, identity, require_real_folders
 from .inbox import path_key
 
 __all__ = [
@@ -106,6 +106,7 @@ class Item:
     reason: str | None = None
     is_link: bool = False
     ident: Identity | None = None  # what the file was when read (from the descriptor that was hashed)
+    ctime: int | None = None  # its change time then (moving.change_time)
     ledger_mark: int | None = None  # the newest ledger row id when this shard looked the file up
     x: Any = None  # preprocessed float32 (S, S, 3)
     info: images.ImageInfo | None = None
@@ -208,6 +209,7 @@ def _read_and_decode(
             item.kind = "skipped"
             return item
         item.ident = identity(after)  # the very file these bytes came from
+        item.ctime = change_time(after)
         if len(data) > max_bytes:
             return _reject(
                 item, f"file is larger than any image within the pixel limit can be ({max_bytes} bytes)"

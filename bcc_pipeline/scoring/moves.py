@@ -127,6 +127,7 @@ class Mover:
             taken=self.taken(run_id),
             fresh=fresh,
             prior=prior,
+            expect_ctime=it.ctime if fresh else None,
         )
 
     def move(

@@ -218,16 +218,21 @@ def test_a_group_folder_whose_displayed_name_is_long_still_fits(home, png_writer
 def _swap(path: Path, how: str, png_writer, seed: int) -> bytes:
     """Put other content at ``path`` the way a scanner does: a new file renamed over it (``replace``) or
     the same file rewritten in place (``rewrite``). Returns the new bytes."""
+    was = path.stat()
     if how == "replace":
         tmp = path.with_name(".incoming.png")  # hidden: intake leaves it alone
         png_writer(tmp, seed=seed, size=56)
         os.replace(tmp, path)
+    elif how == "rewrite-with-its-size-and-times":  # rsync --inplace -t: only the change time tells
+        png_writer(path, seed=seed)
+        assert path.stat().st_size == was.st_size
+        os.utime(path, ns=(was.st_atime_ns, was.st_mtime_ns))
     else:
         png_writer(path, seed=seed, size=56)  # another size: the same inode, another size and mtime
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("how", ["replace", "rewrite"])
+@pytest.mark.parametrize("how", ["replace", "rewrite", "rewrite-with-its-size-and-times"])
 def test_a_file_swapped_after_it_was_stored_is_left_in_landing(home, png_writer, how):
     """X is stored and committed; before X is removed from landing, the path holds Y. Y is never deleted:
     it stays in landing (``changed``) and the next run takes it in."""

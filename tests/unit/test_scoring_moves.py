@@ -113,11 +113,12 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
 
 
 # -- a file that changes between reading and moving ------------------------------------------
-@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+@pytest.mark.parametrize("how", ["replaced", "rewritten", "rewritten-with-its-size-and-times"])
 def test_file_swapped_after_scoring_is_left_for_the_next_run(
     make_settings, sqlite_url, register_champion, png_writer, tmp_path, how
 ):
-    """A scanner's ``cp new && mv new old`` (replaced) or a rewrite in place, after the batch is committed
+    """A scanner's ``cp new && mv new old`` (replaced) or a rewrite in place (also one of the same size that
+    puts the mtime back, as ``rsync --inplace -t``: the change time tells), after the batch is committed
     and before its files move: the new content is never archived under the old one's prediction."""
     s = scoring_settings(make_settings, sqlite_url)
     register_champion(s)
@@ -127,11 +128,15 @@ def test_file_swapped_after_scoring_is_left_for_the_next_run(
 
     def swap(paths):
         if "patient_1/img001.png" in paths:
+            was = target.stat()
             if how == "replaced":
                 (target.parent / "tmp.part").write_bytes(new_bytes)
                 os.replace(target.parent / "tmp.part", target)
             else:
                 target.write_bytes(new_bytes)
+            if how == "rewritten-with-its-size-and-times":
+                assert target.stat().st_size == was.st_size
+                os.utime(target, ns=(was.st_atime_ns, was.st_mtime_ns))
 
     r = scoring.score_inbox(s, hooks=scoring.Hooks(on_batch_committed=swap))
     assert (r["scored"], r["changed"], r["move_failed"], r["status"]) == (3, 1, 0, "finished")

@@ -414,6 +414,25 @@ def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> Callable[[Iden
     return at
 
 
+COPY_SPARE_BYTES = 256 << 20
+"""Free space a copy across filesystems leaves on the destination's filesystem (the database, the
+models and the runs' files may share it)."""
+
+
+def _require_room(folder: Path, size: int) -> None:
+    """Refuse (``ENOSPC``, before writing anything) a copy of ``size`` bytes that would leave less than
+    :data:`COPY_SPARE_BYTES` free where it goes: a sparse file refused as too large (1 TiB apparent, no
+    blocks) would otherwise be written out in full, filling the disk the database lives on."""
+    vfs = os.statvfs(folder)
+    free = vfs.f_bavail * vfs.f_frsize
+    if size > free - COPY_SPARE_BYTES:
+        raise OSError(
+            errno.ENOSPC,
+            f"no room for a copy of {size} bytes ({free} free, {COPY_SPARE_BYTES} kept spare)",
+            os.fspath(folder),
+        )
+
+
 def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity | None) -> Path:
     """Copy ``src`` to ``marker`` (a new file: the source's bytes, mode and times, flushed), then give it the
     name ``candidate`` without replacing anything (FileExistsError when taken). ``marker`` stays linked
@@ -425,6 +444,7 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
         with os.fdopen(in_fd, "rb") as inp:
             before = os.fstat(inp.fileno())
             _expect(before, expect, src)
+            _require_room(marker.parent, before.st_size)
             try:
                 out_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, 0o600)
             except FileExistsError:  # not "the destination is taken": another move to it is under way

@@ -470,6 +470,20 @@ def test_a_copy_interrupted_right_after_it_was_published_keeps_its_temporary_nam
     assert os.listdir(dest.parent) == ["x.png"] and not os.path.lexists(src)
 
 
+def test_a_copy_across_filesystems_with_no_room_is_refused_before_writing(tmp_path, other_fs):
+    """A sparse 1 TiB file (no blocks: refused as too large, then quarantined) is never written out on the
+    other filesystem: the move fails at once with ENOSPC, nothing is left there, the source stays."""
+    src = tmp_path / "in" / "huge.png"
+    src.parent.mkdir()
+    with open(src, "wb") as fh:
+        fh.truncate(1 << 40)
+    dest = other_fs / "q" / "huge.png"
+    with pytest.raises(OSError) as info:
+        moving.move_no_clobber(src, dest)
+    assert info.value.errno == errno.ENOSPC and "no room" in str(info.value)
+    assert os.listdir(dest.parent) == [] and src.stat().st_size == 1 << 40
+
+
 def test_an_interrupted_copy_is_finished_after_the_source_folder_was_renamed(tmp_path, other_fs):
     """Killed with its copy published; the source's folder is then renamed (a share remounted, a landing
     link re-pointed). The next attempt, from the new path, still finishes that move: one copy, no

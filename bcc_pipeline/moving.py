@@ -416,7 +416,7 @@ def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> Callable[[Iden
 
 COPY_SPARE_BYTES = 256 << 20
 """Free space a copy across filesystems leaves on the destination's filesystem (the database, the
-models and the runs' files may share it)."""
+models and the runs' files may share it); a twentieth of it on a filesystem smaller than 5 GiB."""
 
 
 def _require_room(folder: Path, size: int) -> None:
@@ -425,10 +425,11 @@ def _require_room(folder: Path, size: int) -> None:
     blocks) would otherwise be written out in full, filling the disk the database lives on."""
     vfs = os.statvfs(folder)
     free = vfs.f_bavail * vfs.f_frsize
-    if size > free - COPY_SPARE_BYTES:
+    spare = min(COPY_SPARE_BYTES, vfs.f_blocks * vfs.f_frsize // 20)
+    if size > free - spare:
         raise OSError(
             errno.ENOSPC,
-            f"no room for a copy of {size} bytes ({free} free, {COPY_SPARE_BYTES} kept spare)",
+            f"no room for a copy of {size} bytes ({free} free, {spare} kept spare)",
             os.fspath(folder),
         )
 

@@ -456,7 +456,7 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
                 while chunk := inp.read(1 << 20):
                     out.write(chunk)
                 out.flush()
-                os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
+                os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode) & 0o777)  # no setuid/setgid/sticky
                 os.utime(out.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
                 os.fsync(out.fileno())
             _expect(os.fstat(inp.fileno()), identity(before), src)  # not rewritten while copied

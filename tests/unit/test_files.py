@@ -302,6 +302,16 @@ def test_move_across_filesystems_keeps_mode_and_times(tmp_path, other_fs):
     assert os.listdir(dest.parent) == ["x.png"]  # no temporary file left
 
 
+def test_a_copy_across_filesystems_drops_setuid_setgid_and_sticky_bits(tmp_path, other_fs):
+    """An inbox file with setuid/setgid bits (someone else's executable dropped there) is copied with its
+    permission bits only: nothing in the archive runs as its owner."""
+    src, dest = other_fs / "x.png", tmp_path / "archive" / "x.png"
+    src.write_bytes(b"pixels")
+    os.chmod(src, 0o6755)
+    moving.move_no_clobber(src, dest)
+    assert oct(os.stat(dest).st_mode & 0o7777) == oct(0o755)
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from .files import (
     write_reason,
 )
 from .moving import (
+    FoundBy,
     Identity,
     LinkedFolderError,
     SourceChangedError,
@@ -292,9 +293,7 @@ def _landing_files(landing: Path) -> Iterator[str]:
         yield from (os.path.join(folder, n) for n in names)
 
 
-def _finish_one(
-    settings: Settings, session, r: Any, report: IntakeReport, renamed: Callable[[Identity], Path | None]
-) -> str:
+def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renamed: FoundBy) -> str:
     """Finish one recorded move (see :func:`finish_interrupted`); returns what became of it.
 
     The file is moved only while the path holds the file that was refused: by its recorded identity (rows
@@ -308,7 +307,7 @@ def _finish_one(
     except ValueError:
         return "skipped"
     ident = identity_from_text(r.src_identity)
-    if not os.path.lexists(src) and ident is not None and (now_at := renamed(ident)) is not None:
+    if not os.path.lexists(src) and ident is not None and (now_at := renamed(ident, r.sha256)) is not None:
         # its very file under another name (its folder renamed since the run that refused it was killed):
         # that move is finished from there, not the file refused again under its new name
         if _still_refused(settings, session, now_at, r, ident) is not None:

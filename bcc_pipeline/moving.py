@@ -69,6 +69,7 @@ __all__ = [
     "find_moved",
     "finish_move",
     "found_by_identity",
+    "FoundBy",
     "change_time",
     "identity",
     "identity_from_text",
@@ -394,22 +395,34 @@ def finish_move(
     return None if left is None else left[0]
 
 
-def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> Callable[[Identity], Path | None]:
-    """``(identity) -> the one of paths that holds that very file now`` (device and inode, then size and
-    mtime), or None. ``paths`` is looked at (each path's ``lstat``) only when first asked, for callers that
-    rarely need to ask (a killed move's file found under a new name)."""
-    index: dict[tuple[int, int], tuple[Path, Identity]] | None = None
+FoundBy = Callable[[Identity, "str | None"], Path | None]
+"""``(identity, sha256) -> path``: see :func:`found_by_identity`."""
 
-    def at(ident: Identity) -> Path | None:
+
+def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> FoundBy:
+    """``(identity, sha256) -> the one of paths that holds that very file now`` (its device and inode, and
+    its size and mtime; or, touched since, a regular file of that size whose content hashes to ``sha256``),
+    or None. ``paths`` is looked at (each path's ``lstat``) only when first asked, for callers that rarely
+    need to ask (a killed move's file found under a new name)."""
+    index: dict[tuple[int, int], tuple[Path, os.stat_result]] | None = None
+
+    def at(ident: Identity, sha256: str | None = None) -> Path | None:
         nonlocal index
         if index is None:
             index = {}
             for path in paths:
                 with contextlib.suppress(OSError):
                     st = os.lstat(path)
-                    index[(st.st_dev, st.st_ino)] = (Path(path), identity(st))
+                    index[(st.st_dev, st.st_ino)] = (Path(path), st)
         found = index.get((ident[0], ident[1]))
-        return found[0] if found is not None and found[1] == tuple(ident) else None
+        if found is None:
+            return None
+        path, st = found
+        if identity(st) == tuple(ident):
+            return path
+        if sha256 is not None and stat.S_ISREG(st.st_mode) and st.st_size == ident[2]:
+            return path if _sha256_of(path) == sha256 else None
+        return None
 
     return at
 

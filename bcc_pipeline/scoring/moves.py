@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
 from ..moving import (
+    FoundBy,
     Identity,
     LinkedFolderError,
     SourceChangedError,
@@ -40,6 +41,7 @@ from ..moving import (
     find_moved,
     finish_move,
     found_by_identity,
+    identity,
     identity_from_text,
     identity_text,
     move_no_clobber,
@@ -368,23 +370,22 @@ def _kind_at(path: str) -> str | None:
     return "file" if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else "other"
 
 
-def _finish_renamed(
-    settings: Settings, r: Any, rel: str, at: Callable[[Identity], Path | None], taken: Taken
-) -> Path | None:
+def _finish_renamed(settings: Settings, r: Any, rel: str, at: FoundBy, taken: Taken) -> Path | None:
     """Row ``r``'s path is gone, but its very file (device, inode, size, mtime) is listed under another
     name: its folder, or the inbox itself, was renamed after the run that read it was killed. Whatever
     that run's move had done (nothing yet, a hard link at its destination, a copy across filesystems
     published), it is finished from the new name, so the file is recorded once, under the row that holds
     its prediction, and not scored again under its new name and archived twice. Returns where it went."""
     ident = identity_from_text(r.src_identity)
-    if ident is None or (now_at := at(ident)) is None:
+    if ident is None or (now_at := at(ident, r.sha256)) is None:
         return None
     if os.path.realpath(now_at.parent) != str(now_at.parent):
         return None  # never through a folder that is a link (the listing is of the resolved inbox)
     dest = destination(settings, r.run_id, r.status, rel)
     dest_root = settings.quarantine_dir if r.status == "rejected" else settings.archive_dir
     try:
-        where = move_no_clobber(now_at, dest, expect=ident, dest_root=dest_root, taken=taken)
+        now = identity(os.lstat(now_at))  # touched since, perhaps: the same inode and bytes
+        where = move_no_clobber(now_at, dest, expect=now, dest_root=dest_root, taken=taken, prior=ident)
     except OSError as exc:  # left in the inbox: the run that plans it scores it under its new name
         log.warning("could not finish the move of %s from %s: %s", r.path, display_path(now_at), exc)
         return None

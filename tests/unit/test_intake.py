@@ -937,11 +937,12 @@ def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_fi
 def test_a_quarantine_move_killed_then_its_folder_renamed_is_finished_once(home, monkeypatch, other_fs, fs):
     """Intake killed with the file at its quarantine destination (hard-linked, or, ``landing/`` on another
     filesystem, its copy published) and the landing name not yet removed; then the file's folder is
-    renamed. The next run finds the file under its new name and finishes that move: one rejection, one
+    renamed and the file touched. The next run finds the file under its new name and finishes that move: one rejection, one
     quarantined copy, not the file refused again."""
     landing = other_fs if fs == "other-filesystem" else None
     bad = _killed_with_the_copy_published(home, monkeypatch, landing, "benign/batch1/bad.png")
     bad.parent.rename(bad.parent.with_name("batch1-renamed"))
+    os.utime(bad.parent.with_name("batch1-renamed") / bad.name, ns=(1_800_000_000 * 10**9,) * 2)  # touched
     r = intake(home, run_id="in2")
     assert (r.recovered, r.rejected) == (1, 0) and _all_files(landing or home.landing_dir) == []
     _a_name_each(home, 1)

@@ -659,8 +659,9 @@ def test_a_run_killed_then_the_files_folder_renamed_is_finished_not_scored_again
 ):
     """Killed after the batch's commit (nothing moved yet), or mid-move (hard-linked, or its copy across
     filesystems published; the inbox name not removed yet); someone then renames the file's folder, or
-    the inbox itself. The next run finds the file under its new name and finishes that run's move from
-    there: one row, one archived copy, nothing left, not scored again under the new name."""
+    the inbox itself (a folder renamed, and the file touched). The next run finds the file under its new
+    name and finishes that run's move from there: one row, one archived copy, nothing left, not scored
+    again under the new name."""
     root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
     s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
     register_champion(s)
@@ -674,8 +675,9 @@ def test_a_run_killed_then_the_files_folder_renamed_is_finished_not_scored_again
         scoring.score_inbox(s, inbox=str(inbox), run_id="run1", hooks=hooks)
     if renamed == "inbox":
         inbox = inbox.rename(root / "in-renamed")
-    else:
+    else:  # and the file touched (the same inode and bytes, another mtime)
         (inbox / "case1").rename(inbox / "case1-renamed")
+        os.utime(inbox / "case1-renamed" / "x.png", ns=(1_800_000_000 * 10**9,) * 2)
     scoring.score_inbox(s, inbox=str(inbox), run_id="run2")
     assert inbox_files(inbox) == []
     with session_scope(sqlite_url) as db:

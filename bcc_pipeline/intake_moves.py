@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from .moving import (
     SourceChangedError,
     Taken,
     change_time,
+    files_below,
     find_moved,
     finish_move,
     found_by_identity,
@@ -278,19 +278,11 @@ def finish_interrupted(settings: Settings, session, report: IntakeReport) -> set
         .order_by(Rejection.id)
         .limit(_SWEEP_LIMIT)
     ).all()
-    renamed = found_by_identity(_landing_files(settings.landing_dir))
+    renamed = found_by_identity(files_below(settings.landing_dir))
     unfinished = {r.path for r in rows if _finish_one(settings, session, r, report, renamed) == "failed"}
     if report.recovered:
         log.info("intake: finished %d quarantine move(s) of interrupted runs", report.recovered)
     return unfinished
-
-
-def _landing_files(landing: Path) -> Iterator[str]:
-    """Every file (and link) below ``landing``, never through a link (looked at lazily: see
-    :func:`bcc_pipeline.moving.found_by_identity`)."""
-    for folder, dirs, names in os.walk(landing):
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
-        yield from (os.path.join(folder, n) for n in names)
 
 
 def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renamed: FoundBy) -> str:

@@ -56,7 +56,7 @@ import filecmp
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .files import LINK_UNSUPPORTED, candidate_names, publish_no_clobber, rename_no_replace, write_reason
@@ -68,6 +68,7 @@ __all__ = [
     "Taken",
     "find_moved",
     "finish_move",
+    "files_below",
     "found_by_identity",
     "FoundBy",
     "change_time",
@@ -393,6 +394,14 @@ def finish_move(
                 legacy.unlink(missing_ok=True)
                 return published
     return None if left is None else left[0]
+
+
+def files_below(folder: str | os.PathLike[str]) -> Iterator[str]:
+    """Every file (and link) below ``folder``, never through a link; a folder that cannot be listed is
+    passed over. Lazy: for :func:`found_by_identity`."""
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+        yield from (os.path.join(parent, n) for n in names)
 
 
 FoundBy = Callable[[Identity, "str | None"], Path | None]

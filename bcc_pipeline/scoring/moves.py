@@ -405,9 +405,9 @@ def sweep_interrupted(
     run was planned for (None: unknown, its rows are left alone). A row whose path holds a file (or a
     link) is left to the run that plans it; one whose path is empty, or now holds a folder or a FIFO
     (which no run plans as that path), is looked for, and recorded as having left the inbox when it is
-    nowhere (never left unsettled). ``listed``: the files the calling run planned (full paths): a row whose path is gone and whose
-    very file is among them under another name (a folder renamed) has its move finished from there
-    (:func:`_finish_renamed`). Returns how many rows were fixed."""
+    nowhere (never left unsettled). ``listed``: the files in the calling run's inbox (full paths): a row
+    whose path is gone and whose very file is among them under another name (a folder renamed) has its
+    move finished from there (:func:`_finish_renamed`). Returns how many rows were fixed."""
     renamed = found_by_identity(listed)
     inboxes: dict[str, str | None] = {}
     fixed: list[tuple[int, str, str | None]] = []

@@ -19,6 +19,7 @@ from ..config import INFERENCE_CHOICES, Settings
 from ..errors import ConfigError, StoreError
 from ..files import atomic_write, display_path, mark_home, one_line, safe_dirname
 from ..leftovers import sweep_stale_temporaries
+from ..moving import files_below
 from ..store import get_engine, utcnow
 from . import db, run_records
 from .inbox import InboxArg, discover
@@ -191,8 +192,9 @@ def plan_shards(
         )
     run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
     try:
-        inbox_now = plan.get("inbox_realpath") or plan["inbox"]
-        listed = (os.path.join(inbox_now, rel) for shard in plan["shards"] for rel in shard)
+        # what the inbox holds now (walked only if a row's file must be looked for under a new name; not
+        # the plan's list: a retried run's plan is older than a rename)
+        listed = files_below(plan.get("inbox_realpath") or plan["inbox"])
         sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run), listed=listed)
     except BaseException as exc:  # the run's row is open: never left `running` by what stops the sweep
         from .shard import describe_failure  # (shard imports this module)

@@ -688,6 +688,27 @@ def test_a_run_killed_then_the_files_folder_renamed_is_finished_not_scored_again
     assert not list(s.archive_dir.rglob(".bcc-move-*"))
 
 
+def test_a_retried_run_finds_its_killed_moves_file_under_the_name_it_was_renamed_to(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Killed mid-move; the file's folder is renamed; the run is retried under the same run id (its plan,
+    older than the rename, lists the old name), then a new run follows. The retry looks in the inbox as it
+    is now and finishes the move from the new name: one row, one archived copy."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "case1" / "x.png", seed=1, size=40)
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="run1", hooks=scoring.Hooks(on_move_linked=_die_at_first_link))
+    (s.inbox_dir / "case1").rename(s.inbox_dir / "case1-renamed")
+    scoring.score_inbox(s, run_id="run1")
+    scoring.score_inbox(s, run_id="run2")
+    assert inbox_files(s.inbox_dir) == []
+    with session_scope(sqlite_url) as db:
+        rows = list(db.scalars(select(InboxFile)))
+    assert [(r.run_id, r.path) for r in rows] == [("run1", "case1/x.png")]
+    assert [str(p) for p in archived(s)] == [files.path_from_display(rows[0].moved_to)]
+
+
 def test_a_file_deleted_after_its_commit_is_recorded_as_gone_by_a_new_run(
     make_settings, sqlite_url, register_champion, png_writer
 ):

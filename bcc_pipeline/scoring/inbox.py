@@ -95,8 +95,6 @@ def _refusal(settings: Settings, real: str) -> str | None:
                 return (
                     f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
                 )
-            if not _inside(real, os.path.realpath(settings.inbox_dir)):
-                return f"it lies inside the BCC home {folder} but outside its inbox {settings.inbox_dir}"
         parent = os.path.dirname(folder)
         if parent == folder:
             break

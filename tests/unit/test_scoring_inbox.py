@@ -99,12 +99,10 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path)
     assert sorted(p for p in other.home.rglob("*")) == before
 
 
-def test_no_folder_of_a_foreign_home_is_scored_and_of_this_home_only_its_inbox(
-    make_settings, png_writer, tmp_path
-):
+def test_no_folder_of_a_foreign_home_is_scored(make_settings, png_writer, tmp_path):
     """Inside another deployment's home every folder is refused, its ``inbox/`` (files waiting for that
-    deployment) and folders the pipeline does not manage (``exports/``) too; inside this home, only its
-    inbox is scored."""
+    deployment) and folders the pipeline does not manage (``exports/``) too. This home's own folders that
+    the pipeline does not manage (a drop folder beside its inbox) may be scored."""
     from bcc_pipeline.config import load_settings
     from bcc_pipeline.files import mark_home
     from bcc_pipeline.store import upgrade
@@ -121,8 +119,7 @@ def test_no_folder_of_a_foreign_home_is_scored_and_of_this_home_only_its_inbox(
     for folder in (other.inbox_dir, other.home / "exports"):
         with pytest.raises(scoring.InboxRefused, match="another deployment's"):
             scoring.discover(s, folder)
-    with pytest.raises(scoring.InboxRefused, match="outside its inbox"):
-        scoring.discover(s, s.home / "exports")
+    assert scoring.discover(s, s.home / "exports")["pending"] == ["mine.png"]
     assert scoring.discover(s, s.inbox_dir)["pending"] == ["c.png"]
 
 

@@ -51,11 +51,11 @@ from sqlalchemy import func, inspect, select, update
 
 from . import images
 from .config import Settings
+from .content_store import store_copy
 from .errors import ImageError, StoreError
 from .files import (
     REASON_SUFFIX,
     SYSTEM_NAMES,
-    atomic_write,
     display_path,
     one_line,
     read_once,
@@ -129,19 +129,6 @@ class _Refused(Exception):
 
 def _is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(REASON_SUFFIX)
-
-
-def _store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
-    """Write the content-addressed copy atomically. An existing copy is kept only when it is a regular
-    file holding exactly these bytes (by its hash): a damaged or replaced one of the same size is
-    rewritten, never trusted in place of the landing file that is about to be removed."""
-    dest = dataset_dir / sha[:2] / f"{sha}{ext}"
-    try:
-        if stat.S_ISREG(os.lstat(dest).st_mode) and images.sha256_file(dest) == sha:
-            return dest
-    except OSError:
-        pass
-    return atomic_write(dest, data)
 
 
 def _walk(root: Path, landing: Path, report: IntakeReport) -> Iterator[Path]:
@@ -456,7 +443,7 @@ def _intake_one(
             report.duplicates += 1
             return Then(ident=ident, ctime=ctime)  # its content is already stored under dataset/
 
-        stored = _store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
+        stored = store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
         if existing is None:
             row = {
                 "sha256": sha,

@@ -188,7 +188,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
     exact copies of images already in the store, images of a patient group that has development
     images, near-duplicates of development images. Raises :class:`DatasetError` when nothing could be
     added (the message says why), so an explicit command never does nothing silently."""
-    from ..intake import _store_copy
+    from ..content_store import store_copy
 
     reason = _check_reason(reason)
     folder = Path(folder)
@@ -244,7 +244,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             )
         new_entries = []
         for r in added:
-            stored = str(_store_copy(r["data"], r["sha256"], r["suffix"], settings.dataset_dir))
+            stored = str(store_copy(r["data"], r["sha256"], r["suffix"], settings.dataset_dir))
             row = s.get(ImageRecord, r["sha256"])
             if row is None:
                 info = r["info"]

@@ -79,6 +79,7 @@ __all__ = [
 LEDGER = InboxFile.__table__
 VANISHED = "the file left the inbox before it was moved"
 """``move_error`` of a file that left the inbox on its own: reported as missing, not as a failed move."""
+_VANISHED_PREFIX = "the file left"  # every wording of VANISHED (older rows) starts so
 
 
 CHANGED = "the file changed after it was read; it stays in the inbox for the next run"
@@ -88,7 +89,7 @@ the next run scores what is there)."""
 
 def vanished(move_error: str) -> bool:
     """True for the ``move_error`` of a file that left the inbox on its own (any wording of it)."""
-    return move_error.startswith("the file left")
+    return move_error.startswith(_VANISHED_PREFIX)
 
 
 def changed(move_error: str) -> bool:
@@ -399,7 +400,7 @@ def unmoved_rows(engine: Engine, only_run: str | None = None, limit: int = 10000
         t.c.move_attempts,
     ).where(t.c.moved_to.is_(None))
     # settled: the file left the inbox (its row is found again by its path, should it come back)
-    q = q.where(or_(t.c.move_error.is_(None), ~t.c.move_error.startswith("the file left")))
+    q = q.where(or_(t.c.move_error.is_(None), ~t.c.move_error.startswith(_VANISHED_PREFIX)))
     if only_run is not None:
         q = q.where(t.c.run_id == only_run)
     with transaction(engine) as conn:  # in the order the files were taken on (and so moved)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bcc_pipeline import files, leftovers, moving
+from bcc_pipeline import copying, files, leftovers, moving
 
 
 @pytest.fixture(params=["renameat2", "exclusive-copy"])
@@ -466,16 +466,16 @@ def test_a_copy_interrupted_right_after_it_was_published_keeps_its_temporary_nam
         src.write_bytes(b"AAAA bytes")
     else:
         src.symlink_to("/etc/hostname")
-    real = moving.publish_no_clobber
+    real = copying.publish_no_clobber
 
     def publish_then_interrupted(tmp, where):
         real(tmp, where)
         raise Killed
 
-    monkeypatch.setattr(moving, "publish_no_clobber", publish_then_interrupted)
+    monkeypatch.setattr(copying, "publish_no_clobber", publish_then_interrupted)
     with pytest.raises(Killed):
         moving.move_no_clobber(src, dest)
-    monkeypatch.setattr(moving, "publish_no_clobber", real)
+    monkeypatch.setattr(copying, "publish_no_clobber", real)
     assert moving.move_no_clobber(src, dest) == dest
     assert os.listdir(dest.parent) == ["x.png"] and not os.path.lexists(src)
 

@@ -1,0 +1,25 @@
+"""The dataset store: one content-addressed copy of each labelled image, ``dataset/<sha[:2]>/<sha><ext>``,
+written by intake and by holdout changes, read by training through ``images.stored_path``."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .files import atomic_write, sha256_file
+
+__all__ = ["store_copy"]
+
+
+def store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
+    """Write the content-addressed copy atomically. An existing copy is kept only when it is a regular
+    file holding exactly these bytes (by its hash): a damaged or replaced one of the same size is
+    rewritten, never trusted in place of the landing file that is about to be removed."""
+    dest = dataset_dir / sha[:2] / f"{sha}{ext}"
+    try:
+        if stat.S_ISREG(os.lstat(dest).st_mode) and sha256_file(dest) == sha:
+            return dest
+    except OSError:
+        pass
+    return atomic_write(dest, data)

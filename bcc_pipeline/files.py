@@ -1,7 +1,8 @@
-"""File primitives the pipeline shares: display form of paths, names within the 255-byte limit, atomic
-writes, umask, reason files, the home marker, renames that never replace a file (``rename_no_replace``),
-reading a file once through one descriptor (:func:`read_once`) and when a file counts as written
-(:func:`settled`). The move itself (``move_no_clobber`` and its rules) is in :mod:`bcc_pipeline.moving`.
+"""File primitives the pipeline shares: the display form of paths (from :mod:`bcc_pipeline.display`),
+names within the 255-byte limit, atomic writes, umask, reason files, the home marker, renames that never
+replace a file (``rename_no_replace``), reading a file once through one descriptor (:func:`read_once`) and
+when a file counts as written (:func:`settled`). The move itself (``move_no_clobber`` and its rules) is in
+:mod:`bcc_pipeline.moving`.
 
 Every temporary file or folder the pipeline makes beside what it publishes (:func:`atomic_write`, the
 converted-model cache) has a name that starts with :data:`TEMP_PREFIX` (``.bcc-tmp-``); what a killed
@@ -21,11 +22,12 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .display import display_path, one_line, path_from_display
 
 __all__ = [
     "LINK_UNSUPPORTED",
@@ -72,7 +74,6 @@ LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, 
 _NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".bcc-tmp-"
 """How the name of every temporary file or folder the pipeline makes starts (hidden, so discovery and
@@ -97,76 +98,6 @@ with ``O_EXCL``). Tests set it to ``None`` to exercise that fallback."""
 SYSTEM_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
 """Names (lower case) of files operating systems leave behind; intake and scoring ignore them like
 hidden files and leave them where they are."""
-
-
-# What display_path escapes: the backslash itself, bytes that are not UTF-8 (lone surrogates after
-# surrogateescape), C0/C1 control characters and the Unicode line/paragraph separators.
-_NEEDS_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_UNESCAPE = re.compile(r"\\(?:(\\)|([nrt])|x([0-9a-fA-F]{2}))")
-
-
-def _escape(match: re.Match[str]) -> str:
-    ch = match.group()
-    if ch in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[ch]
-    # a byte that was not UTF-8 (surrogateescape); any other lone surrogate (text that is no file name)
-    # shows its surrogatepass bytes
-    raw = bytes([ord(ch) - 0xDC00]) if "\udc80" <= ch <= "\udcff" else ch.encode("utf-8", "surrogatepass")
-    return "".join(f"\\x{b:02x}" for b in raw)
-
-
-def display_path(path: str | bytes | os.PathLike[str]) -> str:
-    """``path`` (or any text) as one line of valid UTF-8 for databases, JSON and logs; reversible by
-    :func:`path_from_display`, so two different names never display the same.
-
-    File names on Linux are bytes. A valid UTF-8 name without backslashes or control characters is shown
-    unchanged. Otherwise the backslash is shown as ``\\\\``, newline, carriage return and tab as ``\\n``,
-    ``\\r``, ``\\t``, and every byte that is not UTF-8 as ``\\xNN``, as are the bytes of any other
-    control character (C0, DEL, C1) and of the line and paragraph separators U+2028/U+2029.
-    """
-    text = os.fsdecode(os.fspath(path))  # bytes that are not UTF-8 become lone surrogates here
-    if not _NEEDS_ESCAPE.search(text):
-        return text
-    return _NEEDS_ESCAPE.sub(_escape, text)
-
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def one_line(text: str) -> str:
-    """``text`` (a reason, an error) for one log line or a database field: control characters, line
-    separators and bytes that are not UTF-8 are escaped as :func:`display_path` does; backslashes are
-    kept, so paths inside it stay as they were shown. For messages only; paths use :func:`display_path`."""
-    return _CONTROL.sub(_escape, str(text))
-
-
-def path_from_display(text: str) -> str:
-    """The exact path that :func:`display_path` showed as ``text`` (bytes that are not UTF-8 come back as
-    Python's surrogate escapes; ``os.fsencode`` gives the original bytes). ``ValueError`` when ``text``
-    is not a display form (a lone backslash, an unknown escape)."""
-    out = bytearray()
-    pos = 0
-    for m in _UNESCAPE.finditer(text):
-        out += _literal(text[pos : m.start()])
-        if m.group(1):
-            out += b"\\"
-        elif m.group(2):
-            out += {"n": b"\n", "r": b"\r", "t": b"\t"}[m.group(2)]
-        else:
-            out.append(int(m.group(3), 16))
-        pos = m.end()
-    out += _literal(text[pos:])
-    return os.fsdecode(bytes(out))
-
-
-def _literal(part: str) -> bytes:
-    if "\\" in part:
-        raise ValueError(f"not a displayed path: a backslash that starts no escape in {part!r}")
-    try:
-        return part.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"not a displayed path: {exc}") from exc
 
 
 def fit_name(stem: str, tail: str = "") -> str:

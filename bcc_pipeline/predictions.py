@@ -237,14 +237,29 @@ def json_chunks(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     yield "\n]\n"
 
 
+#: What a spreadsheet takes for the start of a formula (OWASP's CSV injection list; tab and carriage
+#: return never reach here: display_path escapes them).
+_FORMULA_START = ("=", "+", "-", "@")
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (a run id ``=HYPERLINK(...)`` chosen when a run
+    was triggered, a relative path) with a ``'`` in front, which spreadsheets show as text; numbers, and
+    the absolute paths and labels the pipeline writes, pass unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def csv_chunks(rows: Iterable[dict[str, Any]], every: int = 500) -> Iterator[str]:
     """Rows as CSV with a header of :data:`PREDICTION_FIELDS`, in pieces of ``every`` rows (streamed): what
-    ``bcc predictions --format csv`` prints and ``/bcc/predictions.csv`` sends."""
+    ``bcc predictions --format csv`` prints and ``/bcc/predictions.csv`` sends. A text cell a spreadsheet
+    would take for a formula is prefixed with ``'`` (the JSON form keeps every value exactly)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS), lineterminator="\n")
     writer.writeheader()
     for n, row in enumerate(rows, 1):
-        writer.writerow(row)
+        writer.writerow({k: _spreadsheet_safe(v) for k, v in row.items()})
         if n % every == 0:
             yield buf.getvalue()
             buf.seek(0)

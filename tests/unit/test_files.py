@@ -1,6 +1,7 @@
 import errno
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -695,6 +696,23 @@ def test_display_path_keeps_ordinary_names_and_escapes_the_ambiguous_ones() -> N
     assert files.display_path(b"bad\\xffname.png") == "bad\\\\xffname.png"
     assert files.display_path(b"one\ntwo") == "one\\ntwo"
     assert files.display_path(b"\x1b[0m") == "\\x1b[0m"
+
+
+def test_display_path_never_shows_invisible_format_characters_raw() -> None:
+    """A right-to-left override makes ``scan<RLO>gnp.tiff`` read as ``scanffit.png``, zero-width spaces
+    and joiners make two names read alike: every format character (category Cf) the interpreter knows is
+    shown as its bytes, in paths and in log lines, and the name still comes back whole."""
+    format_chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
+    assert len(format_chars) > 150
+    for ch in format_chars:
+        name = f"scan{ch}gnp.tiff"
+        shown = files.display_path(name)
+        assert ch not in shown and ch not in files.one_line(f"cannot read {name}"), f"U+{ord(ch):04X}"
+        assert files.path_from_display(shown) == name
+    assert files.display_path("scan\u202egnp.tiff") == "scan\\xe2\\x80\\xaegnp.tiff"
+    # letters are shown as they are, accents composed or not (their bytes differ, so do their rows)
+    assert files.display_path("caf\u00e9.png") != files.display_path("cafe\u0301.png")
+    assert files.display_path("\u0430.png") == "\u0430.png"
 
 
 @pytest.mark.parametrize("text", ["a\\", "a\\q", "\\x4", "\\u00e9", "lone\udcff"])

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from .files import candidate_names, publish_no_clobber
-from .identities import Identity, Taken, _expect, _same_inode, identity
+from .identities import Identity, SourceChangedError, Taken, _expect, _same_inode, identity
 
 __all__ = ["COPY_SPARE_BYTES", "finish_move", "pending_copy"]
 
@@ -188,10 +188,14 @@ def _require_room(folder: Path, size: int) -> None:
         )
 
 
-def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity | None) -> Path:
+def _copy_file_across(
+    src: Path, candidate: Path, marker: Path, expect: Identity | None, sha256: str | None = None
+) -> Path:
     """Copy ``src`` to ``marker`` (a new file: the source's bytes, mode and times, flushed), then give it the
     name ``candidate`` without replacing anything (FileExistsError when taken). ``marker`` stays linked
-    to the copy (the caller removes it after the source); a failed copy is removed."""
+    to the copy (the caller removes it after the source); a failed copy is removed. ``sha256``: what the
+    copied bytes must hash to (the content that was read): other bytes (the file rewritten in place since,
+    or while it was copied) are never published (:class:`SourceChangedError`)."""
     nofollow, cloexec = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
     in_fd = os.open(src, os.O_RDONLY | nofollow | cloexec)
     published = False
@@ -206,14 +210,20 @@ def _copy_file_across(src: Path, candidate: Path, marker: Path, expect: Identity
                 raise OSError(
                     errno.EBUSY, "another move to this destination is under way", str(marker)
                 ) from None
+            digest = hashlib.sha256()
             with os.fdopen(out_fd, "wb") as out:
                 while chunk := inp.read(1 << 20):
                     out.write(chunk)
+                    digest.update(chunk)
                 out.flush()
                 os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode) & 0o777)  # no setuid/setgid/sticky
                 os.utime(out.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
                 os.fsync(out.fileno())
             _expect(os.fstat(inp.fileno()), identity(before), src)  # not rewritten while copied
+            if sha256 is not None and digest.hexdigest() != sha256:  # rewritten, its size and mtime put back
+                raise SourceChangedError(
+                    errno.ESTALE, "the file was rewritten after it was read", os.fspath(src)
+                )
         publish_no_clobber(marker, candidate)  # no-clobber; FileExistsError when taken
         published = True
         _fsync_dir(candidate.parent)

@@ -132,9 +132,10 @@ def quarantine_rel(rel: str | os.PathLike[str]) -> str:
     """``rel`` as laid out under ``quarantine/<run>/``: a folder whose name ends in ``.reason.txt`` gets
     ``.d`` appended, so that it can never take the name of a quarantined file's reason file (a file
     ``x.png`` beside a folder ``x.png.reason.txt/`` would otherwise block one or the other, run after
-    run). Folders merge harmlessly; files never replace one another."""
+    run). Folders merge harmlessly; files never replace one another. A folder name that has no room left
+    for ``.d`` (255 bytes) is shortened with a hash of it (:func:`fit_name`), as a long file name is."""
     parts = os.fspath(rel).split(os.sep)
-    folders = [p + ".d" if p.endswith(REASON_SUFFIX) else p for p in parts[:-1]]
+    folders = [fit_name(p, ".d") if p.endswith(REASON_SUFFIX) else p for p in parts[:-1]]
     return os.sep.join([*folders, parts[-1]])
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "identity",
     "identity_from_text",
     "identity_text",
+    "sha256_of",
     "make_real_folders",
     "require_real_folders",
     "require_resolved",
@@ -176,7 +177,7 @@ def find_moved(
         return dest if present and free(dest) else None
 
     def content_ok(candidate: Path, st: os.stat_result) -> bool:
-        return sha256 is None or not stat.S_ISREG(st.st_mode) or _sha256_of(candidate) == sha256
+        return sha256 is None or not stat.S_ISREG(st.st_mode) or sha256_of(candidate) == sha256
 
     if ident is not None:
         # the very inode first (a move on one filesystem keeps it); size and mtime only for a copy made
@@ -190,12 +191,14 @@ def find_moved(
                     return candidate
         return None
     for candidate, st in present:
-        if stat.S_ISREG(st.st_mode) and _sha256_of(candidate) == sha256 and free(candidate):
+        if stat.S_ISREG(st.st_mode) and sha256_of(candidate) == sha256 and free(candidate):
             return candidate
     return None
 
 
-def _sha256_of(path: Path) -> str | None:
+def sha256_of(path: str | os.PathLike[str]) -> str | None:
+    """The SHA-256 of the regular file at ``path`` (never through a link), or None when it cannot be
+    read."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb", opener=lambda p, f: os.open(p, f | getattr(os, "O_NOFOLLOW", 0))) as fh:
@@ -218,29 +221,45 @@ FoundBy = Callable[[Identity, "str | None"], Path | None]
 """``(identity, sha256) -> path``: see :func:`found_by_identity`."""
 
 
-def found_by_identity(paths: Iterable[str | os.PathLike[str]]) -> FoundBy:
+def found_by_identity(
+    paths: Iterable[str | os.PathLike[str]], own: Iterable[str | os.PathLike[str]] = ()
+) -> FoundBy:
     """``(identity, sha256) -> the one of paths that holds that very file now`` (its device and inode, and
     its size and mtime; or, touched since, a regular file of that size whose content hashes to ``sha256``),
     or None. ``paths`` is looked at (each path's ``lstat``) only when first asked, for callers that rarely
-    need to ask (a killed move's file found under a new name)."""
-    index: dict[tuple[int, int], tuple[Path, os.stat_result]] | None = None
+    need to ask (a killed move's file found under a new name).
+
+    ``own``: paths that are files in their own right (each has a record of its own waiting for its move),
+    never given as another file's new name: a hard link of the asked-for file is the same inode, and
+    would otherwise pass for that file renamed, and be moved (and recorded) as it."""
+    index: dict[tuple[int, int], list[tuple[Path, os.stat_result]]] | None = None
 
     def at(ident: Identity, sha256: str | None = None) -> Path | None:
         nonlocal index
         if index is None:
             index = {}
+            folders: dict[str, str] = {}  # each folder resolved once (many files share one)
+            skip = {_same_place(p, folders) for p in own}
             for path in paths:
                 with contextlib.suppress(OSError):
                     st = os.lstat(path)
-                    index[(st.st_dev, st.st_ino)] = (Path(path), st)
-        found = index.get((ident[0], ident[1]))
-        if found is None:
-            return None
-        path, st = found
-        if identity(st) == tuple(ident):
-            return path
-        if sha256 is not None and stat.S_ISREG(st.st_mode) and st.st_size == ident[2]:
-            return path if _sha256_of(path) == sha256 else None
+                    if _same_place(path, folders) not in skip:
+                        index.setdefault((st.st_dev, st.st_ino), []).append((Path(path), st))
+        for path, st in index.get((ident[0], ident[1]), ()):
+            if identity(st) == tuple(ident):
+                return path
+            if sha256 is not None and stat.S_ISREG(st.st_mode) and st.st_size == ident[2]:
+                if sha256_of(path) == sha256:
+                    return path
         return None
 
     return at
+
+
+def _same_place(path: str | os.PathLike[str], folders: dict[str, str]) -> tuple[str, str]:
+    """``path`` as (its folder resolved, its name): two spellings of one folder compare equal.
+    ``folders``: the folders resolved so far."""
+    parent, name = os.path.split(os.fspath(path))
+    if parent not in folders:
+        folders[parent] = os.path.realpath(parent)
+    return folders[parent], name

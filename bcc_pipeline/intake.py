@@ -133,7 +133,8 @@ def _is_ignored_name(name: str) -> bool:
 
 def _walk(root: Path, landing: Path, report: IntakeReport) -> Iterator[Path]:
     """Regular files and symlinks below ``root`` without following links, sorted. A folder that cannot
-    be listed is reported in ``report.failed`` (its files stay in landing) and the walk goes on."""
+    be listed is reported in ``report.failed`` (its files stay in landing) and the walk goes on; a hidden
+    folder (``.patient_7/``) is left alone and reported as ignored, as scoring does."""
 
     def unreadable(exc: OSError) -> None:
         try:
@@ -145,6 +146,8 @@ def _walk(root: Path, landing: Path, report: IntakeReport) -> Iterator[Path]:
         log.error("intake: %s: %s (its files stay in landing)", where, error)
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
+        for hidden in sorted(d for d in dirnames if d.startswith(".")):
+            _ignore(report, (Path(dirpath) / hidden).relative_to(landing))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             yield Path(dirpath) / name
@@ -314,7 +317,7 @@ def _reject(
     report.rejected += 1
     report.rejections.append({"path": shown, "reason": reason})
     log.warning("rejected %s: %s", shown, reason)
-    return Then(dest=dest, reason=reason, ident=ident)
+    return Then(dest=dest, reason=reason, ident=ident, sha256=sha)
 
 
 def _group_id(folder: str) -> str:
@@ -441,7 +444,7 @@ def _intake_one(
             return then
         if existing is not None and existing.label == label:
             report.duplicates += 1
-            return Then(ident=ident, ctime=ctime)  # its content is already stored under dataset/
+            return Then(ident=ident, ctime=ctime, sha256=sha)  # its content is already stored under dataset/
 
         stored = store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
         if existing is None:
@@ -477,5 +480,5 @@ def _intake_one(
             if labelled.rowcount != 1:
                 continue  # another intake labelled it meanwhile: decide with its label (a conflict?)
         report.accepted += 1
-        return Then(ident=ident, ctime=ctime)
+        return Then(ident=ident, ctime=ctime, sha256=sha)
     raise StoreError(f"the images row of {shown} changed twice while it was taken in; the next run retries")

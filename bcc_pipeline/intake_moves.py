@@ -11,8 +11,10 @@ another rejection is recorded at (:func:`bcc_pipeline.store.place_recorded`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,7 @@ from .moving import (
     move_no_clobber,
     pending_copy,
     require_real_folders,
+    sha256_of,
 )
 from .store import Rejection, place_recorded
 
@@ -75,6 +78,7 @@ class Then:
         None  # what the path held when it was checked; removed or moved only while it does
     )
     ctime: int | None = None  # its change time then (moving.change_time): not rewritten in place since
+    sha256: str | None = None  # the content that was read (None: refused unread): hashed again before it goes
 
 
 def quarantine_dest(quarantine_root: Path, rel: Path) -> Path:
@@ -119,6 +123,7 @@ def _move(
     again: bool = False,
     fresh: bool = False,
     prior: Identity | None = None,
+    sha256: str | None = None,
 ) -> str:
     """Move a rejected file to its recorded destination and record where it went, only while ``src`` is
     still the file that was checked (``expect``). Returns ``"moved"``; ``"changed"`` when ``src`` holds
@@ -126,7 +131,8 @@ def _move(
     when it cannot be moved (reported, recorded as ``move_error``, the file still in landing; with
     ``again``, an earlier attempt failed too: listed in ``persistent_move_failures``). ``fresh``: the first
     attempt (no interrupted one to finish); ``prior``: the identity an earlier attempt moved the file with.
-    A name another file is recorded at is never given again."""
+    A name another file is recorded at is never given again. ``sha256``: the content that was read, hashed
+    again before the landing name goes (a rewrite in place in the middle of the move)."""
     try:
         moved = move_no_clobber(
             src,
@@ -137,6 +143,7 @@ def _move(
             taken=_taken(session, run_id),
             fresh=fresh,
             prior=prior,
+            expect_sha256=sha256,
         )
     except SourceChangedError:
         _mark(session, run_id, shown, dest=None, move_error=_REPLACED)
@@ -223,6 +230,9 @@ def _remove_stored(shown: str, path: Path, then: Then, report: IntakeReport, lan
         if then.ctime is not None and change_time(now) not in (then.ctime, None):
             changed(report, shown)  # rewritten in place, its size and mtime put back: never stored
             return
+        if then.sha256 is not None and sha256_of(path) != then.sha256:
+            changed(report, shown)  # the same, where the change time cannot tell (hard links, one tick)
+            return
         path.unlink()
     except FileNotFoundError:
         pass
@@ -250,6 +260,7 @@ def carry_out(
             expect=then.ident,
             roots=_roots(settings),
             fresh=True,
+            sha256=then.sha256,
         )
     else:
         _remove_stored(shown, path, then, report, settings.landing_dir)
@@ -278,11 +289,18 @@ def finish_interrupted(settings: Settings, session, report: IntakeReport) -> set
         .order_by(Rejection.id)
         .limit(_SWEEP_LIMIT)
     ).all()
-    renamed = found_by_identity(files_below(settings.landing_dir))
+    # a refused file that waits for its own move is never another row's file renamed (a hard link of it)
+    renamed = found_by_identity(files_below(settings.landing_dir), own=_landing_paths(settings, rows))
     unfinished = {r.path for r in rows if _finish_one(settings, session, r, report, renamed) == "failed"}
     if report.recovered:
         log.info("intake: finished %d quarantine move(s) of interrupted runs", report.recovered)
     return unfinished
+
+
+def _landing_paths(settings: Settings, rows: Iterable[Any]) -> Iterator[Path]:
+    for r in rows:
+        with contextlib.suppress(ValueError):
+            yield settings.landing_dir / path_from_display(r.path)
 
 
 def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renamed: FoundBy) -> str:
@@ -321,6 +339,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renam
                 roots=_roots(settings),
                 again=r.move_error is not None,
                 prior=ident,
+                sha256=r.sha256,
             )
             if outcome == "moved":
                 report.recovered += 1

@@ -35,7 +35,11 @@ The rules every move in the pipeline follows:
 * A caller that read the file can pass its identity (device, inode, size, mtime): a source that is no
   longer that file is not moved (:class:`SourceChangedError`), and a hard link that turns out to be of
   another file is undone. A source name that holds another file by the time the source is to be removed
-  is left alone (the moved copy is what was read). The one window left is between that last ``lstat``
+  is left alone (the moved copy is what was read). With the hash of what was read (``expect_sha256``)
+  the bytes are checked too: a copy across filesystems must hash to it as it is written, and the source
+  is hashed again right before it is removed, so a rewrite in place in the middle of the move that puts
+  size and mtime back (``rsync --inplace -t``; a hard link's change time says nothing) undoes a hard
+  link, or leaves the source, new content, where it is. The one window left is between that last check
   and the ``unlink`` right after it.
 * A file that cannot be moved stays where it is and the error is raised to the caller (who reports it);
   a half-made destination is removed again.
@@ -83,6 +87,7 @@ from .identities import (
     make_real_folders,
     require_real_folders,
     require_resolved,
+    sha256_of,
 )
 
 __all__ = [
@@ -108,10 +113,16 @@ __all__ = [
 ]
 
 
-def _remove_source(src: Path, where: Path, expect: Identity | None, *, shared_inode: bool) -> None:
+def _remove_source(
+    src: Path, where: Path, expect: Identity | None, *, shared_inode: bool, sha256: str | None = None
+) -> None:
     """Remove ``src`` after its content reached ``where``. With ``expect``: a source path that now holds
     another file is left alone (that file was never read: it stays for the next run); a source rewritten
-    in place after the hard link (one inode, ``shared_inode``) undoes the move (SourceChangedError)."""
+    in place after the hard link (one inode, ``shared_inode``) undoes the move (SourceChangedError).
+    With ``sha256`` (the content that was read) the bytes are hashed too, right before the source goes:
+    a rewrite in place that put the size and mtime back (``rsync --inplace -t``) in the middle of the move
+    is caught as well. Across filesystems the copy holds what was read (hashed as it was written), so it
+    is kept and the source, now other content, stays."""
     if expect is not None:
         st = os.lstat(src)
         if (st.st_dev, st.st_ino) != tuple(expect)[:2]:
@@ -121,6 +132,13 @@ def _remove_source(src: Path, where: Path, expect: Identity | None, *, shared_in
                 os.unlink(where)
                 raise SourceChangedError(errno.ESTALE, "the file changed while it was moved", os.fspath(src))
             return  # the copy holds what was read; the new content stays at the source
+    if sha256 is not None and stat.S_ISREG(os.lstat(src).st_mode) and sha256_of(src) != sha256:
+        if shared_inode:
+            os.unlink(where)
+            raise SourceChangedError(
+                errno.ESTALE, "the file was rewritten while it was moved", os.fspath(src)
+            )
+        return
     os.unlink(src)
 
 
@@ -136,6 +154,7 @@ def move_no_clobber(
     fresh: bool = False,
     prior: Identity | None = None,
     expect_ctime: int | None = None,
+    expect_sha256: str | None = None,
 ) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
@@ -160,6 +179,11 @@ def move_no_clobber(
     under another inode): that attempt's copy across filesystems is finished instead of copied again.
     ``expect_ctime``: the source's :func:`change_time` when it was read (a first attempt only): a source
     rewritten in place since, its size and mtime put back, raises :class:`SourceChangedError` too.
+    ``expect_sha256``: the hash of the content that was read. A copy across filesystems must hash to it
+    as it is written (else it is dropped: :class:`SourceChangedError`), and the source is hashed again
+    right before it is removed (see :func:`_remove_source`): a rewrite in place in the middle of the move
+    is never archived under the content that was read, nor lost. It costs one more read of each file
+    (from the page cache, as a rule: the file was read moments before).
     """
     src, dest = Path(src), Path(dest)
     if dest_root is not None:
@@ -182,7 +206,7 @@ def move_no_clobber(
     left = _leftover_copy(dest, src, src_st, taken, prior)
     if left is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
         published, marker = left
-        _remove_source(src, published, expect, shared_inode=False)
+        _remove_source(src, published, expect, shared_inode=False, sha256=expect_sha256)
         marker.unlink(missing_ok=True)
         return published
     _expect(src_st, expect, src)
@@ -197,7 +221,7 @@ def move_no_clobber(
             if _same_inode(cst, src_st) and not fresh and not (taken is not None and taken(candidate)):
                 # an earlier attempt linked it there and was interrupted (not another name of this inode
                 # that was moved there: that one is recorded, ``taken``)
-                _remove_source(src, candidate, expect, shared_inode=True)
+                _remove_source(src, candidate, expect, shared_inode=True, sha256=expect_sha256)
                 return candidate
             continue
         marker = None
@@ -211,7 +235,9 @@ def move_no_clobber(
                     if stat.S_ISLNK(src_st.st_mode):  # readlink never touches the target
                         marker = _copy_link_across(src, src_st, candidate, _copy_marker(dest, src, src_st))
                     else:
-                        marker = _copy_file_across(src, candidate, _copy_marker(dest, src, src_st), expect)
+                        marker = _copy_file_across(
+                            src, candidate, _copy_marker(dest, src, src_st), expect, expect_sha256
+                        )
                 except FileExistsError:
                     continue
             elif exc.errno in LINK_UNSUPPORTED:
@@ -220,7 +246,9 @@ def move_no_clobber(
                     rename_no_replace(src, candidate)
                 except FileExistsError:
                     continue
-                if expect is not None and identity(os.lstat(candidate)) != tuple(expect):
+                if (expect is not None and identity(os.lstat(candidate)) != tuple(expect)) or (
+                    expect_sha256 is not None and sha256_of(candidate) != expect_sha256
+                ):
                     back = move_no_clobber(candidate, src)  # not what was read: put it back
                     raise SourceChangedError(
                         errno.ESTALE, "the file changed after it was read", os.fspath(back)
@@ -235,7 +263,7 @@ def move_no_clobber(
         if before_unlink is not None:
             before_unlink(src, candidate)
         try:
-            _remove_source(src, candidate, expect, shared_inode=marker is None)
+            _remove_source(src, candidate, expect, shared_inode=marker is None, sha256=expect_sha256)
         except FileNotFoundError:
             # Someone else moved the same file meanwhile (to another name): keep theirs, drop our
             # extra link, and say the source is gone.

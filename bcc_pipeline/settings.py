@@ -20,6 +20,7 @@ Profiles:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_INFERENCE",
     "ENV_VARS",
     "HOME_MARKER",
+    "UNMARKED_HOME_SIGNS",
     "INFERENCE_CHOICES",
     "MANAGED_FOLDERS",
     "MANAGED_MARKER",
@@ -58,6 +60,9 @@ INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 
 #: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
 HOME_MARKER = ".bcc-home"
+#: What makes a folder a BCC home set up before homes were marked (2026-12) and not marked by a run
+#: since: the default SQLite database beside a dataset store (either alone is too common a name).
+UNMARKED_HOME_SIGNS = ("bcc.db", "dataset")
 #: The file that marks a folder a home manages but that lives elsewhere (``landing/`` as a link to a
 #: shared mount): a folder that holds it, like a home, is never scored as an inbox.
 MANAGED_MARKER = ".bcc-managed"
@@ -112,6 +117,8 @@ class Setting:
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not valid for this setting, or ``None`` when it is."""
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every bound it is held to
+            return "must be a finite number" + (f", {self.rule}" if self.rule else "")
         lo, hi = self.minimum, self.maximum
         if self.choices:
             bad = value not in self.choices
@@ -289,6 +296,8 @@ class Settings:
         2.0,
         "Inbox files modified more recently than this are left for the next run.",
         minimum=0,
+        maximum=86400,
+        why="a longer wait leaves every file for a later run, and the runs look finished",
     )
     inbox_roots: str = setting(
         "BCC_INBOX_ROOTS",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import images
-from ..config import HOME_MARKER, MANAGED_MARKER, Settings
+from ..config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
 from ..errors import ConfigError
 from ..files import (
     PATH_MAX,
@@ -73,6 +73,14 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _is_home(folder: str) -> bool:
+    """Whether ``folder`` is a BCC home: its ``.bcc-home`` marker, or the ``bcc.db`` and ``dataset/`` of a
+    home set up before homes were marked (:data:`bcc_pipeline.settings.UNMARKED_HOME_SIGNS`)."""
+    if os.path.lexists(os.path.join(folder, HOME_MARKER)):
+        return True
+    return all(os.path.lexists(os.path.join(folder, sign)) for sign in UNMARKED_HOME_SIGNS)
+
+
 def _refusal(settings: Settings, real: str) -> str | None:
     """Why the folder ``real`` (a resolved path) may not be scored, or None."""
     home = os.path.realpath(settings.home)
@@ -85,7 +93,7 @@ def _refusal(settings: Settings, real: str) -> str | None:
     while True:  # a BCC home, or a folder some home manages (this one or another deployment's)
         if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
             return f"it lies inside {folder}, a folder the BCC home {owner} manages ({_STALE_HINT})"
-        if os.path.lexists(os.path.join(folder, HOME_MARKER)):
+        if _is_home(folder):
             if folder == real:
                 return "it is a BCC home"
             first = os.path.relpath(real, folder).split(os.sep)[0]
@@ -175,7 +183,7 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:
                     continue
-                if os.path.lexists(os.path.join(entry.path, HOME_MARKER)):  # another deployment's
+                if _is_home(entry.path):  # another deployment's
                     raise InboxRefused(
                         f"refusing to score the inbox {display_path(root)}: it contains the BCC home "
                         f"{display_path(entry.path)}"

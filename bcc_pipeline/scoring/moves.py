@@ -20,10 +20,11 @@ runs; after :data:`MAX_MOVE_ATTEMPTS` failed attempts it goes to quarantine with
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ class Mover:
             fresh=fresh,
             prior=prior,
             expect_ctime=it.ctime if fresh else None,
+            expect_sha256=it.sha,
         )
 
     def move(
@@ -393,6 +395,15 @@ def _finish_renamed(settings: Settings, r: Any, rel: str, at: FoundBy, taken: Ta
     return where
 
 
+def _own_paths(rows: Iterable[Any], inbox_for: Callable[[str], str | None]) -> Iterator[str]:
+    """The inbox paths of ledger rows (lazily: asked for only when a renamed file is looked for)."""
+    for r in rows:
+        inbox = inbox_for(r.run_id)
+        with contextlib.suppress(ValueError):
+            if inbox is not None:
+                yield os.path.join(inbox, path_from_display(r.path))
+
+
 def sweep_interrupted(
     settings: Settings,
     engine: Engine,
@@ -408,8 +419,16 @@ def sweep_interrupted(
     nowhere (never left unsettled). ``listed``: the files in the calling run's inbox (full paths): a row
     whose path is gone and whose very file is among them under another name (a folder renamed) has its
     move finished from there (:func:`_finish_renamed`). Returns how many rows were fixed."""
-    renamed = found_by_identity(listed)
+    rows = ledger.unmoved_rows(engine, only_run)
     inboxes: dict[str, str | None] = {}
+
+    def inbox_for(run_id: str) -> str | None:
+        if run_id not in inboxes:
+            inboxes[run_id] = inbox_of(run_id)
+        return inboxes[run_id]
+
+    # a file that waits for its own move is never another row's file renamed (a hard link of it)
+    renamed = found_by_identity(listed, own=_own_paths(rows, inbox_for))
     fixed: list[tuple[int, str, str | None]] = []
     placed: set[str] = set()  # names given to rows here (recorded together at the end)
     gone: list[int] = []
@@ -417,16 +436,14 @@ def sweep_interrupted(
     def taken_in(run_id: str) -> Taken:
         return lambda p: display_path(p) in placed or ledger.place_recorded(engine, run_id, display_path(p))
 
-    for r in ledger.unmoved_rows(engine, only_run):
+    for r in rows:
         try:
             rel = path_from_display(r.path)  # the ledger shows paths in the reversible display form
         except ValueError:
             continue
         if path_key(rel) != r.path_key:
             continue
-        if r.run_id not in inboxes:
-            inboxes[r.run_id] = inbox_of(r.run_id)
-        inbox = inboxes[r.run_id]
+        inbox = inbox_for(r.run_id)
         held = None if inbox is None else _kind_at(os.path.join(inbox, rel))
         if inbox is None or held == "file":  # still there: the run that plans it finishes it
             continue

@@ -169,11 +169,21 @@ def test_every_bound_is_enforced_with_the_variable_named(name):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", [n for n, s in SETTINGS.items() if s.type is float])
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_a_number_setting_refuses_values_that_are_not_finite(name, raw):
+    """``BCC_SETTLE_SECONDS=nan`` compared false with every bound and was taken: every inbox file was
+    then skipped forever while each run looked finished."""
+    env = SETTINGS[name].env
+    with pytest.raises(ConfigError, match=rf"^{env}=.*: must be a finite number"):
+        load_settings(env={env: raw})
+
+
 @pytest.mark.parametrize(
     "env,message",
     [
         ({"BCC_LEARNING_RATE": "0"}, "BCC_LEARNING_RATE=0.0: must be greater than 0"),
-        ({"BCC_SETTLE_SECONDS": "-1"}, "BCC_SETTLE_SECONDS=-1.0: must be at least 0"),
+        ({"BCC_SETTLE_SECONDS": "-1"}, "BCC_SETTLE_SECONDS=-1.0: must be between 0 and 86400"),
         (
             {"BCC_INFERENCE": "gpu"},
             "BCC_INFERENCE='gpu': must be one of auto, keras, xla, keras-bf16, openvino",

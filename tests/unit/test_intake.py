@@ -180,6 +180,17 @@ def test_a_folder_intake_cannot_list_is_reported_and_the_run_goes_on(home, png_w
     assert r.failed[0]["path"].startswith("benign/" + "d" * 250)
 
 
+def test_a_hidden_landing_folder_is_left_alone_and_reported(home, png_writer):
+    """A hidden patient folder (``.patient_7/``) is not taken in, as scoring leaves hidden files alone, but
+    it is reported as ignored on every run, never passed over in silence."""
+    png_writer(home.landing_dir / "benign" / "ok.png", seed=1)
+    png_writer(home.landing_dir / "benign" / ".patient_7" / "a.png", seed=2)
+    for run in ("h1", "h2"):
+        r = intake(home, run_id=run)
+        assert "benign/.patient_7" in r.ignored_paths and r.failed == []
+    assert (home.landing_dir / "benign" / ".patient_7" / "a.png").is_file()
+
+
 def test_migration_0003_down_and_up_and_an_old_schema_is_named(make_settings, migrated_url, png_writer):
     from sqlalchemy import inspect
 
@@ -248,6 +259,28 @@ def test_a_file_swapped_after_it_was_stored_is_left_in_landing(home, png_writer,
     assert (r.accepted, r.changed, r.failed) == (1, 1, [])
     with session_scope(home.database_url) as s:
         assert s.scalars(select(ImageRecord.sha256)).all() == [x_sha]
+    again = intake(home, run_id="after-swap")
+    assert (again.accepted, again.changed) == (1, 0) and not x.exists()
+    with session_scope(home.database_url) as s:
+        stored = {Path(p).read_bytes() for p in s.scalars(select(ImageRecord.stored_path))}
+    assert swapped[0] in stored and len(stored) == 2
+
+
+def test_a_hard_linked_file_rewritten_in_place_after_it_was_stored_is_left_in_landing(
+    home, png_writer, tmp_path
+):
+    """As above, ``rsync --inplace -t`` on a file with another name (a hard link outside landing, a scanner's
+    own copy): its change time says nothing (moving that other name changes it too), so the bytes are
+    hashed again before the landing name goes. The new content stays in landing and is taken in next."""
+    x = png_writer(home.landing_dir / "benign" / "x.png", seed=1)
+    os.link(x, tmp_path / "scanner-copy.png")
+    swapped: list[bytes] = []
+
+    def swap(shown: str) -> None:
+        swapped.append(_swap(home.landing_dir / shown, "rewrite-with-its-size-and-times", png_writer, seed=2))
+
+    r = intake(home, run_id="swap", on_committed=swap)
+    assert (r.accepted, r.changed, r.failed) == (1, 1, []) and x.read_bytes() == swapped[0]
     again = intake(home, run_id="after-swap")
     assert (again.accepted, again.changed) == (1, 0) and not x.exists()
     with session_scope(home.database_url) as s:
@@ -806,6 +839,19 @@ def _a_name_each(home, n: int) -> None:
     assert sorted(map(str, copies)) == sorted(files.path_from_display(m) for m in places)
 
 
+def test_a_255_byte_landing_folder_named_like_a_reason_file_is_quarantined_under_a_shortened_name(home):
+    """As in scoring: no room for ``.d`` after a 255-byte folder name ending in ``.reason.txt``; the bad
+    file in it is quarantined at once under a shortened folder name, not left failing to move."""
+    folder = home.landing_dir / "benign" / ("r" * (255 - len(".reason.txt")) + ".reason.txt")
+    folder.mkdir(parents=True)
+    (folder / "bad.png").write_bytes(b"not an image")
+    r = intake(home, run_id="i1")
+    assert (r.rejected, r.failed) == (1, []) and _all_files(home.landing_dir) == []
+    _a_name_each(home, 1)
+    (copy,) = list(home.quarantine_dir.rglob("bad.png"))
+    assert copy.parent.name.endswith(".d") and len(os.fsencode(copy.parent.name)) <= 255
+
+
 def test_two_hard_links_whose_quarantine_names_meet_keep_a_name_each(home):
     """As in scoring: two landing names of one inode, refused, meeting at one quarantine name; the second
     is not taken for an interrupted attempt of its own move: each rejection has its own name."""
@@ -910,6 +956,44 @@ def _killed_with_the_copy_published(home, monkeypatch, other_fs: Path | None, re
         intake(home, run_id="in1")
     monkeypatch.setattr(moves_module, "move_no_clobber", real)
     return bad
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_two_refused_hard_links_killed_mid_move_are_each_quarantined_once(home, monkeypatch, other_fs, fs):
+    """``x.png`` and ``y.png`` are one refused inode; intake is killed in the middle of the second one's
+    move (the first moved, its landing name gone). The next run never takes the waiting link for the
+    first file renamed (the same device and inode): each is quarantined once, under its own row."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    landing = other_fs if fs == "other-filesystem" else home.landing_dir
+    if fs == "other-filesystem":
+        _landing_on(home, other_fs)
+    (landing / "benign").mkdir(parents=True)
+    (landing / "benign" / "x.png").write_bytes(b"not an image, a text file")
+    os.link(landing / "benign" / "x.png", landing / "benign" / "y.png")
+    calls = []
+
+    def die_second(source, where):
+        calls.append(where)
+        if len(calls) == 2:
+            raise _Killed(where)
+
+    real = moves_module.move_no_clobber
+    monkeypatch.setattr(
+        moves_module,
+        "move_no_clobber",
+        lambda src, dest, **kw: real(src, dest, **kw, before_unlink=die_second),
+    )
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    assert len(_all_files(landing)) == 1
+    r = intake(home, run_id="in2")
+    assert r.failed == [] and _all_files(landing) == []
+    _a_name_each(home, 2)
+    with session_scope(home.database_url) as s:
+        names = {x.path: Path(files.path_from_display(x.moved_to)).name for x in s.scalars(select(Rejection))}
+    assert names == {"benign/x.png": "x.png", "benign/y.png": "y.png"}
 
 
 @pytest.mark.parametrize("how", ["touched", "copied-again"])

@@ -99,6 +99,29 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path)
     assert sorted(p for p in other.home.rglob("*")) == before
 
 
+def test_a_foreign_home_set_up_before_homes_were_marked_is_never_scored(make_settings, png_writer, tmp_path):
+    """A home whose ``bcc.db`` predates the ``.bcc-home`` marker (no run has marked it since) is a home
+    all the same: refused as an inbox, as a folder holding it, and its dataset; nothing of it moves."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    other = load_settings(env={"BCC_HOME": str(shared / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    other.home_marker.unlink()
+    assert (other.home / "bcc.db").is_file()
+    png_writer(other.dataset_dir / "benign" / "a.png")
+    before = sorted(p for p in other.home.rglob("*"))
+    with pytest.raises(scoring.InboxRefused, match="is a BCC home"):
+        scoring.discover(s, other.home)
+    with pytest.raises(scoring.InboxRefused, match="contains the BCC home"):
+        scoring.discover(s, shared)
+    with pytest.raises(scoring.InboxRefused, match="a folder of the BCC home"):
+        scoring.discover(s, other.dataset_dir)
+    assert sorted(p for p in other.home.rglob("*")) == before
+
+
 def test_no_folder_of_a_foreign_home_is_scored(make_settings, png_writer, tmp_path):
     """Inside another deployment's home every folder is refused, its ``inbox/`` (files waiting for that
     deployment) and folders the pipeline does not manage (``exports/``) too. This home's own folders that

@@ -113,6 +113,42 @@ def test_unmovable_file_is_reported_not_lost(make_settings, sqlite_url, register
 
 
 # -- a file that changes between reading and moving ------------------------------------------
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_a_file_rewritten_in_place_in_the_middle_of_its_move_is_never_archived_under_the_old_prediction(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, other_fs, fs
+):
+    """``rsync --inplace -t`` rewrites the file while it is being moved: after the hard link (or the copy
+    across filesystems), before the inbox name is removed; size and mtime put back, and a hard link's
+    change time says nothing. The bytes are hashed again before the inbox name goes: on one filesystem
+    the link is undone (``changed``), across two the copy (the bytes that were scored) is kept and the new
+    content stays; the next run scores it. Every archived file has its own prediction; nothing is lost."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
+    register_champion(s)
+    target = png_writer(root / "p" / "a.png", seed=1, size=40)
+    new_bytes = png_writer(tmp_path / "new.png", seed=999, size=40).read_bytes()
+    assert len(new_bytes) == target.stat().st_size
+
+    def rewrite(source, where):
+        was = target.stat()
+        with open(target, "r+b") as fh:  # in place: the same inode
+            fh.write(new_bytes)
+        os.utime(target, ns=(was.st_atime_ns, was.st_mtime_ns))
+
+    r1 = scoring.score_inbox(s, inbox=str(root), run_id="run1", hooks=scoring.Hooks(on_move_linked=rewrite))
+    assert r1["changed"] == (1 if fs == "same-filesystem" else 0)
+    assert inbox_files(root) == ["p/a.png"] and target.read_bytes() == new_bytes  # the new content is kept
+    scoring.score_inbox(s, inbox=str(root), run_id="run2")
+    assert inbox_files(root) == []
+    with session_scope(sqlite_url) as db:
+        rows = [(x.sha256, x.moved_to) for x in db.scalars(select(InboxFile)) if x.moved_to]
+        predicted = {p.image_sha256 for p in db.scalars(select(Prediction))}
+    assert sorted(str(p) for p in archived(s)) == sorted(files.path_from_display(m) for _, m in rows)
+    for sha, moved_to in rows:  # each archived file is the content its row (and prediction) is for
+        assert sha256_file(files.path_from_display(moved_to)) == sha and sha in predicted
+    assert sha256_file(tmp_path / "new.png") in {sha for sha, _ in rows}
+
+
 @pytest.mark.parametrize("how", ["replaced", "rewritten", "rewritten-with-its-size-and-times"])
 def test_file_swapped_after_scoring_is_left_for_the_next_run(
     make_settings, sqlite_url, register_champion, png_writer, tmp_path, how
@@ -354,6 +390,24 @@ def test_a_folder_named_like_a_reason_file_never_blocks_a_quarantine(
     assert (q / "x.png").read_bytes() == b"not an image" and files.reason_path(q / "x.png").is_file()
     y = q / "x.png.reason.txt.d" / "y.png"
     assert y.read_bytes() == b"not an image either" and files.reason_path(y).is_file()
+
+
+def test_a_255_byte_folder_named_like_a_reason_file_is_quarantined_under_a_shortened_name(
+    make_settings, sqlite_url, register_champion
+):
+    """A folder name of 255 bytes ending in ``.reason.txt`` has no room for ``.d``: its quarantine copy
+    gets a shortened, hashed name, so the bad file in it is quarantined in the first run (not a poison
+    path failing to move, run after run)."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    folder = "r" * (255 - len(".reason.txt")) + ".reason.txt"
+    (s.inbox_dir / folder).mkdir(parents=True)
+    (s.inbox_dir / folder / "bad.png").write_bytes(b"not an image")
+    r = scoring.score_inbox(s, run_id="run1")
+    assert (r["rejected"], r["status"]) == (1, "finished") and inbox_files(s.inbox_dir) == []
+    (copy,) = [p for p in (s.quarantine_dir / "run1").rglob("bad.png")]
+    assert copy.read_bytes() == b"not an image" and files.reason_path(copy).is_file()
+    assert copy.parent.name.endswith(".d") and len(os.fsencode(copy.parent.name)) <= 255
 
 
 def test_an_inbox_link_re_pointed_after_planning_is_refused_by_every_shard(
@@ -645,6 +699,52 @@ def test_a_copy_across_filesystems_killed_then_the_file_replaced_leaves_nothing_
         places = [r.moved_to for r in db.scalars(select(InboxFile))]
     assert len(places) == 2 and all(places) and len(set(places)) == 2
     assert not list(s.archive_dir.rglob(".bcc-move-*"))
+
+
+def _dies_at_link(n: int):
+    seen = []
+
+    def hook(source, where):
+        seen.append(where)
+        if len(seen) == n:
+            raise Crash
+
+    return hook
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_two_hard_links_killed_mid_move_are_each_archived_once(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, other_fs, fs
+):
+    """``a.png`` and ``b.png`` are one inode; the run is killed in the middle of the second one's move
+    (the first moved, its name gone). The later run must not take the waiting link for the first file
+    renamed (same device and inode): each name is archived once, under its own row, no ``~1`` copy, no
+    file 'missing'."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    root.mkdir(exist_ok=True)
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
+    register_champion(s)
+    png_writer(root / "a.png", seed=1, size=40)
+    os.link(root / "a.png", root / "b.png")
+    png_writer(root / "c.png", seed=3, size=40)
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s,
+            inbox=str(root),
+            run_id="run1",
+            batch_size=2,
+            hooks=scoring.Hooks(on_move_linked=_dies_at_link(2)),
+        )
+    assert len(inbox_files(root)) == 2  # one of the links moved, the other half-way
+    summary = scoring.score_inbox(s, inbox=str(root), run_id="run2", batch_size=2)
+    assert summary["missing"] == 0
+    assert inbox_files(root) == [] and count_rows(sqlite_url, Prediction) == 2
+    with session_scope(sqlite_url) as db:
+        rows = {r.path: r.moved_to for r in db.scalars(select(InboxFile))}
+    assert sorted(rows) == ["a.png", "b.png", "c.png"]
+    places = sorted(files.path_from_display(m) for m in rows.values())
+    assert sorted(str(p) for p in archived(s)) == places
+    assert {Path(p).name for p in places} == {"a.png", "b.png", "c.png"}
 
 
 def _die_after_commit(paths):

@@ -18,12 +18,14 @@ __all__ = ["require_schema", "transaction"]
 
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
-    """``engine.begin()`` whose database errors become :class:`StoreError`."""
+    """``engine.begin()`` whose database errors become :class:`StoreError`, naming the database (its URL,
+    password masked): "database or disk is full" says where."""
     try:
         with engine.begin() as conn:
             yield conn
     except SQLAlchemyError as exc:
-        raise StoreError(f"database error while scoring: {str(exc).splitlines()[0]}") from exc
+        where = store.safe_url(engine.url)
+        raise StoreError(f"database error while scoring ({where}): {str(exc).splitlines()[0]}") from exc
 
 
 def require_schema(url: str) -> None:

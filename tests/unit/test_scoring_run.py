@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import func, select, text
 
 from bcc_pipeline import scoring, store
@@ -246,3 +247,20 @@ def test_a_run_id_with_control_characters_never_reaches_a_log_line_raw(
     shown = lines + [rec.getMessage() for rec in caplog.records if rec.name.startswith("bcc_pipeline")]
     assert any("ev\\nil\\x1b[31m" in line for line in shown)
     assert not [line for line in shown if "\n" in line or "\x1b" in line]
+
+
+def test_a_database_error_while_scoring_names_the_database_and_hides_its_password(tmp_path):
+    """ "database or disk is full" alone does not say where: the error names the database, password masked."""
+    from sqlalchemy import create_engine
+
+    from bcc_pipeline.errors import StoreError
+    from bcc_pipeline.scoring.db import transaction
+
+    db = tmp_path / "scoring.db"
+    with pytest.raises(StoreError) as err, transaction(create_engine(f"sqlite:///{db}")) as conn:
+        conn.execute(text("select * from no_such_table"))
+    assert str(db) in str(err.value) and "no such table" in str(err.value)
+    secret = create_engine("postgresql+psycopg2://bcc:s3cret-pw@127.0.0.1:1/bcc?connect_timeout=2")
+    with pytest.raises(StoreError) as err, transaction(secret):
+        pass
+    assert "127.0.0.1:1/bcc" in str(err.value) and "s3cret-pw" not in str(err.value)

@@ -9,18 +9,27 @@ import re
 
 __all__ = ["display_path", "one_line", "path_from_display"]
 
-# Invisible format characters (Unicode category Cf, through Unicode 15): bidirectional overrides and
-# isolates, zero-width spaces and joiners, the byte-order mark, soft hyphen, tag characters. Shown raw they
-# make one name look like another (``scan\u202egnp.tiff`` reads as ``scanffit.png``), so a pathologist
-# reading the prediction table could take one patient's file for another's; displayed as their UTF-8 bytes.
+# Characters nobody can see, or that read as a plain space: the format characters (Unicode category Cf,
+# through Unicode 15: bidirectional overrides and isolates, zero-width spaces and joiners, the byte-order
+# mark, soft hyphen, tag characters), the rest of Unicode's default-ignorable code points (combining
+# grapheme joiner, Hangul fillers, variation selectors), the spaces other than U+0020 (category Zs) and
+# the blank braille pattern. Shown raw they make one name look like another (``scan\u202egnp.tiff``
+# reads as ``scanffit.png``; ``a\u00a0b.png`` as ``a b.png``), so a pathologist reading the prediction
+# table could take one patient's file for another's; displayed as their UTF-8 bytes.
 _FORMAT_CHARS = (
     "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
     "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
 )
+_IGNORABLE_CHARS = (
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\ufff0-\ufff8"
+    "\U00016fe4\U000e0000-\U000e0fff"
+)
+_BLANK_CHARS = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u2800"
+_INVISIBLE = _FORMAT_CHARS + _IGNORABLE_CHARS + _BLANK_CHARS
 # What display_path escapes: the backslash itself, bytes that are not UTF-8 (lone surrogates after
 # surrogateescape), C0/C1 control characters, the Unicode line/paragraph separators and format characters.
-_NEEDS_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff" + _FORMAT_CHARS + "]")
+_NEEDS_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff" + _INVISIBLE + "]")
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _UNESCAPE = re.compile(r"\\(?:(\\)|([nrt])|x([0-9a-fA-F]{2}))")
 
@@ -43,8 +52,9 @@ def display_path(path: str | bytes | os.PathLike[str]) -> str:
     unchanged. Otherwise the backslash is shown as ``\\\\``, newline, carriage return and tab as ``\\n``,
     ``\\r``, ``\\t``, and every byte that is not UTF-8 as ``\\xNN``, as are the bytes of any other
     control character (C0, DEL, C1), of the line and paragraph separators U+2028/U+2029 and of the
-    invisible format characters (bidirectional overrides, zero-width spaces and joiners: category Cf),
-    so that no name is shown looking like another by characters that cannot be seen. Lookalike letters
+    characters nobody can see or that read as a plain space (bidirectional overrides, zero-width spaces
+    and joiners, variation selectors, Hangul fillers, no-break and other spaces), so that no name is shown
+    looking like another by characters that cannot be told apart. Lookalike letters
     (Cyrillic ``а`` for Latin ``a``) and composed against decomposed accents are shown as they are: such
     names differ in their bytes and are stored apart, but read alike.
     """
@@ -54,7 +64,7 @@ def display_path(path: str | bytes | os.PathLike[str]) -> str:
     return _NEEDS_ESCAPE.sub(_escape, text)
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff" + _FORMAT_CHARS + "]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff" + _INVISIBLE + "]")
 
 
 def one_line(text: str) -> str:

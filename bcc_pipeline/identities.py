@@ -156,8 +156,9 @@ def find_moved(
 ) -> Path | None:
     """Where a move to ``dest`` that was never recorded put its file: ``dest``, or ``dest~N`` when that
     name was taken at the time. Each name in turn (up to the first that does not exist) is compared with
-    what the file was: the same inode (a move on one filesystem), else, on another filesystem, the same
-    size and mtime (a copy keeps them), and the same content hash where one is known. With neither ``sha256`` nor ``ident`` (rows from before
+    what the file was: the same inode (a move on one filesystem), else the same size and mtime (a copy
+    keeps them; on the same filesystem only with the content hash), and the same content hash where one
+    is known. With neither ``sha256`` nor ``ident`` (rows from before
     migration 0008 refused unread), ``dest`` is taken when it exists. A name that is ``taken`` (recorded as
     another file's place) is never the answer: two files with the same bytes and times copied across
     filesystems, or two names of one inode, are told apart by which names are left. None: none of them is
@@ -180,13 +181,16 @@ def find_moved(
         return sha256 is None or not stat.S_ISREG(st.st_mode) or sha256_of(candidate) == sha256
 
     if ident is not None:
-        # the very inode first (a move on one filesystem keeps it); size and mtime only for a copy made
-        # across filesystems (another device), where a neighbour on the same one cannot be mistaken for it
+        # the very inode first (a move on one filesystem keeps it); size and mtime for a copy made across
+        # filesystems (another device), or on this one (a file with other names is copied, not linked)
+        # where its content hash is known too, so a neighbour with the same times is not taken for it
         for candidate, st in present:
             if (st.st_dev, st.st_ino) == tuple(ident[:2]) and content_ok(candidate, st) and free(candidate):
                 return candidate
         for candidate, st in present:
-            if st.st_dev != ident[0] and (st.st_size, st.st_mtime_ns) == tuple(ident[2:]):
+            if (st.st_dev != ident[0] or sha256 is not None) and (st.st_size, st.st_mtime_ns) == tuple(
+                ident[2:]
+            ):
                 if content_ok(candidate, st) and free(candidate):
                     return candidate
         return None

@@ -11,6 +11,8 @@ The rules every move in the pipeline follows:
 * A move is idempotent. It hard-links the source to its destination (``link`` fails instead of replacing
   an existing name) and then removes the source; a move interrupted between the two steps (even by
   SIGKILL) is finished by the next attempt, which finds the destination is the same inode as the source.
+  A file with other names (hard links: another inbox path, a scanner's own link) is copied instead, as
+  across filesystems, so no name outside the archive can change an archived file's bytes.
 * Where hard links are unavailable (a filesystem without them, or not allowed for this file) the move
   is one ``renameat2(..., RENAME_NOREPLACE)`` (Linux; atomic, fails when the name is taken). Where that
   is unavailable too, the bytes are copied into a new file created with ``O_EXCL``, flushed, and only
@@ -226,6 +228,11 @@ def move_no_clobber(
             continue
         marker = None
         try:
+            if stat.S_ISREG(src_st.st_mode) and src_st.st_nlink > 1:
+                # other names of this file remain (in the inbox, or a scanner's own link): through a hard
+                # link they could rewrite the archived bytes under their prediction. Copied, as across
+                # filesystems, so the archive never shares a file with a name that is not ours.
+                raise OSError(errno.EXDEV, "the file has other names: copied, not linked", os.fspath(src))
             os.link(src, candidate, follow_symlinks=False)
         except FileExistsError:
             continue

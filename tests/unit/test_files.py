@@ -270,8 +270,33 @@ def test_two_hard_links_moved_to_one_destination_get_a_name_each(tmp_path):
     assert moving.move_no_clobber(c, dest, taken=held.__contains__) == dest.with_name("x~2.png")
     # and a retry with nothing recorded is taken for an interrupted attempt (its link was made, then killed)
     d = tmp_path / "in" / "d.png"
-    os.link(dest, d)
+    os.link(dest.with_name("x~2.png"), d)
     assert moving.move_no_clobber(d, dest.with_name("x~2.png")) == dest.with_name("x~2.png")
+    assert not d.exists() and dest.with_name("x~2.png").stat().st_nlink == 1
+
+
+def test_a_file_with_other_names_is_copied_so_no_other_name_can_change_the_archived_bytes(tmp_path):
+    """A hard link would leave the archived file one inode with names that are not ours (another inbox
+    path, a scanner's own link): rewriting one of them in place would change the archived bytes under
+    their prediction. Such a file is copied (its mode and times kept); a file with one name is linked."""
+    (tmp_path / "in").mkdir()
+    src, scanner = tmp_path / "in" / "a.png", tmp_path / "scanner-copy.png"
+    src.write_bytes(b"what was scored")
+    os.link(src, scanner)
+    read = moving.identity(os.stat(src))
+    sha = files.sha256_file(src)
+    where = moving.move_no_clobber(
+        src, tmp_path / "out" / "a.png", expect=read, expect_sha256=sha, fresh=True
+    )
+    assert not src.exists() and where.stat().st_ino != scanner.stat().st_ino
+    assert where.stat().st_mtime_ns == scanner.stat().st_mtime_ns
+    with open(scanner, "r+b") as fh:  # the scanner rewrites its own copy in place
+        fh.write(b"something else!")
+    assert where.read_bytes() == b"what was scored"
+    assert moving.find_moved(tmp_path / "out" / "a.png", sha256=sha, ident=read) == where  # found again
+    (tmp_path / "in" / "b.png").write_bytes(b"one name only")
+    ino = (tmp_path / "in" / "b.png").stat().st_ino
+    assert moving.move_no_clobber(tmp_path / "in" / "b.png", tmp_path / "out" / "b.png").stat().st_ino == ino
 
 
 def test_find_moved_never_gives_a_name_another_file_holds(tmp_path):
@@ -698,13 +723,18 @@ def test_display_path_keeps_ordinary_names_and_escapes_the_ambiguous_ones() -> N
     assert files.display_path(b"\x1b[0m") == "\\x1b[0m"
 
 
-def test_display_path_never_shows_invisible_format_characters_raw() -> None:
-    """A right-to-left override makes ``scan<RLO>gnp.tiff`` read as ``scanffit.png``, zero-width spaces
-    and joiners make two names read alike: every format character (category Cf) the interpreter knows is
-    shown as its bytes, in paths and in log lines, and the name still comes back whole."""
-    format_chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
-    assert len(format_chars) > 150
-    for ch in format_chars:
+def test_display_path_never_shows_invisible_or_blank_characters_raw() -> None:
+    """A right-to-left override makes ``scan<RLO>gnp.tiff`` read as ``scanffit.png``; zero-width spaces and
+    joiners, variation selectors, Hangul fillers and no-break spaces make two names read alike: every
+    format character (category Cf) and space other than U+0020 (Zs) the interpreter knows, every
+    default-ignorable code point and the blank braille pattern are shown as their bytes, in paths and in
+    log lines, and the name still comes back whole."""
+    invisible = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) in ("Cf", "Zs")]
+    invisible.remove(" ")
+    invisible += ["\u034f", "\u115f", "\u1160", "\u17b4", "\u180b", "\u3164", "\ufe0f", "\uffa0"]
+    invisible += ["\U00016fe4", "\U000e0100", "\u2800"]
+    assert len(invisible) > 160
+    for ch in invisible:
         name = f"scan{ch}gnp.tiff"
         shown = files.display_path(name)
         assert ch not in shown and ch not in files.one_line(f"cannot read {name}"), f"U+{ord(ch):04X}"

@@ -33,6 +33,7 @@ __all__ = [
     "identity",
     "identity_from_text",
     "identity_text",
+    "same_file",
     "sha256_of",
     "make_real_folders",
     "require_real_folders",
@@ -142,8 +143,17 @@ def make_real_folders(root: str | os.PathLike[str], folder: str | os.PathLike[st
             )
 
 
+def same_file(st: os.stat_result, ident: Identity) -> bool:
+    """Whether ``st`` is the file ``ident`` was taken of: the same identity, or, for a symbolic link, the
+    same device, inode and size (a link's target cannot change in place: ``touch -h`` changes only its
+    times, so a link touched since is still the link that was read)."""
+    if identity(st) == tuple(ident):
+        return True
+    return stat.S_ISLNK(st.st_mode) and (st.st_dev, st.st_ino, st.st_size) == tuple(ident[:3])
+
+
 def _expect(st: os.stat_result, expect: Identity | None, src: Path) -> None:
-    if expect is not None and identity(st) != tuple(expect):
+    if expect is not None and not same_file(st, expect):
         raise SourceChangedError(errno.ESTALE, "the file changed after it was read", os.fspath(src))
 
 
@@ -250,7 +260,7 @@ def found_by_identity(
                     if _same_place(path, folders) not in skip:
                         index.setdefault((st.st_dev, st.st_ino), []).append((Path(path), st))
         for path, st in index.get((ident[0], ident[1]), ()):
-            if identity(st) == tuple(ident):
+            if same_file(st, ident):
                 return path
             if sha256 is not None and stat.S_ISREG(st.st_mode) and st.st_size == ident[2]:
                 if sha256_of(path) == sha256:

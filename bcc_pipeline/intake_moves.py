@@ -52,6 +52,7 @@ from .moving import (
     move_no_clobber,
     pending_copy,
     require_real_folders,
+    same_file,
     sha256_of,
 )
 from .store import Rejection, place_recorded
@@ -372,8 +373,11 @@ def _still_refused(settings: Settings, session, src: Path, r: Any, ident: Identi
     except (LinkedFolderError, FileNotFoundError):
         return None
     if r.sha256 is None:
-        now = _lstat(src)
-        return now if ident is None or now == ident else None
+        try:
+            st = src.lstat()
+        except OSError:
+            return None
+        return identity(st) if ident is None or same_file(st, ident) else None  # a link touched since too
     held = _content_identity(src, r.sha256, images.max_file_bytes(settings.max_pixels))
     if held is None or ident is None or tuple(held[:2]) == tuple(ident[:2]):
         return held

@@ -89,6 +89,7 @@ from .identities import (
     make_real_folders,
     require_real_folders,
     require_resolved,
+    same_file,
     sha256_of,
 )
 
@@ -112,6 +113,8 @@ __all__ = [
     "quarantine_file",
     "require_real_folders",
     "require_resolved",
+    "same_file",
+    "sha256_of",
 ]
 
 
@@ -129,7 +132,7 @@ def _remove_source(
         st = os.lstat(src)
         if (st.st_dev, st.st_ino) != tuple(expect)[:2]:
             return
-        if identity(st) != tuple(expect):
+        if not same_file(st, expect):
             if shared_inode:
                 os.unlink(where)
                 raise SourceChangedError(errno.ESTALE, "the file changed while it was moved", os.fspath(src))

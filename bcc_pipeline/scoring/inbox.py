@@ -18,6 +18,7 @@ somewhere) counts as settled, with a warning: it would otherwise be skipped fore
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -89,8 +90,19 @@ def _refusal(settings: Settings, real: str) -> str | None:
         if _inside(real, m):
             return f"it lies inside {shown}, which the pipeline manages"
     managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
+    # this home and its managed folders by device and inode: reached through a bind mount, they have
+    # another path but are the same folders
+    own = {}
+    for m in [settings.home, *settings.managed_dirs]:
+        with contextlib.suppress(OSError):
+            st = os.stat(m)
+            own[(st.st_dev, st.st_ino)] = m
     folder = real
     while True:  # a BCC home, or a folder some home manages (this one or another deployment's)
+        with contextlib.suppress(OSError):
+            st = os.stat(folder)
+            if (mine := own.get((st.st_dev, st.st_ino))) is not None and os.path.realpath(mine) != folder:
+                return f"it lies inside {folder}, which is {mine} (a bind mount of it)"
         if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
             return f"it lies inside {folder}, a folder the BCC home {owner} manages ({_STALE_HINT})"
         if _is_home(folder):

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,9 +278,14 @@ class Mover:
                     return True
                 return _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id)) is None
             # refused unread (a link, a file too large): the same file only while the path holds what it
-            # held then (rows from before migration 0008 have no identity)
+            # held then (rows from before migration 0008 have no identity); a link touched since is the
+            # same link (its target cannot change in place)
+            ident = identity_from_text(r.src_identity)
             if r.src_identity is not None and r.src_identity != identity_text(it.ident):
-                return False
+                if not (
+                    it.is_link and ident is not None and it.ident is not None and ident[:3] == it.ident[:3]
+                ):
+                    return False
             return r.status == "rejected" and (it.is_link or it.kind == "rejected")
 
         for r in own:  # this run took the file on, and did not record the move
@@ -395,13 +400,19 @@ def _finish_renamed(settings: Settings, r: Any, rel: str, at: FoundBy, taken: Ta
     return where
 
 
-def _own_paths(rows: Iterable[Any], inbox_for: Callable[[str], str | None]) -> Iterator[str]:
-    """The inbox paths of ledger rows (lazily: asked for only when a renamed file is looked for)."""
+def _own_paths(
+    rows: Sequence[Any], inbox_for: Callable[[str], str | None], planned_of: Callable[[str], Iterable[str]]
+) -> Iterator[str]:
+    """The inbox paths of ledger rows, and every path their runs planned (lazily: asked for only when a
+    renamed file is looked for)."""
     for r in rows:
         inbox = inbox_for(r.run_id)
         with contextlib.suppress(ValueError):
             if inbox is not None:
                 yield os.path.join(inbox, path_from_display(r.path))
+    for run_id in dict.fromkeys(r.run_id for r in rows):
+        if (inbox := inbox_for(run_id)) is not None:
+            yield from (os.path.join(inbox, rel) for rel in planned_of(run_id))
 
 
 def sweep_interrupted(
@@ -410,6 +421,7 @@ def sweep_interrupted(
     inbox_of: Callable[[str], str | None],
     only_run: str | None = None,
     listed: Iterable[str] = (),
+    planned_of: Callable[[str], Iterable[str]] = lambda run_id: (),
 ) -> int:
     """Ledger rows whose file reached its destination but whose ``moved_to`` was never written (the
     process died between the move and the update) get ``moved_to``. ``inbox_of(run_id)`` is the inbox a
@@ -418,7 +430,9 @@ def sweep_interrupted(
     (which no run plans as that path), is looked for, and recorded as having left the inbox when it is
     nowhere (never left unsettled). ``listed``: the files in the calling run's inbox (full paths): a row
     whose path is gone and whose very file is among them under another name (a folder renamed) has its
-    move finished from there (:func:`_finish_renamed`). Returns how many rows were fixed."""
+    move finished from there (:func:`_finish_renamed`); never from a path that has a row of its own or
+    that a run planned (``planned_of(run_id)``: its files, relative to its inbox), such as another hard
+    link of the file. Returns how many rows were fixed."""
     rows = ledger.unmoved_rows(engine, only_run)
     inboxes: dict[str, str | None] = {}
 
@@ -428,7 +442,7 @@ def sweep_interrupted(
         return inboxes[run_id]
 
     # a file that waits for its own move is never another row's file renamed (a hard link of it)
-    renamed = found_by_identity(listed, own=_own_paths(rows, inbox_for))
+    renamed = found_by_identity(listed, own=_own_paths(rows, inbox_for, planned_of))
     fixed: list[tuple[int, str, str | None]] = []
     placed: set[str] = set()  # names given to rows here (recorded together at the end)
     gone: list[int] = []

@@ -66,6 +66,15 @@ def plan_inbox(settings: Settings, run_id: str) -> str | None:
         return None
 
 
+def plan_files(settings: Settings, run_id: str) -> list[str]:
+    """The files ``run_id`` planned (relative to its inbox, every shard's), or none when its plan cannot
+    be read."""
+    try:
+        return [rel for shard in load_plan(settings, run_id)["shards"] for rel in shard]
+    except (ConfigError, StoreError, KeyError, TypeError):
+        return []
+
+
 def write_shard_result(settings: Settings, run_id: str, shard: int, result: dict[str, Any]) -> None:
     path = run_dir(settings, run_id) / f"shard-{shard}.json"
     try:
@@ -195,7 +204,13 @@ def plan_shards(
         # what the inbox holds now (walked only if a row's file must be looked for under a new name; not
         # the plan's list: a retried run's plan is older than a rename)
         listed = files_below(plan.get("inbox_realpath") or plan["inbox"])
-        sweep_interrupted(settings, engine, lambda run: plan_inbox(settings, run), listed=listed)
+        sweep_interrupted(
+            settings,
+            engine,
+            lambda run: plan_inbox(settings, run),
+            listed=listed,
+            planned_of=lambda run: plan_files(settings, run),
+        )
     except BaseException as exc:  # the run's row is open: never left `running` by what stops the sweep
         from .shard import describe_failure  # (shard imports this module)
 

@@ -996,6 +996,37 @@ def test_two_refused_hard_links_killed_mid_move_are_each_quarantined_once(home, 
     assert names == {"benign/x.png": "x.png", "benign/y.png": "y.png"}
 
 
+def test_a_landing_link_killed_with_its_copy_published_then_touched_is_quarantined_once(
+    home, monkeypatch, other_fs
+):
+    """As in scoring: a link in ``landing/`` on another filesystem, intake killed with its quarantine copy
+    published, then the link touched (``touch -h``): still the same link (its target cannot change in
+    place), so the move is finished with that copy: one rejection, one quarantined link."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    _landing_on(home, other_fs)
+    (other_fs / "benign").mkdir()
+    link = other_fs / "benign" / "link.png"
+    os.symlink("/nowhere/target", link)
+
+    def die(source, where):
+        raise _Killed(where)
+
+    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    os.utime(link, ns=(1_800_000_000 * 10**9,) * 2, follow_symlinks=False)
+    for run in ("in2", "in3"):
+        assert intake(home, run_id=run).rejected == 0
+    assert not os.path.lexists(link)
+    with session_scope(home.database_url) as s:
+        rows = s.scalars(select(Rejection)).all()
+    assert len(rows) == 1 and rows[0].moved_to
+    copies = [p for p in home.quarantine_dir.rglob("*") if p.is_symlink()]
+    assert [str(p) for p in copies] == [files.path_from_display(rows[0].moved_to)]
+
+
 @pytest.mark.parametrize("how", ["touched", "copied-again"])
 def test_a_quarantine_copy_across_filesystems_killed_then_the_file_touched_is_finished_once(
     home, monkeypatch, other_fs, how

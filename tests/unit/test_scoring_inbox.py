@@ -282,3 +282,25 @@ def test_a_destination_too_long_for_path_max_is_shortened(make_settings):
     assert len(os.fsencode(long_a)) < PATH_MAX - 32 and long_a.name == "x.png" and long_a != long_b
     assert long_a.parent.parent == s.archive_dir / "run-1" and long_a.parent.name.startswith("#")
     assert destination(s, "run-1", "rejected", rel).parent.parent == s.quarantine_dir / "run-1"
+
+
+def test_this_homes_landing_through_a_bind_mount_is_never_scored(make_settings, png_writer, tmp_path):
+    """``landing/`` bind-mounted into an allowed inbox root has another path but is the same folder (the
+    same device and inode): refused, and its labelled images stay where they are."""
+    import subprocess
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    png_writer(s.landing_dir / "benign" / "p" / "mine.png")
+    view = shared / "view"
+    view.mkdir(parents=True)
+    done = subprocess.run(["mount", "--bind", str(s.landing_dir), str(view)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        for inbox in (view, view / "benign"):
+            with pytest.raises(scoring.InboxRefused, match="a bind mount of it"):
+                scoring.discover(s, inbox)
+        assert (s.landing_dir / "benign" / "p" / "mine.png").is_file()
+    finally:
+        subprocess.run(["umount", str(view)], check=True)

@@ -701,6 +701,35 @@ def test_a_copy_across_filesystems_killed_then_the_file_replaced_leaves_nothing_
     assert not list(s.archive_dir.rglob(".bcc-move-*"))
 
 
+@pytest.mark.parametrize("rerun", ["run1", "run2"], ids=["same-run-id", "new-run-id"])
+def test_a_link_killed_with_its_copy_published_then_touched_is_quarantined_once(
+    make_settings, sqlite_url, register_champion, other_fs, rerun
+):
+    """A symbolic link in an inbox on another filesystem; the run is killed with the link's quarantine copy
+    published, and the inbox link is then touched (``touch -h``). A link's target cannot change in place,
+    so it is still the link that was refused: the move is finished with that copy. One rejection, one
+    quarantined link, nothing left in the inbox; before, the link was quarantined a second time."""
+    from bcc_pipeline.store import Rejection
+
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    os.symlink("/nowhere/target", other_fs / "link.png")
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s, inbox=str(other_fs), run_id="run1", hooks=scoring.Hooks(on_move_linked=_die_at_first_link)
+        )
+    os.utime(other_fs / "link.png", ns=(1_800_000_000 * 10**9,) * 2, follow_symlinks=False)
+    for run in dict.fromkeys([rerun, "run3"]):
+        scoring.score_inbox(s, inbox=str(other_fs), run_id=run)
+    assert inbox_files(other_fs) == []
+    with session_scope(sqlite_url) as db:
+        rejections = db.scalars(select(Rejection)).all()
+    assert len(rejections) == 1 and rejections[0].moved_to
+    copies = [p for p in s.quarantine_dir.rglob("*") if p.is_symlink()]
+    assert [os.readlink(p) for p in copies] == ["/nowhere/target"]
+    assert str(copies[0]) == files.path_from_display(rejections[0].moved_to)
+
+
 def _dies_at_link(n: int):
     seen = []
 
@@ -710,6 +739,41 @@ def _dies_at_link(n: int):
             raise Crash
 
     return hook
+
+
+@pytest.mark.parametrize("rerun", ["run1", "run2"], ids=["same-run-id", "new-run-id"])
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_a_hard_link_not_yet_committed_is_never_taken_for_a_killed_moves_file(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, other_fs, fs, rerun
+):
+    """``p0/b.png`` and ``p1/b_hl.png`` are one inode, in two batches of one run; the run is killed after
+    ``p0/b.png`` moved and before that was recorded, when ``p1/b_hl.png`` has no row yet. The run planned
+    ``p1/b_hl.png``: it is a file of its own, never ``p0/b.png`` renamed (which moved it under that row and
+    left its archived copy unrecorded). Each name gets its own row and archived copy."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
+    register_champion(s)
+    png_writer(root / "p0" / "b.png", seed=1, size=40)
+    (root / "p1").mkdir()
+    os.link(root / "p0" / "b.png", root / "p1" / "b_hl.png")
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s,
+            inbox=str(root),
+            run_id="run1",
+            batch_size=1,
+            hooks=scoring.Hooks(move_file=_dies_after_move(1)),
+        )
+    assert inbox_files(root) == ["p1/b_hl.png"]
+    for run in dict.fromkeys([rerun, "run3"]):
+        assert scoring.score_inbox(s, inbox=str(root), run_id=run, batch_size=1)["missing"] == 0
+    assert inbox_files(root) == []
+    with session_scope(sqlite_url) as db:
+        rows = {r.path: r.moved_to for r in db.scalars(select(InboxFile))}
+    assert sorted(rows) == ["p0/b.png", "p1/b_hl.png"] and all(rows.values())
+    places = sorted(files.path_from_display(m) for m in rows.values())
+    assert sorted(str(p) for p in archived(s)) == places
+    assert [Path(p).name for p in places] == ["b.png", "b_hl.png"]
 
 
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])

@@ -936,17 +936,22 @@ def test_a_quarantine_move_unrecorded_when_killed_is_recorded_though_the_path_ho
     _a_name_each(home, 2)
 
 
-def _killed_with_the_copy_published(home, monkeypatch, other_fs: Path | None, rel: str) -> Path:
-    """``landing/`` (on another filesystem, ``other_fs``, unless None) holding a refused ``rel``; intake run
-    ``in1`` is killed with the file at its quarantine destination and the landing name not yet removed.
-    Returns the landing file."""
+def _killed_with_the_copy_published(
+    home, monkeypatch, other_fs: Path | None, rel: str, link_to: str | None = None
+) -> Path:
+    """``landing/`` (on another filesystem, ``other_fs``, unless None) holding a refused ``rel`` (a link to
+    ``link_to`` when given); intake run ``in1`` is killed with the file at its quarantine destination and
+    the landing name not yet removed. Returns the landing file."""
     import bcc_pipeline.intake_moves as moves_module
 
     if other_fs is not None:
         _landing_on(home, other_fs)
     bad = (other_fs or home.landing_dir) / rel
     bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"not an image, a text file")
+    if link_to is None:
+        bad.write_bytes(b"not an image, a text file")
+    else:
+        os.symlink(link_to, bad)
 
     def die(source, where):
         raise _Killed(where)
@@ -1002,20 +1007,7 @@ def test_a_landing_link_killed_with_its_copy_published_then_touched_is_quarantin
     """As in scoring: a link in ``landing/`` on another filesystem, intake killed with its quarantine copy
     published, then the link touched (``touch -h``): still the same link (its target cannot change in
     place), so the move is finished with that copy: one rejection, one quarantined link."""
-    import bcc_pipeline.intake_moves as moves_module
-
-    _landing_on(home, other_fs)
-    (other_fs / "benign").mkdir()
-    link = other_fs / "benign" / "link.png"
-    os.symlink("/nowhere/target", link)
-
-    def die(source, where):
-        raise _Killed(where)
-
-    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
-    with pytest.raises(_Killed):
-        intake(home, run_id="in1")
-    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    link = _killed_with_the_copy_published(home, monkeypatch, other_fs, "benign/link.png", "/nowhere/target")
     os.utime(link, ns=(1_800_000_000 * 10**9,) * 2, follow_symlinks=False)
     for run in ("in2", "in3"):
         assert intake(home, run_id=run).rejected == 0

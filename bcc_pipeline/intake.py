@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, inspect, select, update
+from sqlalchemy import func, select, update
 
 from . import images
 from .config import Settings
@@ -62,7 +62,7 @@ from .files import (
     safe_dirname,
     settled,
 )
-from .intake_moves import Then, carry_out, changed, finish_interrupted, quarantine_dest
+from .intake_moves import Then, carry_out, changed, finish_interrupted, quarantine_dest, require_columns
 from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
 from .moving import (
@@ -77,7 +77,6 @@ from .neardup import perceptual_hash
 from .store import (
     ImageRecord,
     Rejection,
-    get_engine,
     insert_rows,
     session_scope,
     utcnow,
@@ -162,21 +161,6 @@ def _walk(root: Path, landing: Path, report: IntakeReport) -> Iterator[Path]:
                 yield Path(dirpath) / d
 
 
-def _require_columns(url: str) -> None:
-    try:
-        cols = {c["name"] for c in inspect(get_engine(url)).get_columns("rejections")}
-    except Exception:  # noqa: BLE001 - no table at all: the first query says so
-        return
-    if "dest" not in cols:
-        raise StoreError(
-            "the database predates intake's commit-then-move columns (rejections.dest); run `bcc db upgrade`"
-        )
-    if "src_identity" not in cols:
-        raise StoreError(
-            "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
-        )
-
-
 def intake(
     settings: Settings,
     *,
@@ -200,7 +184,7 @@ def intake(
     if not landing.is_dir():
         log.info("no landing folder at %s; nothing to take in", display_path(landing))
         return report
-    _require_columns(settings.database_url)
+    require_columns(settings.database_url)
 
     for entry in sorted(landing.iterdir()):
         if entry.name.startswith("."):

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, inspect, select, update
 
 from . import images
 from .config import Settings
+from .errors import StoreError
 from .files import (
     PATH_MAX,
     display_path,
@@ -55,12 +56,12 @@ from .moving import (
     same_file,
     sha256_of,
 )
-from .store import Rejection, place_recorded
+from .store import Rejection, get_engine, place_recorded
 
 if TYPE_CHECKING:
     from .intake import IntakeReport
 
-__all__ = ["Then", "carry_out", "changed", "finish_interrupted", "quarantine_dest"]
+__all__ = ["Then", "carry_out", "changed", "finish_interrupted", "quarantine_dest", "require_columns"]
 
 log = logging.getLogger(__name__)
 
@@ -416,3 +417,20 @@ def _content_identity(path: Path, sha: str, max_bytes: int) -> Identity | None:
     if data is None or images.sha256_bytes(data) != sha:
         return None
     return identity(st)
+
+
+def require_columns(url: str) -> None:
+    """The ``rejections`` columns these moves write (``dest``, migration 0008's ``src_identity``); an older
+    schema is named with the command that upgrades it."""
+    try:
+        cols = {c["name"] for c in inspect(get_engine(url)).get_columns("rejections")}
+    except Exception:  # noqa: BLE001 - no table at all: the first query says so
+        return
+    if "dest" not in cols:
+        raise StoreError(
+            "the database predates intake's commit-then-move columns (rejections.dest); run `bcc db upgrade`"
+        )
+    if "src_identity" not in cols:
+        raise StoreError(
+            "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
+        )

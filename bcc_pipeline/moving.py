@@ -128,8 +128,8 @@ def _remove_source(
     a rewrite in place that put the size and mtime back (``rsync --inplace -t``) in the middle of the move
     is caught as well. Across filesystems the copy holds what was read (hashed as it was written), so it
     is kept and the source, now other content, stays."""
+    st = os.lstat(src) if expect is not None or sha256 is not None else None
     if expect is not None:
-        st = os.lstat(src)
         if (st.st_dev, st.st_ino) != tuple(expect)[:2]:
             return
         if not same_file(st, expect):
@@ -137,7 +137,7 @@ def _remove_source(
                 os.unlink(where)
                 raise SourceChangedError(errno.ESTALE, "the file changed while it was moved", os.fspath(src))
             return  # the copy holds what was read; the new content stays at the source
-    if sha256 is not None and stat.S_ISREG(os.lstat(src).st_mode) and sha256_of(src) != sha256:
+    if sha256 is not None and stat.S_ISREG(st.st_mode) and sha256_of(src) != sha256:
         if shared_inode:
             os.unlink(where)
             raise SourceChangedError(

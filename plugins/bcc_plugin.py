@@ -36,9 +36,9 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
-from jinja2 import Undefined
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bcc_pipeline import ui_text
 from bcc_pipeline.config import Settings, load_settings
 from bcc_pipeline.errors import BCCError, ConfigError
 from bcc_pipeline.overview import (
@@ -65,23 +65,6 @@ URL_PREFIX = "/bcc"
 PAGE_SIZES = (25, 50, 100, 250)
 THUMBNAIL_PX = 112
 MASKED_QUERY_KEYS = ("path",)  # may name a patient or a case: never in the access log
-SHOWN_METRICS = (
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "roc_auc",
-    "log_loss",
-    "brier",
-    "ece",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
-    "n",
-)  # the models page's order; other metrics follow by name
-COUNT_METRICS = ("tp", "fp", "tn", "fn", "n")
 IMAGE_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -292,7 +275,9 @@ def models_page(request: Request, user: GetUserDep, s: SettingsDep) -> Response:
     models = model_versions(s, champion_first=True)
     for m in models:  # the known metrics in a fixed order, then any others by name
         names = {n for split in m["metrics"].values() for n in split}
-        m["metric_names"] = [n for n in SHOWN_METRICS if n in names] + sorted(names - set(SHOWN_METRICS))
+        m["metric_names"] = [n for n in ui_text.SHOWN_METRICS if n in names] + sorted(
+            names - set(ui_text.SHOWN_METRICS)
+        )
     return _page(request, "models.html", user, page_name="models", models=models, promotions=promotion_log(s))
 
 
@@ -464,25 +449,10 @@ def no_such_route(request: Request, rest: str) -> Response:
     raise HTTPException(status_code=405, detail="Method Not Allowed", headers={"Allow": "GET"})
 
 
-# -- template helpers -------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or isinstance(value, Undefined) or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _metric(value: Any, name: str) -> str:
-    """A metric for people: counts as whole numbers, rates and losses with three decimals."""
-    return _fmt(value, 0 if name in COUNT_METRICS else 3)
-
-
-def _when(iso: str | None) -> str:
-    return "" if not iso else iso[:19].replace("T", " ") + " UTC"
-
-
-templates.env.filters["fmt"] = _fmt
-templates.env.filters["metric"] = _metric
-templates.env.filters["when"] = _when
+# -- template helpers (bcc_pipeline.ui_text) ------------------------------------------------------
+templates.env.filters["fmt"] = ui_text.fmt
+templates.env.filters["metric"] = ui_text.metric
+templates.env.filters["when"] = ui_text.when
 templates.env.filters["basename"] = lambda p: os.path.basename(str(p))
 
 

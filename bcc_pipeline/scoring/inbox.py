@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import images
+from .. import images, mounts
 from ..config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
 from ..errors import ConfigError
 from ..files import (
@@ -82,14 +82,10 @@ def _is_home(folder: str) -> bool:
     return all(os.path.lexists(os.path.join(folder, sign)) for sign in UNMARKED_HOME_SIGNS)
 
 
-def _refusal(settings: Settings, real: str) -> str | None:
+def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = None) -> str | None:
     """Why the folder ``real`` (a resolved path) may not be scored, or None."""
     home = os.path.realpath(settings.home)
     managed = [os.path.realpath(m) for m in settings.managed_dirs]
-    for m, shown in zip(managed, settings.managed_dirs, strict=True):
-        if _inside(real, m):
-            return f"it lies inside {shown}, which the pipeline manages"
-    managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
     # this home and its managed folders by device and inode: reached through a bind mount, they have
     # another path but are the same folders
     own = {}
@@ -98,11 +94,43 @@ def _refusal(settings: Settings, real: str) -> str | None:
             st = os.stat(m)
             own[(st.st_dev, st.st_ino)] = m
     folder = real
-    while True:  # a BCC home, or a folder some home manages (this one or another deployment's)
+    while True:
         with contextlib.suppress(OSError):
             st = os.stat(folder)
             if (mine := own.get((st.st_dev, st.st_ino))) is not None and os.path.realpath(mine) != folder:
                 return f"it lies inside {folder}, which is {mine} (a bind mount of it)"
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if problem := _home_above(settings, real):
+        return problem
+    # another deployment's folder bind-mounted here: the same folder under the path the kernel knows
+    for other in mounts.other_paths(real, table):
+        if problem := _home_above(settings, other):
+            return f"it is {display_path(other)} reached through a bind mount, and {problem}"
+    for m in [home, *managed]:
+        if _inside(m, real):
+            return f"it contains {m}, {'the BCC home' if m == home else 'a folder the pipeline manages'}"
+    roots = [os.path.realpath(r) for r in settings.allowed_inbox_roots]
+    if not any(_inside(real, r) for r in roots):
+        return (
+            f"it is not inside an allowed inbox root ({os.pathsep.join(roots)}); "
+            "set BCC_INBOX_ROOTS to allow it"
+        )
+    return None
+
+
+def _home_above(settings: Settings, real: str) -> str | None:
+    """Why ``real`` (a resolved path) is a BCC home's or lies inside a folder some home manages (this one
+    or another deployment's), or None."""
+    home = os.path.realpath(settings.home)
+    for m in settings.managed_dirs:
+        if _inside(real, os.path.realpath(m)):
+            return f"it lies inside {m}, which the pipeline manages"
+    managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
+    folder = real
+    while True:
         if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
             return f"it lies inside {folder}, a folder the BCC home {owner} manages ({_STALE_HINT})"
         if _is_home(folder):
@@ -117,18 +145,8 @@ def _refusal(settings: Settings, real: str) -> str | None:
                 )
         parent = os.path.dirname(folder)
         if parent == folder:
-            break
+            return None
         folder = parent
-    for m in [home, *managed]:
-        if _inside(m, real):
-            return f"it contains {m}, {'the BCC home' if m == home else 'a folder the pipeline manages'}"
-    roots = [os.path.realpath(r) for r in settings.allowed_inbox_roots]
-    if not any(_inside(real, r) for r in roots):
-        return (
-            f"it is not inside an allowed inbox root ({os.pathsep.join(roots)}); "
-            "set BCC_INBOX_ROOTS to allow it"
-        )
-    return None
 
 
 def inbox_root(settings: Settings, inbox: InboxArg = None) -> Path:
@@ -157,6 +175,7 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
         log.info("no inbox folder at %s; nothing to score", root)
         return out
     managed = {os.path.realpath(p) for p in settings.managed_dirs}
+    table = mounts.mount_table()
     now = time.time()
     stack: list[tuple[str, str]] = [(str(root), "")]
     while stack:
@@ -205,6 +224,13 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
                         f"refusing to score the inbox {display_path(root)}: it contains "
                         f"{display_path(entry.path)}, a folder the BCC home {owner} manages ({_STALE_HINT})"
                     )
+                for other in mounts.other_paths(os.path.realpath(entry.path), table):
+                    if problem := _home_above(settings, other):  # a bind mount of a home's folder
+                        raise InboxRefused(
+                            f"refusing to score the inbox {display_path(root)}: it contains "
+                            f"{display_path(entry.path)}, which is {display_path(other)} reached through a "
+                            f"bind mount, and {problem}"
+                        )
                 if ext in images.IMAGE_EXTENSIONS:
                     out["ignored"].append(
                         {

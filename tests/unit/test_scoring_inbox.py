@@ -3,7 +3,9 @@ or skipped, and that no folder the pipeline manages is ever scored."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import time
 
 import pytest
@@ -284,23 +286,81 @@ def test_a_destination_too_long_for_path_max_is_shortened(make_settings):
     assert destination(s, "run-1", "rejected", rel).parent.parent == s.quarantine_dir / "run-1"
 
 
-def test_this_homes_landing_through_a_bind_mount_is_never_scored(make_settings, png_writer, tmp_path):
-    """``landing/`` bind-mounted into an allowed inbox root has another path but is the same folder (the
-    same device and inode): refused, and its labelled images stay where they are."""
-    import subprocess
-
-    shared = tmp_path / "shared"
-    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
-    png_writer(s.landing_dir / "benign" / "p" / "mine.png")
-    view = shared / "view"
-    view.mkdir(parents=True)
-    done = subprocess.run(["mount", "--bind", str(s.landing_dir), str(view)], capture_output=True, text=True)
+@contextlib.contextmanager
+def bind_mounted(source, view):
+    """``source`` bind-mounted at ``view`` (created) for the block; skips where mounting is not allowed."""
+    view.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
     try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_this_homes_landing_through_a_bind_mount_is_never_scored(make_settings, png_writer, tmp_path):
+    """``landing/`` bind-mounted into an allowed inbox root has another path but is the same folder (the
+    same device and inode): refused, and its labelled images stay where they are."""
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    png_writer(s.landing_dir / "benign" / "p" / "mine.png")
+    with bind_mounted(s.landing_dir, shared / "view") as view:
         for inbox in (view, view / "benign"):
             with pytest.raises(scoring.InboxRefused, match="a bind mount of it"):
                 scoring.discover(s, inbox)
         assert (s.landing_dir / "benign" / "p" / "mine.png").is_file()
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_another_homes_folders_through_a_bind_mount_are_never_scored(make_settings, png_writer, tmp_path):
+    """Deployment B's ``landing/`` (no ``.bcc-managed`` marker: it is no link) bind-mounted into an allowed
+    root, as the inbox or as a folder inside it, and this home's ``landing/`` bind-mounted into its own
+    inbox: the kernel's mount table shows the folder's other path, inside a home, so the inbox is refused
+    and nothing is moved. A bind mount of a plain folder is scored as any folder."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+
+    shared = tmp_path / "shared"
+    s = make_settings(
+        None, settle_seconds=0, inbox_roots=f"{shared}{os.pathsep}{tmp_path / 'home' / 'inbox'}"
+    )
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    png_writer(other.landing_dir / "malignant" / "p1" / "theirs.png")
+    png_writer(s.landing_dir / "benign" / "p2" / "mine.png")
+    plain = png_writer(tmp_path / "scanner" / "out" / "scan.png").parent
+
+    def files():
+        return sorted(p for d in (other.home, s.landing_dir, plain) for p in d.rglob("*"))
+
+    before = files()
+    with bind_mounted(other.landing_dir, shared / "scans") as view:
+        for inbox in (view, view / "malignant"):
+            with pytest.raises(scoring.InboxRefused, match="reached through a bind mount.*BCC home"):
+                scoring.discover(s, inbox)
+    with bind_mounted(other.landing_dir, shared / "drop" / "scans"):
+        with pytest.raises(scoring.InboxRefused, match="contains .*scans.*reached through a bind mount"):
+            scoring.discover(s, shared / "drop")
+    with bind_mounted(s.landing_dir, s.inbox_dir / "mine"):
+        with pytest.raises(scoring.InboxRefused, match="contains .*mine.*reached through a bind mount"):
+            scoring.discover(s)
+    assert files() == before
+    with bind_mounted(plain, shared / "plain"):
+        assert scoring.discover(s, shared)["pending"] == ["plain/scan.png"]
+
+
+def test_the_mount_table_is_read_with_its_escapes(tmp_path):
+    """mountinfo writes a space, tab, newline or backslash in a path as an octal escape; a bind mount's
+    root is the folder of its filesystem it shows."""
+    from bcc_pipeline.mounts import Mount, mount_table, other_paths
+
+    table = tmp_path / "mountinfo"
+    table.write_bytes(
+        b"27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        b"90 27 254:0 /srv/b\\040home/landing /srv/in\\011box/scans rw - ext4 /dev/vda rw\n"
+        b"91 27 0:23 / /dev/shm rw - tmpfs tmpfs rw\n"
+    )
+    assert mount_table(str(table))[1] == Mount(b"254:0", b"/srv/b home/landing", b"/srv/in\tbox/scans")
+    assert mount_table(str(tmp_path / "missing")) == []
+    # the live table: an ordinary folder has no other path
+    assert other_paths(str(tmp_path)) == []

@@ -1,0 +1,93 @@
+"""Where else a folder is visible on this machine: the paths a bind mount hides.
+
+A bind mount shows a folder under a second path, and nothing at the second path says where the folder
+really lives: ``mount --bind /srv/bcc-b/landing /srv/inbox/scans`` makes deployment B's labelled images
+look like a plain inbox folder. The kernel knows, and says so in ``/proc/self/mountinfo``: each mount
+names its filesystem (major:minor) and the folder of that filesystem it shows (its *root*). Another mount
+of the same filesystem whose root lies above that folder shows it too, under a path that can be checked
+for a BCC home above it (:func:`other_paths`).
+
+Hand-written because neither the standard library nor a kept package reads mountinfo's roots
+(``os.path.ismount`` only compares devices, which a bind mount inside one filesystem leaves equal).
+Where ``/proc`` is not there (not Linux) or a filesystem is mounted nowhere else here (a container that
+sees only the bind), there is nothing to find, and only a ``.bcc-managed`` marker tells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+
+__all__ = ["Mount", "mount_table", "other_paths"]
+
+MOUNTINFO = "/proc/self/mountinfo"
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class Mount:
+    device: bytes  # major:minor of the filesystem
+    root: bytes  # the folder of that filesystem shown here
+    point: bytes  # where it is shown
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo writes space, tab, newline and backslash as three-digit octal escapes
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def mount_table(path: str = MOUNTINFO) -> list[Mount]:
+    """The mounts of this process's namespace in mount order (a later mount on a point covers an earlier
+    one); empty where the table cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    table = []
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) >= 5:
+            table.append(Mount(fields[2], _unescape(fields[3]), _unescape(fields[4])))
+    return table
+
+
+def _under(path: bytes, folder: bytes) -> bytes | None:
+    """``path`` relative to ``folder`` (b"" when equal), or None when it is not inside it."""
+    if path == folder:
+        return b""
+    prefix = folder.rstrip(b"/") + b"/"
+    return path[len(prefix) :] if path.startswith(prefix) else None
+
+
+def _join(folder: bytes, rel: bytes) -> bytes:
+    return (folder.rstrip(b"/") + b"/" + rel) if rel else folder
+
+
+def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:
+    """Other paths of the folder ``folder`` (a resolved path) on this machine, through the mounts of its
+    filesystem: for a folder inside a bind mount of ``/srv/b/landing``, ``/srv/b/landing/...`` where the
+    filesystem's root (or a folder above ``/srv/b/landing``) is mounted too. Each path returned was checked
+    to be the same folder (device and inode), so a path covered by a later mount is never returned."""
+    table = mount_table() if table is None else table
+    target = os.fsencode(folder)
+    # the mount that shows `folder`: the last one (the top of a stack) on the longest point above it
+    shown = None
+    for m in table:
+        if _under(target, m.point) is not None and (shown is None or len(m.point) >= len(shown.point)):
+            shown = m
+    if shown is None:
+        return []
+    source = _join(shown.root, _under(target, shown.point) or b"")  # the folder within its filesystem
+    found: list[str] = []
+    for m in table:
+        if m.device != shown.device or m is shown or (rel := _under(source, m.root)) is None:
+            continue
+        other = os.fsdecode(_join(m.point, rel))
+        if other != folder and other not in found:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(other, folder):
+                    found.append(other)
+    return found

@@ -139,7 +139,10 @@ def publish(
         if folder.exists():  # a stale or damaged cache: move it aside, then replace it
             stale = folder.with_name(f"{temp_prefix(folder.name)}stale-{uuid.uuid4().hex[:8]}")
             os.rename(folder, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_symlink() or not stale.is_dir():  # a file or a link stood there: never followed
+                stale.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process published first: use theirs if it is good

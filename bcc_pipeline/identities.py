@@ -168,7 +168,8 @@ def find_moved(
     name was taken at the time. Each name in turn (up to the first that does not exist) is compared with
     what the file was: the same inode (a move on one filesystem), else the same size and mtime (a copy
     keeps them; on the same filesystem only with the content hash), and the same content hash where one
-    is known. With neither ``sha256`` nor ``ident`` (rows from before
+    is known; on another filesystem, which may not hold the time (clamped or rounded), size and hash
+    alone, when nothing matched with the time. With neither ``sha256`` nor ``ident`` (rows from before
     migration 0008 refused unread), ``dest`` is taken when it exists. A name that is ``taken`` (recorded as
     another file's place) is never the answer: two files with the same bytes and times copied across
     filesystems, or two names of one inode, are told apart by which names are left. None: none of them is
@@ -203,6 +204,15 @@ def find_moved(
             ):
                 if content_ok(candidate, st) and free(candidate):
                     return candidate
+        if sha256 is not None:
+            # A copy on another filesystem keeps the time only where that filesystem can hold it: ext4
+            # clamps a time past 2446 or before 1901, a coarser one rounds it. There the size and the
+            # content hash, which were checked as the copy was written, tell it (a copy with another
+            # file's time and the same bytes cannot mislabel anything: its prediction is the same).
+            for candidate, st in present:
+                if st.st_dev != ident[0] and stat.S_ISREG(st.st_mode) and st.st_size == ident[2]:
+                    if content_ok(candidate, st) and free(candidate):
+                        return candidate
         return None
     for candidate, st in present:
         if stat.S_ISREG(st.st_mode) and sha256_of(candidate) == sha256 and free(candidate):

@@ -15,15 +15,19 @@ sees only the bind), there is nothing to find, and only a ``.bcc-managed`` marke
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass
 
-__all__ = ["Mount", "mount_table", "other_paths"]
+__all__ = ["CannotTell", "Mount", "mount_table", "other_paths"]
 
 MOUNTINFO = "/proc/self/mountinfo"
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+class CannotTell(PermissionError):
+    """A path of the folder's filesystem that may show the same folder, which this user may not look at
+    (a foreign home kept private): whether the folder is another deployment's cannot be told."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:
     """Other paths of the folder ``folder`` (a resolved path) on this machine, through the mounts of its
     filesystem: for a folder inside a bind mount of ``/srv/b/landing``, ``/srv/b/landing/...`` where the
     filesystem's root (or a folder above ``/srv/b/landing``) is mounted too. Each path returned was checked
-    to be the same folder (device and inode), so a path covered by a later mount is never returned."""
+    to be the same folder (device and inode), so a path covered by a later mount is never returned.
+    :class:`CannotTell` when a path that may be the folder cannot be looked at (permission denied)."""
     table = mount_table() if table is None else table
     target = os.fsencode(folder)
     # the mount that shows `folder`: the last one (the top of a stack) on the longest point above it
@@ -87,7 +92,13 @@ def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:
             continue
         other = os.fsdecode(_join(m.point, rel))
         if other != folder and other not in found:
-            with contextlib.suppress(OSError):
+            try:
                 if os.path.samefile(other, folder):
                     found.append(other)
+            except PermissionError as exc:  # fail closed: a private home is still a home
+                raise CannotTell(
+                    exc.errno, f"cannot tell whether it is {other} (a bind mount)", other
+                ) from exc
+            except OSError:  # gone, or not a folder: another folder, covered by a later mount
+                continue
     return found

@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,11 @@ def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = N
     if problem := _home_above(settings, real):
         return problem
     # another deployment's folder bind-mounted here: the same folder under the path the kernel knows
-    for other in mounts.other_paths(real, table):
+    try:
+        others = mounts.other_paths(real, table)
+    except mounts.CannotTell as exc:
+        return _cannot_tell(exc)
+    for other in others:
         if problem := _home_above(settings, other):
             return f"it is {display_path(other)} reached through a bind mount, and {problem}"
     for m in [home, *managed]:
@@ -147,6 +152,52 @@ def _home_above(settings: Settings, real: str) -> str | None:
         if parent == folder:
             return None
         folder = parent
+
+
+def _cannot_tell(exc: mounts.CannotTell) -> str:
+    return (
+        f"whether it is {display_path(exc.filename)} reached through a bind mount cannot be checked "
+        f"({os.strerror(exc.errno)}), so it may be another deployment's folder"
+    )
+
+
+def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -> str | None:
+    """Why the folder ``folder`` inside an inbox may not be scored ("<folder>, which is ..."), or None:
+    another deployment's home, a folder a home manages that lives elsewhere (its ``.bcc-managed``
+    marker), or a home's folder bind-mounted here (the path the mount table shows it under elsewhere)."""
+    if _is_home(folder):  # another deployment's
+        return f"the BCC home {display_path(folder)}"
+    if (owner := managing_home(folder)) is not None:
+        return f"{display_path(folder)}, a folder the BCC home {owner} manages ({_STALE_HINT})"
+    try:
+        others = mounts.other_paths(os.path.realpath(folder), table)
+    except mounts.CannotTell as exc:
+        return f"{display_path(folder)}, and {_cannot_tell(exc)}"
+    for other in others:
+        if problem := _home_above(settings, other):  # a bind mount of a home's folder
+            return f"{display_path(folder)}, which is {display_path(other)} reached through a bind mount, and {problem}"
+    return None
+
+
+def require_folders_still_allowed(settings: Settings, inbox: str, rels: Iterable[str]) -> None:
+    """Judge again, when a shard starts, the inbox and every folder between it and the files ``rels``
+    (paths relative to it) the way the run was judged when it was planned: a bind mount made since (another
+    deployment's ``landing/`` mounted over an inbox folder) is refused (:class:`InboxRefused`, no retry)
+    before anything is read or moved."""
+    table = mounts.mount_table()
+    if problem := _refusal(settings, os.path.realpath(inbox), table):
+        raise InboxRefused(f"refusing to score the inbox {display_path(inbox)}: {problem}")
+    below = set()
+    for rel in {os.path.dirname(rel) for rel in rels}:
+        while rel:
+            below.add(rel)
+            rel = os.path.dirname(rel)
+    for rel in sorted(below):
+        if problem := folder_refusal(settings, os.path.join(inbox, rel), table):
+            raise InboxRefused(
+                f"refusing to score the inbox {display_path(inbox)}: it contains {problem} (since the run "
+                "was planned)"
+            )
 
 
 def inbox_root(settings: Settings, inbox: InboxArg = None) -> Path:
@@ -214,23 +265,10 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:
                     continue
-                if _is_home(entry.path):  # another deployment's
+                if problem := folder_refusal(settings, entry.path, table):
                     raise InboxRefused(
-                        f"refusing to score the inbox {display_path(root)}: it contains the BCC home "
-                        f"{display_path(entry.path)}"
+                        f"refusing to score the inbox {display_path(root)}: it contains {problem}"
                     )
-                if (owner := managing_home(entry.path)) is not None:
-                    raise InboxRefused(
-                        f"refusing to score the inbox {display_path(root)}: it contains "
-                        f"{display_path(entry.path)}, a folder the BCC home {owner} manages ({_STALE_HINT})"
-                    )
-                for other in mounts.other_paths(os.path.realpath(entry.path), table):
-                    if problem := _home_above(settings, other):  # a bind mount of a home's folder
-                        raise InboxRefused(
-                            f"refusing to score the inbox {display_path(root)}: it contains "
-                            f"{display_path(entry.path)}, which is {display_path(other)} reached through a "
-                            f"bind mount, and {problem}"
-                        )
                 if ext in images.IMAGE_EXTENSIONS:
                     out["ignored"].append(
                         {

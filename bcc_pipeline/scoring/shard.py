@@ -23,7 +23,7 @@ from ..files import display_path, one_line
 from ..moving import move_no_clobber
 from ..store import get_engine
 from . import db, ledger, run_records
-from .inbox import InboxRefused, destination
+from .inbox import InboxRefused, destination, require_folders_still_allowed
 from .loader import Item, Loader
 from .moves import MoveFile, Mover, Tally
 from .plan import load_plan, write_shard_result
@@ -110,6 +110,9 @@ def score_shard(
     run_records.heartbeat(engine, run_id)
     try:
         _require_same_inbox(plan)
+        require_folders_still_allowed(
+            settings, plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
+        )
         scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
         result = scorer.run(plan["shards"][shard], size)
         write_shard_result(settings, run_id, shard, result)

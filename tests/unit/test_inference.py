@@ -105,6 +105,29 @@ def test_conversion_is_cached_beside_the_artifact_and_rebuilt_when_damaged(artif
     assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name]  # no leftovers
 
 
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_cache_folder_replaced_by_a_file_or_link_is_rebuilt_and_leaves_nothing(artifact, tmp_path, kind):
+    """The converted model's folder replaced by a file, or by a link to a file outside the home: it is
+    never used, the conversion is redone, and what stood there is removed, not left under a temporary
+    name (the link's target untouched)."""
+    _needs("openvino")
+    path, sha = _copy(artifact, tmp_path)
+    _p, _s, x, ref = artifact
+    load_predictor(path, sha, image_size=SIZE, backend="openvino")
+    [cache] = (path.parent / "compiled").iterdir()
+    shutil.rmtree(cache)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not a model")
+    if kind == "file":
+        cache.write_text("not a model")
+    else:
+        cache.symlink_to(outside)
+    again = load_predictor(path, sha, image_size=SIZE, backend="openvino")
+    assert again.converted and np.abs(again(x) - ref).max() <= 1e-5
+    assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name] and cache.is_dir()
+    assert outside.read_text() == "not a model"
+
+
 def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):
     """Two shards converting the same new model at once: the second never replaces a good cache that the
     first may be reading."""

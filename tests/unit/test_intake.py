@@ -1096,3 +1096,29 @@ def test_a_rejection_another_run_moved_for_this_one_keeps_its_record(home):
         row = s.scalars(select(Rejection)).one()
     assert row.run_id == "B" and row.move_error is None and row.dest is not None
     assert Path(files.path_from_display(row.moved_to)).read_bytes() == b"not an image at all"
+
+
+def test_a_quarantine_copy_whose_time_the_other_filesystem_changed_is_recorded_where_it_went(
+    home, monkeypatch, other_fs
+):
+    """``landing/`` on another filesystem; intake killed after a quarantine move, before its record. The
+    quarantine's filesystem kept another modification time than the landing file's (ext4 clamps a time
+    past 2446 or before 1901; a coarser filesystem rounds it). The next run still records the move where
+    the copy is, with its reason (by size and content hash), instead of calling the file gone and leaving
+    its copy unrecorded."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    _landing_on(home, other_fs)
+    bad = other_fs / "benign" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image, a text file")
+    os.utime(bad, ns=(10**20,) * 2)  # the year 5138: tmpfs keeps it
+    real = _move_then_die(moves_module, monkeypatch)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    (copy,) = [p for p in home.quarantine_dir.rglob("bad.png")]
+    os.utime(copy, ns=(15_032_385_535 * 10**9,) * 2)  # what ext4 makes of it
+    r = intake(home, run_id="in2")
+    assert r.recovered == 1 and _all_files(other_fs) == []
+    _a_name_each(home, 1)

@@ -349,6 +349,95 @@ def test_another_homes_folders_through_a_bind_mount_are_never_scored(make_settin
         assert scoring.discover(s, shared)["pending"] == ["plain/scan.png"]
 
 
+def test_a_bind_mount_made_after_planning_is_refused_by_the_shard(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """The DAG plans a run, then its shards run: deployment B's ``landing/`` bind-mounted over an inbox
+    folder in between is refused by the shard (one line, no retry) before anything is read or moved; B's
+    images and this inbox's own file stay where they are."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import count_rows
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    mine = png_writer(s.inbox_dir / "ward" / "x.png", seed=2)
+    png_writer(s.inbox_dir / "y.png", seed=3)
+    scoring.plan_shards(s, "r1", 1)
+    with bind_mounted(other.landing_dir / "malignant" / "p1", s.inbox_dir / "ward"):
+        with pytest.raises(scoring.InboxRefused, match="ward.*reached through a bind mount.*since the run"):
+            scoring.score_shard(s, "r1", 0)
+        assert theirs.is_file()
+    assert mine.is_file() and (s.inbox_dir / "y.png").is_file()
+    from bcc_pipeline.store import Prediction
+
+    assert count_rows(sqlite_url, Prediction) == 0
+
+
+def test_a_bind_mount_of_a_folder_this_user_cannot_check_is_refused(make_settings, png_writer, tmp_path):
+    """Deployment B's home kept private (``BCC_UMASK=077``, another owner) and its ``landing/`` bind-mounted
+    into an allowed root: the scoring user cannot look at B's path of the folder, so it cannot tell whether
+    the folder is B's. It refuses (fails closed) instead of scoring B's labelled images."""
+    import json
+    import shutil
+    import sys
+
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv here to run as a user without the right to read every folder")
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    s.home.mkdir(parents=True)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    png_writer(other.landing_dir / "malignant" / "p1" / "theirs.png")
+    os.chown(other.home, 1234, 1234)
+    os.chmod(other.home, 0o700)
+    code = (
+        "import json, sys\n"
+        "from bcc_pipeline import scoring\n"
+        "from bcc_pipeline.config import load_settings\n"
+        f"s = load_settings(env={{'BCC_HOME': {str(s.home)!r}, 'BCC_INBOX_ROOTS': {str(shared)!r}, "
+        "'BCC_SETTLE_SECONDS': '0'})\n"
+        "out = {}\n"
+        f"for inbox in ({str(shared / 'scans')!r}, {str(shared)!r}):\n"
+        "    try:\n"
+        "        out[inbox] = scoring.discover(s, inbox)['pending']\n"
+        "    except scoring.InboxRefused as exc:\n"
+        "        out[inbox] = str(exc)\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        with bind_mounted(other.landing_dir / "malignant", shared / "scans"):
+            done = subprocess.run(
+                [
+                    "setpriv",
+                    "--bounding-set=-dac_override,-dac_read_search",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    code,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+    finally:
+        os.chown(other.home, os.getuid(), os.getgid())
+    if done.returncode != 0 and "setpriv" in done.stderr:
+        pytest.skip(f"cannot drop the right to read every folder here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for inbox, result in out.items():
+        assert isinstance(result, str) and "cannot be checked" in result, (inbox, result)
+    assert (other.landing_dir / "malignant" / "p1" / "theirs.png").is_file()
+
+
 def test_the_mount_table_is_read_with_its_escapes(tmp_path):
     """mountinfo writes a space, tab, newline or backslash in a path as an octal escape; a bind mount's
     root is the folder of its filesystem it shows."""

@@ -653,6 +653,34 @@ def test_identical_files_copied_across_filesystems_and_killed_keep_a_name_each(
     _assert_a_name_each(s, sqlite_url, 2)
 
 
+def test_an_archived_copy_whose_time_the_archive_filesystem_changed_is_recorded_where_it_went(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs
+):
+    """An inbox on another filesystem; scoring killed after a move, before its record. The archive's
+    filesystem kept another modification time than the inbox file's (ext4 clamps a time past 2446 or
+    before 1901; a coarser filesystem rounds it). The later run records the move at the archived copy (by
+    size and content hash), not "left the inbox before it was moved" with the copy unrecorded."""
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    for i in range(2):
+        png_writer(other_fs / f"p{i}" / "a.png", seed=i, size=40)
+        os.utime(other_fs / f"p{i}" / "a.png", ns=(10**20,) * 2)  # the year 5138: tmpfs keeps it
+    with pytest.raises(Crash):
+        scoring.score_inbox(
+            s, inbox=str(other_fs), run_id="s1", hooks=scoring.Hooks(move_file=_dies_after_move(1))
+        )
+    for copy in s.archive_dir.rglob("a.png"):
+        os.utime(copy, ns=(15_032_385_535 * 10**9,) * 2)  # what ext4 makes of it
+    scoring.score_inbox(s, inbox=str(other_fs), run_id="s2")
+    assert inbox_files(other_fs) == []
+    with session_scope(sqlite_url) as db:
+        rows = db.scalars(select(InboxFile)).all()
+    n_predictions = count_rows(sqlite_url, Prediction)
+    copies = sorted(str(p) for p in s.archive_dir.rglob("*.png"))
+    assert n_predictions == 2 and len(rows) == 2 and len(copies) == 2
+    assert sorted(files.path_from_display(r.moved_to) for r in rows if r.moved_to) == copies
+
+
 def _assert_a_name_each(s, url: str, n: int) -> None:
     """Every ledger row is recorded at its own quarantined copy with its reason beside it, and nothing else
     is in quarantine."""

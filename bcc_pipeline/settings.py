@@ -61,8 +61,10 @@ INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 #: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
 HOME_MARKER = ".bcc-home"
 #: What makes a folder a BCC home set up before homes were marked (2026-12) and not marked by a run
-#: since: the default SQLite database beside a dataset store (either alone is too common a name).
-UNMARKED_HOME_SIGNS = ("bcc.db", "dataset")
+#: since, each set enough: the default SQLite database beside a dataset store, or (a home whose database
+#: is PostgreSQL has no ``bcc.db``) the dataset store beside the model folder. Any one name alone is too
+#: common to tell.
+UNMARKED_HOME_SIGNS = (("bcc.db", "dataset"), ("dataset", "models"))
 #: The file that marks a folder a home manages but that lives elsewhere (``landing/`` as a link to a
 #: shared mount): a folder that holds it, like a home, is never scored as an inbox.
 MANAGED_MARKER = ".bcc-managed"

@@ -16,12 +16,16 @@ this module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 __all__ = [
     "PG_ADMIN_URL",
@@ -260,3 +264,16 @@ def archived(settings: Any) -> list[Path]:
 
 class Crash(BaseException):
     """Stands in for SIGKILL: nothing after it runs (not even except Exception handlers)."""
+
+
+@contextlib.contextmanager
+def bind_mounted(source, view):
+    """``source`` bind-mounted at ``view`` (created) for the block; skips where mounting is not allowed."""
+    view.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import images, mounts
-from ..config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
+from ..config import Settings
 from ..errors import ConfigError
 from ..files import (
     PATH_MAX,
@@ -37,11 +37,11 @@ from ..files import (
     SYSTEM_NAMES,
     display_path,
     fit_path,
-    managing_home,
     quarantine_rel,
     safe_dirname,
     settled,
 )
+from ..homes import cannot_tell, folder_refusal, home_above, inside
 
 __all__ = ["PATH_MAX", "InboxRefused", "destination", "discover", "inbox_root", "path_key", "settled"]
 
@@ -51,9 +51,6 @@ InboxArg = str | os.PathLike[str] | None
 
 class InboxRefused(ConfigError):
     """A folder that may not be scored (outside the allowed roots, a BCC home, or a folder one manages)."""
-
-
-_STALE_HINT = f"its {MANAGED_MARKER} says so; delete that file if no home manages the folder any more"
 
 
 def path_key(rel: str) -> str:
@@ -69,18 +66,6 @@ def destination(settings: Settings, run_id: str, status: str, rel: str) -> Path:
         return fit_path(settings.quarantine_dir / safe_dirname(run_id), quarantine_rel(rel))
     # too long under archive/<run>/: the folders become one hashed name
     return fit_path(settings.archive_dir / safe_dirname(run_id), rel)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _is_home(folder: str) -> bool:
-    """Whether ``folder`` is a BCC home: its ``.bcc-home`` marker, or the ``bcc.db`` and ``dataset/`` of a
-    home set up before homes were marked (:data:`bcc_pipeline.settings.UNMARKED_HOME_SIGNS`)."""
-    if os.path.lexists(os.path.join(folder, HOME_MARKER)):
-        return True
-    return all(os.path.lexists(os.path.join(folder, sign)) for sign in UNMARKED_HOME_SIGNS)
 
 
 def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = None) -> str | None:
@@ -104,78 +89,25 @@ def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = N
         if parent == folder:
             break
         folder = parent
-    if problem := _home_above(settings, real):
+    if problem := home_above(settings, real):
         return problem
     # another deployment's folder bind-mounted here: the same folder under the path the kernel knows
     try:
         others = mounts.other_paths(real, table)
     except mounts.CannotTell as exc:
-        return _cannot_tell(exc)
+        return cannot_tell(exc)
     for other in others:
-        if problem := _home_above(settings, other):
+        if problem := home_above(settings, other):
             return f"it is {display_path(other)} reached through a bind mount, and {problem}"
     for m in [home, *managed]:
-        if _inside(m, real):
+        if inside(m, real):
             return f"it contains {m}, {'the BCC home' if m == home else 'a folder the pipeline manages'}"
     roots = [os.path.realpath(r) for r in settings.allowed_inbox_roots]
-    if not any(_inside(real, r) for r in roots):
+    if not any(inside(real, r) for r in roots):
         return (
             f"it is not inside an allowed inbox root ({os.pathsep.join(roots)}); "
             "set BCC_INBOX_ROOTS to allow it"
         )
-    return None
-
-
-def _home_above(settings: Settings, real: str) -> str | None:
-    """Why ``real`` (a resolved path) is a BCC home's or lies inside a folder some home manages (this one
-    or another deployment's), or None."""
-    home = os.path.realpath(settings.home)
-    for m in settings.managed_dirs:
-        if _inside(real, os.path.realpath(m)):
-            return f"it lies inside {m}, which the pipeline manages"
-    managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
-    folder = real
-    while True:
-        if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
-            return f"it lies inside {folder}, a folder the BCC home {owner} manages ({_STALE_HINT})"
-        if _is_home(folder):
-            if folder == real:
-                return "it is a BCC home"
-            first = os.path.relpath(real, folder).split(os.sep)[0]
-            if first in managed_names:
-                return f"it lies inside {os.path.join(folder, first)}, a folder of the BCC home {folder}"
-            if folder != home:  # its inbox, exports, anything: files waiting for that deployment
-                return (
-                    f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
-                )
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
-
-
-def _cannot_tell(exc: mounts.CannotTell) -> str:
-    return (
-        f"whether it is {display_path(exc.filename)} reached through a bind mount cannot be checked "
-        f"({os.strerror(exc.errno)}), so it may be another deployment's folder"
-    )
-
-
-def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -> str | None:
-    """Why the folder ``folder`` inside an inbox may not be scored ("<folder>, which is ..."), or None:
-    another deployment's home, a folder a home manages that lives elsewhere (its ``.bcc-managed``
-    marker), or a home's folder bind-mounted here (the path the mount table shows it under elsewhere)."""
-    if _is_home(folder):  # another deployment's
-        return f"the BCC home {display_path(folder)}"
-    if (owner := managing_home(folder)) is not None:
-        return f"{display_path(folder)}, a folder the BCC home {owner} manages ({_STALE_HINT})"
-    try:
-        others = mounts.other_paths(os.path.realpath(folder), table)
-    except mounts.CannotTell as exc:
-        return f"{display_path(folder)}, and {_cannot_tell(exc)}"
-    for other in others:
-        if problem := _home_above(settings, other):  # a bind mount of a home's folder
-            return f"{display_path(folder)}, which is {display_path(other)} reached through a bind mount, and {problem}"
     return None
 
 

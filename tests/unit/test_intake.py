@@ -1122,3 +1122,45 @@ def test_a_quarantine_copy_whose_time_the_other_filesystem_changed_is_recorded_w
     r = intake(home, run_id="in2")
     assert r.recovered == 1 and _all_files(other_fs) == []
     _a_name_each(home, 1)
+
+
+def test_one_folder_bind_mounted_under_both_labels_is_not_taken_in(home, png_writer):
+    """``malignant/p1`` bind-mounted at ``benign/p1``: one folder under two labels. Its images' label cannot
+    be told (the label walked first would win: malignant images stored as benign, no conflict recorded), so
+    neither path is taken in: both are reported and the images stay in ``landing/``."""
+    from tests.support import bind_mounted
+
+    src = home.landing_dir / "malignant" / "p1"
+    for i in range(2):
+        png_writer(src / f"m{i}.png", seed=i)
+    png_writer(home.landing_dir / "benign" / "p2" / "b.png", seed=9)
+    with bind_mounted(src, home.landing_dir / "benign" / "p1"):
+        r = intake(home, run_id="in1")
+        assert r.accepted == 1  # benign/p2/b.png
+        failed = {f["path"]: f["error"] for f in r.failed}
+        assert set(failed) == {"benign/p1", "malignant/p1"}
+        assert all("which label its images have cannot be told" in e for e in failed.values())
+    assert sorted(p.name for p in src.iterdir()) == ["m0.png", "m1.png"]
+    with session_scope(home.database_url) as s:
+        assert [x.label for x in s.scalars(select(ImageRecord))] == ["benign"]
+
+
+def test_another_homes_landing_bind_mounted_into_landing_is_not_taken_in(home, png_writer, tmp_path):
+    """Deployment B's ``landing/malignant/p1`` bind-mounted at this home's ``landing/benign/scans``: its
+    images are B's (and malignant), so intake refuses the folder (the path the mount table shows it under
+    lies in B's home) and leaves B's images where they are; a bind mount of a plain folder is taken in."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import bind_mounted
+
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "theirs.png", seed=1)
+    plain = png_writer(tmp_path / "scanner" / "out" / "scan.png", seed=2).parent
+    with bind_mounted(theirs.parent, home.landing_dir / "benign" / "scans"):
+        with bind_mounted(plain, home.landing_dir / "benign" / "plain"):
+            r = intake(home, run_id="in1")
+    assert r.accepted == 1 and theirs.is_file() and not (plain / "scan.png").exists()
+    (failed,) = r.failed
+    assert failed["path"] == "benign/scans" and "reached through a bind mount" in failed["error"]
+    assert "BCC home" in failed["error"]

@@ -3,7 +3,6 @@ or skipped, and that no folder the pipeline manages is ever scored."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from bcc_pipeline import scoring
 from bcc_pipeline.errors import ConfigError
+from tests.support import bind_mounted
 
 
 def test_discover_sorts_the_inbox(make_settings, png_writer, tmp_path):
@@ -78,11 +78,16 @@ def test_only_folders_in_the_allowed_roots_are_scored(make_settings, png_writer,
     assert scoring.discover(wider)["pending"] == ["ward_1/b.png"]
 
 
-@pytest.mark.parametrize("marked", [True, False], ids=["marked", "set-up-before-homes-were-marked"])
+@pytest.mark.parametrize(
+    "marked",
+    ["marked", "unmarked", "unmarked-postgresql"],
+    ids=["marked", "set-up-before-homes-were-marked", "set-up-before-homes-were-marked-on-postgresql"],
+)
 def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path, marked):
     """Another deployment's home (marked by ``bcc db upgrade``; or, set up before homes were marked and not
-    marked by a run since, known by its ``bcc.db`` beside ``dataset/``) is refused as an inbox, inside an
-    allowed root, below one, and as one of its managed folders; nothing of it is touched."""
+    marked by a run since, known by its ``bcc.db`` beside ``dataset/``, or, its database on PostgreSQL, by
+    ``models/`` beside ``dataset/``) is refused as an inbox, inside an allowed root, below one, and as one of
+    its managed folders; nothing of it is touched."""
     from bcc_pipeline.config import load_settings
     from bcc_pipeline.store import upgrade
 
@@ -91,8 +96,11 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path,
     other = load_settings(env={"BCC_HOME": str(shared / "site_b" / "home")})
     upgrade(other.database_url, home=other.home)
     assert other.home_marker.is_file() and (other.home / "bcc.db").is_file()
-    if not marked:
+    if marked != "marked":
         other.home_marker.unlink()
+    if marked == "unmarked-postgresql":  # its database lives elsewhere: no bcc.db, but its models/
+        (other.home / "bcc.db").unlink()
+        other.models_dir.mkdir(parents=True)
     png_writer(other.dataset_dir / "benign" / "a.png")
     png_writer(other.inbox_dir / "b.png")
     before = sorted(p for p in other.home.rglob("*"))
@@ -284,19 +292,6 @@ def test_a_destination_too_long_for_path_max_is_shortened(make_settings):
     assert len(os.fsencode(long_a)) < PATH_MAX - 32 and long_a.name == "x.png" and long_a != long_b
     assert long_a.parent.parent == s.archive_dir / "run-1" and long_a.parent.name.startswith("#")
     assert destination(s, "run-1", "rejected", rel).parent.parent == s.quarantine_dir / "run-1"
-
-
-@contextlib.contextmanager
-def bind_mounted(source, view):
-    """``source`` bind-mounted at ``view`` (created) for the block; skips where mounting is not allowed."""
-    view.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield view
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
 
 
 def test_this_homes_landing_through_a_bind_mount_is_never_scored(make_settings, png_writer, tmp_path):

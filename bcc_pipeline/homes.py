@@ -1,0 +1,84 @@
+"""Which folders belong to a BCC home: the home itself (its ``.bcc-home`` marker, or the signs of a home set
+up before homes were marked), the folders it manages (also where they live elsewhere: a ``.bcc-managed``
+marker naming the home), and those folders reached through a bind mount (:mod:`bcc_pipeline.mounts`).
+Scoring refuses them as inboxes (:mod:`bcc_pipeline.scoring.inbox`); intake refuses another home's folders
+mounted into ``landing/``."""
+
+from __future__ import annotations
+
+import os
+
+from . import mounts
+from .config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
+from .files import display_path, managing_home
+
+__all__ = ["STALE_HINT", "cannot_tell", "folder_refusal", "home_above", "inside", "is_home"]
+
+STALE_HINT = f"its {MANAGED_MARKER} says so; delete that file if no home manages the folder any more"
+
+
+def inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_home(folder: str) -> bool:
+    """Whether ``folder`` is a BCC home: its ``.bcc-home`` marker, or, for a home set up before homes were
+    marked, ``bcc.db`` or ``models/`` beside ``dataset/`` (:data:`bcc_pipeline.settings.UNMARKED_HOME_SIGNS`)."""
+    if os.path.lexists(os.path.join(folder, HOME_MARKER)):
+        return True
+    return any(
+        all(os.path.lexists(os.path.join(folder, sign)) for sign in signs) for signs in UNMARKED_HOME_SIGNS
+    )
+
+
+def home_above(settings: Settings, real: str) -> str | None:
+    """Why ``real`` (a resolved path) is a BCC home's or lies inside a folder some home manages (this one
+    or another deployment's), or None."""
+    home = os.path.realpath(settings.home)
+    for m in settings.managed_dirs:
+        if inside(real, os.path.realpath(m)):
+            return f"it lies inside {m}, which the pipeline manages"
+    managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
+    folder = real
+    while True:
+        if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
+            return f"it lies inside {folder}, a folder the BCC home {owner} manages ({STALE_HINT})"
+        if is_home(folder):
+            if folder == real:
+                return "it is a BCC home"
+            first = os.path.relpath(real, folder).split(os.sep)[0]
+            if first in managed_names:
+                return f"it lies inside {os.path.join(folder, first)}, a folder of the BCC home {folder}"
+            if folder != home:  # its inbox, exports, anything: files waiting for that deployment
+                return (
+                    f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
+                )
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def cannot_tell(exc: mounts.CannotTell) -> str:
+    return (
+        f"whether it is {display_path(exc.filename)} reached through a bind mount cannot be checked "
+        f"({os.strerror(exc.errno)}), so it may be another deployment's folder"
+    )
+
+
+def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -> str | None:
+    """Why the folder ``folder`` inside an inbox may not be scored ("<folder>, which is ..."), or None:
+    another deployment's home, a folder a home manages that lives elsewhere (its ``.bcc-managed``
+    marker), or a home's folder bind-mounted here (the path the mount table shows it under elsewhere)."""
+    if is_home(folder):  # another deployment's
+        return f"the BCC home {display_path(folder)}"
+    if (owner := managing_home(folder)) is not None:
+        return f"{display_path(folder)}, a folder the BCC home {owner} manages ({STALE_HINT})"
+    try:
+        others = mounts.other_paths(os.path.realpath(folder), table)
+    except mounts.CannotTell as exc:
+        return f"{display_path(folder)}, and {cannot_tell(exc)}"
+    for other in others:
+        if problem := home_above(settings, other):  # a bind mount of a home's folder
+            return f"{display_path(folder)}, which is {display_path(other)} reached through a bind mount, and {problem}"
+    return None

@@ -109,6 +109,9 @@ class IntakeReport:
     failed: list[dict[str, str]] = field(default_factory=list)  # could not be handled; still in landing
     # quarantine moves that failed again (an earlier attempt failed too): somebody has to look
     persistent_move_failures: list[dict[str, str]] = field(default_factory=list)
+    # folders not taken in as things are (cannot be listed; a bind mount it cannot label or that is not
+    # its own), also under ``failed``: somebody has to look, so ``bcc intake`` exits 1 and the task fails
+    unreachable: list[dict[str, str]] = field(default_factory=list)
     rejections_mark: int = 0  # the newest rejections row id when this run started (later: other runs')
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,12 +211,14 @@ def _walk(
             where = display_path(root.relative_to(landing))
         error = one_line(f"cannot list this folder: {exc.strerror or exc}")
         report.failed.append({"path": where, "error": error})
+        report.unreachable.append({"path": where, "error": error})
         log.error("intake: %s: %s (its files stay in landing)", where, error)
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         if blocked and (why := blocked.get(dirpath)) is not None:
             where = display_path(Path(dirpath).relative_to(landing))
             report.failed.append({"path": where, "error": one_line(f"not taken in: {why}")})
+            report.unreachable.append(report.failed[-1])
             log.error("intake: not taking in %s: %s (its files stay in landing)", where, one_line(why))
             dirnames[:] = []
             continue

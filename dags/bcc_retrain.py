@@ -32,8 +32,9 @@ holdout images.
 record_decision → publish_champion`
 
 * **intake** fails (red, not retried) when a rejected landing file could not be quarantined in more
-  than one attempt (`persistent_move_failures`, named in its log); a first failure is only reported,
-  and the next run tries again.
+  than one attempt (`persistent_move_failures`, named in its log), or when a landing folder is not
+  taken in as things are (`unreachable`: it cannot be listed, or it is a bind mount under both labels
+  or of another deployment's folder); a first failed move is only reported, and the next run tries again.
 * **check_new_data** skips the rest (run still green) when fewer than `min_new_images` new
   labelled images arrived since the champion was trained, unless `force` is set.
 * **gate** records the decision in the `promotions` table with its evidence: holdout metrics with
@@ -148,6 +149,11 @@ def bcc_retrain():
             f"{report['changed']} changed, {report['move_failed']} could not be quarantined, "
             f"{len(report['failed'])} left in landing"
         )
+        if report["unreachable"]:  # not taken in as things are (unlistable, a foreign bind mount): look
+            raise AirflowFailException(
+                f"{len(report['unreachable'])} landing folder(s) are not taken in: "
+                + "; ".join(f"{u['path']} ({u['error']})" for u in report["unreachable"][:20])
+            )
         stuck = report["persistent_move_failures"]
         if stuck:  # the files stay in landing run after run: somebody has to look
             raise AirflowFailException(

@@ -47,7 +47,9 @@ ones to `quarantine/<run>/` with a reason file beside each.
   this run reuses the same plan.
 * **score_shard** runs once per shard (dynamic task mapping): with the CeleryExecutor the shards
   spread over the workers.
-* **finalize** writes the run's counts to `scoring_runs` and returns the summary.
+* **finalize** writes the run's counts to `scoring_runs` and returns the summary; it fails (red) when
+  a file could not be moved in more than one run (`persistent_move_failures`) or a path in the inbox
+  cannot be reached (`unreachable`: a folder it cannot list, a path longer than the system allows).
 
 Query the results: `bcc predictions`, or the `latest_predictions` view in SQL.
 Schedule: `BCC_SCORE_SCHEDULE` (cron, default `0 2 * * *`, 02:00 UTC nightly). The scheduled run
@@ -182,6 +184,11 @@ def bcc_score():
             raise AirflowFailException(
                 f"scoring run {planned['run_id']} failed ({summary['shards_finished']} of "
                 f"{summary['shards']} shards finished): {summary['error']}"
+            )
+        if summary["unreachable"]:  # never scored as things are (no permission, a path too long): look
+            raise AirflowFailException(
+                f"{len(summary['unreachable'])} path(s) in the inbox cannot be reached and are never scored: "
+                + "; ".join(f"{u['path']} ({u['reason']})" for u in summary["unreachable"][:20])
             )
         stuck = summary["persistent_move_failures"]
         if stuck:  # the files stay in the inbox run after run: somebody has to look

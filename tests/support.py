@@ -277,3 +277,19 @@ def bind_mounted(source, view):
         yield view
     finally:
         subprocess.run(["umount", str(view)], check=True)
+
+
+def deeper_than_path_max(folder: Path, name: str = "deep.png") -> None:
+    """``name`` in 20 folders of 250 bytes below ``folder``: its path is longer than PATH_MAX, so nothing
+    reaches it by path, even as root (made through folder descriptors)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):  # 20 × 251 bytes > PATH_MAX
+            os.mkdir("d" * 250, dir_fd=fd)
+            nxt = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+            fh.write(b"not reachable by path")
+    finally:
+        os.close(fd)

@@ -39,6 +39,13 @@ def cmd_intake(args: argparse.Namespace) -> int:
             print(f"  left in landing {f['path']}: {f['error']}")
 
     emit(args, r, human)
+    if r["unreachable"]:
+        paths = "; ".join(f"{u['path']} ({u['error']})" for u in r["unreachable"][:10])
+        print(
+            f"bcc: error: {len(r['unreachable'])} landing folder(s) are not taken in as things are: {paths}",
+            file=sys.stderr,
+        )
+        return 1
     stuck = r["persistent_move_failures"]
     if stuck:
         paths = ", ".join(f["path"] for f in stuck[:10])

@@ -42,6 +42,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"archive: {r['archive_dir']}\nquarantine: {r['quarantine_dir']}")
 
     emit(args, r, human)
+    if r["unreachable"]:
+        paths = "; ".join(f"{u['path']} ({u['reason']})" for u in r["unreachable"][:10])
+        print(
+            f"bcc: error: {len(r['unreachable'])} path(s) in the inbox cannot be reached and are never scored "
+            f"as things are: {paths}",
+            file=sys.stderr,
+        )
+        return 1
     if r["persistent_move_failures"]:
         paths = ", ".join(f["path"] for f in r["persistent_move_failures"][:10])
         print(

@@ -46,6 +46,9 @@ from ..homes import cannot_tell, folder_refusal, home_above, inside
 __all__ = ["PATH_MAX", "InboxRefused", "destination", "discover", "inbox_root", "path_key", "settled"]
 
 log = logging.getLogger(__name__)
+#: How discovery's ``ignored`` entries start for what cannot be reached at all (a folder it cannot list, a
+#: path longer than the system allows): never scored, so the run is red (:func:`unreachable`).
+UNREACHABLE = ("cannot list this folder", "cannot inspect")
 InboxArg = str | os.PathLike[str] | None
 
 
@@ -223,3 +226,9 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
     out["pending"].sort()
     out["links"].sort()
     return out
+
+
+def unreachable(ignored: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The entries of discovery's ``ignored`` list that no run can score as things are (:data:`UNREACHABLE`):
+    somebody has to look, so ``bcc score`` exits 1 and the DAG run fails, naming them."""
+    return [i for i in ignored if i["reason"].startswith(UNREACHABLE)]

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..files import safe_dirname
 from ..store import get_engine, utcnow
 from . import db, ledger, run_records
-from .inbox import InboxArg
+from .inbox import InboxArg, unreachable
 from .moves import sweep_interrupted
 from .plan import load_plan, new_run_id, plan_inbox, plan_shards, read_shard_results
 from .shard import Hooks, Progress, describe_failure, score_shard
@@ -100,6 +100,7 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
         "skipped": len(plan["skipped"]) + sum(d.get("skipped", 0) for d in shard_docs),
         "move_failed": len(failures),
         "persistent_move_failures": [f for f in failures if (f.get("attempts") or 1) >= 2],
+        "unreachable": unreachable(plan["ignored"]),
         "changed": sum(d.get("changed", 0) for d in shard_docs),
         "quarantined_unmovable": sum(d.get("quarantined_unmovable", 0) for d in shard_docs),
         "recovered": sum(d.get("recovered", 0) for d in shard_docs),

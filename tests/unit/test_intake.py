@@ -160,24 +160,25 @@ def test_hostile_run_ids_keep_quarantine_under_quarantine(make_settings, sqlite_
     assert len(_all_files(tmp_path)) == before + 1  # the file moved (+ its reason file); nothing deleted
 
 
-def test_a_folder_intake_cannot_list_is_reported_and_the_run_goes_on(home, png_writer):
-    """A folder whose path is longer than the system allows (ENAMETOOLONG) cannot be listed, even by root."""
+def test_a_folder_intake_cannot_list_is_reported_and_the_run_goes_on(home, png_writer, monkeypatch, capsys):
+    """A folder whose path is longer than the system allows (ENAMETOOLONG) cannot be listed, even by root:
+    the other files are taken in, the folder is reported, and, as its files are never taken in as things
+    are, ``bcc intake`` exits 1 naming it (the retraining DAG's intake task fails), on every run."""
+    from bcc_pipeline.cli import main
+    from tests.support import deeper_than_path_max
+
     png_writer(home.landing_dir / "benign" / "ok.png", seed=1)
-    fd = os.open(home.landing_dir / "benign", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(20):  # 20 × 251 bytes > PATH_MAX
-            os.mkdir("d" * 250, dir_fd=fd)
-            nxt = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        with open(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
-            fh.write(b"not reachable by path")
-    finally:
-        os.close(fd)
+    deeper_than_path_max(home.landing_dir / "benign")
     r = intake(home, run_id="deep")
     assert r.accepted == 1
     assert len(r.failed) == 1 and "cannot list this folder" in r.failed[0]["error"]
     assert r.failed[0]["path"].startswith("benign/" + "d" * 250)
+    assert r.unreachable == r.failed
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["intake"]) == 1
+    assert "not taken in as things are" in capsys.readouterr().err
 
 
 def test_a_hidden_landing_folder_is_left_alone_and_reported(home, png_writer):

@@ -681,6 +681,31 @@ def test_an_archived_copy_whose_time_the_archive_filesystem_changed_is_recorded_
     assert sorted(files.path_from_display(r.moved_to) for r in rows if r.moved_to) == copies
 
 
+def test_a_file_no_path_reaches_turns_the_run_red_on_every_run(
+    make_settings, sqlite_url, register_champion, png_writer, monkeypatch, capsys
+):
+    """A file deeper than PATH_MAX in the inbox cannot even be inspected, so no run scores it: each run
+    scores the rest and lists it under ``unreachable``, and ``bcc score`` exits 1 naming it (the DAG run
+    fails), instead of a green run that passes it over as ignored forever."""
+    from bcc_pipeline.cli import main
+    from tests.support import deeper_than_path_max
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    png_writer(s.inbox_dir / "ok.png", seed=1, size=40)
+    (s.inbox_dir / "over").mkdir()
+    deeper_than_path_max(s.inbox_dir / "over", "x.png")
+    summary = scoring.score_inbox(s, run_id="r1")
+    (lost,) = summary["unreachable"]
+    assert summary["scored"] == 1 and lost["path"].startswith("over/" + "d" * 250)
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["score"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be reached and are never scored" in err and "over/" + "d" * 250 in err
+
+
 def _assert_a_name_each(s, url: str, n: int) -> None:
     """Every ledger row is recorded at its own quarantined copy with its reason beside it, and nothing else
     is in quarantine."""

@@ -72,6 +72,8 @@ def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -
     marker), or a home's folder bind-mounted here (the path the mount table shows it under elsewhere)."""
     if is_home(folder):  # another deployment's
         return f"the BCC home {display_path(folder)}"
+    if (fstype := mounts.system_filesystem(os.path.realpath(folder), table)) is not None:
+        return f"{display_path(folder)}, where the system's {fstype} filesystem is mounted"
     if (owner := managing_home(folder)) is not None:
         return f"{display_path(folder)}, a folder the BCC home {owner} manages ({STALE_HINT})"
     try:

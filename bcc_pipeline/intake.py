@@ -172,6 +172,10 @@ def _blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, st
             with contextlib.suppress(OSError):
                 st = os.stat(dirpath, follow_symlinks=False)
                 seen.setdefault((st.st_dev, st.st_ino), []).append(dirpath)
+            if (fstype := mounts.system_filesystem(os.path.realpath(dirpath), table)) is not None:
+                blocked[dirpath] = f"the system's {fstype} filesystem is mounted here"
+                dirnames[:] = []
+                continue
             try:
                 others = mounts.other_paths(os.path.realpath(dirpath), table)
             except mounts.CannotTell as exc:

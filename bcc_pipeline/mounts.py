@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 
-__all__ = ["CannotTell", "Mount", "mount_table", "other_paths"]
+__all__ = ["SYSTEM_FILESYSTEMS", "CannotTell", "Mount", "mount_table", "other_paths", "system_filesystem"]
 
 MOUNTINFO = "/proc/self/mountinfo"
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
@@ -35,6 +35,15 @@ class Mount:
     device: bytes  # major:minor of the filesystem
     root: bytes  # the folder of that filesystem shown here
     point: bytes  # where it is shown
+    fstype: bytes = b""  # its type (ext4, tmpfs, proc, ...)
+
+
+#: Filesystems the kernel makes up (processes, devices, kernel settings): what is in them is nobody's
+#: image, and a link or file there may be the system's own. A folder showing one is never scored.
+SYSTEM_FILESYSTEMS = frozenset(
+    b"autofs binfmt_misc bpf cgroup cgroup2 configfs debugfs devpts devtmpfs efivarfs fusectl hugetlbfs "
+    b"mqueue nsfs proc pstore rpc_pipefs securityfs selinuxfs sysfs tracefs".split()
+)
 
 
 def _unescape(field: bytes) -> bytes:
@@ -54,7 +63,9 @@ def mount_table(path: str = MOUNTINFO) -> list[Mount]:
     for line in lines:
         fields = line.split(b" ")
         if len(fields) >= 5:
-            table.append(Mount(fields[2], _unescape(fields[3]), _unescape(fields[4])))
+            # the optional fields end at "-"; the filesystem type follows it
+            fstype = fields[fields.index(b"-") + 1] if b"-" in fields[6:-1] else b""
+            table.append(Mount(fields[2], _unescape(fields[3]), _unescape(fields[4]), fstype))
     return table
 
 
@@ -70,6 +81,23 @@ def _join(folder: bytes, rel: bytes) -> bytes:
     return (folder.rstrip(b"/") + b"/" + rel) if rel else folder
 
 
+def _shown_by(target: bytes, table: list[Mount]) -> Mount | None:
+    """The mount that shows the path ``target``: the last one (the top of a stack) on the longest point
+    above it."""
+    shown = None
+    for m in table:
+        if _under(target, m.point) is not None and (shown is None or len(m.point) >= len(shown.point)):
+            shown = m
+    return shown
+
+
+def system_filesystem(folder: str, table: list[Mount] | None = None) -> str | None:
+    """The type of the filesystem ``folder`` (a resolved path) is on when it is one the kernel makes up
+    (:data:`SYSTEM_FILESYSTEMS`: ``/proc`` bind-mounted into an inbox), else None."""
+    shown = _shown_by(os.fsencode(folder), mount_table() if table is None else table)
+    return os.fsdecode(shown.fstype) if shown is not None and shown.fstype in SYSTEM_FILESYSTEMS else None
+
+
 def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:
     """Other paths of the folder ``folder`` (a resolved path) on this machine, through the mounts of its
     filesystem: for a folder inside a bind mount of ``/srv/b/landing``, ``/srv/b/landing/...`` where the
@@ -78,11 +106,7 @@ def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:
     :class:`CannotTell` when a path that may be the folder cannot be looked at (permission denied)."""
     table = mount_table() if table is None else table
     target = os.fsencode(folder)
-    # the mount that shows `folder`: the last one (the top of a stack) on the longest point above it
-    shown = None
-    for m in table:
-        if _under(target, m.point) is not None and (shown is None or len(m.point) >= len(shown.point)):
-            shown = m
+    shown = _shown_by(target, table)
     if shown is None:
         return []
     source = _join(shown.root, _under(target, shown.point) or b"")  # the folder within its filesystem

@@ -94,6 +94,8 @@ def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = N
         folder = parent
     if problem := home_above(settings, real):
         return problem
+    if (fstype := mounts.system_filesystem(real, table)) is not None:
+        return f"it is on the system's {fstype} filesystem"
     # another deployment's folder bind-mounted here: the same folder under the path the kernel knows
     try:
         others = mounts.other_paths(real, table)

@@ -1165,3 +1165,17 @@ def test_another_homes_landing_bind_mounted_into_landing_is_not_taken_in(home, p
     (failed,) = r.failed
     assert failed["path"] == "benign/scans" and "reached through a bind mount" in failed["error"]
     assert "BCC home" in failed["error"]
+
+
+def test_a_system_filesystem_mounted_into_landing_is_not_taken_in(home, png_writer):
+    """``/proc`` bind-mounted at ``landing/benign/proc``: nothing of the system's is taken in, rejected or
+    moved; the folder is reported (``unreachable``) and the rest is taken in."""
+    from tests.support import bind_mounted
+
+    png_writer(home.landing_dir / "benign" / "p1" / "ok.png", seed=1)
+    with bind_mounted(Path("/proc"), home.landing_dir / "benign" / "proc"):
+        r = intake(home, run_id="in1")
+    assert (r.accepted, r.rejected) == (1, 0)
+    assert [u["path"] for u in r.unreachable] == ["benign/proc"] and "proc filesystem" in r.unreachable[0][
+        "error"
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -433,6 +434,21 @@ def test_a_bind_mount_of_a_folder_this_user_cannot_check_is_refused(make_setting
     assert (other.landing_dir / "malignant" / "p1" / "theirs.png").is_file()
 
 
+def test_a_system_filesystem_mounted_into_the_inbox_is_never_scored(make_settings, png_writer, tmp_path):
+    """``/proc`` bind-mounted into the inbox (or as it): what is there is the system's (thousands of links a
+    run would "reject" and move, had the kernel allowed it; under ``/dev``, root may), so the inbox is
+    refused with one line and nothing is read or moved."""
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    png_writer(shared / "drop" / "a.png")
+    with bind_mounted(Path("/proc"), shared / "drop" / "proc"):
+        with pytest.raises(scoring.InboxRefused, match="proc.*where the system's proc filesystem is mounted"):
+            scoring.discover(s, shared / "drop")
+        with pytest.raises(scoring.InboxRefused, match="on the system's proc filesystem"):
+            scoring.discover(s, shared / "drop" / "proc")
+    assert scoring.discover(s, shared / "drop")["pending"] == ["a.png"]
+
+
 def test_the_mount_table_is_read_with_its_escapes(tmp_path):
     """mountinfo writes a space, tab, newline or backslash in a path as an octal escape; a bind mount's
     root is the folder of its filesystem it shows."""
@@ -444,7 +460,10 @@ def test_the_mount_table_is_read_with_its_escapes(tmp_path):
         b"90 27 254:0 /srv/b\\040home/landing /srv/in\\011box/scans rw - ext4 /dev/vda rw\n"
         b"91 27 0:23 / /dev/shm rw - tmpfs tmpfs rw\n"
     )
-    assert mount_table(str(table))[1] == Mount(b"254:0", b"/srv/b home/landing", b"/srv/in\tbox/scans")
+    assert mount_table(str(table))[1] == Mount(
+        b"254:0", b"/srv/b home/landing", b"/srv/in\tbox/scans", b"ext4"
+    )
+    assert [m.fstype for m in mount_table(str(table))] == [b"ext4", b"ext4", b"tmpfs"]
     assert mount_table(str(tmp_path / "missing")) == []
     # the live table: an ordinary folder has no other path
     assert other_paths(str(tmp_path)) == []

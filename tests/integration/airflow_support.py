@@ -64,38 +64,55 @@ def migrate(env: dict[str, str]) -> None:
     airflow(env, "db", "migrate", timeout=300)
 
 
-def _json_out(text: str) -> Any:
-    """The JSON document in an `airflow ... -o json` output (warnings may precede it on stdout)."""
-    for line in text.splitlines():
-        if line.startswith(("[", "{")):
-            return json.loads(line)
-    raise AssertionError(f"no JSON in airflow output:\n{text[-3000:]}")
+def metadata_url(env: Mapping[str, str]) -> str:
+    """The URL of Airflow's metadata database in ``env``: the one set, else Airflow's default, the SQLite
+    file ``$AIRFLOW_HOME/airflow.db``."""
+    return env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") or f"sqlite:///{env['AIRFLOW_HOME']}/airflow.db"
+
+
+def dag_run_states(env: Mapping[str, str], dag_id: str) -> dict[str, str]:
+    """The latest run of ``dag_id`` (by start date) and its task states, read from Airflow's metadata
+    database (tables ``dag_run`` and ``task_instance``) as `airflow dags list-runs` and `airflow tasks
+    states-for-dag-run` show them, without starting two more Airflow processes: ``__run__`` (the run's
+    state), ``__run_id__``, and one key per task instance, ``task`` or ``task[i]`` for mapped ones (a task
+    that has no state yet: "")."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(metadata_url(env))
+    try:
+        with engine.connect() as c:
+            runs = c.execute(
+                text("SELECT run_id, state, start_date FROM dag_run WHERE dag_id = :dag_id"),
+                {"dag_id": dag_id},
+            ).all()
+            assert runs, f"no run of {dag_id} in {metadata_url(env)}"
+            run = max(runs, key=lambda r: (r.start_date is not None, r.start_date))
+            tis = c.execute(
+                text(
+                    "SELECT task_id, map_index, state FROM task_instance "
+                    "WHERE dag_id = :dag_id AND run_id = :run_id"
+                ),
+                {"dag_id": dag_id, "run_id": run.run_id},
+            ).all()
+    finally:
+        engine.dispose()
+    out: dict[str, str] = {"__run__": run.state, "__run_id__": run.run_id}
+    for ti in tis:
+        key = ti.task_id if ti.map_index is None or ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+        out[key] = ti.state or ""
+    return out
 
 
 def dags_test(env: dict[str, str], dag_id: str, conf: dict[str, Any] | None = None) -> dict[str, str]:
-    """`airflow dags test` (which calls dag.test()), then the task states of that run from the DB."""
+    """`airflow dags test` (which calls dag.test()), then the task states of that run from the DB
+    (:func:`dag_run_states`), and the command's output under ``__log__``."""
     args = ["dags", "test", dag_id]
     if conf is not None:
         args += ["-c", json.dumps(conf)]
     proc = airflow(env, *args, check=False)  # exits 1 when the run fails: the states below tell
-    runs = _json_out(airflow(env, "dags", "list-runs", dag_id, "-o", "json").stdout)
-    run = max(runs, key=lambda r: r.get("start_date") or "")
-    states = _json_out(
-        airflow(env, "tasks", "states-for-dag-run", dag_id, run["run_id"], "-o", "json").stdout
-    )
-    out: dict[str, str] = {
-        "__run__": run["state"],
-        "__run_id__": run["run_id"],
-        "__log__": proc.stdout + proc.stderr,
-    }
-    for row in states:
-        key = (
-            row["task_id"]
-            if str(row.get("map_index", "-1")) in ("-1", "None", "")
-            else f"{row['task_id']}[{row['map_index']}]"
-        )
-        out[key] = row["state"]
-    return out
+    states = dag_run_states(env, dag_id)
+    run = {"__run__": states.pop("__run__"), "__run_id__": states.pop("__run_id__")}
+    return {**run, "__log__": proc.stdout + proc.stderr, **states}
 
 
 def register_tiny_champion(

@@ -14,6 +14,13 @@ from sqlalchemy import func, select
 from tests.support import write_png
 
 from .airflow_support import DAGS, REPO, airflow, airflow_env, dags_test, migrate, register_tiny_champion
+from .cli_support import (
+    bcc_cli_env,
+    bcc_json,
+    check_listed_validation,
+    check_rollback_and_promote,
+    check_trained_model_dir,
+)
 
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name != "bcc_common.py")
 HEAVY = ("tensorflow", "keras", "cv2", "sklearn", "pandas", "matplotlib")
@@ -175,7 +182,9 @@ def _bcc_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
         "BCC_SETTLE_SECONDS": "0",
         "BCC_IMAGE_SIZE": "32",
         "BCC_BASE_WEIGHTS": "none",
-        "BCC_PUBLISH_BACKENDS": "openvino",
+        # a promotion validates fp32 Keras only (reloaded and recorded, no conversion); the real
+        # OpenVINO conversion at promotion is test_cli_e2e.py::test_cli_end_to_end_sqlite's
+        "BCC_PUBLISH_BACKENDS": "keras",
     }
     env.update(extra)
     return env
@@ -250,6 +259,8 @@ def _retrain_short_circuit_then_reject(env_factory, tmp_path: Path, bcc_url: str
 
 
 def _retrain_promotes(env_factory, tmp_path: Path, bcc_url: str) -> None:
+    """The DAG trains, evaluates, gates and promotes a DenseNet over the tiny champion; then the `bcc`
+    CLI's registry commands (models, rollback, promote) on the same database."""
     home = tmp_path / "bcc"
     champion = register_tiny_champion(bcc_url, home / "models")
     env = env_factory(
@@ -279,6 +290,18 @@ def _retrain_promotes(env_factory, tmp_path: Path, bcc_url: str) -> None:
         row = s.scalars(select(Promotion).where(Promotion.to_version == new)).one()
         assert row.from_version == champion and row.actor.startswith("airflow:bcc_retrain/")
         assert row.evidence["champion"] is not None  # the tiny champion was re-scored on the same images
+    from bcc_pipeline.validation import validations_here
+
+    # fp32 Keras validated at promotion and recorded on PostgreSQL
+    assert [(r["backend"], r["validated"]) for r in validations_here(settings, new)] == [("keras", True)]
+
+    # the `bcc` CLI's registry commands on this PostgreSQL database (as test_cli_e2e.py does on SQLite)
+    cli = bcc_cli_env(_bcc_env(home, bcc_url))
+    check_trained_model_dir(home / "models" / new)
+    models = bcc_json(cli, "models")
+    assert {m["version"]: m["status"] for m in models} == {new: "champion", champion: "retired"}
+    check_listed_validation(next(m for m in models if m["version"] == new))
+    check_rollback_and_promote(cli, new, champion)
 
 
 def _score_twice(env_factory, tmp_path: Path, bcc_url: str) -> None:

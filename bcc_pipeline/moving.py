@@ -118,8 +118,36 @@ __all__ = [
 ]
 
 
+def _named_below(root: Path, ident: Identity) -> bool:
+    """Whether the file ``ident`` (its device and inode) has a name below ``root`` (never through a link).
+    A walk of the whole folder: asked only when a source name turned out to hold another file mid-move."""
+    dev, ino = tuple(ident)[:2]
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.inode() == ino and entry.stat(follow_symlinks=False).st_dev == dev:
+                            return True
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return False
+
+
 def _remove_source(
-    src: Path, where: Path, expect: Identity | None, *, shared_inode: bool, sha256: str | None = None
+    src: Path,
+    where: Path,
+    expect: Identity | None,
+    *,
+    shared_inode: bool,
+    sha256: str | None = None,
+    src_root: Path | None = None,
 ) -> None:
     """Remove ``src`` after its content reached ``where``. With ``expect``: a source path that now holds
     another file is left alone (that file was never read: it stays for the next run); a source rewritten
@@ -127,10 +155,26 @@ def _remove_source(
     With ``sha256`` (the content that was read) the bytes are hashed too, right before the source goes:
     a rewrite in place that put the size and mtime back (``rsync --inplace -t``) in the middle of the move
     is caught as well. Across filesystems the copy holds what was read (hashed as it was written), so it
-    is kept and the source, now other content, stays."""
+    is kept and the source, now other content, stays.
+
+    A source name that holds another file while the file that was read still has a name of its own
+    elsewhere (two inbox files exchanged by ``renameat2(RENAME_EXCHANGE)``, or renamed in turn, between the
+    link and here) undoes the move too: kept, a hard link would share the archived file with a name
+    outside the archive (whose edits would change archived bytes under their prediction), and the file,
+    still in the inbox under its new name, would be archived a second time by the next run. On one
+    filesystem any other name counts (the link's count); across two, a name below ``src_root``."""
     st = os.lstat(src) if expect is not None or sha256 is not None else None
     if expect is not None:
         if (st.st_dev, st.st_ino) != tuple(expect)[:2]:
+            if shared_inode:
+                still_named = os.lstat(where).st_nlink > 1
+            else:
+                still_named = src_root is not None and _named_below(src_root, expect)
+            if still_named:
+                os.unlink(where)
+                raise SourceChangedError(
+                    errno.ESTALE, "the file was renamed while it was moved", os.fspath(src)
+                )
             return
         if not same_file(st, expect):
             if shared_inode:
@@ -191,6 +235,7 @@ def move_no_clobber(
     (from the page cache, as a rule: the file was read moments before).
     """
     src, dest = Path(src), Path(dest)
+    root = Path(src_root) if src_root is not None else None
     if dest_root is not None:
         make_real_folders(dest_root, dest.parent)
     if src_root is not None:
@@ -226,7 +271,7 @@ def move_no_clobber(
             if _same_inode(cst, src_st) and not fresh and not (taken is not None and taken(candidate)):
                 # an earlier attempt linked it there and was interrupted (not another name of this inode
                 # that was moved there: that one is recorded, ``taken``)
-                _remove_source(src, candidate, expect, shared_inode=True, sha256=expect_sha256)
+                _remove_source(src, candidate, expect, shared_inode=True, sha256=expect_sha256, src_root=root)
                 return candidate
             continue
         marker = None
@@ -273,7 +318,14 @@ def move_no_clobber(
         if before_unlink is not None:
             before_unlink(src, candidate)
         try:
-            _remove_source(src, candidate, expect, shared_inode=marker is None, sha256=expect_sha256)
+            _remove_source(
+                src,
+                candidate,
+                expect,
+                shared_inode=marker is None,
+                sha256=expect_sha256,
+                src_root=root,
+            )
         except FileNotFoundError:
             # Someone else moved the same file meanwhile (to another name): keep theirs, drop our
             # extra link, and say the source is gone.

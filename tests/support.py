@@ -293,3 +293,18 @@ def deeper_than_path_max(folder: Path, name: str = "deep.png") -> None:
             fh.write(b"not reachable by path")
     finally:
         os.close(fd)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two names atomically (``renameat2(RENAME_EXCHANGE)``): each name then holds the other's file;
+    skips where the C library or the filesystem cannot."""
+    import ctypes
+
+    from bcc_pipeline.files import renameat2
+
+    if renameat2 is None:
+        pytest.skip("this C library has no renameat2: no atomic exchange")
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        pytest.skip(f"renameat2(RENAME_EXCHANGE) is refused here: {os.strerror(err)}")

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from bcc_pipeline import files, leftovers
 from bcc_pipeline.intake import intake
 from bcc_pipeline.store import ImageRecord, Rejection, session_scope, upgrade
+from tests.support import exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -962,6 +963,59 @@ def _killed_with_the_copy_published(
         intake(home, run_id="in1")
     monkeypatch.setattr(moves_module, "move_no_clobber", real)
     return bad
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_two_refused_files_exchanged_in_the_middle_of_a_move_are_each_quarantined_once(
+    home, monkeypatch, other_fs, fs
+):
+    """Two refused landing files in two folders swap names (``renameat2(RENAME_EXCHANGE)``) after the first
+    is linked (or copied) into quarantine, before its landing name is removed. The move is undone (the
+    quarantined copy would share the file with a landing name, and the next run would quarantine it
+    again); the next run quarantines each file once, each copy a file of its own."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    landing = other_fs if fs == "other-filesystem" else home.landing_dir
+    if fs == "other-filesystem":
+        _landing_on(home, other_fs)
+    (landing / "benign").mkdir(parents=True)
+    (landing / "malignant").mkdir(parents=True)
+    x, y = landing / "benign" / "x.png", landing / "malignant" / "y.png"
+    x.write_bytes(b"not an image, the first text file")
+    y.write_bytes(b"not an image either, the second text file")
+    contents = sorted([x.read_bytes(), y.read_bytes()])
+    swapped = []
+
+    def exchange_first(source, where):
+        if not swapped:
+            swapped.append(source)
+            exchange(x, y)
+
+    real = moves_module.move_no_clobber
+    monkeypatch.setattr(
+        moves_module,
+        "move_no_clobber",
+        lambda src, dest, **kw: real(src, dest, **kw, before_unlink=exchange_first),
+    )
+    r1 = intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    assert swapped and r1.changed >= 1
+
+    def quarantined():
+        return [
+            p for p in home.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")
+        ]
+
+    assert all(os.lstat(p).st_nlink == 1 for p in quarantined())  # none shares a landing name
+    r2 = intake(home, run_id="in2")
+    assert r2.failed == [] and _all_files(landing) == []
+    assert sorted(p.read_bytes() for p in quarantined()) == contents  # each file quarantined once
+    with session_scope(home.database_url) as s:
+        rows = [x for x in s.scalars(select(Rejection)) if x.moved_to]
+    assert len(rows) == 2
+    for row in rows:
+        copy = Path(files.path_from_display(row.moved_to))
+        assert files.reason_path(copy).read_text().strip() == row.reason
 
 
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])

@@ -15,7 +15,15 @@ from sqlalchemy import select
 from bcc_pipeline import files, moving, scoring
 from bcc_pipeline.images import sha256_file
 from bcc_pipeline.store import InboxFile, Prediction, session_scope
-from tests.support import Crash, archived, count_rows, fill_inbox, inbox_files, scoring_settings
+from tests.support import (
+    Crash,
+    archived,
+    count_rows,
+    exchange,
+    fill_inbox,
+    inbox_files,
+    scoring_settings,
+)
 
 
 # -- interrupted runs -------------------------------------------------------------------------
@@ -147,6 +155,46 @@ def test_a_file_rewritten_in_place_in_the_middle_of_its_move_is_never_archived_u
     for sha, moved_to in rows:  # each archived file is the content its row (and prediction) is for
         assert sha256_file(files.path_from_display(moved_to)) == sha and sha in predicted
     assert sha256_file(tmp_path / "new.png") in {sha for sha, _ in rows}
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_two_inbox_files_exchanged_in_the_middle_of_a_move_are_each_archived_once(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs
+):
+    """Two inbox files swap names (``renameat2(RENAME_EXCHANGE)``, or two renames) after the first one is
+    linked (or copied) into the archive and before its inbox name is removed: that name now holds the
+    other file, and the file that was scored lives on under the other name. Before, the archive kept a
+    hard link shared with that inbox name (an edit there changed archived bytes) and the next run
+    archived the same file again. Now the move is undone (``changed``) and the next run archives each
+    file once, from its new name, each archived copy a file of its own holding the content its row (and
+    prediction) is for."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
+    register_champion(s)
+    a = png_writer(root / "p" / "a.png", seed=1, size=40)
+    b = png_writer(root / "q" / "b.png", seed=2, size=40)
+    contents = sorted([sha256_file(a), sha256_file(b)])
+    swapped: list[Path] = []
+
+    def exchange_first(source, where):
+        if not swapped:
+            swapped.append(source)
+            exchange(a, b)
+
+    r1 = scoring.score_inbox(
+        s, inbox=str(root), run_id="run1", hooks=scoring.Hooks(on_move_linked=exchange_first)
+    )
+    assert swapped and r1["changed"] >= 1
+    assert all(os.lstat(f).st_nlink == 1 for f in archived(s))  # no archived file shares an inbox name
+    scoring.score_inbox(s, inbox=str(root), run_id="run2")
+    assert inbox_files(root) == []
+    assert sorted(sha256_file(f) for f in archived(s)) == contents  # each file archived once
+    with session_scope(sqlite_url) as db:
+        rows = [(x.sha256, x.moved_to) for x in db.scalars(select(InboxFile)) if x.moved_to]
+        predicted = {p.image_sha256 for p in db.scalars(select(Prediction))}
+    assert sorted(sha for sha, _ in rows) == contents
+    for sha, moved_to in rows:
+        assert sha256_file(files.path_from_display(moved_to)) == sha and sha in predicted
 
 
 @pytest.mark.parametrize("how", ["replaced", "rewritten", "rewritten-with-its-size-and-times"])

@@ -34,7 +34,6 @@ Paths in the report, the database and the log are shown in the one reversible fo
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -63,7 +62,7 @@ from .files import (
     safe_dirname,
     settled,
 )
-from .homes import cannot_tell, home_above
+from .intake_folders import FolderJudge, not_taken_in
 from .intake_moves import Then, carry_out, changed, finish_interrupted, quarantine_dest, require_columns
 from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
@@ -135,76 +134,11 @@ def _is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(REASON_SUFFIX)
 
 
-def _blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str]:
-    """The folders below the label folders whose files may not be taken in, with why: one folder reached
-    by two paths (a bind mount of ``malignant/p1`` at ``benign/p1``: which label its images have cannot be
-    told, and the first walked would win), and a folder that is another deployment's, or a folder of this
-    home other than ``landing/``, reached through a bind mount (the path the kernel's mount table shows it
-    under elsewhere; :mod:`bcc_pipeline.homes`), or one whose other path cannot be looked at. Their files
-    stay in ``landing/``."""
-    table = mounts.mount_table()
-    landing_real = os.path.realpath(settings.landing_dir)
-    try:
-        landing_st = os.stat(landing_real)
-        landing_id = (landing_st.st_dev, landing_st.st_ino)
-    except OSError:
-        landing_id = None
-
-    def in_landing(
-        other: str,
-    ) -> bool:  # under landing/ itself, by this path or another (its mount seen twice)
-        folder = other
-        while True:
-            with contextlib.suppress(OSError):
-                st = os.stat(folder)
-                if (st.st_dev, st.st_ino) == landing_id:
-                    return True
-            parent = os.path.dirname(folder)
-            if parent == folder:
-                return False
-            folder = parent
-
-    seen: dict[tuple[int, int], list[str]] = {}
-    blocked: dict[str, str] = {}
-    for label_dir in label_dirs:
-        for dirpath, dirnames, _ in os.walk(label_dir, followlinks=False):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            with contextlib.suppress(OSError):
-                st = os.stat(dirpath, follow_symlinks=False)
-                seen.setdefault((st.st_dev, st.st_ino), []).append(dirpath)
-            if (fstype := mounts.system_filesystem(os.path.realpath(dirpath), table)) is not None:
-                blocked[dirpath] = f"the system's {fstype} filesystem is mounted here"
-                dirnames[:] = []
-                continue
-            try:
-                others = mounts.other_paths(os.path.realpath(dirpath), table)
-            except mounts.CannotTell as exc:
-                blocked[dirpath] = cannot_tell(exc)
-                continue
-            for other in others:
-                if not in_landing(other) and (problem := home_above(settings, other)):
-                    blocked[dirpath] = (
-                        f"it is {display_path(other)} reached through a bind mount, and {problem}"
-                    )
-                    break
-    for paths in seen.values():
-        if len(paths) > 1:
-            for path in paths:
-                twins = ", ".join(
-                    display_path(os.path.relpath(p, settings.landing_dir)) for p in paths if p != path
-                )
-                blocked.setdefault(
-                    path,
-                    f"it is the same folder as {twins} (a bind mount): which label its images have cannot be told",
-                )
-    return blocked
-
-
 def _walk(
     root: Path, landing: Path, report: IntakeReport, blocked: dict[str, str] | None = None
 ) -> Iterator[Path]:
     """Regular files and symlinks below ``root`` without following links, sorted. A folder that cannot
-    be listed, or is ``blocked`` (:func:`_blocked_folders`), is reported in ``report.failed`` (its files stay
+    be listed, or is ``blocked`` (:func:`.intake_folders.blocked_folders`), is reported in ``report.failed`` (its files stay
     in landing) and the walk goes on; a hidden folder (``.patient_7/``) is left alone and reported as
     ignored, as scoring does."""
 
@@ -220,10 +154,7 @@ def _walk(
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         if blocked and (why := blocked.get(dirpath)) is not None:
-            where = display_path(Path(dirpath).relative_to(landing))
-            report.failed.append({"path": where, "error": one_line(f"not taken in: {why}")})
-            report.unreachable.append(report.failed[-1])
-            log.error("intake: not taking in %s: %s (its files stay in landing)", where, one_line(why))
+            not_taken_in(report, landing, dirpath, why)
             dirnames[:] = []
             continue
         for hidden in sorted(d for d in dirnames if d.startswith(".")):
@@ -278,22 +209,26 @@ def intake(
             )
 
     last_progress = 0
-    with session_scope(settings.database_url) as session:
+    # the mount table is watched from before the folders are judged: a bind mount made while intake runs
+    # is judged before any file read through it is stored, labelled or quarantined (FolderJudge)
+    with session_scope(settings.database_url) as session, mounts.MountWatch() as watch:
         # rejections written after this one are other runs' (row ids: the hosts' clocks may differ)
         report.rejections_mark = int(session.scalar(select(func.max(Rejection.id))) or 0)
         unfinished = finish_interrupted(settings, session, report)
         label_dirs = [landing / label for label in CLASS_NAMES]
         label_dirs = [d for d in label_dirs if d.is_dir() and not d.is_symlink()]
-        blocked = _blocked_folders(settings, label_dirs)
+        judge = FolderJudge(settings, label_dirs, watch)
         for label_dir in label_dirs:
             label = label_dir.name
-            for path in _walk(label_dir, landing, report, blocked):
+            for path in _walk(label_dir, landing, report, judge.blocked):
                 rel = path.relative_to(landing)
                 shown = display_path(rel)
                 if shown in unfinished:  # an earlier run's rejection whose move still fails
                     continue
                 try:
-                    then = _intake_one(settings, session, path, rel, label, report, quarantine_root, now_ts)
+                    then = _intake_one(
+                        settings, session, path, rel, label, report, quarantine_root, now_ts, judge
+                    )
                     session.commit()  # one file at a time: a crash loses no more than the current file
                 except OSError as exc:  # e.g. the store copy could not be written: keep the file, go on
                     session.rollback()
@@ -474,14 +409,19 @@ def _intake_one(
     report: IntakeReport,
     quarantine_root: Path,
     now_ts: float,
+    judge: FolderJudge | None = None,
 ) -> Then | None:
     """Stage one file's outcome in ``session``; returns what to do with the file after the commit (with
-    the identity of the file that was read: it is removed or moved only while the path still holds it)."""
+    the identity of the file that was read: it is removed or moved only while the path still holds it).
+    ``judge``: asked once the file is read, before anything is staged: a folder of it that a bind mount
+    made since the walk began turned into one not to take in from leaves the file where it is."""
     try:
         read = _read(settings, path, rel, report, now_ts)
     except _Refused as refused:
+        if judge is not None and judge.refuses(path, report):
+            return None
         return _reject(session, rel, refused.reason, None, report, quarantine_root, refused.ident)
-    if read is None:
+    if read is None or (judge is not None and judge.refuses(path, report)):
         return None
     data, ident, ctime = read
     sha = images.sha256_bytes(data)

@@ -5,7 +5,8 @@ really lives: ``mount --bind /srv/bcc-b/landing /srv/inbox/scans`` makes deploym
 look like a plain inbox folder. The kernel knows, and says so in ``/proc/self/mountinfo``: each mount
 names its filesystem (major:minor) and the folder of that filesystem it shows (its *root*). Another mount
 of the same filesystem whose root lies above that folder shows it too, under a path that can be checked
-for a BCC home above it (:func:`other_paths`).
+for a BCC home above it (:func:`other_paths`). A mount can also be made while a run reads a folder it judged
+a moment before: :class:`MountWatch` says when the table changed, so the folders are judged again.
 
 Hand-written because neither the standard library nor a kept package reads mountinfo's roots
 (``os.path.ismount`` only compares devices, which a bind mount inside one filesystem leaves equal).
@@ -17,9 +18,18 @@ from __future__ import annotations
 
 import os
 import re
+import select
 from dataclasses import dataclass
 
-__all__ = ["SYSTEM_FILESYSTEMS", "CannotTell", "Mount", "mount_table", "other_paths", "system_filesystem"]
+__all__ = [
+    "SYSTEM_FILESYSTEMS",
+    "CannotTell",
+    "Mount",
+    "MountWatch",
+    "mount_table",
+    "other_paths",
+    "system_filesystem",
+]
 
 MOUNTINFO = "/proc/self/mountinfo"
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
@@ -44,6 +54,45 @@ SYSTEM_FILESYSTEMS = frozenset(
     b"autofs binfmt_misc bpf cgroup cgroup2 configfs debugfs devpts devtmpfs efivarfs fusectl hugetlbfs "
     b"mqueue nsfs proc pstore rpc_pipefs securityfs selinuxfs sysfs tracefs".split()
 )
+
+
+class MountWatch:
+    """Whether this process's mount table changed since the watch was made (or last asked): a folder judged
+    before a bind mount was made over it (or over a folder above it) shows other files now, and has to be
+    judged again before what was read through it is committed or moved.
+
+    The kernel marks an open ``/proc/self/mountinfo`` when a mount or unmount changes the namespace's table
+    (``poll`` reports ``POLLPRI``: proc(5)), and clears the mark when it reports it, so each :meth:`changed`
+    is one ``poll`` call with no wait and nothing read, and a mount made and removed again between two
+    calls is still seen. Where the table cannot be opened (no ``/proc``) it never reports a change: there
+    is no table to judge by either. Use it as a context manager (it holds a file descriptor)."""
+
+    def __init__(self, path: str = MOUNTINFO):
+        self._poll: select.poll | None = None
+        try:
+            self._fh = open(path, "rb")  # noqa: SIM115 -- held open: the kernel marks this open file
+        except OSError:
+            self._fh = None
+            return
+        self._poll = select.poll()
+        self._poll.register(self._fh, select.POLLPRI | select.POLLERR)
+
+    def changed(self) -> bool:
+        """Whether a mount or unmount happened since the last call (or since the watch was made)."""
+        if self._poll is None:
+            return False
+        return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in self._poll.poll(0))
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh, self._poll = None, None
+
+    def __enter__(self) -> MountWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _unescape(field: bytes) -> bytes:

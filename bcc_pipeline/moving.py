@@ -37,7 +37,9 @@ The rules every move in the pipeline follows:
 * A caller that read the file can pass its identity (device, inode, size, mtime): a source that is no
   longer that file is not moved (:class:`SourceChangedError`), and a hard link that turns out to be of
   another file is undone. A source name that holds another file by the time the source is to be removed
-  is left alone (the moved copy is what was read). With the hash of what was read (``expect_sha256``)
+  is left alone (the moved copy is what was read), unless the file that was read still has a name of its
+  own there (two files that swapped names mid-move): then the move is undone, so no archived file shares
+  its inode with an inbox name and the next run moves the file once, from its new name. With the hash of what was read (``expect_sha256``)
   the bytes are checked too: a copy across filesystems must hash to it as it is written, and the source
   is hashed again right before it is removed, so a rewrite in place in the middle of the move that puts
   size and mtime back (``rsync --inplace -t``; a hard link's change time says nothing) undoes a hard

@@ -120,7 +120,8 @@ def require_folders_still_allowed(settings: Settings, inbox: str, rels: Iterable
     """Judge again, when a shard starts, the inbox and every folder between it and the files ``rels``
     (paths relative to it) the way the run was judged when it was planned: a bind mount made since (another
     deployment's ``landing/`` mounted over an inbox folder) is refused (:class:`InboxRefused`, no retry)
-    before anything is read or moved."""
+    before anything is read or moved. A shard calls it again whenever the mount table changes while it
+    runs (:class:`bcc_pipeline.mounts.MountWatch`)."""
     table = mounts.mount_table()
     if problem := _refusal(settings, os.path.realpath(inbox), table):
         raise InboxRefused(f"refusing to score the inbox {display_path(inbox)}: {problem}")

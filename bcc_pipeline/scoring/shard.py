@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import mounts
 from ..config import Settings
 from ..errors import ArtifactError, BCCError, ConfigError
 from ..files import display_path, one_line
@@ -109,12 +110,15 @@ def score_shard(
     engine = get_engine(settings.database_url)
     run_records.heartbeat(engine, run_id)
     try:
-        _require_same_inbox(plan)
-        require_folders_still_allowed(
-            settings, plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
-        )
-        scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks())
-        result = scorer.run(plan["shards"][shard], size)
+        # watched from before the folders are judged: a bind mount made at any point after the judgement
+        # is seen before anything read through it is committed or moved (_ShardScorer._judge_again)
+        with mounts.MountWatch() as watch:
+            _require_same_inbox(plan)
+            require_folders_still_allowed(
+                settings, plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
+            )
+            scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks(), watch)
+            result = scorer.run(plan["shards"][shard], size)
         write_shard_result(settings, run_id, shard, result)
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
         run_records.fail_run(engine, run_id, describe_failure(exc))
@@ -139,9 +143,16 @@ def _require_same_inbox(plan: dict[str, Any]) -> None:
 
 class _ShardScorer:
     def __init__(
-        self, settings: Settings, plan: dict[str, Any], shard: int, progress: Progress, hooks: Hooks
+        self,
+        settings: Settings,
+        plan: dict[str, Any],
+        shard: int,
+        progress: Progress,
+        hooks: Hooks,
+        watch: mounts.MountWatch | None = None,
     ):
         self.s, self.shard, self.progress, self.hooks = settings, shard, progress, hooks
+        self.watch, self.rels = watch, list(plan["shards"][shard])
         self.run_id: str = plan["run_id"]
         # The folder the inbox resolved to when it was judged (checked unchanged by _require_same_inbox):
         # every read and move goes through it, so a link to the inbox re-pointed while this shard runs
@@ -184,6 +195,7 @@ class _ShardScorer:
             ThreadPoolExecutor(1, thread_name_prefix="bcc-model") as model_thread,
         ):
             for items in loader.batches(rels, batch_size):  # 1. load a batch (read one batch ahead)
+                self._judge_again()  # read through a bind mount made since? never settled or moved
                 fresh = self._dedupe(items)  # 2. settle what the ledger already knows
                 batch = self._start_predict(items, fresh, pending, model_thread)  # 3. the model starts
                 if pending is not None:
@@ -206,9 +218,11 @@ class _ShardScorer:
             probs[sha], how[sha] = self._last[0][sha], self._last[1][sha]
         self._last = (probs, how)
         if batch.fresh:
+            self._judge_again()
             mine = self._commit(batch.fresh, probs, how)  # 4. commit the batch in one transaction
             if self.hooks.on_batch_committed is not None:
                 self.hooks.on_batch_committed([it.path for it in mine])
+            self._judge_again()
             self.mover.move(
                 [
                     (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
@@ -226,6 +240,17 @@ class _ShardScorer:
                 f"({self.counts['scored']} scored, {self.counts['duplicates']} duplicates, "
                 f"{self.counts['rejected']} rejected)"
             )
+
+    def _judge_again(self) -> None:
+        """When the mount table changed since the shard's folders were judged (a bind mount made over an
+        inbox folder, or the inbox, while this shard runs), judge them again as at its start: a folder
+        that is now another deployment's (or this home's) is refused (:class:`InboxRefused`, no retry)
+        before anything read through it is committed or moved. A change that leaves every folder as it
+        was judged (another mount on the machine) changes nothing; a file that a mount made and removed
+        again showed for a moment is still never moved (the path holds another file: ``changed``)."""
+        if self.watch is not None and self.watch.changed():
+            log.info("scoring %s: the mount table changed; judging the inbox's folders again", self.run_id)
+            require_folders_still_allowed(self.s, self.inbox, self.rels)
 
     def _result(self, n_files: int, t0: float, t1: float) -> dict[str, Any]:
         c, ref = self.counts, self.model.reference_load

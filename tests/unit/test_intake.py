@@ -1200,6 +1200,40 @@ def test_one_folder_bind_mounted_under_both_labels_is_not_taken_in(home, png_wri
         assert [x.label for x in s.scalars(select(ImageRecord))] == ["benign"]
 
 
+def test_a_folder_bind_mounted_under_the_other_label_while_intake_runs_is_not_taken_in(home, png_writer):
+    """``malignant/p1`` bind-mounted at ``benign/p1`` in the middle of a run, after the folders were judged
+    (right after ``benign/a.png`` was committed; the walk lists ``benign/p1`` after that). Before, its
+    malignant images were stored as benign and removed from ``landing/``. Now the mount table's change is
+    seen once a file is read, the folders are judged again, and neither path is taken in; after the mount
+    is gone the next run takes them in as malignant."""
+    import contextlib
+
+    from tests.support import bind_mounted
+
+    src = home.landing_dir / "malignant" / "p1"
+    for i in range(2):
+        png_writer(src / f"m{i}.png", seed=i)
+    png_writer(home.landing_dir / "benign" / "a.png", seed=9)
+    (home.landing_dir / "benign" / "p1").mkdir()
+    mounted = []
+    with contextlib.ExitStack() as stack:
+
+        def mount_after_the_first(shown):
+            if not mounted:
+                mounted.append(stack.enter_context(bind_mounted(src, home.landing_dir / "benign" / "p1")))
+
+        r = intake(home, run_id="in1", on_committed=mount_after_the_first)
+        assert mounted and r.accepted == 1  # benign/a.png
+        assert {f["path"] for f in r.unreachable} == {"benign/p1", "malignant/p1"}
+    assert sorted(p.name for p in src.iterdir()) == ["m0.png", "m1.png"]
+    with session_scope(home.database_url) as s:
+        assert [x.label for x in s.scalars(select(ImageRecord))] == ["benign"]
+    r2 = intake(home, run_id="in2")
+    assert r2.accepted == 2 and r2.unreachable == []
+    with session_scope(home.database_url) as s:
+        assert sorted(x.label for x in s.scalars(select(ImageRecord))) == ["benign", "malignant", "malignant"]
+
+
 def test_another_homes_landing_bind_mounted_into_landing_is_not_taken_in(home, png_writer, tmp_path):
     """Deployment B's ``landing/malignant/p1`` bind-mounted at this home's ``landing/benign/scans``: its
     images are B's (and malignant), so intake refuses the folder (the path the mount table shows it under

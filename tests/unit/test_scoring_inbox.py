@@ -12,7 +12,7 @@ import pytest
 
 from bcc_pipeline import scoring
 from bcc_pipeline.errors import ConfigError
-from tests.support import bind_mounted
+from tests.support import bind_mounted, inbox_files
 
 
 def test_discover_sorts_the_inbox(make_settings, png_writer, tmp_path):
@@ -371,6 +371,48 @@ def test_a_bind_mount_made_after_planning_is_refused_by_the_shard(
     from bcc_pipeline.store import Prediction
 
     assert count_rows(sqlite_url, Prediction) == 0
+
+
+def test_a_bind_mount_made_while_a_shard_runs_is_refused_before_anything_read_through_it_moves(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Deployment B's ``landing/`` bind-mounted over an inbox folder in the middle of a shard (after its
+    first batch was committed): the mount table's change is seen (``poll`` on ``/proc/self/mountinfo``),
+    the folders are judged again, and the shard is refused before its next commit or move. B's image is
+    never scored nor moved; once the mount is gone the next run scores this inbox's own files."""
+    import contextlib
+
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import Prediction, upgrade
+    from tests.support import count_rows
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    for name, seed in (("a.png", 2), ("b.png", 3), ("c.png", 4)):
+        png_writer(s.inbox_dir / name, seed=seed)
+    mine = png_writer(s.inbox_dir / "ward" / "x.png", seed=5)
+    scoring.plan_shards(s, "r1", 1)
+    mounted = []
+    with contextlib.ExitStack() as stack:
+
+        def mount_over_ward(paths):
+            if not mounted:  # once, after the first batch's commit
+                view = bind_mounted(other.landing_dir / "malignant" / "p1", s.inbox_dir / "ward")
+                mounted.append(stack.enter_context(view))
+
+        hooks = scoring.Hooks(on_batch_committed=mount_over_ward)
+        with pytest.raises(scoring.InboxRefused, match="ward.*reached through a bind mount"):
+            scoring.score_shard(s, "r1", 0, batch_size=1, hooks=hooks)
+        assert mounted, "the hook never ran"
+        assert theirs.is_file() and theirs.read_bytes() == (s.inbox_dir / "ward" / "x.png").read_bytes()
+    assert count_rows(sqlite_url, Prediction) == 1  # the first batch only
+    assert theirs.is_file() and mine.is_file()
+    r = scoring.score_inbox(s, run_id="r2")
+    assert r["status"] == "finished" and inbox_files(s.inbox_dir) == []
+    assert theirs.is_file() and count_rows(sqlite_url, Prediction) == 4
 
 
 def test_a_bind_mount_of_a_folder_this_user_cannot_check_is_refused(make_settings, png_writer, tmp_path):

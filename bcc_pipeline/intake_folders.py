@@ -1,0 +1,137 @@
+"""Which folders below ``landing/<label>/`` intake takes files in from: judged before the walk, and again
+whenever the mount table changes while intake runs (:class:`bcc_pipeline.mounts.MountWatch`).
+
+A folder's label is the label folder it lies in. A bind mount shows one folder under two paths, so a
+folder reached by two paths (``malignant/p1`` mounted at ``benign/p1``) cannot be labelled, and another
+deployment's folder (or this home's own ``dataset/``) mounted into ``landing/`` is not this intake's to
+take (:mod:`bcc_pipeline.homes`). Such folders are refused, their files left in ``landing/`` and reported
+as unreachable. A mount made in the middle of a run (after the folders were judged, before or while a file
+under it is read) is judged as well: each file is checked once it is read, before its outcome is staged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import mounts
+from .config import Settings
+from .files import display_path, one_line
+from .homes import cannot_tell, home_above
+
+if TYPE_CHECKING:
+    from .intake import IntakeReport
+
+__all__ = ["FolderJudge", "blocked_folders", "not_taken_in"]
+
+log = logging.getLogger(__name__)
+
+
+def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str]:
+    """The folders below the label folders whose files may not be taken in, with why: one folder reached
+    by two paths (a bind mount of ``malignant/p1`` at ``benign/p1``: which label its images have cannot be
+    told, and the first walked would win), and a folder that is another deployment's, or a folder of this
+    home other than ``landing/``, reached through a bind mount (the path the kernel's mount table shows it
+    under elsewhere; :mod:`bcc_pipeline.homes`), or one whose other path cannot be looked at. Their files
+    stay in ``landing/``."""
+    table = mounts.mount_table()
+    landing_real = os.path.realpath(settings.landing_dir)
+    try:
+        landing_st = os.stat(landing_real)
+        landing_id = (landing_st.st_dev, landing_st.st_ino)
+    except OSError:
+        landing_id = None
+
+    def in_landing(
+        other: str,
+    ) -> bool:  # under landing/ itself, by this path or another (its mount seen twice)
+        folder = other
+        while True:
+            with contextlib.suppress(OSError):
+                st = os.stat(folder)
+                if (st.st_dev, st.st_ino) == landing_id:
+                    return True
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return False
+            folder = parent
+
+    seen: dict[tuple[int, int], list[str]] = {}
+    blocked: dict[str, str] = {}
+    for label_dir in label_dirs:
+        for dirpath, dirnames, _ in os.walk(label_dir, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            with contextlib.suppress(OSError):
+                st = os.stat(dirpath, follow_symlinks=False)
+                seen.setdefault((st.st_dev, st.st_ino), []).append(dirpath)
+            if (fstype := mounts.system_filesystem(os.path.realpath(dirpath), table)) is not None:
+                blocked[dirpath] = f"the system's {fstype} filesystem is mounted here"
+                dirnames[:] = []
+                continue
+            try:
+                others = mounts.other_paths(os.path.realpath(dirpath), table)
+            except mounts.CannotTell as exc:
+                blocked[dirpath] = cannot_tell(exc)
+                continue
+            for other in others:
+                if not in_landing(other) and (problem := home_above(settings, other)):
+                    blocked[dirpath] = (
+                        f"it is {display_path(other)} reached through a bind mount, and {problem}"
+                    )
+                    break
+    for paths in seen.values():
+        if len(paths) > 1:
+            for path in paths:
+                twins = ", ".join(
+                    display_path(os.path.relpath(p, settings.landing_dir)) for p in paths if p != path
+                )
+                blocked.setdefault(
+                    path,
+                    f"it is the same folder as {twins} (a bind mount): which label its images have cannot be told",
+                )
+    return blocked
+
+
+def not_taken_in(report: IntakeReport, landing: Path, folder: str, why: str) -> None:
+    """Report the folder ``folder`` as not taken in (its files stay in landing): under ``failed`` and
+    ``unreachable`` (somebody has to look: ``bcc intake`` exits 1, the DAG task fails)."""
+    where = display_path(Path(folder).relative_to(landing))
+    report.failed.append({"path": where, "error": one_line(f"not taken in: {why}")})
+    report.unreachable.append(report.failed[-1])
+    log.error("intake: not taking in %s: %s (its files stay in landing)", where, one_line(why))
+
+
+class FolderJudge:
+    """The folders intake may not take in from (``blocked``: folder path -> why, as the walk writes folder
+    paths), kept up to date while intake runs: judged again when ``watch`` says the mount table changed.
+    ``watch`` must be made before the judge, so no mount made after the first judgement goes unseen."""
+
+    def __init__(self, settings: Settings, label_dirs: list[Path], watch: mounts.MountWatch):
+        self.settings, self.label_dirs, self.watch = settings, label_dirs, watch
+        self.blocked: dict[str, str] = blocked_folders(settings, label_dirs)
+        self._tops = {str(d) for d in label_dirs}
+        self._reported: set[str] = set()
+
+    def refuses(self, path: Path, report: IntakeReport) -> bool:
+        """Whether the file ``path`` (just read) lies in a folder not to take in from, judged again first
+        when the mount table changed since the last look (a bind mount made over a folder the walk was
+        already in: its files were read through it). Such a folder is reported once, as the walk reports
+        the folders it finds blocked; its files stay in landing."""
+        if self.watch.changed():
+            log.warning("intake: the mount table changed while intake runs; judging landing's folders again")
+            self.blocked.clear()  # the walk holds this very dict: folders it enters later are judged anew
+            self.blocked.update(blocked_folders(self.settings, self.label_dirs))
+        folder = str(path.parent)
+        while True:
+            if (why := self.blocked.get(folder)) is not None:
+                if folder not in self._reported:
+                    self._reported.add(folder)
+                    not_taken_in(report, self.settings.landing_dir, folder, why)
+                return True
+            parent = os.path.dirname(folder)
+            if folder in self._tops or parent == folder:
+                return False
+            folder = parent

@@ -22,6 +22,8 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -240,10 +242,58 @@ def created_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
+def _machine_key() -> str:
+    """8 hex digits that name this machine's process table: its host name, boot and pid namespace. Two
+    processes with the same key see each other's process ids (and can tell whether one is alive)."""
+    return _machine_key_of(os.getpid())  # a forked child looks again (it may have a namespace of its own)
+
+
+@functools.cache
+def _machine_key_of(pid: int) -> str:
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("?")
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "backslashreplace")).hexdigest()[:8]
+
+
+def temp_owner() -> str:
+    """``p<pid>-<machine>``: the process a temporary is made by (:func:`temp_prefix`), so that what a killed
+    process left is known as such at once (its process is gone: :func:`temp_owner_gone`)."""
+    return f"p{os.getpid()}-{_machine_key()}"
+
+
+_TEMP_OWNER = re.compile(r"\.p([0-9]+)-([0-9a-f]{8})\.")
+
+
+def temp_owner_gone(name: str) -> bool:
+    """Whether the temporary ``name`` was made by a process of this machine's process table that is no
+    longer alive (SIGKILLed in the middle of a write). False when that cannot be told: a name made on
+    another host or in another pid namespace (a container sharing the folder), before names carried their
+    maker, or by a process id alive now (perhaps reused). The maker's tag is the last one in the name
+    (the 40 characters of the file's own name before it could imitate one)."""
+    found = list(_TEMP_OWNER.finditer(name))
+    if not found:
+        return False
+    pid, key = int(found[-1].group(1)), found[-1].group(2)
+    if key != _machine_key() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
 def temp_prefix(name: str) -> str:
     """The start of a temporary name made for ``name`` (``mkstemp``/``mkdtemp``'s ``prefix``):
-    :data:`TEMP_PREFIX`, then at most 40 characters of ``name`` and a dot."""
-    return f"{TEMP_PREFIX}{name[:40]}."
+    :data:`TEMP_PREFIX`, at most 40 characters of ``name``, a dot, its maker (:func:`temp_owner`) and a
+    dot."""
+    return f"{TEMP_PREFIX}{name[:40]}.{temp_owner()}."
 
 
 def atomic_write(

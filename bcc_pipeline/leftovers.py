@@ -2,8 +2,11 @@
 
 Every temporary the pipeline makes (:data:`bcc_pipeline.files.TEMP_PREFIX`, ``.bcc-tmp-``: an atomic
 write's file, a model conversion's folder) is removed by whoever made it; a process killed (SIGKILL) first
-leaves it behind. :func:`sweep_stale_temporaries` removes those older than :data:`STALE_TEMP_SECONDS` from
-the folders only the pipeline writes in (scoring calls it when it plans a run, intake when it starts). It
+leaves it behind. :func:`sweep_stale_temporaries` removes those whose maker is gone (the process named in
+the temporary's name, of this machine's process table, is no longer alive:
+:func:`bcc_pipeline.files.temp_owner_gone`; so a rerun right after a kill leaves nothing behind) and those
+older than :data:`STALE_TEMP_SECONDS` (made elsewhere, or before names carried their maker) from the
+folders only the pipeline writes in (scoring calls it when it plans a run, intake when it starts). It
 touches nothing else: not a name without that prefix, not a link, not a fresh one (a live writer's), not a
 move's ``.bcc-move-*`` marker (that one finishes an interrupted move), and nothing in ``landing/`` or
 ``inbox/`` (those files are somebody's, whatever their names).
@@ -20,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .files import TEMP_PREFIX, display_path
+from .files import TEMP_PREFIX, display_path, temp_owner_gone
 
 __all__ = ["STALE_TEMP_SECONDS", "sweep_stale_temporaries", "sweep_temporaries"]
 
@@ -55,8 +58,9 @@ def sweep_temporaries(
     were last modified more than ``older_than`` seconds ago, anywhere below ``folders`` and directly in
     the ``shallow`` ones. Returns what was removed (each logged).
 
+    A temporary whose maker is gone (:func:`bcc_pipeline.files.temp_owner_gone`) goes whatever its age.
     Nothing else is touched: names without the prefix, symbolic links (never followed either), temporaries
-    written to within ``older_than`` (a live process may still publish them), and anything that cannot be
+    written to within ``older_than`` whose maker may be alive (it may still publish them), and anything that cannot be
     removed (left, logged) are kept. A missing folder is skipped."""
     cutoff = (time.time() if now is None else now) - older_than
     removed: list[Path] = []
@@ -77,7 +81,7 @@ def sweep_temporaries(
             if entry.name.startswith(TEMP_PREFIX):
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                     continue
-                if _newest_mtime(entry.path, st) >= cutoff:
+                if not temp_owner_gone(entry.name) and _newest_mtime(entry.path, st) >= cutoff:
                     continue
                 try:
                     if stat.S_ISDIR(st.st_mode):

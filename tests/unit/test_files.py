@@ -609,30 +609,46 @@ atomic_write(Path(sys.argv[1]), write)
 
 
 def test_a_temporary_left_by_a_killed_atomic_write_is_swept(make_settings, tmp_path):
-    """SIGKILL inside ``atomic_write`` leaves its temporary; it carries our prefix, and once stale the
-    sweep scoring runs removes it (a fresh one, maybe a live writer's, is kept)."""
+    """SIGKILL inside ``atomic_write`` (a reason file, a plan, a model being written) leaves its temporary.
+    Its name carries its maker (process id and machine), so the next sweep (a rerun right after the kill)
+    removes it at once; a live writer's is kept, and so is one whose maker cannot be told (another
+    machine's, or a name without a maker) until it is an hour old."""
     import signal
     import subprocess
     import sys
 
     s = make_settings(None)
-    target = s.runs_dir / "r1" / "plan.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        name = proc.stdout.readline().strip()
-    finally:
+
+    def writer(target: Path):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        return proc, target.parent / proc.stdout.readline().strip()
+
+    def kill(proc):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-    left = target.parent / name
-    assert name.startswith(files.TEMP_PREFIX) and left.read_bytes() == b"half of it"
-    assert not target.exists()
-    assert leftovers.sweep_stale_temporaries(s) == []  # fresh: it could be a live writer's
-    _age(left, leftovers.STALE_TEMP_SECONDS + 60)
-    assert leftovers.sweep_stale_temporaries(s) == [left] and os.listdir(target.parent) == []
+
+    killed, left = writer(s.quarantine_dir / "r1" / "x.png.reason.txt")
+    kill(killed)
+    live, writing = writer(s.runs_dir / "r1" / "plan.json")
+    try:
+        assert left.name.startswith(files.TEMP_PREFIX) and left.read_bytes() == b"half of it"
+        elsewhere = s.runs_dir / "r1" / f"{files.TEMP_PREFIX}plan.json.p{killed.pid}-00000000.ab12cd.tmp"
+        elsewhere.write_text("another machine's")
+        unsigned = s.runs_dir / "r1" / f"{files.TEMP_PREFIX}plan.json.ab12cd.tmp"
+        unsigned.write_text("before names carried their maker")
+        assert leftovers.sweep_stale_temporaries(s) == [left]  # its maker is gone: no need to wait
+        assert writing.exists() and elsewhere.exists() and unsigned.exists()
+        assert not (s.quarantine_dir / "r1" / "x.png.reason.txt").exists()
+    finally:
+        kill(live)
+    for p in (elsewhere, unsigned):
+        _age(p, leftovers.STALE_TEMP_SECONDS + 60)
+    assert sorted(leftovers.sweep_stale_temporaries(s)) == sorted([writing, elsewhere, unsigned])
+    assert os.listdir(s.runs_dir / "r1") == []
 
 
 # -- the one display form of a path ---------------------------------------------------------------

@@ -12,7 +12,15 @@ from . import mounts
 from .config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
 from .files import display_path, managing_home
 
-__all__ = ["STALE_HINT", "cannot_tell", "folder_refusal", "home_above", "inside", "is_home"]
+__all__ = [
+    "STALE_HINT",
+    "cannot_tell",
+    "folder_refusal",
+    "home_above",
+    "inside",
+    "is_home",
+    "overlay_refusal",
+]
 
 STALE_HINT = f"its {MANAGED_MARKER} says so; delete that file if no home manages the folder any more"
 
@@ -59,6 +67,16 @@ def home_above(settings: Settings, real: str) -> str | None:
         folder = parent
 
 
+def overlay_refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = None) -> str | None:
+    """Why the folder ``real`` (a resolved path), on an overlay filesystem, shows a home's files (a layer
+    of the overlay lies in a home, or a folder one manages: :func:`bcc_pipeline.mounts.overlay_layers`),
+    or None."""
+    for layer in mounts.overlay_layers(real, table):
+        if problem := home_above(settings, layer):
+            return f"it is an overlay of {display_path(layer)}, and {problem}"
+    return None
+
+
 def cannot_tell(exc: mounts.CannotTell) -> str:
     return (
         f"whether it is {display_path(exc.filename)} reached through a bind mount cannot be checked "
@@ -83,4 +101,6 @@ def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -
     for other in others:
         if problem := home_above(settings, other):  # a bind mount of a home's folder
             return f"{display_path(folder)}, which is {display_path(other)} reached through a bind mount, and {problem}"
+    if problem := overlay_refusal(settings, os.path.realpath(folder), table):
+        return f"{display_path(folder)}, where {problem}"
     return None

@@ -29,6 +29,11 @@ __all__ = ["FolderJudge", "blocked_folders", "not_taken_in"]
 
 log = logging.getLogger(__name__)
 
+#: Why a landing file that is itself a mount point (a bind mount of one file from elsewhere) is not taken in.
+FILE_MOUNTED = (
+    "a file mounted here (a bind mount of one file): whose image it is, and its label, cannot be told"
+)
+
 
 def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str]:
     """The folders below the label folders whose files may not be taken in, with why: one folder reached
@@ -82,6 +87,17 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
                         f"it is {display_path(other)} reached through a bind mount, and {problem}"
                     )
                     break
+            else:
+                for layer in mounts.overlay_layers(os.path.realpath(dirpath), table):
+                    if in_landing(layer):  # landing's own images under a second path, maybe another label
+                        blocked[dirpath] = (
+                            f"it is an overlay of {display_path(layer)}, a folder of landing/: which label "
+                            "its images have cannot be told"
+                        )
+                        break
+                    if problem := home_above(settings, layer):
+                        blocked[dirpath] = f"it is an overlay of {display_path(layer)}, and {problem}"
+                        break
     for paths in seen.values():
         if len(paths) > 1:
             for path in paths:
@@ -112,6 +128,7 @@ class FolderJudge:
     def __init__(self, settings: Settings, label_dirs: list[Path], watch: mounts.MountWatch):
         self.settings, self.label_dirs, self.watch = settings, label_dirs, watch
         self.blocked: dict[str, str] = blocked_folders(settings, label_dirs)
+        self.points = mounts.mount_points_below(os.path.realpath(settings.landing_dir))
         self._tops = {str(d) for d in label_dirs}
         self._reported: set[str] = set()
 
@@ -124,6 +141,10 @@ class FolderJudge:
             log.warning("intake: the mount table changed while intake runs; judging landing's folders again")
             self.blocked.clear()  # the walk holds this very dict: folders it enters later are judged anew
             self.blocked.update(blocked_folders(self.settings, self.label_dirs))
+            self.points = mounts.mount_points_below(os.path.realpath(self.settings.landing_dir))
+        if self.points and os.path.join(os.path.realpath(path.parent), path.name) in self.points:
+            not_taken_in(report, self.settings.landing_dir, str(path), FILE_MOUNTED)
+            return True
         folder = str(path.parent)
         while True:
             if (why := self.blocked.get(folder)) is not None:

@@ -6,7 +6,10 @@ look like a plain inbox folder. The kernel knows, and says so in ``/proc/self/mo
 names its filesystem (major:minor) and the folder of that filesystem it shows (its *root*). Another mount
 of the same filesystem whose root lies above that folder shows it too, under a path that can be checked
 for a BCC home above it (:func:`other_paths`). A mount can also be made while a run reads a folder it judged
-a moment before: :class:`MountWatch` says when the table changed, so the folders are judged again.
+a moment before: :class:`MountWatch` says when the table changed, so the folders are judged again. Two
+kinds of mount show files under a device and inode of their own, so no comparison of folders finds them:
+an overlay filesystem (its layers are in the mount's options: :func:`overlay_layers`) and a bind mount of
+a single file (a mount point below the folder: :func:`mount_points_below`).
 
 Hand-written because neither the standard library nor a kept package reads mountinfo's roots
 (``os.path.ismount`` only compares devices, which a bind mount inside one filesystem leaves equal).
@@ -26,8 +29,10 @@ __all__ = [
     "CannotTell",
     "Mount",
     "MountWatch",
+    "mount_points_below",
     "mount_table",
     "other_paths",
+    "overlay_layers",
     "system_filesystem",
 ]
 
@@ -46,6 +51,7 @@ class Mount:
     root: bytes  # the folder of that filesystem shown here
     point: bytes  # where it is shown
     fstype: bytes = b""  # its type (ext4, tmpfs, proc, ...)
+    options: bytes = b""  # the filesystem's own options (an overlay's lowerdir= and upperdir=)
 
 
 #: Filesystems the kernel makes up (processes, devices, kernel settings): what is in them is nobody's
@@ -113,8 +119,10 @@ def mount_table(path: str = MOUNTINFO) -> list[Mount]:
         fields = line.split(b" ")
         if len(fields) >= 5:
             # the optional fields end at "-"; the filesystem type follows it
-            fstype = fields[fields.index(b"-") + 1] if b"-" in fields[6:-1] else b""
-            table.append(Mount(fields[2], _unescape(fields[3]), _unescape(fields[4]), fstype))
+            dash = fields.index(b"-", 6) if b"-" in fields[6:-1] else None
+            fstype = fields[dash + 1] if dash is not None else b""
+            options = fields[dash + 3] if dash is not None and len(fields) > dash + 3 else b""
+            table.append(Mount(fields[2], _unescape(fields[3]), _unescape(fields[4]), fstype, options))
     return table
 
 
@@ -145,6 +153,43 @@ def system_filesystem(folder: str, table: list[Mount] | None = None) -> str | No
     (:data:`SYSTEM_FILESYSTEMS`: ``/proc`` bind-mounted into an inbox), else None."""
     shown = _shown_by(os.fsencode(folder), mount_table() if table is None else table)
     return os.fsdecode(shown.fstype) if shown is not None and shown.fstype in SYSTEM_FILESYSTEMS else None
+
+
+def mount_points_below(folder: str, table: list[Mount] | None = None) -> frozenset[str]:
+    """The mount points strictly inside the folder ``folder`` (a resolved path): where another folder, or a
+    single file (``mount --bind /elsewhere/x.png inbox/x.png``), is shown inside it."""
+    table = mount_table() if table is None else table
+    target = os.fsencode(folder)
+    return frozenset(os.fsdecode(m.point) for m in table if _under(m.point, target))
+
+
+_UNESCAPED = {b",": re.compile(rb"(?<!\\),"), b":": re.compile(rb"(?<!\\):")}
+
+
+def overlay_layers(folder: str, table: list[Mount] | None = None) -> list[str]:
+    """Where the files of the folder ``folder`` (a resolved path) come from when it is on an overlay
+    filesystem: the same place in each of the overlay's layers (``lowerdir`` folders, ``upperdir``), from
+    the mount's options. An overlay whose lower folder is another deployment's ``landing/`` shows that
+    deployment's images here, under files of another device and inode, so only these paths tell.
+    Empty for a folder on any other filesystem."""
+    table = mount_table() if table is None else table
+    target = os.fsencode(folder)
+    shown = _shown_by(target, table)
+    if shown is None or shown.fstype != b"overlay":
+        return []
+    layers: list[bytes] = []
+    for option in _UNESCAPED[b","].split(shown.options):
+        key, _, value = option.partition(b"=")
+        if key in (b"lowerdir", b"lowerdir+", b"datadir+"):
+            layers.extend(v for v in _UNESCAPED[b":"].split(value) if v)
+        elif key == b"upperdir":
+            layers.append(value)
+    rel = _join(shown.root.lstrip(b"/"), _under(target, shown.point) or b"").lstrip(b"/")
+    found = []
+    for layer in layers:
+        path = _join(_unescape(layer).replace(b"\\:", b":").replace(b"\\,", b","), rel)
+        found.append(os.path.normpath(os.fsdecode(path)))
+    return found
 
 
 def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:

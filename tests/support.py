@@ -279,6 +279,39 @@ def bind_mounted(source, view):
         subprocess.run(["umount", str(view)], check=True)
 
 
+@contextlib.contextmanager
+def file_bind_mounted(source, view):
+    """The single file ``source`` bind-mounted over the file ``view`` (created empty) for the block."""
+    view.parent.mkdir(parents=True, exist_ok=True)
+    view.touch()
+    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+@contextlib.contextmanager
+def overlay_mounted(lower, view, scratch):
+    """An overlay filesystem at ``view`` (created) whose lower folder is ``lower`` (its upper and work
+    folders in ``scratch``) for the block; skips where overlays cannot be mounted."""
+    upper, work = scratch / "upper", scratch / "work"
+    for folder in (view, upper, work):
+        folder.mkdir(parents=True, exist_ok=True)
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    done = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", options, str(view)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount an overlay here: {done.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
 def deeper_than_path_max(folder: Path, name: str = "deep.png") -> None:
     """``name`` in 20 folders of 250 bytes below ``folder``: its path is longer than PATH_MAX, so nothing
     reaches it by path, even as root (made through folder descriptors)."""

@@ -41,14 +41,20 @@ from ..files import (
     safe_dirname,
     settled,
 )
-from ..homes import cannot_tell, folder_refusal, home_above, inside
+from ..homes import cannot_tell, folder_refusal, home_above, inside, overlay_refusal
 
 __all__ = ["PATH_MAX", "InboxRefused", "destination", "discover", "inbox_root", "path_key", "settled"]
 
 log = logging.getLogger(__name__)
 #: How discovery's ``ignored`` entries start for what cannot be reached at all (a folder it cannot list, a
 #: path longer than the system allows): never scored, so the run is red (:func:`unreachable`).
-UNREACHABLE = ("cannot list this folder", "cannot inspect")
+UNREACHABLE = ("cannot list this folder", "cannot inspect", "a file mounted here")
+#: Why a file that is itself a mount point is never read or moved (a bind mount of one file from
+#: elsewhere: another deployment's image, a system file). It cannot be moved either (the mount holds it).
+FILE_MOUNTED = (
+    "a file mounted here (a bind mount of one file): never read or moved; unmount it, or copy the image "
+    "into the inbox"
+)
 InboxArg = str | os.PathLike[str] | None
 
 
@@ -104,6 +110,8 @@ def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = N
     for other in others:
         if problem := home_above(settings, other):
             return f"it is {display_path(other)} reached through a bind mount, and {problem}"
+    if problem := overlay_refusal(settings, real, table):
+        return problem
     for m in [home, *managed]:
         if inside(m, real):
             return f"it contains {m}, {'the BCC home' if m == home else 'a folder the pipeline manages'}"
@@ -122,6 +130,7 @@ def require_folders_still_allowed(settings: Settings, inbox: str, rels: Iterable
     deployment's ``landing/`` mounted over an inbox folder) is refused (:class:`InboxRefused`, no retry)
     before anything is read or moved. A shard calls it again whenever the mount table changes while it
     runs (:class:`bcc_pipeline.mounts.MountWatch`)."""
+    rels = list(rels)
     table = mounts.mount_table()
     if problem := _refusal(settings, os.path.realpath(inbox), table):
         raise InboxRefused(f"refusing to score the inbox {display_path(inbox)}: {problem}")
@@ -135,6 +144,13 @@ def require_folders_still_allowed(settings: Settings, inbox: str, rels: Iterable
             raise InboxRefused(
                 f"refusing to score the inbox {display_path(inbox)}: it contains {problem} (since the run "
                 "was planned)"
+            )
+    points = mounts.mount_points_below(os.path.realpath(inbox), table)
+    for rel in sorted(rels) if points else ():
+        if os.path.join(os.path.realpath(inbox), rel) in points:
+            raise InboxRefused(
+                f"refusing to score the inbox {display_path(inbox)}: it contains {display_path(rel)}, "
+                f"{FILE_MOUNTED} (since the run was planned)"
             )
 
 
@@ -165,6 +181,7 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
         return out
     managed = {os.path.realpath(p) for p in settings.managed_dirs}
     table = mounts.mount_table()
+    points = mounts.mount_points_below(os.path.realpath(root), table)
     now = time.time()
     stack: list[tuple[str, str]] = [(str(root), "")]
     while stack:
@@ -181,6 +198,7 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
             )
             continue
         subdirs = []
+        real_dir = os.path.realpath(dir_abs) if points else dir_abs
         for entry in entries:
             rel = os.path.join(prefix, entry.name) if prefix else entry.name
             name = entry.name
@@ -198,7 +216,9 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
                 )
                 continue
             mode = st.st_mode
-            if stat.S_ISLNK(mode):
+            if not stat.S_ISDIR(mode) and os.path.join(real_dir, name) in points:
+                out["ignored"].append({"path": display_path(rel), "reason": FILE_MOUNTED})
+            elif stat.S_ISLNK(mode):
                 out["links"].append(rel)
             elif stat.S_ISDIR(mode):
                 if os.path.realpath(entry.path) in managed:

@@ -1234,6 +1234,40 @@ def test_a_folder_bind_mounted_under_the_other_label_while_intake_runs_is_not_ta
         assert sorted(x.label for x in s.scalars(select(ImageRecord))) == ["benign", "malignant", "malignant"]
 
 
+def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
+    """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
+    an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay
+    of this landing's own ``malignant/p1`` (at ``benign/p1``: malignant images would be stored as benign),
+    and one image of B's bind-mounted over a file of ``benign/``. None is read into the store or labelled;
+    each is reported as unreachable, and what they show stays where it is."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import file_bind_mounted, overlay_mounted
+
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p9" / "t.png", seed=1)
+    mine = png_writer(home.landing_dir / "malignant" / "p1" / "m.png", seed=2)
+    png_writer(home.landing_dir / "benign" / "p2" / "b.png", seed=3)
+    benign = home.landing_dir / "benign"
+    with (
+        overlay_mounted(other.landing_dir / "malignant", benign / "scans", tmp_path / "ov1"),
+        overlay_mounted(home.landing_dir / "malignant" / "p1", benign / "p1", tmp_path / "ov2"),
+        file_bind_mounted(theirs, benign / "p2" / "x.png"),
+    ):
+        r = intake(home, run_id="in1")
+        reasons = {u["path"]: u["error"] for u in r.unreachable}
+    assert set(reasons) == {"benign/scans", "benign/p1", "benign/p2/x.png"}
+    assert "overlay of" in reasons["benign/scans"] and "site_b" in reasons["benign/scans"]
+    assert "which label its images have cannot be told" in reasons["benign/p1"]
+    assert "a file mounted here" in reasons["benign/p2/x.png"]
+    assert r.accepted == 2  # benign/p2/b.png, malignant/p1/m.png (under its own label)
+    with session_scope(home.database_url) as s:
+        labels = {x.source_path: x.label for x in s.scalars(select(ImageRecord))}
+    assert labels == {"benign/p2/b.png": "benign", "malignant/p1/m.png": "malignant"}
+    assert theirs.is_file() and not mine.exists()  # taken in from its own path, once
+
+
 def test_another_homes_landing_bind_mounted_into_landing_is_not_taken_in(home, png_writer, tmp_path):
     """Deployment B's ``landing/malignant/p1`` bind-mounted at this home's ``landing/benign/scans``: its
     images are B's (and malignant), so intake refuses the folder (the path the mount table shows it under

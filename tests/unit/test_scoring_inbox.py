@@ -491,6 +491,62 @@ def test_a_system_filesystem_mounted_into_the_inbox_is_never_scored(make_setting
     assert scoring.discover(s, shared / "drop")["pending"] == ["a.png"]
 
 
+def test_an_overlay_of_another_homes_landing_is_never_scored(make_settings, png_writer, tmp_path):
+    """An overlay filesystem mounted into an allowed root whose lower folder is deployment B's
+    ``landing/malignant``: its files have another device and inode than B's, so no bind-mount check sees
+    them; the overlay's layers (the mount's ``lowerdir=``) do. Refused as the inbox and inside it; B's
+    image is never read or copied."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import overlay_mounted
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    png_writer(shared / "drop" / "a.png", seed=2)
+    with overlay_mounted(other.landing_dir / "malignant", shared / "drop" / "scans", tmp_path / "ov"):
+        assert (shared / "drop" / "scans" / "p1" / "x.png").read_bytes() == theirs.read_bytes()
+        with pytest.raises(scoring.InboxRefused, match="scans.*overlay of .*site_b/home/landing/malignant"):
+            scoring.discover(s, shared / "drop")
+        with pytest.raises(scoring.InboxRefused, match="overlay of .*site_b/home/landing/malignant/p1"):
+            scoring.discover(s, shared / "drop" / "scans" / "p1")
+    assert theirs.is_file() and scoring.discover(s, shared / "drop")["pending"] == ["a.png"]
+
+
+def test_a_single_file_bind_mounted_into_the_inbox_is_never_scored(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """One image of deployment B's ``landing/`` bind-mounted over a file of the inbox: nothing about the
+    file says whose it is, and a mount point cannot be moved. It is never read nor moved, and the run is
+    red (``unreachable``) naming it, on every run until somebody unmounts it; so also when the mount is
+    made after the run was planned (the shard refuses)."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import Prediction, upgrade
+    from tests.support import count_rows, file_bind_mounted
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    png_writer(s.inbox_dir / "a.png", seed=2)
+    with file_bind_mounted(theirs, s.inbox_dir / "ward" / "x.png"):
+        r = scoring.score_inbox(s, run_id="r1")
+        assert r["scored"] == 1  # a.png
+        assert [u["path"] for u in r["unreachable"]] == ["ward/x.png"]  # bcc score exits 1, the DAG fails
+        assert "a file mounted here" in r["unreachable"][0]["reason"]
+        assert count_rows(sqlite_url, Prediction) == 1 and theirs.is_file()
+    (s.inbox_dir / "ward" / "x.png").unlink()
+    png_writer(s.inbox_dir / "ward" / "y.png", seed=3)
+    scoring.plan_shards(s, "r2", 1)
+    with file_bind_mounted(theirs, s.inbox_dir / "ward" / "y.png"):
+        with pytest.raises(scoring.InboxRefused, match="ward/y.png, a file mounted here"):
+            scoring.score_shard(s, "r2", 0)
+    assert theirs.is_file() and count_rows(sqlite_url, Prediction) == 1
+
+
 def test_the_mount_table_is_read_with_its_escapes(tmp_path):
     """mountinfo writes a space, tab, newline or backslash in a path as an octal escape; a bind mount's
     root is the folder of its filesystem it shows."""
@@ -503,7 +559,7 @@ def test_the_mount_table_is_read_with_its_escapes(tmp_path):
         b"91 27 0:23 / /dev/shm rw - tmpfs tmpfs rw\n"
     )
     assert mount_table(str(table))[1] == Mount(
-        b"254:0", b"/srv/b home/landing", b"/srv/in\tbox/scans", b"ext4"
+        b"254:0", b"/srv/b home/landing", b"/srv/in\tbox/scans", b"ext4", b"rw"
     )
     assert [m.fstype for m in mount_table(str(table))] == [b"ext4", b"ext4", b"tmpfs"]
     assert mount_table(str(tmp_path / "missing")) == []

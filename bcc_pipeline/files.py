@@ -265,19 +265,19 @@ def temp_owner() -> str:
     return f"p{os.getpid()}-{_machine_key()}"
 
 
-_TEMP_OWNER = re.compile(r"\.p([0-9]+)-([0-9a-f]{8})\.")
+_TEMP_OWNER = re.compile(re.escape(TEMP_PREFIX) + r"p([0-9]+)-([0-9a-f]{8})\.")
 
 
 def temp_owner_gone(name: str) -> bool:
     """Whether the temporary ``name`` was made by a process of this machine's process table that is no
     longer alive (SIGKILLed in the middle of a write). False when that cannot be told: a name made on
     another host or in another pid namespace (a container sharing the folder), before names carried their
-    maker, or by a process id alive now (perhaps reused). The maker's tag is the last one in the name
-    (the 40 characters of the file's own name before it could imitate one)."""
-    found = list(_TEMP_OWNER.finditer(name))
-    if not found:
+    maker, or by a process id alive now (perhaps reused). The maker's tag comes right after the prefix,
+    before any of the file's own name, so no name can imitate or hide it."""
+    found = _TEMP_OWNER.match(name)
+    if found is None:
         return False
-    pid, key = int(found[-1].group(1)), found[-1].group(2)
+    pid, key = int(found.group(1)), found.group(2)
     if key != _machine_key() or pid == os.getpid():
         return False
     try:
@@ -291,9 +291,9 @@ def temp_owner_gone(name: str) -> bool:
 
 def temp_prefix(name: str) -> str:
     """The start of a temporary name made for ``name`` (``mkstemp``/``mkdtemp``'s ``prefix``):
-    :data:`TEMP_PREFIX`, at most 40 characters of ``name``, a dot, its maker (:func:`temp_owner`) and a
+    :data:`TEMP_PREFIX`, its maker (:func:`temp_owner`), a dot, at most 40 characters of ``name`` and a
     dot."""
-    return f"{TEMP_PREFIX}{name[:40]}.{temp_owner()}."
+    return f"{TEMP_PREFIX}{temp_owner()}.{name[:40]}."
 
 
 def atomic_write(

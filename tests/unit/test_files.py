@@ -631,9 +631,13 @@ def test_a_temporary_left_by_a_killed_atomic_write_is_swept(make_settings, tmp_p
         proc.wait()
         proc.stdout.close()
 
-    killed, left = writer(s.quarantine_dir / "r1" / "x.png.reason.txt")
+    # names that imitate a maker's tag (a file's own name is anyone's): they neither hide the real maker
+    # (the killed writer's temporary still goes at once) nor pass a live writer's for a dead one's
+    killed, left = writer(s.quarantine_dir / "r1" / ("a" * 28 + ".p1-00000000.png.reason.txt"))
     kill(killed)
-    live, writing = writer(s.runs_dir / "r1" / "plan.json")
+    live, writing = writer(
+        s.runs_dir / "r1" / f"{files.TEMP_PREFIX}p{killed.pid}-{files._machine_key()}.json"
+    )
     try:
         assert left.name.startswith(files.TEMP_PREFIX) and left.read_bytes() == b"half of it"
         elsewhere = s.runs_dir / "r1" / f"{files.TEMP_PREFIX}plan.json.p{killed.pid}-00000000.ab12cd.tmp"

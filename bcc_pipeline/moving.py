@@ -334,6 +334,12 @@ def move_no_clobber(
             if marker is None and os.lstat(candidate).st_nlink > 1:
                 os.unlink(candidate)
                 raise
+            # Across filesystems: renamed within the source folder (another inbox or landing name) in the
+            # middle of the move. Kept, the copy would be a second one once that name is moved in turn:
+            # dropped, and the file is moved once, from its new name.
+            if marker is not None and expect is not None and root is not None and _named_below(root, expect):
+                os.unlink(candidate)
+                raise
         except SourceChangedError:
             raise
         except OSError:

@@ -1019,6 +1019,47 @@ def test_two_refused_files_exchanged_in_the_middle_of_a_move_are_each_quarantine
 
 
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_a_refused_file_renamed_within_landing_mid_move_is_quarantined_once(home, monkeypatch, other_fs, fs):
+    """A refused file renamed to another landing folder after its quarantine copy (across filesystems) or
+    link was made, before its landing name was removed. Before, across filesystems the copy was kept and
+    recorded, and the file was refused again under its new name: two quarantined copies of one file. Now
+    the copy is dropped and the file is quarantined once, from its new name."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    landing = other_fs if fs == "other-filesystem" else home.landing_dir
+    if fs == "other-filesystem":
+        _landing_on(home, other_fs)
+    bad = landing / "benign" / "p1" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image, a text file")
+    renamed = landing / "malignant" / "q1" / "renamed.png"
+    moved = []
+
+    def rename_away(source, where):
+        if not moved:
+            renamed.parent.mkdir(parents=True)
+            os.rename(bad, renamed)
+            moved.append(renamed)
+
+    real = moves_module.move_no_clobber
+    monkeypatch.setattr(
+        moves_module,
+        "move_no_clobber",
+        lambda src, dest, **kw: real(src, dest, **kw, before_unlink=rename_away),
+    )
+    intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    assert moved
+    r2 = intake(home, run_id="in2")
+    assert r2.failed == [] and _all_files(landing) == []
+    copies = [p for p in home.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")]
+    assert [p.read_bytes() for p in copies] == [b"not an image, a text file"]  # quarantined once
+    with session_scope(home.database_url) as s:
+        placed = [x.moved_to for x in s.scalars(select(Rejection)) if x.moved_to]
+    assert [Path(files.path_from_display(m)) for m in placed] == copies
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_refused_hard_links_killed_mid_move_are_each_quarantined_once(home, monkeypatch, other_fs, fs):
     """``x.png`` and ``y.png`` are one refused inode; intake is killed in the middle of the second one's
     move (the first moved, its landing name gone). The next run never takes the waiting link for the

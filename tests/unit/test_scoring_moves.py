@@ -158,6 +158,37 @@ def test_a_file_rewritten_in_place_in_the_middle_of_its_move_is_never_archived_u
 
 
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_an_inbox_file_renamed_within_the_inbox_mid_move_is_archived_once(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs
+):
+    """An inbox file renamed into another inbox folder after its archive copy (across filesystems) or link
+    was made, before its inbox name was removed: the move is dropped (kept, the copy would be a second one
+    once the new name is scored) and the next run archives the file once, from its new name."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
+    register_champion(s)
+    a = png_writer(root / "p" / "a.png", seed=1, size=40)
+    content = sha256_file(a)
+    renamed = root / "q" / "b.png"
+    moved: list[Path] = []
+
+    def rename_away(source, where):
+        if not moved:
+            renamed.parent.mkdir()
+            os.rename(a, renamed)
+            moved.append(renamed)
+
+    scoring.score_inbox(s, inbox=str(root), run_id="run1", hooks=scoring.Hooks(on_move_linked=rename_away))
+    assert moved
+    scoring.score_inbox(s, inbox=str(root), run_id="run2")
+    assert inbox_files(root) == []
+    assert [sha256_file(f) for f in archived(s)] == [content]  # archived once
+    with session_scope(sqlite_url) as db:
+        placed = [x.moved_to for x in db.scalars(select(InboxFile)) if x.moved_to]
+    assert [Path(files.path_from_display(m)) for m in placed] == archived(s)
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_inbox_files_exchanged_in_the_middle_of_a_move_are_each_archived_once(
     make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs
 ):

@@ -80,7 +80,7 @@ def overlay_refusal(settings: Settings, real: str, table: list[mounts.Mount] | N
 def cannot_tell(exc: mounts.CannotTell) -> str:
     return (
         f"whether it is {display_path(exc.filename)} reached through a bind mount cannot be checked "
-        f"({os.strerror(exc.errno)}), so it may be another deployment's folder"
+        f"({exc.why}), so it may be another deployment's folder"
     )
 
 

@@ -19,6 +19,7 @@ sees only the bind), there is nothing to find, and only a ``.bcc-managed`` marke
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -42,7 +43,12 @@ _ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 class CannotTell(PermissionError):
     """A path of the folder's filesystem that may show the same folder, which this user may not look at
-    (a foreign home kept private): whether the folder is another deployment's cannot be told."""
+    (a foreign home kept private) or which another mount covers: whether the folder is another
+    deployment's cannot be told. ``why``: what stopped the look."""
+
+    def __init__(self, errno_: int, why: str, path: str):
+        super().__init__(errno_, why, path)
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -209,14 +215,20 @@ def other_paths(folder: str, table: list[Mount] | None = None) -> list[str]:
         if m.device != shown.device or m is shown or (rel := _under(source, m.root)) is None:
             continue
         other = os.fsdecode(_join(m.point, rel))
-        if other != folder and other not in found:
-            try:
-                if os.path.samefile(other, folder):
-                    found.append(other)
-            except PermissionError as exc:  # fail closed: a private home is still a home
-                raise CannotTell(
-                    exc.errno, f"cannot tell whether it is {other} (a bind mount)", other
-                ) from exc
-            except OSError:  # gone, or not a folder: another folder, covered by a later mount
-                continue
+        if other == folder or other in found:
+            continue
+        cover = _shown_by(os.fsencode(other), table)
+        if cover is not m and cover is not shown:
+            # Another mount covers the path where the folder lives (a tmpfs mounted over it, or over the
+            # home it lies in, after the bind mount was made): that path shows something else now, so
+            # whose folder this is cannot be checked. Fail closed. (A path covered by the folder's own
+            # mount, as systemd's PrivateTmp binds /tmp/systemd-private-*/tmp over /tmp, leads back here.)
+            raise CannotTell(errno.EACCES, "another mount covers the path the kernel shows it under", other)
+        try:
+            if os.path.samefile(other, folder):
+                found.append(other)
+        except PermissionError as exc:  # fail closed: a private home is still a home
+            raise CannotTell(exc.errno, os.strerror(exc.errno), other) from exc
+        except OSError:  # gone, or not a folder: another folder
+            continue
     return found

@@ -294,6 +294,18 @@ def file_bind_mounted(source, view):
 
 
 @contextlib.contextmanager
+def tmpfs_mounted(view):
+    """An empty tmpfs mounted over the folder ``view`` for the block (what was there is covered)."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "none", str(view)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+@contextlib.contextmanager
 def overlay_mounted(lower, view, scratch):
     """An overlay filesystem at ``view`` (created) whose lower folder is ``lower`` (its upper and work
     folders in ``scratch``) for the block; skips where overlays cannot be mounted."""

@@ -1275,6 +1275,41 @@ def test_a_folder_bind_mounted_under_the_other_label_while_intake_runs_is_not_ta
         assert sorted(x.label for x in s.scalars(select(ImageRecord))) == ["benign", "malignant", "malignant"]
 
 
+def test_a_bind_mounted_twin_whose_other_path_is_covered_is_not_taken_in(home, png_writer, tmp_path):
+    """``malignant/p1`` bind-mounted at ``benign/p1``, then a tmpfs mounted over ``malignant/p1`` (or over
+    deployment B's home, for B's folder bind-mounted at ``benign/scans``): the path the mount table shows
+    the folder under is covered, so no path shows the twin, or B's home, any more. Before, the malignant
+    images were stored as benign (and B's taken in here) and deleted from landing. Whose folder it is
+    cannot be checked: neither is taken in, both are reported."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import bind_mounted, tmpfs_mounted
+
+    src = home.landing_dir / "malignant" / "p1"
+    for i in range(3):
+        png_writer(src / f"m{i}.png", seed=i)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p9" / "t.png", seed=7)
+    benign = home.landing_dir / "benign"
+    with (
+        bind_mounted(src, benign / "p1"),
+        bind_mounted(other.landing_dir / "malignant" / "p9", benign / "scans"),
+        tmpfs_mounted(src),
+        tmpfs_mounted(other.home),
+    ):
+        r = intake(home, run_id="in1")
+        reasons = {u["path"]: u["error"] for u in r.unreachable}
+    assert set(reasons) == {"benign/p1", "benign/scans"}
+    assert all("another mount covers" in e for e in reasons.values())
+    assert r.accepted == 0
+    assert sorted(p.name for p in src.iterdir()) == ["m0.png", "m1.png", "m2.png"] and theirs.is_file()
+    r2 = intake(home, run_id="in2")
+    with session_scope(home.database_url) as s:
+        assert sorted(x.label for x in s.scalars(select(ImageRecord))) == ["malignant"] * 3
+    assert r2.unreachable == []
+
+
 def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
     """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
     an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay

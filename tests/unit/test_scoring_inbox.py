@@ -491,6 +491,33 @@ def test_a_system_filesystem_mounted_into_the_inbox_is_never_scored(make_setting
     assert scoring.discover(s, shared / "drop")["pending"] == ["a.png"]
 
 
+def test_a_bind_mount_of_a_foreign_folder_whose_home_is_covered_is_refused(
+    make_settings, png_writer, tmp_path
+):
+    """Deployment B's ``landing/malignant/p1`` bind-mounted into an allowed root, then a tmpfs mounted over
+    B's home: the path the kernel shows the folder under is covered, so it cannot be checked for a home.
+    Refused (fail closed), as the inbox and inside it; B's images are never read."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import tmpfs_mounted
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    png_writer(shared / "drop" / "a.png", seed=2)
+    with (
+        bind_mounted(other.landing_dir / "malignant" / "p1", shared / "drop" / "scans"),
+        tmpfs_mounted(other.home),
+    ):
+        with pytest.raises(scoring.InboxRefused, match="scans.*another mount covers"):
+            scoring.discover(s, shared / "drop")
+        with pytest.raises(scoring.InboxRefused, match="another mount covers"):
+            scoring.discover(s, shared / "drop" / "scans")
+    assert theirs.is_file() and scoring.discover(s, shared / "drop")["pending"] == ["a.png"]
+
+
 def test_an_overlay_of_another_homes_landing_is_never_scored(make_settings, png_writer, tmp_path):
     """An overlay filesystem mounted into an allowed root whose lower folder is deployment B's
     ``landing/malignant``: its files have another device and inode than B's, so no bind-mount check sees

@@ -413,15 +413,27 @@ def _intake_one(
 ) -> Then | None:
     """Stage one file's outcome in ``session``; returns what to do with the file after the commit (with
     the identity of the file that was read: it is removed or moved only while the path still holds it).
-    ``judge``: asked once the file is read, before anything is staged: a folder of it that a bind mount
-    made since the walk began turned into one not to take in from leaves the file where it is."""
-    try:
-        read = _read(settings, path, rel, report, now_ts)
-    except _Refused as refused:
-        if judge is not None and judge.refuses(path, report):
-            return None
+    ``judge``: the folders as judged in the mount table's current generation; a file read while the table
+    changed is read again (judged anew), and one in a folder not to take in from (a bind mount made since
+    the walk began) is left where it is, before anything is staged."""
+    refused: _Refused | None = None
+    for _ in range(3):
+        generation = judge.current() if judge is not None else None
+        try:
+            read, refused = _read(settings, path, rel, report, now_ts), None
+        except _Refused as exc:
+            read, refused = None, exc
+        if judge is None or (read is None and refused is None) or judge.unchanged_since(generation):
+            break
+        log.warning("%s was read while the mount table changed: judged and read again", display_path(rel))
+    else:  # the table kept changing while it was read: what was read may not be what the folder holds
+        changed(report, display_path(rel))
+        return None
+    if judge is not None and (read is not None or refused is not None) and judge.refuses(path, report):
+        return None
+    if refused is not None:
         return _reject(session, rel, refused.reason, None, report, quarantine_root, refused.ident)
-    if read is None or (judge is not None and judge.refuses(path, report)):
+    if read is None:
         return None
     data, ident, ctime = read
     sha = images.sha256_bytes(data)

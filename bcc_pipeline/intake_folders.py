@@ -122,26 +122,46 @@ def not_taken_in(report: IntakeReport, landing: Path, folder: str, why: str) -> 
 
 class FolderJudge:
     """The folders intake may not take in from (``blocked``: folder path -> why, as the walk writes folder
-    paths), kept up to date while intake runs: judged again when ``watch`` says the mount table changed.
-    ``watch`` must be made before the judge, so no mount made after the first judgement goes unseen."""
+    paths), kept up to date while intake runs: judged again whenever the mount table changed
+    (:class:`bcc_pipeline.mounts.MountWatch`). A file is taken in only when it was read within one
+    generation of the table that was judged (:meth:`current` before the read, :meth:`unchanged_since`
+    after it): a mount made and removed again while the file was read is seen too."""
 
     def __init__(self, settings: Settings, label_dirs: list[Path], watch: mounts.MountWatch):
         self.settings, self.label_dirs, self.watch = settings, label_dirs, watch
-        self.blocked: dict[str, str] = blocked_folders(settings, label_dirs)
-        self.points = mounts.mount_points_below(os.path.realpath(settings.landing_dir))
+        self.blocked: dict[str, str] = {}
+        self.points: frozenset[str] = frozenset()
+        self.generation: int | None = None
         self._tops = {str(d) for d in label_dirs}
         self._reported: set[str] = set()
+        self._judge()
+
+    def _judge(self) -> None:
+        def judge() -> tuple[dict[str, str], frozenset[str]]:
+            landing = os.path.realpath(self.settings.landing_dir)
+            return blocked_folders(self.settings, self.label_dirs), mounts.mount_points_below(landing)
+
+        (blocked, points), self.generation = self.watch.stable(judge)
+        self.blocked.clear()  # the walk holds this very dict: folders it enters later are judged anew
+        self.blocked.update(blocked)
+        self.points = points
+
+    def current(self) -> int | None:
+        """The generation of the mount table the folders are judged in, judged again first when the table
+        changed since; None when it kept changing (nothing read now can be trusted)."""
+        if self.generation is None or self.watch.generation() != self.generation:
+            log.warning("intake: the mount table changed while intake runs; judging landing's folders again")
+            self._judge()
+        return self.generation
+
+    def unchanged_since(self, generation: int | None) -> bool:
+        """Whether the mount table is still in ``generation`` (what was read since was read as judged)."""
+        return generation is not None and self.watch.generation() == generation
 
     def refuses(self, path: Path, report: IntakeReport) -> bool:
-        """Whether the file ``path`` (just read) lies in a folder not to take in from, judged again first
-        when the mount table changed since the last look (a bind mount made over a folder the walk was
-        already in: its files were read through it). Such a folder is reported once, as the walk reports
-        the folders it finds blocked; its files stay in landing."""
-        if self.watch.changed():
-            log.warning("intake: the mount table changed while intake runs; judging landing's folders again")
-            self.blocked.clear()  # the walk holds this very dict: folders it enters later are judged anew
-            self.blocked.update(blocked_folders(self.settings, self.label_dirs))
-            self.points = mounts.mount_points_below(os.path.realpath(self.settings.landing_dir))
+        """Whether the file ``path`` lies in a folder not to take in from (or is a mount point itself), as
+        judged in the current generation. Such a folder is reported once, as the walk reports the folders
+        it finds blocked; its files stay in landing."""
         if self.points and os.path.join(os.path.realpath(path.parent), path.name) in self.points:
             not_taken_in(report, self.settings.landing_dir, str(path), FILE_MOUNTED)
             return True

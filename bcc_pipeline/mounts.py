@@ -23,7 +23,10 @@ import errno
 import os
 import re
 import select
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 __all__ = [
     "SYSTEM_FILESYSTEMS",
@@ -38,6 +41,7 @@ __all__ = [
 ]
 
 MOUNTINFO = "/proc/self/mountinfo"
+T = TypeVar("T")
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
@@ -69,18 +73,22 @@ SYSTEM_FILESYSTEMS = frozenset(
 
 
 class MountWatch:
-    """Whether this process's mount table changed since the watch was made (or last asked): a folder judged
-    before a bind mount was made over it (or over a folder above it) shows other files now, and has to be
-    judged again before what was read through it is committed or moved.
+    """Whether this process's mount table changed: a folder judged before a bind mount was made over it
+    (or over a folder above it) shows other files now, and a file read while the table changed may have
+    been read through a mount that is gone again by the time anyone looks.
 
     The kernel marks an open ``/proc/self/mountinfo`` when a mount or unmount changes the namespace's table
-    (``poll`` reports ``POLLPRI``: proc(5)), and clears the mark when it reports it, so each :meth:`changed`
-    is one ``poll`` call with no wait and nothing read, and a mount made and removed again between two
-    calls is still seen. Where the table cannot be opened (no ``/proc``) it never reports a change: there
-    is no table to judge by either. Use it as a context manager (it holds a file descriptor)."""
+    (``poll`` reports ``POLLPRI``: proc(5)), and clears the mark when it reports it. :meth:`generation`
+    counts the marks seen (one ``poll`` call with no wait, nothing read), so a mount made and removed again
+    between two looks still moves the count on. A file is trusted as read only when the count was the same
+    before and after its read, and the folders were judged (:meth:`stable`) in that very generation.
+    Where the table cannot be opened (no ``/proc``) the count never moves: there is no table to judge by
+    either. Use it as a context manager (it holds a file descriptor)."""
 
     def __init__(self, path: str = MOUNTINFO):
         self._poll: select.poll | None = None
+        self._lock = threading.Lock()  # the loading threads and the shard's thread ask at once
+        self._generation = 0
         try:
             self._fh = open(path, "rb")  # noqa: SIM115 -- held open: the kernel marks this open file
         except OSError:
@@ -89,11 +97,27 @@ class MountWatch:
         self._poll = select.poll()
         self._poll.register(self._fh, select.POLLPRI | select.POLLERR)
 
-    def changed(self) -> bool:
-        """Whether a mount or unmount happened since the last call (or since the watch was made)."""
-        if self._poll is None:
-            return False
-        return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in self._poll.poll(0))
+    def generation(self) -> int:
+        """How many changes of the table have been seen so far (several changes between two calls count
+        once). The same number before and after a piece of work (reading a file) means the table did not
+        change during it: what the work saw is what a judgement made in that generation saw."""
+        with self._lock:
+            if self._poll is not None and any(
+                ev & (select.POLLPRI | select.POLLERR) for _, ev in self._poll.poll(0)
+            ):
+                self._generation += 1
+            return self._generation
+
+    def stable(self, judge: Callable[[], T], attempts: int = 5) -> tuple[T, int | None]:
+        """``judge()`` run while the table did not change, and the generation it holds for: what it
+        returns is true of every moment of that generation. None for the generation when the table kept
+        changing ``attempts`` times in a row (then nothing read meanwhile can be trusted)."""
+        for _ in range(attempts):
+            before = self.generation()
+            verdict = judge()
+            if self.generation() == before:
+                return verdict, before
+        return verdict, None
 
     def close(self) -> None:
         if self._fh is not None:

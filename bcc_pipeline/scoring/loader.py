@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import images
+from .. import images, mounts
 from ..errors import ImageError
 from ..files import display_path, one_line, read_once, settled
 from ..moving import Identity, LinkedFolderError, change_time, identity, require_real_folders
@@ -108,6 +108,9 @@ class Item:
     ident: Identity | None = None  # what the file was when read (from the descriptor that was hashed)
     ctime: int | None = None  # its change time then (moving.change_time)
     ledger_mark: int | None = None  # the newest ledger row id when this shard looked the file up
+    # the mount table's generation the file was read in (mounts.MountWatch); None when not watched, or
+    # when the table changed while it was read (what was read may not be what the folder holds)
+    mount_generation: int | None = None
     x: Any = None  # preprocessed float32 (S, S, 3)
     info: images.ImageInfo | None = None
     rows: list[Any] = field(default_factory=list)  # ledger rows already there for this path
@@ -126,6 +129,23 @@ def load_file(
     item: Item,
     abs_path: str,
     *,
+    watch: mounts.MountWatch | None = None,
+    **options: Any,
+) -> Item:
+    """Read the file once (never through a link), hash, validate, decode and preprocess it into ``item``
+    (:func:`_load_file`, ``options``). With ``watch``: ``item.mount_generation`` is the mount table's
+    generation the whole load ran in, or None when the table changed meanwhile."""
+    before = watch.generation() if watch is not None else None
+    item = _load_file(item, abs_path, **options)
+    if watch is not None:
+        item.mount_generation = before if watch.generation() == before else None
+    return item
+
+
+def _load_file(
+    item: Item,
+    abs_path: str,
+    *,
     size: int,
     max_pixels: int,
     min_side: int,
@@ -134,10 +154,9 @@ def load_file(
     budget: MemoryBudget,
     root: str | None = None,
 ) -> Item:
-    """Read the file once (never through a link), hash, validate, decode and preprocess it into ``item``.
-    ``root``: the inbox, as it resolved when the run was planned; a folder between it and the file, or the
-    inbox itself or a folder above it, that has become a link since is never read through (the file is
-    skipped: left where it is)."""
+    """See :func:`load_file`. ``root``: the inbox, as it resolved when the run was planned; a folder between
+    it and the file, or the inbox itself or a folder above it, that has become a link since is never read
+    through (the file is skipped: left where it is)."""
     try:
         if root is not None:
             require_real_folders(root, abs_path, resolved_root=True)
@@ -269,6 +288,7 @@ class Loader:
         min_side: int,
         settle: float,
         prepare: Callable[[list[Item]], None] | None = None,
+        watch: mounts.MountWatch | None = None,
     ):
         self.inbox = inbox
         self.options = {
@@ -279,6 +299,7 @@ class Loader:
             "max_bytes": images.max_file_bytes(max_pixels),
             "budget": MemoryBudget(DECODE_BUDGET_BYTES),
             "root": inbox,
+            "watch": watch,
         }
         self.prepare = prepare
         self._pool: cf.ThreadPoolExecutor | None = None

@@ -110,14 +110,16 @@ def score_shard(
     engine = get_engine(settings.database_url)
     run_records.heartbeat(engine, run_id)
     try:
-        # watched from before the folders are judged: a bind mount made at any point after the judgement
-        # is seen before anything read through it is committed or moved (_ShardScorer._judge_again)
+        # watched from before the folders are judged: a file read in a generation of the mount table
+        # that was not judged (a bind mount made since, even one gone again) is judged and never trusted
+        # blindly (_ShardScorer._trust)
         with mounts.MountWatch() as watch:
             _require_same_inbox(plan)
-            require_folders_still_allowed(
-                settings, plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
-            )
+            inbox, rels = plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
+            _, judged = watch.stable(lambda: require_folders_still_allowed(settings, inbox, rels))
             scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks(), watch)
+            if judged is not None:
+                scorer.clean.add(judged)
             result = scorer.run(plan["shards"][shard], size)
         write_shard_result(settings, run_id, shard, result)
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
@@ -153,6 +155,7 @@ class _ShardScorer:
     ):
         self.s, self.shard, self.progress, self.hooks = settings, shard, progress, hooks
         self.watch, self.rels = watch, list(plan["shards"][shard])
+        self.clean: set[int] = set()  # generations of the mount table whose judgement passed
         self.run_id: str = plan["run_id"]
         # The folder the inbox resolved to when it was judged (checked unchanged by _require_same_inbox):
         # every read and move goes through it, so a link to the inbox re-pointed while this shard runs
@@ -191,11 +194,12 @@ class _ShardScorer:
                 min_side=self.s.min_side,
                 settle=self.s.settle_seconds,
                 prepare=self._attach_ledger,
+                watch=self.watch,
             ) as loader,
             ThreadPoolExecutor(1, thread_name_prefix="bcc-model") as model_thread,
         ):
             for items in loader.batches(rels, batch_size):  # 1. load a batch (read one batch ahead)
-                self._judge_again()  # read through a bind mount made since? never settled or moved
+                self._trust(items)  # read in a mount table that was judged? else never settled or moved
                 fresh = self._dedupe(items)  # 2. settle what the ledger already knows
                 batch = self._start_predict(items, fresh, pending, model_thread)  # 3. the model starts
                 if pending is not None:
@@ -218,11 +222,9 @@ class _ShardScorer:
             probs[sha], how[sha] = self._last[0][sha], self._last[1][sha]
         self._last = (probs, how)
         if batch.fresh:
-            self._judge_again()
             mine = self._commit(batch.fresh, probs, how)  # 4. commit the batch in one transaction
             if self.hooks.on_batch_committed is not None:
                 self.hooks.on_batch_committed([it.path for it in mine])
-            self._judge_again()
             self.mover.move(
                 [
                     (it, "rejected" if it.kind == "rejected" else "scored", self.run_id, it.reason, 0)
@@ -241,16 +243,41 @@ class _ShardScorer:
                 f"{self.counts['rejected']} rejected)"
             )
 
-    def _judge_again(self) -> None:
-        """When the mount table changed since the shard's folders were judged (a bind mount made over an
-        inbox folder, or the inbox, while this shard runs), judge them again as at its start: a folder
-        that is now another deployment's (or this home's) is refused (:class:`InboxRefused`, no retry)
-        before anything read through it is committed or moved. A change that leaves every folder as it
-        was judged (another mount on the machine) changes nothing; a file that a mount made and removed
-        again showed for a moment is still never moved (the path holds another file: ``changed``)."""
-        if self.watch is not None and self.watch.changed():
-            log.info("scoring %s: the mount table changed; judging the inbox's folders again", self.run_id)
+    def judge(self) -> None:
+        """Judge the inbox and the folders of this shard's files (:func:`require_folders_still_allowed`:
+        :class:`InboxRefused`, no retry, when one may not be scored now), and remember the mount table's
+        generation the judgement holds for."""
+
+        def judge() -> None:
             require_folders_still_allowed(self.s, self.inbox, self.rels)
+
+        if self.watch is None:
+            judge()
+            return
+        _, generation = self.watch.stable(judge)
+        if generation is not None:
+            self.clean.add(generation)
+
+    def _trust(self, items: list[Item]) -> None:
+        """Each item read in a generation of the mount table that was not judged is judged now (a bind
+        mount made over an inbox folder while this shard runs: refused, :class:`InboxRefused`). An item
+        whose generation still has no judgement (the table changed while it was read, or again since: it
+        may have been read through a mount that is gone again) is never settled, committed or moved: it
+        stays in the inbox for the next run (``changed``)."""
+        if self.watch is None:
+            return
+        judged = False
+        for it in items:
+            if it.kind not in ("ok", "rejected") or it.mount_generation in self.clean:
+                continue
+            if it.mount_generation is not None and not judged:
+                log.info(
+                    "scoring %s: the mount table changed; judging the inbox's folders again", self.run_id
+                )
+                self.judge()
+                judged = True
+            if it.mount_generation not in self.clean:
+                it.kind = "unsure"
 
     def _result(self, n_files: int, t0: float, t1: float) -> dict[str, Any]:
         c, ref = self.counts, self.model.reference_load
@@ -303,6 +330,9 @@ class _ShardScorer:
         for it in items:
             if it.kind == "done":
                 self.counts["already_done"] += 1
+            elif it.kind == "unsure":
+                self.counts["changed"] += 1
+                log.warning("%s was read while the mount table changed: left for the next run", it.path)
             elif it.rows and self.mover.resolve_known(it):
                 pass
             elif it.kind == "missing":

@@ -1310,6 +1310,34 @@ def test_a_bind_mounted_twin_whose_other_path_is_covered_is_not_taken_in(home, p
     assert r2.unreachable == []
 
 
+def test_a_file_read_through_a_mount_that_is_gone_again_is_read_again(home, png_writer, monkeypatch):
+    """``malignant/p1`` bind-mounted over ``benign/p1`` for just the moment ``benign/p1/x.png`` is read, and
+    unmounted right after: by the time anyone judges the folders they look fine. Before, the malignant
+    bytes were stored as benign under ``benign/p1/x.png``. The mount table's count moved during the
+    read, so the file is judged and read again: each file is stored once, under its own label."""
+    import bcc_pipeline.intake as intake_module
+    from tests.support import bind_mounted
+
+    malignant = png_writer(home.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    benign = png_writer(home.landing_dir / "benign" / "p1" / "x.png", seed=2)
+    contents = {"benign": benign.read_bytes(), "malignant": malignant.read_bytes()}
+    real_read, done = intake_module.read_once, []
+
+    def read_through_a_passing_mount(path, *args, **kwargs):
+        if Path(path) == benign and not done:
+            done.append(path)
+            with bind_mounted(malignant.parent, benign.parent):
+                return real_read(path, *args, **kwargs)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(intake_module, "read_once", read_through_a_passing_mount)
+    r = intake(home, run_id="in1")
+    assert done and r.accepted == 2 and r.conflicts == 0 and r.failed == []
+    with session_scope(home.database_url) as s:
+        rows = {x.label: Path(x.stored_path).read_bytes() for x in s.scalars(select(ImageRecord))}
+    assert rows == contents
+
+
 def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
     """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
     an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay

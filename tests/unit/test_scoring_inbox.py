@@ -408,11 +408,57 @@ def test_a_bind_mount_made_while_a_shard_runs_is_refused_before_anything_read_th
             scoring.score_shard(s, "r1", 0, batch_size=1, hooks=hooks)
         assert mounted, "the hook never ran"
         assert theirs.is_file() and theirs.read_bytes() == (s.inbox_dir / "ward" / "x.png").read_bytes()
-    assert count_rows(sqlite_url, Prediction) == 1  # the first batch only
+    from bcc_pipeline.images import sha256_file
+    from bcc_pipeline.store import session_scope
+
+    def predicted():
+        with session_scope(sqlite_url) as db:
+            return {p.image_sha256 for p in db.query(Prediction)}
+
+    # a.png, and b.png when its read (one batch ahead) was over before the mount was made
+    assert 1 <= count_rows(sqlite_url, Prediction) <= 2 and sha256_file(theirs) not in predicted()
     assert theirs.is_file() and mine.is_file()
     r = scoring.score_inbox(s, run_id="r2")
     assert r["status"] == "finished" and inbox_files(s.inbox_dir) == []
     assert theirs.is_file() and count_rows(sqlite_url, Prediction) == 4
+    assert sha256_file(theirs) not in predicted()
+
+
+def test_a_file_read_through_a_mount_that_is_gone_again_is_never_scored(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, monkeypatch
+):
+    """Deployment B's ``landing/`` bind-mounted over an inbox folder for just the moment one of its files
+    is read, and unmounted right after: by the next judgement the folders look fine. Before, B's image was
+    scored (a prediction for B's content recorded under this inbox path). The mount table's count moved
+    during the read, so the file is left for the next run (``changed``), which scores the inbox's own."""
+    import bcc_pipeline.scoring.loader as loader_module
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.images import sha256_file
+    from bcc_pipeline.store import Prediction, session_scope, upgrade
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
+    mine = png_writer(s.inbox_dir / "ward" / "x.png", seed=2)
+    real_read, done = loader_module.read_once, []
+
+    def read_through_a_passing_mount(path, *args, **kwargs):
+        if str(path).endswith("ward/x.png") and not done:
+            done.append(path)
+            with bind_mounted(theirs.parent, mine.parent):
+                return real_read(path, *args, **kwargs)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "read_once", read_through_a_passing_mount)
+    r1 = scoring.score_inbox(s, run_id="r1")
+    assert done and r1["changed"] == 1 and r1["scored"] == 0
+    r2 = scoring.score_inbox(s, run_id="r2")
+    assert r2["scored"] == 1 and inbox_files(s.inbox_dir) == [] and theirs.is_file()
+    with session_scope(sqlite_url) as db:
+        predicted = {p.image_sha256 for p in db.query(Prediction)}
+    assert sha256_file(theirs) not in predicted and len(predicted) == 1
 
 
 def test_a_bind_mount_of_a_folder_this_user_cannot_check_is_refused(make_settings, png_writer, tmp_path):

@@ -3,11 +3,13 @@ written by intake and by holdout changes, read by training through ``images.stor
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 from .files import atomic_write, sha256_file
+from .mounts import mounted_between
 
 __all__ = ["store_copy"]
 
@@ -17,6 +19,9 @@ def store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
     file holding exactly these bytes (by its hash): a damaged or replaced one of the same size is
     rewritten, never trusted in place of the landing file that is about to be removed."""
     dest = dataset_dir / sha[:2] / f"{sha}{ext}"
+    if (point := mounted_between(dataset_dir, dest.parent)) is not None:
+        # the copy would land wherever that mount leads, and be gone once it is unmounted
+        raise OSError(errno.EXDEV, "something is mounted inside the dataset store", point)
     try:
         if stat.S_ISREG(os.lstat(dest).st_mode) and sha256_file(dest) == sha:
             return dest

@@ -243,7 +243,8 @@ def created_mode(directory: bool = False) -> int:
 
 
 def _machine_key() -> str:
-    """8 hex digits that name this machine's process table: its host name, boot and pid namespace. Two
+    """8 hex digits that name this machine's process table: its host name, boot and pid namespace (with the
+    start time of that namespace's first process). Two
     processes with the same key see each other's process ids (and can tell whether one is alive)."""
     return _machine_key_of(os.getpid())  # a forked child looks again (it may have a namespace of its own)
 
@@ -254,7 +255,9 @@ def _machine_key_of(pid: int) -> str:
     try:
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
         parts.append(os.readlink("/proc/self/ns/pid"))
-    except OSError:
+        # a namespace's inode number is reused by later namespaces: its first process's start time is not
+        parts.append(Path("/proc/1/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, IndexError):
         parts.append("?")
     return hashlib.sha256("\0".join(parts).encode("utf-8", "backslashreplace")).hexdigest()[:8]
 

@@ -34,6 +34,7 @@ __all__ = [
     "Mount",
     "MountWatch",
     "mount_points_below",
+    "mounted_between",
     "mount_table",
     "other_paths",
     "overlay_layers",
@@ -191,6 +192,42 @@ def mount_points_below(folder: str, table: list[Mount] | None = None) -> frozens
     table = mount_table() if table is None else table
     target = os.fsencode(folder)
     return frozenset(os.fsdecode(m.point) for m in table if _under(m.point, target))
+
+
+_tables_lock = threading.Lock()
+_tables: dict[str, object] = {}
+
+
+def _current_table() -> list[Mount]:
+    """The mount table, read again only when it changed since it was last read (one process-wide
+    :class:`MountWatch`: a ``poll`` per call, the file read only after a change)."""
+    with _tables_lock:
+        watch = _tables.get("watch")
+        if not isinstance(watch, MountWatch) or _tables.get("pid") != os.getpid():  # a forked child: its own
+            watch = MountWatch()
+            _tables.update(watch=watch, pid=os.getpid(), generation=None)
+        generation = watch.generation()
+        if _tables.get("generation") != generation:
+            table, generation = watch.stable(mount_table)
+            _tables.update(table=table, generation=generation)
+        return _tables["table"]  # type: ignore[return-value]
+
+
+def mounted_between(root: str | os.PathLike[str], folder: str | os.PathLike[str]) -> str | None:
+    """A mount point below the folder ``root`` at or above ``folder`` (a folder inside it), or None: a
+    filesystem, or another folder, mounted over a folder the pipeline writes into (``archive/<run>/...``,
+    ``quarantine/``, ``dataset/``). What is written there goes wherever that mount leads (another
+    deployment's ``landing/malignant``) and is gone from here once it is unmounted."""
+    real_root = os.path.realpath(root)
+    rel = os.path.relpath(os.path.abspath(folder), os.path.abspath(root))
+    if rel == os.curdir or rel.startswith(os.pardir):
+        return None
+    target = os.fsencode(os.path.join(real_root, rel))
+    base = os.fsencode(real_root)
+    for m in _current_table():
+        if _under(m.point, base) and _under(target, m.point) is not None:
+            return os.fsdecode(m.point)
+    return None
 
 
 _UNESCAPED = {b",": re.compile(rb"(?<!\\),"), b":": re.compile(rb"(?<!\\):")}

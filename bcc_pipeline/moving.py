@@ -64,6 +64,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from . import mounts
 from .copying import (
     _copy_file_across,
     _copy_link_across,
@@ -240,6 +241,11 @@ def move_no_clobber(
     root = Path(src_root) if src_root is not None else None
     if dest_root is not None:
         make_real_folders(dest_root, dest.parent)
+        if (point := mounts.mounted_between(dest_root, dest.parent)) is not None:
+            # what is moved there would land wherever that mount leads, and be gone once it is unmounted
+            raise LinkedFolderError(
+                errno.EXDEV, "something is mounted inside the folder files are moved to", point
+            )
     if src_root is not None:
         try:
             require_real_folders(src_root, src)

@@ -1338,6 +1338,31 @@ def test_a_file_read_through_a_mount_that_is_gone_again_is_read_again(home, png_
     assert rows == contents
 
 
+def test_nothing_is_written_through_a_mount_inside_the_store_or_quarantine(home, png_writer, tmp_path):
+    """A folder mounted over ``dataset/<xx>`` (where a labelled image's copy goes) and over
+    ``quarantine/<run>/landing/benign`` (where a refused file goes): nothing is written through either (it
+    would land wherever the mount leads, and be gone from here once unmounted). Both files stay in landing,
+    reported; once the mounts are gone the next run takes them in."""
+    from bcc_pipeline.images import sha256_file
+    from tests.support import bind_mounted
+
+    good = png_writer(home.landing_dir / "benign" / "g.png", seed=1)
+    bad = home.landing_dir / "benign" / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with (
+        bind_mounted(elsewhere, home.dataset_dir / sha256_file(good)[:2]),
+        bind_mounted(elsewhere, home.quarantine_dir / "in1" / "landing" / "benign"),
+    ):
+        r = intake(home, run_id="in1")
+    assert list(elsewhere.iterdir()) == []
+    assert r.accepted == 0 and good.is_file() and bad.is_file()
+    assert {f["path"] for f in r.failed} == {"benign/g.png", "benign/bad.png"}
+    r2 = intake(home, run_id="in2")
+    assert r2.accepted == 1 and _all_files(home.landing_dir) == []
+
+
 def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
     """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
     an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay

@@ -188,6 +188,45 @@ def test_an_inbox_file_renamed_within_the_inbox_mid_move_is_archived_once(
     assert [Path(files.path_from_display(m)) for m in placed] == archived(s)
 
 
+def test_a_folder_mounted_over_the_archive_is_never_moved_into(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Deployment B's ``landing/malignant`` bind-mounted over ``archive/<run>/b`` after the batch was
+    committed, before its files moved. Before, the scan was copied into B's ``landing/malignant`` (B's
+    next intake would train on it as malignant) and gone from here once unmounted. Now the move refuses
+    a mount inside the archive: the scan stays in the inbox (``move_failed``, the run is not finished),
+    B's folder is untouched, and once the mount is gone the next run archives it."""
+    import contextlib
+
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+    from tests.support import bind_mounted
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    png_writer(other.landing_dir / "malignant" / "t.png", seed=1)
+    scan = png_writer(s.inbox_dir / "b" / "scan1.png", seed=2)
+    before = sorted(p.name for p in (other.landing_dir / "malignant").iterdir())
+    with contextlib.ExitStack() as stack:
+
+        def mount_over_the_archive(paths):
+            view = s.archive_dir / "r1" / "b"
+            stack.enter_context(bind_mounted(other.landing_dir / "malignant", view))
+
+        r1 = scoring.score_inbox(
+            s, run_id="r1", hooks=scoring.Hooks(on_batch_committed=mount_over_the_archive)
+        )
+        assert r1["move_failed"] == 1 and r1["status"] != "finished"
+        assert "mounted inside" in r1["move_failures"][0]["error"]
+        assert sorted(p.name for p in (other.landing_dir / "malignant").iterdir()) == before
+    assert scan.is_file()
+    r2 = scoring.score_inbox(s, run_id="r2")
+    assert r2["recovered"] == 1 and inbox_files(s.inbox_dir) == []
+    assert [p.name for p in archived(s)] == ["scan1.png"]
+
+
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_inbox_files_exchanged_in_the_middle_of_a_move_are_each_archived_once(
     make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs

@@ -55,6 +55,7 @@ from .moving import (
     require_real_folders,
     same_file,
     sha256_of,
+    still_named,
 )
 from .store import Rejection, get_engine, place_recorded
 
@@ -350,6 +351,14 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renam
     # copy's temporary name, when one is left, is tidied first)
     finish_move(dest, src, ident, taken=_taken(session, r.run_id))
     found = find_moved(dest, sha256=r.sha256, ident=ident, taken=_taken(session, r.run_id))
+    if found is not None and os.path.lexists(src) and ident is not None:
+        # the path holds another file, and the refused one may still be in landing under another name
+        # (two files exchanged after the kill): that interrupted move never finished; it is dropped and
+        # the file is refused once, from its new name
+        if still_named(found, ident, settings.landing_dir):
+            log.info("intake: %s is still in landing under another name; moved from there", r.path)
+            found.unlink()
+            found = None
     if found is not None:
         if not os.path.lexists(reason_path(found)):
             _write_reason(found, r.reason)

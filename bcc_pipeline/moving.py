@@ -112,6 +112,8 @@ __all__ = [
     "identity_text",
     "make_real_folders",
     "move_no_clobber",
+    "named_below",
+    "still_named",
     "pending_copy",
     "quarantine_file",
     "require_real_folders",
@@ -121,7 +123,7 @@ __all__ = [
 ]
 
 
-def _named_below(root: Path, ident: Identity) -> bool:
+def named_below(root: Path, ident: Identity) -> bool:
     """Whether the file ``ident`` (its device and inode) has a name below ``root`` (never through a link).
     A walk of the whole folder: asked only when a source name turned out to hold another file mid-move."""
     dev, ino = tuple(ident)[:2]
@@ -141,6 +143,16 @@ def _named_below(root: Path, ident: Identity) -> bool:
         except OSError:
             continue
     return False
+
+
+def still_named(found: str | os.PathLike[str], ident: Identity, root: str | os.PathLike[str]) -> bool:
+    """Whether the file ``ident`` that an interrupted move took to ``found`` (a hard link, or a copy across
+    filesystems) still has a name of its own: the link there has another name, or, for a copy, the file is
+    named below ``root`` (the inbox, ``landing/``). Its move then never finished."""
+    st = os.lstat(found)
+    if (st.st_dev, st.st_ino) == tuple(ident[:2]):
+        return st.st_nlink > 1
+    return named_below(Path(root), ident)
 
 
 def _remove_source(
@@ -172,7 +184,7 @@ def _remove_source(
             if shared_inode:
                 still_named = os.lstat(where).st_nlink > 1
             else:
-                still_named = src_root is not None and _named_below(src_root, expect)
+                still_named = src_root is not None and named_below(src_root, expect)
             if still_named:
                 os.unlink(where)
                 raise SourceChangedError(
@@ -343,7 +355,7 @@ def move_no_clobber(
             # Across filesystems: renamed within the source folder (another inbox or landing name) in the
             # middle of the move. Kept, the copy would be a second one once that name is moved in turn:
             # dropped, and the file is moved once, from its new name.
-            if marker is not None and expect is not None and root is not None and _named_below(root, expect):
+            if marker is not None and expect is not None and root is not None and named_below(root, expect):
                 os.unlink(candidate)
                 raise
         except SourceChangedError:

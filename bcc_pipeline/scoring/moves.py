@@ -48,6 +48,7 @@ from ..moving import (
     move_no_clobber,
     pending_copy,
     require_resolved,
+    still_named,
 )
 from . import ledger
 from .inbox import destination, path_key
@@ -296,7 +297,8 @@ class Mover:
                 ]:
                     counts["already_done"] += 1
                 return True
-            found = _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id))
+            held = it.kind != "missing"  # the path holds another file now
+            found = _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id), elsewhere=held)
             if found is not None:
                 self._mark_moved(r, found)
             if it.kind == "missing":
@@ -318,19 +320,28 @@ class Mover:
                     counts["recovered"] += 1
                     log.info("recovered %s for interrupted run %s", it.path, r.run_id)
                 return True
-            found = _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id))
+            held = it.kind != "missing"
+            found = _moved_to(self.s, r, self.inbox, it.rel, self.taken(r.run_id), elsewhere=held)
             if found is not None:
                 self._mark_moved(r, found)
         return False
 
 
-def _moved_to(settings: Settings, r: Any, inbox: str, rel: str, taken: Taken) -> Path | None:
+def _moved_to(
+    settings: Settings, r: Any, inbox: str, rel: str, taken: Taken, *, elsewhere: bool = False
+) -> Path | None:
     """Where the file of ledger row ``r`` went when a move was not recorded: its destination, or a
     ``~N`` name beside it when that was taken, whichever holds this row's file (by content hash or the
     identity it was loaded with; :func:`bcc_pipeline.moving.find_moved`), never merely another file there,
     nor a name another file holds (``taken``). A file that could not be archived in
     :data:`MAX_MOVE_ATTEMPTS` attempts may have gone to quarantine instead: looked for there too. What a
-    move across filesystems killed after removing the source left (its temporary name) is tidied first."""
+    move across filesystems killed after removing the source left (its temporary name) is tidied first.
+
+    ``elsewhere``: the row's path holds another file now. When the row's file still has a name in the inbox
+    (two files exchanged after a kill in the middle of the move: the link at the destination has another
+    name, or, across filesystems, the file is named below the inbox), the interrupted move never finished:
+    its link or copy is dropped (None), and the file is moved once, from its new name, by the run that
+    plans it there. Recorded, it would be archived a second time from there."""
     ident = identity_from_text(r.src_identity)
     statuses = [r.status]
     if r.status != "rejected" and (r.move_attempts or 0) >= MAX_MOVE_ATTEMPTS - 1:
@@ -339,6 +350,10 @@ def _moved_to(settings: Settings, r: Any, inbox: str, rel: str, taken: Taken) ->
         dest = destination(settings, r.run_id, status, rel)
         finish_move(dest, os.path.join(inbox, rel), ident, taken=taken)
         found = find_moved(dest, sha256=r.sha256, ident=ident, taken=taken)
+        if found is not None and elsewhere and ident is not None and still_named(found, ident, inbox):
+            log.info("%s: its file is still in the inbox under another name; moved from there", r.path)
+            found.unlink()
+            return None
         if found is not None:
             return found
     return None

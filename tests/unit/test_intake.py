@@ -1060,6 +1060,38 @@ def test_a_refused_file_renamed_within_landing_mid_move_is_quarantined_once(home
 
 
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_a_refused_file_killed_mid_move_then_exchanged_is_quarantined_once(home, monkeypatch, other_fs, fs):
+    """Intake killed in the middle of a refused file's quarantine move; then that file swaps names with
+    another refused landing file before the rerun. The interrupted move is not recorded at its link or
+    copy while the file is still in landing under the other name (it would be quarantined twice): each
+    file is quarantined once."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    landing = other_fs if fs == "other-filesystem" else home.landing_dir
+    if fs == "other-filesystem":
+        _landing_on(home, other_fs)
+    x, y = landing / "benign" / "p0" / "x.png", landing / "malignant" / "p1" / "y.png"
+    for path, text in ((x, b"not an image, the first"), (y, b"not an image either, the second")):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(text)
+    contents = sorted([x.read_bytes(), y.read_bytes()])
+
+    def die(source, where):
+        raise _Killed(where)
+
+    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    exchange(x, y)
+    r = intake(home, run_id="in2")
+    assert r.failed == [] and _all_files(landing) == []
+    copies = [p for p in home.quarantine_dir.rglob("*") if p.is_file() and not p.name.endswith(".reason.txt")]
+    assert sorted(p.read_bytes() for p in copies) == contents  # each file quarantined once
+    assert all(os.lstat(p).st_nlink == 1 for p in copies)
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_refused_hard_links_killed_mid_move_are_each_quarantined_once(home, monkeypatch, other_fs, fs):
     """``x.png`` and ``y.png`` are one refused inode; intake is killed in the middle of the second one's
     move (the first moved, its landing name gone). The next run never takes the waiting link for the

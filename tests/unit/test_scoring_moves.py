@@ -228,6 +228,39 @@ def test_a_folder_mounted_over_the_archive_is_never_moved_into(
 
 
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
+def test_a_file_killed_mid_move_then_exchanged_with_another_is_archived_once(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs
+):
+    """Killed in the middle of a move (the link or copy at the destination, the inbox name not removed
+    yet); then the file swaps names with another inbox file before the rerun. Before, the rerun recorded
+    the killed move at its link or copy although the file was still in the inbox under the other name, and
+    archived it again from there: two copies of one file. Now the interrupted move is dropped and each
+    file is archived once."""
+    root = other_fs if fs == "other-filesystem" else tmp_path / "scans"
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(root))
+    register_champion(s)
+    a = png_writer(root / "p0" / "img0.png", seed=1, size=40)
+    b = png_writer(root / "p1" / "other.png", seed=2, size=40)
+    contents = sorted([sha256_file(a), sha256_file(b)])
+
+    def die(source, where):
+        raise Crash
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, inbox=str(root), run_id="run1", hooks=scoring.Hooks(on_move_linked=die))
+    exchange(a, b)
+    scoring.score_inbox(s, inbox=str(root), run_id="run2")
+    assert inbox_files(root) == []
+    assert sorted(sha256_file(f) for f in archived(s)) == contents  # each file archived once
+    assert all(os.lstat(f).st_nlink == 1 for f in archived(s))
+    with session_scope(sqlite_url) as db:
+        rows = [(x.sha256, x.moved_to) for x in db.scalars(select(InboxFile)) if x.moved_to]
+    assert sorted(sha for sha, _ in rows) == contents
+    for sha, moved_to in rows:
+        assert sha256_file(files.path_from_display(moved_to)) == sha
+
+
+@pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_inbox_files_exchanged_in_the_middle_of_a_move_are_each_archived_once(
     make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs
 ):

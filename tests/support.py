@@ -267,45 +267,36 @@ class Crash(BaseException):
 
 
 @contextlib.contextmanager
-def bind_mounted(source, view):
-    """``source`` bind-mounted at ``view`` (created) for the block; skips where mounting is not allowed."""
-    view.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
+def _mounted(mount_args: list[str], view, what: str):
+    """``mount <mount_args> view`` for the block, unmounted after it; skips (saying ``what``) where this
+    process may not mount."""
+    done = subprocess.run(["mount", *mount_args, str(view)], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
+        pytest.skip(f"cannot mount {what} here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
     try:
         yield view
     finally:
         subprocess.run(["umount", str(view)], check=True)
 
 
-@contextlib.contextmanager
+def bind_mounted(source, view):
+    """``source`` bind-mounted at ``view`` (created) for the block; skips where mounting is not allowed."""
+    view.mkdir(parents=True, exist_ok=True)
+    return _mounted(["--bind", str(source)], view, "a bind mount")
+
+
 def file_bind_mounted(source, view):
     """The single file ``source`` bind-mounted over the file ``view`` (created empty) for the block."""
     view.parent.mkdir(parents=True, exist_ok=True)
     view.touch()
-    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot bind-mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield view
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
+    return _mounted(["--bind", str(source)], view, "a bind mount")
 
 
-@contextlib.contextmanager
 def tmpfs_mounted(view):
     """An empty tmpfs mounted over the folder ``view`` for the block (what was there is covered)."""
-    done = subprocess.run(["mount", "-t", "tmpfs", "none", str(view)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield view
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
+    return _mounted(["-t", "tmpfs", "none"], view, "a tmpfs")
 
 
-@contextlib.contextmanager
 def overlay_mounted(lower, view, scratch):
     """An overlay filesystem at ``view`` (created) whose lower folder is ``lower`` (its upper and work
     folders in ``scratch``) for the block; skips where overlays cannot be mounted."""
@@ -313,15 +304,7 @@ def overlay_mounted(lower, view, scratch):
     for folder in (view, upper, work):
         folder.mkdir(parents=True, exist_ok=True)
     options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    done = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", options, str(view)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount an overlay here: {done.stderr.strip()}")
-    try:
-        yield view
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
+    return _mounted(["-t", "overlay", "overlay", "-o", options], view, "an overlay")
 
 
 def deeper_than_path_max(folder: Path, name: str = "deep.png") -> None:
@@ -353,3 +336,14 @@ def exchange(a: Path, b: Path) -> None:
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
         err = ctypes.get_errno()
         pytest.skip(f"renameat2(RENAME_EXCHANGE) is refused here: {os.strerror(err)}")
+
+
+def foreign_home(tmp_path: Path) -> Any:
+    """Another deployment's home (``site_b/home`` below ``tmp_path``), set up as ``bcc db upgrade`` does:
+    its settings."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import upgrade
+
+    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    return other

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from bcc_pipeline import files, leftovers
 from bcc_pipeline.intake import intake
 from bcc_pipeline.store import ImageRecord, Rejection, session_scope, upgrade
-from tests.support import exchange
+from tests.support import exchange, foreign_home
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -1313,15 +1313,12 @@ def test_a_bind_mounted_twin_whose_other_path_is_covered_is_not_taken_in(home, p
     the folder under is covered, so no path shows the twin, or B's home, any more. Before, the malignant
     images were stored as benign (and B's taken in here) and deleted from landing. Whose folder it is
     cannot be checked: neither is taken in, both are reported."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import bind_mounted, tmpfs_mounted
 
     src = home.landing_dir / "malignant" / "p1"
     for i in range(3):
         png_writer(src / f"m{i}.png", seed=i)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p9" / "t.png", seed=7)
     benign = home.landing_dir / "benign"
     with (
@@ -1401,12 +1398,9 @@ def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, p
     of this landing's own ``malignant/p1`` (at ``benign/p1``: malignant images would be stored as benign),
     and one image of B's bind-mounted over a file of ``benign/``. None is read into the store or labelled;
     each is reported as unreachable, and what they show stays where it is."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import file_bind_mounted, overlay_mounted
 
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p9" / "t.png", seed=1)
     mine = png_writer(home.landing_dir / "malignant" / "p1" / "m.png", seed=2)
     png_writer(home.landing_dir / "benign" / "p2" / "b.png", seed=3)
@@ -1433,12 +1427,9 @@ def test_another_homes_landing_bind_mounted_into_landing_is_not_taken_in(home, p
     """Deployment B's ``landing/malignant/p1`` bind-mounted at this home's ``landing/benign/scans``: its
     images are B's (and malignant), so intake refuses the folder (the path the mount table shows it under
     lies in B's home) and leaves B's images where they are; a bind mount of a plain folder is taken in."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import bind_mounted
 
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "theirs.png", seed=1)
     plain = png_writer(tmp_path / "scanner" / "out" / "scan.png", seed=2).parent
     with bind_mounted(theirs.parent, home.landing_dir / "benign" / "scans"):

@@ -12,7 +12,7 @@ import pytest
 
 from bcc_pipeline import scoring
 from bcc_pipeline.errors import ConfigError
-from tests.support import bind_mounted, inbox_files
+from tests.support import bind_mounted, foreign_home, inbox_files
 
 
 def test_discover_sorts_the_inbox(make_settings, png_writer, tmp_path):
@@ -313,15 +313,12 @@ def test_another_homes_folders_through_a_bind_mount_are_never_scored(make_settin
     root, as the inbox or as a folder inside it, and this home's ``landing/`` bind-mounted into its own
     inbox: the kernel's mount table shows the folder's other path, inside a home, so the inbox is refused
     and nothing is moved. A bind mount of a plain folder is scored as any folder."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
 
     shared = tmp_path / "shared"
     s = make_settings(
         None, settle_seconds=0, inbox_roots=f"{shared}{os.pathsep}{tmp_path / 'home' / 'inbox'}"
     )
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     png_writer(other.landing_dir / "malignant" / "p1" / "theirs.png")
     png_writer(s.landing_dir / "benign" / "p2" / "mine.png")
     plain = png_writer(tmp_path / "scanner" / "out" / "scan.png").parent
@@ -351,14 +348,11 @@ def test_a_bind_mount_made_after_planning_is_refused_by_the_shard(
     """The DAG plans a run, then its shards run: deployment B's ``landing/`` bind-mounted over an inbox
     folder in between is refused by the shard (one line, no retry) before anything is read or moved; B's
     images and this inbox's own file stay where they are."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import count_rows
 
     s = make_settings(sqlite_url, settle_seconds=0)
     register_champion(s)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
     mine = png_writer(s.inbox_dir / "ward" / "x.png", seed=2)
     png_writer(s.inbox_dir / "y.png", seed=3)
@@ -382,14 +376,12 @@ def test_a_bind_mount_made_while_a_shard_runs_is_refused_before_anything_read_th
     never scored nor moved; once the mount is gone the next run scores this inbox's own files."""
     import contextlib
 
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import Prediction, upgrade
+    from bcc_pipeline.store import Prediction
     from tests.support import count_rows
 
     s = make_settings(sqlite_url, settle_seconds=0)
     register_champion(s)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
     for name, seed in (("a.png", 2), ("b.png", 3), ("c.png", 4)):
         png_writer(s.inbox_dir / name, seed=seed)
@@ -432,14 +424,12 @@ def test_a_file_read_through_a_mount_that_is_gone_again_is_never_scored(
     scored (a prediction for B's content recorded under this inbox path). The mount table's count moved
     during the read, so the file is left for the next run (``changed``), which scores the inbox's own."""
     import bcc_pipeline.scoring.loader as loader_module
-    from bcc_pipeline.config import load_settings
     from bcc_pipeline.images import sha256_file
-    from bcc_pipeline.store import Prediction, session_scope, upgrade
+    from bcc_pipeline.store import Prediction, session_scope
 
     s = make_settings(sqlite_url, settle_seconds=0)
     register_champion(s)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
     mine = png_writer(s.inbox_dir / "ward" / "x.png", seed=2)
     real_read, done = loader_module.read_once, []
@@ -469,16 +459,12 @@ def test_a_bind_mount_of_a_folder_this_user_cannot_check_is_refused(make_setting
     import shutil
     import sys
 
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
-
     if shutil.which("setpriv") is None:
         pytest.skip("no setpriv here to run as a user without the right to read every folder")
     shared = tmp_path / "shared"
     s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
     s.home.mkdir(parents=True)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     png_writer(other.landing_dir / "malignant" / "p1" / "theirs.png")
     os.chown(other.home, 1234, 1234)
     os.chmod(other.home, 0o700)
@@ -543,14 +529,11 @@ def test_a_bind_mount_of_a_foreign_folder_whose_home_is_covered_is_refused(
     """Deployment B's ``landing/malignant/p1`` bind-mounted into an allowed root, then a tmpfs mounted over
     B's home: the path the kernel shows the folder under is covered, so it cannot be checked for a home.
     Refused (fail closed), as the inbox and inside it; B's images are never read."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import tmpfs_mounted
 
     shared = tmp_path / "shared"
     s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
     png_writer(shared / "drop" / "a.png", seed=2)
     with (
@@ -569,14 +552,11 @@ def test_an_overlay_of_another_homes_landing_is_never_scored(make_settings, png_
     ``landing/malignant``: its files have another device and inode than B's, so no bind-mount check sees
     them; the overlay's layers (the mount's ``lowerdir=``) do. Refused as the inbox and inside it; B's
     image is never read or copied."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import overlay_mounted
 
     shared = tmp_path / "shared"
     s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
     png_writer(shared / "drop" / "a.png", seed=2)
     with overlay_mounted(other.landing_dir / "malignant", shared / "drop" / "scans", tmp_path / "ov"):
@@ -595,14 +575,12 @@ def test_a_single_file_bind_mounted_into_the_inbox_is_never_scored(
     file says whose it is, and a mount point cannot be moved. It is never read nor moved, and the run is
     red (``unreachable``) naming it, on every run until somebody unmounts it; so also when the mount is
     made after the run was planned (the shard refuses)."""
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import Prediction, upgrade
+    from bcc_pipeline.store import Prediction
     from tests.support import count_rows, file_bind_mounted
 
     s = make_settings(sqlite_url, settle_seconds=0)
     register_champion(s)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     theirs = png_writer(other.landing_dir / "malignant" / "p1" / "x.png", seed=1)
     png_writer(s.inbox_dir / "a.png", seed=2)
     with file_bind_mounted(theirs, s.inbox_dir / "ward" / "x.png"):

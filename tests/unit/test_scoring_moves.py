@@ -21,6 +21,7 @@ from tests.support import (
     count_rows,
     exchange,
     fill_inbox,
+    foreign_home,
     inbox_files,
     scoring_settings,
 )
@@ -198,14 +199,11 @@ def test_a_folder_mounted_over_the_archive_is_never_moved_into(
     B's folder is untouched, and once the mount is gone the next run archives it."""
     import contextlib
 
-    from bcc_pipeline.config import load_settings
-    from bcc_pipeline.store import upgrade
     from tests.support import bind_mounted
 
     s = make_settings(sqlite_url, settle_seconds=0)
     register_champion(s)
-    other = load_settings(env={"BCC_HOME": str(tmp_path / "site_b" / "home")})
-    upgrade(other.database_url, home=other.home)
+    other = foreign_home(tmp_path)
     png_writer(other.landing_dir / "malignant" / "t.png", seed=1)
     scan = png_writer(s.inbox_dir / "b" / "scan1.png", seed=2)
     before = sorted(p.name for p in (other.landing_dir / "malignant").iterdir())

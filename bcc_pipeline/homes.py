@@ -57,7 +57,7 @@ def home_above(settings: Settings, real: str) -> str | None:
             first = os.path.relpath(real, folder).split(os.sep)[0]
             if first in managed_names:
                 return f"it lies inside {os.path.join(folder, first)}, a folder of the BCC home {folder}"
-            if folder != home:  # its inbox, exports, anything: files waiting for that deployment
+            if not _same_folder(folder, home):  # its inbox, exports, anything: that deployment's files
                 return (
                     f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
                 )
@@ -75,6 +75,17 @@ def overlay_refusal(settings: Settings, real: str, table: list[mounts.Mount] | N
         if problem := home_above(settings, layer):
             return f"it is an overlay of {display_path(layer)}, and {problem}"
     return None
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two paths are one folder: the same path, or the same device and inode (this home reached
+    through a bind mount of a folder above it: ``/data/bcc`` shown at ``/srv/bcc``)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def cannot_tell(exc: mounts.CannotTell) -> str:

@@ -416,6 +416,31 @@ def test_a_bind_mount_made_while_a_shard_runs_is_refused_before_anything_read_th
     assert sha256_file(theirs) not in predicted()
 
 
+def test_a_home_reached_through_a_bind_mount_of_a_folder_above_it_scores_its_inbox(
+    register_champion, png_writer, tmp_path
+):
+    """A plain setup: ``/data`` bind-mounted at ``/srv`` and the home used at ``/srv/bcc``. The mount table
+    shows the inbox also as ``/data/bcc/inbox``, inside a home that is this very home (the same folder):
+    not another deployment's. Before, every run was refused."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.store import dispose_engine, upgrade
+
+    real, view = tmp_path / "data", tmp_path / "srv"
+    real.mkdir()
+    with bind_mounted(real, view):
+        s = load_settings(
+            profile="demo", overrides={"settle_seconds": 0}, env={"BCC_HOME": str(view / "bcc")}
+        )
+        upgrade(s.database_url, home=s.home)
+        register_champion(s)
+        png_writer(s.inbox_dir / "ward" / "a.png", seed=1)
+        try:
+            r = scoring.score_inbox(s, run_id="r1")
+            assert r["status"] == "finished" and r["scored"] == 1 and inbox_files(s.inbox_dir) == []
+        finally:
+            dispose_engine(s.database_url)  # the database lives in the mount: let it go before unmounting
+
+
 def test_a_file_read_through_a_mount_that_is_gone_again_is_never_scored(
     make_settings, sqlite_url, register_champion, png_writer, tmp_path, monkeypatch
 ):

@@ -16,6 +16,7 @@ __all__ = [
     "STALE_HINT",
     "cannot_tell",
     "folder_refusal",
+    "foreign_home_above",
     "home_above",
     "inside",
     "is_home",
@@ -61,6 +62,22 @@ def home_above(settings: Settings, real: str) -> str | None:
                 return (
                     f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
                 )
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def foreign_home_above(settings: Settings, path: str) -> str | None:
+    """Why ``path`` (a resolved path) lies in another deployment's home or in a folder another home manages
+    (this home, reached by any path, is not another's), or None."""
+    folder = path
+    while True:
+        owner = managing_home(folder)
+        if owner is not None and not _same_folder(owner, os.fspath(settings.home)):
+            return f"it lies inside {folder}, a folder the BCC home {owner} manages ({STALE_HINT})"
+        if is_home(folder) and not _same_folder(folder, os.fspath(settings.home)):
+            return f"it lies inside the BCC home {folder}, another deployment's"
         parent = os.path.dirname(folder)
         if parent == folder:
             return None

@@ -62,7 +62,7 @@ from .files import (
     safe_dirname,
     settled,
 )
-from .intake_folders import FolderJudge, not_taken_in
+from .intake_folders import FolderJudge, landing_refusal, not_taken_in
 from .intake_moves import Then, carry_out, changed, finish_interrupted, quarantine_dest, require_columns
 from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
@@ -197,6 +197,9 @@ def intake(
         log.info("no landing folder at %s; nothing to take in", display_path(landing))
         return report
     require_columns(settings.database_url)
+    if (why := landing_refusal(settings)) is not None:  # another home's landing/: nothing of it is ours
+        not_taken_in(report, landing, str(landing), why)
+        return report
 
     for entry in sorted(landing.iterdir()):
         if entry.name.startswith("."):

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 from . import mounts
 from .config import Settings
 from .files import display_path, one_line
-from .homes import cannot_tell, home_above
+from .homes import cannot_tell, foreign_home_above, home_above
 
 if TYPE_CHECKING:
     from .intake import IntakeReport
 
-__all__ = ["FolderJudge", "blocked_folders", "not_taken_in"]
+__all__ = ["FolderJudge", "blocked_folders", "landing_refusal", "not_taken_in"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,22 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
     return blocked
 
 
+def landing_refusal(settings: Settings, table: list[mounts.Mount] | None = None) -> str | None:
+    """Why ``landing/`` itself is not this home's to take in from, or None: it leads (a link) into another
+    deployment's home, or another home's folder is mounted over it (the path the mount table shows it
+    under lies in that home). Its files would be that deployment's images, taken in here and removed
+    there."""
+    real = os.path.realpath(settings.landing_dir)
+    try:
+        paths = [real, *mounts.other_paths(real, table)]
+    except mounts.CannotTell as exc:
+        return cannot_tell(exc)
+    for path in paths:
+        if problem := foreign_home_above(settings, path):
+            return f"landing/ is {display_path(path)}, and {problem}"
+    return None
+
+
 def not_taken_in(report: IntakeReport, landing: Path, folder: str, why: str) -> None:
     """Report the folder ``folder`` as not taken in (its files stay in landing): under ``failed`` and
     ``unreachable`` (somebody has to look: ``bcc intake`` exits 1, the DAG task fails)."""
@@ -139,6 +155,8 @@ class FolderJudge:
     def _judge(self) -> None:
         def judge() -> tuple[dict[str, str], frozenset[str]]:
             landing = os.path.realpath(self.settings.landing_dir)
+            if (why := landing_refusal(self.settings)) is not None:  # mounted over since intake began
+                return {str(d): why for d in self.label_dirs}, frozenset()
             return blocked_folders(self.settings, self.label_dirs), mounts.mount_points_below(landing)
 
         (blocked, points), self.generation = self.watch.stable(judge)

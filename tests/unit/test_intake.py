@@ -1392,6 +1392,29 @@ def test_nothing_is_written_through_a_mount_inside_the_store_or_quarantine(home,
     assert r2.accepted == 1 and _all_files(home.landing_dir) == []
 
 
+@pytest.mark.parametrize("how", ["bind-mounted over it", "a link to it"])
+def test_another_homes_landing_as_this_landing_is_not_taken_in(home, png_writer, tmp_path, how):
+    """Deployment B's ``landing/`` bind-mounted over this home's ``landing/`` (or ``landing/`` set up as a
+    link to it). Before, B's images were taken in here and removed from B. Now ``landing/`` itself is
+    judged: nothing is taken in, the run is red naming it, and B's images stay where they are."""
+    from tests.support import bind_mounted
+
+    other = foreign_home(tmp_path)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "t.png", seed=1)
+    png_writer(other.landing_dir / "benign" / "p2" / "u.png", seed=2)
+    if how == "a link to it":
+        home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
+        home.landing_dir.symlink_to(other.landing_dir)
+        r = intake(home, run_id="in1")
+    else:
+        home.landing_dir.mkdir(parents=True, exist_ok=True)
+        with bind_mounted(other.landing_dir, home.landing_dir):
+            r = intake(home, run_id="in1")
+    assert r.accepted == 0 and [u["path"] for u in r.unreachable] == ["."]
+    assert "another deployment's" in r.unreachable[0]["error"] or "manages" in r.unreachable[0]["error"]
+    assert theirs.is_file() and (other.landing_dir / "benign" / "p2" / "u.png").is_file()
+
+
 def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
     """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
     an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 from .files import atomic_write, sha256_file
-from .mounts import mounted_between
+from .mounts import mounted_between, table_generation
 
 __all__ = ["store_copy"]
 
@@ -19,6 +19,7 @@ def store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
     file holding exactly these bytes (by its hash): a damaged or replaced one of the same size is
     rewritten, never trusted in place of the landing file that is about to be removed."""
     dest = dataset_dir / sha[:2] / f"{sha}{ext}"
+    generation = table_generation()
     if (point := mounted_between(dataset_dir, dest.parent)) is not None:
         # the copy would land wherever that mount leads, and be gone once it is unmounted
         raise OSError(errno.EXDEV, "something is mounted inside the dataset store", point)
@@ -27,4 +28,15 @@ def store_copy(data: bytes, sha: str, ext: str, dataset_dir: Path) -> Path:
             return dest
     except OSError:
         pass
-    return atomic_write(dest, data)
+    atomic_write(dest, data)
+    if table_generation() != generation:  # a mount made or removed while it was written: is it here?
+        point = mounted_between(dataset_dir, dest.parent)
+        try:
+            here = point is None and sha256_file(dest) == sha
+        except OSError:
+            here = False
+        if not here:  # written into a mount (another folder), or hidden under one: never trusted
+            raise OSError(
+                errno.EXDEV, "the dataset store changed (a mount) while the copy was written", str(dest)
+            )
+    return dest

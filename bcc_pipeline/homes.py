@@ -88,7 +88,11 @@ def overlay_refusal(settings: Settings, real: str, table: list[mounts.Mount] | N
     """Why the folder ``real`` (a resolved path), on an overlay filesystem, shows a home's files (a layer
     of the overlay lies in a home, or a folder one manages: :func:`bcc_pipeline.mounts.overlay_layers`),
     or None."""
-    for layer in mounts.overlay_layers(real, table):
+    try:
+        layers = mounts.overlay_layers(real, table)
+    except mounts.CannotTell as exc:
+        return f"it is an overlay, and {cannot_tell(exc)}"
+    for layer in layers:
         if problem := home_above(settings, layer):
             return f"it is an overlay of {display_path(layer)}, and {problem}"
     return None

@@ -63,7 +63,15 @@ from .files import (
     settled,
 )
 from .intake_folders import FolderJudge, landing_refusal, not_taken_in
-from .intake_moves import Then, carry_out, changed, finish_interrupted, quarantine_dest, require_columns
+from .intake_moves import (
+    Then,
+    carry_out,
+    changed,
+    finish_interrupted,
+    pinned_quarantine,
+    quarantine_dest,
+    require_columns,
+)
 from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
 from .moving import (
@@ -214,7 +222,11 @@ def intake(
     last_progress = 0
     # the mount table is watched from before the folders are judged: a bind mount made while intake runs
     # is judged before any file read through it is stored, labelled or quarantined (FolderJudge)
-    with session_scope(settings.database_url) as session, mounts.MountWatch() as watch:
+    with (
+        session_scope(settings.database_url) as session,
+        mounts.MountWatch() as watch,
+        pinned_quarantine(settings),
+    ):
         # rejections written after this one are other runs' (row ids: the hosts' clocks may differ)
         report.rejections_mark = int(session.scalar(select(func.max(Rejection.id))) or 0)
         unfinished = finish_interrupted(settings, session, report)

@@ -88,7 +88,12 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
                     )
                     break
             else:
-                for layer in mounts.overlay_layers(os.path.realpath(dirpath), table):
+                try:
+                    layers = mounts.overlay_layers(os.path.realpath(dirpath), table)
+                except mounts.CannotTell as exc:
+                    blocked[dirpath] = f"it is an overlay, and {cannot_tell(exc)}"
+                    continue
+                for layer in layers:
                     if in_landing(layer):  # landing's own images under a second path, maybe another label
                         blocked[dirpath] = (
                             f"it is an overlay of {display_path(layer)}, a folder of landing/: which label "

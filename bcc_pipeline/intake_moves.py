@@ -12,6 +12,7 @@ another rejection is recorded at (:func:`bcc_pipeline.store.place_recorded`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,7 @@ from .moving import (
     move_no_clobber,
     pending_copy,
     require_real_folders,
+    root_id,
     same_file,
     sha256_of,
     still_named,
@@ -112,6 +114,24 @@ def changed(report: IntakeReport, shown: str) -> None:
     log.warning("%s changed after it was read: left in landing, the next run takes it in", shown)
 
 
+_QUARANTINE_PIN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "bcc_quarantine_pin", default=None
+)
+
+
+@contextlib.contextmanager
+def pinned_quarantine(settings: Settings) -> Iterator[None]:
+    """For one intake run: ``quarantine/`` as it is when the run begins (device and inode). A mount made
+    over it while the run goes on is never moved into (:func:`bcc_pipeline.moving.move_no_clobber`'s
+    ``dest_root_id``). A context variable, so the pin reaches every move of the run without being handed
+    through each function between ``intake()`` and the move."""
+    token = _QUARANTINE_PIN.set(root_id(settings.quarantine_dir))
+    try:
+        yield
+    finally:
+        _QUARANTINE_PIN.reset(token)
+
+
 def _move(
     session,
     run_id: str,
@@ -147,6 +167,7 @@ def _move(
             fresh=fresh,
             prior=prior,
             expect_sha256=sha256,
+            dest_root_id=_QUARANTINE_PIN.get(),
         )
     except SourceChangedError:
         _mark(session, run_id, shown, dest=None, move_error=_REPLACED)

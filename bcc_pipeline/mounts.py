@@ -35,6 +35,7 @@ __all__ = [
     "MountWatch",
     "mount_points_below",
     "mounted_between",
+    "table_generation",
     "mount_table",
     "other_paths",
     "overlay_layers",
@@ -198,14 +199,27 @@ _tables_lock = threading.Lock()
 _tables: dict[str, object] = {}
 
 
+def _process_watch() -> MountWatch:
+    """This process's own :class:`MountWatch` (a forked child makes its own). Call with the lock held."""
+    watch = _tables.get("watch")
+    if not isinstance(watch, MountWatch) or _tables.get("pid") != os.getpid():
+        watch = MountWatch()
+        _tables.update(watch=watch, pid=os.getpid(), generation=None)
+    return watch
+
+
+def table_generation() -> int:
+    """The mount table's generation as this process sees it (:meth:`MountWatch.generation`): the same
+    number before and after a write means no mount was made or removed meanwhile."""
+    with _tables_lock:
+        return _process_watch().generation()
+
+
 def _current_table() -> list[Mount]:
     """The mount table, read again only when it changed since it was last read (one process-wide
     :class:`MountWatch`: a ``poll`` per call, the file read only after a change)."""
     with _tables_lock:
-        watch = _tables.get("watch")
-        if not isinstance(watch, MountWatch) or _tables.get("pid") != os.getpid():  # a forked child: its own
-            watch = MountWatch()
-            _tables.update(watch=watch, pid=os.getpid(), generation=None)
+        watch = _process_watch()
         generation = watch.generation()
         if _tables.get("generation") != generation:
             table, generation = watch.stable(mount_table)
@@ -237,8 +251,9 @@ def overlay_layers(folder: str, table: list[Mount] | None = None) -> list[str]:
     """Where the files of the folder ``folder`` (a resolved path) come from when it is on an overlay
     filesystem: the same place in each of the overlay's layers (``lowerdir`` folders, ``upperdir``), from
     the mount's options. An overlay whose lower folder is another deployment's ``landing/`` shows that
-    deployment's images here, under files of another device and inode, so only these paths tell.
-    Empty for a folder on any other filesystem."""
+    deployment's images here, under files of another device and inode, so only these paths tell. A layer
+    path that is itself a bind mount brings its other paths (:func:`other_paths`; :class:`CannotTell`
+    when one cannot be looked at). Empty for a folder on any other filesystem."""
     table = mount_table() if table is None else table
     target = os.fsencode(folder)
     shown = _shown_by(target, table)
@@ -252,10 +267,14 @@ def overlay_layers(folder: str, table: list[Mount] | None = None) -> list[str]:
         elif key == b"upperdir":
             layers.append(value)
     rel = _join(shown.root.lstrip(b"/"), _under(target, shown.point) or b"").lstrip(b"/")
-    found = []
+    found: list[str] = []
     for layer in layers:
         path = _join(_unescape(layer).replace(b"\\:", b":").replace(b"\\,", b","), rel)
         found.append(os.path.normpath(os.fsdecode(path)))
+        # a layer given by a path that is itself a bind mount (an alias of another home's folder): its
+        # other paths too (CannotTell when one cannot be looked at)
+        if os.path.isdir(found[-1]):
+            found.extend(p for p in other_paths(os.path.realpath(found[-1]), table) if p not in found)
     return found
 
 

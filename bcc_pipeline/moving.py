@@ -58,6 +58,7 @@ The rules every move in the pipeline follows:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -116,6 +117,7 @@ __all__ = [
     "still_named",
     "pending_copy",
     "quarantine_file",
+    "root_id",
     "require_real_folders",
     "require_resolved",
     "same_file",
@@ -206,6 +208,61 @@ def _remove_source(
     os.unlink(src)
 
 
+def root_id(folder: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The device and inode of the folder ``folder`` (followed, as a root may be a link), or None: what a
+    mover pins when it starts, so a mount made over ``archive/`` itself meanwhile is seen."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _require_unmounted(
+    dest_root: str | os.PathLike[str], folder: Path, pinned: tuple[int, int] | None
+) -> None:
+    """Refuse (:class:`LinkedFolderError`) a destination that something is mounted inside of (below the
+    root, at or above ``folder``), or whose root is no longer the folder pinned when the mover started
+    (``pinned``: mounted over since). What is moved there would land wherever that mount leads (another
+    deployment's ``landing/malignant``), and be gone from here once it is unmounted."""
+    if (point := mounts.mounted_between(dest_root, folder)) is not None:
+        raise LinkedFolderError(
+            errno.EXDEV, "something is mounted inside the folder files are moved to", point
+        )
+    if pinned is not None and root_id(dest_root) != pinned:
+        raise LinkedFolderError(
+            errno.EXDEV,
+            "the folder files are moved to has changed since the run began (a mount?)",
+            os.fspath(dest_root),
+        )
+
+
+def _require_placed(
+    dest_root: str | os.PathLike[str],
+    candidate: Path,
+    marker: Path | None,
+    src_st: os.stat_result,
+    pinned: tuple[int, int] | None,
+) -> None:
+    """After the link or copy, when the mount table changed meanwhile: the file must be where it was put
+    (``candidate`` is its link, or the copy still linked to ``marker``) with nothing mounted in the way.
+    Else the link or copy went into a mount, or is hidden under one: a link or copy of ours that the path
+    shows is removed again (it may sit in another deployment's folder), and the move fails with the source
+    where it was (:class:`LinkedFolderError`; a hidden one is finished by a later attempt)."""
+    try:
+        _require_unmounted(dest_root, candidate.parent, pinned)
+        return
+    except LinkedFolderError:
+        with contextlib.suppress(OSError):
+            st = os.lstat(candidate)
+            ours = marker is not None and _same_inode(os.lstat(marker), st)
+            if ours or (marker is None and _same_inode(st, src_st)):
+                os.unlink(candidate)
+                if marker is not None:
+                    marker.unlink()
+        raise
+
+
 def move_no_clobber(
     src: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -219,6 +276,7 @@ def move_no_clobber(
     prior: Identity | None = None,
     expect_ctime: int | None = None,
     expect_sha256: str | None = None,
+    dest_root_id: tuple[int, int] | None = None,
 ) -> Path:
     """Move ``src`` (a regular file, or a symlink itself) to ``dest``, or ``dest~N`` when that is taken.
 
@@ -251,13 +309,11 @@ def move_no_clobber(
     """
     src, dest = Path(src), Path(dest)
     root = Path(src_root) if src_root is not None else None
+    generation = mounts.table_generation() if dest_root is not None else None
     if dest_root is not None:
+        _require_unmounted(dest_root, dest.parent, dest_root_id)  # no folder made inside a mount either
         make_real_folders(dest_root, dest.parent)
-        if (point := mounts.mounted_between(dest_root, dest.parent)) is not None:
-            # what is moved there would land wherever that mount leads, and be gone once it is unmounted
-            raise LinkedFolderError(
-                errno.EXDEV, "something is mounted inside the folder files are moved to", point
-            )
+        _require_unmounted(dest_root, dest.parent, dest_root_id)
     if src_root is not None:
         try:
             require_real_folders(src_root, src)
@@ -335,6 +391,8 @@ def move_no_clobber(
             if expect is not None and identity(os.lstat(candidate)) != tuple(expect):
                 os.unlink(candidate)  # the name held another file by the time it was linked
                 raise SourceChangedError(errno.ESTALE, "the file changed after it was read", os.fspath(src))
+        if generation is not None and mounts.table_generation() != generation:
+            _require_placed(dest_root, candidate, marker, src_st, dest_root_id)
         if before_unlink is not None:
             before_unlink(src, candidate)
         try:

@@ -48,6 +48,7 @@ from ..moving import (
     move_no_clobber,
     pending_copy,
     require_resolved,
+    root_id,
     still_named,
 )
 from . import ledger
@@ -100,6 +101,8 @@ class Mover:
     ):
         self.s, self.engine, self.run_id, self.inbox, self.tally = settings, engine, run_id, inbox, tally
         self.move_file, self.before_unlink = move_file, before_unlink
+        # archive/ and quarantine/ as they are now: one mounted over later is never moved into
+        self._pins = {d: root_id(d) for d in (settings.archive_dir, settings.quarantine_dir)}
         self._placed: set[str] = set()  # names this shard gave files (its batch records them afterwards)
 
     def taken(self, run_id: str) -> Taken:
@@ -121,7 +124,7 @@ class Mover:
             require_resolved(self.inbox)
         except LinkedFolderError as exc:
             raise SourceChangedError(exc.errno, exc.strerror, exc.filename) from exc
-        return self.move_file(
+        where = self.move_file(
             os.path.join(self.inbox, it.rel),
             dest,
             expect=it.ident,
@@ -133,7 +136,11 @@ class Mover:
             prior=prior,
             expect_ctime=it.ctime if fresh else None,
             expect_sha256=it.sha,
+            dest_root_id=self._pins.get(dest_root),
         )
+        if self._pins.get(dest_root) is None:  # created by this move: pinned from now on
+            self._pins[dest_root] = root_id(dest_root)
+        return where
 
     def move(
         self, moves: Iterable[Move], *, fresh: bool = False, prior: Identity | None = None

@@ -1415,6 +1415,28 @@ def test_another_homes_landing_as_this_landing_is_not_taken_in(home, png_writer,
     assert theirs.is_file() and (other.landing_dir / "benign" / "p2" / "u.png").is_file()
 
 
+def test_an_overlay_whose_layer_is_an_alias_of_another_homes_folder_is_not_taken_in(
+    home, png_writer, tmp_path
+):
+    """An overlay at ``benign/p1`` whose lower folder is given by an alias: a bind mount, outside any home,
+    of deployment B's ``landing/malignant/p1``. The layer's own path says nothing; the path the mount table
+    shows the alias under does. Before, B's malignant image was stored here as benign."""
+    from tests.support import bind_mounted, overlay_mounted
+
+    other = foreign_home(tmp_path)
+    theirs = png_writer(other.landing_dir / "malignant" / "p1" / "m.png", seed=1)
+    png_writer(home.landing_dir / "benign" / "p2" / "b.png", seed=2)
+    with (
+        bind_mounted(other.landing_dir / "malignant" / "p1", tmp_path / "alias"),
+        overlay_mounted(tmp_path / "alias", home.landing_dir / "benign" / "p1", tmp_path / "ov"),
+    ):
+        r = intake(home, run_id="in1")
+    assert [u["path"] for u in r.unreachable] == ["benign/p1"] and "site_b" in r.unreachable[0]["error"]
+    assert r.accepted == 1 and theirs.is_file()
+    with session_scope(home.database_url) as s:
+        assert [x.source_path for x in s.scalars(select(ImageRecord))] == ["benign/p2/b.png"]
+
+
 def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
     """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
     an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay

@@ -258,6 +258,57 @@ def test_a_file_killed_mid_move_then_exchanged_with_another_is_archived_once(
         assert sha256_file(files.path_from_display(moved_to)) == sha
 
 
+@pytest.mark.parametrize("when", ["over archive/ mid-run", "between the check and the link"])
+def test_a_mount_made_over_the_archive_while_files_move_is_never_moved_into(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, monkeypatch, when
+):
+    """Deployment B's ``landing/malignant`` bind-mounted over ``archive/`` itself after the batch was
+    committed (archive/ is pinned when the shard starts), or over ``archive/<run>/b`` in the instant
+    between the move's mount check and its link (the mount table's count moved: the link is checked
+    after it is made, and ours, found in B's folder, is taken back). Before, the scans went into B's
+    ``landing/malignant`` and the runs stayed green. Now the moves fail (red), B's folder is untouched,
+    and the next run archives the scans here."""
+    import contextlib
+
+    from bcc_pipeline import moving
+    from tests.support import bind_mounted
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    s.archive_dir.mkdir(parents=True)
+    other = foreign_home(tmp_path)
+    png_writer(other.landing_dir / "malignant" / "t.png", seed=1)
+    for i in range(2):
+        png_writer(s.inbox_dir / "b" / f"scan{i}.png", seed=2 + i)
+    before = sorted(p.name for p in (other.landing_dir / "malignant").rglob("*"))
+    with contextlib.ExitStack() as stack:
+        mounted = []
+
+        def mount(view):
+            if not mounted:
+                mounted.append(stack.enter_context(bind_mounted(other.landing_dir / "malignant", view)))
+
+        hooks = scoring.Hooks()
+        if when == "over archive/ mid-run":
+            hooks = scoring.Hooks(on_batch_committed=lambda paths: mount(s.archive_dir))
+        else:
+            real_check = moving._require_unmounted
+
+            def check_then_mount(root, folder, pinned):
+                real_check(root, folder, pinned)
+                mount(folder)
+
+            monkeypatch.setattr(moving, "_require_unmounted", check_then_mount)
+        r1 = scoring.score_inbox(s, run_id="r1", hooks=hooks)
+        monkeypatch.undo()
+        assert mounted and r1["move_failed"] >= 1 and r1["status"] != "finished"
+        assert sorted(p.name for p in (other.landing_dir / "malignant").rglob("*")) == before
+    scoring.score_inbox(s, run_id="r2")
+    assert inbox_files(s.inbox_dir) == []
+    assert sorted(p.name for p in archived(s)) == ["scan0.png", "scan1.png"]
+    assert sorted(p.name for p in (other.landing_dir / "malignant").rglob("*")) == before
+
+
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_inbox_files_exchanged_in_the_middle_of_a_move_are_each_archived_once(
     make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs

@@ -15,6 +15,7 @@ from .files import display_path, managing_home
 __all__ = [
     "STALE_HINT",
     "cannot_tell",
+    "destination_refusal",
     "folder_refusal",
     "foreign_home_above",
     "home_above",
@@ -84,6 +85,22 @@ def foreign_home_above(settings: Settings, path: str) -> str | None:
         folder = parent
 
 
+def destination_refusal(settings: Settings, folder: str | os.PathLike[str]) -> str | None:
+    """Why the folder ``folder`` (``archive/``, ``quarantine/``, ``dataset/``) may not receive this home's
+    files, or None: it is another deployment's folder, reached by a link or a mount (the path the mount
+    table shows it under lies in that home). What the pipeline moved there would be that home's (its
+    ``landing/malignant``: training data under a label). A plain filesystem mounted there is fine."""
+    real = os.path.realpath(folder)
+    try:
+        paths = [real, *mounts.other_paths(real)]
+    except mounts.CannotTell as exc:
+        return cannot_tell(exc)
+    for path in paths:
+        if problem := foreign_home_above(settings, path):
+            return f"it is {display_path(path)}, and {problem}"
+    return None
+
+
 def overlay_refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = None) -> str | None:
     """Why the folder ``real`` (a resolved path), on an overlay filesystem, shows a home's files (a layer
     of the overlay lies in a home, or a folder one manages: :func:`bcc_pipeline.mounts.overlay_layers`),
@@ -95,6 +112,8 @@ def overlay_refusal(settings: Settings, real: str, table: list[mounts.Mount] | N
     for layer in layers:
         if problem := home_above(settings, layer):
             return f"it is an overlay of {display_path(layer)}, and {problem}"
+    if (point := mounts.overlay_point(real, table)) not in (None, "/"):
+        return f"it is on an overlay filesystem mounted at {display_path(point)}: {mounts.OVERLAY_UNCHECKED}"
     return None
 
 

@@ -62,13 +62,15 @@ from .files import (
     safe_dirname,
     settled,
 )
+from .homes import destination_refusal
 from .intake_folders import FolderJudge, landing_refusal, not_taken_in
 from .intake_moves import (
+    DATASET_PIN,
     Then,
     carry_out,
     changed,
     finish_interrupted,
-    pinned_quarantine,
+    pinned_roots,
     quarantine_dest,
     require_columns,
 )
@@ -208,6 +210,10 @@ def intake(
     if (why := landing_refusal(settings)) is not None:  # another home's landing/: nothing of it is ours
         not_taken_in(report, landing, str(landing), why)
         return report
+    for folder in (settings.quarantine_dir, settings.dataset_dir):  # another home's folder: never written
+        if (why := destination_refusal(settings, folder)) is not None:
+            not_taken_in(report, landing, str(landing), f"{display_path(folder)} may not be written: {why}")
+            return report
 
     for entry in sorted(landing.iterdir()):
         if entry.name.startswith("."):
@@ -225,7 +231,7 @@ def intake(
     with (
         session_scope(settings.database_url) as session,
         mounts.MountWatch() as watch,
-        pinned_quarantine(settings),
+        pinned_roots(settings),
     ):
         # rejections written after this one are other runs' (row ids: the hosts' clocks may differ)
         report.rejections_mark = int(session.scalar(select(func.max(Rejection.id))) or 0)
@@ -479,7 +485,7 @@ def _intake_one(
             report.duplicates += 1
             return Then(ident=ident, ctime=ctime, sha256=sha)  # its content is already stored under dataset/
 
-        stored = store_copy(data, sha, path.suffix.lower(), settings.dataset_dir)
+        stored = store_copy(data, sha, path.suffix.lower(), settings.dataset_dir, root_pin=DATASET_PIN.get())
         if existing is None:
             row = {
                 "sha256": sha,

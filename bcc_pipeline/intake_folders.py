@@ -21,6 +21,7 @@ from . import mounts
 from .config import Settings
 from .files import display_path, one_line
 from .homes import cannot_tell, foreign_home_above, home_above
+from .moving import root_id
 
 if TYPE_CHECKING:
     from .intake import IntakeReport
@@ -103,6 +104,13 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
                     if problem := home_above(settings, layer):
                         blocked[dirpath] = f"it is an overlay of {display_path(layer)}, and {problem}"
                         break
+                else:
+                    point = mounts.overlay_point(os.path.realpath(dirpath), table)
+                    if point not in (None, "/"):
+                        blocked[dirpath] = (
+                            f"it is on an overlay filesystem mounted at {display_path(point)}: "
+                            f"{mounts.OVERLAY_UNCHECKED}"
+                        )
     for paths in seen.values():
         if len(paths) > 1:
             for path in paths:
@@ -155,7 +163,12 @@ class FolderJudge:
         self.generation: int | None = None
         self._tops = {str(d) for d in label_dirs}
         self._reported: set[str] = set()
+        self._landing = self._where_landing_leads()
         self._judge()
+
+    def _where_landing_leads(self) -> tuple[str, tuple[int, int] | None]:
+        landing = self.settings.landing_dir
+        return os.path.realpath(landing), root_id(landing)
 
     def _judge(self) -> None:
         def judge() -> tuple[dict[str, str], frozenset[str]]:
@@ -175,6 +188,10 @@ class FolderJudge:
         if self.generation is None or self.watch.generation() != self.generation:
             log.warning("intake: the mount table changed while intake runs; judging landing's folders again")
             self._judge()
+        if self._where_landing_leads() != self._landing:  # a link re-pointed, a folder renamed: no mount
+            why = "landing/ leads elsewhere than when this run began (a link re-pointed, or a folder renamed)"
+            self.blocked.clear()
+            self.blocked.update({str(d): why for d in self.label_dirs})
         return self.generation
 
     def unchanged_since(self, generation: int | None) -> bool:

@@ -117,19 +117,31 @@ def changed(report: IntakeReport, shown: str) -> None:
 _QUARANTINE_PIN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "bcc_quarantine_pin", default=None
 )
+DATASET_PIN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "bcc_dataset_pin", default=None
+)
 
 
 @contextlib.contextmanager
-def pinned_quarantine(settings: Settings) -> Iterator[None]:
-    """For one intake run: ``quarantine/`` as it is when the run begins (device and inode). A mount made
-    over it while the run goes on is never moved into (:func:`bcc_pipeline.moving.move_no_clobber`'s
-    ``dest_root_id``). A context variable, so the pin reaches every move of the run without being handed
-    through each function between ``intake()`` and the move."""
-    token = _QUARANTINE_PIN.set(root_id(settings.quarantine_dir))
+def pinned_roots(settings: Settings) -> Iterator[None]:
+    """For one intake run: ``quarantine/`` and ``dataset/`` as they are when the run begins (made first,
+    then pinned by device and inode). A mount made over either while the run goes on, or the folder
+    swapped for a link, is never moved or written into (``dest_root_id`` of
+    :func:`bcc_pipeline.moving.move_no_clobber`, ``root_pin`` of
+    :func:`bcc_pipeline.content_store.store_copy`). Context variables, so the pins reach every move and
+    write of the run without being handed through each function between ``intake()`` and them."""
+    for folder in (settings.quarantine_dir, settings.dataset_dir):
+        with contextlib.suppress(OSError):  # cannot be made: every move or write there fails, reported
+            folder.mkdir(parents=True, exist_ok=True)
+    tokens = (
+        _QUARANTINE_PIN.set(root_id(settings.quarantine_dir)),
+        DATASET_PIN.set(root_id(settings.dataset_dir)),
+    )
     try:
         yield
     finally:
-        _QUARANTINE_PIN.reset(token)
+        _QUARANTINE_PIN.reset(tokens[0])
+        DATASET_PIN.reset(tokens[1])
 
 
 def _move(

@@ -37,8 +37,10 @@ __all__ = [
     "mounted_between",
     "table_generation",
     "mount_table",
+    "OVERLAY_UNCHECKED",
     "other_paths",
     "overlay_layers",
+    "overlay_point",
     "system_filesystem",
 ]
 
@@ -245,6 +247,23 @@ def mounted_between(root: str | os.PathLike[str], folder: str | os.PathLike[str]
 
 
 _UNESCAPED = {b",": re.compile(rb"(?<!\\),"), b":": re.compile(rb"(?<!\\):")}
+
+
+def overlay_point(folder: str, table: list[Mount] | None = None) -> str | None:
+    """Where the overlay filesystem that shows the folder ``folder`` (a resolved path) is mounted, or None
+    when the folder is on another kind of filesystem."""
+    table = mount_table() if table is None else table
+    shown = _shown_by(os.fsencode(folder), table)
+    return os.fsdecode(shown.point) if shown is not None and shown.fstype == b"overlay" else None
+
+
+#: Why a folder on an overlay mounted anywhere but ``/`` (a container's own root) is refused when no layer
+#: of it shows a home: the layers are named by the paths they had when it was mounted, and a layer folder
+#: renamed since (into another home, or under the other label) is not where its path says.
+OVERLAY_UNCHECKED = (
+    "its layers are named by paths that may no longer be the folders it shows (a layer renamed after the "
+    "overlay was mounted), so whose images it shows cannot be told"
+)
 
 
 def overlay_layers(folder: str, table: list[Mount] | None = None) -> list[str]:

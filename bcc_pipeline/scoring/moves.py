@@ -101,7 +101,11 @@ class Mover:
     ):
         self.s, self.engine, self.run_id, self.inbox, self.tally = settings, engine, run_id, inbox, tally
         self.move_file, self.before_unlink = move_file, before_unlink
-        # archive/ and quarantine/ as they are now: one mounted over later is never moved into
+        # archive/ and quarantine/ as they are now (made first: a folder that does not exist yet cannot be
+        # pinned): one mounted over later is never moved into
+        for folder in (settings.archive_dir, settings.quarantine_dir):
+            with contextlib.suppress(OSError):  # cannot be made: every move there fails, reported
+                folder.mkdir(parents=True, exist_ok=True)
         self._pins = {d: root_id(d) for d in (settings.archive_dir, settings.quarantine_dir)}
         self._placed: set[str] = set()  # names this shard gave files (its batch records them afterwards)
 
@@ -138,8 +142,6 @@ class Mover:
             expect_sha256=it.sha,
             dest_root_id=self._pins.get(dest_root),
         )
-        if self._pins.get(dest_root) is None:  # created by this move: pinned from now on
-            self._pins[dest_root] = root_id(dest_root)
         return where
 
     def move(

@@ -21,6 +21,7 @@ from .. import mounts
 from ..config import Settings
 from ..errors import ArtifactError, BCCError, ConfigError
 from ..files import display_path, one_line
+from ..homes import destination_refusal
 from ..moving import move_no_clobber
 from ..store import get_engine
 from . import db, ledger, run_records
@@ -115,6 +116,9 @@ def score_shard(
         # blindly (_ShardScorer._trust)
         with mounts.MountWatch() as watch:
             _require_same_inbox(plan)
+            for folder in (settings.archive_dir, settings.quarantine_dir):
+                if problem := destination_refusal(settings, folder):
+                    raise InboxRefused(f"refusing to move files into {display_path(folder)}: {problem}")
             inbox, rels = plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
             _, judged = watch.stable(lambda: require_folders_still_allowed(settings, inbox, rels))
             scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks(), watch)

@@ -1437,6 +1437,85 @@ def test_an_overlay_whose_layer_is_an_alias_of_another_homes_folder_is_not_taken
         assert [x.source_path for x in s.scalars(select(ImageRecord))] == ["benign/p2/b.png"]
 
 
+def test_landing_repointed_while_intake_runs_is_not_followed(home, png_writer, tmp_path):
+    """``landing/`` is a link to a scanner share, re-pointed to deployment B's ``landing/`` after the
+    first file was committed (no mount: the mount table says nothing). Before, B's image was taken in
+    here and deleted from B, the run green. Now where landing/ leads is checked before each read: nothing
+    more is taken in, the run is red, B's image stays."""
+    share = tmp_path / "share"
+    for i in range(2):
+        png_writer(share / "benign" / f"p{i}" / "own.png", seed=i)
+    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
+    home.landing_dir.symlink_to(share)
+    other = foreign_home(tmp_path)
+    theirs = png_writer(other.landing_dir / "benign" / "p1" / "own.png", seed=7)
+    done = []
+
+    def repoint(shown):
+        if not done:
+            done.append(shown)
+            tmp = home.landing_dir.with_name("landing.new")
+            tmp.symlink_to(other.landing_dir)
+            os.replace(tmp, home.landing_dir)
+
+    r = intake(home, run_id="in1", on_committed=repoint)
+    assert done and r.accepted == 1 and r.unreachable
+    assert theirs.is_file()
+    with session_scope(home.database_url) as s:
+        assert [x.source_path for x in s.scalars(select(ImageRecord))] == ["benign/p0/own.png"]
+
+
+def test_the_dataset_store_mounted_over_or_another_homes_is_never_written(home, png_writer, tmp_path):
+    """A tmpfs mounted over ``dataset/`` itself after the first file was stored (the store is pinned when
+    the run begins: the rest stay in landing, red, and the next run stores them here), and deployment B's
+    ``dataset/`` bind-mounted there before a run (refused: nothing taken in)."""
+    import contextlib
+
+    from tests.support import bind_mounted, tmpfs_mounted
+
+    for i in range(3):
+        png_writer(home.landing_dir / "benign" / f"p{i}" / "x.png", seed=i)
+    home.dataset_dir.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        mounted = []
+
+        def mount_over_the_store(shown):
+            if not mounted:
+                mounted.append(stack.enter_context(tmpfs_mounted(home.dataset_dir)))
+
+        r = intake(home, run_id="in1", on_committed=mount_over_the_store)
+    assert r.accepted == 1 and len(r.failed) == 2
+    r2 = intake(home, run_id="in2")
+    assert r2.accepted == 2 and _all_files(home.landing_dir) == []
+    with session_scope(home.database_url) as s:
+        assert all(Path(x.stored_path).is_file() for x in s.scalars(select(ImageRecord)))
+    other = foreign_home(tmp_path)
+    other.dataset_dir.mkdir(parents=True, exist_ok=True)
+    png_writer(home.landing_dir / "malignant" / "p9" / "y.png", seed=9)
+    with bind_mounted(other.dataset_dir, home.dataset_dir):
+        r3 = intake(home, run_id="in3")
+    assert r3.accepted == 0 and r3.unreachable and list(other.dataset_dir.iterdir()) == []
+
+
+def test_an_overlay_whose_layer_was_renamed_after_mounting_is_not_taken_in(home, png_writer, tmp_path):
+    """An overlay at ``benign/p1`` whose lower folder was renamed into ``malignant/p1`` after the overlay
+    was mounted: the mount table still names the old path, now an empty folder. Before, the malignant
+    image was stored as benign. An overlay mounted inside landing/ whose layers cannot be confirmed is
+    refused (fail closed)."""
+    from tests.support import overlay_mounted
+
+    stage = tmp_path / "stage" / "m"
+    png_writer(stage / "m.png", seed=1)
+    (home.landing_dir / "malignant").mkdir(parents=True)
+    with overlay_mounted(stage, home.landing_dir / "benign" / "p1", tmp_path / "ov"):
+        os.rename(stage, home.landing_dir / "malignant" / "p1")
+        stage.mkdir()
+        r = intake(home, run_id="in1")
+    assert "benign/p1" in {u["path"] for u in r.unreachable}
+    with session_scope(home.database_url) as s:
+        assert [x.label for x in s.scalars(select(ImageRecord))] == ["malignant"]
+
+
 def test_overlays_and_single_files_mounted_into_landing_are_not_taken_in(home, png_writer, tmp_path):
     """Mounts whose files have a device and inode of their own, so that no bind-mount check sees them:
     an overlay whose lower folder is deployment B's ``landing/malignant`` (at ``benign/scans``), an overlay

@@ -258,7 +258,28 @@ def test_a_file_killed_mid_move_then_exchanged_with_another_is_archived_once(
         assert sha256_file(files.path_from_display(moved_to)) == sha
 
 
-@pytest.mark.parametrize("when", ["over archive/ mid-run", "between the check and the link"])
+def test_another_homes_folder_as_the_archive_is_never_moved_into(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Deployment B's ``landing/malignant`` bind-mounted at this home's ``archive/`` before the run: what
+    is archived would become B's malignant training images. The shard refuses (one line, no retry); B's
+    folder is untouched and the scan stays in the inbox. A plain filesystem there is fine (other tests)."""
+    from tests.support import bind_mounted
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = foreign_home(tmp_path)
+    png_writer(other.landing_dir / "malignant" / "t.png", seed=1)
+    scan = png_writer(s.inbox_dir / "b" / "scan0.png", seed=2)
+    with bind_mounted(other.landing_dir / "malignant", s.archive_dir):
+        with pytest.raises(scoring.InboxRefused, match="refusing to move files into .*archive.*site_b"):
+            scoring.score_inbox(s, run_id="r1")
+    assert [p.name for p in (other.landing_dir / "malignant").iterdir()] == ["t.png"] and scan.is_file()
+
+
+@pytest.mark.parametrize(
+    "when", ["over archive/ mid-run", "over archive/ made mid-run", "between the check and the link"]
+)
 def test_a_mount_made_over_the_archive_while_files_move_is_never_moved_into(
     make_settings, sqlite_url, register_champion, png_writer, tmp_path, monkeypatch, when
 ):
@@ -275,7 +296,8 @@ def test_a_mount_made_over_the_archive_while_files_move_is_never_moved_into(
 
     s = make_settings(sqlite_url, settle_seconds=0)
     register_champion(s)
-    s.archive_dir.mkdir(parents=True)
+    if when == "over archive/ mid-run":
+        s.archive_dir.mkdir(parents=True)  # else archive/ does not exist when the run begins
     other = foreign_home(tmp_path)
     png_writer(other.landing_dir / "malignant" / "t.png", seed=1)
     for i in range(2):
@@ -289,7 +311,7 @@ def test_a_mount_made_over_the_archive_while_files_move_is_never_moved_into(
                 mounted.append(stack.enter_context(bind_mounted(other.landing_dir / "malignant", view)))
 
         hooks = scoring.Hooks()
-        if when == "over archive/ mid-run":
+        if when.startswith("over archive/"):
             hooks = scoring.Hooks(on_batch_committed=lambda paths: mount(s.archive_dir))
         else:
             real_check = moving._require_unmounted

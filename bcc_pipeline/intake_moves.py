@@ -400,6 +400,7 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renam
         return "moved"
     if os.path.lexists(src):
         _mark(session, r.run_id, r.path, dest=None, move_error=_REPLACED)
+        changed(report, r.path)  # counted and logged: the refused file is no longer at its path
         return "replaced"
     _mark(session, r.run_id, r.path, dest=None, move_error=_GONE)
     return "gone"

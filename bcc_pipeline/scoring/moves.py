@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 
 from ..config import Settings
 from ..files import display_path, path_from_display, reason_path, write_reason
+from ..homes import destination_refusal
 from ..moving import (
     FoundBy,
     Identity,
@@ -55,7 +56,15 @@ from . import ledger
 from .inbox import destination, path_key
 from .loader import Item, clean_reason
 
-__all__ = ["MAX_MOVE_ATTEMPTS", "MOVE_ERROR_CHARS", "MoveFile", "Mover", "Tally", "sweep_interrupted"]
+__all__ = [
+    "MAX_MOVE_ATTEMPTS",
+    "MOVE_ERROR_CHARS",
+    "MoveFile",
+    "Mover",
+    "Tally",
+    "require_own_destinations",
+    "sweep_interrupted",
+]
 
 log = logging.getLogger(__name__)
 MoveFile = Callable[..., Path]
@@ -103,10 +112,7 @@ class Mover:
         self.move_file, self.before_unlink = move_file, before_unlink
         # archive/ and quarantine/ as they are now (made first: a folder that does not exist yet cannot be
         # pinned): one mounted over later is never moved into
-        for folder in (settings.archive_dir, settings.quarantine_dir):
-            with contextlib.suppress(OSError):  # cannot be made: every move there fails, reported
-                folder.mkdir(parents=True, exist_ok=True)
-        self._pins = {d: root_id(d) for d in (settings.archive_dir, settings.quarantine_dir)}
+        self._pins = require_own_destinations(settings)
         self._placed: set[str] = set()  # names this shard gave files (its batch records them afterwards)
 
     def taken(self, run_id: str) -> Taken:
@@ -336,6 +342,23 @@ class Mover:
         return False
 
 
+def require_own_destinations(settings: Settings) -> dict[Path, tuple[int, int] | None]:
+    """Refuse (:class:`InboxRefused`, no retry) to move anything while ``archive/`` or ``quarantine/`` is
+    another deployment's folder (a link or a mount there: :func:`bcc_pipeline.homes.destination_refusal`):
+    what is moved there would become that home's files (its ``landing/malignant``: training images under a
+    label). Otherwise make them if missing and return their pins (device and inode) for the moves."""
+    from .inbox import InboxRefused
+
+    pins: dict[Path, tuple[int, int] | None] = {}
+    for folder in (settings.archive_dir, settings.quarantine_dir):
+        if problem := destination_refusal(settings, folder):
+            raise InboxRefused(f"refusing to move files into {display_path(folder)}: {problem}")
+        with contextlib.suppress(OSError):  # cannot be made: every move there fails, reported
+            folder.mkdir(parents=True, exist_ok=True)
+        pins[folder] = root_id(folder)
+    return pins
+
+
 def _moved_to(
     settings: Settings, r: Any, inbox: str, rel: str, taken: Taken, *, elsewhere: bool = False
 ) -> Path | None:
@@ -401,7 +424,14 @@ def _kind_at(path: str) -> str | None:
     return "file" if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else "other"
 
 
-def _finish_renamed(settings: Settings, r: Any, rel: str, at: FoundBy, taken: Taken) -> Path | None:
+def _finish_renamed(
+    settings: Settings,
+    r: Any,
+    rel: str,
+    at: FoundBy,
+    taken: Taken,
+    pins: dict[Path, tuple[int, int] | None] | None = None,
+) -> Path | None:
     """Row ``r``'s path is gone, but its very file (device, inode, size, mtime) is listed under another
     name: its folder, or the inbox itself, was renamed after the run that read it was killed. Whatever
     that run's move had done (nothing yet, a hard link at its destination, a copy across filesystems
@@ -416,7 +446,15 @@ def _finish_renamed(settings: Settings, r: Any, rel: str, at: FoundBy, taken: Ta
     dest_root = settings.quarantine_dir if r.status == "rejected" else settings.archive_dir
     try:
         now = identity(os.lstat(now_at))  # touched since, perhaps: the same inode and bytes
-        where = move_no_clobber(now_at, dest, expect=now, dest_root=dest_root, taken=taken, prior=ident)
+        where = move_no_clobber(
+            now_at,
+            dest,
+            expect=now,
+            dest_root=dest_root,
+            taken=taken,
+            prior=ident,
+            dest_root_id=(pins or {}).get(dest_root),
+        )
     except OSError as exc:  # left in the inbox: the run that plans it scores it under its new name
         log.warning("could not finish the move of %s from %s: %s", r.path, display_path(now_at), exc)
         return None
@@ -457,6 +495,7 @@ def sweep_interrupted(
     move finished from there (:func:`_finish_renamed`); never from a path that has a row of its own or
     that a run planned (``planned_of(run_id)``: its files, relative to its inbox), such as another hard
     link of the file. Returns how many rows were fixed."""
+    pins = require_own_destinations(settings)  # before any recovery move: never into another home
     rows = ledger.unmoved_rows(engine, only_run)
     inboxes: dict[str, str | None] = {}
 
@@ -487,7 +526,7 @@ def sweep_interrupted(
             continue
         found = None
         if held is None:
-            found = _finish_renamed(settings, r, rel, renamed, taken_in(r.run_id))
+            found = _finish_renamed(settings, r, rel, renamed, taken_in(r.run_id), pins)
         found = found or _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
         if found is not None:
             placed.add(display_path(found))

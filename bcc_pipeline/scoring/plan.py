@@ -23,7 +23,7 @@ from ..moving import files_below
 from ..store import get_engine, utcnow
 from . import db, run_records
 from .inbox import InboxArg, discover
-from .moves import sweep_interrupted
+from .moves import require_own_destinations, sweep_interrupted
 
 __all__ = ["load_plan", "new_run_id", "plan_shards", "read_shard_results", "run_dir", "write_shard_result"]
 
@@ -141,6 +141,7 @@ def plan_shards(
         raise ConfigError("a scoring run needs a non-empty run id")
     db.require_schema(settings.database_url)
     engine = get_engine(settings.database_url)
+    require_own_destinations(settings)  # before anything is marked or moved: never into another home
     mark_home(settings.home)  # this home now holds runs/, archive/ and quarantine/: never scored as an inbox
     sweep_stale_temporaries(settings)  # what killed processes left in the folders the pipeline writes
     path = run_dir(settings, run_id) / "plan.json"

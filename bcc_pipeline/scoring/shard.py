@@ -21,13 +21,12 @@ from .. import mounts
 from ..config import Settings
 from ..errors import ArtifactError, BCCError, ConfigError
 from ..files import display_path, one_line
-from ..homes import destination_refusal
 from ..moving import move_no_clobber
 from ..store import get_engine
 from . import db, ledger, run_records
 from .inbox import InboxRefused, destination, require_folders_still_allowed
 from .loader import Item, Loader
-from .moves import MoveFile, Mover, Tally
+from .moves import MoveFile, Mover, Tally, require_own_destinations
 from .plan import load_plan, write_shard_result
 from .predictor import PinnedModel
 
@@ -116,9 +115,7 @@ def score_shard(
         # blindly (_ShardScorer._trust)
         with mounts.MountWatch() as watch:
             _require_same_inbox(plan)
-            for folder in (settings.archive_dir, settings.quarantine_dir):
-                if problem := destination_refusal(settings, folder):
-                    raise InboxRefused(f"refusing to move files into {display_path(folder)}: {problem}")
+            require_own_destinations(settings)  # another home's folder at archive/: refused, no retry
             inbox, rels = plan.get("inbox_realpath") or plan["inbox"], plan["shards"][shard]
             _, judged = watch.stable(lambda: require_folders_still_allowed(settings, inbox, rels))
             scorer = _ShardScorer(settings, plan, shard, progress or log.info, hooks or Hooks(), watch)

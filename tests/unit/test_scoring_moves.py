@@ -277,6 +277,39 @@ def test_another_homes_folder_as_the_archive_is_never_moved_into(
     assert [p.name for p in (other.landing_dir / "malignant").iterdir()] == ["t.png"] and scan.is_file()
 
 
+def test_a_recovery_at_planning_never_moves_into_another_homes_folder_at_the_archive(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Killed after the commit; the file's folder renamed; deployment B's ``landing/malignant`` then
+    bind-mounted over ``archive/``. Before, the next run's planning finished the move from the new name
+    into B's folder (B's intake then trained on the scan as malignant) and recorded it in archive/. Now
+    planning refuses before it marks or moves anything; once the mount is gone the file is archived here."""
+    from tests.support import bind_mounted
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = foreign_home(tmp_path)
+    png_writer(other.landing_dir / "malignant" / "t.png", seed=1)
+    png_writer(s.inbox_dir / "p0" / "img0.png", seed=2)
+
+    def die(paths):
+        raise Crash
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(on_batch_committed=die))
+    os.rename(s.inbox_dir / "p0", s.inbox_dir / "p9")
+    with bind_mounted(other.landing_dir / "malignant", s.archive_dir):
+        with pytest.raises(scoring.InboxRefused, match="refusing to move files into .*archive.*site_b"):
+            scoring.score_inbox(s, run_id="r2")
+    assert [p.name for p in (other.landing_dir / "malignant").iterdir()] == ["t.png"]
+    assert inbox_files(s.inbox_dir) == ["p9/img0.png"]
+    scoring.score_inbox(s, run_id="r3")
+    assert inbox_files(s.inbox_dir) == [] and [p.name for p in archived(s)] == ["img0.png"]
+    with session_scope(sqlite_url) as db:
+        placed = [x.moved_to for x in db.scalars(select(InboxFile)) if x.moved_to]
+    assert [Path(files.path_from_display(m)) for m in placed] == archived(s)
+
+
 @pytest.mark.parametrize(
     "when", ["over archive/ mid-run", "over archive/ made mid-run", "between the check and the link"]
 )
@@ -321,9 +354,14 @@ def test_a_mount_made_over_the_archive_while_files_move_is_never_moved_into(
                 mount(folder)
 
             monkeypatch.setattr(moving, "_require_unmounted", check_then_mount)
-        r1 = scoring.score_inbox(s, run_id="r1", hooks=hooks)
+        if when.startswith("over archive/"):  # the moves fail, then finishing the run refuses archive/
+            with pytest.raises(scoring.InboxRefused, match="refusing to move files into .*archive"):
+                scoring.score_inbox(s, run_id="r1", hooks=hooks)
+        else:
+            r1 = scoring.score_inbox(s, run_id="r1", hooks=hooks)
+            assert r1["move_failed"] >= 1 and r1["status"] != "finished"
         monkeypatch.undo()
-        assert mounted and r1["move_failed"] >= 1 and r1["status"] != "finished"
+        assert mounted
         assert sorted(p.name for p in (other.landing_dir / "malignant").rglob("*")) == before
     scoring.score_inbox(s, run_id="r2")
     assert inbox_files(s.inbox_dir) == []

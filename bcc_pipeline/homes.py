@@ -86,8 +86,8 @@ def foreign_home_above(settings: Settings, path: str) -> str | None:
 
 
 def destination_refusal(settings: Settings, folder: str | os.PathLike[str]) -> str | None:
-    """Why the folder ``folder`` (``archive/``, ``quarantine/``, ``dataset/``) may not receive this home's
-    files, or None: it is another deployment's folder, reached by a link or a mount (the path the mount
+    """Why the folder ``folder`` (``archive/``, ``quarantine/``, ``dataset/``; ``landing/``, which intake
+    takes from) is not this home's to write into, or None: it is another deployment's folder, reached by a link or a mount (the path the mount
     table shows it under lies in that home). What the pipeline moved there would be that home's (its
     ``landing/malignant``: training data under a label). A plain filesystem mounted there is fine."""
     real = os.path.realpath(folder)

@@ -38,11 +38,10 @@ import datetime as dt
 import errno
 import hashlib
 import logging
-import os
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from .files import (
     settled,
 )
 from .homes import destination_refusal
-from .intake_folders import FolderJudge, landing_refusal, not_taken_in
+from .intake_folders import FolderJudge, ignore, landing_refusal, not_taken_in, walk
 from .intake_moves import (
     DATASET_PIN,
     Then,
@@ -144,45 +143,6 @@ def _is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(REASON_SUFFIX)
 
 
-def _walk(
-    root: Path, landing: Path, report: IntakeReport, blocked: dict[str, str] | None = None
-) -> Iterator[Path]:
-    """Regular files and symlinks below ``root`` without following links, sorted. A folder that cannot
-    be listed, or is ``blocked`` (:func:`.intake_folders.blocked_folders`), is reported in ``report.failed`` (its files stay
-    in landing) and the walk goes on; a hidden folder (``.patient_7/``) is left alone and reported as
-    ignored, as scoring does."""
-
-    def unreadable(exc: OSError) -> None:
-        try:
-            where = display_path(Path(exc.filename).relative_to(landing))
-        except (TypeError, ValueError):
-            where = display_path(root.relative_to(landing))
-        error = one_line(f"cannot list this folder: {exc.strerror or exc}")
-        report.failed.append({"path": where, "error": error})
-        report.unreachable.append({"path": where, "error": error})
-        log.error("intake: %s: %s (its files stay in landing)", where, error)
-
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
-        if blocked and (why := blocked.get(dirpath)) is not None:
-            not_taken_in(report, landing, dirpath, why)
-            dirnames[:] = []
-            continue
-        for hidden in sorted(d for d in dirnames if d.startswith(".")):
-            _ignore(report, (Path(dirpath) / hidden).relative_to(landing))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
-        # symlinks to directories show up in dirnames; report them as files (they are rejected)
-        for d in list(dirnames):
-            try:
-                link = (Path(dirpath) / d).is_symlink()
-            except OSError:  # listing it fails too, and is reported then
-                continue
-            if link:
-                dirnames.remove(d)
-                yield Path(dirpath) / d
-
-
 def intake(
     settings: Settings,
     *,
@@ -241,7 +201,7 @@ def intake(
         judge = FolderJudge(settings, label_dirs, watch)
         for label_dir in label_dirs:
             label = label_dir.name
-            for path in _walk(label_dir, landing, report, judge.blocked):
+            for path in walk(label_dir, landing, report, judge.blocked):
                 rel = path.relative_to(landing)
                 shown = display_path(rel)
                 if shown in unfinished:  # an earlier run's rejection whose move still fails
@@ -351,11 +311,6 @@ def _group_id(folder: str) -> str:
     return f"{shown[: _GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
 
 
-def _ignore(report: IntakeReport, rel: Path) -> None:
-    report.ignored += 1
-    report.ignored_paths.append(display_path(rel))
-
-
 def _lstat_identity(path: Path) -> Identity | None:
     try:
         return identity(path.lstat())
@@ -378,18 +333,18 @@ def _read(
         log.info("%s left landing before it was read", display_path(rel))
         return None
     if _is_ignored_name(path.name):  # hidden and system files, links among them, are left alone (as scoring)
-        _ignore(report, rel)
+        ignore(report, rel)
         return None
     if path.is_symlink():
         raise _Refused("symbolic link: links are never followed", _lstat_identity(path))
     if path.suffix.lower() not in images.IMAGE_EXTENSIONS:
-        _ignore(report, rel)
+        ignore(report, rel)
         return None
     st = None
     try:
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end: never open it
-            _ignore(report, rel)
+            ignore(report, rel)
             return None
         if not settled(display_path(rel), st.st_mtime, now_ts, settings.settle_seconds):
             report.skipped += 1  # still being written; next run takes it
@@ -414,7 +369,7 @@ def _read(
         if stat.S_ISREG(st.st_mode):
             report.skipped += 1
         else:
-            _ignore(report, rel)
+            ignore(report, rel)
         return None
     if len(data) > max_bytes:  # grew since the lstat
         raise _Refused(f"file of more than {max_bytes} bytes is larger than any image can be", identity(st))

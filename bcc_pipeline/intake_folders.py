@@ -14,19 +14,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import mounts
 from .config import Settings
 from .files import display_path, one_line
-from .homes import cannot_tell, foreign_home_above, home_above
+from .homes import cannot_tell, destination_refusal, home_above
 from .moving import root_id
 
 if TYPE_CHECKING:
     from .intake import IntakeReport
 
-__all__ = ["FolderJudge", "blocked_folders", "landing_refusal", "not_taken_in"]
+__all__ = ["FolderJudge", "blocked_folders", "ignore", "landing_refusal", "not_taken_in", "walk"]
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +125,13 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
     return blocked
 
 
-def landing_refusal(settings: Settings, table: list[mounts.Mount] | None = None) -> str | None:
+def landing_refusal(settings: Settings) -> str | None:
     """Why ``landing/`` itself is not this home's to take in from, or None: it leads (a link) into another
-    deployment's home, or another home's folder is mounted over it (the path the mount table shows it
-    under lies in that home). Its files would be that deployment's images, taken in here and removed
-    there."""
-    real = os.path.realpath(settings.landing_dir)
-    try:
-        paths = [real, *mounts.other_paths(real, table)]
-    except mounts.CannotTell as exc:
-        return cannot_tell(exc)
-    for path in paths:
-        if problem := foreign_home_above(settings, path):
-            return f"landing/ is {display_path(path)}, and {problem}"
-    return None
+    deployment's home, or another home's folder is mounted over it (the check of the folders the pipeline
+    writes into: :func:`bcc_pipeline.homes.destination_refusal`). Its files would be that deployment's
+    images, taken in here and removed there."""
+    problem = destination_refusal(settings, settings.landing_dir)
+    return None if problem is None else f"landing/: {problem}"
 
 
 def not_taken_in(report: IntakeReport, landing: Path, folder: str, why: str) -> None:
@@ -147,6 +141,51 @@ def not_taken_in(report: IntakeReport, landing: Path, folder: str, why: str) -> 
     report.failed.append({"path": where, "error": one_line(f"not taken in: {why}")})
     report.unreachable.append(report.failed[-1])
     log.error("intake: not taking in %s: %s (its files stay in landing)", where, one_line(why))
+
+
+def ignore(report: IntakeReport, rel: Path) -> None:
+    """Count ``rel`` (relative to ``landing/``) as ignored: left where it is, listed in the report."""
+    report.ignored += 1
+    report.ignored_paths.append(display_path(rel))
+
+
+def walk(
+    root: Path, landing: Path, report: IntakeReport, blocked: dict[str, str] | None = None
+) -> Iterator[Path]:
+    """Regular files and symlinks below ``root`` without following links, sorted. A folder that cannot
+    be listed, or is ``blocked`` (:func:`blocked_folders`), is reported in ``report.failed`` (its files stay
+    in landing) and the walk goes on; a hidden folder (``.patient_7/``) is left alone and reported as
+    ignored, as scoring does."""
+
+    def unreadable(exc: OSError) -> None:
+        try:
+            where = display_path(Path(exc.filename).relative_to(landing))
+        except (TypeError, ValueError):
+            where = display_path(root.relative_to(landing))
+        error = one_line(f"cannot list this folder: {exc.strerror or exc}")
+        report.failed.append({"path": where, "error": error})
+        report.unreachable.append({"path": where, "error": error})
+        log.error("intake: %s: %s (its files stay in landing)", where, error)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
+        if blocked and (why := blocked.get(dirpath)) is not None:
+            not_taken_in(report, landing, dirpath, why)
+            dirnames[:] = []
+            continue
+        for hidden in sorted(d for d in dirnames if d.startswith(".")):
+            ignore(report, (Path(dirpath) / hidden).relative_to(landing))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+        # symlinks to directories show up in dirnames; report them as files (they are rejected)
+        for d in list(dirnames):
+            try:
+                link = (Path(dirpath) / d).is_symlink()
+            except OSError:  # listing it fails too, and is reported then
+                continue
+            if link:
+                dirnames.remove(d)
+                yield Path(dirpath) / d
 
 
 class FolderJudge:

@@ -4,7 +4,7 @@ Every temporary the pipeline makes (:data:`bcc_pipeline.files.TEMP_PREFIX`, ``.b
 write's file, a model conversion's folder) is removed by whoever made it; a process killed (SIGKILL) first
 leaves it behind. :func:`sweep_stale_temporaries` removes those whose maker is gone (the process named in
 the temporary's name, of this machine's process table, is no longer alive:
-:func:`bcc_pipeline.files.temp_owner_gone`; so a rerun right after a kill leaves nothing behind) and those
+:func:`bcc_pipeline.temp_names.temp_owner_gone`; so a rerun right after a kill leaves nothing behind) and those
 older than :data:`STALE_TEMP_SECONDS` (made elsewhere, or before names carried their maker) from the
 folders only the pipeline writes in (scoring calls it when it plans a run, intake when it starts). It
 touches nothing else: not a name without that prefix, not a link, not a fresh one (a live writer's), not a
@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .files import TEMP_PREFIX, display_path, temp_owner_gone
+from .files import display_path
+from .temp_names import TEMP_PREFIX, temp_owner_gone
 
 __all__ = ["STALE_TEMP_SECONDS", "sweep_stale_temporaries", "sweep_temporaries"]
 
@@ -58,7 +59,7 @@ def sweep_temporaries(
     were last modified more than ``older_than`` seconds ago, anywhere below ``folders`` and directly in
     the ``shallow`` ones. Returns what was removed (each logged).
 
-    A temporary whose maker is gone (:func:`bcc_pipeline.files.temp_owner_gone`) goes whatever its age.
+    A temporary whose maker is gone (:func:`bcc_pipeline.temp_names.temp_owner_gone`) goes whatever its age.
     Nothing else is touched: names without the prefix, symbolic links (never followed either), temporaries
     written to within ``older_than`` whose maker may be alive (it may still publish them), and anything that cannot be
     removed (left, logged) are kept. A missing folder is skipped."""

@@ -147,14 +147,14 @@ def named_below(root: Path, ident: Identity) -> bool:
     return False
 
 
-def still_named(found: str | os.PathLike[str], ident: Identity, root: str | os.PathLike[str]) -> bool:
-    """Whether the file ``ident`` that an interrupted move took to ``found`` (a hard link, or a copy across
+def still_named(found: str | os.PathLike[str], ident: Identity, root: str | os.PathLike[str] | None) -> bool:
+    """Whether the file ``ident`` that a move took to ``found`` (a hard link, or a copy across
     filesystems) still has a name of its own: the link there has another name, or, for a copy, the file is
-    named below ``root`` (the inbox, ``landing/``). Its move then never finished."""
+    named below ``root`` (the inbox, ``landing/``; never, without one). Its move then never finished."""
     st = os.lstat(found)
     if (st.st_dev, st.st_ino) == tuple(ident[:2]):
         return st.st_nlink > 1
-    return named_below(Path(root), ident)
+    return root is not None and named_below(Path(root), ident)
 
 
 def _remove_source(
@@ -183,11 +183,7 @@ def _remove_source(
     st = os.lstat(src) if expect is not None or sha256 is not None else None
     if expect is not None:
         if (st.st_dev, st.st_ino) != tuple(expect)[:2]:
-            if shared_inode:
-                still_named = os.lstat(where).st_nlink > 1
-            else:
-                still_named = src_root is not None and named_below(src_root, expect)
-            if still_named:
+            if still_named(where, expect, src_root):
                 os.unlink(where)
                 raise SourceChangedError(
                     errno.ESTALE, "the file was renamed while it was moved", os.fspath(src)

@@ -135,7 +135,8 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
 
 def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Every image under ``folder/<label>/[<group>/]``: decoded, hashed. Returns (images, refused)."""
-    from ..intake import IntakeReport, _is_ignored_name, _walk
+    from ..intake import IntakeReport, _is_ignored_name
+    from ..intake_folders import walk
 
     found, refused = [], []
     for entry in sorted(folder.iterdir()):
@@ -145,7 +146,7 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
         if not (folder / label).is_dir() or (folder / label).is_symlink():
             continue
         walked = IntakeReport(run_id="holdout")
-        for path in _walk(folder / label, folder, walked):
+        for path in walk(folder / label, folder, walked):
             rel = path.relative_to(folder)
             if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
                 continue

@@ -23,7 +23,8 @@ from ..moving import files_below
 from ..store import get_engine, utcnow
 from . import db, run_records
 from .inbox import InboxArg, discover
-from .moves import require_own_destinations, sweep_interrupted
+from .moves import require_own_destinations
+from .sweep import sweep_interrupted
 
 __all__ = ["load_plan", "new_run_id", "plan_shards", "read_shard_results", "run_dir", "write_shard_result"]
 

@@ -12,9 +12,9 @@ from ..files import safe_dirname
 from ..store import get_engine, utcnow
 from . import db, ledger, run_records
 from .inbox import InboxArg, unreachable
-from .moves import sweep_interrupted
 from .plan import load_plan, new_run_id, plan_inbox, plan_shards, read_shard_results
 from .shard import Hooks, Progress, describe_failure, score_shard
+from .sweep import sweep_interrupted
 
 __all__ = ["finalize_run", "score_inbox"]
 

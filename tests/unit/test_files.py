@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bcc_pipeline import copying, files, leftovers, moving
+from bcc_pipeline import copying, files, leftovers, moving, temp_names
 
 
 @pytest.fixture(params=["renameat2", "exclusive-copy"])
@@ -636,7 +636,7 @@ def test_a_temporary_left_by_a_killed_atomic_write_is_swept(make_settings, tmp_p
     killed, left = writer(s.quarantine_dir / "r1" / ("a" * 28 + ".p1-00000000.png.reason.txt"))
     kill(killed)
     live, writing = writer(
-        s.runs_dir / "r1" / f"{files.TEMP_PREFIX}p{killed.pid}-{files._machine_key()}.json"
+        s.runs_dir / "r1" / f"{files.TEMP_PREFIX}p{killed.pid}-{temp_names._machine_key()}.json"
     )
     try:
         assert left.name.startswith(files.TEMP_PREFIX) and left.read_bytes() == b"half of it"

@@ -12,7 +12,7 @@ from .files import atomic_write, sha256_file
 from .mounts import mounted_between, table_generation
 from .moving import root_id
 
-__all__ = ["store_copy"]
+__all__ = ["holds", "store_copy"]
 
 
 def store_copy(
@@ -50,3 +50,14 @@ def store_copy(
                 errno.EXDEV, "the dataset store changed (a mount) while the copy was written", str(dest)
             )
     return dest
+
+
+def holds(stored_path: str | None, sha: str) -> bool:
+    """Whether the stored copy at ``stored_path`` (an ``images`` row's) is a regular file holding exactly
+    the content ``sha``."""
+    if not stored_path:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(stored_path).st_mode) and sha256_file(stored_path) == sha
+    except OSError:
+        return False

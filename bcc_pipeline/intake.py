@@ -35,10 +35,8 @@ Paths in the report, the database and the log are shown in the one reversible fo
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import hashlib
 import logging
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -50,19 +48,23 @@ from sqlalchemy import func, select, update
 
 from . import images, mounts
 from .config import Settings
-from .content_store import store_copy
+from .content_store import holds, store_copy
+from .destinations import destination_lost
 from .errors import ImageError, StoreError
 from .files import (
-    REASON_SUFFIX,
-    SYSTEM_NAMES,
     display_path,
     one_line,
-    read_once,
     safe_dirname,
-    settled,
 )
 from .homes import destination_refusal
-from .intake_folders import FolderJudge, ignore, landing_refusal, not_taken_in, walk
+from .intake_folders import (
+    FolderJudge,
+    Refused,
+    landing_refusal,
+    not_taken_in,
+    read_landing_file,
+    walk,
+)
 from .intake_moves import (
     DATASET_PIN,
     Then,
@@ -77,11 +79,7 @@ from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
 from .moving import (
     Identity,
-    LinkedFolderError,
-    change_time,
-    identity,
     identity_text,
-    require_real_folders,
 )
 from .neardup import perceptual_hash
 from .store import (
@@ -131,18 +129,6 @@ class _PathTaken(Exception):
     same run id) finds another file there. Its record must not replace the first one's."""
 
 
-class _Refused(Exception):
-    """A file refused before its bytes were checked: the reason, and the identity of what the path held."""
-
-    def __init__(self, reason: str, ident: Identity | None):
-        super().__init__(reason)
-        self.reason, self.ident = reason, ident
-
-
-def _is_ignored_name(name: str) -> bool:
-    return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(REASON_SUFFIX)
-
-
 def intake(
     settings: Settings,
     *,
@@ -173,6 +159,9 @@ def intake(
     for folder in (settings.quarantine_dir, settings.dataset_dir):  # another home's folder: never written
         if (why := destination_refusal(settings, folder)) is not None:
             not_taken_in(report, landing, str(landing), f"{display_path(folder)} may not be written: {why}")
+            return report
+        if (why := destination_lost(settings, folder)) is not None:  # its disk not mounted? made when new
+            not_taken_in(report, landing, str(landing), why)
             return report
 
     for entry in sorted(landing.iterdir()):
@@ -311,71 +300,6 @@ def _group_id(folder: str) -> str:
     return f"{shown[: _GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
 
 
-def _lstat_identity(path: Path) -> Identity | None:
-    try:
-        return identity(path.lstat())
-    except OSError:
-        return None
-
-
-def _read(
-    settings: Settings, path: Path, rel: Path, report: IntakeReport, now_ts: float
-) -> tuple[bytes, Identity, int | None] | None:
-    """The bytes of one landing file and the identity of the descriptor they were read from, or None when
-    there is nothing to take in now (ignored, still being written, gone; counted here). Raises
-    :class:`_Refused` for a link, a file too big to be an image, and one that cannot be read."""
-    try:
-        require_real_folders(settings.landing_dir, path)
-    except LinkedFolderError:  # a folder of it became a link since the walk: never read through it
-        changed(report, display_path(rel))
-        return None
-    except FileNotFoundError:
-        log.info("%s left landing before it was read", display_path(rel))
-        return None
-    if _is_ignored_name(path.name):  # hidden and system files, links among them, are left alone (as scoring)
-        ignore(report, rel)
-        return None
-    if path.is_symlink():
-        raise _Refused("symbolic link: links are never followed", _lstat_identity(path))
-    if path.suffix.lower() not in images.IMAGE_EXTENSIONS:
-        ignore(report, rel)
-        return None
-    st = None
-    try:
-        st = path.lstat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end: never open it
-            ignore(report, rel)
-            return None
-        if not settled(display_path(rel), st.st_mtime, now_ts, settings.settle_seconds):
-            report.skipped += 1  # still being written; next run takes it
-            return None
-        max_bytes = images.max_file_bytes(settings.max_pixels)
-        if st.st_size > max_bytes:
-            raise _Refused(
-                f"file of {st.st_size} bytes is larger than any image within the "
-                f"pixel limit ({settings.max_pixels}) can be",
-                identity(st),
-            )
-        data, st = read_once(path, max_bytes)
-    except FileNotFoundError:
-        log.info("%s left landing before it was read", display_path(rel))
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
-            raise _Refused("symbolic link: links are never followed", _lstat_identity(path)) from None
-        ident = identity(st) if st is not None else None  # what the checks saw, if they got that far
-        raise _Refused(f"unreadable file: {exc.strerror or exc}", ident) from None
-    if data is None:  # replaced by a FIFO or device since the lstat, or changed while it was read
-        if stat.S_ISREG(st.st_mode):
-            report.skipped += 1
-        else:
-            ignore(report, rel)
-        return None
-    if len(data) > max_bytes:  # grew since the lstat
-        raise _Refused(f"file of more than {max_bytes} bytes is larger than any image can be", identity(st))
-    return data, identity(st), change_time(st)
-
-
 def _intake_one(
     settings: Settings,
     session,
@@ -392,12 +316,12 @@ def _intake_one(
     ``judge``: the folders as judged in the mount table's current generation; a file read while the table
     changed is read again (judged anew), and one in a folder not to take in from (a bind mount made since
     the walk began) is left where it is, before anything is staged."""
-    refused: _Refused | None = None
+    refused: Refused | None = None
     for _ in range(3):
         generation = judge.current() if judge is not None else None
         try:
-            read, refused = _read(settings, path, rel, report, now_ts), None
-        except _Refused as exc:
+            read, refused = read_landing_file(settings, path, rel, report, now_ts), None
+        except Refused as exc:
             read, refused = None, exc
         if judge is None or (read is None and refused is None) or judge.unchanged_since(generation):
             break
@@ -437,6 +361,13 @@ def _intake_one(
             report.conflicts += 1
             return then
         if existing is not None and existing.label == label:
+            # removed from landing only while the store holds its content: a stored copy that is gone
+            # (deleted, a store restored without it) or damaged is written again from this file
+            if not holds(existing.stored_path, sha):
+                stored = store_copy(
+                    data, sha, path.suffix.lower(), settings.dataset_dir, root_pin=DATASET_PIN.get()
+                )
+                existing.stored_path = str(stored)
             report.duplicates += 1
             return Then(ident=ident, ctime=ctime, sha256=sha)  # its content is already stored under dataset/
 

@@ -7,27 +7,43 @@ deployment's folder (or this home's own ``dataset/``) mounted into ``landing/`` 
 take (:mod:`bcc_pipeline.homes`). Such folders are refused, their files left in ``landing/`` and reported
 as unreachable. A mount made in the middle of a run (after the folders were judged, before or while a file
 under it is read) is judged as well: each file is checked once it is read, before its outcome is staged.
+
+A landing file is read once, from one descriptor (:func:`read_landing_file`): links, FIFOs and devices are
+never opened, files still being written wait for the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import mounts
+from . import images, mounts
 from .config import Settings
-from .files import display_path, one_line
+from .files import REASON_SUFFIX, SYSTEM_NAMES, display_path, one_line, read_once, settled
 from .homes import cannot_tell, destination_refusal, home_above
-from .moving import root_id
+from .intake_moves import changed
+from .moving import Identity, LinkedFolderError, change_time, identity, require_real_folders, root_id
 
 if TYPE_CHECKING:
     from .intake import IntakeReport
 
-__all__ = ["FolderJudge", "blocked_folders", "ignore", "landing_refusal", "not_taken_in", "walk"]
+__all__ = [
+    "FolderJudge",
+    "Refused",
+    "blocked_folders",
+    "ignore",
+    "is_ignored_name",
+    "landing_refusal",
+    "not_taken_in",
+    "read_landing_file",
+    "walk",
+]
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +271,80 @@ class FolderJudge:
             if folder in self._tops or parent == folder:
                 return False
             folder = parent
+
+
+class Refused(Exception):
+    """A file refused before its bytes were checked: the reason, and the identity of what the path held."""
+
+    def __init__(self, reason: str, ident: Identity | None):
+        super().__init__(reason)
+        self.reason, self.ident = reason, ident
+
+
+def is_ignored_name(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES or name.endswith(REASON_SUFFIX)
+
+
+def lstat_identity(path: Path) -> Identity | None:
+    try:
+        return identity(path.lstat())
+    except OSError:
+        return None
+
+
+def read_landing_file(
+    settings: Settings, path: Path, rel: Path, report: IntakeReport, now_ts: float
+) -> tuple[bytes, Identity, int | None] | None:
+    """The bytes of one landing file and the identity of the descriptor they were read from, or None when
+    there is nothing to take in now (ignored, still being written, gone; counted here). Raises
+    :class:`Refused` for a link, a file too big to be an image, and one that cannot be read."""
+    try:
+        require_real_folders(settings.landing_dir, path)
+    except LinkedFolderError:  # a folder of it became a link since the walk: never read through it
+        changed(report, display_path(rel))
+        return None
+    except FileNotFoundError:
+        log.info("%s left landing before it was read", display_path(rel))
+        return None
+    if is_ignored_name(path.name):  # hidden and system files, links among them, are left alone (as scoring)
+        ignore(report, rel)
+        return None
+    if path.is_symlink():
+        raise Refused("symbolic link: links are never followed", lstat_identity(path))
+    if path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+        ignore(report, rel)
+        return None
+    st = None
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end: never open it
+            ignore(report, rel)
+            return None
+        if not settled(display_path(rel), st.st_mtime, now_ts, settings.settle_seconds):
+            report.skipped += 1  # still being written; next run takes it
+            return None
+        max_bytes = images.max_file_bytes(settings.max_pixels)
+        if st.st_size > max_bytes:
+            raise Refused(
+                f"file of {st.st_size} bytes is larger than any image within the "
+                f"pixel limit ({settings.max_pixels}) can be",
+                identity(st),
+            )
+        data, st = read_once(path, max_bytes)
+    except FileNotFoundError:
+        log.info("%s left landing before it was read", display_path(rel))
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise Refused("symbolic link: links are never followed", lstat_identity(path)) from None
+        ident = identity(st) if st is not None else None  # what the checks saw, if they got that far
+        raise Refused(f"unreadable file: {exc.strerror or exc}", ident) from None
+    if data is None:  # replaced by a FIFO or device since the lstat, or changed while it was read
+        if stat.S_ISREG(st.st_mode):
+            report.skipped += 1
+        else:
+            ignore(report, rel)
+        return None
+    if len(data) > max_bytes:  # grew since the lstat
+        raise Refused(f"file of more than {max_bytes} bytes is larger than any image can be", identity(st))
+    return data, identity(st), change_time(st)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from .. import images
 from ..config import Settings
+from ..destinations import require_destination
 from ..errors import DatasetError, ImageError
 from ..manifests import (
     Manifest,
@@ -100,6 +101,7 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
     reason = _check_reason(reason)
     if not 0 < fraction <= 0.5:
         raise DatasetError(f"the holdout fraction must be above 0 and at most 0.5, got {fraction}")
+    require_destination(settings, settings.dataset_dir)  # its disk not mounted: no manifest written there
     with session_scope(settings.database_url) as s:
         last = _latest(s)
         if last is not None:
@@ -135,8 +137,8 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
 
 def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Every image under ``folder/<label>/[<group>/]``: decoded, hashed. Returns (images, refused)."""
-    from ..intake import IntakeReport, _is_ignored_name
-    from ..intake_folders import walk
+    from ..intake import IntakeReport
+    from ..intake_folders import is_ignored_name, walk
 
     found, refused = [], []
     for entry in sorted(folder.iterdir()):
@@ -148,7 +150,7 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
         walked = IntakeReport(run_id="holdout")
         for path in walk(folder / label, folder, walked):
             rel = path.relative_to(folder)
-            if _is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+            if is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
                 continue
             if path.is_symlink() or not path.is_file():
                 refused.append({"path": str(rel), "reason": "not a regular file (links are never followed)"})
@@ -195,6 +197,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder")
+    require_destination(settings, settings.dataset_dir)  # its disk not mounted: nothing stored there
     found, refused = _read_folder(settings, folder)
     with session_scope(settings.database_url) as s:
         last = _latest(s)

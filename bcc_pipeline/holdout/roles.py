@@ -71,8 +71,10 @@ def split_roles(settings: Settings) -> RoleSplit:
     ``holdout_fraction`` > 0). Development is every usable labelled image outside the holdout and its
     exclusions; ``calibration_fraction`` of it (by group, stratified) becomes calibration, and the
     seed's train/validation split applies to the rest."""
+    from ..destinations import require_destination
     from ..registry import default_actor
 
+    require_destination(settings, settings.dataset_dir)  # its disk not mounted: no manifest written there
     holdout, frozen_now, warnings = current_holdout(settings), False, []
     if holdout is None and settings.holdout_fraction > 0:
         holdout = freeze_holdout(

@@ -20,7 +20,6 @@ runs; after :data:`MAX_MOVE_ATTEMPTS` failed attempts it goes to quarantine with
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -31,6 +30,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from ..config import Settings
+from ..destinations import destination_lost
 from ..files import display_path, path_from_display, reason_path, write_reason
 from ..homes import destination_refusal
 from ..moving import (
@@ -341,15 +341,17 @@ def require_own_destinations(settings: Settings) -> dict[Path, tuple[int, int] |
     """Refuse (:class:`InboxRefused`, no retry) to move anything while ``archive/`` or ``quarantine/`` is
     another deployment's folder (a link or a mount there: :func:`bcc_pipeline.homes.destination_refusal`):
     what is moved there would become that home's files (its ``landing/malignant``: training images under a
-    label). Otherwise make them if missing and return their pins (device and inode) for the moves."""
+    label), or is not the folder this home has moved files into (its marker gone: a disk not mounted,
+    :func:`bcc_pipeline.destinations.destination_lost`): an interrupted move would be taken for a file that
+    left. Otherwise make them if missing and return their pins (device and inode) for the moves."""
     from .inbox import InboxRefused
 
     pins: dict[Path, tuple[int, int] | None] = {}
     for folder in (settings.archive_dir, settings.quarantine_dir):
         if problem := destination_refusal(settings, folder):
             raise InboxRefused(f"refusing to move files into {display_path(folder)}: {problem}")
-        with contextlib.suppress(OSError):  # cannot be made: every move there fails, reported
-            folder.mkdir(parents=True, exist_ok=True)
+        if problem := destination_lost(settings, folder):  # made and marked when new
+            raise InboxRefused(f"refusing to move files: {problem}")
         pins[folder] = root_id(folder)
     return pins
 

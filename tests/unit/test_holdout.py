@@ -368,3 +368,30 @@ def test_extending_the_holdout_is_not_new_training_data(home, tmp_path):
     _land(home, benign=6, malignant=6, groups=2, seed=9, first_patient=40, out=extra)
     dataset.extend_holdout(home, extra, actor="dr. b", reason="new cohort")
     assert count_new_images(home) == before
+
+
+def test_no_holdout_change_or_split_is_written_while_the_dataset_disk_is_not_mounted(home, tmp_path):
+    """``dataset/`` on a disk of its own. While it is not mounted, the holdout manifest (and the extend's
+    stored copies) would be written into the bare mount point, and be hidden once the disk is back: the
+    logged holdout hash pointing at a manifest nobody can read. Each is refused with one line instead."""
+    from bcc_pipeline.destinations import DestinationLost
+    from tests.support import bind_mounted
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _land(home, benign=12, malignant=12, groups=4)
+    extra = tmp_path / "more-holdout"
+    _land(home, benign=4, malignant=4, groups=2, seed=9, first_patient=40, out=extra)
+    with bind_mounted(disk, home.dataset_dir):
+        dataset.intake(home)
+    for change in (
+        lambda: dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first"),
+        lambda: dataset.extend_holdout(home, extra, actor="a", reason="cohort"),
+        lambda: split_step(home),
+    ):
+        with pytest.raises(DestinationLost, match="dataset is not the folder this home has put files into"):
+            change()
+    assert _events(home) == [] and list(home.dataset_dir.iterdir()) == []
+    with bind_mounted(disk, home.dataset_dir):
+        frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+        assert frozen.path.is_file() and [e.action for e in _events(home)] == ["freeze"]

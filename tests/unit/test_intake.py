@@ -158,7 +158,8 @@ def test_hostile_run_ids_keep_quarantine_under_quarantine(make_settings, sqlite_
     assert moved.resolve().is_relative_to(s.quarantine_dir.resolve()) and moved.read_bytes()
     assert len(moved.relative_to(s.quarantine_dir).parts[0]) <= 130  # one folder, a bounded name
     assert sentinel.read_text() == "not ours"
-    assert len(_all_files(tmp_path)) == before + 1  # the file moved (+ its reason file); nothing deleted
+    # the file moved (+ its reason file, and the home's list of the folders it marked); nothing deleted
+    assert len(_all_files(tmp_path)) == before + 2 and (s.home / ".bcc-roots").is_file()
 
 
 def test_a_folder_intake_cannot_list_is_reported_and_the_run_goes_on(home, png_writer, monkeypatch, capsys):
@@ -1192,7 +1193,7 @@ def test_two_intake_runs_interleaved_record_a_rejected_file_once(home, monkeypat
     bad = home.landing_dir / "benign" / "bad.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not an image at all")
-    real, done = intake_module._read, []
+    real, done = intake_module.read_landing_file, []
 
     def read_then_let_b_run(settings, path, rel, report, now_ts):
         out = real(settings, path, rel, report, now_ts)
@@ -1200,7 +1201,7 @@ def test_two_intake_runs_interleaved_record_a_rejected_file_once(home, monkeypat
             done.append(intake(home, run_id="B"))
         return out
 
-    monkeypatch.setattr(intake_module, "_read", read_then_let_b_run)
+    monkeypatch.setattr(intake_module, "read_landing_file", read_then_let_b_run)
     a = intake(home, run_id="A")
     assert (a.rejected, done[0].rejected) == (0, 1) and _all_files(home.landing_dir) == []
     _a_name_each(home, 1)
@@ -1344,7 +1345,7 @@ def test_a_file_read_through_a_mount_that_is_gone_again_is_read_again(home, png_
     unmounted right after: by the time anyone judges the folders they look fine. Before, the malignant
     bytes were stored as benign under ``benign/p1/x.png``. The mount table's count moved during the
     read, so the file is judged and read again: each file is stored once, under its own label."""
-    import bcc_pipeline.intake as intake_module
+    import bcc_pipeline.intake_folders as intake_module
     from tests.support import bind_mounted
 
     malignant = png_writer(home.landing_dir / "malignant" / "p1" / "x.png", seed=1)
@@ -1577,3 +1578,85 @@ def test_a_system_filesystem_mounted_into_landing_is_not_taken_in(home, png_writ
     assert [u["path"] for u in r.unreachable] == ["benign/proc"] and "proc filesystem" in r.unreachable[0][
         "error"
     ]
+
+
+@pytest.mark.parametrize("folder", ["quarantine", "dataset"])
+def test_a_destination_whose_disk_is_not_mounted_is_never_written(home, png_writer, tmp_path, folder):
+    """``quarantine/`` or ``dataset/`` on a disk of its own (a bind mount here). A run while that disk is
+    not mounted used to write into the bare mount point: a stored copy hidden once the disk was back (its
+    ``images`` row pointing at nothing, the landing original removed), green. The folder lost its mark, so
+    nothing is taken in and the run is red; once the disk is back, the file is taken in."""
+    from tests.support import bind_mounted
+
+    disk, target = tmp_path / "disk", getattr(home, f"{folder}_dir")
+    disk.mkdir()
+    png_writer(home.landing_dir / "benign" / "a.png", seed=1)
+    (home.landing_dir / "malignant").mkdir(parents=True)
+    (home.landing_dir / "malignant" / "bad.png").write_bytes(b"not an image")
+    with bind_mounted(disk, target):
+        first = intake(home, run_id="i1")  # marks the disk's folder
+    assert (first.accepted, first.rejected, first.unreachable) == (1, 1, [])
+    png_writer(home.landing_dir / "benign" / "b.png", seed=2)
+    second = intake(home, run_id="i2")
+    assert second.accepted == 0 and len(second.unreachable) == 1
+    assert "is not the folder this home has put files into" in second.unreachable[0]["error"]
+    assert (home.landing_dir / "benign" / "b.png").is_file() and list(target.iterdir()) == []
+    with bind_mounted(disk, target):
+        third = intake(home, run_id="i3")
+        assert (third.accepted, third.unreachable, third.failed) == (1, [], [])
+        with session_scope(home.database_url) as s:
+            stored = s.scalars(select(ImageRecord.stored_path)).all()
+        assert len(stored) == 2 and all(Path(p).is_file() for p in stored)
+
+
+def test_a_killed_quarantine_move_is_not_written_off_while_quarantine_is_not_mounted(
+    home, tmp_path, monkeypatch
+):
+    """Killed after a rejected file reached ``quarantine/`` (its own disk) and before its record; the rerun
+    while that disk was not mounted found the file neither in landing nor in quarantine and wrote it off
+    as having left landing, for good: once the disk was back its quarantined copy had no record. Now that
+    rerun takes nothing in (red) and the row stays open; the run after the disk is back records it."""
+    import bcc_pipeline.intake_moves as moves_module
+    from tests.support import bind_mounted
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (home.landing_dir / "malignant").mkdir(parents=True)
+    (home.landing_dir / "malignant" / "bad.png").write_bytes(b"not an image")
+
+    def die(path, reason):
+        raise _Killed(path)
+
+    with bind_mounted(disk, home.quarantine_dir):
+        monkeypatch.setattr(moves_module, "_write_reason", die)
+        with pytest.raises(_Killed):
+            intake(home, run_id="i1")
+        monkeypatch.undo()
+    second = intake(home, run_id="i2")
+    assert second.recovered == 0 and len(second.unreachable) == 1
+    with session_scope(home.database_url) as s:
+        (row,) = s.scalars(select(Rejection)).all()
+        assert row.moved_to is None and row.move_error is None
+    with bind_mounted(disk, home.quarantine_dir):
+        third = intake(home, run_id="i3")
+        assert (third.recovered, third.unreachable, third.failed) == (1, [], [])
+        with session_scope(home.database_url) as s:
+            (row,) = s.scalars(select(Rejection)).all()
+        assert row.moved_to and Path(files.path_from_display(row.moved_to)).read_bytes() == b"not an image"
+
+
+def test_a_duplicate_whose_stored_copy_is_gone_is_stored_again_before_landing_lets_it_go(home, png_writer):
+    """The same image landing again is a duplicate, removed from landing; when the store has lost its copy
+    (deleted, a store restored without it) that landing file is the last one: it is written to the store
+    again first, and its row points at it."""
+    png_writer(home.landing_dir / "benign" / "p1" / "a.png", seed=3)
+    assert intake(home, run_id="i1").accepted == 1
+    with session_scope(home.database_url) as s:
+        (stored,) = s.scalars(select(ImageRecord.stored_path)).all()
+    Path(stored).unlink()
+    png_writer(home.landing_dir / "benign" / "p2" / "a.png", seed=3)
+    r = intake(home, run_id="i2")
+    assert (r.duplicates, r.failed) == (1, []) and _all_files(home.landing_dir) == []
+    with session_scope(home.database_url) as s:
+        (stored,) = s.scalars(select(ImageRecord.stored_path)).all()
+    assert files.sha256_file(stored) == files.sha256_file(png_writer(Path(home.home) / "x.png", seed=3))

@@ -310,6 +310,54 @@ def test_a_recovery_at_planning_never_moves_into_another_homes_folder_at_the_arc
     assert [Path(files.path_from_display(m)) for m in placed] == archived(s)
 
 
+@pytest.mark.parametrize("gone", ["its disk not mounted", "replaced by a link to an empty folder"])
+def test_a_killed_move_is_not_written_off_while_archive_is_not_the_folder_it_went_to(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, gone
+):
+    """``archive/`` on a disk of its own (a bind mount here); killed in the middle of a move (the file in
+    the archive, its inbox name gone, nothing recorded). The next run, while the disk was not mounted (or
+    archive/ had been replaced by a link to an empty folder elsewhere, the old one set aside), found the
+    file nowhere and wrote it off as having left the inbox, green, for good: once archive/ was back its
+    archived copy had no record. Now archive/ has lost its mark: planning refuses (no retry), nothing is
+    recorded; once archive/ is back the move is recorded where the file is."""
+    import contextlib
+
+    from tests.support import bind_mounted
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    disk, linked = tmp_path / "disk", gone == "replaced by a link to an empty folder"
+    disk.mkdir()
+    png_writer(s.inbox_dir / "p0" / "img0.png", seed=2)
+
+    def mounted():  # archive/ as it is meant to be: its disk mounted (or a plain folder)
+        return contextlib.nullcontext() if linked else bind_mounted(disk, s.archive_dir)
+
+    def die(src, where):
+        raise Crash
+
+    with mounted(), pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(on_move_linked=die))
+    if linked:
+        (tmp_path / "empty").mkdir()
+        os.rename(s.archive_dir, tmp_path / "set-aside")
+        os.symlink(tmp_path / "empty", s.archive_dir)
+    with pytest.raises(scoring.InboxRefused, match="is not the folder this home has put files into"):
+        scoring.score_inbox(s, run_id="r2")
+    with session_scope(sqlite_url) as db:
+        (row,) = db.scalars(select(InboxFile)).all()
+        assert row.moved_to is None and row.move_error is None
+    if linked:
+        os.unlink(s.archive_dir)
+        os.rename(tmp_path / "set-aside", s.archive_dir)
+    with mounted():
+        r = scoring.score_inbox(s, run_id="r3")
+        assert r["status"] == "finished" and inbox_files(s.inbox_dir) == []
+        with session_scope(sqlite_url) as db:
+            (row,) = db.scalars(select(InboxFile)).all()
+        assert row.moved_to and Path(files.path_from_display(row.moved_to)) == archived(s)[0]
+
+
 @pytest.mark.parametrize(
     "when", ["over archive/ mid-run", "over archive/ made mid-run", "between the check and the link"]
 )

@@ -7,6 +7,12 @@ folder (``.bcc-tmp-<format>-<sha>.XXXX``; one that a killed process left behind 
 each load the files are read once, hashed and compared with that record, and only the bytes checked are
 handed to the runtime. A file that differs, or a cache with no record, is converted again; a models
 folder that cannot be written means converting into a temporary folder every time.
+
+Nothing is read, written or deleted through a symbolic link between the home's ``models/`` folder and the
+files (:func:`bcc_pipeline.moving.require_real_folders`, files opened with ``O_NOFOLLOW``): a link at
+``compiled/`` or at the cache folder is removed (the link itself, never what it leads to) and the cache is
+rebuilt in a real folder; a ``models/<version>/`` that is a link (not this home's to change) gets no cache:
+its model is converted into a temporary folder, with a warning naming the link.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +33,7 @@ from typing import Any, Protocol
 from . import model as model_lib
 from .errors import ArtifactError
 from .files import created_mode, sha256_file, temp_prefix
+from .moving import LinkedFolderError, make_real_folders, require_real_folders
 
 __all__ = ["CacheLedger", "check_input", "converted_model", "publish"]
 
@@ -53,10 +61,74 @@ def _cache_dir(artifact_path: Path, fmt: str, sha: str) -> Path:
     return artifact_path.parent / "compiled" / f"{fmt}-{sha[:16]}"
 
 
+def _root_of(folder: Path) -> Path:
+    """The home's ``models/`` folder above cache folder ``models/<version>/compiled/<format>-<sha>``."""
+    return folder.parents[2]
+
+
+def _read(path: Path) -> bytes:
+    """``path``'s bytes, read only where no folder from the models folder down to it, nor the file itself,
+    is a symbolic link (:class:`LinkedFolderError`, ``ELOOP``)."""
+    require_real_folders(_root_of(path.parent), path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _real_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder reached through real folders only (no link on its way)."""
+    try:
+        require_real_folders(_root_of(folder), folder)
+        return stat.S_ISDIR(os.lstat(folder).st_mode)
+    except OSError:
+        return False
+
+
+def _unlink_links(folder: Path, version: str) -> bool:
+    """Remove a symbolic link standing at ``compiled/`` or at the cache ``folder`` (the link itself, never
+    its target). False, with a warning naming it, when ``models/<version>/`` is a link: not this home's
+    folder to change, so its converted model is neither used nor cached there."""
+    try:
+        require_real_folders(_root_of(folder), folder.parent)
+    except LinkedFolderError as exc:
+        try:
+            what = f"a symbolic link (to {os.readlink(exc.filename)})"
+        except OSError:
+            what = "not a folder"
+        log.warning(
+            "%s is %s: the converted model of %s is neither used nor cached through it; converting it "
+            "in a temporary folder",
+            exc.filename,
+            what,
+            version,
+        )
+        return False
+    except FileNotFoundError:
+        return True  # no version folder: loading the artifact fails with its own message
+    for link in (folder.parent, folder):
+        try:
+            if not stat.S_ISLNK(os.lstat(link).st_mode):
+                continue
+            target = os.readlink(link)
+            os.unlink(link)  # the link only: what it leads to is never touched
+        except (FileNotFoundError, NotADirectoryError):  # nothing there, or compiled/ is a file
+            return True
+        except OSError as exc:  # a link that cannot be removed (a read-only models folder): not used
+            log.warning("%s cannot be checked or removed (%s); converting %s in memory", link, exc, version)
+            return False
+        log.warning(
+            "%s is a symbolic link (to %s), never followed: removed it; converting %s again",
+            link,
+            target,
+            version,
+        )
+    return True
+
+
 def _source_json(folder: Path, sha: str) -> dict[str, str] | None:
     """The checksums ``folder/source.json`` claims (only trusted where no ledger is given)."""
     try:
-        meta = json.loads((folder / "source.json").read_text(encoding="utf-8"))
+        meta = json.loads(_read(folder / "source.json").decode("utf-8"))
         return dict(meta["files"]) if meta.get("artifact_sha256") == sha else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -70,13 +142,14 @@ def _read_verified(
     folder: Path, names: tuple[str, ...], expected: dict[str, str] | None, *, quiet: bool = False
 ) -> dict[str, bytes] | None:
     """The bytes of ``names`` in ``folder`` when each matches its ``expected`` sha256, else None (logged
-    unless ``quiet``). The bytes checked are the bytes loaded: nothing is read again after the check."""
+    unless ``quiet``). The bytes checked are the bytes loaded: nothing is read again after the check, and
+    nothing is read through a link (:func:`_read`)."""
     if not expected:
         return None
     blobs = {}
     for name in names:
         try:
-            data = (folder / name).read_bytes()
+            data = _read(folder / name)
         except OSError as exc:
             if not quiet:
                 log.warning("converted model file %s cannot be read (%s)", folder / name, exc)
@@ -97,7 +170,9 @@ def _cached(folder: Path, sha: str, names: tuple[str, ...]) -> bool:
     """True when ``folder`` holds ``names`` converted from artifact ``sha``, all checksums (source.json) matching."""
     meta = _source_json(folder, sha)
     try:
-        return meta is not None and all(sha256_file(folder / n) == meta[n] for n in names)
+        return meta is not None and all(
+            hashlib.sha256(_read(folder / n)).hexdigest() == meta[n] for n in names
+        )
     except (OSError, KeyError):
         return False
 
@@ -114,11 +189,12 @@ def publish(
 
     ``trusted()`` says whether the folder now in place is a good cache (default: its source.json);
     ``on_published(files)`` records the checksums once this call's conversion is in place. Returns the
-    folder to load from, or ``None`` when the models folder is not writable.
+    folder to load from, or ``None`` when the models folder is not writable or a folder on the way from
+    ``models/`` is a symbolic link (nothing is created, replaced or removed through one).
     """
     trusted = trusted or (lambda: _cached(folder, sha, names))
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        make_real_folders(_root_of(folder), folder.parent)  # never through a link (LinkedFolderError)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
         os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
     except OSError as exc:
@@ -132,11 +208,16 @@ def publish(
         (tmp / "source.json").write_text(
             json.dumps({"artifact_sha256": sha, "files": files}, indent=1) + "\n", encoding="utf-8"
         )
-        if (
-            folder.exists() and trusted()
-        ):  # another process (a parallel shard) published it meanwhile: use that
+        try:
+            require_real_folders(_root_of(folder), folder)  # right before replacing what stands there
+        except LinkedFolderError as exc:
+            log.warning(
+                "cannot cache the converted model under %s (%s); converting in memory", exc.filename, exc
+            )
+            return None
+        if _real_folder(folder) and trusted():  # another process (a parallel shard) published it meanwhile
             return folder
-        if folder.exists():  # a stale or damaged cache: move it aside, then replace it
+        if os.path.lexists(folder):  # a stale or damaged cache, a file or a link: move it aside, replace it
             stale = folder.with_name(f"{temp_prefix(folder.name)}stale-{uuid.uuid4().hex[:8]}")
             os.rename(folder, stale)
             if stale.is_symlink() or not stale.is_dir():  # a file or a link stood there: never followed
@@ -174,14 +255,15 @@ def converted_model(
     loaded (checksum verified), ``write(net, folder)`` converts it into the cache and the checksums are
     recorded; when the cache cannot be written, into a temporary folder removed afterwards.
     """
-    folder = _cache_dir(artifact_path, fmt, sha)
-    expected = _expected(folder, sha, fmt, ledger)
-    blobs = _read_verified(folder, names, expected)
+    folder = _cache_dir(Path(os.path.abspath(artifact_path)), fmt, sha)
+    usable = _unlink_links(folder, version)
+    expected = _expected(folder, sha, fmt, ledger) if usable else None
+    blobs = _read_verified(folder, names, expected) if usable else None
     if blobs is not None:
         model_lib.verify_artifact(artifact_path, sha)
         yield blobs, False
         return
-    if folder.exists():
+    if usable and os.path.lexists(folder):
         log.warning(
             "the converted %s model at %s is %s; converting %s again",
             fmt,
@@ -191,15 +273,19 @@ def converted_model(
         )
     net = model_lib.load_artifact(artifact_path, sha)
     check_input(tuple(net.input_shape[1:]), image_size, version)
-    where = publish(
-        folder,
-        sha,
-        names,
-        lambda d: write(net, d),
-        trusted=lambda: (
-            _read_verified(folder, names, _expected(folder, sha, fmt, ledger), quiet=True) is not None
-        ),
-        on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None,
+    where = (
+        None
+        if not usable
+        else publish(
+            folder,
+            sha,
+            names,
+            lambda d: write(net, d),
+            trusted=lambda: (
+                _read_verified(folder, names, _expected(folder, sha, fmt, ledger), quiet=True) is not None
+            ),
+            on_published=(lambda files: ledger.record(sha, fmt, files)) if ledger is not None else None,
+        )
     )
     if where is not None:
         net = None  # free the Keras model before the caller compiles the converted one

@@ -36,6 +36,7 @@ __all__ = [
     "same_file",
     "sha256_of",
     "make_real_folders",
+    "linked_folder",
     "require_real_folders",
     "require_resolved",
 ]
@@ -116,6 +117,18 @@ def require_real_folders(
             raise LinkedFolderError(
                 errno.ELOOP, "a folder on the way is a symbolic link or not a folder", cur
             )
+
+
+def linked_folder(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> str | None:
+    """The first folder from ``root`` (excluded) down to ``path``'s parent that is a symbolic link, or
+    None (a missing folder, or a file in the way, is no link: nothing was moved through it)."""
+    try:
+        require_real_folders(root, path)
+    except LinkedFolderError as exc:
+        return exc.filename if os.path.islink(exc.filename) else None
+    except OSError:
+        return None
+    return None
 
 
 def require_resolved(folder: str) -> None:

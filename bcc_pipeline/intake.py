@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, inspect, select, update
 
 from . import images, mounts
 from .config import Settings
@@ -73,7 +73,6 @@ from .intake_moves import (
     finish_interrupted,
     pinned_roots,
     quarantine_dest,
-    require_columns,
 )
 from .leftovers import sweep_stale_temporaries
 from .model import CLASS_NAMES
@@ -85,6 +84,7 @@ from .neardup import perceptual_hash
 from .store import (
     ImageRecord,
     Rejection,
+    get_engine,
     insert_rows,
     session_scope,
     utcnow,
@@ -407,3 +407,20 @@ def _intake_one(
         report.accepted += 1
         return Then(ident=ident, ctime=ctime, sha256=sha)
     raise StoreError(f"the images row of {shown} changed twice while it was taken in; the next run retries")
+
+
+def require_columns(url: str) -> None:
+    """The ``rejections`` columns these moves write (``dest``, migration 0008's ``src_identity``); an older
+    schema is named with the command that upgrades it."""
+    try:
+        cols = {c["name"] for c in inspect(get_engine(url)).get_columns("rejections")}
+    except Exception:  # noqa: BLE001 - no table at all: the first query says so
+        return
+    if "dest" not in cols:
+        raise StoreError(
+            "the database predates intake's commit-then-move columns (rejections.dest); run `bcc db upgrade`"
+        )
+    if "src_identity" not in cols:
+        raise StoreError(
+            "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
+        )

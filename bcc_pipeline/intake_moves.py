@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, inspect, select, update
+from sqlalchemy import delete, select, update
 
 from . import images
 from .config import Settings
-from .errors import StoreError
 from .files import (
     PATH_MAX,
     display_path,
@@ -51,6 +50,7 @@ from .moving import (
     identity,
     identity_from_text,
     identity_text,
+    linked_folder,
     move_no_clobber,
     pending_copy,
     require_real_folders,
@@ -59,12 +59,12 @@ from .moving import (
     sha256_of,
     still_named,
 )
-from .store import Rejection, get_engine, place_recorded
+from .store import Rejection, place_recorded
 
 if TYPE_CHECKING:
     from .intake import IntakeReport
 
-__all__ = ["Then", "carry_out", "changed", "finish_interrupted", "quarantine_dest", "require_columns"]
+__all__ = ["Then", "carry_out", "changed", "finish_interrupted", "quarantine_dest"]
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +352,15 @@ def _finish_one(settings: Settings, session, r: Any, report: IntakeReport, renam
         src, dest = settings.landing_dir / rel, Path(path_from_display(r.dest))
     except ValueError:
         return "skipped"
+    if (link := linked_folder(settings.quarantine_dir, dest)) is not None:  # never looked for through it
+        # the row stays open and the run red, as when its move fails (the moves never go through a link)
+        why = f"cannot look for it in quarantine: {display_path(link)} is a symbolic link, not a folder"
+        _mark(session, r.run_id, r.path, move_error=why)
+        report.failed.append({"path": r.path, "error": why})
+        report.unreachable.append(report.failed[-1])
+        if r.move_error is not None:
+            report.persistent_move_failures.append({**report.failed[-1], "run_id": r.run_id})
+        return "failed"
     ident = identity_from_text(r.src_identity)
     if not os.path.lexists(src) and ident is not None and (now_at := renamed(ident, r.sha256)) is not None:
         # its very file under another name (its folder renamed since the run that refused it was killed):
@@ -460,20 +469,3 @@ def _content_identity(path: Path, sha: str, max_bytes: int) -> Identity | None:
     if data is None or images.sha256_bytes(data) != sha:
         return None
     return identity(st)
-
-
-def require_columns(url: str) -> None:
-    """The ``rejections`` columns these moves write (``dest``, migration 0008's ``src_identity``); an older
-    schema is named with the command that upgrades it."""
-    try:
-        cols = {c["name"] for c in inspect(get_engine(url)).get_columns("rejections")}
-    except Exception:  # noqa: BLE001 - no table at all: the first query says so
-        return
-    if "dest" not in cols:
-        raise StoreError(
-            "the database predates intake's commit-then-move columns (rejections.dest); run `bcc db upgrade`"
-        )
-    if "src_identity" not in cols:
-        raise StoreError(
-            "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
-        )

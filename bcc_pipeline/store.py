@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 from sqlalchemy import (
     create_engine,
@@ -28,7 +29,7 @@ from sqlalchemy import (
     inspect,
     select,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -162,14 +163,25 @@ def _inner_secrets(value: str) -> list[str]:
     return [v.strip("'{}") for v in re.findall(pattern, value)]
 
 
+def _whole_password(url: Any) -> str | None:
+    """``url`` as text with the '@'s of its user info encoded, where its authority holds more than one
+    '@' (``bcc:Pa55@Tail@host``, with the password's '@' not written ``%40``); else None. make_url ends
+    the password at the first '@' and takes ``Tail@host`` for the host. Parsed by hand, as no URL parser
+    takes that intent: all before the authority's LAST '@' is user info, the user all before its first ':'."""
+    text = url.render_as_string(hide_password=False) if hasattr(url, "render_as_string") else url
+    m = re.match(r"([^:/?#]+://)([^/?#]*)(.*)", text, re.S) if isinstance(text, str) else None
+    if not m or m[2].count("@") < 2:
+        return None
+    userinfo, _, host = m[2].rpartition("@")
+    return f"{m[1]}{userinfo.replace('@', '%40')}@{host}{m[3]}"
+
+
 def safe_url(url: Any) -> str:
     """``url`` (text or a SQLAlchemy URL) for messages and ``bcc config``: the password and every
     credential query parameter (``?password=``, ``?sslpassword=``, ...) masked as ``***``. Every message
     that shows a database URL goes through this."""
     try:
-        from sqlalchemy.engine import make_url
-
-        u = make_url(url)
+        u = make_url(_whole_password(url) or url)
         query = {k: (_MASK if _secret_key(k) else v) for k, v in u.query.items()}
         return u.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
     except Exception:  # noqa: BLE001 - only for messages
@@ -179,14 +191,14 @@ def safe_url(url: Any) -> str:
 def _secrets(url: Any) -> list[str]:
     """The credential values inside ``url`` (longest first), to be masked wherever they appear."""
     try:
-        from urllib.parse import quote_plus
-
-        from sqlalchemy.engine import make_url
-
-        u = make_url(url)
+        fixed = _whole_password(url)
+        u = make_url(fixed or url)
     except Exception:  # noqa: BLE001
         return []
     values = [u.password] if u.password else []
+    if fixed and (p := u.password):  # the driver got it cut at an '@' (or ':'), the rest shown as host
+        cuts = [m.start() for m in re.finditer("[@:]", p)]  # or port: mask every piece, head and tail
+        values += re.split("[@:]", p) + [p[:i] for i in cuts] + [p[i + 1 :] for i in cuts]
     for k, v in u.query.items():
         if _secret_key(k):
             for one in [v] if isinstance(v, str) else list(v):

@@ -157,10 +157,19 @@ def require_folders_still_allowed(settings: Settings, inbox: str, rels: Iterable
 def inbox_root(settings: Settings, inbox: InboxArg = None) -> Path:
     """The inbox folder (``inbox`` or ``settings.inbox_dir``); :class:`InboxRefused` (one line) when it
     may not be scored: outside :attr:`Settings.allowed_inbox_roots`, a BCC home, inside a folder a home
-    manages, or containing a home or a managed folder. Scoring such a folder would move files that are
+    manages, or containing a home or a managed folder; and one given by name (``inbox``) that is not a
+    folder, or not there. Scoring such a folder would move files that are
     not ours (training data, models, another deployment's store, system images) into ``archive/``."""
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(inbox)))) if inbox else settings.inbox_dir
     problem = _refusal(settings, os.path.realpath(root))
+    if problem is None and not root.is_dir() and (inbox or os.path.lexists(root)):
+        # a folder asked for by name that is not there (a typo, a share not mounted) would be a green run
+        # that scored nothing; only the default inbox of a home that has none yet is simply empty
+        problem = (
+            "it is not a folder"
+            if os.path.lexists(root)
+            else "there is no such folder (a typo? not mounted?)"
+        )
     if problem:
         raise InboxRefused(f"refusing to score the inbox {display_path(root)}: {problem}")
     return root

@@ -42,6 +42,7 @@ from ..moving import (
     finish_move,
     identity_from_text,
     identity_text,
+    linked_folder,
     move_no_clobber,
     pending_copy,
     require_resolved,
@@ -377,6 +378,7 @@ def _moved_to(
         statuses.append("rejected")
     for status in statuses:
         dest = destination(settings, r.run_id, status, rel)
+        _require_own_folders(settings, dest)
         finish_move(dest, os.path.join(inbox, rel), ident, taken=taken)
         found = find_moved(dest, sha256=r.sha256, ident=ident, taken=taken)
         if found is not None and elsewhere and ident is not None and still_named(found, ident, inbox):
@@ -386,6 +388,22 @@ def _moved_to(
         if found is not None:
             return found
     return None
+
+
+def _require_own_folders(settings: Settings, dest: Path) -> None:
+    """Refuse (:class:`InboxRefused`, no retry) to look for a file, or finish its move, through a folder
+    below ``archive/`` or ``quarantine/`` that is a symbolic link, as the moves themselves never go through
+    one: a file with the same bytes found there (another home's ``landing/malignant``) would be recorded as
+    this file's archived copy, and none found would write the file off as gone, while its real copy lies
+    in the folder that the link replaced. The row stays open until the folder is put back."""
+    from .inbox import InboxRefused
+
+    root = settings.quarantine_dir if _inside(dest, settings.quarantine_dir) else settings.archive_dir
+    if (link := linked_folder(root, dest)) is not None:
+        raise InboxRefused(
+            f"refusing to look for files moved into {display_path(link)}: it is a symbolic link, not the "
+            f"folder of {display_path(root)} they were moved into; put that folder back"
+        )
 
 
 def _explain_found(settings: Settings, r: Any, found: Path) -> str | None:

@@ -5,6 +5,8 @@ agrees with fp32 Keras, caches its conversion, and refuses a tampered artifact."
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -126,6 +128,104 @@ def test_a_cache_folder_replaced_by_a_file_or_link_is_rebuilt_and_leaves_nothing
     assert again.converted and np.abs(again(x) - ref).max() <= 1e-5
     assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name] and cache.is_dir()
     assert outside.read_text() == "not a model"
+
+
+class _Ledger:
+    """A database's ``compiled_models`` in memory: one per home."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], dict[str, str]] = {}
+
+    def expected(self, sha: str, fmt: str) -> dict[str, str] | None:
+        return self.rows.get((sha, fmt))
+
+    def record(self, sha: str, fmt: str, files: dict[str, str]) -> None:
+        self.rows[(sha, fmt)] = dict(files)
+
+
+def _home_artifact(artifact, home: Path) -> tuple[Path, str]:
+    path, sha, _x, _ref = artifact
+    dest = home / "models" / "v1" / "model.keras"
+    dest.parent.mkdir(parents=True)
+    shutil.copyfile(path, dest)
+    return dest, sha
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every entry below ``root`` (links not followed): its inode and its bytes (a link: its target)."""
+    out: dict[str, tuple[int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            body = os.readlink(p) if p.is_symlink() else b"" if p.is_dir() else p.read_bytes()
+            out[str(p.relative_to(root))] = (st.st_ino, body)
+    return out
+
+
+def test_a_compiled_folder_that_is_a_link_into_another_home_is_never_followed_or_deleted(artifact, tmp_path):
+    """Home A's ``models/v1/compiled`` is a link to home B's, and A's database has no record of the
+    conversion: A removes its link (never B's folder), converts into a real folder of its own, and B's
+    files keep their bytes and inodes (an extra file of B's there too)."""
+    _p, _s, x, ref = artifact
+    path_b, sha = _home_artifact(artifact, tmp_path / "B")
+    load_predictor(path_b, sha, image_size=SIZE, backend="openvino", ledger=_Ledger())
+    compiled_b = path_b.parent / "compiled"
+    [cache_b] = compiled_b.iterdir()
+    (cache_b / "notes.txt").write_text("B's own file")
+    before = _tree(compiled_b)
+    path_a, _ = _home_artifact(artifact, tmp_path / "A")
+    compiled_a = path_a.parent / "compiled"
+    compiled_a.symlink_to(compiled_b)
+    pred = load_predictor(path_a, sha, image_size=SIZE, backend="openvino", ledger=_Ledger(), version="v1")
+    assert pred.converted and np.abs(pred(x) - ref).max() <= 1e-5
+    assert _tree(compiled_b) == before  # the same files, bytes and inodes; nothing added or removed
+    assert not compiled_a.is_symlink() and compiled_a.is_dir()
+    cache_a = compiled_a / cache_b.name
+    assert not cache_a.is_symlink() and cache_a.is_dir()
+    assert sorted(p.name for p in cache_a.iterdir()) == ["model.bin", "model.xml", "source.json"]
+
+
+def test_a_cache_folder_replaced_by_a_link_is_removed_and_rebuilt(artifact, tmp_path):
+    """The cache folder replaced by a link to a matching copy outside the home (its files match the
+    database's checksums): the link is never read through; it is removed (its target untouched) and the
+    conversion is redone into a real folder."""
+    _p, _s, x, ref = artifact
+    path, sha = _home_artifact(artifact, tmp_path / "A")
+    ledger = _Ledger()
+    load_predictor(path, sha, image_size=SIZE, backend="openvino", ledger=ledger)
+    [cache] = (path.parent / "compiled").iterdir()
+    outside = tmp_path / "outside" / cache.name
+    shutil.copytree(cache, outside)
+    (outside / "notes.txt").write_text("somebody's file")
+    before = _tree(outside.parent)
+    shutil.rmtree(cache)
+    cache.symlink_to(outside)
+    again = load_predictor(path, sha, image_size=SIZE, backend="openvino", ledger=ledger)
+    assert again.converted and np.abs(again(x) - ref).max() <= 1e-5
+    assert not cache.is_symlink() and cache.is_dir()
+    assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name]  # no leftovers
+    assert _tree(outside.parent) == before
+
+
+def test_a_version_folder_that_is_a_link_gets_no_cache_through_it(artifact, tmp_path, caplog):
+    """``models/v1`` itself a link into another home (not this home's to change): the converted model is
+    neither read nor cached through it; the model is converted into a temporary folder, with a warning
+    naming the link, and the other home's files are left as they were."""
+    _p, _s, x, ref = artifact
+    path_b, sha = _home_artifact(artifact, tmp_path / "B")
+    load_predictor(path_b, sha, image_size=SIZE, backend="openvino", ledger=_Ledger())
+    before = _tree(path_b.parent)
+    version_a = tmp_path / "A" / "models" / "v1"
+    version_a.parent.mkdir(parents=True)
+    version_a.symlink_to(path_b.parent)
+    with caplog.at_level(logging.WARNING, logger="bcc_pipeline.compiled_cache"):
+        pred = load_predictor(
+            version_a / "model.keras", sha, image_size=SIZE, backend="openvino", ledger=_Ledger()
+        )
+    assert pred.converted and np.abs(pred(x) - ref).max() <= 1e-5
+    assert _tree(path_b.parent) == before and version_a.is_symlink()
+    assert any(str(version_a) in r.getMessage() and "link" in r.getMessage() for r in caplog.records)
 
 
 def test_a_cache_published_meanwhile_is_kept(artifact, tmp_path):

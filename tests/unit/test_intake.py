@@ -1660,3 +1660,46 @@ def test_a_duplicate_whose_stored_copy_is_gone_is_stored_again_before_landing_le
     with session_scope(home.database_url) as s:
         (stored,) = s.scalars(select(ImageRecord.stored_path)).all()
     assert files.sha256_file(stored) == files.sha256_file(png_writer(Path(home.home) / "x.png", seed=3))
+
+
+def test_a_killed_quarantine_move_is_never_looked_for_through_a_linked_folder(home, tmp_path, monkeypatch):
+    """Killed after a rejected file reached ``quarantine/i1/landing/malignant/`` and before its record;
+    then ``quarantine/i1/landing`` set aside and replaced by a link to another home's ``landing/``. The
+    rerun looked for the file through the link and, finding nothing, wrote it off as having left landing,
+    for good (the moves never follow such a link). Now the row stays open and the run is red; the other
+    home is untouched; once the folder is back the move is recorded where the file is."""
+    import bcc_pipeline.intake_moves as moves_module
+
+    other = foreign_home(tmp_path)
+    (other.landing_dir / "malignant").mkdir(parents=True)
+    (other.landing_dir / "malignant" / "bad.png").write_bytes(b"not an image")  # the same bytes there
+    theirs = {p: p.read_bytes() for p in other.landing_dir.rglob("*") if p.is_file()}
+    (home.landing_dir / "malignant").mkdir(parents=True)
+    (home.landing_dir / "malignant" / "bad.png").write_bytes(b"not an image")
+
+    def die(path, reason):
+        raise _Killed(path)
+
+    monkeypatch.setattr(moves_module, "_write_reason", die)
+    with pytest.raises(_Killed):
+        intake(home, run_id="i1")
+    monkeypatch.undo()
+    folder = home.quarantine_dir / "i1" / "landing"
+    assert (folder / "malignant" / "bad.png").is_file()
+    os.rename(folder, tmp_path / "set-aside")
+    os.symlink(other.landing_dir, folder)
+    second = intake(home, run_id="i2")
+    assert (
+        second.recovered == 0 and len(second.unreachable) == 1 and "symbolic link" in str(second.unreachable)
+    )
+    with session_scope(home.database_url) as s:
+        (row,) = s.scalars(select(Rejection)).all()
+        assert row.moved_to is None and "symbolic link" in row.move_error and row.dest
+    assert {p: p.read_bytes() for p in other.landing_dir.rglob("*") if p.is_file()} == theirs
+    os.unlink(folder)
+    os.rename(tmp_path / "set-aside", folder)
+    third = intake(home, run_id="i3")
+    assert (third.recovered, third.unreachable, third.failed) == (1, [], [])
+    with session_scope(home.database_url) as s:
+        (row,) = s.scalars(select(Rejection)).all()
+    assert Path(files.path_from_display(row.moved_to)) == folder / "malignant" / "bad.png"

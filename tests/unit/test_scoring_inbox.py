@@ -79,6 +79,33 @@ def test_only_folders_in_the_allowed_roots_are_scored(make_settings, png_writer,
     assert scoring.discover(wider)["pending"] == ["ward_1/b.png"]
 
 
+def test_an_inbox_asked_for_by_name_that_is_not_a_folder_is_refused(
+    make_settings, sqlite_url, register_champion, tmp_path, monkeypatch, capsys
+):
+    """``bcc score --inbox`` (the DAG's ``inbox``) naming a path in an allowed root that is not there (a
+    typo, a share not mounted) or is a file used to give a green run that scored nothing, its only trace an
+    INFO line; a relative root and inbox from a folder without it the same. Now each is one refusal line
+    (the CLI exits 1, the DAG's plan fails without retrying). The default inbox of a home that has none
+    yet is still just empty."""
+    from bcc_pipeline import cli
+
+    s = make_settings(sqlite_url, settle_seconds=0)
+    assert scoring.discover(s)["pending"] == []  # no inbox/ yet: nothing to score
+    s.inbox_dir.mkdir(parents=True)
+    (s.inbox_dir / "notes.png").write_bytes(b"a file, not a folder")
+    for name, why in [("ward_9", "no such folder"), ("notes.png", "not a folder")]:
+        with pytest.raises(scoring.InboxRefused, match=why) as refused:
+            scoring.discover(s, s.inbox_dir / name)
+        assert "\n" not in str(refused.value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    register_champion(s)
+    monkeypatch.setenv("BCC_INBOX_ROOTS", "inbox")
+    assert cli.main(["score", "--inbox", "inbox"]) == 1
+    assert "refusing to score the inbox" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "marked",
     ["marked", "unmarked", "unmarked-postgresql"],

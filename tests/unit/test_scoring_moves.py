@@ -310,6 +310,55 @@ def test_a_recovery_at_planning_never_moves_into_another_homes_folder_at_the_arc
     assert [Path(files.path_from_display(m)) for m in placed] == archived(s)
 
 
+@pytest.mark.parametrize("there", ["the same bytes", "nothing"])
+def test_a_killed_move_is_never_looked_for_through_a_linked_folder_in_the_archive(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path, there
+):
+    """Killed in the middle of a move (the file in ``archive/<run>/p0/``, its inbox name gone, nothing
+    recorded); then ``archive/<run>/p0`` set aside and replaced by a link to another home's
+    ``landing/malignant``. The next run looked for the file through the link, which the moves never
+    follow: an image with the same bytes there was recorded as this file's archived copy (the record
+    pointing into the other home), and with nothing there the file was written off as gone, for good.
+    Now planning refuses (no retry), the row stays open, the other home is untouched; once the folder is
+    back, the move is recorded where the file is."""
+    s = make_settings(sqlite_url, settle_seconds=0)
+    register_champion(s)
+    other = foreign_home(tmp_path)
+    theirs = other.landing_dir / "malignant"
+    theirs.mkdir(parents=True)
+    png_writer(s.inbox_dir / "p0" / "img0.png", seed=2)
+    png_writer(s.inbox_dir / "p1" / "img1.png", seed=3)
+    if there == "the same bytes":
+        (theirs / "img0.png").write_bytes((s.inbox_dir / "p0" / "img0.png").read_bytes())
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in theirs.iterdir()}
+    calls = []
+
+    def die_at_the_second(src, where):  # img0 moved (its inbox name gone), nothing recorded
+        calls.append(src)
+        if len(calls) == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        scoring.score_inbox(s, run_id="r1", hooks=scoring.Hooks(on_move_linked=die_at_the_second))
+    folder = s.archive_dir / "r1" / "p0"
+    assert (folder / "img0.png").is_file() and "p0/img0.png" not in inbox_files(s.inbox_dir)
+    os.rename(folder, tmp_path / "set-aside")
+    os.symlink(theirs, folder)
+    with pytest.raises(scoring.InboxRefused, match="refusing to look for files moved into .*p0"):
+        scoring.score_inbox(s, run_id="r2")
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile).where(InboxFile.path == "p0/img0.png")).one()
+        assert row.moved_to is None and row.move_error is None
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in theirs.iterdir()} == before
+    os.unlink(folder)
+    os.rename(tmp_path / "set-aside", folder)
+    r = scoring.score_inbox(s, run_id="r3")
+    assert r["status"] == "finished" and inbox_files(s.inbox_dir) == []
+    with session_scope(sqlite_url) as db:
+        row = db.scalars(select(InboxFile).where(InboxFile.path == "p0/img0.png")).one()
+    assert row.moved_to and Path(files.path_from_display(row.moved_to)) == folder / "img0.png"
+
+
 @pytest.mark.parametrize("gone", ["its disk not mounted", "replaced by a link to an empty folder"])
 def test_a_killed_move_is_not_written_off_while_archive_is_not_the_folder_it_went_to(
     make_settings, sqlite_url, register_champion, png_writer, tmp_path, gone

@@ -215,6 +215,30 @@ def test_a_failing_connection_never_shows_the_password() -> None:
         assert secret not in text
 
 
+def test_a_password_with_an_unencoded_at_sign_is_masked_whole() -> None:
+    """A password with an '@' not written ``%40``: make_url cuts it at the first '@' and takes the rest
+    for the host, which the driver then names in its error; no piece of it is ever shown."""
+    from sqlalchemy.engine import make_url
+
+    from bcc_pipeline.store import dispose_engine, require_schema, safe_url
+
+    url = "postgresql+psycopg2://bcc:Pa55@Secret-Tail-XYZ@127.0.0.1:1/bcc?connect_timeout=2"
+    for shown in (safe_url(url), safe_url(make_url(url))):
+        assert "bcc:***@127.0.0.1:1/bcc" in shown, shown
+    try:
+        with pytest.raises(StoreError) as info:
+            require_schema(url)
+    finally:
+        dispose_engine(url)
+    text = str(info.value)
+    assert "cannot connect to" in text
+    for piece in ("Pa55", "Secret", "Tail", "XYZ"):
+        assert piece not in text and piece not in safe_url(url), (piece, text)
+    # a normal URL and a user name with an '@' (user@server) keep their form
+    assert safe_url("postgresql://admin@srv:pw@h/db") == "postgresql://admin%40srv:***@h/db"
+    assert safe_url("postgresql://u:p%40x@h/db") == "postgresql://u:***@h/db"
+
+
 def test_a_credential_inside_a_connection_string_is_masked_in_errors() -> None:
     """A password inside ``?dsn=`` (psycopg2 uses it) never appears in a failing connection's error."""
     from bcc_pipeline.store import _error_line

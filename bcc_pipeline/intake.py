@@ -118,6 +118,7 @@ class IntakeReport:
     # folders not taken in as things are (cannot be listed; a bind mount it cannot label or that is not
     # its own), also under ``failed``: somebody has to look, so ``bcc intake`` exits 1 and the task fails
     unreachable: list[dict[str, str]] = field(default_factory=list)
+    contested_holdout: list[str] = field(default_factory=list)  # holdout images now seen under both labels
     rejections_mark: int = 0  # the newest rejections row id when this run started (later: other runs')
 
     def as_dict(self) -> dict[str, Any]:
@@ -244,6 +245,17 @@ def intake(
             len(report.persistent_move_failures),
             "; ".join(f"{f['path']} ({f['error']})" for f in report.persistent_move_failures[:20]),
         )
+    if report.conflicts:  # a frozen holdout image now seen under the other label: said, never changed here
+        from .holdout import contested
+
+        report.contested_holdout = [c["sha256"] for c in contested(settings)]
+        if report.contested_holdout:
+            log.warning(
+                "intake: %d holdout image(s) have a contested label (the same content landed under the other "
+                "label); holdout metrics still count them under their holdout label: see `bcc holdout show`, "
+                "and `bcc holdout withdraw --contested --reason ...`",
+                len(report.contested_holdout),
+            )
     return report
 
 

@@ -291,7 +291,7 @@ class HoldoutEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     seq: Mapped[int] = mapped_column(Integer, unique=True)
-    action: Mapped[str] = mapped_column(String(16))  # freeze | extend
+    action: Mapped[str] = mapped_column(String(16))  # freeze | extend | withdraw
     actor: Mapped[str] = mapped_column(String(128))
     reason: Mapped[str] = mapped_column(Text)
     old_hash: Mapped[str | None] = mapped_column(String(64))

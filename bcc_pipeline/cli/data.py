@@ -138,6 +138,13 @@ def _print_show(info: dict[str, Any]) -> None:
         print(f"  kept out ({len(info['excluded'])}):")
         for x in info["excluded"]:
             print(f"    {x['source']}: {x['reason']}")
+    if info["contested"]:
+        print(
+            f"  LABEL CONTESTED ({len(info['contested'])}): metrics on this holdout still count these under "
+            "their holdout label; `bcc holdout withdraw --contested --reason ...` takes them out (logged)"
+        )
+        for c in info["contested"]:
+            print(f"    {c['sha256'][:16]} (holdout label {c['label']}): {c['reason']}")
     print("history:")
     for e in info["history"]:
         old = (e["old_hash"] or "none")[:12]
@@ -181,6 +188,16 @@ def cmd_extend(args: argparse.Namespace) -> int:
     return _change(args, extend_holdout(s, args.source, actor=_actor(args), reason=args.reason))
 
 
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    from ..holdout import withdraw_from_holdout
+
+    s = settings(args)
+    return _change(
+        args,
+        withdraw_from_holdout(s, args.shas, contested=args.contested, actor=_actor(args), reason=args.reason),
+    )
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from ..holdout import describe_holdout
 
@@ -218,7 +235,9 @@ def register(sub: Any, add: Any) -> None:
     )
     sp.add_argument("--seed", type=int, help=f"random seed (default: BCC_SEED or {DEFAULTS['seed']})")
 
-    hp = sub.add_parser("holdout", help="the frozen holdout: show it, freeze it once, extend it (logged)")
+    hp = sub.add_parser(
+        "holdout", help="the frozen holdout: show it, freeze it once, extend it, withdraw images (logged)"
+    )
     hsub = hp.add_subparsers(dest="holdout_command", required=True, metavar="ACTION")
 
     def action(name: str, func: Any, help: str) -> argparse.ArgumentParser:
@@ -244,6 +263,20 @@ def register(sub: Any, add: Any) -> None:
         "--from", dest="source", required=True, metavar="FOLDER", help="folder laid out like landing/"
     )
     add_decision_args(sp, "holdout")
-    action("show", cmd_show, "the holdout: hash, counts per label and group, images kept out, change history")
+    sp = action(
+        "withdraw",
+        cmd_withdraw,
+        "take images out of the holdout (kept out from then on): by sha256, or those whose label is contested",
+    )
+    sp.add_argument("shas", nargs="*", metavar="SHA256", help="at least 12 characters of each image's sha256")
+    sp.add_argument(
+        "--contested", action="store_true", help="every image whose label intake saw contested (holdout show)"
+    )
+    add_decision_args(sp, "holdout")
+    action(
+        "show",
+        cmd_show,
+        "the holdout: hash, counts per label and group, images kept out or contested, change history",
+    )
 
     add("intake", cmd_intake, "take labelled images from landing/ into the dataset store")

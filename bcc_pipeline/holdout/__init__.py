@@ -3,7 +3,7 @@
 The holdout is the only place where reported metrics and model comparisons are measured, so every
 candidate and the champion see the same images, and no choice (epoch, threshold, calibration) has
 touched them. It is a manifest of its own, ``dataset/holdout/<hash>.json`` (entries with role
-``holdout``), and it changes only through two explicit commands, each logged in ``holdout_events``
+``holdout``), and it changes only through explicit commands, each logged in ``holdout_events``
 (who, when, why, hash before and after, counts):
 
 * :func:`freeze_holdout` chooses it once from the labelled store: group-aware (a patient never sits
@@ -12,6 +12,9 @@ touched them. It is a manifest of its own, ``dataset/holdout/<hash>.json`` (entr
 * :func:`extend_holdout` adds labelled images from a folder laid out like ``landing/<label>/[<group>/]``.
   Those images go into the store as holdout images and never enter development; the folder is read,
   never changed.
+* :func:`withdraw_from_holdout` takes images out (kept out from then on, with the reason): named ones, or
+  every image whose label is contested (intake saw its content under the other label: :func:`contested`,
+  which ``bcc holdout show`` and intake report; intake never changes the holdout itself).
 
 New labelled data that arrives through ``landing/`` goes to development, never into the holdout.
 
@@ -22,20 +25,22 @@ reason in :func:`split_roles`' result: near-duplicates of a holdout image and im
 the holdout. Excluded images are used by no role.
 
 The package, by job: :mod:`.records` reads the holdout (its log, its manifest, the description for
-people) and the labelled images it is drawn from; :mod:`.changes` freezes and extends it;
+people) and the labelled images it is drawn from; :mod:`.changes` freezes, extends and withdraws from it;
 :mod:`.roles` makes the development split beside it.
 """
 
-from .changes import extend_holdout, freeze_holdout
-from .records import current_holdout, describe_holdout
+from .changes import extend_holdout, freeze_holdout, withdraw_from_holdout
+from .records import contested, current_holdout, describe_holdout
 from .roles import AUTO_FREEZE_REASON, RoleSplit, split_roles
 
 __all__ = [
     "AUTO_FREEZE_REASON",
     "RoleSplit",
+    "contested",
     "current_holdout",
     "describe_holdout",
     "extend_holdout",
     "freeze_holdout",
     "split_roles",
+    "withdraw_from_holdout",
 ]

@@ -39,7 +39,7 @@ from .records import (
     _with_phash,
 )
 
-__all__ = ["extend_holdout", "freeze_holdout"]
+__all__ = ["extend_holdout", "freeze_holdout", "withdraw_from_holdout"]
 
 
 def _commit_change(
@@ -284,5 +284,56 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             old=old,
             entries=entries,
             excluded=(old.excluded if old else []) + excluded,
+            seq=seq,
+        )
+
+
+def withdraw_from_holdout(
+    settings: Settings, shas: list[str], *, contested: bool = False, actor: str, reason: str
+) -> Manifest:
+    """Take images out of the holdout, a logged change like the others (``withdraw``): those whose sha256
+    starts with one of ``shas`` (at least 12 characters, each naming exactly one holdout image), and with
+    ``contested`` every image whose label is contested (:func:`.records.contested`: intake saw its content
+    under the other label). They are kept out from then on, with the reason, and never enter development.
+    Until then the holdout's metrics count such an image under its holdout label, which nobody can defend
+    once the label is in doubt; the holdout changes only by an explicit command, so intake only reports it."""
+    from .records import _contested
+
+    reason = _check_reason(reason)
+    if any(len(p) < 12 for p in shas):
+        raise DatasetError("name each image by at least 12 characters of its sha256")
+    require_destination(settings, settings.dataset_dir)  # its disk not mounted: no manifest written there
+    with session_scope(settings.database_url) as s:
+        last = _latest(s)
+        old = _load(last)
+        if old is None:
+            raise DatasetError("there is no holdout to withdraw images from")
+        chosen: dict[str, str] = {}
+        for prefix in shas:
+            hits = [e["sha256"] for e in old.entries if e["sha256"].startswith(prefix.lower())]
+            if len(hits) != 1:
+                raise DatasetError(f"{prefix} names {len(hits)} holdout images, not one")
+            chosen[hits[0]] = reason
+        if contested:
+            chosen.update(
+                {c["sha256"]: f"{reason} (label contested: {c['reason']})" for c in _contested(s, old)}
+            )
+        if not chosen:
+            raise DatasetError("no holdout image to withdraw (none named, none contested)")
+        seq = last.seq + 1
+        out = [
+            _excluded(e, chosen[e["sha256"]], "withdrawn", change=seq)
+            for e in old.entries
+            if e["sha256"] in chosen
+        ]
+        return _commit_change(
+            s,
+            settings,
+            action="withdraw",
+            actor=actor,
+            reason=reason,
+            old=old,
+            entries=[e for e in old.entries if e["sha256"] not in chosen],
+            excluded=old.excluded + out,
             seq=seq,
         )

@@ -22,7 +22,7 @@ from ..model import CLASS_NAMES
 from ..neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates
 from ..store import HoldoutEvent, ImageRecord, session_scope
 
-__all__ = ["current_holdout", "describe_holdout"]
+__all__ = ["contested", "current_holdout", "describe_holdout"]
 
 LABELS = CLASS_NAMES
 
@@ -81,6 +81,30 @@ def _usable(session: Session) -> list[dict[str, Any]]:
 def _with_phash(session: Session, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     hashes = ensure_phashes(session, [r["sha256"] for r in records])
     return [{**r, "phash": hashes.get(r["sha256"])} for r in records]
+
+
+def _contested(session: Session, holdout: Manifest | None) -> list[dict[str, Any]]:
+    """The holdout's images whose label is contested since they were frozen: their ``images`` row was
+    excluded (intake saw the same content under the other label). Metrics on this holdout still count
+    them under their holdout label until a logged change withdraws them (:func:`.changes.withdraw_from_holdout`)."""
+    if holdout is None or not holdout.entries:
+        return []
+    by_sha = {e["sha256"]: e for e in holdout.entries}
+    rows = session.execute(
+        select(ImageRecord.sha256, ImageRecord.excluded_reason).where(
+            ImageRecord.sha256.in_(list(by_sha)), ImageRecord.excluded_reason.is_not(None)
+        )
+    ).all()
+    return [
+        {"sha256": r.sha256, "label": by_sha[r.sha256]["label"], "reason": r.excluded_reason}
+        for r in sorted(rows, key=lambda r: r.sha256)
+    ]
+
+
+def contested(settings: Settings) -> list[dict[str, Any]]:
+    """The current holdout's images whose label is contested (:func:`_contested`)."""
+    with session_scope(settings.database_url) as s:
+        return _contested(s, _load(_latest(s)))
 
 
 def _group_of(r: dict[str, Any]) -> str:
@@ -156,6 +180,7 @@ def describe_holdout(settings: Settings) -> dict[str, Any]:
             }
             for e in s.scalars(select(HoldoutEvent).order_by(HoldoutEvent.seq))
         ]
+        disputed = _contested(s, holdout)
     if holdout is None:
         return {
             "hash": None,
@@ -164,6 +189,7 @@ def describe_holdout(settings: Settings) -> dict[str, Any]:
             "counts": {},
             "groups": {},
             "excluded": [],
+            "contested": [],
             "history": history,
         }
     per_group: dict[str, Counter] = defaultdict(Counter)
@@ -177,5 +203,6 @@ def describe_holdout(settings: Settings) -> dict[str, Any]:
         "n_groups": {lab: sum(c[lab] > 0 for c in per_group.values()) for lab in LABELS},
         "groups": {g: dict(c) for g, c in sorted(per_group.items())},
         "excluded": holdout.excluded,
+        "contested": disputed,
         "history": history,
     }

@@ -395,3 +395,49 @@ def test_no_holdout_change_or_split_is_written_while_the_dataset_disk_is_not_mou
     with bind_mounted(disk, home.dataset_dir):
         frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
         assert frozen.path.is_file() and [e.action for e in _events(home)] == ["freeze"]
+
+
+def test_a_holdout_image_whose_label_is_contested_is_reported_and_withdrawn_only_by_a_logged_change(
+    home, tmp_path, monkeypatch, capsys
+):
+    """The same content as a benign holdout image lands as malignant. Intake quarantines it as a conflict
+    and excludes its row, as for any image; before, the holdout kept counting it as benign, and nothing
+    said so. Now intake reports the holdout image as contested, `bcc holdout show` lists it, and the
+    holdout changes only by the explicit, logged `bcc holdout withdraw --contested` (kept out from then
+    on, never in development)."""
+    from bcc_pipeline.files import sha256_file
+    from bcc_pipeline.holdout import contested, withdraw_from_holdout
+
+    extra = tmp_path / "cohort"
+    _land(home, benign=4, malignant=4, groups=2, seed=9, first_patient=40, out=extra)
+    frozen = dataset.extend_holdout(home, extra, actor="a", reason="cohort")
+    benign_one = next(p for p in sorted((extra / "benign").rglob("*.png")))
+    sha = sha256_file(benign_one)
+    assert sha in {e["sha256"] for e in frozen.entries}
+    (home.landing_dir / "malignant" / "p9").mkdir(parents=True)
+    shutil.copyfile(benign_one, home.landing_dir / "malignant" / "p9" / "again.png")
+    r = dataset.intake(home, run_id="i1")
+    assert r.conflicts == 1 and r.contested_holdout == [sha]
+    info = describe_holdout(home)
+    assert [(c["sha256"], c["label"]) for c in info["contested"]] == [(sha, "benign")]
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["holdout", "show"]) == 0
+    assert "LABEL CONTESTED (1)" in capsys.readouterr().out
+    with pytest.raises(DatasetError, match="at least 12 characters"):
+        withdraw_from_holdout(home, [sha[:6]], actor="a", reason="typo")
+    reason = "label contested by a second read"
+    assert cli.main(["holdout", "withdraw", "--contested", "--reason", reason, "--actor", "dr. c"]) == 0
+    now = dataset.current_holdout(home)
+    assert sha not in {e["sha256"] for e in now.entries} and now.n("holdout") == frozen.n("holdout") - 1
+    (kept,) = [x for x in now.excluded if x["sha256"] == sha]
+    assert kept["kind"] == "withdrawn" and reason in kept["reason"]
+    ev = _events(home)[-1]
+    assert (ev.action, ev.actor, ev.reason, ev.old_hash, ev.new_hash) == (
+        "withdraw",
+        "dr. c",
+        reason,
+        frozen.hash,
+        now.hash,
+    )
+    assert contested(home) == [] and describe_holdout(home)["contested"] == []

@@ -23,7 +23,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .display import display_path
+from .display import display_path, path_from_display
 from .errors import DatasetError
 from .settings import Settings
 
@@ -43,26 +43,61 @@ def _mark_text(home: Path, name: str) -> bytes:
     return f"home={display_path(os.path.abspath(home))}\nfolder={name}\n".encode("utf-8", "surrogateescape")
 
 
-def _marked(folder: Path) -> bool:
+def _mark_of(folder: Path) -> dict[str, str] | None:
+    """The mark's fields (``home``, ``folder``), or None: no mark (ENODATA), no folder, a filesystem
+    without attributes."""
     try:
-        os.getxattr(folder, ATTRIBUTE, follow_symlinks=True)
-    except OSError:  # ENODATA: no mark; ENOENT: no folder; ENOTSUP: a filesystem without attributes
-        return False
-    return True
+        raw = os.getxattr(folder, ATTRIBUTE, follow_symlinks=True)
+    except OSError:
+        return None
+    fields = {}
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+def _not_ours(home: Path, name: str, mark: dict[str, str]) -> str | None:
+    """Why a marked folder is not this home's ``name`` folder, or None: its mark names another of this
+    home's folders, or another home that is here (not the same folder as this one, however reached). A mark
+    whose home is not on this machine (a disk from another host, or this home moved) is taken as ours:
+    whose it is cannot be told."""
+    if mark.get("folder") != name:
+        return f"it is marked as the {mark.get('folder')!r} folder, not {name!r}"
+    try:
+        theirs = path_from_display(mark.get("home", ""))
+    except ValueError:
+        return "its mark names no home that can be read"
+    if not os.path.isdir(theirs):
+        return None
+    try:
+        same = os.path.samefile(theirs, home)
+    except OSError:
+        same = False
+    return None if same else f"it is marked as {name}/ of the BCC home {display_path(theirs)}"
+
+
+def _open(home: Path, flags: int) -> int:
+    # never through a link: a list that leads into another home would be read, and written, as this one's
+    return os.open(home / ROOTS_LIST, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
 
 
 def listed(home: str | os.PathLike[str]) -> set[str]:
-    """The folders the home marked (its ``.bcc-roots``); empty before the first."""
+    """The folders the home marked (its ``.bcc-roots``); empty before the first. ``OSError`` when it cannot
+    be read, or is a symbolic link (``ELOOP``)."""
     try:
-        text = Path(home, ROOTS_LIST).read_text(encoding="utf-8", errors="replace")
+        fd = _open(Path(home), os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return set()
+    with os.fdopen(fd, "rb") as fh:
+        text = fh.read(1 << 16).decode("utf-8", "replace")
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
 def _list(home: Path, name: str) -> None:
     # one short line appended (O_APPEND): two runs listing the same folder at once leave it twice, harmless
-    fd = os.open(home / ROOTS_LIST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = _open(home, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         os.write(fd, f"{name}\n".encode())
         os.fsync(fd)
@@ -79,7 +114,13 @@ def destination_lost(settings: Settings, folder: Path) -> str | None:
         known = name in listed(home)
     except OSError as exc:
         return f"{display_path(home / ROOTS_LIST)} cannot be read ({exc.strerror or exc})"
-    if _marked(folder):
+    if (mark := _mark_of(folder)) is not None:
+        if (why := _not_ours(home, name, mark)) is not None:  # another home's disk mounted here, say
+            return (
+                f"{display_path(folder)} is not the folder this home has put files into: {why}; nothing is "
+                f"moved or written there (if this home was copied or moved on purpose, remove the folder's "
+                f"mark: setfattr -x {ATTRIBUTE} {display_path(folder)})"
+            )
         if not known:  # marked by a run killed before it listed the folder
             with contextlib.suppress(OSError):
                 _list(home, name)

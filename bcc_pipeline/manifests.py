@@ -246,6 +246,13 @@ def write_manifest(
     }
     if not path.exists():
         atomic_write(path, json.dumps(doc, indent=1))
+    else:  # the same entries as an earlier manifest (a withdraw back to an earlier set): its file is kept,
+        # and what this one keeps out is added to its list, never lost with the file not written
+        old = json.loads(path.read_text(encoding="utf-8"))
+        known = {json.dumps(x, sort_keys=True, default=str) for x in old.get("excluded", [])}
+        more = [x for x in excluded if json.dumps(x, sort_keys=True, default=str) not in known]
+        if more:
+            atomic_write(path, json.dumps({**old, "excluded": old.get("excluded", []) + more}, indent=1))
     return load_manifest(path)
 
 

@@ -199,6 +199,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         raise DatasetError(f"{folder} is not a folder")
     require_destination(settings, settings.dataset_dir)  # its disk not mounted: nothing stored there
     found, refused = _read_folder(settings, folder)
+    conflicts = _label_conflicts(settings, found)  # committed even when nothing is added
     with session_scope(settings.database_url) as s:
         last = _latest(s)
         old = _load(last)
@@ -210,6 +211,11 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         dev_groups = {r["group_id"] for r in dev if r["group_id"]}
         excluded, candidates, already, seen = [], [], 0, set()
         for r in found:
+            if r["sha256"] in conflicts and r["sha256"] not in reserved and r["sha256"] not in seen:
+                # (one in the holdout is contested now: its row is excluded, `holdout show` lists it)
+                seen.add(r["sha256"])
+                excluded.append(_excluded(r, conflicts[r["sha256"]], "label_conflict", change=seq))
+                continue
             if r["sha256"] in reserved or r["sha256"] in seen:  # in the holdout, or kept out before
                 already += 1
                 continue
@@ -237,6 +243,13 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             else:
                 candidates.append(r)
         excluded += _near_exclusions(candidates, dev, "development", change=seq)
+        out = {x["sha256"] for x in excluded}
+        # nor a near-duplicate of an image already in the holdout (the same picture counted twice, or under
+        # both labels)
+        hold = _with_phash(s, [dict(e) for e in (old.entries if old else [])])
+        excluded += _near_exclusions(
+            [r for r in candidates if r["sha256"] not in out], hold, "holdout", change=seq
+        )
         out = {x["sha256"] for x in excluded}
         added = [r for r in candidates if r["sha256"] not in out]
         if not added:
@@ -286,6 +299,25 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             excluded=(old.excluded if old else []) + excluded,
             seq=seq,
         )
+
+
+def _label_conflicts(settings: Settings, found: list[dict[str, Any]]) -> dict[str, str]:
+    """The images of ``found`` whose content is in the store under the other label, each with the reason
+    it is kept out. As intake does, the stored image is excluded under both labels (a holdout image becomes
+    contested, a development image leaves training); committed here, before the change is decided."""
+    out: dict[str, str] = {}
+    with session_scope(settings.database_url) as s:
+        for r in found:
+            known = s.get(ImageRecord, r["sha256"])
+            if known is None or known.label in (None, r["label"]):
+                continue
+            out[r["sha256"]] = (
+                f"the same image content is in the store as {known.label} ({known.source_path}); "
+                "excluded under both labels"
+            )
+            if known.excluded_reason is None:
+                known.excluded_reason = f"content seen as both {known.label} and {r['label']} ({r['source']})"
+    return out
 
 
 def withdraw_from_holdout(

@@ -441,3 +441,58 @@ def test_a_holdout_image_whose_label_is_contested_is_reported_and_withdrawn_only
         now.hash,
     )
     assert contested(home) == [] and describe_holdout(home)["contested"] == []
+
+
+def test_images_withdrawn_back_to_an_earlier_holdout_never_enter_development(home, tmp_path):
+    """freeze (H1), extend by a cohort (H2), withdraw that cohort: the holdout is H1's set again, so its
+    manifest file (named by the entries' hash) was already there and was kept as it was, without the
+    withdrawn images in its kept-out list; the next split put them into development. Now the file's list
+    gains them, and they stay out of every role."""
+    from bcc_pipeline.holdout import withdraw_from_holdout
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    first = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    cohort = tmp_path / "cohort"
+    _land(home, benign=2, malignant=2, groups=1, seed=9, first_patient=40, out=cohort)
+    grown = dataset.extend_holdout(home, cohort, actor="a", reason="cohort")
+    added = sorted({e["sha256"] for e in grown.entries} - {e["sha256"] for e in first.entries})
+    back = withdraw_from_holdout(home, [a[:16] for a in added], actor="a", reason="wrong cohort")
+    assert back.hash == first.hash and len(added) == 4
+    assert {x["sha256"] for x in dataset.current_holdout(home).excluded if x["kind"] == "withdrawn"} == set(
+        added
+    )
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert not set(added) & {e["sha256"] for e in dev.entries}
+
+
+def test_extend_with_an_image_stored_under_the_other_label_or_a_near_copy_of_a_holdout_image(home, tmp_path):
+    """A folder given to `bcc holdout extend` that holds (a) a holdout image's bytes under the other label:
+    before, counted silently as already in the holdout; now the holdout image is contested; (b) a
+    development image's bytes under the other label: before, kept out of the holdout while the development
+    image stayed in training under its old label; now it is excluded under both labels, as intake does;
+    (c) a near-copy of a holdout image (one pixel changed) under the other label: before, added beside the
+    original; now kept out as a near-duplicate of the holdout image."""
+    from bcc_pipeline.holdout import contested
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    hold_benign = [e for e in frozen.entries if e["label"] == "benign"]
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    train_benign = next(e for e in dev.entries if e["label"] == "benign" and e["split"] == "train")
+    folder = tmp_path / "second-read" / "malignant"
+    (folder / "p90").mkdir(parents=True)
+    shutil.copyfile(hold_benign[0]["path"], folder / "p90" / "a.png")  # (a)
+    shutil.copyfile(train_benign["path"], folder / "p90" / "b.png")  # (b)
+    img = cv2.imread(hold_benign[1]["path"])
+    img[0, 0] = (img[0, 0].astype(int) + 7) % 256
+    cv2.imwrite(str(folder / "p90" / "c.png"), img)  # (c)
+    with pytest.raises(DatasetError, match="no image .* was added"):
+        dataset.extend_holdout(home, folder.parent, actor="a", reason="second read")
+    assert [c["sha256"] for c in contested(home)] == [hold_benign[0]["sha256"]]
+    with session_scope(home.database_url) as s:
+        assert "both benign and malignant" in s.get(ImageRecord, train_benign["sha256"]).excluded_reason
+    assert dataset.current_holdout(home).hash == frozen.hash
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert train_benign["sha256"] not in {e["sha256"] for e in dev.entries}

@@ -1,0 +1,82 @@
+"""Whose ``archive/``, ``quarantine/`` and ``dataset/`` are (:mod:`bcc_pipeline.destinations`): the mark on
+each folder, and the home's list of the folders it marked."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bcc_pipeline.config import load_settings
+from bcc_pipeline.destinations import ATTRIBUTE, ROOTS_LIST, destination_lost, listed
+from tests.support import bind_mounted, foreign_home
+
+
+def _xattrs_here(folder) -> None:
+    try:
+        os.setxattr(folder, "user.bcc.probe", b"1")
+        os.removexattr(folder, "user.bcc.probe")
+    except OSError as exc:
+        pytest.skip(f"this filesystem keeps no extended attributes: {exc}")
+
+
+def test_a_disk_marked_by_another_home_is_never_this_homes_archive(make_settings, tmp_path):
+    """Homes A and B each keep ``archive/`` on a disk of their own; B's disk is mounted at A's archive/
+    (the disks swapped). Its mark names B: before, A's run moved its scans onto B's disk, green. Now it
+    is refused; so is a disk marked as another folder of this home (quarantine's disk at archive/)."""
+    a = make_settings(None)
+    b = foreign_home(tmp_path)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    disk_a, disk_b = tmp_path / "disk_a", tmp_path / "disk_b"
+    disk_a.mkdir()
+    disk_b.mkdir()
+    with bind_mounted(disk_a, a.archive_dir):
+        assert destination_lost(a, a.archive_dir) is None  # first use: marked, listed
+    with bind_mounted(disk_b, b.archive_dir):
+        assert destination_lost(b, b.archive_dir) is None
+    assert listed(a.home) == {"archive"} and os.getxattr(disk_a, ATTRIBUTE).startswith(b"home=")
+    with bind_mounted(disk_b, a.archive_dir):
+        why = destination_lost(a, a.archive_dir)
+    assert why and "site_b" in why and "setfattr -x" in why
+    with bind_mounted(disk_a, a.archive_dir):
+        assert destination_lost(a, a.archive_dir) is None  # its own disk back: fine
+    quarantine_disk = tmp_path / "disk_q"
+    quarantine_disk.mkdir()
+    with bind_mounted(quarantine_disk, a.quarantine_dir):
+        assert destination_lost(a, a.quarantine_dir) is None
+    with bind_mounted(quarantine_disk, a.archive_dir):
+        assert "marked as the 'quarantine' folder, not 'archive'" in destination_lost(a, a.archive_dir)
+
+
+def test_a_home_moved_elsewhere_keeps_its_marks(make_settings, tmp_path):
+    """A mark whose home is not on this machine (the home moved with `mv`, a disk from another host) cannot
+    be told apart from this home's: it is taken as this home's, not refused."""
+    a = make_settings(None)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    assert destination_lost(a, a.archive_dir) is None
+    moved = tmp_path / "moved" / "home"
+    moved.parent.mkdir()
+    os.rename(a.home, moved)
+    again = load_settings(profile="demo", env={"BCC_HOME": str(moved)})
+    assert destination_lost(again, again.archive_dir) is None
+
+
+def test_the_list_of_marked_folders_is_never_read_or_written_through_a_link(make_settings, tmp_path):
+    """``.bcc-roots`` as a link to another home's list: before, this home appended its folders to that
+    list (and that home then refused its own, never-made archive/ as one that lost its mark). Now the
+    list is not followed: the folders are refused with one line naming it, and the other list is as it
+    was."""
+    a = make_settings(None)
+    b = foreign_home(tmp_path)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    (b.home / ROOTS_LIST).write_text("dataset\n")
+    os.symlink(b.home / ROOTS_LIST, a.home / ROOTS_LIST)
+    why = destination_lost(a, a.archive_dir)
+    assert why and ROOTS_LIST in why
+    assert (b.home / ROOTS_LIST).read_text() == "dataset\n"
+    os.unlink(a.home / ROOTS_LIST)
+    os.symlink(tmp_path / "nowhere" / ROOTS_LIST, a.home / ROOTS_LIST)  # dangling: nothing created there
+    assert destination_lost(a, a.archive_dir) and not (tmp_path / "nowhere").exists()

@@ -165,6 +165,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Champion with its metrics and plots, the last scoring run, the newest predictions."""
+    from ..errors import BCCError
+    from ..holdout import contested as holdout_contested
     from ..model_card import holdout_lines
     from ..overview import champion_summary, scoring_runs
     from ..predictions import query_predictions
@@ -178,7 +180,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = scoring_runs(s, limit=1)
     run = runs[0] if runs else None
     rows = list(query_predictions(s, limit=args.rows, latest=True))
-    payload = {"champion": champion, "last_scoring_run": run, "latest_predictions": rows}
+    try:  # holdout images whose label is in doubt: its metrics still count them under the holdout label
+        contested = [c["sha256"] for c in holdout_contested(s)]
+    except BCCError:  # no readable holdout: nothing to say about it here
+        contested = []
+    payload = {
+        "champion": champion,
+        "last_scoring_run": run,
+        "latest_predictions": rows,
+        "contested_holdout": contested,
+    }
 
     def human() -> None:
         if champion is None:
@@ -197,6 +208,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             lines = holdout_lines(champion["intervals"]) or ["no holdout metrics recorded"]
             print("holdout         " + "\n                ".join(lines))
             print("plots           " + ("\n                ".join(champion["plots"]) or "none"))
+        if contested:
+            print(
+                f"holdout         WARNING: {len(contested)} image(s) of the frozen holdout have a contested "
+                "label (`bcc holdout show`; `bcc holdout withdraw --contested --reason ...`)"
+            )
         if run is None:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
         else:

@@ -424,6 +424,8 @@ def test_a_holdout_image_whose_label_is_contested_is_reported_and_withdrawn_only
     monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
     assert cli.main(["holdout", "show"]) == 0
     assert "LABEL CONTESTED (1)" in capsys.readouterr().out
+    assert cli.main(["status"]) == 0
+    assert "1 image(s) of the frozen holdout have a contested label" in capsys.readouterr().out
     with pytest.raises(DatasetError, match="at least 12 characters"):
         withdraw_from_holdout(home, [sha[:6]], actor="a", reason="typo")
     reason = "label contested by a second read"

@@ -25,7 +25,7 @@ from ..manifests import (
     select_groups,
     write_manifest,
 )
-from ..store import ModelVersion, session_scope
+from ..store import ImageRecord, ModelVersion, session_scope
 from .changes import freeze_holdout
 from .records import _excluded, _group_of, _near_exclusions, _usable, _with_phash, current_holdout
 
@@ -113,6 +113,11 @@ def split_roles(settings: Settings) -> RoleSplit:
         dev = _with_phash(s, [r for r in dev if r["group_id"] not in hold_groups])
         hold_hashed = _with_phash(s, [{**e} for e in hold_entries])
         dev_excluded += _near_exclusions(dev, hold_hashed, "holdout")
+        if n := _contest_near_copies(s, dev_excluded, hold_entries):
+            warnings.append(
+                f"{n} holdout image(s) have a near-copy labelled the other way: their label is contested "
+                "(`bcc holdout show`)"
+            )
     out = {x["sha256"] for x in dev_excluded}
     dev = [r for r in dev if r["sha256"] not in out]
     grouped, group_warnings = _group_warnings(dev + hold_entries)
@@ -145,6 +150,26 @@ def split_roles(settings: Settings) -> RoleSplit:
         near_duplicates=near,
         holdout_frozen_now=frozen_now,
     )
+
+
+def _contest_near_copies(session: Session, kept_out: list[dict[str, Any]], hold: list[dict[str, Any]]) -> int:
+    """A development image kept out as a near-copy of a holdout image, under the other label, puts that
+    holdout image's label in doubt, as an exact copy does at intake: its ``images`` row is excluded, so
+    that it is reported as contested (the holdout itself changes only by a logged withdraw). Returns how
+    many were newly marked."""
+    label = {e["sha256"]: e["label"] for e in hold}
+    marked = 0
+    for x in kept_out:
+        theirs = label.get(x.get("near_sha256", ""))
+        if x["kind"] != "near_duplicate" or theirs in (None, x["label"]):
+            continue
+        row = session.get(ImageRecord, x["near_sha256"])
+        if row is not None and row.excluded_reason is None:
+            row.excluded_reason = (
+                f"a near-copy ({x['distance']} of 64 bits apart) was labelled {x['label']} ({x['source']})"
+            )
+            marked += 1
+    return marked
 
 
 def _champion_overlap(session: Session, settings: Settings, holdout: set[str]) -> list[str]:

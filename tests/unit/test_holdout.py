@@ -498,3 +498,24 @@ def test_extend_with_an_image_stored_under_the_other_label_or_a_near_copy_of_a_h
     assert dataset.current_holdout(home).hash == frozen.hash
     dev = dataset.load_manifest(split_step(home)["manifest_path"])
     assert train_benign["sha256"] not in {e["sha256"] for e in dev.entries}
+
+
+def test_a_near_copy_of_a_holdout_image_landing_under_the_other_label_contests_its_label(home):
+    """A near-copy (one pixel changed: another sha256, the same perceptual hash) of a benign holdout image
+    lands as malignant. The split keeps it out of development as a near-duplicate of the holdout image, as
+    before; before, the holdout image's label was not put in doubt. Now it is contested, as for an exact
+    copy, and the split says so."""
+    from bcc_pipeline.holdout import contested
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    original = next(e for e in frozen.entries if e["label"] == "benign")
+    img = cv2.imread(original["path"])
+    img[0, 0] = (img[0, 0].astype(int) + 7) % 256
+    (home.landing_dir / "malignant" / "p90").mkdir(parents=True)
+    cv2.imwrite(str(home.landing_dir / "malignant" / "p90" / "near.png"), img)
+    assert dataset.intake(home, run_id="i2").accepted == 1
+    split = split_step(home)
+    assert any("near-copy labelled the other way" in w for w in split["warnings"])
+    assert [c["sha256"] for c in contested(home)] == [original["sha256"]]

@@ -151,7 +151,7 @@ def bcc_retrain():
         )
         if report["unreachable"]:  # not taken in as things are (unlistable, a foreign bind mount): look
             raise AirflowFailException(
-                f"{len(report['unreachable'])} landing folder(s) are not taken in: "
+                f"{len(report['unreachable'])} path(s) in landing are not taken in: "
                 + "; ".join(f"{u['path']} ({u['error']})" for u in report["unreachable"][:20])
             )
         stuck = report["persistent_move_failures"]

@@ -37,12 +37,17 @@ def cmd_intake(args: argparse.Namespace) -> int:
             print(f"  rejected {rej['path']}: {rej['reason']}")
         for f in r["failed"]:
             print(f"  left in landing {f['path']}: {f['error']}")
+        if r.get("contested_holdout"):
+            print(
+                f"  {len(r['contested_holdout'])} holdout image(s) now have a contested label: see "
+                "`bcc holdout show`, and `bcc holdout withdraw --contested --reason ...`"
+            )
 
     emit(args, r, human)
     if r["unreachable"]:
         paths = "; ".join(f"{u['path']} ({u['error']})" for u in r["unreachable"][:10])
         print(
-            f"bcc: error: {len(r['unreachable'])} landing folder(s) are not taken in as things are: {paths}",
+            f"bcc: error: {len(r['unreachable'])} path(s) in landing are not taken in as things are: {paths}",
             file=sys.stderr,
         )
         return 1

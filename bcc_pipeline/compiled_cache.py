@@ -17,6 +17,7 @@ its model is converted into a temporary folder, with a warning naming the link.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import model as model_lib
+from . import mounts
 from .errors import ArtifactError
 from .files import created_mode, sha256_file, temp_prefix
 from .moving import LinkedFolderError, make_real_folders, require_real_folders
@@ -72,6 +74,8 @@ def _read(path: Path) -> bytes:
     require_real_folders(_root_of(path.parent), path)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or a device: never read (no end)
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         return f.read()
 
 
@@ -105,6 +109,14 @@ def _unlink_links(folder: Path, version: str) -> bool:
         return False
     except FileNotFoundError:
         return True  # no version folder: loading the artifact fails with its own message
+    if (point := mounts.mounted_between(_root_of(folder), folder)) is not None:  # a bind mount: not ours
+        log.warning(
+            "%s is a mount point: the converted model of %s is neither used nor cached there; converting it "
+            "in a temporary folder",
+            point,
+            version,
+        )
+        return False
     for link in (folder.parent, folder):
         try:
             if not stat.S_ISLNK(os.lstat(link).st_mode):
@@ -195,9 +207,22 @@ def publish(
     trusted = trusted or (lambda: _cached(folder, sha, names))
     try:
         make_real_folders(_root_of(folder), folder.parent)  # never through a link (LinkedFolderError)
+        # compiled/ itself, held open: what is renamed or removed below is renamed or removed in it, even
+        # if its path is swapped for a link into another home meanwhile (a path would follow that link)
+        dfd = os.open(
+            folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        )
+    except OSError as exc:
+        log.warning(
+            "cannot cache the converted model under %s (%s); converting in memory", folder.parent, exc
+        )
+        return None
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
         os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
+        os.stat(tmp.name, dir_fd=dfd, follow_symlinks=False)  # made where compiled/ was opened
     except OSError as exc:
+        os.close(dfd)
         log.warning(
             "cannot cache the converted model under %s (%s); converting in memory", folder.parent, exc
         )
@@ -217,15 +242,19 @@ def publish(
             return None
         if _real_folder(folder) and trusted():  # another process (a parallel shard) published it meanwhile
             return folder
-        if os.path.lexists(folder):  # a stale or damaged cache, a file or a link: move it aside, replace it
-            stale = folder.with_name(f"{temp_prefix(folder.name)}stale-{uuid.uuid4().hex[:8]}")
-            os.rename(folder, stale)
-            if stale.is_symlink() or not stale.is_dir():  # a file or a link stood there: never followed
-                stale.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(stale, ignore_errors=True)
+        try:  # a stale or damaged cache, a file or a link: moved aside (in compiled/ itself), replaced
+            st = os.stat(folder.name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            stale = f"{temp_prefix(folder.name)}stale-{uuid.uuid4().hex[:8]}"
+            os.rename(folder.name, stale, src_dir_fd=dfd, dst_dir_fd=dfd)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(stale, dir_fd=dfd, ignore_errors=True)
+            else:  # a file or a link stood there: removed, never followed
+                os.unlink(stale, dir_fd=dfd)
         try:
-            os.rename(tmp, folder)
+            os.rename(tmp.name, folder.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except OSError:  # another process published first: use theirs if it is good
             if not trusted():
                 raise
@@ -234,7 +263,8 @@ def publish(
             on_published(files)
         return folder
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.name, dir_fd=dfd, ignore_errors=True)
+        os.close(dfd)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,59 @@ def test_xla_pads_a_smaller_batch_and_returns_only_its_rows(artifact, tmp_path):
     assert np.abs(pred(x) - ref).max() <= 1e-5
     small = pred(x[:3])  # padded to the 16 already compiled for, cut back to 3
     assert small.shape == (3, 2) and np.abs(small - ref[:3]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("where", ["compiled", "cache folder"])
+def test_a_compiled_folder_bind_mounted_from_another_home_is_never_changed(artifact, tmp_path, where):
+    """Home B's ``compiled/`` (or its cache folder) bind-mounted at home A's, A's database without a record
+    of the conversion: a mount point looks like a real folder to ``lstat``, and A deleted B's cache and
+    put its own conversion there (or failed with EBUSY). Now a mount on the way gets no cache: A converts
+    in a temporary folder and B's files keep their bytes and inodes."""
+    from tests.support import bind_mounted
+
+    _p, _s, x, ref = artifact
+    path_b, sha = _home_artifact(artifact, tmp_path / "B")
+    load_predictor(path_b, sha, image_size=SIZE, backend="openvino", ledger=_Ledger())
+    compiled_b = path_b.parent / "compiled"
+    [cache_b] = compiled_b.iterdir()
+    (cache_b / "notes.txt").write_text("B's own file")
+    before = _tree(compiled_b)
+    path_a, _ = _home_artifact(artifact, tmp_path / "A")
+    source, view = (compiled_b, path_a.parent / "compiled")
+    if where == "cache folder":
+        source, view = cache_b, path_a.parent / "compiled" / cache_b.name
+    with bind_mounted(source, view):
+        pred = load_predictor(
+            path_a, sha, image_size=SIZE, backend="openvino", ledger=_Ledger(), version="v1"
+        )
+        assert pred.converted and np.abs(pred(x) - ref).max() <= 1e-5
+    assert _tree(compiled_b) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_cache_file_that_is_a_fifo_or_a_device_is_converted_again(artifact, tmp_path, kind):
+    """``model.bin`` replaced by a FIFO another process holds open (no data: the read gave None, a
+    TypeError that was never taken for damage, on every load) or by a character device (``/dev/zero``:
+    read until memory ran out). Now a cache file that is not a regular file is damaged: converted again."""
+    _p, _s, x, ref = artifact
+    path, sha = _home_artifact(artifact, tmp_path / "A")
+    ledger = _Ledger()
+    load_predictor(path, sha, image_size=SIZE, backend="openvino", ledger=ledger)
+    [cache] = (path.parent / "compiled").iterdir()
+    (cache / "model.bin").unlink()
+    holder = None
+    if kind == "fifo":
+        os.mkfifo(cache / "model.bin")
+        holder = os.open(cache / "model.bin", os.O_RDWR | os.O_NONBLOCK)  # a writer: no EOF
+    else:
+        try:
+            os.mknod(cache / "model.bin", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        except PermissionError as exc:
+            pytest.skip(f"cannot make a device node here: {exc}")
+    try:
+        again = load_predictor(path, sha, image_size=SIZE, backend="openvino", ledger=ledger)
+    finally:
+        if holder is not None:
+            os.close(holder)
+    assert again.converted and np.abs(again(x) - ref).max() <= 1e-5
+    assert stat.S_ISREG(os.lstat(cache / "model.bin").st_mode)

@@ -19,8 +19,9 @@ does not tell a replaced folder on a new disk from the old one; only something w
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 
 from .display import display_path, path_from_display
@@ -31,6 +32,7 @@ __all__ = ["ATTRIBUTE", "ROOTS_LIST", "DestinationLost", "destination_lost", "li
 
 #: The home's list of the folders it marked (:func:`destination_lost`).
 ROOTS_LIST = ".bcc-roots"
+_LIST_MAX = 1 << 16
 #: The extended attribute that marks a destination folder.
 ATTRIBUTE = "user.bcc.folder"
 
@@ -91,15 +93,19 @@ def listed(home: str | os.PathLike[str]) -> set[str]:
     except FileNotFoundError:
         return set()
     with os.fdopen(fd, "rb") as fh:
-        text = fh.read(1 << 16).decode("utf-8", "replace")
-    return {line.strip() for line in text.splitlines() if line.strip()}
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        raw = fh.read(_LIST_MAX + 1)
+    if len(raw) > _LIST_MAX:  # a few names at most: never read in part (a name past the cut would be lost)
+        raise OSError(errno.EFBIG, f"larger than {_LIST_MAX} bytes")
+    return {line.strip() for line in raw.decode("utf-8", "replace").splitlines() if line.strip()}
 
 
 def _list(home: Path, name: str) -> None:
     # one short line appended (O_APPEND): two runs listing the same folder at once leave it twice, harmless
     fd = _open(home, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        os.write(fd, f"{name}\n".encode())
+        os.write(fd, f"\n{name}\n".encode())  # on a line of its own, whatever a hand edit left last
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -118,12 +124,10 @@ def destination_lost(settings: Settings, folder: Path) -> str | None:
         if (why := _not_ours(home, name, mark)) is not None:  # another home's disk mounted here, say
             return (
                 f"{display_path(folder)} is not the folder this home has put files into: {why}; nothing is "
-                f"moved or written there (if this home was copied or moved on purpose, remove the folder's "
-                f"mark: setfattr -x {ATTRIBUTE} {display_path(folder)})"
+                f"moved or written there (if this home was copied on purpose: {_accept(home, folder)})"
             )
         if not known:  # marked by a run killed before it listed the folder
-            with contextlib.suppress(OSError):
-                _list(home, name)
+            return _listing_failed(home, name)
         return None
     if known:
         return (
@@ -135,10 +139,30 @@ def destination_lost(settings: Settings, folder: Path) -> str | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         os.setxattr(folder, ATTRIBUTE, _mark_text(home, name), follow_symlinks=True)
-        _list(home, name)
     except OSError:  # cannot be made or marked here (no attributes): every move or write there fails or
-        pass  # goes on unchecked, as before folders were marked
+        return None  # goes on unchecked, as before folders were marked
+    return _listing_failed(home, name)
+
+
+def _listing_failed(home: Path, name: str) -> str | None:
+    """List the marked folder ``name``; why that failed, or None. A folder marked but not listed would not
+    be missed once its disk is gone, so a list this user cannot write is a refusal, not a silence."""
+    try:
+        _list(home, name)
+    except OSError as exc:
+        return (
+            f"{display_path(home / ROOTS_LIST)}, the list of the folders this home marked, cannot be written "
+            f"({exc.strerror or exc}): let every user that runs BCC write it (see Permissions in the README)"
+        )
     return None
+
+
+def _accept(home: Path, folder: Path) -> str:
+    """What makes ``folder`` this home's again, as one instruction."""
+    return (
+        f"python3 -c 'import os; os.removexattr({str(folder)!r}, {ATTRIBUTE!r})', then take the line "
+        f"'{folder.name}' out of {display_path(home / ROOTS_LIST)}"
+    )
 
 
 def require_destination(settings: Settings, folder: Path) -> None:

@@ -4,6 +4,7 @@ each folder, and the home's list of the folders it marked."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_a_disk_marked_by_another_home_is_never_this_homes_archive(make_settings
     assert listed(a.home) == {"archive"} and os.getxattr(disk_a, ATTRIBUTE).startswith(b"home=")
     with bind_mounted(disk_b, a.archive_dir):
         why = destination_lost(a, a.archive_dir)
-    assert why and "site_b" in why and "setfattr -x" in why
+    assert why and "site_b" in why and "os.removexattr" in why and ROOTS_LIST in why
     with bind_mounted(disk_a, a.archive_dir):
         assert destination_lost(a, a.archive_dir) is None  # its own disk back: fine
     quarantine_disk = tmp_path / "disk_q"
@@ -80,3 +81,39 @@ def test_the_list_of_marked_folders_is_never_read_or_written_through_a_link(make
     os.unlink(a.home / ROOTS_LIST)
     os.symlink(tmp_path / "nowhere" / ROOTS_LIST, a.home / ROOTS_LIST)  # dangling: nothing created there
     assert destination_lost(a, a.archive_dir) and not (tmp_path / "nowhere").exists()
+
+
+def test_the_list_is_read_whole_and_a_name_is_never_glued_to_a_hand_edited_last_line(make_settings):
+    """A list longer than any real one (more than 64 KiB) was read in part: a name past the cut counted as
+    never marked, and its folder, disk unmounted, was marked anew and written into. Now such a list is a
+    refusal. A hand edit that left no newline at the end made the next name join the last line
+    (``quarantinedataset``), both dropping out of the list; now every name goes on a line of its own."""
+    a = make_settings(None)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    (a.home / ROOTS_LIST).write_text("archive")  # no newline at the end
+    a.archive_dir.mkdir()
+    os.setxattr(a.archive_dir, ATTRIBUTE, f"home={a.home}\nfolder=archive\n".encode())
+    assert destination_lost(a, a.dataset_dir) is None
+    assert listed(a.home) == {"archive", "dataset"}
+    (a.home / ROOTS_LIST).write_text("#" * 70000 + "\narchive\n")
+    assert "larger than" in destination_lost(a, a.archive_dir)
+
+
+def test_a_list_this_user_cannot_write_is_a_refusal_not_a_silence(make_settings):
+    """A ``.bcc-roots`` the running user cannot append to (made by a first run as another user): the
+    folder was marked but never listed, so once its disk was gone nothing noticed. Now it is refused with
+    one line that names the list. (An immutable file stands in for another user's: tests run as root.)"""
+    a = make_settings(None)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    roots = a.home / ROOTS_LIST
+    roots.write_text("")
+    if subprocess.run(["chattr", "+i", str(roots)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here: no file even root cannot write")
+    try:
+        why = destination_lost(a, a.dataset_dir)
+        assert why and "cannot be written" in why and ROOTS_LIST in why
+    finally:
+        subprocess.run(["chattr", "-i", str(roots)], check=True)
+    assert destination_lost(a, a.dataset_dir) is None and listed(a.home) == {"dataset"}

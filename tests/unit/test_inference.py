@@ -164,16 +164,23 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes | str]]:
     return out
 
 
-def test_a_compiled_folder_that_is_a_link_into_another_home_is_never_followed_or_deleted(artifact, tmp_path):
-    """Home A's ``models/v1/compiled`` is a link to home B's, and A's database has no record of the
-    conversion: A removes its link (never B's folder), converts into a real folder of its own, and B's
-    files keep their bytes and inodes (an extra file of B's there too)."""
-    _p, _s, x, ref = artifact
+def _other_homes_cache(artifact, tmp_path: Path) -> tuple[Path, Path, str]:
+    """Home B (``tmp_path/B``) with its conversion cached, and a file of its own in the cache folder:
+    its ``compiled/``, the cache folder, the artifact's sha256."""
     path_b, sha = _home_artifact(artifact, tmp_path / "B")
     load_predictor(path_b, sha, image_size=SIZE, backend="openvino", ledger=_Ledger())
     compiled_b = path_b.parent / "compiled"
     [cache_b] = compiled_b.iterdir()
     (cache_b / "notes.txt").write_text("B's own file")
+    return compiled_b, cache_b, sha
+
+
+def test_a_compiled_folder_that_is_a_link_into_another_home_is_never_followed_or_deleted(artifact, tmp_path):
+    """Home A's ``models/v1/compiled`` is a link to home B's, and A's database has no record of the
+    conversion: A removes its link (never B's folder), converts into a real folder of its own, and B's
+    files keep their bytes and inodes (an extra file of B's there too)."""
+    _p, _s, x, ref = artifact
+    compiled_b, cache_b, sha = _other_homes_cache(artifact, tmp_path)
     before = _tree(compiled_b)
     path_a, _ = _home_artifact(artifact, tmp_path / "A")
     compiled_a = path_a.parent / "compiled"
@@ -314,11 +321,7 @@ def test_a_compiled_folder_bind_mounted_from_another_home_is_never_changed(artif
     from tests.support import bind_mounted
 
     _p, _s, x, ref = artifact
-    path_b, sha = _home_artifact(artifact, tmp_path / "B")
-    load_predictor(path_b, sha, image_size=SIZE, backend="openvino", ledger=_Ledger())
-    compiled_b = path_b.parent / "compiled"
-    [cache_b] = compiled_b.iterdir()
-    (cache_b / "notes.txt").write_text("B's own file")
+    compiled_b, cache_b, sha = _other_homes_cache(artifact, tmp_path)
     before = _tree(compiled_b)
     path_a, _ = _home_artifact(artifact, tmp_path / "A")
     source, view = (compiled_b, path_a.parent / "compiled")

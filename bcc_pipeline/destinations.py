@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import stat
 from pathlib import Path
 
@@ -159,10 +160,8 @@ def _listing_failed(home: Path, name: str) -> str | None:
 
 def _accept(home: Path, folder: Path) -> str:
     """What makes ``folder`` this home's again, as one instruction."""
-    return (
-        f"python3 -c 'import os; os.removexattr({str(folder)!r}, {ATTRIBUTE!r})', then take the line "
-        f"'{folder.name}' out of {display_path(home / ROOTS_LIST)}"
-    )
+    code = f"import os; os.removexattr({str(folder)!r}, {ATTRIBUTE!r})"  # shell-quoted whole: runs as printed
+    return f"python3 -c {shlex.quote(code)}, then take the line '{folder.name}' out of {display_path(home / ROOTS_LIST)}"
 
 
 def require_destination(settings: Settings, folder: Path) -> None:

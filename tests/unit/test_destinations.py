@@ -117,3 +117,22 @@ def test_a_list_this_user_cannot_write_is_a_refusal_not_a_silence(make_settings)
     finally:
         subprocess.run(["chattr", "-i", str(roots)], check=True)
     assert destination_lost(a, a.dataset_dir) is None and listed(a.home) == {"dataset"}
+
+
+def test_a_copied_home_is_accepted_by_following_its_refusal_to_the_letter(make_settings, tmp_path):
+    """A home copied with ``cp -a`` (its folders' marks copied too, naming the original, which is still
+    here) is refused; the refusal's instruction, pasted into a shell as printed, then the line taken out
+    of the list, makes the copy's folder its own. Before, the printed command was a SyntaxError."""
+    a = make_settings(None)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    assert destination_lost(a, a.archive_dir) is None
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(a.home), str(copy)], check=True)
+    b = load_settings(profile="demo", env={"BCC_HOME": str(copy)})
+    why = destination_lost(b, b.archive_dir)
+    command = why.split("copied on purpose: ", 1)[1].split(", then take the line", 1)[0]
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (copy / ROOTS_LIST).write_text("")
+    assert destination_lost(b, b.archive_dir) is None and destination_lost(a, a.archive_dir) is None

@@ -304,9 +304,12 @@ def mark_home(home: str | os.PathLike[str]) -> Path:
     home = Path(home)
     marker = home / HOME_MARKER
     _mark(marker, "This folder is a BCC home; it is never scored as an inbox.\n")
+    from .homes import foreign_above
+
     for name in MANAGED_FOLDERS:
         folder = home / name
-        if folder.is_symlink() and folder.is_dir():
+        # never into another deployment's folder (a link into its home): that home's runs would refuse it
+        if folder.is_symlink() and folder.is_dir() and foreign_above(home, os.path.realpath(folder)) is None:
             _mark(
                 folder / MANAGED_MARKER,
                 f"This folder is {name}/ of the BCC home {display_path(home)}; it is never scored as an inbox."

@@ -17,6 +17,7 @@ __all__ = [
     "cannot_tell",
     "destination_refusal",
     "folder_refusal",
+    "foreign_above",
     "foreign_home_above",
     "home_above",
     "inside",
@@ -72,12 +73,17 @@ def home_above(settings: Settings, real: str) -> str | None:
 def foreign_home_above(settings: Settings, path: str) -> str | None:
     """Why ``path`` (a resolved path) lies in another deployment's home or in a folder another home manages
     (this home, reached by any path, is not another's), or None."""
+    return foreign_above(settings.home, path)
+
+
+def foreign_above(home: str | os.PathLike[str], path: str) -> str | None:
+    """:func:`foreign_home_above` for the home at ``home``."""
     folder = path
     while True:
         owner = managing_home(folder)
-        if owner is not None and not _same_folder(owner, os.fspath(settings.home)):
+        if owner is not None and not _same_folder(owner, os.fspath(home)):
             return f"it lies inside {folder}, a folder the BCC home {owner} manages ({STALE_HINT})"
-        if is_home(folder) and not _same_folder(folder, os.fspath(settings.home)):
+        if is_home(folder) and not _same_folder(folder, os.fspath(home)):
             return f"it lies inside the BCC home {folder}, another deployment's"
         parent = os.path.dirname(folder)
         if parent == folder:

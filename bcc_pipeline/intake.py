@@ -94,6 +94,11 @@ __all__ = ["PROGRESS_EVERY", "IntakeReport", "intake"]
 
 log = logging.getLogger(__name__)
 
+#: Why a label folder that is a symbolic link is not taken in (red: its images would wait unseen).
+LINKED_LABEL = (
+    "the label folder is a symbolic link, never followed (it could lead to the other label); make it a "
+    "real folder, or make landing/ itself the link"
+)
 PROGRESS_EVERY = 50  # intake reports progress each time this many more files are stored
 _GROUP_MAX = 255  # images.group_id is VARCHAR(255)
 
@@ -168,7 +173,9 @@ def intake(
     for entry in sorted(landing.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.name not in CLASS_NAMES or not entry.is_dir() or entry.is_symlink():
+        if entry.name in CLASS_NAMES and entry.is_symlink():  # never followed: it may lead to the other label
+            not_taken_in(report, landing, str(entry), LINKED_LABEL)
+        elif entry.name not in CLASS_NAMES or not entry.is_dir():
             report.ignored += 1
             report.ignored_paths.append(display_path(entry.relative_to(landing)))
             log.warning(

@@ -1703,3 +1703,39 @@ def test_a_killed_quarantine_move_is_never_looked_for_through_a_linked_folder(ho
     with session_scope(home.database_url) as s:
         (row,) = s.scalars(select(Rejection)).all()
     assert Path(files.path_from_display(row.moved_to)) == folder / "malignant" / "bad.png"
+
+
+def test_a_refused_intake_never_marks_another_homes_folder(home, png_writer, tmp_path, monkeypatch):
+    """This home's ``landing/`` is a link to deployment B's. `bcc intake` here is refused, as before; but
+    before refusing it wrote a ``.bcc-managed`` marker into B's ``landing/`` naming this home, and B's own
+    intake was refused from then on ("a folder the BCC home ... manages"). Now nothing is written into B,
+    and B takes its image in."""
+    from bcc_pipeline import cli
+    from bcc_pipeline.config import MANAGED_MARKER
+
+    other = foreign_home(tmp_path)
+    png_writer(other.landing_dir / "benign" / "p2" / "u.png", seed=2)
+    home.landing_dir.parent.mkdir(parents=True, exist_ok=True)
+    home.landing_dir.symlink_to(other.landing_dir)
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert cli.main(["intake"]) == 1
+    assert not (other.landing_dir / MANAGED_MARKER).exists()
+    monkeypatch.setenv("BCC_HOME", str(other.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", other.database_url)
+    assert cli.main(["intake"]) == 0
+    assert not (other.landing_dir / "benign" / "p2" / "u.png").exists()
+
+
+def test_a_label_folder_that_is_a_link_is_reported_not_passed_over(home, png_writer, tmp_path):
+    """``landing/benign`` as a link to a folder on another disk: links are never followed there (one could
+    lead to the other label). Before, it was counted as ignored ("landing/ holds only the folders benign,
+    malignant") and the run was green, its images never taken in. Now the run is red, naming it."""
+    elsewhere = tmp_path / "scanner" / "benign"
+    png_writer(elsewhere / "p1" / "b.png", seed=1)
+    png_writer(home.landing_dir / "malignant" / "p2" / "m.png", seed=2)
+    (home.landing_dir / "benign").symlink_to(elsewhere)
+    r = intake(home, run_id="in1")
+    assert r.accepted == 1 and [u["path"] for u in r.unreachable] == ["benign"]
+    assert "symbolic link" in r.unreachable[0]["error"] and (elsewhere / "p1" / "b.png").is_file()

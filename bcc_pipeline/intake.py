@@ -56,6 +56,7 @@ from .files import (
     one_line,
     safe_dirname,
 )
+from .holdout.records import mark_both_labels
 from .homes import destination_refusal
 from .intake_folders import (
     FolderJudge,
@@ -375,8 +376,7 @@ def _intake_one(
                 f"({existing.source_path}); excluded from training under both labels"
             )
             then = _reject(session, rel, reason, sha, report, quarantine_root, ident)
-            if existing.excluded_reason is None:
-                existing.excluded_reason = f"content seen as both {existing.label} and {label} ({shown})"
+            mark_both_labels(existing, label, shown)
             report.conflicts += 1
             return then
         if existing is not None and existing.label == label:

@@ -37,6 +37,7 @@ from .records import (
     _near_exclusions,
     _usable,
     _with_phash,
+    mark_both_labels,
 )
 
 __all__ = ["extend_holdout", "freeze_holdout", "withdraw_from_holdout"]
@@ -315,8 +316,7 @@ def _label_conflicts(settings: Settings, found: list[dict[str, Any]]) -> dict[st
                 f"the same image content is in the store as {known.label} ({known.source_path}); "
                 "excluded under both labels"
             )
-            if known.excluded_reason is None:
-                known.excluded_reason = f"content seen as both {known.label} and {r['label']} ({r['source']})"
+            mark_both_labels(known, r["label"], r["source"])
     return out
 
 

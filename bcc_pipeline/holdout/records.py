@@ -22,7 +22,7 @@ from ..model import CLASS_NAMES
 from ..neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates
 from ..store import HoldoutEvent, ImageRecord, session_scope
 
-__all__ = ["contested", "current_holdout", "describe_holdout"]
+__all__ = ["contested", "current_holdout", "describe_holdout", "mark_both_labels"]
 
 LABELS = CLASS_NAMES
 
@@ -99,6 +99,13 @@ def _contested(session: Session, holdout: Manifest | None) -> list[dict[str, Any
         {"sha256": r.sha256, "label": by_sha[r.sha256]["label"], "reason": r.excluded_reason}
         for r in sorted(rows, key=lambda r: r.sha256)
     ]
+
+
+def mark_both_labels(row: ImageRecord, label: str, where: str) -> None:
+    """The stored image ``row`` seen again under the other ``label`` (at ``where``): excluded under both
+    labels (out of training; a holdout image is contested), the first reason kept."""
+    if row.excluded_reason is None:
+        row.excluded_reason = f"content seen as both {row.label} and {label} ({where})"
 
 
 def contested(settings: Settings) -> list[dict[str, Any]]:

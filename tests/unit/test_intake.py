@@ -912,6 +912,19 @@ def _move_then_die(moves_module, monkeypatch, n: int = 1, **extra):
     return real
 
 
+def _killed_before_unlink(home, moves_module, monkeypatch) -> None:
+    """Intake run ``in1`` killed in the middle of its first quarantine move: the file at its destination,
+    its landing name not removed yet."""
+
+    def die(source, where):
+        raise _Killed(where)
+
+    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
+    with pytest.raises(_Killed):
+        intake(home, run_id="in1")
+    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+
+
 def test_a_quarantine_move_unrecorded_when_killed_is_recorded_though_the_path_holds_a_new_file(
     home, monkeypatch
 ):
@@ -956,13 +969,7 @@ def _killed_with_the_copy_published(
     else:
         os.symlink(link_to, bad)
 
-    def die(source, where):
-        raise _Killed(where)
-
-    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
-    with pytest.raises(_Killed):
-        intake(home, run_id="in1")
-    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    _killed_before_unlink(home, moves_module, monkeypatch)
     return bad
 
 
@@ -1077,13 +1084,7 @@ def test_a_refused_file_killed_mid_move_then_exchanged_is_quarantined_once(home,
         path.write_bytes(text)
     contents = sorted([x.read_bytes(), y.read_bytes()])
 
-    def die(source, where):
-        raise _Killed(where)
-
-    real = _move_then_die(moves_module, monkeypatch, before_unlink=die)
-    with pytest.raises(_Killed):
-        intake(home, run_id="in1")
-    monkeypatch.setattr(moves_module, "move_no_clobber", real)
+    _killed_before_unlink(home, moves_module, monkeypatch)
     exchange(x, y)
     r = intake(home, run_id="in2")
     assert r.failed == [] and _all_files(landing) == []

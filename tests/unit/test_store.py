@@ -200,17 +200,23 @@ def test_safe_url_masks_every_credential_form() -> None:
     assert safe_url("not a url at all") == "<unparseable url>"
 
 
-def test_a_failing_connection_never_shows_the_password() -> None:
+def _connection_error(url: str) -> str:
+    """The error a schema check gives for a database that cannot be reached (it says so)."""
     from bcc_pipeline.errors import StoreError
     from bcc_pipeline.store import dispose_engine, require_schema
 
     try:
         with pytest.raises(StoreError) as info:
-            require_schema(_SECRET_URL)
+            require_schema(url)
     finally:
-        dispose_engine(_SECRET_URL)
+        dispose_engine(url)
     text = str(info.value)
     assert "cannot connect to" in text
+    return text
+
+
+def test_a_failing_connection_never_shows_the_password() -> None:
+    text = _connection_error(_SECRET_URL)
     for secret in ("hunter2pw", "querysecret", "sslsecret"):
         assert secret not in text
 
@@ -220,18 +226,12 @@ def test_a_password_with_an_unencoded_at_sign_is_masked_whole() -> None:
     for the host, which the driver then names in its error; no piece of it is ever shown."""
     from sqlalchemy.engine import make_url
 
-    from bcc_pipeline.store import dispose_engine, require_schema, safe_url
+    from bcc_pipeline.store import safe_url
 
     url = "postgresql+psycopg2://bcc:Pa55@Secret-Tail-XYZ@127.0.0.1:1/bcc?connect_timeout=2"
     for shown in (safe_url(url), safe_url(make_url(url))):
         assert "bcc:***@127.0.0.1:1/bcc" in shown, shown
-    try:
-        with pytest.raises(StoreError) as info:
-            require_schema(url)
-    finally:
-        dispose_engine(url)
-    text = str(info.value)
-    assert "cannot connect to" in text
+    text = _connection_error(url)
     for piece in ("Pa55", "Secret", "Tail", "XYZ"):
         assert piece not in text and piece not in safe_url(url), (piece, text)
     # a normal URL and a user name with an '@' (user@server) keep their form

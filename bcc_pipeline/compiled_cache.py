@@ -219,7 +219,10 @@ def publish(
         return None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
-        os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 becomes the project's mode (BCC_UMASK)
+        # mkdtemp's 0700 becomes the project's mode (BCC_UMASK); the setgid bit it took from a group-shared
+        # compiled/ stays, or the files written in it would take the creator's own group, not the shared one
+        shared = os.stat(tmp).st_mode & stat.S_ISGID
+        os.chmod(tmp, created_mode(directory=True) | shared)
         os.stat(tmp.name, dir_fd=dfd, follow_symlinks=False)  # made where compiled/ was opened
     except OSError as exc:
         os.close(dfd)

@@ -91,7 +91,7 @@ from .store import (
     utcnow,
 )
 
-__all__ = ["PROGRESS_EVERY", "IntakeReport", "intake"]
+__all__ = ["PROGRESS_EVERY", "IntakeReport", "intake", "patient_group"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,16 @@ def intake(
             continue
         if entry.name in CLASS_NAMES and entry.is_symlink():  # never followed: it may lead to the other label
             not_taken_in(report, landing, str(entry), LINKED_LABEL)
+        elif entry.name not in CLASS_NAMES and (meant := _label_meant(entry.name)) is not None:
+            # `Malignant/`, `benign ` (a share that changes case, a name typed by hand): never guessed, but
+            # its images would wait unseen on every run: red, naming the folder meant
+            not_taken_in(
+                report,
+                landing,
+                str(entry),
+                f"not a label folder: labels are the folders named exactly {', '.join(CLASS_NAMES)} "
+                f"(rename it to {meant}/, or move its contents there)",
+            )
         elif entry.name not in CLASS_NAMES or not entry.is_dir():
             report.ignored += 1
             report.ignored_paths.append(display_path(entry.relative_to(landing)))
@@ -211,8 +221,11 @@ def intake(
                     session.commit()  # one file at a time: a crash loses no more than the current file
                 except OSError as exc:  # e.g. the store copy could not be written: keep the file, go on
                     session.rollback()
-                    error = one_line(f"{type(exc).__name__}: {exc.strerror or exc}")
+                    where = f" ({display_path(exc.filename)})" if exc.filename else ""
+                    error = one_line(f"{type(exc).__name__}: {exc.strerror or exc}{where}")
                     report.failed.append({"path": shown, "error": error})
+                    # a full or failing store: every run would leave it in landing with a green run
+                    report.unreachable.append(report.failed[-1])
                     log.error("could not take in %s (left in landing): %s", shown, error)
                     continue
                 except _PathTaken:
@@ -267,6 +280,12 @@ def intake(
     return report
 
 
+def _label_meant(name: str) -> str | None:
+    """The label a landing entry named like one (other case, spaces around it) stands for, or None."""
+    key = name.strip().casefold()
+    return next((label for label in CLASS_NAMES if label.casefold() == key), None)
+
+
 def _reject(
     session,
     rel: Path,
@@ -311,7 +330,7 @@ def _reject(
     return Then(dest=dest, reason=reason, ident=ident, sha256=sha)
 
 
-def _group_id(folder: str) -> str:
+def patient_group(folder: str) -> str:
     """The group id of a patient/slide folder: its displayed name, cut to the column's 255 characters
     with a hash of the whole name when longer (an escaped name is up to four times its bytes)."""
     shown = display_path(folder)
@@ -365,7 +384,7 @@ def _intake_one(
 
     shown = display_path(rel)
     parts = rel.parts  # (label, [group, ...], name)
-    group = _group_id(parts[1]) if len(parts) > 2 else None
+    group = patient_group(parts[1]) if len(parts) > 2 else None
     # Twice at most: a scoring run (or another intake) may commit a row for this content between the
     # read and the insert; the insert then writes nothing and the decision is made again with that row.
     for _ in range(2):

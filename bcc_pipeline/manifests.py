@@ -82,6 +82,9 @@ class Manifest:
     data_cutoff: str | None
     excluded: list[dict[str, Any]] = field(default_factory=list)
     doc: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: what the change that wrote it was given and could not use ({path, reason}: a folder that is no
+    #: label, a file that is no image); not part of the manifest (`bcc holdout extend` lists them)
+    refused: list[dict[str, str]] = field(default_factory=list, repr=False, compare=False)
 
     def split(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.entries if e["split"] == name]

@@ -32,7 +32,14 @@ from . import images
 from .errors import ImageError
 from .store import ImageRecord
 
-__all__ = ["NEAR_DUPLICATE_BITS", "ensure_phashes", "hamming", "near_duplicates", "perceptual_hash"]
+__all__ = [
+    "NEAR_DUPLICATE_BITS",
+    "ensure_phashes",
+    "hamming",
+    "near_duplicates",
+    "near_pairs",
+    "perceptual_hash",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,31 @@ def near_duplicates(
                     {"sha256": q["sha256"], "near_sha256": refs[i]["sha256"], "distance": int(dist[i])}
                 )
                 break
+    return out
+
+
+def near_pairs(
+    records: Sequence[dict[str, Any]], max_bits: int = NEAR_DUPLICATE_BITS
+) -> list[dict[str, Any]]:
+    """Near-duplicates among ``records`` themselves: every pair within ``max_bits``, as ``{"sha256",
+    "near_sha256", "distance"}`` with ``near_sha256`` the record listed first. Records without a hash, and
+    two records of one content, are skipped (exact copies are not this check's job)."""
+    hashed = [r for r in records if r.get("phash")]
+    if len(hashed) < 2:
+        return []
+    bits = _as_ints([r["phash"] for r in hashed])
+    out = []
+    for i in range(1, len(hashed)):
+        dist = np.bitwise_count(bits[:i] ^ bits[i])
+        for j in np.flatnonzero(dist <= max_bits):  # almost always none: the pairs are found cheaply
+            if hashed[j]["sha256"] != hashed[i]["sha256"]:
+                out.append(
+                    {
+                        "sha256": hashed[i]["sha256"],
+                        "near_sha256": hashed[j]["sha256"],
+                        "distance": int(dist[j]),
+                    }
+                )
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULTS
+from ..display import one_line
 from ..files import mark_home
 from .common import add_decision_args, emit, progress, settings
 
@@ -134,7 +135,7 @@ def _print_show(info: dict[str, Any]) -> None:
     print(
         "  per group: "
         + ", ".join(
-            f"{g} {'/'.join(f'{n} {lab}' for lab, n in c.items())}"
+            f"{one_line(g)} {'/'.join(f'{n} {lab}' for lab, n in c.items())}"
             for g, c in list(info["groups"].items())[:20]
         )
         + (f", ... ({len(info['groups'])} groups)" if len(info["groups"]) > 20 else "")
@@ -142,20 +143,20 @@ def _print_show(info: dict[str, Any]) -> None:
     if info["excluded"]:
         print(f"  kept out ({len(info['excluded'])}):")
         for x in info["excluded"]:
-            print(f"    {x['source']}: {x['reason']}")
+            print(f"    {one_line(x['source'])}: {one_line(x['reason'])}")
     if info["contested"]:
         print(
             f"  LABEL CONTESTED ({len(info['contested'])}): metrics on this holdout still count these under "
             "their holdout label; `bcc holdout withdraw --contested --reason ...` takes them out (logged)"
         )
         for c in info["contested"]:
-            print(f"    {c['sha256'][:16]} (holdout label {c['label']}): {c['reason']}")
+            print(f"    {c['sha256'][:16]} (holdout label {c['label']}): {one_line(c['reason'])}")
     print("history:")
     for e in info["history"]:
         old = (e["old_hash"] or "none")[:12]
         print(
-            f"  #{e['seq']} {e['at']} {e['action']} by {e['actor']}: {old} -> {e['new_hash'][:12]}, "
-            f"{e['n_before']} -> {e['n_after']} images, {e['n_excluded']} kept out; reason: {e['reason']}"
+            f"  #{e['seq']} {e['at']} {e['action']} by {one_line(e['actor'])}: {old} -> {e['new_hash'][:12]}, "
+            f"{e['n_before']} -> {e['n_after']} images, {e['n_excluded']} kept out; reason: {one_line(e['reason'])}"
         )
 
 
@@ -163,8 +164,9 @@ def _change(args: argparse.Namespace, manifest: Any) -> int:
     from ..holdout import describe_holdout
 
     info = describe_holdout(settings(args))
+    refused = manifest.refused
     if args.json:
-        json.dump(info, sys.stdout, indent=2, default=str)
+        json.dump({**info, "not_added": refused}, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         last = info["history"][-1]
@@ -174,7 +176,16 @@ def _change(args: argparse.Namespace, manifest: Any) -> int:
         )
         for x in info["excluded"]:
             if x.get("change") == last["seq"]:
-                print(f"  kept out {x['source']}: {x['reason']}")
+                print(f"  kept out {one_line(x['source'])}: {one_line(x['reason'])}")
+        for x in refused:
+            print(f"  NOT ADDED {one_line(x['path'])}: {one_line(x['reason'])}")
+    if refused:  # the change is logged without them; somebody has to look (a `Malignant/` folder, say)
+        print(
+            f"bcc: error: {len(refused)} path(s) of the folder were not added to the holdout (listed as NOT "
+            "ADDED); the change was made without them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

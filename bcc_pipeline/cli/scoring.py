@@ -30,11 +30,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     def human() -> None:
         print(
-            f"scoring run {one_line(r['run_id'])} with {r['model_version']} ({r['inference']}, {r['precision']}; "
+            f"scoring run {one_line(r['run_id'])} with {r['model_version']} ({r['inference']}, {r['precision'] or '-'}; "
             f"{r['rescored_fp32']} re-scored in fp32 near the threshold): {r['scored']} scored, "
             f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
             f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)"
         )
+        more = {  # shown when it happened, so that the counts add up to what was planned
+            "recovered": "earlier moves finished",
+            "missing": "left the inbox before they were scored",
+            "taken_by_other_runs": "scored and moved by another run",
+            "changed": "changed after they were read (left for the next run)",
+            "move_failed": "could not be moved",
+        }
+        if extra := [f"{r[k]} {what}" for k, what in more.items() if r.get(k)]:
+            print(f"  also: {', '.join(extra)}")
         for rej in r["rejections"]:
             print(f"  rejected {rej['path']}: {rej['reason']}")
         for f in r["move_failures"]:
@@ -42,6 +51,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"archive: {r['archive_dir']}\nquarantine: {r['quarantine_dir']}")
 
     emit(args, r, human)
+    if r.get("finished_before"):
+        print(
+            f"bcc: note: scoring run {one_line(r['run_id'])} had finished (at {r['finished_at']}); nothing was "
+            "done now and these are its counts. Leave out --run-id to score what the inbox holds now.",
+            file=sys.stderr,
+        )
     if r["unreachable"]:
         paths = "; ".join(f"{u['path']} ({u['reason']})" for u in r["unreachable"][:10])
         print(

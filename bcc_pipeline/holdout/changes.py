@@ -7,6 +7,7 @@ the holdout manifest (``excluded``), and write the new manifest with its log ent
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 from .. import images
 from ..config import Settings
 from ..destinations import require_destination
+from ..display import display_path, one_line
 from ..errors import DatasetError, ImageError
 from ..manifests import (
     Manifest,
@@ -34,6 +36,7 @@ from .records import (
     _label_counts,
     _latest,
     _load,
+    _near_copies_within,
     _near_exclusions,
     _usable,
     _with_phash,
@@ -119,6 +122,14 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
         dev = [r for r in records if _group_of(r) not in chosen]
         excluded = _near_exclusions([by_sha[e["sha256"]] for e in hold], dev, "development", change=1)
         out = {x["sha256"] for x in excluded}
+        # nor one picture twice in it, or under both labels
+        excluded += _near_copies_within(
+            [by_sha[e["sha256"]] for e in hold if e["sha256"] not in out],
+            "another holdout",
+            same_label=True,
+            change=1,
+        )
+        out = {x["sha256"] for x in excluded}
         hold = [e for e in hold if e["sha256"] not in out]
         require_both_sides(
             hold + [{**r, "split": "development"} for r in dev], ("holdout", "development"), "holdout"
@@ -138,15 +149,20 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
 
 def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Every image under ``folder/<label>/[<group>/]``: decoded, hashed. Returns (images, refused)."""
-    from ..intake import IntakeReport
+    from ..intake import IntakeReport, patient_group
     from ..intake_folders import is_ignored_name, walk
 
     found, refused = [], []
     for entry in sorted(folder.iterdir()):
         if entry.name not in LABELS and not entry.name.startswith("."):
-            refused.append({"path": entry.name, "reason": f"not a label folder ({', '.join(LABELS)})"})
+            refused.append(
+                {"path": display_path(entry.name), "reason": f"not a label folder ({', '.join(LABELS)})"}
+            )
     for label in LABELS:
-        if not (folder / label).is_dir() or (folder / label).is_symlink():
+        if (folder / label).is_symlink():
+            refused.append({"path": label, "reason": "a symbolic link; links are never followed"})
+            continue
+        if not (folder / label).is_dir():
             continue
         walked = IntakeReport(run_id="holdout")
         for path in walk(folder / label, folder, walked):
@@ -154,7 +170,9 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
             if is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
                 continue
             if path.is_symlink() or not path.is_file():
-                refused.append({"path": str(rel), "reason": "not a regular file (links are never followed)"})
+                refused.append(
+                    {"path": display_path(rel), "reason": "not a regular file (links are never followed)"}
+                )
                 continue
             try:
                 if path.stat().st_size > images.max_file_bytes(settings.max_pixels):
@@ -167,14 +185,17 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
                     data, path=rel, max_pixels=settings.max_pixels, min_side=settings.min_side
                 )
             except (OSError, ImageError) as exc:
-                refused.append({"path": str(rel), "reason": getattr(exc, "reason", None) or str(exc)})
+                refused.append(
+                    {"path": display_path(rel), "reason": one_line(getattr(exc, "reason", None) or str(exc))}
+                )
                 continue
             found.append(
                 {
                     "sha256": images.sha256_bytes(data),
                     "label": label,
-                    "group_id": rel.parts[1] if len(rel.parts) > 2 else None,
-                    "source": str(path),
+                    # as intake names it: one patient has one group id, whichever way it came in
+                    "group_id": patient_group(rel.parts[1]) if len(rel.parts) > 2 else None,
+                    "source": display_path(path),
                     "data": data,
                     "suffix": path.suffix.lower(),
                     "phash": perceptual_hash(rgb),
@@ -190,8 +211,11 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
     holdout (creating it when there is none). The images are copied into the store as holdout images
     and never enter development; the folder is left as it is. Kept out, with the reason recorded:
     exact copies of images already in the store, images of a patient group that has development
-    images, near-duplicates of development images. Raises :class:`DatasetError` when nothing could be
-    added (the message says why), so an explicit command never does nothing silently."""
+    images, near-duplicates of development or holdout images, and content seen under both labels (exact or
+    near copies, in the folder or in the store). What the folder holds that could not be used (a folder
+    that is no label, a file that is no readable image) is returned in the manifest's ``refused``. Raises
+    :class:`DatasetError` when nothing could be added (the message says why), so an explicit command
+    never does nothing silently."""
     from ..content_store import store_copy
 
     reason = _check_reason(reason)
@@ -212,10 +236,11 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         dev_groups = {r["group_id"] for r in dev if r["group_id"]}
         excluded, candidates, already, seen = [], [], 0, set()
         for r in found:
-            if r["sha256"] in conflicts and r["sha256"] not in reserved and r["sha256"] not in seen:
+            if r["sha256"] in conflicts and r["sha256"] not in reserved:
                 # (one in the holdout is contested now: its row is excluded, `holdout show` lists it)
-                seen.add(r["sha256"])
-                excluded.append(_excluded(r, conflicts[r["sha256"]], "label_conflict", change=seq))
+                if r["sha256"] not in seen:  # one record for the copies under both labels
+                    seen.add(r["sha256"])
+                    excluded.append(_excluded(r, conflicts[r["sha256"]], "label_conflict", change=seq))
                 continue
             if r["sha256"] in reserved or r["sha256"] in seen:  # in the holdout, or kept out before
                 already += 1
@@ -252,9 +277,21 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             [r for r in candidates if r["sha256"] not in out], hold, "holdout", change=seq
         )
         out = {x["sha256"] for x in excluded}
+        # nor one picture twice in the folder, or under both labels (re-encoded: other bytes)
+        excluded += _near_copies_within(
+            [r for r in candidates if r["sha256"] not in out],
+            "another new holdout",
+            same_label=True,
+            change=seq,
+        )
+        out = {x["sha256"] for x in excluded}
         added = [r for r in candidates if r["sha256"] not in out]
         if not added:
-            why = "; ".join(f"{x['source']}: {x['reason']}" for x in excluded[:5]) or "no new image"
+            why = "; ".join(
+                [f"{x['source']}: {x['reason']}" for x in excluded[:5]]
+                + [f"{x['path']}: {x['reason']}" for x in refused[: max(0, 5 - len(excluded))]]
+            )
+            why = why or "no new image"
             raise DatasetError(
                 f"no image from {folder} was added to the holdout ({already} already in it "
                 f"or kept out before, "
@@ -289,7 +326,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
                 )
             new_entries.append({**r, "group_id": _group_of(r), "path": stored, "split": "holdout"})
         entries = (old.entries if old else []) + new_entries
-        return _commit_change(
+        changed = _commit_change(
             s,
             settings,
             action="extend",
@@ -300,23 +337,37 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             excluded=(old.excluded if old else []) + excluded,
             seq=seq,
         )
+    return dataclasses.replace(changed, refused=refused)  # the caller says what was not added
 
 
 def _label_conflicts(settings: Settings, found: list[dict[str, Any]]) -> dict[str, str]:
-    """The images of ``found`` whose content is in the store under the other label, each with the reason
-    it is kept out. As intake does, the stored image is excluded under both labels (a holdout image becomes
-    contested, a development image leaves training); committed here, before the change is decided."""
+    """The images of ``found`` whose content is under both labels, in the folder itself or in the store
+    under the other label, each with the reason it is kept out. As intake does, a stored image is excluded
+    under both labels (a holdout image becomes contested, a development image leaves training); committed
+    here, before the change is decided."""
+    seen_as: dict[str, dict[str, str]] = {}  # sha256 -> label -> where the folder has it
+    for r in found:
+        seen_as.setdefault(r["sha256"], {}).setdefault(r["label"], r["source"])
     out: dict[str, str] = {}
     with session_scope(settings.database_url) as s:
-        for r in found:
-            known = s.get(ImageRecord, r["sha256"])
-            if known is None or known.label in (None, r["label"]):
+        for sha, where in seen_as.items():
+            known = s.get(ImageRecord, sha)
+            if len(where) > 1:
+                out[sha] = (
+                    "the same image content is in the folder as "
+                    + " and as ".join(f"{label} ({src})" for label, src in sorted(where.items()))
+                    + "; excluded under both labels"
+                )
+            elif known is not None and known.label not in (None, *where):
+                out[sha] = (
+                    f"the same image content is in the store as {known.label} ({known.source_path}); "
+                    "excluded under both labels"
+                )
+            else:
                 continue
-            out[r["sha256"]] = (
-                f"the same image content is in the store as {known.label} ({known.source_path}); "
-                "excluded under both labels"
-            )
-            mark_both_labels(known, r["label"], r["source"])
+            if known is not None and known.label is not None:
+                other = next(label for label in sorted(where) if label != known.label)
+                mark_both_labels(known, other, where[other])
     return out
 
 

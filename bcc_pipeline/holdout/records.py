@@ -19,7 +19,7 @@ from ..config import Settings
 from ..errors import DatasetError
 from ..manifests import Manifest, load_manifest
 from ..model import CLASS_NAMES
-from ..neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates
+from ..neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates, near_pairs
 from ..store import HoldoutEvent, ImageRecord, session_scope
 
 __all__ = ["contested", "current_holdout", "describe_holdout", "mark_both_labels"]
@@ -154,6 +154,49 @@ def _near_exclusions(
         )
         for hit in near_duplicates(candidates, others)
     ]
+
+
+def _near_copies_within(
+    records: list[dict[str, Any]], role: str, *, same_label: bool, **more: Any
+) -> list[dict[str, Any]]:
+    """Near-copies among ``records`` themselves (one folder, one role), as exclusion records. A pair
+    labelled both ways is kept out whole (``label_conflict``): the pictures cannot tell which label is
+    right, and either copy would teach or score the other label. With ``same_label``, the later of a
+    same-label pair is kept out too (``near_duplicate``: one picture counted twice). ``role`` names the
+    other image in the reason ("another development image ...")."""
+    by_sha = {r["sha256"]: r for r in records}
+    hits = near_pairs(records)
+    out: dict[str, dict[str, Any]] = {}
+    for hit in sorted(hits, key=lambda h: by_sha[h["sha256"]]["label"] == by_sha[h["near_sha256"]]["label"]):
+        r, first = by_sha[hit["sha256"]], by_sha[hit["near_sha256"]]
+        if r["label"] != first["label"]:
+            for a, b in ((r, first), (first, r)):
+                out.setdefault(
+                    a["sha256"],
+                    _excluded(
+                        a,
+                        f"near-copy of {role} image {b['sha256'][:12]} labelled {b['label']} "
+                        f"({b.get('source') or b.get('path')}; {hit['distance']} of 64 bits apart, rule: at "
+                        f"most {NEAR_DUPLICATE_BITS}): which label is right cannot be told, both kept out",
+                        "label_conflict",
+                        near_sha256=b["sha256"],
+                        distance=hit["distance"],
+                        **more,
+                    ),
+                )
+        elif same_label:
+            out.setdefault(
+                r["sha256"],
+                _excluded(
+                    r,
+                    _near_reason(hit, role),
+                    "near_duplicate",
+                    near_sha256=hit["near_sha256"],
+                    distance=hit["distance"],
+                    **more,
+                ),
+            )
+    return list(out.values())
 
 
 def _label_counts(entries: list[dict[str, Any]]) -> dict[str, int]:

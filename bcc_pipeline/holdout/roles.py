@@ -27,7 +27,15 @@ from ..manifests import (
 )
 from ..store import ImageRecord, ModelVersion, session_scope
 from .changes import freeze_holdout
-from .records import _excluded, _group_of, _near_exclusions, _usable, _with_phash, current_holdout
+from .records import (
+    _excluded,
+    _group_of,
+    _near_copies_within,
+    _near_exclusions,
+    _usable,
+    _with_phash,
+    current_holdout,
+)
 
 __all__ = ["AUTO_FREEZE_REASON", "RoleSplit", "split_roles"]
 
@@ -118,6 +126,15 @@ def split_roles(settings: Settings) -> RoleSplit:
                 f"{n} holdout image(s) have a near-copy labelled the other way: their label is contested "
                 "(`bcc holdout show`)"
             )
+        gone = {x["sha256"] for x in dev_excluded}
+        disputed = _disputed_labels([r for r in dev if r["sha256"] not in gone], holdout)
+        if disputed:
+            dev_excluded += disputed
+            warnings.append(
+                f"{len(disputed)} development image(s) have a near-copy labelled the other way (re-encoded or "
+                "resized: other bytes): kept out of development under both labels (see the manifest's "
+                "excluded)"
+            )
     out = {x["sha256"] for x in dev_excluded}
     dev = [r for r in dev if r["sha256"] not in out]
     grouped, group_warnings = _group_warnings(dev + hold_entries)
@@ -150,6 +167,37 @@ def split_roles(settings: Settings) -> RoleSplit:
         near_duplicates=near,
         holdout_frozen_now=frozen_now,
     )
+
+
+def _disputed_labels(dev: list[dict[str, Any]], holdout: Manifest | None) -> list[dict[str, Any]]:
+    """Development images whose picture is also there under the other label, with other bytes (an exact
+    copy is caught by intake): a near-copy in development labelled the other way (both kept out), or one
+    that a holdout change kept out as this image's near-copy (``bcc holdout extend`` of a re-encoded copy).
+    Training on either label would teach what nobody can defend; which one is right cannot be told here."""
+    out = _near_copies_within(dev, "another development", same_label=False)
+    done = {x["sha256"] for x in out}
+    by_sha = {r["sha256"]: r for r in dev}
+    for x in holdout.excluded if holdout else []:
+        mine = by_sha.get(x.get("near_sha256") or "")
+        if (
+            x["kind"] != "near_duplicate"
+            or mine is None
+            or mine["label"] == x["label"]
+            or mine["sha256"] in done
+        ):
+            continue
+        done.add(mine["sha256"])
+        out.append(
+            _excluded(
+                mine,
+                f"near-copy {x['sha256'][:12]} ({x['source']}) was labelled {x['label']} and kept out of the "
+                f"holdout ({x['distance']} of 64 bits apart): which label is right cannot be told",
+                "label_conflict",
+                near_sha256=x["sha256"],
+                distance=x["distance"],
+            )
+        )
+    return out
 
 
 def _contest_near_copies(session: Session, kept_out: list[dict[str, Any]], hold: list[dict[str, Any]]) -> int:

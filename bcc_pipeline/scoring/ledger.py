@@ -59,6 +59,7 @@ __all__ = [
     "mark_abandoned",
     "mark_moved",
     "mark_vanished",
+    "moved_by_another_run",
     "newest_row",
     "model_version",
     "open_run",
@@ -345,6 +346,21 @@ def newest_row(engine: Engine) -> int:
     """The id of the newest ledger row (0 when there is none): rows with a larger id were written later."""
     with transaction(engine) as conn:
         return int(conn.execute(select(func.max(LEDGER.c.id))).scalar() or 0)
+
+
+def moved_by_another_run(engine: Engine, run_id: str, key: str, after: int | None) -> str | None:
+    """The run id of another run that scored and moved the file at the path ``key`` in a ledger row
+    written after the row id ``after`` (when this run was planned), or None."""
+    if after is None:
+        return None
+    t = LEDGER
+    with transaction(engine) as conn:
+        return conn.execute(
+            select(t.c.run_id)
+            .where(t.c.path_key == key, t.c.run_id != run_id, t.c.id > after, t.c.moved_to.is_not(None))
+            .order_by(t.c.id.desc())
+            .limit(1)
+        ).scalar()
 
 
 def places_elsewhere(

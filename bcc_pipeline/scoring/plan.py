@@ -21,12 +21,20 @@ from ..files import atomic_write, display_path, mark_home, one_line, safe_dirnam
 from ..leftovers import sweep_stale_temporaries
 from ..moving import files_below
 from ..store import get_engine, utcnow
-from . import db, run_records
+from . import db, ledger, run_records
 from .inbox import InboxArg, discover
 from .moves import require_own_destinations
 from .sweep import sweep_interrupted
 
-__all__ = ["load_plan", "new_run_id", "plan_shards", "read_shard_results", "run_dir", "write_shard_result"]
+__all__ = [
+    "load_plan",
+    "new_run_id",
+    "plan_shards",
+    "read_shard_result",
+    "read_shard_results",
+    "run_dir",
+    "write_shard_result",
+]
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 1
@@ -84,16 +92,21 @@ def write_shard_result(settings: Settings, run_id: str, shard: int, result: dict
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
+def read_shard_result(settings: Settings, run_id: str, shard: int) -> dict[str, Any] | None:
+    """The result shard ``shard`` of ``run_id`` wrote when it finished, or None (still running, never run,
+    or its file cannot be read: the shard is run again)."""
+    p = run_dir(settings, run_id) / f"shard-{shard}.json"
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
     """The results of the shards of ``plan`` that finished (a shard still running has none)."""
-    docs = []
-    for k in range(plan["n_shards"]):
-        p = run_dir(settings, plan["run_id"]) / f"shard-{k}.json"
-        try:
-            docs.append(json.loads(p.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            pass
-    return docs
+    found = (read_shard_result(settings, plan["run_id"], k) for k in range(plan["n_shards"]))
+    return [doc for doc in found if doc is not None]
 
 
 def _plan_result(plan: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -170,6 +183,9 @@ def plan_shards(
             "n_files": len(files),
             "created_at": utcnow().isoformat(),
             "settle_seconds": settings.settle_seconds,
+            # ledger rows written after this one are of runs that came after the plan (a file of this plan
+            # another run scored and moved meanwhile is that run's, not "gone")
+            "ledger_mark": ledger.newest_row(engine),
             "shards": [files[k::shards] for k in range(shards)],
             "ignored": found["ignored"],
             "skipped": found["skipped"],
@@ -195,11 +211,12 @@ def plan_shards(
         raise ConfigError(
             f"scoring run {run_id!r} is already planned with {plan['n_shards']} shard(s), not {shards}"
         )
-    if inbox is not None and os.path.abspath(os.fspath(inbox)) != plan["inbox"]:
-        log.warning(
-            "scoring run %s was planned for the inbox %s; using that one",
-            one_line(run_id),
-            display_path(plan["inbox"]),
+    if inbox and os.path.abspath(os.path.expanduser(os.fspath(inbox))) != plan["inbox"]:
+        # finishing the run scores the plan's inbox only: the one asked for would be silently left out
+        raise ConfigError(
+            f"scoring run {one_line(run_id)} was planned for the inbox {display_path(plan['inbox'])}, not "
+            f"{display_path(os.fspath(inbox))}; leave out the inbox to finish that run, or the run id to "
+            "plan a new one"
         )
     run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
     try:

@@ -59,7 +59,10 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
     for d in shard_docs:  # files of interrupted earlier runs this run tried to move, in vain
         failures += [f for f in d.get("move_failures", []) if f.get("run_id", run_id) != run_id]
     started = _aware(tallies["started_at"])
-    finished = utcnow()
+    # finalized before, and no shard has run since (it would have made the run `running` again): counted
+    # again, but it finished when it finished
+    closed_before = tallies["status"] in ("finished", "move_failed") and tallies["finished_at"] is not None
+    finished = _aware(tallies["finished_at"]) if closed_before else utcnow()
     loop_start = min((d["loop_started"] for d in shard_docs), default=None)
     loop_end = max((d["loop_finished"] for d in shard_docs), default=None)
     processed = by_status["scored"] + by_status["duplicate"] + by_status["rejected"]
@@ -105,6 +108,8 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
         "quarantined_unmovable": sum(d.get("quarantined_unmovable", 0) for d in shard_docs),
         "recovered": sum(d.get("recovered", 0) for d in shard_docs),
         "missing": sum(d.get("missing", 0) for d in shard_docs),
+        # files of this plan another run (interleaved, or after this one was killed) scored and moved
+        "taken_by_other_runs": sum(d.get("not_claimed", 0) for d in shard_docs),
         "planned": plan["n_files"],
         "shards": plan["n_shards"],
         "shards_finished": len(shard_docs),
@@ -133,6 +138,7 @@ def _finalize(settings: Settings, engine: Any, plan: dict[str, Any], run_id: str
             "move_failed",
             "recovered",
             "missing",
+            "taken_by_other_runs",
             "changed",
             "quarantined_unmovable",
             "planned",
@@ -161,7 +167,9 @@ def score_inbox(
 ) -> dict[str, Any]:
     """Plan with one shard, score it, finalize: the whole nightly job in one process (``bcc score``).
 
-    Passing the ``run_id`` of an interrupted run finishes that run (its plan is reused). ``hooks``: see
+    Passing the ``run_id`` of an interrupted run finishes that run (its plan is reused; another ``inbox``
+    is refused). For a run that had finished, nothing is done and its summary is returned as recorded, with
+    ``finished_before`` true. ``hooks``: see
     :class:`Hooks`. ``force_unvalidated``: see :func:`plan_shards`.
     """
     run_id = run_id or new_run_id()
@@ -170,6 +178,10 @@ def score_inbox(
     except ConfigError:  # no plan yet: a new run
         shards = 1
     plan_shards(settings, run_id, shards, inbox=inbox, force_unvalidated=force_unvalidated)
+    was = run_records.run_status(get_engine(settings.database_url), run_id)
     for shard in range(shards):
         score_shard(settings, run_id, shard, batch_size=batch_size, progress=progress, hooks=hooks)
-    return finalize_run(settings, run_id)
+    summary = finalize_run(settings, run_id)
+    # the run id of a run that had finished: nothing was done now (`bcc score` says so)
+    summary["finished_before"] = was == "finished"
+    return summary

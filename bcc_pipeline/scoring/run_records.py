@@ -31,6 +31,7 @@ __all__ = [
     "mark_abandoned",
     "model_version",
     "open_run",
+    "run_status",
     "run_tallies",
 ]
 
@@ -157,9 +158,17 @@ def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS)
     return sorted(gone)
 
 
+def run_status(engine: Engine, run_id: str) -> str | None:
+    """The ``status`` of the run's ``scoring_runs`` row, or None when it has none (not planned yet)."""
+    rt = ScoringRun.__table__
+    with transaction(engine) as conn:
+        return conn.execute(select(rt.c.status).where(rt.c.run_id == run_id)).scalar()
+
+
 def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
     """Aggregates and short lists of a run's ledger (memory does not grow with the run): ``by_status``,
-    ``rejections`` [{path, reason}], ``unmoved`` rows (path, move_error) and ``started_at``."""
+    ``rejections`` [{path, reason}], ``unmoved`` rows (path, move_error), and the run row's ``started_at``,
+    ``finished_at``, ``error`` and ``status``."""
     rt = ScoringRun.__table__
     t = InboxFile.__table__
     with transaction(engine) as conn:
@@ -189,6 +198,7 @@ def run_tallies(engine: Engine, run_id: str) -> dict[str, Any]:
         "rejections": rejections,
         "unmoved": unmoved,
         "started_at": run.started_at if run is not None else None,
+        "finished_at": run.finished_at if run is not None else None,
         "error": run.error if run is not None else None,
         "status": run.status if run is not None else None,
     }

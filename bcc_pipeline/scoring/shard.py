@@ -27,7 +27,7 @@ from . import db, ledger, run_records
 from .inbox import InboxRefused, destination, require_folders_still_allowed
 from .loader import Item, Loader
 from .moves import MoveFile, Mover, Tally, require_own_destinations
-from .plan import load_plan, write_shard_result
+from .plan import load_plan, read_shard_result, write_shard_result
 from .predictor import PinnedModel
 
 __all__ = ["Hooks", "Progress", "describe_failure", "score_shard"]
@@ -96,7 +96,8 @@ def score_shard(
 
     Safe to retry and to run twice at once: the ledger claims each file once. Returns the shard's
     counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
-    ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``.
+    ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``. In a run
+    that has finished, a shard is not run again: its stored result is returned.
     Whatever stops it (an error, Ctrl-C, Airflow's timeout or terminate: ``BaseException``) records the
     run as ``failed`` with the reason and ``finished_at``, and is raised again.
     """
@@ -108,6 +109,12 @@ def score_shard(
     if size < 1:
         raise ConfigError(f"the scoring batch size must be positive, got {size}")
     engine = get_engine(settings.database_url)
+    done = read_shard_result(settings, run_id, shard)
+    if done is not None and run_records.run_status(engine, run_id) == "finished":
+        # a shard of a finished run run again (a cleared Airflow task, `bcc score --run-id` of a finished
+        # run): every file is settled, so it changes nothing and its result (back-end, timings) stays
+        log.info("scoring run %s has finished; shard %d is not run again", one_line(run_id), shard)
+        return done
     run_records.heartbeat(engine, run_id)
     try:
         # watched from before the folders are judged: a file read in a generation of the mount table
@@ -122,6 +129,21 @@ def score_shard(
             if judged is not None:
                 scorer.clean.add(judged)
             result = scorer.run(plan["shards"][shard], size)
+        if done is not None and result.get("precision") is None:
+            # run again to retry moves, with nothing to score: the back-end it scored with stays known
+            keep = (
+                "inference",
+                "precision",
+                "inference_why",
+                "rescored_fp32",
+                "model_load_seconds",
+                "reference_load_started",
+                "reference_load_seconds",
+                "loop_started",
+                "loop_finished",
+                "seconds",
+            )
+            result.update({k: done[k] for k in keep if k in done})
         write_shard_result(settings, run_id, shard, result)
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
         run_records.fail_run(engine, run_id, describe_failure(exc))
@@ -158,6 +180,7 @@ class _ShardScorer:
         self.watch, self.rels = watch, list(plan["shards"][shard])
         self.clean: set[int] = set()  # generations of the mount table whose judgement passed
         self.run_id: str = plan["run_id"]
+        self.plan_mark: int | None = plan.get("ledger_mark")  # the newest ledger row when it was planned
         # The folder the inbox resolved to when it was judged (checked unchanged by _require_same_inbox):
         # every read and move goes through it, so a link to the inbox re-pointed while this shard runs
         # leads nowhere new.
@@ -336,6 +359,11 @@ class _ShardScorer:
                 log.warning("%s was read while the mount table changed: left for the next run", it.path)
             elif it.rows and self.mover.resolve_known(it):
                 pass
+            elif it.kind == "missing" and (other := self._moved_by_another_run(it)) is not None:
+                self.counts["not_claimed"] += 1  # a run after this one was planned (this one killed) took it
+                log.info(
+                    "%s was scored and moved by run %s meanwhile: not this run's", it.path, one_line(other)
+                )
             elif it.kind == "missing":
                 self.counts["missing"] += 1
                 log.warning("%s left the inbox before it was scored", it.path)
@@ -345,6 +373,9 @@ class _ShardScorer:
             else:
                 fresh.append(it)
         return fresh
+
+    def _moved_by_another_run(self, it: Item) -> str | None:
+        return ledger.moved_by_another_run(self.engine, self.run_id, it.key, self.plan_mark)
 
     def _start_predict(
         self, items: list[Item], fresh: list[Item], previous: _Batch | None, model_thread: ThreadPoolExecutor

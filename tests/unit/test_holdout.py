@@ -5,6 +5,7 @@ and `bcc demo-data` with patient folders and a separate holdout."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import cv2
 import pytest
 from sqlalchemy import inspect, select, text
 
-from bcc_pipeline import cli, dataset, store
+from bcc_pipeline import cli, dataset, images, store
 from bcc_pipeline.demo_data import generate
 from bcc_pipeline.errors import DatasetError
 from bcc_pipeline.holdout import AUTO_FREEZE_REASON, describe_holdout
@@ -519,3 +520,113 @@ def test_a_near_copy_of_a_holdout_image_landing_under_the_other_label_contests_i
     split = split_step(home)
     assert any("near-copy labelled the other way" in w for w in split["warnings"])
     assert [c["sha256"] for c in contested(home)] == [original["sha256"]]
+
+
+def _near_copy(src: Path, dest: Path) -> Path:
+    """``src`` with one pixel changed, as PNG at ``dest``: other bytes, the same perceptual hash."""
+    img = cv2.imread(str(src))
+    img[0, 0] = (img[0, 0].astype(int) + 7) % 256
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(dest), img)
+    return dest
+
+
+def test_extend_keeps_out_what_a_folder_holds_twice_or_under_both_labels_and_names_what_it_cannot_use(
+    home, tmp_path, monkeypatch, capsys
+):
+    """Round 21. A folder given to `bcc holdout extend` with (a) the same bytes under both labels: before,
+    frozen under the label walked first, the other copy counted as "already in it"; (b) a re-encoded copy
+    under the other label and (c) under the same label: before, all added (one picture counted twice, or
+    under both labels); (d) a patient folder whose name must be escaped: before, stored raw while intake
+    stores it escaped, so the patient's later slides went into development (a name that is not UTF-8
+    crashed it); (e) a `Malignant/` folder and a truncated file: before, passed over with exit 0."""
+    folder = tmp_path / "second-read"
+    made = _land(home, benign=8, malignant=8, groups=2, seed=7, first_patient=40, out=folder)
+    benign = sorted(Path(f) for f in made["files"] if "/benign/" in f)
+    (folder / "malignant" / "p_x").mkdir()
+    shutil.copyfile(benign[0], folder / "malignant" / "p_x" / "same.png")  # (a)
+    near_b = _near_copy(benign[1], folder / "malignant" / "p_y" / "near.png")  # (b)
+    near_c = _near_copy(benign[2], folder / "benign" / "p_z" / "near.png")  # (c)
+    odd = os.fsdecode(b"pat\\7 \xff")
+    (folder / "benign" / odd).mkdir()
+    shutil.move(benign[3], folder / "benign" / odd / "w.png")  # (d)
+    (folder / "Malignant" / "p_m").mkdir(parents=True)
+    shutil.copyfile(benign[4], folder / "Malignant" / "p_m" / "m.png")  # (e)
+    (folder / "benign" / "p_z" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut" * 20)
+
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["holdout", "extend", "--from", str(folder), "--reason", "second read"]) == 1
+    out, err = capsys.readouterr()
+    assert "NOT ADDED Malignant: not a label folder" in out and "NOT ADDED benign/p_z/bad.png" in out
+    assert "2 path(s) of the folder were not added" in err
+    h = dataset.current_holdout(home)
+    kept = {x["sha256"]: x for x in h.excluded}
+    held = {e["sha256"] for e in h.entries}
+    sha = {p: images.sha256_bytes(p.read_bytes()) for p in (benign[0], benign[1], benign[2], near_b, near_c)}
+    assert kept[sha[benign[0]]]["kind"] == "label_conflict" and sha[benign[0]] not in held  # (a)
+    assert "as benign" in kept[sha[benign[0]]]["reason"] and "as malignant" in kept[sha[benign[0]]]["reason"]
+    for p in (benign[1], near_b):  # (b): which label is right cannot be told, both out
+        assert kept[sha[p]]["kind"] == "label_conflict" and sha[p] not in held
+    pair = {sha[benign[2]], sha[near_c]}  # (c): counted once, the copy walked second kept out
+    assert len(pair & held) == 1 and [kept[s]["kind"] for s in pair - held] == ["near_duplicate"]
+    assert len(h.entries) == 16 - 2  # the 16 tiles (one moved into the odd folder), less (a) and (b)
+    assert "pat\\\\7 \\xff" in {e["group_id"] for e in h.entries}  # (d): shown as intake stores it
+
+    # (d) a later slide of that patient lands for training: kept out of development
+    new = _land(home, benign=20, malignant=20, groups=4, seed=3, first_patient=70)
+    later = Path(sorted(f for f in new["files"] if "/benign/" in f)[0])
+    (home.landing_dir / "benign" / odd).mkdir()
+    shutil.move(later, home.landing_dir / "benign" / odd / "later.png")
+    dataset.intake(home)
+    split = split_step(home)
+    dev = dataset.load_manifest(split["manifest_path"])
+    assert "pat\\\\7 \\xff" not in {e["group_id"] for e in dev.entries}
+    assert any(x["kind"] == "group_in_holdout" for x in dev.excluded)
+
+
+def test_a_picture_under_both_labels_with_other_bytes_never_trains_and_is_never_held_out_twice(
+    home, tmp_path
+):
+    """Round 21. Near-copies (other bytes, one picture) were compared only between roles. (1) A tile landing
+    as benign and its re-encoded copy as malignant: before, both trained, under opposite labels, with no
+    warning. (2) A development image whose re-encoded copy `holdout extend` kept out under the other label:
+    before, it stayed in training. Now each is kept out of development under both labels, and the split
+    says so. (3) Freezing: a picture twice in the chosen groups was counted twice in the holdout."""
+    made = _land(home, benign=30, malignant=30, groups=6)
+    for f in made["files"][::8]:  # (3) a near-copy beside some tiles, in their own patient folder
+        _near_copy(Path(f), Path(f).with_name("copy-" + Path(f).name))
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    bits = [e for e in frozen.excluded if e["kind"] == "near_duplicate"]
+    held = _with_hashes(home, frozen.entries)
+    assert all(hamming(a, b) > NEAR_DUPLICATE_BITS for i, a in enumerate(held) for b in held[:i])
+    assert bits and all("another holdout image" in x["reason"] for x in bits)
+
+    dev0 = dataset.load_manifest(split_step(home)["manifest_path"])
+    d = next(e for e in dev0.entries if e["label"] == "benign")
+    src = tmp_path / "src"
+    tile = Path(
+        sorted(_land(home, benign=2, malignant=2, groups=1, seed=11, first_patient=80, out=src)["files"])[0]
+    )
+    (home.landing_dir / "benign" / "p80").mkdir(parents=True)
+    shutil.copyfile(tile, home.landing_dir / "benign" / "p80" / "q.png")
+    q_near = _near_copy(tile, home.landing_dir / "malignant" / "p81" / "q.png")  # (1)
+    q_shas = {images.sha256_bytes(tile.read_bytes()), images.sha256_bytes(q_near.read_bytes())}
+    assert dataset.intake(home, run_id="i2").accepted == 2
+    folder = tmp_path / "second-read"
+    _near_copy(Path(d["path"]), folder / "malignant" / "p90" / "d.png")  # (2)
+    _land(home, benign=2, malignant=2, groups=1, seed=12, first_patient=91, out=folder)
+    dataset.extend_holdout(home, folder, actor="a", reason="second read")
+
+    split = split_step(home)
+    dev = dataset.load_manifest(split["manifest_path"])
+    out = {x["sha256"]: x for x in dev.excluded if x["kind"] == "label_conflict"}
+    assert q_shas <= set(out) and d["sha256"] in out
+    assert not (q_shas | {d["sha256"]}) & {e["sha256"] for e in dev.entries}
+    assert any("near-copy labelled the other way" in w and "development" in w for w in split["warnings"])
+
+
+def _with_hashes(s, entries) -> list[str]:
+    with session_scope(s.database_url) as ses:
+        return [ses.get(ImageRecord, e["sha256"]).phash for e in entries]

@@ -1740,3 +1740,31 @@ def test_a_label_folder_that_is_a_link_is_reported_not_passed_over(home, png_wri
     r = intake(home, run_id="in1")
     assert r.accepted == 1 and [u["path"] for u in r.unreachable] == ["benign"]
     assert "symbolic link" in r.unreachable[0]["error"] and (elsewhere / "p1" / "b.png").is_file()
+
+
+def test_a_store_that_cannot_take_a_file_and_a_label_folder_in_another_case_turn_the_run_red(
+    home, png_writer, monkeypatch, capsys
+):
+    """Round 21. (a) The dataset store cannot take a file (full, failing; here a folder sits where its
+    copy goes): before, every run left it in landing with exit 0 and a green DAG task. (b) `Malignant/`
+    beside `benign/`: before, counted as ignored with exit 0 on every run while its images waited. Both
+    are now `unreachable`: `bcc intake` exits 1 naming them, and the file stays in landing."""
+    from bcc_pipeline import images
+    from bcc_pipeline.cli import main
+
+    a = png_writer(home.landing_dir / "benign" / "p1" / "a.png", seed=1)
+    sha = images.sha256_bytes(a.read_bytes())
+    (home.dataset_dir / sha[:2] / f"{sha}.png").mkdir(parents=True)  # (a)
+    png_writer(home.landing_dir / "Malignant" / "p2" / "b.png", seed=2)  # (b)
+    png_writer(home.landing_dir / "benign" / "p1" / "c.png", seed=3)
+    r = intake(home, run_id="i1")
+    assert r.accepted == 1 and a.exists()
+    assert [u["path"] for u in r.unreachable] == ["Malignant", "benign/p1/a.png"]
+    assert "rename it to malignant/" in r.unreachable[0]["error"]
+    assert f"dataset/{sha[:2]}/" in r.unreachable[1]["error"]  # where in the store it could not be written
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["intake"]) == 1
+    assert "2 path(s) in landing are not taken in" in capsys.readouterr().err
+    assert a.exists() and (home.landing_dir / "Malignant" / "p2" / "b.png").exists()

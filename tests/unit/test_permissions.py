@@ -114,3 +114,35 @@ def test_bcc_umask_is_octal_everywhere():
     assert load_settings(env={}).umask == 0o027
     assert load_settings(env={"BCC_UMASK": "0o007"}).umask == 0o007
     assert load_settings(env={"BCC_UMASK": "22"}).as_dict()["umask"] == "022"
+
+
+def test_a_group_shared_home_keeps_its_group_down_to_the_compiled_cache(
+    cli_home, png_writer, register_champion
+):
+    """README "Permissions": a home whose folders are setgid to the shared group keeps that group on what
+    BCC creates, so the other user of the group can read it. Round 21: the converted-model cache folder lost
+    the setgid bit (an explicit chmod), so its files took the creator's own group, and the other user
+    converted the model again on every run."""
+    import grp
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the home a group of which the test user is not the primary member")
+    shared = next((g for g in grp.getgrall() if g.gr_gid not in (0, os.getegid())), None)
+    if shared is None:
+        pytest.skip("no second group on this machine")
+    cli_home.mkdir()
+    os.chown(cli_home, -1, shared.gr_gid)
+    os.chmod(cli_home, 0o2770)
+    assert cli.main(["db", "upgrade"]) == 0
+    version = register_champion(load_settings())
+    png_writer(cli_home / "inbox" / "ward_1" / "a.png", seed=1, size=40)
+    assert cli.main(["score", "--inference", "openvino", "--force-unvalidated", "--json"]) == 0
+    compiled = cli_home / "models" / version / "compiled"
+    assert list(compiled.rglob("source.json")), "the openvino conversion was not cached"
+    for root in (cli_home / "archive", cli_home / "runs", compiled):
+        made = [root, *root.rglob("*")]
+        assert {str(p): os.lstat(p).st_gid for p in made} == {str(p): shared.gr_gid for p in made}
+        folders = [p for p in made if p.is_dir()]
+        assert all(os.lstat(p).st_mode & stat.S_ISGID for p in folders), [
+            str(p) for p in folders if not os.lstat(p).st_mode & stat.S_ISGID
+        ]

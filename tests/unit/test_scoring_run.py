@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from bcc_pipeline import scoring, store
+from bcc_pipeline.errors import ConfigError
 from bcc_pipeline.store import ImageRecord, InboxFile, Prediction, Rejection, ScoringRun, session_scope
 from bcc_pipeline.validation import validate_backends
 from tests.support import archived, count_rows, fill_inbox, inbox_files, scoring_settings
@@ -264,3 +266,70 @@ def test_a_database_error_while_scoring_names_the_database_and_hides_its_passwor
     with pytest.raises(StoreError) as err, transaction(secret):
         pass
     assert "127.0.0.1:1/bcc" in str(err.value) and "s3cret-pw" not in str(err.value)
+
+
+def test_a_finished_run_is_never_scored_again_and_its_record_stays(
+    make_settings, migrated_url, register_champion, png_writer, tmp_path
+):
+    """Round 21: a finished shard run again (a cleared DAG task) re-scored nothing but rewrote its result
+    (precision None, new timings) and reopened the run; ``score_inbox`` with the run id of a finished run
+    repeated its counts as if it had just done the work (``bcc score`` now says it did nothing); a
+    different inbox was silently left out."""
+    s = scoring_settings(make_settings, migrated_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 3)
+    first = scoring.score_inbox(s, run_id="night-1")
+    assert first["scored"] == 3 and first["precision"] == "f32"
+    with session_scope(migrated_url) as ses:
+        kept = ses.get(ScoringRun, "night-1")
+        kept_row = (kept.status, kept.finished_at, kept.counts)
+
+    png_writer(s.inbox_dir / "new.png", seed=99, size=40)  # lands after the run
+    # the DAG's tasks cleared and run again: a finished shard is not run again, the run's record stays
+    again = scoring.score_shard(s, "night-1", 0)
+    assert again["precision"] == "f32" and again["scored"] == 3
+    assert (s.inbox_dir / "new.png").exists()
+    summary = scoring.finalize_run(s, "night-1")
+    assert summary["status"] == "finished" and summary["finished_at"] == first["finished_at"]
+    with session_scope(migrated_url) as ses:
+        row = ses.get(ScoringRun, "night-1")
+        assert (row.status, row.finished_at, row.counts) == kept_row
+
+    # `score_inbox` (`bcc score --run-id`) of a finished run: nothing done, its summary as recorded, said
+    r = scoring.score_inbox(s, run_id="night-1")
+    assert r["finished_before"] and r["finished_at"] == first["finished_at"] and r["precision"] == "f32"
+    assert count_rows(migrated_url, Prediction) == 3 and (s.inbox_dir / "new.png").exists()
+
+    # an unfinished run resumed with another inbox: refused, not silently left out
+    other = tmp_path / "inbox2"
+    other.mkdir()
+    s2 = scoring_settings(make_settings, migrated_url, inbox_roots=f"{s.inbox_dir}{os.pathsep}{other}")
+    scoring.plan_shards(s2, "night-2", 1)
+    with pytest.raises(ConfigError, match="planned for the inbox .* not .*inbox2"):
+        scoring.score_inbox(s2, run_id="night-2", inbox=other)
+    assert scoring.score_inbox(s2, run_id="night-2")["scored"] == 1
+
+
+def test_a_planned_run_finished_after_another_run_took_its_files_says_so(
+    make_settings, migrated_url, register_champion, png_writer, monkeypatch, capsys
+):
+    """Round 21: a run killed after planning, another run scoring its files, then the first one finished
+    (`bcc score --run-id`): before, each file was warned about as "left the inbox before it was scored" and
+    the summary line said 0 of everything for 4 planned files. Now they are counted as scored and moved by
+    another run, and `bcc score` shows every count that happened."""
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, migrated_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 4)
+    scoring.plan_shards(s, "killed", 1)  # its process dies here
+    assert scoring.score_inbox(s, run_id="other")["scored"] == 4
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("BCC_SETTLE_SECONDS", "0")
+    assert main(["score", "--run-id", "killed"]) == 0
+    out = capsys.readouterr().out
+    assert "also: 4 scored and moved by another run" in out and "(keras, -;" in out
+    with session_scope(migrated_url) as ses:
+        counts = ses.get(ScoringRun, "killed").counts
+    assert (counts["taken_by_other_runs"], counts["missing"], counts["planned"]) == (4, 0, 4)

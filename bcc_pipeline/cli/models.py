@@ -218,10 +218,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             c = run["counts"] or {}
             how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
+            rare = (
+                "missing",
+                "taken_by_other_runs",
+                "changed",
+                "move_failed",
+                "recovered",
+            )  # when they happened
             print(
-                f"last scoring    {run['run_id']} ({run['status']}) with {run['model_version']}{how}: "
+                f"last scoring    {one_line(run['run_id'])} ({run['status']}) with {run['model_version']}{how}: "
                 + ", ".join(
-                    f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")
+                    [f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")]
+                    + [f"{c[k]} {k}" for k in rare if c.get(k)]
                 )
             )
             if run.get("error"):

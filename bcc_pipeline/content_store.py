@@ -8,6 +8,7 @@ import os
 import stat
 from pathlib import Path
 
+from .copying import require_room
 from .files import atomic_write, sha256_file
 from .mounts import mounted_between, table_generation
 from .moving import root_id
@@ -37,6 +38,7 @@ def store_copy(
             return dest
     except OSError:
         pass
+    require_room(dataset_dir, len(data))  # never fills the disk the database and the models may share
     atomic_write(dest, data)
     if table_generation() != generation:  # a mount made or removed while it was written: is it here?
         point = mounted_between(dataset_dir, dest.parent)

@@ -12,14 +12,18 @@ import contextlib
 import errno
 import filecmp
 import hashlib
+import logging
 import os
 import stat
 from pathlib import Path
 
+from .display import display_path
 from .files import candidate_names, publish_no_clobber
 from .identities import Identity, SourceChangedError, Taken, _expect, _same_inode, identity
 
-__all__ = ["COPY_SPARE_BYTES", "finish_move", "pending_copy"]
+__all__ = ["COPY_SPARE_BYTES", "drop_marker", "finish_move", "pending_copy", "require_room"]
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -43,6 +47,21 @@ def _copy_marker(dest: Path, src: Path, source: Identity | os.stat_result) -> Pa
     where = os.path.join(os.path.realpath(src.parent), src.name)  # one name, whether reached by a link or not
     key = b"\0".join((os.fsencode(dest.name), os.fsencode(where), f"{dev}:{ino}".encode()))
     return dest.with_name(f".bcc-move-{hashlib.sha256(key).hexdigest()[:16]}.tmp")
+
+
+def drop_marker(marker: Path) -> None:
+    """Remove a copy's temporary name once the move is done or given up. Where that fails (the
+    destination's filesystem turned read-only, or forbids deletes), the move stands as it is: the name is
+    only a second link to the published copy (or a half copy nobody will read), so a warning names it
+    instead of the move being reported as failed with its file already gone from the source."""
+    try:
+        marker.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning(
+            "could not remove the temporary name %s (%s); the move is done, remove it when you can",
+            display_path(marker),
+            exc.strerror or exc,
+        )
 
 
 def _legacy_marker(dest: Path) -> Path:
@@ -157,7 +176,7 @@ def finish_move(
     if ident is None or not dest.parent.is_dir():
         return None
     left = _leftover_copy(dest, src, None, taken, ident)
-    _copy_marker(dest, src, ident).unlink(missing_ok=True)
+    drop_marker(_copy_marker(dest, src, ident))
     if left is None:
         legacy = _legacy_marker(dest)
         published, mst = _published(dest, legacy)
@@ -173,10 +192,11 @@ COPY_SPARE_BYTES = 256 << 20
 models and the runs' files may share it); a twentieth of it on a filesystem smaller than 5 GiB."""
 
 
-def _require_room(folder: Path, size: int) -> None:
+def require_room(folder: Path, size: int) -> None:
     """Refuse (``ENOSPC``, before writing anything) a copy of ``size`` bytes that would leave less than
     :data:`COPY_SPARE_BYTES` free where it goes: a sparse file refused as too large (1 TiB apparent, no
-    blocks) would otherwise be written out in full, filling the disk the database lives on."""
+    blocks) would otherwise be written out in full, filling the disk the database lives on; so would a
+    landing batch bigger than the dataset store's disk (:func:`bcc_pipeline.content_store.store_copy`)."""
     vfs = os.statvfs(folder)
     free = vfs.f_bavail * vfs.f_frsize
     spare = min(COPY_SPARE_BYTES, vfs.f_blocks * vfs.f_frsize // 20)
@@ -203,7 +223,7 @@ def _copy_file_across(
         with os.fdopen(in_fd, "rb") as inp:
             before = os.fstat(inp.fileno())
             _expect(before, expect, src)
-            _require_room(marker.parent, before.st_size)
+            require_room(marker.parent, before.st_size)
             try:
                 out_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow | cloexec, 0o600)
             except FileExistsError:  # not "the destination is taken": another move to it is under way

@@ -384,11 +384,14 @@ def write_reason(path: Path, reason: str) -> Path:
     """Write (atomically, replacing an older one) the reason file beside ``path``.
 
     A quarantined *link* that happens to carry that name is never replaced: the reason then goes to
-    ``<name>.reason~N.txt``.
+    ``<name>.reason~N.txt``. A reason file whose name is not ``<name>.reason.txt`` (that one, or a name too
+    long for it, shortened with a hash) starts by naming the file it is for.
     """
     target = reason_path(path)
     if os.path.islink(target):
         target = next(c for c in candidate_names(target) if not os.path.islink(c))
+    if target.name != path.name + REASON_SUFFIX:  # a shortened (hashed) or numbered name: say whose it is
+        reason = f"reason for {display_path(path.name)}: {reason}"
     return atomic_write(target, reason.rstrip() + "\n", fsync=False)
 
 

@@ -71,6 +71,7 @@ from .copying import (
     _copy_link_across,
     _copy_marker,
     _leftover_copy,
+    drop_marker,
     finish_move,
     pending_copy,
 )
@@ -331,7 +332,7 @@ def move_no_clobber(
     if left is not None:  # an interrupted cross-filesystem move got as far as publishing its copy
         published, marker = left
         _remove_source(src, published, expect, shared_inode=False, sha256=expect_sha256)
-        marker.unlink(missing_ok=True)
+        drop_marker(marker)
         return published
     _expect(src_st, expect, src)
     if expect_ctime is not None and change_time(src_st) not in (expect_ctime, None):
@@ -421,7 +422,7 @@ def move_no_clobber(
             raise
         finally:
             if marker is not None:
-                marker.unlink(missing_ok=True)
+                drop_marker(marker)
         return candidate
     raise AssertionError("unreachable")  # pragma: no cover
 

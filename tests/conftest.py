@@ -34,6 +34,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REQUIRE_PG = os.environ.get("BCC_REQUIRE_POSTGRES", "") not in ("", "0", "false", "no")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker gets a mount namespace of its own (as root, on Linux): the tmpfs and bind
+    mounts some tests make are then not seen by a scoring or intake run of another test in the other worker,
+    which would (rightly: `mounts.MountWatch`) leave a file read while the mount table changed for the next
+    run, and fail that test by chance. Children of the worker (the CLI, Airflow) share its namespace."""
+    import ctypes
+    import subprocess
+    import sys
+
+    if not os.environ.get("PYTEST_XDIST_WORKER") or os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        return
+    clone_newns = 0x00020000
+    if ctypes.CDLL(None, use_errno=True).unshare(clone_newns) != 0:
+        return  # not allowed here (a container without CAP_SYS_ADMIN): the mounting tests skip anyway
+    # mounts made in here stay in here (a shared / would pass them on to every other namespace)
+    subprocess.run(["mount", "--make-rprivate", "/"], check=False, capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> str:
     reason = pg_unavailable_reason()

@@ -26,10 +26,11 @@ from ..manifests import (
     select_groups,
     write_manifest,
 )
-from ..neardup import perceptual_hash
+from ..neardup import near_duplicates, perceptual_hash
 from ..store import HoldoutEvent, ImageRecord, session_scope, utcnow
 from .records import (
     LABELS,
+    _contest_near_copies,
     _excluded,
     _group_of,
     _holdout_dir,
@@ -167,12 +168,17 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
         walked = IntakeReport(run_id="holdout")
         for path in walk(folder / label, folder, walked):
             rel = path.relative_to(folder)
-            if is_ignored_name(path.name) or path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+            if is_ignored_name(path.name):  # hidden and system files (.DS_Store, Thumbs.db)
                 continue
-            if path.is_symlink() or not path.is_file():
+            if path.is_symlink():  # a linked patient folder too: its images would go unseen
                 refused.append(
-                    {"path": display_path(rel), "reason": "not a regular file (links are never followed)"}
+                    {"path": display_path(rel), "reason": "a symbolic link; links are never followed"}
                 )
+                continue
+            if path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+                continue
+            if not path.is_file():
+                refused.append({"path": display_path(rel), "reason": "not a regular file"})
                 continue
             try:
                 if path.stat().st_size > images.max_file_bytes(settings.max_pixels):
@@ -203,6 +209,7 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
                 }
             )
         refused += [{"path": f["path"], "reason": f["error"]} for f in walked.failed]  # unlistable folders
+        refused += [{"path": p, "reason": "a hidden folder, left alone"} for p in walked.ignored_paths]
     return found, refused
 
 
@@ -235,6 +242,10 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         dev = _with_phash(s, [r for r in _usable(s) if r["sha256"] not in reserved])
         dev_groups = {r["group_id"] for r in dev if r["group_id"]}
         excluded, candidates, already, seen = [], [], 0, set()
+        grouped_out: list[dict[str, Any]] = []  # kept out for their patient: still compared for a twin
+        contested_before = [
+            conflicts[r["sha256"]] for r in found if r["sha256"] in conflicts and r["sha256"] in in_holdout
+        ]
         for r in found:
             if r["sha256"] in conflicts and r["sha256"] not in reserved:
                 # (one in the holdout is contested now: its row is excluded, `holdout show` lists it)
@@ -257,6 +268,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
                     )
                 )
             elif r["group_id"] and r["group_id"] in dev_groups:
+                grouped_out.append(r)
                 excluded.append(
                     _excluded(
                         r,
@@ -269,29 +281,37 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             else:
                 candidates.append(r)
         excluded += _near_exclusions(candidates, dev, "development", change=seq)
+        _name_twins_in_development(excluded, grouped_out, dev)
         out = {x["sha256"] for x in excluded}
-        # nor a near-duplicate of an image already in the holdout (the same picture counted twice, or under
-        # both labels)
+        # nor a near-duplicate of an image already in the holdout (the same picture counted twice); one under
+        # the other label contests that holdout image, as an exact copy does
         hold = _with_phash(s, [dict(e) for e in (old.entries if old else [])])
-        excluded += _near_exclusions(
+        near_hold = _near_exclusions(
             [r for r in candidates if r["sha256"] not in out], hold, "holdout", change=seq
         )
+        contested_now = _contest_near_copies(s, near_hold, hold)
+        excluded += [_as_label_conflict(x, hold) for x in near_hold]
         out = {x["sha256"] for x in excluded}
-        # nor one picture twice in the folder, or under both labels (re-encoded: other bytes)
-        excluded += _near_copies_within(
-            [r for r in candidates if r["sha256"] not in out],
-            "another new holdout",
-            same_label=True,
-            change=seq,
-        )
+        # nor one picture twice in the folder, or under both labels (re-encoded: other bytes), whatever
+        # else keeps one of them out (a twin whose patient is in development is that patient's picture too)
+        firsts, taken = [], set(reserved)  # each content of the folder once, as first found
+        for r in found:
+            if r["sha256"] not in taken:
+                taken.add(r["sha256"])
+                firsts.append(r)
+        within = _near_copies_within(firsts, "another new holdout", same_label=True, change=seq)
+        excluded += [x for x in within if x["sha256"] not in out]
         out = {x["sha256"] for x in excluded}
         added = [r for r in candidates if r["sha256"] not in out]
         if not added:
             why = "; ".join(
-                [f"{x['source']}: {x['reason']}" for x in excluded[:5]]
+                [f"holdout image contested: {c}" for c in dict.fromkeys(contested_before)]
+                + [f"{x['source']}: {x['reason']}" for x in excluded[:5]]
                 + [f"{x['path']}: {x['reason']}" for x in refused[: max(0, 5 - len(excluded))]]
             )
             why = why or "no new image"
+            if contested_now:
+                s.commit()  # the holdout images whose label is in doubt now stay marked: nothing else is written
             raise DatasetError(
                 f"no image from {folder} was added to the holdout ({already} already in it "
                 f"or kept out before, "
@@ -338,6 +358,38 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             seq=seq,
         )
     return dataclasses.replace(changed, refused=refused)  # the caller says what was not added
+
+
+def _name_twins_in_development(
+    excluded: list[dict[str, Any]], grouped_out: list[dict[str, Any]], dev: list[dict[str, Any]]
+) -> None:
+    """An image kept out because its patient has development images, that is also a near-copy of a
+    development image under the other label, names that image (``near_sha256``): the split then keeps the
+    development image out of training (:func:`.roles._disputed_labels`), as for any near-copy kept out."""
+    by_sha = {x["sha256"]: x for x in excluded if x["kind"] == "group_in_development"}
+    label = {r["sha256"]: r["label"] for r in dev}
+    for hit in near_duplicates(grouped_out, dev):
+        x = by_sha[hit["sha256"]]
+        if label[hit["near_sha256"]] != x["label"]:
+            x.update(near_sha256=hit["near_sha256"], distance=hit["distance"])
+            x["reason"] += (
+                f"; and a near-copy of development image {hit['near_sha256'][:12]} labelled "
+                f"{label[hit['near_sha256']]} ({hit['distance']} of 64 bits apart)"
+            )
+
+
+def _as_label_conflict(x: dict[str, Any], hold: list[dict[str, Any]]) -> dict[str, Any]:
+    """A near-copy of a holdout image kept out: under the other label it is a label conflict (the holdout
+    image is contested), and the reason says so."""
+    theirs = next(e["label"] for e in hold if e["sha256"] == x["near_sha256"])
+    if theirs == x["label"]:
+        return x
+    return {
+        **x,
+        "kind": "label_conflict",
+        "reason": f"{x['reason']}, which is labelled {theirs}: which label is right cannot be told; that "
+        "holdout image's label is contested (`bcc holdout show`)",
+    }
 
 
 def _label_conflicts(settings: Settings, found: list[dict[str, Any]]) -> dict[str, str]:

@@ -199,6 +199,26 @@ def _near_copies_within(
     return list(out.values())
 
 
+def _contest_near_copies(session: Session, kept_out: list[dict[str, Any]], hold: list[dict[str, Any]]) -> int:
+    """A development image kept out as a near-copy of a holdout image, under the other label, puts that
+    holdout image's label in doubt, as an exact copy does at intake: its ``images`` row is excluded, so
+    that it is reported as contested (the holdout itself changes only by a logged withdraw). Returns how
+    many were newly marked."""
+    label = {e["sha256"]: e["label"] for e in hold}
+    marked = 0
+    for x in kept_out:
+        theirs = label.get(x.get("near_sha256", ""))
+        if x["kind"] != "near_duplicate" or theirs in (None, x["label"]):
+            continue
+        row = session.get(ImageRecord, x["near_sha256"])
+        if row is not None and row.excluded_reason is None:
+            row.excluded_reason = (
+                f"a near-copy ({x['distance']} of 64 bits apart) was labelled {x['label']} ({x['source']})"
+            )
+            marked += 1
+    return marked
+
+
 def _label_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
     return {lab: sum(e["label"] == lab for e in entries) for lab in LABELS}
 

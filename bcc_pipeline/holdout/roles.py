@@ -25,9 +25,10 @@ from ..manifests import (
     select_groups,
     write_manifest,
 )
-from ..store import ImageRecord, ModelVersion, session_scope
+from ..store import ModelVersion, session_scope
 from .changes import freeze_holdout
 from .records import (
+    _contest_near_copies,
     _excluded,
     _group_of,
     _near_copies_within,
@@ -118,10 +119,14 @@ def split_roles(settings: Settings) -> RoleSplit:
             for r in dev
             if r["group_id"] in hold_groups
         ]
+        in_hold_groups = _with_phash(s, [r for r in dev if r["group_id"] in hold_groups])
         dev = _with_phash(s, [r for r in dev if r["group_id"] not in hold_groups])
         hold_hashed = _with_phash(s, [{**e} for e in hold_entries])
         dev_excluded += _near_exclusions(dev, hold_hashed, "holdout")
-        if n := _contest_near_copies(s, dev_excluded, hold_entries):
+        # a near-copy under the other label contests the holdout image also when its patient's folder is
+        # in the holdout (kept out for that already, it would never be compared)
+        same_patient = _near_exclusions(in_hold_groups, hold_hashed, "holdout")
+        if n := _contest_near_copies(s, dev_excluded + same_patient, hold_entries):
             warnings.append(
                 f"{n} holdout image(s) have a near-copy labelled the other way: their label is contested "
                 "(`bcc holdout show`)"
@@ -172,19 +177,17 @@ def split_roles(settings: Settings) -> RoleSplit:
 def _disputed_labels(dev: list[dict[str, Any]], holdout: Manifest | None) -> list[dict[str, Any]]:
     """Development images whose picture is also there under the other label, with other bytes (an exact
     copy is caught by intake): a near-copy in development labelled the other way (both kept out), or one
-    that a holdout change kept out as this image's near-copy (``bcc holdout extend`` of a re-encoded copy).
+    that a holdout change kept out and found to be this image's near-copy (``bcc holdout extend`` of a
+    re-encoded copy, in a new patient folder or in this image's own).
     Training on either label would teach what nobody can defend; which one is right cannot be told here."""
     out = _near_copies_within(dev, "another development", same_label=False)
     done = {x["sha256"] for x in out}
     by_sha = {r["sha256"]: r for r in dev}
-    for x in holdout.excluded if holdout else []:
+    for x in (
+        holdout.excluded if holdout else []
+    ):  # kept out as a near-copy, or for its patient and a near-copy
         mine = by_sha.get(x.get("near_sha256") or "")
-        if (
-            x["kind"] != "near_duplicate"
-            or mine is None
-            or mine["label"] == x["label"]
-            or mine["sha256"] in done
-        ):
+        if mine is None or mine["label"] == x["label"] or mine["sha256"] in done:
             continue
         done.add(mine["sha256"])
         out.append(
@@ -198,26 +201,6 @@ def _disputed_labels(dev: list[dict[str, Any]], holdout: Manifest | None) -> lis
             )
         )
     return out
-
-
-def _contest_near_copies(session: Session, kept_out: list[dict[str, Any]], hold: list[dict[str, Any]]) -> int:
-    """A development image kept out as a near-copy of a holdout image, under the other label, puts that
-    holdout image's label in doubt, as an exact copy does at intake: its ``images`` row is excluded, so
-    that it is reported as contested (the holdout itself changes only by a logged withdraw). Returns how
-    many were newly marked."""
-    label = {e["sha256"]: e["label"] for e in hold}
-    marked = 0
-    for x in kept_out:
-        theirs = label.get(x.get("near_sha256", ""))
-        if x["kind"] != "near_duplicate" or theirs in (None, x["label"]):
-            continue
-        row = session.get(ImageRecord, x["near_sha256"])
-        if row is not None and row.excluded_reason is None:
-            row.excluded_reason = (
-                f"a near-copy ({x['distance']} of 64 bits apart) was labelled {x['label']} ({x['source']})"
-            )
-            marked += 1
-    return marked
 
 
 def _champion_overlap(session: Session, settings: Settings, holdout: set[str]) -> list[str]:

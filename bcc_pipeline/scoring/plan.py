@@ -38,6 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 1
+_SHARD_TIMES = ("loop_started", "loop_finished")  # what finalize_run needs of every shard's result
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
@@ -100,7 +101,9 @@ def read_shard_result(settings: Settings, run_id: str, shard: int) -> dict[str, 
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), int | float) for k in _SHARD_TIMES):
+        return None  # not a shard's result (damaged, or written by hand)
+    return doc
 
 
 def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,4 +238,5 @@ def plan_shards(
 
         run_records.fail_run(engine, run_id, describe_failure(exc))
         raise
+    run_records.release(engine, run_id)  # planned: no process holds it until a shard starts
     return _plan_result(plan, path)

@@ -39,6 +39,7 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
     db.require_schema(settings.database_url)
     plan = load_plan(settings, run_id)
     engine = get_engine(settings.database_url)
+    run_records.claim(engine, run_id)  # killed while finalizing: abandoned at once, not after an hour
     try:
         return _finalize(settings, engine, plan, run_id)
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`

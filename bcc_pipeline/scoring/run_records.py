@@ -25,12 +25,14 @@ __all__ = [
     "HEARTBEAT_EVERY_SECONDS",
     "HEARTBEAT_STALE_SECONDS",
     "champion_version",
+    "claim",
     "close_run",
     "fail_run",
     "heartbeat",
     "mark_abandoned",
     "model_version",
     "open_run",
+    "release",
     "run_status",
     "run_tallies",
 ]
@@ -83,6 +85,10 @@ def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
                     "finished_at": None,
                     "status": "running",
                     "counts": {"planned": n_files},
+                    # the planning process holds it (killed while planning: abandoned at once, not after
+                    # the heartbeat goes stale); it lets go when the plan is written (release)
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
                 }
             ],
             key=("run_id",),
@@ -102,6 +108,29 @@ def heartbeat(engine: Engine, run_id: str, *, alive: bool = True) -> None:
         values.update(status="running", finished_at=None)
     with transaction(engine) as conn:
         conn.execute(update(rt).where(rt.c.run_id == run_id).values(**values))
+
+
+def claim(engine: Engine, run_id: str) -> None:
+    """This process works on ``run_id`` now (planning or finalizing it): its host and PID are recorded, so
+    that the run becomes ``abandoned`` at once should the process die. Its status is left as it is."""
+    rt = ScoringRun.__table__
+    with transaction(engine) as conn:
+        conn.execute(
+            update(rt)
+            .where(rt.c.run_id == run_id)
+            .values(heartbeat_at=utcnow(), host=socket.gethostname(), pid=os.getpid())
+        )
+
+
+def release(engine: Engine, run_id: str) -> None:
+    """This process has stopped working on ``run_id`` (held by it: another process's hold is kept)."""
+    rt = ScoringRun.__table__
+    with transaction(engine) as conn:
+        conn.execute(
+            update(rt)
+            .where(rt.c.run_id == run_id, rt.c.host == socket.gethostname(), rt.c.pid == os.getpid())
+            .values(heartbeat_at=utcnow(), host=None, pid=None)
+        )
 
 
 def fail_run(engine: Engine, run_id: str, error: str) -> None:

@@ -27,7 +27,7 @@ from . import db, ledger, run_records
 from .inbox import InboxRefused, destination, require_folders_still_allowed
 from .loader import Item, Loader
 from .moves import MoveFile, Mover, Tally, require_own_destinations
-from .plan import load_plan, read_shard_result, write_shard_result
+from .plan import load_plan, read_shard_result, run_dir, write_shard_result
 from .predictor import PinnedModel
 
 __all__ = ["Hooks", "Progress", "describe_failure", "score_shard"]
@@ -110,9 +110,15 @@ def score_shard(
         raise ConfigError(f"the scoring batch size must be positive, got {size}")
     engine = get_engine(settings.database_url)
     done = read_shard_result(settings, run_id, shard)
-    if done is not None and run_records.run_status(engine, run_id) == "finished":
+    if run_records.run_status(engine, run_id) == "finished":
         # a shard of a finished run run again (a cleared Airflow task, `bcc score --run-id` of a finished
         # run): every file is settled, so it changes nothing and its result (back-end, timings) stays
+        if done is None:  # its result file deleted or damaged since: nothing to keep the record true with
+            raise ConfigError(
+                f"scoring run {one_line(run_id)} has finished, but the result of its shard {shard} "
+                f"({display_path(run_dir(settings, run_id) / f'shard-{shard}.json')}) is gone or damaged; "
+                "nothing was run again (leave out the run id to score what the inbox holds now)"
+            )
         log.info("scoring run %s has finished; shard %d is not run again", one_line(run_id), shard)
         return done
     run_records.heartbeat(engine, run_id)

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from ..config import Settings
-from ..files import display_path, path_from_display
+from ..files import display_path, one_line, path_from_display
 from ..moving import FoundBy, Taken, found_by_identity, identity, identity_from_text, move_no_clobber
 from . import ledger
 from .inbox import destination, path_key
@@ -140,9 +140,17 @@ def sweep_interrupted(
         if inbox is None or held == "file":  # still there: the run that plans it finishes it
             continue
         found = None
-        if held is None:
-            found = _finish_renamed(settings, r, rel, renamed, taken_in(r.run_id), pins)
-        found = found or _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
+        try:
+            if held is None:
+                found = _finish_renamed(settings, r, rel, renamed, taken_in(r.run_id), pins)
+            found = found or _moved_to(settings, r, inbox, rel, taken_in(r.run_id))
+        except OSError as exc:  # its destination cannot be looked at or tidied now (read-only, no access)
+            log.warning(
+                "cannot settle the interrupted move of %s yet (a later run tries again): %s",
+                r.path,
+                one_line(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)),
+            )
+            continue
         if found is not None:
             placed.add(display_path(found))
             fixed.append((r.id, str(found), _explain_found(settings, r, found)))

@@ -213,6 +213,13 @@ def test_long_names_stay_within_the_name_limit(tmp_path):
     reasons = [p for p in (tmp_path / "q").iterdir() if p.name.endswith(".reason.txt")]
     assert len(reasons) == 1 and len(os.fsencode(reasons[0].name)) <= 255
     assert files.reason_path(moved) == reasons[0]
+    assert reasons[0].read_text() == "why\n"  # 255 bytes: it fits
+    # round 22: a reason name shortened with a hash no longer says whose it is, so its text does
+    longer = "a" * 247 + ".png"
+    (tmp_path / "in" / longer).write_bytes(b"y")
+    moved = moving.quarantine_file(tmp_path / "in" / longer, tmp_path / "q", Path(longer), "why")
+    assert "#" in files.reason_path(moved).name
+    assert files.reason_path(moved).read_text() == f"reason for {longer}: why\n"
     assert len(os.fsencode(files.fit_name("a" * 300, "~12.png"))) == 255
 
 
@@ -222,7 +229,7 @@ def test_reason_file_never_replaces_a_quarantined_link(tmp_path):
     (q / "x.png.reason.txt").symlink_to("/etc/hostname")
     (q / "x.png").write_bytes(b"x")
     written = files.write_reason(q / "x.png", "why")
-    assert (q / "x.png.reason.txt").is_symlink() and written.read_text() == "why\n"
+    assert (q / "x.png.reason.txt").is_symlink() and written.read_text() == "reason for x.png: why\n"
 
 
 def test_display_path_escapes_invalid_utf8():

@@ -493,7 +493,8 @@ def test_extend_with_an_image_stored_under_the_other_label_or_a_near_copy_of_a_h
     cv2.imwrite(str(folder / "p90" / "c.png"), img)  # (c)
     with pytest.raises(DatasetError, match="no image .* was added"):
         dataset.extend_holdout(home, folder.parent, actor="a", reason="second read")
-    assert [c["sha256"] for c in contested(home)] == [hold_benign[0]["sha256"]]
+    # (a), and (c) since round 22: a near-copy under the other label contests it as an exact copy does
+    assert [c["sha256"] for c in contested(home)] == sorted(e["sha256"] for e in hold_benign[:2])
     with session_scope(home.database_url) as s:
         assert "both benign and malignant" in s.get(ImageRecord, train_benign["sha256"]).excluded_reason
     assert dataset.current_holdout(home).hash == frozen.hash
@@ -630,3 +631,40 @@ def test_a_picture_under_both_labels_with_other_bytes_never_trains_and_is_never_
 def _with_hashes(s, entries) -> list[str]:
     with session_scope(s.database_url) as ses:
         return [ses.get(ImageRecord, e["sha256"]).phash for e in entries]
+
+
+def test_a_near_copy_under_the_other_label_is_caught_whatever_else_keeps_it_out(home, tmp_path):
+    """Round 22. A re-encoded copy under the other label: (A) given to `holdout extend` in its development
+    twin's own patient folder, kept out for the patient only, left the twin in training; (B) landing in its
+    holdout twin's own patient folder, kept out for the patient only, never contested the holdout image;
+    (C) given to `holdout extend` as a near-copy of a holdout image, kept out as a plain near-duplicate,
+    never contested it. (D) A linked or hidden patient folder given to `holdout extend` was passed over
+    without a word."""
+    from bcc_pipeline.holdout import contested
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    d = next(e for e in dev.entries if e["label"] == "benign")
+    h, h2 = [e for e in frozen.entries if e["label"] == "benign"][:2]
+    folder = tmp_path / "second-read"
+    _near_copy(Path(d["path"]), folder / "malignant" / d["group_id"] / "a.png")  # (A)
+    _near_copy(Path(h["path"]), folder / "malignant" / "p95" / "h.png")  # (C)
+    _land(home, benign=2, malignant=2, groups=1, seed=21, first_patient=91, out=folder)
+    elsewhere = tmp_path / "elsewhere"
+    _near_copy(Path(dev.entries[-1]["path"]), elsewhere / "x.png")
+    os.symlink(elsewhere, folder / "benign" / "p96")  # (D)
+    _near_copy(Path(dev.entries[-2]["path"]), folder / "benign" / ".p97" / "y.png")
+    changed = dataset.extend_holdout(home, folder, actor="a", reason="second read")
+    assert sorted(x["path"] for x in changed.refused) == ["benign/.p97", "benign/p96"]  # (D)
+    assert h["sha256"] in {c["sha256"] for c in contested(home)}  # (C)
+    assert any(x["kind"] == "label_conflict" and x["near_sha256"] == h["sha256"] for x in changed.excluded)
+
+    _near_copy(Path(h2["path"]), home.landing_dir / "malignant" / h2["group_id"] / "b.png")  # (B)
+    assert dataset.intake(home, run_id="i2").accepted == 1
+    split = split_step(home)
+    dev2 = dataset.load_manifest(split["manifest_path"])
+    assert d["sha256"] not in {e["sha256"] for e in dev2.entries}  # (A)
+    assert d["sha256"] in {x["sha256"] for x in dev2.excluded if x["kind"] == "label_conflict"}
+    assert h2["sha256"] in {c["sha256"] for c in contested(home)}  # (B)

@@ -1768,3 +1768,28 @@ def test_a_store_that_cannot_take_a_file_and_a_label_folder_in_another_case_turn
     assert main(["intake"]) == 1
     assert "2 path(s) in landing are not taken in" in capsys.readouterr().err
     assert a.exists() and (home.landing_dir / "Malignant" / "p2" / "b.png").exists()
+
+
+def test_intake_never_fills_the_dataset_stores_disk(home, png_writer):
+    """Round 22: intake wrote the store until its disk had 0 bytes free (the disk the database, models and
+    runs may share). Now, as a move across filesystems does, it leaves a twentieth of a small disk (at most
+    256 MiB) free: what does not fit is refused before it is written, and stays in landing (red)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.support import _mounted
+
+    landing = home.landing_dir / "benign" / "p1"
+    landing.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):  # about 1 MiB each (noise does not compress): 10 MiB for an 8 MiB disk
+        Image.fromarray(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(landing / f"n{i}.png")
+    home.dataset_dir.mkdir(parents=True)
+    with _mounted(["-t", "tmpfs", "-o", "size=8m", "none"], home.dataset_dir, "a small tmpfs"):
+        r = intake(home, run_id="full")
+        vfs = os.statvfs(home.dataset_dir)
+        free, size = vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize
+        assert 0 < r.accepted < 10 and len(r.unreachable) == 10 - r.accepted
+        assert all("no room for a copy" in u["error"] for u in r.unreachable)
+        assert free >= size // 20  # the spare room is left
+        assert len(list(landing.iterdir())) == 10 - r.accepted  # refused files stay in landing

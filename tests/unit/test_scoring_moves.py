@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -1550,3 +1551,41 @@ def test_a_file_another_run_moved_for_this_one_keeps_its_record(
     assert set(rows) == {"ok.png", "bad.png"} and inbox_files(s.inbox_dir) == []
     for r in rows.values():
         assert r.moved_to and Path(files.path_from_display(r.moved_to)).is_file() and r.move_error is None
+
+
+def test_a_move_done_but_for_its_temporary_name_is_a_move_and_later_runs_go_on(
+    make_settings, sqlite_url, register_champion, png_writer, other_fs
+):
+    """Round 22. Across filesystems, the archive's run folder refuses deletes (made immutable, or turned
+    read-only) once the copy is published: the inbox name is removed, then the copy's temporary name cannot
+    be. Before, the move was reported as failed ("it stays in the inbox") with the file already archived,
+    and every later run died with an unexpected error in the sweep. Now the move is recorded where the
+    file went, with a warning naming the temporary name, and a later run goes on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for chattr +i")
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=str(other_fs))
+    register_champion(s)
+    png_writer(other_fs / "p" / "a.png", seed=1, size=40)
+    frozen: list[Path] = []
+
+    def freeze(source, where):
+        if subprocess.run(["chattr", "+i", str(where.parent)], capture_output=True).returncode != 0:
+            pytest.skip("this filesystem takes no immutable flag")
+        frozen.append(where.parent)
+
+    try:
+        r = scoring.score_inbox(
+            s, inbox=str(other_fs), run_id="run1", hooks=scoring.Hooks(on_move_linked=freeze)
+        )
+        assert frozen and (r["status"], r["move_failed"], r["scored"]) == ("finished", 0, 1)
+        assert inbox_files(other_fs) == []
+        png_writer(other_fs / "p" / "b.png", seed=2, size=40)
+        assert scoring.score_inbox(s, inbox=str(other_fs), run_id="run2")["scored"] == 1
+    finally:
+        for folder in frozen:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    with session_scope(sqlite_url) as db:
+        rows = db.scalars(select(InboxFile)).all()
+    assert len(rows) == 2 and all(
+        r.moved_to and Path(files.path_from_display(r.moved_to)).is_file() for r in rows
+    )

@@ -299,6 +299,15 @@ def test_a_finished_run_is_never_scored_again_and_its_record_stays(
     r = scoring.score_inbox(s, run_id="night-1")
     assert r["finished_before"] and r["finished_at"] == first["finished_at"] and r["precision"] == "f32"
     assert count_rows(migrated_url, Prediction) == 3 and (s.inbox_dir / "new.png").exists()
+    # round 22: its shard's result file deleted, or not a result: refused, the record stays as it was
+    result = scoring.run_dir(s, "night-1") / "shard-0.json"
+    for damage in (result.unlink, lambda: result.write_text("{}")):
+        damage()
+        with pytest.raises(ConfigError, match="night-1 has finished, but the result of its shard 0"):
+            scoring.score_inbox(s, run_id="night-1")
+        with session_scope(migrated_url) as ses:
+            row = ses.get(ScoringRun, "night-1")
+            assert (row.status, row.finished_at, row.counts) == kept_row
 
     # an unfinished run resumed with another inbox: refused, not silently left out
     other = tmp_path / "inbox2"
@@ -333,3 +342,37 @@ def test_a_planned_run_finished_after_another_run_took_its_files_says_so(
     with session_scope(migrated_url) as ses:
         counts = ses.get(ScoringRun, "killed").counts
     assert (counts["taken_by_other_runs"], counts["missing"], counts["planned"]) == (4, 0, 4)
+
+
+@pytest.mark.parametrize("where", ["plan", "finalize"])
+def test_a_run_killed_while_planning_or_finalizing_is_abandoned_at_once(
+    make_settings, sqlite_url, register_champion, png_writer, where
+):
+    """Round 22: a scoring run killed while its plan task or its finalize task ran stayed `running` for up
+    to an hour (no process was recorded for those steps, only for shards). Now the planning and the
+    finalizing process are recorded, so the next run (or `bcc status`) marks it `abandoned` at once; a
+    plan that finished lets go, and is not abandoned while it waits for its shards."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    scoring.plan_shards(s, "waiting", 1)  # planned in this process, which lets go of it
+    # the step killed in the middle (SIGKILL: no handler runs) in a process of its own
+    die = "import os, bcc_pipeline.scoring.{m} as m; m.sweep_interrupted = lambda *a, **k: os._exit(9)\n"
+    step = {
+        "plan": "scoring.plan_shards(s, 'killed', 1)",
+        "finalize": "scoring.score_shard(s, 'killed', 0); scoring.finalize_run(s, 'killed')",
+    }[where]
+    if where == "finalize":
+        scoring.plan_shards(s, "killed", 1)
+    code = (
+        die.format(m="plan" if where == "plan" else "run")
+        + "from bcc_pipeline import scoring\nfrom bcc_pipeline.config import load_settings\n"
+        + f"s = load_settings(env={{'BCC_HOME': {str(s.home)!r}, 'BCC_DATABASE_URL': {sqlite_url!r}}})\n"
+        + step
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 9, done.stderr[-2000:]
+    assert scoring.mark_abandoned(store.get_engine(sqlite_url)) == ["killed"]
+    with session_scope(sqlite_url) as ses:
+        assert ses.get(ScoringRun, "waiting").status == "running"
+        assert "PID" in ses.get(ScoringRun, "killed").error

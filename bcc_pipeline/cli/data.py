@@ -164,9 +164,14 @@ def _change(args: argparse.Namespace, manifest: Any) -> int:
     from ..holdout import describe_holdout
 
     info = describe_holdout(settings(args))
-    refused = manifest.refused
+    refused = [x for x in manifest.refused if not x.get("ignored")]
     if args.json:
-        json.dump({**info, "not_added": refused}, sys.stdout, indent=2, default=str)
+        json.dump(
+            {**info, "not_added": refused, "ignored": [x for x in manifest.refused if x.get("ignored")]},
+            sys.stdout,
+            indent=2,
+            default=str,
+        )
         sys.stdout.write("\n")
     else:
         last = info["history"][-1]
@@ -177,8 +182,10 @@ def _change(args: argparse.Namespace, manifest: Any) -> int:
         for x in info["excluded"]:
             if x.get("change") == last["seq"]:
                 print(f"  kept out {one_line(x['source'])}: {one_line(x['reason'])}")
-        for x in refused:
-            print(f"  NOT ADDED {one_line(x['path'])}: {one_line(x['reason'])}")
+        for x in manifest.refused:
+            print(
+                f"  {'ignored' if x.get('ignored') else 'NOT ADDED'} {one_line(x['path'])}: {one_line(x['reason'])}"
+            )
     if refused:  # the change is logged without them; somebody has to look (a `Malignant/` folder, say)
         print(
             f"bcc: error: {len(refused)} path(s) of the folder were not added to the holdout (listed as NOT "

@@ -149,13 +149,21 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
 
 
 def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Every image under ``folder/<label>/[<group>/]``: decoded, hashed. Returns (images, refused)."""
+    """Every image under ``folder/<label>/[<group>/]``: decoded, hashed. Returns (images, refused): what
+    could not be used ({path, reason}), with ``ignored`` set on what is left alone on purpose (hidden and
+    system files, files that are no image by their extension), as intake ignores them."""
     from ..intake import IntakeReport, patient_group
     from ..intake_folders import is_ignored_name, walk
 
     found, refused = [], []
+
+    def ignored(rel: Path | str, why: str) -> None:  # listed, but not a reason to exit 1 (as intake)
+        refused.append({"path": display_path(rel), "reason": why, "ignored": True})
+
     for entry in sorted(folder.iterdir()):
-        if entry.name not in LABELS and not entry.name.startswith("."):
+        if entry.name.startswith("."):
+            ignored(entry.name, "hidden, left alone")
+        elif entry.name not in LABELS:
             refused.append(
                 {"path": display_path(entry.name), "reason": f"not a label folder ({', '.join(LABELS)})"}
             )
@@ -169,6 +177,7 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
         for path in walk(folder / label, folder, walked):
             rel = path.relative_to(folder)
             if is_ignored_name(path.name):  # hidden and system files (.DS_Store, Thumbs.db)
+                ignored(rel, "hidden or system file, left alone")
                 continue
             if path.is_symlink():  # a linked patient folder too: its images would go unseen
                 refused.append(
@@ -176,6 +185,7 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
                 )
                 continue
             if path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+                ignored(rel, "not an image file extension")
                 continue
             if not path.is_file():
                 refused.append({"path": display_path(rel), "reason": "not a regular file"})
@@ -209,7 +219,10 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
                 }
             )
         refused += [{"path": f["path"], "reason": f["error"]} for f in walked.failed]  # unlistable folders
-        refused += [{"path": p, "reason": "a hidden folder, left alone"} for p in walked.ignored_paths]
+        refused += [
+            {"path": p, "reason": "a hidden folder, left alone", "ignored": True}
+            for p in walked.ignored_paths
+        ]
     return found, refused
 
 
@@ -283,31 +296,31 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         excluded += _near_exclusions(candidates, dev, "development", change=seq)
         _name_twins_in_development(excluded, grouped_out, dev)
         out = {x["sha256"] for x in excluded}
-        # nor a near-duplicate of an image already in the holdout (the same picture counted twice); one under
-        # the other label contests that holdout image, as an exact copy does
-        hold = _with_phash(s, [dict(e) for e in (old.entries if old else [])])
-        near_hold = _near_exclusions(
-            [r for r in candidates if r["sha256"] not in out], hold, "holdout", change=seq
-        )
-        contested_now = _contest_near_copies(s, near_hold, hold)
-        excluded += [_as_label_conflict(x, hold) for x in near_hold]
-        out = {x["sha256"] for x in excluded}
-        # nor one picture twice in the folder, or under both labels (re-encoded: other bytes), whatever
-        # else keeps one of them out (a twin whose patient is in development is that patient's picture too)
         firsts, taken = [], set(reserved)  # each content of the folder once, as first found
         for r in found:
             if r["sha256"] not in taken:
                 taken.add(r["sha256"])
                 firsts.append(r)
+        # nor a near-duplicate of an image already in the holdout (the same picture counted twice). One under
+        # the other label contests that holdout image, as an exact copy does, whatever else keeps it out
+        # (its patient in development, say)
+        hold = _with_phash(s, [dict(e) for e in (old.entries if old else [])])
+        near_hold = _near_exclusions(firsts, hold, "holdout", change=seq)
+        contested_now = _contest_near_copies(s, near_hold, hold)
+        excluded += [_as_label_conflict(x, hold) for x in near_hold if x["sha256"] not in out]
+        out = {x["sha256"] for x in excluded}
+        # nor one picture twice in the folder, or under both labels (re-encoded: other bytes), whatever
+        # else keeps one of them out (a twin whose patient is in development is that patient's picture too)
         within = _near_copies_within(firsts, "another new holdout", same_label=True, change=seq)
         excluded += [x for x in within if x["sha256"] not in out]
         out = {x["sha256"] for x in excluded}
         added = [r for r in candidates if r["sha256"] not in out]
         if not added:
+            refused_now = [x for x in refused if not x.get("ignored")]
             why = "; ".join(
                 [f"holdout image contested: {c}" for c in dict.fromkeys(contested_before)]
                 + [f"{x['source']}: {x['reason']}" for x in excluded[:5]]
-                + [f"{x['path']}: {x['reason']}" for x in refused[: max(0, 5 - len(excluded))]]
+                + [f"{x['path']}: {x['reason']}" for x in refused_now[: max(0, 5 - len(excluded))]]
             )
             why = why or "no new image"
             if contested_now:
@@ -315,11 +328,20 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             raise DatasetError(
                 f"no image from {folder} was added to the holdout ({already} already in it "
                 f"or kept out before, "
-                f"{len(excluded)} kept out, {len(refused)} refused): {why}"
+                f"{len(excluded)} kept out, {len(refused_now)} refused): {why}"
             )
         new_entries = []
         for r in added:
-            stored = str(store_copy(r["data"], r["sha256"], r["suffix"], settings.dataset_dir))
+            try:
+                stored = str(store_copy(r["data"], r["sha256"], r["suffix"], settings.dataset_dir))
+            except (
+                OSError
+            ) as exc:  # full (the spare room it keeps), read-only: nothing of the change is written
+                where = display_path(exc.filename) if exc.filename else display_path(settings.dataset_dir)
+                raise DatasetError(
+                    f"cannot write {r['source']} into the dataset store ({where}): "
+                    f"{exc.strerror or exc}; the holdout is unchanged"
+                ) from exc
             row = s.get(ImageRecord, r["sha256"])
             if row is None:
                 info = r["info"]

@@ -639,7 +639,8 @@ def test_a_near_copy_under_the_other_label_is_caught_whatever_else_keeps_it_out(
     holdout twin's own patient folder, kept out for the patient only, never contested the holdout image;
     (C) given to `holdout extend` as a near-copy of a holdout image, kept out as a plain near-duplicate,
     never contested it. (D) A linked or hidden patient folder given to `holdout extend` was passed over
-    without a word."""
+    without a word. (E, round 23) As (C), in a patient folder that has development images: kept out for
+    the patient only, it never contested the holdout image."""
     from bcc_pipeline.holdout import contested
 
     _land(home, benign=30, malignant=30, groups=6)
@@ -647,9 +648,10 @@ def test_a_near_copy_under_the_other_label_is_caught_whatever_else_keeps_it_out(
     frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
     dev = dataset.load_manifest(split_step(home)["manifest_path"])
     d = next(e for e in dev.entries if e["label"] == "benign")
-    h, h2 = [e for e in frozen.entries if e["label"] == "benign"][:2]
+    h, h2, h3 = [e for e in frozen.entries if e["label"] == "benign"][:3]
     folder = tmp_path / "second-read"
     _near_copy(Path(d["path"]), folder / "malignant" / d["group_id"] / "a.png")  # (A)
+    _near_copy(Path(h3["path"]), folder / "malignant" / d["group_id"] / "e.png")  # (E)
     _near_copy(Path(h["path"]), folder / "malignant" / "p95" / "h.png")  # (C)
     _land(home, benign=2, malignant=2, groups=1, seed=21, first_patient=91, out=folder)
     elsewhere = tmp_path / "elsewhere"
@@ -657,8 +659,12 @@ def test_a_near_copy_under_the_other_label_is_caught_whatever_else_keeps_it_out(
     os.symlink(elsewhere, folder / "benign" / "p96")  # (D)
     _near_copy(Path(dev.entries[-2]["path"]), folder / "benign" / ".p97" / "y.png")
     changed = dataset.extend_holdout(home, folder, actor="a", reason="second read")
-    assert sorted(x["path"] for x in changed.refused) == ["benign/.p97", "benign/p96"]  # (D)
-    assert h["sha256"] in {c["sha256"] for c in contested(home)}  # (C)
+    # (D): listed; the link is not added (exit 1), the hidden folder is left alone as intake does
+    assert sorted((x["path"], bool(x.get("ignored"))) for x in changed.refused) == [
+        ("benign/.p97", True),
+        ("benign/p96", False),
+    ]
+    assert {h["sha256"], h3["sha256"]} <= {c["sha256"] for c in contested(home)}  # (C), (E)
     assert any(x["kind"] == "label_conflict" and x["near_sha256"] == h["sha256"] for x in changed.excluded)
 
     _near_copy(Path(h2["path"]), home.landing_dir / "malignant" / h2["group_id"] / "b.png")  # (B)
@@ -668,3 +674,33 @@ def test_a_near_copy_under_the_other_label_is_caught_whatever_else_keeps_it_out(
     assert d["sha256"] not in {e["sha256"] for e in dev2.entries}  # (A)
     assert d["sha256"] in {x["sha256"] for x in dev2.excluded if x["kind"] == "label_conflict"}
     assert h2["sha256"] in {c["sha256"] for c in contested(home)}  # (B)
+
+
+def test_extend_says_what_it_leaves_alone_and_a_store_it_cannot_write_is_one_line(
+    home, tmp_path, monkeypatch, capsys
+):
+    """Round 23: hidden files and files that are no image were passed over by `holdout extend` without a
+    word (now listed as `ignored`, exit 0, as intake counts them); a dataset store that cannot take a copy
+    (full: the spare room it keeps; read-only) was an "unexpected error" (now one line, the holdout
+    unchanged)."""
+    folder = tmp_path / "cohort"
+    _land(home, benign=4, malignant=4, groups=2, seed=31, first_patient=60, out=folder)
+    (folder / "benign" / "README.txt").write_text("scanned 2026-12-01")
+    (folder / "benign" / ".DS_Store").write_bytes(b"\0")
+    monkeypatch.setenv("BCC_HOME", str(home.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
+    assert cli.main(["holdout", "extend", "--from", str(folder), "--reason", "cohort"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "ignored benign/README.txt: not an image file extension" in out and "ignored benign/.DS_Store" in out
+    )
+    before = dataset.current_holdout(home).hash
+
+    more = tmp_path / "more"
+    made = _land(home, benign=2, malignant=2, groups=1, seed=32, first_patient=70, out=more)
+    sha = images.sha256_bytes(Path(made["files"][0]).read_bytes())
+    (home.dataset_dir / sha[:2] / f"{sha}.png").mkdir(parents=True)  # its copy cannot be written
+    assert cli.main(["holdout", "extend", "--from", str(more), "--reason", "more"]) == 1
+    err = capsys.readouterr().err
+    assert "bcc: error: cannot write" in err and "into the dataset store" in err and "unexpected" not in err
+    assert dataset.current_holdout(home).hash == before

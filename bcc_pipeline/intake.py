@@ -81,7 +81,7 @@ from .moving import (
     Identity,
     identity_text,
 )
-from .neardup import perceptual_hash
+from .neardup import perceptual_hash, turned_hashes
 from .store import (
     ImageRecord,
     Rejection,
@@ -423,6 +423,7 @@ def _intake_one(
                 "excluded_reason": None,
                 "first_seen_at": utcnow(),
                 "phash": perceptual_hash(rgb),
+                "phash_turns": turned_hashes(rgb),
             }
             sha_column = ImageRecord.__table__.c.sha256
             if not insert_rows(session, ImageRecord, [row], key=("sha256",), returning=sha_column):
@@ -438,6 +439,7 @@ def _intake_one(
                     stored_path=str(stored),
                     first_seen_at=utcnow(),
                     phash=perceptual_hash(rgb),
+                    phash_turns=turned_hashes(rgb),
                 )
             )
             if labelled.rowcount != 1:
@@ -462,3 +464,5 @@ def require_columns(url: str) -> None:
         raise StoreError(
             "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
         )
+    if "phash_turns" not in {c["name"] for c in inspect(get_engine(url)).get_columns("images")}:
+        raise StoreError("the database predates images.phash_turns (migration 0009); run `bcc db upgrade`")

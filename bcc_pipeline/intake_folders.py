@@ -174,6 +174,10 @@ def walk(
     ignored, as scoring does."""
 
     def unreadable(exc: OSError) -> None:
+        if isinstance(exc, FileNotFoundError):  # moved or removed since it was listed (to the other label,
+            # say, where this walk finds it): nothing of it is here to report
+            log.info("intake: %s left landing while it was walked", display_path(exc.filename or root))
+            return
         try:
             where = display_path(Path(exc.filename).relative_to(landing))
         except (TypeError, ValueError):

@@ -12,6 +12,11 @@ sees through both:
 3. one bit per horizontally adjacent pair: is the right pixel brighter than the left? 8 rows × 8 pairs
    = 64 bits, stored as 16 hex digits in ``images.phash``.
 
+A tile turned by 90, 180 or 270 degrees, or mirrored, is the same tissue (training itself flips and turns
+tiles), but its hash is another. So the hash of each of the 7 other orientations is kept too
+(``images.phash_turns``, :func:`turned_hashes`), and two images are compared in all 8 orientations of one
+against the other as it is.
+
 Two images are near-duplicates when their hashes differ in at most :data:`NEAR_DUPLICATE_BITS` bits.
 Caveat: a nearly uniform tile (empty background) has a hash made of noise, and such tiles can match
 each other; they carry no tissue and should not be in a data set anyway.
@@ -39,6 +44,7 @@ __all__ = [
     "near_duplicates",
     "near_pairs",
     "perceptual_hash",
+    "turned_hashes",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,24 @@ def perceptual_hash(rgb: np.ndarray) -> str:
     return np.packbits(bits).tobytes().hex()
 
 
+def _orientations(rgb: np.ndarray) -> list[np.ndarray]:
+    """The 7 other orientations of an image: turned 90, 180 and 270 degrees, mirrored, and those turned."""
+    turned = [np.rot90(rgb, k) for k in (1, 2, 3)]
+    mirrored = np.fliplr(rgb)
+    return turned + [mirrored] + [np.rot90(mirrored, k) for k in (1, 2, 3)]
+
+
+def turned_hashes(rgb: np.ndarray) -> str:
+    """The :func:`perceptual_hash` of each of the image's 7 other orientations, joined (112 hex digits)."""
+    return "".join(perceptual_hash(o) for o in _orientations(rgb))
+
+
+def _all_hashes(record: dict[str, Any]) -> list[str]:
+    """A record's hash and, where known (``turns``), those of its other orientations."""
+    turns = record.get("turns") or ""
+    return [record["phash"]] + [turns[i : i + 16] for i in range(0, len(turns), 16)]
+
+
 def hamming(a: str, b: str) -> int:
     """How many of the 64 bits of two hex hashes differ."""
     return (int(a, 16) ^ int(b, 16)).bit_count()
@@ -74,7 +98,8 @@ def near_duplicates(
     references: Sequence[dict[str, Any]],
     max_bits: int = NEAR_DUPLICATE_BITS,
 ) -> list[dict[str, Any]]:
-    """For each query (``sha256``, ``phash``) the closest reference within ``max_bits``, if any.
+    """For each query (``sha256``, ``phash``, optional ``turns``) the closest reference within ``max_bits``
+    in any of the query's orientations, if any.
 
     Returns ``{"sha256", "near_sha256", "distance"}`` per matching query; records without a hash and
     a query's own sha256 among the references are skipped (exact copies are not this check's job)."""
@@ -86,7 +111,7 @@ def near_duplicates(
     for q in queries:
         if not q.get("phash"):
             continue
-        dist = np.bitwise_count(ref_bits ^ np.uint64(int(q["phash"], 16)))
+        dist = _closest(ref_bits, q)
         order = np.argsort(dist, kind="stable")
         for i in order:
             if int(dist[i]) > max_bits:
@@ -97,6 +122,11 @@ def near_duplicates(
                 )
                 break
     return out
+
+
+def _closest(ref_bits: np.ndarray, q: dict[str, Any]) -> np.ndarray:
+    """Per reference, the fewest bits its hash differs from the query's in any of the query's orientations."""
+    return np.min([np.bitwise_count(ref_bits ^ np.uint64(int(h, 16))) for h in _all_hashes(q)], axis=0)
 
 
 def near_pairs(
@@ -111,7 +141,7 @@ def near_pairs(
     bits = _as_ints([r["phash"] for r in hashed])
     out = []
     for i in range(1, len(hashed)):
-        dist = np.bitwise_count(bits[:i] ^ bits[i])
+        dist = _closest(bits[:i], hashed[i])
         for j in np.flatnonzero(dist <= max_bits):  # almost always none: the pairs are found cheaply
             if hashed[j]["sha256"] != hashed[i]["sha256"]:
                 out.append(
@@ -124,20 +154,21 @@ def near_pairs(
     return out
 
 
-def ensure_phashes(session: Session, shas: Iterable[str]) -> dict[str, str | None]:
-    """The perceptual hash of each image, computed from its stored copy (and saved) where a row from
-    an older release has none. An image whose copy cannot be decoded keeps ``None`` (logged)."""
+def ensure_phashes(session: Session, shas: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
+    """The perceptual hash of each image and of its other orientations (``phash``, ``turns``), computed from
+    its stored copy (and saved) where a row from an older release has none. An image whose copy cannot be
+    decoded keeps ``None`` (logged)."""
     wanted = list(shas)
-    out: dict[str, str | None] = {}
+    out: dict[str, tuple[str | None, str | None]] = {}
     for start in range(0, len(wanted), 500):
         rows = session.scalars(select(ImageRecord).where(ImageRecord.sha256.in_(wanted[start : start + 500])))
         for row in rows:
-            if row.phash is None and row.stored_path:
+            if (row.phash is None or row.phash_turns is None) and row.stored_path:
                 try:
                     rgb, _ = images.decode_file(row.stored_path)
-                    row.phash = perceptual_hash(rgb)
+                    row.phash, row.phash_turns = perceptual_hash(rgb), turned_hashes(rgb)
                 except ImageError as exc:
                     log.warning("no perceptual hash for %s (%s): %s", row.sha256, row.stored_path, exc)
-            out[row.sha256] = row.phash
+            out[row.sha256] = (row.phash, row.phash_turns)
     session.flush()
     return out

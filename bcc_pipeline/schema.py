@@ -82,6 +82,9 @@ class ImageRecord(Base):
     phash: Mapped[str | None] = mapped_column(
         String(16)
     )  # 64-bit perceptual hash, hex (bcc_pipeline.neardup)
+    # the same hash of its 7 other orientations (turned 90/180/270 degrees, and those mirrored), 16 hex each:
+    # a turned or mirrored copy is the same picture (bcc_pipeline.neardup)
+    phash_turns: Mapped[str | None] = mapped_column(String(112))
     first_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_images_label_first_seen", "label", "first_seen_at"),)

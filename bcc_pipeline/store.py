@@ -209,8 +209,13 @@ def _secrets(url: Any) -> list[str]:
 
 
 def _error_line(exc: BaseException, url: Any) -> str:
-    """The first line of a driver's error, with any credential of ``url`` in it masked."""
-    text = str(exc).strip()
+    """The first line of a driver's error, with any credential of ``url`` in it masked. SQLAlchemy's own
+    first line may be a note about how the error arose ("(raised as a result of Query-invoked autoflush;
+    ..."): the driver's error, which says what went wrong ("database is locked"), is taken from under it."""
+    orig = getattr(exc, "orig", None)
+    text = (
+        f"({type(orig).__module__}.{type(orig).__name__}) {orig}" if orig is not None else str(exc)
+    ).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     for secret in _secrets(url):
         line = line.replace(secret, _MASK)

@@ -135,7 +135,8 @@ def _print_show(info: dict[str, Any]) -> None:
     print(
         "  per group: "
         + ", ".join(
-            f"{one_line(g)} {'/'.join(f'{n} {lab}' for lab, n in c.items())}"
+            # quoted: a folder named `m1 1 malignant, h2` is one group, not two
+            f"{one_line(json.dumps(g, ensure_ascii=False))} {'/'.join(f'{n} {lab}' for lab, n in c.items())}"
             for g, c in list(info["groups"].items())[:20]
         )
         + (f", ... ({len(info['groups'])} groups)" if len(info["groups"]) > 20 else "")

@@ -26,7 +26,7 @@ from ..manifests import (
     select_groups,
     write_manifest,
 )
-from ..neardup import near_duplicates, perceptual_hash
+from ..neardup import near_duplicates, perceptual_hash, turned_hashes
 from ..store import HoldoutEvent, ImageRecord, session_scope, utcnow
 from .records import (
     LABELS,
@@ -42,6 +42,7 @@ from .records import (
     _usable,
     _with_phash,
     mark_both_labels,
+    patient_key,
 )
 
 __all__ = ["extend_holdout", "freeze_holdout", "withdraw_from_holdout"]
@@ -215,6 +216,7 @@ def _read_folder(settings: Settings, folder: Path) -> tuple[list[dict[str, Any]]
                     "data": data,
                     "suffix": path.suffix.lower(),
                     "phash": perceptual_hash(rgb),
+                    "turns": turned_hashes(rgb),
                     "info": info,
                 }
             )
@@ -253,7 +255,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         kept_out = {x["sha256"] for x in (old.excluded if old else [])}
         reserved = in_holdout | kept_out
         dev = _with_phash(s, [r for r in _usable(s) if r["sha256"] not in reserved])
-        dev_groups = {r["group_id"] for r in dev if r["group_id"]}
+        dev_groups = {patient_key(r["group_id"]) for r in dev if r["group_id"]}  # however it is spelled
         excluded, candidates, already, seen = [], [], 0, set()
         grouped_out: list[dict[str, Any]] = []  # kept out for their patient: still compared for a twin
         contested_before = [
@@ -280,7 +282,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
                         change=seq,
                     )
                 )
-            elif r["group_id"] and r["group_id"] in dev_groups:
+            elif r["group_id"] and patient_key(r["group_id"]) in dev_groups:
                 grouped_out.append(r)
                 excluded.append(
                     _excluded(
@@ -357,14 +359,16 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
                         stored_path=stored,
                         first_seen_at=utcnow(),
                         phash=r["phash"],
+                        phash_turns=r["turns"],
                     )
                 )
             else:  # known from scoring (unlabelled); now it has a label
-                row.label, row.group_id, row.stored_path, row.phash = (
+                row.label, row.group_id, row.stored_path, row.phash, row.phash_turns = (
                     r["label"],
                     r["group_id"],
                     stored,
                     r["phash"],
+                    r["turns"],
                 )
             new_entries.append({**r, "group_id": _group_of(r), "path": stored, "split": "holdout"})
         entries = (old.entries if old else []) + new_entries

@@ -8,6 +8,7 @@ reasons) that :mod:`.changes` and :mod:`.roles` both write.
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ..model import CLASS_NAMES
 from ..neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates, near_pairs
 from ..store import HoldoutEvent, ImageRecord, session_scope
 
-__all__ = ["contested", "current_holdout", "describe_holdout", "mark_both_labels"]
+__all__ = ["contested", "current_holdout", "describe_holdout", "mark_both_labels", "patient_key"]
 
 LABELS = CLASS_NAMES
 
@@ -59,6 +60,7 @@ def _usable(session: Session) -> list[dict[str, Any]]:
             ImageRecord.label,
             ImageRecord.group_id,
             ImageRecord.stored_path,
+            ImageRecord.source_path,
             ImageRecord.first_seen_at,
         ).where(
             ImageRecord.label.is_not(None),
@@ -72,6 +74,7 @@ def _usable(session: Session) -> list[dict[str, Any]]:
             "label": r.label,
             "group_id": r.group_id,
             "path": r.stored_path,
+            "source": r.source_path,  # where it landed: what reasons name it by
             "first_seen_at": r.first_seen_at,
         }
         for r in rows
@@ -80,7 +83,14 @@ def _usable(session: Session) -> list[dict[str, Any]]:
 
 def _with_phash(session: Session, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     hashes = ensure_phashes(session, [r["sha256"] for r in records])
-    return [{**r, "phash": hashes.get(r["sha256"])} for r in records]
+    return [
+        {
+            **r,
+            "phash": hashes.get(r["sha256"], (None, None))[0],
+            "turns": hashes.get(r["sha256"], (None, None))[1],
+        }
+        for r in records
+    ]
 
 
 def _contested(session: Session, holdout: Manifest | None) -> list[dict[str, Any]]:
@@ -112,6 +122,16 @@ def contested(settings: Settings) -> list[dict[str, Any]]:
     """The current holdout's images whose label is contested (:func:`_contested`)."""
     with session_scope(settings.database_url) as s:
         return _contested(s, _load(_latest(s)))
+
+
+def patient_key(group_id: str | None) -> str | None:
+    """The patient a group id names, for telling whether two folders are one patient: ``Patient_07``,
+    ``patient_07 `` and ``patient_０7`` (full-width digit) are ``patient_07`` (Unicode NFKC, case folded,
+    spaces around it dropped). Two spellings of one patient must never sit in two roles; two patients that
+    only the case tells apart are kept together, the safe side."""
+    if not group_id:
+        return None
+    return unicodedata.normalize("NFKC", group_id).strip().casefold()
 
 
 def _group_of(r: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ from .records import (
     _usable,
     _with_phash,
     current_holdout,
+    patient_key,
 )
 
 __all__ = ["AUTO_FREEZE_REASON", "RoleSplit", "split_roles"]
@@ -103,7 +104,8 @@ def split_roles(settings: Settings) -> RoleSplit:
     reserved = {e["sha256"] for e in hold_entries} | {
         x["sha256"] for x in (holdout.excluded if holdout else [])
     }
-    hold_groups = {e["group_id"] for e in hold_entries if not e["group_id"].startswith("sha:")}
+    # by patient, however its folder was spelled (`patient_07` in the holdout, `Patient_07 ` landing later)
+    hold_groups = {patient_key(e["group_id"]) for e in hold_entries if not e["group_id"].startswith("sha:")}
     with session_scope(settings.database_url) as s:
         warnings += _champion_overlap(s, settings, {e["sha256"] for e in hold_entries})
         records = _usable(s)
@@ -117,10 +119,10 @@ def split_roles(settings: Settings) -> RoleSplit:
                 "group_in_holdout",
             )
             for r in dev
-            if r["group_id"] in hold_groups
+            if patient_key(r["group_id"]) in hold_groups
         ]
-        in_hold_groups = _with_phash(s, [r for r in dev if r["group_id"] in hold_groups])
-        dev = _with_phash(s, [r for r in dev if r["group_id"] not in hold_groups])
+        in_hold_groups = _with_phash(s, [r for r in dev if patient_key(r["group_id"]) in hold_groups])
+        dev = _with_phash(s, [r for r in dev if patient_key(r["group_id"]) not in hold_groups])
         hold_hashed = _with_phash(s, [{**e} for e in hold_entries])
         dev_excluded += _near_exclusions(dev, hold_hashed, "holdout")
         # a near-copy under the other label contests the holdout image also when its patient's folder is

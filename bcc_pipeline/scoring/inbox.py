@@ -198,6 +198,9 @@ def discover(settings: Settings, inbox: InboxArg = None) -> dict[str, Any]:
         try:
             with os.scandir(dir_abs) as it:
                 entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:  # moved or removed since its parent was listed: nothing here to report
+            log.info("%s left the inbox while it was listed", display_path(prefix or "."))
+            continue
         except OSError as exc:
             out["ignored"].append(
                 {

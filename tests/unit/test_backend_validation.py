@@ -240,7 +240,7 @@ def test_migration_upgrades_a_database_that_holds_predictions(db_url):
                 ),
                 {"s": f"{k}" * 64, "p": f"old/{k}.png"},
             )
-    assert store.upgrade(db_url) == "0008"
+    assert store.upgrade(db_url) == "0009"
     with eng.connect() as c:
         old = c.execute(
             text(

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from sqlalchemy import inspect, select, text
 
@@ -17,7 +18,7 @@ from bcc_pipeline import cli, dataset, images, store
 from bcc_pipeline.demo_data import generate
 from bcc_pipeline.errors import DatasetError
 from bcc_pipeline.holdout import AUTO_FREEZE_REASON, describe_holdout
-from bcc_pipeline.neardup import NEAR_DUPLICATE_BITS, hamming, perceptual_hash
+from bcc_pipeline.neardup import NEAR_DUPLICATE_BITS, hamming, perceptual_hash, turned_hashes
 from bcc_pipeline.pipelines import split_step
 from bcc_pipeline.store import HoldoutEvent, ImageRecord, session_scope
 
@@ -255,7 +256,8 @@ def test_migration_upgrades_a_database_that_holds_data(db_url, tmp_path):
     with session_scope(db_url) as s:
         row = s.get(ImageRecord, "a" * 64)
         assert (row.label, row.group_id, row.phash) == ("benign", "p1", None)  # kept, hash not yet computed
-        assert ensure_phashes(s, ["a" * 64]) == {"a" * 64: perceptual_hash(cv2.imread(png)[..., ::-1])}
+        rgb = cv2.imread(png)[..., ::-1]
+        assert ensure_phashes(s, ["a" * 64]) == {"a" * 64: (perceptual_hash(rgb), turned_hashes(rgb))}
     with session_scope(db_url) as s:
         assert s.get(ImageRecord, "a" * 64).phash is not None  # computed once, stored
 
@@ -521,6 +523,8 @@ def test_a_near_copy_of_a_holdout_image_landing_under_the_other_label_contests_i
     split = split_step(home)
     assert any("near-copy labelled the other way" in w for w in split["warnings"])
     assert [c["sha256"] for c in contested(home)] == [original["sha256"]]
+    # round 23: named where it landed, not by its path in the store
+    assert "(malignant/p90/near.png)" in contested(home)[0]["reason"]
 
 
 def _near_copy(src: Path, dest: Path) -> Path:
@@ -687,6 +691,8 @@ def test_extend_says_what_it_leaves_alone_and_a_store_it_cannot_write_is_one_lin
     _land(home, benign=4, malignant=4, groups=2, seed=31, first_patient=60, out=folder)
     (folder / "benign" / "README.txt").write_text("scanned 2026-12-01")
     (folder / "benign" / ".DS_Store").write_bytes(b"\0")
+    (folder / "malignant" / "m1 1 malignant, h2").mkdir()  # round 23: a group name like a list
+    shutil.move(sorted((folder / "malignant").rglob("*.png"))[0], folder / "malignant" / "m1 1 malignant, h2")
     monkeypatch.setenv("BCC_HOME", str(home.home))
     monkeypatch.setenv("BCC_DATABASE_URL", home.database_url)
     assert cli.main(["holdout", "extend", "--from", str(folder), "--reason", "cohort"]) == 0
@@ -695,6 +701,8 @@ def test_extend_says_what_it_leaves_alone_and_a_store_it_cannot_write_is_one_lin
         "ignored benign/README.txt: not an image file extension" in out and "ignored benign/.DS_Store" in out
     )
     before = dataset.current_holdout(home).hash
+    assert cli.main(["holdout", "show"]) == 0
+    assert '"m1 1 malignant, h2" 1 malignant' in capsys.readouterr().out  # one group, quoted
 
     more = tmp_path / "more"
     made = _land(home, benign=2, malignant=2, groups=1, seed=32, first_patient=70, out=more)
@@ -704,3 +712,85 @@ def test_extend_says_what_it_leaves_alone_and_a_store_it_cannot_write_is_one_lin
     err = capsys.readouterr().err
     assert "bcc: error: cannot write" in err and "into the dataset store" in err and "unexpected" not in err
     assert dataset.current_holdout(home).hash == before
+
+
+@pytest.mark.parametrize("spelling", ["upper", "space", "fullwidth"])
+def test_a_holdout_patient_under_another_spelling_of_its_folder_stays_out_of_development(home, spelling):
+    """Round 23: slides landing in `Patient_07/`, `patient_07 /` or `patient_０7/` (a full-width digit)
+    went into train/validation while `patient_07` was in the holdout. One patient is one patient however
+    its folder is spelled (`holdout.records.patient_key`)."""
+    made = _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    held = next(e for e in frozen.entries if e["label"] == "benign")["group_id"]
+    other = {"upper": held.upper(), "space": f"{held} ", "fullwidth": held.replace("0", "\uff10", 1)}[
+        spelling
+    ]
+    assert other != held
+    new = _land(home, benign=2, malignant=2, groups=1, seed=41, first_patient=90, out=home.home / "new")
+    slide = Path(sorted(f for f in new["files"] if "/benign/" in f)[0])
+    (home.landing_dir / "benign" / other).mkdir(parents=True)
+    shutil.move(slide, home.landing_dir / "benign" / other / "later.png")
+    assert made and dataset.intake(home, run_id="i2").accepted == 1
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert other not in {e["group_id"] for e in dev.entries}
+    assert other in {x["group_id"] for x in dev.excluded if x["kind"] == "group_in_holdout"}
+
+
+def _turned(src: Path, dest: Path, how: str) -> Path:
+    """``src`` turned 90 degrees (``turn``) or mirrored (``mirror``), as PNG at ``dest``."""
+    img = cv2.imread(str(src))
+    img = np.rot90(img).copy() if how == "turn" else np.fliplr(img).copy()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(dest), img)
+    return dest
+
+
+def test_a_turned_or_mirrored_copy_is_the_same_picture(home, tmp_path):
+    """Round 23: the near-copy check compared one orientation only, while training itself flips and turns
+    tiles. A benign development tile turned 90 degrees landing as malignant trained under both labels; a
+    mirrored copy of a holdout image under the other label went into training and contested nothing. Now
+    every orientation is compared (`images.phash_turns`, migration 0009)."""
+    from bcc_pipeline.holdout import contested
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    d = next(e for e in dev.entries if e["label"] == "benign")
+    h = next(e for e in frozen.entries if e["label"] == "benign")
+    turned = _turned(Path(d["path"]), home.landing_dir / "malignant" / "p80" / "t.png", "turn")
+    mirrored = _turned(Path(h["path"]), home.landing_dir / "malignant" / "p81" / "m.png", "mirror")
+    shas = {p: images.sha256_bytes(p.read_bytes()) for p in (turned, mirrored)}
+    assert dataset.intake(home, run_id="i2").accepted == 2
+    dev2 = dataset.load_manifest(split_step(home)["manifest_path"])
+    kept = {e["sha256"] for e in dev2.entries}
+    assert not {d["sha256"], shas[turned], shas[mirrored]} & kept
+    assert {d["sha256"], shas[turned]} <= {
+        x["sha256"] for x in dev2.excluded if x["kind"] == "label_conflict"
+    }
+    assert h["sha256"] in {c["sha256"] for c in contested(home)}
+
+
+def test_rows_from_before_migration_0009_get_their_turned_hashes_and_an_old_schema_is_named(home):
+    """A database at 0008 is refused by intake with the command that fixes it; after the upgrade, rows
+    written before it (no `phash_turns`) get theirs from their stored copy the first time a split needs
+    them."""
+    from bcc_pipeline.errors import StoreError
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    assert store.downgrade(home.database_url, "0008") == "0008"
+    store.dispose_engine(home.database_url)
+    with pytest.raises(StoreError, match="0009.*bcc db upgrade"):
+        dataset.intake(home, run_id="old-schema")
+    assert store.upgrade(home.database_url) == "0009"
+    store.dispose_engine(home.database_url)
+    with session_scope(home.database_url) as s:
+        assert (
+            s.scalars(select(ImageRecord.phash_turns).where(ImageRecord.phash_turns.is_not(None))).all() == []
+        )
+    split_step(home)
+    with session_scope(home.database_url) as s:
+        turns = s.scalars(select(ImageRecord.phash_turns)).all()
+    assert turns and all(t and len(t) == 112 for t in turns)

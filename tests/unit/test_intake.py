@@ -600,7 +600,7 @@ def test_migration_0008_keeps_older_rejections_and_an_old_schema_is_named(home, 
                 rejected_at=store.utcnow(),
             )
         )
-    assert store.upgrade(migrated_url) == "0008"
+    assert store.upgrade(migrated_url) == "0009"
     store.dispose_engine(migrated_url)
     r = intake(home, run_id="after-upgrade")
     assert (r.recovered, r.rejected, r.failed) == (1, 0, [])
@@ -1793,3 +1793,26 @@ def test_intake_never_fills_the_dataset_stores_disk(home, png_writer):
         assert all("no room for a copy" in u["error"] for u in r.unreachable)
         assert free >= size // 20  # the spare room is left
         assert len(list(landing.iterdir())) == 10 - r.accepted  # refused files stay in landing
+
+
+def test_a_patient_folder_moved_to_the_other_label_while_intake_walks_is_not_reported_unreadable(
+    home, png_writer
+):
+    """Round 23: a person moves `benign/p2/` to `malignant/p2/` while intake walks `benign/`: the walk could
+    no longer list it, and the run was red ("cannot list this folder", unreachable) although the same run
+    then took its image in under malignant/. A folder that is gone is not unreadable."""
+    from bcc_pipeline import images
+
+    png_writer(home.landing_dir / "benign" / "p1" / "x.png", seed=1)
+    y = png_writer(home.landing_dir / "benign" / "p2" / "y.png", seed=2)
+    sha = images.sha256_bytes(y.read_bytes())
+    (home.landing_dir / "malignant").mkdir()
+
+    def move_p2(shown):
+        if shown == "benign/p1/x.png":
+            os.rename(home.landing_dir / "benign" / "p2", home.landing_dir / "malignant" / "p2")
+
+    r = intake(home, run_id="walk", on_committed=move_p2)
+    assert (r.accepted, r.unreachable, r.failed) == (2, [], [])
+    with session_scope(home.database_url) as s:
+        assert s.get(ImageRecord, sha).label == "malignant"

@@ -668,3 +668,33 @@ def test_the_mount_table_is_read_with_its_escapes(tmp_path):
     assert mount_table(str(tmp_path / "missing")) == []
     # the live table: an ordinary folder has no other path
     assert other_paths(str(tmp_path)) == []
+
+
+def test_a_folder_moved_out_of_the_inbox_while_it_is_listed_is_not_unreachable(
+    make_settings, png_writer, tmp_path, monkeypatch
+):
+    """Round 23 (as for intake): a folder moved away between the listing of its parent and its own listing
+    made the run red ("cannot list this folder", unreachable) though nothing was left to reach."""
+    import contextlib
+
+    from bcc_pipeline.scoring import inbox as inbox_module
+
+    s = make_settings(None, settle_seconds=0)
+    png_writer(s.inbox_dir / "a" / "x.png", seed=1)
+    png_writer(s.inbox_dir / "b" / "y.png", seed=2)
+    real, moved = os.scandir, []
+
+    @contextlib.contextmanager
+    def listed_then_moved(path):  # `b/` listed in its parent, then moved away while `a/` is listed
+        with real(path) as it:
+            entries = list(it)
+        if os.fspath(path) == str(s.inbox_dir / "a") and not moved:
+            os.rename(s.inbox_dir / "b", tmp_path / "b")
+            moved.append(path)
+        yield iter(entries)
+
+    monkeypatch.setattr(inbox_module.os, "scandir", listed_then_moved)
+    found = scoring.discover(s)
+    monkeypatch.undo()
+    assert moved and found["pending"] == ["a/x.png"]
+    assert inbox_module.unreachable(found["ignored"]) == []

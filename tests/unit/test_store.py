@@ -283,3 +283,22 @@ def test_json_columns_store_an_undefined_number_as_null(migrated_url, count):
     with session_scope(migrated_url) as s:
         stored = list(s.scalars(select(ScoringRun.counts)))
     assert len(stored) == count and all(c == want for c in stored)
+
+
+def test_a_database_error_raised_in_an_autoflush_keeps_its_cause() -> None:
+    """Round 23: SQLAlchemy puts a note first when a flush before a query fails ("(raised as a result of
+    Query-invoked autoflush; ..."), and the one-line error kept only that note: "database is locked" or
+    "database or disk is full" was lost. The driver's error is the line now."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from bcc_pipeline.store import _error_line
+
+    exc = OperationalError("INSERT INTO images ...", {}, sqlite3.OperationalError("database is locked"))
+    exc.add_detail(
+        "raised as a result of Query-invoked autoflush; consider using a session.no_autoflush block if this "
+        "flush is occurring prematurely"
+    )
+    assert str(exc).startswith("(raised as a result of Query-invoked autoflush")
+    assert _error_line(exc, "sqlite:///x.db") == "(sqlite3.OperationalError) database is locked"

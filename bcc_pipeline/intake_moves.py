@@ -277,6 +277,8 @@ def _remove_stored(shown: str, path: Path, then: Then, report: IntakeReport, lan
     except OSError as exc:
         error = one_line(f"stored, but cannot be removed from landing: {exc.strerror or exc}")
         report.failed.append({"path": shown, "error": error})
+        # every run would store it again and fail again, green: somebody has to look (read-only landing)
+        report.unreachable.append(report.failed[-1])
         log.error("%s: %s", shown, error)
 
 

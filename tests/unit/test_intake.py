@@ -1816,3 +1816,24 @@ def test_a_patient_folder_moved_to_the_other_label_while_intake_walks_is_not_rep
     assert (r.accepted, r.unreachable, r.failed) == (2, [], [])
     with session_scope(home.database_url) as s:
         assert s.get(ImageRecord, sha).label == "malignant"
+
+
+def test_a_stored_file_that_cannot_leave_landing_turns_the_run_red(home, png_writer):
+    """Round 23: a file stored in the dataset whose landing name cannot be removed (a read-only or
+    immutable landing folder) was reported under `failed` on every run, each run green. It is
+    `unreachable` now: `bcc intake` exits 1 and the DAG's intake task fails, naming it."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for chattr +i")
+    a = png_writer(home.landing_dir / "benign" / "p1" / "a.png", seed=1)
+    if subprocess.run(["chattr", "+i", str(a.parent)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem takes no immutable flag")
+    try:
+        for run in ("i1", "i2"):
+            r = intake(home, run_id=run)
+            assert [u["path"] for u in r.unreachable] == ["benign/p1/a.png"] and a.exists()
+            assert "stored, but cannot be removed from landing" in r.unreachable[0]["error"]
+    finally:
+        subprocess.run(["chattr", "-i", str(a.parent)], check=True)
+    assert intake(home, run_id="i3").unreachable == [] and not a.exists()

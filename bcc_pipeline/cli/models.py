@@ -175,7 +175,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     s = settings(args)
     with contextlib.suppress(StoreError):  # a `running` run whose process is gone says so (schema permitting)
-        mark_abandoned(get_engine(s.database_url))
+        mark_abandoned(get_engine(s.database_url), runs_dir=s.runs_dir)
     champion = champion_summary(s)
     runs = scoring_runs(s, limit=1)
     run = runs[0] if runs else None

@@ -35,9 +35,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"{r['duplicates']} duplicates, {r['rejected']} rejected, {r['ignored']} ignored, "
             f"{r['skipped']} still being written ({r['images_per_second']} images/s, {r['seconds']}s)"
         )
-        more = {  # shown when it happened, so that the counts add up to what was planned
+        more = {  # shown when it happened (a file scored, then gone or changed before its move, is in two)
             "recovered": "earlier moves finished",
-            "missing": "left the inbox before they were scored",
+            "missing": "left the inbox before they were moved (any prediction made is kept)",
             "taken_by_other_runs": "scored and moved by another run",
             "changed": "changed after they were read (left for the next run)",
             "move_failed": "could not be moved",

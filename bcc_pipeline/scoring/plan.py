@@ -221,7 +221,7 @@ def plan_shards(
             f"{display_path(os.fspath(inbox))}; leave out the inbox to finish that run, or the run id to "
             "plan a new one"
         )
-    run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"])
+    run_records.open_run(engine, run_id, plan["model_version"], plan["n_files"], runs_dir=settings.runs_dir)
     try:
         # what the inbox holds now (walked only if a row's file must be looked for under a new name; not
         # the plan's list: a retried run's plan is older than a rename)

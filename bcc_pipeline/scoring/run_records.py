@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -68,10 +69,10 @@ def model_version(engine: Engine, version: str, run_id: str) -> dict[str, Any]:
     return scoring_fields(row)
 
 
-def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
+def open_run(engine: Engine, run_id: str, version: str, n_files: int, runs_dir: Path | None = None) -> None:
     """The ``scoring_runs`` row of a planned run (kept as it is when it exists already). Runs of dead
     processes are marked ``abandoned`` first (:func:`mark_abandoned`)."""
-    mark_abandoned(engine)
+    mark_abandoned(engine, runs_dir=runs_dir)
     with transaction(engine) as conn:
         insert_rows(
             conn,
@@ -97,15 +98,20 @@ def open_run(engine: Engine, run_id: str, version: str, n_files: int) -> None:
 
 def heartbeat(engine: Engine, run_id: str, *, alive: bool = True) -> None:
     """This process works on ``run_id`` (``alive``: its host and PID are recorded, the run is ``running``
-    again if it was not), or stopped working on it (``alive=False``: no process holds it now)."""
+    again if it was not), or stopped working on it (``alive=False``: :func:`release`; a shard still working
+    in another process keeps its hold). One host and PID per run: with shards in several processes, the
+    one that beat last is recorded, and each beats again every ``HEARTBEAT_EVERY_SECONDS``."""
     rt = ScoringRun.__table__
+    if not alive:  # let go of it only where this process holds it: another shard's hold stays
+        release(engine, run_id)
+        return
     values: dict[str, Any] = {
         "heartbeat_at": utcnow(),
-        "host": socket.gethostname() if alive else None,
-        "pid": os.getpid() if alive else None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "status": "running",
+        "finished_at": None,
     }
-    if alive:
-        values.update(status="running", finished_at=None)
     with transaction(engine) as conn:
         conn.execute(update(rt).where(rt.c.run_id == run_id).values(**values))
 
@@ -158,10 +164,55 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS) -> list[str]:
+def _locked_files() -> set[tuple[int, int, int]] | None:
+    """(device major, minor, inode) of every file a process of this machine holds a lock on, from
+    ``/proc/locks`` (read only: testing a lock by taking it could refuse a shard starting that instant);
+    None where it cannot be read."""
+    try:
+        with open("/proc/locks", encoding="ascii") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, ValueError):
+        return None
+    out = set()
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2148001 0 EOF"; a waiter's line has "->"
+        parts = line.split()
+        if len(parts) < 6 or "->" in parts:
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            out.add((int(major, 16), int(minor, 16), int(inode)))
+        except ValueError:
+            continue
+    return out
+
+
+def _a_shard_is_held(runs_dir: Path, run_id: str, locked: set[tuple[int, int, int]]) -> bool:
+    """Whether a process of this machine holds a shard of ``run_id`` now (its ``shard-<k>.lock``)."""
+    from ..files import safe_dirname
+
+    folder = runs_dir / safe_dirname(run_id)
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith("shard-") and n.endswith(".lock")]
+    except OSError:
+        return False
+    for name in names:
+        try:
+            st = os.stat(folder / name, follow_symlinks=False)
+        except OSError:
+            continue
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locked:
+            return True
+    return False
+
+
+def mark_abandoned(
+    engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS, runs_dir: Path | None = None
+) -> list[str]:
     """``running`` runs whose process is gone become ``abandoned`` (with ``finished_at``): the process
     recorded on this host is no longer alive, or the heartbeat is older than ``stale_after`` seconds.
-    Returns their run ids. (Rerunning an abandoned run's id finishes it.)"""
+    With ``runs_dir``, a run one of whose shards a process of this machine holds (its lock) is alive,
+    whatever process was recorded last. Returns their run ids. (Rerunning an abandoned run's id finishes
+    it.)"""
     rt = ScoringRun.__table__
     here, now = socket.gethostname(), utcnow()
     with transaction(engine) as conn:
@@ -171,7 +222,12 @@ def mark_abandoned(engine: Engine, stale_after: float = HEARTBEAT_STALE_SECONDS)
             )
         ).all()
         gone = {}
+        locked = _locked_files() if runs_dir is not None and rows else None
         for r in rows:
+            if locked is not None and _a_shard_is_held(runs_dir, r.run_id, locked):
+                # one host and PID per run: the one recorded may be a shard that died while another
+                # shard's process, here, still works on the run (its lock says so)
+                continue
             beat = r.heartbeat_at or r.started_at
             beat = beat if beat is None or beat.tzinfo else beat.replace(tzinfo=dt.UTC)
             if r.host == here and r.pid and not _pid_alive(int(r.pid)):

@@ -94,7 +94,8 @@ def score_shard(
 ) -> dict[str, Any]:
     """Score shard ``shard`` of the planned run ``run_id`` with the run's pinned model version.
 
-    Safe to retry and to run twice at once: the ledger claims each file once. Returns the shard's
+    Safe to retry; a second process given the same shard while one scores it is refused
+    (:class:`ConfigError`, :func:`_hold_shard`), and the ledger claims each file once. Returns the shard's
     counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
     ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``. In a run
     that has finished, a shard is not run again: its stored result is returned.
@@ -121,6 +122,45 @@ def score_shard(
             )
         log.info("scoring run %s has finished; shard %d is not run again", one_line(run_id), shard)
         return done
+    held = _hold_shard(settings, run_id, shard)  # before anything is recorded: the twin is not this one
+    try:
+        done = read_shard_result(settings, run_id, shard)  # again: the other process may have finished it
+        return _score_held_shard(settings, engine, plan, run_id, shard, size, done, progress, hooks)
+    finally:
+        os.close(held)
+
+
+def _hold_shard(settings: Settings, run_id: str, shard: int) -> int:
+    """Hold shard ``shard`` of ``run_id`` for this process (an exclusive ``flock`` on ``runs/<run>/shard-<k>
+    .lock``, let go when the process closes it or dies): a second process given the same shard at the same
+    time (the same run id started twice, a task cleared while it runs) is refused with one line instead of
+    counting the first one's files as another run's and overwriting its result."""
+    import fcntl
+
+    path = run_dir(settings, run_id) / f"shard-{shard}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"shard {shard} of scoring run {one_line(run_id)} is being scored by another process now; not "
+            "scoring it twice (let that one finish, or leave out the run id for a new run)"
+        ) from None
+    return fd
+
+
+def _score_held_shard(
+    settings: Settings,
+    engine: Any,
+    plan: dict[str, Any],
+    run_id: str,
+    shard: int,
+    size: int,
+    done: dict[str, Any] | None,
+    progress: Progress | None,
+    hooks: Hooks | None,
+) -> dict[str, Any]:
     run_records.heartbeat(engine, run_id)
     try:
         # watched from before the folders are judged: a file read in a generation of the mount table

@@ -227,7 +227,7 @@ def test_concurrent_shards_in_separate_processes(db_url, make_settings, register
     plan = plan_shards(settings, "sharded", 2)
     assert plan["n_files"] == len(built["shas"]) + len(built["bad"])
     # (the same shard started twice at once, an Airflow retry while the first attempt still runs, is
-    # tested with threads in tests/unit/test_scoring_shard.py: the ledger's claims keep them apart)
+    # refused by the shard's lock: tests/unit/test_scoring_run.py and test_scoring_shard.py)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", SHARD, "sharded", str(k)],

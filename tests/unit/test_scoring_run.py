@@ -376,3 +376,111 @@ def test_a_run_killed_while_planning_or_finalizing_is_abandoned_at_once(
     with session_scope(sqlite_url) as ses:
         assert ses.get(ScoringRun, "waiting").status == "running"
         assert "PID" in ses.get(ScoringRun, "killed").error
+
+
+def test_one_shard_is_never_scored_by_two_processes_at_once(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Round 23: the same run id started twice at once: the second process counted the first one's files
+    as scored and moved by another run (its stored counts doubled), overwrote the shard's result with an
+    idle one, and the run flipped between finished and running. Now a shard is held by one process
+    (`flock`), and a second one is refused with one line while the first works."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 3)
+    code = (
+        "from bcc_pipeline import scoring\nfrom bcc_pipeline.config import load_settings\n"
+        f"s = load_settings(env={{'BCC_HOME': {str(s.home)!r}, 'BCC_DATABASE_URL': {sqlite_url!r}, "
+        "'BCC_SETTLE_SECONDS': '0'})\nscoring.score_inbox(s, run_id='twice')\n"
+    )
+    twins = []
+
+    def start_the_twin(n):  # the first process is in its shard: the same run id started again
+        if not twins:
+            twins.append(
+                subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            )
+
+    r = scoring.score_inbox(s, run_id="twice", hooks=scoring.Hooks(on_model_batch=start_the_twin))
+    assert twins and twins[0].returncode != 0
+    assert "shard 0 of scoring run twice is being scored by another process now" in twins[0].stderr
+    assert (r["status"], r["scored"], r["taken_by_other_runs"]) == ("finished", 3, 0)
+    with session_scope(sqlite_url) as ses:
+        row = ses.get(ScoringRun, "twice")
+        assert (
+            row.status == "finished" and row.counts["scored"] == 3 and row.counts["taken_by_other_runs"] == 0
+        )
+
+
+def test_a_shard_that_finishes_never_lets_go_of_another_shards_hold(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Round 23: shards of one run in several processes; one that finished cleared the run's host and PID
+    although another shard's process held it (it beat last), so that process, killed afterwards, left the
+    run `running` for an hour. A process lets go only of its own hold now. (One host and PID per run: a
+    shard that beats after another overwrites its hold, until the other beats again.)"""
+    import socket
+
+    from bcc_pipeline.scoring import run_records
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    scoring.plan_shards(s, "two", 2)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with session_scope(sqlite_url) as ses:  # shard 1, in that process, beat last
+            row = ses.get(ScoringRun, "two")
+            row.host, row.pid = socket.gethostname(), other.pid
+        run_records.heartbeat(store.get_engine(sqlite_url), "two", alive=False)  # shard 0 here is done
+        with session_scope(sqlite_url) as ses:
+            assert ses.get(ScoringRun, "two").pid == other.pid
+        other.kill()
+        other.wait()
+        assert scoring.mark_abandoned(store.get_engine(sqlite_url)) == ["two"]  # its process is gone: said
+    finally:
+        if other.poll() is None:
+            other.kill()
+
+
+def test_a_run_whose_shard_another_process_holds_is_not_abandoned(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Round 23: shards of one run in two processes; the one that beat last (recorded) was killed while the
+    other still scored, and the next run or `bcc status` marked the run `abandoned` under it. A shard's
+    process holds its lock, and a run a process of this machine holds a shard of is alive."""
+    import socket
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    scoring.plan_shards(s, "two", 2)
+    lock = scoring.run_dir(s, "two") / "shard-0.lock"
+    holder = subprocess.Popen(  # shard 0's process: holds its lock, still working
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, os, sys, time\nfd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        )
+        with session_scope(sqlite_url) as ses:  # shard 1's process beat last, and was killed
+            row = ses.get(ScoringRun, "two")
+            row.host, row.pid = socket.gethostname(), int(dead.stdout)
+        engine = store.get_engine(sqlite_url)
+        assert scoring.mark_abandoned(engine, runs_dir=s.runs_dir) == []
+        with session_scope(sqlite_url) as ses:
+            assert ses.get(ScoringRun, "two").status == "running"
+        holder.kill()
+        holder.wait()
+        assert scoring.mark_abandoned(engine, runs_dir=s.runs_dir) == ["two"]  # now nothing holds it
+    finally:
+        if holder.poll() is None:
+            holder.kill()

@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 #: a JPEG re-encoding at quality 50, 75 or 95 moved the hash by 0-3 bits, a resize to 50, 75 or 150 %
 #: saved as JPEG by 0-3 bits, while the closest pair of distinct tiles was 13 bits apart (the mean over
 #: all pairs 32, as expected for unrelated images). 6 sits with a margin of 3 bits above the copies and
-#: 7 below the closest distinct pair; it is also the usual dHash rule ("a few bits" of 64).
+#: 7 below the closest distinct pair; it is also the usual dHash rule ("a few bits" of 64). Compared in all
+#: 8 orientations (measured 2026-12-07 on 300 demo tiles of 60 patients, 224 px, seed 5), the closest
+#: distinct pair was 13 bits apart (14 in one orientation): the margin stays.
 NEAR_DUPLICATE_BITS = 6
 
 

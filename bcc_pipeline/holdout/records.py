@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..config import Settings
+from ..display import path_from_display
 from ..errors import DatasetError
 from ..manifests import Manifest, load_manifest
 from ..model import CLASS_NAMES
@@ -127,11 +128,19 @@ def contested(settings: Settings) -> list[dict[str, Any]]:
 def patient_key(group_id: str | None) -> str | None:
     """The patient a group id names, for telling whether two folders are one patient: ``Patient_07``,
     ``patient_07 `` and ``patient_０7`` (full-width digit) are ``patient_07`` (Unicode NFKC, case folded,
-    spaces around it dropped). Two spellings of one patient must never sit in two roles; two patients that
-    only the case tells apart are kept together, the safe side."""
+    spaces of any kind around it and invisible format characters dropped, compared on the folder's own name,
+    not its escaped display form). Two spellings of one patient must never sit in two roles; two patients
+    that only the case tells apart are kept together, the safe side."""
     if not group_id:
         return None
-    return unicodedata.normalize("NFKC", group_id).strip().casefold()
+    try:  # group ids are stored as displayed (escaped): the folder's own name is what is compared
+        name = path_from_display(group_id)
+    except ValueError:
+        name = group_id
+    # NFKC (full-width forms, no-break and ideographic spaces), without invisible format characters
+    # (zero-width spaces and joiners), spaces of any kind around it, case folded
+    name = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return name.strip().casefold()
 
 
 def _group_of(r: dict[str, Any]) -> str:

@@ -122,7 +122,13 @@ def score_shard(
             )
         log.info("scoring run %s has finished; shard %d is not run again", one_line(run_id), shard)
         return done
-    held = _hold_shard(settings, run_id, shard)  # before anything is recorded: the twin is not this one
+    try:
+        held = _hold_shard(settings, run_id, shard)  # before anything is recorded: the twin is not this one
+    except OSError as exc:  # no lock to be had there (a link or folder in its place, no flock): no run
+        run_records.fail_run(engine, run_id, describe_failure(exc))
+        raise ConfigError(
+            f"cannot hold shard {shard} of scoring run {one_line(run_id)}: {describe_failure(exc)}"
+        ) from exc
     try:
         done = read_shard_result(settings, run_id, shard)  # again: the other process may have finished it
         return _score_held_shard(settings, engine, plan, run_id, shard, size, done, progress, hooks)

@@ -484,3 +484,23 @@ def test_a_run_whose_shard_another_process_holds_is_not_abandoned(
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def test_a_shard_lock_that_cannot_be_had_fails_the_run_in_one_line(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Round 24: `runs/<run>/shard-0.lock` that is a symbolic link (or a folder, or on a filesystem without
+    locks) gave an unexpected error and left the run `running`, with no process, for an hour. It is a
+    one-line refusal now, the run `failed` with the reason, and nothing is written through the link."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 1)
+    scoring.plan_shards(s, "r1", 1)
+    target = tmp_path / "not-ours"
+    (scoring.run_dir(s, "r1") / "shard-0.lock").symlink_to(target)
+    with pytest.raises(ConfigError, match="cannot hold shard 0 of scoring run r1: .*shard-0.lock"):
+        scoring.score_shard(s, "r1", 0)
+    assert not target.exists()
+    with session_scope(sqlite_url) as ses:
+        row = ses.get(ScoringRun, "r1")
+        assert row.status == "failed" and row.finished_at is not None and "shard-0.lock" in row.error

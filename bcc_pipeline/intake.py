@@ -436,6 +436,7 @@ def _intake_one(
                 .values(
                     label=label,
                     group_id=group,
+                    source_path=shown,  # where it was labelled, not the inbox name it was scored under
                     stored_path=str(stored),
                     first_seen_at=utcnow(),
                     phash=perceptual_hash(rgb),

@@ -232,18 +232,37 @@ def scoring_runs(settings: Settings, *, limit: int | None = None) -> list[dict[s
 
     def q(conn: Any) -> list[dict[str, Any]]:
         stmt = select(ScoringRun.__table__).order_by(r.started_at.desc(), r.run_id.desc()).limit(limit)
-        return [
+        runs = [
             {
                 "run_id": x.run_id,
                 "model_version": x.model_version,
                 "status": x.status,
                 "started_at": iso_utc(x.started_at),
                 "finished_at": iso_utc(x.finished_at),
-                "counts": x.counts or {},
+                "counts": dict(x.counts or {}),
                 "error": x.error,
             }
             for x in conn.execute(stmt)
         ]
+        # a run never finalized (killed, failed, still running) has only its planned count: what its ledger
+        # holds so far is what it did (before, `bcc status` showed "0 scored" for a run that scored 13)
+        open_runs = [x for x in runs if "scored" not in x["counts"]]
+        if open_runs:
+            t = InboxFile.__table__.c
+            done = conn.execute(
+                select(t.run_id, t.status, func.count())
+                .where(t.run_id.in_([x["run_id"] for x in open_runs]))
+                .group_by(t.run_id, t.status)
+            ).all()
+            for x in open_runs:
+                mine = {status: n for run_id, status, n in done if run_id == x["run_id"]}
+                x["counts"].update(
+                    scored=mine.get("scored", 0),
+                    duplicates=mine.get("duplicate", 0),
+                    rejected=mine.get("rejected", 0),
+                    so_far=True,
+                )
+        return runs
 
     return _read(settings, "scoring runs", q)
 

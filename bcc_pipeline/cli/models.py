@@ -217,7 +217,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
         else:
             c = run["counts"] or {}
-            how = f", {c['inference']} inference ({c.get('precision') or '?'})" if c.get("inference") else ""
+            # no precision: nothing was scored (an empty run), or it is not known (an older record)
+            precision = c.get("precision") or ("-" if not c.get("scored") else "?")
+            how = f", {c['inference']} inference ({precision})" if c.get("inference") else ""
             rare = (
                 "missing",
                 "taken_by_other_runs",
@@ -231,6 +233,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     [f"{c.get(k, 0)} {k}" for k in ("scored", "duplicates", "rejected", "ignored", "skipped")]
                     + [f"{c[k]} {k}" for k in rare if c.get(k)]
                 )
+                + (" so far (from its ledger: the run was not finalized)" if c.get("so_far") else "")
             )
             if run.get("error"):
                 print(f"                {one_line(run['error'])}")

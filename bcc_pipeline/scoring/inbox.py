@@ -77,8 +77,46 @@ def destination(settings: Settings, run_id: str, status: str, rel: str) -> Path:
     return fit_path(settings.archive_dir / safe_dirname(run_id), rel)
 
 
+#: Folders of the operating system: never an inbox, nor inside one, whatever ``BCC_INBOX_ROOTS`` allows. A
+#: root listed by mistake (`/etc`) had its links and rejected files moved to quarantine, `/etc/passwd` among
+#: them (round 24). `/` and every folder directly under it (`/etc`, `/var`, `/home`, `/run`) are refused too;
+#: a folder in `/dev/shm` (a RAM disk) or `/run/media` (removable disks) is not a system folder.
+SYSTEM_TREES = (
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+)
+
+
+def _system_folder(real: str) -> str | None:
+    """Why the resolved folder ``real`` is the operating system's (see :data:`SYSTEM_TREES`), or None."""
+    if real == os.sep or os.path.dirname(real) == os.sep:
+        return "it is / or a folder directly under it; scan into a folder of its own"
+    if inside(real, "/dev/shm"):  # a RAM disk of the system's: a folder made in it is nobody's system file
+        return None
+    for tree in SYSTEM_TREES:
+        if inside(real, tree):
+            return f"it is inside {tree}, a folder of the operating system"
+    return None
+
+
 def _refusal(settings: Settings, real: str, table: list[mounts.Mount] | None = None) -> str | None:
     """Why the folder ``real`` (a resolved path) may not be scored, or None."""
+    if problem := _system_folder(real):  # before anything else: no setting allows it
+        return problem
     home = os.path.realpath(settings.home)
     managed = [os.path.realpath(m) for m in settings.managed_dirs]
     # this home and its managed folders by device and inode: reached through a bind mount, they have

@@ -1837,3 +1837,28 @@ def test_a_stored_file_that_cannot_leave_landing_turns_the_run_red(home, png_wri
     finally:
         subprocess.run(["chattr", "-i", str(a.parent)], check=True)
     assert intake(home, run_id="i3").unreachable == [] and not a.exists()
+
+
+def test_an_image_scored_before_it_was_labelled_is_named_by_where_it_landed(
+    home, png_writer, register_champion
+):
+    """Round 24: content scored first (an `images` row named by its inbox path) and then taken in under a
+    label kept the inbox name, so a later conflict sent the operator to look in landing/ for a name that was
+    never there. It is named by the landing path it was labelled at now."""
+    import shutil
+
+    from bcc_pipeline import scoring
+
+    register_champion(home)
+    scan = png_writer(home.inbox_dir / "ward" / "scan.png", seed=5)
+    data = scan.read_bytes()
+    scoring.score_inbox(home)
+    (home.landing_dir / "benign" / "p1").mkdir(parents=True)
+    (home.landing_dir / "benign" / "p1" / "x.png").write_bytes(data)
+    assert intake(home, run_id="i1").accepted == 1
+    (home.landing_dir / "malignant" / "p2").mkdir(parents=True)
+    shutil.copyfile(
+        home.archive_dir.rglob("scan.png").__next__(), home.landing_dir / "malignant" / "p2" / "y.png"
+    )
+    r = intake(home, run_id="i2")
+    assert r.conflicts == 1 and "(benign/p1/x.png)" in r.rejections[0]["reason"]

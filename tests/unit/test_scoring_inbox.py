@@ -698,3 +698,32 @@ def test_a_folder_moved_out_of_the_inbox_while_it_is_listed_is_not_unreachable(
     monkeypatch.undo()
     assert moved and found["pending"] == ["a/x.png"]
     assert inbox_module.unreachable(found["ignored"]) == []
+
+
+def test_a_system_folder_is_never_an_inbox_whatever_the_roots_allow(make_settings, tmp_path):
+    """Round 24: `BCC_INBOX_ROOTS=/etc:/tmp bcc score --inbox /etc` (a root listed by mistake) scored /etc and
+    moved its links and rejected files, `/etc/passwd` among them, to quarantine. The operating system's
+    folders, `/` and every folder directly under it are refused with one line, whatever the roots say;
+    nothing there is read or moved."""
+    s = make_settings(
+        None, settle_seconds=0, inbox_roots=os.pathsep.join(["/", "/etc", "/usr", "/var", str(tmp_path)])
+    )
+    before = sorted(os.listdir("/etc"))
+    for folder, why in [
+        ("/etc", "directly under it"),
+        ("/etc/ssl", "inside /etc"),
+        ("/usr/share", "inside /usr"),
+        ("/var/lib", "inside /var/lib"),
+        ("/var", "directly under it"),
+        ("/", "it is / or"),
+    ]:
+        with pytest.raises(scoring.InboxRefused, match=why) as refused:
+            scoring.discover(s, folder)
+        assert "\n" not in str(refused.value)
+    assert sorted(os.listdir("/etc")) == before
+    (tmp_path / "scans").mkdir()
+    assert scoring.discover(s, tmp_path / "scans")["pending"] == []  # a folder of its own is fine
+    # a RAM disk's folder is nobody's system file, nor a removable disk's
+    assert scoring.inbox._system_folder("/dev/shm/scans") is None
+    assert scoring.inbox._system_folder("/run/media/ward/USB") is None
+    assert scoring.inbox._system_folder("/dev/disk") is not None

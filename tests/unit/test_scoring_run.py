@@ -504,3 +504,49 @@ def test_a_shard_lock_that_cannot_be_had_fails_the_run_in_one_line(
     with session_scope(sqlite_url) as ses:
         row = ses.get(ScoringRun, "r1")
         assert row.status == "failed" and row.finished_at is not None and "shard-0.lock" in row.error
+
+
+def test_status_counts_what_a_run_that_was_never_finalized_did(
+    make_settings, sqlite_url, register_champion, png_writer, monkeypatch, capsys
+):
+    """Round 24: a run killed (or failed) after it committed predictions kept only its planned count, and
+    `bcc status` said "0 scored" for a run that had scored and archived images. Its counts come from its
+    ledger now, said to be so far."""
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 4)
+
+    class Killed(BaseException):
+        pass
+
+    def die_after_first(paths):
+        raise Killed
+
+    with pytest.raises(Killed):
+        scoring.score_inbox(
+            s, run_id="cut", batch_size=2, hooks=scoring.Hooks(on_batch_committed=die_after_first)
+        )
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "last scoring    cut (failed)" in out and "2 scored" in out and "so far" in out
+
+
+def test_status_after_a_run_that_scored_nothing_shows_no_unknown_precision(
+    make_settings, sqlite_url, register_champion, monkeypatch, capsys
+):
+    """Round 24 (cosmetic): after a run with nothing to score, `bcc status` showed `keras inference (?)`,
+    as if something were unknown; nothing was scored, so there is no precision to show."""
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    assert scoring.score_inbox(s, run_id="empty")["scored"] == 0
+    monkeypatch.setenv("BCC_HOME", str(s.home))
+    monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "last scoring    empty (finished)" in out and "inference (-)" in out and "(?)" not in out

@@ -112,10 +112,11 @@ def _list(home: Path, name: str) -> None:
         os.close(fd)
 
 
-def destination_lost(settings: Settings, folder: Path) -> str | None:
+def destination_lost(settings: Settings, folder: Path, *, look_only: bool = False) -> str | None:
     """Why ``folder`` (``archive/``, ``quarantine/`` or ``dataset/`` of ``settings.home``) is not the folder
     this home has put files into, or None. One used for the first time is made, marked and listed here; one
-    that cannot be made or marked is left for the moves and writes there to fail (and be reported)."""
+    that cannot be made or marked is left for the moves and writes there to fail (and be reported).
+    ``look_only``: nothing is made, marked or listed (what `bcc status` reports)."""
     home, name = Path(settings.home), folder.name
     try:
         known = name in listed(home)
@@ -128,7 +129,7 @@ def destination_lost(settings: Settings, folder: Path) -> str | None:
                 f"moved or written there (if this home was copied on purpose: {_accept(home, folder)})"
             )
         if not known:  # marked by a run killed before it listed the folder
-            return _listing_failed(home, name)
+            return None if look_only else _listing_failed(home, name)
         return None
     if known:
         return (
@@ -137,6 +138,8 @@ def destination_lost(settings: Settings, folder: Path) -> str | None:
             "replaced?), so nothing is moved or written there until it is back; if it was replaced on "
             f"purpose, take the line '{name}' out of {display_path(home / ROOTS_LIST)}"
         )
+    if look_only:  # used for the first time by the next run
+        return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         os.setxattr(folder, ATTRIBUTE, _mark_text(home, name), follow_symlinks=True)

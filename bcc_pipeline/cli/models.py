@@ -184,11 +184,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         contested = [c["sha256"] for c in holdout_contested(s)]
     except BCCError:  # no readable holdout: nothing to say about it here
         contested = []
+    from ..destinations import destination_lost
+
+    # a folder every run refuses (a copied home, another disk at archive/): said here too, not only by runs
+    refused = [
+        why
+        for folder in (s.archive_dir, s.quarantine_dir, s.dataset_dir)
+        if (why := destination_lost(s, folder, look_only=True)) is not None
+    ]
     payload = {
         "champion": champion,
         "last_scoring_run": run,
         "latest_predictions": rows,
         "contested_holdout": contested,
+        "refused_folders": refused,
     }
 
     def human() -> None:
@@ -213,6 +222,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"holdout         WARNING: {len(contested)} image(s) of the frozen holdout have a contested "
                 "label (`bcc holdout show`; `bcc holdout withdraw --contested --reason ...`)"
             )
+        for why in refused:
+            print(f"folders         WARNING: {one_line(why)}")
         if run is None:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
         else:

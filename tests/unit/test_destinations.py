@@ -136,3 +136,31 @@ def test_a_copied_home_is_accepted_by_following_its_refusal_to_the_letter(make_s
     assert done.returncode == 0, done.stderr
     (copy / ROOTS_LIST).write_text("")
     assert destination_lost(b, b.archive_dir) is None and destination_lost(a, a.archive_dir) is None
+
+
+def test_bcc_status_says_which_folders_every_run_refuses_and_changes_nothing(
+    make_settings, tmp_path, monkeypatch, capsys
+):
+    """Round 22: in a home copied with `cp -a`, scoring and intake refused its folders with one line each,
+    while `bcc status` said nothing. It warns now, naming each folder, and marks or lists nothing itself
+    (a home whose folders were never used stays as it is)."""
+    from bcc_pipeline.cli import main
+    from bcc_pipeline.store import dispose_engine
+
+    a = make_settings(None)
+    a.home.mkdir(parents=True)
+    _xattrs_here(a.home)
+    for folder in (a.archive_dir, a.quarantine_dir):
+        assert destination_lost(a, folder) is None
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(a.home), str(copy)], check=True)
+    monkeypatch.setenv("BCC_HOME", str(copy))
+    monkeypatch.delenv("BCC_DATABASE_URL", raising=False)
+    assert main(["db", "upgrade"]) == 0
+    listed_before = listed(copy)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("folders         WARNING")]
+    assert len(warnings) == 2 and "archive" in warnings[0] and "quarantine" in warnings[1]
+    assert listed(copy) == listed_before and not (copy / "dataset").exists()  # looked at, not made
+    dispose_engine(f"sqlite:///{copy / 'bcc.db'}")

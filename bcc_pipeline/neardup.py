@@ -41,6 +41,7 @@ __all__ = [
     "NEAR_DUPLICATE_BITS",
     "ensure_phashes",
     "hamming",
+    "image_hashes",
     "near_duplicates",
     "near_pairs",
     "perceptual_hash",
@@ -60,16 +61,22 @@ log = logging.getLogger(__name__)
 NEAR_DUPLICATE_BITS = 6
 
 
-def _thumbnail(rgb: np.ndarray) -> np.ndarray:
-    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    return cv2.resize(grey, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+def _thumbnail(grey: np.ndarray) -> np.ndarray:
+    return cv2.resize(np.ascontiguousarray(grey), (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
+
+
+def _dhash(grey: np.ndarray) -> str:
+    small = _thumbnail(grey)
+    return np.packbits((small[:, 1:] > small[:, :-1]).ravel()).tobytes().hex()
 
 
 def perceptual_hash(rgb: np.ndarray) -> str:
     """The 64-bit difference hash of a decoded RGB ``uint8`` image, as 16 hex digits."""
-    small = _thumbnail(rgb)
-    bits = (small[:, 1:] > small[:, :-1]).ravel()
-    return np.packbits(bits).tobytes().hex()
+    return _dhash(_grey(rgb))
 
 
 #: A tile more than this share of whose hash compares pixels that are (nearly) equal is mostly flat: white
@@ -80,20 +87,27 @@ def perceptual_hash(rgb: np.ndarray) -> str:
 FLAT_SHARE = 0.25
 
 
-def _orientations(rgb: np.ndarray) -> list[np.ndarray]:
+def _orientations(grey: np.ndarray) -> list[np.ndarray]:
     """The 7 other orientations of an image: turned 90, 180 and 270 degrees, mirrored, and those turned."""
-    turned = [np.rot90(rgb, k) for k in (1, 2, 3)]
-    mirrored = np.fliplr(rgb)
+    turned = [np.rot90(grey, k) for k in (1, 2, 3)]
+    mirrored = np.fliplr(grey)
     return turned + [mirrored] + [np.rot90(mirrored, k) for k in (1, 2, 3)]
+
+
+def image_hashes(rgb: np.ndarray) -> tuple[str, str]:
+    """(:func:`perceptual_hash`, :func:`turned_hashes`) of one image, its grey conversion made once (turning
+    the grey image is turning the image: the conversion is per pixel)."""
+    grey = _grey(rgb)
+    small = _thumbnail(grey)
+    if float(np.mean(np.abs(np.diff(small, axis=1)) <= 1)) > FLAT_SHARE:
+        return _dhash(grey), ""
+    return _dhash(grey), "".join(_dhash(o) for o in _orientations(grey))
 
 
 def turned_hashes(rgb: np.ndarray) -> str:
     """The :func:`perceptual_hash` of each of the image's 7 other orientations, joined (112 hex digits); ``""``
     for a mostly flat tile (:data:`FLAT_SHARE`), compared in its own orientation only."""
-    small = _thumbnail(rgb)
-    if float(np.mean(np.abs(np.diff(small, axis=1)) <= 1)) > FLAT_SHARE:
-        return ""
-    return "".join(perceptual_hash(o) for o in _orientations(rgb))
+    return image_hashes(rgb)[1]
 
 
 def _all_hashes(record: dict[str, Any]) -> list[str]:
@@ -184,7 +198,7 @@ def ensure_phashes(session: Session, shas: Iterable[str]) -> dict[str, tuple[str
             if (row.phash is None or row.phash_turns is None) and row.stored_path:
                 try:
                     rgb, _ = images.decode_file(row.stored_path)
-                    row.phash, row.phash_turns = perceptual_hash(rgb), turned_hashes(rgb)
+                    row.phash, row.phash_turns = image_hashes(rgb)
                 except ImageError as exc:
                     log.warning("no perceptual hash for %s (%s): %s", row.sha256, row.stored_path, exc)
             out[row.sha256] = (row.phash, row.phash_turns)

@@ -25,7 +25,8 @@ reason in :func:`split_roles`' result: near-duplicates of a holdout image and im
 the holdout. Excluded images are used by no role.
 
 The package, by job: :mod:`.records` reads the holdout (its log, its manifest, the description for
-people) and the labelled images it is drawn from; :mod:`.changes` freezes, extends and withdraws from it;
+people) and the labelled images it is drawn from; :mod:`.changes` freezes, extends and withdraws from it,
+with :mod:`.extend_folder` reading a folder given to extend (and what in it is under both labels);
 :mod:`.roles` makes the development split beside it.
 """
 

@@ -84,14 +84,11 @@ def _usable(session: Session) -> list[dict[str, Any]]:
 
 def _with_phash(session: Session, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     hashes = ensure_phashes(session, [r["sha256"] for r in records])
-    return [
-        {
-            **r,
-            "phash": hashes.get(r["sha256"], (None, None))[0],
-            "turns": hashes.get(r["sha256"], (None, None))[1],
-        }
-        for r in records
-    ]
+    out = []
+    for r in records:
+        phash, turns = hashes.get(r["sha256"], (None, None))
+        out.append({**r, "phash": phash, "turns": turns})
+    return out
 
 
 def _contested(session: Session, holdout: Manifest | None) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from .moves import require_own_destinations
 from .sweep import sweep_interrupted
 
 __all__ = [
+    "hold_shard",
     "load_plan",
     "new_run_id",
     "plan_shards",
@@ -110,6 +111,26 @@ def read_shard_results(settings: Settings, plan: dict[str, Any]) -> list[dict[st
     """The results of the shards of ``plan`` that finished (a shard still running has none)."""
     found = (read_shard_result(settings, plan["run_id"], k) for k in range(plan["n_shards"]))
     return [doc for doc in found if doc is not None]
+
+
+def hold_shard(settings: Settings, run_id: str, shard: int) -> int:
+    """Hold shard ``shard`` of ``run_id`` for this process (an exclusive ``flock`` on ``runs/<run>/shard-<k>
+    .lock``, let go when the process closes it or dies): a second process given the same shard at the same
+    time (the same run id started twice, a task cleared while it runs) is refused with one line instead of
+    counting the first one's files as another run's and overwriting its result."""
+    import fcntl
+
+    path = run_dir(settings, run_id) / f"shard-{shard}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"shard {shard} of scoring run {one_line(run_id)} is being scored by another process now; not "
+            "scoring it twice (let that one finish, or leave out the run id for a new run)"
+        ) from None
+    return fd
 
 
 def _plan_result(plan: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -234,9 +255,7 @@ def plan_shards(
             planned_of=lambda run: plan_files(settings, run),
         )
     except BaseException as exc:  # the run's row is open: never left `running` by what stops the sweep
-        from .shard import describe_failure  # (shard imports this module)
-
-        run_records.fail_run(engine, run_id, describe_failure(exc))
+        run_records.fail_run(engine, run_id, run_records.describe_failure(exc))
         raise
     run_records.release(engine, run_id)  # planned: no process holds it until a shard starts
     return _plan_result(plan, path)

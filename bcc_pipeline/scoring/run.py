@@ -13,7 +13,7 @@ from ..store import get_engine, utcnow
 from . import db, ledger, run_records
 from .inbox import InboxArg, unreachable
 from .plan import load_plan, new_run_id, plan_inbox, plan_shards, read_shard_results
-from .shard import Hooks, Progress, describe_failure, score_shard
+from .shard import Hooks, Progress, score_shard
 from .sweep import sweep_interrupted
 
 __all__ = ["finalize_run", "score_inbox"]
@@ -43,7 +43,7 @@ def finalize_run(settings: Settings, run_id: str) -> dict[str, Any]:
     try:
         return _finalize(settings, engine, plan, run_id)
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
-        run_records.fail_run(engine, run_id, describe_failure(exc))
+        run_records.fail_run(engine, run_id, run_records.describe_failure(exc))
         raise
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import errno
 import logging
 import os
 import socket
@@ -17,7 +18,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from .. import store
-from ..errors import NoChampionError, StoreError
+from ..display import display_path
+from ..errors import BCCError, NoChampionError, StoreError
 from ..registry import get_champion
 from ..store import InboxFile, ModelVersion, ScoringRun, insert_rows, scoring_fields, utcnow
 from .db import transaction
@@ -28,6 +30,7 @@ __all__ = [
     "champion_version",
     "claim",
     "close_run",
+    "describe_failure",
     "fail_run",
     "heartbeat",
     "mark_abandoned",
@@ -137,6 +140,18 @@ def release(engine: Engine, run_id: str) -> None:
             .where(rt.c.run_id == run_id, rt.c.host == socket.gethostname(), rt.c.pid == os.getpid())
             .values(heartbeat_at=utcnow(), host=None, pid=None)
         )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line that says what failed and where (the ``error`` of a failed run)."""
+    if isinstance(exc, OSError):
+        where = display_path(exc.filename) if exc.filename is not None else "(file unknown)"
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on device writing {where}"
+        return f"{exc.strerror or exc}: {where}"
+    if isinstance(exc, BCCError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # KeyboardInterrupt: no text
 
 
 def fail_run(engine: Engine, run_id: str, error: str) -> None:

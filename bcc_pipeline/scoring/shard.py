@@ -7,7 +7,6 @@ the pinned model, and :mod:`.moves` moves the committed files and finishes what 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -27,10 +26,11 @@ from . import db, ledger, run_records
 from .inbox import InboxRefused, destination, require_folders_still_allowed
 from .loader import Item, Loader
 from .moves import MoveFile, Mover, Tally, require_own_destinations
-from .plan import load_plan, read_shard_result, run_dir, write_shard_result
+from .plan import hold_shard, load_plan, read_shard_result, run_dir, write_shard_result
 from .predictor import PinnedModel
+from .run_records import describe_failure
 
-__all__ = ["Hooks", "Progress", "describe_failure", "score_shard"]
+__all__ = ["Hooks", "Progress", "score_shard"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -71,18 +71,6 @@ class _Batch:
         return self.job.result()  # the model's own error, raised here on the committing thread
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line that says what failed and where (the ``error`` of a failed run)."""
-    if isinstance(exc, OSError):
-        where = display_path(exc.filename) if exc.filename is not None else "(file unknown)"
-        if exc.errno == errno.ENOSPC:
-            return f"no space left on device writing {where}"
-        return f"{exc.strerror or exc}: {where}"
-    if isinstance(exc, BCCError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # KeyboardInterrupt: no text
-
-
 def score_shard(
     settings: Settings,
     run_id: str,
@@ -95,7 +83,7 @@ def score_shard(
     """Score shard ``shard`` of the planned run ``run_id`` with the run's pinned model version.
 
     Safe to retry; a second process given the same shard while one scores it is refused
-    (:class:`ConfigError`, :func:`_hold_shard`), and the ledger claims each file once. Returns the shard's
+    (:class:`ConfigError`, :func:`.plan.hold_shard`), and the ledger claims each file once. Returns the shard's
     counts (``scored``, ``duplicates``, ``rejected``, ``skipped``, ``missing``, ``recovered``,
     ``move_failed``, ...) and writes them to ``runs/<run>/shard-<k>.json`` for ``finalize_run``. In a run
     that has finished, a shard is not run again: its stored result is returned.
@@ -123,7 +111,7 @@ def score_shard(
         log.info("scoring run %s has finished; shard %d is not run again", one_line(run_id), shard)
         return done
     try:
-        held = _hold_shard(settings, run_id, shard)  # before anything is recorded: the twin is not this one
+        held = hold_shard(settings, run_id, shard)  # before anything is recorded: the twin is not this one
     except OSError as exc:  # no lock to be had there (a link or folder in its place, no flock): no run
         run_records.fail_run(engine, run_id, describe_failure(exc))
         raise ConfigError(
@@ -134,26 +122,6 @@ def score_shard(
         return _score_held_shard(settings, engine, plan, run_id, shard, size, done, progress, hooks)
     finally:
         os.close(held)
-
-
-def _hold_shard(settings: Settings, run_id: str, shard: int) -> int:
-    """Hold shard ``shard`` of ``run_id`` for this process (an exclusive ``flock`` on ``runs/<run>/shard-<k>
-    .lock``, let go when the process closes it or dies): a second process given the same shard at the same
-    time (the same run id started twice, a task cleared while it runs) is refused with one line instead of
-    counting the first one's files as another run's and overwriting its result."""
-    import fcntl
-
-    path = run_dir(settings, run_id) / f"shard-{shard}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(
-            f"shard {shard} of scoring run {one_line(run_id)} is being scored by another process now; not "
-            "scoring it twice (let that one finish, or leave out the run id for a new run)"
-        ) from None
-    return fd
 
 
 def _score_held_shard(

@@ -28,6 +28,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULTS
+from .display import path_from_display
 from .errors import DatasetError
 from .files import atomic_write
 from .model import CLASS_NAMES
@@ -44,9 +46,11 @@ __all__ = [
     "Manifest",
     "assign",
     "counts",
+    "group_key",
     "load_manifest",
     "make_split",
     "manifest_arrays",
+    "patient_key",
     "require_both_sides",
     "require_counts",
     "role_hash",
@@ -108,10 +112,39 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
+def patient_key(group_id: str | None) -> str | None:
+    """The patient a group id names, for telling whether two folders are one patient: ``Patient_07``,
+    ``patient_07 `` and ``patient_０7`` (full-width digit) are ``patient_07`` (Unicode NFKC, case folded,
+    spaces of any kind around it and invisible format characters dropped, compared on the folder's own name,
+    not its escaped display form). Two spellings of one patient must never sit in two roles; two patients
+    that only the case tells apart are kept together, the safe side."""
+    if not group_id:
+        return None
+    try:  # group ids are stored as displayed (escaped): the folder's own name is what is compared
+        name = path_from_display(group_id)
+    except ValueError:
+        name = group_id
+    # NFKC (full-width forms, no-break and ideographic spaces), without invisible format characters
+    # (zero-width spaces and joiners), spaces of any kind around it, case folded
+    name = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return name.strip().casefold()
+
+
+def _own_group(r: dict[str, Any]) -> str:
+    return r.get("group_id") or f"sha:{r['sha256']}"
+
+
+def group_key(r: dict[str, Any]) -> str:
+    """The group a record is kept with in every split: its patient however the folder is spelled
+    (:func:`patient_key`; a name of blanks alone is its own), an ungrouped image alone (``sha:<sha256>``)."""
+    own = _own_group(r)
+    return patient_key(own) or own
+
+
 def _groups(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[r.get("group_id") or f"sha:{r['sha256']}"].append(r)
+        groups[group_key(r)].append(r)
     return groups
 
 
@@ -122,7 +155,8 @@ def select_groups(
 
     Groups are visited in the order of a seeded hash of ``salt`` and the group name, and taken while
     that brings every label closer to its target ``max(1, round(fraction * n_label))``. Ungrouped
-    records are groups of one (``sha:<sha256>``)."""
+    records are groups of one (``sha:<sha256>``); a patient spelled two ways is one group
+    (:func:`group_key`). Returns group keys: test a record with ``group_key(r) in chosen``."""
     groups = _groups(records)
     totals: dict[str, int] = defaultdict(int)
     for r in records:
@@ -130,7 +164,9 @@ def select_groups(
     target = {lab: max(1, round(fraction * n)) for lab, n in totals.items()}
     taken: dict[str, int] = defaultdict(int)
     chosen: set[str] = set()
-    for g in sorted(groups, key=lambda g: _rank(seed, f"{salt}{g}")):
+    # ranked by the group's first spelling: a patient spelled one way keeps the rank it always had
+    first = {g: min(_own_group(r) for r in members) for g, members in groups.items()}
+    for g in sorted(groups, key=lambda g: _rank(seed, f"{salt}{first[g]}")):
         counts: dict[str, int] = defaultdict(int)
         for r in groups[g]:
             counts[r["label"]] += 1
@@ -154,7 +190,7 @@ def assign(
                 {
                     "sha256": r["sha256"],
                     "label": r["label"],
-                    "group_id": g,
+                    "group_id": _own_group(r),
                     "path": r.get("path"),
                     "split": inside if g in chosen else outside,
                 }

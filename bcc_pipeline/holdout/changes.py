@@ -20,6 +20,7 @@ from ..errors import DatasetError
 from ..manifests import (
     Manifest,
     assign,
+    group_key,
     require_both_sides,
     require_counts,
     select_groups,
@@ -118,7 +119,7 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
         chosen = select_groups(records, fraction, seed=settings.seed, salt="holdout:")
         by_sha = {r["sha256"]: r for r in records}
         hold = [e for e in assign(records, chosen, "holdout", "development") if e["split"] == "holdout"]
-        dev = [r for r in records if _group_of(r) not in chosen]
+        dev = [r for r in records if group_key(r) not in chosen]
         excluded = _near_exclusions([by_sha[e["sha256"]] for e in hold], dev, "development", change=1)
         out = {x["sha256"] for x in excluded}
         # nor one picture twice in it, or under both labels

@@ -8,7 +8,6 @@ reasons) that :mod:`.changes` and :mod:`.roles` both write.
 from __future__ import annotations
 
 import datetime as dt
-import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..config import Settings
-from ..display import path_from_display
 from ..errors import DatasetError
-from ..manifests import Manifest, load_manifest
+from ..manifests import Manifest, load_manifest, patient_key
 from ..model import CLASS_NAMES
 from ..neardup import NEAR_DUPLICATE_BITS, ensure_phashes, near_duplicates, near_pairs
 from ..store import HoldoutEvent, ImageRecord, session_scope
@@ -120,24 +118,6 @@ def contested(settings: Settings) -> list[dict[str, Any]]:
     """The current holdout's images whose label is contested (:func:`_contested`)."""
     with session_scope(settings.database_url) as s:
         return _contested(s, _load(_latest(s)))
-
-
-def patient_key(group_id: str | None) -> str | None:
-    """The patient a group id names, for telling whether two folders are one patient: ``Patient_07``,
-    ``patient_07 `` and ``patient_０7`` (full-width digit) are ``patient_07`` (Unicode NFKC, case folded,
-    spaces of any kind around it and invisible format characters dropped, compared on the folder's own name,
-    not its escaped display form). Two spellings of one patient must never sit in two roles; two patients
-    that only the case tells apart are kept together, the safe side."""
-    if not group_id:
-        return None
-    try:  # group ids are stored as displayed (escaped): the folder's own name is what is compared
-        name = path_from_display(group_id)
-    except ValueError:
-        name = group_id
-    # NFKC (full-width forms, no-break and ideographic spaces), without invisible format characters
-    # (zero-width spaces and joiners), spaces of any kind around it, case folded
-    name = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
-    return name.strip().casefold()
 
 
 def _group_of(r: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from ..errors import DatasetError
 from ..manifests import (
     Manifest,
     assign,
+    group_key,
     load_manifest,
     make_split,
     require_both_sides,
@@ -30,7 +31,6 @@ from .changes import freeze_holdout
 from .records import (
     _contest_near_copies,
     _excluded,
-    _group_of,
     _near_copies_within,
     _near_exclusions,
     _usable,
@@ -240,7 +240,7 @@ def _development_entries(records: list[dict[str, Any]], settings: Settings) -> l
         both = assign(records, chosen, "calibration", "development")
         require_both_sides(both, ("calibration", "development"), "calibration")
         cal = [e for e in both if e["split"] == "calibration"]
-        records = [r for r in records if _group_of(r) not in chosen]
+        records = [r for r in records if group_key(r) not in chosen]
     return sorted(
         cal + make_split(records, seed=settings.seed, val_fraction=settings.val_fraction),
         key=lambda e: e["sha256"],

@@ -114,6 +114,39 @@ def test_split_never_puts_a_group_on_both_sides():
     assert 0.1 <= val / len(entries) <= 0.3
 
 
+def test_a_patient_spelled_two_ways_never_straddles_train_validation_or_calibration():
+    """Round 24 residual: the holdout compared patients however their folder was spelled, but the split
+    inside development used the exact group id, so `Patient_3/` and `patient_3 /` (one patient) could sit
+    in train and in validation or calibration. Every split keeps one patient together
+    (`manifests.group_key`); each entry keeps its own folder's spelling."""
+    from types import SimpleNamespace
+
+    from bcc_pipeline.holdout.roles import _development_entries
+    from bcc_pipeline.holdout.records import patient_key
+    from bcc_pipeline.manifests import assign, select_groups
+
+    spellings = ["p3", "P3", "p3 ", "p\uff13", "p3\u200b"]
+    records = []
+    for label in ("benign", "malignant"):
+        for g in range(8):
+            for i in range(5):
+                name = spellings[i] if g == 3 else f"p{g}"
+                sha = f"{label}{g}{i}".encode().hex().ljust(64, "0")
+                records.append({"sha256": sha, "label": label, "group_id": name, "path": f"/d/{sha}.png"})
+    straddled = []
+    for seed in range(40):
+        cfg = SimpleNamespace(seed=seed, calibration_fraction=0.2, val_fraction=0.25)
+        dev = _development_entries(records, cfg)
+        chosen = select_groups(records, 0.25, seed=seed, salt="holdout:")  # the holdout's freeze
+        for entries in (dev, assign(records, chosen, "holdout", "development")):
+            sides: dict[str, set] = {}
+            for e in entries:
+                sides.setdefault(patient_key(e["group_id"]), set()).add(e["split"])
+            straddled += [(seed, k, v) for k, v in sides.items() if len(v) > 1]
+        assert {e["group_id"] for e in dev} == {r["group_id"] for r in records}  # own spellings kept
+    assert not straddled
+
+
 def test_split_is_stable_when_new_data_arrives():
     old = {e["sha256"]: e["split"] for e in dataset.make_split(_records(100, 100), seed=3)}
     new = {e["sha256"]: e["split"] for e in dataset.make_split(_records(110, 110), seed=3)}

@@ -121,8 +121,8 @@ def test_a_patient_spelled_two_ways_never_straddles_train_validation_or_calibrat
     (`manifests.group_key`); each entry keeps its own folder's spelling."""
     from types import SimpleNamespace
 
-    from bcc_pipeline.holdout.roles import _development_entries
     from bcc_pipeline.holdout.records import patient_key
+    from bcc_pipeline.holdout.roles import _development_entries
     from bcc_pipeline.manifests import assign, select_groups
 
     spellings = ["p3", "P3", "p3 ", "p\uff13", "p3\u200b"]

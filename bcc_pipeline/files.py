@@ -144,7 +144,8 @@ def settled(shown: str, mtime: float, now: float, settle: float) -> bool:
     if age >= settle:
         return True
     if age < -settle:
-        log.warning("%s was modified %.0f s in the future (clock skew?); taking it anyway", shown, -age)
+        if -age >= 1.0:  # a file written this instant can be stamped a little ahead of time.time()
+            log.warning("%s was modified %.0f s in the future (clock skew?); taking it anyway", shown, -age)
         return True
     return False
 

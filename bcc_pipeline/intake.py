@@ -76,6 +76,7 @@ from .intake_moves import (
     quarantine_dest,
 )
 from .leftovers import sweep_stale_temporaries
+from .manifests import patient_name
 from .model import CLASS_NAMES
 from .moving import (
     Identity,
@@ -331,9 +332,15 @@ def _reject(
 
 
 def patient_group(folder: str) -> str:
-    """The group id of a patient/slide folder: its displayed name, cut to the column's 255 characters
-    with a hash of the whole name when longer (an escaped name is up to four times its bytes)."""
+    """The group id of a patient/slide folder: its displayed name. A name longer than the column's 255
+    characters (an escaped name is up to four times its bytes) is the patient's normalized name
+    (:func:`.manifests.patient_name`, so that every spelling of one patient gets one id, as
+    :func:`.manifests.patient_key` compares shorter ones), cut to the column with a hash of it when still
+    too long."""
     shown = display_path(folder)
+    if len(shown) <= _GROUP_MAX:
+        return shown
+    shown = display_path(patient_name(folder))
     if len(shown) <= _GROUP_MAX:
         return shown
     return f"{shown[: _GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"

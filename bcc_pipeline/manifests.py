@@ -51,6 +51,7 @@ __all__ = [
     "make_split",
     "manifest_arrays",
     "patient_key",
+    "patient_name",
     "require_both_sides",
     "require_counts",
     "role_hash",
@@ -122,10 +123,15 @@ def patient_key(group_id: str | None) -> str | None:
         return None
     try:  # group ids are stored as displayed (escaped): the folder's own name is what is compared
         name = path_from_display(group_id)
-    except ValueError:
+    except ValueError:  # a long name cut to the column (intake.patient_group): compared as it is stored
         name = group_id
-    # NFKC (full-width forms, no-break and ideographic spaces), without invisible format characters
-    # (zero-width spaces and joiners), spaces of any kind around it, case folded
+    return patient_name(name)
+
+
+def patient_name(name: str) -> str:
+    """A folder's own name as one patient's: NFKC (full-width forms, no-break and ideographic spaces),
+    without invisible format characters (zero-width spaces and joiners), spaces of any kind around it,
+    case folded."""
     name = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
     return name.strip().casefold()
 

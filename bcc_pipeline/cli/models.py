@@ -170,12 +170,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ..model_card import holdout_lines
     from ..overview import champion_summary, scoring_runs
     from ..predictions import query_predictions
-    from ..scoring import mark_abandoned
+    from ..scoring import mark_abandoned, quiet_runs
     from ..store import get_engine
 
     s = settings(args)
+    hanging: list[str] = []
     with contextlib.suppress(StoreError):  # a `running` run whose process is gone says so (schema permitting)
         mark_abandoned(get_engine(s.database_url), runs_dir=s.runs_dir)
+        hanging = quiet_runs(get_engine(s.database_url), s.runs_dir)  # alive, but silent for an hour
     champion = champion_summary(s)
     runs = scoring_runs(s, limit=1)
     run = runs[0] if runs else None
@@ -198,6 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "latest_predictions": rows,
         "contested_holdout": contested,
         "refused_folders": refused,
+        "silent_runs": hanging,
     }
 
     def human() -> None:
@@ -224,6 +227,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         for why in refused:
             print(f"folders         WARNING: {one_line(why)}")
+        for why in hanging:
+            print(f"scoring         WARNING: {why}")
         if run is None:
             print("last scoring    none yet (drop images into the inbox, run bcc_score or `bcc score`)")
         else:

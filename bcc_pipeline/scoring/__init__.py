@@ -39,7 +39,7 @@ from .loader import DECODE_BUDGET_BYTES, DECODE_BYTES_PER_PIXEL, LOAD_WORKERS, L
 from .moves import MAX_MOVE_ATTEMPTS
 from .plan import new_run_id, plan_shards, run_dir
 from .run import finalize_run, score_inbox
-from .run_records import mark_abandoned
+from .run_records import mark_abandoned, quiet_runs
 from .shard import Hooks, score_shard
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "mark_abandoned",
     "new_run_id",
     "plan_shards",
+    "quiet_runs",
     "run_dir",
     "score_inbox",
     "score_shard",

@@ -7,10 +7,12 @@ split into disjoint shards. Each finished shard leaves its counts in ``runs/<run
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,11 @@ def hold_shard(settings: Settings, run_id: str, shard: int) -> int:
             f"shard {shard} of scoring run {one_line(run_id)} is being scored by another process now; not "
             "scoring it twice (let that one finish, or leave out the run id for a new run)"
         ) from None
+    # who holds it, for run_records.mark_abandoned: the run records one host and PID, and a shard killed
+    # after another shard's process let go of the run would otherwise look alive for an hour
+    with contextlib.suppress(OSError):  # only a record: a full disk must not stop the shard
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()}\t{os.getpid()}\n".encode(), 0)
     return fd
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from .. import store
-from ..display import display_path
+from ..display import display_path, one_line
 from ..errors import BCCError, NoChampionError, StoreError
 from ..registry import get_champion
 from ..store import InboxFile, ModelVersion, ScoringRun, insert_rows, scoring_fields, utcnow
@@ -36,6 +36,7 @@ __all__ = [
     "mark_abandoned",
     "model_version",
     "open_run",
+    "quiet_runs",
     "release",
     "run_status",
     "run_tallies",
@@ -201,23 +202,63 @@ def _locked_files() -> set[tuple[int, int, int]] | None:
     return out
 
 
-def _a_shard_is_held(runs_dir: Path, run_id: str, locked: set[tuple[int, int, int]]) -> bool:
-    """Whether a process of this machine holds a shard of ``run_id`` now (its ``shard-<k>.lock``)."""
+def _shard_holders(runs_dir: Path, run_id: str, locked: set[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """The shards of ``run_id`` that a process took (a ``shard-<k>.lock``, :func:`.plan.hold_shard`): for
+    each, ``shard``, ``held`` (a process of this machine holds its lock now), ``finished`` (its result is
+    written), and the ``host`` and ``pid`` that took it last (None for a lock from before they were
+    written into it)."""
     from ..files import safe_dirname
 
     folder = runs_dir / safe_dirname(run_id)
     try:
         names = [n for n in os.listdir(folder) if n.startswith("shard-") and n.endswith(".lock")]
     except OSError:
-        return False
+        return []
+    out = []
     for name in names:
         try:
-            st = os.stat(folder / name, follow_symlinks=False)
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
-        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locked:
-            return True
-    return False
+        try:
+            st = os.fstat(fd)
+            text = os.read(fd, 512).decode("utf-8", "replace") if st.st_size else ""
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        host, _, pid = text.strip().partition("\t")
+        shard = name[len("shard-") : -len(".lock")]
+        out.append(
+            {
+                "shard": shard,
+                "held": (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locked,
+                "finished": os.path.exists(folder / f"shard-{shard}.json"),
+                "host": host or None,
+                "pid": int(pid) if pid.isdigit() else None,
+            }
+        )
+    return out
+
+
+def _dead_shard(holders: list[dict[str, Any]], here: str) -> str | None:
+    """Why the run is gone when a shard of it that never finished was taken by a process of this machine
+    that is no longer alive and holds nothing (another machine's process cannot be looked at)."""
+    for h in holders:
+        if (
+            not h["held"]
+            and not h["finished"]
+            and h["host"] == here
+            and h["pid"]
+            and not _pid_alive(h["pid"])
+        ):
+            return f"the process of its shard {h['shard']} ({h['host']}, PID {h['pid']}) is gone"
+    return None
+
+
+def _stale(beat: dt.datetime | None, now: dt.datetime, stale_after: float) -> bool:
+    beat = beat if beat is None or beat.tzinfo else beat.replace(tzinfo=dt.UTC)
+    return beat is not None and (now - beat).total_seconds() > stale_after
 
 
 def mark_abandoned(
@@ -226,8 +267,9 @@ def mark_abandoned(
     """``running`` runs whose process is gone become ``abandoned`` (with ``finished_at``): the process
     recorded on this host is no longer alive, or the heartbeat is older than ``stale_after`` seconds.
     With ``runs_dir``, a run one of whose shards a process of this machine holds (its lock) is alive,
-    whatever process was recorded last. Returns their run ids. (Rerunning an abandoned run's id finishes
-    it.)"""
+    whatever process was recorded last, and one whose unfinished shard was taken by a process of this
+    machine that is gone is abandoned at once, also when no process is recorded (another shard let go of
+    the run). Returns their run ids. (Rerunning an abandoned run's id finishes it.)"""
     rt = ScoringRun.__table__
     here, now = socket.gethostname(), utcnow()
     with transaction(engine) as conn:
@@ -239,16 +281,17 @@ def mark_abandoned(
         gone = {}
         locked = _locked_files() if runs_dir is not None and rows else None
         for r in rows:
-            if locked is not None and _a_shard_is_held(runs_dir, r.run_id, locked):
+            holders = _shard_holders(runs_dir, r.run_id, locked) if locked is not None else []
+            if any(h["held"] for h in holders):
                 # one host and PID per run: the one recorded may be a shard that died while another
                 # shard's process, here, still works on the run (its lock says so)
                 continue
-            beat = r.heartbeat_at or r.started_at
-            beat = beat if beat is None or beat.tzinfo else beat.replace(tzinfo=dt.UTC)
             if r.host == here and r.pid and not _pid_alive(int(r.pid)):
                 gone[r.run_id] = f"its process ({r.host}, PID {r.pid}) is gone"
-            elif beat is not None and (now - beat).total_seconds() > stale_after:
-                gone[r.run_id] = f"no sign of life since {beat.isoformat()}"
+            elif r.host is None and (why := _dead_shard(holders, here)):
+                gone[r.run_id] = why  # no process recorded: the last one let go, this one died
+            elif _stale(r.heartbeat_at or r.started_at, now, stale_after):
+                gone[r.run_id] = f"no sign of life since {(r.heartbeat_at or r.started_at).isoformat()}"
         for run_id, why in gone.items():
             conn.execute(
                 update(rt)
@@ -256,6 +299,33 @@ def mark_abandoned(
                 .values(status="abandoned", finished_at=now, error=f"abandoned: {why}")
             )
     return sorted(gone)
+
+
+def quiet_runs(engine: Engine, runs_dir: Path, stale_after: float = HEARTBEAT_STALE_SECONDS) -> list[str]:
+    """One line for each ``running`` run that a live process of this machine holds (a shard's lock) but
+    that has shown no sign of life (no heartbeat: a batch finished) for ``stale_after`` seconds: it may
+    hang. It stays ``running`` (its process is alive); this only says so, for ``bcc status``."""
+    rt = ScoringRun.__table__
+    now = utcnow()
+    with transaction(engine) as conn:
+        rows = conn.execute(
+            select(rt.c.run_id, rt.c.heartbeat_at, rt.c.started_at).where(rt.c.status == "running")
+        ).all()
+    locked = _locked_files() if rows else None
+    out = []
+    for r in rows:
+        beat = r.heartbeat_at or r.started_at
+        if locked is None or not _stale(beat, now, stale_after):
+            continue
+        for h in _shard_holders(runs_dir, r.run_id, locked):
+            if h["held"]:
+                who = f"PID {h['pid']} on {h['host']}" if h["pid"] else "a process of this machine"
+                out.append(
+                    f"scoring run {one_line(r.run_id)}: shard {h['shard']} is held by {who}, but the "
+                    f"run has shown no sign of life since {beat.isoformat()}; it may hang (look at that "
+                    "process; the run stays running while it lives)"
+                )
+    return out
 
 
 def run_status(engine: Engine, run_id: str) -> str | None:

@@ -147,6 +147,25 @@ def test_a_patient_spelled_two_ways_never_straddles_train_validation_or_calibrat
     assert not straddled
 
 
+def test_a_long_patient_folder_name_is_one_patient_however_it_is_spelled():
+    """Round 25: a folder name displayed longer than the column (255 characters: escapes make it up to four
+    times its bytes) was cut with a hash of its case-sensitive text, so two spellings of one long name were
+    two patients. Such a name's id is now the patient's normalized name (`manifests.patient_name`)."""
+    from bcc_pipeline.holdout.records import patient_key
+    from bcc_pipeline.intake import patient_group
+
+    pairs = [
+        ("PATIENT_" + "A" * 200 + "\\" * 30, "patient_" + "a" * 200 + "\\" * 30),  # cut with a hash
+        ("Patient_" + "A" * 238 + "\u200b", "patient_" + "a" * 238),  # only one of them too long
+        ("P" + "\uff10" * 84, "p" + "0" * 84),  # full-width digits: 3 bytes each
+    ]
+    for one, other in pairs:
+        assert len(patient_group(one)) <= 255 and len(patient_group(other)) <= 255
+        assert patient_key(patient_group(one)) == patient_key(patient_group(other)), (one, other)
+    assert patient_group("Patient_07") == "Patient_07"  # a name that fits keeps its spelling
+    assert patient_key(patient_group("x" * 300 + "1")) != patient_key(patient_group("x" * 300 + "2"))
+
+
 def test_split_is_stable_when_new_data_arrives():
     old = {e["sha256"]: e["split"] for e in dataset.make_split(_records(100, 100), seed=3)}
     new = {e["sha256"]: e["split"] for e in dataset.make_split(_records(110, 110), seed=3)}

@@ -794,3 +794,18 @@ def test_read_once_never_follows_a_link_and_never_blocks_on_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "fifo.png")
     assert files.read_once(tmp_path / "fifo.png", 1 << 20)[0] is None  # returns at once: nobody writes
     assert files.read_once(tmp_path, 1 << 20)[0] is None
+
+
+def test_a_file_stamped_a_moment_ahead_is_settled_without_a_clock_skew_warning(caplog):
+    """Round 25: with no settle time, a file written this instant (its mtime a fraction of a second ahead of
+    `time.time()`) was logged as "modified 0 s in the future (clock skew?)". A second or more ahead is still
+    warned about; either way the file is settled."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert files.settled("a.png", mtime=100.4, now=100.0, settle=0)
+    assert "clock skew" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert files.settled("b.png", mtime=103.0, now=100.0, settle=0)
+        assert not files.settled("c.png", mtime=99.5, now=100.0, settle=30)
+    assert "b.png was modified 3 s in the future (clock skew?)" in caplog.text and "c.png" not in caplog.text

@@ -486,6 +486,87 @@ def test_a_run_whose_shard_another_process_holds_is_not_abandoned(
             holder.kill()
 
 
+def test_a_shard_killed_after_another_shard_let_go_of_the_run_is_abandoned_at_once(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Round 24 residual: one host and PID per run. Shard 0 SIGKILLed in its process, then shard 1 finished
+    in another and let go of the run: no process was recorded, so the run stayed `running` until its
+    heartbeat was an hour old. A shard's lock now names the process that took it, and an unfinished shard
+    whose process of this machine is gone (and holds nothing) abandons the run at once."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 4)
+    scoring.plan_shards(s, "two", 2)
+    code = (
+        "import os, signal\nfrom bcc_pipeline import scoring\nfrom bcc_pipeline.config import load_settings\n"
+        f"s = load_settings(env={{'BCC_HOME': {str(s.home)!r}, 'BCC_DATABASE_URL': {sqlite_url!r}, "
+        "'BCC_SETTLE_SECONDS': '0'})\nprint(os.getpid(), flush=True)\n"
+        "kill = scoring.Hooks(on_model_batch=lambda n: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "scoring.score_shard(s, 'two', 0, hooks=kill)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    scoring.score_shard(s, "two", 1)  # finishes and lets go of the run: no process is recorded
+    engine = store.get_engine(sqlite_url)
+    with session_scope(sqlite_url) as ses:
+        row = ses.get(ScoringRun, "two")
+        assert row.status == "running" and row.host is None
+    assert scoring.mark_abandoned(engine, runs_dir=s.runs_dir) == ["two"]
+    with session_scope(sqlite_url) as ses:
+        row = ses.get(ScoringRun, "two")
+        assert (
+            row.status == "abandoned"
+            and f"shard 0 ({os.uname().nodename}, PID {killed.stdout.split()[0]})" in (row.error)
+        )
+    scoring.score_shard(s, "two", 0)  # rerunning the run's id finishes it
+    assert scoring.finalize_run(s, "two")["status"] == "finished"
+
+
+def test_a_run_held_by_a_live_but_silent_shard_stays_running_and_status_says_so(
+    make_settings, sqlite_url, register_champion, png_writer, monkeypatch, capsys
+):
+    """Round 24 residual: a shard whose process hangs but lives holds its lock, so its run stays `running`
+    for good (rightly: it may still finish) and nobody was told. `bcc status` now warns, naming the shard
+    and its process, once the run has been silent for an hour."""
+    from bcc_pipeline.cli import main
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    scoring.plan_shards(s, "hung", 1)
+    code = (
+        "import time\nfrom bcc_pipeline.config import load_settings\nfrom bcc_pipeline.scoring.plan import "
+        f"hold_shard\ns = load_settings(env={{'BCC_HOME': {str(s.home)!r}, 'BCC_DATABASE_URL': {sqlite_url!r}}})"
+        "\nhold_shard(s, 'hung', 0)\nprint('held', flush=True)\ntime.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        long_ago = store.utcnow() - dt.timedelta(hours=2)
+        with session_scope(sqlite_url) as ses:
+            row = ses.get(ScoringRun, "hung")
+            row.status, row.heartbeat_at, row.host, row.pid = "running", long_ago, None, None
+        engine = store.get_engine(sqlite_url)
+        assert scoring.quiet_runs(engine, s.runs_dir, stale_after=7200 + 60) == []  # not silent that long
+        monkeypatch.setenv("BCC_HOME", str(s.home))
+        monkeypatch.setenv("BCC_DATABASE_URL", sqlite_url)
+        assert main(["status"]) == 0
+        out = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+        assert len(out) == 1 and out[0].startswith(
+            "scoring         WARNING: scoring run hung: shard 0 is held"
+        )
+        assert f"PID {holder.pid} on {os.uname().nodename}" in out[0] and "may hang" in out[0]
+        with session_scope(sqlite_url) as ses:
+            assert ses.get(ScoringRun, "hung").status == "running"  # alive: not abandoned under it
+        holder.kill()
+        holder.wait()
+        assert scoring.quiet_runs(engine, s.runs_dir) == []
+        assert scoring.mark_abandoned(engine, runs_dir=s.runs_dir) == ["hung"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
 def test_a_shard_lock_that_cannot_be_had_fails_the_run_in_one_line(
     make_settings, sqlite_url, register_champion, png_writer, tmp_path
 ):

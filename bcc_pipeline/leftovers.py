@@ -115,7 +115,7 @@ def sweep_stale_temporaries(settings: Any, *, older_than: float = STALE_TEMP_SEC
     to the people and scanners that drop files there: whatever is named there, it is never deleted (a
     ``.bcc-tmp-`` file that ``bcc demo-data`` left when killed is a hidden file, which intake and scoring
     ignore). ``archive/`` gets no temporaries (moves use their own ``.bcc-move-*`` markers).
-    Scoring calls it when it plans a run, intake when it starts."""
+    Scoring calls it when it plans a run; intake, every holdout change and the split when they start."""
     return sweep_temporaries(
         [
             settings.runs_dir,

@@ -17,6 +17,7 @@ from ..config import Settings
 from ..destinations import require_destination
 from ..display import display_path
 from ..errors import DatasetError
+from ..leftovers import sweep_stale_temporaries
 from ..manifests import (
     Manifest,
     assign,
@@ -106,6 +107,7 @@ def freeze_holdout(settings: Settings, *, fraction: float, actor: str, reason: s
     if not 0 < fraction <= 0.5:
         raise DatasetError(f"the holdout fraction must be above 0 and at most 0.5, got {fraction}")
     require_destination(settings, settings.dataset_dir)  # its disk not mounted: no manifest written there
+    sweep_stale_temporaries(settings)  # what a killed earlier change left half-written (.bcc-tmp-*)
     with session_scope(settings.database_url) as s:
         last = _latest(s)
         if last is not None:
@@ -164,6 +166,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder")
     require_destination(settings, settings.dataset_dir)  # its disk not mounted: nothing stored there
+    sweep_stale_temporaries(settings)  # what a killed earlier change left half-written (.bcc-tmp-*)
     found, refused = _read_folder(settings, folder)
     conflicts = _label_conflicts(settings, found)  # committed even when nothing is added
     with session_scope(settings.database_url) as s:
@@ -320,6 +323,7 @@ def withdraw_from_holdout(
     if any(len(p) < 12 for p in shas):
         raise DatasetError("name each image by at least 12 characters of its sha256")
     require_destination(settings, settings.dataset_dir)  # its disk not mounted: no manifest written there
+    sweep_stale_temporaries(settings)  # what a killed earlier change left half-written (.bcc-tmp-*)
     with session_scope(settings.database_url) as s:
         last = _latest(s)
         old = _load(last)

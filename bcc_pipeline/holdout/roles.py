@@ -82,9 +82,11 @@ def split_roles(settings: Settings) -> RoleSplit:
     exclusions; ``calibration_fraction`` of it (by group, stratified) becomes calibration, and the
     seed's train/validation split applies to the rest."""
     from ..destinations import require_destination
+    from ..leftovers import sweep_stale_temporaries
     from ..registry import default_actor
 
     require_destination(settings, settings.dataset_dir)  # its disk not mounted: no manifest written there
+    sweep_stale_temporaries(settings)  # what a killed earlier split or change left half-written
     holdout, frozen_now, warnings = current_holdout(settings), False, []
     if holdout is None and settings.holdout_fraction > 0:
         holdout = freeze_holdout(

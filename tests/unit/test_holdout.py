@@ -113,6 +113,35 @@ def _new_rows(s) -> list[ImageRecord]:
         return [r for r in sess.scalars(select(ImageRecord)) if r.sha256 not in before]
 
 
+def test_a_holdout_change_killed_mid_write_leaves_nothing_after_the_next_change(home, tmp_path):
+    """Round 25: `bcc holdout extend` SIGKILLed while writing a stored copy left its `.bcc-tmp-*` file in
+    `dataset/`, and its own reruns never removed it (only intake and scoring swept). Every holdout change
+    and the split now sweep what a killed earlier one left."""
+    import subprocess
+    import sys
+
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    extra = tmp_path / "more-holdout"
+    _land(home, benign=4, malignant=4, groups=2, seed=9, first_patient=40, out=extra)
+    code = (
+        "import os, signal\nos.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from bcc_pipeline import dataset\nfrom bcc_pipeline.config import load_settings\n"
+        f"s = load_settings(env={{'BCC_HOME': {str(home.home)!r}, 'BCC_DATABASE_URL': {home.database_url!r}}})\n"
+        f"dataset.extend_holdout(s, {str(extra)!r}, actor='a', reason='killed')\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    def left():
+        return [p for p in home.dataset_dir.rglob(".bcc-tmp-*")]
+
+    assert left()  # the killed write's temporary
+    grown = dataset.extend_holdout(home, extra, actor="a", reason="again")
+    assert not left() and grown.n("holdout") > 0
+
+
 def test_extend_is_logged_keeps_the_folder_and_never_enters_development(home, tmp_path):
     _land(home, benign=30, malignant=30, groups=6)
     dataset.intake(home)

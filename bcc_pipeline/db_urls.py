@@ -22,21 +22,30 @@ which the driver uses, credentials included: masked as a whole."""
 
 def _secret_key(key: str) -> bool:
     """Whether a URL query parameter carries a credential (``password``, ``sslpassword``, a passphrase or
-    key, tokens...) or a whole connection string that may hold one."""
+    key, tokens...; also misspelt, ``passwrd``: what the operator typed there is a password all the same)
+    or a whole connection string that may hold one. Masking a harmless value (``sslkey=/path``) costs
+    nothing; showing a password does."""
     k = key.lower()
-    return any(w in k for w in ("password", "secret", "token", "passphrase")) or k in (
-        "pass",
-        "passwd",
-        "pwd",
-        "key",
+    return any(w in k for w in ("pass", "pwd", "secret", "token", "key", "cred")) or k in (
+        "pw",
         *_WHOLE_STRINGS,
     )
 
 
+_INNER = re.compile(r"(?i)\b((?:pass\w*|pwd|secret\w*|token)\s*=\s*)('[^']*'|\{[^}]*\}|[^\s;&]+)")
+"""A credential inside a connection string or option value (``password=x``, ``PWD=x;``, quoted or not)."""
+
+
 def _inner_secrets(value: str) -> list[str]:
     """The credentials inside a connection string (``password=x``, ``PWD=x;``, quoted or not)."""
-    pattern = r"(?i)\b(?:password|pwd|passphrase)\s*=\s*('[^']*'|\{[^}]*\}|[^\s;]+)"
-    return [v.strip("'{}") for v in re.findall(pattern, value)]
+    return [m[2].strip("'{}") for m in _INNER.finditer(value)]
+
+
+def _mask_inner(value: Any) -> Any:
+    """``value`` with every credential inside it masked (``?options=-c password=x``)."""
+    if isinstance(value, str):
+        return _INNER.sub(lambda m: m[1] + _MASK, value)
+    return tuple(_mask_inner(v) for v in value)
 
 
 def _whole_password(url: Any) -> str | None:
@@ -58,7 +67,7 @@ def safe_url(url: Any) -> str:
     that shows a database URL goes through this."""
     try:
         u = make_url(_whole_password(url) or url)
-        query = {k: (_MASK if _secret_key(k) else v) for k, v in u.query.items()}
+        query = {k: (_MASK if _secret_key(k) else _mask_inner(v)) for k, v in u.query.items()}
         return u.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
     except Exception:  # noqa: BLE001 - only for messages
         return "<unparseable url>"
@@ -76,9 +85,8 @@ def _secrets(url: Any) -> list[str]:
         cuts = [m.start() for m in re.finditer("[@:]", p)]  # or port: mask every piece, head and tail
         values += re.split("[@:]", p) + [p[:i] for i in cuts] + [p[i + 1 :] for i in cuts]
     for k, v in u.query.items():
-        if _secret_key(k):
-            for one in [v] if isinstance(v, str) else list(v):
-                values += [one, *_inner_secrets(one)]
+        for one in [v] if isinstance(v, str) else list(v):
+            values += [one, *_inner_secrets(one)] if _secret_key(k) else _inner_secrets(one)
     values = [str(v) for v in values if v]
     values += [quote_plus(v) for v in values]
     return sorted(set(values), key=len, reverse=True)

@@ -7,9 +7,13 @@ mounted into ``landing/``."""
 from __future__ import annotations
 
 import os
+import shlex
+from pathlib import Path
 
 from . import mounts
 from .config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
+from .destinations import ATTRIBUTE, _mark_of
+from .display import path_from_display
 from .files import display_path, managing_home
 
 __all__ = [
@@ -22,6 +26,7 @@ __all__ = [
     "home_above",
     "inside",
     "is_home",
+    "marked_by_another",
     "overlay_refusal",
 ]
 
@@ -34,11 +39,38 @@ def inside(path: str, folder: str) -> bool:
 
 def is_home(folder: str) -> bool:
     """Whether ``folder`` is a BCC home: its ``.bcc-home`` marker, or, for a home set up before homes were
-    marked, ``bcc.db`` or ``models/`` beside ``dataset/`` (:data:`bcc_pipeline.settings.UNMARKED_HOME_SIGNS`)."""
+    marked or one that lost its marker, the signs of one (:data:`bcc_pipeline.settings.UNMARKED_HOME_SIGNS`:
+    ``.bcc-roots``, ``bcc.db`` beside a folder the pipeline makes, ...)."""
     if os.path.lexists(os.path.join(folder, HOME_MARKER)):
         return True
     return any(
         all(os.path.lexists(os.path.join(folder, sign)) for sign in signs) for signs in UNMARKED_HOME_SIGNS
+    )
+
+
+def marked_by_another(
+    home: str | os.PathLike[str], folder: str, *, absent_is_another: bool = True
+) -> str | None:
+    """Why ``folder`` is another home's ``archive/``, ``quarantine/`` or ``dataset/`` ("marked as ...") by its own mark
+    (:data:`bcc_pipeline.destinations.ATTRIBUTE`, on the folder, so on the disk mounted there: found
+    wherever the folder is now, whatever became of its home's marker), or None: no mark, or this home's.
+    ``absent_is_another``: a mark whose home is not on this machine is another's (an inbox: the safe side);
+    False, it is taken as this home's (a home that moved keeps its marks: :mod:`.destinations`)."""
+    mark = _mark_of(Path(folder))
+    if mark is None:
+        return None
+    try:
+        theirs = path_from_display(mark.get("home", ""))
+    except ValueError:
+        theirs = ""
+    if theirs and _same_folder(theirs, os.fspath(home)):
+        return None
+    if not absent_is_another and not (theirs and os.path.isdir(theirs)):
+        return None  # its home is not here (this home moved, a disk from another host): taken as ours
+    return (
+        f"marked as {mark.get('folder', '?')}/ of the BCC home "
+        f"{display_path(theirs) if theirs else '(one its mark does not name)'} (if no home uses it any more: "
+        f"setfattr -x {ATTRIBUTE} {shlex.quote(display_path(folder))})"
     )
 
 
@@ -50,10 +82,12 @@ def home_above(settings: Settings, real: str) -> str | None:
         if inside(real, os.path.realpath(m)):
             return f"it lies inside {m}, which the pipeline manages"
     managed_names = {os.path.relpath(m, settings.home).split(os.sep)[0] for m in settings.managed_dirs}
-    folder = real
+    folder, marked = real, None
     while True:
         if (owner := managing_home(folder)) is not None:  # one that lives elsewhere (a link's target)
             return f"it lies inside {folder}, a folder the BCC home {owner} manages ({STALE_HINT})"
+        if marked is None and (problem := marked_by_another(home, folder)) is not None:
+            marked = f"it lies inside {folder}, {problem}" if folder != real else f"it is {problem}"
         if is_home(folder):
             if folder == real:
                 return "it is a BCC home"
@@ -66,7 +100,7 @@ def home_above(settings: Settings, real: str) -> str | None:
                 )
         parent = os.path.dirname(folder)
         if parent == folder:
-            return None
+            return marked  # a folder another home marked, away from any home (its disk mounted here)
         folder = parent
 
 
@@ -78,16 +112,20 @@ def foreign_home_above(settings: Settings, path: str) -> str | None:
 
 def foreign_above(home: str | os.PathLike[str], path: str) -> str | None:
     """:func:`foreign_home_above` for the home at ``home``."""
-    folder = path
+    folder, marked = path, None
     while True:
         owner = managing_home(folder)
         if owner is not None and not _same_folder(owner, os.fspath(home)):
             return f"it lies inside {folder}, a folder the BCC home {owner} manages ({STALE_HINT})"
+        # this home's own folders are judged here too (destination_refusal): a mark whose home is not on
+        # this machine is taken as ours, as destinations does
+        if marked is None and (problem := marked_by_another(home, folder, absent_is_another=False)):
+            marked = f"it lies inside {folder}, {problem}"
         if is_home(folder) and not _same_folder(folder, os.fspath(home)):
             return f"it lies inside the BCC home {folder}, another deployment's"
         parent = os.path.dirname(folder)
         if parent == folder:
-            return None
+            return marked  # a folder another home marked, away from any home (its disk mounted here)
         folder = parent
 
 
@@ -151,6 +189,8 @@ def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -
         return f"{display_path(folder)}, where the system's {fstype} filesystem is mounted"
     if (owner := managing_home(folder)) is not None:
         return f"{display_path(folder)}, a folder the BCC home {owner} manages ({STALE_HINT})"
+    if (problem := marked_by_another(settings.home, folder)) is not None:
+        return f"{display_path(folder)}, {problem}"
     try:
         others = mounts.other_paths(os.path.realpath(folder), table)
     except mounts.CannotTell as exc:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from . import images, mounts
 from .config import Settings
 from .files import REASON_SUFFIX, SYSTEM_NAMES, display_path, one_line, read_once, settled
-from .homes import cannot_tell, destination_refusal, home_above
+from .homes import cannot_tell, destination_refusal, home_above, marked_by_another
 from .intake_moves import changed
 from .moving import Identity, LinkedFolderError, change_time, identity, require_real_folders, root_id
 
@@ -92,6 +92,10 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
                 seen.setdefault((st.st_dev, st.st_ino), []).append(dirpath)
             if (fstype := mounts.system_filesystem(os.path.realpath(dirpath), table)) is not None:
                 blocked[dirpath] = f"the system's {fstype} filesystem is mounted here"
+                dirnames[:] = []
+                continue
+            if (problem := marked_by_another(settings.home, dirpath)) is not None:
+                blocked[dirpath] = f"it is {problem}"  # another home's archive/, moved or its disk mounted
                 dirnames[:] = []
                 continue
             try:

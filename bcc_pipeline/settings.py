@@ -60,11 +60,21 @@ INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 
 #: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
 HOME_MARKER = ".bcc-home"
-#: What makes a folder a BCC home set up before homes were marked (2026-12) and not marked by a run
-#: since, each set enough: the default SQLite database beside a dataset store, or (a home whose database
-#: is PostgreSQL has no ``bcc.db``) the dataset store beside the model folder. Any one name alone is too
-#: common to tell.
-UNMARKED_HOME_SIGNS = (("bcc.db", "dataset"), ("dataset", "models"))
+#: What makes a folder a BCC home without its marker (set up before homes were marked, 2026-12, or its
+#: marker lost: deleted, renamed), each set enough: the list of folders it marked (``.bcc-roots``), the
+#: default SQLite database beside a folder the pipeline makes (a home that only scores has no dataset
+#: store), the dataset store beside the model folder, or (a home whose database is PostgreSQL has no
+#: ``bcc.db``) scoring's three folders. Any one common name alone is too common to tell.
+UNMARKED_HOME_SIGNS = (
+    (".bcc-roots",),
+    ("bcc.db", "dataset"),
+    ("bcc.db", "models"),
+    ("bcc.db", "runs"),
+    ("bcc.db", "archive"),
+    ("bcc.db", "quarantine"),
+    ("dataset", "models"),
+    ("archive", "quarantine", "runs"),
+)
 #: The file that marks a folder a home manages but that lives elsewhere (``landing/`` as a link to a
 #: shared mount): a folder that holds it, like a home, is never scored as an inbox.
 MANAGED_MARKER = ".bcc-managed"

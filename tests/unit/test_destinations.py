@@ -10,6 +10,7 @@ import pytest
 
 from bcc_pipeline.config import load_settings
 from bcc_pipeline.destinations import ATTRIBUTE, ROOTS_LIST, destination_lost, listed
+from bcc_pipeline.homes import destination_refusal
 from tests.support import bind_mounted, foreign_home
 
 
@@ -62,6 +63,7 @@ def test_a_home_moved_elsewhere_keeps_its_marks(make_settings, tmp_path):
     os.rename(a.home, moved)
     again = load_settings(profile="demo", env={"BCC_HOME": str(moved)})
     assert destination_lost(again, again.archive_dir) is None
+    assert destination_refusal(again, again.archive_dir) is None  # its mark is no other home's (round 25)
 
 
 def test_the_list_of_marked_folders_is_never_read_or_written_through_a_link(make_settings, tmp_path):

@@ -1567,6 +1567,30 @@ def test_another_homes_landing_bind_mounted_into_landing_is_not_taken_in(home, p
     assert "BCC home" in failed["error"]
 
 
+def test_a_folder_another_home_marked_is_not_taken_in_wherever_it_is(home, png_writer, tmp_path):
+    """Round 25: a folder another home marked as its archive/ (`user.bcc.folder`) is that home's files
+    wherever it is now (renamed into this landing, its disk mounted there): never taken in under a label,
+    reported (`unreachable`), its files where they are; the rest is taken in."""
+    from bcc_pipeline.destinations import destination_lost
+
+    other = foreign_home(tmp_path)
+    other.archive_dir.mkdir(parents=True)
+    try:
+        os.setxattr(other.archive_dir, "user.bcc.probe", b"1")
+    except OSError as exc:
+        pytest.skip(f"this filesystem keeps no extended attributes: {exc}")
+    assert destination_lost(other, other.archive_dir) is None  # marked, as B's first run marks it
+    theirs = png_writer(other.archive_dir / "run-1" / "scored.png", seed=1)
+    png_writer(home.landing_dir / "benign" / "p1" / "ok.png", seed=2)
+    moved = home.landing_dir / "malignant" / "p2"
+    moved.parent.mkdir(parents=True)
+    other.archive_dir.rename(moved)
+    r = intake(home, run_id="in1")
+    assert (r.accepted, r.rejected) == (1, 0) and (moved / "run-1" / theirs.name).is_file()
+    assert [u["path"] for u in r.unreachable] == ["malignant/p2"]
+    assert "marked as archive/ of the BCC home" in r.unreachable[0]["error"]
+
+
 def test_a_system_filesystem_mounted_into_landing_is_not_taken_in(home, png_writer):
     """``/proc`` bind-mounted at ``landing/benign/proc``: nothing of the system's is taken in, rejected or
     moved; the folder is reported (``unreachable``) and the rest is taken in."""

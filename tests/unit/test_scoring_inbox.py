@@ -141,6 +141,61 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path,
     assert sorted(p for p in other.home.rglob("*")) == before
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_home_that_lost_its_marker_or_a_folder_it_marked_is_never_scored(
+    make_settings, png_writer, tmp_path, database
+):
+    """Round 25: home B's `.bcc-home` renamed; B only ever scored, so it had no `dataset/` and was not
+    known as a home (`bcc.db` beside `dataset/` was the sign). A, allowed a root above both, scored B's
+    archive, quarantine, landing and B itself into its own archive, green. A home is now also known by
+    `.bcc-roots`, by `bcc.db` beside any folder the pipeline makes, or by scoring's three folders (its
+    database elsewhere); and a folder B marked (`user.bcc.folder`) is B's wherever it is now."""
+    from bcc_pipeline.config import load_settings
+    from bcc_pipeline.destinations import ROOTS_LIST, destination_lost
+    from bcc_pipeline.store import upgrade
+
+    shared = tmp_path / "shared"
+    s = make_settings(None, settle_seconds=0, inbox_roots=str(shared))
+    other = load_settings(env={"BCC_HOME": str(shared / "site_b" / "home")})
+    upgrade(other.database_url, home=other.home)
+    for folder in (other.archive_dir, other.quarantine_dir):
+        folder.mkdir(parents=True)
+        try:
+            os.setxattr(folder, "user.bcc.probe", b"1")
+        except OSError as exc:
+            pytest.skip(f"this filesystem keeps no extended attributes: {exc}")
+        assert destination_lost(other, folder) is None  # marked, as a run marks them
+    png_writer(other.archive_dir / "run-1" / "scored.png")
+    png_writer(other.quarantine_dir / "run-1" / "bad.png")
+    png_writer(other.landing_dir / "benign" / "p1" / "labelled.png")
+    (other.runs_dir / "run-1").mkdir(parents=True)
+    other.home_marker.rename(other.home / ".bcc-home.renamed")  # its marker lost
+    if database == "postgresql":  # its database elsewhere: no bcc.db, and its list of marked folders lost
+        (other.home / "bcc.db").unlink()
+        (other.home / ROOTS_LIST).unlink()
+    before = sorted(p for p in other.home.rglob("*"))
+    for inbox in (
+        other.home,
+        other.archive_dir,
+        other.quarantine_dir / "run-1",
+        other.landing_dir,
+        other.runs_dir,
+    ):
+        with pytest.raises(scoring.InboxRefused, match="BCC home"):
+            scoring.discover(s, inbox)
+    with pytest.raises(scoring.InboxRefused, match="contains the BCC home"):
+        scoring.discover(s, shared)
+    # B's archive moved (or its disk mounted) where A may score: its mark says whose it is
+    scans = shared / "scans"
+    other.archive_dir.rename(scans)
+    with pytest.raises(scoring.InboxRefused, match=r"it is marked as archive/ of the BCC home .*setfattr -x"):
+        scoring.discover(s, scans)
+    with pytest.raises(scoring.InboxRefused, match="marked as archive/ of the BCC home"):
+        scoring.discover(s, scans / "run-1")
+    scans.rename(other.archive_dir)
+    assert sorted(p for p in other.home.rglob("*")) == before
+
+
 def test_no_folder_of_a_foreign_home_is_scored(make_settings, png_writer, tmp_path):
     """Inside another deployment's home every folder is refused, its ``inbox/`` (files waiting for that
     deployment) and folders the pipeline does not manage (``exports/``) too. This home's own folders that

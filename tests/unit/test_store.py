@@ -198,6 +198,14 @@ def test_safe_url_masks_every_credential_form() -> None:
     ):
         assert "hunter2" not in safe_url(url), url
     assert safe_url("not a url at all") == "<unparseable url>"
+    # round 25: a misspelt key holds the password typed all the same; a password inside an option value
+    for url in (
+        "postgresql://u@h/db?passwrd=hunter2",
+        "postgresql://u@h/db?options=-c%20password%3Dhunter2",
+        "postgresql://u@h/db?options=-c+password=hunter2&sslmode=require",
+    ):
+        assert "hunter2" not in safe_url(url), url
+    assert "sslmode=require" in safe_url("postgresql://u@h/db?options=-c+password=x&sslmode=require")
 
 
 def _connection_error(url: str) -> str:
@@ -219,6 +227,13 @@ def test_a_failing_connection_never_shows_the_password() -> None:
     text = _connection_error(_SECRET_URL)
     for secret in ("hunter2pw", "querysecret", "sslsecret"):
         assert secret not in text
+    # round 25: the driver's refusal of a misspelt key, or of an option, quoted the password typed there
+    for url in (
+        "postgresql+psycopg2://u@127.0.0.1:1/db?passwrd=hunter2typo&connect_timeout=2",
+        "postgresql+psycopg2://u@127.0.0.1:1/db?options=-c%20password%3Dhunter2opt&connect_timeout=2",
+    ):
+        text = _connection_error(url)
+        assert "hunter2" not in text, text
 
 
 def test_a_password_with_an_unencoded_at_sign_is_masked_whole() -> None:

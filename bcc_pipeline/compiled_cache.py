@@ -119,7 +119,14 @@ def _unlink_links(folder: Path, version: str) -> bool:
         return False
     for link in (folder.parent, folder):
         try:
-            if not stat.S_ISLNK(os.lstat(link).st_mode):
+            mode = os.lstat(link).st_mode
+            if link == folder.parent and not stat.S_ISLNK(mode) and not stat.S_ISDIR(mode):
+                # compiled/ replaced by a file (a FIFO, a device): in this home's version folder, ours to
+                # remove; left, every run converted the model in memory again
+                os.unlink(link)
+                log.warning("%s is not a folder: removed it; converting %s again", link, version)
+                continue
+            if not stat.S_ISLNK(mode):
                 continue
             target = os.readlink(link)
             os.unlink(link)  # the link only: what it leads to is never touched

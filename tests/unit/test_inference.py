@@ -108,11 +108,12 @@ def test_conversion_is_cached_beside_the_artifact_and_rebuilt_when_damaged(artif
     assert [p.name for p in (path.parent / "compiled").iterdir()] == [cache.name]  # no leftovers
 
 
-@pytest.mark.parametrize("kind", ["file", "link"])
+@pytest.mark.parametrize("kind", ["file", "link", "compiled-file"])
 def test_a_cache_folder_replaced_by_a_file_or_link_is_rebuilt_and_leaves_nothing(artifact, tmp_path, kind):
     """The converted model's folder replaced by a file, or by a link to a file outside the home: it is
     never used, the conversion is redone, and what stood there is removed, not left under a temporary
-    name (the link's target untouched)."""
+    name (the link's target untouched). `compiled/` itself replaced by a file (round 25: every run then
+    converted the model in memory again, and the file stayed) is removed and the cache rebuilt."""
     _needs("openvino")
     path, sha = _copy(artifact, tmp_path)
     _p, _s, x, ref = artifact
@@ -123,6 +124,9 @@ def test_a_cache_folder_replaced_by_a_file_or_link_is_rebuilt_and_leaves_nothing
     outside.write_text("not a model")
     if kind == "file":
         cache.write_text("not a model")
+    elif kind == "compiled-file":
+        cache.parent.rmdir()
+        cache.parent.write_text("not a folder")
     else:
         cache.symlink_to(outside)
     again = load_predictor(path, sha, image_size=SIZE, backend="openvino")

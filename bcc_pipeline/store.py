@@ -121,6 +121,12 @@ def get_engine(url: str) -> Engine:
         )
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
+    if getattr(engine.dialect, "is_async", False):  # it would fail on first use with "greenlet_spawn ..."
+        engine.dispose()
+        raise StoreError(
+            f"cannot use database URL {safe_url(url)}: {engine.dialect.driver} is an asyncio driver, and the "
+            "pipeline talks to its database synchronously; use e.g. postgresql+psycopg2:// or sqlite:///"
+        )
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     _ENGINES[url] = engine

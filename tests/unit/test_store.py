@@ -172,6 +172,10 @@ def test_bad_url_is_a_store_error(tmp_path):
         store.upgrade("postgresql+psycopg2://nobody@127.0.0.1:1/nothing")
     with pytest.raises(StoreError):
         store.get_engine("notadialect://x")
+    # round 25: an asyncio driver failed on first use with "greenlet_spawn has not been called"
+    with pytest.raises(StoreError, match=r"asyncpg is an asyncio driver.*postgresql\+psycopg2") as info:
+        store.get_engine("postgresql+asyncpg://u:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(info.value)
 
 
 # -- credentials never shown ------------------------------------------------------------------------

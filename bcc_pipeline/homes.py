@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 from pathlib import Path
 
 from . import mounts
-from .config import HOME_MARKER, MANAGED_MARKER, UNMARKED_HOME_SIGNS, Settings
+from .config import HOME_MARKER, MANAGED_MARKER, Settings
 from .destinations import ATTRIBUTE, _mark_of
 from .display import path_from_display
 from .files import display_path, managing_home
@@ -39,13 +40,65 @@ def inside(path: str, folder: str) -> bool:
 
 def is_home(folder: str) -> bool:
     """Whether ``folder`` is a BCC home: its ``.bcc-home`` marker, or, for a home set up before homes were
-    marked or one that lost its marker, the signs of one (:data:`bcc_pipeline.settings.UNMARKED_HOME_SIGNS`:
-    ``.bcc-roots``, ``bcc.db`` beside a folder the pipeline makes, ...)."""
+    marked or one that lost its marker (deleted, renamed), what only the pipeline makes there
+    (:func:`_home_signs`)."""
     if os.path.lexists(os.path.join(folder, HOME_MARKER)):
         return True
-    return any(
-        all(os.path.lexists(os.path.join(folder, sign)) for sign in signs) for signs in UNMARKED_HOME_SIGNS
-    )
+    return _home_signs(folder)
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is(path: str, kind: int) -> bool:
+    try:
+        return stat.S_IFMT(os.lstat(path).st_mode) == kind
+    except OSError:
+        return False
+
+
+def _home_signs(folder: str) -> bool:
+    """Whether ``folder`` holds what only the pipeline makes in a home, each enough: the list of folders it
+    marked (``.bcc-roots``, a file); its ``archive/``, ``quarantine/`` or ``dataset/`` marked as such
+    (:data:`bcc_pipeline.destinations.ATTRIBUTE`, by any home); the default SQLite database (``bcc.db``,
+    an SQLite file) beside a folder the pipeline makes; the dataset store's ``manifests/`` beside
+    ``models/``; a scoring run's ``runs/<run>/plan.json`` beside ``archive/`` or ``quarantine/`` (a home
+    whose database is elsewhere that only scores). Names alone are not enough: an honest scanner folder
+    may hold a ``runs/`` and a ``models/`` (round 26)."""
+
+    def at(*names: str) -> str:
+        return os.path.join(folder, *names)
+
+    if _is(at(".bcc-roots"), stat.S_IFREG):
+        return True
+    for name in ("archive", "quarantine", "dataset"):
+        if _is(at(name), stat.S_IFDIR) and (_mark_of(Path(at(name))) or {}).get("folder") == name:
+            return True
+    made = [n for n in ("archive", "quarantine", "runs", "models", "dataset") if _is(at(n), stat.S_IFDIR)]
+    if not made:
+        return False
+    if _is(at("bcc.db"), stat.S_IFREG):
+        try:
+            with open(at("bcc.db"), "rb") as fh:
+                if fh.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER:
+                    return True
+        except OSError:
+            pass
+    if "models" in made and _is(at("dataset", "manifests"), stat.S_IFDIR):
+        return True
+    if "runs" in made and ("archive" in made or "quarantine" in made):
+        try:
+            with os.scandir(at("runs")) as entries:
+                for n, entry in enumerate(entries):
+                    if n >= 64:
+                        break
+                    if entry.is_dir(follow_symlinks=False) and _is(
+                        at("runs", entry.name, "plan.json"), stat.S_IFREG
+                    ):
+                        return True
+        except OSError:
+            pass
+    return False
 
 
 def marked_by_another(

@@ -35,7 +35,6 @@ __all__ = [
     "DEFAULT_INFERENCE",
     "ENV_VARS",
     "HOME_MARKER",
-    "UNMARKED_HOME_SIGNS",
     "INFERENCE_CHOICES",
     "MANAGED_FOLDERS",
     "MANAGED_MARKER",
@@ -60,21 +59,6 @@ INFERENCE_CHOICES = (DEFAULT_INFERENCE, *BACKENDS)
 
 #: The file that marks a folder as a BCC home (:attr:`Settings.home_marker`).
 HOME_MARKER = ".bcc-home"
-#: What makes a folder a BCC home without its marker (set up before homes were marked, 2026-12, or its
-#: marker lost: deleted, renamed), each set enough: the list of folders it marked (``.bcc-roots``), the
-#: default SQLite database beside a folder the pipeline makes (a home that only scores has no dataset
-#: store), the dataset store beside the model folder, or (a home whose database is PostgreSQL has no
-#: ``bcc.db``) scoring's three folders. Any one common name alone is too common to tell.
-UNMARKED_HOME_SIGNS = (
-    (".bcc-roots",),
-    ("bcc.db", "dataset"),
-    ("bcc.db", "models"),
-    ("bcc.db", "runs"),
-    ("bcc.db", "archive"),
-    ("bcc.db", "quarantine"),
-    ("dataset", "models"),
-    ("archive", "quarantine", "runs"),
-)
 #: The file that marks a folder a home manages but that lives elsewhere (``landing/`` as a link to a
 #: shared mount): a folder that holds it, like a home, is never scored as an inbox.
 MANAGED_MARKER = ".bcc-managed"

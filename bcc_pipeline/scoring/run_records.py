@@ -170,7 +170,12 @@ def fail_run(engine: Engine, run_id: str, error: str) -> None:
         logging.getLogger(__name__).error("could not record that scoring run %s failed: %s", run_id, exc)
 
 
+_PID_MAX = 1 << 22  # Linux's largest pid_max (kernel.pid_max): a larger number names no process
+
+
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < _PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -178,6 +183,12 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # it exists, owned by someone else
         return True
     return True
+
+
+def _pid_of(text: str) -> int | None:
+    """A process id as written in a shard's lock file, or None: anything else there (a huge number, other
+    digits than 0-9, text) names no process, and must not stop the check of every other run."""
+    return int(text) if text.isascii() and text.isdigit() and 0 < len(text) <= 7 else None
 
 
 def _locked_files() -> set[tuple[int, int, int]] | None:
@@ -235,7 +246,7 @@ def _shard_holders(runs_dir: Path, run_id: str, locked: set[tuple[int, int, int]
                 "held": (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locked,
                 "finished": os.path.exists(folder / f"shard-{shard}.json"),
                 "host": host or None,
-                "pid": int(pid) if pid.isdigit() else None,
+                "pid": _pid_of(pid),
             }
         )
     return out

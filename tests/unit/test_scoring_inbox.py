@@ -127,8 +127,9 @@ def test_a_foreign_bcc_home_is_never_scored(make_settings, png_writer, tmp_path,
     if marked != "marked":
         other.home_marker.unlink()
     if marked == "unmarked-postgresql":  # its database lives elsewhere: no bcc.db, but its models/
-        (other.home / "bcc.db").unlink()
+        (other.home / "bcc.db").unlink()  # beside its dataset store's manifests
         other.models_dir.mkdir(parents=True)
+        (other.dataset_dir / "manifests").mkdir(parents=True)
     png_writer(other.dataset_dir / "benign" / "a.png")
     png_writer(other.inbox_dir / "b.png")
     before = sorted(p for p in other.home.rglob("*"))
@@ -194,6 +195,28 @@ def test_a_home_that_lost_its_marker_or_a_folder_it_marked_is_never_scored(
         scoring.discover(s, scans / "run-1")
     scans.rename(other.archive_dir)
     assert sorted(p for p in other.home.rglob("*")) == before
+
+
+def test_a_scanner_folder_with_names_a_home_has_is_scored(make_settings, png_writer, tmp_path):
+    """Round 26: folders in the inbox that hold `dataset/` and `models/`, or `archive/`, `quarantine/` and
+    `runs/`, or `runs/` and a file named `bcc.db`, were each called "the BCC home": nothing in the inbox
+    was scored, on every run. A home is known by what only the pipeline makes, not by names."""
+    s = make_settings(None, settle_seconds=0)
+    layouts = {
+        "ml-project": ("dataset/a.png", "models/m.png"),
+        "scanner": ("archive/a.png", "quarantine/b.png", "runs/r1/c.png"),
+        "notes": ("runs/d.png", "bcc.db"),
+    }
+    for name, files in layouts.items():
+        for i, f in enumerate(files):
+            path = s.inbox_dir / name / f
+            if f.endswith(".png"):
+                png_writer(path, seed=len(f) + i)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("a note, not a database")
+    found = scoring.discover(s)
+    assert len(found["pending"]) == 6 and not found.get("unreachable"), found
 
 
 def test_no_folder_of_a_foreign_home_is_scored(make_settings, png_writer, tmp_path):

@@ -522,6 +522,28 @@ def test_a_shard_killed_after_another_shard_let_go_of_the_run_is_abandoned_at_on
     assert scoring.finalize_run(s, "two")["status"] == "finished"
 
 
+def test_a_lock_file_that_names_no_process_never_stops_the_check_of_other_runs(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Round 26: a shard lock holding this host and a huge number (or digits other than 0-9) as its process
+    made every `bcc status` and `bcc score` end in `unexpected error: OverflowError` (ValueError). Such a
+    lock names no process: the run is judged by its heartbeat, and the other runs are checked."""
+    import socket
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    engine = store.get_engine(sqlite_url)
+    for run_id, pid in (("huge", "9" * 40), ("other-digits", "\u00b2\u00b3"), ("negative", "-5")):
+        scoring.plan_shards(s, run_id, 1)
+        (scoring.run_dir(s, run_id) / "shard-0.lock").write_text(f"{socket.gethostname()}\t{pid}\n")
+    assert scoring.mark_abandoned(engine, runs_dir=s.runs_dir) == []  # no process named: heartbeat decides
+    assert scoring.quiet_runs(engine, s.runs_dir) == []
+    with session_scope(sqlite_url) as ses:
+        assert ses.get(ScoringRun, "huge").status == "running"
+    assert scoring.score_inbox(s, run_id="next")["status"] == "finished"  # its check of them went through
+
+
 def test_a_run_held_by_a_live_but_silent_shard_stays_running_and_status_says_so(
     make_settings, sqlite_url, register_champion, png_writer, monkeypatch, capsys
 ):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["display_path", "one_line", "path_from_display"]
+__all__ = ["INVISIBLE", "display_path", "one_line", "path_from_display"]
 
 # Characters nobody can see, or that read as a plain space: the format characters (Unicode category Cf,
 # through Unicode 15: bidirectional overrides and isolates, zero-width spaces and joiners, the byte-order
@@ -29,6 +29,8 @@ _BLANK_CHARS = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u2800"
 _INVISIBLE = _FORMAT_CHARS + _IGNORABLE_CHARS + _BLANK_CHARS
 # What display_path escapes: the backslash itself, bytes that are not UTF-8 (lone surrogates after
 # surrogateescape), C0/C1 control characters, the Unicode line/paragraph separators and format characters.
+#: One character nobody can see or that reads as a plain space (what :func:`display_path` escapes so).
+INVISIBLE = re.compile("[" + _INVISIBLE + "]")
 _NEEDS_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff" + _INVISIBLE + "]")
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _UNESCAPE = re.compile(r"\\(?:(\\)|([nrt])|x([0-9a-fA-F]{2}))")

@@ -76,7 +76,7 @@ from .intake_moves import (
     quarantine_dest,
 )
 from .leftovers import sweep_stale_temporaries
-from .manifests import patient_name
+from .manifests import patient_cut, patient_name
 from .model import CLASS_NAMES
 from .moving import (
     Identity,
@@ -340,9 +340,8 @@ def patient_group(folder: str) -> str:
     shown = display_path(folder)
     if len(shown) <= _GROUP_MAX:
         return shown
-    shown = display_path(patient_name(folder))
-    if len(shown) <= _GROUP_MAX:
-        return shown
+    if name := patient_cut(patient_name(folder)):  # letters and digits: displayed as they are
+        return name
     return f"{shown[: _GROUP_MAX - 9]}#{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULTS
-from .display import path_from_display
+from .display import INVISIBLE, path_from_display
 from .errors import DatasetError
 from .files import atomic_write
 from .model import CLASS_NAMES
@@ -50,6 +50,7 @@ __all__ = [
     "load_manifest",
     "make_split",
     "manifest_arrays",
+    "patient_cut",
     "patient_key",
     "patient_name",
     "require_both_sides",
@@ -115,25 +116,41 @@ def _rank(seed: int, key: str) -> str:
 
 def patient_key(group_id: str | None) -> str | None:
     """The patient a group id names, for telling whether two folders are one patient: ``Patient_07``,
-    ``patient_07 `` and ``patient_０7`` (full-width digit) are ``patient_07`` (Unicode NFKC, case folded,
-    spaces of any kind around it and invisible format characters dropped, compared on the folder's own name,
-    not its escaped display form). Two spellings of one patient must never sit in two roles; two patients
-    that only the case tells apart are kept together, the safe side."""
+    ``patient_07 ``, ``patient-07`` and ``patient_０7`` (full-width digit) are ``patient07``
+    (:func:`patient_name` of the folder's own name, not its escaped display form, cut as
+    :func:`patient_cut` cuts it). Two spellings of one patient must never sit in two roles; two patients
+    that only punctuation, case or accents tell apart are kept together, the safe side. Empty (a name of
+    punctuation or blanks alone): the caller keeps such a group as it is spelled."""
     if not group_id:
         return None
     try:  # group ids are stored as displayed (escaped): the folder's own name is what is compared
         name = path_from_display(group_id)
-    except ValueError:  # a long name cut to the column (intake.patient_group): compared as it is stored
+    except ValueError:  # not a display form (an old id cut mid-escape): compared as it is stored
         name = group_id
-    return patient_name(name)
+    return patient_cut(patient_name(name))
 
 
 def patient_name(name: str) -> str:
-    """A folder's own name as one patient's: NFKC (full-width forms, no-break and ideographic spaces),
-    without invisible format characters (zero-width spaces and joiners), spaces of any kind around it,
-    case folded."""
-    name = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
-    return name.strip().casefold()
+    """A folder's own name as one patient's: its letters and digits only, compatibility-decomposed
+    (full-width forms, ligatures, fractions), case folded (the dotless ``ı`` as ``i``, for Turkish case
+    pairs: ``Işık``/``IŞIK``), without accents, marks, punctuation, spaces of any kind, or characters
+    nobody can see (:data:`bcc_pipeline.display.INVISIBLE`: variation selectors, Hangul fillers, the blank
+    braille pattern). Applied to its own result it changes nothing."""
+    s = unicodedata.normalize("NFKD", name).casefold().replace("\u0131", "i")
+    s = unicodedata.normalize("NFKD", s)
+    s = "".join(c for c in s if c.isalnum() and not INVISIBLE.match(c))
+    return unicodedata.normalize("NFKC", s)
+
+
+_PATIENT_MAX = 255  # images.group_id is VARCHAR(255)
+
+
+def patient_cut(name: str) -> str:
+    """:func:`patient_name`'s result within the group id column: a longer one is cut with 8 hex digits of
+    its hash (letters and digits too, so that cutting it again changes nothing)."""
+    if len(name) <= _PATIENT_MAX:
+        return name
+    return name[: _PATIENT_MAX - 8] + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def _own_group(r: dict[str, Any]) -> str:
@@ -170,9 +187,8 @@ def select_groups(
     target = {lab: max(1, round(fraction * n)) for lab, n in totals.items()}
     taken: dict[str, int] = defaultdict(int)
     chosen: set[str] = set()
-    # ranked by the group's first spelling: a patient spelled one way keeps the rank it always had
-    first = {g: min(_own_group(r) for r in members) for g, members in groups.items()}
-    for g in sorted(groups, key=lambda g: _rank(seed, f"{salt}{first[g]}")):
+    # ranked by the patient, not a spelling: a new spelling of a patient moves no other group (round 26)
+    for g in sorted(groups, key=lambda g: _rank(seed, f"{salt}{g}")):
         counts: dict[str, int] = defaultdict(int)
         for r in groups[g]:
             counts[r["label"]] += 1

@@ -41,7 +41,6 @@ from .records import (
     _near_exclusions,
     _usable,
     _with_phash,
-    patient_key,
 )
 
 __all__ = ["extend_holdout", "freeze_holdout", "withdraw_from_holdout"]
@@ -177,7 +176,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
         kept_out = {x["sha256"] for x in (old.excluded if old else [])}
         reserved = in_holdout | kept_out
         dev = _with_phash(s, [r for r in _usable(s) if r["sha256"] not in reserved])
-        dev_groups = {patient_key(r["group_id"]) for r in dev if r["group_id"]}  # however it is spelled
+        dev_groups = {group_key(r) for r in dev if r["group_id"]}  # however it is spelled
         excluded, candidates, already, seen = [], [], 0, set()
         grouped_out: list[dict[str, Any]] = []  # kept out for their patient: still compared for a twin
         contested_before = [
@@ -204,7 +203,7 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
                         change=seq,
                     )
                 )
-            elif r["group_id"] and patient_key(r["group_id"]) in dev_groups:
+            elif r["group_id"] and group_key(r) in dev_groups:
                 grouped_out.append(r)
                 excluded.append(
                     _excluded(

@@ -36,7 +36,6 @@ from .records import (
     _usable,
     _with_phash,
     current_holdout,
-    patient_key,
 )
 
 __all__ = ["AUTO_FREEZE_REASON", "RoleSplit", "split_roles"]
@@ -62,7 +61,7 @@ class RoleSplit:
 
 
 def _group_warnings(records: list[dict[str, Any]]) -> tuple[bool, list[str]]:
-    ungrouped = sum(not r.get("group_id") or str(r["group_id"]).startswith("sha:") for r in records)
+    ungrouped = sum(_ungrouped(r) for r in records)
     if records and ungrouped == len(records):
         return False, [
             f"no patient groups: none of the {len(records)} labelled images sits in a patient/slide "
@@ -74,6 +73,12 @@ def _group_warnings(records: list[dict[str, Any]]) -> tuple[bool, list[str]]:
             f"by one; {UNGROUPED_WARNING}"
         ]
     return True, []
+
+
+def _ungrouped(r: dict[str, Any]) -> bool:
+    """An image that landed in no patient folder (its group is ``sha:<its sha256>``); a folder that is
+    named ``sha:...`` is a patient's."""
+    return not r.get("group_id") or r["group_id"] == f"sha:{r['sha256']}"
 
 
 def split_roles(settings: Settings) -> RoleSplit:
@@ -107,7 +112,7 @@ def split_roles(settings: Settings) -> RoleSplit:
         x["sha256"] for x in (holdout.excluded if holdout else [])
     }
     # by patient, however its folder was spelled (`patient_07` in the holdout, `Patient_07 ` landing later)
-    hold_groups = {patient_key(e["group_id"]) for e in hold_entries if not e["group_id"].startswith("sha:")}
+    hold_groups = {group_key(e) for e in hold_entries if not _ungrouped(e)}  # a folder named `sha:p9` too
     with session_scope(settings.database_url) as s:
         warnings += _champion_overlap(s, settings, {e["sha256"] for e in hold_entries})
         records = _usable(s)
@@ -121,10 +126,10 @@ def split_roles(settings: Settings) -> RoleSplit:
                 "group_in_holdout",
             )
             for r in dev
-            if patient_key(r["group_id"]) in hold_groups
+            if group_key(r) in hold_groups
         ]
-        in_hold_groups = _with_phash(s, [r for r in dev if patient_key(r["group_id"]) in hold_groups])
-        dev = _with_phash(s, [r for r in dev if patient_key(r["group_id"]) not in hold_groups])
+        in_hold_groups = _with_phash(s, [r for r in dev if group_key(r) in hold_groups])
+        dev = _with_phash(s, [r for r in dev if group_key(r) not in hold_groups])
         hold_hashed = _with_phash(s, [{**e} for e in hold_entries])
         dev_excluded += _near_exclusions(dev, hold_hashed, "holdout")
         # a near-copy under the other label contests the holdout image also when its patient's folder is
@@ -137,6 +142,9 @@ def split_roles(settings: Settings) -> RoleSplit:
             )
         gone = {x["sha256"] for x in dev_excluded}
         disputed = _disputed_labels([r for r in dev if r["sha256"] not in gone], holdout)
+        disputed += _twins_of_patients_in_holdout(
+            [r for r in dev if r["sha256"] not in gone | {x["sha256"] for x in disputed}], in_hold_groups
+        )
         if disputed:
             dev_excluded += disputed
             warnings.append(
@@ -205,6 +213,23 @@ def _disputed_labels(dev: list[dict[str, Any]], holdout: Manifest | None) -> lis
             )
         )
     return out
+
+
+def _twins_of_patients_in_holdout(
+    dev: list[dict[str, Any]], kept: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Development images with a near-copy labelled the other way among the images kept out for their
+    patient (in the holdout): the same picture under both labels, which one is right cannot be told.
+    Round 26: kept out for its patient, a benign slide was never compared, and its malignant copy (turned,
+    re-encoded) in another patient's folder stayed in calibration."""
+    if not dev or not kept:
+        return []
+    mine, theirs = {r["sha256"] for r in dev}, {r["sha256"] for r in kept}
+    return [
+        x
+        for x in _near_copies_within(dev + kept, "a holdout patient's", same_label=False)
+        if x["sha256"] in mine and x.get("near_sha256") in theirs
+    ]
 
 
 def _champion_overlap(session: Session, settings: Settings, holdout: set[str]) -> list[str]:

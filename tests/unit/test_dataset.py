@@ -158,12 +158,36 @@ def test_a_long_patient_folder_name_is_one_patient_however_it_is_spelled():
         ("PATIENT_" + "A" * 200 + "\\" * 30, "patient_" + "a" * 200 + "\\" * 30),  # cut with a hash
         ("Patient_" + "A" * 238 + "\u200b", "patient_" + "a" * 238),  # only one of them too long
         ("P" + "\uff10" * 84, "p" + "0" * 84),  # full-width digits: 3 bytes each
+        # round 26: short as shown, longer than the column once decomposed (each ½ is 1⁄2), against a
+        # spelling too long to show
+        ("patient_07_" + "x" * 89 + "\u00bd" * 60, "patient_07_" + "x" * 89 + "\u00bd" * 60 + "\u00a0" * 60),
     ]
     for one, other in pairs:
         assert len(patient_group(one)) <= 255 and len(patient_group(other)) <= 255
         assert patient_key(patient_group(one)) == patient_key(patient_group(other)), (one, other)
     assert patient_group("Patient_07") == "Patient_07"  # a name that fits keeps its spelling
     assert patient_key(patient_group("x" * 300 + "1")) != patient_key(patient_group("x" * 300 + "2"))
+
+
+def test_a_new_spelling_of_a_patient_moves_no_other_image():
+    """Round 26: groups were ranked by their first spelling, so `B_PATIENT_05` landing beside
+    `b_patient_05` could move other patients' images between train and validation. They are ranked by
+    the patient now."""
+    records = _records(60, 60, groups=12)
+    before = {e["sha256"]: e["split"] for e in dataset.make_split(records, seed=5)}
+    moved = 0
+    for g in range(12):
+        label = "benign" if g % 2 == 0 else "malignant"
+        name = f"{label}-p{g}"
+        extra = {
+            "sha256": f"{g:02d}".ljust(64, "f"),
+            "label": label,
+            "group_id": name.upper(),
+            "path": "/d/x.png",
+        }
+        after = {e["sha256"]: e["split"] for e in dataset.make_split(records + [extra], seed=5)}
+        moved += sum(after[sha] != split for sha, split in before.items())
+    assert moved == 0
 
 
 def test_split_is_stable_when_new_data_arrives():

@@ -745,7 +745,22 @@ def test_extend_says_what_it_leaves_alone_and_a_store_it_cannot_write_is_one_lin
 
 
 @pytest.mark.parametrize(
-    "spelling", ["upper", "space", "fullwidth", "tab", "nbsp", "ideographic", "zero-width"]
+    "spelling",
+    [
+        "upper",
+        "space",
+        "fullwidth",
+        "tab",
+        "nbsp",
+        "ideographic",
+        "zero-width",
+        # round 26: invisible characters other than format ones, Turkish case pairs, punctuation
+        "variation-selector",
+        "braille-blank",
+        "hangul-filler",
+        "dotless-i",
+        "hyphen",
+    ],
 )
 def test_a_holdout_patient_under_another_spelling_of_its_folder_stays_out_of_development(home, spelling):
     """Round 23: slides landing in `Patient_07/`, `patient_07 /` or `patient_０7/` (a full-width digit)
@@ -764,6 +779,11 @@ def test_a_holdout_patient_under_another_spelling_of_its_folder_stays_out_of_dev
         "nbsp": f"{held}\u00a0",
         "ideographic": f"{held}\u3000",
         "zero-width": f"{held}\u200b",
+        "variation-selector": f"{held}\ufe0f",
+        "braille-blank": f"{held}\u2800",
+        "hangul-filler": f"{held}\u3164",
+        "dotless-i": held.replace("i", "\u0131"),
+        "hyphen": held.replace("_", "-"),
     }[spelling]
     assert other != held
     new = _land(home, benign=2, malignant=2, groups=1, seed=41, first_patient=90, out=home.home / "new")
@@ -775,6 +795,49 @@ def test_a_holdout_patient_under_another_spelling_of_its_folder_stays_out_of_dev
     shown = display_path(other)  # group ids are stored as displayed
     assert shown not in {e["group_id"] for e in dev.entries}
     assert shown in {x["group_id"] for x in dev.excluded if x["kind"] == "group_in_holdout"}
+
+
+def test_a_patient_folder_named_like_an_ungrouped_image_is_a_patient(home, tmp_path):
+    """Round 26: a patient folder literally named `sha:p9` in the holdout was taken for ungrouped images
+    (their group is `sha:<sha256>`), so its later slides went into training."""
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    extra = tmp_path / "more"
+    made = _land(home, benign=3, malignant=3, groups=1, seed=9, first_patient=40, out=extra)
+    for label in ("benign", "malignant"):
+        (patient,) = {Path(f).parent for f in made["files"] if f"/{label}/" in f}
+        patient.rename(patient.parent / ("sha:p9" if label == "benign" else "sha:p10"))
+    dataset.extend_holdout(home, extra, actor="a", reason="sha-named patients")
+    later = _land(home, benign=2, malignant=2, groups=1, seed=43, first_patient=95, out=tmp_path / "later")
+    slide = Path(sorted(f for f in later["files"] if "/benign/" in f)[0])
+    (home.landing_dir / "benign" / "sha:p9").mkdir(parents=True)
+    shutil.move(slide, home.landing_dir / "benign" / "sha:p9" / "later.png")
+    assert dataset.intake(home, run_id="i2").accepted == 1
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert "sha:p9" not in {e["group_id"] for e in dev.entries}
+    assert "sha:p9" in {x["group_id"] for x in dev.excluded if x["kind"] == "group_in_holdout"}
+
+
+def test_a_slide_kept_out_for_its_patient_still_keeps_its_twin_under_the_other_label_out(home):
+    """Round 26: a benign slide landing in a holdout patient's folder is kept out for its patient, and was
+    never compared: its malignant copy (turned, re-encoded) in another patient's folder stayed in
+    development. Both labels of one picture: the copy is kept out as a label conflict."""
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    frozen = dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    held = next(e for e in frozen.entries if e["label"] == "benign")["group_id"]
+    new = _land(home, benign=2, malignant=2, groups=1, seed=41, first_patient=90, out=home.home / "new")
+    slide = Path(sorted(f for f in new["files"] if "/benign/" in f)[0])
+    kept = home.landing_dir / "benign" / held / "later.png"
+    shutil.copyfile(slide, kept)
+    twin = _turned(slide, home.landing_dir / "malignant" / "p97" / "twin.png", "turn")
+    twin_sha = images.sha256_bytes(twin.read_bytes())
+    assert dataset.intake(home, run_id="i2").accepted == 2
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert twin_sha not in {e["sha256"] for e in dev.entries}
+    (conflict,) = [x for x in dev.excluded if x["sha256"] == twin_sha]
+    assert conflict["kind"] == "label_conflict" and "a holdout patient's image" in conflict["reason"]
 
 
 def _turned(src: Path, dest: Path, how: str) -> Path:

@@ -461,7 +461,8 @@ def require_columns(url: str) -> None:
     schema is named with the command that upgrades it."""
     try:
         cols = {c["name"] for c in inspect(get_engine(url)).get_columns("rejections")}
-    except Exception:  # noqa: BLE001 - no table at all: the first query says so
+        cols |= {f"images.{c['name']}" for c in inspect(get_engine(url)).get_columns("images")}
+    except Exception:  # noqa: BLE001 - no table at all, or the database dropped: the first query says so
         return
     if "dest" not in cols:
         raise StoreError(
@@ -471,5 +472,5 @@ def require_columns(url: str) -> None:
         raise StoreError(
             "the database predates rejections.src_identity (migration 0008); run `bcc db upgrade`"
         )
-    if "phash_turns" not in {c["name"] for c in inspect(get_engine(url)).get_columns("images")}:
+    if "images.phash_turns" not in cols:
         raise StoreError("the database predates images.phash_turns (migration 0009); run `bcc db upgrade`")

@@ -10,9 +10,11 @@ DO NOTHING`` or ``DO UPDATE``), keyed by a natural key, so the second attempt ch
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -150,13 +152,21 @@ def session_scope(url_or_engine: str | Engine) -> Iterator[Session]:
         yield session
         session.commit()
     except SQLAlchemyError as exc:
-        session.rollback()
+        _rollback(session)  # on a connection that is gone the rollback fails too: the first error is said
         raise StoreError(f"database error on {safe_url(engine.url)}: {_error_line(exc, engine.url)}") from exc
     except BaseException:
-        session.rollback()
+        _rollback(session)
         raise
     finally:
-        session.close()
+        with contextlib.suppress(SQLAlchemyError):
+            session.close()
+
+
+def _rollback(session: Session) -> None:
+    try:
+        session.rollback()
+    except SQLAlchemyError as exc:  # the connection dropped: nothing to roll back on it any more
+        logging.getLogger(__name__).debug("rollback failed after a database error: %s", exc)
 
 
 PAGE_ROWS = 1000  # rows per INSERT statement on the bulk paths
@@ -279,7 +289,9 @@ def _pg_execute_values(
 ) -> list[Any]:
     """PostgreSQL (psycopg2): COPY into a temporary staging table, then one INSERT .. SELECT .. ON CONFLICT,
     for big batches (about 2× ``execute_values``); ``execute_values`` pages for small ones."""
+    import psycopg2
     from psycopg2.extras import Json, execute_values
+    from sqlalchemy.exc import DBAPIError
     from sqlalchemy.sql import sqltypes
 
     cols = list(rows[0])
@@ -317,8 +329,24 @@ def _pg_execute_values(
         ]
         got = execute_values(cur, sql, args, page_size=PAGE_ROWS, fetch=returning is not None)
         return [r[0] for r in got] if returning is not None else []
+    except psycopg2.Error as exc:
+        # a raw cursor's error is said as SQLAlchemy says its own (a dropped connection was "unexpected
+        # error: OperationalError" instead of a database error), and a dead connection is let go
+        gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cur)
+        if gone:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            None,
+            None,
+            exc,
+            psycopg2.Error,
+            hide_parameters=True,
+            connection_invalidated=gone,
+            dialect=conn.dialect,
+        ) from exc
     finally:
-        cur.close()
+        with contextlib.suppress(psycopg2.Error):  # closing on a connection that is gone raises too
+            cur.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,6 +267,41 @@ def test_a_credential_inside_a_connection_string_is_masked_in_errors() -> None:
     assert "hunter2" not in _error_line(error, url)
 
 
+@pytest.mark.parametrize("count", [3, 700])  # execute_values pages; COPY
+def test_a_connection_dropped_mid_session_is_a_database_error_not_an_unexpected_one(pg_url, count) -> None:
+    """Round 26: PostgreSQL dropping the connection during intake gave `unexpected error: OperationalError`
+    (or `InterfaceError ... connection already closed`): the bulk insert's raw psycopg2 cursor raised the
+    driver's own error, which no handler took for a database error, and closing that cursor raised again.
+    It is said as a database error naming the database now, and the next session gets a live connection."""
+    from sqlalchemy import text
+
+    from bcc_pipeline.store import ScoringRun, get_engine
+
+    store.upgrade(pg_url)
+    with session_scope(pg_url) as s:
+        s.add(_mv("v1"))
+    rows = [
+        {
+            "run_id": f"r{i}",
+            "model_version": "v1",
+            "status": "finished",
+            "counts": {},
+            "started_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            "finished_at": None,
+        }
+        for i in range(count)
+    ]
+    with pytest.raises(StoreError, match=r"^database error on postgresql\S*: \(psycopg2.OperationalError\)"):
+        with session_scope(pg_url) as s:
+            pid = s.execute(text("SELECT pg_backend_pid()")).scalar()
+            with get_engine(pg_url).connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            insert_rows(s, ScoringRun, rows, key=("run_id",))
+    with session_scope(pg_url) as s:  # the dead connection was let go
+        insert_rows(s, ScoringRun, rows, key=("run_id",))
+        assert s.execute(text("SELECT count(*) FROM scoring_runs")).scalar() == count
+
+
 def test_settings_repr_masks_the_database_url(make_settings) -> None:
     s = make_settings(_SECRET_URL)
     assert "querysecret" not in repr(s) and "hunter2pw" not in repr(s) and "sslsecret" not in repr(s)

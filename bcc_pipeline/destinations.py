@@ -19,6 +19,7 @@ does not tell a replaced folder on a new disk from the old one; only something w
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shlex
@@ -81,6 +82,13 @@ def _not_ours(home: Path, name: str, mark: dict[str, str]) -> str | None:
     return None if same else f"it is marked as {name}/ of the BCC home {display_path(theirs)}"
 
 
+def _names_this_home(home: Path, mark: dict[str, str]) -> bool:
+    try:
+        return os.path.samefile(path_from_display(mark.get("home", "")), home)
+    except (OSError, ValueError):
+        return False
+
+
 def _open(home: Path, flags: int) -> int:
     # never through a link: a list that leads into another home would be read, and written, as this one's
     return os.open(home / ROOTS_LIST, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -128,6 +136,11 @@ def destination_lost(settings: Settings, folder: Path, *, look_only: bool = Fals
                 f"{display_path(folder)} is not the folder this home has put files into: {why}; nothing is "
                 f"moved or written there (if this home was copied on purpose: {_accept(home, folder)})"
             )
+        if not look_only and not _names_this_home(home, mark):
+            # taken as ours (its home is not on this machine: this home moved): marked with where it is now,
+            # or a new home made at the old path would later make this one refuse its own folder
+            with contextlib.suppress(OSError):
+                os.setxattr(folder, ATTRIBUTE, _mark_text(home, name), follow_symlinks=True)
         if not known:  # marked by a run killed before it listed the folder
             return None if look_only else _listing_failed(home, name)
         return None

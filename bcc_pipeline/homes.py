@@ -120,10 +120,11 @@ def marked_by_another(
         return None
     if not absent_is_another and not (theirs and os.path.isdir(theirs)):
         return None  # its home is not here (this home moved, a disk from another host): taken as ours
+    code = f"import os; os.removexattr({display_path(folder)!r}, {ATTRIBUTE!r})"
     return (
         f"marked as {mark.get('folder', '?')}/ of the BCC home "
         f"{display_path(theirs) if theirs else '(one its mark does not name)'} (if no home uses it any more: "
-        f"setfattr -x {ATTRIBUTE} {shlex.quote(display_path(folder))})"
+        f"python3 -c {shlex.quote(code)})"
     )
 
 
@@ -173,7 +174,7 @@ def foreign_above(home: str | os.PathLike[str], path: str) -> str | None:
         # this home's own folders are judged here too (destination_refusal): a mark whose home is not on
         # this machine is taken as ours, as destinations does
         if marked is None and (problem := marked_by_another(home, folder, absent_is_another=False)):
-            marked = f"it lies inside {folder}, {problem}"
+            marked = f"it lies inside {folder}, {problem}" if folder != path else f"it is {problem}"
         if is_home(folder) and not _same_folder(folder, os.fspath(home)):
             return f"it lies inside the BCC home {folder}, another deployment's"
         parent = os.path.dirname(folder)

@@ -64,6 +64,12 @@ def test_a_home_moved_elsewhere_keeps_its_marks(make_settings, tmp_path):
     again = load_settings(profile="demo", env={"BCC_HOME": str(moved)})
     assert destination_lost(again, again.archive_dir) is None
     assert destination_refusal(again, again.archive_dir) is None  # its mark is no other home's (round 25)
+    # round 26: the mark now names where the home is, so a new home made at the old path later does not
+    # make this one refuse its own archive as that home's
+    a.home.mkdir(parents=True)
+    (a.home / ".bcc-home").touch()
+    assert destination_lost(again, again.archive_dir) is None
+    assert destination_refusal(again, again.archive_dir) is None
 
 
 def test_the_list_of_marked_folders_is_never_read_or_written_through_a_link(make_settings, tmp_path):

@@ -189,7 +189,9 @@ def test_a_home_that_lost_its_marker_or_a_folder_it_marked_is_never_scored(
     # B's archive moved (or its disk mounted) where A may score: its mark says whose it is
     scans = shared / "scans"
     other.archive_dir.rename(scans)
-    with pytest.raises(scoring.InboxRefused, match=r"it is marked as archive/ of the BCC home .*os.removexattr"):
+    with pytest.raises(
+        scoring.InboxRefused, match=r"it is marked as archive/ of the BCC home .*os.removexattr"
+    ):
         scoring.discover(s, scans)
     with pytest.raises(scoring.InboxRefused, match="marked as archive/ of the BCC home"):
         scoring.discover(s, scans / "run-1")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import images, mounts
 from .config import Settings
+from .destinations import _mark_of
 from .files import REASON_SUFFIX, SYSTEM_NAMES, display_path, one_line, read_once, settled
 from .homes import cannot_tell, destination_refusal, home_above, marked_by_another
 from .intake_moves import changed
@@ -96,6 +97,14 @@ def blocked_folders(settings: Settings, label_dirs: list[Path]) -> dict[str, str
                 continue
             if (problem := marked_by_another(settings.home, dirpath)) is not None:
                 blocked[dirpath] = f"it is {problem}"  # another home's archive/, moved or its disk mounted
+                dirnames[:] = []
+                continue
+            if (mark := _mark_of(Path(dirpath))) is not None:  # this home's own: a copy (cp -a), or moved
+                blocked[dirpath] = (
+                    f"it is marked as this home's {mark.get('folder', '?')}/ (copied or moved here): a whole "
+                    "archive, quarantine or dataset store is not labelled by where it is put; label its images "
+                    "one by one (copy them into a patient folder)"
+                )
                 dirnames[:] = []
                 continue
             try:

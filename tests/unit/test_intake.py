@@ -1592,7 +1592,9 @@ def test_a_folder_another_home_marked_is_not_taken_in_wherever_it_is(home, png_w
     # round 26: this home's own archive copied whole (`cp -a`, its mark too) into a label folder
     assert destination_lost(home, home.archive_dir) is None
     mine = png_writer(home.archive_dir / "run-2" / "archived.png", seed=3)
-    subprocess.run(["cp", "-a", str(home.archive_dir), str(home.landing_dir / "malignant" / "p3")], check=True)
+    subprocess.run(
+        ["cp", "-a", str(home.archive_dir), str(home.landing_dir / "malignant" / "p3")], check=True
+    )
     r = intake(home, run_id="in2")
     assert r.accepted == 0 and (home.landing_dir / "malignant" / "p3" / "run-2" / mine.name).is_file()
     assert sorted(u["path"] for u in r.unreachable) == ["malignant/p2", "malignant/p3"]

@@ -301,10 +301,22 @@ def extend_holdout(settings: Settings, folder: str | Path, *, actor: str, reason
             reason=reason,
             old=old,
             entries=entries,
-            excluded=(old.excluded if old else []) + excluded,
+            excluded=(old.excluded if old else []) + _with_hashes(excluded, found),
             seq=seq,
         )
     return dataclasses.replace(changed, refused=refused)  # the caller says what was not added
+
+
+def _with_hashes(excluded: list[dict[str, Any]], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The exclusions of a change with the perceptual hashes of their pictures (``phash``, ``turns``): a
+    picture kept out is not stored, and the split compares later development images with it (its copy
+    under the other label must never train: :func:`.roles._twins_of_kept_out`)."""
+    hashes = {r["sha256"]: (r.get("phash"), r.get("turns")) for r in found}
+    out = []
+    for x in excluded:
+        phash, turns = hashes.get(x["sha256"], (None, None))
+        out.append({**x, "phash": phash, "turns": turns} if phash and "phash" not in x else x)
+    return out
 
 
 def withdraw_from_holdout(

@@ -142,8 +142,15 @@ def split_roles(settings: Settings) -> RoleSplit:
             )
         gone = {x["sha256"] for x in dev_excluded}
         disputed = _disputed_labels([r for r in dev if r["sha256"] not in gone], holdout)
-        disputed += _twins_of_patients_in_holdout(
-            [r for r in dev if r["sha256"] not in gone | {x["sha256"] for x in disputed}], in_hold_groups
+        # and against every image a holdout change kept out (round 27: kept out by `holdout extend` for its
+        # patient in development, its copy under the other label landing afterwards trained)
+        kept_by_changes = list({x["sha256"]: x for x in (holdout.excluded if holdout else [])}.values())
+        stored = _with_phash(
+            s, [{**x, "path": x.get("source")} for x in kept_by_changes if not x.get("phash")]
+        )
+        disputed += _twins_of_kept_out(
+            [r for r in dev if r["sha256"] not in gone | {x["sha256"] for x in disputed}],
+            in_hold_groups + [x for x in kept_by_changes if x.get("phash")] + stored,
         )
         if disputed:
             dev_excluded += disputed
@@ -215,19 +222,19 @@ def _disputed_labels(dev: list[dict[str, Any]], holdout: Manifest | None) -> lis
     return out
 
 
-def _twins_of_patients_in_holdout(
-    dev: list[dict[str, Any]], kept: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Development images with a near-copy labelled the other way among the images kept out for their
-    patient (in the holdout): the same picture under both labels, which one is right cannot be told.
-    Round 26: kept out for its patient, a benign slide was never compared, and its malignant copy (turned,
-    re-encoded) in another patient's folder stayed in calibration."""
+def _twins_of_kept_out(dev: list[dict[str, Any]], kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Development images with a near-copy labelled the other way among the images kept out of every role
+    (for their patient in the holdout, or by a holdout change: for their patient in development, as a
+    near-copy): the same picture under both labels, which one is right cannot be told. Round 26: kept out
+    for its patient, a benign slide was never compared, and its malignant copy (turned, re-encoded) in
+    another patient's folder stayed in calibration; round 27: so did one landing after `holdout extend`
+    kept its benign twin out."""
     if not dev or not kept:
         return []
     mine, theirs = {r["sha256"] for r in dev}, {r["sha256"] for r in kept}
     return [
         x
-        for x in _near_copies_within(dev + kept, "a holdout patient's", same_label=False)
+        for x in _near_copies_within(dev + kept, "a kept-out", same_label=False)
         if x["sha256"] in mine and x.get("near_sha256") in theirs
     ]
 

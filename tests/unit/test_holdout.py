@@ -837,7 +837,38 @@ def test_a_slide_kept_out_for_its_patient_still_keeps_its_twin_under_the_other_l
     dev = dataset.load_manifest(split_step(home)["manifest_path"])
     assert twin_sha not in {e["sha256"] for e in dev.entries}
     (conflict,) = [x for x in dev.excluded if x["sha256"] == twin_sha]
-    assert conflict["kind"] == "label_conflict" and "a holdout patient's image" in conflict["reason"]
+    assert conflict["kind"] == "label_conflict" and "a kept-out image" in conflict["reason"]
+
+
+def test_a_copy_under_the_other_label_of_an_image_extend_kept_out_never_trains(home, tmp_path):
+    """Round 27: `bcc holdout extend` kept a benign slide out (its patient has development images); its copy
+    turned 90 degrees, landing afterwards as malignant in another patient's folder, went into development
+    (landing before the extend, it was caught). Development is compared with every image a holdout change
+    kept out."""
+    _land(home, benign=30, malignant=30, groups=6)
+    dataset.intake(home)
+    dataset.freeze_holdout(home, fraction=0.25, actor="a", reason="first")
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    in_dev = next(e for e in dev.entries if e["label"] == "benign")["group_id"]
+    extra = tmp_path / "more"
+    new = _land(home, benign=2, malignant=2, groups=1, seed=41, first_patient=90, out=tmp_path / "new")
+    slide, other = (Path(f) for f in sorted(f for f in new["files"] if "/benign/" in f))
+    (extra / "benign" / in_dev).mkdir(parents=True)
+    kept = shutil.copyfile(slide, extra / "benign" / in_dev / "k.png")
+    (extra / "benign" / "p95").mkdir()
+    shutil.copyfile(other, extra / "benign" / "p95" / "new.png")  # and a new patient, added
+    (extra / "malignant" / "p96").mkdir(parents=True)
+    for f in (Path(f) for f in new["files"] if "/malignant/" in f):
+        shutil.copyfile(f, extra / "malignant" / "p96" / f.name)
+    grown = dataset.extend_holdout(home, extra, actor="a", reason="kept out for its patient")
+    assert images.sha256_bytes(Path(kept).read_bytes()) in {x["sha256"] for x in grown.excluded}
+    twin = _turned(slide, home.landing_dir / "malignant" / "p98" / "twin.png", "turn")
+    twin_sha = images.sha256_bytes(twin.read_bytes())
+    assert dataset.intake(home, run_id="i2").accepted == 1
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert twin_sha not in {e["sha256"] for e in dev.entries}
+    (conflict,) = [x for x in dev.excluded if x["sha256"] == twin_sha]
+    assert conflict["kind"] == "label_conflict" and "a kept-out image" in conflict["reason"]
 
 
 def _turned(src: Path, dest: Path, how: str) -> Path:

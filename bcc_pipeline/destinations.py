@@ -30,7 +30,15 @@ from .display import display_path, path_from_display
 from .errors import DatasetError
 from .settings import Settings
 
-__all__ = ["ATTRIBUTE", "ROOTS_LIST", "DestinationLost", "destination_lost", "listed", "require_destination"]
+__all__ = [
+    "ATTRIBUTE",
+    "ROOTS_LIST",
+    "DestinationLost",
+    "destination_lost",
+    "listed",
+    "mark_run_folder",
+    "require_destination",
+]
 
 #: The home's list of the folders it marked (:func:`destination_lost`).
 ROOTS_LIST = ".bcc-roots"
@@ -178,6 +186,21 @@ def _accept(home: Path, folder: Path) -> str:
     """What makes ``folder`` this home's again, as one instruction."""
     code = f"import os; os.removexattr({str(folder)!r}, {ATTRIBUTE!r})"  # shell-quoted whole: runs as printed
     return f"python3 -c {shlex.quote(code)}, then take the line '{folder.name}' out of {display_path(home / ROOTS_LIST)}"
+
+
+def mark_run_folder(settings: Settings, folder: Path) -> None:
+    """Mark a run's folder in ``archive/`` or ``quarantine/`` (``archive/<run>/``) as this home's, as the
+    folders themselves are: a run folder copied (``cp -a``) or moved into a label folder of ``landing/`` is
+    then not taken in under that label, nor one of another home's scored in this inbox. Nothing when it
+    is not there (nothing moved), is not a real folder, or already carries a mark; a filesystem without
+    attributes goes unmarked, as ever."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode) or _mark_of(folder) is not None:
+            return
+        name = f"{folder.parent.name}/{folder.name}"
+        os.setxattr(folder, ATTRIBUTE, _mark_text(Path(settings.home), name), follow_symlinks=False)
+    except OSError:
+        return
 
 
 def require_destination(settings: Settings, folder: Path) -> None:

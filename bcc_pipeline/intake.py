@@ -49,7 +49,7 @@ from sqlalchemy import func, inspect, select, update
 from . import images, mounts
 from .config import Settings
 from .content_store import holds, store_copy
-from .destinations import destination_lost
+from .destinations import destination_lost, mark_run_folder
 from .errors import ImageError, StoreError
 from .files import (
     display_path,
@@ -261,6 +261,7 @@ def intake(
         report.move_failed,
         len(report.failed),
     )
+    mark_run_folder(settings, quarantine_root.parent)  # quarantine/<run>/, where this run put anything
     if report.persistent_move_failures:
         log.error(
             "intake: %d file(s) could not be quarantined in more than one attempt and are still in landing: %s",

@@ -18,8 +18,9 @@ from typing import Any
 
 from .. import mounts
 from ..config import Settings
+from ..destinations import mark_run_folder
 from ..errors import ArtifactError, BCCError, ConfigError
-from ..files import display_path, one_line
+from ..files import display_path, one_line, safe_dirname
 from ..moving import move_no_clobber
 from ..store import get_engine
 from . import db, ledger, run_records
@@ -164,6 +165,8 @@ def _score_held_shard(
                 "seconds",
             )
             result.update({k: done[k] for k in keep if k in done})
+        for root in (settings.archive_dir, settings.quarantine_dir):  # its folders there, once made
+            mark_run_folder(settings, root / safe_dirname(run_id))
         write_shard_result(settings, run_id, shard, result)
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
         run_records.fail_run(engine, run_id, describe_failure(exc))

@@ -172,3 +172,42 @@ def test_bcc_status_says_which_folders_every_run_refuses_and_changes_nothing(
     assert len(warnings) == 2 and "archive" in warnings[0] and "quarantine" in warnings[1]
     assert listed(copy) == listed_before and not (copy / "dataset").exists()  # looked at, not made
     dispose_engine(f"sqlite:///{copy / 'bcc.db'}")
+
+
+def test_a_run_folder_copied_into_landing_or_another_inbox_is_never_taken(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Round 27: only `archive/` itself was marked, so `cp -a archive/<run> landing/benign/` had the run's
+    scored images taken in as benign (the run id as their patient), exit 0; and another home's run folder
+    moved into an allowed inbox was scored and moved. A run's folders in `archive/` and `quarantine/` are
+    marked too."""
+    import shutil
+
+    from bcc_pipeline import scoring
+    from bcc_pipeline.intake import intake
+    from tests.support import fill_inbox, scoring_settings
+
+    s = scoring_settings(make_settings, sqlite_url, inbox_roots=f"{tmp_path / 'home' / 'inbox'}")
+    _xattrs_here(tmp_path)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 3)
+    assert scoring.score_inbox(s, run_id="r1")["scored"] == 3
+    run_folder = s.archive_dir / "r1"
+    assert os.getxattr(run_folder, ATTRIBUTE).decode().endswith("folder=archive/r1\n")
+    copied = s.landing_dir / "benign" / "r1"
+    copied.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(run_folder), str(copied)], check=True)
+    r = intake(s, run_id="in1")
+    assert r.accepted == 0 and [u["path"] for u in r.unreachable] == ["benign/r1"]
+    assert "this home's archive/r1/" in r.unreachable[0]["error"]
+    # another home's run folder moved into this inbox: that home's, refused
+    from bcc_pipeline.config import load_settings
+
+    b = foreign_home(tmp_path)
+    b = load_settings(profile="demo", env={"BCC_HOME": str(b.home), "BCC_SETTLE_SECONDS": "0"})
+    register_champion(b)
+    png_writer(b.inbox_dir / "scored.png", seed=9)
+    assert scoring.score_inbox(b, run_id="rb")["scored"] == 1
+    shutil.move(str(b.archive_dir / "rb"), str(s.inbox_dir / "from-b"))
+    with pytest.raises(scoring.InboxRefused, match="marked as archive/rb/ of the BCC home"):
+        scoring.discover(s)

@@ -262,6 +262,31 @@ def _require_placed(
         raise
 
 
+def open_for_writing(path: str | os.PathLike[str]) -> bool:
+    """Whether a process holds the regular file ``path`` open for writing: the kernel grants a read lease
+    (Linux ``F_SETLEASE``) only when none does. False where that cannot be told (neither the file's owner
+    nor CAP_LEASE, a filesystem without leases, a file that cannot be opened): moved as before. The lease is
+    let go at once; a lease break meanwhile is announced with SIGURG, ignored by default, never with SIGIO,
+    whose default would end this process."""
+    import fcntl
+    import signal
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN  # EAGAIN: open for writing; EACCES, EINVAL: cannot be told
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+    return False
+
+
 def move_no_clobber(
     src: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -351,11 +376,16 @@ def move_no_clobber(
             continue
         marker = None
         try:
-            if stat.S_ISREG(src_st.st_mode) and src_st.st_nlink > 1:
-                # other names of this file remain (in the inbox, or a scanner's own link): through a hard
-                # link they could rewrite the archived bytes under their prediction. Copied, as across
-                # filesystems, so the archive never shares a file with a name that is not ours.
-                raise OSError(errno.EXDEV, "the file has other names: copied, not linked", os.fspath(src))
+            if stat.S_ISREG(src_st.st_mode) and (src_st.st_nlink > 1 or open_for_writing(src)):
+                # other names of this file remain (in the inbox, or a scanner's own link), or a process
+                # holds it open for writing (round 27: it wrote on after the move): through them the
+                # archived bytes could change under their prediction. Copied (and hashed), as across
+                # filesystems, so the archive never shares a file with anything that is not ours.
+                raise OSError(
+                    errno.EXDEV,
+                    "the file has other names or is open for writing: copied, not linked",
+                    os.fspath(src),
+                )
             os.link(src, candidate, follow_symlinks=False)
         except FileExistsError:
             continue

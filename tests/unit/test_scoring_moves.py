@@ -467,6 +467,46 @@ def test_a_mount_made_over_the_archive_while_files_move_is_never_moved_into(
     assert sorted(p.name for p in (other.landing_dir / "malignant").rglob("*")) == before
 
 
+def test_a_file_a_process_holds_open_for_writing_is_archived_as_a_copy_of_what_was_scored(
+    make_settings, sqlite_url, register_champion, png_writer
+):
+    """Round 27: scoring moves a file by hard link, so a writer that had it open before the move wrote on
+    into the archived file: the prediction kept the scored bytes' hash while the archive (and the UI's
+    thumbnail) showed another picture, green. A file open for writing is copied (and hashed), not linked."""
+    import sys
+
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    held = png_writer(s.inbox_dir / "held.png", seed=1, size=40)
+    free = png_writer(s.inbox_dir / "free.png", seed=2, size=40)
+    scored = sha256_file(held)
+    writer = subprocess.Popen(  # opened before the run, writes on after it
+        [
+            sys.executable,
+            "-c",
+            f"import sys\nf = open({str(held)!r}, 'r+b')\nprint('open', flush=True)\nsys.stdin.readline()\n"
+            "f.seek(0)\nf.write(b'another picture')\nf.flush()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        r = scoring.score_inbox(s, run_id="r1")
+        writer.communicate("go\n", timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert r["scored"] == 2 and inbox_files(s.inbox_dir) == []
+    by_name = {f.name: f for f in archived(s)}
+    assert sha256_file(by_name["held.png"]) == scored  # what was scored, whatever the writer did after
+    assert os.lstat(by_name["free.png"]).st_nlink == 1
+    with session_scope(sqlite_url) as ses:
+        assert scored in set(ses.scalars(select(Prediction.image_sha256)))
+    assert moving.open_for_writing(free.parent) is False  # a folder, or anything not a plain file: no
+
+
 @pytest.mark.parametrize("fs", ["same-filesystem", "other-filesystem"])
 def test_two_inbox_files_exchanged_in_the_middle_of_a_move_are_each_archived_once(
     make_settings, sqlite_url, register_champion, png_writer, other_fs, tmp_path, fs

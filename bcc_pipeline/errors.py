@@ -3,6 +3,8 @@
     BCCError                       base class; ``str(exc)`` is a one-line human message
     ├── ConfigError                a BCC_* variable or CLI flag has a bad value
     ├── StoreError                 the project database is unreachable or not migrated
+    │   └── DatabaseUrlError       a database URL no retry can make work (no such driver here; also a
+    │                              ConfigError)
     ├── ImageError                 a file cannot be used as an image (has ``reason`` and ``path``)
     │   ├── NotAnImageError        content is not an image, whatever the extension says
     │   ├── UnsupportedImageError  an image format or mode we cannot decode
@@ -27,6 +29,7 @@ __all__ = [
     "BCCError",
     "ChecksumMismatchError",
     "ConfigError",
+    "DatabaseUrlError",
     "DatasetError",
     "ImageError",
     "ImageTooLargeError",
@@ -51,6 +54,11 @@ class ConfigError(BCCError):
 
 class StoreError(BCCError):
     pass
+
+
+class DatabaseUrlError(StoreError, ConfigError):
+    """A database URL that cannot work here whatever is retried: its driver is not installed, or it is an
+    asyncio driver, or the URL cannot be parsed."""
 
 
 class ImageError(BCCError):

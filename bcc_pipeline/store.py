@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from .db_urls import _error_line, safe_url  # re-exported: every message showing a URL masks it
-from .errors import StoreError
+from .errors import DatabaseUrlError, StoreError
 from .files import mark_home
 from .schema import (  # re-exported: the tables are used through the store
     MODEL_STATUSES,
@@ -121,11 +121,17 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(
             url, pool_pre_ping=True, future=True, json_serializer=json_text, hide_parameters=True
         )
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
+    except ImportError as exc:  # postgresql:// asks for psycopg (3), which is not what is installed
+        raise DatabaseUrlError(
+            f"cannot use database URL {safe_url(url)}: its driver is not installed ({_error_line(exc, url)}); "
+            "this installation talks to PostgreSQL through psycopg2 (postgresql+psycopg2://...) and to SQLite "
+            "(sqlite:///...)"
+        ) from exc
+    except (SQLAlchemyError, ValueError) as exc:
+        raise DatabaseUrlError(f"cannot use database URL {safe_url(url)}: {_error_line(exc, url)}") from exc
     if getattr(engine.dialect, "is_async", False):  # it would fail on first use with "greenlet_spawn ..."
         engine.dispose()
-        raise StoreError(
+        raise DatabaseUrlError(
             f"cannot use database URL {safe_url(url)}: {engine.dialect.driver} is an asyncio driver, and the "
             "pipeline talks to its database synchronously; use e.g. postgresql+psycopg2:// or sqlite:///"
         )

@@ -85,10 +85,16 @@ def settings_for(params: Mapping[str, Any] | None = None, **overrides: Any):
 @task
 def prepare_database() -> str:
     """Bring the project database to the current schema (idempotent); returns its revision."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from bcc_pipeline.errors import ConfigError
     from bcc_pipeline.store import upgrade
 
-    s = settings()
-    return upgrade(s.database_url, home=s.home)  # also marks the home (never scored as an inbox)
+    try:
+        s = settings()
+        return upgrade(s.database_url, home=s.home)  # also marks the home (never scored as an inbox)
+    except ConfigError as exc:  # a bad setting, a database URL whose driver is not here: no retry heals it
+        raise AirflowFailException(str(exc)) from exc
 
 
 def actor(context: dict[str, Any]) -> str:

@@ -387,6 +387,23 @@ def test_score_dag_refuses_an_inbox_outside_the_allowed_roots(tmp_path):
     assert (system / "icon.png").exists() and _predictions(url) == 0
 
 
+def test_a_database_url_whose_driver_is_missing_fails_at_once_and_says_which_to_use(tmp_path):
+    """Round 27: `postgresql://` asks SQLAlchemy for psycopg (3), which is not installed: the task said only
+    "No module named 'psycopg'" and was retried twice. It fails at once now, naming the driver to use, the
+    password masked."""
+    home = tmp_path / "bcc"
+    env = airflow_env(
+        tmp_path / "af",
+        metadata_url=f"sqlite:///{tmp_path / 'airflow.db'}",
+        bcc=_bcc_env(home, "postgresql://bcc:hunter2@127.0.0.1:1/bcc"),
+    )
+    migrate(env)
+    states = dags_test(env, "bcc_score", {"shards": 1})
+    assert states["__run__"] == "failed" and states["prepare_database"] == "failed"
+    assert "postgresql+psycopg2://" in states["__log__"] and "hunter2" not in states["__log__"]
+    assert "up_for_retry" not in states["__log__"]
+
+
 def test_score_dag_turns_red_when_a_move_keeps_failing(tmp_path):
     """Files that cannot be archived: the first run reports them (green, ``move_failed``); when the next
     run cannot move them either, its finalize fails and names them. They stay in the inbox."""

@@ -172,6 +172,11 @@ def test_bad_url_is_a_store_error(tmp_path):
         store.upgrade("postgresql+psycopg2://nobody@127.0.0.1:1/nothing")
     with pytest.raises(StoreError):
         store.get_engine("notadialect://x")
+    # round 27: postgresql:// asks for psycopg (3), not installed here: the driver to use is named
+    from bcc_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"driver is not installed.*postgresql\+psycopg2://"):
+        store.get_engine("postgresql://u:hunter2@127.0.0.1:1/db")
     # round 25: an asyncio driver failed on first use with "greenlet_spawn has not been called"
     with pytest.raises(StoreError, match=r"asyncpg is an asyncio driver.*postgresql\+psycopg2") as info:
         store.get_engine("postgresql+asyncpg://u:hunter2@127.0.0.1:1/db")

@@ -819,6 +819,14 @@ def test_a_patient_folder_named_like_an_ungrouped_image_is_a_patient(home, tmp_p
     assert "sha:p9" in {x["group_id"] for x in dev.excluded if x["kind"] == "group_in_holdout"}
 
 
+def _kept_out_as_a_label_conflict(home, sha: str) -> None:
+    """The split keeps ``sha`` out of development as a label conflict with a kept-out image."""
+    dev = dataset.load_manifest(split_step(home)["manifest_path"])
+    assert sha not in {e["sha256"] for e in dev.entries}
+    (conflict,) = [x for x in dev.excluded if x["sha256"] == sha]
+    assert conflict["kind"] == "label_conflict" and "a kept-out image" in conflict["reason"]
+
+
 def test_a_slide_kept_out_for_its_patient_still_keeps_its_twin_under_the_other_label_out(home):
     """Round 26: a benign slide landing in a holdout patient's folder is kept out for its patient, and was
     never compared: its malignant copy (turned, re-encoded) in another patient's folder stayed in
@@ -834,10 +842,7 @@ def test_a_slide_kept_out_for_its_patient_still_keeps_its_twin_under_the_other_l
     twin = _turned(slide, home.landing_dir / "malignant" / "p97" / "twin.png", "turn")
     twin_sha = images.sha256_bytes(twin.read_bytes())
     assert dataset.intake(home, run_id="i2").accepted == 2
-    dev = dataset.load_manifest(split_step(home)["manifest_path"])
-    assert twin_sha not in {e["sha256"] for e in dev.entries}
-    (conflict,) = [x for x in dev.excluded if x["sha256"] == twin_sha]
-    assert conflict["kind"] == "label_conflict" and "a kept-out image" in conflict["reason"]
+    _kept_out_as_a_label_conflict(home, twin_sha)
 
 
 def test_a_copy_under_the_other_label_of_an_image_extend_kept_out_never_trains(home, tmp_path):
@@ -865,10 +870,7 @@ def test_a_copy_under_the_other_label_of_an_image_extend_kept_out_never_trains(h
     twin = _turned(slide, home.landing_dir / "malignant" / "p98" / "twin.png", "turn")
     twin_sha = images.sha256_bytes(twin.read_bytes())
     assert dataset.intake(home, run_id="i2").accepted == 1
-    dev = dataset.load_manifest(split_step(home)["manifest_path"])
-    assert twin_sha not in {e["sha256"] for e in dev.entries}
-    (conflict,) = [x for x in dev.excluded if x["sha256"] == twin_sha]
-    assert conflict["kind"] == "label_conflict" and "a kept-out image" in conflict["reason"]
+    _kept_out_as_a_label_conflict(home, twin_sha)
 
 
 def _turned(src: Path, dest: Path, how: str) -> Path:

@@ -44,7 +44,15 @@ def is_home(folder: str) -> bool:
     (:func:`_home_signs`)."""
     if os.path.lexists(os.path.join(folder, HOME_MARKER)):
         return True
-    return _home_signs(folder)
+    return _home_signs(folder) is not None
+
+
+def _known_by(folder: str) -> str:
+    """How the home ``folder`` was known, for a refusal: nothing for its marker; else the sign, and what an
+    honest folder that only looks like a home can do (round 28: the refusal named no sign)."""
+    if os.path.lexists(os.path.join(folder, HOME_MARKER)) or (sign := _home_signs(folder)) is None:
+        return ""
+    return f" (no {HOME_MARKER}, but known as one by its {sign}: if it is no BCC home, rename that)"
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -57,8 +65,8 @@ def _is(path: str, kind: int) -> bool:
         return False
 
 
-def _home_signs(folder: str) -> bool:
-    """Whether ``folder`` holds what only the pipeline makes in a home, each enough: the list of folders it
+def _home_signs(folder: str) -> str | None:
+    """What ``folder`` holds that only the pipeline makes in a home (said for a refusal), or None; each is enough: the list of folders it
     marked (``.bcc-roots``, a file); its ``archive/``, ``quarantine/`` or ``dataset/`` marked as such
     (:data:`bcc_pipeline.destinations.ATTRIBUTE`, by any home); the default SQLite database (``bcc.db``,
     an SQLite file) beside a folder the pipeline makes; the dataset store's ``manifests/`` beside
@@ -70,22 +78,22 @@ def _home_signs(folder: str) -> bool:
         return os.path.join(folder, *names)
 
     if _is(at(".bcc-roots"), stat.S_IFREG):
-        return True
+        return ".bcc-roots file"
     for name in ("archive", "quarantine", "dataset"):
         if _is(at(name), stat.S_IFDIR) and (_mark_of(Path(at(name))) or {}).get("folder") == name:
-            return True
+            return f"{name}/ marked as a home's ({ATTRIBUTE})"
     made = [n for n in ("archive", "quarantine", "runs", "models", "dataset") if _is(at(n), stat.S_IFDIR)]
     if not made:
-        return False
+        return None
     if _is(at("bcc.db"), stat.S_IFREG):
         try:
             with open(at("bcc.db"), "rb") as fh:
                 if fh.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER:
-                    return True
+                    return f"SQLite bcc.db beside {made[0]}/"
         except OSError:
             pass
     if "models" in made and _is(at("dataset", "manifests"), stat.S_IFDIR):
-        return True
+        return "dataset/manifests/ beside models/"
     if "runs" in made and ("archive" in made or "quarantine" in made):
         try:
             with os.scandir(at("runs")) as entries:
@@ -95,10 +103,10 @@ def _home_signs(folder: str) -> bool:
                     if entry.is_dir(follow_symlinks=False) and _is(
                         at("runs", entry.name, "plan.json"), stat.S_IFREG
                     ):
-                        return True
+                        return f"runs/{entry.name}/plan.json beside archive/ or quarantine/"
         except OSError:
             pass
-    return False
+    return None
 
 
 def marked_by_another(
@@ -144,13 +152,14 @@ def home_above(settings: Settings, real: str) -> str | None:
             marked = f"it lies inside {folder}, {problem}" if folder != real else f"it is {problem}"
         if is_home(folder):
             if folder == real:
-                return "it is a BCC home"
+                return f"it is a BCC home{_known_by(folder)}"
             first = os.path.relpath(real, folder).split(os.sep)[0]
             if first in managed_names:
                 return f"it lies inside {os.path.join(folder, first)}, a folder of the BCC home {folder}"
             if not _same_folder(folder, home):  # its inbox, exports, anything: that deployment's files
                 return (
-                    f"it lies inside the BCC home {folder}, another deployment's (only that home scores it)"
+                    f"it lies inside the BCC home {folder}, another deployment's (only that home scores "
+                    f"it){_known_by(folder)}"
                 )
         parent = os.path.dirname(folder)
         if parent == folder:
@@ -176,7 +185,7 @@ def foreign_above(home: str | os.PathLike[str], path: str) -> str | None:
         if marked is None and (problem := marked_by_another(home, folder, absent_is_another=False)):
             marked = f"it lies inside {folder}, {problem}" if folder != path else f"it is {problem}"
         if is_home(folder) and not _same_folder(folder, os.fspath(home)):
-            return f"it lies inside the BCC home {folder}, another deployment's"
+            return f"it lies inside the BCC home {folder}, another deployment's{_known_by(folder)}"
         parent = os.path.dirname(folder)
         if parent == folder:
             return marked  # a folder another home marked, away from any home (its disk mounted here)
@@ -238,7 +247,7 @@ def folder_refusal(settings: Settings, folder: str, table: list[mounts.Mount]) -
     another deployment's home, a folder a home manages that lives elsewhere (its ``.bcc-managed``
     marker), or a home's folder bind-mounted here (the path the mount table shows it under elsewhere)."""
     if is_home(folder):  # another deployment's
-        return f"the BCC home {display_path(folder)}"
+        return f"the BCC home {display_path(folder)}{_known_by(folder)}"
     if (fstype := mounts.system_filesystem(os.path.realpath(folder), table)) is not None:
         return f"{display_path(folder)}, where the system's {fstype} filesystem is mounted"
     if (owner := managing_home(folder)) is not None:

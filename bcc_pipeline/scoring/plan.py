@@ -24,12 +24,13 @@ from ..leftovers import sweep_stale_temporaries
 from ..moving import files_below
 from ..store import get_engine, utcnow
 from . import db, ledger, run_records
-from .inbox import InboxArg, discover
+from .inbox import InboxArg, InboxRefused, discover
 from .moves import require_own_destinations
 from .sweep import sweep_interrupted
 
 __all__ = [
     "hold_shard",
+    "require_own_runs",
     "load_plan",
     "new_run_id",
     "plan_shards",
@@ -55,8 +56,21 @@ def run_dir(settings: Settings, run_id: str) -> Path:
     return settings.runs_dir / safe_dirname(run_id)
 
 
+def require_own_runs(settings: Settings) -> None:
+    """Refuse (:class:`InboxRefused`, no retry) to read or write scoring runs while ``runs/`` is another
+    deployment's folder (a link or a mount into that home: :func:`bcc_pipeline.homes.destination_refusal`).
+    Round 28: with ``runs/`` linked to another home's, this home wrote its plans, results and shard locks
+    there, and `--run-id` of that home's run loaded its plan and rewrote its lock."""
+    from ..homes import destination_refusal
+
+    if problem := destination_refusal(settings, settings.runs_dir):
+        raise InboxRefused(f"refusing to use {display_path(settings.runs_dir)} for scoring runs: {problem}")
+
+
 def load_plan(settings: Settings, run_id: str) -> dict[str, Any]:
-    """The plan of ``run_id``; a :class:`ConfigError` when the run was never planned."""
+    """The plan of ``run_id``; a :class:`ConfigError` when the run was never planned (or ``runs/`` is
+    another home's: :func:`require_own_runs`)."""
+    require_own_runs(settings)
     path = run_dir(settings, run_id) / "plan.json"
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
@@ -162,8 +176,11 @@ def plan_shards(
     inbox: InboxArg = None,
     inference: str | None = None,
     force_unvalidated: bool = False,
+    keep_hold: bool = False,
 ) -> dict[str, Any]:
     """Discover the inbox, pin the current champion and split the files into ``shards`` disjoint lists.
+    ``keep_hold``: this process goes on to score and finalize the run (``bcc score``), so it keeps its hold
+    (killed in between, the run is ``abandoned`` at once, not after an hour).
 
     Marks the home (``.bcc-home``) and removes stale temporaries killed processes left
     (:func:`bcc_pipeline.leftovers.sweep_stale_temporaries`) first. Writes ``runs/<run>/plan.json`` atomically
@@ -186,6 +203,7 @@ def plan_shards(
         raise ConfigError("a scoring run needs a non-empty run id")
     db.require_schema(settings.database_url)
     engine = get_engine(settings.database_url)
+    require_own_runs(settings)  # plans, results and locks: never written into another home's runs/
     require_own_destinations(settings)  # before anything is marked or moved: never into another home
     mark_home(settings.home)  # this home now holds runs/, archive/ and quarantine/: never scored as an inbox
     sweep_stale_temporaries(settings)  # what killed processes left in the folders the pipeline writes
@@ -264,5 +282,6 @@ def plan_shards(
     except BaseException as exc:  # the run's row is open: never left `running` by what stops the sweep
         run_records.fail_run(engine, run_id, run_records.describe_failure(exc))
         raise
-    run_records.release(engine, run_id)  # planned: no process holds it until a shard starts
+    if not keep_hold:
+        run_records.release(engine, run_id)  # planned: no process holds it until a shard starts
     return _plan_result(plan, path)

@@ -178,10 +178,14 @@ def score_inbox(
         shards = int(load_plan(settings, run_id)["n_shards"])  # finishing an earlier (maybe sharded) run
     except ConfigError:  # no plan yet: a new run
         shards = 1
-    plan_shards(settings, run_id, shards, inbox=inbox, force_unvalidated=force_unvalidated)
+    # one process from plan to finalize holds the run throughout: killed anywhere, it is abandoned at once
+    # (round 28: killed between its shard and finalize, it stayed `running` for an hour)
+    plan_shards(settings, run_id, shards, inbox=inbox, force_unvalidated=force_unvalidated, keep_hold=True)
     was = run_records.run_status(get_engine(settings.database_url), run_id)
     for shard in range(shards):
-        score_shard(settings, run_id, shard, batch_size=batch_size, progress=progress, hooks=hooks)
+        score_shard(
+            settings, run_id, shard, batch_size=batch_size, progress=progress, hooks=hooks, keep_hold=True
+        )
     summary = finalize_run(settings, run_id)
     # the run id of a run that had finished: nothing was done now (`bcc score` says so)
     summary["finished_before"] = was == "finished"

@@ -80,8 +80,10 @@ def score_shard(
     batch_size: int | None = None,
     progress: Progress | None = None,
     hooks: Hooks | None = None,
+    keep_hold: bool = False,
 ) -> dict[str, Any]:
     """Score shard ``shard`` of the planned run ``run_id`` with the run's pinned model version.
+    ``keep_hold``: this process finalizes the run next (``bcc score``): it does not let go of it.
 
     Safe to retry; a second process given the same shard while one scores it is refused
     (:class:`ConfigError`, :func:`.plan.hold_shard`), and the ledger claims each file once. Returns the shard's
@@ -120,7 +122,10 @@ def score_shard(
         ) from exc
     try:
         done = read_shard_result(settings, run_id, shard)  # again: the other process may have finished it
-        return _score_held_shard(settings, engine, plan, run_id, shard, size, done, progress, hooks)
+        result = _score_held_shard(settings, engine, plan, run_id, shard, size, done, progress, hooks)
+        if not keep_hold:  # no process holds the run until the next shard or finalize
+            run_records.heartbeat(engine, run_id, alive=False)
+        return result
     finally:
         os.close(held)
 
@@ -171,8 +176,6 @@ def _score_held_shard(
     except BaseException as exc:  # Ctrl-C, Airflow's timeout and terminate too: never left `running`
         run_records.fail_run(engine, run_id, describe_failure(exc))
         raise
-    # no process holds the run until the next shard or finalize
-    run_records.heartbeat(engine, run_id, alive=False)
     return result
 
 

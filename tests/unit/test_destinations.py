@@ -211,3 +211,32 @@ def test_a_run_folder_copied_into_landing_or_another_inbox_is_never_taken(
     shutil.move(str(b.archive_dir / "rb"), str(s.inbox_dir / "from-b"))
     with pytest.raises(scoring.InboxRefused, match="marked as archive/rb/ of the BCC home"):
         scoring.discover(s)
+
+
+def test_runs_linked_into_another_home_is_never_written(
+    make_settings, sqlite_url, register_champion, png_writer, tmp_path
+):
+    """Round 28: this home's `runs/` a link to another home's: scoring wrote its plan, results and shard
+    locks into that home's `runs/`, and `--run-id` of one of its runs loaded its plan and rewrote its
+    lock. `runs/` is refused like `archive/` and `quarantine/` then (no retry), and nothing of B changes."""
+    from bcc_pipeline import scoring
+    from bcc_pipeline.config import load_settings
+    from tests.support import fill_inbox, scoring_settings
+
+    b = foreign_home(tmp_path)
+    b = load_settings(profile="demo", env={"BCC_HOME": str(b.home), "BCC_SETTLE_SECONDS": "0"})
+    register_champion(b)
+    png_writer(b.inbox_dir / "theirs.png", seed=9)
+    scoring.plan_shards(b, "b-run", 1)
+    before = {p: p.read_bytes() for p in b.runs_dir.rglob("*") if p.is_file()}
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    s.runs_dir.parent.mkdir(parents=True, exist_ok=True)
+    s.runs_dir.symlink_to(b.runs_dir)
+    with pytest.raises(scoring.InboxRefused, match=r"refusing to use .*runs for scoring runs: .*BCC home"):
+        scoring.plan_shards(s, "a-run", 1)
+    with pytest.raises(scoring.InboxRefused, match="for scoring runs"):
+        scoring.score_shard(s, "b-run", 0)
+    assert {p: p.read_bytes() for p in b.runs_dir.rglob("*") if p.is_file()} == before
+    assert len(list(s.inbox_dir.rglob("*.png"))) == 2

@@ -219,6 +219,12 @@ def test_a_scanner_folder_with_names_a_home_has_is_scored(make_settings, png_wri
                 path.write_text("a note, not a database")
     found = scoring.discover(s)
     assert len(found["pending"]) == 6 and not found.get("unreachable"), found
+    # what only the pipeline makes still says "a home": the refusal names it, and the way out (round 28)
+    (s.inbox_dir / "ml-project" / "dataset" / "manifests").mkdir()
+    with pytest.raises(
+        scoring.InboxRefused, match=r"known as one by its dataset/manifests/ beside models/.*rename"
+    ):
+        scoring.discover(s)
 
 
 def test_no_folder_of_a_foreign_home_is_scored(make_settings, png_writer, tmp_path):

@@ -344,6 +344,29 @@ def test_a_planned_run_finished_after_another_run_took_its_files_says_so(
     assert (counts["taken_by_other_runs"], counts["missing"], counts["planned"]) == (4, 0, 4)
 
 
+@pytest.mark.parametrize("after", ["plan", "shard"])
+def test_bcc_score_killed_between_its_steps_is_abandoned_at_once(
+    make_settings, sqlite_url, register_champion, png_writer, after
+):
+    """Round 28: `bcc score` (plan, shard and finalize in one process) killed after its shard wrote its
+    result and before finalize began stayed `running` for an hour: the shard had let go of the run. The
+    one process keeps its hold from plan to finalize now."""
+    s = scoring_settings(make_settings, sqlite_url)
+    register_champion(s)
+    fill_inbox(s.inbox_dir, png_writer, 2)
+    step = {"plan": "score_shard", "shard": "finalize_run"}[after]
+    code = (
+        f"import os, bcc_pipeline.scoring.run as m\nm.{step} = lambda *a, **k: os._exit(9)\n"
+        "from bcc_pipeline import scoring\nfrom bcc_pipeline.config import load_settings\n"
+        f"s = load_settings(env={{'BCC_HOME': {str(s.home)!r}, 'BCC_DATABASE_URL': {sqlite_url!r}, "
+        "'BCC_SETTLE_SECONDS': '0'})\nscoring.score_inbox(s, run_id='killed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 9, done.stderr[-2000:]
+    assert scoring.mark_abandoned(store.get_engine(sqlite_url), runs_dir=s.runs_dir) == ["killed"]
+    assert scoring.score_inbox(s, run_id="killed")["status"] == "finished"  # its rerun finishes it
+
+
 @pytest.mark.parametrize("where", ["plan", "finalize"])
 def test_a_run_killed_while_planning_or_finalizing_is_abandoned_at_once(
     make_settings, sqlite_url, register_champion, png_writer, where
